@@ -1,0 +1,298 @@
+//! Worker links, pairs, and the routing of each request to its pair.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
+use twincache_client::{Connection, Reply};
+use twincache_protocol::frame::{Op, Request, Response};
+use twincache_protocol::hash::pair_for_key;
+use twincache_protocol::Status;
+
+use crate::hlc::Hlc;
+
+const RECONNECT_MIN: Duration = Duration::from_millis(50);
+const RECONNECT_MAX: Duration = Duration::from_secs(2);
+
+/// The orchestrator's persistent connections to one worker.
+///
+/// Each slot has a task that keeps it connected, reconnecting with backoff after a failure.
+/// A client session always uses the same slot (its affinity) while that slot is live, so its
+/// requests reach the worker in the order it sent them; sessions spread over the slots. A
+/// worker with no live slot is skipped at once, so a dead worker costs its pair nothing
+/// beyond the requests in flight when it died.
+pub struct WorkerLink {
+    pub addr: String,
+    slots: Vec<Mutex<Option<Connection>>>,
+    up: AtomicBool,
+}
+
+impl WorkerLink {
+    fn spawn(
+        addr: String,
+        connections: usize,
+        max_frame: usize,
+        connect_timeout: Duration,
+        shutdown: &CancellationToken,
+    ) -> Arc<WorkerLink> {
+        let link = Arc::new(WorkerLink {
+            addr,
+            slots: (0..connections).map(|_| Mutex::new(None)).collect(),
+            up: AtomicBool::new(false),
+        });
+        for slot in 0..connections {
+            // The link is dropped only at shutdown, when these tasks end too.
+            tokio::spawn(
+                link.clone()
+                    .maintain(slot, max_frame, connect_timeout, shutdown.clone()),
+            );
+        }
+        link
+    }
+
+    /// Keeps slot `slot` connected until shutdown.
+    async fn maintain(
+        self: Arc<Self>,
+        slot: usize,
+        max_frame: usize,
+        connect_timeout: Duration,
+        shutdown: CancellationToken,
+    ) {
+        let mut backoff = RECONNECT_MIN;
+        while !shutdown.is_cancelled() {
+            let attempt =
+                tokio::time::timeout(connect_timeout, Connection::connect(&self.addr, max_frame));
+            let conn = tokio::select! {
+                res = attempt => res,
+                _ = shutdown.cancelled() => break,
+            };
+            match conn {
+                Ok(Ok(conn)) => {
+                    backoff = RECONNECT_MIN;
+                    *self.lock_slot(slot) = Some(conn.clone());
+                    if !self.up.swap(true, Ordering::AcqRel) {
+                        tracing::info!(worker = %self.addr, "worker is up");
+                    }
+                    tokio::select! {
+                        _ = conn.closed() => {}
+                        _ = shutdown.cancelled() => conn.close(),
+                    }
+                    *self.lock_slot(slot) = None;
+                    if !self.any_live() && self.up.swap(false, Ordering::AcqRel) {
+                        tracing::warn!(worker = %self.addr, "worker is down");
+                    }
+                }
+                Ok(Err(e)) => tracing::debug!(worker = %self.addr, error = %e, "connect failed"),
+                Err(_) => tracing::debug!(worker = %self.addr, "connect timed out"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = shutdown.cancelled() => break,
+            }
+            backoff = (backoff * 2).min(RECONNECT_MAX);
+        }
+    }
+
+    fn lock_slot(&self, slot: usize) -> std::sync::MutexGuard<'_, Option<Connection>> {
+        self.slots[slot].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn any_live(&self) -> bool {
+        (0..self.slots.len()).any(|i| self.lock_slot(i).as_ref().is_some_and(|c| !c.is_closed()))
+    }
+
+    /// A live connection: the slot given by `affinity` if it is live, else the next live one.
+    fn connection(&self, affinity: usize) -> Option<Connection> {
+        let n = self.slots.len();
+        (0..n).find_map(|i| {
+            self.lock_slot((affinity + i) % n)
+                .as_ref()
+                .filter(|c| !c.is_closed())
+                .cloned()
+        })
+    }
+
+    /// Whether at least one connection to the worker is open.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+}
+
+/// Two workers holding the same data.
+pub struct Pair {
+    pub workers: [Arc<WorkerLink>; 2],
+    /// Alternates reads between the partners to spread the load.
+    next_read: AtomicUsize,
+}
+
+/// Settings the router needs.
+#[derive(Debug, Clone)]
+pub struct RouterConfig {
+    pub connections_per_worker: usize,
+    pub max_frame: usize,
+    pub worker_timeout: Duration,
+    pub node_id: u8,
+}
+
+/// Routes requests to pairs: the pair is chosen by the stable key hash; writes go to both
+/// workers at once, reads to one with failover to the other.
+pub struct Router {
+    pairs: Vec<Pair>,
+    clock: Hlc,
+    timeout: Duration,
+}
+
+impl Router {
+    /// Connects to `workers` (in pairing order; an even number) in the background.
+    pub fn start(
+        workers: &[String],
+        config: &RouterConfig,
+        shutdown: &CancellationToken,
+    ) -> Router {
+        assert!(
+            !workers.is_empty() && workers.len() % 2 == 0,
+            "workers come in pairs"
+        );
+        let link = |addr: &String| {
+            WorkerLink::spawn(
+                addr.clone(),
+                config.connections_per_worker,
+                config.max_frame,
+                config.worker_timeout,
+                shutdown,
+            )
+        };
+        let pairs = workers
+            .chunks(2)
+            .map(|w| Pair {
+                workers: [link(&w[0]), link(&w[1])],
+                next_read: AtomicUsize::new(0),
+            })
+            .collect();
+        Router {
+            pairs,
+            clock: Hlc::new(config.node_id),
+            timeout: config.worker_timeout,
+        }
+    }
+
+    pub fn pairs(&self) -> &[Pair] {
+        &self.pairs
+    }
+
+    /// The pair that owns `key`.
+    pub fn pair(&self, key: &[u8]) -> &Pair {
+        &self.pairs[pair_for_key(key, self.pairs.len())]
+    }
+
+    /// Queues `req` to one worker now; `None` if the worker has no live connection.
+    fn send(link: &WorkerLink, req: Request, affinity: usize) -> Option<Reply> {
+        link.connection(affinity).map(|conn| conn.send(req))
+    }
+
+    /// Waits for a reply within the timeout; `None` if the worker could not answer.
+    async fn finish(&self, link: &WorkerLink, reply: Option<Reply>) -> Option<Response> {
+        match tokio::time::timeout(self.timeout, reply?).await {
+            Ok(Ok(resp)) if resp.status != Status::ServerError => Some(resp),
+            Ok(Ok(resp)) => {
+                tracing::warn!(worker = %link.addr, message = %String::from_utf8_lossy(&resp.payload), "worker error");
+                None
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(worker = %link.addr, error = %e, "request failed");
+                None
+            }
+            Err(_) => {
+                tracing::debug!(worker = %link.addr, "request timed out");
+                None
+            }
+        }
+    }
+
+    /// Reads `key` from one worker of its pair, falling over to the partner if the first
+    /// cannot answer.
+    ///
+    /// The request is queued before this returns (see [`WorkerLink`]); `affinity` is the
+    /// calling session's, which keeps its requests in order.
+    pub fn get(
+        self: &Arc<Self>,
+        key: Bytes,
+        affinity: usize,
+    ) -> impl Future<Output = Response> + Send + 'static {
+        let pair = pair_for_key(&key, self.pairs.len());
+        let first = self.pairs[pair].next_read.fetch_add(1, Ordering::Relaxed) & 1;
+        let req = Request::new(Op::Get, key);
+        let reply = Self::send(&self.pairs[pair].workers[first], req.clone(), affinity);
+        let this = self.clone();
+        async move {
+            let [a, b] = &this.pairs[pair].workers;
+            let (first, partner) = if first == 0 { (a, b) } else { (b, a) };
+            if let Some(resp) = this.finish(first, reply).await {
+                return resp;
+            }
+            let reply = Self::send(partner, req, affinity);
+            this.finish(partner, reply)
+                .await
+                .unwrap_or_else(|| Response::status(Status::Unavailable))
+        }
+    }
+
+    /// Writes `key` to both workers of its pair at once, stamped with a fresh version so the
+    /// partners converge whatever order writes reach them in. Succeeds if at least one worker
+    /// stored it (availability first).
+    pub fn set(
+        self: &Arc<Self>,
+        key: Bytes,
+        value: Bytes,
+        ttl_ms: u64,
+        affinity: usize,
+    ) -> impl Future<Output = Response> + Send + 'static {
+        let mut req = Request::new(Op::Set, key);
+        req.value = value;
+        req.ttl_ms = ttl_ms;
+        self.write_both(req, affinity)
+    }
+
+    /// Deletes `key` on both workers; `Ok` if either held it, `NotFound` if neither did.
+    pub fn del(
+        self: &Arc<Self>,
+        key: Bytes,
+        affinity: usize,
+    ) -> impl Future<Output = Response> + Send + 'static {
+        self.write_both(Request::new(Op::Del, key), affinity)
+    }
+
+    fn write_both(
+        self: &Arc<Self>,
+        mut req: Request,
+        affinity: usize,
+    ) -> impl Future<Output = Response> + Send + 'static {
+        req.version = self.clock.next();
+        let pair = pair_for_key(&req.key, self.pairs.len());
+        let [a, b] = &self.pairs[pair].workers;
+        let replies = (
+            Self::send(a, req.clone(), affinity),
+            Self::send(b, req, affinity),
+        );
+        let this = self.clone();
+        async move {
+            let [a, b] = &this.pairs[pair].workers;
+            let (ra, rb) = tokio::join!(this.finish(a, replies.0), this.finish(b, replies.1));
+            match (ra, rb) {
+                // Prefer success; of two failures either is as informative.
+                (Some(ra), Some(rb)) => {
+                    if rb.status == Status::Ok {
+                        rb
+                    } else {
+                        ra
+                    }
+                }
+                (Some(r), None) | (None, Some(r)) => r,
+                (None, None) => Response::status(Status::Unavailable),
+            }
+        }
+    }
+}

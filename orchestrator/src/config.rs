@@ -1,0 +1,186 @@
+//! Command-line flags of `orchestrator`; each is also read from a `TWINCACHE_*` variable.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{CommandFactory, Parser};
+use twincache_protocol::units::{parse_duration, parse_size};
+
+/// twincache orchestrator: accepts clients (text, binary or RESP on one port) and routes each
+/// request to the pair of workers that owns its key.
+///
+/// Workers are given as IP/port pairs and pair up in order: the 1st with the 2nd, the 3rd
+/// with the 4th, and so on.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "orchestrator",
+    version,
+    about,
+    override_usage = "orchestrator [OPTIONS] <IP 1> <PORT 1> <IP 2> <PORT 2> ... <IP n> <PORT n>"
+)]
+pub struct Config {
+    /// Workers as `<ip> <port>` pairs, an even number of workers in all.
+    #[arg(
+        value_name = "IP PORT",
+        env = "TWINCACHE_WORKERS",
+        value_delimiter = ' ',
+        required = true,
+        num_args = 1..
+    )]
+    pub workers: Vec<String>,
+
+    /// Address clients connect to.
+    #[arg(long, env = "TWINCACHE_LISTEN", default_value = "127.0.0.1:7000")]
+    pub listen: SocketAddr,
+
+    /// Close client connections idle for this long (the seed's care-taker), e.g. 300s, 5m.
+    #[arg(long, env = "TWINCACHE_IDLE_TIMEOUT", default_value = "300s", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// Longest text-protocol line accepted; a longer one is answered with code 5 and skipped.
+    #[arg(long, env = "TWINCACHE_MAX_LINE", default_value = "1MiB", value_parser = parse_size)]
+    pub max_line: u64,
+
+    /// Largest binary-protocol frame accepted; a longer one gets code 5 and the connection closes.
+    #[arg(long, env = "TWINCACHE_MAX_FRAME", default_value = "16MiB", value_parser = parse_size)]
+    pub max_frame: u64,
+
+    /// How long a worker may take to answer before the request fails over to its partner.
+    #[arg(long, env = "TWINCACHE_WORKER_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
+    pub worker_timeout: Duration,
+
+    /// Persistent connections to each worker (each carries many requests at once).
+    #[arg(long, env = "TWINCACHE_CONNECTIONS_PER_WORKER", default_value_t = 2,
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub connections_per_worker: u16,
+
+    /// Requests of one client connection in flight at once; further input waits.
+    #[arg(long, env = "TWINCACHE_PIPELINE_DEPTH", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub pipeline_depth: u32,
+
+    /// Most client connections served at once; more are closed on arrival.
+    #[arg(long, env = "TWINCACHE_MAX_CLIENTS", default_value_t = 10_000)]
+    pub max_clients: usize,
+
+    /// This orchestrator's id (0-255), the tie-break in write versions when several
+    /// orchestrators write the same key in the same millisecond. Random if not given.
+    #[arg(long, env = "TWINCACHE_NODE_ID")]
+    pub node_id: Option<u8>,
+
+    /// How long shutdown waits for clients' in-flight requests.
+    #[arg(long, env = "TWINCACHE_SHUTDOWN_GRACE", default_value = "5s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+}
+
+impl Config {
+    /// Parses the command line and checks the worker list; on any error prints a clear
+    /// message with the usage and exits with code 2.
+    pub fn from_args() -> Config {
+        let config = Config::parse();
+        if let Err(msg) = config.worker_addrs() {
+            Config::command()
+                .error(clap::error::ErrorKind::ValueValidation, msg)
+                .exit();
+        }
+        config
+    }
+
+    /// A configuration for the given workers with every other setting at its default.
+    pub fn for_workers(workers: &[SocketAddr]) -> Config {
+        let mut args = vec![
+            "orchestrator".to_string(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+        ];
+        for w in workers {
+            args.push(w.ip().to_string());
+            args.push(w.port().to_string());
+        }
+        Config::parse_from(args)
+    }
+
+    /// The workers as `host:port` strings, in order, checked: an even count (they pair up),
+    /// each a valid IP address or host name followed by a port from 1 to 65535.
+    pub fn worker_addrs(&self) -> Result<Vec<String>, String> {
+        if self.workers.len() % 2 != 0 {
+            return Err(format!(
+                "workers are given as <ip> <port> pairs, but {} values were given",
+                self.workers.len()
+            ));
+        }
+        let addrs = self
+            .workers
+            .chunks(2)
+            .map(|w| {
+                let (host, port) = (&w[0], &w[1]);
+                let port: u16 = port.parse().ok().filter(|p| *p != 0).ok_or_else(|| {
+                    format!("`{port}` (after `{host}`) is not a port from 1 to 65535")
+                })?;
+                if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+                    return Ok(SocketAddr::new(ip, port).to_string());
+                }
+                let valid_name = !host.is_empty()
+                    && host.len() <= 253
+                    && host
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+                if !valid_name {
+                    return Err(format!("`{host}` is not an IP address or host name"));
+                }
+                Ok(format!("{host}:{port}"))
+            })
+            .collect::<Result<Vec<_>, String>>()?;
+        if addrs.len() % 2 != 0 {
+            return Err(format!(
+                "workers pair up in the order given, so their number must be even; got {} \
+                 (add a partner for {})",
+                addrs.len(),
+                addrs.last().map(String::as_str).unwrap_or("?")
+            ));
+        }
+        Ok(addrs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn workers(args: &[&str]) -> Result<Vec<String>, String> {
+        let mut argv = vec!["orchestrator"];
+        argv.extend_from_slice(args);
+        Config::try_parse_from(argv).unwrap().worker_addrs()
+    }
+
+    #[test]
+    fn pairs_in_order() {
+        assert_eq!(
+            workers(&["127.0.0.1", "7001", "127.0.0.1", "7002"]).unwrap(),
+            vec!["127.0.0.1:7001", "127.0.0.1:7002"]
+        );
+        assert_eq!(
+            workers(&["::1", "7001", "localhost", "7002"]).unwrap()[0],
+            "[::1]:7001"
+        );
+    }
+
+    #[test]
+    fn rejects_odd_counts_and_bad_addresses() {
+        assert!(workers(&["127.0.0.1", "7001"])
+            .unwrap_err()
+            .contains("even"));
+        assert!(workers(&["127.0.0.1", "7001", "127.0.0.1"])
+            .unwrap_err()
+            .contains("pairs"));
+        assert!(workers(&["127.0.0.1", "x", "127.0.0.1", "7002"])
+            .unwrap_err()
+            .contains("port"));
+        assert!(workers(&["127.0.0.1", "0", "127.0.0.1", "7002"])
+            .unwrap_err()
+            .contains("port"));
+        assert!(workers(&["bad_host!", "1", "127.0.0.1", "7002"])
+            .unwrap_err()
+            .contains("host"));
+    }
+}

@@ -1,0 +1,100 @@
+//! The twincache orchestrator: the one address clients talk to.
+//!
+//! It accepts client connections (text lines or binary frames on one port, see [`session`]),
+//! maps every key to a pair of workers with a stable consistent hash, and forwards the request
+//! over persistent multiplexed connections ([`cluster`]): writes to both workers of the pair,
+//! reads to one with failover to its partner. It holds no data; restarting it loses nothing.
+//!
+//! Layout: [`config`] (flags), [`hlc`] (write versions), [`cluster`] (worker links, routing),
+//! [`session`] (client connections), `local` (an in-process cluster, feature `local`).
+
+pub mod cluster;
+pub mod config;
+pub mod hlc;
+#[cfg(feature = "local")]
+pub mod local;
+pub mod session;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use twincache_protocol::server::accept_loop;
+
+use cluster::{Router, RouterConfig};
+pub use config::Config;
+use session::SessionConfig;
+
+/// A bound, not yet running, orchestrator.
+pub struct Orchestrator {
+    listener: TcpListener,
+    config: Config,
+    workers: Vec<String>,
+}
+
+impl Orchestrator {
+    /// Checks the worker list and binds the client port.
+    pub async fn bind(config: Config) -> std::io::Result<Orchestrator> {
+        let workers = config
+            .worker_addrs()
+            .map_err(|msg| std::io::Error::new(std::io::ErrorKind::InvalidInput, msg))?;
+        let listener = TcpListener::bind(config.listen).await?;
+        Ok(Orchestrator {
+            listener,
+            config,
+            workers,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// Connects to the workers and serves clients until `shutdown` is cancelled.
+    pub async fn run(self, shutdown: CancellationToken) {
+        let c = &self.config;
+        let node_id = c.node_id.unwrap_or_else(rand::random);
+        let router_config = RouterConfig {
+            connections_per_worker: usize::from(c.connections_per_worker),
+            // Room for the frame header around the largest value a client may send.
+            max_frame: c.max_frame.max(c.max_line) as usize + 1024,
+            worker_timeout: c.worker_timeout,
+            node_id,
+        };
+        // Worker links outlive the client sessions: they stop once those have drained.
+        let links_shutdown = CancellationToken::new();
+        let router = Arc::new(Router::start(
+            &self.workers,
+            &router_config,
+            &links_shutdown,
+        ));
+        tracing::info!(
+            pairs = router.pairs().len(),
+            node_id,
+            "routing to worker pairs"
+        );
+        let session_config = Arc::new(SessionConfig {
+            idle_timeout: c.idle_timeout,
+            max_line: c.max_line as usize,
+            max_frame: c.max_frame as usize,
+            pipeline_depth: c.pipeline_depth as usize,
+        });
+        let mut sessions = 0usize;
+        accept_loop(
+            self.listener,
+            c.max_clients,
+            shutdown,
+            c.shutdown_grace,
+            move |stream, shutdown| {
+                sessions = sessions.wrapping_add(1);
+                let config = session_config.clone();
+                session::serve(stream, sessions, router.clone(), config, shutdown)
+            },
+        )
+        .await;
+        links_shutdown.cancel();
+    }
+}

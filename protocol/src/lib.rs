@@ -1,0 +1,24 @@
+//! Wire formats shared by every twincache component.
+//!
+//! Everything that crosses a socket is defined here, once, so the orchestrator, the workers and
+//! the client library can never disagree about a byte:
+//!
+//! - [`status`]: the response codes, shared by the text protocol (`code||message`) and the
+//!   binary frames.
+//! - [`frame`]: length-prefixed binary frames with request ids. One format serves both the
+//!   orchestrator-to-worker link and the binary client protocol, so a client can talk to a
+//!   worker directly (handy for debugging and for the tests).
+//! - [`text`]: the netcat-friendly line protocol (`get||key`, `set||key||value`, ...).
+//! - [`hash`]: the stable key hash and the consistent key-to-pair mapping.
+//! - [`server`]: the accept loop both servers share (connection cap, graceful shutdown).
+//! - [`units`]: parsing of human durations and sizes used by the command lines.
+
+pub mod frame;
+pub mod hash;
+pub mod server;
+pub mod status;
+pub mod text;
+pub mod units;
+
+pub use frame::{FrameCodec, FrameError, Op, Request, Response};
+pub use status::Status;

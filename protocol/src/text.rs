@@ -1,0 +1,295 @@
+//! The netcat-friendly text protocol.
+//!
+//! ```text
+//! request  = get||<key> | set||<key>||<value> | del||<key> | ping | exit     ("\n" or "\r\n")
+//! response = 0||<result> | <code>||<message>                                 ("\n")
+//! ```
+//!
+//! Verbs are case-insensitive. `set` splits into at most three fields, so a value may contain
+//! `||`; a key may not (it would make `set` ambiguous). Lines are bytes, not UTF-8, so any byte
+//! but `\n` may appear in a value; values containing `\n` need the binary protocol.
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+use crate::status::Status;
+
+/// The field separator.
+pub const SEP: &[u8] = b"||";
+
+/// A parsed request line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    Get(Bytes),
+    Set(Bytes, Bytes),
+    Del(Bytes),
+    Ping,
+    Exit,
+}
+
+/// Why a line is not a valid request: the code and message to answer with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LineError {
+    pub status: Status,
+    pub message: &'static str,
+}
+
+impl LineError {
+    const fn parse(message: &'static str) -> LineError {
+        LineError {
+            status: Status::ParseError,
+            message,
+        }
+    }
+}
+
+fn find_sep(haystack: &[u8]) -> Option<usize> {
+    haystack.windows(2).position(|w| w == SEP)
+}
+
+/// Splits off the key of a `get` or `del`, which must be non-empty and hold no separator.
+fn single_key(rest: Option<Bytes>, usage: &'static str) -> Result<Bytes, LineError> {
+    let key = rest.ok_or(LineError::parse(usage))?;
+    if key.is_empty() {
+        return Err(LineError::parse("empty key"));
+    }
+    if find_sep(&key).is_some() {
+        return Err(LineError::parse(
+            "too many fields (a key cannot contain ||)",
+        ));
+    }
+    Ok(key)
+}
+
+/// Parses one line (without its line end).
+pub fn parse_line(mut line: Bytes) -> Result<Command, LineError> {
+    let rest = match find_sep(&line) {
+        Some(i) => {
+            let mut rest = line.split_off(i);
+            rest.advance(SEP.len());
+            Some(rest)
+        }
+        None => None,
+    };
+    let verb = line;
+    if verb.is_empty() && rest.is_none() {
+        return Err(LineError::parse("empty request"));
+    }
+    if verb.eq_ignore_ascii_case(b"get") {
+        single_key(rest, "expected get||<key>").map(Command::Get)
+    } else if verb.eq_ignore_ascii_case(b"del") {
+        single_key(rest, "expected del||<key>").map(Command::Del)
+    } else if verb.eq_ignore_ascii_case(b"set") {
+        let mut rest = rest.ok_or(LineError::parse("expected set||<key>||<value>"))?;
+        let i = find_sep(&rest).ok_or(LineError::parse("expected set||<key>||<value>"))?;
+        let mut value = rest.split_off(i);
+        value.advance(SEP.len());
+        if rest.is_empty() {
+            return Err(LineError::parse("empty key"));
+        }
+        Ok(Command::Set(rest, value))
+    } else if verb.eq_ignore_ascii_case(b"ping") || verb.eq_ignore_ascii_case(b"exit") {
+        if rest.is_some() {
+            return Err(LineError::parse("ping and exit take no arguments"));
+        }
+        Ok(if verb.eq_ignore_ascii_case(b"ping") {
+            Command::Ping
+        } else {
+            Command::Exit
+        })
+    } else {
+        Err(LineError {
+            status: Status::InvalidCommand,
+            message: "invalid command type (expected get, set, del, ping or exit)",
+        })
+    }
+}
+
+/// Appends a response line: `0||<payload>` on success, `<code>||<payload>` otherwise.
+pub fn encode_response(status: Status, payload: &[u8], dst: &mut BytesMut) {
+    dst.reserve(payload.len() + 6);
+    let code = status.code();
+    if code >= 10 {
+        dst.put_u8(b'0' + code / 10);
+    }
+    dst.put_u8(b'0' + code % 10);
+    dst.put_slice(SEP);
+    dst.put_slice(payload);
+    dst.put_u8(b'\n');
+}
+
+/// What the line decoder found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Line {
+    /// A whole line, line end stripped.
+    Complete(Bytes),
+    /// A line longer than the limit. Reported once, as soon as the limit is passed; the rest
+    /// of that line is then skipped without being buffered.
+    TooLong,
+}
+
+/// Splits a byte stream into lines of at most `max_len` bytes, in bounded memory.
+///
+/// Like tokio-util's `LinesCodec` it scans each byte once and skips an overlong line instead
+/// of dropping the connection, but it works on bytes, not UTF-8.
+#[derive(Debug)]
+pub struct LineDecoder {
+    max_len: usize,
+    /// Bytes of the buffer already searched for `\n`.
+    scanned: usize,
+    /// Inside an overlong line: drop input up to the next `\n`.
+    discarding: bool,
+}
+
+impl LineDecoder {
+    pub fn new(max_len: usize) -> LineDecoder {
+        LineDecoder {
+            max_len,
+            scanned: 0,
+            discarding: false,
+        }
+    }
+
+    /// The next line in `buf`, if a whole one (or an overlong one) is there.
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Option<Line> {
+        loop {
+            let newline = buf[self.scanned..].iter().position(|&b| b == b'\n');
+            match (newline, self.discarding) {
+                (Some(i), true) => {
+                    buf.advance(self.scanned + i + 1);
+                    self.scanned = 0;
+                    self.discarding = false;
+                }
+                (Some(i), false) => {
+                    let mut line = buf.split_to(self.scanned + i + 1).freeze();
+                    self.scanned = 0;
+                    line.truncate(line.len() - 1);
+                    if line.last() == Some(&b'\r') {
+                        line.truncate(line.len() - 1);
+                    }
+                    if line.len() > self.max_len {
+                        return Some(Line::TooLong);
+                    }
+                    return Some(Line::Complete(line));
+                }
+                (None, true) => {
+                    buf.clear();
+                    self.scanned = 0;
+                    return None;
+                }
+                (None, false) => {
+                    // +1 leaves room for a "\r" before the "\n" of a line of exactly max_len.
+                    if buf.len() > self.max_len + 1 {
+                        buf.clear();
+                        self.scanned = 0;
+                        self.discarding = true;
+                        return Some(Line::TooLong);
+                    }
+                    self.scanned = buf.len();
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// Whether bytes of an unfinished line are waiting in `buf` (used at end of input: an
+    /// unterminated line is never executed, so a client cut off mid-`set` stores nothing).
+    pub fn has_partial(&self, buf: &BytesMut) -> bool {
+        !self.discarding && !buf.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(line: &[u8]) -> Result<Command, LineError> {
+        parse_line(Bytes::copy_from_slice(line))
+    }
+
+    fn b(s: &'static [u8]) -> Bytes {
+        Bytes::from_static(s)
+    }
+
+    #[test]
+    fn parses_the_seed_commands() {
+        assert_eq!(parse(b"get||a"), Ok(Command::Get(b(b"a"))));
+        assert_eq!(
+            parse(b"set||a||hello"),
+            Ok(Command::Set(b(b"a"), b(b"hello")))
+        );
+        assert_eq!(parse(b"set||a||"), Ok(Command::Set(b(b"a"), b(b""))));
+        assert_eq!(
+            parse(b"set||a||x||y||"),
+            Ok(Command::Set(b(b"a"), b(b"x||y||")))
+        );
+        assert_eq!(parse(b"del||a"), Ok(Command::Del(b(b"a"))));
+        assert_eq!(parse(b"GET||a"), Ok(Command::Get(b(b"a"))));
+        assert_eq!(parse(b"ping"), Ok(Command::Ping));
+        assert_eq!(parse(b"exit"), Ok(Command::Exit));
+        assert_eq!(parse(b"get||\xff\x00"), Ok(Command::Get(b(b"\xff\x00"))));
+    }
+
+    #[test]
+    fn reports_the_right_code() {
+        let code = |l: &[u8]| parse(l).unwrap_err().status;
+        assert_eq!(code(b"get"), Status::ParseError);
+        assert_eq!(code(b"get||"), Status::ParseError);
+        assert_eq!(code(b"get||a||b"), Status::ParseError);
+        assert_eq!(code(b"set||a"), Status::ParseError);
+        assert_eq!(code(b"set||||v"), Status::ParseError);
+        assert_eq!(code(b""), Status::ParseError);
+        assert_eq!(code(b"ping||x"), Status::ParseError);
+        assert_eq!(code(b"foo||x"), Status::InvalidCommand);
+        assert_eq!(code(b"foo"), Status::InvalidCommand);
+        assert_eq!(code(b"||x"), Status::InvalidCommand);
+        assert_eq!(code(b"\x00\xff\xfe"), Status::InvalidCommand);
+    }
+
+    #[test]
+    fn encodes_responses() {
+        let mut out = BytesMut::new();
+        encode_response(Status::Ok, b"hello", &mut out);
+        encode_response(Status::NotFound, b"key not found", &mut out);
+        assert_eq!(&out[..], b"0||hello\n2||key not found\n");
+    }
+
+    #[test]
+    fn splits_lines_and_strips_crlf() {
+        let mut d = LineDecoder::new(100);
+        let mut buf = BytesMut::from(&b"get||a\r\nping\nget"[..]);
+        assert_eq!(d.decode(&mut buf), Some(Line::Complete(b(b"get||a"))));
+        assert_eq!(d.decode(&mut buf), Some(Line::Complete(b(b"ping"))));
+        assert_eq!(d.decode(&mut buf), None);
+        assert!(d.has_partial(&buf));
+        buf.extend_from_slice(b"||b\n");
+        assert_eq!(d.decode(&mut buf), Some(Line::Complete(b(b"get||b"))));
+        assert!(!d.has_partial(&buf));
+    }
+
+    #[test]
+    fn overlong_line_is_reported_once_and_skipped_in_bounded_memory() {
+        let mut d = LineDecoder::new(8);
+        let mut buf = BytesMut::from(&b"set||k||0123456789"[..]);
+        assert_eq!(d.decode(&mut buf), Some(Line::TooLong));
+        assert!(buf.is_empty());
+        buf.extend_from_slice(&[b'x'; 1000]);
+        assert_eq!(d.decode(&mut buf), None);
+        assert!(buf.is_empty());
+        buf.extend_from_slice(b"xx\nping\n");
+        assert_eq!(d.decode(&mut buf), Some(Line::Complete(b(b"ping"))));
+        // A line that arrives whole but too long is also reported once.
+        let mut buf = BytesMut::from(&b"0123456789\nping\n"[..]);
+        let mut d = LineDecoder::new(8);
+        assert_eq!(d.decode(&mut buf), Some(Line::TooLong));
+        assert_eq!(d.decode(&mut buf), Some(Line::Complete(b(b"ping"))));
+    }
+
+    #[test]
+    fn line_of_exactly_the_limit_passes_with_crlf() {
+        let mut d = LineDecoder::new(4);
+        let mut buf = BytesMut::from(&b"ping\r"[..]);
+        assert_eq!(d.decode(&mut buf), None);
+        buf.extend_from_slice(b"\n");
+        assert_eq!(d.decode(&mut buf), Some(Line::Complete(b(b"ping"))));
+    }
+}

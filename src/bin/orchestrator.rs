@@ -1,0 +1,16 @@
+use twincache_orchestrator::{Config, Orchestrator};
+
+#[tokio::main]
+async fn main() {
+    let config = Config::from_args();
+    twincache::init_tracing();
+    let listen = config.listen;
+    let orchestrator = Orchestrator::bind(config)
+        .await
+        .unwrap_or_else(|e| twincache::fail(1, format_args!("cannot listen on {listen}: {e}")));
+    println!(
+        "twincache orchestrator listening on {}",
+        orchestrator.local_addr()
+    );
+    orchestrator.run(twincache::shutdown_on_signal()).await;
+}

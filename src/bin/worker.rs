@@ -1,0 +1,18 @@
+use clap::Parser;
+use twincache_worker::{Config, Worker};
+
+#[tokio::main]
+async fn main() {
+    let config = Config::parse();
+    twincache::init_tracing();
+    let addr = (config.bind, config.port);
+    let worker = Worker::bind(config).await.unwrap_or_else(|e| {
+        twincache::fail(
+            1,
+            format_args!("cannot listen on {}:{}: {e}", addr.0, addr.1),
+        )
+    });
+    // The one line on stdout: what the user feeds to the orchestrator.
+    println!("twincache worker listening on {}", worker.local_addr());
+    worker.run(twincache::shutdown_on_signal()).await;
+}

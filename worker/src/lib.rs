@@ -1,0 +1,18 @@
+//! The twincache worker: stores the data of one half of a pair.
+//!
+//! A worker listens for binary frames (see `twincache_protocol::frame`) from orchestrators,
+//! or from the client library directly, and answers each from its [`store::Store`]. Requests
+//! are handled inline on the connection's task: every operation is a short, non-blocking map
+//! access, so spawning a task per request would only add cost. Responses therefore leave in
+//! request order, though the protocol would allow any order.
+//!
+//! Layout: [`config`] (flags), [`seal`] (stored byte layout: lz4), [`store`] (the map),
+//! [`server`] (connections).
+
+pub mod config;
+pub mod seal;
+pub mod server;
+pub mod store;
+
+pub use config::Config;
+pub use server::Worker;
