@@ -15,32 +15,23 @@ pub fn init_tracing() {
 }
 
 /// A token cancelled on the first SIGINT or SIGTERM; a second signal exits at once.
+///
+/// The handlers are installed before this returns, so call it before announcing readiness:
+/// a signal that arrives right after the startup line is then never lost.
 pub fn shutdown_on_signal() -> CancellationToken {
+    use tokio::signal::unix::{signal, SignalKind};
     let token = CancellationToken::new();
+    let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
     let t = token.clone();
     tokio::spawn(async move {
-        wait_for_signal().await;
+        tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
         tracing::info!("shutting down (signal again to exit at once)");
         t.cancel();
-        wait_for_signal().await;
+        tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
         std::process::exit(130);
     });
     token
-}
-
-#[cfg(unix)]
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-}
-
-#[cfg(not(unix))]
-async fn wait_for_signal() {
-    let _ = tokio::signal::ctrl_c().await;
 }
 
 /// Prints `error: <msg>` and exits with `code`; for start-up failures, which deserve a

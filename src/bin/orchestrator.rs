@@ -8,9 +8,10 @@ async fn main() {
     let orchestrator = Orchestrator::bind(config)
         .await
         .unwrap_or_else(|e| twincache::fail(1, format_args!("cannot listen on {listen}: {e}")));
+    let shutdown = twincache::shutdown_on_signal();
     println!(
         "twincache orchestrator listening on {}",
         orchestrator.local_addr()
     );
-    orchestrator.run(twincache::shutdown_on_signal()).await;
+    orchestrator.run(shutdown).await;
 }

@@ -12,7 +12,8 @@ async fn main() {
             format_args!("cannot listen on {}:{}: {e}", addr.0, addr.1),
         )
     });
+    let shutdown = twincache::shutdown_on_signal();
     // The one line on stdout: what the user feeds to the orchestrator.
     println!("twincache worker listening on {}", worker.local_addr());
-    worker.run(twincache::shutdown_on_signal()).await;
+    worker.run(shutdown).await;
 }

@@ -1,0 +1,234 @@
+//! Starting and stopping real worker and orchestrator processes on loopback.
+//!
+//! Every process listens on port 0 and announces its address on stdout, which the harness
+//! reads with a bounded wait; its log goes to a file that is printed if it fails to start.
+//! Processes are killed when their handle is dropped, so a failing test leaves nothing behind.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use twincache_protocol::hash::pair_for_key;
+
+pub const WORKER: &str = env!("CARGO_BIN_EXE_worker");
+pub const ORCHESTRATOR: &str = env!("CARGO_BIN_EXE_orchestrator");
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A running server process, killed on drop.
+pub struct Proc {
+    child: Child,
+    pub addr: SocketAddr,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    /// Starts `bin` with `args` and waits for its `... listening on <addr>` line.
+    pub fn start(bin: &str, args: &[String]) -> Proc {
+        let log = log_path(bin);
+        let mut child = Command::new(bin)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).expect("create log file"))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {bin}: {e}"));
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx.recv_timeout(START_TIMEOUT).unwrap_or_default();
+        let addr = line
+            .trim()
+            .rsplit(' ')
+            .next()
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| {
+                let _ = child.kill();
+                panic!(
+                    "{bin} {args:?} did not announce its address (got {line:?}); log:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                )
+            });
+        Proc { child, addr, log }
+    }
+
+    pub fn worker() -> Proc {
+        Proc::start(WORKER, &["--port".into(), "0".into()])
+    }
+
+    pub fn orchestrator(workers: &[SocketAddr], extra: &[&str]) -> Proc {
+        let mut args: Vec<String> = vec!["--listen".into(), "127.0.0.1:0".into()];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        for w in workers {
+            args.push(w.ip().to_string());
+            args.push(w.port().to_string());
+        }
+        Proc::start(ORCHESTRATOR, &args)
+    }
+
+    /// SIGKILL, and wait for the process to be gone.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends a signal by name (TERM, INT, STOP, CONT) with the system's `kill`.
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([format!("-{name}"), self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{name} failed");
+    }
+
+    /// Waits up to `timeout` for the process to exit; its exit code if it did.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status.code().unwrap_or(-1));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+fn log_path(bin: &str) -> PathBuf {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let name = std::path::Path::new(bin)
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    std::env::temp_dir().join(format!(
+        "twincache-test-{}-{}-{name}.log",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ))
+}
+
+/// Workers (in pairing order) and an orchestrator in front of them.
+pub struct Cluster {
+    pub workers: Vec<Proc>,
+    pub orch: Proc,
+}
+
+impl Cluster {
+    pub async fn start(pairs: usize) -> Cluster {
+        Cluster::start_with(pairs, &[]).await
+    }
+
+    /// Starts the cluster with extra orchestrator flags and waits until every pair answers.
+    pub async fn start_with(pairs: usize, orchestrator_flags: &[&str]) -> Cluster {
+        let workers: Vec<Proc> = (0..pairs * 2).map(|_| Proc::worker()).collect();
+        let addrs: Vec<SocketAddr> = workers.iter().map(|w| w.addr).collect();
+        let orch = Proc::orchestrator(&addrs, orchestrator_flags);
+        let cluster = Cluster { workers, orch };
+        cluster.wait_ready().await;
+        cluster
+    }
+
+    pub fn pairs(&self) -> usize {
+        self.workers.len() / 2
+    }
+
+    /// A key that lands on pair `pair`, distinct for each `n`.
+    pub fn key_on_pair(&self, pair: usize, n: usize) -> String {
+        key_on_pair(pair, self.pairs(), n)
+    }
+
+    /// Bounded wait until a get for a key of every pair is answered by a worker.
+    async fn wait_ready(&self) {
+        for _ in 0..500 {
+            let mut input = String::new();
+            for p in 0..self.pairs() {
+                input += &format!("get||{}\n", self.key_on_pair(p, 0));
+            }
+            let out = exchange(self.orch.addr, input.as_bytes()).await;
+            if out.lines().all(|l| l.starts_with("2||")) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!(
+            "cluster not ready; orchestrator log:\n{}",
+            self.orch.log_text()
+        );
+    }
+}
+
+/// The `n`-th key (of the form `k:<i>`) that lands on `pair` of `pairs`.
+pub fn key_on_pair(pair: usize, pairs: usize, n: usize) -> String {
+    (0..)
+        .map(|i| format!("k:{i}"))
+        .filter(|k| pair_for_key(k.as_bytes(), pairs) == pair)
+        .nth(n)
+        .expect("keys land on every pair")
+}
+
+/// Sends `input` on a fresh connection, closes the sending side, and returns all the server
+/// wrote until it closed (bounded by a timeout).
+pub async fn exchange(addr: SocketAddr, input: &[u8]) -> String {
+    let mut stream = TcpStream::connect(addr).await.expect("connect");
+    stream.write_all(input).await.expect("write");
+    stream.shutdown().await.expect("shutdown write side");
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), stream.read_to_end(&mut out))
+        .await
+        .expect("server answered in time")
+        .expect("read");
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A line-oriented text-protocol connection.
+pub struct TextConn {
+    stream: BufReader2,
+}
+
+type BufReader2 = tokio::io::BufReader<TcpStream>;
+
+impl TextConn {
+    pub async fn connect(addr: SocketAddr) -> TextConn {
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        TextConn {
+            stream: tokio::io::BufReader::new(stream),
+        }
+    }
+
+    /// Sends one request line and reads one response line (without its newline).
+    pub async fn request(&mut self, line: &str) -> String {
+        use tokio::io::AsyncBufReadExt;
+        self.stream
+            .get_mut()
+            .write_all(format!("{line}\n").as_bytes())
+            .await
+            .expect("write");
+        let mut resp = String::new();
+        tokio::time::timeout(Duration::from_secs(10), self.stream.read_line(&mut resp))
+            .await
+            .expect("answer in time")
+            .expect("read");
+        resp.trim_end_matches('\n').to_string()
+    }
+}

@@ -1,0 +1,9 @@
+//! End-to-end tests: real `worker` and `orchestrator` processes on loopback ports, driven
+//! through raw TCP (as netcat would) and through the client library.
+
+mod harness;
+
+mod cli;
+mod client;
+mod robustness;
+mod text;
