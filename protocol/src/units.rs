@@ -3,15 +3,19 @@
 
 use std::time::Duration;
 
-/// Parses `500ms`, `30s`, `5m`, `1h`, `2d`, or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+/// Splits `"16MiB"` into `(16, "MiB")`; `what` names the kind of value for the error.
+fn number_and_unit<'a>(s: &'a str, what: &str) -> Result<(u64, &'a str), String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a duration (examples: 500ms, 30s, 5m, 1h)"))?;
-    let ms = match unit.trim() {
+    let n = num.parse().map_err(|_| format!("`{s}` is not {what}"))?;
+    Ok((n, unit.trim()))
+}
+
+/// Parses `500ms`, `30s`, `5m`, `1h`, `2d`, or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (n, unit) = number_and_unit(s, "a duration (examples: 500ms, 30s, 5m, 1h)")?;
+    let ms = match unit {
         "ms" => Some(n),
         "" | "s" => n.checked_mul(1000),
         "m" => n.checked_mul(60_000),
@@ -29,13 +33,8 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 
 /// Parses `4096`, `64KiB`, `16MiB`, `1GiB`, `10KB`, `2MB`, `1GB` (case-insensitive).
 pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("`{s}` is not a size (examples: 4096, 64KiB, 16MiB, 1GiB)"))?;
-    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+    let (n, unit) = number_and_unit(s, "a size (examples: 4096, 64KiB, 16MiB, 1GiB)")?;
+    let mult: u64 = match unit.to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kb" => 1000,
         "kib" => 1 << 10,

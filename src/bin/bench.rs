@@ -1,1 +1,162 @@
-fn main() {}
+//! Load generator: drives N connections, each with P requests in flight, through the client
+//! library against an orchestrator, and prints throughput and latency percentiles.
+//!
+//! twincache-bench --addr 127.0.0.1:7000 --connections 50 --pipeline 16 --op get --value-size 100
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clap::{Parser, ValueEnum};
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use twincache_client::Client;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Workload {
+    Get,
+    Set,
+    /// 90% get, 10% set.
+    Mixed,
+}
+
+/// twincache load generator (binary protocol, via the client library).
+#[derive(Debug, Parser)]
+#[command(name = "twincache-bench", version, about)]
+struct Args {
+    /// Orchestrator (or worker) address.
+    #[arg(long, default_value = "127.0.0.1:7000")]
+    addr: String,
+    /// Client connections, each its own TCP connection.
+    #[arg(long, short = 'c', default_value_t = 50)]
+    connections: usize,
+    /// Requests in flight per connection.
+    #[arg(long, short = 'P', default_value_t = 1)]
+    pipeline: usize,
+    #[arg(long, value_enum, default_value = "get")]
+    op: Workload,
+    /// Bytes per value.
+    #[arg(long, short = 'd', default_value_t = 100)]
+    value_size: usize,
+    /// Total requests (after the keys are loaded).
+    #[arg(long, short = 'n', default_value_t = 200_000)]
+    requests: usize,
+    /// Distinct keys; loaded before a get or mixed run.
+    #[arg(long, short = 'r', default_value_t = 100_000)]
+    keys: usize,
+}
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+fn key(i: u64) -> String {
+    format!("key:{i:012}")
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    anyhow::ensure!(
+        args.connections > 0 && args.pipeline > 0 && args.keys > 0,
+        "counts must be positive"
+    );
+    let value = Bytes::from(vec![b'x'; args.value_size]);
+    let mut clients = Vec::with_capacity(args.connections);
+    for _ in 0..args.connections {
+        clients.push(Client::connect(&args.addr).await?);
+    }
+    if args.op != Workload::Set {
+        let started = Instant::now();
+        let mut loads = FuturesUnordered::new();
+        for i in 0..args.keys as u64 {
+            let c = &clients[i as usize % clients.len()];
+            loads.push(c.set(key(i), value.clone()));
+            if loads.len() >= 256 {
+                loads.next().await.transpose()?;
+            }
+        }
+        while let Some(r) = loads.next().await {
+            r?;
+        }
+        eprintln!("loaded {} keys in {:.1?}", args.keys, started.elapsed());
+    }
+
+    let per_conn = args.requests.div_ceil(args.connections);
+    let started = Instant::now();
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(c, client)| {
+            let value = value.clone();
+            let (op, pipeline, keys) = (args.op, args.pipeline, args.keys as u64);
+            tokio::spawn(async move {
+                let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (c as u64 + 1));
+                let mut latencies = Vec::with_capacity(per_conn);
+                let mut errors = 0usize;
+                let mut inflight = FuturesUnordered::new();
+                let mut sent = 0;
+                while sent < per_conn || !inflight.is_empty() {
+                    while sent < per_conn && inflight.len() < pipeline {
+                        let r = rng.next();
+                        let k = key(r % keys);
+                        let write = op == Workload::Set || (op == Workload::Mixed && r % 10 == 0);
+                        let (client, value) = (client.clone(), value.clone());
+                        inflight.push(async move {
+                            let t = Instant::now();
+                            let ok = if write {
+                                client.set(k, value).await.is_ok()
+                            } else {
+                                client.get(k).await.is_ok()
+                            };
+                            (t.elapsed(), ok)
+                        });
+                        sent += 1;
+                    }
+                    if let Some((lat, ok)) = inflight.next().await {
+                        latencies.push(lat.as_micros().min(u128::from(u32::MAX)) as u32);
+                        errors += usize::from(!ok);
+                    }
+                }
+                (latencies, errors)
+            })
+        })
+        .collect();
+    let mut all = Vec::with_capacity(args.requests);
+    let mut errors = 0;
+    for t in tasks {
+        let (lat, err) = t.await?;
+        all.extend(lat);
+        errors += err;
+    }
+    let elapsed = started.elapsed();
+    all.sort_unstable();
+    let pct = |p: f64| Duration::from_micros(u64::from(all[((all.len() - 1) as f64 * p) as usize]));
+    println!(
+        "op={:?} connections={} pipeline={} value={}B requests={} errors={}",
+        args.op,
+        args.connections,
+        args.pipeline,
+        args.value_size,
+        all.len(),
+        errors
+    );
+    println!(
+        "throughput: {:.0} ops/s",
+        all.len() as f64 / elapsed.as_secs_f64()
+    );
+    println!(
+        "latency: p50 {:.3} ms  p99 {:.3} ms  p99.9 {:.3} ms  max {:.3} ms",
+        pct(0.50).as_secs_f64() * 1e3,
+        pct(0.99).as_secs_f64() * 1e3,
+        pct(0.999).as_secs_f64() * 1e3,
+        pct(1.0).as_secs_f64() * 1e3
+    );
+    anyhow::ensure!(errors == 0, "{errors} requests failed");
+    Ok(())
+}
