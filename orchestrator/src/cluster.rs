@@ -212,19 +212,18 @@ impl Router {
         }
     }
 
-    /// Reads `key` from one worker of its pair, falling over to the partner if the first
-    /// cannot answer.
+    /// Sends a read (`get`, `exists`) to one worker of the key's pair, falling over to the
+    /// partner if the first cannot answer.
     ///
     /// The request is queued before this returns (see [`WorkerLink`]); `affinity` is the
     /// calling session's, which keeps its requests in order.
-    pub fn get(
+    pub fn read(
         self: &Arc<Self>,
-        key: Bytes,
+        req: Request,
         affinity: usize,
     ) -> impl Future<Output = Response> + Send + 'static {
-        let pair = pair_for_key(&key, self.pairs.len());
+        let pair = pair_for_key(&req.key, self.pairs.len());
         let first = self.pairs[pair].next_read.fetch_add(1, Ordering::Relaxed) & 1;
-        let req = Request::new(Op::Get, key);
         let reply = Self::send(&self.pairs[pair].workers[first], req.clone(), affinity);
         let this = self.clone();
         async move {
@@ -240,32 +239,18 @@ impl Router {
         }
     }
 
-    /// Writes `key` to both workers of its pair at once, stamped with a fresh version so the
-    /// partners converge whatever order writes reach them in. Succeeds if at least one worker
-    /// stored it (availability first).
-    pub fn set(
-        self: &Arc<Self>,
-        key: Bytes,
-        value: Bytes,
-        ttl_ms: u64,
-        affinity: usize,
-    ) -> impl Future<Output = Response> + Send + 'static {
-        let mut req = Request::new(Op::Set, key);
-        req.value = value;
-        req.ttl_ms = ttl_ms;
-        self.write_both(req, affinity)
-    }
-
-    /// Deletes `key` on both workers; `Ok` if either held it, `NotFound` if neither did.
-    pub fn del(
+    pub fn get(
         self: &Arc<Self>,
         key: Bytes,
         affinity: usize,
     ) -> impl Future<Output = Response> + Send + 'static {
-        self.write_both(Request::new(Op::Del, key), affinity)
+        self.read(Request::new(Op::Get, key), affinity)
     }
 
-    fn write_both(
+    /// Sends a write (`set`, `del`) to both workers of the key's pair at once, stamped with a
+    /// fresh version so the partners converge whatever order writes reach them in. Succeeds
+    /// if at least one worker stored it (availability first).
+    pub fn write(
         self: &Arc<Self>,
         mut req: Request,
         affinity: usize,
@@ -282,7 +267,7 @@ impl Router {
             let [a, b] = &this.pairs[pair].workers;
             let (ra, rb) = tokio::join!(this.finish(a, replies.0), this.finish(b, replies.1));
             match (ra, rb) {
-                // Prefer success; of two failures either is as informative.
+                // Prefer success; of two other answers either is as informative.
                 (Some(ra), Some(rb)) => {
                     if rb.status == Status::Ok {
                         rb
@@ -294,5 +279,27 @@ impl Router {
                 (None, None) => Response::status(Status::Unavailable),
             }
         }
+    }
+
+    /// Each pair's counters (`name:value` lines), from whichever of its workers answers;
+    /// `None` for a pair with no reachable worker.
+    pub async fn pair_stats(self: &Arc<Self>) -> Vec<Option<Bytes>> {
+        let mut out = Vec::with_capacity(self.pairs.len());
+        for pair in &self.pairs {
+            let mut stats = None;
+            for w in &pair.workers {
+                let reply = Self::send(w, Request::new(Op::Stats, Bytes::new()), 0);
+                if let Some(resp) = self
+                    .finish(w, reply)
+                    .await
+                    .filter(|r| r.status == Status::Ok)
+                {
+                    stats = Some(resp.payload);
+                    break;
+                }
+            }
+            out.push(stats);
+        }
+        out
     }
 }

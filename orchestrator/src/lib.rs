@@ -1,18 +1,23 @@
 //! The twincache orchestrator: the one address clients talk to.
 //!
-//! It accepts client connections (text lines or binary frames on one port, see [`session`]),
+//! It accepts client connections (text lines, binary frames or RESP on one port, see
+//! [`session`]),
 //! maps every key to a pair of workers with a stable consistent hash, and forwards the request
 //! over persistent multiplexed connections ([`cluster`]): writes to both workers of the pair,
 //! reads to one with failover to its partner. It holds no data; restarting it loses nothing.
 //!
 //! Layout: [`config`] (flags), [`hlc`] (write versions), [`cluster`] (worker links, routing),
-//! [`session`] (client connections), `local` (an in-process cluster, feature `local`).
+//! [`session`] (client connections: sniffing, pipelining, text and binary protocols),
+//! [`resp`] (Redis commands), [`metrics`] (INFO counters), `local` (an in-process cluster,
+//! feature `local`).
 
 pub mod cluster;
 pub mod config;
 pub mod hlc;
 #[cfg(feature = "local")]
 pub mod local;
+pub mod metrics;
+pub mod resp;
 pub mod session;
 
 use std::net::SocketAddr;
@@ -81,7 +86,9 @@ impl Orchestrator {
             max_line: c.max_line as usize,
             max_frame: c.max_frame as usize,
             pipeline_depth: c.pipeline_depth as usize,
+            port: self.listener.local_addr().map(|a| a.port()).unwrap_or(0),
         });
+        let metrics = Arc::new(metrics::Metrics::default());
         let mut sessions = 0usize;
         accept_loop(
             self.listener,
@@ -90,8 +97,13 @@ impl Orchestrator {
             c.shutdown_grace,
             move |stream, shutdown| {
                 sessions = sessions.wrapping_add(1);
-                let config = session_config.clone();
-                session::serve(stream, sessions, router.clone(), config, shutdown)
+                let ctx = session::Ctx {
+                    router: router.clone(),
+                    affinity: sessions,
+                    metrics: metrics.clone(),
+                    config: session_config.clone(),
+                };
+                session::serve(stream, ctx, shutdown)
             },
         )
         .await;

@@ -1,13 +1,13 @@
 //! One client connection: sniff the protocol, then serve pipelined requests in order.
 //!
 //! The first byte decides the protocol: 0xB7 (the binary preamble) is the binary client
-//! protocol, anything else is a text line. (RESP, first byte `*`, is the next protocol to
-//! join them on this port.)
+//! protocol, `*` is RESP. Otherwise the first line decides: an inline Redis command
+//! (`GET a`, see [`crate::resp::is_inline_command`]) is RESP, anything else the text protocol.
 //!
-//! Both protocols run the same loop. Requests are parsed as soon as they arrive and their
-//! worker calls start at once, up to `pipeline_depth` in flight, so a pipelined burst costs
-//! one round trip to the workers, not one per request. Responses are written in request
-//! order, batched into one write when several are ready.
+//! All three run the same loop. Requests are parsed as soon as they arrive and queued to the
+//! workers at once, up to `pipeline_depth` in flight, so a pipelined burst costs one round
+//! trip to the workers, not one per request. Replies are written in request order, batched
+//! into one write when several are ready.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -30,6 +30,8 @@ use twincache_protocol::text::{self, Command, Line, LineDecoder};
 use twincache_protocol::Status;
 
 use crate::cluster::Router;
+use crate::metrics::Metrics;
+use crate::resp::{is_inline_command, RespProtocol};
 
 /// Settings for client sessions.
 #[derive(Debug, Clone)]
@@ -38,67 +40,123 @@ pub struct SessionConfig {
     pub max_line: usize,
     pub max_frame: usize,
     pub pipeline_depth: usize,
+    /// The client port (reported by INFO).
+    pub port: u16,
 }
 
-type RouterFuture = Pin<Box<dyn Future<Output = Response> + Send>>;
-type InFlight = Either<Ready<Response>, RouterFuture>;
+/// What a session's requests need: shared by every request of the session.
+#[derive(Clone)]
+pub struct Ctx {
+    pub router: Arc<Router>,
+    /// Which connection to each worker carries this session's requests (see `WorkerLink`);
+    /// also the session's id.
+    pub affinity: usize,
+    pub metrics: Arc<Metrics>,
+    pub config: Arc<SessionConfig>,
+}
+
+pub type BoxReply<O> = Pin<Box<dyn Future<Output = O> + Send>>;
 
 /// What a protocol made of the bytes buffered so far.
-enum Step {
+pub enum Step<O> {
     /// Not a whole request yet.
     NeedMore,
     /// A request answered without the workers (ping, a parse error).
-    Reply(Response),
-    /// A request for the workers.
-    Dispatch(RouterFuture),
+    Reply(O),
+    /// A request for the workers, already queued to them.
+    Dispatch(BoxReply<O>),
     /// Stop reading; send the reply if any, then everything in flight, then close.
-    Close(Option<Response>),
+    Close(Option<O>),
 }
 
 /// The part of a session that differs between protocols.
-trait Protocol {
-    fn next(&mut self, buf: &mut BytesMut, router: &Arc<Router>, affinity: usize) -> Step;
-    fn encode(&mut self, resp: Response, out: &mut BytesMut);
+pub trait Protocol {
+    type Out: Send + 'static;
+    fn next(&mut self, buf: &mut BytesMut, ctx: &Ctx) -> Step<Self::Out>;
+    fn encode(&mut self, out: Self::Out, dst: &mut BytesMut);
     /// What to answer when the client stops sending with bytes left in `buf`.
-    fn at_eof(&mut self, buf: &BytesMut) -> Option<Response>;
+    fn at_eof(&mut self, buf: &BytesMut) -> Option<Self::Out>;
 }
 
-/// Serves one client connection until it closes, idles out, or shutdown. `affinity` picks
-/// which connection to each worker carries this session's requests (see `WorkerLink`).
-pub async fn serve(
-    mut stream: TcpStream,
-    affinity: usize,
-    router: Arc<Router>,
-    config: Arc<SessionConfig>,
-    shutdown: CancellationToken,
-) {
+/// Serves one client connection until it closes, idles out, or shutdown.
+pub async fn serve(mut stream: TcpStream, ctx: Ctx, shutdown: CancellationToken) {
+    let _counted = ctx.metrics.client_connected();
+    let config = ctx.config.clone();
     let mut buf = BytesMut::with_capacity(16 * 1024);
-    // Sniff: wait for the first byte, within the idle timeout.
-    let first = tokio::select! {
-        res = tokio::time::timeout(config.idle_timeout, stream.read_buf(&mut buf)) => res,
+    let sniffed = tokio::select! {
+        res = tokio::time::timeout(config.idle_timeout, sniff(&mut stream, &mut buf, config.max_line)) => res,
         _ = shutdown.cancelled() => return,
     };
-    if !matches!(first, Ok(Ok(n)) if n > 0) {
-        return;
-    }
-    let result = if buf[0] == PREAMBLE[0] {
-        match read_preamble(&mut stream, &mut buf).await {
+    let result = match sniffed {
+        Ok(Ok(Kind::Binary)) => match read_preamble(&mut stream, &mut buf).await {
             Ok(()) => {
                 let proto = BinaryProtocol {
                     codec: FrameCodec::new(config.max_frame),
                 };
-                run(proto, stream, buf, router, affinity, &config, shutdown).await
+                run(proto, stream, buf, &ctx, shutdown).await
             }
             Err(e) => Err(e),
+        },
+        Ok(Ok(Kind::Resp)) => {
+            run(
+                RespProtocol::new(config.max_frame),
+                stream,
+                buf,
+                &ctx,
+                shutdown,
+            )
+            .await
         }
-    } else {
-        let proto = TextProtocol {
-            lines: LineDecoder::new(config.max_line),
-        };
-        run(proto, stream, buf, router, affinity, &config, shutdown).await
+        Ok(Ok(Kind::Text)) => {
+            let proto = TextProtocol {
+                lines: LineDecoder::new(config.max_line),
+            };
+            run(proto, stream, buf, &ctx, shutdown).await
+        }
+        Ok(Err(e)) => Err(e),
+        Err(_) => Ok(()), // idle before saying anything
     };
     if let Err(e) = result {
         tracing::debug!(error = %e, "client connection ended with an error");
+    }
+}
+
+enum Kind {
+    Binary,
+    Resp,
+    Text,
+}
+
+/// Reads until the protocol is known: one byte for binary and multibulk RESP, the first
+/// line (bounded by `max_line`) otherwise.
+async fn sniff(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    max_line: usize,
+) -> std::io::Result<Kind> {
+    loop {
+        if let Some(&first) = buf.first() {
+            if first == PREAMBLE[0] {
+                return Ok(Kind::Binary);
+            }
+            if first == b'*' {
+                return Ok(Kind::Resp);
+            }
+            if let Some(nl) = buf.iter().position(|&b| b == b'\n') {
+                return Ok(if is_inline_command(&buf[..nl]) {
+                    Kind::Resp
+                } else {
+                    Kind::Text
+                });
+            }
+            if buf.len() > max_line {
+                return Ok(Kind::Text);
+            }
+        }
+        if stream.read_buf(buf).await? == 0 {
+            // The text protocol answers a cut-off line (or nothing) at end of input.
+            return Ok(Kind::Text);
+        }
     }
 }
 
@@ -128,19 +186,20 @@ async fn run<P: Protocol>(
     mut proto: P,
     mut stream: TcpStream,
     mut buf: BytesMut,
-    router: Arc<Router>,
-    affinity: usize,
-    config: &SessionConfig,
+    ctx: &Ctx,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let mut inflight: FuturesOrdered<InFlight> = FuturesOrdered::new();
+    type InFlight<O> = Either<Ready<O>, BoxReply<O>>;
+    let config = &ctx.config;
+    let mut inflight: FuturesOrdered<InFlight<P::Out>> = FuturesOrdered::new();
     let mut out = BytesMut::with_capacity(16 * 1024);
     let mut reading = true;
     let idle = tokio::time::sleep(config.idle_timeout);
     tokio::pin!(idle);
     loop {
+        let before = inflight.len();
         while reading && inflight.len() < config.pipeline_depth {
-            match proto.next(&mut buf, &router, affinity) {
+            match proto.next(&mut buf, ctx) {
                 Step::NeedMore => break,
                 Step::Reply(resp) => inflight.push_back(Either::Left(ready(resp))),
                 Step::Dispatch(fut) => inflight.push_back(Either::Right(fut)),
@@ -152,6 +211,8 @@ async fn run<P: Protocol>(
                 }
             }
         }
+        ctx.metrics
+            .commands_processed(inflight.len().saturating_sub(before) as u64);
         if !reading && inflight.is_empty() {
             stream.shutdown().await.ok();
             return Ok(());
@@ -186,7 +247,7 @@ async fn run<P: Protocol>(
     }
 }
 
-fn dispatch(fut: impl Future<Output = Response> + Send + 'static) -> Step {
+fn dispatch(fut: impl Future<Output = Response> + Send + 'static) -> Step<Response> {
     Step::Dispatch(Box::pin(fut))
 }
 
@@ -195,7 +256,9 @@ struct TextProtocol {
 }
 
 impl Protocol for TextProtocol {
-    fn next(&mut self, buf: &mut BytesMut, router: &Arc<Router>, affinity: usize) -> Step {
+    type Out = Response;
+
+    fn next(&mut self, buf: &mut BytesMut, ctx: &Ctx) -> Step<Response> {
         let line = match self.lines.decode(buf) {
             None => return Step::NeedMore,
             Some(Line::TooLong) => {
@@ -203,13 +266,18 @@ impl Protocol for TextProtocol {
             }
             Some(Line::Complete(line)) => line,
         };
+        let (router, affinity) = (&ctx.router, ctx.affinity);
         match text::parse_line(line) {
             Err(e) => Step::Reply(Response::error(e.status, e.message)),
             Ok(Command::Exit) => Step::Close(None),
             Ok(Command::Ping) => Step::Reply(Response::ok(Bytes::from_static(b"PONG"))),
             Ok(Command::Get(key)) => dispatch(router.get(key, affinity)),
-            Ok(Command::Set(key, value)) => dispatch(router.set(key, value, 0, affinity)),
-            Ok(Command::Del(key)) => dispatch(router.del(key, affinity)),
+            Ok(Command::Set(key, value)) => {
+                let mut req = Request::new(Op::Set, key);
+                req.value = value;
+                dispatch(router.write(req, affinity))
+            }
+            Ok(Command::Del(key)) => dispatch(router.write(Request::new(Op::Del, key), affinity)),
         }
     }
 
@@ -233,17 +301,15 @@ impl Protocol for TextProtocol {
     }
 }
 
-fn with_id(fut: impl Future<Output = Response> + Send + 'static, id: u64) -> Step {
-    dispatch(async move { fut.await.with_id(id) })
-}
-
 struct BinaryProtocol {
     codec: FrameCodec<Request>,
 }
 
 impl Protocol for BinaryProtocol {
-    fn next(&mut self, buf: &mut BytesMut, router: &Arc<Router>, affinity: usize) -> Step {
-        let req = match self.codec.decode(buf) {
+    type Out = Response;
+
+    fn next(&mut self, buf: &mut BytesMut, ctx: &Ctx) -> Step<Response> {
+        let mut req = match self.codec.decode(buf) {
             Ok(None) => return Step::NeedMore,
             Ok(Some(req)) => req,
             Err(FrameError::TooLong { .. }) => {
@@ -254,16 +320,21 @@ impl Protocol for BinaryProtocol {
             }
         };
         let id = req.id;
-        if req.key.is_empty() && matches!(req.op, Op::Get | Op::Set | Op::Del) {
+        if req.key.is_empty() && req.op.has_key() {
             return Step::Reply(Response::error(Status::ParseError, "empty key").with_id(id));
         }
-        match req.op {
-            Op::Get => with_id(router.get(req.key, affinity), id),
-            Op::Set => with_id(router.set(req.key, req.value, req.ttl_ms, affinity), id),
-            Op::Del => with_id(router.del(req.key, affinity), id),
-            Op::Ping => Step::Reply(Response::ok(Bytes::from_static(b"PONG")).with_id(id)),
-            Op::Unknown(_) => Step::Reply(Response::status(Status::InvalidCommand).with_id(id)),
-        }
+        let routed = match req.op {
+            Op::Get | Op::Exists => Either::Left(ctx.router.read(req, ctx.affinity)),
+            Op::Set | Op::Del => {
+                req.version = 0; // the orchestrator stamps versions, not clients
+                Either::Right(ctx.router.write(req, ctx.affinity))
+            }
+            Op::Ping => return Step::Reply(Response::ok(Bytes::from_static(b"PONG")).with_id(id)),
+            Op::Stats | Op::Unknown(_) => {
+                return Step::Reply(Response::status(Status::InvalidCommand).with_id(id))
+            }
+        };
+        dispatch(async move { routed.await.with_id(id) })
     }
 
     fn encode(&mut self, resp: Response, out: &mut BytesMut) {

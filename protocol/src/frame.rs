@@ -10,6 +10,9 @@
 //! response body = id:u64 status:u8 payload
 //! ```
 //!
+//! `flags` qualify a `set` (see [`flags`]). A `set` with [`flags::GET`] answers with the
+//! previous value behind a presence byte: `0` (there was none) or `1` followed by the value.
+//!
 //! A connection opens with the 4-byte [`PREAMBLE`]. Its first byte (0xB7) is neither printable
 //! ASCII nor `*`, which is how the orchestrator tells a binary client from a text or RESP one
 //! on the same port; its last byte is the protocol version.
@@ -31,6 +34,18 @@ pub const RESPONSE_HEADER_LEN: usize = 8 + 1;
 /// Default cap on a frame body, for readers that are not configured otherwise.
 pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
 
+/// Bits of [`Request::flags`] for a `set`.
+pub mod flags {
+    /// Only set if the key does not exist (Redis `NX`).
+    pub const NX: u8 = 1;
+    /// Only set if the key exists (Redis `XX`).
+    pub const XX: u8 = 2;
+    /// Answer with the previous value (Redis `GET`).
+    pub const GET: u8 = 4;
+    /// Keep the key's current expiry instead of replacing it (Redis `KEEPTTL`).
+    pub const KEEP_TTL: u8 = 8;
+}
+
 /// What a request asks for. Unknown codes are kept as values so the receiver can answer
 /// "invalid command" instead of dropping the connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +54,10 @@ pub enum Op {
     Set,
     Del,
     Ping,
+    /// `Ok` if the key exists, `NotFound` if not; no value travels.
+    Exists,
+    /// The worker's counters as `name:value` lines (the key is ignored).
+    Stats,
     Unknown(u8),
 }
 
@@ -49,6 +68,8 @@ impl Op {
             Op::Set => 2,
             Op::Del => 3,
             Op::Ping => 4,
+            Op::Exists => 5,
+            Op::Stats => 6,
             Op::Unknown(c) => c,
         }
     }
@@ -59,8 +80,15 @@ impl Op {
             2 => Op::Set,
             3 => Op::Del,
             4 => Op::Ping,
+            5 => Op::Exists,
+            6 => Op::Stats,
             c => Op::Unknown(c),
         }
+    }
+
+    /// Whether the op works on a key (and so needs a non-empty one).
+    pub fn has_key(self) -> bool {
+        matches!(self, Op::Get | Op::Set | Op::Del | Op::Exists)
     }
 }
 
@@ -413,7 +441,7 @@ mod tests {
         }
 
         #[test]
-        fn responses_round_trip(id in any::<u64>(), code in 0u8..7, payload in proptest::collection::vec(any::<u8>(), 0..256)) {
+        fn responses_round_trip(id in any::<u64>(), code in 0u8..8, payload in proptest::collection::vec(any::<u8>(), 0..256)) {
             let resp = Response { id, status: Status::from_code(code), payload: payload.into() };
             let mut buf = BytesMut::new();
             encode_frame(&resp, &mut buf);

@@ -19,6 +19,8 @@ pub enum Status {
     TooLarge = 5,
     /// The server failed in a way that is not the client's fault.
     ServerError = 6,
+    /// A conditional write (`NX`, `XX`) whose condition did not hold; nothing was written.
+    NotApplied = 7,
 }
 
 impl Status {
@@ -37,6 +39,7 @@ impl Status {
             3 => Status::InvalidCommand,
             4 => Status::Unavailable,
             5 => Status::TooLarge,
+            7 => Status::NotApplied,
             _ => Status::ServerError,
         }
     }
@@ -51,6 +54,7 @@ impl Status {
             Status::Unavailable => "no worker of this key's pair is reachable",
             Status::TooLarge => "request too large",
             Status::ServerError => "server error",
+            Status::NotApplied => "condition not met; nothing written",
         }
     }
 }
@@ -61,7 +65,7 @@ mod tests {
 
     #[test]
     fn codes_round_trip_and_unknown_is_error() {
-        for code in 0..=6u8 {
+        for code in 0..=7u8 {
             assert_eq!(Status::from_code(code).code(), code);
         }
         assert_eq!(Status::from_code(200), Status::ServerError);

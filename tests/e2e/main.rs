@@ -5,5 +5,6 @@ mod harness;
 
 mod cli;
 mod client;
+mod resp;
 mod robustness;
 mod text;

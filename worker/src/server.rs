@@ -3,19 +3,19 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::codec::Decoder;
 use tokio_util::sync::CancellationToken;
 use twincache_protocol::frame::{
-    encode_frame, FrameCodec, FrameError, Op, Request, Response, PREAMBLE,
+    encode_frame, flags, FrameCodec, FrameError, Op, Request, Response, PREAMBLE,
 };
 use twincache_protocol::server::accept_loop;
 use twincache_protocol::Status;
 
 use crate::config::Config;
-use crate::store::Store;
+use crate::store::{SetOptions, Store};
 
 /// Stop reading more requests once this many response bytes wait to be written.
 const OUT_HIGH_WATER: usize = 256 * 1024;
@@ -136,30 +136,94 @@ async fn serve_connection(
 
 /// Answers one request from the store.
 pub fn handle(store: &Store, req: Request) -> Response {
-    if req.key.is_empty() && matches!(req.op, Op::Get | Op::Set | Op::Del) {
-        return Response::error(Status::ParseError, "empty key");
-    }
+    // Empty keys are valid here (Redis allows them); the text and binary front ends refuse
+    // them, RESP passes them through.
     match req.op {
         Op::Get => match store.get(&req.key) {
             Ok(Some(value)) => Response::ok(value),
             Ok(None) => Response::status(Status::NotFound),
-            Err(e) => {
-                tracing::error!(error = %e, "stored value cannot be opened");
-                Response::error(Status::ServerError, "stored value is corrupt")
-            }
+            Err(e) => corrupt(e),
         },
         Op::Set => {
-            store.set(&req.key, &req.value, req.version);
-            Response::ok(Bytes::new())
-        }
-        Op::Del => {
-            if store.del(&req.key, req.version) {
-                Response::ok(Bytes::new())
-            } else {
-                Response::status(Status::NotFound)
+            let opts = SetOptions {
+                ttl_ms: req.ttl_ms,
+                nx: req.flags & flags::NX != 0,
+                xx: req.flags & flags::XX != 0,
+                keep_ttl: req.flags & flags::KEEP_TTL != 0,
+                get: req.flags & flags::GET != 0,
+            };
+            match store.set(&req.key, &req.value, req.version, opts) {
+                Ok(outcome) => {
+                    let payload = if opts.get {
+                        presence_prefixed(outcome.old)
+                    } else {
+                        Bytes::new()
+                    };
+                    let status = if outcome.applied {
+                        Status::Ok
+                    } else {
+                        Status::NotApplied
+                    };
+                    Response {
+                        id: 0,
+                        status,
+                        payload,
+                    }
+                }
+                Err(e) => corrupt(e),
             }
         }
+        Op::Del => found(store.del(&req.key, req.version)),
+        Op::Exists => found(store.exists(&req.key)),
+        Op::Stats => Response::ok(stats_text(store)),
         Op::Ping => Response::ok(Bytes::from_static(b"PONG")),
         Op::Unknown(_) => Response::status(Status::InvalidCommand),
     }
+}
+
+fn found(yes: bool) -> Response {
+    if yes {
+        Response::ok(Bytes::new())
+    } else {
+        Response::status(Status::NotFound)
+    }
+}
+
+fn corrupt(e: crate::seal::SealError) -> Response {
+    tracing::error!(error = %e, "stored value cannot be opened");
+    Response::error(Status::ServerError, "stored value is corrupt")
+}
+
+/// `0` for no value, `1` followed by the value (the reply to a `set` with the GET flag).
+fn presence_prefixed(value: Option<Bytes>) -> Bytes {
+    match value {
+        None => Bytes::from_static(&[0]),
+        Some(v) => {
+            let mut out = BytesMut::with_capacity(1 + v.len());
+            out.put_u8(1);
+            out.put_slice(&v);
+            out.freeze()
+        }
+    }
+}
+
+/// The worker's counters as `name:value` lines, the format of Redis' INFO.
+fn stats_text(store: &Store) -> Bytes {
+    use std::fmt::Write;
+    use std::sync::atomic::Ordering::Relaxed;
+    let usage = store.usage();
+    let c = &store.counters;
+    let mut s = String::new();
+    let _ = write!(
+        s,
+        "keys:{}\r\nstored_bytes:{}\r\nhits:{}\r\nmisses:{}\r\nsets:{}\r\nstale_writes:{}\r\nexpired:{}\r\n",
+        usage.keys,
+        usage.stored_bytes,
+        c.hits.load(Relaxed),
+        c.misses.load(Relaxed),
+        c.sets.load(Relaxed),
+        c.stale_writes.load(Relaxed),
+        c.expired.load(Relaxed),
+    );
+    Bytes::from(s)
 }

@@ -1,0 +1,523 @@
+//! RESP sessions: Redis commands mapped onto the cluster.
+//!
+//! One handler per command, found by name in [`COMMANDS`] with Redis' arity rules, so an
+//! unknown command or a wrong argument count gets exactly the error text Redis gives. Data
+//! commands go through the [`Router`](crate::cluster::Router) like the other protocols; the
+//! connection-level ones (PING, SELECT, CLIENT, HELLO, COMMAND, CONFIG, INFO) are answered
+//! here, with just enough for redis-cli, redis-benchmark and client libraries to start.
+
+use std::future::Future;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::{Bytes, BytesMut};
+use futures_util::future::join_all;
+use twincache_protocol::frame::{flags, Op, Request, Response};
+use twincache_protocol::resp::{Reply, RespDecoder};
+use twincache_protocol::Status;
+
+use crate::session::{Ctx, Protocol, Step};
+
+type Handler = fn(&mut RespProtocol, Vec<Bytes>, &Ctx) -> Step<Reply>;
+
+/// Name, arity (Redis' rule: `n` exactly n arguments counting the name, `-n` at least n),
+/// handler.
+const COMMANDS: &[(&str, i32, Handler)] = &[
+    ("get", 2, get),
+    ("set", -3, set),
+    ("del", -2, del),
+    ("unlink", -2, del),
+    ("exists", -2, exists),
+    ("mget", -2, mget),
+    ("mset", -3, mset),
+    ("ping", -1, ping),
+    ("echo", 2, echo),
+    ("quit", -1, quit),
+    ("select", 2, select),
+    ("dbsize", 1, dbsize),
+    ("info", -1, info),
+    ("command", -1, command),
+    ("client", -2, client),
+    ("hello", -1, hello),
+    ("config", -2, config),
+    ("auth", -2, auth),
+];
+
+/// Commands a person may type as the first line of an inline (netcat) RESP session. Other
+/// first lines go to the text protocol; see [`is_inline_command`].
+fn find(name: &[u8]) -> Option<&'static (&'static str, i32, Handler)> {
+    COMMANDS
+        .iter()
+        .find(|(n, _, _)| name.eq_ignore_ascii_case(n.as_bytes()))
+}
+
+/// Whether a connection's first line (not starting with `*`) is an inline Redis command
+/// rather than a text-protocol request: it has no `||`, it is not the text protocol's own
+/// `ping` or `exit`, and it starts with a Redis command name followed by an argument (or is
+/// one of the argument-less commands INFO, QUIT, DBSIZE, COMMAND, HELLO).
+pub fn is_inline_command(line: &[u8]) -> bool {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    if line.windows(2).any(|w| w == b"||") {
+        return false;
+    }
+    let mut words = line
+        .split(|b| b.is_ascii_whitespace())
+        .filter(|w| !w.is_empty());
+    let Some(first) = words.next() else {
+        return false;
+    };
+    if find(first).is_none() || first.eq_ignore_ascii_case(b"ping") {
+        return false;
+    }
+    let bare_ok = ["info", "quit", "dbsize", "command", "hello"]
+        .iter()
+        .any(|c| first.eq_ignore_ascii_case(c.as_bytes()));
+    words.next().is_some() || bare_ok
+}
+
+pub struct RespProtocol {
+    decoder: RespDecoder,
+    client_name: Option<Bytes>,
+}
+
+impl RespProtocol {
+    pub fn new(max_bulk: usize) -> RespProtocol {
+        RespProtocol {
+            decoder: RespDecoder::new(max_bulk),
+            client_name: None,
+        }
+    }
+}
+
+impl Protocol for RespProtocol {
+    type Out = Reply;
+
+    fn next(&mut self, buf: &mut BytesMut, ctx: &Ctx) -> Step<Reply> {
+        let args = match self.decoder.decode(buf) {
+            Ok(None) => return Step::NeedMore,
+            Ok(Some(args)) => args,
+            Err(e) => return Step::Close(Some(e.reply())),
+        };
+        let Some(&(name, arity, handler)) = find(&args[0]) else {
+            return Step::Reply(unknown_command(&args));
+        };
+        let n = args.len() as i32;
+        if (arity > 0 && n != arity) || (arity < 0 && n < -arity) {
+            return Step::Reply(Reply::err(format!(
+                "ERR wrong number of arguments for '{name}' command"
+            )));
+        }
+        handler(self, args, ctx)
+    }
+
+    fn encode(&mut self, reply: Reply, out: &mut BytesMut) {
+        reply.encode(out);
+    }
+
+    fn at_eof(&mut self, _buf: &BytesMut) -> Option<Reply> {
+        None
+    }
+}
+
+/// Redis' text: the name and the first arguments, each cut so the list stays near 128 bytes.
+fn unknown_command(args: &[Bytes]) -> Reply {
+    let name = String::from_utf8_lossy(&args[0][..args[0].len().min(128)]).into_owned();
+    let mut list = String::new();
+    for a in &args[1..] {
+        if list.len() >= 128 {
+            break;
+        }
+        let room = 128 - list.len();
+        list += &format!("'{}' ", String::from_utf8_lossy(&a[..a.len().min(room)]));
+    }
+    Reply::err(format!(
+        "ERR unknown command '{name}', with args beginning with: {list}"
+    ))
+}
+
+fn dispatch(fut: impl Future<Output = Reply> + Send + 'static) -> Step<Reply> {
+    Step::Dispatch(Box::pin(fut))
+}
+
+/// The error reply for a worker answer that is not a result.
+fn error_reply(resp: &Response) -> Reply {
+    let msg = String::from_utf8_lossy(&resp.payload);
+    match resp.status {
+        Status::Unavailable => Reply::err(format!("TRYAGAIN {msg}")),
+        Status::TooLarge => Reply::err(format!("ERR {msg}")),
+        _ => Reply::err(format!("ERR {msg}")),
+    }
+}
+
+fn value_reply(resp: Response) -> Reply {
+    match resp.status {
+        Status::Ok => Reply::Bulk(resp.payload),
+        Status::NotFound => Reply::Nil,
+        _ => error_reply(&resp),
+    }
+}
+
+fn not_integer() -> Reply {
+    Reply::err("ERR value is not an integer or out of range")
+}
+
+fn syntax_error() -> Reply {
+    Reply::err("ERR syntax error")
+}
+
+fn parse_int(arg: &[u8]) -> Option<i64> {
+    std::str::from_utf8(arg).ok()?.parse().ok()
+}
+
+fn get(_: &mut RespProtocol, mut args: Vec<Bytes>, ctx: &Ctx) -> Step<Reply> {
+    let fut = ctx.router.get(args.swap_remove(1), ctx.affinity);
+    dispatch(async move { value_reply(fut.await) })
+}
+
+/// `SET key value [NX | XX] [GET] [EX s | PX ms | EXAT unix-s | PXAT unix-ms | KEEPTTL]`
+fn set(_: &mut RespProtocol, args: Vec<Bytes>, ctx: &Ctx) -> Step<Reply> {
+    let mut req = Request::new(Op::Set, args[1].clone());
+    req.value = args[2].clone();
+    let mut expiry_given = false;
+    let mut i = 3;
+    while i < args.len() {
+        let opt = args[i].to_ascii_uppercase();
+        match opt.as_slice() {
+            b"NX" if req.flags & flags::XX == 0 => req.flags |= flags::NX,
+            b"XX" if req.flags & flags::NX == 0 => req.flags |= flags::XX,
+            b"GET" => req.flags |= flags::GET,
+            b"KEEPTTL" if !expiry_given => {
+                req.flags |= flags::KEEP_TTL;
+                expiry_given = true;
+            }
+            b"EX" | b"PX" | b"EXAT" | b"PXAT" if !expiry_given && i + 1 < args.len() => {
+                i += 1;
+                let Some(n) = parse_int(&args[i]) else {
+                    return Step::Reply(not_integer());
+                };
+                let ms = match opt.as_slice() {
+                    b"EX" => n.checked_mul(1000),
+                    b"PX" => Some(n),
+                    b"EXAT" => n.checked_mul(1000).map(|at| at - unix_ms()),
+                    _ => Some(n - unix_ms()),
+                };
+                let absolute = opt.ends_with(b"AT");
+                match ms {
+                    Some(_) if n <= 0 => {
+                        return Step::Reply(Reply::err("ERR invalid expire time in 'set' command"))
+                    }
+                    // An absolute time already past: the key expires at once.
+                    Some(ms) if absolute => req.ttl_ms = ms.max(1) as u64,
+                    Some(ms) => req.ttl_ms = ms as u64,
+                    None => {
+                        return Step::Reply(Reply::err("ERR invalid expire time in 'set' command"))
+                    }
+                }
+                expiry_given = true;
+            }
+            _ => return Step::Reply(syntax_error()),
+        }
+        i += 1;
+    }
+    let want_old = req.flags & flags::GET != 0;
+    let fut = ctx.router.write(req, ctx.affinity);
+    dispatch(async move {
+        let resp = fut.await;
+        match resp.status {
+            Status::Ok | Status::NotApplied if want_old => match resp.payload.first() {
+                Some(1) => Reply::Bulk(resp.payload.slice(1..)),
+                _ => Reply::Nil,
+            },
+            Status::Ok => Reply::OK,
+            Status::NotApplied => Reply::Nil,
+            _ => error_reply(&resp),
+        }
+    })
+}
+
+fn unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Runs one request per key (each routed to its own pair, all in flight at once) and counts
+/// the keys answered `Ok`, as DEL and EXISTS reply.
+fn count_ok(futs: Vec<impl Future<Output = Response> + Send + 'static>) -> Step<Reply> {
+    dispatch(async move {
+        let mut n = 0;
+        for resp in join_all(futs).await {
+            match resp.status {
+                Status::Ok => n += 1,
+                Status::NotFound => {}
+                _ => return error_reply(&resp),
+            }
+        }
+        Reply::Int(n)
+    })
+}
+
+fn del(_: &mut RespProtocol, args: Vec<Bytes>, ctx: &Ctx) -> Step<Reply> {
+    let futs = args
+        .into_iter()
+        .skip(1)
+        .map(|k| ctx.router.write(Request::new(Op::Del, k), ctx.affinity))
+        .collect();
+    count_ok(futs)
+}
+
+fn exists(_: &mut RespProtocol, args: Vec<Bytes>, ctx: &Ctx) -> Step<Reply> {
+    let futs = args
+        .into_iter()
+        .skip(1)
+        .map(|k| ctx.router.read(Request::new(Op::Exists, k), ctx.affinity))
+        .collect();
+    count_ok(futs)
+}
+
+fn mget(_: &mut RespProtocol, args: Vec<Bytes>, ctx: &Ctx) -> Step<Reply> {
+    let futs: Vec<_> = args
+        .into_iter()
+        .skip(1)
+        .map(|k| ctx.router.get(k, ctx.affinity))
+        .collect();
+    dispatch(async move {
+        let mut values = Vec::with_capacity(futs.len());
+        for resp in join_all(futs).await {
+            match resp.status {
+                Status::Ok | Status::NotFound => values.push(value_reply(resp)),
+                _ => return error_reply(&resp),
+            }
+        }
+        Reply::Array(values)
+    })
+}
+
+fn mset(_: &mut RespProtocol, args: Vec<Bytes>, ctx: &Ctx) -> Step<Reply> {
+    if args.len() % 2 == 0 {
+        return Step::Reply(Reply::err(
+            "ERR wrong number of arguments for 'mset' command",
+        ));
+    }
+    let futs: Vec<_> = args[1..]
+        .chunks(2)
+        .map(|kv| {
+            let mut req = Request::new(Op::Set, kv[0].clone());
+            req.value = kv[1].clone();
+            ctx.router.write(req, ctx.affinity)
+        })
+        .collect();
+    dispatch(async move {
+        for resp in join_all(futs).await {
+            if resp.status != Status::Ok {
+                return error_reply(&resp);
+            }
+        }
+        Reply::OK
+    })
+}
+
+fn ping(_: &mut RespProtocol, mut args: Vec<Bytes>, _: &Ctx) -> Step<Reply> {
+    Step::Reply(match args.len() {
+        1 => Reply::Simple("PONG"),
+        2 => Reply::Bulk(args.swap_remove(1)),
+        _ => Reply::err("ERR wrong number of arguments for 'ping' command"),
+    })
+}
+
+fn echo(_: &mut RespProtocol, mut args: Vec<Bytes>, _: &Ctx) -> Step<Reply> {
+    Step::Reply(Reply::Bulk(args.swap_remove(1)))
+}
+
+fn quit(_: &mut RespProtocol, _: Vec<Bytes>, _: &Ctx) -> Step<Reply> {
+    Step::Close(Some(Reply::OK))
+}
+
+fn select(_: &mut RespProtocol, args: Vec<Bytes>, _: &Ctx) -> Step<Reply> {
+    Step::Reply(match parse_int(&args[1]) {
+        Some(0) => Reply::OK,
+        Some(_) => Reply::err("ERR DB index is out of range"),
+        None => not_integer(),
+    })
+}
+
+fn auth(_: &mut RespProtocol, _: Vec<Bytes>, _: &Ctx) -> Step<Reply> {
+    Step::Reply(Reply::err(
+        "ERR AUTH <password> called without any password configured for the default user. \
+         Are you sure your configuration is correct?",
+    ))
+}
+
+/// Total keys over all pairs, from each pair's `keys:` counter; `None` if a pair is down.
+async fn total_keys(ctx: &Ctx) -> Option<u64> {
+    let mut total = 0;
+    for stats in ctx.router.pair_stats().await {
+        let stats = stats?;
+        total += String::from_utf8_lossy(&stats)
+            .lines()
+            .find_map(|l| l.strip_prefix("keys:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Some(total)
+}
+
+fn dbsize(_: &mut RespProtocol, _: Vec<Bytes>, ctx: &Ctx) -> Step<Reply> {
+    let ctx = ctx.clone();
+    dispatch(async move {
+        match total_keys(&ctx).await {
+            Some(n) => Reply::Int(n as i64),
+            None => Reply::err("TRYAGAIN a pair has no reachable worker"),
+        }
+    })
+}
+
+fn info(_: &mut RespProtocol, args: Vec<Bytes>, ctx: &Ctx) -> Step<Reply> {
+    let wanted: Vec<String> = args[1..]
+        .iter()
+        .map(|a| String::from_utf8_lossy(a).to_ascii_lowercase())
+        .collect();
+    let show = move |section: &str| {
+        wanted.is_empty()
+            || wanted
+                .iter()
+                .any(|w| w == section || w == "all" || w == "default" || w == "everything")
+    };
+    let ctx = ctx.clone();
+    dispatch(async move {
+        let m = &ctx.metrics;
+        let mut text = String::new();
+        if show("server") {
+            text += &format!(
+                "# Server\r\nredis_version:7.0.0\r\ntwincache_version:{}\r\nredis_mode:standalone\r\n\
+                 arch_bits:64\r\nprocess_id:{}\r\ntcp_port:{}\r\nuptime_in_seconds:{}\r\n\r\n",
+                env!("CARGO_PKG_VERSION"),
+                std::process::id(),
+                ctx.config.port,
+                m.started.elapsed().as_secs(),
+            );
+        }
+        if show("clients") {
+            text += &format!(
+                "# Clients\r\nconnected_clients:{}\r\n\r\n",
+                m.connected_clients()
+            );
+        }
+        if show("stats") {
+            text += &format!(
+                "# Stats\r\ntotal_connections_received:{}\r\ntotal_commands_processed:{}\r\n\r\n",
+                m.total_connections(),
+                m.total_commands()
+            );
+        }
+        if show("keyspace") {
+            text += "# Keyspace\r\n";
+            if let Some(keys) = total_keys(&ctx).await.filter(|&k| k > 0) {
+                text += &format!("db0:keys={keys},expires=0,avg_ttl=0\r\n");
+            }
+        }
+        Reply::Bulk(Bytes::from(text))
+    })
+}
+
+fn command(_: &mut RespProtocol, args: Vec<Bytes>, _: &Ctx) -> Step<Reply> {
+    let sub = args.get(1).map(|a| a.to_ascii_lowercase());
+    Step::Reply(match sub.as_deref() {
+        Some(b"count") => Reply::Int(COMMANDS.len() as i64),
+        // No command table or docs: clients fall back to their defaults.
+        _ => Reply::Array(Vec::new()),
+    })
+}
+
+fn client(state: &mut RespProtocol, args: Vec<Bytes>, ctx: &Ctx) -> Step<Reply> {
+    let sub = args[1].to_ascii_lowercase();
+    Step::Reply(match sub.as_slice() {
+        b"setname" if args.len() == 3 => {
+            state.client_name = Some(args[2].clone());
+            Reply::OK
+        }
+        b"getname" => state.client_name.clone().map_or(Reply::Nil, Reply::Bulk),
+        b"id" => Reply::Int(ctx.affinity as i64),
+        b"setinfo" => Reply::OK,
+        b"info" => Reply::Bulk(Bytes::from(format!("id={} db=0\n", ctx.affinity))),
+        _ => Reply::err(format!(
+            "ERR unknown subcommand '{}'. Try CLIENT HELP.",
+            String::from_utf8_lossy(&args[1])
+        )),
+    })
+}
+
+/// Answers HELLO (and HELLO 2) like Redis in RESP2; HELLO 3 is refused so clients stay on
+/// RESP2, which is all this server speaks.
+fn hello(_: &mut RespProtocol, args: Vec<Bytes>, ctx: &Ctx) -> Step<Reply> {
+    if let Some(v) = args.get(1) {
+        match parse_int(v) {
+            Some(2) => {}
+            Some(_) => return Step::Reply(Reply::err("NOPROTO unsupported protocol version")),
+            None => {
+                return Step::Reply(Reply::err(
+                    "ERR Protocol version is not an integer or out of range",
+                ))
+            }
+        }
+    }
+    let s = |t: &'static str| Reply::Bulk(Bytes::from_static(t.as_bytes()));
+    Step::Reply(Reply::Array(vec![
+        s("server"),
+        s("redis"),
+        s("version"),
+        s("7.0.0"),
+        s("proto"),
+        Reply::Int(2),
+        s("id"),
+        Reply::Int(ctx.affinity as i64),
+        s("mode"),
+        s("standalone"),
+        s("role"),
+        s("master"),
+        s("modules"),
+        Reply::Array(Vec::new()),
+    ]))
+}
+
+fn config(_: &mut RespProtocol, args: Vec<Bytes>, _: &Ctx) -> Step<Reply> {
+    Step::Reply(if args[1].eq_ignore_ascii_case(b"get") {
+        // No Redis settings to report; redis-benchmark and friends accept an empty answer.
+        Reply::Array(Vec::new())
+    } else {
+        Reply::err("ERR CONFIG subcommands other than GET are not supported by twincache")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inline_sniffing() {
+        assert!(is_inline_command(b"GET a"));
+        assert!(is_inline_command(b"set k v\r"));
+        assert!(is_inline_command(b"INFO"));
+        assert!(!is_inline_command(b"get||a"));
+        assert!(!is_inline_command(b"ping"));
+        assert!(!is_inline_command(b"PING"));
+        assert!(!is_inline_command(b"exit"));
+        assert!(!is_inline_command(b"get"));
+        assert!(!is_inline_command(b"foo bar"));
+        assert!(!is_inline_command(b""));
+    }
+
+    #[test]
+    fn unknown_command_text_matches_redis() {
+        let args =
+            |l: &[&'static [u8]]| l.iter().map(|a| Bytes::from_static(a)).collect::<Vec<_>>();
+        assert_eq!(
+            unknown_command(&args(&[b"foo", b"a", b"b"])),
+            Reply::err("ERR unknown command 'foo', with args beginning with: 'a' 'b' ")
+        );
+        assert_eq!(
+            unknown_command(&args(&[b"foo"])),
+            Reply::err("ERR unknown command 'foo', with args beginning with: ")
+        );
+    }
+}
