@@ -34,6 +34,24 @@ pub fn shutdown_on_signal() -> CancellationToken {
     token
 }
 
+/// A tokio runtime with `threads` threads (0: one per CPU). One thread gets the
+/// current-thread scheduler: a single event loop, where a woken task waits its turn behind
+/// the tasks already ready, so many sessions' requests to a worker leave in one write.
+pub fn runtime(threads: usize) -> tokio::runtime::Runtime {
+    let built = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        if threads > 1 {
+            b.worker_threads(threads);
+        }
+        b.enable_all().build()
+    };
+    built.unwrap_or_else(|e| fail(1, format_args!("cannot start the runtime: {e}")))
+}
+
 /// Prints `error: <msg>` and exits with `code`; for start-up failures, which deserve a
 /// clear line rather than a panic backtrace.
 pub fn fail(code: i32, msg: impl std::fmt::Display) -> ! {

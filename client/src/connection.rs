@@ -1,33 +1,38 @@
 //! A multiplexed frame connection: many requests in flight on one TCP connection.
 //!
-//! Modelled on redis-rs's multiplexed connection. Callers hand a request and a oneshot to a
-//! writer task over a channel; the writer numbers the request, records the oneshot in
-//! the pending map and writes, batching whatever else is queued into the same syscall. A
-//! reader task matches responses to pending requests by id, so responses may arrive in any
-//! order. Reading and writing are separate tasks so that a peer blocked on writing responses
-//! can never deadlock against us blocked on writing requests.
+//! A caller encodes its request straight into the connection's outbox buffer and records
+//! its reply channel in the pending map, both under one short lock, and wakes the writer
+//! task only if the outbox was empty. The writer swaps the outbox for an empty buffer and
+//! writes it, so every request queued meanwhile (from any number of callers) leaves in one
+//! syscall. A reader task matches responses to pending requests by id, so responses may
+//! arrive in any order. Reading and writing are separate tasks so that a peer blocked on
+//! writing responses can never deadlock against us blocked on writing requests.
 //!
-//! [`Connection::send`] enqueues synchronously, before the caller awaits anything, so the
+//! [`Connection::send`] encodes synchronously, before the caller awaits anything, so the
 //! requests of one caller reach the peer in the order it sent them: a pipelined `set` then
-//! `get` of one key on one connection is executed in that order. The channel is therefore
-//! unbounded; what bounds it is the callers, each of which holds the reply future of every
-//! request it queued (the orchestrator caps in-flight requests per client and clients).
+//! `get` of one key on one connection is executed in that order. The outbox is therefore
+//! not bounded here; what bounds it is the callers, each of which holds the reply future of
+//! every request it queued (the orchestrator caps in-flight requests per client and clients).
 //!
-//! When the connection dies every pending request fails at once with
-//! [`Error::ConnectionClosed`]; nothing waits for a timeout that is bound to come.
+//! Each request carries a deadline, checked by the reader on a short tick: a request not
+//! answered in time fails with [`Error::Timeout`]. That costs one clock read per request,
+//! where a timer per request would cost a timer-wheel insert and removal. When the connection
+//! dies every pending request fails at once with [`Error::ConnectionClosed`].
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{oneshot, Notify};
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use twincache_protocol::frame::{encode_frame, FrameCodec, Request, Response, PREAMBLE};
@@ -36,82 +41,173 @@ use crate::Error;
 
 type ReplyTx = oneshot::Sender<Result<Response, Error>>;
 
-/// The writer flushes after this many bytes even if more requests are queued.
-const WRITE_BATCH_BYTES: usize = 64 * 1024;
-/// How often the reader forgets requests whose callers gave up (timed out).
-const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// Request ids are sequential; a multiplicative hash spreads them over the table's buckets
+/// at a fraction of SipHash's cost.
+#[derive(Default)]
+struct IdHasher(u64);
 
-struct Pending {
-    map: HashMap<u64, ReplyTx>,
-    /// Set (under the same lock) when the connection dies, so a request registered after the
-    /// failure sweep fails at once instead of waiting forever.
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8 | u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+
+    fn write_u64(&mut self, id: u64) {
+        self.0 = id.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+type PendingMap = HashMap<u64, (ReplyTx, Instant), BuildHasherDefault<IdHasher>>;
+
+/// Requests encoded but not yet written, and requests written but not yet answered.
+struct Outbox {
+    buf: BytesMut,
+    pending: PendingMap,
+    next_id: u64,
+    /// Set when the connection dies, so a later request fails at once.
     closed: bool,
 }
 
-/// A cloneable handle to one multiplexed connection. Cheap to clone; all clones share the
-/// connection. It closes when every handle is dropped or the peer goes away.
+/// What the handles and the connection's tasks share.
+struct Shared {
+    outbox: Mutex<Outbox>,
+    /// Wakes the writer when the outbox stops being empty.
+    wake_writer: Notify,
+    /// Mirrors `signal` as a plain atomic: checked on every request, where the token's own
+    /// check takes a lock.
+    closed: AtomicBool,
+    signal: CancellationToken,
+    timeout: Duration,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Outbox> {
+        self.outbox.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Marks the connection closed and fails every pending request.
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.signal.cancel();
+        let drained: Vec<ReplyTx> = {
+            let mut o = self.lock();
+            o.closed = true;
+            o.buf.clear();
+            o.pending.drain().map(|(_, (tx, _))| tx).collect()
+        };
+        for tx in drained {
+            let _ = tx.send(Err(Error::ConnectionClosed));
+        }
+    }
+}
+
+/// Closes the connection when the last [`Connection`] handle goes away.
+struct Handle(Arc<Shared>);
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
+/// A cloneable handle to one multiplexed connection. Cheap to clone (one `Arc`); all clones
+/// share the connection. It closes when every handle is dropped or the peer goes away.
 #[derive(Clone)]
 pub struct Connection {
-    tx: mpsc::UnboundedSender<(Request, ReplyTx)>,
-    closed: CancellationToken,
+    handle: Arc<Handle>,
 }
 
 impl Connection {
     /// Connects to `addr`, sends the protocol preamble and starts the connection's tasks.
-    pub async fn connect(addr: &str, max_frame: usize) -> Result<Connection, Error> {
+    /// Requests not answered within `timeout` fail with [`Error::Timeout`].
+    pub async fn connect(
+        addr: &str,
+        max_frame: usize,
+        timeout: Duration,
+    ) -> Result<Connection, Error> {
         let mut stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
         stream.write_all(&PREAMBLE).await?;
-        Ok(Connection::start(stream, max_frame))
+        Ok(Connection::start(stream, max_frame, timeout))
     }
 
     /// Runs the connection over an already-open stream (preamble already sent).
-    pub fn start(stream: TcpStream, max_frame: usize) -> Connection {
+    pub fn start(stream: TcpStream, max_frame: usize, timeout: Duration) -> Connection {
         let (rd, wr) = stream.into_split();
-        let (tx, rx) = mpsc::unbounded_channel();
-        let closed = CancellationToken::new();
-        let pending = Arc::new(Mutex::new(Pending {
-            map: HashMap::new(),
-            closed: false,
-        }));
-        tokio::spawn(write_loop(wr, rx, pending.clone(), closed.clone()));
+        let shared = Arc::new(Shared {
+            outbox: Mutex::new(Outbox {
+                buf: BytesMut::with_capacity(16 * 1024),
+                pending: PendingMap::default(),
+                next_id: 1,
+                closed: false,
+            }),
+            wake_writer: Notify::new(),
+            closed: AtomicBool::new(false),
+            signal: CancellationToken::new(),
+            timeout,
+        });
+        tokio::spawn(write_loop(wr, shared.clone()));
         tokio::spawn(read_loop(
             FramedRead::new(rd, FrameCodec::<Response>::new(max_frame)),
-            pending,
-            closed.clone(),
+            shared.clone(),
         ));
-        Connection { tx, closed }
+        Connection {
+            handle: Arc::new(Handle(shared)),
+        }
     }
 
-    /// Queues `req` now (its id is assigned by the writer) and returns the future of its
-    /// response. The future has no timeout: wrap it in one (as [`crate::Client`] does).
-    /// Dropping it abandons the request.
-    pub fn send(&self, req: Request) -> Reply {
+    /// Encodes `req` into the outbox now, under a fresh id (its own `id` is ignored), and
+    /// returns the future of its response, which fails with [`Error::Timeout`] after the
+    /// connection's timeout. Dropping the future abandons the request.
+    pub fn send(&self, req: &Request) -> Reply {
+        let shared = &self.handle.0;
         let (reply_tx, reply_rx) = oneshot::channel();
-        // If the writer is gone, reply_tx is dropped with the message and the Reply
-        // resolves to ConnectionClosed.
-        let _ = self.tx.send((req, reply_tx));
+        let deadline = Instant::now() + shared.timeout;
+        let was_empty = {
+            let mut o = shared.lock();
+            if o.closed {
+                // reply_tx is dropped: the reply resolves to ConnectionClosed.
+                return Reply(reply_rx);
+            }
+            let id = o.next_id;
+            o.next_id = id.wrapping_add(1);
+            let was_empty = o.buf.is_empty();
+            let start = o.buf.len();
+            encode_frame(req, &mut o.buf);
+            // The id sits right after the 4-byte length prefix.
+            o.buf[start + 4..start + 12].copy_from_slice(&id.to_be_bytes());
+            o.pending.insert(id, (reply_tx, deadline));
+            was_empty
+        };
+        if was_empty {
+            shared.wake_writer.notify_one();
+        }
         Reply(reply_rx)
     }
 
     /// Sends `req` and waits for its response (see [`Connection::send`]).
-    pub async fn call(&self, req: Request) -> Result<Response, Error> {
+    pub async fn call(&self, req: &Request) -> Result<Response, Error> {
         self.send(req).await
     }
 
     /// Whether the connection has died (it never comes back; make a new one).
     pub fn is_closed(&self) -> bool {
-        self.closed.is_cancelled()
+        self.handle.0.closed.load(Ordering::Acquire)
     }
 
     /// Completes when the connection dies.
     pub async fn closed(&self) {
-        self.closed.cancelled().await
+        self.handle.0.signal.cancelled().await
     }
 
     /// Closes the connection; pending requests fail with [`Error::ConnectionClosed`].
     pub fn close(&self) {
-        self.closed.cancel();
+        self.handle.0.close();
     }
 }
 
@@ -129,83 +225,45 @@ impl Future for Reply {
     }
 }
 
-/// Fails every pending request and marks the connection closed.
-fn fail_all(pending: &Mutex<Pending>, closed: &CancellationToken) {
-    closed.cancel();
-    let drained: Vec<ReplyTx> = {
-        let mut p = pending.lock().unwrap_or_else(|e| e.into_inner());
-        p.closed = true;
-        p.map.drain().map(|(_, tx)| tx).collect()
-    };
-    for tx in drained {
-        let _ = tx.send(Err(Error::ConnectionClosed));
-    }
-}
-
-async fn write_loop(
-    mut wr: tokio::net::tcp::OwnedWriteHalf,
-    mut rx: mpsc::UnboundedReceiver<(Request, ReplyTx)>,
-    pending: Arc<Mutex<Pending>>,
-    closed: CancellationToken,
-) {
-    let mut next_id: u64 = 1;
-    let mut buf = BytesMut::with_capacity(WRITE_BATCH_BYTES);
+async fn write_loop(mut wr: tokio::net::tcp::OwnedWriteHalf, shared: Arc<Shared>) {
+    let mut out = BytesMut::with_capacity(16 * 1024);
+    let cancelled = shared.signal.cancelled();
+    tokio::pin!(cancelled);
     loop {
-        let first = tokio::select! {
-            item = rx.recv() => item,
-            _ = closed.cancelled() => None,
-        };
-        let Some(mut item) = first else { break };
-        // Take everything already queued, so a burst of requests costs one syscall.
-        loop {
-            let (mut req, reply) = item;
-            req.id = next_id;
-            next_id = next_id.wrapping_add(1);
-            {
-                let mut p = pending.lock().unwrap_or_else(|e| e.into_inner());
-                if p.closed {
-                    drop(p);
-                    let _ = reply.send(Err(Error::ConnectionClosed));
-                } else {
-                    p.map.insert(req.id, reply);
-                    drop(p);
-                    encode_frame(&req, &mut buf);
-                }
-            }
-            if buf.len() >= WRITE_BATCH_BYTES {
-                break;
-            }
-            match rx.try_recv() {
-                Ok(next) => item = next,
-                Err(_) => break,
-            }
+        tokio::select! {
+            _ = shared.wake_writer.notified() => {}
+            _ = &mut cancelled => break,
         }
-        if buf.is_empty() {
+        // Take everything queued so far; callers keep filling the (now empty) outbox.
+        std::mem::swap(&mut shared.lock().buf, &mut out);
+        if out.is_empty() {
             continue;
         }
-        if let Err(e) = wr.write_all(&buf).await {
+        if let Err(e) = wr.write_all(&out).await {
             tracing::debug!(error = %e, "connection write failed");
             break;
         }
-        buf.clear();
+        out.clear();
     }
-    fail_all(&pending, &closed);
-    // Requests still queued in the channel fail as the receiver is dropped here.
+    shared.close();
 }
 
 async fn read_loop(
     mut frames: FramedRead<tokio::net::tcp::OwnedReadHalf, FrameCodec<Response>>,
-    pending: Arc<Mutex<Pending>>,
-    closed: CancellationToken,
+    shared: Arc<Shared>,
 ) {
-    let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
+    // Deadlines are checked this often: a request fails at most a quarter of its timeout late.
+    let tick = (shared.timeout / 4).clamp(Duration::from_millis(5), Duration::from_millis(250));
+    let mut sweep = tokio::time::interval(tick);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let cancelled = shared.signal.cancelled();
+    tokio::pin!(cancelled);
     loop {
         tokio::select! {
             frame = frames.next() => match frame {
                 Some(Ok(resp)) => {
-                    let tx = pending.lock().unwrap_or_else(|e| e.into_inner()).map.remove(&resp.id);
-                    if let Some(tx) = tx {
+                    let entry = shared.lock().pending.remove(&resp.id);
+                    if let Some((tx, _)) = entry {
                         let _ = tx.send(Ok(resp));
                     }
                 }
@@ -215,11 +273,23 @@ async fn read_loop(
                 }
                 None => break,
             },
-            _ = sweep.tick() => {
-                pending.lock().unwrap_or_else(|e| e.into_inner()).map.retain(|_, tx| !tx.is_closed());
-            }
-            _ = closed.cancelled() => break,
+            _ = sweep.tick() => expire(&shared),
+            _ = &mut cancelled => break,
         }
     }
-    fail_all(&pending, &closed);
+    shared.close();
+}
+
+/// Fails the requests past their deadline and forgets those whose caller went away.
+fn expire(shared: &Shared) {
+    let now = Instant::now();
+    let expired: Vec<ReplyTx> = shared
+        .lock()
+        .pending
+        .extract_if(|_, (tx, deadline)| tx.is_closed() || *deadline <= now)
+        .map(|(_, (tx, _))| tx)
+        .collect();
+    for tx in expired {
+        let _ = tx.send(Err(Error::Timeout(shared.timeout)));
+    }
 }

@@ -167,7 +167,7 @@ impl ClientBuilder {
 async fn open(addr: &str, config: &ClientBuilder) -> Result<Connection, Error> {
     tokio::time::timeout(
         config.connect_timeout,
-        Connection::connect(addr, config.max_frame),
+        Connection::connect(addr, config.max_frame, config.timeout),
     )
     .await
     .map_err(|_| Error::Timeout(config.connect_timeout))?
@@ -240,11 +240,7 @@ impl Client {
 
     /// Sends a raw request and returns the raw response (any status), within the timeout.
     pub async fn call(&self, req: Request) -> Result<Response, Error> {
-        let conn = self.connection().await?;
-        let timeout = self.inner.config.timeout;
-        tokio::time::timeout(timeout, conn.call(req))
-            .await
-            .map_err(|_| Error::Timeout(timeout))?
+        self.connection().await?.call(&req).await
     }
 
     /// The live connection, reconnecting first if the last one died.
@@ -269,12 +265,6 @@ impl Client {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
-    }
-}
-
-impl Drop for Inner {
-    fn drop(&mut self) {
-        self.conn.lock().unwrap_or_else(|e| e.into_inner()).close();
     }
 }
 

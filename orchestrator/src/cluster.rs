@@ -35,7 +35,7 @@ impl WorkerLink {
         addr: String,
         connections: usize,
         max_frame: usize,
-        connect_timeout: Duration,
+        timeout: Duration,
         shutdown: &CancellationToken,
     ) -> Arc<WorkerLink> {
         let link = Arc::new(WorkerLink {
@@ -47,7 +47,7 @@ impl WorkerLink {
             // The link is dropped only at shutdown, when these tasks end too.
             tokio::spawn(
                 link.clone()
-                    .maintain(slot, max_frame, connect_timeout, shutdown.clone()),
+                    .maintain(slot, max_frame, timeout, shutdown.clone()),
             );
         }
         link
@@ -58,13 +58,13 @@ impl WorkerLink {
         self: Arc<Self>,
         slot: usize,
         max_frame: usize,
-        connect_timeout: Duration,
+        timeout: Duration,
         shutdown: CancellationToken,
     ) {
         let mut backoff = RECONNECT_MIN;
         while !shutdown.is_cancelled() {
             let attempt =
-                tokio::time::timeout(connect_timeout, Connection::connect(&self.addr, max_frame));
+                tokio::time::timeout(timeout, Connection::connect(&self.addr, max_frame, timeout));
             let conn = tokio::select! {
                 res = attempt => res,
                 _ = shutdown.cancelled() => break,
@@ -104,15 +104,17 @@ impl WorkerLink {
         (0..self.slots.len()).any(|i| self.lock_slot(i).as_ref().is_some_and(|c| !c.is_closed()))
     }
 
-    /// A live connection: the slot given by `affinity` if it is live, else the next live one.
-    fn connection(&self, affinity: usize) -> Option<Connection> {
+    /// Queues `req` on the slot given by `affinity` if it is live, else on the next live one;
+    /// `None` if the worker has no live connection.
+    fn send(&self, req: &Request, affinity: usize) -> Option<Reply> {
         let n = self.slots.len();
-        (0..n).find_map(|i| {
-            self.lock_slot((affinity + i) % n)
-                .as_ref()
-                .filter(|c| !c.is_closed())
-                .cloned()
-        })
+        for i in 0..n {
+            let slot = self.lock_slot((affinity + i) % n);
+            if let Some(conn) = slot.as_ref().filter(|c| !c.is_closed()) {
+                return Some(conn.send(req));
+            }
+        }
+        None
     }
 
     /// Whether at least one connection to the worker is open.
@@ -142,7 +144,6 @@ pub struct RouterConfig {
 pub struct Router {
     pairs: Vec<Pair>,
     clock: Hlc,
-    timeout: Duration,
 }
 
 impl Router {
@@ -153,7 +154,7 @@ impl Router {
         shutdown: &CancellationToken,
     ) -> Router {
         assert!(
-            !workers.is_empty() && workers.len() % 2 == 0,
+            !workers.is_empty() && workers.len().is_multiple_of(2),
             "workers come in pairs"
         );
         let link = |addr: &String| {
@@ -175,7 +176,6 @@ impl Router {
         Router {
             pairs,
             clock: Hlc::new(config.node_id),
-            timeout: config.worker_timeout,
         }
     }
 
@@ -188,25 +188,17 @@ impl Router {
         &self.pairs[pair_for_key(key, self.pairs.len())]
     }
 
-    /// Queues `req` to one worker now; `None` if the worker has no live connection.
-    fn send(link: &WorkerLink, req: Request, affinity: usize) -> Option<Reply> {
-        link.connection(affinity).map(|conn| conn.send(req))
-    }
-
-    /// Waits for a reply within the timeout; `None` if the worker could not answer.
+    /// Waits for a reply (the connection enforces `--worker-timeout`); `None` if the worker
+    /// could not answer.
     async fn finish(&self, link: &WorkerLink, reply: Option<Reply>) -> Option<Response> {
-        match tokio::time::timeout(self.timeout, reply?).await {
-            Ok(Ok(resp)) if resp.status != Status::ServerError => Some(resp),
-            Ok(Ok(resp)) => {
+        match reply?.await {
+            Ok(resp) if resp.status != Status::ServerError => Some(resp),
+            Ok(resp) => {
                 tracing::warn!(worker = %link.addr, message = %String::from_utf8_lossy(&resp.payload), "worker error");
                 None
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 tracing::debug!(worker = %link.addr, error = %e, "request failed");
-                None
-            }
-            Err(_) => {
-                tracing::debug!(worker = %link.addr, "request timed out");
                 None
             }
         }
@@ -224,7 +216,7 @@ impl Router {
     ) -> impl Future<Output = Response> + Send + 'static {
         let pair = pair_for_key(&req.key, self.pairs.len());
         let first = self.pairs[pair].next_read.fetch_add(1, Ordering::Relaxed) & 1;
-        let reply = Self::send(&self.pairs[pair].workers[first], req.clone(), affinity);
+        let reply = self.pairs[pair].workers[first].send(&req, affinity);
         let this = self.clone();
         async move {
             let [a, b] = &this.pairs[pair].workers;
@@ -232,7 +224,7 @@ impl Router {
             if let Some(resp) = this.finish(first, reply).await {
                 return resp;
             }
-            let reply = Self::send(partner, req, affinity);
+            let reply = partner.send(&req, affinity);
             this.finish(partner, reply)
                 .await
                 .unwrap_or_else(|| Response::status(Status::Unavailable))
@@ -258,10 +250,7 @@ impl Router {
         req.version = self.clock.next();
         let pair = pair_for_key(&req.key, self.pairs.len());
         let [a, b] = &self.pairs[pair].workers;
-        let replies = (
-            Self::send(a, req.clone(), affinity),
-            Self::send(b, req, affinity),
-        );
+        let replies = (a.send(&req, affinity), b.send(&req, affinity));
         let this = self.clone();
         async move {
             let [a, b] = &this.pairs[pair].workers;
@@ -288,7 +277,7 @@ impl Router {
         for pair in &self.pairs {
             let mut stats = None;
             for w in &pair.workers {
-                let reply = Self::send(w, Request::new(Op::Stats, Bytes::new()), 0);
+                let reply = w.send(&Request::new(Op::Stats, Bytes::new()), 0);
                 if let Some(resp) = self
                     .finish(w, reply)
                     .await

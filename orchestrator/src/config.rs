@@ -68,6 +68,12 @@ pub struct Config {
     #[arg(long, env = "TWINCACHE_NODE_ID")]
     pub node_id: Option<u8>,
 
+    /// Threads serving requests; 0 means one per CPU. With 1 the orchestrator runs a
+    /// single event loop, which on a small machine shared with its workers batches worker
+    /// traffic best (see architecture.md).
+    #[arg(long, env = "TWINCACHE_THREADS", default_value_t = 0)]
+    pub threads: usize,
+
     /// How long shutdown waits for clients' in-flight requests.
     #[arg(long, env = "TWINCACHE_SHUTDOWN_GRACE", default_value = "5s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
@@ -103,7 +109,7 @@ impl Config {
     /// The workers as `host:port` strings, in order, checked: an even count (they pair up),
     /// each a valid IP address or host name followed by a port from 1 to 65535.
     pub fn worker_addrs(&self) -> Result<Vec<String>, String> {
-        if self.workers.len() % 2 != 0 {
+        if !self.workers.len().is_multiple_of(2) {
             return Err(format!(
                 "workers are given as <ip> <port> pairs, but {} values were given",
                 self.workers.len()
@@ -131,7 +137,7 @@ impl Config {
                 Ok(format!("{host}:{port}"))
             })
             .collect::<Result<Vec<_>, String>>()?;
-        if addrs.len() % 2 != 0 {
+        if !addrs.len().is_multiple_of(2) {
             return Err(format!(
                 "workers pair up in the order given, so their number must be even; got {} \
                  (add a partner for {})",

@@ -294,7 +294,7 @@ fn mget(_: &mut RespProtocol, args: Vec<Bytes>, ctx: &Ctx) -> Step<Reply> {
 }
 
 fn mset(_: &mut RespProtocol, args: Vec<Bytes>, ctx: &Ctx) -> Step<Reply> {
-    if args.len() % 2 == 0 {
+    if args.len().is_multiple_of(2) {
         return Step::Reply(Reply::err(
             "ERR wrong number of arguments for 'mset' command",
         ));

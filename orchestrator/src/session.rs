@@ -9,6 +9,7 @@
 //! trip to the workers, not one per request. Replies are written in request order, batched
 //! into one write when several are ready.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -16,8 +17,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::future::{ready, Either, Ready};
-use futures_util::stream::FuturesOrdered;
-use futures_util::{FutureExt, StreamExt};
+use futures_util::FutureExt;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -189,11 +189,15 @@ async fn run<P: Protocol>(
     ctx: &Ctx,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    type InFlight<O> = Either<Ready<O>, BoxReply<O>>;
     let config = &ctx.config;
-    let mut inflight: FuturesOrdered<InFlight<P::Out>> = FuturesOrdered::new();
+    // Replies in request order. Only the head is ever polled: its request and all later ones
+    // are already queued to the workers, so the others merely hold a reply that is waiting
+    // for its turn, and need no waker of their own.
+    let mut inflight: VecDeque<InFlight<P::Out>> = VecDeque::new();
     let mut out = BytesMut::with_capacity(16 * 1024);
     let mut reading = true;
+    // The idle deadline moves with activity, but the timer is only re-armed when it fires.
+    let mut last_active = Instant::now();
     let idle = tokio::time::sleep(config.idle_timeout);
     tokio::pin!(idle);
     loop {
@@ -218,15 +222,16 @@ async fn run<P: Protocol>(
             return Ok(());
         }
         tokio::select! {
-            Some(resp) = inflight.next(), if !inflight.is_empty() => {
+            resp = next_reply(&mut inflight), if !inflight.is_empty() => {
                 proto.encode(resp, &mut out);
                 // Everything else already answered goes out in the same write.
-                while let Some(Some(resp)) = inflight.next().now_or_never() {
+                while let Some(resp) = inflight.front_mut().and_then(|f| f.now_or_never()) {
+                    inflight.pop_front();
                     proto.encode(resp, &mut out);
                 }
                 stream.write_all(&out).await?;
                 out.clear();
-                idle.as_mut().reset(Instant::now() + config.idle_timeout);
+                last_active = Instant::now();
             }
             n = stream.read_buf(&mut buf), if reading && inflight.len() < config.pipeline_depth => {
                 if n? == 0 {
@@ -235,16 +240,33 @@ async fn run<P: Protocol>(
                         inflight.push_back(Either::Left(ready(resp)));
                     }
                 } else {
-                    idle.as_mut().reset(Instant::now() + config.idle_timeout);
+                    last_active = Instant::now();
                 }
             }
             _ = &mut idle, if inflight.is_empty() => {
-                tracing::debug!("closing idle client connection");
-                return Ok(());
+                let deadline = last_active + config.idle_timeout;
+                if deadline <= Instant::now() {
+                    tracing::debug!("closing idle client connection");
+                    return Ok(());
+                }
+                idle.as_mut().reset(deadline);
             }
             _ = shutdown.cancelled(), if reading => reading = false,
         }
     }
+}
+
+type InFlight<O> = Either<Ready<O>, BoxReply<O>>;
+
+/// The reply at the head of the queue, once it is ready.
+async fn next_reply<O>(inflight: &mut VecDeque<InFlight<O>>) -> O {
+    std::future::poll_fn(|cx| {
+        let head = inflight.front_mut().expect("polled with replies in flight");
+        let out = std::task::ready!(Pin::new(head).poll(cx));
+        inflight.pop_front();
+        std::task::Poll::Ready(out)
+    })
+    .await
 }
 
 fn dispatch(fut: impl Future<Output = Response> + Send + 'static) -> Step<Response> {

@@ -105,7 +105,8 @@ async fn main() -> anyhow::Result<()> {
                     while sent < per_conn && inflight.len() < pipeline {
                         let r = rng.next();
                         let k = key(r % keys);
-                        let write = op == Workload::Set || (op == Workload::Mixed && r % 10 == 0);
+                        let write =
+                            op == Workload::Set || (op == Workload::Mixed && r.is_multiple_of(10));
                         let (client, value) = (client.clone(), value.clone());
                         inflight.push(async move {
                             let t = Instant::now();

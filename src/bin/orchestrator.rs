@@ -1,8 +1,11 @@
 use twincache_orchestrator::{Config, Orchestrator};
 
-#[tokio::main]
-async fn main() {
+fn main() {
     let config = Config::from_args();
+    twincache::runtime(config.threads).block_on(run(config));
+}
+
+async fn run(config: Config) {
     twincache::init_tracing();
     let listen = config.listen;
     let orchestrator = Orchestrator::bind(config)

@@ -1,9 +1,12 @@
 use clap::Parser;
 use twincache_worker::{Config, Worker};
 
-#[tokio::main]
-async fn main() {
+fn main() {
     let config = Config::parse();
+    twincache::runtime(config.threads).block_on(run(config));
+}
+
+async fn run(config: Config) {
     twincache::init_tracing();
     let addr = (config.bind, config.port);
     let worker = Worker::bind(config).await.unwrap_or_else(|e| {

@@ -26,6 +26,10 @@ pub struct Config {
     #[arg(long, env = "TWINCACHE_WORKER_MAX_CONNECTIONS", default_value_t = 1024)]
     pub max_connections: usize,
 
+    /// Threads serving requests; 0 means one per CPU, 1 a single event loop.
+    #[arg(long, env = "TWINCACHE_WORKER_THREADS", default_value_t = 0)]
+    pub threads: usize,
+
     /// How long shutdown waits for open connections to finish.
     #[arg(long, env = "TWINCACHE_WORKER_SHUTDOWN_GRACE", default_value = "5s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,

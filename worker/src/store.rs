@@ -156,13 +156,14 @@ impl Store {
         let old_stored = match self.map.entry(Bytes::copy_from_slice(key)) {
             MapEntry::Occupied(mut e) => {
                 let live = e.get().live(now);
-                let old = live.then(|| e.get().stored.clone());
+                // Only when asked for: a first clone of a stored value allocates.
+                let old = (live && opts.get).then(|| e.get().stored.clone());
                 if (opts.nx && live) || (opts.xx && !live) {
-                    return finish(false, old, opts);
+                    return finish(false, old);
                 }
                 if e.get().version > version {
                     self.counters.stale_writes.fetch_add(1, Ordering::Relaxed);
-                    return finish(true, old, opts);
+                    return finish(true, old);
                 }
                 let keep = if opts.keep_ttl && live {
                     e.get().expires_at
@@ -177,13 +178,13 @@ impl Store {
             }
             MapEntry::Vacant(e) => {
                 if opts.xx {
-                    return finish(false, None, opts);
+                    return finish(false, None);
                 }
                 e.insert(fresh);
                 None
             }
         };
-        finish(true, old_stored, opts)
+        finish(true, old_stored)
     }
 
     /// Deletes `key` unless it holds a version newer than `version`. Returns whether a live
@@ -208,13 +209,10 @@ impl Store {
     }
 }
 
-/// Builds the outcome, opening the previous value only if it was asked for (after the shard
-/// lock is released).
-fn finish(applied: bool, old: Option<Bytes>, opts: SetOptions) -> Result<SetOutcome, SealError> {
-    let old = match old {
-        Some(stored) if opts.get => Some(seal::open(&stored)?),
-        _ => None,
-    };
+/// Builds the outcome, opening the previous value (taken only if it was asked for) after the
+/// shard lock is released.
+fn finish(applied: bool, old: Option<Bytes>) -> Result<SetOutcome, SealError> {
+    let old = old.map(|stored| seal::open(&stored)).transpose()?;
     Ok(SetOutcome { applied, old })
 }
 
