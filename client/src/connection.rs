@@ -90,10 +90,14 @@ impl Shared {
         self.outbox.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Marks the connection closed and fails every pending request.
+    /// Marks the connection closed and fails every pending request. The writer is woken to
+    /// notice (and its exit closes the socket, so the reader sees end of input too).
     fn close(&self) {
-        self.closed.store(true, Ordering::Release);
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
         self.signal.cancel();
+        self.wake_writer.notify_one();
         let drained: Vec<ReplyTx> = {
             let mut o = self.lock();
             o.closed = true;
@@ -227,12 +231,12 @@ impl Future for Reply {
 
 async fn write_loop(mut wr: tokio::net::tcp::OwnedWriteHalf, shared: Arc<Shared>) {
     let mut out = BytesMut::with_capacity(16 * 1024);
-    let cancelled = shared.signal.cancelled();
-    tokio::pin!(cancelled);
+    // Only the Notify is awaited: `close` wakes it too, and the flag is a plain atomic, where
+    // polling a cancellation future on every wake would take its lock.
     loop {
-        tokio::select! {
-            _ = shared.wake_writer.notified() => {}
-            _ = &mut cancelled => break,
+        shared.wake_writer.notified().await;
+        if shared.closed.load(Ordering::Acquire) {
+            break;
         }
         // Take everything queued so far; callers keep filling the (now empty) outbox.
         std::mem::swap(&mut shared.lock().buf, &mut out);
@@ -256,8 +260,8 @@ async fn read_loop(
     let tick = (shared.timeout / 4).clamp(Duration::from_millis(5), Duration::from_millis(250));
     let mut sweep = tokio::time::interval(tick);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let cancelled = shared.signal.cancelled();
-    tokio::pin!(cancelled);
+    // A close from this side ends the writer, whose exit closes the socket: the reader then
+    // sees end of input. The tick checks the flag as well, in case the peer never answers.
     loop {
         tokio::select! {
             frame = frames.next() => match frame {
@@ -273,8 +277,12 @@ async fn read_loop(
                 }
                 None => break,
             },
-            _ = sweep.tick() => expire(&shared),
-            _ = &mut cancelled => break,
+            _ = sweep.tick() => {
+                if shared.closed.load(Ordering::Acquire) {
+                    break;
+                }
+                expire(&shared);
+            }
         }
     }
     shared.close();

@@ -175,10 +175,13 @@ fn get(_: &mut RespProtocol, mut args: Vec<Bytes>, ctx: &Ctx) -> Step<Reply> {
 
 /// `SET key value [NX | XX] [GET] [EX s | PX ms | EXAT unix-s | PXAT unix-ms | KEEPTTL]`
 fn set(_: &mut RespProtocol, args: Vec<Bytes>, ctx: &Ctx) -> Step<Reply> {
-    let mut req = Request::new(Op::Set, args[1].clone());
-    req.value = args[2].clone();
+    let mut parts = args.into_iter();
+    let (key, value) = (parts.nth(1), parts.next());
+    let args: Vec<Bytes> = parts.collect(); // the options
+    let mut req = Request::new(Op::Set, key.expect("arity checked"));
+    req.value = value.expect("arity checked");
     let mut expiry_given = false;
-    let mut i = 3;
+    let mut i = 0;
     while i < args.len() {
         let opt = args[i].to_ascii_uppercase();
         match opt.as_slice() {

@@ -9,7 +9,7 @@
 //! 0x01 lz4   : u32 little-endian original length, lz4 block
 //! ```
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 
 const RAW: u8 = 0x00;
 const LZ4: u8 = 0x01;
@@ -29,22 +29,35 @@ pub enum SealError {
     Corrupt,
 }
 
-/// The stored form of `value`: lz4-compressed when that makes it smaller, raw otherwise.
-/// Always a fresh allocation, never a slice of a network buffer.
-pub fn seal(value: &[u8]) -> Bytes {
-    if value.len() >= MIN_COMPRESS_LEN {
-        let compressed = lz4_flex::block::compress_prepend_size(value);
-        if compressed.len() < value.len() {
-            let mut out = BytesMut::with_capacity(1 + compressed.len());
-            out.put_u8(LZ4);
-            out.put_slice(&compressed);
-            return out.freeze();
+/// Appends the stored form of `value` to `out`: lz4-compressed when that makes it smaller,
+/// raw otherwise. Compresses straight into `out`, so the stored bytes are written once.
+pub fn seal_into(value: &[u8], out: &mut Vec<u8>) {
+    let start = out.len();
+    if value.len() >= MIN_COMPRESS_LEN && u32::try_from(value.len()).is_ok() {
+        out.push(LZ4);
+        out.extend_from_slice(&(value.len() as u32).to_le_bytes());
+        let body = out.len();
+        out.resize(
+            body + lz4_flex::block::get_maximum_output_size(value.len()),
+            0,
+        );
+        if let Ok(n) = lz4_flex::block::compress_into(value, &mut out[body..]) {
+            if 5 + n < 1 + value.len() {
+                out.truncate(body + n);
+                return;
+            }
         }
+        out.truncate(start);
     }
-    let mut out = BytesMut::with_capacity(1 + value.len());
-    out.put_u8(RAW);
-    out.put_slice(value);
-    out.freeze()
+    out.push(RAW);
+    out.extend_from_slice(value);
+}
+
+/// The stored form of `value` on its own.
+pub fn seal(value: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(1 + value.len());
+    seal_into(value, &mut out);
+    Bytes::from(out)
 }
 
 /// The value behind stored bytes. Raw values come back as a slice, without a copy.

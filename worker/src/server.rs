@@ -216,9 +216,9 @@ fn stats_text(store: &Store) -> Bytes {
     let mut s = String::new();
     let _ = write!(
         s,
-        "keys:{}\r\nstored_bytes:{}\r\nhits:{}\r\nmisses:{}\r\nsets:{}\r\nstale_writes:{}\r\nexpired:{}\r\n",
+        "keys:{}\r\nbytes:{}\r\nhits:{}\r\nmisses:{}\r\nsets:{}\r\nstale_writes:{}\r\nexpired:{}\r\n",
         usage.keys,
-        usage.stored_bytes,
+        usage.bytes,
         c.hits.load(Relaxed),
         c.misses.load(Relaxed),
         c.sets.load(Relaxed),

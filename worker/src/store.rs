@@ -1,4 +1,4 @@
-//! The worker's key-value store: a sharded concurrent map of stored (sealed) values.
+//! The worker's key-value store: sharded hash tables of single-allocation entries.
 //!
 //! Each entry carries the version of the write that produced it. Partners receive the same
 //! writes in whatever order the network delivers them, so the store keeps the newest version
@@ -7,27 +7,85 @@
 //!
 //! Entries may carry an absolute expiry. An expired entry is never returned: reads treat it
 //! as absent and remove it on the spot.
+//!
+//! ## Layout
+//! An entry is one heap allocation: header, key and stored (sealed) bytes together.
+//!
+//! ```text
+//! version:u64 | expires_at:u64 (unix ms, 0 = never) | key_len:u32 | key | stored
+//! ```
+//!
+//! One allocation per key instead of three (key, value, and the refcount header a shared
+//! `Bytes` adds) saves memory, and saves cache misses: a lookup compares the key in the same
+//! lines that hold the header, and an overwrite frees one block. The key is hashed once
+//! (SipHash with a per-process key, so clients cannot aim collisions at one bucket); the hash
+//! picks the shard and the bucket.
 
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use dashmap::mapref::entry::Entry as MapEntry;
-use dashmap::DashMap;
+use hashbrown::hash_table::Entry as Slot;
+use hashbrown::HashTable;
 
 use crate::seal::{self, SealError};
 
-#[derive(Debug, Clone)]
-struct Entry {
-    version: u64,
-    /// Unix milliseconds after which the entry is gone; 0 for never.
-    expires_at: u64,
-    stored: Bytes,
-}
+const HEADER: usize = 8 + 8 + 4;
+/// Shards: enough that threads rarely meet on one lock.
+const SHARDS: usize = 64;
+
+/// One stored key: header, key and stored bytes in one allocation (see the module docs).
+struct Entry(Box<[u8]>);
 
 impl Entry {
+    fn new(version: u64, expires_at: u64, key: &[u8], value: &[u8]) -> Entry {
+        let mut buf = Vec::with_capacity(HEADER + key.len() + 1 + value.len());
+        buf.extend_from_slice(&version.to_le_bytes());
+        buf.extend_from_slice(&expires_at.to_le_bytes());
+        buf.extend_from_slice(&(key.len() as u32).to_le_bytes());
+        buf.extend_from_slice(key);
+        seal::seal_into(value, &mut buf);
+        Entry(buf.into_boxed_slice())
+    }
+
+    fn u64_at(&self, at: usize) -> u64 {
+        u64::from_le_bytes(self.0[at..at + 8].try_into().expect("8 bytes"))
+    }
+
+    fn version(&self) -> u64 {
+        self.u64_at(0)
+    }
+
+    fn expires_at(&self) -> u64 {
+        self.u64_at(8)
+    }
+
+    fn set_expires_at(&mut self, at: u64) {
+        self.0[8..16].copy_from_slice(&at.to_le_bytes());
+    }
+
+    fn key_len(&self) -> usize {
+        u32::from_le_bytes(self.0[16..20].try_into().expect("4 bytes")) as usize
+    }
+
+    fn key(&self) -> &[u8] {
+        &self.0[HEADER..HEADER + self.key_len()]
+    }
+
+    fn stored(&self) -> &[u8] {
+        &self.0[HEADER + self.key_len()..]
+    }
+
     fn live(&self, now: u64) -> bool {
-        self.expires_at == 0 || self.expires_at > now
+        let at = self.expires_at();
+        at == 0 || at > now
+    }
+
+    /// Bytes this entry costs: its allocation plus its slot in the table.
+    fn footprint(&self) -> usize {
+        self.0.len() + std::mem::size_of::<Entry>() + 1
     }
 }
 
@@ -78,13 +136,53 @@ pub struct SetOutcome {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Usage {
     pub keys: usize,
-    pub stored_bytes: usize,
+    /// Bytes held by entries: allocations (header, key, stored bytes) and table slots.
+    pub bytes: usize,
 }
 
-#[derive(Debug, Default)]
+#[derive(Default)]
+struct Shard {
+    table: HashTable<Entry>,
+    bytes: usize,
+}
+
+impl Shard {
+    fn find(&self, hash: u64, key: &[u8]) -> Option<&Entry> {
+        self.table.find(hash, |e| e.key() == key)
+    }
+
+    /// Removes the entry for `key` if `pred` holds for it; returns it.
+    fn remove_if(
+        &mut self,
+        hash: u64,
+        key: &[u8],
+        pred: impl FnOnce(&Entry) -> bool,
+    ) -> Option<Entry> {
+        match self.table.find_entry(hash, |e| e.key() == key) {
+            Ok(slot) if pred(slot.get()) => {
+                let (entry, _) = slot.remove();
+                self.bytes -= entry.footprint();
+                Some(entry)
+            }
+            _ => None,
+        }
+    }
+}
+
 pub struct Store {
-    map: DashMap<Bytes, Entry>,
+    shards: Box<[Mutex<Shard>]>,
+    hasher: std::hash::RandomState,
     pub counters: Counters,
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        Store {
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            hasher: std::hash::RandomState::new(),
+            counters: Counters::default(),
+        }
+    }
 }
 
 impl Store {
@@ -92,14 +190,29 @@ impl Store {
         Store::default()
     }
 
-    /// The stored bytes under `key` if it holds a live entry; removes it if it expired.
+    fn hash(&self, key: &[u8]) -> u64 {
+        self.hasher.hash_one(key)
+    }
+
+    /// The shard of `hash`. The table uses the hash's low bits (bucket) and top 7 (tag), so
+    /// the shard takes bits from the middle.
+    fn shard(&self, hash: u64) -> MutexGuard<'_, Shard> {
+        self.shards[(hash >> 32) as usize % SHARDS]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A copy of the stored bytes under `key` if it holds a live entry; an expired entry is
+    /// removed on the spot. Copying (a memcpy) lets decompression run outside the lock.
     fn live_stored(&self, key: &[u8], now: u64) -> Option<Bytes> {
-        // Clone the stored bytes (a refcount bump) so decompression runs outside the shard lock.
-        let found = self.map.get(key).map(|e| (e.live(now), e.stored.clone()));
-        match found {
-            Some((true, stored)) => Some(stored),
-            Some((false, _)) => {
-                if self.map.remove_if(key, |_, e| !e.live(now)).is_some() {
+        let hash = self.hash(key);
+        let mut shard = self.shard(hash);
+        match shard.find(hash, key) {
+            Some(e) if e.live(now) => Some(Bytes::copy_from_slice(e.stored())),
+            Some(_) => {
+                let gone = shard.remove_if(hash, key, |e| !e.live(now));
+                drop(shard);
+                if gone.is_some() {
                     self.counters.expired.fetch_add(1, Ordering::Relaxed);
                 }
                 None
@@ -124,7 +237,11 @@ impl Store {
 
     /// Whether `key` holds a live entry.
     pub fn exists(&self, key: &[u8]) -> bool {
-        self.live_stored(key, now_ms()).is_some()
+        let hash = self.hash(key);
+        let now = now_ms();
+        self.shard(hash)
+            .find(hash, key)
+            .is_some_and(|e| e.live(now))
     }
 
     /// Stores `value` under `key` at `version` with `opts`.
@@ -138,82 +255,74 @@ impl Store {
         version: u64,
         opts: SetOptions,
     ) -> Result<SetOutcome, SealError> {
-        // Seal (compress) before taking the shard lock. The key is copied into its own
-        // allocation: a slice would pin the whole network buffer it arrived in.
-        let stored = seal::seal(value);
         let now = now_ms();
         let expires_at = if opts.ttl_ms > 0 {
             now.saturating_add(opts.ttl_ms)
         } else {
             0
         };
+        // Build (and compress) the entry before taking the shard lock.
+        let mut fresh = Entry::new(version, expires_at, key, value);
+        let hash = self.hash(key);
         self.counters.sets.fetch_add(1, Ordering::Relaxed);
-        let fresh = Entry {
-            version,
-            expires_at,
-            stored,
-        };
-        let old_stored = match self.map.entry(Bytes::copy_from_slice(key)) {
-            MapEntry::Occupied(mut e) => {
-                let live = e.get().live(now);
-                // Only when asked for: a first clone of a stored value allocates.
-                let old = (live && opts.get).then(|| e.get().stored.clone());
-                if (opts.nx && live) || (opts.xx && !live) {
-                    return finish(false, old);
+        let mut shard = self.shard(hash);
+        let Shard { table, bytes } = &mut *shard;
+        let (applied, old, replaced) =
+            match table.entry(hash, |e| e.key() == key, |e| self.hash(e.key())) {
+                Slot::Occupied(mut slot) => {
+                    let current = slot.get_mut();
+                    let live = current.live(now);
+                    let old = (live && opts.get).then(|| Bytes::copy_from_slice(current.stored()));
+                    if (opts.nx && live) || (opts.xx && !live) {
+                        (false, old, None)
+                    } else if current.version() > version {
+                        self.counters.stale_writes.fetch_add(1, Ordering::Relaxed);
+                        (true, old, None)
+                    } else {
+                        if opts.keep_ttl && live {
+                            fresh.set_expires_at(current.expires_at());
+                        }
+                        *bytes = *bytes + fresh.footprint() - current.footprint();
+                        (true, old, Some(std::mem::replace(current, fresh)))
+                    }
                 }
-                if e.get().version > version {
-                    self.counters.stale_writes.fetch_add(1, Ordering::Relaxed);
-                    return finish(true, old);
+                Slot::Vacant(slot) => {
+                    if opts.xx {
+                        (false, None, None)
+                    } else {
+                        *bytes += fresh.footprint();
+                        slot.insert(fresh);
+                        (true, None, None)
+                    }
                 }
-                let keep = if opts.keep_ttl && live {
-                    e.get().expires_at
-                } else {
-                    fresh.expires_at
-                };
-                e.insert(Entry {
-                    expires_at: keep,
-                    ..fresh
-                });
-                old
-            }
-            MapEntry::Vacant(e) => {
-                if opts.xx {
-                    return finish(false, None);
-                }
-                e.insert(fresh);
-                None
-            }
-        };
-        finish(true, old_stored)
+            };
+        drop(shard);
+        // The replaced entry is freed here, outside the lock.
+        drop(replaced);
+        let old = old.map(|stored| seal::open(&stored)).transpose()?;
+        Ok(SetOutcome { applied, old })
     }
 
     /// Deletes `key` unless it holds a version newer than `version`. Returns whether a live
     /// value was removed.
     pub fn del(&self, key: &[u8], version: u64) -> bool {
+        let hash = self.hash(key);
         let now = now_ms();
-        self.map
-            .remove_if(key, |_, e| e.version <= version)
-            .is_some_and(|(_, e)| e.live(now))
+        let removed = self
+            .shard(hash)
+            .remove_if(hash, key, |e| e.version() <= version);
+        removed.is_some_and(|e| e.live(now))
     }
 
     pub fn usage(&self) -> Usage {
-        let mut usage = Usage {
-            keys: 0,
-            stored_bytes: 0,
-        };
-        for e in self.map.iter() {
-            usage.keys += 1;
-            usage.stored_bytes += e.key().len() + e.stored.len();
+        let mut usage = Usage { keys: 0, bytes: 0 };
+        for shard in self.shards.iter() {
+            let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+            usage.keys += shard.table.len();
+            usage.bytes += shard.bytes;
         }
         usage
     }
-}
-
-/// Builds the outcome, opening the previous value (taken only if it was asked for) after the
-/// shard lock is released.
-fn finish(applied: bool, old: Option<Bytes>) -> Result<SetOutcome, SealError> {
-    let old = old.map(|stored| seal::open(&stored)).transpose()?;
-    Ok(SetOutcome { applied, old })
 }
 
 #[cfg(test)]
