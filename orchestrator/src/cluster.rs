@@ -128,6 +128,32 @@ pub struct Pair {
     pub workers: [Arc<WorkerLink>; 2],
     /// Alternates reads between the partners to spread the load.
     next_read: AtomicUsize,
+    /// What the monitor last learned of each worker's encryption: `off` or the key's
+    /// fingerprint; `None` until it has asked.
+    encryption: [Mutex<Option<String>>; 2],
+    /// Set while the partners' keys differ (logged once per change).
+    key_mismatch: AtomicBool,
+}
+
+impl Pair {
+    /// Whether the partners use different encryption keys (or one encrypts and one not).
+    pub fn key_mismatch(&self) -> bool {
+        self.key_mismatch.load(Ordering::Relaxed)
+    }
+
+    fn encryption(&self, i: usize) -> Option<String> {
+        self.encryption[i]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+/// The value of `name:value` in a stats text.
+fn stat(text: &str, name: &str) -> Option<String> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .map(|v| v.trim().to_string())
 }
 
 /// Settings the router needs.
@@ -171,6 +197,8 @@ impl Router {
             .map(|w| Pair {
                 workers: [link(&w[0]), link(&w[1])],
                 next_read: AtomicUsize::new(0),
+                encryption: Default::default(),
+                key_mismatch: AtomicBool::new(false),
             })
             .collect();
         Router {
@@ -268,6 +296,86 @@ impl Router {
                 (None, None) => Response::status(Status::Unavailable),
             }
         }
+    }
+
+    /// Every `interval`, asks each reachable worker for its stats and checks that partners
+    /// encrypt with the same key: a pair whose keys differ would hold copies its members
+    /// cannot exchange, so it is logged as an error and shown by INFO until fixed.
+    pub async fn monitor(
+        self: Arc<Self>,
+        interval: std::time::Duration,
+        shutdown: CancellationToken,
+    ) {
+        let mut tick = tokio::time::interval(interval);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.cancelled() => return,
+            }
+            for (n, pair) in self.pairs.iter().enumerate() {
+                for (i, w) in pair.workers.iter().enumerate() {
+                    let reply = w.send(&Request::new(Op::Stats, Bytes::new()), 0);
+                    if let Some(resp) = self
+                        .finish(w, reply)
+                        .await
+                        .filter(|r| r.status == Status::Ok)
+                    {
+                        let text = String::from_utf8_lossy(&resp.payload).into_owned();
+                        let key =
+                            stat(&text, "key_fingerprint").or_else(|| stat(&text, "encryption"));
+                        *pair.encryption[i].lock().unwrap_or_else(|e| e.into_inner()) = key;
+                    }
+                }
+                let (a, b) = (pair.encryption(0), pair.encryption(1));
+                let mismatch = matches!((&a, &b), (Some(a), Some(b)) if a != b);
+                if pair.key_mismatch.swap(mismatch, Ordering::Relaxed) != mismatch {
+                    if mismatch {
+                        tracing::error!(
+                            pair = n,
+                            a = %pair.workers[0].addr,
+                            b = %pair.workers[1].addr,
+                            "the workers of this pair use different encryption keys (fingerprints {} and {}); give both the same --encryption-key-file",
+                            a.unwrap_or_default(),
+                            b.unwrap_or_default()
+                        );
+                    } else {
+                        tracing::info!(
+                            pair = n,
+                            "the workers of this pair now use the same encryption key"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// One line per pair for INFO: its workers, whether each is up, and the key check.
+    pub fn describe(&self) -> String {
+        let mut out = String::new();
+        for (n, pair) in self.pairs.iter().enumerate() {
+            let state = |i: usize| {
+                if pair.workers[i].is_up() {
+                    "up"
+                } else {
+                    "down"
+                }
+            };
+            out += &format!(
+                "pair{n}:workers={},{} state={},{} encryption={},{} keys={}\r\n",
+                pair.workers[0].addr,
+                pair.workers[1].addr,
+                state(0),
+                state(1),
+                pair.encryption(0).unwrap_or_else(|| "?".into()),
+                pair.encryption(1).unwrap_or_else(|| "?".into()),
+                if pair.key_mismatch() {
+                    "MISMATCH"
+                } else {
+                    "ok"
+                }
+            );
+        }
+        out
     }
 
     /// Each pair's counters (`name:value` lines), from whichever of its workers answers;

@@ -81,6 +81,11 @@ impl Orchestrator {
             node_id,
             "routing to worker pairs"
         );
+        tokio::spawn(
+            router
+                .clone()
+                .monitor(std::time::Duration::from_secs(1), links_shutdown.clone()),
+        );
         let session_config = Arc::new(SessionConfig {
             idle_timeout: c.idle_timeout,
             max_line: c.max_line as usize,

@@ -413,6 +413,9 @@ fn info(_: &mut RespProtocol, args: Vec<Bytes>, ctx: &Ctx) -> Step<Reply> {
                 m.total_commands()
             );
         }
+        if show("cluster") {
+            text += &format!("# Cluster\r\n{}\r\n", ctx.router.describe());
+        }
         if show("keyspace") {
             text += "# Keyspace\r\n";
             if let Some(keys) = total_keys(&ctx).await.filter(|&k| k > 0) {

@@ -1,8 +1,18 @@
 use clap::Parser;
+use twincache_worker::config::Command;
+use twincache_worker::seal::Cipher;
 use twincache_worker::{Config, Worker};
 
 fn main() {
     let config = Config::parse();
+    if let Some(Command::Keygen) = config.command {
+        println!("{}", Cipher::generate_hex());
+        return;
+    }
+    // Check the key before anything starts: a bad key file is a usage error.
+    if let Err(msg) = config.cipher() {
+        twincache::fail(2, msg);
+    }
     twincache::runtime(config.threads).block_on(run(config));
 }
 

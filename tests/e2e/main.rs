@@ -7,4 +7,5 @@ mod cli;
 mod client;
 mod resp;
 mod robustness;
+mod storage;
 mod text;

@@ -1,15 +1,19 @@
 //! Command-line flags of `worker`; each is also read from a `TWINCACHE_WORKER_*` variable.
 
 use std::net::IpAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use twincache_protocol::units::{parse_duration, parse_size};
 
 /// twincache worker: holds one copy of a pair's data and serves it to orchestrators.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "worker", version, about, long_about = None)]
 pub struct Config {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// Address to listen on.
     #[arg(long, env = "TWINCACHE_WORKER_BIND", default_value = "127.0.0.1")]
     pub bind: IpAddr,
@@ -26,6 +30,15 @@ pub struct Config {
     #[arg(long, env = "TWINCACHE_WORKER_MAX_CONNECTIONS", default_value_t = 1024)]
     pub max_connections: usize,
 
+    /// Encrypt every stored value with the key in this file (32 bytes, or 64 hex characters
+    /// as `worker keygen` writes). Both workers of a pair need the same key.
+    #[arg(
+        long,
+        env = "TWINCACHE_WORKER_ENCRYPTION_KEY_FILE",
+        value_name = "PATH"
+    )]
+    pub encryption_key_file: Option<PathBuf>,
+
     /// Threads serving requests; 0 means one per CPU, 1 a single event loop.
     #[arg(long, env = "TWINCACHE_WORKER_THREADS", default_value_t = 0)]
     pub threads: usize,
@@ -33,6 +46,23 @@ pub struct Config {
     /// How long shutdown waits for open connections to finish.
     #[arg(long, env = "TWINCACHE_WORKER_SHUTDOWN_GRACE", default_value = "5s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
+}
+
+/// Commands other than serving.
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Print a fresh random encryption key (64 hex characters): `worker keygen > key`.
+    Keygen,
+}
+
+impl Config {
+    /// The cipher from `--encryption-key-file`, if given; a clear message if it is unusable.
+    pub fn cipher(&self) -> Result<Option<crate::seal::Cipher>, String> {
+        self.encryption_key_file
+            .as_deref()
+            .map(crate::seal::Cipher::from_file)
+            .transpose()
+    }
 }
 
 impl Default for Config {

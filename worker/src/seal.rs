@@ -1,18 +1,29 @@
 //! Turning a value into the bytes a worker stores, and back.
 //!
-//! The first stored byte says how the rest is laid out, so the format can grow (dictionaries,
-//! encryption) without a flag day: readers refuse layouts they do not know instead of
-//! returning garbage.
+//! The first stored byte says how the rest is laid out, so the format can grow (dictionaries)
+//! without a flag day: readers refuse layouts they do not know instead of returning garbage.
 //!
 //! ```text
-//! 0x00 raw   : value
-//! 0x01 lz4   : u32 little-endian original length, lz4 block
+//! 0x00 raw       : value
+//! 0x01 lz4       : u32 little-endian original length, lz4 block
+//! 0x02 encrypted : nonce (24 bytes), XChaCha20-Poly1305(inner), tag (16 bytes)
+//!                  where inner is the raw or lz4 form above
 //! ```
+//!
+//! Values are compressed first, then encrypted (ciphertext does not compress). Every value
+//! gets a fresh random 192-bit nonce, so nonces never repeat in practice, and the key name
+//! is the associated data: a stored value moved onto another key fails to open.
 
 use bytes::Bytes;
+use chacha20poly1305::aead::{AeadInPlace, KeyInit};
+use chacha20poly1305::{Key, Tag, XChaCha20Poly1305, XNonce};
+use rand::RngCore;
 
 const RAW: u8 = 0x00;
 const LZ4: u8 = 0x01;
+const ENCRYPTED: u8 = 0x02;
+const NONCE_LEN: usize = 24;
+const TAG_LEN: usize = 16;
 
 /// Values shorter than this are stored raw. Each lz4_flex call zeroes an 8 KiB hash table
 /// first, which on a 100-byte value costs more than the whole insert (a sixth of a worker's
@@ -29,11 +40,106 @@ pub enum SealError {
     UnknownLayout(u8),
     #[error("corrupt compressed value")]
     Corrupt,
+    #[error("value is encrypted and this worker has no key")]
+    NoKey,
+    #[error("value does not open with this key under this name")]
+    Unauthentic,
 }
 
-/// Appends the stored form of `value` to `out`: lz4-compressed when that makes it smaller,
-/// raw otherwise. Compresses straight into `out`, so the stored bytes are written once.
-pub fn seal_into(value: &[u8], out: &mut Vec<u8>) {
+/// The encryption key of a worker.
+#[derive(Clone)]
+pub struct Cipher {
+    aead: XChaCha20Poly1305,
+    fingerprint: String,
+}
+
+impl std::fmt::Debug for Cipher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cipher")
+            .field("fingerprint", &self.fingerprint)
+            .finish()
+    }
+}
+
+impl Cipher {
+    pub fn new(key: &[u8; 32]) -> Cipher {
+        let aead = XChaCha20Poly1305::new(Key::from_slice(key));
+        // The tag of an empty message under a fixed nonce: the same for the same key, and
+        // reveals nothing about it. Partners compare fingerprints to find mismatched keys.
+        let tag = aead
+            .encrypt_in_place_detached(
+                XNonce::from_slice(&[0; NONCE_LEN]),
+                b"twincache key fingerprint",
+                &mut [],
+            )
+            .expect("encrypting nothing cannot fail");
+        let fingerprint = tag[..8].iter().map(|b| format!("{b:02x}")).collect();
+        Cipher { aead, fingerprint }
+    }
+
+    /// Reads a key file: 32 raw bytes, or 64 hex characters (what `worker keygen` writes).
+    pub fn from_file(path: &std::path::Path) -> Result<Cipher, String> {
+        let bytes = std::fs::read(path)
+            .map_err(|e| format!("cannot read encryption key file {}: {e}", path.display()))?;
+        let key: Vec<u8> = if bytes.len() == 32 {
+            bytes
+        } else {
+            let text = String::from_utf8_lossy(&bytes);
+            let hex = text.trim();
+            (0..hex.len())
+                .step_by(2)
+                .map(|i| {
+                    hex.get(i..i + 2)
+                        .and_then(|h| u8::from_str_radix(h, 16).ok())
+                })
+                .collect::<Option<Vec<u8>>>()
+                .filter(|k| k.len() == 32 && hex.len() == 64)
+                .ok_or_else(|| {
+                    format!(
+                        "encryption key file {} must hold 32 bytes or 64 hex characters \
+                         (make one with `worker keygen > {}`)",
+                        path.display(),
+                        path.display()
+                    )
+                })?
+        };
+        Ok(Cipher::new(&key.try_into().expect("32 bytes")))
+    }
+
+    /// A fresh random key as 64 hex characters.
+    pub fn generate_hex() -> String {
+        let mut key = [0u8; 32];
+        rand::rng().fill_bytes(&mut key);
+        key.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Identifies the key without revealing it.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+}
+
+/// Appends the stored form of `value` (kept under `key`) to `out`: lz4-compressed when that
+/// makes it smaller, then encrypted if there is a cipher.
+pub fn seal_into(key: &[u8], value: &[u8], cipher: Option<&Cipher>, out: &mut Vec<u8>) {
+    let Some(cipher) = cipher else {
+        return seal_plain(value, out);
+    };
+    out.push(ENCRYPTED);
+    let mut nonce = [0u8; NONCE_LEN];
+    rand::rng().fill_bytes(&mut nonce);
+    out.extend_from_slice(&nonce);
+    let inner = out.len();
+    seal_plain(value, out);
+    let tag = cipher
+        .aead
+        .encrypt_in_place_detached(XNonce::from_slice(&nonce), key, &mut out[inner..])
+        .expect("values are far below XChaCha20's length limit");
+    out.extend_from_slice(&tag);
+}
+
+/// The raw or lz4 form of `value`, compressed straight into `out`.
+fn seal_plain(value: &[u8], out: &mut Vec<u8>) {
     let start = out.len();
     if value.len() >= MIN_COMPRESS_LEN && u32::try_from(value.len()).is_ok() {
         out.push(LZ4);
@@ -56,14 +162,43 @@ pub fn seal_into(value: &[u8], out: &mut Vec<u8>) {
 }
 
 /// The stored form of `value` on its own.
-pub fn seal(value: &[u8]) -> Bytes {
+pub fn seal(key: &[u8], value: &[u8], cipher: Option<&Cipher>) -> Bytes {
     let mut out = Vec::with_capacity(1 + value.len());
-    seal_into(value, &mut out);
+    seal_into(key, value, cipher, &mut out);
     Bytes::from(out)
 }
 
-/// The value behind stored bytes. Raw values come back as a slice, without a copy.
-pub fn open(stored: &Bytes) -> Result<Bytes, SealError> {
+/// The value behind stored bytes kept under `key`. Raw values come back as a slice, without
+/// a copy.
+pub fn open(key: &[u8], stored: &Bytes, cipher: Option<&Cipher>) -> Result<Bytes, SealError> {
+    match stored.first() {
+        Some(&ENCRYPTED) => {
+            let cipher = cipher.ok_or(SealError::NoKey)?;
+            if stored.len() < 1 + NONCE_LEN + TAG_LEN {
+                return Err(SealError::Unauthentic);
+            }
+            let nonce = XNonce::from_slice(&stored[1..1 + NONCE_LEN]);
+            let tag_at = stored.len() - TAG_LEN;
+            let mut inner = stored[1 + NONCE_LEN..tag_at].to_vec();
+            cipher
+                .aead
+                .decrypt_in_place_detached(
+                    nonce,
+                    key,
+                    &mut inner,
+                    Tag::from_slice(&stored[tag_at..]),
+                )
+                .map_err(|_| SealError::Unauthentic)?;
+            match inner.first() {
+                Some(&ENCRYPTED) => Err(SealError::UnknownLayout(ENCRYPTED)),
+                _ => open_plain(&Bytes::from(inner)),
+            }
+        }
+        _ => open_plain(stored),
+    }
+}
+
+fn open_plain(stored: &Bytes) -> Result<Bytes, SealError> {
     match stored.first() {
         None => Err(SealError::Empty),
         Some(&RAW) => Ok(stored.slice(1..)),
@@ -79,18 +214,25 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    fn key_a() -> Cipher {
+        Cipher::new(&[7; 32])
+    }
+
     #[test]
     fn small_values_stay_raw() {
-        let stored = seal(b"hello");
+        let stored = seal(b"k", b"hello", None);
         assert_eq!(&stored[..], b"\x00hello");
-        assert_eq!(open(&stored).unwrap(), Bytes::from_static(b"hello"));
+        assert_eq!(
+            open(b"k", &stored, None).unwrap(),
+            Bytes::from_static(b"hello")
+        );
     }
 
     #[test]
     fn compressible_values_shrink() {
         let value =
             br#"{"name":"alice","tags":["a","b"],"name2":"alice","tags2":["a","b"]}"#.repeat(8);
-        let stored = seal(&value);
+        let stored = seal(b"k", &value, None);
         assert_eq!(stored[0], LZ4);
         assert!(
             stored.len() < value.len() / 2,
@@ -98,7 +240,7 @@ mod tests {
             stored.len(),
             value.len()
         );
-        assert_eq!(open(&stored).unwrap(), Bytes::from(value));
+        assert_eq!(open(b"k", &stored, None).unwrap(), Bytes::from(value));
     }
 
     #[test]
@@ -112,27 +254,99 @@ mod tests {
                 x as u8
             })
             .collect();
-        assert_eq!(seal(&value)[0], RAW);
+        assert_eq!(seal(b"k", &value, None)[0], RAW);
     }
 
     #[test]
     fn bad_stored_bytes_are_errors_not_panics() {
-        assert_eq!(open(&Bytes::new()), Err(SealError::Empty));
-        assert_eq!(
-            open(&Bytes::from_static(b"\x09x")),
-            Err(SealError::UnknownLayout(9))
+        let open = |b: &'static [u8]| open(b"k", &Bytes::from_static(b), Some(&key_a()));
+        assert_eq!(open(b""), Err(SealError::Empty));
+        assert_eq!(open(b"\x09x"), Err(SealError::UnknownLayout(9)));
+        assert_eq!(open(b"\x01\xff\xff\xff\x7fjunk"), Err(SealError::Corrupt));
+        assert_eq!(open(b"\x02short"), Err(SealError::Unauthentic));
+    }
+
+    #[test]
+    fn encrypted_values_hide_the_plaintext_and_open_only_with_key_and_name() {
+        let value = b"the secret value: account 12345, balance 678".repeat(4);
+        let stored = seal(b"user:1", &value, Some(&key_a()));
+        assert_eq!(stored[0], ENCRYPTED);
+        assert!(
+            !stored
+                .windows(10)
+                .any(|w| value.windows(10).any(|v| v == w)),
+            "plaintext leaked"
         );
         assert_eq!(
-            open(&Bytes::from_static(b"\x01\xff\xff\xff\x7fjunk")),
-            Err(SealError::Corrupt)
+            open(b"user:1", &stored, Some(&key_a())).unwrap(),
+            Bytes::from(value.clone())
         );
+        assert_eq!(
+            open(b"user:2", &stored, Some(&key_a())),
+            Err(SealError::Unauthentic)
+        );
+        assert_eq!(
+            open(b"user:1", &stored, Some(&Cipher::new(&[8; 32]))),
+            Err(SealError::Unauthentic)
+        );
+        assert_eq!(open(b"user:1", &stored, None), Err(SealError::NoKey));
+        let mut tampered = stored.to_vec();
+        tampered[30] ^= 1;
+        assert_eq!(
+            open(b"user:1", &Bytes::from(tampered), Some(&key_a())),
+            Err(SealError::Unauthentic)
+        );
+    }
+
+    #[test]
+    fn nonces_never_repeat() {
+        let cipher = key_a();
+        let mut nonces = std::collections::HashSet::new();
+        for _ in 0..20_000 {
+            let stored = seal(b"k", b"same value every time", Some(&cipher));
+            assert!(
+                nonces.insert(stored[1..1 + NONCE_LEN].to_vec()),
+                "nonce repeated"
+            );
+        }
+    }
+
+    #[test]
+    fn fingerprints_tell_keys_apart() {
+        assert_eq!(key_a().fingerprint(), Cipher::new(&[7; 32]).fingerprint());
+        assert_ne!(key_a().fingerprint(), Cipher::new(&[8; 32]).fingerprint());
+        assert_eq!(key_a().fingerprint().len(), 16);
+    }
+
+    #[test]
+    fn key_files() {
+        let dir = std::env::temp_dir().join(format!("twincache-keys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let hex = dir.join("hex");
+        std::fs::write(&hex, Cipher::generate_hex() + "\n").unwrap();
+        assert!(Cipher::from_file(&hex).is_ok());
+        let raw = dir.join("raw");
+        std::fs::write(&raw, [1u8; 32]).unwrap();
+        assert_eq!(
+            Cipher::from_file(&raw).unwrap().fingerprint(),
+            Cipher::new(&[1; 32]).fingerprint()
+        );
+        let short = dir.join("short");
+        std::fs::write(&short, "abcd").unwrap();
+        assert!(Cipher::from_file(&short).unwrap_err().contains("64 hex"));
+        assert!(Cipher::from_file(&dir.join("missing"))
+            .unwrap_err()
+            .contains("cannot read"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     proptest! {
         #[test]
-        fn round_trips(value in proptest::collection::vec(any::<u8>(), 0..2048), repeat in 1usize..4) {
+        fn round_trips(value in proptest::collection::vec(any::<u8>(), 0..2048), repeat in 1usize..4, encrypt: bool) {
             let value = value.repeat(repeat);
-            prop_assert_eq!(open(&seal(&value)).unwrap(), Bytes::from(value));
+            let cipher = encrypt.then(key_a);
+            let stored = seal(b"key", &value, cipher.as_ref());
+            prop_assert_eq!(open(b"key", &stored, cipher.as_ref()).unwrap(), Bytes::from(value));
         }
     }
 }

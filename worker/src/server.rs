@@ -28,13 +28,17 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// Binds the listening socket (so the caller learns the port before serving starts).
+    /// Loads the encryption key, if any, and binds the listening socket (so the caller
+    /// learns the port before serving starts).
     pub async fn bind(config: Config) -> std::io::Result<Worker> {
+        let cipher = config
+            .cipher()
+            .map_err(|msg| std::io::Error::new(std::io::ErrorKind::InvalidInput, msg))?;
         let listener = TcpListener::bind((config.bind, config.port)).await?;
         Ok(Worker {
             listener,
             config,
-            store: Arc::new(Store::new()),
+            store: Arc::new(Store::new(cipher)),
         })
     }
 
@@ -214,6 +218,14 @@ fn stats_text(store: &Store) -> Bytes {
     let usage = store.usage();
     let c = &store.counters;
     let mut s = String::new();
+    let _ = match store.cipher() {
+        Some(c) => write!(
+            s,
+            "encryption:on\r\nkey_fingerprint:{}\r\n",
+            c.fingerprint()
+        ),
+        None => write!(s, "encryption:off\r\n"),
+    };
     let _ = write!(
         s,
         "keys:{}\r\nbytes:{}\r\nhits:{}\r\nmisses:{}\r\nsets:{}\r\nstale_writes:{}\r\nexpired:{}\r\n",

@@ -30,7 +30,7 @@ use bytes::Bytes;
 use hashbrown::hash_table::Entry as Slot;
 use hashbrown::HashTable;
 
-use crate::seal::{self, SealError};
+use crate::seal::{self, Cipher, SealError};
 
 const HEADER: usize = 8 + 8 + 4;
 /// Shards: enough that threads rarely meet on one lock.
@@ -40,13 +40,19 @@ const SHARDS: usize = 64;
 struct Entry(Box<[u8]>);
 
 impl Entry {
-    fn new(version: u64, expires_at: u64, key: &[u8], value: &[u8]) -> Entry {
+    fn new(
+        version: u64,
+        expires_at: u64,
+        key: &[u8],
+        value: &[u8],
+        cipher: Option<&Cipher>,
+    ) -> Entry {
         let mut buf = Vec::with_capacity(HEADER + key.len() + 1 + value.len());
         buf.extend_from_slice(&version.to_le_bytes());
         buf.extend_from_slice(&expires_at.to_le_bytes());
         buf.extend_from_slice(&(key.len() as u32).to_le_bytes());
         buf.extend_from_slice(key);
-        seal::seal_into(value, &mut buf);
+        seal::seal_into(key, value, cipher, &mut buf);
         Entry(buf.into_boxed_slice())
     }
 
@@ -172,22 +178,29 @@ impl Shard {
 pub struct Store {
     shards: Box<[Mutex<Shard>]>,
     hasher: std::hash::RandomState,
+    cipher: Option<Cipher>,
     pub counters: Counters,
 }
 
 impl Default for Store {
     fn default() -> Self {
-        Store {
-            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
-            hasher: std::hash::RandomState::new(),
-            counters: Counters::default(),
-        }
+        Store::new(None)
     }
 }
 
 impl Store {
-    pub fn new() -> Store {
-        Store::default()
+    /// A store that encrypts every value with `cipher`, if given.
+    pub fn new(cipher: Option<Cipher>) -> Store {
+        Store {
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            hasher: std::hash::RandomState::new(),
+            cipher,
+            counters: Counters::default(),
+        }
+    }
+
+    pub fn cipher(&self) -> Option<&Cipher> {
+        self.cipher.as_ref()
     }
 
     fn hash(&self, key: &[u8]) -> u64 {
@@ -226,7 +239,7 @@ impl Store {
         match self.live_stored(key, now_ms()) {
             Some(stored) => {
                 self.counters.hits.fetch_add(1, Ordering::Relaxed);
-                seal::open(&stored).map(Some)
+                seal::open(key, &stored, self.cipher()).map(Some)
             }
             None => {
                 self.counters.misses.fetch_add(1, Ordering::Relaxed);
@@ -262,7 +275,7 @@ impl Store {
             0
         };
         // Build (and compress) the entry before taking the shard lock.
-        let mut fresh = Entry::new(version, expires_at, key, value);
+        let mut fresh = Entry::new(version, expires_at, key, value, self.cipher());
         let hash = self.hash(key);
         self.counters.sets.fetch_add(1, Ordering::Relaxed);
         let mut shard = self.shard(hash);
@@ -299,7 +312,9 @@ impl Store {
         drop(shard);
         // The replaced entry is freed here, outside the lock.
         drop(replaced);
-        let old = old.map(|stored| seal::open(&stored)).transpose()?;
+        let old = old
+            .map(|stored| seal::open(key, &stored, self.cipher()))
+            .transpose()?;
         Ok(SetOutcome { applied, old })
     }
 
@@ -335,7 +350,7 @@ mod tests {
 
     #[test]
     fn set_get_del() {
-        let s = Store::new();
+        let s = Store::default();
         assert_eq!(s.get(b"k").unwrap(), None);
         assert!(set(&s, b"k", b"v", 1));
         assert_eq!(s.get(b"k").unwrap().as_deref(), Some(&b"v"[..]));
@@ -348,7 +363,7 @@ mod tests {
 
     #[test]
     fn newest_version_wins_whatever_the_arrival_order() {
-        let s = Store::new();
+        let s = Store::default();
         assert!(set(&s, b"k", b"new", 20));
         assert!(
             set(&s, b"k", b"old", 10),
@@ -369,7 +384,7 @@ mod tests {
 
     #[test]
     fn nx_xx_and_get() {
-        let s = Store::new();
+        let s = Store::default();
         let nx = SetOptions {
             nx: true,
             get: true,
@@ -411,7 +426,7 @@ mod tests {
 
     #[test]
     fn expired_entries_are_never_returned() {
-        let s = Store::new();
+        let s = Store::default();
         let short = SetOptions {
             ttl_ms: 30,
             ..Default::default()
@@ -433,8 +448,22 @@ mod tests {
     }
 
     #[test]
+    fn encrypted_store_round_trips_and_hides_values() {
+        let s = Store::new(Some(Cipher::new(&[3; 32])));
+        let value = b"plaintext that must not be stored as is".repeat(5);
+        s.set(b"k", &value, 1, SetOptions::default()).unwrap();
+        assert_eq!(s.get(b"k").unwrap().as_deref(), Some(&value[..]));
+        let hash = s.hash(b"k");
+        let shard = s.shard(hash);
+        let stored = shard.find(hash, b"k").unwrap().stored();
+        assert!(!stored
+            .windows(16)
+            .any(|w| value.windows(16).any(|v| v == w)));
+    }
+
+    #[test]
     fn keep_ttl_keeps_the_expiry() {
-        let s = Store::new();
+        let s = Store::default();
         s.set(
             b"k",
             b"v",
