@@ -215,6 +215,30 @@ impl Client {
         self.expect_ok(req).await
     }
 
+    /// Stores `value` under `key` for `ttl` (rounded down to milliseconds, at least 1 ms),
+    /// after which it is gone.
+    pub async fn set_with_ttl(
+        &self,
+        key: impl AsRef<[u8]>,
+        value: impl Into<Bytes>,
+        ttl: Duration,
+    ) -> Result<(), Error> {
+        let mut req = Request::new(Op::Set, copy(key));
+        req.value = value.into();
+        req.ttl_ms = (ttl.as_millis() as u64).max(1);
+        self.expect_ok(req).await
+    }
+
+    /// Every worker's counters (keys, bytes, logical and stored bytes, compression ratio,
+    /// hits, misses, expirations, evictions) on one line, as the text protocol's `stats`.
+    pub async fn stats(&self) -> Result<String, Error> {
+        let resp = self.call(Request::new(Op::Stats, Bytes::new())).await?;
+        match resp.status {
+            Status::Ok => Ok(String::from_utf8_lossy(&resp.payload).into_owned()),
+            _ => Err(Error::from_response(resp)),
+        }
+    }
+
     /// Deletes `key`; true if it existed.
     pub async fn del(&self, key: impl AsRef<[u8]>) -> Result<bool, Error> {
         let resp = self.call(Request::new(Op::Del, copy(key))).await?;

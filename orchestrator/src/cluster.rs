@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 use twincache_client::{Connection, Reply};
-use twincache_protocol::frame::{Op, Request, Response};
+use twincache_protocol::frame::{flags, Op, Request, Response};
 use twincache_protocol::hash::pair_for_key;
 use twincache_protocol::Status;
 
@@ -159,6 +159,8 @@ fn stat(text: &str, name: &str) -> Option<String> {
 /// Settings the router needs.
 #[derive(Debug, Clone)]
 pub struct RouterConfig {
+    /// TTL applied to writes that carry none (0: keys live until deleted or evicted).
+    pub default_ttl_ms: u64,
     pub connections_per_worker: usize,
     pub max_frame: usize,
     pub worker_timeout: Duration,
@@ -170,6 +172,7 @@ pub struct RouterConfig {
 pub struct Router {
     pairs: Vec<Pair>,
     clock: Hlc,
+    default_ttl_ms: u64,
 }
 
 impl Router {
@@ -204,6 +207,7 @@ impl Router {
         Router {
             pairs,
             clock: Hlc::new(config.node_id),
+            default_ttl_ms: config.default_ttl_ms,
         }
     }
 
@@ -276,6 +280,10 @@ impl Router {
         affinity: usize,
     ) -> impl Future<Output = Response> + Send + 'static {
         req.version = self.clock.next();
+        // The orchestrator applies the default TTL, so both partners get the same expiry.
+        if req.op == Op::Set && req.ttl_ms == 0 && req.flags & flags::KEEP_TTL == 0 {
+            req.ttl_ms = self.default_ttl_ms;
+        }
         let pair = pair_for_key(&req.key, self.pairs.len());
         let [a, b] = &self.pairs[pair].workers;
         let replies = (a.send(&req, affinity), b.send(&req, affinity));
@@ -376,6 +384,32 @@ impl Router {
             );
         }
         out
+    }
+
+    /// Every worker's counters on one line, for the `stats` extension:
+    /// `pair0 127.0.0.1:7001 keys=3 bytes=410 ... | pair0 127.0.0.1:7002 down | ...`.
+    pub async fn stats_line(self: &Arc<Self>) -> Bytes {
+        let mut parts = Vec::new();
+        for (n, pair) in self.pairs.iter().enumerate() {
+            for w in &pair.workers {
+                let reply = w.send(&Request::new(Op::Stats, Bytes::new()), 0);
+                let counters = match self
+                    .finish(w, reply)
+                    .await
+                    .filter(|r| r.status == Status::Ok)
+                {
+                    Some(resp) => String::from_utf8_lossy(&resp.payload)
+                        .lines()
+                        .filter_map(|l| l.split_once(':'))
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                    None => "down".into(),
+                };
+                parts.push(format!("pair{n} {} {counters}", w.addr));
+            }
+        }
+        Bytes::from(parts.join(" | "))
     }
 
     /// Each pair's counters (`name:value` lines), from whichever of its workers answers;

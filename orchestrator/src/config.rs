@@ -45,6 +45,10 @@ pub struct Config {
     #[arg(long, env = "TWINCACHE_MAX_FRAME", default_value = "16MiB", value_parser = parse_size)]
     pub max_frame: u64,
 
+    /// Time to live for every key written without one (e.g. 1h); 0 keeps keys until deleted.
+    #[arg(long, env = "TWINCACHE_DEFAULT_TTL", default_value = "0", value_parser = parse_duration)]
+    pub default_ttl: Duration,
+
     /// How long a worker may take to answer before the request fails over to its partner.
     #[arg(long, env = "TWINCACHE_WORKER_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
     pub worker_timeout: Duration,

@@ -63,6 +63,7 @@ impl Orchestrator {
         let c = &self.config;
         let node_id = c.node_id.unwrap_or_else(rand::random);
         let router_config = RouterConfig {
+            default_ttl_ms: c.default_ttl.as_millis() as u64,
             connections_per_worker: usize::from(c.connections_per_worker),
             // Room for the frame header around the largest value a client may send.
             max_frame: c.max_frame.max(c.max_line) as usize + 1024,

@@ -299,7 +299,17 @@ impl Protocol for TextProtocol {
                 req.value = value;
                 dispatch(router.write(req, affinity))
             }
+            Ok(Command::SetEx(key, secs, value)) => {
+                let mut req = Request::new(Op::Set, key);
+                req.value = value;
+                req.ttl_ms = secs * 1000;
+                dispatch(router.write(req, affinity))
+            }
             Ok(Command::Del(key)) => dispatch(router.write(Request::new(Op::Del, key), affinity)),
+            Ok(Command::Stats) => {
+                let router = router.clone();
+                dispatch(async move { Response::ok(router.stats_line().await) })
+            }
         }
     }
 
@@ -343,6 +353,7 @@ impl Protocol for BinaryProtocol {
         };
         let id = req.id;
         if req.key.is_empty() && req.op.has_key() {
+            // The text protocol refuses empty keys too; RESP allows them, as Redis does.
             return Step::Reply(Response::error(Status::ParseError, "empty key").with_id(id));
         }
         let routed = match req.op {
@@ -352,7 +363,13 @@ impl Protocol for BinaryProtocol {
                 Either::Right(ctx.router.write(req, ctx.affinity))
             }
             Op::Ping => return Step::Reply(Response::ok(Bytes::from_static(b"PONG")).with_id(id)),
-            Op::Stats | Op::Unknown(_) => {
+            Op::Stats => {
+                let router = ctx.router.clone();
+                return dispatch(
+                    async move { Response::ok(router.stats_line().await).with_id(id) },
+                );
+            }
+            Op::Unknown(_) => {
                 return Step::Reply(Response::status(Status::InvalidCommand).with_id(id))
             }
         };

@@ -1,7 +1,8 @@
 //! The netcat-friendly text protocol.
 //!
 //! ```text
-//! request  = get||<key> | set||<key>||<value> | del||<key> | ping | exit     ("\n" or "\r\n")
+//! request  = get||<key> | set||<key>||<value> | del||<key>                  ("\n" or "\r\n")
+//!          | setex||<key>||<seconds>||<value> | ping | stats | exit
 //! response = 0||<result> | <code>||<message>                                 ("\n")
 //! ```
 //!
@@ -21,8 +22,12 @@ pub const SEP: &[u8] = b"||";
 pub enum Command {
     Get(Bytes),
     Set(Bytes, Bytes),
+    /// Set with a time to live in seconds (more than zero).
+    SetEx(Bytes, u64, Bytes),
     Del(Bytes),
     Ping,
+    /// Every worker's counters.
+    Stats,
     Exit,
 }
 
@@ -60,48 +65,71 @@ fn single_key(rest: Option<Bytes>, usage: &'static str) -> Result<Bytes, LineErr
     Ok(key)
 }
 
+/// Splits the field before the next `||` off `rest`; `None` if there is no separator.
+fn split_field(rest: &mut Bytes) -> Option<Bytes> {
+    let i = find_sep(rest)?;
+    let field = rest.split_to(i);
+    rest.advance(SEP.len());
+    Some(field)
+}
+
 /// Parses one line (without its line end).
 pub fn parse_line(mut line: Bytes) -> Result<Command, LineError> {
-    let rest = match find_sep(&line) {
-        Some(i) => {
-            let mut rest = line.split_off(i);
-            rest.advance(SEP.len());
-            Some(rest)
-        }
-        None => None,
+    let verb = split_field(&mut line);
+    let (verb, rest) = match verb {
+        Some(verb) => (verb, Some(line)),
+        None => (line, None),
     };
-    let verb = line;
     if verb.is_empty() && rest.is_none() {
         return Err(LineError::parse("empty request"));
     }
-    if verb.eq_ignore_ascii_case(b"get") {
+    let is = |name: &str| verb.eq_ignore_ascii_case(name.as_bytes());
+    if is("get") {
         single_key(rest, "expected get||<key>").map(Command::Get)
-    } else if verb.eq_ignore_ascii_case(b"del") {
+    } else if is("del") {
         single_key(rest, "expected del||<key>").map(Command::Del)
-    } else if verb.eq_ignore_ascii_case(b"set") {
-        let mut rest = rest.ok_or(LineError::parse("expected set||<key>||<value>"))?;
-        let i = find_sep(&rest).ok_or(LineError::parse("expected set||<key>||<value>"))?;
-        let mut value = rest.split_off(i);
-        value.advance(SEP.len());
-        if rest.is_empty() {
-            return Err(LineError::parse("empty key"));
-        }
-        Ok(Command::Set(rest, value))
-    } else if verb.eq_ignore_ascii_case(b"ping") || verb.eq_ignore_ascii_case(b"exit") {
+    } else if is("set") {
+        const USAGE: LineError = LineError::parse("expected set||<key>||<value>");
+        let mut rest = rest.ok_or(USAGE)?;
+        let key = split_field(&mut rest).ok_or(USAGE)?;
+        nonempty(&key)?;
+        Ok(Command::Set(key, rest))
+    } else if is("setex") {
+        const USAGE: LineError = LineError::parse("expected setex||<key>||<seconds>||<value>");
+        let mut rest = rest.ok_or(USAGE)?;
+        let key = split_field(&mut rest).ok_or(USAGE)?;
+        let secs = split_field(&mut rest).ok_or(USAGE)?;
+        nonempty(&key)?;
+        let secs = std::str::from_utf8(&secs)
+            .ok()
+            .and_then(|s| s.parse::<u64>().ok())
+            .filter(|&s| s > 0 && s < u64::MAX / 1000)
+            .ok_or(LineError::parse("seconds must be a whole number above 0"))?;
+        Ok(Command::SetEx(key, secs, rest))
+    } else if is("ping") || is("exit") || is("stats") {
         if rest.is_some() {
-            return Err(LineError::parse("ping and exit take no arguments"));
+            return Err(LineError::parse("ping, stats and exit take no arguments"));
         }
-        Ok(if verb.eq_ignore_ascii_case(b"ping") {
+        Ok(if is("ping") {
             Command::Ping
+        } else if is("stats") {
+            Command::Stats
         } else {
             Command::Exit
         })
     } else {
         Err(LineError {
             status: Status::InvalidCommand,
-            message: "invalid command type (expected get, set, del, ping or exit)",
+            message: "invalid command type (expected get, set, setex, del, ping, stats or exit)",
         })
     }
+}
+
+fn nonempty(key: &Bytes) -> Result<(), LineError> {
+    if key.is_empty() {
+        return Err(LineError::parse("empty key"));
+    }
+    Ok(())
 }
 
 /// Appends a response line: `0||<payload>` on success, `<code>||<payload>` otherwise.
@@ -227,6 +255,11 @@ mod tests {
         assert_eq!(parse(b"ping"), Ok(Command::Ping));
         assert_eq!(parse(b"exit"), Ok(Command::Exit));
         assert_eq!(parse(b"get||\xff\x00"), Ok(Command::Get(b(b"\xff\x00"))));
+        assert_eq!(
+            parse(b"setex||k||30||a||b"),
+            Ok(Command::SetEx(b(b"k"), 30, b(b"a||b")))
+        );
+        assert_eq!(parse(b"stats"), Ok(Command::Stats));
     }
 
     #[test]
@@ -239,6 +272,10 @@ mod tests {
         assert_eq!(code(b"set||||v"), Status::ParseError);
         assert_eq!(code(b""), Status::ParseError);
         assert_eq!(code(b"ping||x"), Status::ParseError);
+        assert_eq!(code(b"setex||k||0||v"), Status::ParseError);
+        assert_eq!(code(b"setex||k||soon||v"), Status::ParseError);
+        assert_eq!(code(b"setex||k||5"), Status::ParseError);
+        assert_eq!(code(b"setex||||5||v"), Status::ParseError);
         assert_eq!(code(b"foo||x"), Status::InvalidCommand);
         assert_eq!(code(b"foo"), Status::InvalidCommand);
         assert_eq!(code(b"||x"), Status::InvalidCommand);

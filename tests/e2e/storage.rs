@@ -106,3 +106,109 @@ fn unusable_key_files_are_refused_at_start() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ttls_expire_keys_everywhere() {
+    let cluster = crate::harness::Cluster::start_with(1, &["--default-ttl", "400ms"]).await;
+    let addr = cluster.orch.addr;
+    let mut conn = TextConn::connect(addr).await;
+    let client = twincache_client::Client::connect(&addr.to_string())
+        .await
+        .unwrap();
+    assert_eq!(conn.request("setex||short||1||soon gone").await, "0||");
+    assert_eq!(
+        conn.request("set||default||uses --default-ttl").await,
+        "0||"
+    );
+    client
+        .set_with_ttl("client", "x", Duration::from_millis(300))
+        .await
+        .unwrap();
+    let redis = redis::Client::open(format!("redis://{addr}/")).unwrap();
+    let mut rcon = redis.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("SET")
+        .arg("resp")
+        .arg("v")
+        .arg("PX")
+        .arg(300)
+        .query_async(&mut rcon)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg("long")
+        .arg("v")
+        .arg("EX")
+        .arg(100)
+        .query_async(&mut rcon)
+        .await
+        .unwrap();
+    assert_eq!(conn.request("get||short").await, "0||soon gone");
+    assert_eq!(
+        client.get("client").await.unwrap().as_deref(),
+        Some(&b"x"[..])
+    );
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    for key in ["short", "default", "client", "resp"] {
+        assert_eq!(
+            conn.request(&format!("get||{key}")).await,
+            "2||key not found",
+            "{key}"
+        );
+    }
+    assert_eq!(conn.request("get||long").await, "0||v");
+    // The sweep reclaims expired keys nobody reads: only `long` stays on the workers.
+    let mut stats = String::new();
+    for _ in 0..100 {
+        stats = client.stats().await.unwrap();
+        if stats.matches("keys=1 ").count() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(stats.matches("keys=1 ").count(), 2, "{stats}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_report_every_worker() {
+    let mut cluster = crate::harness::Cluster::start(2).await;
+    let mut conn = TextConn::connect(cluster.orch.addr).await;
+    let json =
+        r#"{"id":1,"name":"alice","email":"alice@example.com","tags":["a","b","c"],"active":true}"#;
+    for i in 0..50 {
+        assert_eq!(
+            conn.request(&format!("set||user:{i}||{}", json.repeat(3)))
+                .await,
+            "0||"
+        );
+        conn.request(&format!("get||user:{i}")).await;
+    }
+    conn.request("get||missing").await;
+    let line = conn.request("stats").await;
+    assert!(line.starts_with("0||pair0 "), "{line}");
+    assert_eq!(line.matches(" | ").count(), 3, "four workers: {line}");
+    for field in [
+        "keys=",
+        "bytes=",
+        "logical_bytes=",
+        "stored_bytes=",
+        "compression_ratio=",
+        "hits=",
+        "misses=",
+        "expired=",
+        "evicted=",
+    ] {
+        assert!(line.contains(field), "{field} missing: {line}");
+    }
+    let ratios: Vec<f64> = line
+        .split("compression_ratio=")
+        .skip(1)
+        .map(|r| r.split_whitespace().next().unwrap().parse().unwrap())
+        .collect();
+    assert!(
+        ratios.iter().all(|&r| r > 1.5),
+        "repetitive JSON compresses: {ratios:?}"
+    );
+    cluster.workers[3].kill();
+    let line = conn.request("stats").await;
+    assert!(line.ends_with(" down"), "{line}");
+}

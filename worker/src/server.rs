@@ -57,6 +57,11 @@ impl Worker {
     pub async fn run(self, shutdown: CancellationToken) {
         let store = self.store;
         let max_frame = self.config.max_frame as usize;
+        tokio::spawn(
+            store
+                .clone()
+                .sweep_forever(std::time::Duration::from_millis(100), shutdown.clone()),
+        );
         accept_loop(
             self.listener,
             self.config.max_connections,
@@ -228,9 +233,15 @@ fn stats_text(store: &Store) -> Bytes {
     };
     let _ = write!(
         s,
-        "keys:{}\r\nbytes:{}\r\nhits:{}\r\nmisses:{}\r\nsets:{}\r\nstale_writes:{}\r\nexpired:{}\r\n",
+        "keys:{}\r\nbytes:{}\r\nlogical_bytes:{}\r\nstored_bytes:{}\r\n\
+         compression_ratio:{:.2}\r\nhits:{}\r\nmisses:{}\r\nsets:{}\r\nstale_writes:{}\r\n\
+         expired:{}\r\nevicted:0\r\n",
         usage.keys,
         usage.bytes,
+        usage.logical_bytes,
+        usage.stored_bytes,
+        // Keys and values as given over as stored: how much the sealing saves.
+        usage.logical_bytes as f64 / usage.stored_bytes.max(1) as f64,
         c.hits.load(Relaxed),
         c.misses.load(Relaxed),
         c.sets.load(Relaxed),

@@ -12,7 +12,7 @@
 //! An entry is one heap allocation: header, key and stored (sealed) bytes together.
 //!
 //! ```text
-//! version:u64 | expires_at:u64 (unix ms, 0 = never) | key_len:u32 | key | stored
+//! version:u64 | expires_at:u64 (unix ms, 0 = never) | key_len:u32 | value_len:u32 | key | stored
 //! ```
 //!
 //! One allocation per key instead of three (key, value, and the refcount header a shared
@@ -32,7 +32,7 @@ use hashbrown::HashTable;
 
 use crate::seal::{self, Cipher, SealError};
 
-const HEADER: usize = 8 + 8 + 4;
+const HEADER: usize = 8 + 8 + 4 + 4;
 /// Shards: enough that threads rarely meet on one lock.
 const SHARDS: usize = 64;
 
@@ -51,6 +51,7 @@ impl Entry {
         buf.extend_from_slice(&version.to_le_bytes());
         buf.extend_from_slice(&expires_at.to_le_bytes());
         buf.extend_from_slice(&(key.len() as u32).to_le_bytes());
+        buf.extend_from_slice(&(value.len() as u32).to_le_bytes());
         buf.extend_from_slice(key);
         seal::seal_into(key, value, cipher, &mut buf);
         Entry(buf.into_boxed_slice())
@@ -72,8 +73,17 @@ impl Entry {
         self.0[8..16].copy_from_slice(&at.to_le_bytes());
     }
 
+    fn u32_at(&self, at: usize) -> usize {
+        u32::from_le_bytes(self.0[at..at + 4].try_into().expect("4 bytes")) as usize
+    }
+
     fn key_len(&self) -> usize {
-        u32::from_le_bytes(self.0[16..20].try_into().expect("4 bytes")) as usize
+        self.u32_at(16)
+    }
+
+    /// Length of the value as the client gave it (before sealing).
+    fn value_len(&self) -> usize {
+        self.u32_at(20)
     }
 
     fn key(&self) -> &[u8] {
@@ -139,17 +149,44 @@ pub struct SetOutcome {
 }
 
 /// A snapshot of the store's size.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {
     pub keys: usize,
     /// Bytes held by entries: allocations (header, key, stored bytes) and table slots.
     pub bytes: usize,
+    /// Keys and values as clients gave them.
+    pub logical_bytes: usize,
+    /// Keys and values as stored (values compressed, encrypted), without overhead.
+    pub stored_bytes: usize,
+}
+
+impl Usage {
+    fn add(&mut self, e: &Entry) {
+        self.keys += 1;
+        self.bytes += e.footprint();
+        self.logical_bytes += e.key_len() + e.value_len();
+        self.stored_bytes += e.key_len() + e.stored().len();
+    }
+
+    fn remove(&mut self, e: &Entry) {
+        self.keys -= 1;
+        self.bytes -= e.footprint();
+        self.logical_bytes -= e.key_len() + e.value_len();
+        self.stored_bytes -= e.key_len() + e.stored().len();
+    }
+
+    fn merge(&mut self, other: Usage) {
+        self.keys += other.keys;
+        self.bytes += other.bytes;
+        self.logical_bytes += other.logical_bytes;
+        self.stored_bytes += other.stored_bytes;
+    }
 }
 
 #[derive(Default)]
 struct Shard {
     table: HashTable<Entry>,
-    bytes: usize,
+    usage: Usage,
 }
 
 impl Shard {
@@ -167,7 +204,7 @@ impl Shard {
         match self.table.find_entry(hash, |e| e.key() == key) {
             Ok(slot) if pred(slot.get()) => {
                 let (entry, _) = slot.remove();
-                self.bytes -= entry.footprint();
+                self.usage.remove(&entry);
                 Some(entry)
             }
             _ => None,
@@ -279,7 +316,7 @@ impl Store {
         let hash = self.hash(key);
         self.counters.sets.fetch_add(1, Ordering::Relaxed);
         let mut shard = self.shard(hash);
-        let Shard { table, bytes } = &mut *shard;
+        let Shard { table, usage } = &mut *shard;
         let (applied, old, replaced) =
             match table.entry(hash, |e| e.key() == key, |e| self.hash(e.key())) {
                 Slot::Occupied(mut slot) => {
@@ -295,7 +332,8 @@ impl Store {
                         if opts.keep_ttl && live {
                             fresh.set_expires_at(current.expires_at());
                         }
-                        *bytes = *bytes + fresh.footprint() - current.footprint();
+                        usage.remove(current);
+                        usage.add(&fresh);
                         (true, old, Some(std::mem::replace(current, fresh)))
                     }
                 }
@@ -303,7 +341,7 @@ impl Store {
                     if opts.xx {
                         (false, None, None)
                     } else {
-                        *bytes += fresh.footprint();
+                        usage.add(&fresh);
                         slot.insert(fresh);
                         (true, None, None)
                     }
@@ -330,13 +368,50 @@ impl Store {
     }
 
     pub fn usage(&self) -> Usage {
-        let mut usage = Usage { keys: 0, bytes: 0 };
+        let mut usage = Usage::default();
         for shard in self.shards.iter() {
-            let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
-            usage.keys += shard.table.len();
-            usage.bytes += shard.bytes;
+            usage.merge(shard.lock().unwrap_or_else(|e| e.into_inner()).usage);
         }
         usage
+    }
+
+    /// Removes the expired entries of shard `n` (mod the shard count); returns how many.
+    /// Reads already hide and drop expired entries; this reclaims the ones nobody reads. One
+    /// shard per call keeps each call's cost a fixed fraction of the store.
+    pub fn sweep_shard(&self, n: usize) -> usize {
+        let now = now_ms();
+        let expired: Vec<Entry> = {
+            let mut shard = self.shards[n % SHARDS]
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let Shard { table, usage } = &mut *shard;
+            let gone: Vec<Entry> = table.extract_if(|e| !e.live(now)).collect();
+            for e in &gone {
+                usage.remove(e);
+            }
+            gone
+        };
+        let n = expired.len();
+        if n > 0 {
+            self.counters.expired.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        n // the entries are freed here, outside the lock
+    }
+
+    /// Sweeps one shard every `interval` until `shutdown`; a full pass takes 64 intervals.
+    pub async fn sweep_forever(
+        self: std::sync::Arc<Self>,
+        interval: std::time::Duration,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
+        let mut tick = tokio::time::interval(interval);
+        for n in 0.. {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.cancelled() => return,
+            }
+            self.sweep_shard(n);
+        }
     }
 }
 
@@ -436,7 +511,7 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(60));
         assert_eq!(s.get(b"k").unwrap(), None);
         assert!(!s.exists(b"k"));
-        assert_eq!(s.usage().keys, 0, "removed on access");
+        assert_eq!(s.usage(), Usage::default(), "removed on access");
         // NX treats an expired key as absent.
         s.set(b"n", b"v", 1, short).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(60));
@@ -459,6 +534,40 @@ mod tests {
         assert!(!stored
             .windows(16)
             .any(|w| value.windows(16).any(|v| v == w)));
+    }
+
+    #[test]
+    fn the_sweep_reclaims_expired_keys_nobody_reads() {
+        let s = Store::default();
+        let short = SetOptions {
+            ttl_ms: 20,
+            ..Default::default()
+        };
+        for i in 0..1000 {
+            s.set(format!("k{i}").as_bytes(), b"v", 1, short).unwrap();
+        }
+        s.set(b"forever", b"v", 1, SetOptions::default()).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(40));
+        let swept: usize = (0..SHARDS).map(|n| s.sweep_shard(n)).sum();
+        assert_eq!(swept, 1000);
+        assert_eq!(s.usage().keys, 1);
+        assert_eq!(s.counters.expired.load(Ordering::Relaxed), 1000);
+    }
+
+    #[test]
+    fn usage_accounts_logical_and_stored_bytes() {
+        let s = Store::default();
+        let value = br#"{"name":"a","n":1}"#.repeat(20);
+        s.set(b"k", &value, 1, SetOptions::default()).unwrap();
+        let u = s.usage();
+        assert_eq!(u.keys, 1);
+        assert_eq!(u.logical_bytes, 1 + value.len());
+        assert!(u.stored_bytes < value.len() / 2, "{u:?}");
+        assert!(u.bytes > u.stored_bytes);
+        s.set(b"k", b"small", 2, SetOptions::default()).unwrap();
+        assert_eq!(s.usage().logical_bytes, 1 + 5);
+        assert!(s.del(b"k", 3));
+        assert_eq!(s.usage(), Usage::default());
     }
 
     #[test]
