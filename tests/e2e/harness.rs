@@ -74,6 +74,10 @@ impl Proc {
         Proc::start(ORCHESTRATOR, &args)
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGKILL, and wait for the process to be gone.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

@@ -26,6 +26,11 @@ pub struct Config {
     #[arg(long, env = "TWINCACHE_WORKER_MAX_FRAME", default_value = "64MiB", value_parser = parse_size)]
     pub max_frame: u64,
 
+    /// Memory for entries (keys, values, per-entry overhead), e.g. 512MiB; past it, writes
+    /// evict the least recently used entries. 0 means no limit.
+    #[arg(long, env = "TWINCACHE_WORKER_MAX_MEMORY", default_value = "0", value_parser = parse_size)]
+    pub max_memory: u64,
+
     /// Most connections served at once.
     #[arg(long, env = "TWINCACHE_WORKER_MAX_CONNECTIONS", default_value_t = 1024)]
     pub max_connections: usize,

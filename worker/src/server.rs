@@ -15,7 +15,7 @@ use twincache_protocol::server::accept_loop;
 use twincache_protocol::Status;
 
 use crate::config::Config;
-use crate::store::{SetOptions, Store};
+use crate::store::{SetOptions, Store, StoreError};
 
 /// Stop reading more requests once this many response bytes wait to be written.
 const OUT_HIGH_WATER: usize = 256 * 1024;
@@ -35,10 +35,11 @@ impl Worker {
             .cipher()
             .map_err(|msg| std::io::Error::new(std::io::ErrorKind::InvalidInput, msg))?;
         let listener = TcpListener::bind((config.bind, config.port)).await?;
+        let store = Arc::new(Store::new(cipher, config.max_memory as usize));
         Ok(Worker {
             listener,
             config,
-            store: Arc::new(Store::new(cipher)),
+            store,
         })
     }
 
@@ -179,7 +180,12 @@ pub fn handle(store: &Store, req: Request) -> Response {
                         payload,
                     }
                 }
-                Err(e) => corrupt(e),
+                Err(StoreError::Seal(e)) => corrupt(e),
+                Err(e @ StoreError::TooLarge { .. }) => Response {
+                    id: 0,
+                    status: Status::TooLarge,
+                    payload: Bytes::from(e.to_string()),
+                },
             }
         }
         Op::Del => found(store.del(&req.key, req.version)),
@@ -235,7 +241,7 @@ fn stats_text(store: &Store) -> Bytes {
         s,
         "keys:{}\r\nbytes:{}\r\nlogical_bytes:{}\r\nstored_bytes:{}\r\n\
          compression_ratio:{:.2}\r\nhits:{}\r\nmisses:{}\r\nsets:{}\r\nstale_writes:{}\r\n\
-         expired:{}\r\nevicted:0\r\n",
+         expired:{}\r\nevicted:{}\r\nmax_memory:{}\r\n",
         usage.keys,
         usage.bytes,
         usage.logical_bytes,
@@ -247,6 +253,8 @@ fn stats_text(store: &Store) -> Bytes {
         c.sets.load(Relaxed),
         c.stale_writes.load(Relaxed),
         c.expired.load(Relaxed),
+        c.evicted.load(Relaxed),
+        store.max_bytes(),
     );
     Bytes::from(s)
 }

@@ -15,14 +15,17 @@
 //! version:u64 | expires_at:u64 (unix ms, 0 = never) | key_len:u32 | value_len:u32 | key | stored
 //! ```
 //!
+//! The top bit of `value_len` is the entry's *accessed* bit for eviction (see [`Store`]).
+//!
 //! One allocation per key instead of three (key, value, and the refcount header a shared
 //! `Bytes` adds) saves memory, and saves cache misses: a lookup compares the key in the same
 //! lines that hold the header, and an overwrite frees one block. The key is hashed once
 //! (SipHash with a per-process key, so clients cannot aim collisions at one bucket); the hash
 //! picks the shard and the bucket.
 
+use std::collections::VecDeque;
 use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -33,6 +36,8 @@ use hashbrown::HashTable;
 use crate::seal::{self, Cipher, SealError};
 
 const HEADER: usize = 8 + 8 + 4 + 4;
+/// The accessed bit, kept in the top bit of the value length (values are far below 2 GiB).
+const ACCESSED: usize = 1 << 31;
 /// Shards: enough that threads rarely meet on one lock.
 const SHARDS: usize = 64;
 
@@ -83,7 +88,17 @@ impl Entry {
 
     /// Length of the value as the client gave it (before sealing).
     fn value_len(&self) -> usize {
-        self.u32_at(20)
+        self.u32_at(20) & !ACCESSED
+    }
+
+    fn accessed(&self) -> bool {
+        self.u32_at(20) & ACCESSED != 0
+    }
+
+    /// Marks the entry as read since the eviction hand last passed it.
+    fn touch(&mut self, on: bool) {
+        let bits = (self.value_len() | if on { ACCESSED } else { 0 }) as u32;
+        self.0[20..24].copy_from_slice(&bits.to_le_bytes());
     }
 
     fn key(&self) -> &[u8] {
@@ -99,10 +114,25 @@ impl Entry {
         at == 0 || at > now
     }
 
-    /// Bytes this entry costs: its allocation plus its slot in the table.
+    /// Bytes this entry's allocation really takes (its slot in the table is counted with
+    /// the table).
     fn footprint(&self) -> usize {
-        self.0.len() + std::mem::size_of::<Entry>() + 1
+        size_class(self.0.len())
     }
+}
+
+/// What the allocator really hands out for a request of `n` bytes: the binaries use
+/// mimalloc, whose size classes are exact up to 64 bytes and then four per doubling, so a
+/// 1,060-byte entry takes 1,280. Counting requested bytes instead would let resident memory
+/// run a fifth over the limit.
+fn size_class(n: usize) -> usize {
+    let words = n.div_ceil(8).max(1);
+    if words <= 8 {
+        return words * 8;
+    }
+    let top = usize::BITS - 1 - words.leading_zeros();
+    let step = 1usize << (top - 2);
+    words.div_ceil(step) * step * 8
 }
 
 /// Milliseconds since the Unix epoch.
@@ -122,6 +152,8 @@ pub struct Counters {
     /// Writes ignored because the entry already held a newer version.
     pub stale_writes: AtomicU64,
     pub expired: AtomicU64,
+    /// Entries removed to stay within the memory limit.
+    pub evicted: AtomicU64,
 }
 
 /// How a `set` behaves (the Redis `SET` options).
@@ -187,6 +219,25 @@ impl Usage {
 struct Shard {
     table: HashTable<Entry>,
     usage: Usage,
+    /// Key hashes in insertion order: the CLOCK ring eviction walks. It may hold hashes of
+    /// keys since deleted (skipped, and dropped when the ring is rebuilt).
+    clock: VecDeque<u64>,
+    /// Bytes of the table's and the ring's own allocations, as last counted.
+    structure: usize,
+}
+
+impl Shard {
+    /// Bytes held: entries plus the table and ring themselves.
+    fn held(&self) -> usize {
+        self.usage.bytes + self.structure
+    }
+
+    /// Recounts the table's and ring's allocations (capacity, not length: that is what
+    /// they hold).
+    fn recount_structure(&mut self) {
+        self.structure = self.table.capacity() * (std::mem::size_of::<Entry>() + 1)
+            + self.clock.capacity() * std::mem::size_of::<u64>();
+    }
 }
 
 impl Shard {
@@ -212,28 +263,118 @@ impl Shard {
     }
 }
 
+/// Why a write was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum StoreError {
+    #[error(transparent)]
+    Seal(#[from] SealError),
+    #[error("value needs {needs} bytes, more than the worker's whole --max-memory of {max}")]
+    TooLarge { needs: usize, max: usize },
+}
+
+/// The key-value store.
+///
+/// With a memory limit, a write that takes the store over it evicts entries by CLOCK
+/// (second chance), an approximation of least-recently-used: each shard keeps a ring of key
+/// hashes in insertion order; reads set an entry's accessed bit; eviction walks the ring from
+/// the front, giving accessed entries a second chance (bit cleared, hash moved to the back)
+/// and evicting the first entry not read since the hand last passed it. Each step is O(1), and
+/// the ring is rebuilt when stale hashes make it twice the table's size, so eviction costs the
+/// same whatever the number of keys.
 pub struct Store {
     shards: Box<[Mutex<Shard>]>,
     hasher: std::hash::RandomState,
     cipher: Option<Cipher>,
+    /// Bytes held by all entries (the sum of the shards' `usage.bytes`), for the limit.
+    bytes: AtomicUsize,
+    /// The memory limit in bytes; 0 for none.
+    max_bytes: usize,
     pub counters: Counters,
 }
 
 impl Default for Store {
     fn default() -> Self {
-        Store::new(None)
+        Store::new(None, 0)
     }
 }
 
 impl Store {
-    /// A store that encrypts every value with `cipher`, if given.
-    pub fn new(cipher: Option<Cipher>) -> Store {
+    /// A store that encrypts every value with `cipher`, if given, and holds at most
+    /// `max_bytes` (0: no limit).
+    pub fn new(cipher: Option<Cipher>, max_bytes: usize) -> Store {
         Store {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             hasher: std::hash::RandomState::new(),
             cipher,
+            bytes: AtomicUsize::new(0),
+            max_bytes,
             counters: Counters::default(),
         }
+    }
+
+    /// Applies a shard's change in bytes held to the store's total.
+    fn track(&self, before: usize, after: usize) {
+        if after >= before {
+            self.bytes.fetch_add(after - before, Ordering::Relaxed);
+        } else {
+            self.bytes.fetch_sub(before - after, Ordering::Relaxed);
+        }
+    }
+
+    fn over_limit(&self) -> bool {
+        self.max_bytes > 0 && self.bytes.load(Ordering::Relaxed) > self.max_bytes
+    }
+
+    /// Evicts from `shard` by CLOCK until the store is within its limit or the shard has
+    /// nothing left to give, sparing the entry of hash `spare` (the write that triggered
+    /// it); returns the evicted entries (to be freed outside the lock).
+    fn evict(&self, shard: &mut Shard, spare: Option<u64>) -> Vec<Entry> {
+        let mut evicted = Vec::new();
+        let before = shard.held();
+        // Every entry gets at most one second chance per call, so this ends.
+        let mut steps = 2 * shard.clock.len() + 1;
+        while self.bytes.load(Ordering::Relaxed) - (before - shard.held()) > self.max_bytes
+            && steps > 0
+        {
+            steps -= 1;
+            let Some(hash) = shard.clock.pop_front() else {
+                break;
+            };
+            if Some(hash) == spare {
+                shard.clock.push_back(hash);
+                continue;
+            }
+            match shard.table.find_entry(hash, |e| self.hash(e.key()) == hash) {
+                Ok(mut slot) if slot.get().accessed() => {
+                    slot.get_mut().touch(false);
+                    shard.clock.push_back(hash);
+                }
+                Ok(slot) => {
+                    let (entry, _) = slot.remove();
+                    shard.usage.remove(&entry);
+                    evicted.push(entry);
+                }
+                Err(_) => {} // a deleted key's hash: drop it from the ring
+            }
+        }
+        shard.recount_structure();
+        self.track(before, shard.held());
+        self.counters
+            .evicted
+            .fetch_add(evicted.len() as u64, Ordering::Relaxed);
+        evicted
+    }
+
+    /// Rebuilds the ring from the table when stale hashes have made it twice as long.
+    fn compact_clock(&self, shard: &mut Shard) {
+        if shard.clock.len() > 2 * shard.table.len() + 64 {
+            shard.clock = shard.table.iter().map(|e| self.hash(e.key())).collect();
+        }
+    }
+
+    /// The memory limit in bytes (0: none).
+    pub fn max_bytes(&self) -> usize {
+        self.max_bytes
     }
 
     pub fn cipher(&self) -> Option<&Cipher> {
@@ -257,10 +398,18 @@ impl Store {
     fn live_stored(&self, key: &[u8], now: u64) -> Option<Bytes> {
         let hash = self.hash(key);
         let mut shard = self.shard(hash);
-        match shard.find(hash, key) {
-            Some(e) if e.live(now) => Some(Bytes::copy_from_slice(e.stored())),
+        match shard.table.find_mut(hash, |e| e.key() == key) {
+            Some(e) if e.live(now) => {
+                if !e.accessed() {
+                    e.touch(true);
+                }
+                Some(Bytes::copy_from_slice(e.stored()))
+            }
             Some(_) => {
+                let before = shard.held();
                 let gone = shard.remove_if(hash, key, |e| !e.live(now));
+                shard.recount_structure();
+                self.track(before, shard.held());
                 drop(shard);
                 if gone.is_some() {
                     self.counters.expired.fetch_add(1, Ordering::Relaxed);
@@ -304,7 +453,7 @@ impl Store {
         value: &[u8],
         version: u64,
         opts: SetOptions,
-    ) -> Result<SetOutcome, SealError> {
+    ) -> Result<SetOutcome, StoreError> {
         let now = now_ms();
         let expires_at = if opts.ttl_ms > 0 {
             now.saturating_add(opts.ttl_ms)
@@ -313,10 +462,25 @@ impl Store {
         };
         // Build (and compress) the entry before taking the shard lock.
         let mut fresh = Entry::new(version, expires_at, key, value, self.cipher());
+        // Inserted with the accessed bit clear (classic CLOCK): were writes to set it, a ring
+        // of freshly written entries would make the hand clear every bit before evicting,
+        // which is FIFO. The write itself is spared by the eviction it triggers.
+        if self.max_bytes > 0 && fresh.footprint() > self.max_bytes {
+            return Err(StoreError::TooLarge {
+                needs: fresh.footprint(),
+                max: self.max_bytes,
+            });
+        }
         let hash = self.hash(key);
         self.counters.sets.fetch_add(1, Ordering::Relaxed);
         let mut shard = self.shard(hash);
-        let Shard { table, usage } = &mut *shard;
+        let bytes_before = shard.held();
+        let Shard {
+            table,
+            usage,
+            clock,
+            ..
+        } = &mut *shard;
         let (applied, old, replaced) =
             match table.entry(hash, |e| e.key() == key, |e| self.hash(e.key())) {
                 Slot::Occupied(mut slot) => {
@@ -343,13 +507,33 @@ impl Store {
                     } else {
                         usage.add(&fresh);
                         slot.insert(fresh);
+                        clock.push_back(hash);
                         (true, None, None)
                     }
                 }
             };
+        shard.recount_structure();
+        self.track(bytes_before, shard.held());
+        let mut evicted = Vec::new();
+        if self.over_limit() {
+            evicted = self.evict(&mut shard, Some(hash));
+        }
+        self.compact_clock(&mut shard);
         drop(shard);
-        // The replaced entry is freed here, outside the lock.
+        // Entries replaced or evicted are freed here, outside the lock.
         drop(replaced);
+        drop(evicted);
+        // This shard alone could not make room (the write is larger than all it held):
+        // evict from the others.
+        for n in 0..SHARDS {
+            if !self.over_limit() {
+                break;
+            }
+            let mut other = self.shards[n].lock().unwrap_or_else(|e| e.into_inner());
+            let gone = self.evict(&mut other, Some(hash));
+            drop(other);
+            drop(gone);
+        }
         let old = old
             .map(|stored| seal::open(key, &stored, self.cipher()))
             .transpose()?;
@@ -361,16 +545,22 @@ impl Store {
     pub fn del(&self, key: &[u8], version: u64) -> bool {
         let hash = self.hash(key);
         let now = now_ms();
-        let removed = self
-            .shard(hash)
-            .remove_if(hash, key, |e| e.version() <= version);
+        let mut shard = self.shard(hash);
+        let before = shard.held();
+        let removed = shard.remove_if(hash, key, |e| e.version() <= version);
+        shard.recount_structure();
+        self.track(before, shard.held());
+        drop(shard);
         removed.is_some_and(|e| e.live(now))
     }
 
     pub fn usage(&self) -> Usage {
         let mut usage = Usage::default();
         for shard in self.shards.iter() {
-            usage.merge(shard.lock().unwrap_or_else(|e| e.into_inner()).usage);
+            let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+            let mut u = shard.usage;
+            u.bytes += shard.structure;
+            usage.merge(u);
         }
         usage
     }
@@ -384,11 +574,15 @@ impl Store {
             let mut shard = self.shards[n % SHARDS]
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
-            let Shard { table, usage } = &mut *shard;
+            let before = shard.held();
+            let Shard { table, usage, .. } = &mut *shard;
             let gone: Vec<Entry> = table.extract_if(|e| !e.live(now)).collect();
             for e in &gone {
                 usage.remove(e);
             }
+            shard.recount_structure();
+            self.track(before, shard.held());
+            self.compact_clock(&mut shard);
             gone
         };
         let n = expired.len();
@@ -511,7 +705,7 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(60));
         assert_eq!(s.get(b"k").unwrap(), None);
         assert!(!s.exists(b"k"));
-        assert_eq!(s.usage(), Usage::default(), "removed on access");
+        assert_eq!(s.usage().keys, 0, "removed on access");
         // NX treats an expired key as absent.
         s.set(b"n", b"v", 1, short).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(60));
@@ -524,7 +718,7 @@ mod tests {
 
     #[test]
     fn encrypted_store_round_trips_and_hides_values() {
-        let s = Store::new(Some(Cipher::new(&[3; 32])));
+        let s = Store::new(Some(Cipher::new(&[3; 32])), 0);
         let value = b"plaintext that must not be stored as is".repeat(5);
         s.set(b"k", &value, 1, SetOptions::default()).unwrap();
         assert_eq!(s.get(b"k").unwrap().as_deref(), Some(&value[..]));
@@ -567,7 +761,95 @@ mod tests {
         s.set(b"k", b"small", 2, SetOptions::default()).unwrap();
         assert_eq!(s.usage().logical_bytes, 1 + 5);
         assert!(s.del(b"k", 3));
-        assert_eq!(s.usage(), Usage::default());
+        let u = s.usage();
+        assert_eq!((u.keys, u.logical_bytes, u.stored_bytes), (0, 0, 0));
+    }
+
+    /// Bytes lz4 cannot shrink.
+    fn noise(len: usize) -> Vec<u8> {
+        let mut x = 1u64;
+        (0..len)
+            .map(|_| {
+                x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                (x >> 56) as u8
+            })
+            .collect()
+    }
+
+    fn fill(s: &Store, range: std::ops::Range<usize>) {
+        for i in range {
+            s.set(
+                format!("key:{i}").as_bytes(),
+                &[b'x'; 100],
+                1,
+                SetOptions::default(),
+            )
+            .unwrap();
+        }
+    }
+
+    #[test]
+    fn memory_limit_evicts_cold_keys_and_keeps_hot_ones() {
+        let s = Store::new(None, 256 * 1024);
+        fill(&s, 0..100);
+        // Keep reading the first 100 keys while writing ten times what fits.
+        for chunk in 1..150 {
+            for i in 0..100 {
+                let hot = s.get(format!("key:{i}").as_bytes()).unwrap();
+                assert!(hot.is_some(), "hot key {i} evicted after chunk {chunk}");
+            }
+            fill(&s, chunk * 100..chunk * 100 + 100);
+        }
+        let u = s.usage();
+        assert!(u.bytes <= 256 * 1024, "{u:?}");
+        assert!(s.counters.evicted.load(Ordering::Relaxed) > 1000);
+        assert_eq!(
+            s.bytes.load(Ordering::Relaxed),
+            u.bytes,
+            "the global total matches the shards"
+        );
+        assert_eq!(size_class(1060), 1280);
+        assert_eq!(size_class(24), 24);
+        assert!(
+            s.get(b"key:150").unwrap().is_none(),
+            "a cold early key is gone"
+        );
+    }
+
+    #[test]
+    fn a_value_larger_than_the_limit_is_refused() {
+        let s = Store::new(None, 100_000);
+        let err = s
+            .set(b"k", &noise(200_000), 1, SetOptions::default())
+            .unwrap_err();
+        assert!(matches!(err, StoreError::TooLarge { .. }), "{err}");
+        // Smaller than the limit but larger than everything held: the rest goes.
+        fill(&s, 0..50);
+        s.set(b"big", &noise(80_000), 1, SetOptions::default())
+            .unwrap();
+        assert!(s.usage().bytes <= 100_000, "{:?}", s.usage());
+        assert!(s.get(b"big").unwrap().is_some());
+    }
+
+    #[test]
+    fn eviction_cost_does_not_grow_with_deleted_keys() {
+        let s = Store::new(None, 64 * 1024);
+        for round in 0..20 {
+            fill(&s, round * 100..round * 100 + 100);
+            for i in round * 100..round * 100 + 90 {
+                s.del(format!("key:{i}").as_bytes(), 2);
+            }
+        }
+        let rings: usize = s
+            .shards
+            .iter()
+            .map(|sh| sh.lock().unwrap().clock.len())
+            .sum();
+        let keys = s.usage().keys;
+        assert!(
+            rings <= 2 * keys + 64 * SHARDS,
+            "ring {rings} for {keys} keys"
+        );
     }
 
     #[test]
