@@ -31,6 +31,11 @@ pub struct Config {
     #[arg(long, env = "TWINCACHE_WORKER_MAX_MEMORY", default_value = "0", value_parser = parse_size)]
     pub max_memory: u64,
 
+    /// Size of the compression dictionary the worker builds from the first values it
+    /// stores; similar values then compress far better. 0 disables dictionaries.
+    #[arg(long, env = "TWINCACHE_WORKER_DICTIONARY_SIZE", default_value = "8KiB", value_parser = parse_size)]
+    pub dictionary_size: u64,
+
     /// Most connections served at once.
     #[arg(long, env = "TWINCACHE_WORKER_MAX_CONNECTIONS", default_value_t = 1024)]
     pub max_connections: usize,

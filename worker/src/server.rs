@@ -35,7 +35,10 @@ impl Worker {
             .cipher()
             .map_err(|msg| std::io::Error::new(std::io::ErrorKind::InvalidInput, msg))?;
         let listener = TcpListener::bind((config.bind, config.port)).await?;
-        let store = Arc::new(Store::new(cipher, config.max_memory as usize));
+        let store = Arc::new(
+            Store::new(cipher, config.max_memory as usize)
+                .with_dictionary_size(config.dictionary_size as usize),
+        );
         Ok(Worker {
             listener,
             config,
@@ -236,6 +239,10 @@ fn stats_text(store: &Store) -> Bytes {
             c.fingerprint()
         ),
         None => write!(s, "encryption:off\r\n"),
+    };
+    let _ = match store.dictionary() {
+        Some(d) => write!(s, "dictionary:{:#010x}\r\n", d.id()),
+        None => write!(s, "dictionary:none\r\n"),
     };
     let _ = write!(
         s,
