@@ -142,8 +142,8 @@ fn dispatch(fut: impl Future<Output = Reply> + Send + 'static) -> Step<Reply> {
 fn error_reply(resp: &Response) -> Reply {
     let msg = String::from_utf8_lossy(&resp.payload);
     match resp.status {
+        // Redis clients know TRYAGAIN as retryable.
         Status::Unavailable => Reply::err(format!("TRYAGAIN {msg}")),
-        Status::TooLarge => Reply::err(format!("ERR {msg}")),
         _ => Reply::err(format!("ERR {msg}")),
     }
 }
