@@ -31,6 +31,8 @@ const RAW: u8 = 0x00;
 const LZ4: u8 = 0x01;
 const ENCRYPTED: u8 = 0x02;
 const LZ4_DICT: u8 = 0x03;
+/// The stored form of a delete (a tombstone): never opened as a value.
+pub const TOMBSTONE: u8 = 0xff;
 const NONCE_LEN: usize = 24;
 const TAG_LEN: usize = 16;
 

@@ -110,9 +110,46 @@ impl Entry {
         &self.0[HEADER + self.key_len()..]
     }
 
-    fn live(&self, now: u64) -> bool {
+    /// Gone by time: reclaimable (by a read, the sweep, or eviction).
+    fn expired(&self, now: u64) -> bool {
         let at = self.expires_at();
-        at == 0 || at > now
+        at != 0 && at <= now
+    }
+
+    fn is_tombstone(&self) -> bool {
+        self.stored() == [seal::TOMBSTONE]
+    }
+
+    /// Visible to reads: not expired and not a tombstone.
+    fn live(&self, now: u64) -> bool {
+        !self.expired(now) && !self.is_tombstone()
+    }
+
+    /// The record of a delete at `version`, kept until `expires_at` so that neither a late
+    /// older write nor a resync can bring the key back.
+    fn tombstone(version: u64, expires_at: u64, key: &[u8]) -> Entry {
+        let mut buf = Vec::with_capacity(HEADER + key.len() + 1);
+        buf.extend_from_slice(&version.to_le_bytes());
+        buf.extend_from_slice(&expires_at.to_le_bytes());
+        buf.extend_from_slice(&(key.len() as u32).to_le_bytes());
+        buf.extend_from_slice(&0u32.to_le_bytes());
+        buf.extend_from_slice(key);
+        buf.push(seal::TOMBSTONE);
+        Entry(buf.into_boxed_slice())
+    }
+
+    /// An entry received from a partner, checked before it is trusted.
+    fn from_raw(raw: &[u8]) -> Option<Entry> {
+        if raw.len() <= HEADER {
+            return None;
+        }
+        let key_len = u32::from_le_bytes(raw[16..20].try_into().ok()?) as usize;
+        if HEADER + key_len >= raw.len() {
+            return None;
+        }
+        let mut e = Entry(raw.into());
+        e.touch(false);
+        Some(e)
     }
 
     /// Bytes this entry's allocation really takes (its slot in the table is counted with
@@ -185,6 +222,8 @@ pub struct SetOutcome {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Usage {
     pub keys: usize,
+    /// Deletes remembered (see `--tombstone-ttl`); not keys.
+    pub tombstones: usize,
     /// Bytes held by entries: allocations (header, key, stored bytes) and table slots.
     pub bytes: usize,
     /// Keys and values as clients gave them.
@@ -195,14 +234,22 @@ pub struct Usage {
 
 impl Usage {
     fn add(&mut self, e: &Entry) {
-        self.keys += 1;
+        if e.is_tombstone() {
+            self.tombstones += 1;
+        } else {
+            self.keys += 1;
+        }
         self.bytes += e.footprint();
         self.logical_bytes += e.key_len() + e.value_len();
         self.stored_bytes += e.key_len() + e.stored().len();
     }
 
     fn remove(&mut self, e: &Entry) {
-        self.keys -= 1;
+        if e.is_tombstone() {
+            self.tombstones -= 1;
+        } else {
+            self.keys -= 1;
+        }
         self.bytes -= e.footprint();
         self.logical_bytes -= e.key_len() + e.value_len();
         self.stored_bytes -= e.key_len() + e.stored().len();
@@ -210,6 +257,7 @@ impl Usage {
 
     fn merge(&mut self, other: Usage) {
         self.keys += other.keys;
+        self.tombstones += other.tombstones;
         self.bytes += other.bytes;
         self.logical_bytes += other.logical_bytes;
         self.stored_bytes += other.stored_bytes;
@@ -296,6 +344,8 @@ pub struct Store {
     samples: Mutex<Vec<u8>>,
     /// Dictionary size in bytes; 0 disables dictionaries.
     dict_size: usize,
+    /// How long deletes are remembered (tombstones).
+    tombstone_ttl_ms: u64,
     pub counters: Counters,
 }
 
@@ -304,6 +354,10 @@ impl Default for Store {
         Store::new(None, 0)
     }
 }
+
+/// Default time deletes are remembered: longer than any resync should take, short enough
+/// that the memory of many deletes stays small.
+pub const DEFAULT_TOMBSTONE_TTL_MS: u64 = 60 * 60 * 1000;
 
 /// Default dictionary size: on ~900-byte JSON records, 4 KiB kept 40% of the bytes and 64 KiB
 /// 37% at five times the cost per write; 8 KiB sits near the knee.
@@ -322,8 +376,15 @@ impl Store {
             dict: OnceLock::new(),
             samples: Mutex::new(Vec::new()),
             dict_size: DEFAULT_DICTIONARY_SIZE,
+            tombstone_ttl_ms: DEFAULT_TOMBSTONE_TTL_MS,
             counters: Counters::default(),
         }
+    }
+
+    /// Sets how long deletes are remembered.
+    pub fn with_tombstone_ttl(mut self, ttl: std::time::Duration) -> Store {
+        self.tombstone_ttl_ms = ttl.as_millis() as u64;
+        self
     }
 
     /// Sets the dictionary size (0: no dictionary compression).
@@ -459,7 +520,7 @@ impl Store {
             }
             Some(_) => {
                 let before = shard.held();
-                let gone = shard.remove_if(hash, key, |e| !e.live(now));
+                let gone = shard.remove_if(hash, key, |e| e.expired(now));
                 shard.recount_structure();
                 self.track(before, shard.held());
                 drop(shard);
@@ -514,18 +575,93 @@ impl Store {
         };
         // Build (and compress) the entry before taking the shard lock.
         let dict = self.dictionary_for(value);
-        let mut fresh = Entry::new(version, expires_at, key, value, self.cipher(), dict);
-        // Inserted with the accessed bit clear (classic CLOCK): were writes to set it, a ring
-        // of freshly written entries would make the hand clear every bit before evicting,
-        // which is FIFO. The write itself is spared by the eviction it triggers.
+        let fresh = Entry::new(version, expires_at, key, value, self.cipher(), dict);
         if self.max_bytes > 0 && fresh.footprint() > self.max_bytes {
             return Err(StoreError::TooLarge {
                 needs: fresh.footprint(),
                 max: self.max_bytes,
             });
         }
-        let hash = self.hash(key);
         self.counters.sets.fetch_add(1, Ordering::Relaxed);
+        let (applied, old) = self.install(fresh, |current, fresh| {
+            let Some(current) = current else {
+                return (!opts.xx, (!opts.xx, None));
+            };
+            let live = current.live(now);
+            let old = (live && opts.get).then(|| Bytes::copy_from_slice(current.stored()));
+            if (opts.nx && live) || (opts.xx && !live) {
+                (false, (false, old))
+            } else if current.version() > version {
+                self.counters.stale_writes.fetch_add(1, Ordering::Relaxed);
+                (false, (true, old))
+            } else {
+                if opts.keep_ttl && live {
+                    fresh.set_expires_at(current.expires_at());
+                }
+                (true, (true, old))
+            }
+        });
+        let old = old
+            .map(|stored| seal::open_with(key, &stored, self.cipher(), self.dictionary()))
+            .transpose()?;
+        Ok(SetOutcome { applied, old })
+    }
+
+    /// Deletes `key` unless it holds a version newer than `version`, leaving a tombstone for
+    /// `--tombstone-ttl`. Returns whether a live value was removed.
+    pub fn del(&self, key: &[u8], version: u64) -> bool {
+        let now = now_ms();
+        let tomb = Entry::tombstone(version, now.saturating_add(self.tombstone_ttl_ms), key);
+        self.install(tomb, |current, _| match current {
+            Some(c) if c.version() > version => (false, false),
+            Some(c) => (true, c.live(now)),
+            None => (true, false),
+        })
+    }
+
+    /// Merges an entry from a partner's snapshot: it replaces what is here only if it is
+    /// newer, so live writes taken during a resync are never overwritten by older copies,
+    /// and tombstones carry deletes across. Returns whether it was taken; `None` if the
+    /// bytes are not an entry.
+    pub fn merge(&self, raw: &[u8]) -> Option<bool> {
+        let incoming = Entry::from_raw(raw)?;
+        if incoming.expired(now_ms()) {
+            return Some(false);
+        }
+        let version = incoming.version();
+        Some(self.install(incoming, |current, _| match current {
+            Some(c) if c.version() >= version => (false, false),
+            _ => (true, true),
+        }))
+    }
+
+    /// Copies of the entries of shard `n` (tombstones included, expired ones not), for a
+    /// snapshot. The lock is held for the copy only.
+    pub fn snapshot_shard(&self, n: usize) -> Vec<Box<[u8]>> {
+        let now = now_ms();
+        let shard = self.shards[n % SHARDS]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        shard
+            .table
+            .iter()
+            .filter(|e| !e.expired(now))
+            .map(|e| e.0.clone())
+            .collect()
+    }
+
+    pub const SHARDS: usize = SHARDS;
+
+    /// Puts `fresh` in its key's place if `decide` says so. `decide` sees the entry there (if
+    /// any) and `fresh` (which it may adjust) and returns whether to replace, and what to
+    /// report. Accounting, the CLOCK ring, and eviction past the memory limit happen here;
+    /// replaced and evicted entries are freed after the lock is released.
+    fn install<T>(
+        &self,
+        mut fresh: Entry,
+        decide: impl FnOnce(Option<&mut Entry>, &mut Entry) -> (bool, T),
+    ) -> T {
+        let hash = self.hash(fresh.key());
         let mut shard = self.shard(hash);
         let bytes_before = shard.held();
         let Shard {
@@ -534,35 +670,30 @@ impl Store {
             clock,
             ..
         } = &mut *shard;
-        let (applied, old, replaced) =
-            match table.entry(hash, |e| e.key() == key, |e| self.hash(e.key())) {
+        let (report, replaced) =
+            match table.entry(hash, |e| e.key() == fresh.key(), |e| self.hash(e.key())) {
                 Slot::Occupied(mut slot) => {
                     let current = slot.get_mut();
-                    let live = current.live(now);
-                    let old = (live && opts.get).then(|| Bytes::copy_from_slice(current.stored()));
-                    if (opts.nx && live) || (opts.xx && !live) {
-                        (false, old, None)
-                    } else if current.version() > version {
-                        self.counters.stale_writes.fetch_add(1, Ordering::Relaxed);
-                        (true, old, None)
-                    } else {
-                        if opts.keep_ttl && live {
-                            fresh.set_expires_at(current.expires_at());
-                        }
+                    let (replace, report) = decide(Some(&mut *current), &mut fresh);
+                    if replace {
                         usage.remove(current);
                         usage.add(&fresh);
-                        (true, old, Some(std::mem::replace(current, fresh)))
+                        (report, Some(std::mem::replace(current, fresh)))
+                    } else {
+                        (report, None)
                     }
                 }
                 Slot::Vacant(slot) => {
-                    if opts.xx {
-                        (false, None, None)
-                    } else {
+                    let (replace, report) = decide(None, &mut fresh);
+                    if replace {
+                        // Inserted with the accessed bit clear (classic CLOCK): were writes
+                        // to set it, a ring of fresh entries would make the hand clear every
+                        // bit before evicting, which is FIFO. This write is spared below.
                         usage.add(&fresh);
                         slot.insert(fresh);
                         clock.push_back(hash);
-                        (true, None, None)
                     }
+                    (report, None)
                 }
             };
         shard.recount_structure();
@@ -573,7 +704,6 @@ impl Store {
         }
         self.compact_clock(&mut shard);
         drop(shard);
-        // Entries replaced or evicted are freed here, outside the lock.
         drop(replaced);
         drop(evicted);
         // This shard alone could not make room (the write is larger than all it held):
@@ -587,24 +717,7 @@ impl Store {
             drop(other);
             drop(gone);
         }
-        let old = old
-            .map(|stored| seal::open_with(key, &stored, self.cipher(), self.dictionary()))
-            .transpose()?;
-        Ok(SetOutcome { applied, old })
-    }
-
-    /// Deletes `key` unless it holds a version newer than `version`. Returns whether a live
-    /// value was removed.
-    pub fn del(&self, key: &[u8], version: u64) -> bool {
-        let hash = self.hash(key);
-        let now = now_ms();
-        let mut shard = self.shard(hash);
-        let before = shard.held();
-        let removed = shard.remove_if(hash, key, |e| e.version() <= version);
-        shard.recount_structure();
-        self.track(before, shard.held());
-        drop(shard);
-        removed.is_some_and(|e| e.live(now))
+        report
     }
 
     pub fn usage(&self) -> Usage {
@@ -629,7 +742,7 @@ impl Store {
                 .unwrap_or_else(|e| e.into_inner());
             let before = shard.held();
             let Shard { table, usage, .. } = &mut *shard;
-            let gone: Vec<Entry> = table.extract_if(|e| !e.live(now)).collect();
+            let gone: Vec<Entry> = table.extract_if(|e| e.expired(now)).collect();
             for e in &gone {
                 usage.remove(e);
             }
@@ -815,7 +928,11 @@ mod tests {
         assert_eq!(s.usage().logical_bytes, 1 + 5);
         assert!(s.del(b"k", 3));
         let u = s.usage();
-        assert_eq!((u.keys, u.logical_bytes, u.stored_bytes), (0, 0, 0));
+        assert_eq!(
+            (u.keys, u.tombstones, u.logical_bytes),
+            (0, 1, 1),
+            "the delete is remembered"
+        );
     }
 
     /// Bytes lz4 cannot shrink.
@@ -950,6 +1067,73 @@ mod tests {
                 Some(record(i).as_bytes())
             );
         }
+    }
+
+    #[test]
+    fn deletes_leave_tombstones_that_stop_older_writes() {
+        let s = Store::default();
+        set(&s, b"k", b"v", 10);
+        assert!(s.del(b"k", 20));
+        assert_eq!(s.usage().keys, 0);
+        assert_eq!(s.usage().tombstones, 1);
+        assert!(
+            set(&s, b"k", b"late", 15),
+            "a late older write reads as applied..."
+        );
+        assert_eq!(
+            s.get(b"k").unwrap(),
+            None,
+            "...but does not bring the key back"
+        );
+        assert!(!s.exists(b"k"));
+        // A delete of an absent key is remembered too.
+        assert!(!s.del(b"never", 30));
+        assert!(set(&s, b"never", b"old", 25));
+        assert_eq!(s.get(b"never").unwrap(), None);
+        // A newer write replaces the tombstone.
+        assert!(set(&s, b"k", b"new", 40));
+        assert_eq!(s.get(b"k").unwrap().as_deref(), Some(&b"new"[..]));
+        // Tombstones expire.
+        let short = Store::default().with_tombstone_ttl(std::time::Duration::from_millis(20));
+        short.del(b"x", 1);
+        std::thread::sleep(std::time::Duration::from_millis(40));
+        assert_eq!((0..SHARDS).map(|n| short.sweep_shard(n)).sum::<usize>(), 1);
+        assert_eq!(short.usage().tombstones, 0);
+    }
+
+    #[test]
+    fn merge_keeps_the_newest_version_and_carries_deletes() {
+        let source = Store::default();
+        set(&source, b"a", b"from source", 10);
+        set(&source, b"b", b"old on source", 10);
+        set(&source, b"c", b"to be deleted", 10);
+        source.del(b"c", 30);
+        let target = Store::default();
+        set(&target, b"b", b"newer live write", 20);
+        set(&target, b"c", b"stale copy", 10);
+        let mut taken = 0;
+        for n in 0..SHARDS {
+            for raw in source.snapshot_shard(n) {
+                taken += usize::from(target.merge(&raw).unwrap());
+            }
+        }
+        assert_eq!(
+            taken, 2,
+            "a and c's tombstone; b is older than the live write"
+        );
+        assert_eq!(
+            target.get(b"a").unwrap().as_deref(),
+            Some(&b"from source"[..])
+        );
+        assert_eq!(
+            target.get(b"b").unwrap().as_deref(),
+            Some(&b"newer live write"[..])
+        );
+        assert_eq!(target.get(b"c").unwrap(), None, "the delete came across");
+        assert_eq!(target.merge(b"short"), None);
+        let mut bad = vec![0u8; 30];
+        bad[16..20].copy_from_slice(&100u32.to_le_bytes());
+        assert_eq!(target.merge(&bad), None, "a key running past the entry");
     }
 
     #[test]
