@@ -369,7 +369,8 @@ impl Protocol for BinaryProtocol {
                     async move { Response::ok(router.stats_line().await).with_id(id) },
                 );
             }
-            Op::Unknown(_) => {
+            // Worker-to-worker and orchestrator-to-worker operations are not for clients.
+            Op::Status | Op::Snapshot | Op::Resync | Op::Adopt | Op::Unknown(_) => {
                 return Step::Reply(Response::status(Status::InvalidCommand).with_id(id))
             }
         };

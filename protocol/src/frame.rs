@@ -58,6 +58,16 @@ pub enum Op {
     Exists,
     /// The worker's counters as `name:value` lines (the key is ignored).
     Stats,
+    /// The worker's sync status as `name:value` lines: boot id, whether its data is
+    /// established, and the state of its last resync.
+    Status,
+    /// Worker to worker: stream every stored entry (see the worker's `sync` module).
+    Snapshot,
+    /// Orchestrator to worker: refill from the partner whose address is the value.
+    Resync,
+    /// Orchestrator to worker: the data it holds is the pair's (a new pair, or the sole
+    /// survivor); it need not resync.
+    Adopt,
     Unknown(u8),
 }
 
@@ -70,6 +80,10 @@ impl Op {
             Op::Ping => 4,
             Op::Exists => 5,
             Op::Stats => 6,
+            Op::Status => 7,
+            Op::Snapshot => 8,
+            Op::Resync => 9,
+            Op::Adopt => 10,
             Op::Unknown(c) => c,
         }
     }
@@ -82,6 +96,10 @@ impl Op {
             4 => Op::Ping,
             5 => Op::Exists,
             6 => Op::Stats,
+            7 => Op::Status,
+            8 => Op::Snapshot,
+            9 => Op::Resync,
+            10 => Op::Adopt,
             c => Op::Unknown(c),
         }
     }

@@ -36,6 +36,11 @@ pub struct Config {
     #[arg(long, env = "TWINCACHE_WORKER_DICTIONARY_SIZE", default_value = "8KiB", value_parser = parse_size)]
     pub dictionary_size: u64,
 
+    /// How long deletes are remembered (tombstones), so that neither a late write nor a
+    /// resync brings a deleted key back. Longer than any resync should take.
+    #[arg(long, env = "TWINCACHE_WORKER_TOMBSTONE_TTL", default_value = "1h", value_parser = parse_duration)]
+    pub tombstone_ttl: Duration,
+
     /// Most connections served at once.
     #[arg(long, env = "TWINCACHE_WORKER_MAX_CONNECTIONS", default_value_t = 1024)]
     pub max_connections: usize,

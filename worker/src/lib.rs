@@ -6,13 +6,15 @@
 //! access, so spawning a task per request would only add cost. Responses therefore leave in
 //! request order, though the protocol would allow any order.
 //!
-//! Layout: [`config`] (flags), [`seal`] (stored byte layout: lz4), [`store`] (the map),
+//! Layout: [`config`] (flags), [`seal`] (stored byte layout: lz4, dictionaries, encryption),
+//! [`store`] (the sharded tables, eviction, TTLs), [`sync`] (snapshots and partner resync),
 //! [`server`] (connections).
 
 pub mod config;
 pub mod seal;
 pub mod server;
 pub mod store;
+pub mod sync;
 
 pub use config::Config;
 pub use server::Worker;

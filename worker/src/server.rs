@@ -16,6 +16,7 @@ use twincache_protocol::Status;
 
 use crate::config::Config;
 use crate::store::{SetOptions, Store, StoreError};
+use crate::sync::{serve_snapshot, SyncState};
 
 /// Stop reading more requests once this many response bytes wait to be written.
 const OUT_HIGH_WATER: usize = 256 * 1024;
@@ -24,7 +25,15 @@ const OUT_HIGH_WATER: usize = 256 * 1024;
 pub struct Worker {
     listener: TcpListener,
     config: Config,
-    store: Arc<Store>,
+    node: Arc<Node>,
+}
+
+/// What every connection of a worker shares.
+pub struct Node {
+    pub store: Arc<Store>,
+    pub sync: Arc<SyncState>,
+    /// Largest frame accepted, and used for the resync connection too.
+    pub max_frame: usize,
 }
 
 impl Worker {
@@ -37,12 +46,18 @@ impl Worker {
         let listener = TcpListener::bind((config.bind, config.port)).await?;
         let store = Arc::new(
             Store::new(cipher, config.max_memory as usize)
-                .with_dictionary_size(config.dictionary_size as usize),
+                .with_dictionary_size(config.dictionary_size as usize)
+                .with_tombstone_ttl(config.tombstone_ttl),
         );
+        let node = Arc::new(Node {
+            store,
+            sync: Arc::new(SyncState::default()),
+            max_frame: config.max_frame as usize,
+        });
         Ok(Worker {
             listener,
             config,
-            store,
+            node,
         })
     }
 
@@ -54,15 +69,14 @@ impl Worker {
 
     /// The worker's store (for embedding and tests).
     pub fn store(&self) -> Arc<Store> {
-        self.store.clone()
+        self.node.store.clone()
     }
 
     /// Serves until `shutdown` is cancelled.
     pub async fn run(self, shutdown: CancellationToken) {
-        let store = self.store;
-        let max_frame = self.config.max_frame as usize;
+        let node = self.node;
         tokio::spawn(
-            store
+            node.store
                 .clone()
                 .sweep_forever(std::time::Duration::from_millis(100), shutdown.clone()),
         );
@@ -72,9 +86,9 @@ impl Worker {
             shutdown,
             self.config.shutdown_grace,
             move |stream, shutdown| {
-                let store = store.clone();
+                let node = node.clone();
                 async move {
-                    if let Err(e) = serve_connection(stream, store, max_frame, shutdown).await {
+                    if let Err(e) = serve_connection(stream, node, shutdown).await {
                         tracing::debug!(error = %e, "worker connection ended");
                     }
                 }
@@ -86,8 +100,7 @@ impl Worker {
 
 async fn serve_connection(
     mut stream: TcpStream,
-    store: Arc<Store>,
-    max_frame: usize,
+    node: Arc<Node>,
     shutdown: CancellationToken,
 ) -> Result<(), FrameError> {
     let mut preamble = [0u8; 4];
@@ -107,7 +120,7 @@ async fn serve_connection(
         let _ = stream.write_all(&out).await;
         return Err(FrameError::Malformed("bad preamble"));
     }
-    let mut codec = FrameCodec::<Request>::new(max_frame);
+    let mut codec = FrameCodec::<Request>::new(node.max_frame);
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let mut out = BytesMut::with_capacity(64 * 1024);
     loop {
@@ -120,9 +133,15 @@ async fn serve_connection(
         }
         loop {
             match codec.decode(&mut buf) {
+                Ok(Some(req)) if req.op == Op::Snapshot => {
+                    // A stream of frames, not one answer: send what is pending first.
+                    stream.write_all(&out).await?;
+                    out.clear();
+                    serve_snapshot(&mut stream, &node.store, req.id).await?;
+                }
                 Ok(Some(req)) => {
                     let id = req.id;
-                    encode_frame(&handle(&store, req).with_id(id), &mut out);
+                    encode_frame(&handle(&node, req).with_id(id), &mut out);
                     if out.len() >= OUT_HIGH_WATER {
                         stream.write_all(&out).await?;
                         out.clear();
@@ -148,7 +167,8 @@ async fn serve_connection(
 }
 
 /// Answers one request from the store.
-pub fn handle(store: &Store, req: Request) -> Response {
+pub fn handle(node: &Node, req: Request) -> Response {
+    let store = &node.store;
     // Empty keys are valid here (Redis allows them); the text and binary front ends refuse
     // them, RESP passes them through.
     match req.op {
@@ -195,6 +215,29 @@ pub fn handle(store: &Store, req: Request) -> Response {
         Op::Exists => found(store.exists(&req.key)),
         Op::Stats => Response::ok(stats_text(store)),
         Op::Ping => Response::ok(Bytes::from_static(b"PONG")),
+        Op::Status => Response::ok(node.sync.status_text()),
+        Op::Adopt => {
+            node.sync.adopt();
+            Response::ok(Bytes::new())
+        }
+        Op::Resync => match std::str::from_utf8(&req.value) {
+            Ok(partner) if !partner.is_empty() => {
+                let started =
+                    node.sync
+                        .start(store.clone(), partner.to_string(), node.max_frame + 1024);
+                Response::ok(Bytes::from_static(if started {
+                    b"started"
+                } else {
+                    b"already running"
+                }))
+            }
+            _ => Response::error(
+                Status::ParseError,
+                "resync needs the partner's host:port as value",
+            ),
+        },
+        // Served by the connection loop, which streams it.
+        Op::Snapshot => Response::status(Status::ServerError),
         Op::Unknown(_) => Response::status(Status::InvalidCommand),
     }
 }

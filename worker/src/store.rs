@@ -635,6 +635,39 @@ impl Store {
         }))
     }
 
+    /// [`Store::merge`] for an entry compressed against `theirs`, a dictionary this worker
+    /// does not use: the value is opened and sealed again with this worker's.
+    pub fn merge_resealed(&self, raw: &[u8], theirs: &Dictionary) -> Option<bool> {
+        let incoming = Entry::from_raw(raw)?;
+        if incoming.is_tombstone() {
+            return self.merge(raw);
+        }
+        let stored = Bytes::copy_from_slice(incoming.stored());
+        let value = seal::open_with(incoming.key(), &stored, self.cipher(), Some(theirs)).ok()?;
+        let resealed = Entry::new(
+            incoming.version(),
+            incoming.expires_at(),
+            incoming.key(),
+            &value,
+            self.cipher(),
+            self.dictionary(),
+        );
+        self.merge(&resealed.0)
+    }
+
+    /// Takes `dict` as this worker's dictionary if it has none yet (a resyncing worker then
+    /// shares its partner's, and entries copy as they are). Returns whether the worker's
+    /// dictionary is now `dict`.
+    pub fn adopt_dictionary(&self, dict: Dictionary) -> bool {
+        let id = dict.id();
+        let _ = self.dict.set(dict);
+        self.samples
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+        self.dict.get().map(Dictionary::id) == Some(id)
+    }
+
     /// Copies of the entries of shard `n` (tombstones included, expired ones not), for a
     /// snapshot. The lock is held for the copy only.
     pub fn snapshot_shard(&self, n: usize) -> Vec<Box<[u8]>> {

@@ -1,0 +1,282 @@
+//! Partner resync: a worker refills itself straight from its partner.
+//!
+//! The orchestrator sends `resync` (with the partner's address) to a worker that restarted or
+//! missed writes. The worker keeps taking live writes, opens its own connection to the partner,
+//! asks for a `snapshot`, and merges what arrives by version: an entry replaces what is here
+//! only if it is newer, so live writes taken meanwhile are never overwritten by older copies,
+//! and tombstones carry deletes across. Entries travel as stored (compressed, encrypted): no
+//! decompression or re-encryption, unless the partners' dictionaries differ.
+//!
+//! A snapshot is a stream of response frames, all with the request's id. Each `Ok` frame
+//! holds records; a `NotFound` frame ends the stream.
+//!
+//! ```text
+//! record = kind:u8 len:u32le bytes
+//! kind   = 1 meta ("fingerprint:<hex|off>"), 2 dictionary, 3 entry (as stored)
+//! ```
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use futures_util::StreamExt;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio_util::codec::FramedRead;
+use twincache_protocol::frame::{encode_frame, FrameCodec, Op, Request, Response, PREAMBLE};
+use twincache_protocol::Status;
+
+use crate::seal::Dictionary;
+use crate::store::Store;
+
+const META: u8 = 1;
+const DICTIONARY: u8 = 2;
+const ENTRY: u8 = 3;
+/// Records per frame, in bytes: large enough to amortise the frame, small enough to keep
+/// memory flat on both sides.
+const BATCH_BYTES: usize = 256 * 1024;
+/// A resync with no frame for this long has stalled.
+const STALL: Duration = Duration::from_secs(10);
+
+/// What the worker tells the orchestrator about its data.
+#[derive(Debug)]
+pub struct SyncState {
+    /// Fresh for every start, so a restart is noticed however quick it was.
+    pub boot_id: u64,
+    /// Whether this worker's data is the pair's: it completed a resync, or was told to adopt
+    /// what it holds. False after every start.
+    synced: AtomicBool,
+    run: Mutex<Run>,
+}
+
+#[derive(Debug, Default, Clone)]
+struct Run {
+    phase: Phase,
+    /// Resyncs completed since start.
+    completed: u64,
+    keys: u64,
+    bytes: u64,
+    seconds: f64,
+    error: String,
+}
+
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    #[default]
+    Idle,
+    Running,
+    Done,
+    Failed,
+}
+
+impl Default for SyncState {
+    fn default() -> Self {
+        SyncState {
+            boot_id: rand::random(),
+            synced: AtomicBool::new(false),
+            run: Mutex::default(),
+        }
+    }
+}
+
+impl SyncState {
+    fn run(&self) -> std::sync::MutexGuard<'_, Run> {
+        self.run.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn adopt(&self) {
+        self.synced.store(true, Ordering::Release);
+    }
+
+    /// The `status` text.
+    pub fn status_text(&self) -> Bytes {
+        let r = self.run().clone();
+        let phase = match r.phase {
+            Phase::Idle => "idle",
+            Phase::Running => "running",
+            Phase::Done => "done",
+            Phase::Failed => "failed",
+        };
+        Bytes::from(format!(
+            "boot_id:{:016x}\r\nsynced:{}\r\nresync:{phase}\r\nresyncs_completed:{}\r\n\
+             resync_keys:{}\r\nresync_bytes:{}\r\nresync_seconds:{:.3}\r\nresync_error:{}\r\n",
+            self.boot_id,
+            u8::from(self.synced.load(Ordering::Acquire)),
+            r.completed,
+            r.keys,
+            r.bytes,
+            r.seconds,
+            r.error,
+        ))
+    }
+
+    /// Starts a resync from `partner` unless one is running; returns whether it started.
+    pub fn start(self: &Arc<Self>, store: Arc<Store>, partner: String, max_frame: usize) -> bool {
+        {
+            let mut run = self.run();
+            if run.phase == Phase::Running {
+                return false;
+            }
+            run.phase = Phase::Running;
+            run.error.clear();
+        }
+        let state = self.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            tracing::info!(%partner, "resync from partner started");
+            let result = pull(&store, &partner, max_frame).await;
+            let mut run = state.run();
+            run.seconds = started.elapsed().as_secs_f64();
+            match result {
+                Ok((keys, bytes)) => {
+                    run.phase = Phase::Done;
+                    run.completed += 1;
+                    (run.keys, run.bytes) = (keys, bytes);
+                    state.synced.store(true, Ordering::Release);
+                    tracing::info!(%partner, keys, bytes, seconds = run.seconds, "resync done");
+                }
+                Err(e) => {
+                    run.phase = Phase::Failed;
+                    tracing::warn!(%partner, error = %e, "resync failed");
+                    run.error = e;
+                }
+            }
+        });
+        true
+    }
+}
+
+fn put_record(out: &mut BytesMut, kind: u8, bytes: &[u8]) {
+    out.put_u8(kind);
+    out.put_u32_le(bytes.len() as u32);
+    out.put_slice(bytes);
+}
+
+/// Serves a snapshot on `stream`: the meta record, the dictionary, every entry, then the end.
+pub async fn serve_snapshot(stream: &mut TcpStream, store: &Store, id: u64) -> std::io::Result<()> {
+    let fingerprint = store.cipher().map_or("off", |c| c.fingerprint());
+    let mut records = BytesMut::with_capacity(BATCH_BYTES + 64 * 1024);
+    put_record(
+        &mut records,
+        META,
+        format!("fingerprint:{fingerprint}").as_bytes(),
+    );
+    if let Some(dict) = store.dictionary() {
+        put_record(&mut records, DICTIONARY, dict.bytes());
+    }
+    let mut frame = BytesMut::new();
+    for n in 0..Store::SHARDS {
+        for entry in store.snapshot_shard(n) {
+            put_record(&mut records, ENTRY, &entry);
+            if records.len() >= BATCH_BYTES {
+                send(stream, &mut frame, id, Status::Ok, records.split().freeze()).await?;
+            }
+        }
+    }
+    if !records.is_empty() {
+        send(stream, &mut frame, id, Status::Ok, records.split().freeze()).await?;
+    }
+    send(stream, &mut frame, id, Status::NotFound, Bytes::new()).await
+}
+
+async fn send(
+    stream: &mut TcpStream,
+    frame: &mut BytesMut,
+    id: u64,
+    status: Status,
+    payload: Bytes,
+) -> std::io::Result<()> {
+    frame.clear();
+    encode_frame(
+        &Response {
+            id,
+            status,
+            payload,
+        },
+        frame,
+    );
+    stream.write_all(frame).await
+}
+
+/// Pulls a snapshot from `partner` into `store`; the keys and stored bytes taken.
+async fn pull(store: &Store, partner: &str, max_frame: usize) -> Result<(u64, u64), String> {
+    let mut stream = tokio::time::timeout(STALL, TcpStream::connect(partner))
+        .await
+        .map_err(|_| format!("connecting to {partner} timed out"))?
+        .map_err(|e| format!("cannot connect to {partner}: {e}"))?;
+    stream.set_nodelay(true).ok();
+    let mut hello = BytesMut::new();
+    hello.put_slice(&PREAMBLE);
+    encode_frame(&Request::new(Op::Snapshot, Bytes::new()), &mut hello);
+    stream.write_all(&hello).await.map_err(|e| e.to_string())?;
+    let mut frames = FramedRead::new(stream, FrameCodec::<Response>::new(max_frame));
+    let mut theirs: Option<Dictionary> = None;
+    let (mut keys, mut bytes) = (0u64, 0u64);
+    loop {
+        let frame = tokio::time::timeout(STALL, frames.next())
+            .await
+            .map_err(|_| format!("{partner} stopped sending the snapshot"))?
+            .ok_or_else(|| format!("{partner} closed the connection mid-snapshot"))?
+            .map_err(|e| format!("reading the snapshot: {e}"))?;
+        match frame.status {
+            Status::NotFound => return Ok((keys, bytes)),
+            Status::Ok => {}
+            other => {
+                return Err(format!(
+                    "{partner} refused the snapshot ({other:?}): {}",
+                    String::from_utf8_lossy(&frame.payload)
+                ))
+            }
+        }
+        let mut rest = &frame.payload[..];
+        while !rest.is_empty() {
+            if rest.len() < 5 {
+                return Err("truncated snapshot record".into());
+            }
+            let kind = rest[0];
+            let len = u32::from_le_bytes(rest[1..5].try_into().expect("4 bytes")) as usize;
+            let body = rest.get(5..5 + len).ok_or("truncated snapshot record")?;
+            rest = &rest[5 + len..];
+            match kind {
+                META => check_key(store, body)?,
+                DICTIONARY => theirs = adopt_or_keep(store, body),
+                ENTRY => {
+                    let taken = match &theirs {
+                        Some(dict) => store.merge_resealed(body, dict),
+                        None => store.merge(body),
+                    };
+                    if taken.ok_or("malformed entry in snapshot")? {
+                        keys += 1;
+                    }
+                    bytes += body.len() as u64;
+                }
+                _ => {} // a newer partner's record kind: skip it
+            }
+        }
+    }
+}
+
+/// Refuses a partner whose encryption key differs: its stored bytes would not open here.
+fn check_key(store: &Store, meta: &[u8]) -> Result<(), String> {
+    let theirs = String::from_utf8_lossy(meta);
+    let theirs = theirs.strip_prefix("fingerprint:").unwrap_or(&theirs);
+    let ours = store.cipher().map_or("off", |c| c.fingerprint());
+    if theirs != ours {
+        return Err(format!(
+            "partner's encryption key (fingerprint {theirs}) differs from this worker's ({ours}); \
+             refusing to sync: give both the same --encryption-key-file"
+        ));
+    }
+    Ok(())
+}
+
+/// Takes the partner's dictionary if this worker has none (then entries copy as they are);
+/// returns it if ours differs, in which case entries must be re-sealed with ours.
+fn adopt_or_keep(store: &Store, bytes: &[u8]) -> Option<Dictionary> {
+    let theirs = Dictionary::new(bytes.to_vec());
+    if store.adopt_dictionary(theirs.clone()) {
+        return None;
+    }
+    (store.dictionary().map(Dictionary::id) != Some(theirs.id())).then_some(theirs)
+}
