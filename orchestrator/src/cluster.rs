@@ -1,7 +1,7 @@
 //! Worker links, pairs, and the routing of each request to its pair.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -28,6 +28,54 @@ pub struct WorkerLink {
     pub addr: String,
     slots: Vec<Mutex<Option<Connection>>>,
     up: AtomicBool,
+    /// The worker's [`WorkerState`], kept by the health monitor (and by writes it missed).
+    state: AtomicU8,
+    /// Set when the worker missed a write; a resync under way when that happened does not
+    /// count, since the write may have escaped its snapshot.
+    pub(crate) dirty: AtomicBool,
+    /// The worker's boot id when last seen: a new one means it restarted, empty.
+    pub(crate) boot: Mutex<Option<u64>>,
+    /// The worker's count of completed resyncs when this orchestrator asked for one.
+    pub(crate) resync_base: AtomicU64,
+}
+
+/// Where a worker stands with its pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum WorkerState {
+    /// Not heard from since this orchestrator started.
+    Unknown = 0,
+    /// Holds the pair's data: serves reads and writes.
+    InSync = 1,
+    /// Not answering.
+    Down = 2,
+    /// Reachable but missing writes (restarted, or missed some): takes writes, serves no
+    /// reads, and waits to resync.
+    Stale = 3,
+    /// Refilling from its partner: takes writes, serves no reads.
+    Resyncing = 4,
+}
+
+impl WorkerState {
+    fn from_u8(v: u8) -> WorkerState {
+        match v {
+            1 => WorkerState::InSync,
+            2 => WorkerState::Down,
+            3 => WorkerState::Stale,
+            4 => WorkerState::Resyncing,
+            _ => WorkerState::Unknown,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            WorkerState::Unknown => "unknown",
+            WorkerState::InSync => "in_sync",
+            WorkerState::Down => "down",
+            WorkerState::Stale => "stale",
+            WorkerState::Resyncing => "resyncing",
+        }
+    }
 }
 
 impl WorkerLink {
@@ -42,6 +90,10 @@ impl WorkerLink {
             addr,
             slots: (0..connections).map(|_| Mutex::new(None)).collect(),
             up: AtomicBool::new(false),
+            state: AtomicU8::new(WorkerState::Unknown as u8),
+            dirty: AtomicBool::new(false),
+            boot: Mutex::new(None),
+            resync_base: AtomicU64::new(0),
         });
         for slot in 0..connections {
             // The link is dropped only at shutdown, when these tasks end too.
@@ -106,7 +158,7 @@ impl WorkerLink {
 
     /// Queues `req` on the slot given by `affinity` if it is live, else on the next live one;
     /// `None` if the worker has no live connection.
-    fn send(&self, req: &Request, affinity: usize) -> Option<Reply> {
+    pub(crate) fn send(&self, req: &Request, affinity: usize) -> Option<Reply> {
         let n = self.slots.len();
         for i in 0..n {
             let slot = self.lock_slot((affinity + i) % n);
@@ -120,6 +172,30 @@ impl WorkerLink {
     /// Whether at least one connection to the worker is open.
     pub fn is_up(&self) -> bool {
         self.up.load(Ordering::Acquire)
+    }
+
+    pub fn state(&self) -> WorkerState {
+        WorkerState::from_u8(self.state.load(Ordering::Acquire))
+    }
+
+    pub(crate) fn set_state(&self, state: WorkerState) -> WorkerState {
+        WorkerState::from_u8(self.state.swap(state as u8, Ordering::AcqRel))
+    }
+
+    /// Whether reads should go here first: it holds the pair's data (or nobody knows yet).
+    fn readable(&self) -> bool {
+        matches!(self.state(), WorkerState::InSync | WorkerState::Unknown)
+    }
+
+    /// Records that the worker missed a write: an in-sync worker becomes stale.
+    fn missed_write(&self) {
+        self.dirty.store(true, Ordering::Release);
+        let _ = self.state.compare_exchange(
+            WorkerState::InSync as u8,
+            WorkerState::Stale as u8,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
     }
 }
 
@@ -222,7 +298,7 @@ impl Router {
 
     /// Waits for a reply (the connection enforces `--worker-timeout`); `None` if the worker
     /// could not answer.
-    async fn finish(&self, link: &WorkerLink, reply: Option<Reply>) -> Option<Response> {
+    pub(crate) async fn finish(&self, link: &WorkerLink, reply: Option<Reply>) -> Option<Response> {
         match reply?.await {
             Ok(resp) if resp.status != Status::ServerError => Some(resp),
             Ok(resp) => {
@@ -247,7 +323,14 @@ impl Router {
         affinity: usize,
     ) -> impl Future<Output = Response> + Send + 'static {
         let pair = pair_for_key(&req.key, self.pairs.len());
-        let first = self.pairs[pair].next_read.fetch_add(1, Ordering::Relaxed) & 1;
+        let [a, b] = &self.pairs[pair].workers;
+        // An in-sync worker first (alternating when both are); the other only if that fails,
+        // so a stale copy is read only when it is the best there is (availability first).
+        let first = match (a.readable(), b.readable()) {
+            (true, false) => 0,
+            (false, true) => 1,
+            _ => self.pairs[pair].next_read.fetch_add(1, Ordering::Relaxed) & 1,
+        };
         let reply = self.pairs[pair].workers[first].send(&req, affinity);
         let this = self.clone();
         async move {
@@ -290,7 +373,13 @@ impl Router {
         let this = self.clone();
         async move {
             let [a, b] = &this.pairs[pair].workers;
-            let (ra, rb) = tokio::join!(this.finish(a, replies.0), this.finish(b, replies.1));
+            // Wait for the workers that hold the pair's data; one that is down, stale or
+            // resyncing only gets the write, so a frozen one cannot hold writes up.
+            let (wait_a, wait_b) = (a.readable() || !b.readable(), b.readable() || !a.readable());
+            let (ra, rb) = tokio::join!(
+                this.settle(a, replies.0, wait_a),
+                this.settle(b, replies.1, wait_b)
+            );
             match (ra, rb) {
                 // Prefer success; of two other answers either is as informative.
                 (Some(ra), Some(rb)) => {
@@ -306,68 +395,100 @@ impl Router {
         }
     }
 
-    /// Every `interval`, asks each reachable worker for its stats and checks that partners
-    /// encrypt with the same key: a pair whose keys differ would hold copies its members
-    /// cannot exchange, so it is logged as an error and shown by INFO until fixed.
-    pub async fn monitor(
-        self: Arc<Self>,
-        interval: std::time::Duration,
-        shutdown: CancellationToken,
-    ) {
-        let mut tick = tokio::time::interval(interval);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = shutdown.cancelled() => return,
-            }
-            for (n, pair) in self.pairs.iter().enumerate() {
-                for (i, w) in pair.workers.iter().enumerate() {
-                    let reply = w.send(&Request::new(Op::Stats, Bytes::new()), 0);
-                    if let Some(resp) = self
-                        .finish(w, reply)
-                        .await
-                        .filter(|r| r.status == Status::Ok)
-                    {
-                        let text = String::from_utf8_lossy(&resp.payload).into_owned();
-                        let key =
-                            stat(&text, "key_fingerprint").or_else(|| stat(&text, "encryption"));
-                        *pair.encryption[i].lock().unwrap_or_else(|e| e.into_inner()) = key;
-                    }
+    /// Waits for a write's reply if `wait`, else lets it finish in the background; either
+    /// way a worker that did not take the write is marked as having missed it.
+    async fn settle(
+        self: &Arc<Self>,
+        link: &Arc<WorkerLink>,
+        reply: Option<Reply>,
+        wait: bool,
+    ) -> Option<Response> {
+        if !wait {
+            match reply {
+                Some(reply) => {
+                    let (router, link) = (self.clone(), link.clone());
+                    tokio::spawn(async move {
+                        if router.finish(&link, Some(reply)).await.is_none() {
+                            link.missed_write();
+                        }
+                    });
                 }
-                let (a, b) = (pair.encryption(0), pair.encryption(1));
-                let mismatch = matches!((&a, &b), (Some(a), Some(b)) if a != b);
-                if pair.key_mismatch.swap(mismatch, Ordering::Relaxed) != mismatch {
-                    if mismatch {
-                        tracing::error!(
-                            pair = n,
-                            a = %pair.workers[0].addr,
-                            b = %pair.workers[1].addr,
-                            "the workers of this pair use different encryption keys (fingerprints {} and {}); give both the same --encryption-key-file",
-                            a.unwrap_or_default(),
-                            b.unwrap_or_default()
-                        );
-                    } else {
-                        tracing::info!(
-                            pair = n,
-                            "the workers of this pair now use the same encryption key"
-                        );
-                    }
+                None => link.missed_write(),
+            }
+            return None;
+        }
+        let resp = self.finish(link, reply).await;
+        if resp.is_none() {
+            link.missed_write();
+        }
+        resp
+    }
+
+    /// Asks each reachable worker for its stats and checks that partners encrypt with the
+    /// same key: a pair whose keys differ would hold copies its members cannot exchange (a
+    /// resync refuses), so it is logged as an error and shown by INFO until fixed.
+    pub(crate) async fn check_keys(&self) {
+        for (n, pair) in self.pairs.iter().enumerate() {
+            for (i, w) in pair.workers.iter().enumerate() {
+                let reply = w.send(&Request::new(Op::Stats, Bytes::new()), 0);
+                if let Some(resp) = self
+                    .finish(w, reply)
+                    .await
+                    .filter(|r| r.status == Status::Ok)
+                {
+                    let text = String::from_utf8_lossy(&resp.payload).into_owned();
+                    let key = stat(&text, "key_fingerprint").or_else(|| stat(&text, "encryption"));
+                    *pair.encryption[i].lock().unwrap_or_else(|e| e.into_inner()) = key;
+                }
+            }
+            let (a, b) = (pair.encryption(0), pair.encryption(1));
+            let mismatch = matches!((&a, &b), (Some(a), Some(b)) if a != b);
+            if pair.key_mismatch.swap(mismatch, Ordering::Relaxed) != mismatch {
+                if mismatch {
+                    tracing::error!(
+                        pair = n,
+                        a = %pair.workers[0].addr,
+                        b = %pair.workers[1].addr,
+                        "the workers of this pair use different encryption keys (fingerprints {} and {}); give both the same --encryption-key-file",
+                        a.unwrap_or_default(),
+                        b.unwrap_or_default()
+                    );
+                } else {
+                    tracing::info!(
+                        pair = n,
+                        "the workers of this pair now use the same encryption key"
+                    );
                 }
             }
         }
     }
 
-    /// One line per pair for INFO: its workers, whether each is up, and the key check.
+    /// Every worker's state on one line, for the `status` extension:
+    /// `pair0 127.0.0.1:7001=in_sync 127.0.0.1:7002=resyncing | pair1 ...`.
+    pub fn status_line(&self) -> Bytes {
+        let pairs: Vec<String> = self
+            .pairs
+            .iter()
+            .enumerate()
+            .map(|(n, pair)| {
+                let [a, b] = &pair.workers;
+                format!(
+                    "pair{n} {}={} {}={}",
+                    a.addr,
+                    a.state().name(),
+                    b.addr,
+                    b.state().name()
+                )
+            })
+            .collect();
+        Bytes::from(pairs.join(" | "))
+    }
+
+    /// One line per pair for INFO: its workers, the state of each, and the key check.
     pub fn describe(&self) -> String {
         let mut out = String::new();
         for (n, pair) in self.pairs.iter().enumerate() {
-            let state = |i: usize| {
-                if pair.workers[i].is_up() {
-                    "up"
-                } else {
-                    "down"
-                }
-            };
+            let state = |i: usize| pair.workers[i].state().name();
             out += &format!(
                 "pair{n}:workers={},{} state={},{} encryption={},{} keys={}\r\n",
                 pair.workers[0].addr,

@@ -53,6 +53,14 @@ pub struct Config {
     #[arg(long, env = "TWINCACHE_WORKER_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
     pub worker_timeout: Duration,
 
+    /// How often every worker's health is checked (its status: boot id, sync state).
+    #[arg(long, env = "TWINCACHE_HEALTH_INTERVAL", default_value = "200ms", value_parser = parse_duration)]
+    pub health_interval: Duration,
+
+    /// A worker that does not answer a health check in this time is down.
+    #[arg(long, env = "TWINCACHE_HEALTH_TIMEOUT", default_value = "500ms", value_parser = parse_duration)]
+    pub health_timeout: Duration,
+
     /// Persistent connections to each worker (each carries many requests at once).
     #[arg(long, env = "TWINCACHE_CONNECTIONS_PER_WORKER", default_value_t = 2,
           value_parser = clap::value_parser!(u16).range(1..=64))]

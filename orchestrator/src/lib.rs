@@ -7,12 +7,14 @@
 //! reads to one with failover to its partner. It holds no data; restarting it loses nothing.
 //!
 //! Layout: [`config`] (flags), [`hlc`] (write versions), [`cluster`] (worker links, routing),
+//! [`health`] (worker states, health checks, resync),
 //! [`session`] (client connections: sniffing, pipelining, text and binary protocols),
 //! [`resp`] (Redis commands), [`metrics`] (INFO counters), `local` (an in-process cluster,
 //! feature `local`).
 
 pub mod cluster;
 pub mod config;
+pub mod health;
 pub mod hlc;
 #[cfg(feature = "local")]
 pub mod local;
@@ -82,11 +84,11 @@ impl Orchestrator {
             node_id,
             "routing to worker pairs"
         );
-        tokio::spawn(
-            router
-                .clone()
-                .monitor(std::time::Duration::from_secs(1), links_shutdown.clone()),
-        );
+        let health = health::HealthConfig {
+            interval: c.health_interval,
+            timeout: c.health_timeout,
+        };
+        tokio::spawn(router.clone().monitor(health, links_shutdown.clone()));
         let session_config = Arc::new(SessionConfig {
             idle_timeout: c.idle_timeout,
             max_line: c.max_line as usize,

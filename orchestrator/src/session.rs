@@ -306,6 +306,7 @@ impl Protocol for TextProtocol {
                 dispatch(router.write(req, affinity))
             }
             Ok(Command::Del(key)) => dispatch(router.write(Request::new(Op::Del, key), affinity)),
+            Ok(Command::Status) => Step::Reply(Response::ok(router.status_line())),
             Ok(Command::Stats) => {
                 let router = router.clone();
                 dispatch(async move { Response::ok(router.stats_line().await) })

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! request  = get||<key> | set||<key>||<value> | del||<key>                  ("\n" or "\r\n")
-//!          | setex||<key>||<seconds>||<value> | ping | stats | exit
+//!          | setex||<key>||<seconds>||<value> | ping | stats | status | exit
 //! response = 0||<result> | <code>||<message>                                 ("\n")
 //! ```
 //!
@@ -28,6 +28,8 @@ pub enum Command {
     Ping,
     /// Every worker's counters.
     Stats,
+    /// Every worker's state (in sync, down, stale, resyncing).
+    Status,
     Exit,
 }
 
@@ -106,21 +108,26 @@ pub fn parse_line(mut line: Bytes) -> Result<Command, LineError> {
             .filter(|&s| s > 0 && s < u64::MAX / 1000)
             .ok_or(LineError::parse("seconds must be a whole number above 0"))?;
         Ok(Command::SetEx(key, secs, rest))
-    } else if is("ping") || is("exit") || is("stats") {
+    } else if is("ping") || is("exit") || is("stats") || is("status") {
         if rest.is_some() {
-            return Err(LineError::parse("ping, stats and exit take no arguments"));
+            return Err(LineError::parse(
+                "ping, stats, status and exit take no arguments",
+            ));
         }
         Ok(if is("ping") {
             Command::Ping
         } else if is("stats") {
             Command::Stats
+        } else if is("status") {
+            Command::Status
         } else {
             Command::Exit
         })
     } else {
         Err(LineError {
             status: Status::InvalidCommand,
-            message: "invalid command type (expected get, set, setex, del, ping, stats or exit)",
+            message:
+                "invalid command type (expected get, set, setex, del, ping, stats, status or exit)",
         })
     }
 }
