@@ -5,6 +5,7 @@ mod harness;
 
 mod cli;
 mod client;
+mod faults;
 mod resp;
 mod robustness;
 mod storage;

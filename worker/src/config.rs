@@ -41,6 +41,11 @@ pub struct Config {
     #[arg(long, env = "TWINCACHE_WORKER_TOMBSTONE_TTL", default_value = "1h", value_parser = parse_duration)]
     pub tombstone_ttl: Duration,
 
+    /// Bytes per second this worker sends when a partner resyncs from it (e.g. 200MB);
+    /// 0 for no limit. Keeps a resync from taking the bandwidth live traffic needs.
+    #[arg(long, env = "TWINCACHE_WORKER_RESYNC_RATE_LIMIT", default_value = "0", value_parser = parse_size)]
+    pub resync_rate_limit: u64,
+
     /// Most connections served at once.
     #[arg(long, env = "TWINCACHE_WORKER_MAX_CONNECTIONS", default_value_t = 1024)]
     pub max_connections: usize,

@@ -34,6 +34,8 @@ pub struct Node {
     pub sync: Arc<SyncState>,
     /// Largest frame accepted, and used for the resync connection too.
     pub max_frame: usize,
+    /// Bytes per second a snapshot is served at; 0 for no limit.
+    pub resync_rate_limit: u64,
 }
 
 impl Worker {
@@ -53,6 +55,7 @@ impl Worker {
             store,
             sync: Arc::new(SyncState::default()),
             max_frame: config.max_frame as usize,
+            resync_rate_limit: config.resync_rate_limit,
         });
         Ok(Worker {
             listener,
@@ -137,7 +140,8 @@ async fn serve_connection(
                     // A stream of frames, not one answer: send what is pending first.
                     stream.write_all(&out).await?;
                     out.clear();
-                    serve_snapshot(&mut stream, &node.store, req.id).await?;
+                    serve_snapshot(&mut stream, &node.store, req.id, node.resync_rate_limit)
+                        .await?;
                 }
                 Ok(Some(req)) => {
                     let id = req.id;

@@ -154,7 +154,16 @@ fn put_record(out: &mut BytesMut, kind: u8, bytes: &[u8]) {
 }
 
 /// Serves a snapshot on `stream`: the meta record, the dictionary, every entry, then the end.
-pub async fn serve_snapshot(stream: &mut TcpStream, store: &Store, id: u64) -> std::io::Result<()> {
+/// With `rate_limit` (bytes per second, 0 for none) it paces itself, so a resync cannot take
+/// the bandwidth live traffic needs.
+pub async fn serve_snapshot(
+    stream: &mut TcpStream,
+    store: &Store,
+    id: u64,
+    rate_limit: u64,
+) -> std::io::Result<()> {
+    let started = Instant::now();
+    let mut sent = 0u64;
     let fingerprint = store.cipher().map_or("off", |c| c.fingerprint());
     let mut records = BytesMut::with_capacity(BATCH_BYTES + 64 * 1024);
     put_record(
@@ -170,7 +179,12 @@ pub async fn serve_snapshot(stream: &mut TcpStream, store: &Store, id: u64) -> s
         for entry in store.snapshot_shard(n) {
             put_record(&mut records, ENTRY, &entry);
             if records.len() >= BATCH_BYTES {
+                sent += records.len() as u64;
                 send(stream, &mut frame, id, Status::Ok, records.split().freeze()).await?;
+                if rate_limit > 0 {
+                    let due = Duration::from_secs_f64(sent as f64 / rate_limit as f64);
+                    tokio::time::sleep(due.saturating_sub(started.elapsed())).await;
+                }
             }
         }
     }

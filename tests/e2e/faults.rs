@@ -1,0 +1,318 @@
+//! Fault tolerance with real processes: kill -9, SIGSTOP/SIGCONT, interrupted resyncs.
+//!
+//! Several clients keep a model of every write acknowledged to them; after the failures and
+//! the resync, the partner that never failed is killed too, and every acknowledged value
+//! (and every delete) must be read back from the worker that came back.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use twincache_client::Client;
+
+use crate::harness::{Proc, TextConn, WORKER};
+
+/// Orchestrator flags that make failures show quickly in a test.
+const FAST: &[&str] = &[
+    "--worker-timeout",
+    "300ms",
+    "--health-interval",
+    "100ms",
+    "--health-timeout",
+    "200ms",
+];
+
+type Model = Arc<Mutex<HashMap<String, Option<String>>>>;
+
+/// Clients writing, deleting and reading their own keys until stopped.
+struct Load {
+    stop: Arc<AtomicBool>,
+    models: Vec<Model>,
+    errors: Arc<Mutex<Vec<String>>>,
+    tasks: Vec<tokio::task::JoinHandle<u64>>,
+}
+
+impl Load {
+    async fn start(addr: SocketAddr, clients: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let errors = Arc::new(Mutex::new(Vec::new()));
+        let mut models = Vec::new();
+        let mut tasks = Vec::new();
+        for t in 0..clients {
+            let client = Client::connect(&addr.to_string()).await.unwrap();
+            let model: Model = Arc::default();
+            models.push(model.clone());
+            let (stop, errors) = (stop.clone(), errors.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut i = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let key = format!("t{t}:k{}", i % 200);
+                    let err = match i % 10 {
+                        0..=5 => {
+                            let value = format!("t{t}:v{i}");
+                            client.set(&key, value.clone()).await.map(|()| {
+                                model.lock().unwrap().insert(key.clone(), Some(value));
+                            })
+                        }
+                        6 => client.del(&key).await.map(|_| {
+                            model.lock().unwrap().insert(key.clone(), None);
+                        }),
+                        _ => client.get(&key).await.map(|got| {
+                            let want = model.lock().unwrap().get(&key).cloned();
+                            if let Some(want) = want {
+                                let got = got.map(|v| String::from_utf8_lossy(&v).into_owned());
+                                if got != want {
+                                    errors.lock().unwrap().push(format!(
+                                        "read {key}: {got:?}, acknowledged {want:?}"
+                                    ));
+                                }
+                            }
+                        }),
+                    };
+                    if let Err(e) = err {
+                        errors.lock().unwrap().push(format!("op {i} on {key}: {e}"));
+                    }
+                    // A shared key every client writes too.
+                    if let Err(e) = client
+                        .set(format!("shared:{}", i % 20), format!("t{t}:{i}"))
+                        .await
+                    {
+                        errors.lock().unwrap().push(format!("shared write: {e}"));
+                    }
+                    i += 1;
+                }
+                i
+            }));
+        }
+        Load {
+            stop,
+            models,
+            errors,
+            tasks,
+        }
+    }
+
+    /// Stops the clients; the operations done, and the errors they saw.
+    async fn stop(self) -> (u64, Vec<String>, Vec<Model>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut ops = 0;
+        for t in self.tasks {
+            ops += t.await.unwrap();
+        }
+        let errors = self.errors.lock().unwrap().clone();
+        (ops, errors, self.models)
+    }
+}
+
+/// Every acknowledged write and delete, read back through the orchestrator.
+async fn verify(addr: SocketAddr, models: &[Model]) {
+    let client = Client::connect(&addr.to_string()).await.unwrap();
+    let mut checked = 0;
+    for model in models {
+        let model = model.lock().unwrap().clone();
+        for (key, want) in model {
+            let got = client
+                .get(&key)
+                .await
+                .unwrap()
+                .map(|v| String::from_utf8_lossy(&v).into_owned());
+            assert_eq!(got, want, "key {key}: acknowledged {want:?}, read {got:?}");
+            checked += 1;
+        }
+    }
+    assert!(checked > 100, "only {checked} keys checked");
+}
+
+async fn status(addr: SocketAddr) -> String {
+    TextConn::connect(addr).await.request("status").await
+}
+
+/// Waits (bounded) until the status line satisfies `want`.
+async fn wait_status(addr: SocketAddr, what: &str, want: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = status(addr).await;
+        if want(&s) {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "waited too long for {what}; status: {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn state_of<'a>(status: &'a str, worker: &SocketAddr) -> &'a str {
+    let needle = format!("{worker}=");
+    status
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(needle.as_str()))
+        .unwrap_or("?")
+}
+
+fn worker_on(port: u16, extra: &[&str]) -> Proc {
+    let mut args: Vec<String> = vec!["--port".into(), port.to_string()];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Proc::start(WORKER, &args)
+}
+
+struct Pair {
+    a: Proc,
+    b: Proc,
+    orch: Proc,
+}
+
+async fn pair(worker_flags: &[&str]) -> Pair {
+    let a = worker_on(0, worker_flags);
+    let b = worker_on(0, worker_flags);
+    let orch = Proc::orchestrator(&[a.addr, b.addr], FAST);
+    let (wa, wb) = (a.addr, b.addr);
+    wait_status(orch.addr, "both in sync", |s| {
+        state_of(s, &wa) == "in_sync" && state_of(s, &wb) == "in_sync"
+    })
+    .await;
+    Pair { a, b, orch }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_restart_resync_then_lose_the_partner() {
+    let mut p = pair(&[]).await;
+    let (addr, wa) = (p.orch.addr, p.a.addr);
+    let load = Load::start(addr, 4).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    p.a.kill();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    p.a = worker_on(wa.port(), &[]);
+    wait_status(addr, "the restarted worker in sync", |s| {
+        state_of(s, &wa) == "in_sync"
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (ops, errors, models) = load.stop().await;
+    assert!(ops > 200, "the load ran ({ops} ops)");
+    assert!(errors.is_empty(), "client-visible errors: {errors:#?}");
+    p.b.kill();
+    verify(addr, &models).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_worker_catches_up_before_serving_reads() {
+    let mut p = pair(&[]).await;
+    let (addr, wa) = (p.orch.addr, p.a.addr);
+    let load = Load::start(addr, 4).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    p.a.signal("STOP");
+    wait_status(addr, "the frozen worker down", |s| {
+        state_of(s, &wa) == "down"
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    p.a.signal("CONT");
+    wait_status(addr, "the resumed worker in sync", |s| {
+        state_of(s, &wa) == "in_sync"
+    })
+    .await;
+    // It went back into the read rotation only through a resync (the load's reads check
+    // the values; the log shows the path).
+    let log = p.orch.log_text();
+    let mine: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(&format!("worker={wa}")))
+        .collect();
+    let back = mine
+        .iter()
+        .position(|l| l.contains(r#"from="down" to="stale""#));
+    let synced = mine
+        .iter()
+        .rposition(|l| l.contains(r#"from="resyncing" to="in_sync""#));
+    assert!(
+        matches!((back, synced), (Some(b), Some(s)) if b < s),
+        "{mine:#?}"
+    );
+    assert!(
+        !mine
+            .iter()
+            .any(|l| l.contains(r#"from="down" to="in_sync""#)),
+        "{mine:#?}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_, errors, models) = load.stop().await;
+    assert!(errors.is_empty(), "client-visible errors: {errors:#?}");
+    p.b.kill();
+    verify(addr, &models).await;
+}
+
+/// Loads enough data (1 KB values lz4 cannot shrink) that a rate-limited resync takes seconds.
+async fn fill(addr: SocketAddr, keys: usize) {
+    let client = Client::connect(&addr.to_string()).await.unwrap();
+    let mut x = 1u64;
+    let mut noise = move || -> Vec<u8> {
+        (0..1000)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                (x >> 56) as u8
+            })
+            .collect()
+    };
+    for chunk in 0..keys / 500 {
+        let writes: Vec<_> = (0..500)
+            .map(|i| client.set(format!("bulk:{}", chunk * 500 + i), noise()))
+            .collect();
+        for w in futures_util::future::join_all(writes).await {
+            w.unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interrupted_resyncs_recover_once_the_pair_is_whole() {
+    // 1 MB/s: a resync of the data below takes seconds, long enough to interrupt.
+    let slow: &[&str] = &["--resync-rate-limit", "1MB", "--dictionary-size", "0"];
+    let mut p = pair(slow).await;
+    let (addr, wa, wb) = (p.orch.addr, p.a.addr, p.b.addr);
+    fill(addr, 4000).await;
+    let client = Client::connect(&addr.to_string()).await.unwrap();
+
+    // The resyncing worker dies mid-resync, comes back, and finishes.
+    p.a.kill();
+    p.a = worker_on(wa.port(), slow);
+    wait_status(addr, "a resyncing", |s| state_of(s, &wa) == "resyncing").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    p.a.kill();
+    p.a = worker_on(wa.port(), slow);
+    client.set("during", "the second resync").await.unwrap();
+    wait_status(addr, "a in sync again", |s| state_of(s, &wa) == "in_sync").await;
+
+    // The source dies mid-resync: the resyncing worker's copy is then the best there is.
+    p.b.kill();
+    p.b = worker_on(wb.port(), slow);
+    wait_status(addr, "b resyncing", |s| state_of(s, &wb) == "resyncing").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    p.a.kill();
+    wait_status(addr, "b serving alone", |s| {
+        state_of(s, &wa) == "down" && state_of(s, &wb) == "in_sync"
+    })
+    .await;
+    client.set("while alone", "b").await.unwrap();
+    // The pair is whole again: a refills from b.
+    p.a = worker_on(wa.port(), slow);
+    wait_status(addr, "both in sync", |s| {
+        state_of(s, &wa) == "in_sync" && state_of(s, &wb) == "in_sync"
+    })
+    .await;
+    client.set("after", "recovery").await.unwrap();
+    p.b.kill();
+    assert_eq!(
+        client.get("while alone").await.unwrap().as_deref(),
+        Some(&b"b"[..])
+    );
+    assert_eq!(
+        client.get("after").await.unwrap().as_deref(),
+        Some(&b"recovery"[..])
+    );
+}
