@@ -50,7 +50,9 @@ pub struct Config {
     pub default_ttl: Duration,
 
     /// How long a worker may take to answer before the request fails over to its partner.
-    #[arg(long, env = "TWINCACHE_WORKER_TIMEOUT", default_value = "1s", value_parser = parse_duration)]
+    /// Cache operations take well under a millisecond; this bounds what a frozen worker
+    /// costs the requests already sent to it.
+    #[arg(long, env = "TWINCACHE_WORKER_TIMEOUT", default_value = "500ms", value_parser = parse_duration)]
     pub worker_timeout: Duration,
 
     /// How often every worker's health is checked (its status: boot id, sync state).
@@ -58,7 +60,7 @@ pub struct Config {
     pub health_interval: Duration,
 
     /// A worker that does not answer a health check in this time is down.
-    #[arg(long, env = "TWINCACHE_HEALTH_TIMEOUT", default_value = "500ms", value_parser = parse_duration)]
+    #[arg(long, env = "TWINCACHE_HEALTH_TIMEOUT", default_value = "300ms", value_parser = parse_duration)]
     pub health_timeout: Duration,
 
     /// Persistent connections to each worker (each carries many requests at once).

@@ -668,19 +668,30 @@ impl Store {
         self.dict.get().map(Dictionary::id) == Some(id)
     }
 
-    /// Copies of the entries of shard `n` (tombstones included, expired ones not), for a
-    /// snapshot. The lock is held for the copy only.
-    pub fn snapshot_shard(&self, n: usize) -> Vec<Box<[u8]>> {
+    /// Makes room for `entries` more entries spread over the shards, so a resync does not
+    /// spend its time growing tables (each growth re-hashes every key it holds).
+    pub fn reserve(&self, entries: usize) {
+        let per_shard = entries / SHARDS + entries / SHARDS / 8 + 1;
+        for shard in self.shards.iter() {
+            let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+            let before = shard.held();
+            shard.table.reserve(per_shard, |e| self.hash(e.key()));
+            shard.recount_structure();
+            self.track(before, shard.held());
+        }
+    }
+
+    /// Calls `each` with every entry of shard `n` as stored (tombstones included, expired
+    /// ones not), under the shard's lock: `each` should only copy. A snapshot appends them
+    /// straight to its outgoing buffer, with no allocation per entry.
+    pub fn snapshot_shard(&self, n: usize, mut each: impl FnMut(&[u8])) {
         let now = now_ms();
         let shard = self.shards[n % SHARDS]
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        shard
-            .table
-            .iter()
-            .filter(|e| !e.expired(now))
-            .map(|e| e.0.clone())
-            .collect()
+        for e in shard.table.iter().filter(|e| !e.expired(now)) {
+            each(&e.0);
+        }
     }
 
     pub const SHARDS: usize = SHARDS;
@@ -1146,9 +1157,7 @@ mod tests {
         set(&target, b"c", b"stale copy", 10);
         let mut taken = 0;
         for n in 0..SHARDS {
-            for raw in source.snapshot_shard(n) {
-                taken += usize::from(target.merge(&raw).unwrap());
-            }
+            source.snapshot_shard(n, |raw| taken += usize::from(target.merge(raw).unwrap()));
         }
         assert_eq!(
             taken, 2,

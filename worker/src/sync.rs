@@ -12,7 +12,7 @@
 //!
 //! ```text
 //! record = kind:u8 len:u32le bytes
-//! kind   = 1 meta ("fingerprint:<hex|off>"), 2 dictionary, 3 entry (as stored)
+//! kind   = 1 meta ("fingerprint:<hex|off>\nentries:<n>"), 2 dictionary, 3 entry (as stored)
 //! ```
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -166,32 +166,50 @@ pub async fn serve_snapshot(
     let mut sent = 0u64;
     let fingerprint = store.cipher().map_or("off", |c| c.fingerprint());
     let mut records = BytesMut::with_capacity(BATCH_BYTES + 64 * 1024);
+    let usage = store.usage();
+    let entries = usage.keys + usage.tombstones;
     put_record(
         &mut records,
         META,
-        format!("fingerprint:{fingerprint}").as_bytes(),
+        format!("fingerprint:{fingerprint}\nentries:{entries}").as_bytes(),
     );
     if let Some(dict) = store.dictionary() {
         put_record(&mut records, DICTIONARY, dict.bytes());
     }
     let mut frame = BytesMut::new();
     for n in 0..Store::SHARDS {
-        for entry in store.snapshot_shard(n) {
-            put_record(&mut records, ENTRY, &entry);
-            if records.len() >= BATCH_BYTES {
-                sent += records.len() as u64;
-                send(stream, &mut frame, id, Status::Ok, records.split().freeze()).await?;
-                if rate_limit > 0 {
-                    let due = Duration::from_secs_f64(sent as f64 / rate_limit as f64);
-                    tokio::time::sleep(due.saturating_sub(started.elapsed())).await;
-                }
+        // One shard's records at a time (a 64th of the store), copied under its lock and
+        // sent after it is released, in frames of whole records.
+        store.snapshot_shard(n, |entry| put_record(&mut records, ENTRY, entry));
+        while !records.is_empty() {
+            let cut = record_boundary(&records, BATCH_BYTES);
+            sent += cut as u64;
+            send(
+                stream,
+                &mut frame,
+                id,
+                Status::Ok,
+                records.split_to(cut).freeze(),
+            )
+            .await?;
+            if rate_limit > 0 {
+                let due = Duration::from_secs_f64(sent as f64 / rate_limit as f64);
+                tokio::time::sleep(due.saturating_sub(started.elapsed())).await;
             }
         }
     }
-    if !records.is_empty() {
-        send(stream, &mut frame, id, Status::Ok, records.split().freeze()).await?;
-    }
     send(stream, &mut frame, id, Status::NotFound, Bytes::new()).await
+}
+
+/// Where to cut `records` for a frame of about `target` bytes: after the first record that
+/// reaches it (so a frame always holds whole records), or at the end.
+fn record_boundary(records: &[u8], target: usize) -> usize {
+    let mut at = 0;
+    while at < records.len() && at < target {
+        let len = u32::from_le_bytes(records[at + 1..at + 5].try_into().expect("4 bytes"));
+        at += 5 + len as usize;
+    }
+    at
 }
 
 async fn send(
@@ -253,7 +271,17 @@ async fn pull(store: &Store, partner: &str, max_frame: usize) -> Result<(u64, u6
             let body = rest.get(5..5 + len).ok_or("truncated snapshot record")?;
             rest = &rest[5 + len..];
             match kind {
-                META => check_key(store, body)?,
+                META => {
+                    let meta = String::from_utf8_lossy(body);
+                    check_key(store, &meta)?;
+                    let entries = meta
+                        .lines()
+                        .find_map(|l| l.strip_prefix("entries:"))
+                        .and_then(|n| n.trim().parse::<usize>().ok());
+                    if let Some(n) = entries {
+                        store.reserve(n);
+                    }
+                }
                 DICTIONARY => theirs = adopt_or_keep(store, body),
                 ENTRY => {
                     let taken = match &theirs {
@@ -272,9 +300,11 @@ async fn pull(store: &Store, partner: &str, max_frame: usize) -> Result<(u64, u6
 }
 
 /// Refuses a partner whose encryption key differs: its stored bytes would not open here.
-fn check_key(store: &Store, meta: &[u8]) -> Result<(), String> {
-    let theirs = String::from_utf8_lossy(meta);
-    let theirs = theirs.strip_prefix("fingerprint:").unwrap_or(&theirs);
+fn check_key(store: &Store, meta: &str) -> Result<(), String> {
+    let theirs = meta
+        .lines()
+        .find_map(|l| l.strip_prefix("fingerprint:"))
+        .unwrap_or("off");
     let ours = store.cipher().map_or("off", |c| c.fingerprint());
     if theirs != ours {
         return Err(format!(
