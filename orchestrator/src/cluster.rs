@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use tokio_util::sync::CancellationToken;
 use twincache_client::{Connection, Reply};
 use twincache_protocol::frame::{flags, Op, Request, Response};
@@ -225,6 +225,30 @@ impl Pair {
     }
 }
 
+/// A response on its way.
+pub type BoxedResponse = std::pin::Pin<Box<dyn Future<Output = Response> + Send>>;
+
+/// The keys a Redis command may change, to invalidate in the cache after passing it through.
+/// Over-invalidating is harmless (the next read refills from the destination), so commands
+/// not listed are taken to touch their first argument.
+fn touched_keys(args: &[Bytes]) -> Vec<Bytes> {
+    let name = args
+        .first()
+        .map(|a| a.to_ascii_lowercase())
+        .unwrap_or_default();
+    let rest = args.get(1..).unwrap_or_default();
+    match name.as_slice() {
+        b"del" | b"unlink" | b"touch" | b"sinterstore" | b"sunionstore" | b"sdiffstore"
+        | b"pfmerge" | b"bitop" => rest.to_vec(),
+        b"mset" | b"msetnx" => rest.iter().step_by(2).cloned().collect(),
+        b"rename" | b"renamenx" | b"copy" | b"smove" | b"rpoplpush" | b"lmove" | b"blmove"
+        | b"brpoplpush" | b"zunionstore" | b"zinterstore" | b"zdiffstore" | b"georadius" => {
+            rest.iter().take(2).cloned().collect()
+        }
+        _ => rest.iter().take(1).cloned().collect(),
+    }
+}
+
 /// The value of `name:value` in a stats text.
 fn stat(text: &str, name: &str) -> Option<String> {
     text.lines()
@@ -249,6 +273,9 @@ pub struct Router {
     pairs: Vec<Pair>,
     clock: Hlc,
     default_ttl_ms: u64,
+    /// Set when the workers report adapter mode (they front a source and a destination
+    /// Redis): writes then go through one primary worker, other commands to the destination.
+    adapter: AtomicBool,
 }
 
 impl Router {
@@ -284,6 +311,7 @@ impl Router {
             pairs,
             clock: Hlc::new(config.node_id),
             default_ttl_ms: config.default_ttl_ms,
+            adapter: AtomicBool::new(false),
         }
     }
 
@@ -329,6 +357,9 @@ impl Router {
         let first = match (a.readable(), b.readable()) {
             (true, false) => 0,
             (false, true) => 1,
+            // Adapter mode: the worker that takes the pair's writes, so a read queued after
+            // a write waits for it there (the partner's cache is only invalidated later).
+            _ if self.is_adapter() => 0,
             _ => self.pairs[pair].next_read.fetch_add(1, Ordering::Relaxed) & 1,
         };
         let reply = self.pairs[pair].workers[first].send(&req, affinity);
@@ -354,10 +385,118 @@ impl Router {
         self.read(Request::new(Op::Get, key), affinity)
     }
 
+    /// Whether the workers are in adapter mode.
+    pub fn is_adapter(&self) -> bool {
+        self.adapter.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_adapter(&self, on: bool) {
+        if self.adapter.swap(on, Ordering::Relaxed) != on {
+            tracing::info!(adapter = on, "workers report adapter mode");
+        }
+    }
+
+    /// Adapter mode: a plain SET goes to one worker of the pair, marked primary, which
+    /// writes it through to the destination (one Redis write per client write); once the
+    /// destination has it, the partner's cached copy is invalidated. If the primary cannot
+    /// be reached, its partner takes the role.
+    fn adapter_set(self: &Arc<Self>, mut req: Request, affinity: usize) -> BoxedResponse {
+        req.version = self.clock.next();
+        req.flags |= flags::PRIMARY;
+        let pair = pair_for_key(&req.key, self.pairs.len());
+        let workers = &self.pairs[pair].workers;
+        let first = if workers[0].readable() || !workers[1].readable() {
+            0
+        } else {
+            1
+        };
+        // Sent now, in the session's order (see WorkerLink); the partner only on failure.
+        let reply = workers[first].send(&req, affinity);
+        let this = self.clone();
+        Box::pin(async move {
+            let workers = &this.pairs[pair].workers;
+            let mut reply = Some(reply);
+            for i in [first, 1 - first] {
+                let sent = reply
+                    .take()
+                    .unwrap_or_else(|| workers[i].send(&req, affinity));
+                if let Some(resp) = this.finish(&workers[i], sent).await {
+                    if resp.status == Status::Ok {
+                        this.invalidate_on(&workers[1 - i], &req.key).await;
+                    }
+                    return resp;
+                }
+            }
+            Response::status(Status::Unavailable)
+        })
+    }
+
+    /// Drops `key` from one worker's cache (a short-lived tombstone with a fresh version, so
+    /// no cache fill in flight can put an older value back).
+    async fn invalidate_on(&self, w: &WorkerLink, key: &Bytes) {
+        let mut req = Request::new(Op::Invalidate, key.clone());
+        req.version = self.clock.next();
+        let reply = w.send(&req, 0);
+        if self.finish(w, reply).await.is_none() {
+            w.missed_write();
+        }
+    }
+
+    /// Adapter mode: runs a Redis command on the destination through a worker of the pair
+    /// of its first key, then invalidates every key it may touch on both partners. The
+    /// response's payload is the destination's RESP reply, as is.
+    pub fn passthrough(self: &Arc<Self>, args: Vec<Bytes>, affinity: usize) -> BoxedResponse {
+        let mut encoded = BytesMut::new();
+        twincache_protocol::resp::encode_command(&args, &mut encoded);
+        let route = args.get(1).cloned().unwrap_or_default();
+        let mut req = Request::new(Op::Passthrough, route);
+        req.value = encoded.freeze();
+        // The version the worker invalidates its cached copy of the first key with.
+        req.version = self.clock.next();
+        let touched = touched_keys(&args);
+        let read = self.read(req, affinity);
+        let this = self.clone();
+        Box::pin(async move {
+            let resp = read.await;
+            for key in touched {
+                let pair = &this.pairs[pair_for_key(&key, this.pairs.len())];
+                tokio::join!(
+                    this.invalidate_on(&pair.workers[0], &key),
+                    this.invalidate_on(&pair.workers[1], &key)
+                );
+            }
+            resp
+        })
+    }
+
     /// Sends a write (`set`, `del`) to both workers of the key's pair at once, stamped with a
     /// fresh version so the partners converge whatever order writes reach them in. Succeeds
     /// if at least one worker stored it (availability first).
-    pub fn write(
+    pub fn write(self: &Arc<Self>, req: Request, affinity: usize) -> BoxedResponse {
+        if self.is_adapter() {
+            return match req.op {
+                Op::Set if req.flags == 0 => self.adapter_set(req, affinity),
+                Op::Del => {
+                    let del = self.passthrough(vec![Bytes::from_static(b"DEL"), req.key], affinity);
+                    // The text and binary protocols answer a DEL with found / not found.
+                    Box::pin(async move {
+                        let resp = del.await;
+                        match (resp.status, &resp.payload[..]) {
+                            (Status::Ok, b":0\r\n") => Response::status(Status::NotFound),
+                            (Status::Ok, _) => Response::ok(Bytes::new()),
+                            _ => resp,
+                        }
+                    })
+                }
+                _ => Box::pin(async {
+                    Response::error(Status::InvalidCommand, "not supported in adapter mode")
+                }),
+            };
+        }
+        Box::pin(self.replicated_write(req, affinity))
+    }
+
+    fn replicated_write(
         self: &Arc<Self>,
         mut req: Request,
         affinity: usize,

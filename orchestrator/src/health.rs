@@ -47,6 +47,7 @@ struct Seen {
     phase: String,
     completed: u64,
     error: String,
+    adapter: bool,
 }
 
 fn parse(text: &str) -> Seen {
@@ -61,6 +62,7 @@ fn parse(text: &str) -> Seen {
             "resync" => seen.phase = v.trim().to_string(),
             "resyncs_completed" => seen.completed = v.trim().parse().unwrap_or(0),
             "resync_error" => seen.error = v.trim().to_string(),
+            "adapter" => seen.adapter = v.trim() == "1",
             _ => {}
         }
     }
@@ -122,6 +124,9 @@ impl Router {
 
     /// One round for one pair.
     async fn step(&self, pair: &Pair, seen: [Option<Seen>; 2]) {
+        if let Some(s) = seen.iter().flatten().next() {
+            self.set_adapter(s.adapter);
+        }
         for (w, s) in pair.workers.iter().zip(&seen) {
             observe(w, s.as_ref());
         }

@@ -97,6 +97,9 @@ impl Protocol for RespProtocol {
             Ok(Some(args)) => args,
             Err(e) => return Step::Close(Some(e.reply())),
         };
+        if ctx.router.is_adapter() && passes_through(&args) {
+            return passthrough(args, ctx);
+        }
         let Some(&(name, arity, handler)) = find(&args[0]) else {
             return Step::Reply(unknown_command(&args));
         };
@@ -116,6 +119,39 @@ impl Protocol for RespProtocol {
     fn at_eof(&mut self, _buf: &BytesMut) -> Option<Reply> {
         None
     }
+}
+
+/// Commands the orchestrator answers itself in adapter mode; everything else goes to the
+/// destination Redis as is (the seed's "any other request").
+const ADAPTER_NATIVE: &[&str] = &[
+    "get", "set", "mget", "mset", "ping", "echo", "quit", "select", "info", "command", "client",
+    "hello",
+];
+
+/// Whether, in adapter mode, this command goes to the destination. A SET with options other
+/// than EX/PX (NX, XX, GET, KEEPTTL, EXAT, PXAT) does too: the destination decides them.
+fn passes_through(args: &[Bytes]) -> bool {
+    if !ADAPTER_NATIVE
+        .iter()
+        .any(|n| args[0].eq_ignore_ascii_case(n.as_bytes()))
+    {
+        return true;
+    }
+    args[0].eq_ignore_ascii_case(b"set")
+        && args.len() > 3
+        && !(args.len() == 5
+            && (args[3].eq_ignore_ascii_case(b"ex") || args[3].eq_ignore_ascii_case(b"px")))
+}
+
+fn passthrough(args: Vec<Bytes>, ctx: &Ctx) -> Step<Reply> {
+    let fut = ctx.router.passthrough(args, ctx.affinity);
+    dispatch(async move {
+        let resp = fut.await;
+        match resp.status {
+            Status::Ok => Reply::Raw(resp.payload),
+            _ => error_reply(&resp),
+        }
+    })
 }
 
 /// Redis' text: the name and the first arguments, each cut so the list stays near 128 bytes.

@@ -371,7 +371,13 @@ impl Protocol for BinaryProtocol {
                 );
             }
             // Worker-to-worker and orchestrator-to-worker operations are not for clients.
-            Op::Status | Op::Snapshot | Op::Resync | Op::Adopt | Op::Unknown(_) => {
+            Op::Status
+            | Op::Snapshot
+            | Op::Resync
+            | Op::Adopt
+            | Op::Passthrough
+            | Op::Invalidate
+            | Op::Unknown(_) => {
                 return Step::Reply(Response::status(Status::InvalidCommand).with_id(id))
             }
         };

@@ -44,6 +44,9 @@ pub mod flags {
     pub const GET: u8 = 4;
     /// Keep the key's current expiry instead of replacing it (Redis `KEEPTTL`).
     pub const KEEP_TTL: u8 = 8;
+    /// Adapter mode: this worker writes the value through to the destination Redis (one
+    /// Redis write per client write, not one per partner).
+    pub const PRIMARY: u8 = 16;
 }
 
 /// What a request asks for. Unknown codes are kept as values so the receiver can answer
@@ -68,6 +71,11 @@ pub enum Op {
     /// Orchestrator to worker: the data it holds is the pair's (a new pair, or the sole
     /// survivor); it need not resync.
     Adopt,
+    /// Adapter mode: run a Redis command (the value, RESP-encoded) on the destination and
+    /// answer with its RESP reply as is.
+    Passthrough,
+    /// Adapter mode: drop the key from the cache (a short-lived tombstone at `version`).
+    Invalidate,
     Unknown(u8),
 }
 
@@ -84,6 +92,8 @@ impl Op {
             Op::Snapshot => 8,
             Op::Resync => 9,
             Op::Adopt => 10,
+            Op::Passthrough => 11,
+            Op::Invalidate => 12,
             Op::Unknown(c) => c,
         }
     }
@@ -100,13 +110,18 @@ impl Op {
             8 => Op::Snapshot,
             9 => Op::Resync,
             10 => Op::Adopt,
+            11 => Op::Passthrough,
+            12 => Op::Invalidate,
             c => Op::Unknown(c),
         }
     }
 
     /// Whether the op works on a key (and so needs a non-empty one).
     pub fn has_key(self) -> bool {
-        matches!(self, Op::Get | Op::Set | Op::Del | Op::Exists)
+        matches!(
+            self,
+            Op::Get | Op::Set | Op::Del | Op::Exists | Op::Invalidate
+        )
     }
 }
 

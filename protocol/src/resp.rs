@@ -220,6 +220,18 @@ pub enum Reply {
     Nil,
     /// `*<n>` followed by the elements
     Array(Vec<Reply>),
+    /// A reply already encoded (one passed through from another Redis).
+    Raw(Bytes),
+}
+
+/// Encodes a command as a RESP array of bulk strings (what clients send).
+pub fn encode_command(args: &[Bytes], out: &mut BytesMut) {
+    put_header(out, b'*', args.len() as i64);
+    for a in args {
+        put_header(out, b'$', a.len() as i64);
+        out.put_slice(a);
+        out.put_slice(b"\r\n");
+    }
 }
 
 impl Reply {
@@ -259,6 +271,7 @@ impl Reply {
                     item.encode(out);
                 }
             }
+            Reply::Raw(bytes) => out.put_slice(bytes),
         }
     }
 }

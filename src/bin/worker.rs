@@ -13,6 +13,9 @@ fn main() {
     if let Err(msg) = config.cipher() {
         twincache::fail(2, msg);
     }
+    if let Err(msg) = config.adapter() {
+        twincache::fail(2, msg);
+    }
     twincache::runtime(config.threads).block_on(run(config));
 }
 

@@ -46,6 +46,30 @@ pub struct Config {
     #[arg(long, env = "TWINCACHE_WORKER_RESYNC_RATE_LIMIT", default_value = "0", value_parser = parse_size)]
     pub resync_rate_limit: u64,
 
+    /// Adapter mode: the Redis to migrate from, e.g. redis://127.0.0.1:6379/0 (needs
+    /// --destination too).
+    #[arg(
+        long,
+        env = "TWINCACHE_WORKER_SOURCE",
+        value_name = "URL",
+        requires = "destination"
+    )]
+    pub source: Option<String>,
+
+    /// Adapter mode: the Redis to migrate to, e.g. redis://:password@10.0.0.5:6379/1 (needs
+    /// --source too).
+    #[arg(
+        long,
+        env = "TWINCACHE_WORKER_DESTINATION",
+        value_name = "URL",
+        requires = "source"
+    )]
+    pub destination: Option<String>,
+
+    /// Adapter mode: delete a key from the source once it is in the destination.
+    #[arg(long, env = "TWINCACHE_WORKER_DELETE_FROM_SOURCE", requires = "source")]
+    pub delete_from_source: bool,
+
     /// Most connections served at once.
     #[arg(long, env = "TWINCACHE_WORKER_MAX_CONNECTIONS", default_value_t = 1024)]
     pub max_connections: usize,
@@ -76,6 +100,16 @@ pub enum Command {
 }
 
 impl Config {
+    /// The adapter, when --source and --destination are given; a clear message for a bad URL.
+    pub fn adapter(&self) -> Result<Option<crate::adapter::Adapter>, String> {
+        match (&self.source, &self.destination) {
+            (Some(src), Some(dst)) => {
+                crate::adapter::Adapter::new(src, dst, self.delete_from_source).map(Some)
+            }
+            _ => Ok(None),
+        }
+    }
+
     /// The cipher from `--encryption-key-file`, if given; a clear message if it is unusable.
     pub fn cipher(&self) -> Result<Option<crate::seal::Cipher>, String> {
         self.encryption_key_file

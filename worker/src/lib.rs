@@ -10,6 +10,7 @@
 //! [`store`] (the sharded tables, eviction, TTLs), [`sync`] (snapshots and partner resync),
 //! [`server`] (connections).
 
+pub mod adapter;
 pub mod config;
 pub mod seal;
 pub mod server;

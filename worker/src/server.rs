@@ -1,9 +1,13 @@
 //! Serving frames over TCP.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
+use futures_util::stream::FuturesUnordered;
+use futures_util::{FutureExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::codec::Decoder;
@@ -14,6 +18,7 @@ use twincache_protocol::frame::{
 use twincache_protocol::server::accept_loop;
 use twincache_protocol::Status;
 
+use crate::adapter::{Adapter, INVALIDATION_TTL_MS};
 use crate::config::Config;
 use crate::store::{SetOptions, Store, StoreError};
 use crate::sync::{serve_snapshot, SyncState};
@@ -36,6 +41,14 @@ pub struct Node {
     pub max_frame: usize,
     /// Bytes per second a snapshot is served at; 0 for no limit.
     pub resync_rate_limit: u64,
+    /// Adapter mode: the source and destination Redis.
+    pub adapter: Option<Arc<Adapter>>,
+}
+
+/// A request answered at once, or one that waits on Redis (adapter mode).
+enum Handled {
+    Now(Response),
+    Later(Pin<Box<dyn Future<Output = Response> + Send>>),
 }
 
 impl Worker {
@@ -56,6 +69,10 @@ impl Worker {
             sync: Arc::new(SyncState::default()),
             max_frame: config.max_frame as usize,
             resync_rate_limit: config.resync_rate_limit,
+            adapter: config
+                .adapter()
+                .map_err(|msg| std::io::Error::new(std::io::ErrorKind::InvalidInput, msg))?
+                .map(Arc::new),
         });
         Ok(Worker {
             listener,
@@ -126,47 +143,177 @@ async fn serve_connection(
     let mut codec = FrameCodec::<Request>::new(node.max_frame);
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let mut out = BytesMut::with_capacity(64 * 1024);
+    // Adapter-mode requests waiting on Redis; they answer out of order, by id.
+    let mut waiting = FuturesUnordered::new();
+    let mut reading = true;
     loop {
-        let n = tokio::select! {
-            n = stream.read_buf(&mut buf) => n?,
-            _ = shutdown.cancelled() => return Ok(()),
-        };
-        if n == 0 {
-            return Ok(());
-        }
-        loop {
-            match codec.decode(&mut buf) {
-                Ok(Some(req)) if req.op == Op::Snapshot => {
-                    // A stream of frames, not one answer: send what is pending first.
-                    stream.write_all(&out).await?;
-                    out.clear();
-                    serve_snapshot(&mut stream, &node.store, req.id, node.resync_rate_limit)
-                        .await?;
-                }
-                Ok(Some(req)) => {
-                    let id = req.id;
-                    encode_frame(&handle(&node, req).with_id(id), &mut out);
-                    if out.len() >= OUT_HIGH_WATER {
-                        stream.write_all(&out).await?;
-                        out.clear();
-                    }
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    let status = match e {
-                        FrameError::TooLong { .. } => Status::TooLarge,
-                        _ => Status::ParseError,
-                    };
-                    encode_frame(&Response::status(status), &mut out);
-                    let _ = stream.write_all(&out).await;
-                    return Err(e);
+        tokio::select! {
+            // Requests waiting on Redis first: each registers for its key's order before any
+            // later request is read, so requests on one key keep their arrival order.
+            biased;
+            Some(resp) = waiting.next(), if !waiting.is_empty() => {
+                encode_frame(&resp, &mut out);
+                while let Some(Some(resp)) = waiting.next().now_or_never() {
+                    encode_frame(&resp, &mut out);
                 }
             }
+            n = stream.read_buf(&mut buf), if reading => {
+                if n? == 0 {
+                    reading = false;
+                }
+                loop {
+                    match codec.decode(&mut buf) {
+                        Ok(Some(req)) if req.op == Op::Snapshot => {
+                            // A stream of frames, not one answer: send what is pending first.
+                            stream.write_all(&out).await?;
+                            out.clear();
+                            serve_snapshot(&mut stream, &node.store, req.id, node.resync_rate_limit).await?;
+                        }
+                        Ok(Some(req)) => {
+                            let id = req.id;
+                            match dispatch(&node, req) {
+                                Handled::Now(resp) => encode_frame(&resp.with_id(id), &mut out),
+                                Handled::Later(fut) => waiting.push(async move { fut.await.with_id(id) }),
+                            }
+                            if out.len() >= OUT_HIGH_WATER {
+                                stream.write_all(&out).await?;
+                                out.clear();
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(e) => {
+                            let status = match e {
+                                FrameError::TooLong { .. } => Status::TooLarge,
+                                _ => Status::ParseError,
+                            };
+                            encode_frame(&Response::status(status), &mut out);
+                            let _ = stream.write_all(&out).await;
+                            return Err(e);
+                        }
+                    }
+                }
+            }
+            _ = shutdown.cancelled() => return Ok(()),
         }
         if !out.is_empty() {
             stream.write_all(&out).await?;
             out.clear();
         }
+        if !reading && waiting.is_empty() {
+            return Ok(());
+        }
+    }
+}
+
+/// Adapter-mode GET holding the key's order: from the cache, or (still holding it) from
+/// the destination or source.
+fn adapter_get(
+    adapter: Arc<Adapter>,
+    store: Arc<Store>,
+    key: Bytes,
+    in_order: tokio::sync::OwnedMutexGuard<()>,
+) -> Handled {
+    match store.get(&key) {
+        Ok(Some(value)) => {
+            adapter
+                .counters
+                .cache_hits
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Handled::Now(Response::ok(value))
+        }
+        Ok(None) => Handled::Later(Box::pin(async move {
+            let _in_order = in_order;
+            match adapter.get_miss(&store, &key).await {
+                Ok(Some(value)) => Response::ok(value),
+                Ok(None) => Response::status(Status::NotFound),
+                Err(e) => Response {
+                    id: 0,
+                    status: Status::Unavailable,
+                    payload: Bytes::from(e),
+                },
+            }
+        })),
+        Err(e) => Handled::Now(corrupt(e)),
+    }
+}
+
+/// Answers from the cache where it can; in adapter mode, what needs Redis answers later.
+fn dispatch(node: &Arc<Node>, req: Request) -> Handled {
+    let Some(adapter) = node.adapter.clone() else {
+        return Handled::Now(handle(node, req));
+    };
+    let store = node.store.clone();
+    let failed = |e: String| Response {
+        id: 0,
+        status: Status::Unavailable,
+        payload: Bytes::from(e),
+    };
+    match req.op {
+        // Reads take the key's order too: at once if free, else queued behind the writes
+        // that arrived before them (see the connection loop's `biased` select).
+        Op::Get => {
+            let stripe = adapter.stripe(&req.key);
+            match stripe.clone().try_lock_owned() {
+                Ok(in_order) => adapter_get(adapter, store, req.key, in_order),
+                Err(_) => Handled::Later(Box::pin(async move {
+                    let in_order = stripe.lock_owned().await;
+                    match adapter_get(adapter, store, req.key, in_order) {
+                        Handled::Now(resp) => resp,
+                        Handled::Later(fut) => fut.await,
+                    }
+                })),
+            }
+        }
+        Op::Set if req.flags & flags::PRIMARY != 0 => {
+            // Take the key's order now, on arrival, so later requests on the key wait for it.
+            let stripe = adapter.stripe(&req.key);
+            let taken = stripe.clone().try_lock_owned().ok();
+            Handled::Later(Box::pin(async move {
+                let in_order = match taken {
+                    Some(guard) => guard,
+                    None => stripe.lock_owned().await,
+                };
+                match adapter
+                    .set(
+                        &store,
+                        &req.key,
+                        &req.value,
+                        req.version,
+                        req.ttl_ms,
+                        in_order,
+                    )
+                    .await
+                {
+                    Ok(()) => Response::ok(Bytes::new()),
+                    Err(e) => failed(e),
+                }
+            }))
+        }
+        Op::Passthrough => {
+            // In the key's order, like a write, and the key leaves this cache before the
+            // order is released, so a read queued behind it asks the destination.
+            let stripe = adapter.stripe(&req.key);
+            let taken = stripe.clone().try_lock_owned().ok();
+            Handled::Later(Box::pin(async move {
+                let _in_order = match taken {
+                    Some(guard) => guard,
+                    None => stripe.lock_owned().await,
+                };
+                let result = adapter.passthrough(&req.value).await;
+                if !req.key.is_empty() {
+                    store.del_for(&req.key, req.version, INVALIDATION_TTL_MS);
+                }
+                match result {
+                    Ok(reply) => Response::ok(reply),
+                    Err(e) => failed(e),
+                }
+            }))
+        }
+        Op::Invalidate => {
+            store.del_for(&req.key, req.version, INVALIDATION_TTL_MS);
+            Handled::Now(Response::ok(Bytes::new()))
+        }
+        _ => Handled::Now(handle(node, req)),
     }
 }
 
@@ -217,9 +364,23 @@ pub fn handle(node: &Node, req: Request) -> Response {
         }
         Op::Del => found(store.del(&req.key, req.version)),
         Op::Exists => found(store.exists(&req.key)),
-        Op::Stats => Response::ok(stats_text(store)),
+        Op::Stats => {
+            let mut text = stats_text(store).to_vec();
+            if let Some(adapter) = &node.adapter {
+                text.extend_from_slice(adapter.stats_text().as_bytes());
+            }
+            Response::ok(Bytes::from(text))
+        }
         Op::Ping => Response::ok(Bytes::from_static(b"PONG")),
-        Op::Status => Response::ok(node.sync.status_text()),
+        Op::Status => {
+            let mut text = node.sync.status_text().to_vec();
+            text.extend_from_slice(if node.adapter.is_some() {
+                b"adapter:1\r\n"
+            } else {
+                b"adapter:0\r\n"
+            });
+            Response::ok(Bytes::from(text))
+        }
         Op::Adopt => {
             node.sync.adopt();
             Response::ok(Bytes::new())
@@ -242,6 +403,9 @@ pub fn handle(node: &Node, req: Request) -> Response {
         },
         // Served by the connection loop, which streams it.
         Op::Snapshot => Response::status(Status::ServerError),
+        Op::Passthrough | Op::Invalidate => {
+            Response::error(Status::InvalidCommand, "this worker is not in adapter mode")
+        }
         Op::Unknown(_) => Response::status(Status::InvalidCommand),
     }
 }

@@ -547,6 +547,16 @@ impl Store {
         }
     }
 
+    /// The version of what `key` holds (a value or a tombstone), unless expired.
+    pub fn version(&self, key: &[u8]) -> Option<u64> {
+        let hash = self.hash(key);
+        let now = now_ms();
+        self.shard(hash)
+            .find(hash, key)
+            .filter(|e| !e.expired(now))
+            .map(Entry::version)
+    }
+
     /// Whether `key` holds a live entry.
     pub fn exists(&self, key: &[u8]) -> bool {
         let hash = self.hash(key);
@@ -610,8 +620,14 @@ impl Store {
     /// Deletes `key` unless it holds a version newer than `version`, leaving a tombstone for
     /// `--tombstone-ttl`. Returns whether a live value was removed.
     pub fn del(&self, key: &[u8], version: u64) -> bool {
+        self.del_for(key, version, self.tombstone_ttl_ms)
+    }
+
+    /// [`Store::del`] with a tombstone kept `ttl_ms` (adapter-mode invalidations need only
+    /// outlast the cache fills in flight).
+    pub fn del_for(&self, key: &[u8], version: u64, ttl_ms: u64) -> bool {
         let now = now_ms();
-        let tomb = Entry::tombstone(version, now.saturating_add(self.tombstone_ttl_ms), key);
+        let tomb = Entry::tombstone(version, now.saturating_add(ttl_ms), key);
         self.install(tomb, |current, _| match current {
             Some(c) if c.version() > version => (false, false),
             Some(c) => (true, c.live(now)),
