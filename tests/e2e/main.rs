@@ -3,6 +3,7 @@
 
 mod harness;
 
+mod adapter;
 mod cli;
 mod client;
 mod faults;

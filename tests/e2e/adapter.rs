@@ -1,0 +1,359 @@
+//! Adapter mode against real redis-server processes: every rule checked on the Redis servers
+//! themselves with the `redis` crate.
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use redis::AsyncCommands;
+
+use crate::harness::{Proc, TextConn, WORKER};
+
+/// A redis-server on a free loopback port, killed on drop.
+struct RedisServer {
+    child: Child,
+    port: u16,
+}
+
+impl RedisServer {
+    fn start() -> RedisServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        RedisServer::start_on(port)
+    }
+
+    fn start_on(port: u16) -> RedisServer {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (apt-get install -y redis-server; .ci/run does it)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not start on {port}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        RedisServer { child, port }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    async fn con(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+struct Tier {
+    source: RedisServer,
+    destination: RedisServer,
+    _workers: Vec<Proc>,
+    orch: Proc,
+}
+
+impl Tier {
+    async fn start(delete_from_source: bool) -> Tier {
+        let (source, destination) = (RedisServer::start(), RedisServer::start());
+        let mut args = vec![
+            "--port".to_string(),
+            "0".into(),
+            "--source".into(),
+            source.url(),
+            "--destination".into(),
+            destination.url(),
+        ];
+        if delete_from_source {
+            args.push("--delete-from-source".into());
+        }
+        let workers: Vec<Proc> = (0..4).map(|_| Proc::start(WORKER, &args)).collect();
+        let addrs: Vec<SocketAddr> = workers.iter().map(|w| w.addr).collect();
+        let orch = Proc::orchestrator(&addrs, &["--health-interval", "100ms"]);
+        // Ready once the orchestrator has seen the workers report adapter mode.
+        let tier = Tier {
+            source,
+            destination,
+            _workers: workers,
+            orch,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let out = Command::new("redis-cli")
+                .args(["-p", &tier.orch.addr.port().to_string(), "FOO"])
+                .output()
+                .unwrap();
+            // In adapter mode an unknown command reaches the destination, whose error says so.
+            if String::from_utf8_lossy(&out.stdout).contains("unknown command")
+                && tier_ready(&tier).await
+            {
+                return tier;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "adapter tier not ready: {}",
+                tier.orch.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn con(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(format!("redis://{}/", self.orch.addr))
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+}
+
+async fn tier_ready(tier: &Tier) -> bool {
+    let mut con = tier.destination.con().await;
+    let _: () = con.set("__probe", "1").await.unwrap();
+    let mut orch = tier.con().await;
+    // DBSIZE passes through in adapter mode: the destination's count.
+    let n: redis::RedisResult<i64> = redis::cmd("DBSIZE").query_async(&mut orch).await;
+    let _: () = con.del("__probe").await.unwrap();
+    n.is_ok_and(|n| n >= 1)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_follow_the_remiro_rules() {
+    let tier = Tier::start(true).await;
+    let (mut src, mut dst, mut orch) = (
+        tier.source.con().await,
+        tier.destination.con().await,
+        tier.con().await,
+    );
+
+    // Only in source: moves, TTL kept, source copy gone.
+    let _: () = redis::cmd("SET")
+        .arg("moving")
+        .arg("from source")
+        .arg("PX")
+        .arg(60_000)
+        .query_async(&mut src)
+        .await
+        .unwrap();
+    let got: Option<String> = orch.get("moving").await.unwrap();
+    assert_eq!(got.as_deref(), Some("from source"));
+    let in_dst: Option<String> = dst.get("moving").await.unwrap();
+    assert_eq!(in_dst.as_deref(), Some("from source"));
+    let ttl: i64 = dst.pttl("moving").await.unwrap();
+    assert!(ttl > 50_000 && ttl <= 60_000, "TTL kept: {ttl}");
+    let left: bool = src.exists("moving").await.unwrap();
+    assert!(!left, "deleted from source with --delete-from-source");
+
+    // In both: served from destination, source untouched.
+    let _: () = src.set("both", "old in source").await.unwrap();
+    let _: () = dst.set("both", "new in destination").await.unwrap();
+    let got: String = orch.get("both").await.unwrap();
+    assert_eq!(got, "new in destination");
+    let still: String = src.get("both").await.unwrap();
+    assert_eq!(still, "old in source");
+
+    // Nowhere: nil, and nothing created anywhere.
+    let got: Option<String> = orch.get("nowhere").await.unwrap();
+    assert_eq!(got, None);
+    let (a, b): (bool, bool) = (
+        src.exists("nowhere").await.unwrap(),
+        dst.exists("nowhere").await.unwrap(),
+    );
+    assert!(!a && !b);
+
+    // Through the text protocol too.
+    let mut text = TextConn::connect(tier.orch.addr).await;
+    let _: () = src.set("texted", "via text").await.unwrap();
+    assert_eq!(text.request("get||texted").await, "0||via text");
+    assert_eq!(text.request("get||nowhere").await, "2||key not found");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_flag_the_source_keeps_its_copy() {
+    let tier = Tier::start(false).await;
+    let (mut src, mut orch) = (tier.source.con().await, tier.con().await);
+    let _: () = src.set("kept", "v").await.unwrap();
+    let got: String = orch.get("kept").await.unwrap();
+    assert_eq!(got, "v");
+    let still: bool = src.exists("kept").await.unwrap();
+    assert!(still);
+}
+
+/// `calls` of a command on a Redis server, from INFO commandstats.
+async fn calls(con: &mut redis::aio::MultiplexedConnection, command: &str) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(con)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:calls=")))
+        .and_then(|rest| rest.split(',').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_go_through_once_and_other_commands_pass_through_and_invalidate() {
+    let tier = Tier::start(true).await;
+    let (mut src, mut dst, mut orch) = (
+        tier.source.con().await,
+        tier.destination.con().await,
+        tier.con().await,
+    );
+
+    // SET lands in destination, leaves source without the key; one Redis write per SET.
+    let _: () = src.set("w", "stale in source").await.unwrap();
+    let before = calls(&mut dst, "set").await;
+    for i in 0..20 {
+        let _: () = orch.set("w", format!("v{i}")).await.unwrap();
+    }
+    assert_eq!(
+        calls(&mut dst, "set").await - before,
+        20,
+        "exactly one destination write per client write"
+    );
+    let got: String = dst.get("w").await.unwrap();
+    assert_eq!(got, "v19");
+    let left: bool = src.exists("w").await.unwrap();
+    assert!(!left);
+    let cached: String = orch.get("w").await.unwrap();
+    assert_eq!(cached, "v19");
+
+    // INCR, HSET, EXPIRE, DEL pass through, and no read returns a stale cached value.
+    let _: () = orch.set("n", 10).await.unwrap();
+    let _: i64 = orch.get("n").await.unwrap(); // cached
+    let n: i64 = orch.incr("n", 5).await.unwrap();
+    assert_eq!(n, 15);
+    let n: i64 = orch.get("n").await.unwrap();
+    assert_eq!(n, 15, "the cached 10 was invalidated");
+    let _: i64 = orch.hset("h", "f", "x").await.unwrap();
+    let h: String = dst.hget("h", "f").await.unwrap();
+    assert_eq!(h, "x");
+    let err = orch.get::<_, String>("h").await.unwrap_err();
+    assert!(
+        err.to_string().contains("WRONGTYPE"),
+        "Redis' own error comes back as is: {err}"
+    );
+    let _: bool = orch.expire("w", 100).await.unwrap();
+    let ttl: i64 = dst.ttl("w").await.unwrap();
+    assert!(ttl > 90);
+    let deleted: i64 = orch.del("w").await.unwrap();
+    assert_eq!(deleted, 1);
+    let gone: Option<String> = orch.get("w").await.unwrap();
+    assert_eq!(gone, None, "the cached copy went with the DEL");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restart_gives_clear_errors_then_recovers() {
+    let mut tier = Tier::start(false).await;
+    let mut orch = tier.con().await;
+    let _: () = orch.set("before", "v").await.unwrap();
+    let port = tier.destination.port;
+    tier.destination.kill();
+    let started = Instant::now();
+    let err = orch.set::<_, _, ()>("during", "v").await.unwrap_err();
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "an error, not a hang"
+    );
+    assert!(
+        err.to_string().to_lowercase().contains("destination"),
+        "says which Redis: {err}"
+    );
+    let err = orch
+        .get::<_, Option<String>>("not-cached")
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string().to_lowercase().contains("destination"),
+        "{err}"
+    );
+    tier.destination = RedisServer::start_on(port);
+    let mut ok = false;
+    for _ in 0..100 {
+        if orch.set::<_, _, ()>("after", "v").await.is_ok() {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(ok, "recovers once the destination is back");
+    let mut dst = tier.destination.con().await;
+    let got: String = dst.get("after").await.unwrap();
+    assert_eq!(got, "v");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_concurrent_clients_on_overlapping_keys_end_consistent() {
+    let tier = Tier::start(true).await;
+    let mut src = tier.source.con().await;
+    for k in 0..10 {
+        let _: () = src.set(format!("shared:{k}"), "from source").await.unwrap();
+    }
+    let url = format!("redis://{}/", tier.orch.addr);
+    let tasks: Vec<_> = (0..50)
+        .map(|c| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                let mut con = redis::Client::open(url)
+                    .unwrap()
+                    .get_multiplexed_async_connection()
+                    .await
+                    .unwrap();
+                for i in 0..40 {
+                    let key = format!("shared:{}", (c + i) % 10);
+                    if i % 3 == 0 {
+                        let _: () = con.set(&key, format!("c{c}:{i}")).await.unwrap();
+                    } else {
+                        let _: Option<String> = con.get(&key).await.unwrap();
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let (mut dst, mut orch) = (tier.destination.con().await, tier.con().await);
+    for k in 0..10 {
+        let key = format!("shared:{k}");
+        let in_dst: Option<String> = dst.get(&key).await.unwrap();
+        let cached: Option<String> = orch.get(&key).await.unwrap();
+        assert!(
+            in_dst.as_deref().is_some_and(|v| v.starts_with('c')),
+            "{key}: {in_dst:?}"
+        );
+        assert_eq!(cached, in_dst, "{key}: the cache and the destination agree");
+        let left: bool = src.exists(&key).await.unwrap();
+        assert!(!left, "{key} left the source");
+    }
+}
