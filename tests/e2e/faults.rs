@@ -248,20 +248,12 @@ async fn frozen_worker_catches_up_before_serving_reads() {
 /// Loads enough data (1 KB values lz4 cannot shrink) that a rate-limited resync takes seconds.
 async fn fill(addr: SocketAddr, keys: usize) {
     let client = Client::connect(&addr.to_string()).await.unwrap();
-    let mut x = 1u64;
-    let mut noise = move || -> Vec<u8> {
-        (0..1000)
-            .map(|_| {
-                x = x
-                    .wrapping_mul(6_364_136_223_846_793_005)
-                    .wrapping_add(1_442_695_040_888_963_407);
-                (x >> 56) as u8
-            })
-            .collect()
-    };
     for chunk in 0..keys / 500 {
         let writes: Vec<_> = (0..500)
-            .map(|i| client.set(format!("bulk:{}", chunk * 500 + i), noise()))
+            .map(|i| {
+                let n = chunk * 500 + i;
+                client.set(format!("bulk:{n}"), crate::harness::noise(n as u64, 1000))
+            })
             .collect();
         for w in futures_util::future::join_all(writes).await {
             w.unwrap();

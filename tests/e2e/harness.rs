@@ -182,6 +182,19 @@ impl Cluster {
     }
 }
 
+/// `len` bytes lz4 cannot shrink (a 64-bit LCG's top bytes), different for each `seed`.
+pub fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (x >> 56) as u8
+        })
+        .collect()
+}
+
 /// The `n`-th key (of the form `k:<i>`) that lands on `pair` of `pairs`.
 pub fn key_on_pair(pair: usize, pairs: usize, n: usize) -> String {
     (0..)

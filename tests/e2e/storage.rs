@@ -241,17 +241,10 @@ async fn memory_limit_holds_resident_memory_and_keeps_hot_keys() {
         .await
         .unwrap();
     // 1 KiB values lz4 cannot shrink, four times the limit in all.
-    let mut x = 7u64;
+    let mut n = 0u64;
     let mut value = || -> bytes::Bytes {
-        (0..1024)
-            .map(|_| {
-                x = x
-                    .wrapping_mul(6_364_136_223_846_793_005)
-                    .wrapping_add(1442695040888963407);
-                (x >> 56) as u8
-            })
-            .collect::<Vec<u8>>()
-            .into()
+        n += 1;
+        crate::harness::noise(n, 1024).into()
     };
     let hot: Vec<String> = (0..200).map(|i| format!("hot:{i}")).collect();
     for k in &hot {
