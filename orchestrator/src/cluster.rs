@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use twincache_client::{Connection, Reply};
 use twincache_protocol::frame::{flags, Op, Request, Response};
 use twincache_protocol::hash::pair_for_key;
+use twincache_protocol::info;
 use twincache_protocol::Status;
 
 use crate::hlc::Hlc;
@@ -247,13 +248,6 @@ fn touched_keys(args: &[Bytes]) -> Vec<Bytes> {
         }
         _ => rest.iter().take(1).cloned().collect(),
     }
-}
-
-/// The value of `name:value` in a stats text.
-fn stat(text: &str, name: &str) -> Option<String> {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
-        .map(|v| v.trim().to_string())
 }
 
 /// Settings the router needs.
@@ -569,15 +563,11 @@ impl Router {
     pub(crate) async fn check_keys(&self) {
         for (n, pair) in self.pairs.iter().enumerate() {
             for (i, w) in pair.workers.iter().enumerate() {
-                let reply = w.send(&Request::new(Op::Stats, Bytes::new()), 0);
-                if let Some(resp) = self
-                    .finish(w, reply)
-                    .await
-                    .filter(|r| r.status == Status::Ok)
-                {
-                    let text = String::from_utf8_lossy(&resp.payload).into_owned();
-                    let key = stat(&text, "key_fingerprint").or_else(|| stat(&text, "encryption"));
-                    *pair.encryption[i].lock().unwrap_or_else(|e| e.into_inner()) = key;
+                if let Some(text) = self.worker_stats(w).await {
+                    let key = info::get(&text, "key_fingerprint")
+                        .or_else(|| info::get(&text, "encryption"));
+                    *pair.encryption[i].lock().unwrap_or_else(|e| e.into_inner()) =
+                        key.map(str::to_string);
                 }
             }
             let (a, b) = (pair.encryption(0), pair.encryption(1));
@@ -652,15 +642,8 @@ impl Router {
         let mut parts = Vec::new();
         for (n, pair) in self.pairs.iter().enumerate() {
             for w in &pair.workers {
-                let reply = w.send(&Request::new(Op::Stats, Bytes::new()), 0);
-                let counters = match self
-                    .finish(w, reply)
-                    .await
-                    .filter(|r| r.status == Status::Ok)
-                {
-                    Some(resp) => String::from_utf8_lossy(&resp.payload)
-                        .lines()
-                        .filter_map(|l| l.split_once(':'))
+                let counters = match self.worker_stats(w).await {
+                    Some(text) => info::pairs(&text)
                         .map(|(k, v)| format!("{k}={v}"))
                         .collect::<Vec<_>>()
                         .join(" "),
@@ -672,25 +655,30 @@ impl Router {
         Bytes::from(parts.join(" | "))
     }
 
-    /// Each pair's counters (`name:value` lines), from whichever of its workers answers;
-    /// `None` for a pair with no reachable worker.
-    pub async fn pair_stats(self: &Arc<Self>) -> Vec<Option<Bytes>> {
+    /// Each pair's counters (`name:value` lines, see `twincache_protocol::info`), from
+    /// whichever of its workers answers; `None` for a pair with no reachable worker.
+    pub async fn pair_stats(self: &Arc<Self>) -> Vec<Option<String>> {
         let mut out = Vec::with_capacity(self.pairs.len());
         for pair in &self.pairs {
             let mut stats = None;
             for w in &pair.workers {
-                let reply = w.send(&Request::new(Op::Stats, Bytes::new()), 0);
-                if let Some(resp) = self
-                    .finish(w, reply)
-                    .await
-                    .filter(|r| r.status == Status::Ok)
-                {
-                    stats = Some(resp.payload);
+                stats = self.worker_stats(w).await;
+                if stats.is_some() {
                     break;
                 }
             }
             out.push(stats);
         }
         out
+    }
+
+    /// One worker's `stats` text, if it answers.
+    async fn worker_stats(&self, w: &WorkerLink) -> Option<String> {
+        let reply = w.send(&Request::new(Op::Stats, Bytes::new()), 0);
+        let resp = self
+            .finish(w, reply)
+            .await
+            .filter(|r| r.status == Status::Ok)?;
+        Some(String::from_utf8_lossy(&resp.payload).into_owned())
     }
 }

@@ -28,6 +28,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 use twincache_protocol::frame::{Op, Request};
+use twincache_protocol::info;
 use twincache_protocol::Status;
 
 use crate::cluster::{Pair, Router, WorkerLink, WorkerState};
@@ -52,17 +53,14 @@ struct Seen {
 
 fn parse(text: &str) -> Seen {
     let mut seen = Seen::default();
-    for line in text.lines() {
-        let Some((k, v)) = line.split_once(':') else {
-            continue;
-        };
+    for (k, v) in info::pairs(text) {
         match k {
-            "boot_id" => seen.boot_id = u64::from_str_radix(v.trim(), 16).unwrap_or(0),
-            "synced" => seen.synced = v.trim() == "1",
-            "resync" => seen.phase = v.trim().to_string(),
-            "resyncs_completed" => seen.completed = v.trim().parse().unwrap_or(0),
-            "resync_error" => seen.error = v.trim().to_string(),
-            "adapter" => seen.adapter = v.trim() == "1",
+            "boot_id" => seen.boot_id = u64::from_str_radix(v, 16).unwrap_or(0),
+            "synced" => seen.synced = v == "1",
+            "resync" => seen.phase = v.to_string(),
+            "resyncs_completed" => seen.completed = v.parse().unwrap_or(0),
+            "resync_error" => seen.error = v.to_string(),
+            "adapter" => seen.adapter = v == "1",
             _ => {}
         }
     }

@@ -392,10 +392,8 @@ async fn total_keys(ctx: &Ctx) -> Option<u64> {
     let mut total = 0;
     for stats in ctx.router.pair_stats().await {
         let stats = stats?;
-        total += String::from_utf8_lossy(&stats)
-            .lines()
-            .find_map(|l| l.strip_prefix("keys:"))
-            .and_then(|v| v.trim().parse::<u64>().ok())
+        total += twincache_protocol::info::get(&stats, "keys")
+            .and_then(|v| v.parse::<u64>().ok())
             .unwrap_or(0);
     }
     Some(total)

@@ -10,12 +10,14 @@
 //!   worker directly (handy for debugging and for the tests).
 //! - [`text`]: the netcat-friendly line protocol (`get||key`, `set||key||value`, ...).
 //! - [`resp`]: RESP2, the Redis protocol (commands in, replies out).
+//! - [`info`]: the `name:value` text of workers' `stats` and `status` answers.
 //! - [`hash`]: the stable key hash and the consistent key-to-pair mapping.
 //! - [`server`]: the accept loop both servers share (connection cap, graceful shutdown).
 //! - [`units`]: parsing of human durations and sizes used by the command lines.
 
 pub mod frame;
 pub mod hash;
+pub mod info;
 pub mod resp;
 pub mod server;
 pub mod status;

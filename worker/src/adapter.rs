@@ -27,6 +27,8 @@ use bytes::{BufMut, Bytes, BytesMut};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::Value;
 
+use twincache_protocol::info::Info;
+
 use crate::store::{SetOptions, Store};
 
 /// How long an invalidation is remembered: longer than any cache fill in flight can take
@@ -285,22 +287,20 @@ impl Adapter {
         Ok(out.freeze())
     }
 
-    /// The counters as `name:value` lines.
-    pub fn stats_text(&self) -> String {
+    /// Adds the counters to a `stats` text.
+    pub fn stats_text(&self, info: &mut Info) {
         let c = &self.counters;
-        format!(
-            "adapter_cache_hits:{}\r\nadapter_destination_hits:{}\r\nadapter_copied_from_source:{}\r\n\
-             adapter_deleted_from_source:{}\r\nadapter_not_found:{}\r\nadapter_writes:{}\r\n\
-             adapter_passthrough:{}\r\nadapter_errors:{}\r\n",
-            c.cache_hits.load(Relaxed),
-            c.destination_hits.load(Relaxed),
-            c.copied.load(Relaxed),
-            c.deleted_from_source.load(Relaxed),
-            c.not_found.load(Relaxed),
-            c.writes.load(Relaxed),
-            c.passthrough.load(Relaxed),
-            c.errors.load(Relaxed),
-        )
+        info.add("adapter_cache_hits", c.cache_hits.load(Relaxed))
+            .add("adapter_destination_hits", c.destination_hits.load(Relaxed))
+            .add("adapter_copied_from_source", c.copied.load(Relaxed))
+            .add(
+                "adapter_deleted_from_source",
+                c.deleted_from_source.load(Relaxed),
+            )
+            .add("adapter_not_found", c.not_found.load(Relaxed))
+            .add("adapter_writes", c.writes.load(Relaxed))
+            .add("adapter_passthrough", c.passthrough.load(Relaxed))
+            .add("adapter_errors", c.errors.load(Relaxed));
     }
 }
 
@@ -363,6 +363,3 @@ fn encode_value(v: &Value, out: &mut BytesMut) {
         other => bulk(out, format!("{other:?}").as_bytes()),
     }
 }
-
-/// Shared handle.
-pub type SharedAdapter = Arc<Adapter>;

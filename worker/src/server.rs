@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use twincache_protocol::frame::{
     encode_frame, flags, FrameCodec, FrameError, Op, Request, Response, PREAMBLE,
 };
+use twincache_protocol::info::Info;
 use twincache_protocol::server::accept_loop;
 use twincache_protocol::Status;
 
@@ -365,21 +366,19 @@ pub fn handle(node: &Node, req: Request) -> Response {
         Op::Del => found(store.del(&req.key, req.version)),
         Op::Exists => found(store.exists(&req.key)),
         Op::Stats => {
-            let mut text = stats_text(store).to_vec();
+            let mut info = Info::new();
+            stats_text(store, &mut info);
             if let Some(adapter) = &node.adapter {
-                text.extend_from_slice(adapter.stats_text().as_bytes());
+                adapter.stats_text(&mut info);
             }
-            Response::ok(Bytes::from(text))
+            Response::ok(info.into_bytes())
         }
         Op::Ping => Response::ok(Bytes::from_static(b"PONG")),
         Op::Status => {
-            let mut text = node.sync.status_text().to_vec();
-            text.extend_from_slice(if node.adapter.is_some() {
-                b"adapter:1\r\n"
-            } else {
-                b"adapter:0\r\n"
-            });
-            Response::ok(Bytes::from(text))
+            let mut info = Info::new();
+            node.sync.status_text(&mut info);
+            info.add("adapter", u8::from(node.adapter.is_some()));
+            Response::ok(info.into_bytes())
         }
         Op::Adopt => {
             node.sync.adopt();
@@ -437,42 +436,37 @@ fn presence_prefixed(value: Option<Bytes>) -> Bytes {
 }
 
 /// The worker's counters as `name:value` lines, the format of Redis' INFO.
-fn stats_text(store: &Store) -> Bytes {
-    use std::fmt::Write;
+fn stats_text(store: &Store, info: &mut Info) {
     use std::sync::atomic::Ordering::Relaxed;
     let usage = store.usage();
     let c = &store.counters;
-    let mut s = String::new();
-    let _ = match store.cipher() {
-        Some(c) => write!(
-            s,
-            "encryption:on\r\nkey_fingerprint:{}\r\n",
-            c.fingerprint()
-        ),
-        None => write!(s, "encryption:off\r\n"),
+    match store.cipher() {
+        Some(cipher) => info
+            .add("encryption", "on")
+            .add("key_fingerprint", cipher.fingerprint()),
+        None => info.add("encryption", "off"),
     };
-    let _ = match store.dictionary() {
-        Some(d) => write!(s, "dictionary:{:#010x}\r\n", d.id()),
-        None => write!(s, "dictionary:none\r\n"),
+    match store.dictionary() {
+        Some(d) => info.add("dictionary", format_args!("{:#010x}", d.id())),
+        None => info.add("dictionary", "none"),
     };
-    let _ = write!(
-        s,
-        "keys:{}\r\nbytes:{}\r\nlogical_bytes:{}\r\nstored_bytes:{}\r\n\
-         compression_ratio:{:.2}\r\nhits:{}\r\nmisses:{}\r\nsets:{}\r\nstale_writes:{}\r\n\
-         expired:{}\r\nevicted:{}\r\nmax_memory:{}\r\n",
-        usage.keys,
-        usage.bytes,
-        usage.logical_bytes,
-        usage.stored_bytes,
+    info.add("keys", usage.keys)
+        .add("bytes", usage.bytes)
+        .add("logical_bytes", usage.logical_bytes)
+        .add("stored_bytes", usage.stored_bytes)
         // Keys and values as given over as stored: how much the sealing saves.
-        usage.logical_bytes as f64 / usage.stored_bytes.max(1) as f64,
-        c.hits.load(Relaxed),
-        c.misses.load(Relaxed),
-        c.sets.load(Relaxed),
-        c.stale_writes.load(Relaxed),
-        c.expired.load(Relaxed),
-        c.evicted.load(Relaxed),
-        store.max_bytes(),
-    );
-    Bytes::from(s)
+        .add(
+            "compression_ratio",
+            format_args!(
+                "{:.2}",
+                usage.logical_bytes as f64 / usage.stored_bytes.max(1) as f64
+            ),
+        )
+        .add("hits", c.hits.load(Relaxed))
+        .add("misses", c.misses.load(Relaxed))
+        .add("sets", c.sets.load(Relaxed))
+        .add("stale_writes", c.stale_writes.load(Relaxed))
+        .add("expired", c.expired.load(Relaxed))
+        .add("evicted", c.evicted.load(Relaxed))
+        .add("max_memory", store.max_bytes());
 }

@@ -25,6 +25,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_util::codec::FramedRead;
 use twincache_protocol::frame::{encode_frame, FrameCodec, Op, Request, Response, PREAMBLE};
+use twincache_protocol::info::Info;
 use twincache_protocol::Status;
 
 use crate::seal::Dictionary;
@@ -90,7 +91,7 @@ impl SyncState {
     }
 
     /// The `status` text.
-    pub fn status_text(&self) -> Bytes {
+    pub fn status_text(&self, info: &mut Info) {
         let r = self.run().clone();
         let phase = match r.phase {
             Phase::Idle => "idle",
@@ -98,17 +99,14 @@ impl SyncState {
             Phase::Done => "done",
             Phase::Failed => "failed",
         };
-        Bytes::from(format!(
-            "boot_id:{:016x}\r\nsynced:{}\r\nresync:{phase}\r\nresyncs_completed:{}\r\n\
-             resync_keys:{}\r\nresync_bytes:{}\r\nresync_seconds:{:.3}\r\nresync_error:{}\r\n",
-            self.boot_id,
-            u8::from(self.synced.load(Ordering::Acquire)),
-            r.completed,
-            r.keys,
-            r.bytes,
-            r.seconds,
-            r.error,
-        ))
+        info.add("boot_id", format_args!("{:016x}", self.boot_id))
+            .add("synced", u8::from(self.synced.load(Ordering::Acquire)))
+            .add("resync", phase)
+            .add("resyncs_completed", r.completed)
+            .add("resync_keys", r.keys)
+            .add("resync_bytes", r.bytes)
+            .add("resync_seconds", format_args!("{:.3}", r.seconds))
+            .add("resync_error", r.error);
     }
 
     /// Starts a resync from `partner` unless one is running; returns whether it started.
