@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use futures_util::future::Either;
 use tokio_util::sync::CancellationToken;
 use twincache_client::{Connection, Reply};
 use twincache_protocol::frame::{flags, Op, Request, Response};
@@ -28,7 +29,6 @@ const RECONNECT_MAX: Duration = Duration::from_secs(2);
 pub struct WorkerLink {
     pub addr: String,
     slots: Vec<Mutex<Option<Connection>>>,
-    up: AtomicBool,
     /// The worker's [`WorkerState`], kept by the health monitor (and by writes it missed).
     state: AtomicU8,
     /// Set when the worker missed a write; a resync under way when that happened does not
@@ -90,7 +90,7 @@ impl WorkerLink {
         let link = Arc::new(WorkerLink {
             addr,
             slots: (0..connections).map(|_| Mutex::new(None)).collect(),
-            up: AtomicBool::new(false),
+
             state: AtomicU8::new(WorkerState::Unknown as u8),
             dirty: AtomicBool::new(false),
             boot: Mutex::new(None),
@@ -126,17 +126,14 @@ impl WorkerLink {
                 Ok(Ok(conn)) => {
                     backoff = RECONNECT_MIN;
                     *self.lock_slot(slot) = Some(conn.clone());
-                    if !self.up.swap(true, Ordering::AcqRel) {
-                        tracing::info!(worker = %self.addr, "worker is up");
-                    }
+                    // Whether the worker is up is the health monitor's to say and log.
+                    tracing::debug!(worker = %self.addr, slot, "connected");
                     tokio::select! {
                         _ = conn.closed() => {}
                         _ = shutdown.cancelled() => conn.close(),
                     }
                     *self.lock_slot(slot) = None;
-                    if !self.any_live() && self.up.swap(false, Ordering::AcqRel) {
-                        tracing::warn!(worker = %self.addr, "worker is down");
-                    }
+                    tracing::debug!(worker = %self.addr, slot, "connection closed");
                 }
                 Ok(Err(e)) => tracing::debug!(worker = %self.addr, error = %e, "connect failed"),
                 Err(_) => tracing::debug!(worker = %self.addr, "connect timed out"),
@@ -153,10 +150,6 @@ impl WorkerLink {
         self.slots[slot].lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn any_live(&self) -> bool {
-        (0..self.slots.len()).any(|i| self.lock_slot(i).as_ref().is_some_and(|c| !c.is_closed()))
-    }
-
     /// Queues `req` on the slot given by `affinity` if it is live, else on the next live one;
     /// `None` if the worker has no live connection.
     pub(crate) fn send(&self, req: &Request, affinity: usize) -> Option<Reply> {
@@ -168,11 +161,6 @@ impl WorkerLink {
             }
         }
         None
-    }
-
-    /// Whether at least one connection to the worker is open.
-    pub fn is_up(&self) -> bool {
-        self.up.load(Ordering::Acquire)
     }
 
     pub fn state(&self) -> WorkerState {
@@ -466,9 +454,14 @@ impl Router {
     /// Sends a write (`set`, `del`) to both workers of the key's pair at once, stamped with a
     /// fresh version so the partners converge whatever order writes reach them in. Succeeds
     /// if at least one worker stored it (availability first).
-    pub fn write(self: &Arc<Self>, req: Request, affinity: usize) -> BoxedResponse {
+    pub fn write(
+        self: &Arc<Self>,
+        req: Request,
+        affinity: usize,
+    ) -> impl Future<Output = Response> + Send + 'static {
+        // Not boxed on the common path: the session boxes what it is given, once.
         if self.is_adapter() {
-            return match req.op {
+            return Either::Right(match req.op {
                 Op::Set if req.flags == 0 => self.adapter_set(req, affinity),
                 Op::Del => {
                     let del = self.passthrough(vec![Bytes::from_static(b"DEL"), req.key], affinity);
@@ -485,9 +478,9 @@ impl Router {
                 _ => Box::pin(async {
                     Response::error(Status::InvalidCommand, "not supported in adapter mode")
                 }),
-            };
+            });
         }
-        Box::pin(self.replicated_write(req, affinity))
+        Either::Left(self.replicated_write(req, affinity))
     }
 
     fn replicated_write(

@@ -518,7 +518,7 @@ impl Store {
                 }
                 Some(Bytes::copy_from_slice(e.stored()))
             }
-            Some(_) => {
+            Some(e) if e.expired(now) => {
                 let before = shard.held();
                 let gone = shard.remove_if(hash, key, |e| e.expired(now));
                 shard.recount_structure();
@@ -529,7 +529,8 @@ impl Store {
                 }
                 None
             }
-            None => None,
+            // A tombstone: absent to reads, kept until it expires.
+            Some(_) | None => None,
         }
     }
 
