@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::{CommandFactory, Parser};
-use twincache_protocol::units::{parse_duration, parse_size};
+use twincache_protocol::units::{parse_duration, parse_positive_duration, parse_size};
 
 /// twincache orchestrator: accepts clients (text, binary or RESP on one port) and routes each
 /// request to the pair of workers that owns its key.
@@ -34,7 +34,7 @@ pub struct Config {
     pub listen: SocketAddr,
 
     /// Close client connections idle for this long (the seed's care-taker), e.g. 300s, 5m.
-    #[arg(long, env = "TWINCACHE_IDLE_TIMEOUT", default_value = "300s", value_parser = parse_duration)]
+    #[arg(long, env = "TWINCACHE_IDLE_TIMEOUT", default_value = "300s", value_parser = parse_positive_duration)]
     pub idle_timeout: Duration,
 
     /// Longest text-protocol line accepted; a longer one is answered with code 5 and skipped.
@@ -52,15 +52,15 @@ pub struct Config {
     /// How long a worker may take to answer before the request fails over to its partner.
     /// Cache operations take well under a millisecond; this bounds what a frozen worker
     /// costs the requests already sent to it.
-    #[arg(long, env = "TWINCACHE_WORKER_TIMEOUT", default_value = "500ms", value_parser = parse_duration)]
+    #[arg(long, env = "TWINCACHE_WORKER_TIMEOUT", default_value = "500ms", value_parser = parse_positive_duration)]
     pub worker_timeout: Duration,
 
     /// How often every worker's health is checked (its status: boot id, sync state).
-    #[arg(long, env = "TWINCACHE_HEALTH_INTERVAL", default_value = "200ms", value_parser = parse_duration)]
+    #[arg(long, env = "TWINCACHE_HEALTH_INTERVAL", default_value = "200ms", value_parser = parse_positive_duration)]
     pub health_interval: Duration,
 
     /// A worker that does not answer a health check in this time is down.
-    #[arg(long, env = "TWINCACHE_HEALTH_TIMEOUT", default_value = "300ms", value_parser = parse_duration)]
+    #[arg(long, env = "TWINCACHE_HEALTH_TIMEOUT", default_value = "300ms", value_parser = parse_positive_duration)]
     pub health_timeout: Duration,
 
     /// Persistent connections to each worker (each carries many requests at once).

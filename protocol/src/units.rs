@@ -31,6 +31,15 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .ok_or_else(|| format!("duration `{s}` is too large"))
 }
 
+/// [`parse_duration`] for settings where zero makes no sense (timeouts, intervals).
+pub fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d.is_zero() {
+        return Err(format!("`{s}` must be more than zero"));
+    }
+    Ok(d)
+}
+
 /// Parses `4096`, `64KiB`, `16MiB`, `1GiB`, `10KB`, `2MB`, `1GB` (case-insensitive).
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let (n, unit) = number_and_unit(s, "a size (examples: 4096, 64KiB, 16MiB, 1GiB)")?;
@@ -64,6 +73,11 @@ mod tests {
         assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("5y").is_err());
+        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert!(parse_positive_duration("0ms")
+            .unwrap_err()
+            .contains("more than zero"));
+        assert_eq!(parse_positive_duration("1ms"), Ok(Duration::from_millis(1)));
     }
 
     #[test]

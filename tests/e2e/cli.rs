@@ -57,6 +57,37 @@ fn bad_addresses_are_usage_errors() {
     assert_eq!(code, 2, "{text}");
     let (code, text) = run(WORKER, &["--bind", "300.1.2.3"]);
     assert_eq!(code, 2, "{text}");
+    // Zero intervals and timeouts are refused up front (a zero interval would panic later).
+    for flag in [
+        "--health-interval",
+        "--health-timeout",
+        "--worker-timeout",
+        "--idle-timeout",
+    ] {
+        let (code, text) = run(
+            ORCHESTRATOR,
+            &[flag, "0", "127.0.0.1", "7001", "127.0.0.1", "7002"],
+        );
+        assert_eq!(code, 2, "{flag}: {text}");
+        assert!(text.contains("more than zero"), "{flag}: {text}");
+    }
+    let (code, text) = run(WORKER, &["--tombstone-ttl", "0"]);
+    assert_eq!(code, 2, "{text}");
+    // Adapter mode: both URLs, and URLs that parse.
+    let (code, text) = run(WORKER, &["--source", "redis://127.0.0.1:1"]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("--destination"), "{text}");
+    let (code, text) = run(
+        WORKER,
+        &[
+            "--source",
+            "nope://",
+            "--destination",
+            "redis://127.0.0.1:1",
+        ],
+    );
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("bad source redis URL"), "{text}");
 }
 
 #[test]

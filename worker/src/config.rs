@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use twincache_protocol::units::{parse_duration, parse_size};
+use twincache_protocol::units::{parse_duration, parse_positive_duration, parse_size};
 
 /// twincache worker: holds one copy of a pair's data and serves it to orchestrators.
 #[derive(Debug, Clone, Parser)]
@@ -38,7 +38,7 @@ pub struct Config {
 
     /// How long deletes are remembered (tombstones), so that neither a late write nor a
     /// resync brings a deleted key back. Longer than any resync should take.
-    #[arg(long, env = "TWINCACHE_WORKER_TOMBSTONE_TTL", default_value = "1h", value_parser = parse_duration)]
+    #[arg(long, env = "TWINCACHE_WORKER_TOMBSTONE_TTL", default_value = "1h", value_parser = parse_positive_duration)]
     pub tombstone_ttl: Duration,
 
     /// Bytes per second this worker sends when a partner resyncs from it (e.g. 200MB);
