@@ -667,11 +667,18 @@ impl Router {
 
     /// One worker's `stats` text, if it answers.
     async fn worker_stats(&self, w: &WorkerLink) -> Option<String> {
-        let reply = w.send(&Request::new(Op::Stats, Bytes::new()), 0);
-        let resp = self
-            .finish(w, reply)
-            .await
-            .filter(|r| r.status == Status::Ok)?;
+        let resp = self.ask(w, Op::Stats, "").await?;
         Some(String::from_utf8_lossy(&resp.payload).into_owned())
+    }
+
+    /// Sends one worker a control request (`op`, with `value`) and returns its answer if it
+    /// was `Ok`.
+    pub(crate) async fn ask(&self, w: &WorkerLink, op: Op, value: &str) -> Option<Response> {
+        let mut req = Request::new(op, Bytes::new());
+        req.value = Bytes::copy_from_slice(value.as_bytes());
+        let reply = w.send(&req, 0);
+        self.finish(w, reply)
+            .await
+            .filter(|r| r.status == Status::Ok)
     }
 }

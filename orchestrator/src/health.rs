@@ -114,10 +114,7 @@ impl Router {
     }
 
     async fn call(&self, w: &WorkerLink, op: Op, value: &str) -> bool {
-        let mut req = Request::new(op, Bytes::new());
-        req.value = Bytes::copy_from_slice(value.as_bytes());
-        let reply = w.send(&req, 0);
-        matches!(self.finish(w, reply).await, Some(r) if r.status == Status::Ok)
+        self.ask(w, op, value).await.is_some()
     }
 
     /// One round for one pair.
