@@ -2,7 +2,7 @@
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -38,23 +38,29 @@ pub struct WorkerLink {
     pub(crate) boot: Mutex<Option<u64>>,
     /// The worker's count of completed resyncs when this orchestrator asked for one.
     pub(crate) resync_base: AtomicU64,
+    /// When a refill that failed may be tried again.
+    pub(crate) retry_at: Mutex<Option<tokio::time::Instant>>,
 }
 
 /// Where a worker stands with its pair.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum WorkerState {
-    /// Not heard from since this orchestrator started.
+    /// Not assessed yet: just started, or answering again after being down. Gets no
+    /// requests until the health monitor has compared it with its partner.
     Unknown = 0,
     /// Holds the pair's data: serves reads and writes.
     InSync = 1,
     /// Not answering.
     Down = 2,
-    /// Reachable but missing writes (restarted, or missed some): takes writes, serves no
-    /// reads, and waits to resync.
+    /// Reachable but missing writes (restarted, or missed some): serves no reads (unless
+    /// nothing better is left), gets no writes, and waits to resync.
     Stale = 3,
     /// Refilling from its partner: takes writes, serves no reads.
     Resyncing = 4,
+    /// Runs in another mode than the cluster (adapter mode on one side only): gets nothing
+    /// until it is restarted in the right mode.
+    Misconfigured = 5,
 }
 
 impl WorkerState {
@@ -64,6 +70,7 @@ impl WorkerState {
             2 => WorkerState::Down,
             3 => WorkerState::Stale,
             4 => WorkerState::Resyncing,
+            5 => WorkerState::Misconfigured,
             _ => WorkerState::Unknown,
         }
     }
@@ -75,8 +82,22 @@ impl WorkerState {
             WorkerState::Down => "down",
             WorkerState::Stale => "stale",
             WorkerState::Resyncing => "resyncing",
+            WorkerState::Misconfigured => "misconfigured",
         }
     }
+
+    /// Takes the pair's writes, and the writes wait for its answer.
+    fn takes_writes(self) -> bool {
+        matches!(self, WorkerState::InSync | WorkerState::Resyncing)
+    }
+}
+
+/// What the workers are: a replicated cache, or a migration tier in front of two Redis
+/// servers (adapter mode). Decided once, before the first request is served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    Replicated,
+    Adapter,
 }
 
 impl WorkerLink {
@@ -95,6 +116,7 @@ impl WorkerLink {
             dirty: AtomicBool::new(false),
             boot: Mutex::new(None),
             resync_base: AtomicU64::new(0),
+            retry_at: Mutex::new(None),
         });
         for slot in 0..connections {
             // The link is dropped only at shutdown, when these tasks end too.
@@ -171,20 +193,36 @@ impl WorkerLink {
         WorkerState::from_u8(self.state.swap(state as u8, Ordering::AcqRel))
     }
 
-    /// Whether reads should go here first: it holds the pair's data (or nobody knows yet).
-    fn readable(&self) -> bool {
-        matches!(self.state(), WorkerState::InSync | WorkerState::Unknown)
+    /// Whether a refill may be asked of this worker now: they are paced, so a partner that
+    /// answers health checks but cannot serve a snapshot is not asked every round.
+    pub(crate) fn may_refill(&self) -> bool {
+        let at = *self.retry_at.lock().unwrap_or_else(|e| e.into_inner());
+        at.is_none_or(|at| tokio::time::Instant::now() >= at)
     }
 
-    /// Records that the worker missed a write: an in-sync worker becomes stale.
-    fn missed_write(&self) {
+    pub(crate) fn refill_started(&self) {
+        *self.retry_at.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(tokio::time::Instant::now() + crate::health::REFILL_RETRY);
+    }
+
+    /// Records that the worker missed a write: an in-sync or resyncing worker becomes
+    /// stale (a resyncing one's snapshot may have passed the key already).
+    pub(crate) fn missed_write(&self) {
         self.dirty.store(true, Ordering::Release);
-        let _ = self.state.compare_exchange(
-            WorkerState::InSync as u8,
-            WorkerState::Stale as u8,
-            Ordering::AcqRel,
-            Ordering::Acquire,
-        );
+        for from in [WorkerState::InSync, WorkerState::Resyncing] {
+            if self
+                .state
+                .compare_exchange(
+                    from as u8,
+                    WorkerState::Stale as u8,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                )
+                .is_ok()
+            {
+                tracing::warn!(worker = %self.addr, from = from.name(), to = "stale", "missed a write");
+            }
+        }
     }
 }
 
@@ -198,6 +236,8 @@ pub struct Pair {
     encryption: [Mutex<Option<String>>; 2],
     /// Set while the partners' keys differ (logged once per change).
     key_mismatch: AtomicBool,
+    /// Set while a worker of the pair runs in another mode than the cluster.
+    pub(crate) mode_mismatch: AtomicBool,
 }
 
 impl Pair {
@@ -211,6 +251,31 @@ impl Pair {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+}
+
+/// Why a write that reached one worker of two is not acknowledged.
+const MISS_UNRECORDED: &str =
+    "the write reached one worker, and its partner's miss could not be recorded; retry";
+
+/// The answer when no worker of the key's pair can serve: retryable.
+fn unavailable(router: &Router) -> Response {
+    if router.mode().is_none() {
+        Response::error(Status::Unavailable, "the cluster is starting; retry")
+    } else {
+        Response::status(Status::Unavailable)
+    }
+}
+
+/// [`unavailable`] for a write, which also waits for this orchestrator's node id.
+fn unwritable(router: &Router) -> Response {
+    if router.mode().is_some() && !router.claimed.load(Ordering::Acquire) {
+        Response::error(
+            Status::Unavailable,
+            "waiting for a node id no other orchestrator holds; retry",
+        )
+    } else {
+        unavailable(router)
     }
 }
 
@@ -246,18 +311,33 @@ pub struct RouterConfig {
     pub connections_per_worker: usize,
     pub max_frame: usize,
     pub worker_timeout: Duration,
-    pub node_id: u8,
+    /// This orchestrator's id in write versions; random (and redrawn on a clash) if `None`.
+    pub node_id: Option<u8>,
+    /// The workers' mode if stated; learned from them at start if `None`.
+    pub mode: Option<Mode>,
 }
 
 /// Routes requests to pairs: the pair is chosen by the stable key hash; writes go to both
 /// workers at once, reads to one with failover to the other.
+///
+/// Nothing is served until the health monitor has seen the workers once: before that their
+/// mode (replicated or adapter) and which of them hold the pair's data are unknown, and
+/// requests are answered `Unavailable` (`-TRYAGAIN`), which clients retry.
 pub struct Router {
     pairs: Vec<Pair>,
-    clock: Hlc,
+    pub(crate) clock: Hlc,
     default_ttl_ms: u64,
-    /// Set when the workers report adapter mode (they front a source and a destination
-    /// Redis): writes then go through one primary worker, other commands to the destination.
-    adapter: AtomicBool,
+    /// Decided once (see [`Mode`]); unset until the monitor has seen the workers.
+    mode: OnceLock<Mode>,
+    /// Whether the workers accepted this orchestrator's node id in the last health round:
+    /// writes wait for it, so that no two orchestrators stamp the same versions.
+    claimed: AtomicBool,
+    /// Whether the last round found another orchestrator holding this node id.
+    pub(crate) clashed: AtomicBool,
+    /// Tells this orchestrator's claims from another's holding the same id.
+    pub(crate) instance: u64,
+    /// Whether the id was given (`--node-id`): then a clash is an error, not a redraw.
+    pub(crate) fixed_node: bool,
 }
 
 impl Router {
@@ -287,13 +367,22 @@ impl Router {
                 next_read: AtomicUsize::new(0),
                 encryption: Default::default(),
                 key_mismatch: AtomicBool::new(false),
+                mode_mismatch: AtomicBool::new(false),
             })
             .collect();
+        let mode = OnceLock::new();
+        if let Some(m) = config.mode {
+            let _ = mode.set(m);
+        }
         Router {
             pairs,
-            clock: Hlc::new(config.node_id),
+            clock: Hlc::new(config.node_id.unwrap_or_else(rand::random)),
             default_ttl_ms: config.default_ttl_ms,
-            adapter: AtomicBool::new(false),
+            mode,
+            claimed: AtomicBool::new(false),
+            clashed: AtomicBool::new(false),
+            instance: rand::random(),
+            fixed_node: config.node_id.is_some(),
         }
     }
 
@@ -304,6 +393,29 @@ impl Router {
     /// The pair that owns `key`.
     pub fn pair(&self, key: &[u8]) -> &Pair {
         &self.pairs[pair_for_key(key, self.pairs.len())]
+    }
+
+    /// The workers' mode, once known.
+    pub fn mode(&self) -> Option<Mode> {
+        self.mode.get().copied()
+    }
+
+    /// Whether the workers are in adapter mode (false while the mode is not known yet).
+    pub fn is_adapter(&self) -> bool {
+        self.mode() == Some(Mode::Adapter)
+    }
+
+    /// Settles the mode; only the first call counts. Returns the mode in force.
+    pub(crate) fn settle_mode(&self, mode: Mode) -> Mode {
+        let settled = *self.mode.get_or_init(|| {
+            tracing::info!(mode = ?mode, "the workers' mode is known: serving");
+            mode
+        });
+        settled
+    }
+
+    pub(crate) fn set_claimed(&self, ok: bool) {
+        self.claimed.store(ok, Ordering::Release);
     }
 
     /// Waits for a reply (the connection enforces `--worker-timeout`); `None` if the worker
@@ -322,6 +434,67 @@ impl Router {
         }
     }
 
+    /// The order in which to try a pair's workers for a read: in-sync ones first
+    /// (alternating when both are; in adapter mode the one that takes the writes), then,
+    /// only if those fail, a stale or resyncing copy, since a stale answer beats none
+    /// (availability first). Workers not assessed, down or misconfigured are never read.
+    fn read_order(&self, pair: &Pair) -> [Option<usize>; 2] {
+        let rank = |w: &WorkerLink| match w.state() {
+            WorkerState::InSync => Some(0),
+            WorkerState::Stale | WorkerState::Resyncing => Some(1),
+            _ => None,
+        };
+        let [a, b] = &pair.workers;
+        match (rank(a), rank(b)) {
+            (Some(x), Some(y)) if x < y => [Some(0), Some(1)],
+            (Some(x), Some(y)) if y < x => [Some(1), Some(0)],
+            (Some(_), Some(_)) => {
+                let first = if self.is_adapter() {
+                    // Where the pair's writes go, so a read queued after a write waits for
+                    // it there (the partner's cache is only invalidated later).
+                    0
+                } else {
+                    pair.next_read.fetch_add(1, Ordering::Relaxed) & 1
+                };
+                [Some(first), Some(1 - first)]
+            }
+            (Some(_), None) => [Some(0), None],
+            (None, Some(_)) => [Some(1), None],
+            (None, None) => [None, None],
+        }
+    }
+
+    /// Sends `req` to worker `i` of `pair`, telling it whether it is read as the pair's
+    /// copy (a worker that restarted since then refuses, see [`flags::IN_SYNC`]).
+    fn send_read(
+        &self,
+        pair: &Pair,
+        i: usize,
+        req: &mut Request,
+        affinity: usize,
+    ) -> Option<Reply> {
+        let w = &pair.workers[i];
+        if w.state() == WorkerState::InSync && !self.is_adapter() {
+            req.flags |= flags::IN_SYNC;
+        } else {
+            req.flags &= !flags::IN_SYNC;
+        }
+        w.send(req, affinity)
+    }
+
+    /// A read's answer, unless the worker refused it for not holding the pair's data (it
+    /// restarted since the monitor last looked), in which case the partner is asked.
+    async fn finish_read(
+        &self,
+        link: &WorkerLink,
+        req: &Request,
+        reply: Option<Reply>,
+    ) -> Option<Response> {
+        let resp = self.finish(link, reply).await?;
+        let refused = resp.status == Status::Unavailable && req.flags & flags::IN_SYNC != 0;
+        (!refused).then_some(resp)
+    }
+
     /// Sends a read (`get`, `exists`) to one worker of the key's pair, falling over to the
     /// partner if the first cannot answer.
     ///
@@ -329,33 +502,31 @@ impl Router {
     /// calling session's, which keeps its requests in order.
     pub fn read(
         self: &Arc<Self>,
-        req: Request,
+        mut req: Request,
         affinity: usize,
     ) -> impl Future<Output = Response> + Send + 'static {
         let pair = pair_for_key(&req.key, self.pairs.len());
-        let [a, b] = &self.pairs[pair].workers;
-        // An in-sync worker first (alternating when both are); the other only if that fails,
-        // so a stale copy is read only when it is the best there is (availability first).
-        let first = match (a.readable(), b.readable()) {
-            (true, false) => 0,
-            (false, true) => 1,
-            // Adapter mode: the worker that takes the pair's writes, so a read queued after
-            // a write waits for it there (the partner's cache is only invalidated later).
-            _ if self.is_adapter() => 0,
-            _ => self.pairs[pair].next_read.fetch_add(1, Ordering::Relaxed) & 1,
+        let order = if self.mode().is_some() {
+            self.read_order(&self.pairs[pair])
+        } else {
+            [None, None]
         };
-        let reply = self.pairs[pair].workers[first].send(&req, affinity);
+        let reply = order[0].and_then(|i| self.send_read(&self.pairs[pair], i, &mut req, affinity));
         let this = self.clone();
         async move {
-            let [a, b] = &this.pairs[pair].workers;
-            let (first, partner) = if first == 0 { (a, b) } else { (b, a) };
-            if let Some(resp) = this.finish(first, reply).await {
-                return resp;
+            let p = &this.pairs[pair];
+            if let Some(first) = order[0] {
+                if let Some(resp) = this.finish_read(&p.workers[first], &req, reply).await {
+                    return resp;
+                }
             }
-            let reply = partner.send(&req, affinity);
-            this.finish(partner, reply)
-                .await
-                .unwrap_or_else(|| Response::status(Status::Unavailable))
+            if let Some(second) = order[1] {
+                let reply = this.send_read(p, second, &mut req, affinity);
+                if let Some(resp) = this.finish_read(&p.workers[second], &req, reply).await {
+                    return resp;
+                }
+            }
+            unavailable(&this)
         }
     }
 
@@ -367,17 +538,6 @@ impl Router {
         self.read(Request::new(Op::Get, key), affinity)
     }
 
-    /// Whether the workers are in adapter mode.
-    pub fn is_adapter(&self) -> bool {
-        self.adapter.load(Ordering::Relaxed)
-    }
-
-    pub(crate) fn set_adapter(&self, on: bool) {
-        if self.adapter.swap(on, Ordering::Relaxed) != on {
-            tracing::info!(adapter = on, "workers report adapter mode");
-        }
-    }
-
     /// Adapter mode: a plain SET goes to one worker of the pair, marked primary, which
     /// writes it through to the destination (one Redis write per client write); once the
     /// destination has it, the partner's cached copy is invalidated. If the primary cannot
@@ -386,42 +546,52 @@ impl Router {
         req.version = self.clock.next();
         req.flags |= flags::PRIMARY;
         let pair = pair_for_key(&req.key, self.pairs.len());
+        let order = self.read_order(&self.pairs[pair]);
         let workers = &self.pairs[pair].workers;
-        let first = if workers[0].readable() || !workers[1].readable() {
-            0
-        } else {
-            1
-        };
         // Sent now, in the session's order (see WorkerLink); the partner only on failure.
-        let reply = workers[first].send(&req, affinity);
+        let reply = order[0].and_then(|i| workers[i].send(&req, affinity));
         let this = self.clone();
         Box::pin(async move {
             let workers = &this.pairs[pair].workers;
             let mut reply = Some(reply);
-            for i in [first, 1 - first] {
+            for i in order.into_iter().flatten() {
                 let sent = reply
                     .take()
                     .unwrap_or_else(|| workers[i].send(&req, affinity));
                 if let Some(resp) = this.finish(&workers[i], sent).await {
-                    if resp.status == Status::Ok {
-                        this.invalidate_on(&workers[1 - i], &req.key).await;
+                    if resp.status == Status::Ok
+                        && !this.invalidate_on(&workers[1 - i], &req.key).await
+                        && !this.record_miss(&workers[i], &workers[1 - i]).await
+                    {
+                        return Response::error(Status::Unavailable, MISS_UNRECORDED);
                     }
                     return resp;
                 }
             }
-            Response::status(Status::Unavailable)
+            unavailable(&this)
         })
     }
 
     /// Drops `key` from one worker's cache (a short-lived tombstone with a fresh version, so
-    /// no cache fill in flight can put an older value back).
-    async fn invalidate_on(&self, w: &WorkerLink, key: &Bytes) {
+    /// no cache fill in flight can put an older value back); false if the worker did not.
+    async fn invalidate_on(&self, w: &WorkerLink, key: &Bytes) -> bool {
+        if matches!(w.state(), WorkerState::Down | WorkerState::Misconfigured) {
+            // It gets nothing; it resyncs before it serves again.
+            return false;
+        }
         let mut req = Request::new(Op::Invalidate, key.clone());
         req.version = self.clock.next();
         let reply = w.send(&req, 0);
-        if self.finish(w, reply).await.is_none() {
-            w.missed_write();
-        }
+        self.finish(w, reply).await.is_some()
+    }
+
+    /// Records that `missed` lacks a write `holder` took: on the orchestrator (the worker
+    /// becomes stale) and on `holder` (its count of writes taken alone), so that any
+    /// orchestrator, even one started later, knows. Returns whether `holder` recorded it;
+    /// a write whose miss is not recorded anywhere durable must not be acknowledged.
+    async fn record_miss(&self, holder: &WorkerLink, missed: &WorkerLink) -> bool {
+        missed.missed_write();
+        self.ask(holder, Op::PartnerMissed, "").await.is_some()
     }
 
     /// Adapter mode: runs a Redis command on the destination through a worker of the pair
@@ -442,10 +612,15 @@ impl Router {
             let resp = read.await;
             for key in touched {
                 let pair = &this.pairs[pair_for_key(&key, this.pairs.len())];
-                tokio::join!(
-                    this.invalidate_on(&pair.workers[0], &key),
-                    this.invalidate_on(&pair.workers[1], &key)
-                );
+                let [a, b] = &pair.workers;
+                let (ia, ib) =
+                    tokio::join!(this.invalidate_on(a, &key), this.invalidate_on(b, &key));
+                // A copy left behind on one side is stale: that worker resyncs first.
+                match (ia, ib) {
+                    (true, false) => b.missed_write(),
+                    (false, true) => a.missed_write(),
+                    _ => {}
+                }
             }
             resp
         })
@@ -483,6 +658,23 @@ impl Router {
         Either::Left(self.replicated_write(req, affinity))
     }
 
+    /// The workers of `pair` a write goes to: those that take writes (in sync or
+    /// resyncing), or, if neither does, the stale ones (the monitor is about to promote one:
+    /// availability first). A worker left out is down, stale or not assessed: it resyncs
+    /// before it serves reads again.
+    fn write_targets(&self, pair: &Pair) -> [bool; 2] {
+        if !self.claimed.load(Ordering::Acquire) || self.mode().is_none() {
+            return [false, false];
+        }
+        let states = pair.workers.each_ref().map(|w| w.state());
+        let takes = states.map(WorkerState::takes_writes);
+        if takes[0] || takes[1] {
+            takes
+        } else {
+            states.map(|s| s == WorkerState::Stale)
+        }
+    }
+
     fn replicated_write(
         self: &Arc<Self>,
         mut req: Request,
@@ -494,60 +686,81 @@ impl Router {
             req.ttl_ms = self.default_ttl_ms;
         }
         let pair = pair_for_key(&req.key, self.pairs.len());
+        let targets = self.write_targets(&self.pairs[pair]);
+        if targets[0] != targets[1] {
+            // Its partner will not get it: counted on the worker, which outlives us.
+            req.flags |= flags::SOLO;
+        }
         let [a, b] = &self.pairs[pair].workers;
-        let replies = (a.send(&req, affinity), b.send(&req, affinity));
+        // Queued now, in the session's order (see WorkerLink); awaited below.
+        let replies = [
+            targets[0].then(|| a.send(&req, affinity)),
+            targets[1].then(|| b.send(&req, affinity)),
+        ];
         let this = self.clone();
         async move {
             let [a, b] = &this.pairs[pair].workers;
-            // Wait for the workers that hold the pair's data; one that is down, stale or
-            // resyncing only gets the write, so a frozen one cannot hold writes up.
-            let (wait_a, wait_b) = (a.readable() || !b.readable(), b.readable() || !a.readable());
+            let [ra, rb] = replies;
             let (ra, rb) = tokio::join!(
-                this.settle(a, replies.0, wait_a),
-                this.settle(b, replies.1, wait_b)
+                async {
+                    match ra {
+                        Some(r) => Some(this.finish(a, r).await),
+                        None => None,
+                    }
+                },
+                async {
+                    match rb {
+                        Some(r) => Some(this.finish(b, r).await),
+                        None => None,
+                    }
+                },
             );
             match (ra, rb) {
-                // Prefer success; of two other answers either is as informative.
-                (Some(ra), Some(rb)) => {
+                (Some(Some(ra)), Some(Some(rb))) => {
+                    // Prefer success; of two other answers either is as informative.
                     if rb.status == Status::Ok {
                         rb
                     } else {
                         ra
                     }
                 }
-                (Some(r), None) | (None, Some(r)) => r,
-                (None, None) => Response::status(Status::Unavailable),
+                // One of two took it: the other missed it, which must be on record before
+                // the write is acknowledged.
+                (Some(Some(r)), Some(None)) => this.acknowledge_one(a, b, r).await,
+                (Some(None), Some(Some(r))) => this.acknowledge_one(b, a, r).await,
+                // The only target: it counted the write as taken alone (`SOLO`).
+                (Some(Some(r)), None) | (None, Some(Some(r))) => r,
+                (Some(None), None) => {
+                    a.missed_write();
+                    unwritable(&this)
+                }
+                (None, Some(None)) => {
+                    b.missed_write();
+                    unwritable(&this)
+                }
+                (Some(None), Some(None)) => {
+                    a.missed_write();
+                    b.missed_write();
+                    unwritable(&this)
+                }
+                (None, None) => unwritable(&this),
             }
         }
     }
 
-    /// Waits for a write's reply if `wait`, else lets it finish in the background; either
-    /// way a worker that did not take the write is marked as having missed it.
-    async fn settle(
-        self: &Arc<Self>,
-        link: &Arc<WorkerLink>,
-        reply: Option<Reply>,
-        wait: bool,
-    ) -> Option<Response> {
-        if !wait {
-            match reply {
-                Some(reply) => {
-                    let (router, link) = (self.clone(), link.clone());
-                    tokio::spawn(async move {
-                        if router.finish(&link, Some(reply)).await.is_none() {
-                            link.missed_write();
-                        }
-                    });
-                }
-                None => link.missed_write(),
-            }
-            return None;
+    /// `holder` answered a write `missed` did not take: acknowledges it once the miss is on
+    /// record (see [`Router::record_miss`]).
+    async fn acknowledge_one(
+        &self,
+        holder: &WorkerLink,
+        missed: &WorkerLink,
+        resp: Response,
+    ) -> Response {
+        if self.record_miss(holder, missed).await {
+            resp
+        } else {
+            Response::error(Status::Unavailable, MISS_UNRECORDED)
         }
-        let resp = self.finish(link, reply).await;
-        if resp.is_none() {
-            link.missed_write();
-        }
-        resp
     }
 
     /// Asks each reachable worker for its stats and checks that partners encrypt with the

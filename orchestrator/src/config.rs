@@ -82,6 +82,13 @@ pub struct Config {
     #[arg(long, env = "TWINCACHE_NODE_ID")]
     pub node_id: Option<u8>,
 
+    /// What the workers are: `replicated` (a cache of its own) or `adapter` (a migration tier
+    /// in front of two Redis servers, see the worker's --source and --destination). Learned
+    /// from the workers before the first request is served if not given; a worker that
+    /// runs otherwise is refused as misconfigured.
+    #[arg(long, env = "TWINCACHE_MODE", value_enum)]
+    pub mode: Option<crate::cluster::Mode>,
+
     /// Threads serving requests; 0 means one per CPU. With 1 the orchestrator runs a
     /// single event loop, which on a small machine shared with its workers batches worker
     /// traffic best (see architecture.md).

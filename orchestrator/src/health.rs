@@ -1,24 +1,35 @@
-//! Health checks and partner resync: the orchestrator's half of fault tolerance.
+//! Health checks and partner refills: the orchestrator's half of fault tolerance.
 //!
-//! Every `--health-interval` the monitor asks each worker for its `status` (boot id, whether
-//! its data is established, how its last resync went), within `--health-timeout`, and moves
-//! each worker between the states of [`WorkerState`]:
+//! Every `--health-interval` the monitor asks every worker for its `status` (boot id, whether
+//! its data is established, the writes it took alone and how much of its partner's it holds,
+//! how its last refill went), within `--health-timeout`, and moves each worker between the
+//! states of [`WorkerState`]. The decision is [`decide`], a pure function of what the two
+//! workers of a pair said and what this orchestrator knew of them, unit-tested below.
 //!
-//! - No answer: **down**. Reads and writes go to the partner alone.
-//! - A new boot id (it restarted, empty), or answering again after being down (it may have
-//!   missed writes): **stale**. A write one worker missed marks it stale too (see
-//!   `Router::write`).
-//! - Stale with an in-sync partner: told to `resync` from the partner, **resyncing**; it takes
-//!   live writes but serves no reads. When it reports the resync done, **in sync**, unless it
-//!   missed a write meanwhile (the write may have escaped the snapshot), then it resyncs again.
-//! - Stale with its partner down: its copy is the best there is, so it is promoted to in sync
-//!   (availability first). Writes acknowledged only by the partner since the worker went
-//!   stale come back when the partner does, if the partner was frozen rather than killed.
-//! - First sight (this orchestrator just started): the workers' own `synced` flags decide.
-//!   A worker whose data is established is in sync; a fresh one beside it is stale; two fresh
-//!   ones are a new pair and are told to `adopt` what they hold.
+//! - No answer: **down**. It gets no requests; writes go to the partner alone, which counts
+//!   them as taken alone (`flags::SOLO`).
+//! - A new boot id (it restarted, empty): **stale**.
+//! - First sight (this orchestrator just started) or back after being down: **assessed**
+//!   against its partner. Its own `synced` flag is not enough: a worker that lacks writes its
+//!   partner took alone (the partner's count is past what the worker holds) is stale, even if
+//!   this orchestrator never saw those writes (another one did, or an earlier run of this
+//!   one). Two fresh workers are a new pair and adopt what they hold.
+//! - Stale with an in-sync partner: told to `resync` from it, **resyncing**; it takes live
+//!   writes but serves no reads. When it reports the refill done, **in sync**, unless it
+//!   missed a write meanwhile (the write may have escaped the snapshot): then again.
+//! - Stale or resyncing with its partner down: its copy is the best there is, so it is
+//!   promoted (availability first) and adopts its data as *partial*.
+//! - In sync but lacking writes its partner took alone, or partial: it keeps serving and
+//!   merges what the partner holds (`resync ... merge`) as soon as the partner answers; if
+//!   the partner is in sync and lacks nothing of it, it becomes stale instead.
 //!
-//! Several orchestrators may run this at once: a worker ignores a resync request while one is
+//! Before the first round has settled the workers' mode (or with `--mode`), and while this
+//! orchestrator's node id is not accepted by the workers, nothing is served (see `Router`).
+//! Node ids are claimed on every health check, so two orchestrators never stamp versions
+//! with the same id: a clash redraws a random id (or, with `--node-id`, is logged as an
+//! error and refuses writes until it clears).
+//!
+//! Several orchestrators may run this at once: a worker ignores a refill request while one is
 //! running, and each orchestrator follows the worker's own report of it.
 
 use std::sync::atomic::Ordering;
@@ -26,12 +37,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::future::join_all;
 use tokio_util::sync::CancellationToken;
+use twincache_protocol::coverage::Coverage;
 use twincache_protocol::frame::{Op, Request};
 use twincache_protocol::info;
 use twincache_protocol::Status;
 
-use crate::cluster::{Pair, Router, WorkerLink, WorkerState};
+use crate::cluster::{Mode, Pair, Router, WorkerLink, WorkerState};
 
 /// How often to check, and how long an answer may take.
 #[derive(Debug, Clone, Copy)]
@@ -40,15 +53,24 @@ pub struct HealthConfig {
     pub timeout: Duration,
 }
 
+/// How long after starting a refill another may be asked for.
+pub(crate) const REFILL_RETRY: Duration = Duration::from_secs(1);
+
 /// A worker's `status`, parsed.
-#[derive(Debug, Clone, Default)]
-struct Seen {
-    boot_id: u64,
-    synced: bool,
-    phase: String,
-    completed: u64,
-    error: String,
-    adapter: bool,
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Seen {
+    pub boot_id: u64,
+    pub synced: bool,
+    /// Writes it took alone since it started.
+    pub solo: u64,
+    /// How much of its partner's writes it holds.
+    pub covers: Coverage,
+    pub phase: String,
+    pub completed: u64,
+    pub error: String,
+    pub adapter: bool,
+    /// Its answer to this orchestrator's node-id claim.
+    pub claim: String,
 }
 
 fn parse(text: &str) -> Seen {
@@ -57,21 +79,207 @@ fn parse(text: &str) -> Seen {
         match k {
             "boot_id" => seen.boot_id = u64::from_str_radix(v, 16).unwrap_or(0),
             "synced" => seen.synced = v == "1",
+            "solo" => seen.solo = v.parse().unwrap_or(0),
+            "covers" => seen.covers = Coverage::parse(v).unwrap_or_default(),
             "resync" => seen.phase = v.to_string(),
             "resyncs_completed" => seen.completed = v.parse().unwrap_or(0),
             "resync_error" => seen.error = v.to_string(),
             "adapter" => seen.adapter = v == "1",
+            "claim" => seen.claim = v.to_string(),
             _ => {}
         }
     }
     seen
 }
 
+/// What the monitor knows of one worker at the start of a round.
+#[derive(Debug, Clone)]
+pub(crate) struct View<'a> {
+    pub state: WorkerState,
+    /// This round's answer, if any.
+    pub seen: Option<&'a Seen>,
+    /// Its boot id changed since it was last seen.
+    pub restarted: bool,
+    /// This orchestrator saw it miss a write.
+    pub dirty: bool,
+    /// Its count of completed refills when this orchestrator last asked for one.
+    pub resync_base: u64,
+    /// It runs in the cluster's mode.
+    pub mode_ok: bool,
+    /// A refill may be asked for now (they are paced after a start).
+    pub may_refill: bool,
+}
+
+/// What to tell a worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Action {
+    /// `adopt` with this value (`partial`, or the partner's `<boot>:<solo>`).
+    Adopt(String),
+    /// Refill from the partner as a stale worker.
+    Resync,
+    /// Take what the partner holds and this worker lacks, while serving.
+    Merge,
+}
+
+/// A worker's next state, what to tell it first (the state applies only if that works),
+/// and why, for the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Decision {
+    pub state: WorkerState,
+    pub action: Option<Action>,
+    pub why: &'static str,
+}
+
+/// One round's decisions for a pair (see the module docs).
+pub(crate) fn decide(v: [&View; 2]) -> [Decision; 2] {
+    use WorkerState::*;
+    let mut d = v.map(|w| Decision {
+        state: w.state,
+        action: None,
+        why: "",
+    });
+    let set = |d: &mut Decision, state, why| {
+        d.state = state;
+        d.why = why;
+    };
+    // What each answer says on its own.
+    for i in 0..2 {
+        if v[i].seen.is_none() {
+            set(&mut d[i], Down, "not answering");
+        } else if !v[i].mode_ok {
+            set(
+                &mut d[i],
+                Misconfigured,
+                "runs in another mode than the cluster (adapter mode on one side only?)",
+            );
+        } else if v[i].restarted {
+            set(&mut d[i], Stale, "restarted (new boot id): will resync");
+        } else if matches!(v[i].state, Down | Unknown | Misconfigured) {
+            d[i].state = Unknown;
+        }
+    }
+    // The answer of a reachable worker in the cluster's mode.
+    let seen = |i: usize| v[i].seen.filter(|_| v[i].mode_ok);
+    // Whether worker `i` lacks writes its partner took alone.
+    let lacks = |i: usize| match (seen(i), seen(1 - i)) {
+        (Some(me), Some(p)) => me.covers.lacks_solo(p.boot_id, p.solo),
+        _ => false,
+    };
+    // Assess the workers seen for the first time, or again after being down.
+    let assessing = [d[0].state == Unknown, d[1].state == Unknown];
+    for i in 0..2 {
+        if !assessing[i] {
+            continue;
+        }
+        let Some(me) = seen(i) else { continue };
+        let partner = seen(1 - i);
+        if !me.synced {
+            match partner {
+                Some(p) if !p.synced && assessing[1 - i] => {
+                    d[i].action = Some(Action::Adopt(format!("{:016x}:{}", p.boot_id, p.solo)));
+                    set(&mut d[i], InSync, "a new pair: adopts what it holds");
+                }
+                _ => set(&mut d[i], Stale, "fresh: will resync"),
+            }
+        } else if v[i].dirty {
+            set(
+                &mut d[i],
+                Stale,
+                "missed writes while unreachable: will resync",
+            );
+        } else if lacks(i) {
+            let partner_serves = d[1 - i].state == InSync;
+            let partner_better = partner.is_some_and(|p| p.synced) && !lacks(1 - i);
+            if partner_serves || partner_better {
+                set(
+                    &mut d[i],
+                    Stale,
+                    "its partner took writes it lacks: will resync before serving reads",
+                );
+            } else {
+                set(
+                    &mut d[i],
+                    InSync,
+                    "both took writes the other lacks: this one serves and merges",
+                );
+            }
+        } else {
+            set(&mut d[i], InSync, "its data is established");
+        }
+    }
+    // Each state's next step (a worker just told to adopt has had its step).
+    for i in 0..2 {
+        let Some(me) = seen(i).filter(|_| d[i].action.is_none()) else {
+            continue;
+        };
+        let partner_state = d[1 - i].state;
+        let partner_gone = matches!(partner_state, Down | Misconfigured);
+        match d[i].state {
+            Stale if partner_state == InSync => {
+                if me.phase == "running" {
+                    set(&mut d[i], Resyncing, "refilling from its partner");
+                } else if v[i].may_refill {
+                    d[i].action = Some(Action::Resync);
+                    set(&mut d[i], Resyncing, "resyncing from its partner");
+                }
+            }
+            Stale | Resyncing if partner_gone => {
+                d[i].action = Some(Action::Adopt("partial".into()));
+                set(
+                    &mut d[i],
+                    InSync,
+                    "partner down: serving this worker's copy",
+                );
+            }
+            Stale if partner_state == Stale => {
+                // Both stale: the better copy leads (lacking nothing of the other's, then
+                // established, then the first); the other resyncs from it.
+                let rank = |j: usize| (!lacks(j), seen(j).is_some_and(|s| s.synced), j == 0);
+                if rank(i) > rank(1 - i) {
+                    d[i].action = Some(Action::Adopt("partial".into()));
+                    set(&mut d[i], InSync, "both stale: this copy leads");
+                }
+            }
+            Resyncing => {
+                if me.phase == "done" && me.completed > v[i].resync_base {
+                    if v[i].dirty {
+                        set(&mut d[i], Stale, "missed a write during its resync: again");
+                    } else {
+                        set(&mut d[i], InSync, "resync done: in sync");
+                    }
+                } else if me.phase == "failed" {
+                    set(&mut d[i], Stale, "resync failed");
+                }
+            }
+            InSync if seen(1 - i).is_some() => {
+                if lacks(i) && partner_state == InSync && !lacks(1 - i) {
+                    set(
+                        &mut d[i],
+                        Stale,
+                        "its partner took writes it lacks: will resync before serving reads",
+                    );
+                } else if (lacks(i) || !me.covers.complete)
+                    && me.phase != "running"
+                    && v[i].may_refill
+                {
+                    d[i].action = Some(Action::Merge);
+                    d[i].why = "merging what its partner holds and it lacks, while serving";
+                }
+            }
+            _ => {}
+        }
+    }
+    d
+}
+
 /// Moves `w` to `state`, logging the change and why.
 fn transition(w: &WorkerLink, state: WorkerState, why: &str) {
     let before = w.set_state(state);
     if before != state {
-        if matches!(state, WorkerState::Down | WorkerState::Stale) {
+        if matches!(
+            state,
+            WorkerState::Down | WorkerState::Stale | WorkerState::Misconfigured
+        ) {
             tracing::warn!(worker = %w.addr, from = before.name(), to = state.name(), "{why}");
         } else {
             tracing::info!(worker = %w.addr, from = before.name(), to = state.name(), "{why}");
@@ -85,27 +293,61 @@ impl Router {
     pub async fn monitor(self: Arc<Self>, config: HealthConfig, shutdown: CancellationToken) {
         let mut tick = tokio::time::interval(config.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Long enough to survive a few missed rounds; short enough that an orchestrator
+        // killed without releasing its id frees it soon.
+        let claim_ttl = (config.interval * 5 + config.timeout).max(Duration::from_secs(1));
         for round in 0u64.. {
             tokio::select! {
                 _ = tick.tick() => {}
-                _ = shutdown.cancelled() => return,
+                _ = shutdown.cancelled() => break,
             }
-            for pair in self.pairs() {
-                let (a, b) = tokio::join!(
-                    self.poll(&pair.workers[0], config.timeout),
-                    self.poll(&pair.workers[1], config.timeout)
-                );
-                self.step(pair, [a, b]).await;
+            let claim = format!(
+                "claim {} {:016x} {}",
+                self.clock.node(),
+                self.instance,
+                claim_ttl.as_millis()
+            );
+            let this = &self;
+            let polls = self.pairs().iter().flat_map(|p| &p.workers).map(|w| {
+                let claim = &claim;
+                async move { this.poll(w, config.timeout, claim).await }
+            });
+            let seen: Vec<Option<Seen>> = join_all(polls).await;
+            self.settle_claims(&seen);
+            let Some(mode) = self.mode().or_else(|| self.learn_mode(&seen)) else {
+                continue;
+            };
+            for (pair, seen) in self.pairs().iter().zip(seen.chunks(2)) {
+                self.step(pair, [seen[0].as_ref(), seen[1].as_ref()], mode)
+                    .await;
             }
             if round % 5 == 0 {
                 self.check_keys().await;
             }
         }
+        let release = format!("release {} {:016x}", self.clock.node(), self.instance);
+        for w in self.pairs().iter().flat_map(|p| &p.workers) {
+            self.poll(w, config.timeout, &release).await;
+        }
     }
 
-    async fn poll(&self, w: &WorkerLink, timeout: Duration) -> Option<Seen> {
-        let reply = w.send(&Request::new(Op::Status, Bytes::new()), 0)?;
-        match tokio::time::timeout(timeout, reply).await {
+    async fn poll(&self, w: &WorkerLink, timeout: Duration, claim: &str) -> Option<Seen> {
+        let mut req = Request::new(Op::Status, Bytes::new());
+        req.value = Bytes::copy_from_slice(claim.as_bytes());
+        let deadline = tokio::time::Instant::now() + timeout;
+        let reply = loop {
+            // A link still connecting (just started) is waited for, within the timeout.
+            match w.send(&req, 0) {
+                Some(reply) => break reply,
+                None if w.state() == WorkerState::Unknown
+                    && tokio::time::Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(10)).await
+                }
+                None => return None,
+            }
+        };
+        match tokio::time::timeout_at(deadline, reply).await {
             Ok(Ok(resp)) if resp.status == Status::Ok => {
                 Some(parse(&String::from_utf8_lossy(&resp.payload)))
             }
@@ -113,137 +355,326 @@ impl Router {
         }
     }
 
+    /// The mode most answering workers report (nothing on a tie, or before any answers).
+    fn learn_mode(&self, seen: &[Option<Seen>]) -> Option<Mode> {
+        let answers: Vec<bool> = seen.iter().flatten().map(|s| s.adapter).collect();
+        let adapters = answers.iter().filter(|a| **a).count();
+        let mode = match (adapters * 2).cmp(&answers.len()) {
+            _ if answers.is_empty() => return None,
+            std::cmp::Ordering::Greater => Mode::Adapter,
+            std::cmp::Ordering::Less => Mode::Replicated,
+            std::cmp::Ordering::Equal => {
+                tracing::error!(
+                    "as many workers run in adapter mode as not; start them all the same way, \
+                     or give the orchestrator --mode"
+                );
+                return None;
+            }
+        };
+        Some(self.settle_mode(mode))
+    }
+
+    /// Writes are allowed while every answering worker accepts this orchestrator's node id.
+    /// On a clash a random id is redrawn (claimed in the next round); a stated one is an
+    /// error until the other orchestrator goes away.
+    fn settle_claims(&self, seen: &[Option<Seen>]) {
+        let answers: Vec<&str> = seen.iter().flatten().map(|s| s.claim.as_str()).collect();
+        let clash = answers.contains(&"conflict");
+        let ok = !answers.is_empty() && answers.iter().all(|a| *a == "ok");
+        let clashed_before = self.clashed.swap(clash, Ordering::AcqRel);
+        self.set_claimed(ok && !clash);
+        if clash {
+            let node = self.clock.node();
+            if self.fixed_node {
+                if !clashed_before {
+                    tracing::error!(
+                        node_id = node,
+                        "another orchestrator uses this --node-id: writes wait until it stops \
+                         (give each orchestrator its own id)"
+                    );
+                }
+            } else {
+                let fresh = loop {
+                    let n: u8 = rand::random();
+                    if n != node {
+                        break n;
+                    }
+                };
+                tracing::warn!(
+                    from = node,
+                    to = fresh,
+                    "another orchestrator holds this node id: drew another"
+                );
+                self.clock.set_node(fresh);
+            }
+        }
+    }
+
     async fn call(&self, w: &WorkerLink, op: Op, value: &str) -> bool {
         self.ask(w, op, value).await.is_some()
     }
 
-    /// One round for one pair.
-    async fn step(&self, pair: &Pair, seen: [Option<Seen>; 2]) {
-        if let Some(s) = seen.iter().flatten().next() {
-            self.set_adapter(s.adapter);
-        }
-        for (w, s) in pair.workers.iter().zip(&seen) {
-            observe(w, s.as_ref());
-        }
-        for i in 0..2 {
-            let (w, partner) = (&pair.workers[i], &pair.workers[1 - i]);
-            let Some(me) = &seen[i] else { continue };
-            let other = seen[1 - i].as_ref();
-            match w.state() {
-                WorkerState::Unknown => {
-                    if me.synced {
-                        transition(w, WorkerState::InSync, "seen: its data is established");
-                    } else if other.is_some_and(|o| o.synced) {
-                        transition(
-                            w,
-                            WorkerState::Stale,
-                            "seen: fresh beside an established partner",
-                        );
-                    } else {
-                        // A new pair, or the only worker of its pair answering.
-                        self.call(w, Op::Adopt, "").await;
-                        transition(w, WorkerState::InSync, "seen: adopts what it holds");
-                    }
-                }
-                WorkerState::Stale => match partner.state() {
-                    WorkerState::InSync => {
-                        let started =
-                            me.phase == "running" || self.call(w, Op::Resync, &partner.addr).await;
-                        if started {
-                            w.resync_base.store(me.completed, Ordering::Release);
-                            w.dirty.store(false, Ordering::Release);
-                            transition(w, WorkerState::Resyncing, "resyncing from its partner");
-                        }
-                    }
-                    WorkerState::Down => {
-                        self.call(w, Op::Adopt, "").await;
-                        transition(
-                            w,
-                            WorkerState::InSync,
-                            "partner down: serving this worker's copy",
-                        );
-                    }
-                    // Both stale: the one whose data is established (or the first) leads.
-                    WorkerState::Stale
-                        if me.synced || (i == 0 && !other.is_some_and(|o| o.synced)) =>
-                    {
-                        self.call(w, Op::Adopt, "").await;
-                        transition(w, WorkerState::InSync, "both stale: this copy leads");
-                    }
-                    _ => {}
-                },
-                WorkerState::Resyncing => {
-                    if me.phase == "done" && me.completed > w.resync_base.load(Ordering::Acquire) {
-                        if w.dirty.swap(false, Ordering::AcqRel) {
-                            transition(
-                                w,
-                                WorkerState::Stale,
-                                "missed a write during its resync: again",
-                            );
-                        } else {
-                            transition(w, WorkerState::InSync, "resync done: in sync");
-                        }
-                    } else if me.phase == "failed" {
-                        transition(
-                            w,
-                            WorkerState::Stale,
-                            &format!("resync failed: {}", me.error),
-                        );
-                    }
-                }
-                _ => {}
+    /// One round for one pair: decide, then tell the workers.
+    async fn step(&self, pair: &Pair, seen: [Option<&Seen>; 2], mode: Mode) {
+        let adapter = mode == Mode::Adapter;
+        let views = [0, 1].map(|i| {
+            let w = &pair.workers[i];
+            let s = seen[i];
+            let restarted = match s {
+                Some(s) => w
+                    .boot
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .replace(s.boot_id)
+                    .is_some_and(|before| before != s.boot_id),
+                None => false,
+            };
+            if restarted {
+                w.dirty.store(true, Ordering::Release);
             }
+            View {
+                state: w.state(),
+                seen: s,
+                restarted,
+                dirty: w.dirty.load(Ordering::Acquire),
+                resync_base: w.resync_base.load(Ordering::Acquire),
+                mode_ok: s.is_none_or(|s| s.adapter == adapter),
+                may_refill: w.may_refill(),
+            }
+        });
+        let mismatch = views.iter().any(|v| !v.mode_ok);
+        if pair.mode_mismatch.swap(mismatch, Ordering::Relaxed) != mismatch && !mismatch {
+            tracing::info!("the workers of this pair now run in the cluster's mode");
         }
-    }
-}
-
-/// Applies what the worker's answer (or silence) says on its own.
-fn observe(w: &WorkerLink, seen: Option<&Seen>) {
-    let Some(me) = seen else {
-        if w.state() != WorkerState::Down {
-            transition(w, WorkerState::Down, "not answering");
+        let decisions = decide([&views[0], &views[1]]);
+        for (i, d) in decisions.into_iter().enumerate() {
+            let (w, partner) = (&pair.workers[i], &pair.workers[1 - i]);
+            let done = match &d.action {
+                None => true,
+                Some(Action::Adopt(how)) => self.call(w, Op::Adopt, how).await,
+                Some(Action::Resync) => self.call(w, Op::Resync, &partner.addr).await,
+                Some(Action::Merge) => {
+                    let value = format!("{} merge", partner.addr);
+                    self.call(w, Op::Resync, &value).await
+                }
+            };
+            if !done {
+                continue;
+            }
+            match &d.action {
+                Some(Action::Resync) => {
+                    let completed = seen[i].map_or(0, |s| s.completed);
+                    w.resync_base.store(completed, Ordering::Release);
+                    w.dirty.store(false, Ordering::Release);
+                    w.refill_started();
+                }
+                Some(Action::Merge) => {
+                    w.refill_started();
+                    tracing::info!(worker = %w.addr, partner = %partner.addr, "{}", d.why);
+                }
+                Some(Action::Adopt(_)) => w.dirty.store(false, Ordering::Release),
+                None => {}
+            }
+            if d.state == WorkerState::Resyncing && d.action.is_none() {
+                // Following a refill already running: it counts once it completes.
+                let completed = seen[i].map_or(0, |s| s.completed);
+                w.resync_base.store(completed, Ordering::Release);
+                w.dirty.store(false, Ordering::Release);
+            }
+            transition(w, d.state, d.why);
         }
-        return;
-    };
-    let before = w
-        .boot
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .replace(me.boot_id);
-    match before {
-        Some(boot) if boot != me.boot_id => {
-            w.dirty.store(true, Ordering::Release);
-            transition(
-                w,
-                WorkerState::Stale,
-                "restarted (new boot id): will resync",
-            );
-        }
-        Some(_) if w.state() == WorkerState::Down => {
-            transition(
-                w,
-                WorkerState::Stale,
-                "answering again: will resync before serving reads",
-            );
-        }
-        // Never seen before (unreachable since this orchestrator started): first sight.
-        None if w.state() == WorkerState::Down => {
-            transition(w, WorkerState::Unknown, "answering for the first time");
-        }
-        _ => {}
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use WorkerState::*;
 
     #[test]
     fn parses_worker_status() {
-        let s = parse("boot_id:00000000000000ff\r\nsynced:1\r\nresync:done\r\nresyncs_completed:3\r\nresync_error:\r\n");
+        let s = parse("boot_id:00000000000000ff\r\nsynced:1\r\nsolo:4\r\ncovers:00000000000000aa:2:1\r\nresync:done\r\nresyncs_completed:3\r\nresync_error:\r\nclaim:ok\r\n");
         assert_eq!(s.boot_id, 255);
         assert!(s.synced);
+        assert_eq!(s.solo, 4);
+        assert_eq!(
+            s.covers,
+            Coverage {
+                partner_boot: 0xaa,
+                partner_solo: 2,
+                complete: true
+            }
+        );
         assert_eq!(s.phase, "done");
         assert_eq!(s.completed, 3);
+        assert_eq!(s.claim, "ok");
+    }
+
+    /// A worker's answer: its boot id, synced flag, writes taken alone, and coverage of its
+    /// partner (boot, solo, complete).
+    fn seen(boot: u64, synced: bool, solo: u64, covers: (u64, u64, bool)) -> Seen {
+        Seen {
+            boot_id: boot,
+            synced,
+            solo,
+            covers: Coverage {
+                partner_boot: covers.0,
+                partner_solo: covers.1,
+                complete: covers.2,
+            },
+            phase: "idle".into(),
+            ..Seen::default()
+        }
+    }
+
+    fn view(state: WorkerState, seen: Option<&Seen>) -> View<'_> {
+        View {
+            state,
+            seen,
+            restarted: false,
+            dirty: false,
+            resync_base: 0,
+            mode_ok: true,
+            may_refill: true,
+        }
+    }
+
+    fn states(d: &[Decision; 2]) -> [WorkerState; 2] {
+        [d[0].state, d[1].state]
+    }
+
+    #[test]
+    fn a_new_pair_adopts_what_it_holds() {
+        let (a, b) = (
+            seen(1, false, 0, (0, 0, false)),
+            seen(2, false, 0, (0, 0, false)),
+        );
+        let d = decide([&view(Unknown, Some(&a)), &view(Unknown, Some(&b))]);
+        assert_eq!(states(&d), [InSync, InSync]);
+        assert_eq!(
+            d[0].action,
+            Some(Action::Adopt("0000000000000002:0".into()))
+        );
+        assert_eq!(
+            d[1].action,
+            Some(Action::Adopt("0000000000000001:0".into()))
+        );
+    }
+
+    /// The lost write of issue 9: A was unreachable when this orchestrator started, B took
+    /// a write alone; A comes back with its `synced` flag set, and must resync first.
+    #[test]
+    fn a_worker_that_missed_writes_while_unreachable_resyncs_first() {
+        let a = seen(1, true, 0, (2, 0, true));
+        let b = seen(2, true, 1, (1, 0, true));
+        let d = decide([&view(Down, Some(&a)), &view(InSync, Some(&b))]);
+        assert_eq!(states(&d), [Resyncing, InSync]);
+        assert_eq!(d[0].action, Some(Action::Resync));
+        // Not before its refill is due.
+        let mut va = view(Down, Some(&a));
+        va.may_refill = false;
+        let d = decide([&va, &view(InSync, Some(&b))]);
+        assert_eq!(states(&d), [Stale, InSync]);
+    }
+
+    /// An orchestrator that restarts while a worker is stale learns it from the partner's
+    /// count of writes taken alone.
+    #[test]
+    fn a_restarted_orchestrator_sees_which_worker_is_stale() {
+        let a = seen(1, true, 0, (2, 3, true));
+        let b = seen(2, true, 5, (1, 0, true));
+        let d = decide([&view(Unknown, Some(&a)), &view(Unknown, Some(&b))]);
+        assert_eq!(states(&d), [Resyncing, InSync]);
+        // Either order of assessment gives the same answer.
+        let d = decide([&view(Unknown, Some(&b)), &view(Unknown, Some(&a))]);
+        assert_eq!(states(&d), [InSync, Resyncing]);
+    }
+
+    #[test]
+    fn an_in_sync_worker_another_orchestrator_saw_miss_a_write_becomes_stale() {
+        let a = seen(1, true, 0, (2, 0, true));
+        let b = seen(2, true, 1, (1, 0, true));
+        let d = decide([&view(InSync, Some(&a)), &view(InSync, Some(&b))]);
+        assert_eq!(states(&d), [Stale, InSync]);
+    }
+
+    #[test]
+    fn a_promoted_worker_merges_its_returning_partners_data() {
+        // A was promoted (partial) while B was away; B comes back.
+        let a = seen(1, true, 7, (2, 0, false));
+        let b = seen(2, true, 2, (1, 0, true));
+        let d = decide([&view(InSync, Some(&a)), &view(Down, Some(&b))]);
+        assert_eq!(states(&d), [InSync, Resyncing]);
+        assert_eq!(d[0].action, Some(Action::Merge));
+        assert_eq!(d[1].action, Some(Action::Resync));
+        // While its merge runs, nothing more is asked.
+        let mut a2 = a.clone();
+        a2.phase = "running".into();
+        let d = decide([&view(InSync, Some(&a2)), &view(Stale, Some(&b))]);
+        assert_eq!(d[0].action, None);
+        assert_eq!(d[1].action, Some(Action::Resync));
+    }
+
+    #[test]
+    fn both_diverged_one_serves_and_merges_the_other_resyncs() {
+        let a = seen(1, true, 3, (2, 0, true));
+        let b = seen(2, true, 4, (1, 0, true));
+        let d = decide([&view(Unknown, Some(&a)), &view(Unknown, Some(&b))]);
+        assert_eq!(states(&d), [InSync, Resyncing]);
+        assert_eq!(d[0].action, Some(Action::Merge));
+    }
+
+    #[test]
+    fn a_stale_or_resyncing_worker_whose_partner_is_down_is_promoted() {
+        let a = seen(1, true, 0, (2, 0, true));
+        for state in [Stale, Resyncing] {
+            let d = decide([&view(state, Some(&a)), &view(InSync, None)]);
+            assert_eq!(states(&d), [InSync, Down]);
+            assert_eq!(d[0].action, Some(Action::Adopt("partial".into())));
+        }
+    }
+
+    #[test]
+    fn a_restarted_worker_resyncs_and_a_missed_write_repeats_the_resync() {
+        let a = seen(9, false, 0, (0, 0, false));
+        let b = seen(2, true, 0, (1, 0, true));
+        let mut va = view(InSync, Some(&a));
+        va.restarted = true;
+        let d = decide([&va, &view(InSync, Some(&b))]);
+        assert_eq!(states(&d), [Resyncing, InSync]);
+        let mut done = a.clone();
+        done.phase = "done".into();
+        done.completed = 1;
+        let mut va = view(Resyncing, Some(&done));
+        va.dirty = true;
+        va.may_refill = false;
+        let d = decide([&va, &view(InSync, Some(&b))]);
+        assert_eq!(states(&d), [Stale, InSync]);
+        va.dirty = false;
+        let d = decide([&va, &view(InSync, Some(&b))]);
+        assert_eq!(states(&d), [InSync, InSync]);
+    }
+
+    #[test]
+    fn a_worker_in_another_mode_is_misconfigured_and_its_partner_serves_alone() {
+        let a = seen(1, true, 0, (2, 0, true));
+        let b = seen(2, true, 0, (1, 0, true));
+        let mut vb = view(InSync, Some(&b));
+        vb.mode_ok = false;
+        let d = decide([&view(InSync, Some(&a)), &vb]);
+        assert_eq!(states(&d), [InSync, Misconfigured]);
+        assert_eq!(d[0].action, None);
+    }
+
+    #[test]
+    fn both_stale_the_better_copy_leads() {
+        // B lacks A's writes; A lacks nothing of B's.
+        let a = seen(1, true, 2, (2, 0, true));
+        let b = seen(2, true, 0, (1, 0, true));
+        let d = decide([&view(Stale, Some(&a)), &view(Stale, Some(&b))]);
+        assert_eq!(d[0].state, InSync);
+        assert_eq!(d[0].action, Some(Action::Adopt("partial".into())));
+        // B resyncs from the leader in the same round.
+        assert_eq!(d[1].action, Some(Action::Resync));
     }
 }

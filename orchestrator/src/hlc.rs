@@ -3,35 +3,42 @@
 //! Workers keep the write with the highest version, so versions must grow with real time
 //! across orchestrators (wall-clock milliseconds in the high bits), never repeat or go back
 //! within one orchestrator (a logical counter when the wall clock stalls or steps back), and
-//! never tie between orchestrators (the orchestrator id in the low bits).
-//!
-//! ```text
-//! bit 63..20: milliseconds since 2025-01-01 (44 bits: good for 557 years)
-//! bit 19..8 : logical counter (12 bits; overflow carries into the milliseconds)
-//! bit  7..0 : orchestrator id
-//! ```
+//! never tie between orchestrators (the orchestrator id in the low bits, unique among the
+//! orchestrators of a cluster: see `health`'s node-id claims). The layout is in
+//! [`twincache_protocol::version`].
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 
-/// 2025-01-01T00:00:00Z in Unix milliseconds.
-const EPOCH_MS: u64 = 1_735_689_600_000;
-const MS_SHIFT: u32 = 20;
+use twincache_protocol::version::{at_ms, wall_ms};
+
+#[cfg(test)]
+use twincache_protocol::version::EPOCH_MS;
+
 const COUNTER_ONE: u64 = 1 << 8;
 const NODE_MASK: u64 = 0xff;
 
 #[derive(Debug)]
 pub struct Hlc {
     last: AtomicU64,
-    node: u8,
+    /// Changes only when another orchestrator turns out to hold the same id.
+    node: AtomicU8,
 }
 
 impl Hlc {
     pub fn new(node: u8) -> Hlc {
         Hlc {
             last: AtomicU64::new(0),
-            node,
+            node: AtomicU8::new(node),
         }
+    }
+
+    pub fn node(&self) -> u8 {
+        self.node.load(Ordering::Relaxed)
+    }
+
+    /// Takes another orchestrator id for the versions from now on.
+    pub fn set_node(&self, node: u8) {
+        self.node.store(node, Ordering::Relaxed);
     }
 
     /// A version greater than every one this clock returned before.
@@ -40,13 +47,14 @@ impl Hlc {
     }
 
     fn next_at(&self, now_ms: u64) -> u64 {
-        let physical = (now_ms.saturating_sub(EPOCH_MS) << MS_SHIFT) | u64::from(self.node);
+        let node = u64::from(self.node());
+        let physical = at_ms(now_ms) | node;
         let mut last = self.last.load(Ordering::Relaxed);
         loop {
             let next = if physical > last {
                 physical
             } else {
-                ((last & !NODE_MASK) + COUNTER_ONE) | u64::from(self.node)
+                ((last & !NODE_MASK) + COUNTER_ONE) | node
             };
             match self
                 .last
@@ -57,13 +65,6 @@ impl Hlc {
             }
         }
     }
-}
-
-fn wall_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(EPOCH_MS)
 }
 
 #[cfg(test)]

@@ -63,14 +63,14 @@ impl Orchestrator {
     /// Connects to the workers and serves clients until `shutdown` is cancelled.
     pub async fn run(self, shutdown: CancellationToken) {
         let c = &self.config;
-        let node_id = c.node_id.unwrap_or_else(rand::random);
         let router_config = RouterConfig {
             default_ttl_ms: c.default_ttl.as_millis() as u64,
             connections_per_worker: usize::from(c.connections_per_worker),
             // Room for the frame header around the largest value a client may send.
             max_frame: c.max_frame.max(c.max_line) as usize + 1024,
             worker_timeout: c.worker_timeout,
-            node_id,
+            node_id: c.node_id,
+            mode: c.mode,
         };
         // Worker links outlive the client sessions: they stop once those have drained.
         let links_shutdown = CancellationToken::new();
@@ -81,7 +81,7 @@ impl Orchestrator {
         ));
         tracing::info!(
             pairs = router.pairs().len(),
-            node_id,
+            node_id = router.clock.node(),
             "routing to worker pairs"
         );
         let health = health::HealthConfig {

@@ -15,6 +15,7 @@ use twincache_protocol::frame::{flags, Op, Request, Response};
 use twincache_protocol::resp::{Reply, RespDecoder};
 use twincache_protocol::Status;
 
+use crate::cluster::Mode;
 use crate::session::{Ctx, Protocol, Step};
 
 type Handler = fn(&mut RespProtocol, Vec<Bytes>, &Ctx) -> Step<Reply>;
@@ -97,8 +98,13 @@ impl Protocol for RespProtocol {
             Ok(Some(args)) => args,
             Err(e) => return Step::Close(Some(e.reply())),
         };
-        if ctx.router.is_adapter() && passes_through(&args) {
-            return passthrough(args, ctx);
+        match ctx.router.mode() {
+            Some(Mode::Adapter) if passes_through(&args) => return passthrough(args, ctx),
+            // Whether a command runs here or on the destination Redis depends on the mode.
+            None if !answered_here(&args[0]) => {
+                return Step::Reply(Reply::err("TRYAGAIN the cluster is starting; retry"))
+            }
+            _ => {}
         }
         let Some(&(name, arity, handler)) = find(&args[0]) else {
             return Step::Reply(unknown_command(&args));
@@ -127,6 +133,16 @@ const ADAPTER_NATIVE: &[&str] = &[
     "get", "set", "mget", "mset", "ping", "echo", "quit", "select", "info", "command", "client",
     "hello",
 ];
+
+/// Connection commands, answered by the orchestrator in either mode (so clients can connect
+/// and handshake while the cluster is starting).
+fn answered_here(name: &[u8]) -> bool {
+    [
+        "ping", "echo", "quit", "select", "info", "command", "client", "hello", "auth", "config",
+    ]
+    .iter()
+    .any(|n| name.eq_ignore_ascii_case(n.as_bytes()))
+}
 
 /// Whether, in adapter mode, this command goes to the destination. A SET with options other
 /// than EX/PX (NX, XX, GET, KEEPTTL, EXAT, PXAT) does too: the destination decides them.

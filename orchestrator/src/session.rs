@@ -377,6 +377,7 @@ impl Protocol for BinaryProtocol {
             | Op::Adopt
             | Op::Passthrough
             | Op::Invalidate
+            | Op::PartnerMissed
             | Op::Unknown(_) => {
                 return Step::Reply(Response::status(Status::InvalidCommand).with_id(id))
             }

@@ -47,6 +47,15 @@ pub mod flags {
     /// Adapter mode: this worker writes the value through to the destination Redis (one
     /// Redis write per client write, not one per partner).
     pub const PRIMARY: u8 = 16;
+    /// On a `set` or `del`: the partner will not get this write (it is down or stale), so
+    /// the worker counts it among the writes it took alone (see the worker's `sync` module).
+    /// The count outlives the orchestrator that sent it, so every orchestrator can tell that
+    /// the partner lacks writes.
+    pub const SOLO: u8 = 32;
+    /// On a `get` or `exists`: the orchestrator takes this worker to hold the pair's data, so
+    /// a worker that does not (it restarted and has not resynced yet) refuses with
+    /// `Unavailable` instead of answering from an empty store. Clients never set it.
+    pub const IN_SYNC: u8 = 64;
 }
 
 /// What a request asks for. Unknown codes are kept as values so the receiver can answer
@@ -76,6 +85,9 @@ pub enum Op {
     Passthrough,
     /// Adapter mode: drop the key from the cache (a short-lived tombstone at `version`).
     Invalidate,
+    /// Orchestrator to worker: your partner missed a write you took; count it among the
+    /// writes you took alone (as [`flags::SOLO`] does, after the fact).
+    PartnerMissed,
     Unknown(u8),
 }
 
@@ -94,6 +106,7 @@ impl Op {
             Op::Adopt => 10,
             Op::Passthrough => 11,
             Op::Invalidate => 12,
+            Op::PartnerMissed => 13,
             Op::Unknown(c) => c,
         }
     }
@@ -112,6 +125,7 @@ impl Op {
             10 => Op::Adopt,
             11 => Op::Passthrough,
             12 => Op::Invalidate,
+            13 => Op::PartnerMissed,
             c => Op::Unknown(c),
         }
     }
@@ -130,7 +144,7 @@ impl Op {
 pub struct Request {
     pub id: u64,
     pub op: Op,
-    /// Reserved for per-request options; zero today.
+    /// Options of the request (see [`flags`]).
     pub flags: u8,
     /// Write version assigned by the orchestrator (a hybrid logical clock); workers keep the
     /// newest. Zero from clients, which the orchestrator overwrites.

@@ -10,11 +10,14 @@
 //!   worker directly (handy for debugging and for the tests).
 //! - [`text`]: the netcat-friendly line protocol (`get||key`, `set||key||value`, ...).
 //! - [`resp`]: RESP2, the Redis protocol (commands in, replies out).
+//! - [`coverage`]: what partners know of each other's writes (in a worker's `status`).
 //! - [`info`]: the `name:value` text of workers' `stats` and `status` answers.
 //! - [`hash`]: the stable key hash and the consistent key-to-pair mapping.
 //! - [`server`]: the accept loop both servers share (connection cap, graceful shutdown).
 //! - [`units`]: parsing of human durations and sizes used by the command lines.
+//! - [`version`]: the layout of write versions (time, counter, orchestrator id).
 
+pub mod coverage;
 pub mod frame;
 pub mod hash;
 pub mod info;
@@ -23,6 +26,7 @@ pub mod server;
 pub mod status;
 pub mod text;
 pub mod units;
+pub mod version;
 
 pub use frame::{FrameCodec, FrameError, Op, Request, Response};
 pub use status::Status;

@@ -15,7 +15,7 @@ use twincache_client::Client;
 use crate::harness::{Proc, TextConn, WORKER};
 
 /// Orchestrator flags that make failures show quickly in a test.
-const FAST: &[&str] = &[
+pub const FAST: &[&str] = &[
     "--worker-timeout",
     "300ms",
     "--health-interval",
@@ -125,12 +125,12 @@ async fn verify(addr: SocketAddr, models: &[Model]) {
     assert!(checked > 100, "only {checked} keys checked");
 }
 
-async fn status(addr: SocketAddr) -> String {
+pub async fn status(addr: SocketAddr) -> String {
     TextConn::connect(addr).await.request("status").await
 }
 
 /// Waits (bounded) until the status line satisfies `want`.
-async fn wait_status(addr: SocketAddr, what: &str, want: impl Fn(&str) -> bool) -> String {
+pub async fn wait_status(addr: SocketAddr, what: &str, want: impl Fn(&str) -> bool) -> String {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let s = status(addr).await;
@@ -145,7 +145,7 @@ async fn wait_status(addr: SocketAddr, what: &str, want: impl Fn(&str) -> bool) 
     }
 }
 
-fn state_of<'a>(status: &'a str, worker: &SocketAddr) -> &'a str {
+pub fn state_of<'a>(status: &'a str, worker: &SocketAddr) -> &'a str {
     let needle = format!("{worker}=");
     status
         .split_whitespace()
@@ -153,19 +153,19 @@ fn state_of<'a>(status: &'a str, worker: &SocketAddr) -> &'a str {
         .unwrap_or("?")
 }
 
-fn worker_on(port: u16, extra: &[&str]) -> Proc {
+pub fn worker_on(port: u16, extra: &[&str]) -> Proc {
     let mut args: Vec<String> = vec!["--port".into(), port.to_string()];
     args.extend(extra.iter().map(|s| s.to_string()));
     Proc::start(WORKER, &args)
 }
 
-struct Pair {
-    a: Proc,
-    b: Proc,
-    orch: Proc,
+pub struct Pair {
+    pub a: Proc,
+    pub b: Proc,
+    pub orch: Proc,
 }
 
-async fn pair(worker_flags: &[&str]) -> Pair {
+pub async fn pair(worker_flags: &[&str]) -> Pair {
     let a = worker_on(0, worker_flags);
     let b = worker_on(0, worker_flags);
     let orch = Proc::orchestrator(&[a.addr, b.addr], FAST);
@@ -222,9 +222,9 @@ async fn frozen_worker_catches_up_before_serving_reads() {
         .lines()
         .filter(|l| l.contains(&format!("worker={wa}")))
         .collect();
-    let back = mine
-        .iter()
-        .position(|l| l.contains(r#"from="down" to="stale""#));
+    let back = mine.iter().position(|l| {
+        l.contains(r#"from="down" to="stale""#) || l.contains(r#"from="down" to="resyncing""#)
+    });
     let synced = mine
         .iter()
         .rposition(|l| l.contains(r#"from="resyncing" to="in_sync""#));
@@ -246,7 +246,7 @@ async fn frozen_worker_catches_up_before_serving_reads() {
 }
 
 /// Loads enough data (1 KB values lz4 cannot shrink) that a rate-limited resync takes seconds.
-async fn fill(addr: SocketAddr, keys: usize) {
+pub async fn fill(addr: SocketAddr, keys: usize) {
     let client = Client::connect(&addr.to_string()).await.unwrap();
     for chunk in 0..keys / 500 {
         let writes: Vec<_> = (0..500)

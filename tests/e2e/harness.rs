@@ -249,3 +249,54 @@ impl TextConn {
         resp.trim_end_matches('\n').to_string()
     }
 }
+
+/// A TCP relay in front of a server that a test can cut, like a network partition: cutting
+/// drops every relayed connection and turns new ones away until restored. Unlike SIGSTOP,
+/// nothing sent meanwhile waits in a socket buffer to be delivered later.
+pub struct Gate {
+    pub addr: SocketAddr,
+    open: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    cuts: tokio::sync::watch::Sender<u64>,
+}
+
+impl Gate {
+    /// Relays connections on a fresh loopback port to `target`.
+    pub async fn start(target: SocketAddr) -> Gate {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let open = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (cuts, _) = tokio::sync::watch::channel(0u64);
+        let (is_open, cut_rx) = (open.clone(), cuts.subscribe());
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !is_open.load(Ordering::Acquire) {
+                    continue; // dropped: closed at once
+                }
+                let mut cut = cut_rx.clone();
+                cut.mark_unchanged();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut.changed() => {}
+                    }
+                });
+            }
+        });
+        Gate { addr, open, cuts }
+    }
+
+    /// Drops every relayed connection and refuses new ones.
+    pub fn cut(&self) {
+        self.open.store(false, std::sync::atomic::Ordering::Release);
+        self.cuts.send_modify(|n| *n += 1);
+    }
+
+    /// Lets connections through again.
+    pub fn restore(&self) {
+        self.open.store(true, std::sync::atomic::Ordering::Release);
+    }
+}

@@ -6,6 +6,7 @@ mod harness;
 mod adapter;
 mod cli;
 mod client;
+mod consistency;
 mod faults;
 mod resp;
 mod robustness;

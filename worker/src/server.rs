@@ -22,7 +22,7 @@ use twincache_protocol::Status;
 use crate::adapter::{Adapter, INVALIDATION_TTL_MS};
 use crate::config::Config;
 use crate::store::{SetOptions, Store, StoreError};
-use crate::sync::{serve_snapshot, SyncState};
+use crate::sync::{serve_snapshot, Refill, SyncState};
 
 /// Stop reading more requests once this many response bytes wait to be written.
 const OUT_HIGH_WATER: usize = 256 * 1024;
@@ -168,7 +168,7 @@ async fn serve_connection(
                             // A stream of frames, not one answer: send what is pending first.
                             stream.write_all(&out).await?;
                             out.clear();
-                            serve_snapshot(&mut stream, &node.store, req.id, node.resync_rate_limit).await?;
+                            serve_snapshot(&mut stream, &node.store, &node.sync, req.id, node.resync_rate_limit).await?;
                         }
                         Ok(Some(req)) => {
                             let id = req.id;
@@ -323,6 +323,11 @@ pub fn handle(node: &Node, req: Request) -> Response {
     let store = &node.store;
     // Empty keys are valid here (Redis allows them); the text and binary front ends refuse
     // them, RESP passes them through.
+    let alone = req.flags & flags::SOLO != 0;
+    if req.flags & flags::IN_SYNC != 0 && !node.sync.synced() {
+        // Restarted since the orchestrator last looked: an empty store is not the pair's.
+        return Response::error(Status::Unavailable, "this worker has not resynced yet");
+    }
     match req.op {
         Op::Get => match store.get(&req.key) {
             Ok(Some(value)) => Response::ok(value),
@@ -339,6 +344,9 @@ pub fn handle(node: &Node, req: Request) -> Response {
             };
             match store.set(&req.key, &req.value, req.version, opts) {
                 Ok(outcome) => {
+                    if alone {
+                        node.sync.took_alone();
+                    }
                     let payload = if opts.get {
                         presence_prefixed(outcome.old)
                     } else {
@@ -363,7 +371,17 @@ pub fn handle(node: &Node, req: Request) -> Response {
                 },
             }
         }
-        Op::Del => found(store.del(&req.key, req.version)),
+        Op::Del => {
+            let found_it = store.del(&req.key, req.version);
+            if alone {
+                node.sync.took_alone();
+            }
+            found(found_it)
+        }
+        Op::PartnerMissed => {
+            node.sync.took_alone();
+            Response::ok(Bytes::new())
+        }
         Op::Exists => found(store.exists(&req.key)),
         Op::Stats => {
             let mut info = Info::new();
@@ -378,28 +396,43 @@ pub fn handle(node: &Node, req: Request) -> Response {
             let mut info = Info::new();
             node.sync.status_text(&mut info);
             info.add("adapter", u8::from(node.adapter.is_some()));
+            // An orchestrator's node-id claim rides on its health checks.
+            if !req.value.is_empty() {
+                info.add(
+                    "claim",
+                    node.sync.claim(&String::from_utf8_lossy(&req.value)),
+                );
+            }
             Response::ok(info.into_bytes())
         }
-        Op::Adopt => {
-            node.sync.adopt();
-            Response::ok(Bytes::new())
-        }
-        Op::Resync => match std::str::from_utf8(&req.value) {
-            Ok(partner) if !partner.is_empty() => {
-                let started =
-                    node.sync
-                        .start(store.clone(), partner.to_string(), node.max_frame + 1024);
-                Response::ok(Bytes::from_static(if started {
-                    b"started"
-                } else {
-                    b"already running"
-                }))
-            }
-            _ => Response::error(
-                Status::ParseError,
-                "resync needs the partner's host:port as value",
-            ),
+        Op::Adopt => match node.sync.adopt(&String::from_utf8_lossy(&req.value)) {
+            Ok(()) => Response::ok(Bytes::new()),
+            Err(msg) => Response::error(Status::ParseError, msg),
         },
+        Op::Resync => {
+            let value = String::from_utf8_lossy(&req.value);
+            let (partner, refill) = match value.split_once(' ') {
+                Some((addr, "merge")) => (addr, Refill::Merge),
+                _ => (value.as_ref(), Refill::Resync),
+            };
+            if partner.is_empty() || partner.contains(' ') {
+                return Response::error(
+                    Status::ParseError,
+                    "resync takes the partner's host:port, then optionally `merge`",
+                );
+            }
+            let started = node.sync.start(
+                store.clone(),
+                partner.to_string(),
+                refill,
+                node.max_frame + 1024,
+            );
+            Response::ok(Bytes::from_static(if started {
+                b"started"
+            } else {
+                b"already running"
+            }))
+        }
         // Served by the connection loop, which streams it.
         Op::Snapshot => Response::status(Status::ServerError),
         Op::Passthrough | Op::Invalidate => {

@@ -40,6 +40,8 @@ const HEADER: usize = 8 + 8 + 4 + 4;
 const ACCESSED: usize = 1 << 31;
 /// Shards: enough that threads rarely meet on one lock.
 const SHARDS: usize = 64;
+/// Most entries [`Store::reserve`] makes room for at once (about 40 MB of table).
+const MAX_RESERVE: usize = 1 << 22;
 
 /// One stored key: header, key and stored bytes in one allocation (see the module docs).
 struct Entry(Box<[u8]>);
@@ -641,6 +643,15 @@ impl Store {
     /// and tombstones carry deletes across. Returns whether it was taken; `None` if the
     /// bytes are not an entry.
     pub fn merge(&self, raw: &[u8]) -> Option<bool> {
+        self.merge_above(raw, 0)
+    }
+
+    /// [`Store::merge`], except that an entry older than `floor` (a version) is taken only
+    /// where this store holds its key. A worker that serves reads while it merges its
+    /// partner's copy passes the start of its own delete memory (see
+    /// [`Store::delete_horizon`]): a key it deleted before then left no tombstone, so an old
+    /// copy of it may be a delete it forgot, and must not come back.
+    pub fn merge_above(&self, raw: &[u8], floor: u64) -> Option<bool> {
         let incoming = Entry::from_raw(raw)?;
         if incoming.expired(now_ms()) {
             return Some(false);
@@ -648,16 +659,49 @@ impl Store {
         let version = incoming.version();
         Some(self.install(incoming, |current, _| match current {
             Some(c) if c.version() >= version => (false, false),
+            None if version < floor => (false, false),
             _ => (true, true),
         }))
     }
 
+    /// The oldest version whose deletes this store still remembers: a write older than
+    /// this may have been deleted without a trace (its tombstone expired).
+    pub fn delete_horizon(&self) -> u64 {
+        twincache_protocol::version::at_ms(now_ms().saturating_sub(self.tombstone_ttl_ms))
+    }
+
+    /// Removes every entry (values and tombstones) older than `version`, without leaving
+    /// tombstones; returns how many. A worker about to refill from its partner calls it with
+    /// the partner's [`Store::delete_horizon`]: what the partner deleted before then it no
+    /// longer remembers, so this worker's older copies could bring those keys back, and
+    /// whatever of them the partner still holds arrives with its snapshot.
+    pub fn drop_older_than(&self, version: u64) -> usize {
+        let mut dropped = 0;
+        for shard in self.shards.iter() {
+            let gone: Vec<Entry> = {
+                let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+                let before = shard.held();
+                let Shard { table, usage, .. } = &mut *shard;
+                let gone: Vec<Entry> = table.extract_if(|e| e.version() < version).collect();
+                for e in &gone {
+                    usage.remove(e);
+                }
+                shard.recount_structure();
+                self.track(before, shard.held());
+                self.compact_clock(&mut shard);
+                gone
+            };
+            dropped += gone.len();
+        }
+        dropped
+    }
+
     /// [`Store::merge`] for an entry compressed against `theirs`, a dictionary this worker
     /// does not use: the value is opened and sealed again with this worker's.
-    pub fn merge_resealed(&self, raw: &[u8], theirs: &Dictionary) -> Option<bool> {
+    pub fn merge_resealed(&self, raw: &[u8], theirs: &Dictionary, floor: u64) -> Option<bool> {
         let incoming = Entry::from_raw(raw)?;
         if incoming.is_tombstone() {
-            return self.merge(raw);
+            return self.merge_above(raw, floor);
         }
         let stored = Bytes::copy_from_slice(incoming.stored());
         let value = seal::open_with(incoming.key(), &stored, self.cipher(), Some(theirs)).ok()?;
@@ -669,7 +713,7 @@ impl Store {
             self.cipher(),
             self.dictionary(),
         );
-        self.merge(&resealed.0)
+        self.merge_above(&resealed.0, floor)
     }
 
     /// Takes `dict` as this worker's dictionary if it has none yet (a resyncing worker then
@@ -688,6 +732,13 @@ impl Store {
     /// Makes room for `entries` more entries spread over the shards, so a resync does not
     /// spend its time growing tables (each growth re-hashes every key it holds).
     pub fn reserve(&self, entries: usize) {
+        // The count comes from a peer: reserve no more than could ever fit (an entry takes
+        // at least 64 bytes), and at most a few million, past which tables grow as usual.
+        let fits = match self.max_bytes {
+            0 => usize::MAX,
+            max => max / 64,
+        };
+        let entries = entries.min(fits).min(MAX_RESERVE);
         let per_shard = entries / SHARDS + entries / SHARDS / 8 + 1;
         for shard in self.shards.iter() {
             let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());

@@ -7,15 +7,48 @@
 //! and tombstones carry deletes across. Entries travel as stored (compressed, encrypted): no
 //! decompression or re-encryption, unless the partners' dictionaries differ.
 //!
+//! ## What a worker knows of its partner's writes
+//!
+//! The orchestrator forgets everything when it restarts, so what it must never forget lives
+//! here, on the workers:
+//!
+//! - **Writes taken alone** (`solo`): a write this worker applied knowing that its partner
+//!   would not get it (the orchestrator sent it with `flags::SOLO` because the partner was
+//!   down or stale, or told it afterwards with `partner_missed` because the partner failed
+//!   to take it). Counted per boot.
+//! - **Coverage** (`covers`): the partner's boot id and `solo` count as of this worker's last
+//!   refill from it. The worker lacks none of the partner's writes if the partner's count is
+//!   not past it (for a partner that restarted since, if it has taken no write alone).
+//!   `complete` is false when the worker was promoted to serve alone without a full copy (its
+//!   partner was down): it may then lack older data too, and refills from the partner, while
+//!   serving, as soon as it can.
+//!
+//! Any orchestrator reads both from `status` and sees at once that a worker missed writes,
+//! whatever its `synced` flag says (`orchestrator::health`).
+//!
+//! ## Two kinds of refill
+//!
+//! - `resync <addr>`: the worker is stale and serves no reads. It first drops its entries
+//!   older than the partner's delete horizon (what the partner deleted before then left no
+//!   tombstone, so an old copy here could be a delete it missed; what the partner still holds
+//!   comes back with the snapshot), then merges everything.
+//! - `resync <addr> merge`: the worker serves reads and takes what it lacks from the partner
+//!   (a returning partner's writes taken alone). It keeps all it has, and takes an entry
+//!   older than its own delete horizon only where it holds the key (a missing key may be a
+//!   delete it no longer remembers).
+//!
 //! A snapshot is a stream of response frames, all with the request's id. Each `Ok` frame
 //! holds records; a `NotFound` frame ends the stream.
 //!
 //! ```text
 //! record = kind:u8 len:u32le bytes
-//! kind   = 1 meta ("fingerprint:<hex|off>\nentries:<n>"), 2 dictionary, 3 entry (as stored)
+//! kind   = 1 meta (name:value lines: fingerprint <hex|off>, entries <n>, boot <hex>,
+//!                  solo <n>, horizon <version>)
+//!        | 2 dictionary | 3 entry (as stored)
 //! ```
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -24,8 +57,9 @@ use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_util::codec::FramedRead;
+use twincache_protocol::coverage::Coverage;
 use twincache_protocol::frame::{encode_frame, FrameCodec, Op, Request, Response, PREAMBLE};
-use twincache_protocol::info::Info;
+use twincache_protocol::info::{self, Info};
 use twincache_protocol::Status;
 
 use crate::seal::Dictionary;
@@ -48,7 +82,18 @@ pub struct SyncState {
     /// Whether this worker's data is the pair's: it completed a resync, or was told to adopt
     /// what it holds. False after every start.
     synced: AtomicBool,
+    /// Writes taken alone since start (see the module docs).
+    solo: AtomicU64,
+    coverage: Mutex<Coverage>,
     run: Mutex<Run>,
+    claims: Mutex<HashMap<u8, Claim>>,
+}
+
+/// An orchestrator's hold on a node id (the tie-break in write versions).
+#[derive(Debug, Clone, Copy)]
+struct Claim {
+    instance: u64,
+    until: Instant,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -71,12 +116,24 @@ enum Phase {
     Failed,
 }
 
+/// How a refill treats what the worker already holds (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refill {
+    /// A stale worker: drop what the partner may have deleted unseen, take everything.
+    Resync,
+    /// A serving worker: keep everything, take what is newer.
+    Merge,
+}
+
 impl Default for SyncState {
     fn default() -> Self {
         SyncState {
             boot_id: rand::random(),
             synced: AtomicBool::new(false),
+            solo: AtomicU64::new(0),
+            coverage: Mutex::default(),
             run: Mutex::default(),
+            claims: Mutex::default(),
         }
     }
 }
@@ -86,8 +143,82 @@ impl SyncState {
         self.run.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn adopt(&self) {
+    fn coverage(&self) -> std::sync::MutexGuard<'_, Coverage> {
+        self.coverage.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether this worker holds the pair's data (or was told it does).
+    pub fn synced(&self) -> bool {
+        self.synced.load(Ordering::Acquire)
+    }
+
+    /// Counts a write this worker took that its partner did not get. Called after the write
+    /// is applied, so that a snapshot reporting the count holds the write.
+    pub fn took_alone(&self) {
+        self.solo.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// The orchestrator's `adopt`: the data this worker holds is the pair's. `how` is
+    /// `partial` (promoted to serve alone: it may lack older data of its partner's), or the
+    /// partner's `<boot hex>:<solo>` (a new pair: it lacks nothing the partner took before).
+    pub fn adopt(&self, how: &str) -> Result<(), &'static str> {
+        let mut coverage = self.coverage();
+        if how == "partial" {
+            coverage.complete = false;
+        } else {
+            let (boot, solo) = how
+                .split_once(':')
+                .and_then(|(b, s)| Some((u64::from_str_radix(b, 16).ok()?, s.parse().ok()?)))
+                .ok_or("adopt takes `partial` or the partner's <boot hex>:<solo>")?;
+            *coverage = Coverage {
+                partner_boot: boot,
+                partner_solo: solo,
+                complete: true,
+            };
+        }
         self.synced.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Handles an orchestrator's claim on a node id (`claim <id> <instance hex> <ttl ms>`) or
+    /// its release (`release <id> <instance hex>`). A claim holds while renewed within its
+    /// time to live; another instance claiming the same id meanwhile is refused, so no two
+    /// orchestrators stamp versions with the same id. Returns `ok` or `conflict`.
+    pub fn claim(&self, request: &str) -> &'static str {
+        let mut words = request.split_ascii_whitespace();
+        let verb = words.next();
+        let id = words.next().and_then(|w| w.parse::<u8>().ok());
+        let instance = words.next().and_then(|w| u64::from_str_radix(w, 16).ok());
+        let (Some(id), Some(instance)) = (id, instance) else {
+            return "malformed";
+        };
+        let now = Instant::now();
+        let mut claims = self.claims.lock().unwrap_or_else(|e| e.into_inner());
+        claims.retain(|_, c| c.until > now);
+        match verb {
+            Some("claim") => {
+                let ttl = words
+                    .next()
+                    .and_then(|w| w.parse::<u64>().ok())
+                    .unwrap_or(5_000)
+                    .clamp(100, 600_000);
+                match claims.get(&id) {
+                    Some(held) if held.instance != instance => "conflict",
+                    _ => {
+                        let until = now + Duration::from_millis(ttl);
+                        claims.insert(id, Claim { instance, until });
+                        "ok"
+                    }
+                }
+            }
+            Some("release") => {
+                if claims.get(&id).is_some_and(|c| c.instance == instance) {
+                    claims.remove(&id);
+                }
+                "ok"
+            }
+            _ => "malformed",
+        }
     }
 
     /// The `status` text.
@@ -100,7 +231,9 @@ impl SyncState {
             Phase::Failed => "failed",
         };
         info.add("boot_id", format_args!("{:016x}", self.boot_id))
-            .add("synced", u8::from(self.synced.load(Ordering::Acquire)))
+            .add("synced", u8::from(self.synced()))
+            .add("solo", self.solo.load(Ordering::Acquire))
+            .add("covers", *self.coverage())
             .add("resync", phase)
             .add("resyncs_completed", r.completed)
             .add("resync_keys", r.keys)
@@ -109,8 +242,14 @@ impl SyncState {
             .add("resync_error", r.error);
     }
 
-    /// Starts a resync from `partner` unless one is running; returns whether it started.
-    pub fn start(self: &Arc<Self>, store: Arc<Store>, partner: String, max_frame: usize) -> bool {
+    /// Starts a refill from `partner` unless one is running; returns whether it started.
+    pub fn start(
+        self: &Arc<Self>,
+        store: Arc<Store>,
+        partner: String,
+        refill: Refill,
+        max_frame: usize,
+    ) -> bool {
         {
             let mut run = self.run();
             if run.phase == Phase::Running {
@@ -122,21 +261,29 @@ impl SyncState {
         let state = self.clone();
         tokio::spawn(async move {
             let started = Instant::now();
-            tracing::info!(%partner, "resync from partner started");
-            let result = pull(&store, &partner, max_frame).await;
+            tracing::info!(%partner, ?refill, "refill from partner started");
+            let result = pull(&store, &partner, refill, max_frame).await;
             let mut run = state.run();
             run.seconds = started.elapsed().as_secs_f64();
             match result {
-                Ok((keys, bytes)) => {
+                Ok(pulled) => {
                     run.phase = Phase::Done;
                     run.completed += 1;
-                    (run.keys, run.bytes) = (keys, bytes);
+                    (run.keys, run.bytes) = (pulled.keys, pulled.bytes);
+                    *state.coverage() = pulled.coverage;
                     state.synced.store(true, Ordering::Release);
-                    tracing::info!(%partner, keys, bytes, seconds = run.seconds, "resync done");
+                    tracing::info!(
+                        %partner,
+                        keys = pulled.keys,
+                        bytes = pulled.bytes,
+                        dropped = pulled.dropped,
+                        seconds = run.seconds,
+                        "refill done"
+                    );
                 }
                 Err(e) => {
                     run.phase = Phase::Failed;
-                    tracing::warn!(%partner, error = %e, "resync failed");
+                    tracing::warn!(%partner, error = %e, "refill failed");
                     run.error = e;
                 }
             }
@@ -157,20 +304,25 @@ fn put_record(out: &mut BytesMut, kind: u8, bytes: &[u8]) {
 pub async fn serve_snapshot(
     stream: &mut TcpStream,
     store: &Store,
+    sync: &SyncState,
     id: u64,
     rate_limit: u64,
 ) -> std::io::Result<()> {
     let started = Instant::now();
     let mut sent = 0u64;
-    let fingerprint = store.cipher().map_or("off", |c| c.fingerprint());
     let mut records = BytesMut::with_capacity(BATCH_BYTES + 64 * 1024);
     let usage = store.usage();
-    let entries = usage.keys + usage.tombstones;
-    put_record(
-        &mut records,
-        META,
-        format!("fingerprint:{fingerprint}\nentries:{entries}").as_bytes(),
-    );
+    let mut meta = Info::new();
+    meta.add(
+        "fingerprint",
+        store.cipher().map_or("off", |c| c.fingerprint()),
+    )
+    .add("entries", usage.keys + usage.tombstones)
+    .add("boot", format_args!("{:016x}", sync.boot_id))
+    // Read before any entry is copied: every write counted here is in the snapshot.
+    .add("solo", sync.solo.load(Ordering::Acquire))
+    .add("horizon", store.delete_horizon());
+    put_record(&mut records, META, &meta.into_bytes());
     if let Some(dict) = store.dictionary() {
         put_record(&mut records, DICTIONARY, dict.bytes());
     }
@@ -229,8 +381,22 @@ async fn send(
     stream.write_all(frame).await
 }
 
-/// Pulls a snapshot from `partner` into `store`; the keys and stored bytes taken.
-async fn pull(store: &Store, partner: &str, max_frame: usize) -> Result<(u64, u64), String> {
+/// What a completed refill brought.
+struct Pulled {
+    keys: u64,
+    bytes: u64,
+    /// Own entries dropped as older than the partner's delete horizon.
+    dropped: usize,
+    coverage: Coverage,
+}
+
+/// Pulls a snapshot from `partner` into `store` (see [`Refill`]).
+async fn pull(
+    store: &Store,
+    partner: &str,
+    refill: Refill,
+    max_frame: usize,
+) -> Result<Pulled, String> {
     let mut stream = tokio::time::timeout(STALL, TcpStream::connect(partner))
         .await
         .map_err(|_| format!("connecting to {partner} timed out"))?
@@ -242,7 +408,21 @@ async fn pull(store: &Store, partner: &str, max_frame: usize) -> Result<(u64, u6
     stream.write_all(&hello).await.map_err(|e| e.to_string())?;
     let mut frames = FramedRead::new(stream, FrameCodec::<Response>::new(max_frame));
     let mut theirs: Option<Dictionary> = None;
-    let (mut keys, mut bytes) = (0u64, 0u64);
+    let mut pulled = Pulled {
+        keys: 0,
+        bytes: 0,
+        dropped: 0,
+        coverage: Coverage {
+            complete: true,
+            ..Coverage::default()
+        },
+    };
+    // A serving worker keeps what it has and must not take back keys it deleted.
+    let floor = match refill {
+        Refill::Merge => store.delete_horizon(),
+        Refill::Resync => 0,
+    };
+    let mut seen_meta = false;
     loop {
         let frame = tokio::time::timeout(STALL, frames.next())
             .await
@@ -250,7 +430,8 @@ async fn pull(store: &Store, partner: &str, max_frame: usize) -> Result<(u64, u6
             .ok_or_else(|| format!("{partner} closed the connection mid-snapshot"))?
             .map_err(|e| format!("reading the snapshot: {e}"))?;
         match frame.status {
-            Status::NotFound => return Ok((keys, bytes)),
+            Status::NotFound if seen_meta => return Ok(pulled),
+            Status::NotFound => return Err(format!("{partner} sent an empty snapshot")),
             Status::Ok => {}
             other => {
                 return Err(format!(
@@ -266,30 +447,39 @@ async fn pull(store: &Store, partner: &str, max_frame: usize) -> Result<(u64, u6
             }
             let kind = rest[0];
             let len = u32::from_le_bytes(rest[1..5].try_into().expect("4 bytes")) as usize;
-            let body = rest.get(5..5 + len).ok_or("truncated snapshot record")?;
+            let body = rest
+                .get(5..5usize.saturating_add(len))
+                .ok_or("truncated snapshot record")?;
             rest = &rest[5 + len..];
             match kind {
                 META => {
                     let meta = String::from_utf8_lossy(body);
                     check_key(store, &meta)?;
-                    let entries = meta
-                        .lines()
-                        .find_map(|l| l.strip_prefix("entries:"))
-                        .and_then(|n| n.trim().parse::<usize>().ok());
-                    if let Some(n) = entries {
-                        store.reserve(n);
+                    let number = |name: &str, radix: u32| {
+                        info::get(&meta, name).and_then(|v| u64::from_str_radix(v, radix).ok())
+                    };
+                    if let Some(n) = number("entries", 10) {
+                        store.reserve(usize::try_from(n).unwrap_or(usize::MAX));
                     }
+                    pulled.coverage.partner_boot = number("boot", 16).unwrap_or(0);
+                    pulled.coverage.partner_solo = number("solo", 10).unwrap_or(0);
+                    if refill == Refill::Resync {
+                        if let Some(horizon) = number("horizon", 10) {
+                            pulled.dropped = store.drop_older_than(horizon);
+                        }
+                    }
+                    seen_meta = true;
                 }
                 DICTIONARY => theirs = adopt_or_keep(store, body),
                 ENTRY => {
                     let taken = match &theirs {
-                        Some(dict) => store.merge_resealed(body, dict),
-                        None => store.merge(body),
+                        Some(dict) => store.merge_resealed(body, dict, floor),
+                        None => store.merge_above(body, floor),
                     };
                     if taken.ok_or("malformed entry in snapshot")? {
-                        keys += 1;
+                        pulled.keys += 1;
                     }
-                    bytes += body.len() as u64;
+                    pulled.bytes += body.len() as u64;
                 }
                 _ => {} // a newer partner's record kind: skip it
             }
@@ -299,10 +489,7 @@ async fn pull(store: &Store, partner: &str, max_frame: usize) -> Result<(u64, u6
 
 /// Refuses a partner whose encryption key differs: its stored bytes would not open here.
 fn check_key(store: &Store, meta: &str) -> Result<(), String> {
-    let theirs = meta
-        .lines()
-        .find_map(|l| l.strip_prefix("fingerprint:"))
-        .unwrap_or("off");
+    let theirs = info::get(meta, "fingerprint").unwrap_or("off");
     let ours = store.cipher().map_or("off", |c| c.fingerprint());
     if theirs != ours {
         return Err(format!(
