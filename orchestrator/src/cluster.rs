@@ -821,7 +821,12 @@ impl Router {
 
     /// One line per pair for INFO: its workers, the state of each, and the key check.
     pub fn describe(&self) -> String {
-        let mut out = String::new();
+        let mode = match self.mode() {
+            Some(Mode::Replicated) => "replicated",
+            Some(Mode::Adapter) => "adapter",
+            None => "unknown",
+        };
+        let mut out = format!("mode:{mode}\r\nnode_id:{}\r\n", self.clock.node());
         for (n, pair) in self.pairs.iter().enumerate() {
             let state = |i: usize| pair.workers[i].state().name();
             out += &format!(

@@ -159,7 +159,69 @@ fn passes_through(args: &[Bytes]) -> bool {
             && (args[3].eq_ignore_ascii_case(b"ex") || args[3].eq_ignore_ascii_case(b"px")))
 }
 
+/// Commands that hold the Redis connection they run on (transactions, blocking pops,
+/// subscriptions, replication) or act on the whole server. Adapter mode multiplexes every
+/// client onto one destination connection per worker, where these would interleave clients,
+/// stall everyone behind one, or break the connection, so they are refused with a clear
+/// error instead.
+const NOT_PASSED_THROUGH: &[&str] = &[
+    "multi",
+    "exec",
+    "discard",
+    "watch",
+    "unwatch",
+    "blpop",
+    "brpop",
+    "brpoplpush",
+    "blmove",
+    "blmpop",
+    "bzpopmin",
+    "bzpopmax",
+    "bzmpop",
+    "wait",
+    "waitaof",
+    "subscribe",
+    "psubscribe",
+    "ssubscribe",
+    "unsubscribe",
+    "punsubscribe",
+    "sunsubscribe",
+    "monitor",
+    "sync",
+    "psync",
+    "replconf",
+    "replicaof",
+    "slaveof",
+    "failover",
+    "shutdown",
+    "debug",
+    "reset",
+    "swapdb",
+];
+
+/// Why a command may not pass through to the destination, if it may not.
+fn refused_passthrough(args: &[Bytes]) -> Option<Reply> {
+    let name = &args[0];
+    let blocking_stream_read = (name.eq_ignore_ascii_case(b"xread")
+        || name.eq_ignore_ascii_case(b"xreadgroup"))
+        && args[1..].iter().any(|a| a.eq_ignore_ascii_case(b"block"));
+    let refused = blocking_stream_read
+        || NOT_PASSED_THROUGH
+            .iter()
+            .any(|n| name.eq_ignore_ascii_case(n.as_bytes()));
+    refused.then(|| {
+        Reply::err(format!(
+            "ERR '{}' is not supported through twincache's adapter mode: it needs a Redis \
+             connection of its own; send it to the destination Redis directly",
+            String::from_utf8_lossy(&name[..name.len().min(64)]).to_ascii_uppercase()
+        ))
+    })
+}
+
 fn passthrough(args: Vec<Bytes>, ctx: &Ctx) -> Step<Reply> {
+    if let Some(refusal) = refused_passthrough(&args) {
+        return Step::Reply(refusal);
+    }
     let fut = ctx.router.passthrough(args, ctx.affinity);
     dispatch(async move {
         let resp = fut.await;
@@ -249,20 +311,8 @@ fn set(_: &mut RespProtocol, args: Vec<Bytes>, ctx: &Ctx) -> Step<Reply> {
                 let Some(n) = parse_int(&args[i]) else {
                     return Step::Reply(not_integer());
                 };
-                let ms = match opt.as_slice() {
-                    b"EX" => n.checked_mul(1000),
-                    b"PX" => Some(n),
-                    b"EXAT" => n.checked_mul(1000).map(|at| at - unix_ms()),
-                    _ => Some(n - unix_ms()),
-                };
-                let absolute = opt.ends_with(b"AT");
-                match ms {
-                    Some(_) if n <= 0 => {
-                        return Step::Reply(Reply::err("ERR invalid expire time in 'set' command"))
-                    }
-                    // An absolute time already past: the key expires at once.
-                    Some(ms) if absolute => req.ttl_ms = ms.max(1) as u64,
-                    Some(ms) => req.ttl_ms = ms as u64,
+                match expiry_ms(&opt, n) {
+                    Some(ttl_ms) => req.ttl_ms = ttl_ms,
                     None => {
                         return Step::Reply(Reply::err("ERR invalid expire time in 'set' command"))
                     }
@@ -287,6 +337,28 @@ fn set(_: &mut RespProtocol, args: Vec<Bytes>, ctx: &Ctx) -> Step<Reply> {
             _ => error_reply(&resp),
         }
     })
+}
+
+/// The time to live in milliseconds that `EX`/`PX`/`EXAT`/`PXAT` `n` asks for, checked as
+/// Redis checks it (positive, and no overflow once made absolute); `None` if invalid. An
+/// absolute time already past gives 1 ms: the key expires at once.
+fn expiry_ms(option: &[u8], n: i64) -> Option<u64> {
+    if n <= 0 {
+        return None;
+    }
+    let ms = if option.starts_with(b"EX") {
+        n.checked_mul(1000)?
+    } else {
+        n
+    };
+    let now = unix_ms();
+    let ttl = if option.ends_with(b"AT") {
+        ms.saturating_sub(now).max(1)
+    } else {
+        ms.checked_add(now)?;
+        ms
+    };
+    u64::try_from(ttl).ok()
 }
 
 fn unix_ms() -> i64 {
@@ -561,6 +633,27 @@ mod tests {
         assert!(!is_inline_command(b"get"));
         assert!(!is_inline_command(b"foo bar"));
         assert!(!is_inline_command(b""));
+    }
+
+    #[test]
+    fn expiry_arithmetic_never_overflows() {
+        for opt in [&b"EX"[..], b"PX", b"EXAT", b"PXAT"] {
+            for n in [i64::MIN, -1, 0] {
+                assert_eq!(expiry_ms(opt, n), None);
+            }
+            // Huge values are refused or clamped, never a panic.
+            let _ = expiry_ms(opt, i64::MAX);
+        }
+        assert_eq!(expiry_ms(b"EX", 2), Some(2000));
+        assert_eq!(expiry_ms(b"PX", 5), Some(5));
+        assert_eq!(expiry_ms(b"EX", i64::MAX / 10), None);
+        assert_eq!(
+            expiry_ms(b"PXAT", 1),
+            Some(1),
+            "in the past: expires at once"
+        );
+        let soon = unix_ms() + 10_000;
+        assert!(expiry_ms(b"PXAT", soon).is_some_and(|t| (9_000..=10_000).contains(&t)));
     }
 
     #[test]

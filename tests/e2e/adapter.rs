@@ -357,3 +357,143 @@ async fn fifty_concurrent_clients_on_overlapping_keys_end_consistent() {
         assert!(!left, "{key} left the source");
     }
 }
+
+/// Adapter-mode workers with these extra flags for each (`None`: a plain worker).
+fn adapter_workers(source: &RedisServer, destination: &RedisServer, plain: &[bool]) -> Vec<Proc> {
+    plain
+        .iter()
+        .map(|&plain| {
+            let mut args = vec!["--port".to_string(), "0".into()];
+            if !plain {
+                args.extend([
+                    "--source".into(),
+                    source.url(),
+                    "--destination".into(),
+                    destination.url(),
+                ]);
+            }
+            Proc::start(WORKER, &args)
+        })
+        .collect()
+}
+
+/// No SET is acknowledged before the orchestrator knows the workers are in adapter mode:
+/// every acknowledged one, from the first moment the port is open, is in the destination.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sets_in_the_first_moments_reach_the_destination() {
+    let (source, destination) = (RedisServer::start(), RedisServer::start());
+    let workers = adapter_workers(&source, &destination, &[false; 4]);
+    let addrs: Vec<SocketAddr> = workers.iter().map(|w| w.addr).collect();
+    let orch = Proc::orchestrator(&addrs, &[]);
+    let mut con = redis::Client::open(format!("redis://{}/", orch.addr))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let (mut acked, mut refused) = (Vec::new(), 0);
+    for i in 0..400 {
+        let key = format!("early:{i}");
+        match con.set::<_, _, ()>(&key, "v").await {
+            Ok(()) => acked.push(key),
+            Err(e) => {
+                assert!(e.to_string().contains("TryAgain"), "{e}");
+                refused += 1;
+            }
+        }
+    }
+    assert!(refused > 0, "the first SETs came before the mode was known");
+    assert!(acked.len() > 100, "then they were served");
+    let mut dst = destination.con().await;
+    for key in &acked {
+        let got: Option<String> = dst.get(key).await.unwrap();
+        assert_eq!(got.as_deref(), Some("v"), "{key} was acknowledged");
+    }
+}
+
+/// A pair whose workers disagree on the mode is a configuration error: with no mode given
+/// nothing is served; with `--mode`, the worker in the other mode gets nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partners_in_different_modes_are_a_configuration_error() {
+    let (source, destination) = (RedisServer::start(), RedisServer::start());
+    let workers = adapter_workers(&source, &destination, &[false, true]);
+    let addrs: Vec<SocketAddr> = workers.iter().map(|w| w.addr).collect();
+
+    let undecided = Proc::orchestrator(&addrs, &["--health-interval", "100ms"]);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let out = TextConn::connect(undecided.addr)
+        .await
+        .request("set||k||v")
+        .await;
+    assert!(out.starts_with("4||"), "{out}");
+    assert!(undecided
+        .log_text()
+        .contains("as many workers run in adapter mode as not"));
+
+    let orch = Proc::orchestrator(&addrs, &["--health-interval", "100ms", "--mode", "adapter"]);
+    let plain = addrs[1];
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = TextConn::connect(orch.addr).await.request("status").await;
+        if status.contains(&format!("{plain}=misconfigured")) && status.contains("=in_sync") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{status}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut con = redis::Client::open(format!("redis://{}/", orch.addr))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = con.set("k", "v").await.unwrap();
+    let got: Option<String> = destination.con().await.get("k").await.unwrap();
+    assert_eq!(got.as_deref(), Some("v"));
+    // The plain worker never saw it.
+    let direct = twincache_client::Client::connect(&plain.to_string())
+        .await
+        .unwrap();
+    assert_eq!(direct.get("k").await.unwrap(), None);
+    assert!(orch
+        .log_text()
+        .contains("runs in another mode than the cluster"));
+}
+
+/// Commands that need a Redis connection of their own are refused with a clear error, and
+/// every other client is served as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_bound_commands_are_refused_clearly() {
+    let tier = Tier::start(false).await;
+    let mut con = tier.con().await;
+    for cmd in [
+        vec!["MULTI"],
+        vec!["WATCH", "k"],
+        vec!["BLPOP", "list", "0"],
+        vec!["SUBSCRIBE", "news"],
+        vec!["MONITOR"],
+        vec!["XREAD", "BLOCK", "0", "STREAMS", "s", "$"],
+        vec!["SHUTDOWN"],
+    ] {
+        let err = redis::cmd(cmd[0])
+            .arg(&cmd[1..])
+            .query_async::<redis::Value>(&mut con)
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("needs a Redis connection of its own"),
+            "{cmd:?}: {err}"
+        );
+    }
+    // The connection and the destination are fine.
+    let _: () = con.set("after", "v").await.unwrap();
+    let got: Option<String> = con.get("after").await.unwrap();
+    assert_eq!(got.as_deref(), Some("v"));
+    let n: i64 = con.incr("counter", 1).await.unwrap();
+    assert_eq!(n, 1);
+    let id: String = redis::cmd("XADD")
+        .arg(&["s", "*", "f", "v"])
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert!(id.contains('-'), "a stream id: {id}");
+}
