@@ -44,6 +44,31 @@ pub fn shutdown_on_signal() -> CancellationToken {
     token
 }
 
+/// Gives memory freed since the last call back to the system, at most once a second per
+/// thread. mimalloc returns freed pages lazily, when the thread that owns them allocates
+/// again; a thread that goes idle after a burst (a client's huge MGET, a resync) would keep
+/// them. Called when a runtime thread runs out of work, so it costs nothing under load.
+fn release_idle_memory() {
+    use std::cell::Cell;
+    use std::time::{Duration, Instant};
+    thread_local! {
+        static LAST: Cell<Option<Instant>> = const { Cell::new(None) };
+    }
+    LAST.with(|last| {
+        let now = Instant::now();
+        if last.get().is_some_and(|t| now - t < Duration::from_secs(1)) {
+            return;
+        }
+        last.set(Some(now));
+        // SAFETY: mi_collect only walks the calling thread's heap and mimalloc's own
+        // structures; it takes no pointers from us.
+        #[allow(unsafe_code)]
+        unsafe {
+            libmimalloc_sys::mi_collect(true);
+        }
+    });
+}
+
 /// A tokio runtime with `threads` threads (0: one per CPU). One thread gets the
 /// current-thread scheduler: a single event loop, where a woken task waits its turn behind
 /// the tasks already ready, so many sessions' requests to a worker leave in one write.
@@ -51,13 +76,14 @@ pub fn runtime(threads: usize) -> tokio::runtime::Runtime {
     let built = if threads == 1 {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
+            .on_thread_park(release_idle_memory)
             .build()
     } else {
         let mut b = tokio::runtime::Builder::new_multi_thread();
         if threads > 1 {
             b.worker_threads(threads);
         }
-        b.enable_all().build()
+        b.enable_all().on_thread_park(release_idle_memory).build()
     };
     built.unwrap_or_else(|e| fail(1, format_args!("cannot start the runtime: {e}")))
 }

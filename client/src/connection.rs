@@ -11,13 +11,19 @@
 //! [`Connection::send`] encodes synchronously, before the caller awaits anything, so the
 //! requests of one caller reach the peer in the order it sent them: a pipelined `set` then
 //! `get` of one key on one connection is executed in that order. The outbox is therefore
-//! not bounded here; what bounds it is the callers, each of which holds the reply future of
-//! every request it queued (the orchestrator caps in-flight requests per client and clients).
+//! bounded in bytes, not in requests; the callers bound how many they have in flight (the
+//! orchestrator caps in-flight requests per client and clients).
 //!
 //! Each request carries a deadline, checked by the reader on a short tick: a request not
 //! answered in time fails with [`Error::Timeout`]. That costs one clock read per request,
 //! where a timer per request would cost a timer-wheel insert and removal. When the connection
 //! dies every pending request fails at once with [`Error::ConnectionClosed`].
+//!
+//! Bounds: the outbox holds at most [`OUTBOX_LIMIT`] bytes (a request that does not fit
+//! fails at once with [`Error::Overloaded`], so a peer that stopped reading cannot make it
+//! grow), and a connection on which requests time out while nothing at all comes back for a
+//! whole timeout is closed (the peer froze, or the link is half-open), which fails what is
+//! pending and lets the owner reconnect.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -28,18 +34,26 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::{oneshot, Notify};
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
-use twincache_protocol::frame::{encode_frame, FrameCodec, Request, Response, PREAMBLE};
+use twincache_protocol::budget::Account;
+use twincache_protocol::frame::{encode_frame, FrameCodec, Message, Request, Response, PREAMBLE};
+use twincache_protocol::Status;
 
 use crate::Error;
 
 type ReplyTx = oneshot::Sender<Result<Response, Error>>;
+
+/// The answer in place of a payload its caller has no room for.
+const OVER_LIMIT: &[u8] = b"the client's buffer limit is reached";
+
+/// Most bytes waiting in a connection's outbox; one request always fits in an empty one.
+pub const OUTBOX_LIMIT: usize = 32 << 20;
 
 /// Request ids are sequential; a multiplicative hash spreads them over the table's buckets
 /// at a fraction of SipHash's cost.
@@ -62,7 +76,15 @@ impl Hasher for IdHasher {
     }
 }
 
-type PendingMap = HashMap<u64, (ReplyTx, Instant), BuildHasherDefault<IdHasher>>;
+/// A request waiting for its answer: where the answer goes, when it is due, and the account
+/// a large answer is charged to until its caller drops it.
+struct Pending {
+    tx: ReplyTx,
+    deadline: Instant,
+    account: Option<Arc<Account>>,
+}
+
+type PendingMap = HashMap<u64, Pending, BuildHasherDefault<IdHasher>>;
 
 /// Requests encoded but not yet written, and requests written but not yet answered.
 struct Outbox {
@@ -102,7 +124,7 @@ impl Shared {
             let mut o = self.lock();
             o.closed = true;
             o.buf.clear();
-            o.pending.drain().map(|(_, (tx, _))| tx).collect()
+            o.pending.drain().map(|(_, p)| p.tx).collect()
         };
         for tx in drained {
             let _ = tx.send(Err(Error::ConnectionClosed));
@@ -169,6 +191,12 @@ impl Connection {
     /// returns the future of its response, which fails with [`Error::Timeout`] after the
     /// connection's timeout. Dropping the future abandons the request.
     pub fn send(&self, req: &Request) -> Reply {
+        self.send_charged(req, None)
+    }
+
+    /// [`Connection::send`], charging a large answer to `account` from its arrival until
+    /// the caller drops it (see `twincache_protocol::budget`).
+    pub fn send_charged(&self, req: &Request, account: Option<&Arc<Account>>) -> Reply {
         let shared = &self.handle.0;
         let (reply_tx, reply_rx) = oneshot::channel();
         let deadline = Instant::now() + shared.timeout;
@@ -178,14 +206,24 @@ impl Connection {
                 // reply_tx is dropped: the reply resolves to ConnectionClosed.
                 return Reply(reply_rx);
             }
+            let was_empty = o.buf.is_empty();
+            if !was_empty && o.buf.len() + 4 + req.body_len() > OUTBOX_LIMIT {
+                drop(o);
+                let _ = reply_tx.send(Err(Error::Overloaded));
+                return Reply(reply_rx);
+            }
             let id = o.next_id;
             o.next_id = id.wrapping_add(1);
-            let was_empty = o.buf.is_empty();
             let start = o.buf.len();
             encode_frame(req, &mut o.buf);
             // The id sits right after the 4-byte length prefix.
             o.buf[start + 4..start + 12].copy_from_slice(&id.to_be_bytes());
-            o.pending.insert(id, (reply_tx, deadline));
+            let pending = Pending {
+                tx: reply_tx,
+                deadline,
+                account: account.cloned(),
+            };
+            o.pending.insert(id, pending);
             was_empty
         };
         if was_empty {
@@ -260,15 +298,27 @@ async fn read_loop(
     let tick = (shared.timeout / 4).clamp(Duration::from_millis(5), Duration::from_millis(250));
     let mut sweep = tokio::time::interval(tick);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_frame = Instant::now();
     // A close from this side ends the writer, whose exit closes the socket: the reader then
     // sees end of input. The tick checks the flag as well, in case the peer never answers.
     loop {
         tokio::select! {
             frame = frames.next() => match frame {
-                Some(Ok(resp)) => {
+                Some(Ok(mut resp)) => {
+                    last_frame = Instant::now();
                     let entry = shared.lock().pending.remove(&resp.id);
-                    if let Some((tx, _)) = entry {
-                        let _ = tx.send(Ok(resp));
+                    if let Some(p) = entry {
+                        if let Some(account) = &p.account {
+                            if account.held() > account.limit() {
+                                // Its caller holds more than it may: it is being cut off,
+                                // so the payload is dropped now rather than held.
+                                resp.status = Status::TooLarge;
+                                resp.payload = Bytes::from_static(OVER_LIMIT);
+                            } else {
+                                resp.payload = account.hold(resp.payload);
+                            }
+                        }
+                        let _ = p.tx.send(Ok(resp));
                     }
                 }
                 Some(Err(e)) => {
@@ -281,23 +331,32 @@ async fn read_loop(
                 if shared.closed.load(Ordering::Acquire) {
                     break;
                 }
-                expire(&shared);
+                if expire(&shared) > 0 && last_frame.elapsed() > shared.timeout {
+                    // Requests time out and nothing at all has come back for a whole
+                    // timeout: the peer froze or the link is half-open.
+                    tracing::debug!("peer unresponsive; closing the connection");
+                    break;
+                }
             }
         }
     }
     shared.close();
 }
 
-/// Fails the requests past their deadline and forgets those whose caller went away.
-fn expire(shared: &Shared) {
+/// Fails the requests past their deadline and forgets those whose caller went away;
+/// returns how many were past their deadline.
+fn expire(shared: &Shared) -> usize {
     let now = Instant::now();
-    let expired: Vec<ReplyTx> = shared
+    let expired: Vec<(ReplyTx, bool)> = shared
         .lock()
         .pending
-        .extract_if(|_, (tx, deadline)| tx.is_closed() || *deadline <= now)
-        .map(|(_, (tx, _))| tx)
+        .extract_if(|_, p| p.tx.is_closed() || p.deadline <= now)
+        .map(|(_, p)| (p.tx, p.deadline <= now))
         .collect();
-    for tx in expired {
+    let mut overdue = 0;
+    for (tx, late) in expired {
+        overdue += usize::from(late);
         let _ = tx.send(Err(Error::Timeout(shared.timeout)));
     }
+    overdue
 }

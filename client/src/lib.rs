@@ -80,6 +80,10 @@ pub enum Error {
     /// reconnects. A write may or may not have been applied.
     #[error("connection closed")]
     ConnectionClosed,
+    /// The connection's send buffer is full: the server is not keeping up (or not reading
+    /// at all). Nothing was sent; retry later.
+    #[error("the connection's send buffer is full; the server is not keeping up")]
+    Overloaded,
     /// The server answered with an error status.
     #[error("server answered {status:?}: {message}")]
     Server { status: Status, message: String },
@@ -98,7 +102,7 @@ impl Error {
     /// unreachable pair). Parse errors and oversized requests will fail again.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::Io(_) | Error::Timeout(_) | Error::ConnectionClosed => true,
+            Error::Io(_) | Error::Timeout(_) | Error::ConnectionClosed | Error::Overloaded => true,
             Error::Server { status, .. } => {
                 matches!(status, Status::Unavailable | Status::ServerError)
             }

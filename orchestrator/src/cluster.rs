@@ -9,6 +9,7 @@ use bytes::{Bytes, BytesMut};
 use futures_util::future::Either;
 use tokio_util::sync::CancellationToken;
 use twincache_client::{Connection, Reply};
+use twincache_protocol::budget::Account;
 use twincache_protocol::frame::{flags, Op, Request, Response};
 use twincache_protocol::hash::pair_for_key;
 use twincache_protocol::info;
@@ -18,6 +19,8 @@ use crate::hlc::Hlc;
 
 const RECONNECT_MIN: Duration = Duration::from_millis(50);
 const RECONNECT_MAX: Duration = Duration::from_secs(2);
+/// How often each idle connection to a worker is pinged.
+const KEEPALIVE: Duration = Duration::from_secs(30);
 
 /// The orchestrator's persistent connections to one worker.
 ///
@@ -150,9 +153,21 @@ impl WorkerLink {
                     *self.lock_slot(slot) = Some(conn.clone());
                     // Whether the worker is up is the health monitor's to say and log.
                     tracing::debug!(worker = %self.addr, slot, "connected");
-                    tokio::select! {
-                        _ = conn.closed() => {}
-                        _ = shutdown.cancelled() => conn.close(),
+                    // A ping now and then keeps an idle slot within the worker's
+                    // --idle-timeout, and finds a half-open link.
+                    let mut keepalive = tokio::time::interval(KEEPALIVE);
+                    keepalive.tick().await;
+                    loop {
+                        tokio::select! {
+                            _ = conn.closed() => break,
+                            _ = shutdown.cancelled() => {
+                                conn.close();
+                                break;
+                            }
+                            _ = keepalive.tick() => {
+                                drop(conn.send(&Request::new(Op::Ping, Bytes::new())));
+                            }
+                        }
                     }
                     *self.lock_slot(slot) = None;
                     tracing::debug!(worker = %self.addr, slot, "connection closed");
@@ -172,14 +187,14 @@ impl WorkerLink {
         self.slots[slot].lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues `req` on the slot given by `affinity` if it is live, else on the next live one;
-    /// `None` if the worker has no live connection.
-    pub(crate) fn send(&self, req: &Request, affinity: usize) -> Option<Reply> {
+    /// Queues `req` on the slot of `origin`'s affinity if it is live, else on the next live
+    /// one; `None` if the worker has no live connection.
+    pub(crate) fn send(&self, req: &Request, origin: &Origin) -> Option<Reply> {
         let n = self.slots.len();
         for i in 0..n {
-            let slot = self.lock_slot((affinity + i) % n);
+            let slot = self.lock_slot((origin.affinity + i) % n);
             if let Some(conn) = slot.as_ref().filter(|c| !c.is_closed()) {
-                return Some(conn.send(req));
+                return Some(conn.send_charged(req, origin.account.as_ref()));
             }
         }
         None
@@ -224,6 +239,23 @@ impl WorkerLink {
             }
         }
     }
+}
+
+/// Where requests come from: which connection slot to each worker keeps their order (a
+/// client session's affinity), and which account their large answers are charged to until
+/// they are written (see `twincache_protocol::budget`).
+#[derive(Debug, Clone, Default)]
+pub struct Origin {
+    pub affinity: usize,
+    pub account: Option<Arc<Account>>,
+}
+
+impl Origin {
+    /// The orchestrator's own requests (health checks, control calls).
+    pub const INTERNAL: Origin = Origin {
+        affinity: 0,
+        account: None,
+    };
 }
 
 /// Two workers holding the same data.
@@ -471,7 +503,7 @@ impl Router {
         pair: &Pair,
         i: usize,
         req: &mut Request,
-        affinity: usize,
+        origin: &Origin,
     ) -> Option<Reply> {
         let w = &pair.workers[i];
         if w.state() == WorkerState::InSync && !self.is_adapter() {
@@ -479,7 +511,7 @@ impl Router {
         } else {
             req.flags &= !flags::IN_SYNC;
         }
-        w.send(req, affinity)
+        w.send(req, origin)
     }
 
     /// A read's answer, unless the worker refused it for not holding the pair's data (it
@@ -498,12 +530,12 @@ impl Router {
     /// Sends a read (`get`, `exists`) to one worker of the key's pair, falling over to the
     /// partner if the first cannot answer.
     ///
-    /// The request is queued before this returns (see [`WorkerLink`]); `affinity` is the
-    /// calling session's, which keeps its requests in order.
+    /// The request is queued before this returns (see [`WorkerLink`]); `origin` is the
+    /// calling session's, whose affinity keeps its requests in order.
     pub fn read(
         self: &Arc<Self>,
         mut req: Request,
-        affinity: usize,
+        origin: &Origin,
     ) -> impl Future<Output = Response> + Send + 'static {
         let pair = pair_for_key(&req.key, self.pairs.len());
         let order = if self.mode().is_some() {
@@ -511,8 +543,9 @@ impl Router {
         } else {
             [None, None]
         };
-        let reply = order[0].and_then(|i| self.send_read(&self.pairs[pair], i, &mut req, affinity));
+        let reply = order[0].and_then(|i| self.send_read(&self.pairs[pair], i, &mut req, origin));
         let this = self.clone();
+        let origin = order[1].map(|_| origin.clone());
         async move {
             let p = &this.pairs[pair];
             if let Some(first) = order[0] {
@@ -520,8 +553,8 @@ impl Router {
                     return resp;
                 }
             }
-            if let Some(second) = order[1] {
-                let reply = this.send_read(p, second, &mut req, affinity);
+            if let (Some(second), Some(origin)) = (order[1], &origin) {
+                let reply = this.send_read(p, second, &mut req, origin);
                 if let Some(resp) = this.finish_read(&p.workers[second], &req, reply).await {
                     return resp;
                 }
@@ -533,31 +566,32 @@ impl Router {
     pub fn get(
         self: &Arc<Self>,
         key: Bytes,
-        affinity: usize,
+        origin: &Origin,
     ) -> impl Future<Output = Response> + Send + 'static {
-        self.read(Request::new(Op::Get, key), affinity)
+        self.read(Request::new(Op::Get, key), origin)
     }
 
     /// Adapter mode: a plain SET goes to one worker of the pair, marked primary, which
     /// writes it through to the destination (one Redis write per client write); once the
     /// destination has it, the partner's cached copy is invalidated. If the primary cannot
     /// be reached, its partner takes the role.
-    fn adapter_set(self: &Arc<Self>, mut req: Request, affinity: usize) -> BoxedResponse {
+    fn adapter_set(self: &Arc<Self>, mut req: Request, origin: &Origin) -> BoxedResponse {
         req.version = self.clock.next();
         req.flags |= flags::PRIMARY;
         let pair = pair_for_key(&req.key, self.pairs.len());
         let order = self.read_order(&self.pairs[pair]);
         let workers = &self.pairs[pair].workers;
         // Sent now, in the session's order (see WorkerLink); the partner only on failure.
-        let reply = order[0].and_then(|i| workers[i].send(&req, affinity));
+        let reply = order[0].and_then(|i| workers[i].send(&req, origin));
         let this = self.clone();
+        let origin = origin.clone();
         Box::pin(async move {
             let workers = &this.pairs[pair].workers;
             let mut reply = Some(reply);
             for i in order.into_iter().flatten() {
                 let sent = reply
                     .take()
-                    .unwrap_or_else(|| workers[i].send(&req, affinity));
+                    .unwrap_or_else(|| workers[i].send(&req, &origin));
                 if let Some(resp) = this.finish(&workers[i], sent).await {
                     if resp.status == Status::Ok
                         && !this.invalidate_on(&workers[1 - i], &req.key).await
@@ -581,7 +615,7 @@ impl Router {
         }
         let mut req = Request::new(Op::Invalidate, key.clone());
         req.version = self.clock.next();
-        let reply = w.send(&req, 0);
+        let reply = w.send(&req, &Origin::INTERNAL);
         self.finish(w, reply).await.is_some()
     }
 
@@ -597,7 +631,7 @@ impl Router {
     /// Adapter mode: runs a Redis command on the destination through a worker of the pair
     /// of its first key, then invalidates every key it may touch on both partners. The
     /// response's payload is the destination's RESP reply, as is.
-    pub fn passthrough(self: &Arc<Self>, args: Vec<Bytes>, affinity: usize) -> BoxedResponse {
+    pub fn passthrough(self: &Arc<Self>, args: Vec<Bytes>, origin: &Origin) -> BoxedResponse {
         let mut encoded = BytesMut::new();
         twincache_protocol::resp::encode_command(&args, &mut encoded);
         let route = args.get(1).cloned().unwrap_or_default();
@@ -606,7 +640,7 @@ impl Router {
         // The version the worker invalidates its cached copy of the first key with.
         req.version = self.clock.next();
         let touched = touched_keys(&args);
-        let read = self.read(req, affinity);
+        let read = self.read(req, origin);
         let this = self.clone();
         Box::pin(async move {
             let resp = read.await;
@@ -632,14 +666,14 @@ impl Router {
     pub fn write(
         self: &Arc<Self>,
         req: Request,
-        affinity: usize,
+        origin: &Origin,
     ) -> impl Future<Output = Response> + Send + 'static {
         // Not boxed on the common path: the session boxes what it is given, once.
         if self.is_adapter() {
             return Either::Right(match req.op {
-                Op::Set if req.flags == 0 => self.adapter_set(req, affinity),
+                Op::Set if req.flags == 0 => self.adapter_set(req, origin),
                 Op::Del => {
-                    let del = self.passthrough(vec![Bytes::from_static(b"DEL"), req.key], affinity);
+                    let del = self.passthrough(vec![Bytes::from_static(b"DEL"), req.key], origin);
                     // The text and binary protocols answer a DEL with found / not found.
                     Box::pin(async move {
                         let resp = del.await;
@@ -655,7 +689,7 @@ impl Router {
                 }),
             });
         }
-        Either::Left(self.replicated_write(req, affinity))
+        Either::Left(self.replicated_write(req, origin))
     }
 
     /// The workers of `pair` a write goes to: those that take writes (in sync or
@@ -678,7 +712,7 @@ impl Router {
     fn replicated_write(
         self: &Arc<Self>,
         mut req: Request,
-        affinity: usize,
+        origin: &Origin,
     ) -> impl Future<Output = Response> + Send + 'static {
         req.version = self.clock.next();
         // The orchestrator applies the default TTL, so both partners get the same expiry.
@@ -694,8 +728,8 @@ impl Router {
         let [a, b] = &self.pairs[pair].workers;
         // Queued now, in the session's order (see WorkerLink); awaited below.
         let replies = [
-            targets[0].then(|| a.send(&req, affinity)),
-            targets[1].then(|| b.send(&req, affinity)),
+            targets[0].then(|| a.send(&req, origin)),
+            targets[1].then(|| b.send(&req, origin)),
         ];
         let this = self.clone();
         async move {
@@ -894,7 +928,7 @@ impl Router {
     pub(crate) async fn ask(&self, w: &WorkerLink, op: Op, value: &str) -> Option<Response> {
         let mut req = Request::new(op, Bytes::new());
         req.value = Bytes::copy_from_slice(value.as_bytes());
-        let reply = w.send(&req, 0);
+        let reply = w.send(&req, &Origin::INTERNAL);
         self.finish(w, reply)
             .await
             .filter(|r| r.status == Status::Ok)

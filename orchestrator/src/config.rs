@@ -45,6 +45,18 @@ pub struct Config {
     #[arg(long, env = "TWINCACHE_MAX_FRAME", default_value = "16MiB", value_parser = parse_size)]
     pub max_frame: u64,
 
+    /// Most memory one client connection may hold: its buffered requests (a RESP command in
+    /// all its arguments) and the replies waiting to be written. A client past it is
+    /// disconnected (Redis' client-query-buffer-limit and client-output-buffer-limit).
+    #[arg(long, env = "TWINCACHE_MAX_CLIENT_BUFFER", default_value = "64MiB", value_parser = parse_size)]
+    pub max_client_buffer: u64,
+
+    /// Most memory all client connections together may hold; past it, the connections
+    /// holding the most are disconnected. Default: a sixteenth of the memory this process
+    /// may use (its cgroup limit, else physical memory), between 64 MiB and 2 GiB.
+    #[arg(long, env = "TWINCACHE_MAX_BUFFER_MEMORY", value_parser = parse_size)]
+    pub max_buffer_memory: Option<u64>,
+
     /// Time to live for every key written without one (e.g. 1h); 0 keeps keys until deleted.
     #[arg(long, env = "TWINCACHE_DEFAULT_TTL", default_value = "0", value_parser = parse_duration)]
     pub default_ttl: Duration,
@@ -105,12 +117,31 @@ impl Config {
     /// message with the usage and exits with code 2.
     pub fn from_args() -> Config {
         let config = Config::parse();
-        if let Err(msg) = config.worker_addrs() {
+        if let Err(msg) = config.worker_addrs().and_then(|_| config.check_limits()) {
             Config::command()
                 .error(clap::error::ErrorKind::ValueValidation, msg)
                 .exit();
         }
         config
+    }
+
+    /// The budget for all client connections' buffers (see `--max-buffer-memory`).
+    pub fn buffer_budget(&self) -> u64 {
+        self.max_buffer_memory
+            .unwrap_or_else(twincache_protocol::budget::default_buffer_budget)
+    }
+
+    /// Checks the limits against each other: a connection must be able to hold the largest
+    /// request a client may send.
+    pub fn check_limits(&self) -> Result<(), String> {
+        let largest = self.max_frame.max(self.max_line);
+        if self.max_client_buffer < largest {
+            return Err(format!(
+                "--max-client-buffer ({}) must be at least --max-frame and --max-line ({largest})",
+                self.max_client_buffer
+            ));
+        }
+        Ok(())
     }
 
     /// A configuration for the given workers with every other setting at its default.

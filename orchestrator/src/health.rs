@@ -44,7 +44,7 @@ use twincache_protocol::frame::{Op, Request};
 use twincache_protocol::info;
 use twincache_protocol::Status;
 
-use crate::cluster::{Mode, Pair, Router, WorkerLink, WorkerState};
+use crate::cluster::{Mode, Origin, Pair, Router, WorkerLink, WorkerState};
 
 /// How often to check, and how long an answer may take.
 #[derive(Debug, Clone, Copy)]
@@ -337,7 +337,7 @@ impl Router {
         let deadline = tokio::time::Instant::now() + timeout;
         let reply = loop {
             // A link still connecting (just started) is waited for, within the timeout.
-            match w.send(&req, 0) {
+            match w.send(&req, &Origin::INTERNAL) {
                 Some(reply) => break reply,
                 None if w.state() == WorkerState::Unknown
                     && tokio::time::Instant::now() < deadline =>

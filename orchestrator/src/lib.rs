@@ -29,9 +29,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use twincache_protocol::server::accept_loop;
 
-use cluster::{Router, RouterConfig};
+use cluster::{Origin, Router, RouterConfig};
 pub use config::Config;
 use session::SessionConfig;
+use twincache_protocol::budget::Budget;
 
 /// A bound, not yet running, orchestrator.
 pub struct Orchestrator {
@@ -93,9 +94,17 @@ impl Orchestrator {
             idle_timeout: c.idle_timeout,
             max_line: c.max_line as usize,
             max_frame: c.max_frame as usize,
+            max_command: c.max_client_buffer as usize,
             pipeline_depth: c.pipeline_depth as usize,
+            max_connection_buffer: c.max_client_buffer as usize,
             port: self.listener.local_addr().map(|a| a.port()).unwrap_or(0),
         });
+        let budget = Budget::new(c.buffer_budget() as usize);
+        tracing::info!(
+            max_buffer_memory = budget.limit(),
+            max_client_buffer = c.max_client_buffer,
+            "memory for client connections"
+        );
         let metrics = Arc::new(metrics::Metrics::default());
         let mut sessions = 0usize;
         accept_loop(
@@ -107,9 +116,14 @@ impl Orchestrator {
                 sessions = sessions.wrapping_add(1);
                 let ctx = session::Ctx {
                     router: router.clone(),
-                    affinity: sessions,
+                    origin: Origin {
+                        affinity: sessions,
+                        account: None,
+                    },
+                    id: sessions,
                     metrics: metrics.clone(),
                     config: session_config.clone(),
+                    budget: budget.clone(),
                 };
                 session::serve(stream, ctx, shutdown)
             },

@@ -5,33 +5,52 @@
 //! (`GET a`, see [`crate::resp::is_inline_command`]) is RESP, anything else the text protocol.
 //!
 //! All three run the same loop. Requests are parsed as soon as they arrive and queued to the
-//! workers at once, up to `pipeline_depth` in flight, so a pipelined burst costs one round
-//! trip to the workers, not one per request. Replies are written in request order, batched
-//! into one write when several are ready.
+//! workers at once, up to `pipeline_depth` worker requests in flight (a command fanning out
+//! to many keys counts once per key), so a pipelined burst costs one round trip to the
+//! workers, not one per request. Replies are written in request order, batched into one
+//! write when several are ready.
+//!
+//! Bounds: every state has a deadline (the binary preamble within [`PREAMBLE_DEADLINE`] or
+//! `--idle-timeout` if shorter, the
+//! first line and every later request within `--idle-timeout` of the last activity, and a
+//! write to a client that does not read within `--idle-timeout` of its last progress). The
+//! session's [`Account`] holds its buffers and the large replies it waits to write: past
+//! half its limit it stops taking requests until replies drain, and past the limit (or with
+//! the process over its budget) it is closed. A large MGET streams its reply with a bounded
+//! window of values in flight.
 
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use futures_util::future::{ready, Either, Ready};
-use futures_util::FutureExt;
+use futures_util::future::Either;
+use futures_util::stream::Stream;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::codec::Decoder;
 use tokio_util::sync::CancellationToken;
+use twincache_protocol::budget::{Account, Budget};
 use twincache_protocol::frame::{
     encode_frame, FrameCodec, FrameError, Op, Request, Response, PREAMBLE,
 };
 use twincache_protocol::text::{self, Command, Line, LineDecoder};
 use twincache_protocol::Status;
 
-use crate::cluster::Router;
+use crate::cluster::{Origin, Router};
 use crate::metrics::Metrics;
 use crate::resp::{is_inline_command, RespProtocol};
+
+/// A binary client sends its 4-byte preamble at once; one that stops midway is not one.
+pub const PREAMBLE_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Buffers grown past this by a burst are given back once empty.
+const KEEP_CAPACITY: usize = 64 * 1024;
+const START_CAPACITY: usize = 16 * 1024;
 
 /// Settings for client sessions.
 #[derive(Debug, Clone)]
@@ -39,7 +58,11 @@ pub struct SessionConfig {
     pub idle_timeout: Duration,
     pub max_line: usize,
     pub max_frame: usize,
+    /// Most bytes of one RESP command (all its arguments).
+    pub max_command: usize,
     pub pipeline_depth: usize,
+    /// Most bytes one connection may hold (buffered requests, replies waiting to be written).
+    pub max_connection_buffer: usize,
     /// The client port (reported by INFO).
     pub port: u16,
 }
@@ -48,14 +71,19 @@ pub struct SessionConfig {
 #[derive(Clone)]
 pub struct Ctx {
     pub router: Arc<Router>,
-    /// Which connection to each worker carries this session's requests (see `WorkerLink`);
-    /// also the session's id.
-    pub affinity: usize,
+    /// Which connection to each worker carries this session's requests, and which account
+    /// their large answers are charged to.
+    pub origin: Origin,
+    /// The session's id (CLIENT ID).
+    pub id: usize,
     pub metrics: Arc<Metrics>,
     pub config: Arc<SessionConfig>,
+    /// The process's budget for connection buffers.
+    pub budget: Arc<Budget>,
 }
 
 pub type BoxReply<O> = Pin<Box<dyn Future<Output = O> + Send>>;
+pub type BoxStream<O> = Pin<Box<dyn Stream<Item = O> + Send>>;
 
 /// What a protocol made of the bytes buffered so far.
 pub enum Step<O> {
@@ -63,8 +91,13 @@ pub enum Step<O> {
     NeedMore,
     /// A request answered without the workers (ping, a parse error).
     Reply(O),
-    /// A request for the workers, already queued to them.
-    Dispatch(BoxReply<O>),
+    /// A request for the workers, already queued to them, and how many worker requests it
+    /// made (its weight in the in-flight window).
+    Dispatch(BoxReply<O>, usize),
+    /// A reply in parts, each written as it comes (a large MGET). It queues its worker
+    /// requests as it goes, so nothing after it is read until it is done (that keeps the
+    /// order of requests).
+    Stream(BoxStream<O>),
     /// Stop reading; send the reply if any, then everything in flight, then close.
     Close(Option<O>),
 }
@@ -79,45 +112,49 @@ pub trait Protocol {
 }
 
 /// Serves one client connection until it closes, idles out, or shutdown.
-pub async fn serve(mut stream: TcpStream, ctx: Ctx, shutdown: CancellationToken) {
+pub async fn serve(mut stream: TcpStream, mut ctx: Ctx, shutdown: CancellationToken) {
     let _counted = ctx.metrics.client_connected();
     let config = ctx.config.clone();
-    let mut buf = BytesMut::with_capacity(16 * 1024);
+    let account = Account::new(&ctx.budget, config.max_connection_buffer);
+    ctx.origin.account = Some(account.clone());
+    let mut buf = BytesMut::with_capacity(START_CAPACITY);
     let sniffed = tokio::select! {
         res = tokio::time::timeout(config.idle_timeout, sniff(&mut stream, &mut buf, config.max_line)) => res,
         _ = shutdown.cancelled() => return,
     };
     let result = match sniffed {
-        Ok(Ok(Kind::Binary)) => match read_preamble(&mut stream, &mut buf).await {
-            Ok(()) => {
-                let proto = BinaryProtocol {
-                    codec: FrameCodec::new(config.max_frame),
-                };
-                run(proto, stream, buf, &ctx, shutdown).await
+        Ok(Ok(Kind::Binary)) => {
+            let deadline = PREAMBLE_DEADLINE.min(config.idle_timeout);
+            match tokio::time::timeout(deadline, read_preamble(&mut stream, &mut buf)).await {
+                Ok(Ok(())) => {
+                    let proto = BinaryProtocol {
+                        codec: FrameCodec::new(config.max_frame),
+                    };
+                    run(proto, stream, buf, &ctx, &account, shutdown).await
+                }
+                Ok(Err(e)) => Err(e),
+                Err(_) => Ok(()), // a partial preamble, then silence
             }
-            Err(e) => Err(e),
-        },
+        }
         Ok(Ok(Kind::Resp)) => {
-            run(
-                RespProtocol::new(config.max_frame),
-                stream,
-                buf,
-                &ctx,
-                shutdown,
-            )
-            .await
+            let proto = RespProtocol::new(config.max_frame, config.max_command);
+            run(proto, stream, buf, &ctx, &account, shutdown).await
         }
         Ok(Ok(Kind::Text)) => {
             let proto = TextProtocol {
                 lines: LineDecoder::new(config.max_line),
             };
-            run(proto, stream, buf, &ctx, shutdown).await
+            run(proto, stream, buf, &ctx, &account, shutdown).await
         }
         Ok(Err(e)) => Err(e),
         Err(_) => Ok(()), // idle before saying anything
     };
-    if let Err(e) = result {
-        tracing::debug!(error = %e, "client connection ended with an error");
+    match result {
+        Err(e) if e.kind() == std::io::ErrorKind::OutOfMemory => {
+            tracing::info!(client = ctx.id, "closing client connection: {e}")
+        }
+        Err(e) => tracing::debug!(error = %e, "client connection ended with an error"),
+        Ok(()) => {}
     }
 }
 
@@ -182,68 +219,165 @@ async fn read_preamble(stream: &mut TcpStream, buf: &mut BytesMut) -> std::io::R
     Ok(())
 }
 
+/// A request on its way: answered, waiting for the workers, or a reply in parts.
+enum InFlight<O> {
+    Ready(Option<O>),
+    Waiting(BoxReply<O>),
+    Streaming(BoxStream<O>),
+}
+
+/// The session's queue of replies in request order, with the weight of what is in flight.
+struct Queue<O> {
+    items: VecDeque<(InFlight<O>, usize)>,
+    weight: usize,
+    /// A streaming reply is queued: read nothing more until it is done.
+    barrier: bool,
+}
+
+impl<O> Queue<O> {
+    fn push(&mut self, item: InFlight<O>, weight: usize) {
+        self.barrier |= matches!(item, InFlight::Streaming(_));
+        self.weight += weight;
+        self.items.push_back((item, weight));
+    }
+
+    fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    fn pop(&mut self) {
+        if let Some((item, weight)) = self.items.pop_front() {
+            self.weight -= weight;
+            if matches!(item, InFlight::Streaming(_)) {
+                self.barrier = self
+                    .items
+                    .iter()
+                    .any(|(i, _)| matches!(i, InFlight::Streaming(_)));
+            }
+        }
+    }
+
+    /// The next reply (or part of one) at the head of the queue. Only the head is ever
+    /// polled: its request and all later ones are already queued to the workers, so the
+    /// others merely hold a reply that is waiting for its turn, and need no waker of their
+    /// own.
+    fn poll_head(&mut self, cx: &mut Context<'_>) -> Poll<O> {
+        loop {
+            let Some((head, _)) = self.items.front_mut() else {
+                return Poll::Pending;
+            };
+            match head {
+                InFlight::Ready(out) => {
+                    let out = out.take().expect("a ready reply is taken once");
+                    self.pop();
+                    return Poll::Ready(out);
+                }
+                InFlight::Waiting(fut) => {
+                    let out = std::task::ready!(fut.as_mut().poll(cx));
+                    self.pop();
+                    return Poll::Ready(out);
+                }
+                InFlight::Streaming(parts) => match std::task::ready!(parts.as_mut().poll_next(cx))
+                {
+                    Some(out) => return Poll::Ready(out),
+                    None => self.pop(),
+                },
+            }
+        }
+    }
+
+    /// The head's next reply if it is there now.
+    fn now(&mut self) -> Option<O> {
+        let waker = futures_util::task::noop_waker();
+        match self.poll_head(&mut Context::from_waker(&waker)) {
+            Poll::Ready(out) => Some(out),
+            Poll::Pending => None,
+        }
+    }
+}
+
 async fn run<P: Protocol>(
     mut proto: P,
     mut stream: TcpStream,
     mut buf: BytesMut,
     ctx: &Ctx,
+    account: &Account,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let config = &ctx.config;
-    // Replies in request order. Only the head is ever polled: its request and all later ones
-    // are already queued to the workers, so the others merely hold a reply that is waiting
-    // for its turn, and need no waker of their own.
-    let mut inflight: VecDeque<InFlight<P::Out>> = VecDeque::new();
-    let mut out = BytesMut::with_capacity(16 * 1024);
+    let mut inflight: Queue<P::Out> = Queue {
+        items: VecDeque::new(),
+        weight: 0,
+        barrier: false,
+    };
+    let mut out = BytesMut::with_capacity(START_CAPACITY);
+    let (mut buf_held, mut out_held) = (0, 0);
     let mut reading = true;
     // The idle deadline moves with activity, but the timer is only re-armed when it fires.
     let mut last_active = Instant::now();
     let idle = tokio::time::sleep(config.idle_timeout);
     tokio::pin!(idle);
     loop {
-        let before = inflight.len();
-        while reading && inflight.len() < config.pipeline_depth {
+        let before = inflight.items.len();
+        while reading && room(&inflight, config.pipeline_depth) && !account.busy() {
             match proto.next(&mut buf, ctx) {
                 Step::NeedMore => break,
-                Step::Reply(resp) => inflight.push_back(Either::Left(ready(resp))),
-                Step::Dispatch(fut) => inflight.push_back(Either::Right(fut)),
+                Step::Reply(resp) => inflight.push(InFlight::Ready(Some(resp)), 0),
+                Step::Dispatch(fut, weight) => inflight.push(InFlight::Waiting(fut), weight),
+                Step::Stream(parts) => inflight.push(InFlight::Streaming(parts), 1),
                 Step::Close(last) => {
                     if let Some(resp) = last {
-                        inflight.push_back(Either::Left(ready(resp)));
+                        inflight.push(InFlight::Ready(Some(resp)), 0);
                     }
                     reading = false;
                 }
             }
         }
         ctx.metrics
-            .commands_processed(inflight.len().saturating_sub(before) as u64);
+            .commands_processed(inflight.items.len().saturating_sub(before) as u64);
+        if buf.is_empty() && buf.capacity() > KEEP_CAPACITY {
+            buf = BytesMut::with_capacity(START_CAPACITY);
+        }
+        account.track(&mut buf_held, buf.capacity());
+        if let Some(over) = account.over() {
+            return Err(over_limit(over));
+        }
         if !reading && inflight.is_empty() {
             stream.shutdown().await.ok();
             return Ok(());
         }
+        let may_read = reading && room(&inflight, config.pipeline_depth) && !account.busy();
         tokio::select! {
-            resp = next_reply(&mut inflight), if !inflight.is_empty() => {
+            resp = std::future::poll_fn(|cx| inflight.poll_head(cx)), if !inflight.is_empty() => {
                 proto.encode(resp, &mut out);
                 // Everything else already answered goes out in the same write.
-                while let Some(resp) = inflight.front_mut().and_then(|f| f.now_or_never()) {
-                    inflight.pop_front();
+                while let Some(resp) = inflight.now() {
                     proto.encode(resp, &mut out);
+                    if out.len() >= KEEP_CAPACITY {
+                        break; // a streaming reply: write as it comes
+                    }
                 }
-                stream.write_all(&out).await?;
+                account.track(&mut out_held, out.capacity());
+                write_out(&mut stream, &out, config.idle_timeout, account).await?;
                 out.clear();
+                if out.capacity() > KEEP_CAPACITY {
+                    out = BytesMut::with_capacity(START_CAPACITY);
+                }
+                account.track(&mut out_held, out.capacity());
                 last_active = Instant::now();
             }
-            n = stream.read_buf(&mut buf), if reading && inflight.len() < config.pipeline_depth => {
+            n = stream.read_buf(&mut buf), if may_read => {
                 if n? == 0 {
                     reading = false;
                     if let Some(resp) = proto.at_eof(&buf) {
-                        inflight.push_back(Either::Left(ready(resp)));
+                        inflight.push(InFlight::Ready(Some(resp)), 0);
                     }
                 } else {
                     last_active = Instant::now();
                 }
             }
-            _ = &mut idle, if inflight.is_empty() => {
+            _ = account.exceeded() => {}
+            _ = &mut idle, if inflight.is_empty() || !may_read => {
                 let deadline = last_active + config.idle_timeout;
                 if deadline <= Instant::now() {
                     tracing::debug!("closing idle client connection");
@@ -256,21 +390,53 @@ async fn run<P: Protocol>(
     }
 }
 
-type InFlight<O> = Either<Ready<O>, BoxReply<O>>;
+/// Whether the in-flight window has room for another request. One request is always let
+/// in when nothing is in flight, however many keys it names, and nothing is read past a
+/// streaming reply until it is done.
+fn room<O>(inflight: &Queue<O>, depth: usize) -> bool {
+    !inflight.barrier && (inflight.weight < depth || inflight.is_empty())
+}
 
-/// The reply at the head of the queue, once it is ready.
-async fn next_reply<O>(inflight: &mut VecDeque<InFlight<O>>) -> O {
-    std::future::poll_fn(|cx| {
-        let head = inflight.front_mut().expect("polled with replies in flight");
-        let out = std::task::ready!(Pin::new(head).poll(cx));
-        inflight.pop_front();
-        std::task::Poll::Ready(out)
-    })
-    .await
+/// The error that closes a connection over its memory limit.
+fn over_limit(over: twincache_protocol::budget::Over) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::OutOfMemory, over.to_string())
+}
+
+/// Writes `out` to a client that must keep reading: no progress for `deadline` closes the
+/// connection, and so does the account going over its limit meanwhile (replies pile up
+/// for a client that does not read them).
+async fn write_out(
+    stream: &mut TcpStream,
+    out: &[u8],
+    deadline: Duration,
+    account: &Account,
+) -> std::io::Result<()> {
+    let mut pos = 0;
+    while pos < out.len() {
+        tokio::select! {
+            written = tokio::time::timeout(deadline, stream.write(&out[pos..])) => match written {
+                Ok(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(Ok(n)) => pos += n,
+                Ok(Err(e)) => return Err(e),
+                Err(_) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "the client stopped reading its replies",
+                    ))
+                }
+            },
+            _ = account.exceeded() => {
+                if let Some(over) = account.over() {
+                    return Err(over_limit(over));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 fn dispatch(fut: impl Future<Output = Response> + Send + 'static) -> Step<Response> {
-    Step::Dispatch(Box::pin(fut))
+    Step::Dispatch(Box::pin(fut), 1)
 }
 
 struct TextProtocol {
@@ -288,24 +454,24 @@ impl Protocol for TextProtocol {
             }
             Some(Line::Complete(line)) => line,
         };
-        let (router, affinity) = (&ctx.router, ctx.affinity);
+        let (router, origin) = (&ctx.router, &ctx.origin);
         match text::parse_line(line) {
             Err(e) => Step::Reply(Response::error(e.status, e.message)),
             Ok(Command::Exit) => Step::Close(None),
             Ok(Command::Ping) => Step::Reply(Response::ok(Bytes::from_static(b"PONG"))),
-            Ok(Command::Get(key)) => dispatch(router.get(key, affinity)),
+            Ok(Command::Get(key)) => dispatch(router.get(key, origin)),
             Ok(Command::Set(key, value)) => {
                 let mut req = Request::new(Op::Set, key);
                 req.value = value;
-                dispatch(router.write(req, affinity))
+                dispatch(router.write(req, origin))
             }
             Ok(Command::SetEx(key, secs, value)) => {
                 let mut req = Request::new(Op::Set, key);
                 req.value = value;
                 req.ttl_ms = secs * 1000;
-                dispatch(router.write(req, affinity))
+                dispatch(router.write(req, origin))
             }
-            Ok(Command::Del(key)) => dispatch(router.write(Request::new(Op::Del, key), affinity)),
+            Ok(Command::Del(key)) => dispatch(router.write(Request::new(Op::Del, key), origin)),
             Ok(Command::Status) => Step::Reply(Response::ok(router.status_line())),
             Ok(Command::Stats) => {
                 let router = router.clone();
@@ -358,10 +524,10 @@ impl Protocol for BinaryProtocol {
             return Step::Reply(Response::error(Status::ParseError, "empty key").with_id(id));
         }
         let routed = match req.op {
-            Op::Get | Op::Exists => Either::Left(ctx.router.read(req, ctx.affinity)),
+            Op::Get | Op::Exists => Either::Left(ctx.router.read(req, &ctx.origin)),
             Op::Set | Op::Del => {
                 req.version = 0; // the orchestrator stamps versions, not clients
-                Either::Right(ctx.router.write(req, ctx.affinity))
+                Either::Right(ctx.router.write(req, &ctx.origin))
             }
             Op::Ping => return Step::Reply(Response::ok(Bytes::from_static(b"PONG")).with_id(id)),
             Op::Stats => {

@@ -10,6 +10,7 @@
 //!   worker directly (handy for debugging and for the tests).
 //! - [`text`]: the netcat-friendly line protocol (`get||key`, `set||key||value`, ...).
 //! - [`resp`]: RESP2, the Redis protocol (commands in, replies out).
+//! - [`budget`]: memory held for connections (per process and per connection).
 //! - [`coverage`]: what partners know of each other's writes (in a worker's `status`).
 //! - [`info`]: the `name:value` text of workers' `stats` and `status` answers.
 //! - [`hash`]: the stable key hash and the consistent key-to-pair mapping.
@@ -17,6 +18,7 @@
 //! - [`units`]: parsing of human durations and sizes used by the command lines.
 //! - [`version`]: the layout of write versions (time, counter, orchestrator id).
 
+pub mod budget;
 pub mod coverage;
 pub mod frame;
 pub mod hash;

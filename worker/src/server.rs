@@ -4,6 +4,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::stream::FuturesUnordered;
@@ -12,6 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::codec::Decoder;
 use tokio_util::sync::CancellationToken;
+use twincache_protocol::budget::{Account, Budget};
 use twincache_protocol::frame::{
     encode_frame, flags, FrameCodec, FrameError, Op, Request, Response, PREAMBLE,
 };
@@ -44,6 +46,10 @@ pub struct Node {
     pub resync_rate_limit: u64,
     /// Adapter mode: the source and destination Redis.
     pub adapter: Option<Arc<Adapter>>,
+    /// Memory for connection buffers, for the whole process.
+    pub budget: Arc<Budget>,
+    /// Connections with nothing to do for this long are closed.
+    pub idle_timeout: Duration,
 }
 
 /// A request answered at once, or one that waits on Redis (adapter mode).
@@ -60,8 +66,21 @@ impl Worker {
             .cipher()
             .map_err(|msg| std::io::Error::new(std::io::ErrorKind::InvalidInput, msg))?;
         let listener = TcpListener::bind((config.bind, config.port)).await?;
+        let max_memory = config.max_memory_bytes();
+        match (config.max_memory, max_memory) {
+            (Some(_), _) => tracing::info!(max_memory, "memory limit for entries (--max-memory)"),
+            (None, 0) => tracing::warn!(
+                "cannot tell how much memory this process may use: no memory limit for \
+                 entries; give --max-memory"
+            ),
+            (None, _) => tracing::info!(
+                max_memory,
+                "memory limit for entries: a quarter of the memory this process may use \
+                 (--max-memory sets it)"
+            ),
+        }
         let store = Arc::new(
-            Store::new(cipher, config.max_memory as usize)
+            Store::new(cipher, max_memory as usize)
                 .with_dictionary_size(config.dictionary_size as usize)
                 .with_tombstone_ttl(config.tombstone_ttl),
         );
@@ -74,6 +93,8 @@ impl Worker {
                 .adapter()
                 .map_err(|msg| std::io::Error::new(std::io::ErrorKind::InvalidInput, msg))?
                 .map(Arc::new),
+            budget: Budget::new(config.buffer_budget() as usize),
+            idle_timeout: config.idle_timeout,
         });
         Ok(Worker {
             listener,
@@ -119,6 +140,14 @@ impl Worker {
     }
 }
 
+/// A peer sends its 4-byte preamble at once; one that stops midway is not one.
+const PREAMBLE_DEADLINE: Duration = Duration::from_secs(10);
+/// Adapter-mode requests of one connection waiting on Redis at once; past it the
+/// connection reads nothing more until some answer.
+const MAX_WAITING: usize = 4096;
+/// A read buffer grown past this by a large frame is given back once empty.
+const KEEP_CAPACITY: usize = 256 * 1024;
+
 async fn serve_connection(
     mut stream: TcpStream,
     node: Arc<Node>,
@@ -126,7 +155,10 @@ async fn serve_connection(
 ) -> Result<(), FrameError> {
     let mut preamble = [0u8; 4];
     tokio::select! {
-        res = stream.read_exact(&mut preamble) => { res?; }
+        res = tokio::time::timeout(PREAMBLE_DEADLINE.min(node.idle_timeout), stream.read_exact(&mut preamble)) => match res {
+            Ok(res) => { res?; }
+            Err(_) => return Ok(()), // a partial preamble, then silence
+        },
         _ = shutdown.cancelled() => return Ok(()),
     }
     if preamble != PREAMBLE {
@@ -141,12 +173,18 @@ async fn serve_connection(
         let _ = stream.write_all(&out).await;
         return Err(FrameError::Malformed("bad preamble"));
     }
+    let account = Account::new(&node.budget, node.max_frame.saturating_add(OUT_HIGH_WATER));
+    let mut held = 0;
+    let idle_timeout = node.idle_timeout;
     let mut codec = FrameCodec::<Request>::new(node.max_frame);
     let mut buf = BytesMut::with_capacity(64 * 1024);
     let mut out = BytesMut::with_capacity(64 * 1024);
     // Adapter-mode requests waiting on Redis; they answer out of order, by id.
     let mut waiting = FuturesUnordered::new();
     let mut reading = true;
+    let mut last_active = tokio::time::Instant::now();
+    let idle = tokio::time::sleep(idle_timeout);
+    tokio::pin!(idle);
     loop {
         tokio::select! {
             // Requests waiting on Redis first: each registers for its key's order before any
@@ -158,16 +196,16 @@ async fn serve_connection(
                     encode_frame(&resp, &mut out);
                 }
             }
-            n = stream.read_buf(&mut buf), if reading => {
+            n = stream.read_buf(&mut buf), if reading && waiting.len() < MAX_WAITING => {
                 if n? == 0 {
                     reading = false;
                 }
+                last_active = tokio::time::Instant::now();
                 loop {
                     match codec.decode(&mut buf) {
                         Ok(Some(req)) if req.op == Op::Snapshot => {
                             // A stream of frames, not one answer: send what is pending first.
-                            stream.write_all(&out).await?;
-                            out.clear();
+                            write_out(&mut stream, &mut out, idle_timeout).await?;
                             serve_snapshot(&mut stream, &node.store, &node.sync, req.id, node.resync_rate_limit).await?;
                         }
                         Ok(Some(req)) => {
@@ -177,8 +215,7 @@ async fn serve_connection(
                                 Handled::Later(fut) => waiting.push(async move { fut.await.with_id(id) }),
                             }
                             if out.len() >= OUT_HIGH_WATER {
-                                stream.write_all(&out).await?;
-                                out.clear();
+                                write_out(&mut stream, &mut out, idle_timeout).await?;
                             }
                         }
                         Ok(None) => break,
@@ -188,22 +225,56 @@ async fn serve_connection(
                                 _ => Status::ParseError,
                             };
                             encode_frame(&Response::status(status), &mut out);
-                            let _ = stream.write_all(&out).await;
+                            let _ = write_out(&mut stream, &mut out, idle_timeout).await;
                             return Err(e);
                         }
                     }
                 }
+                if buf.is_empty() && buf.capacity() > KEEP_CAPACITY {
+                    buf = BytesMut::with_capacity(64 * 1024);
+                }
+                account.track(&mut held, buf.capacity());
+                if let Some(over) = account.over() {
+                    tracing::info!("closing connection: {over}");
+                    return Ok(());
+                }
+            }
+            _ = &mut idle, if waiting.is_empty() => {
+                let deadline = last_active + idle_timeout;
+                if deadline <= tokio::time::Instant::now() {
+                    tracing::debug!("closing idle connection");
+                    return Ok(());
+                }
+                idle.as_mut().reset(deadline);
             }
             _ = shutdown.cancelled() => return Ok(()),
         }
         if !out.is_empty() {
-            stream.write_all(&out).await?;
-            out.clear();
+            write_out(&mut stream, &mut out, idle_timeout).await?;
         }
         if !reading && waiting.is_empty() {
             return Ok(());
         }
     }
+}
+
+/// Writes and clears `out`; a peer that reads none of it for `deadline` is given up on.
+async fn write_out(
+    stream: &mut TcpStream,
+    out: &mut BytesMut,
+    deadline: Duration,
+) -> Result<(), FrameError> {
+    match tokio::time::timeout(deadline, stream.write_all(out)).await {
+        Ok(res) => res?,
+        Err(_) => {
+            return Err(FrameError::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the peer stopped reading",
+            )))
+        }
+    }
+    out.clear();
+    Ok(())
 }
 
 /// Adapter-mode GET holding the key's order: from the cache, or (still holding it) from

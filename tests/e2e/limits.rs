@@ -1,0 +1,229 @@
+//! Bounded memory and time for every input: each case reproduces a way one careless or
+//! hostile client took hundreds of MB or every connection slot, and asserts the bound from
+//! `/proc` (generous enough for a shared 2-core machine).
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use twincache_client::Client;
+
+use crate::faults::{state_of, wait_status, worker_on, FAST};
+use crate::harness::{Cluster, Proc};
+
+const MB: u64 = 1 << 20;
+
+/// A `/proc/PID/status` field in bytes (`VmRSS`, `VmHWM`: peak resident memory).
+fn proc_kb(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kb| kb * 1024)
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
+/// Stores a 1 MiB value under `big` (compressible: the worker keeps it small, the
+/// orchestrator sees it whole).
+async fn store_big(addr: SocketAddr) {
+    let c = Client::connect(&addr.to_string()).await.unwrap();
+    c.set("big", vec![b'x'; MB as usize]).await.unwrap();
+}
+
+/// Reads until the server closes the connection (bounded); whether it did.
+async fn closed_within(stream: &mut TcpStream, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    let mut sink = vec![0u8; 1 << 16];
+    while Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_millis(200), stream.read(&mut sink)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            _ => {}
+        }
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_mget_streams_its_reply_in_bounded_memory() {
+    let cluster = Cluster::start(1).await;
+    store_big(cluster.orch.addr).await;
+    let pid = cluster.orch.pid();
+    let mut cmd = String::from("*401\r\n$4\r\nMGET\r\n");
+    cmd += &"$3\r\nbig\r\n".repeat(400);
+    let mut stream = TcpStream::connect(cluster.orch.addr).await.unwrap();
+    stream.write_all(cmd.as_bytes()).await.unwrap();
+    // 400 MiB of reply, read as fast as it comes.
+    let header = format!("$1048576\r\n{}\r\n", "x".repeat(MB as usize));
+    let expected = 6 + 400 * header.len() as u64;
+    let (mut got, mut head) = (0u64, Vec::new());
+    let mut buf = vec![0u8; 1 << 20];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while got < expected {
+        let n = tokio::time::timeout_at(deadline.into(), stream.read(&mut buf))
+            .await
+            .expect("the whole reply in time")
+            .unwrap();
+        assert!(n > 0, "closed after {got} of {expected} bytes");
+        if got < 16 {
+            head.extend_from_slice(&buf[..n.min(16)]);
+        }
+        got += n as u64;
+    }
+    assert_eq!(got, expected);
+    assert!(head.starts_with(b"*400\r\n$1048576\r\n"), "{head:?}");
+    let peak = proc_kb(pid, "VmHWM");
+    assert!(peak < 150 * MB, "orchestrator peak RSS {} MiB", peak / MB);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_its_replies_is_cut_at_its_limit() {
+    let cluster = Cluster::start_with(1, &["--max-client-buffer", "32MiB"]).await;
+    store_big(cluster.orch.addr).await;
+    let pid = cluster.orch.pid();
+    let mut stream = TcpStream::connect(cluster.orch.addr).await.unwrap();
+    // 2.4 KB of input asking for 300 MiB of replies, never read.
+    stream
+        .write_all("get||big\n".repeat(300).as_bytes())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        closed_within(&mut stream, Duration::from_secs(10)).await,
+        "cut"
+    );
+    let peak = proc_kb(pid, "VmHWM");
+    assert!(peak < 150 * MB, "orchestrator peak RSS {} MiB", peak / MB);
+    assert!(cluster
+        .orch
+        .log_text()
+        .contains("closing client connection"));
+    // Everyone else is served.
+    let c = Client::connect(&cluster.orch.addr.to_string())
+        .await
+        .unwrap();
+    assert_eq!(
+        c.get("big").await.unwrap().map(|v| v.len()),
+        Some(MB as usize)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partial_frames_on_many_connections_stay_within_the_budget() {
+    let workers: Vec<Proc> = (0..2)
+        .map(|_| worker_on(0, &["--max-buffer-memory", "64MiB"]))
+        .collect();
+    let addrs: Vec<SocketAddr> = workers.iter().map(|w| w.addr).collect();
+    let orch = Proc::orchestrator(&addrs, &["--max-buffer-memory", "64MiB"]);
+    for target in [orch.addr, addrs[0]] {
+        let pid = if target == orch.addr {
+            orch.pid()
+        } else {
+            workers[0].pid()
+        };
+        let mut conns = Vec::new();
+        let chunk = vec![0u8; MB as usize];
+        // 40 connections, each 15 MiB into a frame one byte longer, which never completes.
+        for _ in 0..40 {
+            let Ok(mut s) = TcpStream::connect(target).await else {
+                continue;
+            };
+            let mut head = vec![0xB7, b'T', b'C', 1];
+            head.extend_from_slice(&(15 * MB as u32 + 1).to_be_bytes());
+            let _ = s.write_all(&head).await;
+            for _ in 0..15 {
+                if tokio::time::timeout(Duration::from_millis(500), s.write_all(&chunk))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+            conns.push(s);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let peak = proc_kb(pid, "VmHWM");
+        assert!(
+            peak < 200 * MB,
+            "{target}: peak RSS {} MiB with a 64 MiB budget",
+            peak / MB
+        );
+        let mut cut = 0;
+        for s in &mut conns {
+            cut += usize::from(closed_within(s, Duration::from_millis(300)).await);
+        }
+        assert!(cut > 20, "{target}: only {cut} of 40 connections cut");
+    }
+    // The cluster still serves.
+    let c = Client::connect(&orch.addr.to_string()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c.set("after", "v").await.is_err() {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_connection_state_has_a_deadline() {
+    let a = worker_on(0, &["--idle-timeout", "1s", "--max-connections", "6"]);
+    let b = worker_on(0, &["--idle-timeout", "1s"]);
+    // An outsider takes every slot of worker A before the orchestrator starts.
+    let mut squatters = Vec::new();
+    for _ in 0..6 {
+        squatters.push(TcpStream::connect(a.addr).await.unwrap());
+    }
+    let orch = Proc::orchestrator(
+        &[a.addr, b.addr],
+        &[FAST, &["--idle-timeout", "1s"]].concat(),
+    );
+    wait_status(orch.addr, "both in sync", |s| {
+        state_of(s, &a.addr) == "in_sync" && state_of(s, &b.addr) == "in_sync"
+    })
+    .await;
+    for s in &mut squatters {
+        assert!(closed_within(s, Duration::from_secs(3)).await);
+    }
+    // 1 to 3 bytes of the binary preamble, then silence; a half-sent first line.
+    for partial in [&b"\xB7"[..], b"\xB7TC", b"get||"] {
+        let mut s = TcpStream::connect(orch.addr).await.unwrap();
+        s.write_all(partial).await.unwrap();
+        let started = Instant::now();
+        assert!(
+            closed_within(&mut s, Duration::from_secs(5)).await,
+            "{partial:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(4));
+    }
+}
+
+/// One frozen worker: its partner keeps serving every write, and the orchestrator's memory
+/// stays flat (the link's outbox is capped and the frozen link closed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_worker_costs_neither_availability_nor_memory() {
+    let cluster = Cluster::start(1).await;
+    let pid = cluster.orch.pid();
+    cluster.workers[0].signal("STOP");
+    let port = cluster.orch.addr.port().to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("redis-benchmark")
+            .args([
+                "-p", &port, "-t", "set", "-d", "1024", "-c", "4", "-P", "4", "-n", "200000", "-r",
+                "100000", "-e", "-q",
+            ])
+            .output()
+            .expect("redis-benchmark is installed (apt-get install -y redis-tools)")
+    })
+    .await
+    .unwrap();
+    cluster.workers[0].signal("CONT");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !text.contains("ERR") && !text.contains("TRYAGAIN"),
+        "{text}"
+    );
+    assert!(text.contains("requests per second"), "{text}");
+    let peak = proc_kb(pid, "VmHWM");
+    assert!(peak < 100 * MB, "orchestrator peak RSS {} MiB", peak / MB);
+}
