@@ -1214,6 +1214,42 @@ mod tests {
     }
 
     #[test]
+    fn an_absurd_entry_count_from_a_peer_reserves_a_bounded_table() {
+        let store = Store::new(None, 0);
+        store.reserve(1 << 40);
+        assert!(store.usage().bytes < 128 << 20, "{}", store.usage().bytes);
+        let limited = Store::new(None, 1 << 20);
+        limited.reserve(1 << 40);
+        assert!(limited.usage().bytes < 2 << 20, "{}", limited.usage().bytes);
+    }
+
+    #[test]
+    fn refills_forget_nothing_they_should_and_bring_back_no_delete() {
+        use twincache_protocol::version::{at_ms, wall_ms};
+        let old = at_ms(wall_ms() - 10_000);
+        let new = at_ms(wall_ms());
+        let store = Store::new(None, 0);
+        store.set(b"old", b"v", old, SetOptions::default()).unwrap();
+        store.set(b"new", b"v", new, SetOptions::default()).unwrap();
+        // A stale worker refilling drops what is older than its partner's delete horizon.
+        assert_eq!(store.drop_older_than(at_ms(wall_ms() - 5_000)), 1);
+        assert!(store.get(b"old").unwrap().is_none());
+        assert!(store.get(b"new").unwrap().is_some());
+        // A serving worker merging takes an old entry only for a key it holds.
+        let source = Store::new(None, 0);
+        source.set(b"forgotten", b"v", old, SetOptions::default()).unwrap();
+        source.set(b"new", b"w", new + 1, SetOptions::default()).unwrap();
+        let floor = at_ms(wall_ms() - 5_000);
+        for n in 0..Store::SHARDS {
+            source.snapshot_shard(n, |raw| {
+                store.merge_above(raw, floor).unwrap();
+            });
+        }
+        assert!(store.get(b"forgotten").unwrap().is_none());
+        assert_eq!(store.get(b"new").unwrap().as_deref(), Some(&b"w"[..]));
+    }
+
+    #[test]
     fn merge_keeps_the_newest_version_and_carries_deletes() {
         let source = Store::default();
         set(&source, b"a", b"from source", 10);
