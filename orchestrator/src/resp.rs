@@ -80,9 +80,9 @@ pub struct RespProtocol {
 }
 
 impl RespProtocol {
-    pub fn new(max_bulk: usize) -> RespProtocol {
+    pub fn new(max_bulk: usize, max_command: usize) -> RespProtocol {
         RespProtocol {
-            decoder: RespDecoder::new(max_bulk),
+            decoder: RespDecoder::new(max_bulk, max_command),
             client_name: None,
         }
     }

@@ -99,7 +99,8 @@ pub async fn serve(mut stream: TcpStream, ctx: Ctx, shutdown: CancellationToken)
         },
         Ok(Ok(Kind::Resp)) => {
             run(
-                RespProtocol::new(config.max_frame),
+                // TODO(lead): query buffer limit flag
+                RespProtocol::new(config.max_frame, config.max_frame.saturating_mul(4)),
                 stream,
                 buf,
                 &ctx,
