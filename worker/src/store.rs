@@ -138,13 +138,21 @@ impl Entry {
         Entry(buf.into_boxed_slice())
     }
 
-    /// An entry received from a partner, checked before it is trusted.
+    /// An entry received from a partner, checked before it is trusted: the key lies within
+    /// the entry with stored bytes behind it, and those bytes have the shape of a known layout
+    /// holding a value of the length the header gives (a tombstone: one marker byte, length
+    /// 0). Every later use of the entry (slicing the key, opening the value, the byte counts
+    /// in [`Usage`]) relies on these, so a partner's bytes cannot make it panic or misaccount.
+    /// The accessed bit is the sender's business and is cleared.
     fn from_raw(raw: &[u8]) -> Option<Entry> {
-        if raw.len() <= HEADER {
-            return None;
-        }
-        let key_len = u32::from_le_bytes(raw[16..20].try_into().ok()?) as usize;
-        if HEADER + key_len >= raw.len() {
+        let field = |at: usize| {
+            let b = raw.get(at..at + 4)?;
+            Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        };
+        let key_len = field(16)?;
+        let value_len = field(20)? & !ACCESSED;
+        let stored = raw.get(HEADER.checked_add(key_len)?..)?;
+        if !seal::plausible(stored, value_len) {
             return None;
         }
         let mut e = Entry(raw.into());
@@ -1160,6 +1168,64 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(40));
         assert_eq!((0..SHARDS).map(|n| short.sweep_shard(n)).sum::<usize>(), 1);
         assert_eq!(short.usage().tombstones, 0);
+    }
+
+    /// `raw` with the little-endian `u32` at `at` replaced by `n`.
+    fn with_u32(raw: &[u8], at: usize, n: u32) -> Vec<u8> {
+        let mut raw = raw.to_vec();
+        raw[at..at + 4].copy_from_slice(&n.to_le_bytes());
+        raw
+    }
+
+    #[test]
+    fn from_raw_checks_every_header_field() {
+        let far = now_ms() + 3_600_000;
+        let value = b"abcdefgh".repeat(32);
+        let raw = Entry::new(5, far, b"key", b"small", None, None).0;
+        let lz4 = Entry::new(5, far, b"key", &value, None, None).0;
+        assert_eq!(lz4[HEADER + 3], 0x01, "an lz4 entry");
+        let sealed = Entry::new(5, far, b"key", &value, Some(&Cipher::new(&[1; 32])), None).0;
+        let tomb = Entry::tombstone(5, far, b"key").0;
+        for good in [&raw, &lz4, &sealed, &tomb] {
+            let e = Entry::from_raw(good).expect("a well-formed entry");
+            assert_eq!(e.key(), b"key");
+        }
+        // The sender's accessed bit is cleared, and does not count as length.
+        let touched = with_u32(&raw, 20, 5 | ACCESSED as u32);
+        let e = Entry::from_raw(&touched).unwrap();
+        assert!(!e.accessed());
+        assert_eq!(e.value_len(), 5);
+        let bad: Vec<(&str, Vec<u8>)> = vec![
+            ("no header", raw[..HEADER - 1].to_vec()),
+            ("nothing stored", raw[..HEADER + 3].to_vec()),
+            ("key past the end", with_u32(&raw, 16, 100)),
+            ("key length u32::MAX", with_u32(&raw, 16, u32::MAX)),
+            ("key eats the stored bytes", with_u32(&raw, 16, 3 + 6)),
+            ("raw value length wrong", with_u32(&raw, 20, 6)),
+            (
+                "raw value length huge",
+                with_u32(&raw, 20, (ACCESSED - 1) as u32),
+            ),
+            ("lz4 value length wrong", with_u32(&lz4, 20, 255)),
+            (
+                "lz4 lying about its length",
+                with_u32(&with_u32(&lz4, 20, 1 << 30), HEADER + 4, 1 << 30),
+            ),
+            (
+                "sealed value length past any expansion",
+                with_u32(&sealed, 20, 1 << 30),
+            ),
+            ("tombstone with a length", with_u32(&tomb, 20, 1)),
+            ("tombstone with more bytes", [&tomb[..], b"x"].concat()),
+            ("unknown layout", {
+                let mut r = raw.to_vec();
+                r[HEADER + 3] = 0x09;
+                r
+            }),
+        ];
+        for (what, raw) in bad {
+            assert!(Entry::from_raw(&raw).is_none(), "{what}");
+        }
     }
 
     #[test]
