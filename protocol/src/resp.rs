@@ -670,7 +670,72 @@ mod tests {
         );
     }
 
+    /// Feeds `input` in pieces of the given sizes until the decoder errs or has all of it;
+    /// whatever the bytes, it must return, not panic.
+    fn feed_anything(d: &mut RespDecoder, input: &[u8], cuts: &[usize]) {
+        let mut buf = BytesMut::new();
+        let mut rest = input;
+        for &cut in cuts.iter().chain(std::iter::repeat(&usize::MAX)) {
+            let n = cut.max(1).min(rest.len());
+            buf.extend_from_slice(&rest[..n]);
+            rest = &rest[n..];
+            loop {
+                match d.decode(&mut buf) {
+                    Ok(Some(cmd)) => assert!(!cmd.is_empty()),
+                    Ok(None) => break,
+                    Err(_) => return,
+                }
+            }
+            if rest.is_empty() {
+                return;
+            }
+        }
+    }
+
+    /// A valid command stream with `edits` applied: (position, byte) overwrites, then a cut.
+    fn mutated(cmds: &[Vec<Vec<u8>>], edits: &[(usize, u8)], truncate: usize) -> Vec<u8> {
+        let mut wire = BytesMut::new();
+        for cmd in cmds {
+            encode_command(
+                &cmd.iter()
+                    .map(|a| Bytes::from(a.clone()))
+                    .collect::<Vec<_>>(),
+                &mut wire,
+            );
+        }
+        let mut wire = wire.to_vec();
+        for &(at, byte) in edits {
+            if !wire.is_empty() {
+                let at = at % wire.len();
+                wire[at] = byte;
+            }
+        }
+        wire.truncate(wire.len().saturating_sub(truncate));
+        wire
+    }
+
     proptest! {
+        #[test]
+        fn random_bytes_never_panic(
+            input in proptest::collection::vec(any::<u8>(), 0..512),
+            cuts in proptest::collection::vec(0usize..64, 0..16),
+            max_bulk in 0usize..64,
+            max_command in 0usize..256,
+        ) {
+            feed_anything(&mut RespDecoder::new(max_bulk, max_command), &input, &cuts);
+        }
+
+        #[test]
+        fn mutated_commands_never_panic(
+            cmds in proptest::collection::vec(proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..20), 1..5), 1..4),
+            edits in proptest::collection::vec((any::<usize>(), prop_oneof![Just(b'*'), Just(b'$'), Just(b'\r'), Just(b'\n'), Just(b'-'), Just(b'9'), any::<u8>()]), 0..4),
+            truncate in 0usize..8,
+            cuts in proptest::collection::vec(0usize..16, 0..16),
+        ) {
+            let wire = mutated(&cmds, &edits, truncate);
+            feed_anything(&mut RespDecoder::new(64, 512), &wire, &cuts);
+        }
+
         #[test]
         fn multibulk_round_trips_through_split_reads(
             cmds in proptest::collection::vec(proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..40), 1..5), 1..6),

@@ -659,7 +659,54 @@ mod tests {
         );
     }
 
+    fn test_dictionary() -> Dictionary {
+        Dictionary::new(br#"{"name":"alice","tags":["a","b"]}"#.repeat(20))
+    }
+
+    /// Opens `stored` every way a worker might; it must return, not panic.
+    fn open_every_way(stored: &[u8]) {
+        let stored = Bytes::copy_from_slice(stored);
+        let dict = test_dictionary();
+        for cipher in [None, Some(key_a())] {
+            for d in [None, Some(&dict)] {
+                let _ = open_with(b"k", &stored, cipher.as_ref(), d);
+                let _ = open_capped(b"k", &stored, cipher.as_ref(), d, 100);
+            }
+        }
+        let _ = plausible(&stored, stored.len());
+    }
+
     proptest! {
+        #[test]
+        fn random_bytes_never_panic(
+            layout in prop_oneof![Just(RAW), Just(LZ4), Just(ENCRYPTED), Just(LZ4_DICT), Just(TOMBSTONE), any::<u8>()],
+            rest in proptest::collection::vec(any::<u8>(), 0..256),
+        ) {
+            let mut stored = vec![layout];
+            stored.extend_from_slice(&rest);
+            open_every_way(&stored);
+        }
+
+        #[test]
+        fn mutated_values_never_panic(
+            value in proptest::collection::vec(prop_oneof![Just(b'a'), any::<u8>()], 0..600),
+            encrypt: bool,
+            use_dict: bool,
+            edits in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..4),
+            truncate in 0usize..8,
+        ) {
+            let dict = test_dictionary();
+            let cipher = encrypt.then(key_a);
+            let mut stored = Vec::new();
+            seal_into(b"k", &value, cipher.as_ref(), use_dict.then_some(&dict), &mut stored);
+            for (at, byte) in edits {
+                let at = at % stored.len();
+                stored[at] = byte;
+            }
+            stored.truncate(stored.len().saturating_sub(truncate));
+            open_every_way(&stored);
+        }
+
         #[test]
         fn round_trips(value in proptest::collection::vec(any::<u8>(), 0..2048), repeat in 1usize..4, encrypt: bool) {
             let value = value.repeat(repeat);

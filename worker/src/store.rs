@@ -847,6 +847,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     fn set(s: &Store, k: &[u8], v: &[u8], version: u64) -> bool {
         s.set(k, v, version, SetOptions::default()).unwrap().applied
@@ -1286,5 +1287,86 @@ mod tests {
         .unwrap();
         std::thread::sleep(std::time::Duration::from_millis(60));
         assert_eq!(s.get(b"k").unwrap(), None);
+    }
+
+    /// The entries of `s` as a partner's snapshot carries them.
+    fn snapshot(s: &Store) -> Vec<Vec<u8>> {
+        let mut raws = Vec::new();
+        for n in 0..SHARDS {
+            s.snapshot_shard(n, |raw| raws.push(raw.to_vec()));
+        }
+        raws
+    }
+
+    /// Merges `raws` into a store with `cipher` and uses whatever was taken; nothing may
+    /// panic, and the byte counts must stay consistent.
+    fn merge_anything(raws: &[Vec<u8>], cipher: Option<Cipher>) {
+        let s = Store::new(cipher, 0);
+        let dict = Dictionary::new(b"abcdefgh".repeat(40));
+        for (i, raw) in raws.iter().enumerate() {
+            let taken = if i % 2 == 0 {
+                s.merge(raw)
+            } else {
+                s.merge_resealed(raw, &dict)
+            };
+            if let Some(e) = Entry::from_raw(raw) {
+                let key = e.key().to_vec();
+                let _ = s.get(&key);
+                let _ = (s.exists(&key), s.version(&key));
+                let _ = s.set(
+                    &key,
+                    b"v",
+                    0,
+                    SetOptions {
+                        get: true,
+                        ..Default::default()
+                    },
+                );
+                let _ = s.del(&key, 1);
+            } else {
+                assert_eq!(taken, None);
+            }
+        }
+        let u = s.usage();
+        assert_eq!(u.keys + u.tombstones, snapshot(&s).len());
+        assert_eq!(s.bytes.load(Ordering::Relaxed), u.bytes);
+        // What was taken travels on: a snapshot of it is accepted whole.
+        let again = Store::new(s.cipher().cloned(), 0);
+        for raw in snapshot(&s) {
+            assert!(again.merge(&raw).is_some());
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn random_entries_never_panic(
+            raws in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..96), 1..8),
+            encrypt: bool,
+        ) {
+            merge_anything(&raws, encrypt.then(|| Cipher::new(&[1; 32])));
+        }
+
+        #[test]
+        fn mutated_entries_never_panic(
+            values in proptest::collection::vec(proptest::collection::vec(prop_oneof![Just(b'a'), any::<u8>()], 0..400), 1..6),
+            encrypt: bool,
+            edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<usize>(), any::<u8>()), 1..6),
+            // Lengths and layout bytes live in the first few dozen bytes: aim some edits there.
+            header_edits in proptest::collection::vec((any::<prop::sample::Index>(), 0usize..34, any::<u8>()), 0..4),
+        ) {
+            let cipher = encrypt.then(|| Cipher::new(&[1; 32]));
+            let s = Store::new(cipher.clone(), 0).with_dictionary_size(256);
+            for (i, v) in values.iter().enumerate() {
+                s.set(format!("key{i}").as_bytes(), v, 1, SetOptions::default()).unwrap();
+            }
+            s.del(b"gone", 2);
+            let mut raws = snapshot(&s);
+            for (which, at, byte) in edits.into_iter().chain(header_edits) {
+                let raw = which.get_mut(&mut raws);
+                let at = at % raw.len();
+                raw[at] = byte;
+            }
+            merge_anything(&raws, cipher);
+        }
     }
 }
