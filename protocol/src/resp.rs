@@ -237,7 +237,8 @@ impl RespDecoder {
                         });
                     }
                     p.declared = declared;
-                    // Within max_command, so these cannot overflow.
+                    // `len` fits an i64 and `start` lies within a buffer (under isize::MAX
+                    // bytes), so neither this nor `end + 2` below can overflow.
                     let range = (start, start + len);
                     p.bulk = Some(range);
                     p.pos = start;
