@@ -417,6 +417,7 @@ impl<In, Out: Message> Encoder<Out> for FrameCodec<In> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::reads;
     use proptest::prelude::*;
 
     fn sample_request() -> Request {
@@ -583,11 +584,8 @@ mod tests {
     fn feed_anything<M: Message>(input: &[u8], max: usize, cuts: &[usize]) {
         let mut codec = FrameCodec::<M>::new(max);
         let mut buf = BytesMut::new();
-        let mut rest = input;
-        for &cut in cuts.iter().chain(std::iter::repeat(&usize::MAX)) {
-            let n = cut.max(1).min(rest.len());
-            buf.extend_from_slice(&rest[..n]);
-            rest = &rest[n..];
+        for read in reads(input, cuts) {
+            buf.extend_from_slice(read);
             loop {
                 match codec.decode(&mut buf) {
                     Ok(Some(_)) => {}
@@ -596,10 +594,7 @@ mod tests {
                 }
             }
             // An oversized frame's head is held until it is whole, however small the limit.
-            assert!(buf.len() <= 4 + max.max(M::OVERSIZED_HEAD) + n);
-            if rest.is_empty() {
-                return;
-            }
+            assert!(buf.len() <= 4 + max.max(M::OVERSIZED_HEAD) + read.len());
         }
     }
 

@@ -24,5 +24,8 @@ pub mod status;
 pub mod text;
 pub mod units;
 
+#[cfg(test)]
+mod test_support;
+
 pub use frame::{FrameCodec, FrameError, Op, Request, Response};
 pub use status::Status;

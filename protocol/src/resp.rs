@@ -462,6 +462,7 @@ fn put_header(out: &mut BytesMut, tag: u8, n: i64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::reads;
     use proptest::prelude::*;
 
     fn decode_all(input: &[u8]) -> Result<Vec<Vec<Bytes>>, ProtocolError> {
@@ -675,20 +676,14 @@ mod tests {
     /// whatever the bytes, it must return, not panic.
     fn feed_anything(d: &mut RespDecoder, input: &[u8], cuts: &[usize]) {
         let mut buf = BytesMut::new();
-        let mut rest = input;
-        for &cut in cuts.iter().chain(std::iter::repeat(&usize::MAX)) {
-            let n = cut.max(1).min(rest.len());
-            buf.extend_from_slice(&rest[..n]);
-            rest = &rest[n..];
+        for read in reads(input, cuts) {
+            buf.extend_from_slice(read);
             loop {
                 match d.decode(&mut buf) {
                     Ok(Some(cmd)) => assert!(!cmd.is_empty()),
                     Ok(None) => break,
                     Err(_) => return,
                 }
-            }
-            if rest.is_empty() {
-                return;
             }
         }
     }

@@ -236,6 +236,7 @@ impl LineDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::reads;
     use proptest::prelude::*;
 
     fn parse(line: &[u8]) -> Result<Command, LineError> {
@@ -349,11 +350,8 @@ mod tests {
         ) {
             let mut d = LineDecoder::new(max_len);
             let mut buf = BytesMut::new();
-            let mut rest = &input[..];
-            for &cut in cuts.iter().chain(std::iter::repeat(&usize::MAX)) {
-                let n = cut.min(rest.len());
-                buf.extend_from_slice(&rest[..n]);
-                rest = &rest[n..];
+            for read in reads(&input, &cuts) {
+                buf.extend_from_slice(read);
                 while let Some(line) = d.decode(&mut buf) {
                     if let Line::Complete(line) = line {
                         prop_assert!(line.len() <= max_len);
@@ -361,9 +359,6 @@ mod tests {
                     }
                 }
                 prop_assert!(buf.len() <= max_len + 1, "{} bytes held", buf.len());
-                if rest.is_empty() {
-                    break;
-                }
             }
             let _ = d.has_partial(&buf);
         }
