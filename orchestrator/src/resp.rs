@@ -84,10 +84,8 @@ impl RespProtocol {
     /// A session refusing bulk strings over `max_bulk` bytes and commands over
     /// `max_command` bytes in all.
     pub fn new(max_bulk: usize, max_command: usize) -> RespProtocol {
-        // TODO(lead): the decoder takes max_command once the incremental decoder lands.
-        let _ = max_command;
         RespProtocol {
-            decoder: RespDecoder::new(max_bulk),
+            decoder: RespDecoder::new(max_bulk, max_command),
             client_name: None,
         }
     }

@@ -16,6 +16,21 @@
 //! A connection opens with the 4-byte [`PREAMBLE`]. Its first byte (0xB7) is neither printable
 //! ASCII nor `*`, which is how the orchestrator tells a binary client from a text or RESP one
 //! on the same port; its last byte is the protocol version.
+//!
+//! ## Frames over the limit
+//! A reader never buffers a body longer than its limit, but what it does with such a frame
+//! depends on which side it is:
+//! - **Responses** (the client side: the orchestrator's worker links, the client library, a
+//!   resync) survive it. A worker may hold a value larger than the orchestrator's
+//!   `--max-frame`; were its response an error, the link and every request on it would die on
+//!   each read of that key. Instead the decoder reads the id and status (the first
+//!   [`RESPONSE_HEADER_LEN`] bytes of the body), yields a [`Status::TooLarge`] response for that
+//!   id at once, and then discards the rest of the body as it arrives.
+//! - **Requests** (the server side) are refused with [`FrameError::TooLong`] as soon as the
+//!   length is read, and the servers answer and close. The id is not yet known then, and
+//!   waiting for it, then reading and discarding a body that may announce 4 GiB, would hand a
+//!   peer that has already broken the limit a way to hold the connection open for as long as
+//!   it likes. (The decoder could do it: [`Message::OVERSIZED_HEAD`] is all it would take.)
 
 use std::marker::PhantomData;
 
@@ -226,6 +241,16 @@ pub trait Message: Sized {
     fn encode_body(&self, dst: &mut BytesMut);
     /// Parses a complete body.
     fn decode_body(body: Bytes) -> Result<Self, FrameError>;
+
+    /// Body bytes [`Message::oversized`] needs to stand in for a frame over the limit.
+    const OVERSIZED_HEAD: usize = 0;
+
+    /// The message standing for a frame whose `len`-byte body exceeds the limit `max`, made
+    /// from the first [`Message::OVERSIZED_HEAD`] bytes of its body (the rest is skipped);
+    /// `None` if such a frame is an error that ends the connection.
+    fn oversized(_head: &[u8], _len: usize, _max: usize) -> Option<Self> {
+        None
+    }
 }
 
 impl Message for Request {
@@ -293,6 +318,22 @@ impl Message for Response {
             payload: body,
         })
     }
+
+    const OVERSIZED_HEAD: usize = RESPONSE_HEADER_LEN;
+
+    /// Whatever the status was, the answer is that it could not be carried.
+    fn oversized(mut head: &[u8], len: usize, max: usize) -> Option<Response> {
+        let id = head.get_u64();
+        let payload = format!(
+            "value of {} bytes exceeds this connection's frame limit of {max} bytes",
+            len - RESPONSE_HEADER_LEN
+        );
+        Some(Response {
+            id,
+            status: Status::TooLarge,
+            payload: payload.into(),
+        })
+    }
 }
 
 /// Appends `msg` as a whole frame (length prefix and body) to `dst`.
@@ -308,16 +349,28 @@ pub fn encode_frame<M: Message>(msg: &M, dst: &mut BytesMut) {
 #[derive(Debug)]
 pub struct FrameCodec<In> {
     max_frame: usize,
+    /// Bytes of an oversized frame's body still to discard as they arrive.
+    skipping: usize,
     _in: PhantomData<fn() -> In>,
 }
 
 impl<In> FrameCodec<In> {
-    /// A codec refusing frame bodies longer than `max_frame` bytes.
+    /// A codec refusing frame bodies longer than `max_frame` bytes (see the module docs for
+    /// what refusing means on each side).
     pub fn new(max_frame: usize) -> Self {
         FrameCodec {
             max_frame,
+            skipping: 0,
             _in: PhantomData,
         }
+    }
+
+    /// Discards what has arrived of an oversized body; whether all of it is gone.
+    fn skip(&mut self, src: &mut BytesMut) -> bool {
+        let n = self.skipping.min(src.len());
+        src.advance(n);
+        self.skipping -= n;
+        self.skipping == 0
     }
 }
 
@@ -326,15 +379,34 @@ impl<In: Message> Decoder for FrameCodec<In> {
     type Error = FrameError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<In>, FrameError> {
-        if src.len() < 4 {
+        if !self.skip(src) || src.len() < 4 {
             return Ok(None);
         }
         let len = u32::from_be_bytes([src[0], src[1], src[2], src[3]]) as usize;
         if len > self.max_frame {
-            return Err(FrameError::TooLong {
-                len,
-                max: self.max_frame,
-            });
+            let head = In::OVERSIZED_HEAD;
+            if head == 0 {
+                return Err(FrameError::TooLong {
+                    len,
+                    max: self.max_frame,
+                });
+            }
+            if len < head {
+                return Err(FrameError::Malformed("frame shorter than its header"));
+            }
+            if src.len() < 4 + head {
+                return Ok(None);
+            }
+            let Some(msg) = In::oversized(&src[4..4 + head], len, self.max_frame) else {
+                return Err(FrameError::TooLong {
+                    len,
+                    max: self.max_frame,
+                });
+            };
+            src.advance(4 + head);
+            self.skipping = len - head;
+            self.skip(src);
+            return Ok(Some(msg));
         }
         if src.len() < 4 + len {
             // The length is within the limit, so reserving it is bounded.
@@ -359,6 +431,7 @@ impl<In, Out: Message> Encoder<Out> for FrameCodec<In> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::reads;
     use proptest::prelude::*;
 
     fn sample_request() -> Request {
@@ -407,6 +480,67 @@ mod tests {
             Err(FrameError::TooLong { .. })
         ));
         assert!(buf.capacity() < 1024);
+    }
+
+    /// Decodes `wire` fed in `piece`-byte reads, checking that the buffer never holds more
+    /// than a frame within the limit and a read's worth.
+    fn responses_in_pieces(wire: &[u8], max: usize, piece: usize) -> Vec<Response> {
+        let mut codec = FrameCodec::<Response>::new(max);
+        let mut buf = BytesMut::new();
+        let mut got = Vec::new();
+        for chunk in wire.chunks(piece) {
+            buf.extend_from_slice(chunk);
+            while let Some(r) = codec.decode(&mut buf).unwrap() {
+                got.push(r);
+            }
+            assert!(buf.len() <= 4 + max + piece, "{} bytes held", buf.len());
+        }
+        assert!(buf.is_empty());
+        got
+    }
+
+    #[test]
+    fn an_oversized_response_is_answered_too_large_and_its_body_skipped() {
+        let wire: &[u8] = &[
+            0, 0, 0, 14, // body length: over the limit of 10
+            0, 0, 0, 0, 0, 0, 0, 7, // id
+            0, // status ok
+            b'h', b'e', b'l', b'l', b'o', // payload, skipped
+            0, 0, 0, 10, // the next frame, within the limit
+            0, 0, 0, 0, 0, 0, 0, 8, // id
+            0, b'v', // status ok, payload
+        ];
+        let expected = vec![
+            Response {
+                id: 7,
+                status: Status::TooLarge,
+                payload: Bytes::from_static(
+                    b"value of 5 bytes exceeds this connection's frame limit of 10 bytes",
+                ),
+            },
+            Response::ok(Bytes::from_static(b"v")).with_id(8),
+        ];
+        for piece in 1..=wire.len() {
+            assert_eq!(responses_in_pieces(wire, 10, piece), expected, "{piece}");
+        }
+        // A body announcing 4 GiB is skipped in bounded memory for as long as it comes.
+        let mut codec = FrameCodec::<Response>::new(1024);
+        let mut buf = BytesMut::from(&[0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0, 0, 0, 0, 9, 0][..]);
+        let first = codec.decode(&mut buf).unwrap().unwrap();
+        assert_eq!((first.id, first.status), (9, Status::TooLarge));
+        for _ in 0..100 {
+            buf.extend_from_slice(&[0xab; 64 * 1024]);
+            assert_eq!(codec.decode(&mut buf).unwrap(), None);
+            assert!(buf.is_empty());
+        }
+        assert!(buf.capacity() < 128 * 1024);
+        // A body too short to hold an id is still malformed.
+        let mut codec = FrameCodec::<Response>::new(4);
+        let mut buf = BytesMut::from(&[0, 0, 0, 5, 1, 2, 3, 4, 5][..]);
+        assert!(matches!(
+            codec.decode(&mut buf),
+            Err(FrameError::Malformed(_))
+        ));
     }
 
     #[test]
@@ -459,7 +593,65 @@ mod tests {
             })
     }
 
+    /// Feeds `input` to a `FrameCodec<M>` in pieces until it errs or has all of it, checking
+    /// that it never holds more than a frame within the limit and a read's worth.
+    fn feed_anything<M: Message>(input: &[u8], max: usize, cuts: &[usize]) {
+        let mut codec = FrameCodec::<M>::new(max);
+        let mut buf = BytesMut::new();
+        for read in reads(input, cuts) {
+            buf.extend_from_slice(read);
+            loop {
+                match codec.decode(&mut buf) {
+                    Ok(Some(_)) => {}
+                    Ok(None) => break,
+                    Err(_) => return,
+                }
+            }
+            // An oversized frame's head is held until it is whole, however small the limit.
+            assert!(buf.len() <= 4 + max.max(M::OVERSIZED_HEAD) + read.len());
+        }
+    }
+
+    /// Frames of `reqs` and responses of the same ids, with `edits` (position, byte) applied.
+    fn mutated_frames(reqs: &[Request], edits: &[(usize, u8)]) -> (Vec<u8>, Vec<u8>) {
+        let (mut requests, mut responses) = (BytesMut::new(), BytesMut::new());
+        for r in reqs {
+            encode_frame(r, &mut requests);
+            encode_frame(&Response::ok(r.value.clone()).with_id(r.id), &mut responses);
+        }
+        let (mut requests, mut responses) = (requests.to_vec(), responses.to_vec());
+        for &(at, byte) in edits {
+            let i = at % requests.len();
+            requests[i] = byte;
+            let i = at % responses.len();
+            responses[i] = byte;
+        }
+        (requests, responses)
+    }
+
     proptest! {
+        #[test]
+        fn random_bytes_never_panic(
+            input in proptest::collection::vec(any::<u8>(), 0..512),
+            max in 0usize..128,
+            cuts in proptest::collection::vec(0usize..64, 0..16),
+        ) {
+            feed_anything::<Request>(&input, max, &cuts);
+            feed_anything::<Response>(&input, max, &cuts);
+        }
+
+        #[test]
+        fn mutated_frames_never_panic(
+            reqs in proptest::collection::vec(arb_request(), 1..4),
+            edits in proptest::collection::vec((any::<usize>(), prop_oneof![Just(0u8), Just(0xff), any::<u8>()]), 1..4),
+            max in 0usize..512,
+            cuts in proptest::collection::vec(0usize..64, 0..16),
+        ) {
+            let (requests, responses) = mutated_frames(&reqs, &edits);
+            feed_anything::<Request>(&requests, max, &cuts);
+            feed_anything::<Response>(&responses, max, &cuts);
+        }
+
         /// Any sequence of requests, delivered in arbitrarily split reads, decodes back to itself.
         #[test]
         fn requests_round_trip_through_split_reads(
@@ -485,6 +677,28 @@ mod tests {
                 }
             }
             prop_assert_eq!(got, reqs);
+        }
+
+        /// Responses over the limit become `TooLarge` for their id, the others come through
+        /// as sent, however the stream is split.
+        #[test]
+        fn oversized_responses_never_break_the_stream(
+            resps in proptest::collection::vec((any::<u64>(), 0u8..8, 0usize..64), 1..12),
+            max in 9usize..40,
+            piece in 1usize..40,
+        ) {
+            let mut wire = BytesMut::new();
+            let mut expected = Vec::new();
+            for &(id, code, len) in &resps {
+                let resp = Response { id, status: Status::from_code(code), payload: vec![b'p'; len].into() };
+                encode_frame(&resp, &mut wire);
+                expected.push(if RESPONSE_HEADER_LEN + len > max {
+                    Response::oversized(&id.to_be_bytes(), RESPONSE_HEADER_LEN + len, max).unwrap()
+                } else {
+                    resp
+                });
+            }
+            prop_assert_eq!(responses_in_pieces(&wire, max, piece), expected);
         }
 
         #[test]

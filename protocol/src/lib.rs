@@ -30,5 +30,8 @@ pub mod text;
 pub mod units;
 pub mod version;
 
+#[cfg(test)]
+mod test_support;
+
 pub use frame::{FrameCodec, FrameError, Op, Request, Response};
 pub use status::Status;

@@ -236,6 +236,8 @@ impl LineDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::reads;
+    use proptest::prelude::*;
 
     fn parse(line: &[u8]) -> Result<Command, LineError> {
         parse_line(Bytes::copy_from_slice(line))
@@ -335,5 +337,37 @@ mod tests {
         assert_eq!(d.decode(&mut buf), None);
         buf.extend_from_slice(b"\n");
         assert_eq!(d.decode(&mut buf), Some(Line::Complete(b(b"ping"))));
+    }
+
+    proptest! {
+        /// Whatever the bytes and however they are split, lines come out within the limit and
+        /// parsing them returns.
+        #[test]
+        fn random_bytes_never_panic(
+            input in proptest::collection::vec(prop_oneof![Just(b'\n'), Just(b'\r'), Just(b'|'), any::<u8>()], 0..512),
+            cuts in proptest::collection::vec(1usize..64, 0..16),
+            max_len in 0usize..64,
+        ) {
+            let mut d = LineDecoder::new(max_len);
+            let mut buf = BytesMut::new();
+            for read in reads(&input, &cuts) {
+                buf.extend_from_slice(read);
+                while let Some(line) = d.decode(&mut buf) {
+                    if let Line::Complete(line) = line {
+                        prop_assert!(line.len() <= max_len);
+                        let _ = parse_line(line);
+                    }
+                }
+                prop_assert!(buf.len() <= max_len + 1, "{} bytes held", buf.len());
+            }
+            let _ = d.has_partial(&buf);
+        }
+
+        #[test]
+        fn any_line_parses_or_errs(line in proptest::collection::vec(prop_oneof![Just(b'|'), Just(b'0'), Just(b's'), any::<u8>()], 0..64), verb in prop_oneof![Just("get||"), Just("set||"), Just("setex||"), Just("del||"), Just("ping"), Just("")]) {
+            let mut full = verb.as_bytes().to_vec();
+            full.extend_from_slice(&line);
+            let _ = parse_line(Bytes::from(full));
+        }
     }
 }

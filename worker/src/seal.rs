@@ -21,6 +21,13 @@
 //! Values are compressed first, then encrypted (ciphertext does not compress). Every value
 //! gets a fresh random 192-bit nonce, so nonces never repeat in practice, and the key name
 //! is the associated data: a stored value moved onto another key fails to open.
+//!
+//! Stored bytes may come from a partner's snapshot, so opening trusts none of them: a stored
+//! original length sizes the buffer lz4 decompresses into, and is checked first against what
+//! the compressed bytes can expand to (an lz4 sequence grows its match by at most 255 bytes
+//! per byte) and against the caller's cap ([`open_capped`]); the decompressed length must then
+//! be exactly the stored one. [`plausible`] checks the shape of stored bytes without opening
+//! them.
 
 use bytes::Bytes;
 use chacha20poly1305::aead::{AeadInPlace, KeyInit};
@@ -35,6 +42,10 @@ const LZ4_DICT: u8 = 0x03;
 pub const TOMBSTONE: u8 = 0xff;
 const NONCE_LEN: usize = 24;
 const TAG_LEN: usize = 16;
+
+/// The most an lz4 block can expand: each sequence's match length grows by at most 255 per
+/// byte of input (a length byte of 255), and every other byte yields at most one.
+const LZ4_MAX_EXPANSION: usize = 255;
 
 /// Values shorter than this are stored raw. Each lz4_flex call zeroes an 8 KiB hash table
 /// first, which on a 100-byte value costs more than the whole insert (a sixth of a worker's
@@ -247,6 +258,18 @@ pub fn open_with(
     cipher: Option<&Cipher>,
     dict: Option<&Dictionary>,
 ) -> Result<Bytes, SealError> {
+    open_capped(key, stored, cipher, dict, usize::MAX)
+}
+
+/// [`open_with`], refusing as [`SealError::Corrupt`] stored bytes that claim a value longer
+/// than `max_len` before anything is allocated for it.
+pub fn open_capped(
+    key: &[u8],
+    stored: &Bytes,
+    cipher: Option<&Cipher>,
+    dict: Option<&Dictionary>,
+    max_len: usize,
+) -> Result<Bytes, SealError> {
     match stored.first() {
         Some(&ENCRYPTED) => {
             let cipher = cipher.ok_or(SealError::NoKey)?;
@@ -267,32 +290,88 @@ pub fn open_with(
                 .map_err(|_| SealError::Unauthentic)?;
             match inner.first() {
                 Some(&ENCRYPTED) => Err(SealError::UnknownLayout(ENCRYPTED)),
-                _ => open_plain(&Bytes::from(inner), dict),
+                _ => open_plain(&Bytes::from(inner), dict, max_len),
             }
         }
-        _ => open_plain(stored, dict),
+        _ => open_plain(stored, dict, max_len),
     }
 }
 
-fn open_plain(stored: &Bytes, dict: Option<&Dictionary>) -> Result<Bytes, SealError> {
+fn open_plain(
+    stored: &Bytes,
+    dict: Option<&Dictionary>,
+    max_len: usize,
+) -> Result<Bytes, SealError> {
     match stored.first() {
         Some(&LZ4_DICT) => {
-            let header = stored.get(1..9).ok_or(SealError::Corrupt)?;
-            let id = u32::from_le_bytes(header[..4].try_into().expect("4 bytes"));
-            let len = u32::from_le_bytes(header[4..].try_into().expect("4 bytes")) as usize;
+            let id = le_u32(stored, 1).ok_or(SealError::Corrupt)?;
+            let len = le_u32(stored, 5).ok_or(SealError::Corrupt)?;
             let dict = dict
                 .filter(|d| d.id == id)
                 .ok_or(SealError::UnknownDictionary(id))?;
-            lz4_flex::block::decompress_with_dict(&stored[9..], len, &dict.bytes)
-                .map(Bytes::from)
-                .map_err(|_| SealError::Corrupt)
+            decompress(&stored[9..], len, max_len, &dict.bytes)
         }
         None => Err(SealError::Empty),
+        Some(&RAW) if stored.len() - 1 > max_len => Err(SealError::Corrupt),
         Some(&RAW) => Ok(stored.slice(1..)),
-        Some(&LZ4) => lz4_flex::block::decompress_size_prepended(&stored[1..])
-            .map(Bytes::from)
-            .map_err(|_| SealError::Corrupt),
+        Some(&LZ4) => {
+            let len = le_u32(stored, 1).ok_or(SealError::Corrupt)?;
+            decompress(&stored[5..], len, max_len, &[])
+        }
         Some(&other) => Err(SealError::UnknownLayout(other)),
+    }
+}
+
+/// The little-endian `u32` at `at`, as a length.
+fn le_u32(bytes: &[u8], at: usize) -> Option<u32> {
+    let b = bytes.get(at..at.checked_add(4)?)?;
+    Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+}
+
+/// Decompresses `block` (against `dict` if not empty) into exactly `len` bytes. The stored
+/// `len` is checked before it sizes the buffer: a block cannot expand past
+/// [`LZ4_MAX_EXPANSION`] times its size, nor may the value pass the caller's cap.
+fn decompress(block: &[u8], len: u32, max_len: usize, dict: &[u8]) -> Result<Bytes, SealError> {
+    let len = len as usize;
+    if len > max_len || len > block.len().saturating_mul(LZ4_MAX_EXPANSION) {
+        return Err(SealError::Corrupt);
+    }
+    let mut out = vec![0; len];
+    let written = if dict.is_empty() {
+        lz4_flex::block::decompress_into(block, &mut out)
+    } else {
+        lz4_flex::block::decompress_into_with_dict(block, &mut out, dict)
+    };
+    match written {
+        Ok(n) if n == len => Ok(Bytes::from(out)),
+        _ => Err(SealError::Corrupt),
+    }
+}
+
+/// Whether `stored` has the shape of the stored form of a `value_len`-byte value (or of a
+/// tombstone, whose value length is 0), judged without opening it: for entries from a
+/// partner, checked before they are trusted. The raw and lz4 forms give their length
+/// exactly; an encrypted form can only be bounded by its size.
+pub fn plausible(stored: &[u8], value_len: usize) -> bool {
+    let declared = |at: usize| le_u32(stored, at).map(|n| n as usize);
+    match stored.first() {
+        None => false,
+        Some(&TOMBSTONE) => stored.len() == 1 && value_len == 0,
+        Some(&RAW) => stored.len() - 1 == value_len,
+        Some(&LZ4) => {
+            declared(1) == Some(value_len)
+                && value_len <= (stored.len() - 5).saturating_mul(LZ4_MAX_EXPANSION)
+        }
+        Some(&LZ4_DICT) => {
+            stored.len() >= 9
+                && declared(5) == Some(value_len)
+                && value_len <= (stored.len() - 9).saturating_mul(LZ4_MAX_EXPANSION)
+        }
+        Some(&ENCRYPTED) => {
+            let inner = stored.len().saturating_sub(1 + NONCE_LEN + TAG_LEN);
+            inner > 0 && value_len <= inner.saturating_mul(LZ4_MAX_EXPANSION)
+        }
+        Some(_) => false,
     }
 }
 
@@ -351,6 +430,103 @@ mod tests {
         assert_eq!(open(b"\x09x"), Err(SealError::UnknownLayout(9)));
         assert_eq!(open(b"\x01\xff\xff\xff\x7fjunk"), Err(SealError::Corrupt));
         assert_eq!(open(b"\x02short"), Err(SealError::Unauthentic));
+    }
+
+    /// Stored bytes with its original length replaced by `len`.
+    fn with_length(stored: &[u8], at: usize, len: u32) -> Bytes {
+        let mut lying = stored.to_vec();
+        lying[at..at + 4].copy_from_slice(&len.to_le_bytes());
+        Bytes::from(lying)
+    }
+
+    #[test]
+    fn a_lying_original_length_is_corrupt_and_sizes_nothing() {
+        let value = b"abcdefgh".repeat(64);
+        let stored = seal(b"k", &value, None);
+        assert_eq!(stored[0], LZ4);
+        let block = stored.len() - 5;
+        for len in [
+            u32::MAX,
+            (block * LZ4_MAX_EXPANSION + 1) as u32, // more than the block can expand to
+            value.len() as u32 + 1,                 // plausible, but not what it holds
+            value.len() as u32 - 1,
+            0,
+        ] {
+            assert_eq!(
+                open(b"k", &with_length(&stored, 1, len), None),
+                Err(SealError::Corrupt),
+                "{len}"
+            );
+        }
+        // The caller's cap holds before anything is decompressed.
+        assert_eq!(
+            open_capped(b"k", &stored, None, None, value.len() - 1),
+            Err(SealError::Corrupt)
+        );
+        assert_eq!(
+            open_capped(b"k", &stored, None, None, value.len()).unwrap(),
+            Bytes::from(value.clone())
+        );
+        let raw = seal(b"k", b"hello", None);
+        assert_eq!(
+            open_capped(b"k", &raw, None, None, 4),
+            Err(SealError::Corrupt)
+        );
+        // The same for the dictionary layout.
+        let dict = Dictionary::new(b"abcdefgh".repeat(100));
+        let mut with = Vec::new();
+        seal_into(b"k", &value, None, Some(&dict), &mut with);
+        assert_eq!(with[0], LZ4_DICT);
+        for len in [u32::MAX, value.len() as u32 + 1] {
+            assert_eq!(
+                open_with(b"k", &with_length(&with, 5, len), None, Some(&dict)),
+                Err(SealError::Corrupt)
+            );
+        }
+        assert_eq!(
+            open_with(
+                b"k",
+                &Bytes::from_static(b"\x03\x01\x02"),
+                None,
+                Some(&dict)
+            ),
+            Err(SealError::Corrupt)
+        );
+    }
+
+    #[test]
+    fn the_expansion_bound_admits_what_lz4_really_produces() {
+        // A run of zeros is as compressible as anything gets.
+        let value = vec![0u8; 4 << 20];
+        let stored = seal(b"k", &value, None);
+        let ratio = value.len() / (stored.len() - 5);
+        assert!((200..=LZ4_MAX_EXPANSION).contains(&ratio), "ratio {ratio}");
+        assert_eq!(open(b"k", &stored, None).unwrap().len(), value.len());
+        assert!(plausible(&stored, value.len()));
+    }
+
+    #[test]
+    fn plausible_checks_every_layout_without_opening() {
+        let lz4 = seal(b"k", &b"abcdefgh".repeat(64), None);
+        assert!(plausible(&lz4, 512));
+        assert!(!plausible(&lz4, 511));
+        assert!(!plausible(
+            &with_length(&lz4, 1, u32::MAX),
+            u32::MAX as usize
+        ));
+        assert!(plausible(b"\x00hello", 5));
+        assert!(!plausible(b"\x00hello", 6));
+        assert!(plausible(&[TOMBSTONE], 0));
+        assert!(!plausible(&[TOMBSTONE], 1));
+        assert!(!plausible(&[TOMBSTONE, 0], 0));
+        assert!(!plausible(b"", 0));
+        assert!(!plausible(b"\x01abc", 0));
+        assert!(!plausible(b"\x03abcdefg", 0));
+        assert!(!plausible(b"\x09x", 1));
+        let sealed = seal(b"k", b"secret", Some(&key_a()));
+        assert!(plausible(&sealed, 6));
+        assert!(!plausible(&sealed[..1 + NONCE_LEN + TAG_LEN], 0));
+        assert!(!plausible(&sealed, 1 << 20));
     }
 
     #[test]
@@ -483,7 +659,54 @@ mod tests {
         );
     }
 
+    fn test_dictionary() -> Dictionary {
+        Dictionary::new(br#"{"name":"alice","tags":["a","b"]}"#.repeat(20))
+    }
+
+    /// Opens `stored` every way a worker might; it must return, not panic.
+    fn open_every_way(stored: &[u8]) {
+        let stored = Bytes::copy_from_slice(stored);
+        let dict = test_dictionary();
+        for cipher in [None, Some(key_a())] {
+            for d in [None, Some(&dict)] {
+                let _ = open_with(b"k", &stored, cipher.as_ref(), d);
+                let _ = open_capped(b"k", &stored, cipher.as_ref(), d, 100);
+            }
+        }
+        let _ = plausible(&stored, stored.len());
+    }
+
     proptest! {
+        #[test]
+        fn random_bytes_never_panic(
+            layout in prop_oneof![Just(RAW), Just(LZ4), Just(ENCRYPTED), Just(LZ4_DICT), Just(TOMBSTONE), any::<u8>()],
+            rest in proptest::collection::vec(any::<u8>(), 0..256),
+        ) {
+            let mut stored = vec![layout];
+            stored.extend_from_slice(&rest);
+            open_every_way(&stored);
+        }
+
+        #[test]
+        fn mutated_values_never_panic(
+            value in proptest::collection::vec(prop_oneof![Just(b'a'), any::<u8>()], 0..600),
+            encrypt: bool,
+            use_dict: bool,
+            edits in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..4),
+            truncate in 0usize..8,
+        ) {
+            let dict = test_dictionary();
+            let cipher = encrypt.then(key_a);
+            let mut stored = Vec::new();
+            seal_into(b"k", &value, cipher.as_ref(), use_dict.then_some(&dict), &mut stored);
+            for (at, byte) in edits {
+                let at = at % stored.len();
+                stored[at] = byte;
+            }
+            stored.truncate(stored.len().saturating_sub(truncate));
+            open_every_way(&stored);
+        }
+
         #[test]
         fn round_trips(value in proptest::collection::vec(any::<u8>(), 0..2048), repeat in 1usize..4, encrypt: bool) {
             let value = value.repeat(repeat);

@@ -140,13 +140,21 @@ impl Entry {
         Entry(buf.into_boxed_slice())
     }
 
-    /// An entry received from a partner, checked before it is trusted.
+    /// An entry received from a partner, checked before it is trusted: the key lies within
+    /// the entry with stored bytes behind it, and those bytes have the shape of a known layout
+    /// holding a value of the length the header gives (a tombstone: one marker byte, length
+    /// 0). Every later use of the entry (slicing the key, opening the value, the byte counts
+    /// in [`Usage`]) relies on these, so a partner's bytes cannot make it panic or misaccount.
+    /// The accessed bit is the sender's business and is cleared.
     fn from_raw(raw: &[u8]) -> Option<Entry> {
-        if raw.len() <= HEADER {
-            return None;
-        }
-        let key_len = u32::from_le_bytes(raw[16..20].try_into().ok()?) as usize;
-        if HEADER + key_len >= raw.len() {
+        let field = |at: usize| {
+            let b = raw.get(at..at + 4)?;
+            Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        };
+        let key_len = field(16)?;
+        let value_len = field(20)? & !ACCESSED;
+        let stored = raw.get(HEADER.checked_add(key_len)?..)?;
+        if !seal::plausible(stored, value_len) {
             return None;
         }
         let mut e = Entry(raw.into());
@@ -890,6 +898,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     fn set(s: &Store, k: &[u8], v: &[u8], version: u64) -> bool {
         s.set(k, v, version, SetOptions::default()).unwrap().applied
@@ -1213,6 +1222,64 @@ mod tests {
         assert_eq!(short.usage().tombstones, 0);
     }
 
+    /// `raw` with the little-endian `u32` at `at` replaced by `n`.
+    fn with_u32(raw: &[u8], at: usize, n: u32) -> Vec<u8> {
+        let mut raw = raw.to_vec();
+        raw[at..at + 4].copy_from_slice(&n.to_le_bytes());
+        raw
+    }
+
+    #[test]
+    fn from_raw_checks_every_header_field() {
+        let far = now_ms() + 3_600_000;
+        let value = b"abcdefgh".repeat(32);
+        let raw = Entry::new(5, far, b"key", b"small", None, None).0;
+        let lz4 = Entry::new(5, far, b"key", &value, None, None).0;
+        assert_eq!(lz4[HEADER + 3], 0x01, "an lz4 entry");
+        let sealed = Entry::new(5, far, b"key", &value, Some(&Cipher::new(&[1; 32])), None).0;
+        let tomb = Entry::tombstone(5, far, b"key").0;
+        for good in [&raw, &lz4, &sealed, &tomb] {
+            let e = Entry::from_raw(good).expect("a well-formed entry");
+            assert_eq!(e.key(), b"key");
+        }
+        // The sender's accessed bit is cleared, and does not count as length.
+        let touched = with_u32(&raw, 20, 5 | ACCESSED as u32);
+        let e = Entry::from_raw(&touched).unwrap();
+        assert!(!e.accessed());
+        assert_eq!(e.value_len(), 5);
+        let bad: Vec<(&str, Vec<u8>)> = vec![
+            ("no header", raw[..HEADER - 1].to_vec()),
+            ("nothing stored", raw[..HEADER + 3].to_vec()),
+            ("key past the end", with_u32(&raw, 16, 100)),
+            ("key length u32::MAX", with_u32(&raw, 16, u32::MAX)),
+            ("key eats the stored bytes", with_u32(&raw, 16, 3 + 6)),
+            ("raw value length wrong", with_u32(&raw, 20, 6)),
+            (
+                "raw value length huge",
+                with_u32(&raw, 20, (ACCESSED - 1) as u32),
+            ),
+            ("lz4 value length wrong", with_u32(&lz4, 20, 255)),
+            (
+                "lz4 lying about its length",
+                with_u32(&with_u32(&lz4, 20, 1 << 30), HEADER + 4, 1 << 30),
+            ),
+            (
+                "sealed value length past any expansion",
+                with_u32(&sealed, 20, 1 << 30),
+            ),
+            ("tombstone with a length", with_u32(&tomb, 20, 1)),
+            ("tombstone with more bytes", [&tomb[..], b"x"].concat()),
+            ("unknown layout", {
+                let mut r = raw.to_vec();
+                r[HEADER + 3] = 0x09;
+                r
+            }),
+        ];
+        for (what, raw) in bad {
+            assert!(Entry::from_raw(&raw).is_none(), "{what}");
+        }
+    }
+
     #[test]
     fn an_absurd_entry_count_from_a_peer_reserves_a_bounded_table() {
         let store = Store::new(None, 0);
@@ -1237,8 +1304,12 @@ mod tests {
         assert!(store.get(b"new").unwrap().is_some());
         // A serving worker merging takes an old entry only for a key it holds.
         let source = Store::new(None, 0);
-        source.set(b"forgotten", b"v", old, SetOptions::default()).unwrap();
-        source.set(b"new", b"w", new + 1, SetOptions::default()).unwrap();
+        source
+            .set(b"forgotten", b"v", old, SetOptions::default())
+            .unwrap();
+        source
+            .set(b"new", b"w", new + 1, SetOptions::default())
+            .unwrap();
         let floor = at_ms(wall_ms() - 5_000);
         for n in 0..Store::SHARDS {
             source.snapshot_shard(n, |raw| {
@@ -1307,5 +1378,86 @@ mod tests {
         .unwrap();
         std::thread::sleep(std::time::Duration::from_millis(60));
         assert_eq!(s.get(b"k").unwrap(), None);
+    }
+
+    /// The entries of `s` as a partner's snapshot carries them.
+    fn snapshot(s: &Store) -> Vec<Vec<u8>> {
+        let mut raws = Vec::new();
+        for n in 0..SHARDS {
+            s.snapshot_shard(n, |raw| raws.push(raw.to_vec()));
+        }
+        raws
+    }
+
+    /// Merges `raws` into a store with `cipher` and uses whatever was taken; nothing may
+    /// panic, and the byte counts must stay consistent.
+    fn merge_anything(raws: &[Vec<u8>], cipher: Option<Cipher>) {
+        let s = Store::new(cipher, 0);
+        let dict = Dictionary::new(b"abcdefgh".repeat(40));
+        for (i, raw) in raws.iter().enumerate() {
+            let taken = if i % 2 == 0 {
+                s.merge(raw)
+            } else {
+                s.merge_resealed(raw, &dict, 0)
+            };
+            if let Some(e) = Entry::from_raw(raw) {
+                let key = e.key().to_vec();
+                let _ = s.get(&key);
+                let _ = (s.exists(&key), s.version(&key));
+                let _ = s.set(
+                    &key,
+                    b"v",
+                    0,
+                    SetOptions {
+                        get: true,
+                        ..Default::default()
+                    },
+                );
+                let _ = s.del(&key, 1);
+            } else {
+                assert_eq!(taken, None);
+            }
+        }
+        let u = s.usage();
+        assert_eq!(u.keys + u.tombstones, snapshot(&s).len());
+        assert_eq!(s.bytes.load(Ordering::Relaxed), u.bytes);
+        // What was taken travels on: a snapshot of it is accepted whole.
+        let again = Store::new(s.cipher().cloned(), 0);
+        for raw in snapshot(&s) {
+            assert!(again.merge(&raw).is_some());
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn random_entries_never_panic(
+            raws in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..96), 1..8),
+            encrypt: bool,
+        ) {
+            merge_anything(&raws, encrypt.then(|| Cipher::new(&[1; 32])));
+        }
+
+        #[test]
+        fn mutated_entries_never_panic(
+            values in proptest::collection::vec(proptest::collection::vec(prop_oneof![Just(b'a'), any::<u8>()], 0..400), 1..6),
+            encrypt: bool,
+            edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<usize>(), any::<u8>()), 1..6),
+            // Lengths and layout bytes live in the first few dozen bytes: aim some edits there.
+            header_edits in proptest::collection::vec((any::<prop::sample::Index>(), 0usize..34, any::<u8>()), 0..4),
+        ) {
+            let cipher = encrypt.then(|| Cipher::new(&[1; 32]));
+            let s = Store::new(cipher.clone(), 0).with_dictionary_size(256);
+            for (i, v) in values.iter().enumerate() {
+                s.set(format!("key{i}").as_bytes(), v, 1, SetOptions::default()).unwrap();
+            }
+            s.del(b"gone", 2);
+            let mut raws = snapshot(&s);
+            for (which, at, byte) in edits.into_iter().chain(header_edits) {
+                let raw = which.get_mut(&mut raws);
+                let at = at % raw.len();
+                raw[at] = byte;
+            }
+            merge_anything(&raws, cipher);
+        }
     }
 }
