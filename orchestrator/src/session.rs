@@ -319,7 +319,7 @@ async fn run<P: Protocol>(
     tokio::pin!(idle);
     loop {
         let before = inflight.items.len();
-        while reading && room(&inflight, config.pipeline_depth) && !account.busy() {
+        while reading && room(&inflight, config.pipeline_depth) && !account.busy(buf_held) {
             match proto.next(&mut buf, ctx) {
                 Step::NeedMore => break,
                 Step::Reply(resp) => inflight.push(InFlight::Ready(Some(resp)), 0),
@@ -346,7 +346,7 @@ async fn run<P: Protocol>(
             stream.shutdown().await.ok();
             return Ok(());
         }
-        let may_read = reading && room(&inflight, config.pipeline_depth) && !account.busy();
+        let may_read = reading && room(&inflight, config.pipeline_depth) && !account.busy(buf_held);
         tokio::select! {
             resp = std::future::poll_fn(|cx| inflight.poll_head(cx)), if !inflight.is_empty() => {
                 proto.encode(resp, &mut out);

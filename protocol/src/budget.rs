@@ -162,10 +162,11 @@ impl Account {
         None
     }
 
-    /// Whether the connection holds more than half its limit: time to stop taking new
+    /// Whether the connection holds more than half its limit besides `input` (what its
+    /// input buffer holds, which a request still arriving needs): time to stop taking new
     /// requests until replies drain.
-    pub fn busy(&self) -> bool {
-        self.held() > self.limit / 2
+    pub fn busy(&self, input: usize) -> bool {
+        self.held().saturating_sub(input) > self.limit / 2
     }
 
     /// Completes when a charge takes the account over (see [`Account::over`]).

@@ -227,3 +227,99 @@ async fn a_frozen_worker_costs_neither_availability_nor_memory() {
     let peak = proc_kb(pid, "VmHWM");
     assert!(peak < 100 * MB, "orchestrator peak RSS {} MiB", peak / MB);
 }
+
+/// CPU time (user + system) a process has used, from `/proc/PID/stat`.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / 100.0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resp_command_over_the_limit_is_refused_before_it_arrives() {
+    let cluster = Cluster::start(1).await;
+    let pid = cluster.orch.pid();
+    let mut stream = TcpStream::connect(cluster.orch.addr).await.unwrap();
+    // 52 bulks of 16 MiB: 832 MiB in all, over the 64 MiB a connection may hold; the
+    // fourth bulk's header takes the declared total over, before its bytes arrive.
+    let bulk = format!("$16777216\r\n{}\r\n", "x".repeat(16 << 20));
+    let _ = stream.write_all(b"*52\r\n").await;
+    for _ in 0..5 {
+        if stream.write_all(bulk.as_bytes()).await.is_err() {
+            break;
+        }
+    }
+    let mut reply = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut reply)).await;
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(
+        reply.starts_with("-ERR Protocol error: command larger than the query buffer limit"),
+        "{reply}"
+    );
+    let peak = proc_kb(pid, "VmHWM");
+    assert!(peak < 150 * MB, "orchestrator peak RSS {} MiB", peak / MB);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_trickled_in_small_writes_costs_linear_work() {
+    let cluster = Cluster::start(1).await;
+    let pid = cluster.orch.pid();
+    let before = cpu_seconds(pid);
+    let mut stream = TcpStream::connect(cluster.orch.addr).await.unwrap();
+    // An unknown command with 400,000 one-byte arguments, 70 bytes per write.
+    let mut cmd = String::from("*400001\r\n$7\r\nNOTACMD\r\n");
+    cmd += &"$1\r\na\r\n".repeat(400_000);
+    for piece in cmd.as_bytes().chunks(70) {
+        stream.write_all(piece).await.unwrap();
+    }
+    let mut reply = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(60), stream.read(&mut reply))
+        .await
+        .expect("answered")
+        .unwrap();
+    assert!(reply[..n].starts_with(b"-ERR unknown command 'NOTACMD'"));
+    let used = cpu_seconds(pid) - before;
+    assert!(used < 5.0, "the orchestrator used {used:.1} s of CPU");
+}
+
+/// A value larger than the orchestrator's `--max-frame`, stored on the workers directly, is
+/// answered "too large", and the links to the workers survive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_value_over_the_orchestrators_frame_limit_is_too_large_not_unreachable() {
+    let cluster = Cluster::start_with(1, &["--max-frame", "1MiB"]).await;
+    let big = crate::harness::noise(7, 2 * MB as usize);
+    for w in &cluster.workers {
+        let direct = Client::connect(&w.addr.to_string()).await.unwrap();
+        let mut req = twincache_protocol::frame::Request::new(
+            twincache_protocol::frame::Op::Set,
+            bytes::Bytes::from_static(b"huge"),
+        );
+        req.value = big.clone().into();
+        req.version = 1;
+        assert_eq!(
+            direct.call(req).await.unwrap().status,
+            twincache_client::Status::Ok
+        );
+    }
+    let c = Client::connect(&cluster.orch.addr.to_string())
+        .await
+        .unwrap();
+    for _ in 0..10 {
+        let err = c.get("huge").await.unwrap_err();
+        assert_eq!(
+            err.status(),
+            Some(twincache_client::Status::TooLarge),
+            "{err}"
+        );
+        assert!(err.to_string().contains("exceeds"), "{err}");
+        c.set("small", "v").await.unwrap();
+        assert_eq!(c.get("small").await.unwrap().as_deref(), Some(&b"v"[..]));
+    }
+    let status = crate::faults::status(cluster.orch.addr).await;
+    assert!(
+        !status.contains("down") && !status.contains("stale"),
+        "{status}"
+    );
+}
