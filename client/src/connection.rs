@@ -41,6 +41,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{oneshot, Notify};
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
+use twincache_protocol::auth::{self, ClusterSecret};
 use twincache_protocol::budget::Account;
 use twincache_protocol::frame::{encode_frame, FrameCodec, Message, Request, Response, PREAMBLE};
 use twincache_protocol::Status;
@@ -156,9 +157,25 @@ impl Connection {
         max_frame: usize,
         timeout: Duration,
     ) -> Result<Connection, Error> {
+        Connection::connect_with_secret(addr, max_frame, timeout, None).await
+    }
+
+    /// [`Connection::connect`] to a worker that requires the cluster secret: the connection
+    /// proves it knows `secret`, and checks that the worker does too, before any request.
+    pub async fn connect_with_secret(
+        addr: &str,
+        max_frame: usize,
+        timeout: Duration,
+        secret: Option<&ClusterSecret>,
+    ) -> Result<Connection, Error> {
         let mut stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
-        stream.write_all(&PREAMBLE).await?;
+        match secret {
+            Some(secret) => auth::connect(&mut stream, secret)
+                .await
+                .map_err(|e| Error::Auth(e.to_string()))?,
+            None => stream.write_all(&PREAMBLE).await?,
+        }
         Ok(Connection::start(stream, max_frame, timeout))
     }
 

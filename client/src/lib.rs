@@ -64,8 +64,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 pub use connection::{Connection, Reply};
+pub use twincache_protocol::auth::ClusterSecret;
 use twincache_protocol::frame::{Op, Request, Response, DEFAULT_MAX_FRAME};
 pub use twincache_protocol::Status;
+use zeroize::Zeroizing;
 
 /// What went wrong with a call.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +82,9 @@ pub enum Error {
     /// reconnects. A write may or may not have been applied.
     #[error("connection closed")]
     ConnectionClosed,
+    /// The server refused the credentials (or the cluster secret), or requires them.
+    #[error("authentication failed: {0}")]
+    Auth(String),
     /// The connection's send buffer is full: the server is not keeping up (or not reading
     /// at all). Nothing was sent; retry later.
     #[error("the connection's send buffer is full; the server is not keeping up")]
@@ -106,6 +111,7 @@ impl Error {
             Error::Server { status, .. } => {
                 matches!(status, Status::Unavailable | Status::ServerError)
             }
+            Error::Auth(_) => false,
         }
     }
 
@@ -118,11 +124,26 @@ impl Error {
 }
 
 /// Settings for a [`Client`]; start from [`Client::builder`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ClientBuilder {
     timeout: Duration,
     connect_timeout: Duration,
     max_frame: usize,
+    /// A user name (`None`: the default user) and password, sent on every (re)connect.
+    credentials: Option<(Option<String>, Zeroizing<String>)>,
+    /// For connecting to a worker directly, in a cluster with a secret.
+    secret: Option<ClusterSecret>,
+}
+
+impl std::fmt::Debug for ClientBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientBuilder")
+            .field("timeout", &self.timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("max_frame", &self.max_frame)
+            .field("user", &self.credentials.as_ref().map(|(u, _)| u))
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for ClientBuilder {
@@ -131,6 +152,8 @@ impl Default for ClientBuilder {
             timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
             max_frame: DEFAULT_MAX_FRAME + 1024,
+            credentials: None,
+            secret: None,
         }
     }
 }
@@ -154,6 +177,27 @@ impl ClientBuilder {
         self
     }
 
+    /// Authenticates as the default user with `password` (the orchestrator's
+    /// `--requirepass-file`), on every connection this client opens.
+    pub fn password(mut self, password: impl Into<String>) -> Self {
+        self.credentials = Some((None, Zeroizing::new(password.into())));
+        self
+    }
+
+    /// Authenticates as `user` with `password` (the orchestrator's `--users-file`), on every
+    /// connection this client opens.
+    pub fn user(mut self, user: impl Into<String>, password: impl Into<String>) -> Self {
+        self.credentials = Some((Some(user.into()), Zeroizing::new(password.into())));
+        self
+    }
+
+    /// Proves the cluster secret when connecting: for talking to a worker directly (for
+    /// debugging) in a cluster started with `--cluster-secret-file`.
+    pub fn cluster_secret(mut self, secret: ClusterSecret) -> Self {
+        self.secret = Some(secret);
+        self
+    }
+
     /// Connects to `addr` (`host:port`).
     pub async fn connect(self, addr: &str) -> Result<Client, Error> {
         let conn = open(addr, &self).await?;
@@ -169,12 +213,32 @@ impl ClientBuilder {
 }
 
 async fn open(addr: &str, config: &ClientBuilder) -> Result<Connection, Error> {
-    tokio::time::timeout(
-        config.connect_timeout,
-        Connection::connect(addr, config.max_frame, config.timeout),
-    )
-    .await
-    .map_err(|_| Error::Timeout(config.connect_timeout))?
+    let connect = async {
+        let conn = Connection::connect_with_secret(
+            addr,
+            config.max_frame,
+            config.timeout,
+            config.secret.as_ref(),
+        )
+        .await?;
+        if let Some((user, password)) = &config.credentials {
+            let mut req = Request::new(
+                Op::Auth,
+                Bytes::copy_from_slice(user.as_deref().unwrap_or("").as_bytes()),
+            );
+            req.value = Bytes::copy_from_slice(password.as_bytes());
+            let resp = conn.call(&req).await?;
+            if resp.status != Status::Ok {
+                return Err(Error::Auth(
+                    String::from_utf8_lossy(&resp.payload).into_owned(),
+                ));
+            }
+        }
+        Ok(conn)
+    };
+    tokio::time::timeout(config.connect_timeout, connect)
+        .await
+        .map_err(|_| Error::Timeout(config.connect_timeout))?
 }
 
 struct Inner {
@@ -189,6 +253,15 @@ struct Inner {
 #[derive(Clone)]
 pub struct Client {
     inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("addr", &self.inner.addr)
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Client {

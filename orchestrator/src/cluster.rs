@@ -9,6 +9,7 @@ use bytes::{Bytes, BytesMut};
 use futures_util::future::Either;
 use tokio_util::sync::CancellationToken;
 use twincache_client::{Connection, Reply};
+use twincache_protocol::auth::ClusterSecret;
 use twincache_protocol::budget::Account;
 use twincache_protocol::frame::{flags, Op, Request, Response};
 use twincache_protocol::hash::pair_for_key;
@@ -43,6 +44,13 @@ pub struct WorkerLink {
     pub(crate) resync_base: AtomicU64,
     /// When a refill that failed may be tried again.
     pub(crate) retry_at: Mutex<Option<tokio::time::Instant>>,
+    /// The cluster secret this orchestrator proves on each connection.
+    secret: Option<ClusterSecret>,
+    /// Whether the worker's refusal of this orchestrator is logged already.
+    refused: AtomicBool,
+    /// Writes in flight to its partner alone (`SOLO`): this worker will not get them, and
+    /// a snapshot taken before they land would miss them too.
+    pub(crate) skipped: AtomicU64,
 }
 
 /// Where a worker stands with its pair.
@@ -64,6 +72,10 @@ pub enum WorkerState {
     /// Runs in another mode than the cluster (adapter mode on one side only): gets nothing
     /// until it is restarted in the right mode.
     Misconfigured = 5,
+    /// About to resync: takes writes again, serves no reads, and asks for its partner's
+    /// snapshot once the writes sent while it was left out have landed on the partner (so
+    /// the snapshot holds them).
+    Joining = 6,
 }
 
 impl WorkerState {
@@ -74,6 +86,7 @@ impl WorkerState {
             3 => WorkerState::Stale,
             4 => WorkerState::Resyncing,
             5 => WorkerState::Misconfigured,
+            6 => WorkerState::Joining,
             _ => WorkerState::Unknown,
         }
     }
@@ -86,12 +99,16 @@ impl WorkerState {
             WorkerState::Stale => "stale",
             WorkerState::Resyncing => "resyncing",
             WorkerState::Misconfigured => "misconfigured",
+            WorkerState::Joining => "joining",
         }
     }
 
     /// Takes the pair's writes, and the writes wait for its answer.
     fn takes_writes(self) -> bool {
-        matches!(self, WorkerState::InSync | WorkerState::Resyncing)
+        matches!(
+            self,
+            WorkerState::InSync | WorkerState::Resyncing | WorkerState::Joining
+        )
     }
 }
 
@@ -104,13 +121,8 @@ pub enum Mode {
 }
 
 impl WorkerLink {
-    fn spawn(
-        addr: String,
-        connections: usize,
-        max_frame: usize,
-        timeout: Duration,
-        shutdown: &CancellationToken,
-    ) -> Arc<WorkerLink> {
+    fn spawn(addr: String, config: &RouterConfig, shutdown: &CancellationToken) -> Arc<WorkerLink> {
+        let connections = config.connections_per_worker;
         let link = Arc::new(WorkerLink {
             addr,
             slots: (0..connections).map(|_| Mutex::new(None)).collect(),
@@ -120,13 +132,18 @@ impl WorkerLink {
             boot: Mutex::new(None),
             resync_base: AtomicU64::new(0),
             retry_at: Mutex::new(None),
+            secret: config.secret.clone(),
+            refused: AtomicBool::new(false),
+            skipped: AtomicU64::new(0),
         });
         for slot in 0..connections {
             // The link is dropped only at shutdown, when these tasks end too.
-            tokio::spawn(
-                link.clone()
-                    .maintain(slot, max_frame, timeout, shutdown.clone()),
-            );
+            tokio::spawn(link.clone().maintain(
+                slot,
+                config.max_frame,
+                config.worker_timeout,
+                shutdown.clone(),
+            ));
         }
         link
     }
@@ -141,8 +158,15 @@ impl WorkerLink {
     ) {
         let mut backoff = RECONNECT_MIN;
         while !shutdown.is_cancelled() {
-            let attempt =
-                tokio::time::timeout(timeout, Connection::connect(&self.addr, max_frame, timeout));
+            let attempt = tokio::time::timeout(
+                timeout,
+                Connection::connect_with_secret(
+                    &self.addr,
+                    max_frame,
+                    timeout,
+                    self.secret.as_ref(),
+                ),
+            );
             let conn = tokio::select! {
                 res = attempt => res,
                 _ = shutdown.cancelled() => break,
@@ -172,6 +196,7 @@ impl WorkerLink {
                     *self.lock_slot(slot) = None;
                     tracing::debug!(worker = %self.addr, slot, "connection closed");
                 }
+                Ok(Err(e @ twincache_client::Error::Auth(_))) => self.refusing(&e.to_string()),
                 Ok(Err(e)) => tracing::debug!(worker = %self.addr, error = %e, "connect failed"),
                 Err(_) => tracing::debug!(worker = %self.addr, "connect timed out"),
             }
@@ -208,6 +233,21 @@ impl WorkerLink {
         WorkerState::from_u8(self.state.swap(state as u8, Ordering::AcqRel))
     }
 
+    /// Logs, once until it is accepted again, that the worker refuses this orchestrator's
+    /// credentials: a configuration error worth saying plainly.
+    pub(crate) fn refusing(&self, why: &str) {
+        if !self.refused.swap(true, Ordering::Relaxed) {
+            tracing::error!(
+                worker = %self.addr,
+                "{why}: give the orchestrator and every worker the same --cluster-secret-file"
+            );
+        }
+    }
+
+    pub(crate) fn accepted(&self) {
+        self.refused.store(false, Ordering::Relaxed);
+    }
+
     /// Whether a refill may be asked of this worker now: they are paced, so a partner that
     /// answers health checks but cannot serve a snapshot is not asked every round.
     pub(crate) fn may_refill(&self) -> bool {
@@ -224,7 +264,11 @@ impl WorkerLink {
     /// stale (a resyncing one's snapshot may have passed the key already).
     pub(crate) fn missed_write(&self) {
         self.dirty.store(true, Ordering::Release);
-        for from in [WorkerState::InSync, WorkerState::Resyncing] {
+        for from in [
+            WorkerState::InSync,
+            WorkerState::Resyncing,
+            WorkerState::Joining,
+        ] {
             if self
                 .state
                 .compare_exchange(
@@ -283,6 +327,23 @@ impl Pair {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+}
+
+/// Counts a write in flight that a worker is left out of (see [`WorkerLink::skipped`]),
+/// until the write is answered or abandoned.
+struct Skipping(Arc<WorkerLink>);
+
+impl Skipping {
+    fn new(link: Arc<WorkerLink>) -> Skipping {
+        link.skipped.fetch_add(1, Ordering::AcqRel);
+        Skipping(link)
+    }
+}
+
+impl Drop for Skipping {
+    fn drop(&mut self) {
+        self.0.skipped.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -347,6 +408,8 @@ pub struct RouterConfig {
     pub node_id: Option<u8>,
     /// The workers' mode if stated; learned from them at start if `None`.
     pub mode: Option<Mode>,
+    /// The cluster secret, proved on every connection to a worker.
+    pub secret: Option<ClusterSecret>,
 }
 
 /// Routes requests to pairs: the pair is chosen by the stable key hash; writes go to both
@@ -383,15 +446,7 @@ impl Router {
             !workers.is_empty() && workers.len().is_multiple_of(2),
             "workers come in pairs"
         );
-        let link = |addr: &String| {
-            WorkerLink::spawn(
-                addr.clone(),
-                config.connections_per_worker,
-                config.max_frame,
-                config.worker_timeout,
-                shutdown,
-            )
-        };
+        let link = |addr: &String| WorkerLink::spawn(addr.clone(), config, shutdown);
         let pairs = workers
             .chunks(2)
             .map(|w| Pair {
@@ -473,7 +528,7 @@ impl Router {
     fn read_order(&self, pair: &Pair) -> [Option<usize>; 2] {
         let rank = |w: &WorkerLink| match w.state() {
             WorkerState::InSync => Some(0),
-            WorkerState::Stale | WorkerState::Resyncing => Some(1),
+            WorkerState::Stale | WorkerState::Resyncing | WorkerState::Joining => Some(1),
             _ => None,
         };
         let [a, b] = &pair.workers;
@@ -731,8 +786,15 @@ impl Router {
             targets[0].then(|| a.send(&req, origin)),
             targets[1].then(|| b.send(&req, origin)),
         ];
+        // The worker left out must not take a snapshot before this write lands.
+        let skipping = match targets {
+            [true, false] => Some(Skipping::new(b.clone())),
+            [false, true] => Some(Skipping::new(a.clone())),
+            _ => None,
+        };
         let this = self.clone();
         async move {
+            let _skipping = skipping;
             let [a, b] = &this.pairs[pair].workers;
             let [ra, rb] = replies;
             let (ra, rb) = tokio::join!(

@@ -1,6 +1,7 @@
 //! Command-line flags of `orchestrator`; each is also read from a `TWINCACHE_*` variable.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{CommandFactory, Parser};
@@ -24,10 +25,34 @@ pub struct Config {
         value_name = "IP PORT",
         env = "TWINCACHE_WORKERS",
         value_delimiter = ' ',
-        required = true,
+        required_unless_present = "hash_password",
         num_args = 1..
     )]
     pub workers: Vec<String>,
+
+    /// Read a password on standard input, print its argon2 hash for a --users-file, and exit.
+    #[arg(long)]
+    pub hash_password: bool,
+
+    /// A file whose first line is the password of the `default` user (Redis' requirepass):
+    /// clients must AUTH before anything else.
+    #[arg(long, env = "TWINCACHE_REQUIREPASS_FILE", value_name = "PATH")]
+    pub requirepass_file: Option<PathBuf>,
+
+    /// A file of users, one per line: `<name> <read-only|read-write|admin> <argon2 hash>`
+    /// (`#` starts a comment; hashes from --hash-password). Clients must AUTH as one of them.
+    #[arg(long, env = "TWINCACHE_USERS_FILE", value_name = "PATH")]
+    pub users_file: Option<PathBuf>,
+
+    /// The secret every node of the cluster shares (see the worker's --cluster-secret-file):
+    /// the orchestrator proves it on every connection to a worker.
+    #[arg(long, env = "TWINCACHE_CLUSTER_SECRET_FILE", value_name = "PATH")]
+    pub cluster_secret_file: Option<PathBuf>,
+
+    /// Listen on a non-loopback address without --requirepass-file or --users-file: anyone
+    /// who reaches the port can then read and change all data.
+    #[arg(long, env = "TWINCACHE_INSECURE")]
+    pub insecure: bool,
 
     /// Address clients connect to.
     #[arg(long, env = "TWINCACHE_LISTEN", default_value = "127.0.0.1:7000")]
@@ -117,7 +142,16 @@ impl Config {
     /// message with the usage and exits with code 2.
     pub fn from_args() -> Config {
         let config = Config::parse();
-        if let Err(msg) = config.worker_addrs().and_then(|_| config.check_limits()) {
+        if config.hash_password {
+            return config;
+        }
+        let checked = config
+            .worker_addrs()
+            .and_then(|_| config.check_limits())
+            .and_then(|_| config.check_exposure())
+            .and_then(|_| config.authenticator().map(drop))
+            .and_then(|_| config.cluster_secret().map(drop));
+        if let Err(msg) = checked {
             Config::command()
                 .error(clap::error::ErrorKind::ValueValidation, msg)
                 .exit();
@@ -129,6 +163,39 @@ impl Config {
     pub fn buffer_budget(&self) -> u64 {
         self.max_buffer_memory
             .unwrap_or_else(twincache_protocol::budget::default_buffer_budget)
+    }
+
+    /// Refuses to serve every data on a reachable address to anyone (Redis' protected mode),
+    /// unless told `--insecure`.
+    pub fn check_exposure(&self) -> Result<(), String> {
+        let guarded = self.requirepass_file.is_some() || self.users_file.is_some();
+        if self.listen.ip().is_loopback() || guarded || self.insecure {
+            return Ok(());
+        }
+        Err(format!(
+            "refusing to listen on {} without --requirepass-file or --users-file: anyone who \
+             can reach it could read and change all data. Set a password, or pass --insecure \
+             on a network you trust",
+            self.listen
+        ))
+    }
+
+    /// The users and passwords clients authenticate with.
+    pub fn authenticator(&self) -> Result<crate::auth::Authenticator, String> {
+        crate::auth::Authenticator::from_files(
+            self.requirepass_file.as_deref(),
+            self.users_file.as_deref(),
+        )
+    }
+
+    /// The cluster secret, if given.
+    pub fn cluster_secret(
+        &self,
+    ) -> Result<Option<twincache_protocol::auth::ClusterSecret>, String> {
+        self.cluster_secret_file
+            .as_deref()
+            .map(twincache_protocol::auth::ClusterSecret::from_file)
+            .transpose()
     }
 
     /// Checks the limits against each other: a connection must be able to hold the largest

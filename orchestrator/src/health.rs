@@ -108,6 +108,8 @@ pub(crate) struct View<'a> {
     pub mode_ok: bool,
     /// A refill may be asked for now (they are paced after a start).
     pub may_refill: bool,
+    /// Writes it was left out of are still on their way to its partner.
+    pub skipped: bool,
 }
 
 /// What to tell a worker.
@@ -218,12 +220,19 @@ pub(crate) fn decide(v: [&View; 2]) -> [Decision; 2] {
             Stale if partner_state == InSync => {
                 if me.phase == "running" {
                     set(&mut d[i], Resyncing, "refilling from its partner");
-                } else if v[i].may_refill {
-                    d[i].action = Some(Action::Resync);
-                    set(&mut d[i], Resyncing, "resyncing from its partner");
+                } else {
+                    set(
+                        &mut d[i],
+                        Joining,
+                        "takes writes again; resyncs once those it missed have landed",
+                    );
                 }
             }
-            Stale | Resyncing if partner_gone => {
+            Joining if partner_state == InSync && !v[i].skipped && v[i].may_refill => {
+                d[i].action = Some(Action::Resync);
+                set(&mut d[i], Resyncing, "resyncing from its partner");
+            }
+            Stale | Resyncing | Joining if partner_gone => {
                 d[i].action = Some(Action::Adopt("partial".into()));
                 set(
                     &mut d[i],
@@ -244,6 +253,12 @@ pub(crate) fn decide(v: [&View; 2]) -> [Decision; 2] {
                 if me.phase == "done" && me.completed > v[i].resync_base {
                     if v[i].dirty {
                         set(&mut d[i], Stale, "missed a write during its resync: again");
+                    } else if lacks(i) {
+                        set(
+                            &mut d[i],
+                            Stale,
+                            "its partner took writes its snapshot did not hold: again",
+                        );
                     } else {
                         set(&mut d[i], InSync, "resync done: in sync");
                     }
@@ -349,7 +364,12 @@ impl Router {
         };
         match tokio::time::timeout_at(deadline, reply).await {
             Ok(Ok(resp)) if resp.status == Status::Ok => {
+                w.accepted();
                 Some(parse(&String::from_utf8_lossy(&resp.payload)))
+            }
+            Ok(Ok(resp)) if resp.status == Status::NoAuth => {
+                w.refusing("the worker requires cluster authentication");
+                None
             }
             _ => None,
         }
@@ -440,6 +460,7 @@ impl Router {
                 resync_base: w.resync_base.load(Ordering::Acquire),
                 mode_ok: s.is_none_or(|s| s.adapter == adapter),
                 may_refill: w.may_refill(),
+                skipped: w.skipped.load(Ordering::Acquire) > 0,
             }
         });
         let mismatch = views.iter().any(|v| !v.mode_ok);
@@ -536,6 +557,7 @@ mod tests {
             resync_base: 0,
             mode_ok: true,
             may_refill: true,
+            skipped: false,
         }
     }
 
@@ -568,13 +590,30 @@ mod tests {
         let a = seen(1, true, 0, (2, 0, true));
         let b = seen(2, true, 1, (1, 0, true));
         let d = decide([&view(Down, Some(&a)), &view(InSync, Some(&b))]);
-        assert_eq!(states(&d), [Resyncing, InSync]);
-        assert_eq!(d[0].action, Some(Action::Resync));
-        // Not before its refill is due.
-        let mut va = view(Down, Some(&a));
+        assert_eq!(states(&d), [Joining, InSync]);
+        assert_eq!(d[0].action, None);
+        // Not while writes it was left out of are still on their way to B (a snapshot
+        // taken now could miss them), nor before its refill is due.
+        let mut va = view(Joining, Some(&a));
+        va.skipped = true;
+        let d = decide([&va, &view(InSync, Some(&b))]);
+        assert_eq!(states(&d), [Joining, InSync]);
+        va.skipped = false;
         va.may_refill = false;
         let d = decide([&va, &view(InSync, Some(&b))]);
+        assert_eq!(states(&d), [Joining, InSync]);
+        let d = decide([&view(Joining, Some(&a)), &view(InSync, Some(&b))]);
+        assert_eq!(states(&d), [Resyncing, InSync]);
+        assert_eq!(d[0].action, Some(Action::Resync));
+        // A refill whose snapshot missed some of B's writes is not enough.
+        let mut done = a.clone();
+        done.phase = "done".into();
+        done.completed = 1;
+        let d = decide([&view(Resyncing, Some(&done)), &view(InSync, Some(&b))]);
         assert_eq!(states(&d), [Stale, InSync]);
+        done.covers.partner_solo = 1;
+        let d = decide([&view(Resyncing, Some(&done)), &view(InSync, Some(&b))]);
+        assert_eq!(states(&d), [InSync, InSync]);
     }
 
     /// An orchestrator that restarts while a worker is stale learns it from the partner's
@@ -584,10 +623,10 @@ mod tests {
         let a = seen(1, true, 0, (2, 3, true));
         let b = seen(2, true, 5, (1, 0, true));
         let d = decide([&view(Unknown, Some(&a)), &view(Unknown, Some(&b))]);
-        assert_eq!(states(&d), [Resyncing, InSync]);
+        assert_eq!(states(&d), [Joining, InSync]);
         // Either order of assessment gives the same answer.
         let d = decide([&view(Unknown, Some(&b)), &view(Unknown, Some(&a))]);
-        assert_eq!(states(&d), [InSync, Resyncing]);
+        assert_eq!(states(&d), [InSync, Joining]);
     }
 
     #[test]
@@ -604,13 +643,12 @@ mod tests {
         let a = seen(1, true, 7, (2, 0, false));
         let b = seen(2, true, 2, (1, 0, true));
         let d = decide([&view(InSync, Some(&a)), &view(Down, Some(&b))]);
-        assert_eq!(states(&d), [InSync, Resyncing]);
+        assert_eq!(states(&d), [InSync, Joining]);
         assert_eq!(d[0].action, Some(Action::Merge));
-        assert_eq!(d[1].action, Some(Action::Resync));
         // While its merge runs, nothing more is asked.
         let mut a2 = a.clone();
         a2.phase = "running".into();
-        let d = decide([&view(InSync, Some(&a2)), &view(Stale, Some(&b))]);
+        let d = decide([&view(InSync, Some(&a2)), &view(Joining, Some(&b))]);
         assert_eq!(d[0].action, None);
         assert_eq!(d[1].action, Some(Action::Resync));
     }
@@ -620,14 +658,14 @@ mod tests {
         let a = seen(1, true, 3, (2, 0, true));
         let b = seen(2, true, 4, (1, 0, true));
         let d = decide([&view(Unknown, Some(&a)), &view(Unknown, Some(&b))]);
-        assert_eq!(states(&d), [InSync, Resyncing]);
+        assert_eq!(states(&d), [InSync, Joining]);
         assert_eq!(d[0].action, Some(Action::Merge));
     }
 
     #[test]
     fn a_stale_or_resyncing_worker_whose_partner_is_down_is_promoted() {
         let a = seen(1, true, 0, (2, 0, true));
-        for state in [Stale, Resyncing] {
+        for state in [Stale, Joining, Resyncing] {
             let d = decide([&view(state, Some(&a)), &view(InSync, None)]);
             assert_eq!(states(&d), [InSync, Down]);
             assert_eq!(d[0].action, Some(Action::Adopt("partial".into())));
@@ -641,7 +679,7 @@ mod tests {
         let mut va = view(InSync, Some(&a));
         va.restarted = true;
         let d = decide([&va, &view(InSync, Some(&b))]);
-        assert_eq!(states(&d), [Resyncing, InSync]);
+        assert_eq!(states(&d), [Joining, InSync]);
         let mut done = a.clone();
         done.phase = "done".into();
         done.completed = 1;
@@ -674,7 +712,7 @@ mod tests {
         let d = decide([&view(Stale, Some(&a)), &view(Stale, Some(&b))]);
         assert_eq!(d[0].state, InSync);
         assert_eq!(d[0].action, Some(Action::Adopt("partial".into())));
-        // B resyncs from the leader in the same round.
-        assert_eq!(d[1].action, Some(Action::Resync));
+        // B joins the leader in the same round, and resyncs from it in the next.
+        assert_eq!(d[1].state, Joining);
     }
 }

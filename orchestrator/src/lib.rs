@@ -12,6 +12,7 @@
 //! [`resp`] (Redis commands), [`metrics`] (INFO counters), `local` (an in-process cluster,
 //! feature `local`).
 
+pub mod auth;
 pub mod cluster;
 pub mod config;
 pub mod health;
@@ -27,7 +28,7 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use twincache_protocol::server::accept_loop;
+use twincache_protocol::server::{accept_loop, Slots};
 
 use cluster::{Origin, Router, RouterConfig};
 pub use config::Config;
@@ -72,6 +73,10 @@ impl Orchestrator {
             worker_timeout: c.worker_timeout,
             node_id: c.node_id,
             mode: c.mode,
+            secret: c.cluster_secret().unwrap_or_else(|e| {
+                tracing::error!("{e}");
+                None
+            }),
         };
         // Worker links outlive the client sessions: they stop once those have drained.
         let links_shutdown = CancellationToken::new();
@@ -106,13 +111,21 @@ impl Orchestrator {
             "memory for client connections"
         );
         let metrics = Arc::new(metrics::Metrics::default());
+        let auth = Arc::new(c.authenticator().unwrap_or_else(|e| {
+            // Checked at start by `Config::from_args`; embedders get no users.
+            tracing::error!("{e}");
+            auth::Authenticator::open()
+        }));
+        if auth.required() {
+            tracing::info!("clients must authenticate");
+        }
         let mut sessions = 0usize;
         accept_loop(
             self.listener,
-            c.max_clients,
+            Slots::new(c.max_clients),
             shutdown,
             c.shutdown_grace,
-            move |stream, shutdown| {
+            move |stream, slot, shutdown| {
                 sessions = sessions.wrapping_add(1);
                 let ctx = session::Ctx {
                     router: router.clone(),
@@ -124,8 +137,14 @@ impl Orchestrator {
                     metrics: metrics.clone(),
                     config: session_config.clone(),
                     budget: budget.clone(),
+                    who: Arc::new(auth.new_session()),
+                    auth: auth.clone(),
                 };
-                session::serve(stream, ctx, shutdown)
+                let session = session::serve(stream, ctx, shutdown);
+                async move {
+                    let _slot = slot;
+                    session.await
+                }
             },
         )
         .await;

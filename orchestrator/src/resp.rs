@@ -15,40 +15,56 @@ use twincache_protocol::frame::{flags, Op, Request, Response};
 use twincache_protocol::resp::{Reply, RespDecoder};
 use twincache_protocol::Status;
 
+use crate::auth::{Access, Denied, Who};
 use crate::cluster::Mode;
 use crate::session::{Ctx, Protocol, Step};
 
 type Handler = fn(&mut RespProtocol, Vec<Bytes>, &Ctx) -> Step<Reply>;
 
-/// Name, arity (Redis' rule: `n` exactly n arguments counting the name, `-n` at least n),
-/// handler.
-const COMMANDS: &[(&str, i32, Handler)] = &[
-    ("get", 2, get),
-    ("set", -3, set),
-    ("del", -2, del),
-    ("unlink", -2, del),
-    ("exists", -2, exists),
-    ("mget", -2, mget),
-    ("mset", -3, mset),
-    ("ping", -1, ping),
-    ("echo", 2, echo),
-    ("quit", -1, quit),
-    ("select", 2, select),
-    ("dbsize", 1, dbsize),
-    ("info", -1, info),
-    ("command", -1, command),
-    ("client", -2, client),
-    ("hello", -1, hello),
-    ("config", -2, config),
-    ("auth", -2, auth),
+/// One Redis command the orchestrator knows.
+struct Spec {
+    name: &'static str,
+    /// Redis' rule: `n` exactly n arguments counting the name, `-n` at least n.
+    arity: i32,
+    /// What a user needs to run it (see `auth`).
+    access: Access,
+    handler: Handler,
+}
+
+const fn spec(name: &'static str, arity: i32, access: Access, handler: Handler) -> Spec {
+    Spec {
+        name,
+        arity,
+        access,
+        handler,
+    }
+}
+
+const COMMANDS: &[Spec] = &[
+    spec("get", 2, Access::Read, get),
+    spec("set", -3, Access::Write, set),
+    spec("del", -2, Access::Write, del),
+    spec("unlink", -2, Access::Write, del),
+    spec("exists", -2, Access::Read, exists),
+    spec("mget", -2, Access::Read, mget),
+    spec("mset", -3, Access::Write, mset),
+    spec("ping", -1, Access::Connection, ping),
+    spec("echo", 2, Access::Connection, echo),
+    spec("quit", -1, Access::Anyone, quit),
+    spec("select", 2, Access::Connection, select),
+    spec("dbsize", 1, Access::Read, dbsize),
+    spec("info", -1, Access::Read, info),
+    spec("command", -1, Access::Connection, command),
+    spec("client", -2, Access::Connection, client),
+    spec("hello", -1, Access::Anyone, hello),
+    spec("config", -2, Access::Admin, config),
+    spec("auth", -2, Access::Anyone, auth),
 ];
 
-/// Commands a person may type as the first line of an inline (netcat) RESP session. Other
-/// first lines go to the text protocol; see [`is_inline_command`].
-fn find(name: &[u8]) -> Option<&'static (&'static str, i32, Handler)> {
+fn find(name: &[u8]) -> Option<&'static Spec> {
     COMMANDS
         .iter()
-        .find(|(n, _, _)| name.eq_ignore_ascii_case(n.as_bytes()))
+        .find(|c| name.eq_ignore_ascii_case(c.name.as_bytes()))
 }
 
 /// Whether a connection's first line (not starting with `*`) is an inline Redis command
@@ -100,6 +116,14 @@ impl Protocol for RespProtocol {
             Ok(Some(args)) => args,
             Err(e) => return Step::Close(Some(e.reply())),
         };
+        let spec = find(&args[0]);
+        let access = match spec {
+            Some(spec) if !(ctx.router.is_adapter() && passes_through(&args)) => spec.access,
+            _ => passthrough_access(&args[0]),
+        };
+        if !ctx.who.may(access) {
+            return Step::Reply(refusal(&ctx.who, &args[0]));
+        }
         match ctx.router.mode() {
             Some(Mode::Adapter) if passes_through(&args) => return passthrough(args, ctx),
             // Whether a command runs here or on the destination Redis depends on the mode.
@@ -108,16 +132,17 @@ impl Protocol for RespProtocol {
             }
             _ => {}
         }
-        let Some(&(name, arity, handler)) = find(&args[0]) else {
+        let Some(spec) = spec else {
             return Step::Reply(unknown_command(&args));
         };
         let n = args.len() as i32;
-        if (arity > 0 && n != arity) || (arity < 0 && n < -arity) {
+        if (spec.arity > 0 && n != spec.arity) || (spec.arity < 0 && n < -spec.arity) {
             return Step::Reply(Reply::err(format!(
-                "ERR wrong number of arguments for '{name}' command"
+                "ERR wrong number of arguments for '{}' command",
+                spec.name
             )));
         }
-        handler(self, args, ctx)
+        (spec.handler)(self, args, ctx)
     }
 
     fn encode(&mut self, reply: Reply, out: &mut BytesMut) {
@@ -135,6 +160,125 @@ const ADAPTER_NATIVE: &[&str] = &[
     "get", "set", "mget", "mset", "ping", "echo", "quit", "select", "info", "command", "client",
     "hello",
 ];
+
+/// What a command passed through to the destination Redis (adapter mode) needs: reads for
+/// the read-only commands below, admin for those acting on the whole server, else writes.
+fn passthrough_access(name: &[u8]) -> Access {
+    const READS: &[&str] = &[
+        "strlen",
+        "getrange",
+        "substr",
+        "ttl",
+        "pttl",
+        "expiretime",
+        "pexpiretime",
+        "type",
+        "exists",
+        "hget",
+        "hmget",
+        "hgetall",
+        "hkeys",
+        "hvals",
+        "hlen",
+        "hexists",
+        "hstrlen",
+        "hrandfield",
+        "hscan",
+        "lrange",
+        "llen",
+        "lindex",
+        "lpos",
+        "smembers",
+        "sismember",
+        "smismember",
+        "scard",
+        "srandmember",
+        "sscan",
+        "sinter",
+        "sunion",
+        "sdiff",
+        "sintercard",
+        "zrange",
+        "zrangebyscore",
+        "zrevrange",
+        "zrevrangebyscore",
+        "zrangebylex",
+        "zrevrangebylex",
+        "zscore",
+        "zmscore",
+        "zcard",
+        "zcount",
+        "zlexcount",
+        "zrank",
+        "zrevrank",
+        "zscan",
+        "zrandmember",
+        "xrange",
+        "xrevrange",
+        "xlen",
+        "xinfo",
+        "xread",
+        "xpending",
+        "pfcount",
+        "getbit",
+        "bitcount",
+        "bitpos",
+        "bitfield_ro",
+        "geopos",
+        "geodist",
+        "geohash",
+        "geosearch",
+        "georadius_ro",
+        "georadiusbymember_ro",
+        "dump",
+        "object",
+        "memory",
+        "scan",
+        "keys",
+        "randomkey",
+        "dbsize",
+        "lcs",
+        "touch",
+    ];
+    const ADMIN: &[&str] = &[
+        "flushall",
+        "flushdb",
+        "config",
+        "script",
+        "function",
+        "acl",
+        "save",
+        "bgsave",
+        "bgrewriteaof",
+        "lastsave",
+        "slowlog",
+        "latency",
+        "module",
+        "cluster",
+        "migrate",
+    ];
+    let is = |list: &[&str]| list.iter().any(|n| name.eq_ignore_ascii_case(n.as_bytes()));
+    if is(READS) {
+        Access::Read
+    } else if is(ADMIN) {
+        Access::Admin
+    } else {
+        Access::Write
+    }
+}
+
+/// Redis' answer to a command this session may not run.
+fn refusal(who: &Who, name: &[u8]) -> Reply {
+    if who.authenticated() {
+        Reply::err(format!(
+            "NOPERM User {} has no permissions to run the '{}' command",
+            who.user(),
+            String::from_utf8_lossy(&name[..name.len().min(64)]).to_ascii_lowercase()
+        ))
+    } else {
+        Reply::err("NOAUTH Authentication required.")
+    }
+}
 
 /// Connection commands, answered by the orchestrator in either mode (so clients can connect
 /// and handshake while the cluster is starting).
@@ -505,11 +649,34 @@ fn select(_: &mut RespProtocol, args: Vec<Bytes>, _: &Ctx) -> Step<Reply> {
     })
 }
 
-fn auth(_: &mut RespProtocol, _: Vec<Bytes>, _: &Ctx) -> Step<Reply> {
-    Step::Reply(Reply::err(
-        "ERR AUTH <password> called without any password configured for the default user. \
-         Are you sure your configuration is correct?",
-    ))
+/// `AUTH [user] password`, answered once checked; nothing after it is read until then.
+fn auth(_: &mut RespProtocol, args: Vec<Bytes>, ctx: &Ctx) -> Step<Reply> {
+    let (user, password) = match &args[1..] {
+        [password] => (None, password.clone()),
+        [user, password] => (Some(user.clone()), password.clone()),
+        _ => return Step::Reply(syntax_error()),
+    };
+    let (auth, who) = (ctx.auth.clone(), ctx.who.clone());
+    Step::Settle(Box::pin(async move {
+        let user = user.as_deref().map(String::from_utf8_lossy);
+        match auth.authenticate(&who, user.as_deref(), &password).await {
+            Ok(()) => Reply::OK,
+            Err(denied) => denied_reply(denied),
+        }
+    }))
+}
+
+/// Redis' replies to a failed AUTH.
+fn denied_reply(denied: Denied) -> Reply {
+    match denied {
+        Denied::NoPasswordSet => Reply::err(
+            "ERR AUTH <password> called without any password configured for the default user. \
+             Are you sure your configuration is correct?",
+        ),
+        Denied::WrongPass | Denied::TooManyFailures => {
+            Reply::err("WRONGPASS invalid username-password pair or user is disabled.")
+        }
+    }
 }
 
 /// Total keys over all pairs, from each pair's `keys:` counter; `None` if a pair is down.
@@ -614,7 +781,9 @@ fn client(state: &mut RespProtocol, args: Vec<Bytes>, ctx: &Ctx) -> Step<Reply> 
 
 /// Answers HELLO (and HELLO 2) like Redis in RESP2; HELLO 3 is refused so clients stay on
 /// RESP2, which is all this server speaks.
-fn hello(_: &mut RespProtocol, args: Vec<Bytes>, ctx: &Ctx) -> Step<Reply> {
+/// `HELLO [protover [AUTH user password] [SETNAME name]]`, as Redis answers it in RESP2;
+/// HELLO 3 is refused so clients stay on RESP2, which is all this server speaks.
+fn hello(state: &mut RespProtocol, args: Vec<Bytes>, ctx: &Ctx) -> Step<Reply> {
     if let Some(v) = args.get(1) {
         match parse_int(v) {
             Some(2) => {}
@@ -626,8 +795,56 @@ fn hello(_: &mut RespProtocol, args: Vec<Bytes>, ctx: &Ctx) -> Step<Reply> {
             }
         }
     }
+    let (mut credentials, mut name) = (None, None);
+    let mut rest = args.get(2..).unwrap_or_default();
+    while let Some(opt) = rest.first() {
+        match rest {
+            [o, user, password, more @ ..] if o.eq_ignore_ascii_case(b"auth") => {
+                credentials = Some((user.clone(), password.clone()));
+                rest = more;
+            }
+            [o, n, more @ ..] if o.eq_ignore_ascii_case(b"setname") => {
+                name = Some(n.clone());
+                rest = more;
+            }
+            _ => {
+                return Step::Reply(Reply::err(format!(
+                    "ERR Syntax error in HELLO option '{}'",
+                    String::from_utf8_lossy(&opt[..opt.len().min(64)])
+                )))
+            }
+        }
+    }
+    let id = ctx.id;
+    let Some((user, password)) = credentials else {
+        if !ctx.who.authenticated() {
+            return Step::Reply(Reply::err(
+                "NOAUTH HELLO must be called with the client already authenticated, otherwise \
+                 the HELLO <proto> AUTH <user> <pass> option can be used to authenticate the \
+                 client and select the RESP protocol version at the same time",
+            ));
+        }
+        if name.is_some() {
+            state.client_name = name;
+        }
+        return Step::Reply(hello_reply(id));
+    };
+    if name.is_some() {
+        state.client_name = name;
+    }
+    let (auth, who) = (ctx.auth.clone(), ctx.who.clone());
+    Step::Settle(Box::pin(async move {
+        let user = String::from_utf8_lossy(&user);
+        match auth.authenticate(&who, Some(&user), &password).await {
+            Ok(()) => hello_reply(id),
+            Err(denied) => denied_reply(denied),
+        }
+    }))
+}
+
+fn hello_reply(id: usize) -> Reply {
     let s = |t: &'static str| Reply::Bulk(Bytes::from_static(t.as_bytes()));
-    Step::Reply(Reply::Array(vec![
+    Reply::Array(vec![
         s("server"),
         s("redis"),
         s("version"),
@@ -635,14 +852,14 @@ fn hello(_: &mut RespProtocol, args: Vec<Bytes>, ctx: &Ctx) -> Step<Reply> {
         s("proto"),
         Reply::Int(2),
         s("id"),
-        Reply::Int(ctx.id as i64),
+        Reply::Int(id as i64),
         s("mode"),
         s("standalone"),
         s("role"),
         s("master"),
         s("modules"),
         Reply::Array(Vec::new()),
-    ]))
+    ])
 }
 
 fn config(_: &mut RespProtocol, args: Vec<Bytes>, _: &Ctx) -> Step<Reply> {

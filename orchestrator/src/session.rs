@@ -29,7 +29,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use futures_util::future::Either;
 use futures_util::stream::Stream;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::codec::Decoder;
@@ -41,6 +41,7 @@ use twincache_protocol::frame::{
 use twincache_protocol::text::{self, Command, Line, LineDecoder};
 use twincache_protocol::Status;
 
+use crate::auth::{Access, Authenticator, Denied, Who};
 use crate::cluster::{Origin, Router};
 use crate::metrics::Metrics;
 use crate::resp::{is_inline_command, RespProtocol};
@@ -80,6 +81,10 @@ pub struct Ctx {
     pub config: Arc<SessionConfig>,
     /// The process's budget for connection buffers.
     pub budget: Arc<Budget>,
+    /// The users clients authenticate as.
+    pub auth: Arc<Authenticator>,
+    /// Who this session is (set by AUTH).
+    pub who: Arc<Who>,
 }
 
 pub type BoxReply<O> = Pin<Box<dyn Future<Output = O> + Send>>;
@@ -98,6 +103,9 @@ pub enum Step<O> {
     /// requests as it goes, so nothing after it is read until it is done (that keeps the
     /// order of requests).
     Stream(BoxStream<O>),
+    /// A request whose outcome the requests after it depend on (AUTH: they run as the user
+    /// it makes): nothing after it is read until it is answered.
+    Settle(BoxReply<O>),
     /// Stop reading; send the reply if any, then everything in flight, then close.
     Close(Option<O>),
 }
@@ -228,17 +236,23 @@ enum InFlight<O> {
 
 /// The session's queue of replies in request order, with the weight of what is in flight.
 struct Queue<O> {
-    items: VecDeque<(InFlight<O>, usize)>,
+    /// Each reply, its weight, and whether nothing after it may be read until it is done.
+    items: VecDeque<(InFlight<O>, usize, bool)>,
     weight: usize,
-    /// A streaming reply is queued: read nothing more until it is done.
-    barrier: bool,
+    /// Queued replies that nothing may be read past (streams, AUTH).
+    barriers: usize,
 }
 
 impl<O> Queue<O> {
     fn push(&mut self, item: InFlight<O>, weight: usize) {
-        self.barrier |= matches!(item, InFlight::Streaming(_));
+        let barrier = matches!(item, InFlight::Streaming(_));
+        self.push_item(item, weight, barrier);
+    }
+
+    fn push_item(&mut self, item: InFlight<O>, weight: usize, barrier: bool) {
+        self.barriers += usize::from(barrier);
         self.weight += weight;
-        self.items.push_back((item, weight));
+        self.items.push_back((item, weight, barrier));
     }
 
     fn is_empty(&self) -> bool {
@@ -246,14 +260,9 @@ impl<O> Queue<O> {
     }
 
     fn pop(&mut self) {
-        if let Some((item, weight)) = self.items.pop_front() {
+        if let Some((_, weight, barrier)) = self.items.pop_front() {
             self.weight -= weight;
-            if matches!(item, InFlight::Streaming(_)) {
-                self.barrier = self
-                    .items
-                    .iter()
-                    .any(|(i, _)| matches!(i, InFlight::Streaming(_)));
-            }
+            self.barriers -= usize::from(barrier);
         }
     }
 
@@ -263,7 +272,7 @@ impl<O> Queue<O> {
     /// own.
     fn poll_head(&mut self, cx: &mut Context<'_>) -> Poll<O> {
         loop {
-            let Some((head, _)) = self.items.front_mut() else {
+            let Some((head, _, _)) = self.items.front_mut() else {
                 return Poll::Pending;
             };
             match head {
@@ -308,11 +317,14 @@ async fn run<P: Protocol>(
     let mut inflight: Queue<P::Out> = Queue {
         items: VecDeque::new(),
         weight: 0,
-        barrier: false,
+        barriers: 0,
     };
     let mut out = BytesMut::with_capacity(START_CAPACITY);
     let (mut buf_held, mut out_held) = (0, 0);
     let mut reading = true;
+    // Whether this side ends the connection (QUIT, a protocol error) while the client may
+    // still be sending.
+    let mut hung_up = false;
     // The idle deadline moves with activity, but the timer is only re-armed when it fires.
     let mut last_active = Instant::now();
     let idle = tokio::time::sleep(config.idle_timeout);
@@ -325,11 +337,13 @@ async fn run<P: Protocol>(
                 Step::Reply(resp) => inflight.push(InFlight::Ready(Some(resp)), 0),
                 Step::Dispatch(fut, weight) => inflight.push(InFlight::Waiting(fut), weight),
                 Step::Stream(parts) => inflight.push(InFlight::Streaming(parts), 1),
+                Step::Settle(fut) => inflight.push_item(InFlight::Waiting(fut), 1, true),
                 Step::Close(last) => {
                     if let Some(resp) = last {
                         inflight.push(InFlight::Ready(Some(resp)), 0);
                     }
                     reading = false;
+                    hung_up = true;
                 }
             }
         }
@@ -344,6 +358,9 @@ async fn run<P: Protocol>(
         }
         if !reading && inflight.is_empty() {
             stream.shutdown().await.ok();
+            if hung_up {
+                linger(&mut stream).await;
+            }
             return Ok(());
         }
         let may_read = reading && room(&inflight, config.pipeline_depth) && !account.busy(buf_held);
@@ -365,6 +382,10 @@ async fn run<P: Protocol>(
                 }
                 account.track(&mut out_held, out.capacity());
                 last_active = Instant::now();
+                if ctx.who.exhausted() {
+                    tracing::info!(client = ctx.id, "closing a connection that failed to authenticate ten times");
+                    return Ok(());
+                }
             }
             n = stream.read_buf(&mut buf), if may_read => {
                 if n? == 0 {
@@ -390,11 +411,29 @@ async fn run<P: Protocol>(
     }
 }
 
+/// After answering and shutting down the sending side, reads and drops what the client still
+/// sends (at most 64 MiB, for at most a second). Closing with unread input makes the kernel
+/// reset the connection, and a reset can destroy the last answer (a protocol error's text)
+/// before the client reads it.
+async fn linger<S: AsyncRead + Unpin>(stream: &mut S) {
+    let mut sink = [0u8; 16 * 1024];
+    let mut left = 64usize << 20;
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while left > 0 {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    })
+    .await;
+}
+
 /// Whether the in-flight window has room for another request. One request is always let
 /// in when nothing is in flight, however many keys it names, and nothing is read past a
 /// streaming reply until it is done.
 fn room<O>(inflight: &Queue<O>, depth: usize) -> bool {
-    !inflight.barrier && (inflight.weight < depth || inflight.is_empty())
+    inflight.barriers == 0 && (inflight.weight < depth || inflight.is_empty())
 }
 
 /// The error that closes a connection over its memory limit.
@@ -439,6 +478,40 @@ fn dispatch(fut: impl Future<Output = Response> + Send + 'static) -> Step<Respon
     Step::Dispatch(Box::pin(fut), 1)
 }
 
+/// The answer to a request this session may not make (text and binary protocols).
+fn refuse(who: &Who, access: Access, name: &str) -> Option<Response> {
+    if who.may(access) {
+        return None;
+    }
+    Some(if who.authenticated() {
+        Response {
+            id: 0,
+            status: Status::NoPerm,
+            payload: Bytes::from(format!(
+                "user {} has no permissions to run '{name}'",
+                who.user()
+            )),
+        }
+    } else {
+        Response::error(
+            Status::NoAuth,
+            "authentication required: auth||<password> or auth||<user>||<password>",
+        )
+    })
+}
+
+fn denied_response(denied: Denied) -> Response {
+    match denied {
+        Denied::NoPasswordSet => Response::error(
+            Status::NoAuth,
+            "no password is set: authentication is not required",
+        ),
+        Denied::WrongPass | Denied::TooManyFailures => {
+            Response::error(Status::NoAuth, "invalid username-password pair")
+        }
+    }
+}
+
 struct TextProtocol {
     lines: LineDecoder,
 }
@@ -455,25 +528,51 @@ impl Protocol for TextProtocol {
             Some(Line::Complete(line)) => line,
         };
         let (router, origin) = (&ctx.router, &ctx.origin);
-        match text::parse_line(line) {
-            Err(e) => Step::Reply(Response::error(e.status, e.message)),
-            Ok(Command::Exit) => Step::Close(None),
-            Ok(Command::Ping) => Step::Reply(Response::ok(Bytes::from_static(b"PONG"))),
-            Ok(Command::Get(key)) => dispatch(router.get(key, origin)),
-            Ok(Command::Set(key, value)) => {
+        let command = match text::parse_line(line) {
+            Err(e) => return Step::Reply(Response::error(e.status, e.message)),
+            Ok(command) => command,
+        };
+        let (name, access) = match &command {
+            Command::Get(_) => ("get", Access::Read),
+            Command::Set(..) => ("set", Access::Write),
+            Command::SetEx(..) => ("setex", Access::Write),
+            Command::Del(_) => ("del", Access::Write),
+            Command::Stats => ("stats", Access::Read),
+            Command::Status => ("status", Access::Read),
+            Command::Ping => ("ping", Access::Connection),
+            Command::Auth(..) | Command::Exit => ("", Access::Anyone),
+        };
+        if let Some(refusal) = refuse(&ctx.who, access, name) {
+            return Step::Reply(refusal);
+        }
+        match command {
+            Command::Auth(user, password) => {
+                let (auth, who) = (ctx.auth.clone(), ctx.who.clone());
+                Step::Settle(Box::pin(async move {
+                    let user = user.as_deref().and_then(|u| std::str::from_utf8(u).ok());
+                    match auth.authenticate(&who, user, &password).await {
+                        Ok(()) => Response::ok(Bytes::new()),
+                        Err(denied) => denied_response(denied),
+                    }
+                }))
+            }
+            Command::Exit => Step::Close(None),
+            Command::Ping => Step::Reply(Response::ok(Bytes::from_static(b"PONG"))),
+            Command::Get(key) => dispatch(router.get(key, origin)),
+            Command::Set(key, value) => {
                 let mut req = Request::new(Op::Set, key);
                 req.value = value;
                 dispatch(router.write(req, origin))
             }
-            Ok(Command::SetEx(key, secs, value)) => {
+            Command::SetEx(key, secs, value) => {
                 let mut req = Request::new(Op::Set, key);
                 req.value = value;
                 req.ttl_ms = secs * 1000;
                 dispatch(router.write(req, origin))
             }
-            Ok(Command::Del(key)) => dispatch(router.write(Request::new(Op::Del, key), origin)),
-            Ok(Command::Status) => Step::Reply(Response::ok(router.status_line())),
-            Ok(Command::Stats) => {
+            Command::Del(key) => dispatch(router.write(Request::new(Op::Del, key), origin)),
+            Command::Status => Step::Reply(Response::ok(router.status_line())),
+            Command::Stats => {
                 let router = router.clone();
                 dispatch(async move { Response::ok(router.stats_line().await) })
             }
@@ -523,7 +622,30 @@ impl Protocol for BinaryProtocol {
             // The text protocol refuses empty keys too; RESP allows them, as Redis does.
             return Step::Reply(Response::error(Status::ParseError, "empty key").with_id(id));
         }
+        let (name, access) = match req.op {
+            Op::Get => ("get", Access::Read),
+            Op::Exists => ("exists", Access::Read),
+            Op::Stats => ("stats", Access::Read),
+            Op::Set => ("set", Access::Write),
+            Op::Del => ("del", Access::Write),
+            Op::Ping => ("ping", Access::Connection),
+            _ => ("", Access::Anyone),
+        };
+        if let Some(refusal) = refuse(&ctx.who, access, name) {
+            return Step::Reply(refusal.with_id(id));
+        }
         let routed = match req.op {
+            Op::Auth => {
+                let (auth, who) = (ctx.auth.clone(), ctx.who.clone());
+                return Step::Settle(Box::pin(async move {
+                    let user = std::str::from_utf8(&req.key).ok().filter(|u| !u.is_empty());
+                    match auth.authenticate(&who, user, &req.value).await {
+                        Ok(()) => Response::ok(Bytes::new()),
+                        Err(denied) => denied_response(denied),
+                    }
+                    .with_id(id)
+                }));
+            }
             Op::Get | Op::Exists => Either::Left(ctx.router.read(req, &ctx.origin)),
             Op::Set | Op::Del => {
                 req.version = 0; // the orchestrator stamps versions, not clients
@@ -544,6 +666,8 @@ impl Protocol for BinaryProtocol {
             | Op::Passthrough
             | Op::Invalidate
             | Op::PartnerMissed
+            | Op::ClusterHello
+            | Op::ClusterProof
             | Op::Unknown(_) => {
                 return Step::Reply(Response::status(Status::InvalidCommand).with_id(id))
             }

@@ -103,6 +103,13 @@ pub enum Op {
     /// Orchestrator to worker: your partner missed a write you took; count it among the
     /// writes you took alone (as [`flags::SOLO`] does, after the fact).
     PartnerMissed,
+    /// Opens a connection's cluster handshake (see [`crate::auth`]).
+    ClusterHello,
+    /// Completes a connection's cluster handshake.
+    ClusterProof,
+    /// A client's credentials for the orchestrator: the key is the user name (empty for the
+    /// default user), the value the password.
+    Auth,
     Unknown(u8),
 }
 
@@ -122,6 +129,9 @@ impl Op {
             Op::Passthrough => 11,
             Op::Invalidate => 12,
             Op::PartnerMissed => 13,
+            Op::ClusterHello => 14,
+            Op::ClusterProof => 15,
+            Op::Auth => 16,
             Op::Unknown(c) => c,
         }
     }
@@ -141,6 +151,9 @@ impl Op {
             11 => Op::Passthrough,
             12 => Op::Invalidate,
             13 => Op::PartnerMissed,
+            14 => Op::ClusterHello,
+            15 => Op::ClusterProof,
+            16 => Op::Auth,
             c => Op::Unknown(c),
         }
     }

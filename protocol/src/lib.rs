@@ -10,6 +10,7 @@
 //!   worker directly (handy for debugging and for the tests).
 //! - [`text`]: the netcat-friendly line protocol (`get||key`, `set||key||value`, ...).
 //! - [`resp`]: RESP2, the Redis protocol (commands in, replies out).
+//! - [`auth`]: cluster authentication (the handshake every connection to a worker opens with).
 //! - [`budget`]: memory held for connections (per process and per connection).
 //! - [`coverage`]: what partners know of each other's writes (in a worker's `status`).
 //! - [`info`]: the `name:value` text of workers' `stats` and `status` answers.
@@ -18,6 +19,7 @@
 //! - [`units`]: parsing of human durations and sizes used by the command lines.
 //! - [`version`]: the layout of write versions (time, counter, orchestrator id).
 
+pub mod auth;
 pub mod budget;
 pub mod coverage;
 pub mod frame;

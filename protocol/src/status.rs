@@ -21,6 +21,10 @@ pub enum Status {
     ServerError = 6,
     /// A conditional write (`NX`, `XX`) whose condition did not hold; nothing was written.
     NotApplied = 7,
+    /// Authentication is required, or the credentials were wrong.
+    NoAuth = 8,
+    /// The authenticated user may not run this command.
+    NoPerm = 9,
 }
 
 impl Status {
@@ -40,6 +44,8 @@ impl Status {
             4 => Status::Unavailable,
             5 => Status::TooLarge,
             7 => Status::NotApplied,
+            8 => Status::NoAuth,
+            9 => Status::NoPerm,
             _ => Status::ServerError,
         }
     }
@@ -55,6 +61,8 @@ impl Status {
             Status::TooLarge => "request too large",
             Status::ServerError => "server error",
             Status::NotApplied => "condition not met; nothing written",
+            Status::NoAuth => "authentication required",
+            Status::NoPerm => "not permitted for this user",
         }
     }
 }
@@ -65,7 +73,7 @@ mod tests {
 
     #[test]
     fn codes_round_trip_and_unknown_is_error() {
-        for code in 0..=7u8 {
+        for code in 0..=9u8 {
             assert_eq!(Status::from_code(code).code(), code);
         }
         assert_eq!(Status::from_code(200), Status::ServerError);

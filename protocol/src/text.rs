@@ -3,6 +3,7 @@
 //! ```text
 //! request  = get||<key> | set||<key>||<value> | del||<key>                  ("\n" or "\r\n")
 //!          | setex||<key>||<seconds>||<value> | ping | stats | status | exit
+//!          | auth||<password> | auth||<user>||<password>
 //! response = 0||<result> | <code>||<message>                                 ("\n")
 //! ```
 //!
@@ -30,6 +31,8 @@ pub enum Command {
     Stats,
     /// Every worker's state (in sync, down, stale, resyncing).
     Status,
+    /// Authenticate as the user (the default user if none), with the password.
+    Auth(Option<Bytes>, Bytes),
     Exit,
 }
 
@@ -108,6 +111,14 @@ pub fn parse_line(mut line: Bytes) -> Result<Command, LineError> {
             .filter(|&s| s > 0 && s < u64::MAX / 1000)
             .ok_or(LineError::parse("seconds must be a whole number above 0"))?;
         Ok(Command::SetEx(key, secs, rest))
+    } else if is("auth") {
+        const USAGE: LineError =
+            LineError::parse("expected auth||<password> or auth||<user>||<password>");
+        let mut rest = rest.ok_or(USAGE)?;
+        match split_field(&mut rest) {
+            Some(user) => Ok(Command::Auth(Some(user), rest)),
+            None => Ok(Command::Auth(None, rest)),
+        }
     } else if is("ping") || is("exit") || is("stats") || is("status") {
         if rest.is_some() {
             return Err(LineError::parse(
@@ -127,7 +138,7 @@ pub fn parse_line(mut line: Bytes) -> Result<Command, LineError> {
         Err(LineError {
             status: Status::InvalidCommand,
             message:
-                "invalid command type (expected get, set, setex, del, ping, stats, status or exit)",
+                "invalid command type (expected get, set, setex, del, ping, stats, status, auth or exit)",
         })
     }
 }
@@ -260,6 +271,11 @@ mod tests {
             Ok(Command::Set(b(b"a"), b(b"x||y||")))
         );
         assert_eq!(parse(b"del||a"), Ok(Command::Del(b(b"a"))));
+        assert_eq!(parse(b"auth||pw"), Ok(Command::Auth(None, b(b"pw"))));
+        assert_eq!(
+            parse(b"auth||bob||p||w"),
+            Ok(Command::Auth(Some(b(b"bob")), b(b"p||w")))
+        );
         assert_eq!(parse(b"GET||a"), Ok(Command::Get(b(b"a"))));
         assert_eq!(parse(b"ping"), Ok(Command::Ping));
         assert_eq!(parse(b"exit"), Ok(Command::Exit));

@@ -2,6 +2,16 @@ use twincache_orchestrator::{Config, Orchestrator};
 
 fn main() {
     let config = Config::from_args();
+    if config.hash_password {
+        let mut password = String::new();
+        if std::io::stdin().read_line(&mut password).is_err() || password.trim_end().is_empty() {
+            twincache::fail(2, "--hash-password reads the password on standard input");
+        }
+        let hash = twincache_orchestrator::auth::hash_password(password.trim_end().as_bytes())
+            .unwrap_or_else(|e| twincache::fail(1, e));
+        println!("{hash}");
+        return;
+    }
     twincache::runtime(config.threads).block_on(run(config));
 }
 

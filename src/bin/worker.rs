@@ -16,6 +16,12 @@ fn main() {
     if let Err(msg) = config.adapter() {
         twincache::fail(2, msg);
     }
+    if let Err(msg) = config
+        .cluster_secret()
+        .and_then(|_| config.check_exposure())
+    {
+        twincache::fail(2, msg);
+    }
     twincache::runtime(config.threads).block_on(run(config));
 }
 

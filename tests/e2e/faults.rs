@@ -222,9 +222,9 @@ async fn frozen_worker_catches_up_before_serving_reads() {
         .lines()
         .filter(|l| l.contains(&format!("worker={wa}")))
         .collect();
-    let back = mine.iter().position(|l| {
-        l.contains(r#"from="down" to="stale""#) || l.contains(r#"from="down" to="resyncing""#)
-    });
+    let back = mine
+        .iter()
+        .position(|l| l.contains(r#"from="down""#) && !l.contains(r#"to="in_sync""#));
     let synced = mine
         .iter()
         .rposition(|l| l.contains(r#"from="resyncing" to="in_sync""#));

@@ -11,5 +11,6 @@ mod faults;
 mod limits;
 mod resp;
 mod robustness;
+mod security;
 mod storage;
 mod text;

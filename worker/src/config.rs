@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use twincache_protocol::auth::ClusterSecret;
 use twincache_protocol::units::{parse_duration, parse_positive_duration, parse_size};
 
 /// twincache worker: holds one copy of a pair's data and serves it to orchestrators.
@@ -86,6 +87,31 @@ pub struct Config {
     #[arg(long, env = "TWINCACHE_WORKER_MAX_CONNECTIONS", default_value_t = 1024)]
     pub max_connections: usize,
 
+    /// The secret every node of the cluster shares (32 bytes or more, or 64 hex characters
+    /// as `worker keygen` prints): every connection to this worker must prove it knows it
+    /// before any request is served, and this worker proves it to the partner it resyncs
+    /// from. Without it, the worker listens only on loopback addresses unless --insecure.
+    #[arg(
+        long,
+        env = "TWINCACHE_WORKER_CLUSTER_SECRET_FILE",
+        value_name = "PATH"
+    )]
+    pub cluster_secret_file: Option<PathBuf>,
+
+    /// Listen on a non-loopback address without --cluster-secret-file: anyone who reaches
+    /// the port can then read and change all of this worker's data.
+    #[arg(long, env = "TWINCACHE_WORKER_INSECURE")]
+    pub insecure: bool,
+
+    /// Connections not authenticated yet (with --cluster-secret-file) held at once, beside
+    /// --max-connections; each has 10 s (or --idle-timeout) to authenticate.
+    #[arg(
+        long,
+        env = "TWINCACHE_WORKER_MAX_PENDING_CONNECTIONS",
+        default_value_t = 64
+    )]
+    pub max_pending_connections: usize,
+
     /// Encrypt every stored value with the key in this file (32 bytes, or 64 hex characters
     /// as `worker keygen` writes). Both workers of a pair need the same key.
     #[arg(
@@ -107,7 +133,8 @@ pub struct Config {
 /// Commands other than serving.
 #[derive(Debug, Clone, Subcommand)]
 pub enum Command {
-    /// Print a fresh random encryption key (64 hex characters): `worker keygen > key`.
+    /// Print a fresh random key (64 hex characters), for --encryption-key-file or
+    /// --cluster-secret-file: `worker keygen > key`.
     Keygen,
 }
 
@@ -133,6 +160,29 @@ impl Config {
     pub fn buffer_budget(&self) -> u64 {
         self.max_buffer_memory
             .unwrap_or_else(twincache_protocol::budget::default_buffer_budget)
+    }
+
+    /// The cluster secret from `--cluster-secret-file`, if given; a clear message if it is
+    /// unusable.
+    pub fn cluster_secret(&self) -> Result<Option<ClusterSecret>, String> {
+        self.cluster_secret_file
+            .as_deref()
+            .map(ClusterSecret::from_file)
+            .transpose()
+    }
+
+    /// Refuses to serve every data on a reachable address without authentication (Redis'
+    /// protected mode), unless told `--insecure`.
+    pub fn check_exposure(&self) -> Result<(), String> {
+        if self.bind.is_loopback() || self.cluster_secret_file.is_some() || self.insecure {
+            return Ok(());
+        }
+        Err(format!(
+            "refusing to listen on {} without --cluster-secret-file: anyone who can reach it \
+             could read and change all of this worker's data. Give every node the same secret \
+             (`worker keygen > cluster.secret`), or pass --insecure on a network you trust",
+            self.bind
+        ))
     }
 
     /// The cipher from `--encryption-key-file`, if given; a clear message if it is unusable.

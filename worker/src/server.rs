@@ -13,12 +13,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::codec::Decoder;
 use tokio_util::sync::CancellationToken;
+use twincache_protocol::auth::{self, ClusterSecret};
 use twincache_protocol::budget::{Account, Budget};
 use twincache_protocol::frame::{
     encode_frame, flags, FrameCodec, FrameError, Op, Request, Response, PREAMBLE,
 };
 use twincache_protocol::info::Info;
-use twincache_protocol::server::accept_loop;
+use twincache_protocol::server::{accept_loop, Slot, Slots};
 use twincache_protocol::Status;
 
 use crate::adapter::{Adapter, INVALIDATION_TTL_MS};
@@ -50,6 +51,8 @@ pub struct Node {
     pub budget: Arc<Budget>,
     /// Connections with nothing to do for this long are closed.
     pub idle_timeout: Duration,
+    /// The cluster secret: every connection proves it first (see `twincache_protocol::auth`).
+    pub secret: Option<ClusterSecret>,
 }
 
 /// A request answered at once, or one that waits on Redis (adapter mode).
@@ -95,6 +98,9 @@ impl Worker {
                 .map(Arc::new),
             budget: Budget::new(config.buffer_budget() as usize),
             idle_timeout: config.idle_timeout,
+            secret: config
+                .cluster_secret()
+                .map_err(|msg| std::io::Error::new(std::io::ErrorKind::InvalidInput, msg))?,
         });
         Ok(Worker {
             listener,
@@ -122,15 +128,23 @@ impl Worker {
                 .clone()
                 .sweep_forever(std::time::Duration::from_millis(100), shutdown.clone()),
         );
+        // Peers that must authenticate wait in an allowance of their own until they have.
+        let slots = match node.secret {
+            Some(_) => Slots::with_pending(
+                self.config.max_connections,
+                self.config.max_pending_connections,
+            ),
+            None => Slots::new(self.config.max_connections),
+        };
         accept_loop(
             self.listener,
-            self.config.max_connections,
+            slots,
             shutdown,
             self.config.shutdown_grace,
-            move |stream, shutdown| {
+            move |stream, slot, shutdown| {
                 let node = node.clone();
                 async move {
-                    if let Err(e) = serve_connection(stream, node, shutdown).await {
+                    if let Err(e) = serve_connection(stream, slot, node, shutdown).await {
                         tracing::debug!(error = %e, "worker connection ended");
                     }
                 }
@@ -150,16 +164,39 @@ const KEEP_CAPACITY: usize = 256 * 1024;
 
 async fn serve_connection(
     mut stream: TcpStream,
+    mut slot: Slot,
     node: Arc<Node>,
     shutdown: CancellationToken,
 ) -> Result<(), FrameError> {
     let mut preamble = [0u8; 4];
-    tokio::select! {
-        res = tokio::time::timeout(PREAMBLE_DEADLINE.min(node.idle_timeout), stream.read_exact(&mut preamble)) => match res {
-            Ok(res) => { res?; }
-            Err(_) => return Ok(()), // a partial preamble, then silence
+    // The preamble, and the handshake with a secret, within one short deadline.
+    let opening = async {
+        stream.read_exact(&mut preamble).await?;
+        if preamble != PREAMBLE {
+            return Ok::<_, FrameError>(false);
+        }
+        if let Some(secret) = &node.secret {
+            if let Err(e) = auth::accept(&mut stream, secret).await {
+                tracing::warn!(error = %e, "refused a connection that did not authenticate");
+                return Ok(false);
+            }
+            if !slot.promote() {
+                tracing::warn!("connection limit reached; closing an authenticated connection");
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    };
+    let deadline = PREAMBLE_DEADLINE.min(node.idle_timeout);
+    let opened = tokio::select! {
+        res = tokio::time::timeout(deadline, opening) => match res {
+            Ok(res) => res?,
+            Err(_) => return Ok(()), // a partial opening, then silence
         },
         _ = shutdown.cancelled() => return Ok(()),
+    };
+    if !opened && preamble == PREAMBLE {
+        return Ok(()); // refused by the handshake, already answered
     }
     if preamble != PREAMBLE {
         let mut out = BytesMut::new();
@@ -497,6 +534,7 @@ pub fn handle(node: &Node, req: Request) -> Response {
                 partner.to_string(),
                 refill,
                 node.max_frame + 1024,
+                node.secret.clone(),
             );
             Response::ok(Bytes::from_static(if started {
                 b"started"
@@ -509,7 +547,10 @@ pub fn handle(node: &Node, req: Request) -> Response {
         Op::Passthrough | Op::Invalidate => {
             Response::error(Status::InvalidCommand, "this worker is not in adapter mode")
         }
-        Op::Unknown(_) => Response::status(Status::InvalidCommand),
+        // A handshake after the start, or a client's AUTH (workers have no users).
+        Op::ClusterHello | Op::ClusterProof | Op::Auth | Op::Unknown(_) => {
+            Response::status(Status::InvalidCommand)
+        }
     }
 }
 

@@ -57,6 +57,7 @@ use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_util::codec::FramedRead;
+use twincache_protocol::auth::{self, ClusterSecret};
 use twincache_protocol::coverage::Coverage;
 use twincache_protocol::frame::{encode_frame, FrameCodec, Op, Request, Response, PREAMBLE};
 use twincache_protocol::info::{self, Info};
@@ -249,6 +250,7 @@ impl SyncState {
         partner: String,
         refill: Refill,
         max_frame: usize,
+        secret: Option<ClusterSecret>,
     ) -> bool {
         {
             let mut run = self.run();
@@ -262,7 +264,7 @@ impl SyncState {
         tokio::spawn(async move {
             let started = Instant::now();
             tracing::info!(%partner, ?refill, "refill from partner started");
-            let result = pull(&store, &partner, refill, max_frame).await;
+            let result = pull(&store, &partner, refill, max_frame, secret.as_ref()).await;
             let mut run = state.run();
             run.seconds = started.elapsed().as_secs_f64();
             match result {
@@ -396,6 +398,7 @@ async fn pull(
     partner: &str,
     refill: Refill,
     max_frame: usize,
+    secret: Option<&ClusterSecret>,
 ) -> Result<Pulled, String> {
     let mut stream = tokio::time::timeout(STALL, TcpStream::connect(partner))
         .await
@@ -403,7 +406,14 @@ async fn pull(
         .map_err(|e| format!("cannot connect to {partner}: {e}"))?;
     stream.set_nodelay(true).ok();
     let mut hello = BytesMut::new();
-    hello.put_slice(&PREAMBLE);
+    match secret {
+        // Only a partner that proves the cluster secret may fill this worker.
+        Some(secret) => tokio::time::timeout(STALL, auth::connect(&mut stream, secret))
+            .await
+            .map_err(|_| format!("{partner} did not complete the cluster handshake"))?
+            .map_err(|e| format!("cluster handshake with {partner}: {e}"))?,
+        None => hello.put_slice(&PREAMBLE),
+    }
     encode_frame(&Request::new(Op::Snapshot, Bytes::new()), &mut hello);
     stream.write_all(&hello).await.map_err(|e| e.to_string())?;
     let mut frames = FramedRead::new(stream, FrameCodec::<Response>::new(max_frame));
