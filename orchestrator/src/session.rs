@@ -352,8 +352,12 @@ async fn run<P: Protocol>(
         if buf.is_empty() && buf.capacity() > KEEP_CAPACITY {
             buf = BytesMut::with_capacity(START_CAPACITY);
         }
-        account.track(&mut buf_held, buf.capacity());
-        if let Some(over) = account.over() {
+        // Bytes buffered, not capacity: a buffer's doubling reserves address space that only
+        // becomes memory as input arrives.
+        account.track(&mut buf_held, buf.len());
+        // A session already closing (say, on a command over the limit) first sends its
+        // answer; its writes still watch the limit.
+        if let Some(over) = account.over().filter(|_| reading) {
             return Err(over_limit(over));
         }
         if !reading && inflight.is_empty() {

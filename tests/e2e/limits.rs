@@ -258,12 +258,13 @@ async fn a_resp_command_over_the_limit_is_refused_before_it_arrives() {
         let _ = wr.write_all(b"$16777216\r\n").await;
     });
     let mut reply = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(10), rd.read_to_end(&mut reply)).await;
+    let read = tokio::time::timeout(Duration::from_secs(10), rd.read_to_end(&mut reply)).await;
     writer.abort();
     let reply = String::from_utf8_lossy(&reply);
     assert!(
         reply.starts_with("-ERR Protocol error: command larger than the query buffer limit"),
-        "{reply}"
+        "{reply:?} {read:?}; log:\n{}",
+        cluster.orch.log_text()
     );
     let peak = proc_kb(pid, "VmHWM");
     assert!(peak < 150 * MB, "orchestrator peak RSS {} MiB", peak / MB);

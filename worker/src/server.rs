@@ -270,7 +270,8 @@ async fn serve_connection(
                 if buf.is_empty() && buf.capacity() > KEEP_CAPACITY {
                     buf = BytesMut::with_capacity(64 * 1024);
                 }
-                account.track(&mut held, buf.capacity());
+                // Bytes buffered: a frame's reserved length is memory only as it arrives.
+                account.track(&mut held, buf.len());
                 if let Some(over) = account.over() {
                     tracing::info!("closing connection: {over}");
                     return Ok(());
