@@ -63,8 +63,7 @@ impl Record {
     pub fn new(
         key: &[u8],
         dump: &[u8],
-        pttl: i64,
-        now_ms: u64,
+        expire_at_ms: Option<u64>,
         after: &crate::document::Document,
     ) -> Record {
         let after = match after.storage {
@@ -82,7 +81,7 @@ impl Record {
         Record {
             key: encode_key(key),
             dump: encode_key(dump),
-            expire_at_ms: (pttl > 0).then(|| now_ms + pttl as u64),
+            expire_at_ms,
             after,
         }
     }

@@ -33,7 +33,7 @@ pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
     /// No progress display (the summary is still printed).
-    #[arg(long, global = true, env = "TWINCACHE_MIGRATE_QUIET")]
+    #[arg(long, global = true, env = "TWINCACHE_MIGRATE_QUIET", value_parser = clap::builder::BoolishValueParser::new())]
     pub quiet: bool,
 }
 

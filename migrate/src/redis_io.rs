@@ -141,7 +141,8 @@ impl Server {
 /// which a key is only sized, not dumped; the mode (`size`: sizes only; `dump`; `value`:
 /// also the type, and the value of strings and hashes); `1` to add the SHA-1 of each DUMP.
 /// Per key: `0` when missing, else `{pttl, size, dump, sha1, type, value}` cut short after
-/// `size` for keys that are not dumped. The last item is the server's TIME.
+/// `size` for keys that are not dumped, and in value mode the absolute expiry (PEXPIRETIME;
+/// -3 where the server is older than 7.0). The last item is the server's TIME.
 const READ_SCRIPT: &str = r#"
 local cap, mode, want_sha = tonumber(ARGV[1]), ARGV[2], ARGV[3] == '1'
 local out = {}
@@ -161,7 +162,11 @@ for i, k in ipairs(KEYS) do
         local t = redis.call('TYPE', k)['ok']
         row[5] = t
         if t == 'string' then row[6] = redis.call('GET', k)
-        elseif t == 'hash' then row[6] = redis.call('HGETALL', k) end
+        elseif t == 'hash' then row[6] = redis.call('HGETALL', k)
+        else row[6] = false end
+        local at = redis.pcall('PEXPIRETIME', k)
+        if type(at) ~= 'number' then at = -3 end
+        row[7] = at
       end
       out[i] = row
     end
@@ -194,6 +199,9 @@ pub struct Row {
     pub kind: Option<String>,
     /// The value of a string or hash, in value mode.
     pub value: Option<Value>,
+    /// Absolute expiry in Unix ms, in value mode: `None` for no expiry, or when the server
+    /// cannot say (before Redis 7.0: then it is the read time plus `pttl`).
+    pub expire_at_ms: Option<u64>,
 }
 
 /// Reads `keys` from `server` in one script call: one row per key (`None`: missing), and the
@@ -225,6 +233,11 @@ pub async fn read_batch(
     let time = items.pop().map(|t| server_time_ms(&t)).unwrap_or(0);
     let mut rows: Vec<Option<Row>> = items.into_iter().map(row).collect();
     rows.resize_with(keys.len(), || None);
+    for r in rows.iter_mut().flatten() {
+        if r.expire_at_ms == Some(u64::MAX) {
+            r.expire_at_ms = Some(time + r.pttl as u64);
+        }
+    }
     Ok((rows, time))
 }
 
@@ -244,6 +257,12 @@ fn row(v: Value) -> Option<Row> {
     row.sha = take(it.next());
     row.kind = take(it.next()).map(|b| String::from_utf8_lossy(&b).into_owned());
     row.value = it.next();
+    // -3 stands for "ask the clock" until read_batch knows the server's time.
+    row.expire_at_ms = match it.next().as_ref().and_then(int) {
+        Some(at) if at >= 0 => Some(at as u64),
+        Some(-3) if row.pttl > 0 => Some(u64::MAX),
+        _ => None,
+    };
     Some(row)
 }
 

@@ -168,8 +168,7 @@ impl Processor for Transformer {
                         records.push(Record::new(
                             key,
                             row.dump.as_deref().unwrap_or_default(),
-                            row.pttl,
-                            now_ms,
+                            row.expire_at_ms,
                             &c.doc,
                         ));
                     }
@@ -187,7 +186,11 @@ impl Processor for Transformer {
             if let Some(backup) = &self.opts.backup {
                 backup.append(&records).await?;
             }
-            if let Some(pause) = self.opts.pause_before_write.filter(|_| !changes.is_empty()) {
+            if let Some(pause) = self
+                .opts
+                .pause_before_write
+                .filter(|_| attempt == 0 && !changes.is_empty())
+            {
                 eprintln!("pausing {} ms before writing", pause.as_millis());
                 tokio::time::sleep(pause).await;
             }

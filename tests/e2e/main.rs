@@ -7,6 +7,7 @@ mod adapter;
 mod cli;
 mod client;
 mod faults;
+mod migrate;
 mod resp;
 mod robustness;
 mod storage;

@@ -61,11 +61,12 @@ pub async fn list(redis: &Server) -> Result<String, Error> {
     let schemas: BTreeMap<String, String> = redis.query(redis::cmd("HGETALL").arg(SCHEMAS)).await?;
     let current: BTreeMap<String, String> = redis.query(redis::cmd("HGETALL").arg(CURRENT)).await?;
     let migrations: Option<String> = redis.query(redis::cmd("GET").arg(MIGRATIONS)).await?;
+    let mut out = String::new();
     if schemas.is_empty() {
-        return Ok(format!(
+        out += &format!(
             "no registry in {} (push one with `schema push DIR --redis URL`)\n",
             redis.addr
-        ));
+        );
     }
     let mut rows: Vec<(Version, String)> = Vec::new();
     for (v, text) in &schemas {
@@ -80,7 +81,6 @@ pub async fn list(redis: &Server) -> Result<String, Error> {
         ));
     }
     rows.sort();
-    let mut out = String::new();
     for (_, line) in rows {
         out += &format!("schema {line}\n");
     }

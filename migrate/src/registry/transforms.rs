@@ -286,84 +286,85 @@ impl Step {
                 ));
             }
         }
-        let spec =
-            match &self.spec {
-                TransformSpec::RenameField { from, to, .. } => TransformSpec::RenameField {
-                    from: to.clone(),
-                    to: from.clone(),
-                    when,
-                },
-                TransformSpec::AddField {
-                    field,
-                    default_value,
-                    ..
-                } => TransformSpec::RemoveField {
+        let spec = match &self.spec {
+            TransformSpec::RenameField { from, to, .. } => TransformSpec::RenameField {
+                from: to.clone(),
+                to: from.clone(),
+                when,
+            },
+            TransformSpec::AddField {
+                field,
+                default_value,
+                ..
+            } => TransformSpec::RemoveField {
+                field: field.clone(),
+                default_value: Some(default_value.clone()),
+                when,
+            },
+            TransformSpec::RemoveField {
+                field,
+                default_value,
+                ..
+            } => match default_value {
+                Some(d) => TransformSpec::AddField {
                     field: field.clone(),
-                    default_value: Some(default_value.clone()),
+                    default_value: d.clone(),
                     when,
                 },
-                TransformSpec::RemoveField {
-                    field,
-                    default_value,
-                    ..
-                } => match default_value {
-                    Some(d) => TransformSpec::AddField {
-                        field: field.clone(),
-                        default_value: d.clone(),
-                        when,
-                    },
-                    None => {
-                        return Err(format!(
-                            "{what}: removeField of `{field}` has no defaultValue to put back"
-                        ))
-                    }
-                },
-                TransformSpec::SplitField {
-                    from,
-                    to,
-                    separator,
-                    ..
-                } => TransformSpec::MergeField {
-                    from: to.clone(),
-                    to: from.clone(),
-                    separator: separator.clone(),
+                None => {
+                    return Err(format!(
+                        "{what}: removeField of `{field}` has no defaultValue to put back"
+                    ))
+                }
+            },
+            TransformSpec::SplitField {
+                from,
+                to,
+                separator,
+                ..
+            } => TransformSpec::MergeField {
+                from: to.clone(),
+                to: from.clone(),
+                separator: separator.clone(),
+                when,
+            },
+            TransformSpec::MergeField {
+                from,
+                to,
+                separator,
+                ..
+            } => TransformSpec::SplitField {
+                from: to.clone(),
+                to: from.clone(),
+                separator: separator.clone(),
+                when,
+            },
+            TransformSpec::ConvertType {
+                field, to, from, ..
+            } => match from {
+                Some(f) => TransformSpec::ConvertType {
+                    field: field.clone(),
+                    to: *f,
+                    from: Some(*to),
                     when,
                 },
-                TransformSpec::MergeField {
-                    from,
-                    to,
-                    separator,
-                    ..
-                } => TransformSpec::SplitField {
-                    from: to.clone(),
-                    to: from.clone(),
-                    separator: separator.clone(),
-                    when,
-                },
-                TransformSpec::ConvertType {
-                    field, to, from, ..
-                } => match from {
-                    Some(f) => TransformSpec::ConvertType {
-                        field: field.clone(),
-                        to: *f,
-                        from: Some(*to),
-                        when,
-                    },
-                    None => return Err(format!(
+                None => {
+                    return Err(format!(
                         "{what}: convertType of `{field}` does not say what type it converts from"
-                    )),
+                    ))
+                }
+            },
+            TransformSpec::Custom {
+                script, inverse, ..
+            } => match inverse {
+                Some(inv) => TransformSpec::Custom {
+                    script: inv.clone(),
+                    inverse: Some(script.clone()),
+                    when,
                 },
-                TransformSpec::Custom {
-                    script, inverse, ..
-                } => match inverse {
-                    Some(inv) => TransformSpec::Custom {
-                        script: inv.clone(),
-                        inverse: Some(script.clone()),
-                        when,
-                    },
-                    None => return Err(format!("{what}: its custom script has no inverse script")),
-                },
-            };
+                None => return Err(format!("{what}: its custom script has no inverse script")),
+            },
+        };
         Step::new(spec, what)
     }
 }
