@@ -13,7 +13,7 @@ use crate::copy::{Copier, CopyOptions};
 use crate::redis_io::{redact_url, Server};
 use crate::registry::{schema, stored, Planner, Registry};
 use crate::report::{Progress, Tally};
-use crate::scan::{self, CheckpointSpec, ScanSpec};
+use crate::scan::{self, CheckpointSpec, Processor, ScanSpec};
 use crate::transform::{TransformOptions, Transformer};
 use crate::verify::Verifier;
 use crate::{Error, Outcome};
@@ -99,17 +99,33 @@ pub struct Tuning {
     pub big_key_size: u64,
 }
 
+/// The two servers, and the key filter, of `copy` and `verify`.
 #[derive(Debug, Args)]
-pub struct CopyArgs {
-    /// Redis to copy from.
+pub struct Servers {
+    /// Redis to copy from (or compare with).
     #[arg(long, env = "TWINCACHE_MIGRATE_SOURCE")]
     pub source: String,
-    /// Redis to copy to.
+    /// Redis to copy to (or compare).
     #[arg(long, env = "TWINCACHE_MIGRATE_DESTINATION")]
     pub destination: String,
     /// Only keys matching this glob (SCAN MATCH).
     #[arg(long = "match", value_name = "GLOB")]
     pub pattern: Option<String>,
+}
+
+impl Servers {
+    async fn connect(&self, tuning: &Tuning) -> Result<(Arc<Server>, Arc<Server>), Error> {
+        let n = connections(tuning);
+        let source = Server::connect("source", &self.source, n).await?;
+        let destination = Server::connect("destination", &self.destination, n).await?;
+        Ok((Arc::new(source), Arc::new(destination)))
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct CopyArgs {
+    #[command(flatten)]
+    pub servers: Servers,
     /// Only keys of this type (SCAN TYPE).
     #[arg(long = "type", value_enum)]
     pub key_type: Option<KeyType>,
@@ -148,13 +164,8 @@ pub struct CopyArgs {
 
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
-    #[arg(long, env = "TWINCACHE_MIGRATE_SOURCE")]
-    pub source: String,
-    #[arg(long, env = "TWINCACHE_MIGRATE_DESTINATION")]
-    pub destination: String,
-    /// Only keys matching this glob.
-    #[arg(long = "match", value_name = "GLOB")]
-    pub pattern: Option<String>,
+    #[command(flatten)]
+    pub servers: Servers,
     /// Check only the first N keys the scan returns (SCAN order is the hash table's, so
     /// effectively a random sample).
     #[arg(long, value_name = "N")]
@@ -249,6 +260,27 @@ pub async fn run(cli: Cli) -> Result<Outcome, Error> {
     }
 }
 
+/// Runs the scan engine with a progress display for `verb`; the tally, and when it started.
+async fn scan_with_progress<P: Processor>(
+    verb: &'static str,
+    total: Option<u64>,
+    quiet: bool,
+    source: Arc<Server>,
+    spec: ScanSpec,
+    processor: Arc<P>,
+    checkpoint: Option<CheckpointSpec>,
+) -> Result<(Tally, Instant), Error> {
+    let progress = Progress::new(verb, total, quiet);
+    let lines = progress.spawn_plain_lines(verb);
+    let started = Instant::now();
+    let result = scan::run(source, spec, processor, checkpoint, progress.clone()).await;
+    progress.finish();
+    if let Some(l) = lines {
+        l.abort();
+    }
+    Ok((result?, started))
+}
+
 /// Prints the summary; keys that failed make the exit code 1.
 fn finish(t: &Tally, verb: &str, done_as: &str, started: Instant) -> Outcome {
     print!("{}", t.summary(verb, done_as, started.elapsed()));
@@ -286,9 +318,7 @@ async fn key_count(server: &Server, pattern: &Option<String>) -> Option<u64> {
 
 async fn copy(a: CopyArgs, quiet: bool) -> Result<Outcome, Error> {
     let registry = a.registry.as_deref().map(Registry::load).transpose()?;
-    let source = Arc::new(Server::connect("source", &a.source, connections(&a.tuning)).await?);
-    let destination =
-        Arc::new(Server::connect("destination", &a.destination, connections(&a.tuning)).await?);
+    let (source, destination) = a.servers.connect(&a.tuning).await?;
     let planner = match (registry, &a.to) {
         (Some(r), Some(to)) => {
             let r = Arc::new(r);
@@ -300,9 +330,9 @@ async fn copy(a: CopyArgs, quiet: bool) -> Result<Outcome, Error> {
     };
     let run = format!(
         "copy {} -> {} match={} type={} registry={}",
-        redact_url(&a.source),
-        redact_url(&a.destination),
-        a.pattern.as_deref().unwrap_or("*"),
+        redact_url(&a.servers.source),
+        redact_url(&a.servers.destination),
+        a.servers.pattern.as_deref().unwrap_or("*"),
         a.key_type.map_or("any", KeyType::name),
         a.to.as_deref().unwrap_or("none"),
     );
@@ -312,11 +342,9 @@ async fn copy(a: CopyArgs, quiet: bool) -> Result<Outcome, Error> {
         resume: a.resume,
     });
     check_fresh_checkpoint(&checkpoint)?;
-    let mut spec = spec(a.pattern.clone(), a.key_type, &a.tuning);
+    let mut spec = spec(a.servers.pattern.clone(), a.key_type, &a.tuning);
     spec.rate_limit = a.rate_limit;
-    let total = key_count(&source, &a.pattern).await;
-    let progress = Progress::new("copy", total, quiet);
-    let lines = progress.spawn_plain_lines("copy");
+    let total = key_count(&source, &a.servers.pattern).await;
     let copier = Copier::new(
         source.clone(),
         destination,
@@ -328,13 +356,16 @@ async fn copy(a: CopyArgs, quiet: bool) -> Result<Outcome, Error> {
             planner,
         },
     );
-    let started = Instant::now();
-    let result = scan::run(source, spec, Arc::new(copier), checkpoint, progress.clone()).await;
-    progress.finish();
-    if let Some(l) = lines {
-        l.abort();
-    }
-    let t = result?;
+    let (t, started) = scan_with_progress(
+        "copy",
+        total,
+        quiet,
+        source,
+        spec,
+        Arc::new(copier),
+        checkpoint,
+    )
+    .await?;
     Ok(finish(
         &t,
         "copy",
@@ -360,30 +391,29 @@ fn check_fresh_checkpoint(cp: &Option<CheckpointSpec>) -> Result<(), Error> {
 }
 
 async fn verify(a: VerifyArgs, quiet: bool) -> Result<Outcome, Error> {
-    let source = Arc::new(Server::connect("source", &a.source, connections(&a.tuning)).await?);
-    let destination =
-        Arc::new(Server::connect("destination", &a.destination, connections(&a.tuning)).await?);
-    let mut spec = spec(a.pattern.clone(), None, &a.tuning);
+    let (source, destination) = a.servers.connect(&a.tuning).await?;
+    let mut spec = spec(a.servers.pattern.clone(), None, &a.tuning);
     spec.limit = a.sample;
     let total = match a.sample {
         Some(n) => Some(n),
-        None => key_count(&source, &a.pattern).await,
+        None => key_count(&source, &a.servers.pattern).await,
     };
-    let progress = Progress::new("verify", total, quiet);
-    let lines = progress.spawn_plain_lines("verify");
     let verifier = Verifier {
         source: source.clone(),
         destination,
         ttl_tolerance: a.ttl_tolerance,
         big_key_bytes: a.tuning.big_key_size,
     };
-    let started = Instant::now();
-    let result = scan::run(source, spec, Arc::new(verifier), None, progress.clone()).await;
-    progress.finish();
-    if let Some(l) = lines {
-        l.abort();
-    }
-    let t = result?;
+    let (t, started) = scan_with_progress(
+        "verify",
+        total,
+        quiet,
+        source,
+        spec,
+        Arc::new(verifier),
+        None,
+    )
+    .await?;
     let outcome = finish(&t, "verify", "equal", started);
     println!(
         "{}",
@@ -468,8 +498,6 @@ async fn transform(a: TransformArgs, quiet: bool) -> Result<Outcome, Error> {
     };
     let mut spec = spec(Some(pattern), None, &a.tuning);
     spec.exclude_prefix = Some(stored::PREFIX.as_bytes().to_vec());
-    let progress = Progress::new("transform", None, quiet);
-    let lines = progress.spawn_plain_lines("transform");
     let transformer = Arc::new(Transformer::new(
         redis.clone(),
         planner.clone(),
@@ -480,20 +508,16 @@ async fn transform(a: TransformArgs, quiet: bool) -> Result<Outcome, Error> {
             pause_before_write: a.pause_before_write,
         },
     ));
-    let started = Instant::now();
-    let result = scan::run(
+    let (t, started) = scan_with_progress(
+        "transform",
+        None,
+        quiet,
         redis.clone(),
         spec,
         transformer.clone(),
         checkpoint,
-        progress.clone(),
     )
-    .await;
-    progress.finish();
-    if let Some(l) = lines {
-        l.abort();
-    }
-    let t = result?;
+    .await?;
     let outcome = finish(
         &t,
         "transform",

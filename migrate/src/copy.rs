@@ -360,22 +360,14 @@ async fn copy_chunks(
             }
         }
         "hash" | "set" | "zset" => {
-            let (scan, write) = match kind {
-                "hash" => ("HSCAN", "HSET"),
-                "set" => ("SSCAN", "SADD"),
-                _ => ("ZSCAN", "ZADD"),
+            let write = match kind {
+                "hash" => "HSET",
+                "set" => "SADD",
+                _ => "ZADD",
             };
             let mut cursor = 0u64;
             loop {
-                let (next, part): (u64, Vec<Vec<u8>>) = src
-                    .query(
-                        redis::cmd(scan)
-                            .arg(key)
-                            .arg(cursor)
-                            .arg("COUNT")
-                            .arg(CHUNK),
-                    )
-                    .await?;
+                let (next, part) = redis_io::scan_members(src, kind, key, cursor, CHUNK).await?;
                 if !part.is_empty() {
                     bytes += size(&part);
                     let mut cmd = redis::cmd(write);

@@ -139,11 +139,46 @@ impl Server {
 
 /// Reads a batch of keys in one round trip. ARGV: the size (MEMORY USAGE bytes) above
 /// which a key is only sized, not dumped; the mode (`size`: sizes only; `dump`; `value`:
-/// also the type, and the value of strings and hashes); `1` to add the SHA-1 of each DUMP.
+/// also the type, and the value of strings and hashes; `digest`: the type and a digest of
+/// the value instead of the payload); `1` to add the SHA-1 of each DUMP.
 /// Per key: `0` when missing, else `{pttl, size, dump, sha1, type, value}` cut short after
 /// `size` for keys that are not dumped, and in value mode the absolute expiry (PEXPIRETIME;
 /// -3 where the server is older than 7.0). The last item is the server's TIME.
+///
+/// The digest is of the logical value, not of the DUMP payload (which differs between
+/// Redis versions and encodings of one value): a string's bytes; list, zset (with scores,
+/// in Redis' order) and stream items in order; for hashes and sets an order-free sum of the
+/// members' SHA-1s, so the order a server keeps them in does not matter.
 const READ_SCRIPT: &str = r#"
+local function lp(list)
+  local parts = {}
+  for i, s in ipairs(list) do parts[i] = #s .. ':' .. s end
+  return table.concat(parts)
+end
+local function bag(list, step)
+  local a, b = 0, 0
+  for i = 1, #list, step do
+    local item = list[i]
+    if step == 2 then item = #list[i] .. ':' .. list[i] .. list[i + 1] end
+    local h = redis.sha1hex(item)
+    a = (a + tonumber(string.sub(h, 1, 13), 16)) % 4503599627370496
+    b = (b + tonumber(string.sub(h, 14, 26), 16)) % 4503599627370496
+  end
+  return string.format('%d:%.0f:%.0f', #list, a, b)
+end
+local function digest(k, t)
+  if t == 'string' then return redis.call('GET', k)
+  elseif t == 'list' then return lp(redis.call('LRANGE', k, 0, -1))
+  elseif t == 'hash' then return bag(redis.call('HGETALL', k), 2)
+  elseif t == 'set' then return bag(redis.call('SMEMBERS', k), 1)
+  elseif t == 'zset' then return lp(redis.call('ZRANGE', k, 0, -1, 'WITHSCORES'))
+  elseif t == 'stream' then
+    local parts = {}
+    for j, e in ipairs(redis.call('XRANGE', k, '-', '+')) do parts[j] = e[1] .. lp(e[2]) end
+    return lp(parts)
+  end
+  return redis.call('DUMP', k)
+end
 local cap, mode, want_sha = tonumber(ARGV[1]), ARGV[2], ARGV[3] == '1'
 local out = {}
 for i, k in ipairs(KEYS) do
@@ -154,6 +189,9 @@ for i, k in ipairs(KEYS) do
     local pttl = redis.call('PTTL', k)
     if size > cap or mode == 'size' then
       out[i] = {pttl, size}
+    elseif mode == 'digest' then
+      local t = redis.call('TYPE', k)['ok']
+      out[i] = {pttl, size, false, false, t, redis.sha1hex(digest(k, t))}
     else
       local d = redis.call('DUMP', k)
       local row = {pttl, size, d, false}
@@ -182,6 +220,7 @@ pub enum ReadMode {
     Size,
     Dump,
     Value,
+    Digest,
 }
 
 /// One key as [`read_batch`] found it.
@@ -195,9 +234,9 @@ pub struct Row {
     pub dump: Option<Vec<u8>>,
     /// SHA-1 (hex) of the payload, when asked for.
     pub sha: Option<Vec<u8>>,
-    /// The Redis type, in value mode.
+    /// The Redis type, in value and digest modes (not for big keys).
     pub kind: Option<String>,
-    /// The value of a string or hash, in value mode.
+    /// The value of a string or hash, in value mode; the digest in digest mode.
     pub value: Option<Value>,
     /// Absolute expiry in Unix ms, in value mode: `None` for no expiry, or when the server
     /// cannot say (before Redis 7.0: then it is the read time plus `pttl`).
@@ -217,6 +256,7 @@ pub async fn read_batch(
         ReadMode::Size => b"size",
         ReadMode::Dump => b"dump",
         ReadMode::Value => b"value",
+        ReadMode::Digest => b"digest",
     };
     let cap = big_key_bytes.to_string();
     let reply = server
@@ -272,6 +312,25 @@ fn server_time_ms(v: &Value) -> u64 {
     let secs = t.first().and_then(int).unwrap_or(0).max(0) as u64;
     let micros = t.get(1).and_then(int).unwrap_or(0).max(0) as u64;
     secs * 1000 + micros / 1000
+}
+
+/// One chunk of a hash's, set's or zset's members, by HSCAN (field, value pairs), SSCAN or
+/// ZSCAN (member, score pairs); the next cursor (0 when done) and the chunk.
+pub async fn scan_members(
+    server: &Server,
+    kind: &str,
+    key: &[u8],
+    cursor: u64,
+    count: usize,
+) -> Result<(u64, Vec<Vec<u8>>), Error> {
+    let scan = match kind {
+        "hash" => "HSCAN",
+        "set" => "SSCAN",
+        _ => "ZSCAN",
+    };
+    let mut cmd = redis::cmd(scan);
+    cmd.arg(key).arg(cursor).arg("COUNT").arg(count);
+    server.query(&cmd).await
 }
 
 /// The EVAL command for a script, its keys and arguments.

@@ -2,10 +2,9 @@
 //! the type, the remaining TTL and a digest of the value, so a batch is compared in two round
 //! trips whatever the values' sizes.
 //!
-//! The digest is of the logical value, not of the DUMP payload, which differs between Redis
-//! versions and encodings of the same value: a string's bytes; a list's, zset's (with
-//! scores, in Redis' own order) and stream's entries in order; and for a hash or a set, a sum
-//! of the SHA-1 of each member, so the order a server keeps them in does not matter.
+//! The digest is of the logical value, not of the DUMP payload (see
+//! [`crate::redis_io::read_batch`]'s digest mode), so two Redis versions, or two encodings of
+//! one value, are not reported as different.
 //!
 //! Big keys (over `--big-key-size`) are compared a chunk at a time from the client: lengths
 //! first, then ranges or members (HMGET, SMISMEMBER, ZMSCORE on the destination for each
@@ -20,83 +19,18 @@ use std::time::Duration;
 
 use redis::Value;
 
-use crate::redis_io::{self, Server};
+use crate::redis_io::{self, read_batch, ReadMode, Server};
 use crate::report::Tally;
 use crate::scan::{Batch, Processor};
 use crate::Error;
 
 const CHUNK: usize = 512;
 
-/// Per key: 0 when missing, else {type, pttl, digest or false (big), size}.
-const DIGEST_SCRIPT: &str = r#"
-local cap = tonumber(ARGV[1])
-local function lp(list)
-  local parts = {}
-  for i, s in ipairs(list) do parts[i] = #s .. ':' .. s end
-  return table.concat(parts)
-end
--- Order-independent: two 52-bit sums of the members' SHA-1s.
-local function bag(list, step)
-  local a, b = 0, 0
-  for i = 1, #list, step do
-    local item = list[i]
-    if step == 2 then item = #list[i] .. ':' .. list[i] .. list[i + 1] end
-    local h = redis.sha1hex(item)
-    a = (a + tonumber(string.sub(h, 1, 13), 16)) % 4503599627370496
-    b = (b + tonumber(string.sub(h, 14, 26), 16)) % 4503599627370496
-  end
-  return string.format('%d:%.0f:%.0f', #list, a, b)
-end
-local out = {}
-for i, k in ipairs(KEYS) do
-  local size = redis.call('MEMORY', 'USAGE', k)
-  if not size then
-    out[i] = 0
-  else
-    local t = redis.call('TYPE', k)['ok']
-    local pttl = redis.call('PTTL', k)
-    local d = false
-    if size <= cap then
-      if t == 'string' then d = redis.call('GET', k)
-      elseif t == 'list' then d = lp(redis.call('LRANGE', k, 0, -1))
-      elseif t == 'hash' then d = bag(redis.call('HGETALL', k), 2)
-      elseif t == 'set' then d = bag(redis.call('SMEMBERS', k), 1)
-      elseif t == 'zset' then d = lp(redis.call('ZRANGE', k, 0, -1, 'WITHSCORES'))
-      elseif t == 'stream' then
-        local parts = {}
-        for j, e in ipairs(redis.call('XRANGE', k, '-', '+')) do parts[j] = e[1] .. lp(e[2]) end
-        d = lp(parts)
-      else d = redis.call('DUMP', k) end
-      d = redis.sha1hex(d)
-    end
-    out[i] = {t, pttl, d, size}
-  end
-end
-return out
-"#;
-
 pub struct Verifier {
     pub source: Arc<Server>,
     pub destination: Arc<Server>,
     pub ttl_tolerance: Duration,
     pub big_key_bytes: u64,
-}
-
-struct Seen {
-    kind: String,
-    pttl: i64,
-    digest: Option<Vec<u8>>,
-    size: u64,
-}
-
-fn seen(v: Option<&Value>) -> Option<Seen> {
-    let f = redis_io::items(v?);
-    Some(Seen {
-        kind: String::from_utf8_lossy(redis_io::bytes(f.first()?)?).into_owned(),
-        pttl: redis_io::int(f.get(1)?)?,
-        digest: f.get(2).and_then(redis_io::bytes).map(<[u8]>::to_vec),
-        size: f.get(3).and_then(redis_io::int).unwrap_or(0).max(0) as u64,
-    })
 }
 
 pub const MISSING: &str = "missing in the destination";
@@ -131,21 +65,24 @@ impl Verifier {
 
 impl Processor for Verifier {
     async fn process(&self, batch: Batch) -> Result<Tally, Error> {
-        let cap = self.big_key_bytes.to_string();
-        let args: [&[u8]; 1] = [cap.as_bytes()];
-        let (src, dst) = tokio::join!(
-            self.source.eval(DIGEST_SCRIPT, &batch.keys, &args),
-            self.destination.eval(DIGEST_SCRIPT, &batch.keys, &args)
-        );
-        let (src, dst) = (src?, dst?);
-        let (src, dst) = (redis_io::items(&src), redis_io::items(&dst));
+        let read = |server| {
+            read_batch(
+                server,
+                &batch.keys,
+                self.big_key_bytes,
+                ReadMode::Digest,
+                false,
+            )
+        };
+        let (src, dst) = tokio::join!(read(&self.source), read(&self.destination));
+        let (src, dst) = (src?.0, dst?.0);
         let mut t = Tally::default();
-        for (i, key) in batch.keys.iter().enumerate() {
-            let Some(a) = seen(src.get(i)) else {
+        for (key, (a, b)) in batch.keys.iter().zip(src.iter().zip(&dst)) {
+            let Some(a) = a else {
                 t.skip("gone from the source before it was read");
                 continue;
             };
-            let Some(b) = seen(dst.get(i)) else {
+            let Some(b) = b else {
                 if a.pttl >= 0 && a.pttl <= self.ttl_tolerance.as_millis() as i64 {
                     t.skip("expired in between (TTL within the tolerance)");
                 } else {
@@ -154,23 +91,41 @@ impl Processor for Verifier {
                 continue;
             };
             t.bytes += a.size;
-            if a.kind != b.kind {
+            let (kind_a, kind_b) = match (&a.kind, &b.kind) {
+                (Some(x), Some(y)) => (x.clone(), y.clone()),
+                // A big key: its type was not read with the batch.
+                _ => {
+                    let cmd = redis::cmd("TYPE").arg(&key[..]).clone();
+                    let (x, y) = tokio::join!(
+                        self.source.query::<String>(&cmd),
+                        self.destination.query::<String>(&cmd)
+                    );
+                    (x?, y?)
+                }
+            };
+            if kind_a != kind_b {
                 t.fail(
                     TYPE_DIFFERS,
                     key,
-                    format!("{} in the source, {} in the destination", a.kind, b.kind),
+                    format!("{kind_a} in the source, {kind_b} in the destination"),
                 );
                 continue;
             }
-            let equal = match (&a.digest, &b.digest) {
+            let digest = |r: &redis_io::Row| {
+                r.value
+                    .as_ref()
+                    .and_then(redis_io::bytes)
+                    .map(<[u8]>::to_vec)
+            };
+            let equal = match (digest(a), digest(b)) {
                 (Some(x), Some(y)) => x == y,
                 _ => {
                     t.note("big keys compared in chunks", 1);
-                    compare_big(&self.source, &self.destination, key, &a.kind).await?
+                    compare_big(&self.source, &self.destination, key, &kind_a).await?
                 }
             };
             if !equal {
-                t.fail(VALUE_DIFFERS, key, format!("the {} values differ", a.kind));
+                t.fail(VALUE_DIFFERS, key, format!("the {kind_a} values differ"));
             } else if let Some(why) = self.ttl_differs(a.pttl, b.pttl) {
                 t.fail(TTL_DIFFERS, key, why);
             } else {
@@ -254,22 +209,14 @@ async fn compare_big(src: &Server, dst: &Server, key: &[u8], kind: &str) -> Resu
             }
         }
         _ => {
-            let (scan, probe) = match kind {
-                "hash" => ("HSCAN", "HMGET"),
-                "set" => ("SSCAN", "SMISMEMBER"),
-                _ => ("ZSCAN", "ZMSCORE"),
+            let probe = match kind {
+                "hash" => "HMGET",
+                "set" => "SMISMEMBER",
+                _ => "ZMSCORE",
             };
             let mut cursor = 0u64;
             loop {
-                let (next, part): (u64, Vec<Vec<u8>>) = src
-                    .query(
-                        redis::cmd(scan)
-                            .arg(key)
-                            .arg(cursor)
-                            .arg("COUNT")
-                            .arg(CHUNK),
-                    )
-                    .await?;
+                let (next, part) = redis_io::scan_members(src, kind, key, cursor, CHUNK).await?;
                 let (members, expected): (Vec<&Vec<u8>>, Vec<Option<&Vec<u8>>>) = if kind == "set" {
                     (part.iter().collect(), part.iter().map(|_| None).collect())
                 } else {
