@@ -33,6 +33,11 @@ fn migrate(args: &[&str]) -> Run {
     }
 }
 
+/// Asserts the summary counts `n` before `what`.
+fn counted(text: &str, what: &str, n: u64) {
+    assert_eq!(count(text, what), n, "`{what}` in:\n{text}");
+}
+
 /// Runs the tool and asserts it succeeded.
 fn ok(args: &[&str]) -> Run {
     let r = migrate(args);
@@ -55,6 +60,11 @@ fn transform_with<'a>(url: &'a str, registry: &'a str, version: &'a str) -> [&'a
         "--to",
         version,
     ]
+}
+
+/// `copy --source SRC --destination DST`.
+fn copy_between<'a>(src: &'a str, dst: &'a str) -> [&'a str; 5] {
+    ["copy", "--source", src, "--destination", dst]
 }
 
 /// Plain `SET key value`.
@@ -212,12 +222,7 @@ fn copies_every_type_with_ttls_and_verifies() {
 
     let r = run(args(&["--dry-run"]));
     assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
-    assert_eq!(
-        count(&r.stdout, "would be copied"),
-        keys.len() as u64 - 1,
-        "{}",
-        r.stdout
-    );
+    counted(&r.stdout, "would be copied", keys.len() as u64 - 1);
     assert_eq!(
         q::<u64>(&mut d, &mut redis::cmd("DBSIZE")),
         1,
@@ -226,13 +231,8 @@ fn copies_every_type_with_ttls_and_verifies() {
 
     let r = run(args(&[]));
     assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
-    assert_eq!(
-        count(&r.stdout, "copied"),
-        keys.len() as u64 - 1,
-        "{}",
-        r.stdout
-    );
-    assert_eq!(count(&r.stdout, "skipped"), 1, "{}", r.stdout);
+    counted(&r.stdout, "copied", keys.len() as u64 - 1);
+    counted(&r.stdout, "skipped", 1);
     // The six big keys at least (a small stream's overhead may put it over 4 KiB as well).
     assert!(
         note(&r.stdout, "big keys copied in chunks") >= 6,
@@ -293,21 +293,16 @@ fn copies_every_type_with_ttls_and_verifies() {
         r.stdout
     );
     let r = run(args(&["--replace"]));
-    assert_eq!(
-        count(&r.stdout, "copied"),
-        keys.len() as u64,
-        "{}",
-        r.stdout
-    );
+    counted(&r.stdout, "copied", keys.len() as u64);
     let r = verify(&[]);
     assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
-    assert_eq!(count(&r.stdout, "equal"), keys.len() as u64, "{}", r.stdout);
+    counted(&r.stdout, "equal", keys.len() as u64);
 
     // --match and --type filter the scan.
     let r = run(args(&["--replace", "--match", "z:*"]));
-    assert_eq!(count(&r.stdout, "keys scanned"), 2, "{}", r.stdout);
+    counted(&r.stdout, "keys scanned", 2);
     let r = run(args(&["--replace", "--type", "hash"]));
-    assert_eq!(count(&r.stdout, "keys scanned"), 2, "{}", r.stdout);
+    counted(&r.stdout, "keys scanned", 2);
 }
 
 #[test]
@@ -324,15 +319,10 @@ fn delete_from_source_only_after_the_destination_holds_the_key() {
             .arg(vec!["x".repeat(100); 100]),
     );
     let r = ok(&[
-        "copy",
-        "--source",
-        &src.url(),
-        "--destination",
-        &dst.url(),
-        "--delete-from-source",
-        "--big-key-size",
-        "2KiB",
-    ]);
+        &copy_between(&src.url(), &dst.url())[..],
+        &["--delete-from-source", "--big-key-size", "2KiB"],
+    ]
+    .concat());
     assert_eq!(
         note(&r.stdout, "deleted from the source"),
         51,
@@ -408,9 +398,9 @@ fn killed_copy_resumes_and_copies_every_key_once() {
     resumed.push("--resume");
     let r = ok(&resumed);
     // Counted over both runs: every key copied once, none found already there.
-    assert_eq!(count(&r.stdout, "keys scanned"), N as u64, "{}", r.stdout);
-    assert_eq!(count(&r.stdout, "copied"), N as u64, "{}", r.stdout);
-    assert_eq!(count(&r.stdout, "skipped"), 0, "{}", r.stdout);
+    counted(&r.stdout, "keys scanned", N as u64);
+    counted(&r.stdout, "copied", N as u64);
+    counted(&r.stdout, "skipped", 0);
     assert_eq!(q::<u64>(&mut d, &mut redis::cmd("DBSIZE")), N as u64);
     assert!(pttl(&mut d, b"key:3") > 800_000 && pttl(&mut d, b"key:4") == -1);
     ok(&["verify", "--source", &su, "--destination", &du]);
@@ -509,7 +499,7 @@ fn verify_finds_planted_differences_and_nothing_else() {
         "--batch",
         "5",
     ]);
-    assert_eq!(count(&r.stdout, "keys scanned"), 10, "{}", r.stdout);
+    counted(&r.stdout, "keys scanned", 10);
 }
 
 /// Users of the three seed versions, as JSON strings (some with TTLs) and hashes.
@@ -586,7 +576,7 @@ fn seed_users_migrate_in_place_and_roll_back() {
     );
 
     let r = ok(&[&transform[..], &["--backup", &b]].concat());
-    assert_eq!(count(&r.stdout, "transformed"), 400, "{}", r.stdout);
+    counted(&r.stdout, "transformed", 400);
     // Valid against 3.0.0: names split, createdAt set, other fields and TTLs kept.
     let v: String = q(&mut c, redis::cmd("GET").arg("user:4"));
     let v: serde_json::Value = serde_json::from_str(&v).unwrap();
@@ -617,7 +607,7 @@ fn seed_users_migrate_in_place_and_roll_back() {
     // A second run changes nothing, byte for byte.
     let after = snapshot(&mut c, "user:*");
     let r = ok(&transform);
-    assert_eq!(count(&r.stdout, "transformed"), 0, "{}", r.stdout);
+    counted(&r.stdout, "transformed", 0);
     has(&r.stdout, "skipped 400: already at 3.0.0");
     assert_eq!(snapshot(&mut c, "user:*"), after);
     let list = migrate(&["schema", "list", "--redis", &url]);
@@ -625,7 +615,7 @@ fn seed_users_migrate_in_place_and_roll_back() {
 
     // Rollback puts every original back: payload and expiry, byte for byte.
     let r = ok(&["rollback", "--backup", &b, "--redis", &url]);
-    assert_eq!(count(&r.stdout, "restored"), 400, "{}", r.stdout);
+    counted(&r.stdout, "restored", 400);
     assert_eq!(snapshot(&mut c, "user:*"), before);
     // The backup file is not overwritten by a later run.
     let r = migrate(&[&transform[..], &["--backup", &b]].concat());
@@ -644,7 +634,7 @@ fn invalid_values_are_left_alone_and_reported() {
     let before = snapshot(&mut c, "user:[cj]*");
     let r = migrate(&transform_to(&r0.url(), "3.0.0"));
     assert_eq!(r.code, 1, "{}{}", r.stdout, r.stderr);
-    assert_eq!(count(&r.stdout, "transformed"), 1, "{}", r.stdout);
+    counted(&r.stdout, "transformed", 1);
     has(&r.stdout, "failed 1: fails validation against 3.0.0");
     has(
         &r.stdout,
@@ -714,17 +704,11 @@ fn copy_transforms_on_the_way_and_walks_back() {
     set(&mut s, "other", "as is");
     let before = snapshot(&mut s, "*");
     let r = ok(&[
-        "copy",
-        "--source",
-        &src.url(),
-        "--destination",
-        &dst.url(),
-        "--registry",
-        USERS,
-        "--to",
-        "3.0.0",
-    ]);
-    assert_eq!(count(&r.stdout, "copied"), 9, "{}", r.stdout);
+        &copy_between(&src.url(), &dst.url())[..],
+        &["--registry", USERS, "--to", "3.0.0"],
+    ]
+    .concat());
+    counted(&r.stdout, "copied", 9);
     has(&r.stdout, "transformed on the way: 8");
     assert_eq!(snapshot(&mut s, "*"), before, "the source is not changed");
     let v: String = q(&mut d, redis::cmd("GET").arg("user:0"));

@@ -613,6 +613,16 @@ mod tests {
         ]
     }
 
+    /// The error loading the seed registry with `migrations.json` replaced.
+    fn error_with_migrations(name: &str, migrations: serde_json::Value) -> String {
+        let mut files = seed();
+        files[3] = ("migrations.json", migrations);
+        registry(name, &files)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    }
+
     fn doc(v: serde_json::Value) -> Document {
         Document::from_json(v.to_string().as_bytes()).unwrap()
     }
@@ -733,16 +743,11 @@ mod tests {
             "{e}"
         );
 
-        let mut files = seed();
-        files[3] = (
-            "migrations.json",
-            json!({"migrations": {"m": {"source": "1.0.0", "target": "7.0.0"}}}),
-        );
-        assert!(registry("unknownver", &files)
-            .err()
-            .unwrap()
-            .to_string()
-            .contains("no schema file has version 7.0.0"));
+        assert!(error_with_migrations(
+            "unknownver",
+            json!({"migrations": {"m": {"source": "1.0.0", "target": "7.0.0"}}})
+        )
+        .contains("no schema file has version 7.0.0"));
 
         let mut files = seed();
         files[3] = (
@@ -755,16 +760,11 @@ mod tests {
             .to_string()
             .contains("does not compile"));
 
-        let mut files = seed();
-        files[3] = (
-            "migrations.json",
-            json!({"migrations": {}, "paths": {"1.0.0": {"3.0.0": ["nope"]}}}),
-        );
-        assert!(registry("badpath", &files)
-            .err()
-            .unwrap()
-            .to_string()
-            .contains("no migration `nope`"));
+        assert!(error_with_migrations(
+            "badpath",
+            json!({"migrations": {}, "paths": {"1.0.0": {"3.0.0": ["nope"]}}})
+        )
+        .contains("no migration `nope`"));
     }
 
     #[test]
