@@ -22,7 +22,8 @@ wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/nul
 PIDS=()
 stop() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; PIDS=(); }
 trap stop EXIT
-start_redis() { local p; p=$(free_port); redis-server --port "$p" --bind 127.0.0.1 --save "" --appendonly no >/dev/null & PIDS+=($!); wait_port "$p"; echo "$p"; }
+# Starts a redis-server on a free port and sets PORT (not in a subshell: PIDS must keep its pid).
+start_redis() { PORT=$(free_port); redis-server --port "$PORT" --bind 127.0.0.1 --save "" --appendonly no >/dev/null 2>&1 & PIDS+=($!); wait_port "$PORT"; }
 now() { date +%s.%N; }
 rate() { python3 -c "print(f'{$1 / ($3 - $2):,.0f}')"; }
 
@@ -46,14 +47,14 @@ for i = from, to - 1 do
   end
 end
 return to - from'
-SRC=$(start_redis)
+start_redis; SRC=$PORT
 echo "filling $N keys into the source ($SRC)..."
 for ((i = 0; i < N; i += 50000)); do
   redis-cli -p "$SRC" EVAL "$FILL" 0 "$i" "$(( i + 50000 < N ? i + 50000 : N ))" >/dev/null
 done
 echo "source: $(redis-cli -p "$SRC" dbsize) keys, $(redis-cli -p "$SRC" info memory | grep '^used_memory_human' | tr -d '\r')"
 
-DST=$(start_redis)
+start_redis; DST=$PORT
 t0=$(now)
 $B copy --source "redis://127.0.0.1:$SRC" --destination "redis://127.0.0.1:$DST" --concurrency "$C" --quiet >/tmp/twincache-migrate-bench.out
 t1=$(now)
@@ -61,7 +62,7 @@ copied=$(redis-cli -p "$DST" dbsize)
 copy_rate=$(rate "$N" "$t0" "$t1")
 cat /tmp/twincache-migrate-bench.out
 
-DST2=$(start_redis)
+start_redis; DST2=$PORT
 t0=$(now)
 python3 bench/migrate_driver.py "$SRC" "$DST2" 1000
 t1=$(now)
@@ -75,7 +76,7 @@ for i = tonumber(ARGV[1]), tonumber(ARGV[2]) - 1 do
   redis.call("SET", "user:" .. i, "{\"userName\":\"Ada Lovelace" .. i .. "\",\"age\":" .. (i % 90) .. ",\"email\":\"ada" .. i .. "@example.com\",\"preferences\":{\"theme\":\"dark\",\"lang\":\"en\"}}", "EX", 86400)
 end
 return 1'
-USR=$(start_redis)
+start_redis; USR=$PORT
 for ((i = 0; i < T; i += 50000)); do
   redis-cli -p "$USR" EVAL "$USERS_FILL" 0 "$i" "$(( i + 50000 < T ? i + 50000 : T ))" >/dev/null
 done

@@ -87,7 +87,11 @@ pub struct Copier {
 
 /// How one key is written.
 enum Write {
+    /// RESTORE of a DUMP payload.
     Restore,
+    /// SET of a string read by value (a tenth of the servers' work of DUMP/RESTORE).
+    Set,
+    /// A transformed document, by script.
     Document,
 }
 
@@ -203,12 +207,27 @@ impl Copier {
         }
     }
 
-    fn restore(&self, pipe: &mut redis::Pipeline, key: &[u8], row: &Row) {
+    /// Adds the write of a key as it is: SET for a string read by value (NX unless
+    /// --replace, so an existing key is kept as RESTORE would keep it), RESTORE otherwise.
+    fn write_as_is(&self, pipe: &mut redis::Pipeline, key: &[u8], row: &Row) -> Write {
+        if let (None, Some(value)) = (&row.dump, &row.value) {
+            pipe.cmd("SET")
+                .arg(key)
+                .arg(redis_io::bytes(value).unwrap_or_default());
+            if row.pttl > 0 {
+                pipe.arg("PX").arg(row.pttl);
+            }
+            if !self.opts.replace {
+                pipe.arg("NX");
+            }
+            return Write::Set;
+        }
         let dump = row.dump.as_deref().unwrap_or_default();
         pipe.cmd("RESTORE").arg(key).arg(row.pttl.max(0)).arg(dump);
         if self.opts.replace {
             pipe.arg("REPLACE");
         }
+        Write::Restore
     }
 
     /// Copies one big key in chunks under a temporary name, then renames it into place.
@@ -256,7 +275,7 @@ impl Copier {
         };
         let pttl: i64 = src.query(redis::cmd("PTTL").arg(key)).await?;
         let built: i64 = dst.query(redis::cmd("EXISTS").arg(&temp)).await?;
-        if pttl == -2 || built == 0 {
+        if pttl == -2 || pttl == 0 || built == 0 {
             let _: () = dst.query(redis::cmd("DEL").arg(&temp)).await?;
             t.skip(SKIP_GONE);
             return Ok(());
@@ -467,24 +486,31 @@ impl Processor for Copier {
         } else {
             ReadMode::Dump
         };
-        let (rows, now_ms) = read_batch(
-            &self.source,
-            keys,
-            self.opts.big_key_bytes,
-            mode,
-            self.opts.delete_from_source,
-        )
-        .await?;
+        let (rows, now_ms) = if mode == ReadMode::Dump && !self.opts.delete_from_source {
+            // The fast path; deleting from the source needs every key's DUMP digest.
+            let rows = redis_io::read_for_copy(&self.source, keys, self.opts.big_key_bytes).await?;
+            (rows, 0)
+        } else {
+            read_batch(
+                &self.source,
+                keys,
+                self.opts.big_key_bytes,
+                mode,
+                self.opts.delete_from_source,
+            )
+            .await?
+        };
         let mut t = Tally::default();
         let mut pipe = redis::pipe();
         let mut sent: Vec<(usize, Write)> = Vec::new();
         let mut big = Vec::new();
         for (i, (key, row)) in keys.iter().zip(&rows).enumerate() {
-            let Some(row) = row else {
+            // PTTL 0: it expires within the millisecond; copied without a TTL it would live on.
+            let Some(row) = row.as_ref().filter(|r| r.pttl != 0) else {
                 t.skip(SKIP_GONE);
                 continue;
             };
-            if row.dump.is_none() {
+            if row.dump.is_none() && row.value.is_none() {
                 big.push(i);
                 continue;
             }
@@ -497,9 +523,10 @@ impl Processor for Copier {
                 }
                 None => Write::Restore,
             };
-            if let Write::Restore = write {
-                self.restore(&mut pipe, key, row);
-            }
+            let write = match write {
+                Write::Restore => self.write_as_is(&mut pipe, key, row),
+                other => other,
+            };
             sent.push((i, write));
         }
         let replies = self.destination.pipeline(&mut pipe).await?;
@@ -507,11 +534,17 @@ impl Processor for Copier {
         let mut delete_shas: Vec<Vec<u8>> = Vec::new();
         for ((i, write), reply) in sent.iter().zip(&replies) {
             let (key, row) = (&keys[*i], rows[*i].as_ref());
-            let size = row.map_or(0, |r| r.dump.as_ref().map_or(0, Vec::len)) as u64;
+            let size = row.map_or(0, |r| match (&r.dump, &r.value) {
+                (Some(d), _) => d.len(),
+                (None, Some(v)) => redis_io::bytes(v).map_or(0, <[u8]>::len),
+                _ => 0,
+            }) as u64;
             let outcome =
                 match (write, reply) {
                     (Write::Document, v) if redis_io::int(v) == Some(1) => Ok(true),
                     (Write::Document, v) if redis_io::int(v) == Some(0) => Ok(false),
+                    (Write::Set, Value::Okay) => Ok(true),
+                    (Write::Set, Value::Nil) => Ok(false),
                     (Write::Restore, v) => match redis_io::reply_status(v) {
                         Ok(()) => Ok(true),
                         Err(e) if e.starts_with("BUSYKEY") => Ok(false),

@@ -281,6 +281,65 @@ pub async fn read_batch(
     Ok((rows, time))
 }
 
+/// `copy`'s read of a batch: strings, most keys of most caches, by value in one MULTI/EXEC
+/// of PTTL and GETRANGE (at most `big_key_bytes` + 1 bytes) per key, which costs the server
+/// a fraction of a DUMP (no RDB encoding, compression attempt or checksum) and of a script;
+/// the other keys (WRONGTYPE) then through [`read_batch`]'s dump mode.
+pub async fn read_for_copy(
+    server: &Server,
+    keys: &[Vec<u8>],
+    big_key_bytes: u64,
+) -> Result<Vec<Option<Row>>, Error> {
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    for k in keys {
+        pipe.cmd("PTTL")
+            .arg(&k[..])
+            .cmd("GETRANGE")
+            .arg(&k[..])
+            .arg(0)
+            .arg(big_key_bytes);
+    }
+    let replies = server.pipeline(&mut pipe).await?;
+    let mut rows: Vec<Option<Row>> = Vec::with_capacity(keys.len());
+    let mut others = Vec::new();
+    let mut replies = replies.into_iter();
+    for (i, _) in keys.iter().enumerate() {
+        let (Some(pttl), Some(value)) = (replies.next(), replies.next()) else {
+            rows.push(None);
+            continue;
+        };
+        let pttl = int(&pttl).unwrap_or(-2);
+        rows.push(match value {
+            _ if pttl == -2 => None,
+            Value::BulkString(b) if b.len() as u64 > big_key_bytes => Some(Row {
+                pttl,
+                size: b.len() as u64,
+                ..Row::default()
+            }),
+            Value::BulkString(b) => Some(Row {
+                pttl,
+                size: b.len() as u64,
+                kind: Some("string".into()),
+                value: Some(Value::BulkString(b)),
+                ..Row::default()
+            }),
+            _ => {
+                others.push(i);
+                None
+            }
+        });
+    }
+    if !others.is_empty() {
+        let subset: Vec<Vec<u8>> = others.iter().map(|&i| keys[i].clone()).collect();
+        let (found, _) = read_batch(server, &subset, big_key_bytes, ReadMode::Dump, false).await?;
+        for (i, row) in others.into_iter().zip(found) {
+            rows[i] = row;
+        }
+    }
+    Ok(rows)
+}
+
 fn row(v: Value) -> Option<Row> {
     let Value::Array(fields) = v else { return None };
     let mut it = fields.into_iter();
