@@ -1,11 +1,15 @@
-//! `copy`: each batch of scanned keys is read from the source by one script call (size,
-//! remaining TTL and DUMP payload per key) and written to the destination by one pipeline of
-//! RESTORE commands. DUMP/RESTORE keeps every type (and encoding) as it is and costs the
-//! servers the least; the tool only carries bytes.
+//! `copy`: each batch of scanned keys is read from the source in one round trip and written
+//! to the destination in one pipeline. Strings (most keys of most caches) go by value: one
+//! MULTI/EXEC of PTTL and GETRANGE per key, then `SET key value PX ttl NX`. Every other type
+//! goes by DUMP/RESTORE (one script call reads size, TTL and payload per key), which keeps
+//! the type, encoding and stream metadata exactly. Measured on loopback, a DUMP of a 1 KiB
+//! string costs its server about 12 µs (RDB encoding, an LZF attempt, a CRC64) and RESTORE
+//! 9 µs, against about 1.5 µs each for GETRANGE and SET: by value, the servers do a fifth of
+//! the work, which is what makes `copy` faster than MIGRATE (README has the figures).
 //!
-//! - **Existing keys.** RESTORE without REPLACE answers BUSYKEY for a key the destination
-//!   already has: it is left alone (a write through adapter mode, or a newer value, wins) and
-//!   counted as skipped. `--replace` overwrites.
+//! - **Existing keys.** RESTORE without REPLACE answers BUSYKEY, and SET NX nil, for a key the
+//!   destination already has: it is left alone (a write through adapter mode, or a newer
+//!   value, wins) and counted as skipped. `--replace` overwrites.
 //! - **TTLs.** The remaining TTL read with the payload goes with the RESTORE.
 //! - **Big keys.** A key whose MEMORY USAGE is over `--big-key-size` is not dumped (a DUMP
 //!   reply is one allocation, here and on the server). It is rebuilt in the destination under
