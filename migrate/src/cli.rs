@@ -255,7 +255,11 @@ pub async fn run(cli: Cli) -> Result<Outcome, Error> {
             let redis = Server::connect("target", &a.redis, 1).await?;
             let started = Instant::now();
             let t = backup::rollback(&a.backup, &redis).await?;
-            Ok(finish(&t, "rollback", "restored", started))
+            let ran = Ran {
+                started,
+                keys: t.scanned,
+            };
+            Ok(finish(&t, "rollback", "restored", &ran))
         }
     }
 }
@@ -269,21 +273,35 @@ async fn scan_with_progress<P: Processor>(
     spec: ScanSpec,
     processor: Arc<P>,
     checkpoint: Option<CheckpointSpec>,
-) -> Result<(Tally, Instant), Error> {
+) -> Result<(Tally, Ran), Error> {
     let progress = Progress::new(verb, total, quiet);
     let lines = progress.spawn_plain_lines(verb);
     let started = Instant::now();
+    let resumable = checkpoint.is_some();
     let result = scan::run(source, spec, processor, checkpoint, progress.clone()).await;
     progress.finish();
     if let Some(l) = lines {
         l.abort();
     }
-    Ok((result?, started))
+    if resumable && matches!(result, Err(Error::Interrupted) | Err(Error::Redis { .. })) {
+        eprintln!("progress is in the checkpoint: run the same command with --resume to go on");
+    }
+    let keys = progress.keys();
+    Ok((result?, Ran { started, keys }))
+}
+
+/// When a run started, and how many keys it scanned itself.
+struct Ran {
+    started: Instant,
+    keys: u64,
 }
 
 /// Prints the summary; keys that failed make the exit code 1.
-fn finish(t: &Tally, verb: &str, done_as: &str, started: Instant) -> Outcome {
-    print!("{}", t.summary(verb, done_as, started.elapsed()));
+fn finish(t: &Tally, verb: &str, done_as: &str, ran: &Ran) -> Outcome {
+    print!(
+        "{}",
+        t.summary(verb, done_as, ran.started.elapsed(), ran.keys)
+    );
     if t.failed_total() > 0 {
         Outcome::Differences
     } else {
@@ -356,7 +374,7 @@ async fn copy(a: CopyArgs, quiet: bool) -> Result<Outcome, Error> {
             planner,
         },
     );
-    let (t, started) = scan_with_progress(
+    let (t, ran) = scan_with_progress(
         "copy",
         total,
         quiet,
@@ -374,7 +392,7 @@ async fn copy(a: CopyArgs, quiet: bool) -> Result<Outcome, Error> {
         } else {
             "copied"
         },
-        started,
+        &ran,
     ))
 }
 
@@ -404,7 +422,7 @@ async fn verify(a: VerifyArgs, quiet: bool) -> Result<Outcome, Error> {
         ttl_tolerance: a.ttl_tolerance,
         big_key_bytes: a.tuning.big_key_size,
     };
-    let (t, started) = scan_with_progress(
+    let (t, ran) = scan_with_progress(
         "verify",
         total,
         quiet,
@@ -414,7 +432,7 @@ async fn verify(a: VerifyArgs, quiet: bool) -> Result<Outcome, Error> {
         None,
     )
     .await?;
-    let outcome = finish(&t, "verify", "equal", started);
+    let outcome = finish(&t, "verify", "equal", &ran);
     println!(
         "{}",
         if outcome == Outcome::Ok {
@@ -508,7 +526,7 @@ async fn transform(a: TransformArgs, quiet: bool) -> Result<Outcome, Error> {
             pause_before_write: a.pause_before_write,
         },
     ));
-    let (t, started) = scan_with_progress(
+    let (t, ran) = scan_with_progress(
         "transform",
         None,
         quiet,
@@ -526,7 +544,7 @@ async fn transform(a: TransformArgs, quiet: bool) -> Result<Outcome, Error> {
         } else {
             "transformed"
         },
-        started,
+        &ran,
     );
     if a.dry_run {
         for (key, before, after) in transformer

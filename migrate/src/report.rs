@@ -80,8 +80,10 @@ impl Tally {
         self.skipped.values().sum()
     }
 
-    /// The summary printed at the end of a run; `done_as` names what `done` counts.
-    pub fn summary(&self, verb: &str, done_as: &str, elapsed: Duration) -> String {
+    /// The summary printed at the end of a run; `done_as` names what `done` counts, and the
+    /// rate is of the `run_keys` this run scanned in `elapsed` (a resumed run's tally also
+    /// counts the runs before it).
+    pub fn summary(&self, verb: &str, done_as: &str, elapsed: Duration, run_keys: u64) -> String {
         let secs = elapsed.as_secs_f64().max(1e-3);
         let mut out = format!(
             "{verb} summary: {} keys scanned, {} {done_as}, {} skipped, {} failed in {:.1}s ({:.0} keys/s, {})\n",
@@ -90,7 +92,7 @@ impl Tally {
             self.skipped_total(),
             self.failed_total(),
             secs,
-            self.scanned as f64 / secs,
+            run_keys as f64 / secs,
             human_bytes(self.bytes),
         );
         for (reason, n) in &self.skipped {
@@ -147,9 +149,9 @@ impl Progress {
                 None => indicatif::ProgressBar::new_spinner(),
             };
             let template = if total.is_some() {
-                "{prefix} [{elapsed_precise}] {wide_bar} {pos}/{len} keys, {per_sec}, {msg}, ETA {eta}"
+                "{prefix} [{elapsed_precise}] {wide_bar} {pos}/{len} keys, {msg}, ETA {eta}"
             } else {
-                "{prefix} [{elapsed_precise}] {spinner} {pos} keys, {per_sec}, {msg}"
+                "{prefix} [{elapsed_precise}] {spinner} {pos} keys, {msg}"
             };
             if let Ok(style) = indicatif::ProgressStyle::with_template(template) {
                 bar.set_style(style);
@@ -172,8 +174,9 @@ impl Progress {
         let k = self.keys.fetch_add(keys, Relaxed) + keys;
         let b = self.bytes.fetch_add(bytes, Relaxed) + bytes;
         if let Some(bar) = &self.bar {
+            let rate = k as f64 / self.started.elapsed().as_secs_f64().max(1e-3);
             bar.set_position(k);
-            bar.set_message(human_bytes(b));
+            bar.set_message(format!("{rate:.0} keys/s, {}", human_bytes(b)));
         }
     }
 
@@ -214,6 +217,11 @@ impl Progress {
         )
     }
 
+    /// Keys done by this run so far.
+    pub fn keys(&self) -> u64 {
+        self.keys.load(Relaxed)
+    }
+
     pub fn finish(&self) {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
@@ -238,7 +246,7 @@ mod tests {
         assert_eq!(total.failed["value differs"], 30);
         assert_eq!(total.skipped_total(), 2);
         assert_eq!(total.examples.len(), EXAMPLES);
-        let text = total.summary("verify", "equal", Duration::from_secs(1));
+        let text = total.summary("verify", "equal", Duration::from_secs(1), 30);
         assert!(text.contains("failed 30: value differs"), "{text}");
     }
 

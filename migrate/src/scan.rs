@@ -468,3 +468,64 @@ pub fn per_key<'a>(
         .enumerate()
         .map(move |(i, k)| (&k[..], items.get(i)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared() -> Shared {
+        Shared {
+            state: Mutex::new(State::default()),
+            changed: Notify::new(),
+            durable: watch::channel(0).0,
+            room: Notify::new(),
+        }
+    }
+
+    fn pending(cursor_after: u64, key: &str) -> Pending {
+        Pending {
+            cursor_after,
+            keys: vec![key.as_bytes().to_vec()],
+            done: false,
+        }
+    }
+
+    #[test]
+    fn the_cursor_moves_only_past_finished_batches() {
+        let sh = shared();
+        {
+            let mut s = sh.lock();
+            s.pending.insert(0, pending(10, "a"));
+            s.pending.insert(1, pending(20, "b"));
+            s.pending.insert(2, pending(30, "c"));
+        }
+        let one = Tally {
+            done: 1,
+            ..Tally::default()
+        };
+        // The last batch finishes first: the cursor stays, its key is listed as done.
+        sh.complete(2, one.clone());
+        let cp = sh.lock().checkpoint("run");
+        assert_eq!(cp.cursor, "0");
+        assert_eq!(cp.done, vec![encode_key(b"c")]);
+        assert_eq!(cp.inflight, vec![encode_key(b"a"), encode_key(b"b")]);
+        assert_eq!(cp.tally.done, 1);
+        // The first finishes: the cursor moves past it, not past the unfinished second.
+        sh.complete(0, one.clone());
+        let cp = sh.lock().checkpoint("run");
+        assert_eq!(cp.cursor, "10");
+        assert_eq!(cp.inflight, vec![encode_key(b"b")]);
+        // The second: everything up to the third batch's cursor is done.
+        sh.complete(1, one);
+        let cp = sh.lock().checkpoint("run");
+        assert_eq!(
+            (
+                cp.cursor.as_str(),
+                cp.done.len(),
+                cp.inflight.len(),
+                cp.tally.done
+            ),
+            ("30", 0, 0, 3)
+        );
+    }
+}

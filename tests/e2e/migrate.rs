@@ -62,9 +62,9 @@ fn transform_with<'a>(url: &'a str, registry: &'a str, version: &'a str) -> [&'a
     ]
 }
 
-/// `copy --source SRC --destination DST`.
-fn copy_between<'a>(src: &'a str, dst: &'a str) -> [&'a str; 5] {
-    ["copy", "--source", src, "--destination", dst]
+/// `VERB --source SRC --destination DST` (`copy` or `verify`).
+fn between<'a>(verb: &'a str, src: &'a str, dst: &'a str) -> [&'a str; 5] {
+    [verb, "--source", src, "--destination", dst]
 }
 
 /// Plain `SET key value`.
@@ -319,7 +319,7 @@ fn delete_from_source_only_after_the_destination_holds_the_key() {
             .arg(vec!["x".repeat(100); 100]),
     );
     let r = ok(&[
-        &copy_between(&src.url(), &dst.url())[..],
+        &between("copy", &src.url(), &dst.url())[..],
         &["--delete-from-source", "--big-key-size", "2KiB"],
     ]
     .concat());
@@ -387,6 +387,11 @@ fn killed_copy_resumes_and_copies_every_key_once() {
     child.wait().unwrap();
     let before = q::<u64>(&mut d, &mut redis::cmd("DBSIZE"));
     assert!(before < N as u64, "killed mid-way ({before} of {N} copied)");
+    // The checkpoint names the batches that were in flight: the resumed run handles those first.
+    let cp: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cp).unwrap()).unwrap();
+    assert!(!cp["inflight"].as_array().unwrap().is_empty(), "{cp}");
+    assert!(cp["tally"]["done"].as_u64().unwrap() <= before);
 
     // The same command again without --resume refuses to throw the record away.
     let r = migrate(&args);
@@ -466,15 +471,13 @@ fn verify_finds_planted_differences_and_nothing_else() {
     q::<()>(&mut s, redis::cmd("PEXPIRE").arg("k:6").arg(1_500));
     q::<()>(&mut d, redis::cmd("DEL").arg("k:6"));
 
-    let r = migrate(&[
-        "verify",
-        "--source",
-        &src.url(),
-        "--destination",
-        &dst.url(),
-        "--ttl-tolerance",
-        "2s",
-    ]);
+    let r = migrate(
+        &[
+            &between("verify", &src.url(), &dst.url())[..],
+            &["--ttl-tolerance", "2s"],
+        ]
+        .concat(),
+    );
     assert_eq!(r.code, 1, "{}{}", r.stdout, r.stderr);
     let out = &r.stdout;
     assert_eq!(count(out, "keys scanned"), 502, "{out}");
@@ -488,17 +491,13 @@ fn verify_finds_planted_differences_and_nothing_else() {
         assert!(out.contains(&format!("    {k} ")), "{k} listed in:\n{out}");
     }
     has(out, "source and destination differ");
-    let r = migrate(&[
-        "verify",
-        "--source",
-        &src.url(),
-        "--destination",
-        &dst.url(),
-        "--sample",
-        "10",
-        "--batch",
-        "5",
-    ]);
+    let r = migrate(
+        &[
+            &between("verify", &src.url(), &dst.url())[..],
+            &["--sample", "10", "--batch", "5"],
+        ]
+        .concat(),
+    );
     counted(&r.stdout, "keys scanned", 10);
 }
 
@@ -704,7 +703,7 @@ fn copy_transforms_on_the_way_and_walks_back() {
     set(&mut s, "other", "as is");
     let before = snapshot(&mut s, "*");
     let r = ok(&[
-        &copy_between(&src.url(), &dst.url())[..],
+        &between("copy", &src.url(), &dst.url())[..],
         &["--registry", USERS, "--to", "3.0.0"],
     ]
     .concat());
