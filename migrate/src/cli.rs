@@ -160,6 +160,9 @@ pub struct CopyArgs {
     /// Schema version to transform values to (with --registry).
     #[arg(long, value_name = "VERSION", requires = "registry")]
     pub to: Option<String>,
+    /// Test hook: pause after writing a batch, before it counts as done.
+    #[arg(long, hide = true, value_parser = parse_duration)]
+    pub pause_after_write: Option<Duration>,
 }
 
 #[derive(Debug, Args)]
@@ -231,6 +234,9 @@ pub struct TransformArgs {
     /// Test hook: pause between reading a batch and writing it.
     #[arg(long, hide = true, value_parser = parse_duration)]
     pub pause_before_write: Option<Duration>,
+    /// Test hook: pause after writing a batch, before it counts as done.
+    #[arg(long, hide = true, value_parser = parse_duration)]
+    pub pause_after_write: Option<Duration>,
 }
 
 #[derive(Debug, Args)]
@@ -372,6 +378,7 @@ async fn copy(a: CopyArgs, quiet: bool) -> Result<Outcome, Error> {
             dry_run: a.dry_run,
             big_key_bytes: a.tuning.big_key_size,
             planner,
+            pause_after_write: a.pause_after_write,
         },
     );
     let (t, ran) = scan_with_progress(
@@ -524,6 +531,7 @@ async fn transform(a: TransformArgs, quiet: bool) -> Result<Outcome, Error> {
             backup,
             big_key_bytes: a.tuning.big_key_size,
             pause_before_write: a.pause_before_write,
+            pause_after_write: a.pause_after_write,
         },
     ));
     let (t, ran) = scan_with_progress(

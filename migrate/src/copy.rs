@@ -80,6 +80,9 @@ pub struct CopyOptions {
     pub dry_run: bool,
     pub big_key_bytes: u64,
     pub planner: Option<Arc<Planner>>,
+    /// Test hook: wait this long after writing a batch, so a test can kill the run between
+    /// the writes and the checkpoint that records them.
+    pub pause_after_write: Option<std::time::Duration>,
 }
 
 pub struct Copier {
@@ -534,6 +537,9 @@ impl Processor for Copier {
             sent.push((i, write));
         }
         let replies = self.destination.pipeline(&mut pipe).await?;
+        if let Some(pause) = self.opts.pause_after_write {
+            tokio::time::sleep(pause).await;
+        }
         let mut delete_keys = Vec::new();
         let mut delete_shas: Vec<Vec<u8>> = Vec::new();
         for ((i, write), reply) in sent.iter().zip(&replies) {

@@ -52,6 +52,9 @@ pub struct TransformOptions {
     /// Test hook: wait this long between reading a batch and writing it, after saying so on
     /// stderr, so a test can race an application write against the run.
     pub pause_before_write: Option<Duration>,
+    /// Test hook: wait this long after writing a batch, so a test can kill the run between
+    /// the writes and the checkpoint that records them.
+    pub pause_after_write: Option<Duration>,
 }
 
 pub struct Transformer {
@@ -218,6 +221,9 @@ impl Processor for Transformer {
                 ));
             }
             let replies = self.redis.pipeline(&mut pipe).await?;
+            if let Some(pause) = self.opts.pause_after_write {
+                tokio::time::sleep(pause).await;
+            }
             let mut raced = Vec::new();
             let mut routes: BTreeMap<&str, u64> = BTreeMap::new();
             for (c, reply) in changes.iter().zip(&replies) {

@@ -89,6 +89,21 @@ fn has(text: &str, needle: &str) {
     assert!(text.contains(needle), "expected `{needle}` in:\n{text}");
 }
 
+/// The count of a `skipped N: reason` line (0 if there is none).
+fn note_skipped(text: &str, reason: &str) -> u64 {
+    text.lines()
+        .find(|l| l.trim_start().starts_with("skipped") && l.ends_with(reason))
+        .and_then(|l| {
+            l.trim_start()
+                .strip_prefix("skipped ")?
+                .split(':')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
+
 /// The number after `what: ` in a summary's notes.
 fn note(text: &str, what: &str) -> u64 {
     text.split(&format!("{what}: "))
@@ -371,8 +386,12 @@ fn killed_copy_resumes_and_copies_every_key_once() {
         "--checkpoint",
         &cps,
     ];
+    // A pause after each batch's writes (a test hook): the kill below follows a write by
+    // less than a polling interval, so it lands between that batch's writes and the
+    // checkpoint that would record them.
     let mut child = Command::new(MIGRATE)
         .args(args)
+        .args(["--pause-after-write", "300ms"])
         .env("TWINCACHE_MIGRATE_QUIET", "1")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -391,7 +410,11 @@ fn killed_copy_resumes_and_copies_every_key_once() {
     let cp: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&cp).unwrap()).unwrap();
     assert!(!cp["inflight"].as_array().unwrap().is_empty(), "{cp}");
-    assert!(cp["tally"]["done"].as_u64().unwrap() <= before);
+    let recorded = cp["tally"]["done"].as_u64().unwrap();
+    assert!(
+        recorded < before,
+        "keys written but not recorded: {recorded} recorded, {before} there"
+    );
 
     // The same command again without --resume refuses to throw the record away.
     let r = migrate(&args);
@@ -620,6 +643,101 @@ fn seed_users_migrate_in_place_and_roll_back() {
     let r = migrate(&[&transform[..], &["--backup", &b]].concat());
     assert_eq!(r.code, 2, "{}", r.stderr);
     has(&r.stderr, "already exists");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn killed_transform_resumes_without_applying_a_step_twice() {
+    const N: usize = 4000;
+    let r0 = RedisServer::start();
+    let mut c = con(&r0);
+    fill_users(&mut c, N);
+    let before = snapshot(&mut c, "user:*");
+    let dir = temp_dir("transform-resume");
+    let (cp, backup) = (dir.join("t.checkpoint"), dir.join("t.backup"));
+    let (url, cps, b) = (
+        r0.url(),
+        cp.display().to_string(),
+        backup.display().to_string(),
+    );
+    let flags = [
+        "--batch",
+        "50",
+        "--concurrency",
+        "2",
+        "--checkpoint",
+        &cps,
+        "--backup",
+        &b,
+    ];
+    let args = [&transform_to(&url, "3.0.0")[..], &flags].concat();
+    // Slowed down by the test hook, so that the kill lands between a batch's writes and the
+    // checkpoint that would record them.
+    let mut child = Command::new(MIGRATE)
+        .args(&args)
+        .args(["--pause-after-write", "100ms", "--quiet"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let done = |cp: &PathBuf| -> u64 {
+        let text = std::fs::read_to_string(cp).unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        v["tally"]["done"].as_u64().unwrap_or(0)
+    };
+    while done(&cp) < 500 {
+        assert!(Instant::now() < deadline, "the transform made no progress");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(done(&cp) < N as u64);
+
+    let r = ok(&[&args[..], &["--resume"]].concat());
+    // Over both runs: each value transformed once; those written by the killed run's last
+    // batches are found at 3.0.0 and left alone.
+    let transformed = count(&r.stdout, "transformed");
+    let already = note_skipped(&r.stdout, "already at 3.0.0");
+    assert_eq!(transformed + already, N as u64, "{}", r.stdout);
+    assert!(
+        already > 0,
+        "the killed run had written values it had not recorded: {}",
+        r.stdout
+    );
+    counted(&r.stdout, "failed", 0);
+    for i in (0..N).step_by(97) {
+        let key = format!("user:{i}");
+        let (first, last) = [
+            ("Ada", "Lovelace"),
+            ("Grace", "Hopper"),
+            ("Alan", "Turing"),
+            ("Edsger", "Dijkstra"),
+        ][i % 4];
+        let fields: std::collections::HashMap<String, String> = if i % 4 == 2 {
+            q(&mut c, redis::cmd("HGETALL").arg(&key))
+        } else {
+            let v: String = q(&mut c, redis::cmd("GET").arg(&key));
+            let v: serde_json::Value = serde_json::from_str(&v).unwrap();
+            v.as_object()
+                .unwrap()
+                .iter()
+                .map(|(k, v)| (k.clone(), v.as_str().map_or(v.to_string(), String::from)))
+                .collect()
+        };
+        assert_eq!(fields["firstName"], first, "{key}: {fields:?}");
+        assert_eq!(
+            fields["lastName"],
+            format!("{last}{i}"),
+            "{key}: {fields:?}"
+        );
+        assert_eq!(fields["_schemaVersion"], "3.0.0");
+        assert!(!fields.contains_key("userName") && !fields.contains_key("fullName"));
+    }
+    // The backup, appended to by both runs, takes every value back.
+    let r = ok(&["rollback", "--backup", &b, "--redis", &url]);
+    counted(&r.stdout, "restored", N as u64);
+    assert_eq!(snapshot(&mut c, "user:*"), before);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
