@@ -293,12 +293,14 @@ pub async fn read_for_copy(
     let mut pipe = redis::pipe();
     pipe.atomic();
     for k in keys {
+        // GETRANGE takes a signed end; Redis strings stop at 512 MiB anyway.
+        let end = big_key_bytes.min(i64::MAX as u64);
         pipe.cmd("PTTL")
             .arg(&k[..])
             .cmd("GETRANGE")
             .arg(&k[..])
             .arg(0)
-            .arg(big_key_bytes);
+            .arg(end);
     }
     let replies = server.pipeline(&mut pipe).await?;
     let mut rows: Vec<Option<Row>> = Vec::with_capacity(keys.len());
