@@ -1,6 +1,6 @@
 //! The command line (fixed by issue 10: these verbs and flags are what users script against)
-//! and what each verb runs. Every flag can also come from the environment variable `--help`
-//! shows.
+//! and what each verb runs. The URLs, the registry and the tuning flags can also come from
+//! environment variables (`--help` names them), which keeps passwords off command lines.
 
 use std::path::PathBuf;
 use std::sync::Arc;
