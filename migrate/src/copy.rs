@@ -489,7 +489,7 @@ impl Processor for Copier {
             return self.dry_run(keys).await;
         }
         let mode = if self.opts.planner.is_some() {
-            ReadMode::Value
+            ReadMode::Value { dump: true }
         } else {
             ReadMode::Dump
         };

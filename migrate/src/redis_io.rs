@@ -137,10 +137,31 @@ impl Server {
     }
 }
 
+/// Lua shared by the scripts that must agree on what a value is: `lp` joins strings with
+/// length prefixes, and `value_text(k, t)` is a string's bytes or a hash's field/value pairs
+/// (in the server's order), the text whose SHA-1 `transform` compares before it writes.
+macro_rules! value_text_lua {
+    () => {
+        r#"
+local function lp(list)
+  local parts = {}
+  for i, s in ipairs(list) do parts[i] = #s .. ':' .. s end
+  return table.concat(parts)
+end
+local function value_text(k, t)
+  if t == 'string' then return redis.call('GET', k) end
+  return lp(redis.call('HGETALL', k))
+end
+"#
+    };
+}
+pub(crate) use value_text_lua;
+
 /// Reads a batch of keys in one round trip. ARGV: the size (MEMORY USAGE bytes) above
 /// which a key is only sized, not dumped; the mode (`size`: sizes only; `dump`; `value`:
-/// also the type, and the value of strings and hashes; `digest`: the type and a digest of
-/// the value instead of the payload); `1` to add the SHA-1 of each DUMP.
+/// also the type, the value of strings and hashes, its expiry and the SHA-1 of its
+/// `value_text`; `value-nodump`: the same without the payload; `digest`: the type and a
+/// digest of the value instead of the payload); `1` to add the SHA-1 of each DUMP.
 /// Per key: `0` when missing, else `{pttl, size, dump, sha1, type, value}` cut short after
 /// `size` for keys that are not dumped, and in value mode the absolute expiry (PEXPIRETIME;
 /// -3 where the server is older than 7.0). The last item is the server's TIME.
@@ -149,12 +170,9 @@ impl Server {
 /// Redis versions and encodings of one value): a string's bytes; list, zset (with scores,
 /// in Redis' order) and stream items in order; for hashes and sets an order-free sum of the
 /// members' SHA-1s, so the order a server keeps them in does not matter.
-const READ_SCRIPT: &str = r#"
-local function lp(list)
-  local parts = {}
-  for i, s in ipairs(list) do parts[i] = #s .. ':' .. s end
-  return table.concat(parts)
-end
+const READ_SCRIPT: &str = concat!(
+    value_text_lua!(),
+    r#"
 local function bag(list, step)
   local a, b = 0, 0
   for i = 1, #list, step do
@@ -193,10 +211,13 @@ for i, k in ipairs(KEYS) do
       local t = redis.call('TYPE', k)['ok']
       out[i] = {pttl, size, false, false, t, redis.sha1hex(digest(k, t))}
     else
-      local d = redis.call('DUMP', k)
-      local row = {pttl, size, d, false}
-      if want_sha then row[4] = redis.sha1hex(d) end
-      if mode == 'value' then
+      local row = {pttl, size, false, false}
+      if mode ~= 'value-nodump' then
+        local d = redis.call('DUMP', k)
+        row[3] = d
+        if want_sha then row[4] = redis.sha1hex(d) end
+      end
+      if mode == 'value' or mode == 'value-nodump' then
         local t = redis.call('TYPE', k)['ok']
         row[5] = t
         if t == 'string' then row[6] = redis.call('GET', k)
@@ -205,6 +226,8 @@ for i, k in ipairs(KEYS) do
         local at = redis.pcall('PEXPIRETIME', k)
         if type(at) ~= 'number' then at = -3 end
         row[7] = at
+        row[8] = false
+        if t == 'string' or t == 'hash' then row[8] = redis.sha1hex(value_text(k, t)) end
       end
       out[i] = row
     end
@@ -212,14 +235,18 @@ for i, k in ipairs(KEYS) do
 end
 out[#KEYS + 1] = redis.call('TIME')
 return out
-"#;
+"#
+);
 
 /// What [`read_batch`] dumps: nothing, payloads, or payloads and values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReadMode {
     Size,
     Dump,
-    Value,
+    /// Values of strings and hashes, with their DUMP payloads (`dump: true`) or without.
+    Value {
+        dump: bool,
+    },
     Digest,
 }
 
@@ -238,6 +265,8 @@ pub struct Row {
     pub kind: Option<String>,
     /// The value of a string or hash, in value mode; the digest in digest mode.
     pub value: Option<Value>,
+    /// SHA-1 (hex) of the value's `value_text`, in value mode, for compare-and-set.
+    pub value_sha: Option<Vec<u8>>,
     /// Absolute expiry in Unix ms, in value mode: `None` for no expiry, or when the server
     /// cannot say (before Redis 7.0: then it is the read time plus `pttl`).
     pub expire_at_ms: Option<u64>,
@@ -255,7 +284,8 @@ pub async fn read_batch(
     let mode_arg: &[u8] = match mode {
         ReadMode::Size => b"size",
         ReadMode::Dump => b"dump",
-        ReadMode::Value => b"value",
+        ReadMode::Value { dump: true } => b"value",
+        ReadMode::Value { dump: false } => b"value-nodump",
         ReadMode::Digest => b"digest",
     };
     let cap = big_key_bytes.to_string();
@@ -364,6 +394,7 @@ fn row(v: Value) -> Option<Row> {
         Some(-3) if row.pttl > 0 => Some(u64::MAX),
         _ => None,
     };
+    row.value_sha = take(it.next());
     Some(row)
 }
 

@@ -1,10 +1,12 @@
 //! `transform`: migrates values in place to a schema version.
 //!
-//! Per batch: one script call reads every key's type, value, TTL, DUMP payload and its SHA-1;
+//! Per batch: one script call reads every key's type, value, TTL and the SHA-1 of the value
+//! (and its DUMP payload, for `--backup`);
 //! each value's version is found ([`crate::registry::Planner::detect`]), its path run and the
 //! result validated against the target; the old values of the keys about to change go to the
 //! backup file (fsynced); then one pipeline of compare-and-set scripts writes the new values.
-//! Each script writes only if the key's DUMP still has the SHA-1 read, keeping the TTL. A key
+//! Each script writes only if the key still holds the value read (same type, same SHA-1),
+//! keeping the TTL. A key
 //! the application changed in between is read again and planned again from its new value (up
 //! to three times), so an application write racing the run is never overwritten by a result
 //! computed from an older value.
@@ -19,7 +21,7 @@ use std::time::Duration;
 
 use crate::backup::{BackupWriter, Record};
 use crate::document::{Document, Storage};
-use crate::redis_io::{self, read_batch, ReadMode, Row, Server};
+use crate::redis_io::{self, read_batch, value_text_lua, ReadMode, Row, Server};
 use crate::registry::{Plan, Planner};
 use crate::report::Tally;
 use crate::scan::{Batch, Processor};
@@ -29,11 +31,14 @@ const TRIES: usize = 3;
 /// Before/after samples a dry run shows.
 pub const SAMPLES: usize = 3;
 
-/// Writes a new value if the key's DUMP still has the SHA-1 that was read. KEYS[1]; ARGV:
-/// the SHA-1, `string` or `hash`, the value or field/value pairs. 1 written, 0 changed.
-const COMPARE_AND_SET: &str = r#"
-local cur = redis.call('DUMP', KEYS[1])
-if not cur or redis.sha1hex(cur) ~= ARGV[1] then return 0 end
+/// Writes a new value if the key still holds the value that was read (same type, same
+/// SHA-1 of its `value_text`). KEYS[1]; ARGV: the SHA-1, `string` or `hash`, the value or
+/// field/value pairs. 1 written, 0 changed.
+const COMPARE_AND_SET: &str = concat!(
+    value_text_lua!(),
+    r#"
+local t = redis.call('TYPE', KEYS[1])['ok']
+if t ~= ARGV[2] or redis.sha1hex(value_text(KEYS[1], t)) ~= ARGV[1] then return 0 end
 if ARGV[2] == 'string' then
   redis.call('SET', KEYS[1], ARGV[3], 'KEEPTTL')
 else
@@ -43,7 +48,8 @@ else
   if ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
 end
 return 1
-"#;
+"#
+);
 
 pub struct TransformOptions {
     pub dry_run: bool,
@@ -85,7 +91,8 @@ impl Transformer {
 
     /// Plans one key; `Some` when it is to be written.
     fn plan(&self, key: &[u8], row: &Row, now_ms: u64, t: &mut Tally) -> Option<Change> {
-        if row.dump.is_none() {
+        // A big key is only sized: no type, no value.
+        if row.kind.is_none() {
             t.fail(
                 "bigger than --big-key-size (not transformed)",
                 key,
@@ -133,7 +140,7 @@ impl Transformer {
                 }
                 Some(Change {
                     key: key.to_vec(),
-                    sha: row.sha.clone().unwrap_or_default(),
+                    sha: row.value_sha.clone().unwrap_or_default(),
                     route,
                     doc: new,
                 })
@@ -155,8 +162,11 @@ impl Processor for Transformer {
                 &self.redis,
                 &keys,
                 self.opts.big_key_bytes,
-                ReadMode::Value,
-                true,
+                // The payload only for the backup; the compare-and-set needs the value's SHA-1.
+                ReadMode::Value {
+                    dump: self.opts.backup.is_some(),
+                },
+                false,
             )
             .await?;
             let mut changes = Vec::new();
