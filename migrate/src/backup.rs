@@ -5,14 +5,14 @@
 //!
 //! ```text
 //! {"format":"twincache-migrate-backup","version":1,"createdAtMs":1767225600000,"redis":"redis://host:6379/0","target":"3.0.0"}
-//! {"key":"dXNlcjox","dump":"AAVoZWxsbwsA...","expireAtMs":null,"after":{"type":"string","value":"eyJmaXJzdE5hbWUiOi..."}}
+//! {"key":"dXNlcjox","dump":"AAVoZWxsbwsA...","expireAtMs":null,"after":{"type":"string","items":["eyJmaXJzdE5hbWUiOi..."]}}
 //! ```
 //!
 //! `key` and `dump` (the DUMP payload of the value before the change: type and value, byte
 //! for byte) are base64; `expireAtMs` is the key's absolute expiry in Unix ms by the server's
-//! clock, or null. `after` is what the run wrote (a string, or a hash's field/value pairs):
-//! `rollback` restores a key only if it still holds exactly that, so a value the application
-//! changed after the run is not thrown away. A key that appears twice (the run re-read it
+//! clock, or null. `after` is what the run wrote (its type, and the string value or the
+//! hash's field/value pairs, base64): `rollback` restores a key only if it still holds
+//! exactly that, so a value the application changed after the run is not thrown away. A key that appears twice (the run re-read it
 //! after an application write) is restored from its last line.
 //!
 //! Rollback is RESTORE ... REPLACE ABSTTL in a script that first checks the value: type,
@@ -51,12 +51,13 @@ pub struct Record {
     pub after: After,
 }
 
-/// What the run wrote in place of the old value.
+/// What the run wrote in place of the old value: its Redis type (`string` or `hash`) and
+/// the items written (the value, or field/value pairs), base64.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(tag = "type", rename_all = "lowercase")]
-pub enum After {
-    String { value: String },
-    Hash { fields: Vec<[String; 2]> },
+pub struct After {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub items: Vec<String>,
 }
 
 impl Record {
@@ -66,23 +67,15 @@ impl Record {
         expire_at_ms: Option<u64>,
         after: &crate::document::Document,
     ) -> Record {
-        let after = match after.storage {
-            crate::document::Storage::Json => After::String {
-                value: encode_key(&after.to_json()),
-            },
-            crate::document::Storage::Hash => After::Hash {
-                fields: after
-                    .to_hash()
-                    .iter()
-                    .map(|(f, v)| [encode_key(f.as_bytes()), encode_key(v)])
-                    .collect(),
-            },
-        };
+        let (kind, items) = after.redis_items();
         Record {
             key: encode_key(key),
             dump: encode_key(dump),
             expire_at_ms,
-            after,
+            after: After {
+                kind: kind.into(),
+                items: items.iter().map(|i| encode_key(i)).collect(),
+            },
         }
     }
 }
@@ -222,18 +215,12 @@ pub async fn rollback(path: &Path, redis: &Server) -> Result<Tally, Error> {
                 decode_key(&r.dump).map_err(bad)?,
                 r.expire_at_ms.unwrap_or(0).to_string().into_bytes(),
             ];
-            match &r.after {
-                After::String { value } => {
-                    args.push(b"string".to_vec());
-                    args.push(decode_key(value).map_err(bad)?);
-                }
-                After::Hash { fields } => {
-                    args.push(b"hash".to_vec());
-                    for [f, v] in fields {
-                        args.push(decode_key(f).map_err(bad)?);
-                        args.push(decode_key(v).map_err(bad)?);
-                    }
-                }
+            if r.after.kind != "string" && r.after.kind != "hash" {
+                return Err(bad(format!("unknown type `{}` in a record", r.after.kind)));
+            }
+            args.push(r.after.kind.clone().into_bytes());
+            for item in &r.after.items {
+                args.push(decode_key(item).map_err(bad)?);
             }
             t.bytes += args[0].len() as u64;
             let refs: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();

@@ -189,20 +189,9 @@ impl Copier {
             Ok(Plan::Migrate { doc, .. }) => {
                 let ttl = row.pttl.max(0).to_string();
                 let replace = if self.opts.replace { "1" } else { "0" };
-                let mut args: Vec<Vec<u8>> = vec![replace.into(), ttl.into_bytes()];
-                match doc.storage {
-                    crate::document::Storage::Json => {
-                        args.push(b"string".to_vec());
-                        args.push(doc.to_json());
-                    }
-                    crate::document::Storage::Hash => {
-                        args.push(b"hash".to_vec());
-                        for (f, v) in doc.to_hash() {
-                            args.push(f.into_bytes());
-                            args.push(v);
-                        }
-                    }
-                }
+                let (kind, items) = doc.redis_items();
+                let mut args: Vec<Vec<u8>> = vec![replace.into(), ttl.into_bytes(), kind.into()];
+                args.extend(items);
                 let refs: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
                 pipe.add_command(redis_io::eval_cmd(WRITE_DOC, &[key.to_vec()], &refs));
                 Some(Write::Document)

@@ -85,6 +85,21 @@ impl Document {
         serde_json::to_vec(&self.body).unwrap_or_default()
     }
 
+    /// The Redis type to store the document as, and the items to write: the JSON text of a
+    /// string, or a hash's field/value pairs.
+    pub fn redis_items(&self) -> (&'static str, Vec<Vec<u8>>) {
+        match self.storage {
+            Storage::Json => ("string", vec![self.to_json()]),
+            Storage::Hash => (
+                "hash",
+                self.to_hash()
+                    .into_iter()
+                    .flat_map(|(f, v)| [f.into_bytes(), v])
+                    .collect(),
+            ),
+        }
+    }
+
     /// The hash fields to store (for [`Storage::Hash`]).
     pub fn to_hash(&self) -> Vec<(String, Vec<u8>)> {
         self.body

@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::backup::{BackupWriter, Record};
-use crate::document::{Document, Storage};
+use crate::document::Document;
 use crate::redis_io::{self, read_batch, value_text_lua, ReadMode, Row, Server};
 use crate::registry::{Plan, Planner};
 use crate::report::Tally;
@@ -31,23 +31,35 @@ const TRIES: usize = 3;
 /// Before/after samples a dry run shows.
 pub const SAMPLES: usize = 3;
 
-/// Writes a new value if the key still holds the value that was read (same type, same
-/// SHA-1 of its `value_text`). KEYS[1]; ARGV: the SHA-1, `string` or `hash`, the value or
-/// field/value pairs. 1 written, 0 changed.
+/// Writes each new value if its key still holds the value that was read (same type, same
+/// SHA-1 of its `value_text`), keeping its TTL; one call for a whole batch. KEYS: the keys.
+/// ARGV, per key: the SHA-1, `string` or `hash`, the number n of items, then the n items
+/// (the value, or field/value pairs). Per key: 1 written, 0 changed meanwhile.
 const COMPARE_AND_SET: &str = concat!(
     value_text_lua!(),
     r#"
-local t = redis.call('TYPE', KEYS[1])['ok']
-if t ~= ARGV[2] or redis.sha1hex(value_text(KEYS[1], t)) ~= ARGV[1] then return 0 end
-if ARGV[2] == 'string' then
-  redis.call('SET', KEYS[1], ARGV[3], 'KEEPTTL')
-else
-  local ttl = redis.call('PTTL', KEYS[1])
-  redis.call('DEL', KEYS[1])
-  for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-  if ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
+local out = {}
+local a = 1
+for i, k in ipairs(KEYS) do
+  local sha, kind, n = ARGV[a], ARGV[a + 1], tonumber(ARGV[a + 2])
+  local first = a + 3
+  a = first + n
+  local t = redis.call('TYPE', k)['ok']
+  if t ~= kind or redis.sha1hex(value_text(k, t)) ~= sha then
+    out[i] = 0
+  else
+    if kind == 'string' then
+      redis.call('SET', k, ARGV[first], 'KEEPTTL')
+    else
+      local ttl = redis.call('PTTL', k)
+      redis.call('DEL', k)
+      for j = first, first + n - 1, 2 do redis.call('HSET', k, ARGV[j], ARGV[j + 1]) end
+      if ttl > 0 then redis.call('PEXPIRE', k, ttl) end
+    end
+    out[i] = 1
+  end
 end
-return 1
+return out
 "#
 );
 
@@ -207,36 +219,28 @@ impl Processor for Transformer {
                 eprintln!("pausing {} ms before writing", pause.as_millis());
                 tokio::time::sleep(pause).await;
             }
-            let mut pipe = redis::pipe();
+            let keys_out: Vec<Vec<u8>> = changes.iter().map(|c| c.key.clone()).collect();
+            let mut args: Vec<Vec<u8>> = Vec::new();
             for c in &changes {
-                let mut args: Vec<Vec<u8>> = vec![c.sha.clone()];
-                match c.doc.storage {
-                    Storage::Json => {
-                        args.push(b"string".to_vec());
-                        args.push(c.doc.to_json());
-                    }
-                    Storage::Hash => {
-                        args.push(b"hash".to_vec());
-                        for (f, v) in c.doc.to_hash() {
-                            args.push(f.into_bytes());
-                            args.push(v);
-                        }
-                    }
-                }
-                let refs: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
-                pipe.add_command(redis_io::eval_cmd(
-                    COMPARE_AND_SET,
-                    std::slice::from_ref(&c.key),
-                    &refs,
-                ));
+                let (kind, items) = c.doc.redis_items();
+                args.push(c.sha.clone());
+                args.push(kind.as_bytes().to_vec());
+                args.push(items.len().to_string().into_bytes());
+                args.extend(items);
             }
-            let replies = self.redis.pipeline(&mut pipe).await?;
+            let refs: Vec<&[u8]> = args.iter().map(Vec::as_slice).collect();
+            let reply = if changes.is_empty() {
+                redis::Value::Array(Vec::new())
+            } else {
+                self.redis.eval(COMPARE_AND_SET, &keys_out, &refs).await?
+            };
+            let replies = redis_io::items(&reply);
             if let Some(pause) = self.opts.pause_after_write {
                 tokio::time::sleep(pause).await;
             }
             let mut raced = Vec::new();
             let mut routes: BTreeMap<&str, u64> = BTreeMap::new();
-            for (c, reply) in changes.iter().zip(&replies) {
+            for (c, reply) in changes.iter().zip(replies) {
                 match redis_io::int(reply) {
                     Some(1) => {
                         t.done += 1;
