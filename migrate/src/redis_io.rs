@@ -139,7 +139,8 @@ impl Server {
 
 /// Lua shared by the scripts that must agree on what a value is: `lp` joins strings with
 /// length prefixes, and `value_text(k, t)` is a string's bytes or a hash's field/value pairs
-/// (in the server's order), the text whose SHA-1 `transform` compares before it writes.
+/// (in the server's order), the text whose SHA-1 `transform` compares before it writes (the
+/// read script computes the same from the value it has already fetched).
 macro_rules! value_text_lua {
     () => {
         r#"
@@ -220,14 +221,22 @@ for i, k in ipairs(KEYS) do
       if mode == 'value' or mode == 'value-nodump' then
         local t = redis.call('TYPE', k)['ok']
         row[5] = t
-        if t == 'string' then row[6] = redis.call('GET', k)
-        elseif t == 'hash' then row[6] = redis.call('HGETALL', k)
-        else row[6] = false end
-        local at = redis.pcall('PEXPIRETIME', k)
-        if type(at) ~= 'number' then at = -3 end
-        row[7] = at
+        row[6] = false
+        row[7] = false
         row[8] = false
-        if t == 'string' or t == 'hash' then row[8] = redis.sha1hex(value_text(k, t)) end
+        if t == 'string' then
+          row[6] = redis.call('GET', k)
+          row[8] = redis.sha1hex(row[6])
+        elseif t == 'hash' then
+          row[6] = redis.call('HGETALL', k)
+          row[8] = redis.sha1hex(lp(row[6]))
+        end
+        -- The absolute expiry goes with the payload (into a backup).
+        if mode == 'value' then
+          local at = redis.pcall('PEXPIRETIME', k)
+          if type(at) ~= 'number' then at = -3 end
+          row[7] = at
+        end
       end
       out[i] = row
     end
