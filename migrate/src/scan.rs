@@ -21,7 +21,7 @@ use tokio::sync::{watch, Notify, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::checkpoint::{decode_key, encode_key, Checkpoint};
-use crate::redis_io::{self, Server};
+use crate::redis_io::Server;
 use crate::report::{Progress, Tally};
 use crate::Error;
 
@@ -455,18 +455,6 @@ async fn write_checkpoints(shared: Arc<Shared>, path: PathBuf, run: String) -> R
             return Ok(());
         }
     }
-}
-
-/// Keys of `batch` that the source reported as a given `redis_io` item list: helper for
-/// processors that get one reply per key and must not trust the reply's length.
-pub fn per_key<'a>(
-    keys: &'a [Vec<u8>],
-    reply: &'a redis::Value,
-) -> impl Iterator<Item = (&'a [u8], Option<&'a redis::Value>)> {
-    let items = redis_io::items(reply);
-    keys.iter()
-        .enumerate()
-        .map(move |(i, k)| (&k[..], items.get(i)))
 }
 
 #[cfg(test)]
