@@ -378,6 +378,7 @@ async fn copy(a: CopyArgs, quiet: bool) -> Result<Outcome, Error> {
             dry_run: a.dry_run,
             big_key_bytes: a.tuning.big_key_size,
             planner,
+            strings_possible: a.key_type.is_none_or(|t| matches!(t, KeyType::String)),
             pause_after_write: a.pause_after_write,
         },
     );

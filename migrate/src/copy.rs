@@ -80,6 +80,9 @@ pub struct CopyOptions {
     pub dry_run: bool,
     pub big_key_bytes: u64,
     pub planner: Option<Arc<Planner>>,
+    /// False when the scan can return no strings (`--type hash`, ...): then the string path
+    /// would only cost a round trip.
+    pub strings_possible: bool,
     /// Test hook: wait this long after writing a batch, so a test can kill the run between
     /// the writes and the checkpoint that records them.
     pub pause_after_write: Option<std::time::Duration>,
@@ -482,7 +485,8 @@ impl Processor for Copier {
         } else {
             ReadMode::Dump
         };
-        let (rows, now_ms) = if mode == ReadMode::Dump && !self.opts.delete_from_source {
+        let fast = mode == ReadMode::Dump && self.opts.strings_possible;
+        let (rows, now_ms) = if fast && !self.opts.delete_from_source {
             // The fast path; deleting from the source needs every key's DUMP digest.
             let rows = redis_io::read_for_copy(&self.source, keys, self.opts.big_key_bytes).await?;
             (rows, 0)
