@@ -9,6 +9,7 @@ mod client;
 mod consistency;
 mod faults;
 mod limits;
+mod migrate;
 mod resp;
 mod robustness;
 mod security;
