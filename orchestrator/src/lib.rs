@@ -9,16 +9,20 @@
 //! Layout: [`config`] (flags), [`hlc`] (write versions), [`cluster`] (worker links, routing),
 //! [`health`] (worker states, health checks, resync),
 //! [`session`] (client connections: sniffing, pipelining, text and binary protocols),
-//! [`resp`] (Redis commands), [`metrics`] (INFO counters), `local` (an in-process cluster,
+//! [`resp`] (Redis commands), [`metrics`] (INFO and `/metrics` counters), [`observe`]
+//! (workers' counters polled for `/metrics` and the status page), [`http`] (`--http`:
+//! metrics, health, the key interface, the status page), `local` (an in-process cluster,
 //! feature `local`).
 
 pub mod cluster;
 pub mod config;
 pub mod health;
 pub mod hlc;
+pub mod http;
 #[cfg(feature = "local")]
 pub mod local;
 pub mod metrics;
+pub mod observe;
 pub mod resp;
 pub mod session;
 
@@ -27,7 +31,7 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use twincache_protocol::server::accept_loop;
+use twincache_protocol::server::accept_loop_counting;
 
 use cluster::{Origin, Router, RouterConfig};
 pub use config::Config;
@@ -37,6 +41,8 @@ use twincache_protocol::budget::Budget;
 /// A bound, not yet running, orchestrator.
 pub struct Orchestrator {
     listener: TcpListener,
+    /// `--http`, bound.
+    http: Option<TcpListener>,
     config: Config,
     workers: Vec<String>,
 }
@@ -48,11 +54,25 @@ impl Orchestrator {
             .worker_addrs()
             .map_err(|msg| std::io::Error::new(std::io::ErrorKind::InvalidInput, msg))?;
         let listener = TcpListener::bind(config.listen).await?;
+        let http = match config.http {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| std::io::Error::new(e.kind(), format!("--http {addr}: {e}")))?,
+            ),
+            None => None,
+        };
         Ok(Orchestrator {
             listener,
+            http,
             config,
             workers,
         })
+    }
+
+    /// Where `--http` listens, if given.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -106,10 +126,39 @@ impl Orchestrator {
             "memory for client connections"
         );
         let metrics = Arc::new(metrics::Metrics::default());
+        if let Some(listener) = self.http {
+            let observer = Arc::new(observe::Observer::new(&router));
+            tokio::spawn(observer.clone().run(
+                router.clone(),
+                metrics.clone(),
+                links_shutdown.clone(),
+            ));
+            let state = http::HttpState::new(
+                router.clone(),
+                metrics.clone(),
+                observer,
+                budget.clone(),
+                c.max_frame as usize,
+                c.max_client_buffer as usize,
+            );
+            let limits = twincache_ops::http::HttpLimits {
+                grace: c.shutdown_grace,
+                ..Default::default()
+            };
+            let app = http::app(Arc::new(state));
+            tokio::spawn(twincache_ops::http::serve(
+                listener,
+                app,
+                limits,
+                shutdown.clone(),
+            ));
+        }
+        let refused = metrics.refused.clone();
         let mut sessions = 0usize;
-        accept_loop(
+        accept_loop_counting(
             self.listener,
             c.max_clients,
+            &refused,
             shutdown,
             c.shutdown_grace,
             move |stream, shutdown| {

@@ -5,6 +5,7 @@
 //! shutdown wait for in-flight connections to finish what they were doing.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,6 +20,23 @@ use tokio_util::task::TaskTracker;
 pub async fn accept_loop<H, F>(
     listener: TcpListener,
     max_conns: usize,
+    shutdown: CancellationToken,
+    grace: Duration,
+    handle: H,
+) where
+    H: FnMut(TcpStream, CancellationToken) -> F,
+    F: Future<Output = ()> + Send + 'static,
+{
+    let refused = AtomicU64::new(0);
+    accept_loop_counting(listener, max_conns, &refused, shutdown, grace, handle).await
+}
+
+/// [`accept_loop`], adding to `refused` each connection closed on arrival because
+/// `max_conns` were open (for metrics).
+pub async fn accept_loop_counting<H, F>(
+    listener: TcpListener,
+    max_conns: usize,
+    refused: &AtomicU64,
     shutdown: CancellationToken,
     grace: Duration,
     mut handle: H,
@@ -43,6 +61,7 @@ pub async fn accept_loop<H, F>(
             }
         };
         let Ok(permit) = limit.clone().try_acquire_owned() else {
+            refused.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(%peer, max_conns, "connection limit reached; closing new connection");
             continue;
         };

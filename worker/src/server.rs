@@ -32,6 +32,8 @@ const OUT_HIGH_WATER: usize = 256 * 1024;
 /// A bound, not yet running, worker.
 pub struct Worker {
     listener: TcpListener,
+    /// `--http`, bound.
+    http: Option<TcpListener>,
     config: Config,
     node: Arc<Node>,
 }
@@ -50,6 +52,10 @@ pub struct Node {
     pub budget: Arc<Budget>,
     /// Connections with nothing to do for this long are closed.
     pub idle_timeout: Duration,
+    /// Connections open now (for `stats` and the metrics).
+    pub connections: std::sync::atomic::AtomicU64,
+    /// When the worker started.
+    pub started: std::time::Instant,
 }
 
 /// A request answered at once, or one that waits on Redis (adapter mode).
@@ -95,12 +101,28 @@ impl Worker {
                 .map(Arc::new),
             budget: Budget::new(config.buffer_budget() as usize),
             idle_timeout: config.idle_timeout,
+            connections: Default::default(),
+            started: std::time::Instant::now(),
         });
+        let http = match config.http {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| std::io::Error::new(e.kind(), format!("--http {addr}: {e}")))?,
+            ),
+            None => None,
+        };
         Ok(Worker {
             listener,
+            http,
             config,
             node,
         })
+    }
+
+    /// Where `--http` listens, if given.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -122,6 +144,18 @@ impl Worker {
                 .clone()
                 .sweep_forever(std::time::Duration::from_millis(100), shutdown.clone()),
         );
+        if let Some(listener) = self.http {
+            let limits = twincache_ops::http::HttpLimits {
+                grace: self.config.shutdown_grace,
+                ..Default::default()
+            };
+            tokio::spawn(twincache_ops::http::serve(
+                listener,
+                crate::http::app(node.clone()),
+                limits,
+                shutdown.clone(),
+            ));
+        }
         accept_loop(
             self.listener,
             self.config.max_connections,
@@ -130,9 +164,12 @@ impl Worker {
             move |stream, shutdown| {
                 let node = node.clone();
                 async move {
-                    if let Err(e) = serve_connection(stream, node, shutdown).await {
+                    use std::sync::atomic::Ordering::Relaxed;
+                    node.connections.fetch_add(1, Relaxed);
+                    if let Err(e) = serve_connection(stream, node.clone(), shutdown).await {
                         tracing::debug!(error = %e, "worker connection ended");
                     }
+                    node.connections.fetch_sub(1, Relaxed);
                 }
             },
         )
@@ -457,6 +494,10 @@ pub fn handle(node: &Node, req: Request) -> Response {
         Op::Stats => {
             let mut info = Info::new();
             stats_text(store, &mut info);
+            info.add(
+                "connected_clients",
+                node.connections.load(std::sync::atomic::Ordering::Relaxed),
+            );
             if let Some(adapter) = &node.adapter {
                 adapter.stats_text(&mut info);
             }

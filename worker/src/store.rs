@@ -1237,8 +1237,12 @@ mod tests {
         assert!(store.get(b"new").unwrap().is_some());
         // A serving worker merging takes an old entry only for a key it holds.
         let source = Store::new(None, 0);
-        source.set(b"forgotten", b"v", old, SetOptions::default()).unwrap();
-        source.set(b"new", b"w", new + 1, SetOptions::default()).unwrap();
+        source
+            .set(b"forgotten", b"v", old, SetOptions::default())
+            .unwrap();
+        source
+            .set(b"new", b"w", new + 1, SetOptions::default())
+            .unwrap();
         let floor = at_ms(wall_ms() - 5_000);
         for n in 0..Store::SHARDS {
             source.snapshot_shard(n, |raw| {
