@@ -98,6 +98,8 @@ pub fn app(state: Arc<HttpState>) -> axum::Router {
             "/v1/keys/{*key}",
             get(get_key).put(put_key).delete(delete_key),
         )
+        .route("/v1/keys/", axum::routing::any(no_key))
+        .route("/v1/keys", axum::routing::any(no_key))
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(state)
 }
@@ -343,6 +345,10 @@ fn reject(status: StatusCode, msg: impl Into<String>) -> Response {
     let mut msg = msg.into();
     msg.push('\n');
     (status, msg).into_response()
+}
+
+async fn no_key() -> Response {
+    reject(StatusCode::BAD_REQUEST, "empty key: use /v1/keys/<key>")
 }
 
 /// The key named by the path after `/v1/keys/`, percent-decoded to bytes.

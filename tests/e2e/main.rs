@@ -9,6 +9,7 @@ mod client;
 mod consistency;
 mod faults;
 mod limits;
+mod ops;
 mod resp;
 mod robustness;
 mod storage;
