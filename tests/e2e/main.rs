@@ -7,6 +7,7 @@ mod adapter;
 mod cli;
 mod client;
 mod consistency;
+mod deploy;
 mod faults;
 mod limits;
 mod ops;
