@@ -403,7 +403,7 @@ fn ttl_of(uri: &Uri) -> Result<u64, Response> {
                 StatusCode::BAD_REQUEST,
                 format!(
                     "unknown parameter `{}`: only ?ttl=SECONDS is accepted",
-                    &name[..name.len().min(64)]
+                    name.chars().take(64).collect::<String>()
                 ),
             ));
         }

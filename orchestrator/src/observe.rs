@@ -186,3 +186,36 @@ async fn poll(router: &Router, w: &WorkerLink) -> (Option<String>, Option<String
     }
     tokio::join!(ask(Op::Stats), ask(Op::Status))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stats(hits: u64, misses: u64, sets: u64) -> Option<String> {
+        Some(format!(
+            "keys:1\r\nhits:{hits}\r\nmisses:{misses}\r\nsets:{sets}\r\n"
+        ))
+    }
+
+    #[test]
+    fn rates_come_from_consecutive_answers() {
+        let mut v = WorkerView::default();
+        let t0 = Instant::now();
+        v.update(stats(10, 10, 0), None, t0);
+        assert_eq!(v.ops_per_sec, 0.0, "no rate from one answer");
+        assert_eq!(v.hit_rate, Some(0.5), "the cumulative rate meanwhile");
+        v.update(stats(40, 20, 50), None, t0 + Duration::from_secs(2));
+        assert_eq!(v.ops_per_sec, 45.0); // (30 + 10 + 50) / 2 s
+        assert_eq!(v.hit_rate, Some(0.75)); // 30 hits of 40 reads in the interval
+        assert_eq!(v.stat("keys"), Some("1"));
+        // A restarted worker's counters go back: no negative rate.
+        v.update(stats(1, 0, 0), None, t0 + Duration::from_secs(3));
+        assert_eq!(v.ops_per_sec, 0.0);
+        // No answer: no numbers.
+        v.update(None, None, t0 + Duration::from_secs(4));
+        assert_eq!(
+            (v.ops_per_sec, v.hit_rate, v.stat("keys")),
+            (0.0, None, None)
+        );
+    }
+}
