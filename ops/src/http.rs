@@ -57,6 +57,17 @@ impl Default for HttpLimits {
     }
 }
 
+/// Binds `--http` if it was given; the error names the flag.
+pub async fn bind(addr: Option<std::net::SocketAddr>) -> std::io::Result<Option<TcpListener>> {
+    match addr {
+        Some(addr) => TcpListener::bind(addr)
+            .await
+            .map(Some)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("--http {addr}: {e}"))),
+        None => Ok(None),
+    }
+}
+
 /// Most bytes of a request head hyper buffers.
 const MAX_HEAD: usize = 64 * 1024;
 

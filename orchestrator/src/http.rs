@@ -334,10 +334,11 @@ pub enum Access {
 /// do everything. When it has (AUTH, users and passwords), this is the one place the key
 /// interface checks a request's credentials (for example `Authorization: Basic`), answering
 /// 401 without them and 403 for a user that may not touch the key.
+/// Returns the key when allowed.
 #[allow(clippy::result_large_err)]
-fn authorize(headers: &HeaderMap, access: Access, key: &[u8]) -> Result<(), Response> {
-    let _ = (headers, access, key);
-    Ok(())
+fn authorize(headers: &HeaderMap, access: Access, key: Bytes) -> Result<Bytes, Response> {
+    let _ = (headers, access);
+    Ok(key)
 }
 
 /// A 4xx or 5xx answer with a one-line message.
@@ -463,13 +464,10 @@ fn failure(resp: &twincache_protocol::Response) -> Response {
 
 async fn get_key(State(s): State<Arc<HttpState>>, uri: Uri, headers: HeaderMap) -> Response {
     let started = Instant::now();
-    let key = match key_of(&uri) {
+    let key = match key_of(&uri).and_then(|k| authorize(&headers, Access::Read, k)) {
         Ok(k) => k,
         Err(r) => return r,
     };
-    if let Err(r) = authorize(&headers, Access::Read, &key) {
-        return r;
-    }
     let (origin, n) = s.origin();
     let resp = s.router.get(key, &origin).await;
     s.count(n, Cmd::Get, started, resp.status);
@@ -490,13 +488,11 @@ async fn put_key(
     body: Bytes,
 ) -> Response {
     let started = Instant::now();
-    let (key, ttl_ms) = match (key_of(&uri), ttl_of(&uri)) {
+    let key = key_of(&uri).and_then(|k| authorize(&headers, Access::Write, k));
+    let (key, ttl_ms) = match (key, ttl_of(&uri)) {
         (Ok(k), Ok(t)) => (k, t),
         (Err(r), _) | (_, Err(r)) => return r,
     };
-    if let Err(r) = authorize(&headers, Access::Write, &key) {
-        return r;
-    }
     let (origin, n) = s.origin();
     let mut req = Request::new(Op::Set, key);
     req.value = body;
@@ -511,13 +507,10 @@ async fn put_key(
 
 async fn delete_key(State(s): State<Arc<HttpState>>, uri: Uri, headers: HeaderMap) -> Response {
     let started = Instant::now();
-    let key = match key_of(&uri) {
+    let key = match key_of(&uri).and_then(|k| authorize(&headers, Access::Write, k)) {
         Ok(k) => k,
         Err(r) => return r,
     };
-    if let Err(r) = authorize(&headers, Access::Write, &key) {
-        return r;
-    }
     let (origin, n) = s.origin();
     let resp = s.router.write(Request::new(Op::Del, key), &origin).await;
     s.count(n, Cmd::Del, started, resp.status);

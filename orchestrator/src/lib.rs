@@ -54,14 +54,7 @@ impl Orchestrator {
             .worker_addrs()
             .map_err(|msg| std::io::Error::new(std::io::ErrorKind::InvalidInput, msg))?;
         let listener = TcpListener::bind(config.listen).await?;
-        let http = match config.http {
-            Some(addr) => Some(
-                TcpListener::bind(addr)
-                    .await
-                    .map_err(|e| std::io::Error::new(e.kind(), format!("--http {addr}: {e}")))?,
-            ),
-            None => None,
-        };
+        let http = twincache_ops::http::bind(config.http).await?;
         Ok(Orchestrator {
             listener,
             http,

@@ -104,14 +104,7 @@ impl Worker {
             connections: Default::default(),
             started: std::time::Instant::now(),
         });
-        let http = match config.http {
-            Some(addr) => Some(
-                TcpListener::bind(addr)
-                    .await
-                    .map_err(|e| std::io::Error::new(e.kind(), format!("--http {addr}: {e}")))?,
-            ),
-            None => None,
-        };
+        let http = twincache_ops::http::bind(config.http).await?;
         Ok(Worker {
             listener,
             http,
