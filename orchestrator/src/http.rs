@@ -335,26 +335,33 @@ pub enum Access {
 /// interface checks a request's credentials (for example `Authorization: Basic`), answering
 /// 401 without them and 403 for a user that may not touch the key.
 /// Returns the key when allowed.
-#[allow(clippy::result_large_err)]
-fn authorize(headers: &HeaderMap, access: Access, key: Bytes) -> Result<Bytes, Response> {
+fn authorize(headers: &HeaderMap, access: Access, key: Bytes) -> Result<Bytes, Rejection> {
     let _ = (headers, access);
     Ok(key)
 }
 
 /// A 4xx or 5xx answer with a one-line message.
-fn reject(status: StatusCode, msg: impl Into<String>) -> Response {
-    let mut msg = msg.into();
-    msg.push('\n');
-    (status, msg).into_response()
+#[derive(Debug)]
+struct Rejection(StatusCode, String);
+
+impl IntoResponse for Rejection {
+    fn into_response(self) -> Response {
+        let Rejection(status, mut msg) = self;
+        msg.push('\n');
+        (status, msg).into_response()
+    }
 }
 
-async fn no_key() -> Response {
+fn reject(status: StatusCode, msg: impl Into<String>) -> Rejection {
+    Rejection(status, msg.into())
+}
+
+async fn no_key() -> Rejection {
     reject(StatusCode::BAD_REQUEST, "empty key: use /v1/keys/<key>")
 }
 
 /// The key named by the path after `/v1/keys/`, percent-decoded to bytes.
-#[allow(clippy::result_large_err)]
-fn key_of(uri: &Uri) -> Result<Bytes, Response> {
+fn key_of(uri: &Uri) -> Result<Bytes, Rejection> {
     let raw = uri.path().strip_prefix("/v1/keys/").unwrap_or("");
     let key = percent_decode(raw.as_bytes()).ok_or_else(|| {
         reject(
@@ -391,8 +398,7 @@ fn percent_decode(s: &[u8]) -> Option<Vec<u8>> {
 }
 
 /// The time to live `?ttl=SECONDS` asks for, in milliseconds (0 without one).
-#[allow(clippy::result_large_err)]
-fn ttl_of(uri: &Uri) -> Result<u64, Response> {
+fn ttl_of(uri: &Uri) -> Result<u64, Rejection> {
     let Some(query) = uri.query().filter(|q| !q.is_empty()) else {
         return Ok(0);
     };
@@ -446,6 +452,10 @@ impl HttpState {
 
 /// The HTTP answer for a worker's answer that is not a success.
 fn failure(resp: &twincache_protocol::Response) -> Response {
+    failure_of(resp).into_response()
+}
+
+fn failure_of(resp: &twincache_protocol::Response) -> Rejection {
     let msg = if resp.payload.is_empty() {
         resp.status.default_message().to_string()
     } else {
@@ -466,7 +476,7 @@ async fn get_key(State(s): State<Arc<HttpState>>, uri: Uri, headers: HeaderMap) 
     let started = Instant::now();
     let key = match key_of(&uri).and_then(|k| authorize(&headers, Access::Read, k)) {
         Ok(k) => k,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let (origin, n) = s.origin();
     let resp = s.router.get(key, &origin).await;
@@ -491,7 +501,7 @@ async fn put_key(
     let key = key_of(&uri).and_then(|k| authorize(&headers, Access::Write, k));
     let (key, ttl_ms) = match (key, ttl_of(&uri)) {
         (Ok(k), Ok(t)) => (k, t),
-        (Err(r), _) | (_, Err(r)) => return r,
+        (Err(r), _) | (_, Err(r)) => return r.into_response(),
     };
     let (origin, n) = s.origin();
     let mut req = Request::new(Op::Set, key);
@@ -509,7 +519,7 @@ async fn delete_key(State(s): State<Arc<HttpState>>, uri: Uri, headers: HeaderMa
     let started = Instant::now();
     let key = match key_of(&uri).and_then(|k| authorize(&headers, Access::Write, k)) {
         Ok(k) => k,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let (origin, n) = s.origin();
     let resp = s.router.write(Request::new(Op::Del, key), &origin).await;
