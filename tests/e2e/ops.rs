@@ -641,3 +641,119 @@ async fn json_logs_carry_state_changes_and_never_keys_or_values() {
         );
     }
 }
+
+/// The sum of a family's samples in a classic-format `/metrics` answer whose labels contain
+/// `label` (e.g. `tier="source"`).
+fn sum_samples(text: &str, family: &str, label: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{family}{{")) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adapter_mode_reads_by_tier_in_metrics_and_status() {
+    let dir = TempDir::new("adapter-metrics");
+    let redis = |name: &'static str| {
+        let port = free_port();
+        let tool = Tool::start(
+            name,
+            "redis-server",
+            &[
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ]
+            .map(String::from),
+            &dir.0,
+        );
+        (tool, format!("redis://127.0.0.1:{port}/"))
+    };
+    let ((_source, source), (_destination, destination)) = (redis("source"), redis("destination"));
+    let mut con = loop {
+        let client = redis::Client::open(source.as_str()).unwrap();
+        if let Ok(con) = client.get_multiplexed_async_connection().await {
+            break con;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let _: () = redis::AsyncCommands::set(&mut con, "old", "from-source")
+        .await
+        .unwrap();
+    let args = [
+        "--port",
+        "0",
+        "--http",
+        "127.0.0.1:0",
+        "--source",
+        &source,
+        "--destination",
+        &destination,
+    ]
+    .map(String::from);
+    let workers = [Proc::start(WORKER, &args), Proc::start(WORKER, &args)];
+    let orch = Proc::orchestrator(
+        &[workers[0].addr, workers[1].addr],
+        &["--http", "127.0.0.1:0"],
+    );
+    let ready = url(&orch, "/ready");
+    wait_for("the adapter tier to be ready", || async {
+        let (status, body) = get(&ready).await;
+        (status == 200, format!("{status} {body}"))
+    })
+    .await;
+    let mut conn = TextConn::connect(orch.addr).await;
+    assert_eq!(conn.request("get||old").await, "0||from-source"); // copied from the source
+    assert_eq!(conn.request("get||old").await, "0||from-source"); // now cached
+    assert_eq!(conn.request("get||nowhere").await, "2||key not found");
+
+    let metrics = url(&orch, "/metrics");
+    wait_for(
+        "the orchestrator's metrics to count reads by tier",
+        || async {
+            let text = get(&metrics).await.1;
+            let tier = |t: &str| {
+                sum_samples(
+                    &text,
+                    "twincache_adapter_reads_total",
+                    &format!("tier=\"{t}\""),
+                )
+            };
+            let seen = format!(
+                "source {} cache {} not_found {}",
+                tier("source"),
+                tier("cache"),
+                tier("not_found")
+            );
+            (
+                tier("source") == 1.0 && tier("cache") >= 1.0 && tier("not_found") == 1.0,
+                seen,
+            )
+        },
+    )
+    .await;
+    let status: Value = serde_json::from_str(&get(&url(&orch, "/v1/status")).await.1).unwrap();
+    assert_eq!(status["mode"], json!("adapter"), "{status}");
+    let tiers: f64 = status["pairs"][0]["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|w| w["adapter"]["source"].as_f64())
+        .sum();
+    assert_eq!(tiers, 1.0, "{status}");
+    // The worker's own /metrics has the same family.
+    let own: f64 = [&workers[0], &workers[1]]
+        .iter()
+        .map(|w| async move { get(&url(w, "/metrics")).await.1 })
+        .collect::<futures_util::future::JoinAll<_>>()
+        .await
+        .iter()
+        .map(|t| sum_samples(t, "twincache_adapter_reads_total", "tier=\"source\""))
+        .sum();
+    assert_eq!(own, 1.0);
+}
