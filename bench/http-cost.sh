@@ -10,11 +10,13 @@
 # twemproxy are measured in every run too, so each run's ratio to twemproxy cancels some of
 # the machine's drift). Prints the orchestrator's median ops/s per test for each side and
 # the ratio on/off. Stops only the processes it started.
-# Env: ROUNDS (3), PEERS (../shared/bench/peers.sh), N1, N16 (passed to peers.sh).
+# Env: ROUNDS (3), PEERS (../shared/bench/peers.sh), N1, N16 (passed on to peers.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}
-PEERS=${PEERS:-../shared/bench/peers.sh}
+# shared/ sits beside the repository (or beside the worktrees' folder).
+PEERS=${PEERS:-$(ls ../shared/bench/peers.sh ../../shared/bench/peers.sh 2>/dev/null | head -1 || true)}
+[ -x "${PEERS:-}" ] || { echo "cannot find shared/bench/peers.sh; set PEERS"; exit 2; }
 B=target/release
 free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
 wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened"; exit 1; }
@@ -31,6 +33,7 @@ start_cluster() {
   for p in $w1 $w2; do $B/worker --threads 1 --port "$p" >/dev/null 2>&1 & PIDS+=($!); wait_port "$p"; done
   $B/orchestrator --threads 1 --listen "127.0.0.1:$op" "$@" 127.0.0.1 "$w1" 127.0.0.1 "$w2" \
     >/dev/null 2>&1 & PIDS+=($!)
+  echo $! >"$OUT/$name.pid"
   wait_port "$op"
   echo "$op" >"$OUT/$name.port"
 }
@@ -40,6 +43,8 @@ HP=$(free_port)
 start_cluster on --http "127.0.0.1:$HP"
 wait_port "$HP"
 OFF=$(cat "$OUT/off.port"); ON=$(cat "$OUT/on.port")
+# CPU time (user + system, clock ticks) the orchestrator of a side has used so far.
+cpu() { awk '{print $14 + $15}' "/proc/$(cat "$OUT/$1.pid")/stat"; }
 sleep 1
 # A scrape a second, as Prometheus would (the status page polls about as often).
 ( while :; do curl -s -o /dev/null "http://127.0.0.1:$HP/metrics"; sleep 1; done ) & PIDS+=($!)
@@ -49,10 +54,12 @@ for r in $(seq "$ROUNDS"); do
   for side in "${order[@]}"; do
     port=$OFF; [ "$side" = on ] && port=$ON
     echo "round $r: --http $side" >&2
+    before=$(cpu "$side")
     ROUNDS=1 "$PEERS" "$port" | awk -v s="$side" '$1=="GET"||$1=="SET" {print s"\t"$1"\t"$2"\t"$5}' >>"$OUT/res.tsv"
+    echo "$side $(( $(cpu "$side") - before ))" >>"$OUT/cpu.txt"
   done
 done
-python3 - "$OUT/res.tsv" <<'PY'
+python3 - "$OUT/res.tsv" "$OUT/cpu.txt" "$(getconf CLK_TCK)" "${N1:-100000}" "${N16:-400000}" <<'PY'
 import sys, statistics, collections
 d = collections.defaultdict(list)
 for l in open(sys.argv[1]):
@@ -62,4 +69,18 @@ for op in ("GET", "SET"):
     for P in (1, 16):
         off, on = statistics.median(d[("off", op, P)]), statistics.median(d[("on", op, P)])
         print(f"{op:<4} {P:>3} {off:>12,.0f} {on:>12,.0f}  {on / off:.3f}")
+# CPU per request is steadier than throughput on a shared machine: it does not count the
+# time the orchestrator waited for a core. Each peers.sh run sends GET and SET at -P 1 (N1
+# each) and -P 16 (N16 each) to the orchestrator.
+ticks = collections.defaultdict(list)
+for l in open(sys.argv[2]):
+    side, t = l.split(); ticks[side].append(int(t))
+per_run = 2 * (int(sys.argv[4]) + int(sys.argv[5]))
+us = {s: statistics.median(t) / int(sys.argv[3]) * 1e6 / per_run for s, t in ticks.items()}
+print(f"orchestrator CPU per request (all four tests): off {us['off']:.2f} us, on {us['on']:.2f} us, on/off {us['on'] / us['off']:.3f}")
+print("runs, in order:", file=sys.stderr)
+for side, t in ticks.items():
+    print(" ", side, "CPU ticks", t, file=sys.stderr)
+for k, v in sorted(d.items()):
+    print(" ", *k, " ".join(f"{x:,.0f}" for x in v), file=sys.stderr)
 PY

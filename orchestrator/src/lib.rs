@@ -118,7 +118,7 @@ impl Orchestrator {
             max_client_buffer = c.max_client_buffer,
             "memory for client connections"
         );
-        let metrics = Arc::new(metrics::Metrics::default());
+        let metrics = Arc::new(metrics::Metrics::new(self.http.is_some()));
         if let Some(listener) = self.http {
             let observer = Arc::new(observe::Observer::new(&router));
             tokio::spawn(observer.clone().run(

@@ -226,6 +226,10 @@ impl Default for Shard {
 #[derive(Debug)]
 pub struct Metrics {
     pub started: Instant,
+    /// Whether requests are counted by command, protocol, latency and error: only when
+    /// something can read them (`--http`), so that without it the request path does not
+    /// even read the clock for them.
+    detailed: bool,
     connected: AtomicI64,
     connections: AtomicU64,
     commands: AtomicU64,
@@ -241,6 +245,7 @@ impl Default for Metrics {
     fn default() -> Self {
         Metrics {
             started: Instant::now(),
+            detailed: false,
             connected: AtomicI64::new(0),
             connections: AtomicU64::new(0),
             commands: AtomicU64::new(0),
@@ -253,6 +258,19 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Counters for INFO, and, if `detailed`, per request for `/metrics`.
+    pub fn new(detailed: bool) -> Metrics {
+        Metrics {
+            detailed,
+            ..Metrics::default()
+        }
+    }
+
+    /// Whether requests are counted one by one (see the field).
+    pub fn detailed(&self) -> bool {
+        self.detailed
+    }
+
     /// Counts a client connection for as long as the returned guard lives.
     pub fn client_connected(&self) -> ClientGuard<'_> {
         self.connected.fetch_add(1, Relaxed);

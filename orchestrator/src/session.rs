@@ -260,8 +260,9 @@ struct Tag {
 }
 
 /// Counts each request as its reply leaves the queue. The clock is read once per batch of
-/// replies, not per reply.
+/// replies, not per reply, and not at all when the metrics are not detailed (no `--http`).
 struct Recorder<'a> {
+    enabled: bool,
     metrics: &'a Metrics,
     session: usize,
     proto: Proto,
@@ -270,6 +271,9 @@ struct Recorder<'a> {
 
 impl Recorder<'_> {
     fn done(&mut self, tag: Tag) {
+        if !self.enabled {
+            return;
+        }
         let now = *self.now.get_or_insert_with(Instant::now);
         let nanos = now.saturating_duration_since(tag.since).as_nanos() as u64;
         self.metrics
@@ -370,6 +374,7 @@ async fn run<P: Protocol>(
     // When the bytes being parsed were read: the start of their requests' latency.
     let mut read_at = last_active;
     let mut recorder = Recorder {
+        enabled: ctx.metrics.detailed(),
         metrics: &ctx.metrics,
         session: ctx.id,
         proto: P::PROTO,
@@ -464,6 +469,9 @@ async fn run<P: Protocol>(
 /// Counts an answer that is an error. Only errors cost more than a compare.
 #[inline]
 fn count_error<P: Protocol>(ctx: &Ctx, out: &P::Out) {
+    if !ctx.metrics.detailed() {
+        return;
+    }
     if let Some(code) = P::error_of(out) {
         ctx.metrics.error(P::PROTO, code);
     }
