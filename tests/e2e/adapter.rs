@@ -10,13 +10,13 @@ use redis::AsyncCommands;
 use crate::harness::{Proc, TextConn, WORKER};
 
 /// A redis-server on a free loopback port, killed on drop.
-struct RedisServer {
+pub struct RedisServer {
     child: Child,
     port: u16,
 }
 
 impl RedisServer {
-    fn start() -> RedisServer {
+    pub fn start() -> RedisServer {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -51,7 +51,7 @@ impl RedisServer {
         RedisServer { child, port }
     }
 
-    fn url(&self) -> String {
+    pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port)
     }
 

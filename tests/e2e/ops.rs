@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+use crate::adapter::RedisServer;
 use crate::harness::{Proc, TextConn, ORCHESTRATOR, WORKER};
 
 /// Bounded waits below: generous for a loaded 2-core machine, and each prints what it saw.
@@ -653,28 +654,8 @@ fn sum_samples(text: &str, family: &str, label: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn adapter_mode_reads_by_tier_in_metrics_and_status() {
-    let dir = TempDir::new("adapter-metrics");
-    let redis = |name: &'static str| {
-        let port = free_port();
-        let tool = Tool::start(
-            name,
-            "redis-server",
-            &[
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ]
-            .map(String::from),
-            &dir.0,
-        );
-        (tool, format!("redis://127.0.0.1:{port}/"))
-    };
-    let ((_source, source), (_destination, destination)) = (redis("source"), redis("destination"));
+    let (source, destination) = (RedisServer::start(), RedisServer::start());
+    let (source, destination, _servers) = (source.url(), destination.url(), (source, destination));
     let mut con = loop {
         let client = redis::Client::open(source.as_str()).unwrap();
         if let Ok(con) = client.get_multiplexed_async_connection().await {
