@@ -11,17 +11,22 @@ use tokio_util::sync::CancellationToken;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Logs to stderr at the level given by `RUST_LOG` (default `info`), so stdout carries only
-/// the startup line scripts read.
-pub fn init_tracing() {
+/// the startup lines scripts read. `format` is `--log-format`: `text` for people, `json` for
+/// log collectors (one object per line: `timestamp`, `level`, `target`, `fields` with the
+/// message and the event's structured fields). Keys and values are never among them.
+pub fn init_tracing(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     use std::io::IsTerminal;
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().with_current_span(false).init();
+    } else {
         // Colour for a person at a terminal; plain text for log files and collectors.
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        builder.with_ansi(std::io::stderr().is_terminal()).init();
+    }
 }
 
 /// A token cancelled on the first SIGINT or SIGTERM; a second signal exits at once.

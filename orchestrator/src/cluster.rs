@@ -17,6 +17,7 @@ use twincache_protocol::info;
 use twincache_protocol::Status;
 
 use crate::hlc::Hlc;
+use crate::metrics::RouterStats;
 
 const RECONNECT_MIN: Duration = Duration::from_millis(50);
 const RECONNECT_MAX: Duration = Duration::from_secs(2);
@@ -433,6 +434,8 @@ pub struct Router {
     pub(crate) instance: u64,
     /// Whether the id was given (`--node-id`): then a clash is an error, not a redraw.
     pub(crate) fixed_node: bool,
+    /// Failovers, partial writes, state changes, resyncs (for `/metrics`).
+    pub stats: RouterStats,
 }
 
 impl Router {
@@ -470,6 +473,7 @@ impl Router {
             clashed: AtomicBool::new(false),
             instance: rand::random(),
             fixed_node: config.node_id.is_some(),
+            stats: RouterStats::default(),
         }
     }
 
@@ -609,6 +613,7 @@ impl Router {
                 }
             }
             if let (Some(second), Some(origin)) = (order[1], &origin) {
+                RouterStats::count(&this.stats.failovers);
                 let reply = this.send_read(p, second, &mut req, origin);
                 if let Some(resp) = this.finish_read(&p.workers[second], &req, reply).await {
                     return resp;
@@ -644,9 +649,10 @@ impl Router {
             let workers = &this.pairs[pair].workers;
             let mut reply = Some(reply);
             for i in order.into_iter().flatten() {
-                let sent = reply
-                    .take()
-                    .unwrap_or_else(|| workers[i].send(&req, &origin));
+                let sent = reply.take().unwrap_or_else(|| {
+                    RouterStats::count(&this.stats.failovers);
+                    workers[i].send(&req, &origin)
+                });
                 if let Some(resp) = this.finish(&workers[i], sent).await {
                     if resp.status == Status::Ok
                         && !this.invalidate_on(&workers[1 - i], &req.key).await
@@ -853,6 +859,7 @@ impl Router {
         resp: Response,
     ) -> Response {
         if self.record_miss(holder, missed).await {
+            RouterStats::count(&self.stats.partial_writes);
             resp
         } else {
             Response::error(Status::Unavailable, MISS_UNRECORDED)

@@ -135,6 +135,16 @@ pub struct Config {
     /// How long shutdown waits for clients' in-flight requests.
     #[arg(long, env = "TWINCACHE_SHUTDOWN_GRACE", default_value = "5s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
+
+    /// Serve HTTP on this address: /metrics (Prometheus), /health, /ready, the key
+    /// interface /v1/keys/{key} and a status page at /. Off unless given.
+    #[arg(long, env = "TWINCACHE_HTTP", value_name = "ADDR")]
+    pub http: Option<SocketAddr>,
+
+    /// Log lines as `text` (for people) or `json` (one object per line, for collectors).
+    #[arg(long, env = "TWINCACHE_LOG_FORMAT", default_value = "text",
+          value_parser = ["text", "json"])]
+    pub log_format: String,
 }
 
 impl Config {

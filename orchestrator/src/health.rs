@@ -45,6 +45,7 @@ use twincache_protocol::info;
 use twincache_protocol::Status;
 
 use crate::cluster::{Mode, Origin, Pair, Router, WorkerLink, WorkerState};
+use crate::metrics::RouterStats;
 
 /// How often to check, and how long an answer may take.
 #[derive(Debug, Clone, Copy)]
@@ -287,8 +288,8 @@ pub(crate) fn decide(v: [&View; 2]) -> [Decision; 2] {
     d
 }
 
-/// Moves `w` to `state`, logging the change and why.
-fn transition(w: &WorkerLink, state: WorkerState, why: &str) {
+/// Moves `w` to `state`, logging the change and why; returns the state it left.
+fn transition(w: &WorkerLink, state: WorkerState, why: &str) -> WorkerState {
     let before = w.set_state(state);
     if before != state {
         if matches!(
@@ -300,6 +301,7 @@ fn transition(w: &WorkerLink, state: WorkerState, why: &str) {
             tracing::info!(worker = %w.addr, from = before.name(), to = state.name(), "{why}");
         }
     }
+    before
 }
 
 impl Router {
@@ -482,6 +484,9 @@ impl Router {
             if !done {
                 continue;
             }
+            if matches!(&d.action, Some(Action::Resync | Action::Merge)) {
+                RouterStats::count(&self.stats.resyncs_started);
+            }
             match &d.action {
                 Some(Action::Resync) => {
                     let completed = seen[i].map_or(0, |s| s.completed);
@@ -502,7 +507,13 @@ impl Router {
                 w.resync_base.store(completed, Ordering::Release);
                 w.dirty.store(false, Ordering::Release);
             }
-            transition(w, d.state, d.why);
+            let before = transition(w, d.state, d.why);
+            if before != d.state {
+                RouterStats::count(&self.stats.state_changes);
+                if before == WorkerState::Resyncing && d.state == WorkerState::InSync {
+                    RouterStats::count(&self.stats.resyncs_completed);
+                }
+            }
         }
     }
 }

@@ -9,7 +9,9 @@
 //! Layout: [`config`] (flags), [`hlc`] (write versions), [`cluster`] (worker links, routing),
 //! [`health`] (worker states, health checks, resync),
 //! [`session`] (client connections: sniffing, pipelining, text and binary protocols),
-//! [`resp`] (Redis commands), [`metrics`] (INFO counters), `local` (an in-process cluster,
+//! [`resp`] (Redis commands), [`metrics`] (INFO and `/metrics` counters), [`observe`]
+//! (workers' counters polled for `/metrics` and the status page), [`http`] (`--http`:
+//! metrics, health, the key interface, the status page), `local` (an in-process cluster,
 //! feature `local`).
 
 pub mod auth;
@@ -17,9 +19,11 @@ pub mod cluster;
 pub mod config;
 pub mod health;
 pub mod hlc;
+pub mod http;
 #[cfg(feature = "local")]
 pub mod local;
 pub mod metrics;
+pub mod observe;
 pub mod resp;
 pub mod session;
 
@@ -38,6 +42,8 @@ use twincache_protocol::budget::Budget;
 /// A bound, not yet running, orchestrator.
 pub struct Orchestrator {
     listener: TcpListener,
+    /// `--http`, bound.
+    http: Option<TcpListener>,
     config: Config,
     workers: Vec<String>,
 }
@@ -49,11 +55,18 @@ impl Orchestrator {
             .worker_addrs()
             .map_err(|msg| std::io::Error::new(std::io::ErrorKind::InvalidInput, msg))?;
         let listener = TcpListener::bind(config.listen).await?;
+        let http = twincache_ops::http::bind(config.http).await?;
         Ok(Orchestrator {
             listener,
+            http,
             config,
             workers,
         })
+    }
+
+    /// Where `--http` listens, if given.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -110,7 +123,7 @@ impl Orchestrator {
             max_client_buffer = c.max_client_buffer,
             "memory for client connections"
         );
-        let metrics = Arc::new(metrics::Metrics::default());
+        let metrics = Arc::new(metrics::Metrics::new(self.http.is_some()));
         let auth = Arc::new(c.authenticator().unwrap_or_else(|e| {
             // Checked at start by `Config::from_args`; embedders get no users.
             tracing::error!("{e}");
@@ -119,10 +132,39 @@ impl Orchestrator {
         if auth.required() {
             tracing::info!("clients must authenticate");
         }
+        if let Some(listener) = self.http {
+            let observer = Arc::new(observe::Observer::new(&router));
+            tokio::spawn(observer.clone().run(
+                router.clone(),
+                metrics.clone(),
+                links_shutdown.clone(),
+            ));
+            let state = http::HttpState::new(
+                router.clone(),
+                metrics.clone(),
+                observer,
+                budget.clone(),
+                c.max_frame as usize,
+                c.max_client_buffer as usize,
+                auth.clone(),
+            );
+            let limits = twincache_ops::http::HttpLimits {
+                grace: c.shutdown_grace,
+                ..Default::default()
+            };
+            let app = http::app(Arc::new(state));
+            tokio::spawn(twincache_ops::http::serve(
+                listener,
+                app,
+                limits,
+                shutdown.clone(),
+            ));
+        }
+        let refused = metrics.refused.clone();
         let mut sessions = 0usize;
         accept_loop(
             self.listener,
-            Slots::new(c.max_clients),
+            Slots::new(c.max_clients).counting_refusals(refused),
             shutdown,
             c.shutdown_grace,
             move |stream, slot, shutdown| {

@@ -17,6 +17,7 @@ use twincache_protocol::Status;
 
 use crate::auth::{Access, Denied, Who};
 use crate::cluster::Mode;
+use crate::metrics::{Closed, Cmd, ErrorCode, Proto};
 use crate::session::{Ctx, Protocol, Step};
 
 type Handler = fn(&mut RespProtocol, Vec<Bytes>, &Ctx) -> Step<Reply>;
@@ -94,6 +95,8 @@ pub fn is_inline_command(line: &[u8]) -> bool {
 pub struct RespProtocol {
     decoder: RespDecoder,
     client_name: Option<Bytes>,
+    /// The last command read, for the metrics.
+    cmd: Cmd,
 }
 
 impl RespProtocol {
@@ -103,19 +106,37 @@ impl RespProtocol {
         RespProtocol {
             decoder: RespDecoder::new(max_bulk, max_command),
             client_name: None,
+            cmd: Cmd::Other,
         }
     }
 }
 
 impl Protocol for RespProtocol {
     type Out = Reply;
+    const PROTO: Proto = Proto::Resp;
+
+    fn command(&self) -> Cmd {
+        self.cmd
+    }
+
+    fn error_of(out: &Reply) -> Option<ErrorCode> {
+        match out {
+            Reply::Error(msg) => Some(ErrorCode::of_resp(msg)),
+            _ => None,
+        }
+    }
 
     fn next(&mut self, buf: &mut BytesMut, ctx: &Ctx) -> Step<Reply> {
         let args = match self.decoder.decode(buf) {
             Ok(None) => return Step::NeedMore,
             Ok(Some(args)) => args,
-            Err(e) => return Step::Close(Some(e.reply())),
+            Err(e) => {
+                self.cmd = Cmd::Other;
+                ctx.metrics.closed(Closed::ProtocolError);
+                return Step::Close(Some(e.reply()));
+            }
         };
+        self.cmd = Cmd::from_name(&args[0]);
         let spec = find(&args[0]);
         let access = match spec {
             Some(spec) if !(ctx.router.is_adapter() && passes_through(&args)) => spec.access,

@@ -43,7 +43,7 @@ use twincache_protocol::Status;
 
 use crate::auth::{Access, Authenticator, Denied, Who};
 use crate::cluster::{Origin, Router};
-use crate::metrics::Metrics;
+use crate::metrics::{Closed, Cmd, ErrorCode, Metrics, Proto};
 use crate::resp::{is_inline_command, RespProtocol};
 
 /// A binary client sends its 4-byte preamble at once; one that stops midway is not one.
@@ -113,7 +113,13 @@ pub enum Step<O> {
 /// The part of a session that differs between protocols.
 pub trait Protocol {
     type Out: Send + 'static;
+    /// Which protocol this is, for the metrics.
+    const PROTO: Proto;
     fn next(&mut self, buf: &mut BytesMut, ctx: &Ctx) -> Step<Self::Out>;
+    /// The command of the request the last [`Protocol::next`] returned, for the metrics.
+    fn command(&self) -> Cmd;
+    /// The error an answer carries, if it is one, for the metrics.
+    fn error_of(out: &Self::Out) -> Option<ErrorCode>;
     fn encode(&mut self, out: Self::Out, dst: &mut BytesMut);
     /// What to answer when the client stops sending with bytes left in `buf`.
     fn at_eof(&mut self, buf: &BytesMut) -> Option<Self::Out>;
@@ -137,11 +143,21 @@ pub async fn serve(mut stream: TcpStream, mut ctx: Ctx, shutdown: CancellationTo
                 Ok(Ok(())) => {
                     let proto = BinaryProtocol {
                         codec: FrameCodec::new(config.max_frame),
+                        cmd: Cmd::Other,
                     };
                     run(proto, stream, buf, &ctx, &account, shutdown).await
                 }
-                Ok(Err(e)) => Err(e),
-                Err(_) => Ok(()), // a partial preamble, then silence
+                Ok(Err(e)) => {
+                    if e.kind() == std::io::ErrorKind::InvalidData {
+                        ctx.metrics.closed(Closed::ProtocolError);
+                    }
+                    Err(e)
+                }
+                Err(_) => {
+                    // A partial preamble, then silence.
+                    ctx.metrics.closed(Closed::Idle);
+                    Ok(())
+                }
             }
         }
         Ok(Ok(Kind::Resp)) => {
@@ -151,15 +167,25 @@ pub async fn serve(mut stream: TcpStream, mut ctx: Ctx, shutdown: CancellationTo
         Ok(Ok(Kind::Text)) => {
             let proto = TextProtocol {
                 lines: LineDecoder::new(config.max_line),
+                cmd: Cmd::Other,
             };
             run(proto, stream, buf, &ctx, &account, shutdown).await
         }
         Ok(Err(e)) => Err(e),
-        Err(_) => Ok(()), // idle before saying anything
+        Err(_) => {
+            // Idle before saying anything.
+            ctx.metrics.closed(Closed::Idle);
+            Ok(())
+        }
     };
     match result {
         Err(e) if e.kind() == std::io::ErrorKind::OutOfMemory => {
+            ctx.metrics.closed(Closed::Memory);
             tracing::info!(client = ctx.id, "closing client connection: {e}")
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+            ctx.metrics.closed(Closed::StoppedReading);
+            tracing::debug!(client = ctx.id, "closing client connection: {e}")
         }
         Err(e) => tracing::debug!(error = %e, "client connection ended with an error"),
         Ok(()) => {}
@@ -234,35 +260,72 @@ enum InFlight<O> {
     Streaming(BoxStream<O>),
 }
 
+/// What the metrics need of a request in flight: its command and when its bytes were read.
+#[derive(Clone, Copy)]
+struct Tag {
+    cmd: Cmd,
+    since: Instant,
+}
+
+/// Counts each request once its reply is written, with the clock reading the session takes
+/// after every write anyway: the tags of a batch of replies wait in `written` (its capacity
+/// is reused, so no allocation per request) until then. Off, and empty, without `--http`.
+struct Recorder<'a> {
+    enabled: bool,
+    metrics: &'a Metrics,
+    session: usize,
+    proto: Proto,
+    written: Vec<Tag>,
+}
+
+impl Recorder<'_> {
+    fn done(&mut self, tag: Tag) {
+        if self.enabled {
+            self.written.push(tag);
+        }
+    }
+
+    /// Counts the replies just written, at `now`.
+    fn flush(&mut self, now: Instant) {
+        for tag in self.written.drain(..) {
+            let nanos = now.saturating_duration_since(tag.since).as_nanos() as u64;
+            self.metrics
+                .answered(self.session, self.proto, tag.cmd, nanos);
+        }
+    }
+}
+
 /// The session's queue of replies in request order, with the weight of what is in flight.
 struct Queue<O> {
-    /// Each reply, its weight, and whether nothing after it may be read until it is done.
-    items: VecDeque<(InFlight<O>, usize, bool)>,
+    /// Each reply, its weight, whether nothing after it may be read until it is done,
+    /// and what the metrics count it as.
+    items: VecDeque<(InFlight<O>, usize, bool, Tag)>,
     weight: usize,
     /// Queued replies that nothing may be read past (streams, AUTH).
     barriers: usize,
 }
 
 impl<O> Queue<O> {
-    fn push(&mut self, item: InFlight<O>, weight: usize) {
+    fn push(&mut self, item: InFlight<O>, weight: usize, tag: Tag) {
         let barrier = matches!(item, InFlight::Streaming(_));
-        self.push_item(item, weight, barrier);
+        self.push_item(item, weight, barrier, tag);
     }
 
-    fn push_item(&mut self, item: InFlight<O>, weight: usize, barrier: bool) {
+    fn push_item(&mut self, item: InFlight<O>, weight: usize, barrier: bool, tag: Tag) {
         self.barriers += usize::from(barrier);
         self.weight += weight;
-        self.items.push_back((item, weight, barrier));
+        self.items.push_back((item, weight, barrier, tag));
     }
 
     fn is_empty(&self) -> bool {
         self.items.is_empty()
     }
 
-    fn pop(&mut self) {
-        if let Some((_, weight, barrier)) = self.items.pop_front() {
+    fn pop(&mut self, done: &mut Recorder) {
+        if let Some((_, weight, barrier, tag)) = self.items.pop_front() {
             self.weight -= weight;
             self.barriers -= usize::from(barrier);
+            done.done(tag);
         }
     }
 
@@ -270,35 +333,35 @@ impl<O> Queue<O> {
     /// polled: its request and all later ones are already queued to the workers, so the
     /// others merely hold a reply that is waiting for its turn, and need no waker of their
     /// own.
-    fn poll_head(&mut self, cx: &mut Context<'_>) -> Poll<O> {
+    fn poll_head(&mut self, cx: &mut Context<'_>, done: &mut Recorder) -> Poll<O> {
         loop {
-            let Some((head, _, _)) = self.items.front_mut() else {
+            let Some((head, _, _, _)) = self.items.front_mut() else {
                 return Poll::Pending;
             };
             match head {
                 InFlight::Ready(out) => {
                     let out = out.take().expect("a ready reply is taken once");
-                    self.pop();
+                    self.pop(done);
                     return Poll::Ready(out);
                 }
                 InFlight::Waiting(fut) => {
                     let out = std::task::ready!(fut.as_mut().poll(cx));
-                    self.pop();
+                    self.pop(done);
                     return Poll::Ready(out);
                 }
                 InFlight::Streaming(parts) => match std::task::ready!(parts.as_mut().poll_next(cx))
                 {
                     Some(out) => return Poll::Ready(out),
-                    None => self.pop(),
+                    None => self.pop(done),
                 },
             }
         }
     }
 
     /// The head's next reply if it is there now.
-    fn now(&mut self) -> Option<O> {
+    fn now(&mut self, done: &mut Recorder) -> Option<O> {
         let waker = futures_util::task::noop_waker();
-        match self.poll_head(&mut Context::from_waker(&waker)) {
+        match self.poll_head(&mut Context::from_waker(&waker), done) {
             Poll::Ready(out) => Some(out),
             Poll::Pending => None,
         }
@@ -327,20 +390,34 @@ async fn run<P: Protocol>(
     let mut hung_up = false;
     // The idle deadline moves with activity, but the timer is only re-armed when it fires.
     let mut last_active = Instant::now();
+    // When the bytes being parsed were read: the start of their requests' latency.
+    let mut read_at = last_active;
+    let mut recorder = Recorder {
+        enabled: ctx.metrics.detailed(),
+        metrics: &ctx.metrics,
+        session: ctx.id,
+        proto: P::PROTO,
+        written: Vec::new(),
+    };
     let idle = tokio::time::sleep(config.idle_timeout);
     tokio::pin!(idle);
     loop {
         let before = inflight.items.len();
         while reading && room(&inflight, config.pipeline_depth) && !account.busy(buf_held) {
-            match proto.next(&mut buf, ctx) {
+            let step = proto.next(&mut buf, ctx);
+            let tag = Tag {
+                cmd: proto.command(),
+                since: read_at,
+            };
+            match step {
                 Step::NeedMore => break,
-                Step::Reply(resp) => inflight.push(InFlight::Ready(Some(resp)), 0),
-                Step::Dispatch(fut, weight) => inflight.push(InFlight::Waiting(fut), weight),
-                Step::Stream(parts) => inflight.push(InFlight::Streaming(parts), 1),
-                Step::Settle(fut) => inflight.push_item(InFlight::Waiting(fut), 1, true),
+                Step::Reply(resp) => inflight.push(InFlight::Ready(Some(resp)), 0, tag),
+                Step::Dispatch(fut, weight) => inflight.push(InFlight::Waiting(fut), weight, tag),
+                Step::Stream(parts) => inflight.push(InFlight::Streaming(parts), 1, tag),
+                Step::Settle(fut) => inflight.push_item(InFlight::Waiting(fut), 1, true, tag),
                 Step::Close(last) => {
                     if let Some(resp) = last {
-                        inflight.push(InFlight::Ready(Some(resp)), 0);
+                        inflight.push(InFlight::Ready(Some(resp)), 0, tag);
                     }
                     reading = false;
                     hung_up = true;
@@ -369,10 +446,12 @@ async fn run<P: Protocol>(
         }
         let may_read = reading && room(&inflight, config.pipeline_depth) && !account.busy(buf_held);
         tokio::select! {
-            resp = std::future::poll_fn(|cx| inflight.poll_head(cx)), if !inflight.is_empty() => {
+            resp = std::future::poll_fn(|cx| inflight.poll_head(cx, &mut recorder)), if !inflight.is_empty() => {
+                count_error::<P>(ctx, &resp);
                 proto.encode(resp, &mut out);
                 // Everything else already answered goes out in the same write.
-                while let Some(resp) = inflight.now() {
+                while let Some(resp) = inflight.now(&mut recorder) {
+                    count_error::<P>(ctx, &resp);
                     proto.encode(resp, &mut out);
                     if out.len() >= KEEP_CAPACITY {
                         break; // a streaming reply: write as it comes
@@ -386,6 +465,7 @@ async fn run<P: Protocol>(
                 }
                 account.track(&mut out_held, out.capacity());
                 last_active = Instant::now();
+                recorder.flush(last_active);
                 if ctx.who.exhausted() {
                     tracing::info!(client = ctx.id, "closing a connection that failed to authenticate ten times");
                     return Ok(());
@@ -395,10 +475,12 @@ async fn run<P: Protocol>(
                 if n? == 0 {
                     reading = false;
                     if let Some(resp) = proto.at_eof(&buf) {
-                        inflight.push(InFlight::Ready(Some(resp)), 0);
+                        let tag = Tag { cmd: Cmd::Other, since: read_at };
+                        inflight.push(InFlight::Ready(Some(resp)), 0, tag);
                     }
                 } else {
                     last_active = Instant::now();
+                    read_at = last_active;
                 }
             }
             _ = account.exceeded() => {}
@@ -406,6 +488,7 @@ async fn run<P: Protocol>(
                 let deadline = last_active + config.idle_timeout;
                 if deadline <= Instant::now() {
                     tracing::debug!("closing idle client connection");
+                    ctx.metrics.closed(Closed::Idle);
                     return Ok(());
                 }
                 idle.as_mut().reset(deadline);
@@ -431,6 +514,17 @@ async fn linger<S: AsyncRead + Unpin>(stream: &mut S) {
         }
     })
     .await;
+}
+
+/// Counts an answer that is an error. Only errors cost more than a compare.
+#[inline]
+fn count_error<P: Protocol>(ctx: &Ctx, out: &P::Out) {
+    if !ctx.metrics.detailed() {
+        return;
+    }
+    if let Some(code) = P::error_of(out) {
+        ctx.metrics.error(P::PROTO, code);
+    }
 }
 
 /// Whether the in-flight window has room for another request. One request is always let
@@ -518,12 +612,23 @@ fn denied_response(denied: Denied) -> Response {
 
 struct TextProtocol {
     lines: LineDecoder,
+    cmd: Cmd,
 }
 
 impl Protocol for TextProtocol {
     type Out = Response;
+    const PROTO: Proto = Proto::Text;
+
+    fn command(&self) -> Cmd {
+        self.cmd
+    }
+
+    fn error_of(out: &Response) -> Option<ErrorCode> {
+        ErrorCode::of(out.status)
+    }
 
     fn next(&mut self, buf: &mut BytesMut, ctx: &Ctx) -> Step<Response> {
+        self.cmd = Cmd::Other;
         let line = match self.lines.decode(buf) {
             None => return Step::NeedMore,
             Some(Line::TooLong) => {
@@ -532,7 +637,17 @@ impl Protocol for TextProtocol {
             Some(Line::Complete(line)) => line,
         };
         let (router, origin) = (&ctx.router, &ctx.origin);
-        let command = match text::parse_line(line) {
+        let parsed = text::parse_line(line);
+        self.cmd = match &parsed {
+            Ok(Command::Get(_)) => Cmd::Get,
+            Ok(Command::Set(..) | Command::SetEx(..)) => Cmd::Set,
+            Ok(Command::Del(_)) => Cmd::Del,
+            Ok(Command::Ping) => Cmd::Ping,
+            Ok(Command::Stats) => Cmd::Stats,
+            Ok(Command::Status) => Cmd::Status,
+            _ => Cmd::Other,
+        };
+        let command = match parsed {
             Err(e) => return Step::Reply(Response::error(e.status, e.message)),
             Ok(command) => command,
         };
@@ -605,21 +720,43 @@ impl Protocol for TextProtocol {
 
 struct BinaryProtocol {
     codec: FrameCodec<Request>,
+    cmd: Cmd,
 }
 
 impl Protocol for BinaryProtocol {
     type Out = Response;
+    const PROTO: Proto = Proto::Binary;
+
+    fn command(&self) -> Cmd {
+        self.cmd
+    }
+
+    fn error_of(out: &Response) -> Option<ErrorCode> {
+        ErrorCode::of(out.status)
+    }
 
     fn next(&mut self, buf: &mut BytesMut, ctx: &Ctx) -> Step<Response> {
+        self.cmd = Cmd::Other;
         let mut req = match self.codec.decode(buf) {
             Ok(None) => return Step::NeedMore,
             Ok(Some(req)) => req,
             Err(FrameError::TooLong { .. }) => {
-                return Step::Close(Some(Response::status(Status::TooLarge)))
+                ctx.metrics.closed(Closed::ProtocolError);
+                return Step::Close(Some(Response::status(Status::TooLarge)));
             }
             Err(_) => {
-                return Step::Close(Some(Response::error(Status::ParseError, "malformed frame")))
+                ctx.metrics.closed(Closed::ProtocolError);
+                return Step::Close(Some(Response::error(Status::ParseError, "malformed frame")));
             }
+        };
+        self.cmd = match req.op {
+            Op::Get => Cmd::Get,
+            Op::Set => Cmd::Set,
+            Op::Del => Cmd::Del,
+            Op::Exists => Cmd::Exists,
+            Op::Ping => Cmd::Ping,
+            Op::Stats => Cmd::Stats,
+            _ => Cmd::Other,
         };
         let id = req.id;
         if req.key.is_empty() && req.op.has_key() {

@@ -11,6 +11,7 @@
 //! need.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,6 +27,8 @@ pub struct Slots {
     /// Connections not yet authenticated, if the server authenticates its peers.
     pending: Option<Arc<Semaphore>>,
     max: usize,
+    /// Connections closed on arrival because every slot was taken (for metrics).
+    refused: Arc<AtomicU64>,
 }
 
 impl Slots {
@@ -35,7 +38,14 @@ impl Slots {
             main: Arc::new(Semaphore::new(max)),
             pending: None,
             max,
+            refused: Arc::default(),
         }
+    }
+
+    /// Counts refused connections into `refused` (a metric the caller reads).
+    pub fn counting_refusals(mut self, refused: Arc<AtomicU64>) -> Slots {
+        self.refused = refused;
+        self
     }
 
     /// `max` authenticated connections, and `pending` more that have not authenticated yet.
@@ -114,6 +124,7 @@ pub async fn accept_loop<H, F>(
             }
         };
         let Some(slot) = slots.admit() else {
+            slots.refused.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(%peer, max_conns = slots.max, "connection limit reached; closing new connection");
             continue;
         };

@@ -26,7 +26,7 @@ fn main() {
 }
 
 async fn run(config: Config) {
-    twincache::init_tracing();
+    twincache::init_tracing(&config.log_format);
     let addr = (config.bind, config.port);
     let worker = Worker::bind(config).await.unwrap_or_else(|e| {
         twincache::fail(
@@ -35,7 +35,11 @@ async fn run(config: Config) {
         )
     });
     let shutdown = twincache::shutdown_on_signal();
-    // The one line on stdout: what the user feeds to the orchestrator.
+    // The last line on stdout: what the user feeds to the orchestrator. With --http, the
+    // HTTP address comes first, so a script that waits for the listening line has both.
+    if let Some(http) = worker.http_addr() {
+        println!("twincache worker http on {http}");
+    }
     println!("twincache worker listening on {}", worker.local_addr());
     worker.run(shutdown).await;
 }

@@ -23,6 +23,8 @@ const START_TIMEOUT: Duration = Duration::from_secs(20);
 pub struct Proc {
     child: Child,
     pub addr: SocketAddr,
+    /// Where `--http` listens, if it was given (announced before the listening line).
+    pub http: Option<SocketAddr>,
     pub log: PathBuf,
 }
 
@@ -40,11 +42,20 @@ impl Proc {
         let stdout = child.stdout.take().expect("piped stdout");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
+            // Lines up to the listening line, which comes last (an `http on` line first).
+            let mut stdout = BufReader::new(stdout);
+            let mut lines = String::new();
+            while stdout.read_line(&mut lines).unwrap_or(0) > 0
+                && !lines.lines().last().unwrap_or("").contains("listening on")
+            {}
+            let _ = tx.send(lines);
         });
-        let line = rx.recv_timeout(START_TIMEOUT).unwrap_or_default();
+        let lines = rx.recv_timeout(START_TIMEOUT).unwrap_or_default();
+        let http = lines
+            .lines()
+            .find(|l| l.contains(" http on "))
+            .and_then(|l| l.trim().rsplit(' ').next()?.parse().ok());
+        let line = lines.lines().last().unwrap_or("").to_string();
         let addr = line
             .trim()
             .rsplit(' ')
@@ -57,7 +68,12 @@ impl Proc {
                     std::fs::read_to_string(&log).unwrap_or_default()
                 )
             });
-        Proc { child, addr, log }
+        Proc {
+            child,
+            addr,
+            http,
+            log,
+        }
     }
 
     pub fn worker() -> Proc {

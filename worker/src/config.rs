@@ -128,6 +128,16 @@ pub struct Config {
     /// How long shutdown waits for open connections to finish.
     #[arg(long, env = "TWINCACHE_WORKER_SHUTDOWN_GRACE", default_value = "5s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
+
+    /// Serve HTTP on this address: /metrics (Prometheus), /health, and /ready (200 once
+    /// this worker holds its pair's data). Off unless given.
+    #[arg(long, env = "TWINCACHE_WORKER_HTTP", value_name = "ADDR")]
+    pub http: Option<std::net::SocketAddr>,
+
+    /// Log lines as `text` (for people) or `json` (one object per line, for collectors).
+    #[arg(long, env = "TWINCACHE_WORKER_LOG_FORMAT", default_value = "text",
+          value_parser = ["text", "json"])]
+    pub log_format: String,
 }
 
 /// Commands other than serving.

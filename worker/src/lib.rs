@@ -8,10 +8,11 @@
 //!
 //! Layout: [`config`] (flags), [`seal`] (stored byte layout: lz4, dictionaries, encryption),
 //! [`store`] (the sharded tables, eviction, TTLs), [`sync`] (snapshots and partner resync),
-//! [`server`] (connections).
+//! [`server`] (connections), [`http`] (`--http`: metrics and health).
 
 pub mod adapter;
 pub mod config;
+pub mod http;
 pub mod seal;
 pub mod server;
 pub mod store;

@@ -33,6 +33,8 @@ const OUT_HIGH_WATER: usize = 256 * 1024;
 /// A bound, not yet running, worker.
 pub struct Worker {
     listener: TcpListener,
+    /// `--http`, bound.
+    http: Option<TcpListener>,
     config: Config,
     node: Arc<Node>,
 }
@@ -53,6 +55,10 @@ pub struct Node {
     pub idle_timeout: Duration,
     /// The cluster secret: every connection proves it first (see `twincache_protocol::auth`).
     pub secret: Option<ClusterSecret>,
+    /// Connections open now (for `stats` and the metrics).
+    pub connections: std::sync::atomic::AtomicU64,
+    /// When the worker started.
+    pub started: std::time::Instant,
 }
 
 /// A request answered at once, or one that waits on Redis (adapter mode).
@@ -101,12 +107,21 @@ impl Worker {
             secret: config
                 .cluster_secret()
                 .map_err(|msg| std::io::Error::new(std::io::ErrorKind::InvalidInput, msg))?,
+            connections: Default::default(),
+            started: std::time::Instant::now(),
         });
+        let http = twincache_ops::http::bind(config.http).await?;
         Ok(Worker {
             listener,
+            http,
             config,
             node,
         })
+    }
+
+    /// Where `--http` listens, if given.
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -128,6 +143,18 @@ impl Worker {
                 .clone()
                 .sweep_forever(std::time::Duration::from_millis(100), shutdown.clone()),
         );
+        if let Some(listener) = self.http {
+            let limits = twincache_ops::http::HttpLimits {
+                grace: self.config.shutdown_grace,
+                ..Default::default()
+            };
+            tokio::spawn(twincache_ops::http::serve(
+                listener,
+                crate::http::app(node.clone()),
+                limits,
+                shutdown.clone(),
+            ));
+        }
         // Peers that must authenticate wait in an allowance of their own until they have.
         let slots = match node.secret {
             Some(_) => Slots::with_pending(
@@ -144,9 +171,12 @@ impl Worker {
             move |stream, slot, shutdown| {
                 let node = node.clone();
                 async move {
-                    if let Err(e) = serve_connection(stream, slot, node, shutdown).await {
+                    use std::sync::atomic::Ordering::Relaxed;
+                    node.connections.fetch_add(1, Relaxed);
+                    if let Err(e) = serve_connection(stream, slot, node.clone(), shutdown).await {
                         tracing::debug!(error = %e, "worker connection ended");
                     }
+                    node.connections.fetch_sub(1, Relaxed);
                 }
             },
         )
@@ -495,6 +525,10 @@ pub fn handle(node: &Node, req: Request) -> Response {
         Op::Stats => {
             let mut info = Info::new();
             stats_text(store, &mut info);
+            info.add(
+                "connected_clients",
+                node.connections.load(std::sync::atomic::Ordering::Relaxed),
+            );
             if let Some(adapter) = &node.adapter {
                 adapter.stats_text(&mut info);
             }

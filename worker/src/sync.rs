@@ -88,6 +88,23 @@ pub struct SyncState {
     coverage: Mutex<Coverage>,
     run: Mutex<Run>,
     claims: Mutex<HashMap<u8, Claim>>,
+    /// Refill counters and progress, for `status` and the metrics.
+    traffic: Traffic,
+}
+
+/// Refills as counters: read by `status` (and so by `/metrics` and the status page) while a
+/// refill runs, which the `Run` summary, written at its end, cannot show.
+#[derive(Debug, Default)]
+struct Traffic {
+    started: AtomicU64,
+    failed: AtomicU64,
+    /// Entries the running (or last) refill has received, and how many its partner
+    /// announced.
+    entries_done: AtomicU64,
+    entries_expected: AtomicU64,
+    /// Stored bytes received in refills, and sent to refilling partners, since start.
+    received_bytes: AtomicU64,
+    sent_bytes: AtomicU64,
 }
 
 /// An orchestrator's hold on a node id (the tie-break in write versions).
@@ -135,6 +152,7 @@ impl Default for SyncState {
             coverage: Mutex::default(),
             run: Mutex::default(),
             claims: Mutex::default(),
+            traffic: Traffic::default(),
         }
     }
 }
@@ -241,6 +259,22 @@ impl SyncState {
             .add("resync_bytes", r.bytes)
             .add("resync_seconds", format_args!("{:.3}", r.seconds))
             .add("resync_error", r.error);
+        let t = &self.traffic;
+        info.add("resyncs_started", t.started.load(Ordering::Relaxed))
+            .add("resyncs_failed", t.failed.load(Ordering::Relaxed))
+            .add(
+                "resync_entries_done",
+                t.entries_done.load(Ordering::Relaxed),
+            )
+            .add(
+                "resync_entries_expected",
+                t.entries_expected.load(Ordering::Relaxed),
+            )
+            .add(
+                "resync_received_bytes",
+                t.received_bytes.load(Ordering::Relaxed),
+            )
+            .add("resync_sent_bytes", t.sent_bytes.load(Ordering::Relaxed));
     }
 
     /// Starts a refill from `partner` unless one is running; returns whether it started.
@@ -260,11 +294,23 @@ impl SyncState {
             run.phase = Phase::Running;
             run.error.clear();
         }
+        let t = &self.traffic;
+        t.started.fetch_add(1, Ordering::Relaxed);
+        t.entries_done.store(0, Ordering::Relaxed);
+        t.entries_expected.store(0, Ordering::Relaxed);
         let state = self.clone();
         tokio::spawn(async move {
             let started = Instant::now();
             tracing::info!(%partner, ?refill, "refill from partner started");
-            let result = pull(&store, &partner, refill, max_frame, secret.as_ref()).await;
+            let result = pull(
+                &store,
+                &partner,
+                refill,
+                max_frame,
+                secret.as_ref(),
+                &state.traffic,
+            )
+            .await;
             let mut run = state.run();
             run.seconds = started.elapsed().as_secs_f64();
             match result {
@@ -284,6 +330,7 @@ impl SyncState {
                     );
                 }
                 Err(e) => {
+                    state.traffic.failed.fetch_add(1, Ordering::Relaxed);
                     run.phase = Phase::Failed;
                     tracing::warn!(%partner, error = %e, "refill failed");
                     run.error = e;
@@ -336,6 +383,9 @@ pub async fn serve_snapshot(
         while !records.is_empty() {
             let cut = record_boundary(&records, BATCH_BYTES);
             sent += cut as u64;
+            sync.traffic
+                .sent_bytes
+                .fetch_add(cut as u64, Ordering::Relaxed);
             send(
                 stream,
                 &mut frame,
@@ -399,6 +449,7 @@ async fn pull(
     refill: Refill,
     max_frame: usize,
     secret: Option<&ClusterSecret>,
+    traffic: &Traffic,
 ) -> Result<Pulled, String> {
     let mut stream = tokio::time::timeout(STALL, TcpStream::connect(partner))
         .await
@@ -469,6 +520,7 @@ async fn pull(
                         info::get(&meta, name).and_then(|v| u64::from_str_radix(v, radix).ok())
                     };
                     if let Some(n) = number("entries", 10) {
+                        traffic.entries_expected.store(n, Ordering::Relaxed);
                         store.reserve(usize::try_from(n).unwrap_or(usize::MAX));
                     }
                     pulled.coverage.partner_boot = number("boot", 16).unwrap_or(0);
@@ -490,6 +542,10 @@ async fn pull(
                         pulled.keys += 1;
                     }
                     pulled.bytes += body.len() as u64;
+                    traffic.entries_done.fetch_add(1, Ordering::Relaxed);
+                    traffic
+                        .received_bytes
+                        .fetch_add(body.len() as u64, Ordering::Relaxed);
                 }
                 _ => {} // a newer partner's record kind: skip it
             }
