@@ -32,7 +32,8 @@ pub mod checkpoint;
 pub mod cli;
 pub mod copy;
 pub mod document;
-pub mod glob;
+/// Redis' glob patterns, shared with the workers' SCAN MATCH.
+pub use twincache_protocol::glob;
 pub mod redis_io;
 pub mod registry;
 pub mod report;

@@ -67,10 +67,20 @@ pub mod flags {
     /// The count outlives the orchestrator that sent it, so every orchestrator can tell that
     /// the partner lacks writes.
     pub const SOLO: u8 = 32;
-    /// On a `get` or `exists`: the orchestrator takes this worker to hold the pair's data, so
-    /// a worker that does not (it restarted and has not resynced yet) refuses with
-    /// `Unavailable` instead of answering from an empty store. Clients never set it.
+    /// On a `get`, `exists`, `query` or `apply`: the orchestrator takes this worker to hold
+    /// the pair's data, so a worker that does not (it restarted and has not resynced yet)
+    /// refuses with `Unavailable` instead of answering from an empty store. On an `apply` it
+    /// also refuses while it is newly refilled (see the worker's `exec` module). Clients
+    /// never set it.
     pub const IN_SYNC: u8 = 64;
+    /// On a `set`: `ttl_ms` is an absolute expiry (Unix milliseconds), not a time to live,
+    /// so both partners of a pair store the same one.
+    pub const EXPIRES_AT: u8 = 128;
+    /// On a `command`: answer in RESP3 instead of RESP2.
+    pub const RESP3: u8 = 1;
+    /// On a `flush`: free the memory in the background and answer at once (Redis' `ASYNC`);
+    /// the flushed entries are gone for readers either way.
+    pub const ASYNC: u8 = 2;
 }
 
 /// What a request asks for. Unknown codes are kept as values so the receiver can answer
@@ -110,6 +120,24 @@ pub enum Op {
     /// A client's credentials for the orchestrator: the key is the user name (empty for the
     /// default user), the value the password.
     Auth,
+    /// Client to orchestrator: run any Redis command. The value is the command RESP-encoded
+    /// (an array of bulk strings); the answer is `Ok` with its RESP reply (RESP2, or RESP3
+    /// with [`flags::RESP3`]), errors included. The key is ignored.
+    Command,
+    /// Orchestrator to worker: run a [`crate::program`] that may write, on the pair's
+    /// primary; the answer carries the changes for the partner and the replies.
+    Apply,
+    /// Orchestrator to worker: run a read-only [`crate::program`].
+    Query,
+    /// Orchestrator to worker: store the changes an `apply` made on the partner (the value
+    /// is the changes block of the `apply`'s answer), each at the request's version.
+    Replicate,
+    /// Orchestrator to worker: one step of a key-space walk (SCAN, KEYS); see
+    /// [`crate::program::ScanRequest`].
+    Scan,
+    /// Orchestrator to worker: remove every entry older than the request's version, and
+    /// refuse older writes from now on (FLUSHALL).
+    Flush,
     Unknown(u8),
 }
 
@@ -132,6 +160,12 @@ impl Op {
             Op::ClusterHello => 14,
             Op::ClusterProof => 15,
             Op::Auth => 16,
+            Op::Command => 17,
+            Op::Apply => 18,
+            Op::Query => 19,
+            Op::Replicate => 20,
+            Op::Scan => 21,
+            Op::Flush => 22,
             Op::Unknown(c) => c,
         }
     }
@@ -154,6 +188,12 @@ impl Op {
             14 => Op::ClusterHello,
             15 => Op::ClusterProof,
             16 => Op::Auth,
+            17 => Op::Command,
+            18 => Op::Apply,
+            19 => Op::Query,
+            20 => Op::Replicate,
+            21 => Op::Scan,
+            22 => Op::Flush,
             c => Op::Unknown(c),
         }
     }

@@ -5,6 +5,11 @@
 //! hasher. The mapping is Lamping and Veach's jump consistent hash: adding a pair to `n` moves
 //! exactly the keys that land on the new pair, about `1/(n+1)` of them, and none between the
 //! old pairs.
+//!
+//! ## Hash tags
+//! As in Redis Cluster and twemproxy, a key holding `{...}` with at least one byte between
+//! the first `{` and the next `}` is placed by that part alone ([`hash_tag`]): `{user1}:cart`
+//! and `{user1}:profile` share a pair, so a transaction or a multi-key command can name both.
 
 /// 64-bit FNV-1a of the key followed by the SplitMix64 finaliser.
 ///
@@ -48,10 +53,23 @@ pub fn jump_hash(mut hash: u64, buckets: u32) -> u32 {
     b as u32
 }
 
-/// The pair (in `0..pairs`) that owns `key`.
+/// The part of `key` that places it: the bytes between the first `{` and the next `}` when
+/// there is at least one, else the whole key (Redis Cluster's rule, so applications written
+/// for it group keys the same way here).
+pub fn hash_tag(key: &[u8]) -> &[u8] {
+    let Some(open) = key.iter().position(|&b| b == b'{') else {
+        return key;
+    };
+    match key[open + 1..].iter().position(|&b| b == b'}') {
+        Some(len) if len > 0 => &key[open + 1..open + 1 + len],
+        _ => key,
+    }
+}
+
+/// The pair (in `0..pairs`) that owns `key`, placed by its hash tag if it has one.
 pub fn pair_for_key(key: &[u8], pairs: usize) -> usize {
     let pairs = u32::try_from(pairs).expect("fewer than 2^32 pairs");
-    jump_hash(key_hash(key), pairs) as usize
+    jump_hash(key_hash(hash_tag(key)), pairs) as usize
 }
 
 #[cfg(test)]
@@ -72,6 +90,23 @@ mod tests {
         for (key, hash, pair_of_7) in golden {
             assert_eq!(key_hash(key), hash, "key {key:?}");
             assert_eq!(pair_for_key(key, 7), pair_of_7, "key {key:?}");
+        }
+    }
+
+    #[test]
+    fn hash_tags_place_keys_like_redis_cluster() {
+        assert_eq!(hash_tag(b"{user1}:cart"), b"user1");
+        assert_eq!(hash_tag(b"a{user1}b{x}"), b"user1");
+        assert_eq!(hash_tag(b"{}x"), b"{}x", "an empty tag is no tag");
+        assert_eq!(hash_tag(b"{a"), b"{a");
+        assert_eq!(hash_tag(b"a}{b}"), b"b");
+        assert_eq!(hash_tag(b"{{a}}"), b"{a");
+        for pairs in 1..20 {
+            assert_eq!(
+                pair_for_key(b"{user1}:cart", pairs),
+                pair_for_key(b"{user1}:profile", pairs)
+            );
+            assert_eq!(pair_for_key(b"x{user1}", pairs), pair_for_key(b"user1", pairs));
         }
     }
 

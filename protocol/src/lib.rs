@@ -9,7 +9,10 @@
 //!   orchestrator-to-worker link and the binary client protocol, so a client can talk to a
 //!   worker directly (handy for debugging and for the tests).
 //! - [`text`]: the netcat-friendly line protocol (`get||key`, `set||key||value`, ...).
-//! - [`resp`]: RESP2, the Redis protocol (commands in, replies out).
+//! - [`resp`]: RESP2 and RESP3, the Redis protocol (commands in, replies out).
+//! - [`program`]: what the orchestrator asks a worker to run on its keys (INCR, HSET,
+//!   EXPIRE ... and transactions), the changes it sends the partner, key-space walks.
+//! - [`glob`]: Redis' glob patterns (SCAN MATCH, KEYS, CONFIG GET).
 //! - [`auth`]: cluster authentication (the handshake every connection to a worker opens with).
 //! - [`budget`]: memory held for connections (per process and per connection).
 //! - [`coverage`]: what partners know of each other's writes (in a worker's `status`).
@@ -23,8 +26,10 @@ pub mod auth;
 pub mod budget;
 pub mod coverage;
 pub mod frame;
+pub mod glob;
 pub mod hash;
 pub mod info;
+pub mod program;
 pub mod resp;
 pub mod server;
 pub mod status;

@@ -1,4 +1,4 @@
-//! RESP2, the Redis protocol: commands in, replies out.
+//! RESP, the Redis protocol: commands in, replies out (RESP2, and RESP3 after `HELLO 3`).
 //!
 //! A command is either a multibulk array (`*2\r\n$3\r\nGET\r\n$1\r\na\r\n`, what client
 //! libraries send) or an inline line (`GET a`, what a person types into netcat). The decoder
@@ -367,21 +367,45 @@ fn split_inline(line: &[u8]) -> Result<Vec<(usize, usize)>, ProtocolError> {
     Ok(args)
 }
 
-/// A reply.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Which RESP a connection speaks: RESP2 unless it asked for RESP3 with `HELLO 3`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Version {
+    #[default]
+    Resp2,
+    Resp3,
+}
+
+/// A reply, built once and encoded for the connection's [`Version`]: the RESP3 shapes (maps,
+/// sets, doubles, booleans, nulls, verbatim text) become the RESP2 ones Redis sends to a RESP2
+/// client (flat arrays, arrays, bulk strings, integers, `$-1`/`*-1`).
+#[derive(Debug, Clone, PartialEq)]
 pub enum Reply {
     /// `+<text>`
     Simple(&'static str),
+    /// `+<text>` made at run time (`TYPE`'s answer, a worker's simple string).
+    Line(String),
     /// `-<text>`: the text starts with the error prefix (`ERR`, `TRYAGAIN`, ...).
     Error(String),
     /// `:<n>`
     Int(i64),
     /// `$<len>\r\n<bytes>`
     Bulk(Bytes),
-    /// `$-1` (Redis' nil)
+    /// A missing value: `$-1` in RESP2, `_` in RESP3.
     Nil,
+    /// A missing aggregate (an aborted EXEC): `*-1` in RESP2, `_` in RESP3.
+    NilArray,
     /// `*<n>` followed by the elements
     Array(Vec<Reply>),
+    /// `%<n>` pairs in RESP3; a flat array of 2n elements in RESP2.
+    Map(Vec<(Reply, Reply)>),
+    /// `~<n>` in RESP3; an array in RESP2.
+    Set(Vec<Reply>),
+    /// `,<%.17g>` in RESP3; a bulk string of the same text in RESP2.
+    Double(f64),
+    /// `#t`/`#f` in RESP3; `:1`/`:0` in RESP2.
+    Bool(bool),
+    /// `=<len>\r\n<fmt>:<text>` in RESP3 (INFO, CLIENT INFO); a bulk string in RESP2.
+    Verbatim(&'static str, Bytes),
     /// A reply already encoded (one passed through from another Redis).
     Raw(Bytes),
 }
@@ -403,38 +427,260 @@ impl Reply {
         Reply::Error(text.into())
     }
 
-    /// Appends the reply's encoding to `out`.
+    /// Whether this is an error reply.
+    pub fn is_error(&self) -> bool {
+        matches!(self, Reply::Error(_))
+    }
+
+    /// Appends the reply's RESP2 encoding to `out`.
     pub fn encode(&self, out: &mut BytesMut) {
+        self.encode_as(Version::Resp2, out);
+    }
+
+    /// Appends the reply's encoding in `version` to `out`.
+    pub fn encode_as(&self, version: Version, out: &mut BytesMut) {
+        let resp3 = version == Version::Resp3;
         match self {
-            Reply::Simple(s) => {
-                out.put_u8(b'+');
-                out.put_slice(s.as_bytes());
-                out.put_slice(b"\r\n");
-            }
-            Reply::Error(s) => {
-                out.put_u8(b'-');
-                // A reply line cannot hold CR or LF; Redis replaces them with spaces too.
-                out.extend(
-                    s.bytes()
-                        .map(|b| if b == b'\r' || b == b'\n' { b' ' } else { b }),
-                );
-                out.put_slice(b"\r\n");
-            }
+            Reply::Simple(s) => put_line(out, b'+', s.as_bytes()),
+            Reply::Line(s) => put_line(out, b'+', s.as_bytes()),
+            Reply::Error(s) => put_line(out, b'-', s.as_bytes()),
             Reply::Int(n) => put_header(out, b':', *n),
-            Reply::Bulk(b) => {
-                put_header(out, b'$', b.len() as i64);
-                out.put_slice(b);
-                out.put_slice(b"\r\n");
-            }
+            Reply::Bulk(b) => put_bulk(out, b'$', b),
+            Reply::Nil if resp3 => out.put_slice(b"_\r\n"),
             Reply::Nil => out.put_slice(b"$-1\r\n"),
+            Reply::NilArray if resp3 => out.put_slice(b"_\r\n"),
+            Reply::NilArray => out.put_slice(b"*-1\r\n"),
             Reply::Array(items) => {
                 put_header(out, b'*', items.len() as i64);
                 for item in items {
-                    item.encode(out);
+                    item.encode_as(version, out);
                 }
             }
+            Reply::Map(pairs) => {
+                if resp3 {
+                    put_header(out, b'%', pairs.len() as i64);
+                } else {
+                    put_header(out, b'*', 2 * pairs.len() as i64);
+                }
+                for (k, v) in pairs {
+                    k.encode_as(version, out);
+                    v.encode_as(version, out);
+                }
+            }
+            Reply::Set(items) => {
+                put_header(out, if resp3 { b'~' } else { b'*' }, items.len() as i64);
+                for item in items {
+                    item.encode_as(version, out);
+                }
+            }
+            Reply::Double(d) if resp3 => put_line(out, b',', format_double(*d).as_bytes()),
+            Reply::Double(d) => put_bulk(out, b'$', format_double(*d).as_bytes()),
+            Reply::Bool(b) if resp3 => out.put_slice(if *b { b"#t\r\n" } else { b"#f\r\n" }),
+            Reply::Bool(b) => put_header(out, b':', i64::from(*b)),
+            Reply::Verbatim(format, text) if resp3 => {
+                put_header(out, b'=', (format.len() + 1 + text.len()) as i64);
+                out.put_slice(format.as_bytes());
+                out.put_u8(b':');
+                out.put_slice(text);
+                out.put_slice(b"\r\n");
+            }
+            Reply::Verbatim(_, text) => put_bulk(out, b'$', text),
             Reply::Raw(bytes) => out.put_slice(bytes),
         }
+    }
+}
+
+/// A double as Redis writes it (`%.17g`, and `inf`/`-inf`/`nan` spelled out).
+pub fn format_double(d: f64) -> String {
+    if d.is_nan() {
+        return "nan".into();
+    }
+    if d.is_infinite() {
+        return if d > 0.0 { "inf" } else { "-inf" }.into();
+    }
+    if d == 0.0 {
+        return if d.is_sign_negative() { "-0" } else { "0" }.into();
+    }
+    // 17 significant digits, then C's %g rules: scientific below 1e-4 or from 1e17 on, and
+    // no trailing zeros either way.
+    let sci = format!("{d:.16e}");
+    let (mantissa, exp) = sci.split_once('e').expect("{:e} has an exponent");
+    let exp: i32 = exp.parse().expect("{:e} exponent is a number");
+    let trim = |s: &str| -> String {
+        if s.contains('.') {
+            s.trim_end_matches('0').trim_end_matches('.').to_string()
+        } else {
+            s.to_string()
+        }
+    };
+    if !(-4..17).contains(&exp) {
+        let sign = if exp < 0 { '-' } else { '+' };
+        format!("{}e{sign}{:02}", trim(mantissa), exp.unsigned_abs())
+    } else {
+        let decimals = (16 - exp).max(0) as usize;
+        trim(&format!("{d:.decimals$}"))
+    }
+}
+
+fn put_line(out: &mut BytesMut, tag: u8, text: &[u8]) {
+    out.reserve(text.len() + 3);
+    out.put_u8(tag);
+    // A reply line cannot hold CR or LF; Redis replaces them with spaces too.
+    out.extend(
+        text.iter()
+            .map(|&b| if b == b'\r' || b == b'\n' { b' ' } else { b }),
+    );
+    out.put_slice(b"\r\n");
+}
+
+fn put_bulk(out: &mut BytesMut, tag: u8, bytes: &[u8]) {
+    put_header(out, tag, bytes.len() as i64);
+    out.put_slice(bytes);
+    out.put_slice(b"\r\n");
+}
+
+/// Why bytes are not one RESP reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ReplyError {
+    #[error("reply cut short")]
+    Incomplete,
+    #[error("malformed reply: {0}")]
+    Malformed(&'static str),
+}
+
+/// Aggregates nested deeper than this are refused: a reply comes from a peer, and decoding
+/// recurses.
+pub const MAX_REPLY_DEPTH: usize = 32;
+
+/// Decodes one reply (RESP2 or RESP3) from the front of `buf`, which holds it whole; the
+/// reply and the bytes it took. Every count and length is checked against what `buf` holds
+/// before anything is reserved, so a hostile peer can make it fail but not allocate or
+/// recurse beyond the input.
+pub fn decode_reply(buf: &Bytes) -> Result<(Reply, usize), ReplyError> {
+    let mut pos = 0;
+    let reply = decode_at(buf, &mut pos, 0)?;
+    Ok((reply, pos))
+}
+
+/// Decodes replies until `buf` is used up.
+pub fn decode_replies(buf: &Bytes) -> Result<Vec<Reply>, ReplyError> {
+    let mut pos = 0;
+    let mut out = Vec::new();
+    while pos < buf.len() {
+        out.push(decode_at(buf, &mut pos, 0)?);
+    }
+    Ok(out)
+}
+
+fn decode_at(buf: &Bytes, pos: &mut usize, depth: usize) -> Result<Reply, ReplyError> {
+    if depth > MAX_REPLY_DEPTH {
+        return Err(ReplyError::Malformed("nested too deep"));
+    }
+    let tag = *buf.get(*pos).ok_or(ReplyError::Incomplete)?;
+    let line = line_at(buf, *pos + 1)?;
+    let text = &buf[*pos + 1..line];
+    *pos = line + 2;
+    let int = || -> Result<i64, ReplyError> {
+        std::str::from_utf8(text)
+            .ok()
+            .and_then(|t| t.parse().ok())
+            .ok_or(ReplyError::Malformed("not an integer"))
+    };
+    let string = || String::from_utf8_lossy(text).into_owned();
+    // Elements take at least 3 bytes each, so a count past that is a lie.
+    let count = |n: i64, per: usize| -> Result<usize, ReplyError> {
+        let n = usize::try_from(n).map_err(|_| ReplyError::Malformed("negative count"))?;
+        if n.saturating_mul(3 * per) > buf.len() - *pos {
+            return Err(ReplyError::Incomplete);
+        }
+        Ok(n)
+    };
+    Ok(match tag {
+        b'+' => Reply::Line(string()),
+        b'-' => Reply::Error(string()),
+        b':' => Reply::Int(int()?),
+        b'_' => Reply::Nil,
+        b'#' => match text {
+            b"t" => Reply::Bool(true),
+            b"f" => Reply::Bool(false),
+            _ => return Err(ReplyError::Malformed("boolean")),
+        },
+        b',' => Reply::Double(
+            std::str::from_utf8(text)
+                .ok()
+                .and_then(|t| t.parse().ok())
+                .ok_or(ReplyError::Malformed("not a double"))?,
+        ),
+        b'$' | b'=' => {
+            let n = int()?;
+            if n < 0 {
+                return Ok(if tag == b'$' {
+                    Reply::Nil
+                } else {
+                    return Err(ReplyError::Malformed("negative length"));
+                });
+            }
+            let n = n as usize;
+            let end = pos.checked_add(n).ok_or(ReplyError::Incomplete)?;
+            if buf.len() < end.saturating_add(2) {
+                return Err(ReplyError::Incomplete);
+            }
+            if &buf[end..end + 2] != b"\r\n" {
+                return Err(ReplyError::Malformed("bulk not ended by CRLF"));
+            }
+            let body = buf.slice(*pos..end);
+            *pos = end + 2;
+            if tag == b'$' {
+                Reply::Bulk(body)
+            } else {
+                match body.get(..4) {
+                    Some(b"mkd:") => Reply::Verbatim("mkd", body.slice(4..)),
+                    Some(_) => Reply::Verbatim("txt", body.slice(4..)),
+                    None => return Err(ReplyError::Malformed("verbatim without a format")),
+                }
+            }
+        }
+        b'*' | b'~' => {
+            let n = int()?;
+            if n < 0 {
+                return Ok(Reply::NilArray);
+            }
+            let n = count(n, 1)?;
+            let mut items = Vec::with_capacity(n);
+            for _ in 0..n {
+                items.push(decode_at(buf, pos, depth + 1)?);
+            }
+            if tag == b'*' {
+                Reply::Array(items)
+            } else {
+                Reply::Set(items)
+            }
+        }
+        b'%' => {
+            let n = count(int()?, 2)?;
+            let mut pairs = Vec::with_capacity(n);
+            for _ in 0..n {
+                let k = decode_at(buf, pos, depth + 1)?;
+                let v = decode_at(buf, pos, depth + 1)?;
+                pairs.push((k, v));
+            }
+            Reply::Map(pairs)
+        }
+        _ => return Err(ReplyError::Malformed("unknown type")),
+    })
+}
+
+/// Where the CRLF ending the line that starts at `from` is.
+fn line_at(buf: &[u8], from: usize) -> Result<usize, ReplyError> {
+    let rest = buf.get(from..).ok_or(ReplyError::Incomplete)?;
+    let cr = rest
+        .iter()
+        .position(|&b| b == b'\r')
+        .ok_or(ReplyError::Incomplete)?;
+    match rest.get(cr + 1) {
+        Some(b'\n') => Ok(from + cr),
+        Some(_) => Err(ReplyError::Malformed("CR without LF")),
+        None => Err(ReplyError::Incomplete),
     }
 }
 
@@ -672,6 +918,72 @@ mod tests {
         );
     }
 
+    #[test]
+    fn resp3_shapes_and_their_resp2_forms() {
+        let reply = Reply::Array(vec![
+            Reply::Map(vec![(Reply::Simple("a"), Reply::Int(1))]),
+            Reply::Set(vec![Reply::Bulk(Bytes::from_static(b"x"))]),
+            Reply::Double(1.5),
+            Reply::Bool(true),
+            Reply::Nil,
+            Reply::NilArray,
+            Reply::Verbatim("txt", Bytes::from_static(b"hi")),
+        ]);
+        let mut out = BytesMut::new();
+        reply.encode_as(Version::Resp3, &mut out);
+        assert_eq!(
+            &out[..],
+            &b"*7\r\n%1\r\n+a\r\n:1\r\n~1\r\n$1\r\nx\r\n,1.5\r\n#t\r\n_\r\n_\r\n=6\r\ntxt:hi\r\n"[..]
+        );
+        let (back, used) = decode_reply(&out.clone().freeze()).unwrap();
+        assert_eq!(used, out.len());
+        let mut again = BytesMut::new();
+        back.encode_as(Version::Resp3, &mut again);
+        assert_eq!(again, out, "RESP3 survives a round trip");
+        let mut out = BytesMut::new();
+        reply.encode(&mut out);
+        assert_eq!(
+            &out[..],
+            &b"*7\r\n*2\r\n+a\r\n:1\r\n*1\r\n$1\r\nx\r\n$3\r\n1.5\r\n:1\r\n$-1\r\n*-1\r\n$2\r\nhi\r\n"[..]
+        );
+    }
+
+    #[test]
+    fn doubles_format_like_c_percent_17g() {
+        for (d, want) in [
+            (1.5, "1.5"),
+            (0.1, "0.10000000000000001"),
+            (100.0, "100"),
+            (1e17, "1e+17"),
+            (1.25e-5, "1.2500000000000001e-05"),
+            (123456789012345680.0, "1.2345678901234568e+17"),
+            (-2.0, "-2"),
+            (f64::INFINITY, "inf"),
+            (0.0001, "0.0001"),
+        ] {
+            assert_eq!(format_double(d), want, "{d}");
+        }
+    }
+
+    #[test]
+    fn hostile_replies_fail_without_allocating() {
+        for bad in [
+            &b"*99999999999\r\n"[..],
+            b"$5\r\nab\r\n",
+            b"%3\r\n:1\r\n",
+            b"?x\r\n",
+            b":12a\r\n",
+            b"+ok",
+            b"$2\r\nabcd",
+        ] {
+            assert!(decode_reply(&Bytes::from_static(bad)).is_err(), "{bad:?}");
+        }
+        let deep = "*1\r\n".repeat(MAX_REPLY_DEPTH + 2) + ":1\r\n";
+        assert!(decode_reply(&Bytes::from(deep)).is_err());
+        let many = decode_replies(&Bytes::from_static(b":1\r\n$-1\r\n*-1\r\n")).unwrap();
+        assert_eq!(many, vec![Reply::Int(1), Reply::Nil, Reply::NilArray]);
+    }
+
     /// Feeds `input` in pieces of the given sizes until the decoder errs or has all of it;
     /// whatever the bytes, it must return, not panic.
     fn feed_anything(d: &mut RespDecoder, input: &[u8], cuts: &[usize]) {
@@ -730,6 +1042,11 @@ mod tests {
         ) {
             let wire = mutated(&cmds, &edits, truncate);
             feed_anything(&mut RespDecoder::new(64, 512), &wire, &cuts);
+        }
+
+        #[test]
+        fn random_replies_never_panic(input in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = decode_replies(&Bytes::from(input));
         }
 
         #[test]

@@ -25,6 +25,9 @@ pub enum Status {
     NoAuth = 8,
     /// The authenticated user may not run this command.
     NoPerm = 9,
+    /// The key holds a value the command cannot use: another type (a hash read as a
+    /// string), or not a number for a counter. The message is Redis' text.
+    WrongType = 10,
 }
 
 impl Status {
@@ -46,6 +49,7 @@ impl Status {
             7 => Status::NotApplied,
             8 => Status::NoAuth,
             9 => Status::NoPerm,
+            10 => Status::WrongType,
             _ => Status::ServerError,
         }
     }
@@ -63,6 +67,9 @@ impl Status {
             Status::NotApplied => "condition not met; nothing written",
             Status::NoAuth => "authentication required",
             Status::NoPerm => "not permitted for this user",
+            Status::WrongType => {
+                "WRONGTYPE Operation against a key holding the wrong kind of value"
+            }
         }
     }
 }
@@ -73,7 +80,7 @@ mod tests {
 
     #[test]
     fn codes_round_trip_and_unknown_is_error() {
-        for code in 0..=9u8 {
+        for code in 0..=10u8 {
             assert_eq!(Status::from_code(code).code(), code);
         }
         assert_eq!(Status::from_code(200), Status::ServerError);

@@ -7,11 +7,14 @@
 //! request order, though the protocol would allow any order.
 //!
 //! Layout: [`config`] (flags), [`seal`] (stored byte layout: lz4, dictionaries, encryption),
-//! [`store`] (the sharded tables, eviction, TTLs), [`sync`] (snapshots and partner resync),
+//! [`store`] (the sharded tables, eviction, TTLs, typed entries, key-space walks),
+//! [`exec`] (the Redis commands that read before they write, run on the pair's primary),
+//! [`sync`] (snapshots and partner resync),
 //! [`server`] (connections), [`http`] (`--http`: metrics and health).
 
 pub mod adapter;
 pub mod config;
+pub mod exec;
 pub mod http;
 pub mod seal;
 pub mod server;

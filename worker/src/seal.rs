@@ -180,6 +180,16 @@ impl Cipher {
     }
 }
 
+/// How stored bytes are laid out, in a word (OBJECT ENCODING): `raw`, `compressed` (lz4,
+/// with or without a dictionary) or `encrypted`.
+pub fn layout_name(stored: &[u8]) -> &'static str {
+    match stored.first() {
+        Some(&LZ4) | Some(&LZ4_DICT) => "compressed",
+        Some(&ENCRYPTED) => "encrypted",
+        _ => "raw",
+    }
+}
+
 /// Appends the stored form of `value` (kept under `key`) to `out`: lz4-compressed when that
 /// makes it smaller, then encrypted if there is a cipher.
 pub fn seal_into(

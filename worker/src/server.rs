@@ -24,7 +24,9 @@ use twincache_protocol::Status;
 
 use crate::adapter::{Adapter, INVALIDATION_TTL_MS};
 use crate::config::Config;
-use crate::store::{SetOptions, Store, StoreError};
+use crate::exec;
+use crate::store::{Kind, SetOptions, Store, StoreError};
+use twincache_protocol::program::{self, ScanRequest};
 use crate::sync::{serve_snapshot, Refill, SyncState};
 
 /// Stop reading more requests once this many response bytes wait to be written.
@@ -468,14 +470,48 @@ pub fn handle(node: &Node, req: Request) -> Response {
         return Response::error(Status::Unavailable, "this worker has not resynced yet");
     }
     match req.op {
-        Op::Get => match store.get(&req.key) {
-            Ok(Some(value)) => Response::ok(value),
+        Op::Get => match store.get_typed(&req.key) {
+            Ok(Some((_, Kind::Hash))) => Response::status(Status::WrongType),
+            Ok(Some((value, _))) => Response::ok(value),
             Ok(None) => Response::status(Status::NotFound),
             Err(e) => corrupt(e),
         },
+        Op::Apply => exec::run(store, &node.sync, &req, true),
+        Op::Query => exec::run(store, &node.sync, &req, false),
+        Op::Replicate => exec::replicate(store, &req),
+        Op::Scan => match ScanRequest::decode(req.value.clone()) {
+            Ok(scan) => {
+                let step = store.scan(scan.cursor, scan.count, scan.kind, scan.pattern.as_deref());
+                let mut out = BytesMut::with_capacity(
+                    8 + step.keys.iter().map(|k| 4 + k.len()).sum::<usize>(),
+                );
+                out.put_u64(step.next);
+                for k in &step.keys {
+                    program::put_scan_key(&mut out, k);
+                }
+                Response::ok(out.freeze())
+            }
+            Err(e) => Response::error(Status::ParseError, e.0),
+        },
+        Op::Flush => {
+            let gone = store.flush(req.version);
+            if alone {
+                node.sync.took_alone();
+            }
+            let removed = gone.len();
+            if req.flags & flags::ASYNC != 0 {
+                // Freeing millions of entries takes a while; readers no longer see them.
+                std::thread::spawn(move || drop(gone));
+            } else {
+                drop(gone);
+            }
+            Response::ok(Bytes::from(removed.to_string()))
+        }
         Op::Set => {
+            let absolute = req.flags & flags::EXPIRES_AT != 0;
             let opts = SetOptions {
-                ttl_ms: req.ttl_ms,
+                ttl_ms: if absolute { 0 } else { req.ttl_ms },
+                expires_at: if absolute { req.ttl_ms } else { 0 },
                 nx: req.flags & flags::NX != 0,
                 xx: req.flags & flags::XX != 0,
                 keep_ttl: req.flags & flags::KEEP_TTL != 0,
@@ -582,8 +618,9 @@ pub fn handle(node: &Node, req: Request) -> Response {
         Op::Passthrough | Op::Invalidate => {
             Response::error(Status::InvalidCommand, "this worker is not in adapter mode")
         }
-        // A handshake after the start, or a client's AUTH (workers have no users).
-        Op::ClusterHello | Op::ClusterProof | Op::Auth | Op::Unknown(_) => {
+        // A handshake after the start, a client's AUTH (workers have no users), or a Redis
+        // command (the orchestrator runs those).
+        Op::ClusterHello | Op::ClusterProof | Op::Auth | Op::Command | Op::Unknown(_) => {
             Response::status(Status::InvalidCommand)
         }
     }

@@ -16,6 +16,11 @@
 //! ```
 //!
 //! The top bit of `value_len` is the entry's *accessed* bit for eviction (see [`Store`]).
+//! The top two bits of `key_len` are the value's type ([`Kind`]: 0 string, 1 hash): a string
+//! takes no byte more than before types existed, and an entry written before then (keys are
+//! far below 1 GiB, so those bits were 0) reads as the string it is, in a snapshot too. A
+//! hash is one entry, its fields and values encoded together (`exec::hash`) and sealed as a
+//! whole.
 //!
 //! One allocation per key instead of three (key, value, and the refcount header a shared
 //! `Bytes` adds) saves memory, and saves cache misses: a lookup compares the key in the same
@@ -34,10 +39,20 @@ use hashbrown::hash_table::Entry as Slot;
 use hashbrown::HashTable;
 
 use crate::seal::{self, Cipher, Dictionary, SealError};
+pub use twincache_protocol::program::Kind;
+
+mod txn;
+mod walk;
+
+pub use txn::{Meta, Txn};
+pub use walk::ScanStep;
 
 const HEADER: usize = 8 + 8 + 4 + 4;
 /// The accessed bit, kept in the top bit of the value length (values are far below 2 GiB).
 const ACCESSED: usize = 1 << 31;
+/// Where the type sits in the key length field, and the longest key it leaves room for.
+const KIND_SHIFT: u32 = 30;
+pub const MAX_KEY_LEN: usize = (1 << KIND_SHIFT) - 1;
 /// Shards: enough that threads rarely meet on one lock.
 const SHARDS: usize = 64;
 /// Most entries [`Store::reserve`] makes room for at once (about 40 MB of table).
@@ -86,7 +101,22 @@ impl Entry {
     }
 
     fn key_len(&self) -> usize {
-        self.u32_at(16)
+        self.u32_at(16) & MAX_KEY_LEN
+    }
+
+    /// The value's type (see the module docs).
+    pub(crate) fn kind(&self) -> Kind {
+        match self.u32_at(16) >> KIND_SHIFT {
+            1 => Kind::Hash,
+            _ => Kind::String,
+        }
+    }
+
+    /// The entry with its type set to `kind` (a string by default).
+    pub(crate) fn with_kind(mut self, kind: Kind) -> Entry {
+        let field = (self.key_len() | ((kind as usize) << KIND_SHIFT)) as u32;
+        self.0[16..20].copy_from_slice(&field.to_le_bytes());
+        self
     }
 
     /// Length of the value as the client gave it (before sealing).
@@ -151,7 +181,11 @@ impl Entry {
             let b = raw.get(at..at + 4)?;
             Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
         };
-        let key_len = field(16)?;
+        let key_field = field(16)?;
+        if Kind::from_u8((key_field >> KIND_SHIFT) as u8).is_none() {
+            return None;
+        }
+        let key_len = key_field & MAX_KEY_LEN;
         let value_len = field(20)? & !ACCESSED;
         let stored = raw.get(HEADER.checked_add(key_len)?..)?;
         if !seal::plausible(stored, value_len) {
@@ -167,6 +201,12 @@ impl Entry {
     fn footprint(&self) -> usize {
         size_class(self.0.len())
     }
+}
+
+/// The shard of a key's hash. The table uses the hash's low bits (bucket) and top 7 (tag),
+/// so the shard takes bits from the middle.
+fn shard_index(hash: u64) -> usize {
+    (hash >> 32) as usize % SHARDS
 }
 
 /// What the allocator really hands out for a request of `n` bytes: the binaries use
@@ -209,6 +249,9 @@ pub struct Counters {
 pub struct SetOptions {
     /// Time to live in milliseconds; 0 for none.
     pub ttl_ms: u64,
+    /// An absolute expiry (Unix ms) instead of `ttl_ms`, so partners store the same one;
+    /// 0 for none.
+    pub expires_at: u64,
     /// Only if absent.
     pub nx: bool,
     /// Only if present.
@@ -240,6 +283,10 @@ pub struct Usage {
     pub logical_bytes: usize,
     /// Keys and values as stored (values compressed, encrypted), without overhead.
     pub stored_bytes: usize,
+    /// Keys with an expiry (INFO keyspace `expires=`), and the sum of their expiry times
+    /// (for `avg_ttl=`), kept as entries come and go so neither needs a scan.
+    pub expiring: usize,
+    pub expiring_at_sum: u128,
 }
 
 impl Usage {
@@ -248,6 +295,10 @@ impl Usage {
             self.tombstones += 1;
         } else {
             self.keys += 1;
+            if e.expires_at() != 0 {
+                self.expiring += 1;
+                self.expiring_at_sum += u128::from(e.expires_at());
+            }
         }
         self.bytes += e.footprint();
         self.logical_bytes += e.key_len() + e.value_len();
@@ -259,6 +310,10 @@ impl Usage {
             self.tombstones -= 1;
         } else {
             self.keys -= 1;
+            if e.expires_at() != 0 {
+                self.expiring -= 1;
+                self.expiring_at_sum -= u128::from(e.expires_at());
+            }
         }
         self.bytes -= e.footprint();
         self.logical_bytes -= e.key_len() + e.value_len();
@@ -271,10 +326,11 @@ impl Usage {
         self.bytes += other.bytes;
         self.logical_bytes += other.logical_bytes;
         self.stored_bytes += other.stored_bytes;
+        self.expiring += other.expiring;
+        self.expiring_at_sum += other.expiring_at_sum;
     }
 }
 
-#[derive(Default)]
 struct Shard {
     table: HashTable<Entry>,
     usage: Usage,
@@ -283,6 +339,23 @@ struct Shard {
     clock: VecDeque<u64>,
     /// Bytes of the table's and the ring's own allocations, as last counted.
     structure: usize,
+    /// Changes whenever the table may move its entries (it grows or rehashes), so that a
+    /// SCAN cursor naming a bucket of this shard can tell whether the bucket still means
+    /// what it did (see `walk`). Starts at a random value, so a cursor from another worker
+    /// or an earlier start of this one rarely matches by chance.
+    generation: u32,
+}
+
+impl Default for Shard {
+    fn default() -> Shard {
+        Shard {
+            table: HashTable::new(),
+            usage: Usage::default(),
+            clock: VecDeque::new(),
+            structure: 0,
+            generation: rand::random(),
+        }
+    }
 }
 
 impl Shard {
@@ -300,6 +373,14 @@ impl Shard {
 }
 
 impl Shard {
+    /// Called before anything that may grow the table (`entry`, `reserve`): a full table
+    /// moves its entries then, which ends the meaning of SCAN cursors into it.
+    fn before_growth(&mut self, additional: usize) {
+        if self.table.capacity() - self.table.len() < additional {
+            self.generation = self.generation.wrapping_add(1);
+        }
+    }
+
     fn find(&self, hash: u64, key: &[u8]) -> Option<&Entry> {
         self.table.find(hash, |e| e.key() == key)
     }
@@ -356,6 +437,10 @@ pub struct Store {
     dict_size: usize,
     /// How long deletes are remembered (tombstones).
     tombstone_ttl_ms: u64,
+    /// The version of the last FLUSHALL: no entry older than it is held or taken any more
+    /// (a write, a partner's copy), so neither a late write nor a resync brings back a
+    /// flushed key.
+    floor: AtomicU64,
     pub counters: Counters,
 }
 
@@ -387,6 +472,7 @@ impl Store {
             samples: Mutex::new(Vec::new()),
             dict_size: DEFAULT_DICTIONARY_SIZE,
             tombstone_ttl_ms: DEFAULT_TOMBSTONE_TTL_MS,
+            floor: AtomicU64::new(0),
             counters: Counters::default(),
         }
     }
@@ -508,17 +594,17 @@ impl Store {
         self.hasher.hash_one(key)
     }
 
-    /// The shard of `hash`. The table uses the hash's low bits (bucket) and top 7 (tag), so
-    /// the shard takes bits from the middle.
+    /// The shard of `hash`, locked.
     fn shard(&self, hash: u64) -> MutexGuard<'_, Shard> {
-        self.shards[(hash >> 32) as usize % SHARDS]
+        self.shards[shard_index(hash)]
             .lock()
             .unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A copy of the stored bytes under `key` if it holds a live entry; an expired entry is
-    /// removed on the spot. Copying (a memcpy) lets decompression run outside the lock.
-    fn live_stored(&self, key: &[u8], now: u64) -> Option<Bytes> {
+    /// A copy of the stored bytes under `key`, and the value's type, if it holds a live
+    /// entry; an expired entry is removed on the spot. Copying (a memcpy) lets decompression
+    /// run outside the lock.
+    fn live_stored(&self, key: &[u8], now: u64) -> Option<(Bytes, Kind)> {
         let hash = self.hash(key);
         let mut shard = self.shard(hash);
         match shard.table.find_mut(hash, |e| e.key() == key) {
@@ -526,7 +612,7 @@ impl Store {
                 if !e.accessed() {
                     e.touch(true);
                 }
-                Some(Bytes::copy_from_slice(e.stored()))
+                Some((Bytes::copy_from_slice(e.stored()), e.kind()))
             }
             Some(e) if e.expired(now) => {
                 let before = shard.held();
@@ -544,12 +630,19 @@ impl Store {
         }
     }
 
-    /// The value under `key`, if any.
+    /// The value under `key`, if any, whatever its type.
     pub fn get(&self, key: &[u8]) -> Result<Option<Bytes>, SealError> {
+        Ok(self.get_typed(key)?.map(|(value, _)| value))
+    }
+
+    /// The value under `key` and its type, if any. A GET of a hash answers WRONGTYPE, so
+    /// the type comes from the same lookup as the value.
+    pub fn get_typed(&self, key: &[u8]) -> Result<Option<(Bytes, Kind)>, SealError> {
         match self.live_stored(key, now_ms()) {
-            Some(stored) => {
+            Some((stored, kind)) => {
                 self.counters.hits.fetch_add(1, Ordering::Relaxed);
-                seal::open_with(key, &stored, self.cipher(), self.dictionary()).map(Some)
+                seal::open_with(key, &stored, self.cipher(), self.dictionary())
+                    .map(|v| Some((v, kind)))
             }
             None => {
                 self.counters.misses.fetch_add(1, Ordering::Relaxed);
@@ -589,11 +682,19 @@ impl Store {
         opts: SetOptions,
     ) -> Result<SetOutcome, StoreError> {
         let now = now_ms();
-        let expires_at = if opts.ttl_ms > 0 {
+        let expires_at = if opts.expires_at > 0 {
+            opts.expires_at
+        } else if opts.ttl_ms > 0 {
             now.saturating_add(opts.ttl_ms)
         } else {
             0
         };
+        if key.len() > MAX_KEY_LEN {
+            return Err(StoreError::TooLarge {
+                needs: key.len(),
+                max: MAX_KEY_LEN,
+            });
+        }
         // Build (and compress) the entry before taking the shard lock.
         let dict = self.dictionary_for(value);
         let fresh = Entry::new(version, expires_at, key, value, self.cipher(), dict);
@@ -720,7 +821,8 @@ impl Store {
             &value,
             self.cipher(),
             self.dictionary(),
-        );
+        )
+        .with_kind(incoming.kind());
         self.merge_above(&resealed.0, floor)
     }
 
@@ -751,6 +853,7 @@ impl Store {
         for shard in self.shards.iter() {
             let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
             let before = shard.held();
+            shard.before_growth(per_shard);
             shard.table.reserve(per_shard, |e| self.hash(e.key()));
             shard.recount_structure();
             self.track(before, shard.held());
@@ -781,8 +884,15 @@ impl Store {
         mut fresh: Entry,
         decide: impl FnOnce(Option<&mut Entry>, &mut Entry) -> (bool, T),
     ) -> T {
+        let floor = self.floor();
+        if fresh.version() < floor {
+            // Older than the last flush: as if a delete at the flush's version held the key.
+            let mut flushed = Entry::tombstone(floor, 0, fresh.key());
+            return decide(Some(&mut flushed), &mut fresh).1;
+        }
         let hash = self.hash(fresh.key());
         let mut shard = self.shard(hash);
+        shard.before_growth(1);
         let bytes_before = shard.held();
         let Shard {
             table,
@@ -828,16 +938,22 @@ impl Store {
         drop(evicted);
         // This shard alone could not make room (the write is larger than all it held):
         // evict from the others.
+        self.evict_anywhere(Some(hash));
+        report
+    }
+
+    /// Evicts from shard after shard until the store is within its limit, sparing the entry
+    /// of hash `spare`. Takes one shard's lock at a time; call it holding none.
+    fn evict_anywhere(&self, spare: Option<u64>) {
         for n in 0..SHARDS {
             if !self.over_limit() {
                 break;
             }
             let mut other = self.shards[n].lock().unwrap_or_else(|e| e.into_inner());
-            let gone = self.evict(&mut other, Some(hash));
+            let gone = self.evict(&mut other, spare);
             drop(other);
             drop(gone);
         }
-        report
     }
 
     pub fn usage(&self) -> Usage {

@@ -43,7 +43,7 @@
 //! ```text
 //! record = kind:u8 len:u32le bytes
 //! kind   = 1 meta (name:value lines: fingerprint <hex|off>, entries <n>, boot <hex>,
-//!                  solo <n>, horizon <version>)
+//!                  solo <n>, horizon <version>, flushed <version of the last FLUSHALL>)
 //!        | 2 dictionary | 3 entry (as stored)
 //! ```
 
@@ -90,6 +90,9 @@ pub struct SyncState {
     claims: Mutex<HashMap<u8, Claim>>,
     /// Refill counters and progress, for `status` and the metrics.
     traffic: Traffic,
+    /// When the last refill completed (Unix ms; 0: none since start): a newly refilled
+    /// worker does not act as its pair's primary at once (see `exec::PRIMARY_GRACE`).
+    refilled_at: AtomicU64,
 }
 
 /// Refills as counters: read by `status` (and so by `/metrics` and the status page) while a
@@ -153,6 +156,7 @@ impl Default for SyncState {
             run: Mutex::default(),
             claims: Mutex::default(),
             traffic: Traffic::default(),
+            refilled_at: AtomicU64::new(0),
         }
     }
 }
@@ -169,6 +173,14 @@ impl SyncState {
     /// Whether this worker holds the pair's data (or was told it does).
     pub fn synced(&self) -> bool {
         self.synced.load(Ordering::Acquire)
+    }
+
+    /// Milliseconds since the last completed refill, if there was one since start.
+    pub fn since_refill_ms(&self) -> Option<u64> {
+        match self.refilled_at.load(Ordering::Acquire) {
+            0 => None,
+            at => Some(crate::store::now_ms().saturating_sub(at)),
+        }
     }
 
     /// Counts a write this worker took that its partner did not get. Called after the write
@@ -319,6 +331,9 @@ impl SyncState {
                     run.completed += 1;
                     (run.keys, run.bytes) = (pulled.keys, pulled.bytes);
                     *state.coverage() = pulled.coverage;
+                    state
+                        .refilled_at
+                        .store(crate::store::now_ms().max(1), Ordering::Release);
                     state.synced.store(true, Ordering::Release);
                     tracing::info!(
                         %partner,
@@ -370,7 +385,9 @@ pub async fn serve_snapshot(
     .add("boot", format_args!("{:016x}", sync.boot_id))
     // Read before any entry is copied: every write counted here is in the snapshot.
     .add("solo", sync.solo.load(Ordering::Acquire))
-    .add("horizon", store.delete_horizon());
+    .add("horizon", store.delete_horizon())
+    // The last FLUSHALL: a partner that missed it drops what it held from before.
+    .add("flushed", store.floor());
     put_record(&mut records, META, &meta.into_bytes());
     if let Some(dict) = store.dictionary() {
         put_record(&mut records, DICTIONARY, dict.bytes());
@@ -529,6 +546,9 @@ async fn pull(
                         if let Some(horizon) = number("horizon", 10) {
                             pulled.dropped = store.drop_older_than(horizon);
                         }
+                    }
+                    if let Some(flushed) = number("flushed", 10).filter(|&v| v > store.floor()) {
+                        pulled.dropped += store.flush(flushed).len();
                     }
                     seen_meta = true;
                 }

@@ -1,6 +1,7 @@
-//! Redis' glob patterns (`*`, `?`, `[abc]`, `[^a-z]`, `\x`), matched on the client side: a
-//! copy that transforms on the way must know which scanned keys belong to the schema's key
-//! pattern, and SCAN's MATCH can only filter by one pattern.
+//! Redis' glob patterns (`*`, `?`, `[abc]`, `[^a-z]`, `\x`): SCAN and KEYS `MATCH` on the
+//! workers, HSCAN's on hash fields, CONFIG GET's parameter names, and twincache-migrate's
+//! key patterns (a copy that transforms on the way must know which scanned keys belong to
+//! the schema's key pattern, and SCAN's MATCH can only filter by one pattern).
 
 /// Whether `key` matches `pattern`, with Redis' `stringmatchlen` rules.
 pub fn matches(pattern: &[u8], key: &[u8]) -> bool {

@@ -1,0 +1,853 @@
+//! Programs: what the orchestrator asks a worker to run on the keys it holds.
+//!
+//! Every Redis command beyond GET, SET, DEL and EXISTS reads a key's value before it answers
+//! or writes (INCR, APPEND, HSET, EXPIRE ... NX). Such a command travels to a worker as a
+//! program of [`Action`]s in the value of an `apply` (may write) or `query` (reads only)
+//! frame. The worker runs the whole program with the shards of every key it names locked,
+//! stages its writes, and commits them at once, so a program is atomic on the worker: that is
+//! what MULTI/EXEC on one pair runs on, and a single INCR is the one-action case.
+//!
+//! ```text
+//! program  = action*                  (the frame's key is the current key at the start)
+//! action   = code:u8 fields           (fields per action below; integers big-endian,
+//!                                      bytes as len:u32 bytes, lists as count:u32 items)
+//! answer   = flags:u8 changes_len:u32 changes reply*
+//! flags    = 1 aborted (a guard failed: nothing was written, no replies follow)
+//! changes  = change*                  (what the partner must store: the value of the
+//!                                      `replicate` frame, forwarded as is)
+//! change   = key_len:u32 key kind:u8 expires_at:u64 value_len:u32 value
+//! kind     = 0 string | 1 hash | 255 deleted
+//! reply    = one RESP3 reply per action that answers (all but `key` and the guards)
+//! ```
+//!
+//! An `apply` stamps every change with the request's version; a worker whose entry for a
+//! touched key is not older refuses the program (`NotApplied`, the payload its version as
+//! `u64`) so that the orchestrator can move its clock past it and retry: versions stay unique
+//! and increasing per key, which is what lets the partner converge by "newest version wins".
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+/// The answer flag for a program stopped by a guard.
+pub const ABORTED: u8 = 1;
+/// What [`Change::kind`] is for a delete.
+pub const DELETED: u8 = 255;
+
+/// A stored value's type, in the entry header (see the worker's `store` module).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    String = 0,
+    Hash = 1,
+}
+
+impl Kind {
+    pub fn from_u8(v: u8) -> Option<Kind> {
+        match v {
+            0 => Some(Kind::String),
+            1 => Some(Kind::Hash),
+            _ => None,
+        }
+    }
+
+    /// The name TYPE answers with.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::String => "string",
+            Kind::Hash => "hash",
+        }
+    }
+}
+
+/// A key's expiry as a write asks for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ttl {
+    /// Leave it as it is (KEEPTTL; GETEX without options).
+    Keep,
+    /// No expiry (a plain SET; PERSIST).
+    Clear,
+    /// This many milliseconds from the worker's now (zero or less: already expired).
+    In(i64),
+    /// At this Unix time in milliseconds.
+    At(i64),
+}
+
+/// The condition of EXPIRE and friends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpireIf {
+    Always,
+    /// Only if the key has no expiry.
+    Nx,
+    /// Only if it has one.
+    Xx,
+    /// Only if the new expiry is later (no expiry counts as infinite).
+    Gt,
+    /// Only if the new expiry is earlier.
+    Lt,
+}
+
+/// The condition of SET.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SetIf {
+    Always,
+    Nx,
+    Xx,
+}
+
+/// What TTL-like reads answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TtlForm {
+    Seconds,
+    Millis,
+    /// EXPIRETIME: the Unix time in seconds.
+    AtSeconds,
+    /// PEXPIRETIME.
+    AtMillis,
+}
+
+/// One step of a program, on the current key unless it says otherwise.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Makes `key` the current key.
+    Key(Bytes),
+    /// Guard: the program writes nothing (and answers aborted) unless the current key's
+    /// version is still this one (0: no entry at all). WATCH.
+    Watch(u64),
+    /// Guard: aborts unless the current key does not exist (MSETNX).
+    AbsentOrAbort,
+    // Reads.
+    Get,
+    StrLen,
+    GetRange(i64, i64),
+    Exists,
+    Touch,
+    Type,
+    ReadTtl(TtlForm),
+    Encoding,
+    /// The current entry's version as a bulk decimal ("0" when none): what WATCH records.
+    Version,
+    /// `[kind, expires_at, value]`, or nil: what a rename or copy across pairs carries.
+    Dump,
+    /// A random live key of this worker (the key is ignored).
+    RandomKey,
+    HGet(Bytes),
+    HMGet(Vec<Bytes>),
+    HGetAll,
+    HKeys,
+    HVals,
+    HLen,
+    HExists(Bytes),
+    HStrLen(Bytes),
+    /// HRANDFIELD: no count (one field, or nil), or a count (negative: may repeat).
+    HRandField {
+        count: Option<i64>,
+        with_values: bool,
+    },
+    /// HSCAN: every matching field in one answer (cursor 0), as Redis does for small hashes.
+    HScan(Option<Bytes>),
+    // Writes.
+    Set {
+        value: Bytes,
+        ttl: Ttl,
+        cond: SetIf,
+        get: bool,
+    },
+    SetNx(Bytes),
+    Del,
+    GetDel,
+    GetEx(Ttl),
+    GetSet(Bytes),
+    Append(Bytes),
+    SetRange(u64, Bytes),
+    IncrBy(i64),
+    /// The increment as the client wrote it (already checked to be a number).
+    IncrByFloat(Bytes),
+    Expire(Ttl, ExpireIf),
+    Persist,
+    /// HSET (answers the count of new fields) or HMSET (answers OK).
+    HSet {
+        pairs: Vec<(Bytes, Bytes)>,
+        ok: bool,
+    },
+    HSetNx(Bytes, Bytes),
+    HDel(Vec<Bytes>),
+    HIncrBy(Bytes, i64),
+    HIncrByFloat(Bytes, Bytes),
+    /// RENAME (nx false) or RENAMENX onto `dst`, on the same worker.
+    RenameTo {
+        dst: Bytes,
+        nx: bool,
+    },
+    /// COPY onto `dst`, on the same worker.
+    CopyTo {
+        dst: Bytes,
+        replace: bool,
+    },
+    /// Writes a value read elsewhere (the destination of a rename or copy across pairs):
+    /// answers 1, or 0 when the key exists and `replace` is false.
+    Restore {
+        kind: Kind,
+        expires_at: u64,
+        value: Bytes,
+        replace: bool,
+    },
+    /// Deletes the key if it still holds this version (the source of a rename across
+    /// pairs): answers 1 or 0.
+    DelIfVersion(u64),
+}
+
+impl Action {
+    /// Whether the action may write (an `apply` may run any action, a `query` only those
+    /// that do not).
+    pub fn writes(&self) -> bool {
+        use Action::*;
+        matches!(
+            self,
+            Set { .. }
+                | SetNx(_)
+                | Del
+                | GetDel
+                | GetEx(_)
+                | GetSet(_)
+                | Append(_)
+                | SetRange(..)
+                | IncrBy(_)
+                | IncrByFloat(_)
+                | Expire(..)
+                | Persist
+                | HSet { .. }
+                | HSetNx(..)
+                | HDel(_)
+                | HIncrBy(..)
+                | HIncrByFloat(..)
+                | RenameTo { .. }
+                | CopyTo { .. }
+                | Restore { .. }
+                | DelIfVersion(_)
+        )
+    }
+
+    /// Whether the action answers (everything but the key switch and the guards).
+    pub fn answers(&self) -> bool {
+        !matches!(self, Action::Key(_) | Action::Watch(_) | Action::AbsentOrAbort)
+    }
+
+    /// Other keys the action touches than the current one.
+    pub fn other_key(&self) -> Option<&Bytes> {
+        match self {
+            Action::Key(k) | Action::RenameTo { dst: k, .. } | Action::CopyTo { dst: k, .. } => {
+                Some(k)
+            }
+            _ => None,
+        }
+    }
+
+    fn code(&self) -> u8 {
+        use Action::*;
+        match self {
+            Key(_) => 1,
+            Watch(_) => 2,
+            AbsentOrAbort => 3,
+            Get => 10,
+            StrLen => 11,
+            GetRange(..) => 12,
+            Exists => 13,
+            Touch => 14,
+            Type => 15,
+            ReadTtl(_) => 16,
+            Encoding => 17,
+            Version => 18,
+            Dump => 19,
+            RandomKey => 20,
+            HGet(_) => 21,
+            HMGet(_) => 22,
+            HGetAll => 23,
+            HKeys => 24,
+            HVals => 25,
+            HLen => 26,
+            HExists(_) => 27,
+            HStrLen(_) => 28,
+            HRandField { .. } => 29,
+            HScan(_) => 30,
+            Set { .. } => 40,
+            SetNx(_) => 41,
+            Del => 42,
+            GetDel => 43,
+            GetEx(_) => 44,
+            GetSet(_) => 45,
+            Append(_) => 46,
+            SetRange(..) => 47,
+            IncrBy(_) => 48,
+            IncrByFloat(_) => 49,
+            Expire(..) => 50,
+            Persist => 51,
+            HSet { .. } => 52,
+            HSetNx(..) => 53,
+            HDel(_) => 54,
+            HIncrBy(..) => 55,
+            HIncrByFloat(..) => 56,
+            RenameTo { .. } => 57,
+            CopyTo { .. } => 58,
+            Restore { .. } => 59,
+            DelIfVersion(_) => 60,
+        }
+    }
+
+    /// Appends the action's encoding.
+    pub fn encode(&self, out: &mut BytesMut) {
+        use Action::*;
+        out.put_u8(self.code());
+        match self {
+            Key(b) | HGet(b) | HExists(b) | HStrLen(b) | SetNx(b) | GetSet(b) | Append(b)
+            | IncrByFloat(b) => put_bytes(out, b),
+            Watch(v) | DelIfVersion(v) => out.put_u64(*v),
+            GetRange(a, b) => {
+                out.put_i64(*a);
+                out.put_i64(*b);
+            }
+            ReadTtl(form) => out.put_u8(*form as u8),
+            HMGet(list) | HDel(list) => put_list(out, list),
+            HRandField { count, with_values } => {
+                out.put_u8(u8::from(count.is_some()) | (u8::from(*with_values) << 1));
+                out.put_i64(count.unwrap_or(0));
+            }
+            HScan(pattern) => {
+                out.put_u8(u8::from(pattern.is_some()));
+                put_bytes(out, pattern.as_deref().unwrap_or_default());
+            }
+            Set {
+                value,
+                ttl,
+                cond,
+                get,
+            } => {
+                put_ttl(out, *ttl);
+                out.put_u8(*cond as u8);
+                out.put_u8(u8::from(*get));
+                put_bytes(out, value);
+            }
+            GetEx(ttl) => put_ttl(out, *ttl),
+            SetRange(offset, value) => {
+                out.put_u64(*offset);
+                put_bytes(out, value);
+            }
+            IncrBy(n) => out.put_i64(*n),
+            Expire(ttl, cond) => {
+                put_ttl(out, *ttl);
+                out.put_u8(*cond as u8);
+            }
+            HSet { pairs, ok } => {
+                out.put_u8(u8::from(*ok));
+                out.put_u32(pairs.len() as u32);
+                for (f, v) in pairs {
+                    put_bytes(out, f);
+                    put_bytes(out, v);
+                }
+            }
+            HSetNx(f, v) | HIncrByFloat(f, v) => {
+                put_bytes(out, f);
+                put_bytes(out, v);
+            }
+            HIncrBy(f, n) => {
+                put_bytes(out, f);
+                out.put_i64(*n);
+            }
+            RenameTo { dst, nx: flag } | CopyTo { dst, replace: flag } => {
+                out.put_u8(u8::from(*flag));
+                put_bytes(out, dst);
+            }
+            Restore {
+                kind,
+                expires_at,
+                value,
+                replace,
+            } => {
+                out.put_u8(*kind as u8);
+                out.put_u64(*expires_at);
+                out.put_u8(u8::from(*replace));
+                put_bytes(out, value);
+            }
+            AbsentOrAbort | Get | StrLen | Exists | Touch | Type | Encoding | Version | Dump
+            | RandomKey | HGetAll | HKeys | HVals | HLen | Del | GetDel | Persist => {}
+        }
+    }
+}
+
+/// Encodes a whole program.
+pub fn encode_program(actions: &[Action]) -> Bytes {
+    let mut out = BytesMut::new();
+    for a in actions {
+        a.encode(&mut out);
+    }
+    out.freeze()
+}
+
+/// Why bytes are not a program (or an answer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("malformed program: {0}")]
+pub struct Malformed(pub &'static str);
+
+/// Decodes a whole program. The bytes come from the network: every length is checked
+/// against what is left before anything is reserved.
+pub fn decode_program(mut buf: Bytes) -> Result<Vec<Action>, Malformed> {
+    let mut actions = Vec::new();
+    while buf.has_remaining() {
+        actions.push(decode_action(&mut buf)?);
+    }
+    Ok(actions)
+}
+
+fn decode_action(buf: &mut Bytes) -> Result<Action, Malformed> {
+    use Action::*;
+    let code = get_u8(buf)?;
+    Ok(match code {
+        1 => Key(get_bytes(buf)?),
+        2 => Watch(get_u64(buf)?),
+        3 => AbsentOrAbort,
+        10 => Get,
+        11 => StrLen,
+        12 => GetRange(get_u64(buf)? as i64, get_u64(buf)? as i64),
+        13 => Exists,
+        14 => Touch,
+        15 => Type,
+        16 => ReadTtl(match get_u8(buf)? {
+            0 => TtlForm::Seconds,
+            1 => TtlForm::Millis,
+            2 => TtlForm::AtSeconds,
+            3 => TtlForm::AtMillis,
+            _ => return Err(Malformed("ttl form")),
+        }),
+        17 => Encoding,
+        18 => Version,
+        19 => Dump,
+        20 => RandomKey,
+        21 => HGet(get_bytes(buf)?),
+        22 => HMGet(get_list(buf)?),
+        23 => HGetAll,
+        24 => HKeys,
+        25 => HVals,
+        26 => HLen,
+        27 => HExists(get_bytes(buf)?),
+        28 => HStrLen(get_bytes(buf)?),
+        29 => {
+            let bits = get_u8(buf)?;
+            let n = get_u64(buf)? as i64;
+            HRandField {
+                count: (bits & 1 != 0).then_some(n),
+                with_values: bits & 2 != 0,
+            }
+        }
+        30 => {
+            let some = get_u8(buf)? != 0;
+            let pattern = get_bytes(buf)?;
+            HScan(some.then_some(pattern))
+        }
+        40 => {
+            let ttl = get_ttl(buf)?;
+            let cond = match get_u8(buf)? {
+                0 => SetIf::Always,
+                1 => SetIf::Nx,
+                2 => SetIf::Xx,
+                _ => return Err(Malformed("set condition")),
+            };
+            let get = get_u8(buf)? != 0;
+            Set {
+                value: get_bytes(buf)?,
+                ttl,
+                cond,
+                get,
+            }
+        }
+        41 => SetNx(get_bytes(buf)?),
+        42 => Del,
+        43 => GetDel,
+        44 => GetEx(get_ttl(buf)?),
+        45 => GetSet(get_bytes(buf)?),
+        46 => Append(get_bytes(buf)?),
+        47 => SetRange(get_u64(buf)?, get_bytes(buf)?),
+        48 => IncrBy(get_u64(buf)? as i64),
+        49 => IncrByFloat(get_bytes(buf)?),
+        50 => {
+            let ttl = get_ttl(buf)?;
+            let cond = match get_u8(buf)? {
+                0 => ExpireIf::Always,
+                1 => ExpireIf::Nx,
+                2 => ExpireIf::Xx,
+                3 => ExpireIf::Gt,
+                4 => ExpireIf::Lt,
+                _ => return Err(Malformed("expire condition")),
+            };
+            Expire(ttl, cond)
+        }
+        51 => Persist,
+        52 => {
+            let ok = get_u8(buf)? != 0;
+            let n = get_count(buf, 8)?;
+            let mut pairs = Vec::with_capacity(n);
+            for _ in 0..n {
+                pairs.push((get_bytes(buf)?, get_bytes(buf)?));
+            }
+            HSet { pairs, ok }
+        }
+        53 => HSetNx(get_bytes(buf)?, get_bytes(buf)?),
+        54 => HDel(get_list(buf)?),
+        55 => HIncrBy(get_bytes(buf)?, get_u64(buf)? as i64),
+        56 => HIncrByFloat(get_bytes(buf)?, get_bytes(buf)?),
+        57 | 58 => {
+            let flag = get_u8(buf)? != 0;
+            let dst = get_bytes(buf)?;
+            if code == 57 {
+                RenameTo { dst, nx: flag }
+            } else {
+                CopyTo { dst, replace: flag }
+            }
+        }
+        59 => {
+            let kind = Kind::from_u8(get_u8(buf)?).ok_or(Malformed("kind"))?;
+            let expires_at = get_u64(buf)?;
+            let replace = get_u8(buf)? != 0;
+            Restore {
+                kind,
+                expires_at,
+                value: get_bytes(buf)?,
+                replace,
+            }
+        }
+        60 => DelIfVersion(get_u64(buf)?),
+        _ => return Err(Malformed("unknown action")),
+    })
+}
+
+fn put_bytes(out: &mut BytesMut, b: &[u8]) {
+    out.put_u32(b.len() as u32);
+    out.put_slice(b);
+}
+
+fn put_list(out: &mut BytesMut, list: &[Bytes]) {
+    out.put_u32(list.len() as u32);
+    for b in list {
+        put_bytes(out, b);
+    }
+}
+
+fn put_ttl(out: &mut BytesMut, ttl: Ttl) {
+    let (tag, n) = match ttl {
+        Ttl::Keep => (0, 0),
+        Ttl::Clear => (1, 0),
+        Ttl::In(ms) => (2, ms),
+        Ttl::At(ms) => (3, ms),
+    };
+    out.put_u8(tag);
+    out.put_i64(n);
+}
+
+fn get_u8(buf: &mut Bytes) -> Result<u8, Malformed> {
+    buf.try_get_u8().map_err(|_| Malformed("cut short"))
+}
+
+fn get_u64(buf: &mut Bytes) -> Result<u64, Malformed> {
+    buf.try_get_u64().map_err(|_| Malformed("cut short"))
+}
+
+fn get_bytes(buf: &mut Bytes) -> Result<Bytes, Malformed> {
+    let n = buf.try_get_u32().map_err(|_| Malformed("cut short"))? as usize;
+    if n > buf.remaining() {
+        return Err(Malformed("length past the end"));
+    }
+    Ok(buf.split_to(n))
+}
+
+/// A count of items of at least `min` bytes each, checked against what is left.
+fn get_count(buf: &mut Bytes, min: usize) -> Result<usize, Malformed> {
+    let n = buf.try_get_u32().map_err(|_| Malformed("cut short"))? as usize;
+    if n.saturating_mul(min) > buf.remaining() {
+        return Err(Malformed("count past the end"));
+    }
+    Ok(n)
+}
+
+fn get_list(buf: &mut Bytes) -> Result<Vec<Bytes>, Malformed> {
+    let n = get_count(buf, 4)?;
+    (0..n).map(|_| get_bytes(buf)).collect()
+}
+
+fn get_ttl(buf: &mut Bytes) -> Result<Ttl, Malformed> {
+    let tag = get_u8(buf)?;
+    let n = get_u64(buf)? as i64;
+    Ok(match tag {
+        0 => Ttl::Keep,
+        1 => Ttl::Clear,
+        2 => Ttl::In(n),
+        3 => Ttl::At(n),
+        _ => return Err(Malformed("ttl")),
+    })
+}
+
+/// One key's new state, for the partner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub key: Bytes,
+    /// A [`Kind`] as `u8`, or [`DELETED`].
+    pub kind: u8,
+    /// Unix milliseconds; 0 for none.
+    pub expires_at: u64,
+    pub value: Bytes,
+}
+
+impl Change {
+    pub fn encode(&self, out: &mut BytesMut) {
+        put_bytes(out, &self.key);
+        out.put_u8(self.kind);
+        out.put_u64(self.expires_at);
+        put_bytes(out, &self.value);
+    }
+}
+
+/// Decodes a changes block (the value of a `replicate`).
+pub fn decode_changes(mut buf: Bytes) -> Result<Vec<Change>, Malformed> {
+    let mut out = Vec::new();
+    while buf.has_remaining() {
+        let key = get_bytes(&mut buf)?;
+        let kind = get_u8(&mut buf)?;
+        if kind != DELETED && Kind::from_u8(kind).is_none() {
+            return Err(Malformed("kind"));
+        }
+        let expires_at = get_u64(&mut buf)?;
+        let value = get_bytes(&mut buf)?;
+        out.push(Change {
+            key,
+            kind,
+            expires_at,
+            value,
+        });
+    }
+    Ok(out)
+}
+
+/// A worker's answer to a program, split into its parts (zero-copy slices).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    pub aborted: bool,
+    /// The changes block, to forward to the partner as is (empty: nothing changed).
+    pub changes: Bytes,
+    /// The replies, RESP3, one after the other.
+    pub replies: Bytes,
+}
+
+impl Answer {
+    /// Splits a worker's answer payload.
+    pub fn parse(mut payload: Bytes) -> Result<Answer, Malformed> {
+        let flags = get_u8(&mut payload)?;
+        let changes = get_bytes(&mut payload)?;
+        Ok(Answer {
+            aborted: flags & ABORTED != 0,
+            changes,
+            replies: payload,
+        })
+    }
+
+    /// Builds an answer payload.
+    pub fn encode(aborted: bool, changes: &[u8], replies: &[u8]) -> Bytes {
+        let mut out = BytesMut::with_capacity(5 + changes.len() + replies.len());
+        out.put_u8(if aborted { ABORTED } else { 0 });
+        put_bytes(&mut out, changes);
+        out.put_slice(replies);
+        out.freeze()
+    }
+}
+
+/// One step of a key-space walk on a worker (the value of a `scan` frame).
+///
+/// ```text
+/// scan   = cursor:u64 count:u32 kind:u8 (255: any) has_pattern:u8 pattern_len:u32 pattern
+/// answer = next_cursor:u64 (key_len:u32 key)*       (next_cursor 0: the walk is done)
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScanRequest {
+    pub cursor: u64,
+    /// About how many keys to look at.
+    pub count: u32,
+    /// Only keys of this type.
+    pub kind: Option<Kind>,
+    pub pattern: Option<Bytes>,
+}
+
+impl ScanRequest {
+    pub fn encode(&self) -> Bytes {
+        let mut out = BytesMut::with_capacity(18 + self.pattern.as_ref().map_or(0, |p| p.len()));
+        out.put_u64(self.cursor);
+        out.put_u32(self.count);
+        out.put_u8(self.kind.map_or(255, |k| k as u8));
+        out.put_u8(u8::from(self.pattern.is_some()));
+        put_bytes(&mut out, self.pattern.as_deref().unwrap_or_default());
+        out.freeze()
+    }
+
+    pub fn decode(mut buf: Bytes) -> Result<ScanRequest, Malformed> {
+        let cursor = get_u64(&mut buf)?;
+        let count = buf.try_get_u32().map_err(|_| Malformed("cut short"))?;
+        let kind = match get_u8(&mut buf)? {
+            255 => None,
+            k => Some(Kind::from_u8(k).ok_or(Malformed("kind"))?),
+        };
+        let has = get_u8(&mut buf)? != 0;
+        let pattern = get_bytes(&mut buf)?;
+        Ok(ScanRequest {
+            cursor,
+            count,
+            kind,
+            pattern: has.then_some(pattern),
+        })
+    }
+}
+
+/// Decodes a scan answer: the next cursor and the keys.
+pub fn decode_scan_answer(mut buf: Bytes) -> Result<(u64, Vec<Bytes>), Malformed> {
+    let cursor = get_u64(&mut buf)?;
+    let mut keys = Vec::new();
+    while buf.has_remaining() {
+        keys.push(get_bytes(&mut buf)?);
+    }
+    Ok((cursor, keys))
+}
+
+/// Appends one key to a scan answer.
+pub fn put_scan_key(out: &mut BytesMut, key: &[u8]) {
+    put_bytes(out, key);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn b(s: &'static str) -> Bytes {
+        Bytes::from_static(s.as_bytes())
+    }
+
+    fn every_action() -> Vec<Action> {
+        use Action::*;
+        vec![
+            Key(b("k")),
+            Watch(u64::MAX),
+            AbsentOrAbort,
+            Get,
+            StrLen,
+            GetRange(-5, i64::MAX),
+            Exists,
+            Touch,
+            Type,
+            ReadTtl(TtlForm::AtMillis),
+            Encoding,
+            Version,
+            Dump,
+            RandomKey,
+            HGet(b("f")),
+            HMGet(vec![b("a"), b("")]),
+            HGetAll,
+            HKeys,
+            HVals,
+            HLen,
+            HExists(b("f")),
+            HStrLen(b("f")),
+            HRandField {
+                count: Some(-3),
+                with_values: true,
+            },
+            HRandField {
+                count: None,
+                with_values: false,
+            },
+            HScan(Some(b("a*"))),
+            HScan(None),
+            Set {
+                value: b("v"),
+                ttl: super::Ttl::In(-1),
+                cond: SetIf::Xx,
+                get: true,
+            },
+            SetNx(b("v")),
+            Del,
+            GetDel,
+            GetEx(super::Ttl::At(i64::MIN)),
+            GetSet(b("v")),
+            Append(b("")),
+            SetRange(u64::MAX, b("x")),
+            IncrBy(i64::MIN),
+            IncrByFloat(b("1.5")),
+            Expire(super::Ttl::In(1000), ExpireIf::Lt),
+            Persist,
+            HSet {
+                pairs: vec![(b("f"), b("v")), (b(""), b(""))],
+                ok: true,
+            },
+            HSetNx(b("f"), b("v")),
+            HDel(vec![b("f")]),
+            HIncrBy(b("f"), -1),
+            HIncrByFloat(b("f"), b("-1e3")),
+            RenameTo {
+                dst: b("d"),
+                nx: true,
+            },
+            CopyTo {
+                dst: b("d"),
+                replace: false,
+            },
+            Restore {
+                kind: Kind::Hash,
+                expires_at: 77,
+                value: b("x"),
+                replace: true,
+            },
+            DelIfVersion(9),
+        ]
+    }
+
+    #[test]
+    fn every_action_round_trips() {
+        let actions = every_action();
+        let bytes = encode_program(&actions);
+        assert_eq!(decode_program(bytes.clone()).unwrap(), actions);
+        // Cut anywhere, it is malformed, never a panic or a different program.
+        for cut in 0..bytes.len() {
+            if let Ok(p) = decode_program(bytes.slice(..cut)) {
+                assert!(p.len() < actions.len());
+            }
+        }
+    }
+
+    #[test]
+    fn answers_and_changes_round_trip() {
+        let change = Change {
+            key: b("k"),
+            kind: DELETED,
+            expires_at: 5,
+            value: Bytes::new(),
+        };
+        let mut changes = BytesMut::new();
+        change.encode(&mut changes);
+        let payload = Answer::encode(false, &changes, b":1\r\n");
+        let answer = Answer::parse(payload).unwrap();
+        assert!(!answer.aborted);
+        assert_eq!(decode_changes(answer.changes).unwrap(), vec![change]);
+        assert_eq!(&answer.replies[..], b":1\r\n");
+        let scan = ScanRequest {
+            cursor: 42,
+            count: 10,
+            kind: Some(Kind::Hash),
+            pattern: Some(b("user:*")),
+        };
+        assert_eq!(ScanRequest::decode(scan.encode()).unwrap(), scan);
+    }
+
+    proptest! {
+        #[test]
+        fn random_bytes_never_panic(input in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let input = Bytes::from(input);
+            let _ = decode_program(input.clone());
+            let _ = decode_changes(input.clone());
+            let _ = Answer::parse(input.clone());
+            let _ = ScanRequest::decode(input.clone());
+            let _ = decode_scan_answer(input);
+        }
+    }
+}

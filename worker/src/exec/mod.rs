@@ -1,0 +1,288 @@
+//! Running programs (`apply`, `query`): the Redis commands that read a key to answer or to
+//! write it, executed where the data is.
+//!
+//! ## Read-modify-write on a pair
+//! An `apply` goes to one worker of the pair, its *primary* (worker 0 when it holds the
+//! pair's data, else worker 1: the orchestrator's `Router::apply`). The primary runs the
+//! program with its keys' shards locked ([`crate::store::Txn`]), so programs on a key run
+//! one after the other whatever orchestrator sent them, and commits the new values at the
+//! request's version. Its answer carries them (the *changes*), which the orchestrator sends
+//! the partner as a `replicate`: the partner stores each at that version unless it holds a
+//! newer one, so both converge on "newest version wins" in whatever order writes arrive. A
+//! partner that misses the copy is recorded as having missed a write, as for a SET.
+//!
+//! Two rules keep that sound:
+//! - **Versions only grow.** A program whose version is not newer than what a touched key
+//!   holds is refused (`NotApplied` with that version); the orchestrator moves its clock past
+//!   it and retries. So the primary's later write always wins on the partner too.
+//! - **Only a worker holding the pair's data applies.** An `apply` carries
+//!   [`flags::IN_SYNC`]; a worker that has not resynced since it started refuses it, and so
+//!   does one that finished a refill less than [`PRIMARY_GRACE`] ago: by then every
+//!   orchestrator's health check has seen it back in sync (checks run every 200 ms by
+//!   default), so they all send it their programs again instead of some still sending them
+//!   to the partner, which would compute from the same old value in parallel.
+//!
+//! Replies are encoded here, in the RESP version the client speaks ([`flags::RESP3`]), and
+//! pass through the orchestrator as they are.
+//!
+//! Layout: [`strings`], [`hashes`], [`keys`] (type, expiry, rename, copy), [`float`]
+//! (INCRBYFLOAT's long double), [`codec`] (a hash's stored form).
+
+mod codec;
+mod float;
+mod hashes;
+mod keys;
+mod strings;
+
+use bytes::{Bytes, BytesMut};
+use twincache_protocol::frame::{flags, Request, Response};
+use twincache_protocol::program::{decode_program, Action, Answer, Kind};
+use twincache_protocol::resp::{Reply, Version};
+use twincache_protocol::Status;
+
+use crate::store::{Meta, Store, Txn};
+use crate::sync::SyncState;
+
+/// How long a worker that completed a refill waits before it acts as its pair's primary.
+pub const PRIMARY_GRACE_MS: u64 = 1_000;
+/// Redis' `proto-max-bulk-len`: no string or hash grows past it.
+pub const MAX_VALUE: usize = 512 << 20;
+
+pub(crate) const WRONGTYPE: &str =
+    "WRONGTYPE Operation against a key holding the wrong kind of value";
+pub(crate) const NOT_INTEGER: &str = "ERR value is not an integer or out of range";
+pub(crate) const OVERFLOW: &str = "ERR increment or decrement would overflow";
+pub(crate) const NOT_FLOAT: &str = "ERR value is not a valid float";
+pub(crate) const NAN_OR_INF: &str = "ERR increment would produce NaN or Infinity";
+pub(crate) const TOO_BIG: &str = "ERR string exceeds maximum allowed size (proto-max-bulk-len)";
+
+/// Runs the program of an `apply` (`writes`) or a `query`.
+pub fn run(store: &Store, sync: &SyncState, req: &Request, writes: bool) -> Response {
+    if req.flags & flags::IN_SYNC != 0 {
+        if !sync.synced() {
+            return Response::error(Status::Unavailable, "this worker has not resynced yet");
+        }
+        if writes && sync.since_refill_ms().is_some_and(|ms| ms < PRIMARY_GRACE_MS) {
+            return Response::error(
+                Status::Unavailable,
+                "this worker was just refilled; its partner applies for now",
+            );
+        }
+    }
+    let program = match decode_program(req.value.clone()) {
+        Ok(p) => p,
+        Err(e) => return Response::error(Status::ParseError, e.0),
+    };
+    if !writes && program.iter().any(Action::writes) {
+        return Response::error(Status::ParseError, "a query cannot write");
+    }
+    let version = if req.flags & flags::RESP3 != 0 {
+        Version::Resp3
+    } else {
+        Version::Resp2
+    };
+    let mut replies = BytesMut::new();
+    if let [Action::RandomKey] = program.as_slice() {
+        match store.random_key() {
+            Some(k) => Reply::Bulk(k),
+            None => Reply::Nil,
+        }
+        .encode_as(version, &mut replies);
+        return Response::ok(Answer::encode(false, &[], &replies));
+    }
+    // The largest value a write may leave: what the orchestrator can carry (its frame
+    // limit, in `ttl_ms`), and never past Redis' own.
+    let max_value = match req.ttl_ms {
+        0 => MAX_VALUE,
+        n => usize::try_from(n).unwrap_or(MAX_VALUE).min(MAX_VALUE),
+    };
+    let keys = std::iter::once(&req.key[..])
+        .chain(program.iter().filter_map(Action::other_key).map(|k| &k[..]));
+    let mut txn = store.txn(keys);
+    let mut key = req.key.clone();
+    for action in &program {
+        let aborted = match action {
+            Action::Key(k) => {
+                key = k.clone();
+                false
+            }
+            Action::Watch(v) => txn.version(&key) != *v,
+            Action::AbsentOrAbort => txn.meta(&key).is_some(),
+            action => {
+                let mut cx = Cx {
+                    txn: &mut txn,
+                    key: &key,
+                    max_value,
+                    version,
+                };
+                let reply = cx.run(action).unwrap_or_else(|err| err);
+                reply.encode_as(version, &mut replies);
+                false
+            }
+        };
+        if aborted {
+            return Response::ok(Answer::encode(true, &[], &[]));
+        }
+    }
+    let mut changes = BytesMut::new();
+    match txn.commit(req.version, &mut changes) {
+        Ok(n) => {
+            if n > 0 && req.flags & flags::SOLO != 0 {
+                sync.took_alone();
+            }
+            Response::ok(Answer::encode(false, &changes, &replies))
+        }
+        Err(newer) => Response {
+            id: 0,
+            status: Status::NotApplied,
+            payload: Bytes::copy_from_slice(&newer.to_be_bytes()),
+        },
+    }
+}
+
+/// Stores a primary's changes on its partner (`replicate`), each at `req.version` unless the
+/// key holds a newer version. Answers how many were taken.
+pub fn replicate(store: &Store, req: &Request) -> Response {
+    let changes = match twincache_protocol::program::decode_changes(req.value.clone()) {
+        Ok(c) => c,
+        Err(e) => return Response::error(Status::ParseError, e.0),
+    };
+    match store.replicate(&changes, req.version) {
+        Ok(taken) => Response::ok(Bytes::from(taken.to_string())),
+        Err(e) => Response {
+            id: 0,
+            status: Status::TooLarge,
+            payload: Bytes::from(e.to_string()),
+        },
+    }
+}
+
+/// One action's context: the program's hold on its keys, the current key, the limits.
+pub(crate) struct Cx<'t, 'a> {
+    pub txn: &'t mut Txn<'a>,
+    pub key: &'t Bytes,
+    pub max_value: usize,
+    pub version: Version,
+}
+
+/// An action's outcome: its reply, or an error reply (which stops that action only).
+pub(crate) type Outcome = Result<Reply, Reply>;
+
+impl Cx<'_, '_> {
+    fn run(&mut self, action: &Action) -> Outcome {
+        use Action::*;
+        match action {
+            Get | StrLen | GetRange(..) | Set { .. } | SetNx(_) | GetDel | GetEx(_)
+            | GetSet(_) | Append(_) | SetRange(..) | IncrBy(_) | IncrByFloat(_) => {
+                strings::run(self, action)
+            }
+            HGet(_) | HMGet(_) | HGetAll | HKeys | HVals | HLen | HExists(_) | HStrLen(_)
+            | HRandField { .. } | HScan(_) | HSet { .. } | HSetNx(..) | HDel(_)
+            | HIncrBy(..) | HIncrByFloat(..) => hashes::run(self, action),
+            Exists | Touch | Type | ReadTtl(_) | Encoding | Version | Dump | Del
+            | Expire(..) | Persist | RenameTo { .. } | CopyTo { .. } | Restore { .. }
+            | DelIfVersion(_) => keys::run(self, action),
+            RandomKey => Err(Reply::err("ERR RANDOMKEY runs alone")),
+            Key(_) | Watch(_) | AbsentOrAbort => Ok(Reply::Nil),
+        }
+    }
+
+    /// What the current key holds, with its value.
+    pub fn read(&mut self) -> Result<Option<(Meta, Bytes)>, Reply> {
+        self.read_key(&self.key.clone())
+    }
+
+    pub fn read_key(&mut self, key: &Bytes) -> Result<Option<(Meta, Bytes)>, Reply> {
+        self.txn.read(key).map_err(|e| {
+            tracing::error!(error = %e, "stored value cannot be opened");
+            Reply::err("ERR stored value is corrupt")
+        })
+    }
+
+    /// The current key's string, if it holds one; WRONGTYPE if it holds another type.
+    pub fn string(&mut self) -> Result<Option<(Meta, Bytes)>, Reply> {
+        match self.read()? {
+            Some((meta, _)) if meta.kind != Kind::String => Err(Reply::err(WRONGTYPE)),
+            other => Ok(other),
+        }
+    }
+
+    /// Stages a new value for the current key, checked against the size limit.
+    pub fn put(&mut self, kind: Kind, expires_at: u64, value: Bytes) -> Result<(), Reply> {
+        if value.len() > self.max_value {
+            return Err(Reply::err(TOO_BIG));
+        }
+        let key = self.key.clone();
+        self.txn.put(&key, kind, expires_at, value);
+        Ok(())
+    }
+
+    pub fn delete(&mut self) {
+        let key = self.key.clone();
+        self.txn.delete(&key);
+    }
+
+    /// The program's clock, in Unix ms.
+    pub fn now(&self) -> u64 {
+        self.txn.now
+    }
+
+    pub fn resp3(&self) -> bool {
+        self.version == Version::Resp3
+    }
+}
+
+/// Redis' `string2ll`: the strict integer syntax of counters (no sign but `-`, no leading
+/// zeros or spaces, at most 20 characters, within i64).
+pub(crate) fn parse_i64(s: &[u8]) -> Option<i64> {
+    if s.is_empty() || s.len() > 20 {
+        return None;
+    }
+    if s == b"0" {
+        return Some(0);
+    }
+    let (neg, digits) = match s.split_first() {
+        Some((b'-', rest)) => (true, rest),
+        _ => (false, s),
+    };
+    match digits.first() {
+        Some(b'1'..=b'9') => {}
+        _ => return None,
+    }
+    let mut v: i64 = 0;
+    for &d in digits {
+        if !d.is_ascii_digit() {
+            return None;
+        }
+        let d = i64::from(d - b'0');
+        v = if neg {
+            v.checked_mul(10)?.checked_sub(d)?
+        } else {
+            v.checked_mul(10)?.checked_add(d)?
+        };
+    }
+    Some(v)
+}
+
+/// `value + incr` unless it overflows, as INCRBY and HINCRBY check it.
+pub(crate) fn add_checked(value: i64, incr: i64) -> Result<i64, Reply> {
+    value.checked_add(incr).ok_or_else(|| Reply::err(OVERFLOW))
+}
+
+/// An absolute expiry (Unix ms; 1 for "already past", since 0 means none) for a TTL asked
+/// for at `now`.
+pub(crate) fn expiry_at(now: u64, in_ms: i64) -> u64 {
+    if in_ms <= 0 {
+        1
+    } else {
+        now.saturating_add(in_ms as u64)
+    }
+}
+
+/// An absolute expiry for a Unix time in ms (at least 1: see [`expiry_at`]).
+pub(crate) fn expiry_abs(at_ms: i64) -> u64 {
+    u64::try_from(at_ms).unwrap_or(0).max(1)
+}
+
+#[cfg(test)]
+mod tests;

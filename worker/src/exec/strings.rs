@@ -1,0 +1,201 @@
+//! String commands that read before they answer or write: STRLEN, GETRANGE, SET with its
+//! conditions, SETNX, GETDEL, GETEX, GETSET, APPEND, SETRANGE, the counters. Each follows
+//! Redis 7.0's `t_string.c`: the same checks in the same order, so the same error wins.
+
+use bytes::{Bytes, BytesMut};
+use twincache_protocol::program::{Action, Kind, SetIf, Ttl};
+use twincache_protocol::resp::Reply;
+
+use super::{add_checked, expiry_abs, expiry_at, float, parse_i64, Cx, Outcome};
+use super::{NAN_OR_INF, NOT_FLOAT, NOT_INTEGER, TOO_BIG};
+
+pub(super) fn run(cx: &mut Cx, action: &Action) -> Outcome {
+    match action {
+        Action::Get => Ok(cx.string()?.map_or(Reply::Nil, |(_, v)| Reply::Bulk(v))),
+        Action::StrLen => Ok(Reply::Int(
+            cx.string()?.map_or(0, |(_, v)| v.len() as i64),
+        )),
+        Action::GetRange(start, end) => {
+            let value = cx.string()?.map(|(_, v)| v).unwrap_or_default();
+            Ok(Reply::Bulk(range(&value, *start, *end)))
+        }
+        Action::Set {
+            value,
+            ttl,
+            cond,
+            get,
+        } => set(cx, value, *ttl, *cond, *get),
+        Action::SetNx(value) => {
+            if cx.txn.meta(cx.key).is_some() {
+                return Ok(Reply::Int(0));
+            }
+            cx.put(Kind::String, 0, value.clone())?;
+            Ok(Reply::Int(1))
+        }
+        Action::GetDel => match cx.string()? {
+            Some((_, v)) => {
+                cx.delete();
+                Ok(Reply::Bulk(v))
+            }
+            None => Ok(Reply::Nil),
+        },
+        Action::GetEx(ttl) => getex(cx, *ttl),
+        Action::GetSet(value) => {
+            let old = cx.string()?;
+            cx.put(Kind::String, 0, value.clone())?;
+            Ok(old.map_or(Reply::Nil, |(_, v)| Reply::Bulk(v)))
+        }
+        Action::Append(tail) => {
+            let (expires_at, mut value) = match cx.string()? {
+                Some((meta, v)) => (meta.expires_at, BytesMut::from(&v[..])),
+                None => (0, BytesMut::new()),
+            };
+            if value.len().saturating_add(tail.len()) > cx.max_value {
+                return Err(Reply::err(TOO_BIG));
+            }
+            value.extend_from_slice(tail);
+            let len = value.len() as i64;
+            cx.put(Kind::String, expires_at, value.freeze())?;
+            Ok(Reply::Int(len))
+        }
+        Action::SetRange(offset, piece) => setrange(cx, *offset, piece),
+        Action::IncrBy(incr) => {
+            let (expires_at, value) = match cx.string()? {
+                Some((meta, v)) => (
+                    meta.expires_at,
+                    parse_i64(&v).ok_or_else(|| Reply::err(NOT_INTEGER))?,
+                ),
+                None => (0, 0),
+            };
+            let new = add_checked(value, *incr)?;
+            cx.put(Kind::String, expires_at, Bytes::from(new.to_string()))?;
+            Ok(Reply::Int(new))
+        }
+        Action::IncrByFloat(incr) => {
+            let (expires_at, value) = match cx.string()? {
+                Some((meta, v)) => (meta.expires_at, v),
+                None => (0, Bytes::from_static(b"0")),
+            };
+            let value = float::parse(&value).ok_or_else(|| Reply::err(NOT_FLOAT))?;
+            let incr = float::parse(incr).ok_or_else(|| Reply::err(NOT_FLOAT))?;
+            let sum = float::add(value, incr).ok_or_else(|| Reply::err(NAN_OR_INF))?;
+            let sum = Bytes::from(sum);
+            cx.put(Kind::String, expires_at, sum.clone())?;
+            Ok(Reply::Bulk(sum))
+        }
+        _ => Err(Reply::err("ERR not a string command")),
+    }
+}
+
+/// GETRANGE's slice, with Redis' index arithmetic (negative from the end, clamped).
+pub(super) fn range(value: &Bytes, start: i64, end: i64) -> Bytes {
+    let len = value.len() as i64;
+    if start < 0 && end < 0 && start > end {
+        return Bytes::new();
+    }
+    let start = if start < 0 {
+        len.wrapping_add(start).max(0)
+    } else {
+        start
+    };
+    let end = if end < 0 {
+        len.wrapping_add(end).max(0)
+    } else {
+        end
+    };
+    let end = end.min(len - 1);
+    if start > end || len == 0 {
+        return Bytes::new();
+    }
+    value.slice(start as usize..=end as usize)
+}
+
+fn set(cx: &mut Cx, value: &Bytes, ttl: Ttl, cond: SetIf, get: bool) -> Outcome {
+    // SET ... GET of a key holding another type is an error, and sets nothing.
+    let old = if get {
+        cx.string()?.map(|(meta, v)| (meta, Some(v)))
+    } else {
+        cx.txn.meta(cx.key).map(|meta| (meta, None))
+    };
+    let answer = |old: &Option<(_, Option<Bytes>)>, done: Reply| match old {
+        _ if !get => done,
+        Some((_, Some(v))) => Reply::Bulk(v.clone()),
+        _ => Reply::Nil,
+    };
+    let exists = old.is_some();
+    if (cond == SetIf::Nx && exists) || (cond == SetIf::Xx && !exists) {
+        return Ok(answer(&old, Reply::Nil));
+    }
+    let expires_at = match ttl {
+        Ttl::Keep => old.as_ref().map_or(0, |(meta, _)| meta.expires_at),
+        Ttl::Clear => 0,
+        Ttl::In(ms) => expiry_at(cx.now(), ms),
+        Ttl::At(ms) => expiry_abs(ms),
+    };
+    cx.put(Kind::String, expires_at, value.clone())?;
+    Ok(answer(&old, Reply::OK))
+}
+
+fn getex(cx: &mut Cx, ttl: Ttl) -> Outcome {
+    let Some((meta, value)) = cx.string()? else {
+        return Ok(Reply::Nil);
+    };
+    match ttl {
+        Ttl::Keep => {}
+        Ttl::Clear if meta.expires_at == 0 => {}
+        Ttl::Clear => cx.put(Kind::String, 0, value.clone())?,
+        Ttl::In(ms) => {
+            let at = expiry_at(cx.now(), ms);
+            cx.put(Kind::String, at, value.clone())?;
+        }
+        Ttl::At(ms) if u64::try_from(ms).unwrap_or(0) <= cx.now() => cx.delete(),
+        Ttl::At(ms) => cx.put(Kind::String, expiry_abs(ms), value.clone())?,
+    }
+    Ok(Reply::Bulk(value))
+}
+
+fn setrange(cx: &mut Cx, offset: u64, piece: &Bytes) -> Outcome {
+    let current = cx.string()?;
+    if piece.is_empty() {
+        // Setting nothing creates nothing, and answers the length as it is.
+        return Ok(Reply::Int(current.map_or(0, |(_, v)| v.len() as i64)));
+    }
+    let end = usize::try_from(offset)
+        .ok()
+        .and_then(|o| o.checked_add(piece.len()))
+        .filter(|&end| end <= cx.max_value)
+        .ok_or_else(|| Reply::err(TOO_BIG))?;
+    let (expires_at, old) = match current {
+        Some((meta, v)) => (meta.expires_at, v),
+        None => (0, Bytes::new()),
+    };
+    let mut value = BytesMut::from(&old[..]);
+    if value.len() < end {
+        value.resize(end, 0);
+    }
+    let offset = offset as usize; // end fits, so offset does
+    value[offset..end].copy_from_slice(piece);
+    let len = value.len() as i64;
+    cx.put(Kind::String, expires_at, value.freeze())?;
+    Ok(Reply::Int(len))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn getrange_like_redis() {
+        let v = Bytes::from_static(b"This is a string");
+        let r = |s, e| range(&v, s, e);
+        assert_eq!(r(0, 3), "This");
+        assert_eq!(r(-3, -1), "ing");
+        assert_eq!(r(0, -1), v);
+        assert_eq!(r(10, 100), "string");
+        assert_eq!(r(-1, -5), "");
+        assert_eq!(r(i64::MIN, i64::MAX), v);
+        assert_eq!(r(5, 2), "");
+        assert_eq!(range(&Bytes::new(), 0, -1), "");
+        assert_eq!(r(-100, 2), "Thi");
+    }
+}

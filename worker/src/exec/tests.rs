@@ -1,0 +1,236 @@
+//! Programs run against a store, without a network: each command family's replies, the
+//! version rule, guards, and what the partner is sent.
+
+use bytes::Bytes;
+use twincache_protocol::frame::{flags, Op, Request};
+use twincache_protocol::program::{
+    decode_changes, encode_program, Action, Answer, ExpireIf, Kind, SetIf, Ttl, TtlForm,
+};
+use twincache_protocol::resp::{decode_replies, Reply};
+use twincache_protocol::Status;
+
+use crate::store::{SetOptions, Store};
+use crate::sync::SyncState;
+
+fn b(s: &str) -> Bytes {
+    Bytes::copy_from_slice(s.as_bytes())
+}
+
+/// Runs `actions` on `key` at `version` as an apply; the replies, and the changes.
+fn apply(store: &Store, key: &str, version: u64, actions: Vec<Action>) -> (Vec<Reply>, usize) {
+    let mut req = Request::new(Op::Apply, b(key));
+    req.version = version;
+    req.value = encode_program(&actions);
+    let resp = super::run(store, &SyncState::default(), &req, true);
+    assert_eq!(resp.status, Status::Ok, "{:?}", resp.payload);
+    let answer = Answer::parse(resp.payload).unwrap();
+    let changes = decode_changes(answer.changes).unwrap().len();
+    (decode_replies(&answer.replies).unwrap(), changes)
+}
+
+fn one(store: &Store, key: &str, version: u64, action: Action) -> Reply {
+    apply(store, key, version, vec![action]).0.remove(0)
+}
+
+fn err(text: &str) -> Reply {
+    Reply::Error(text.into())
+}
+
+fn bulk(s: &str) -> Reply {
+    Reply::Bulk(b(s))
+}
+
+#[test]
+fn counters() {
+    let s = Store::default();
+    assert_eq!(one(&s, "n", 10, Action::IncrBy(1)), Reply::Int(1));
+    assert_eq!(one(&s, "n", 11, Action::IncrBy(-5)), Reply::Int(-4));
+    assert_eq!(one(&s, "n", 12, Action::IncrBy(i64::MIN)), err(super::OVERFLOW));
+    s.set(b"s", b"12a", 1, SetOptions::default()).unwrap();
+    assert_eq!(one(&s, "s", 13, Action::IncrBy(1)), err(super::NOT_INTEGER));
+    s.set(b"f", b"10.50", 1, SetOptions::default()).unwrap();
+    assert_eq!(one(&s, "f", 14, Action::IncrByFloat(b("0.1"))), bulk("10.6"));
+    assert_eq!(one(&s, "f", 15, Action::IncrByFloat(b("x"))), err(super::NOT_FLOAT));
+    assert_eq!(s.get(b"f").unwrap().unwrap(), b("10.6"));
+    for bad in ["01", "+1", " 1", "-0", "1 ", "99999999999999999999"] {
+        assert_eq!(super::parse_i64(bad.as_bytes()), None, "{bad}");
+    }
+    assert_eq!(super::parse_i64(b"-9223372036854775808"), Some(i64::MIN));
+}
+
+#[test]
+fn a_program_behind_the_key_is_refused_with_the_newer_version() {
+    let s = Store::default();
+    one(&s, "n", 100, Action::IncrBy(1));
+    let mut req = Request::new(Op::Apply, b("n"));
+    req.version = 100;
+    req.value = encode_program(&[Action::IncrBy(1)]);
+    let resp = super::run(&s, &SyncState::default(), &req, true);
+    assert_eq!(resp.status, Status::NotApplied);
+    assert_eq!(&resp.payload[..], &100u64.to_be_bytes());
+    assert_eq!(s.get(b"n").unwrap().unwrap(), b("1"), "nothing written");
+    // Reads never are.
+    req.op = Op::Query;
+    req.value = encode_program(&[Action::Get]);
+    assert_eq!(super::run(&s, &SyncState::default(), &req, false).status, Status::Ok);
+    req.value = encode_program(&[Action::IncrBy(1)]);
+    assert_eq!(
+        super::run(&s, &SyncState::default(), &req, false).status,
+        Status::ParseError,
+        "a query cannot write"
+    );
+}
+
+#[test]
+fn an_unsynced_or_newly_refilled_worker_refuses_to_apply() {
+    let s = Store::default();
+    let mut req = Request::new(Op::Apply, b("n"));
+    req.version = 5;
+    req.flags = flags::IN_SYNC;
+    req.value = encode_program(&[Action::IncrBy(1)]);
+    let sync = SyncState::default();
+    assert_eq!(super::run(&s, &sync, &req, true).status, Status::Unavailable);
+    sync.adopt("partial").unwrap();
+    assert_eq!(super::run(&s, &sync, &req, true).status, Status::Ok);
+}
+
+#[test]
+fn strings() {
+    let s = Store::default();
+    let set = |value: &str, ttl, cond, get| Action::Set {
+        value: b(value),
+        ttl,
+        cond,
+        get,
+    };
+    assert_eq!(one(&s, "k", 1, set("a", Ttl::Clear, SetIf::Xx, false)), Reply::Nil);
+    assert_eq!(one(&s, "k", 2, set("a", Ttl::Clear, SetIf::Nx, true)), Reply::Nil);
+    assert_eq!(one(&s, "k", 3, set("b", Ttl::In(10_000), SetIf::Nx, true)), bulk("a"));
+    assert_eq!(one(&s, "k", 4, set("c", Ttl::Keep, SetIf::Xx, true)), bulk("a"));
+    assert_eq!(one(&s, "k", 5, Action::Append(b("de"))), Reply::Int(3));
+    assert_eq!(one(&s, "k", 6, Action::SetRange(5, b("!"))), Reply::Int(6));
+    assert_eq!(one(&s, "k", 7, Action::Get), bulk("cde\0\0!"));
+    assert_eq!(one(&s, "k", 8, Action::GetRange(-3, -2)), bulk("\0\0"));
+    assert_eq!(one(&s, "k", 9, Action::StrLen), Reply::Int(6));
+    assert_eq!(one(&s, "k", 10, Action::SetRange(u64::MAX, b("x"))), err(super::TOO_BIG));
+    assert_eq!(one(&s, "k", 11, Action::GetSet(b("z"))), bulk("cde\0\0!"));
+    assert_eq!(one(&s, "k", 12, Action::SetNx(b("y"))), Reply::Int(0));
+    assert_eq!(one(&s, "k", 13, Action::GetDel), bulk("z"));
+    assert_eq!(one(&s, "k", 14, Action::GetDel), Reply::Nil);
+    assert_eq!(one(&s, "k", 15, Action::SetRange(0, b(""))), Reply::Int(0));
+    assert!(!s.exists(b"k"), "setting nothing creates nothing");
+}
+
+#[test]
+fn expiry() {
+    let s = Store::default();
+    s.set(b"k", b"v", 1, SetOptions::default()).unwrap();
+    let ttl = |s: &Store, v| one(s, "k", v, Action::ReadTtl(TtlForm::Millis));
+    assert_eq!(ttl(&s, 2), Reply::Int(-1));
+    assert_eq!(one(&s, "k", 3, Action::Expire(Ttl::In(5000), ExpireIf::Gt)), Reply::Int(0));
+    assert_eq!(one(&s, "k", 4, Action::Expire(Ttl::In(5000), ExpireIf::Lt)), Reply::Int(1));
+    assert!(matches!(ttl(&s, 5), Reply::Int(ms) if (4000..=5000).contains(&ms)));
+    assert_eq!(one(&s, "k", 6, Action::Expire(Ttl::In(9000), ExpireIf::Nx)), Reply::Int(0));
+    assert_eq!(one(&s, "k", 7, Action::Expire(Ttl::In(9000), ExpireIf::Gt)), Reply::Int(1));
+    assert_eq!(one(&s, "k", 8, Action::Persist), Reply::Int(1));
+    assert_eq!(one(&s, "k", 9, Action::Persist), Reply::Int(0));
+    assert_eq!(one(&s, "k", 10, Action::Expire(Ttl::In(-1), ExpireIf::Always)), Reply::Int(1));
+    assert_eq!(ttl(&s, 11), Reply::Int(-2), "a time past deletes the key");
+    assert_eq!(one(&s, "k", 12, Action::Expire(Ttl::In(1), ExpireIf::Always)), Reply::Int(0));
+}
+
+#[test]
+fn hashes_and_wrong_types() {
+    let s = Store::default();
+    let hset = Action::HSet {
+        pairs: vec![(b("b"), b("1")), (b("a"), b("x")), (b("b"), b("2"))],
+        ok: false,
+    };
+    assert_eq!(one(&s, "h", 1, hset), Reply::Int(2));
+    assert_eq!(
+        one(&s, "h", 2, Action::HGetAll),
+        Reply::Array(vec![bulk("b"), bulk("2"), bulk("a"), bulk("x")]),
+        "RESP2: a flat array, in insertion order"
+    );
+    assert_eq!(one(&s, "h", 3, Action::HIncrBy(b("b"), 5)), Reply::Int(7));
+    assert_eq!(
+        one(&s, "h", 4, Action::HIncrBy(b("a"), 5)),
+        err("ERR hash value is not an integer")
+    );
+    assert_eq!(one(&s, "h", 5, Action::HIncrByFloat(b("c"), b("1.5"))), bulk("1.5"));
+    assert_eq!(one(&s, "h", 6, Action::HLen), Reply::Int(3));
+    assert_eq!(one(&s, "h", 7, Action::Get), err(super::WRONGTYPE));
+    assert_eq!(one(&s, "h", 8, Action::Type), Reply::Line("hash".into()));
+    assert_eq!(s.get_typed(b"h").unwrap().unwrap().1, Kind::Hash);
+    assert_eq!(one(&s, "h", 9, Action::HDel(vec![b("a"), b("b"), b("c")])), Reply::Int(3));
+    assert!(!s.exists(b"h"), "an emptied hash is gone");
+    s.set(b"str", b"v", 1, SetOptions::default()).unwrap();
+    assert_eq!(one(&s, "str", 10, Action::HGet(b("f"))), err(super::WRONGTYPE));
+    assert_eq!(one(&s, "str", 11, Action::Type), Reply::Line("string".into()));
+}
+
+#[test]
+fn guards_abort_the_whole_program_and_programs_see_their_own_writes() {
+    let s = Store::default();
+    s.set(b"a", b"1", 5, SetOptions::default()).unwrap();
+    let program = vec![
+        Action::Key(b("a")),
+        Action::Watch(4),
+        Action::IncrBy(1),
+    ];
+    let mut req = Request::new(Op::Apply, b("a"));
+    req.version = 10;
+    req.value = encode_program(&program);
+    let answer = Answer::parse(super::run(&s, &SyncState::default(), &req, true).payload).unwrap();
+    assert!(answer.aborted);
+    assert_eq!(s.get(b"a").unwrap().unwrap(), b("1"));
+    let (replies, changes) = apply(
+        &s,
+        "a",
+        11,
+        vec![
+            Action::Watch(5),
+            Action::IncrBy(1),
+            Action::Key(b("b")),
+            Action::Set {
+                value: b("x"),
+                ttl: Ttl::Clear,
+                cond: SetIf::Always,
+                get: false,
+            },
+            Action::Key(b("a")),
+            Action::Get,
+            Action::RenameTo {
+                dst: b("c"),
+                nx: false,
+            },
+        ],
+    );
+    let ok = Reply::Line("OK".into());
+    assert_eq!(replies, vec![Reply::Int(2), ok.clone(), bulk("2"), ok]);
+    assert_eq!(changes, 3, "a (deleted), b, c");
+    assert_eq!(s.get(b"c").unwrap().unwrap(), b("2"));
+    assert_eq!(s.version(b"c"), Some(11));
+}
+
+#[test]
+fn replicas_take_changes_newest_version_first() {
+    let primary = Store::default();
+    let partner = Store::default();
+    let mut req = Request::new(Op::Apply, b("n"));
+    req.value = encode_program(&[Action::IncrBy(3)]);
+    req.version = 20;
+    let answer = Answer::parse(super::run(&primary, &SyncState::default(), &req, true).payload)
+        .unwrap();
+    let mut rep = Request::new(Op::Replicate, Bytes::new());
+    rep.value = answer.changes;
+    rep.version = 20;
+    // A newer write got to the partner first: it stays.
+    partner.set(b"n", b"100", 30, SetOptions::default()).unwrap();
+    assert_eq!(&super::replicate(&partner, &rep).payload[..], b"0");
+    assert_eq!(partner.get(b"n").unwrap().unwrap(), b("100"));
+    let fresh = Store::default();
+    assert_eq!(&super::replicate(&fresh, &rep).payload[..], b"1");
+    assert_eq!(fresh.get(b"n").unwrap().unwrap(), b("3"));
+    assert_eq!(fresh.version(b"n"), Some(20));
+}
