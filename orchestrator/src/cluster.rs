@@ -19,6 +19,10 @@ use twincache_protocol::Status;
 use crate::hlc::Hlc;
 use crate::metrics::RouterStats;
 
+mod rmw;
+
+pub use rmw::{BoxAnswer, Pending, ScanStep};
+
 const RECONNECT_MIN: Duration = Duration::from_millis(50);
 const RECONNECT_MAX: Duration = Duration::from_secs(2);
 /// How often each idle connection to a worker is pinged.
@@ -287,12 +291,14 @@ impl WorkerLink {
 }
 
 /// Where requests come from: which connection slot to each worker keeps their order (a
-/// client session's affinity), and which account their large answers are charged to until
-/// they are written (see `twincache_protocol::budget`).
+/// client session's affinity), which account their large answers are charged to until
+/// they are written (see `twincache_protocol::budget`), and the session's
+/// read-modify-writes not yet answered (its later reads of those keys go to where they run).
 #[derive(Debug, Clone, Default)]
 pub struct Origin {
     pub affinity: usize,
     pub account: Option<Arc<Account>>,
+    pub rmw: Option<Arc<rmw::Pending>>,
 }
 
 impl Origin {
@@ -300,6 +306,7 @@ impl Origin {
     pub const INTERNAL: Origin = Origin {
         affinity: 0,
         account: None,
+        rmw: None,
     };
 }
 
@@ -376,27 +383,6 @@ fn unwritable(router: &Router) -> Response {
 /// A response on its way.
 pub type BoxedResponse = std::pin::Pin<Box<dyn Future<Output = Response> + Send>>;
 
-/// The keys a Redis command may change, to invalidate in the cache after passing it through.
-/// Over-invalidating is harmless (the next read refills from the destination), so commands
-/// not listed are taken to touch their first argument.
-fn touched_keys(args: &[Bytes]) -> Vec<Bytes> {
-    let name = args
-        .first()
-        .map(|a| a.to_ascii_lowercase())
-        .unwrap_or_default();
-    let rest = args.get(1..).unwrap_or_default();
-    match name.as_slice() {
-        b"del" | b"unlink" | b"touch" | b"sinterstore" | b"sunionstore" | b"sdiffstore"
-        | b"pfmerge" | b"bitop" => rest.to_vec(),
-        b"mset" | b"msetnx" => rest.iter().step_by(2).cloned().collect(),
-        b"rename" | b"renamenx" | b"copy" | b"smove" | b"rpoplpush" | b"lmove" | b"blmove"
-        | b"brpoplpush" | b"zunionstore" | b"zinterstore" | b"zdiffstore" | b"georadius" => {
-            rest.iter().take(2).cloned().collect()
-        }
-        _ => rest.iter().take(1).cloned().collect(),
-    }
-}
-
 /// Settings the router needs.
 #[derive(Debug, Clone)]
 pub struct RouterConfig {
@@ -436,6 +422,9 @@ pub struct Router {
     pub(crate) fixed_node: bool,
     /// Failovers, partial writes, state changes, resyncs (for `/metrics`).
     pub stats: RouterStats,
+    /// The largest value a read-modify-write may leave: its answer carries it (twice at
+    /// most, as a reply and as the partner's copy) within the links' frame limit.
+    pub max_value: usize,
 }
 
 impl Router {
@@ -474,6 +463,7 @@ impl Router {
             instance: rand::random(),
             fixed_node: config.node_id.is_some(),
             stats: RouterStats::default(),
+            max_value: (config.max_frame / 2).saturating_sub(1024).max(1024),
         }
     }
 
@@ -593,14 +583,28 @@ impl Router {
     /// calling session's, whose affinity keeps its requests in order.
     pub fn read(
         self: &Arc<Self>,
-        mut req: Request,
+        req: Request,
         origin: &Origin,
     ) -> impl Future<Output = Response> + Send + 'static {
         let pair = pair_for_key(&req.key, self.pairs.len());
-        let order = if self.mode().is_some() {
-            self.read_order(&self.pairs[pair])
-        } else {
+        self.read_pair(pair, req, origin)
+    }
+
+    /// [`Router::read`] on pair `pair`, whatever the key (RANDOMKEY names none). A key the
+    /// session has a read-modify-write in flight on is read where that runs (its primary),
+    /// behind it, so the session reads its own write.
+    pub fn read_pair(
+        self: &Arc<Self>,
+        pair: usize,
+        mut req: Request,
+        origin: &Origin,
+    ) -> impl Future<Output = Response> + Send + 'static {
+        let order = if self.mode().is_none() {
             [None, None]
+        } else if origin.rmw.as_ref().is_some_and(|p| p.holds(&req.key)) {
+            self.primaries(&self.pairs[pair])
+        } else {
+            self.read_order(&self.pairs[pair])
         };
         let reply = order[0].and_then(|i| self.send_read(&self.pairs[pair], i, &mut req, origin));
         let this = self.clone();
@@ -690,17 +694,23 @@ impl Router {
     }
 
     /// Adapter mode: runs a Redis command on the destination through a worker of the pair
-    /// of its first key, then invalidates every key it may touch on both partners. The
-    /// response's payload is the destination's RESP reply, as is.
-    pub fn passthrough(self: &Arc<Self>, args: Vec<Bytes>, origin: &Origin) -> BoxedResponse {
+    /// of its first key, then invalidates every key it may touch (`touched`, from the
+    /// command table: see `commands::adapter`) on both partners. The response's payload is
+    /// the destination's RESP reply, as is.
+    pub fn passthrough(
+        self: &Arc<Self>,
+        args: Vec<Bytes>,
+        touched: Vec<Bytes>,
+        origin: &Origin,
+    ) -> BoxedResponse {
         let mut encoded = BytesMut::new();
         twincache_protocol::resp::encode_command(&args, &mut encoded);
-        let route = args.get(1).cloned().unwrap_or_default();
+        // Routed by its first key, which the worker drops from its cache under the key's order.
+        let route = touched.first().or(args.get(1)).cloned().unwrap_or_default();
         let mut req = Request::new(Op::Passthrough, route);
         req.value = encoded.freeze();
         // The version the worker invalidates its cached copy of the first key with.
         req.version = self.clock.next();
-        let touched = touched_keys(&args);
         let read = self.read(req, origin);
         let this = self.clone();
         Box::pin(async move {
@@ -734,7 +744,12 @@ impl Router {
             return Either::Right(match req.op {
                 Op::Set if req.flags == 0 => self.adapter_set(req, origin),
                 Op::Del => {
-                    let del = self.passthrough(vec![Bytes::from_static(b"DEL"), req.key], origin);
+                    let key = req.key.clone();
+                    let del = self.passthrough(
+                        vec![Bytes::from_static(b"DEL"), req.key],
+                        vec![key],
+                        origin,
+                    );
                     // The text and binary protocols answer a DEL with found / not found.
                     Box::pin(async move {
                         let resp = del.await;
@@ -779,6 +794,11 @@ impl Router {
         // The orchestrator applies the default TTL, so both partners get the same expiry.
         if req.op == Op::Set && req.ttl_ms == 0 && req.flags & flags::KEEP_TTL == 0 {
             req.ttl_ms = self.default_ttl_ms;
+        }
+        // And makes it absolute, so both partners store the same instant.
+        if req.op == Op::Set && req.ttl_ms > 0 && req.flags & flags::EXPIRES_AT == 0 {
+            req.ttl_ms = twincache_protocol::version::wall_ms().saturating_add(req.ttl_ms);
+            req.flags |= flags::EXPIRES_AT;
         }
         let pair = pair_for_key(&req.key, self.pairs.len());
         let targets = self.write_targets(&self.pairs[pair]);

@@ -41,6 +41,13 @@ impl Hlc {
         self.node.store(node, Ordering::Relaxed);
     }
 
+    /// Moves the clock past `version`, a version seen on a worker (the receive rule of a
+    /// hybrid logical clock): the next version this clock returns is greater, so a
+    /// read-modify-write refused for being behind a key succeeds on its retry.
+    pub fn observe(&self, version: u64) {
+        self.last.fetch_max(version, Ordering::Relaxed);
+    }
+
     /// A version greater than every one this clock returned before.
     pub fn next(&self) -> u64 {
         self.next_at(wall_ms())
@@ -82,6 +89,16 @@ mod tests {
         for v in [a, b, c, d] {
             assert_eq!(v & NODE_MASK, 3);
         }
+    }
+
+    #[test]
+    fn observing_a_version_moves_the_clock_past_it() {
+        let clock = Hlc::new(3);
+        let ahead = Hlc::new(9).next_at(EPOCH_MS + 50_000);
+        clock.observe(ahead);
+        let next = clock.next_at(EPOCH_MS + 10_000);
+        assert!(next > ahead);
+        assert_eq!(next & NODE_MASK, 3);
     }
 
     #[test]

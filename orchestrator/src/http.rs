@@ -475,6 +475,7 @@ impl HttpState {
         let origin = Origin {
             affinity: n,
             account: Some(Account::new(&self.budget, self.max_request_memory)),
+            rmw: None,
         };
         (origin, n)
     }
@@ -505,7 +506,7 @@ fn failure_of(resp: &twincache_protocol::Response) -> Rejection {
         Status::ParseError | Status::InvalidCommand => StatusCode::BAD_REQUEST,
         Status::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         Status::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-        Status::NotApplied => StatusCode::CONFLICT,
+        Status::NotApplied | Status::WrongType => StatusCode::CONFLICT,
         Status::NoAuth => StatusCode::UNAUTHORIZED,
         Status::NoPerm => StatusCode::FORBIDDEN,
         Status::Ok | Status::ServerError => StatusCode::INTERNAL_SERVER_ERROR,

@@ -16,6 +16,7 @@
 
 pub mod auth;
 pub mod cluster;
+pub mod commands;
 pub mod config;
 pub mod health;
 pub mod hlc;
@@ -174,6 +175,7 @@ impl Orchestrator {
                     origin: Origin {
                         affinity: sessions,
                         account: None,
+                        rmw: Some(Default::default()),
                     },
                     id: sessions,
                     metrics: metrics.clone(),

@@ -149,7 +149,8 @@ impl ErrorCode {
     pub fn of(status: Status) -> Option<ErrorCode> {
         match status {
             Status::Ok | Status::NotFound | Status::NotApplied => None,
-            Status::ParseError => Some(ErrorCode::ParseError),
+            // A key of another type, or not a number: the request's fault.
+            Status::ParseError | Status::WrongType => Some(ErrorCode::ParseError),
             Status::InvalidCommand => Some(ErrorCode::InvalidCommand),
             Status::Unavailable => Some(ErrorCode::Unavailable),
             Status::TooLarge => Some(ErrorCode::TooLarge),
@@ -171,7 +172,12 @@ impl ErrorCode {
             ErrorCode::InvalidCommand
         } else if msg.contains("too large") || msg.contains("invalid bulk length") {
             ErrorCode::TooLarge
-        } else if msg.starts_with("ERR") || msg.starts_with("NOPROTO") {
+        } else if msg.starts_with("ERR")
+            || msg.starts_with("NOPROTO")
+            || msg.starts_with("WRONGTYPE")
+            || msg.starts_with("CROSSSLOT")
+            || msg.starts_with("EXECABORT")
+        {
             ErrorCode::ParseError
         } else {
             ErrorCode::ServerError

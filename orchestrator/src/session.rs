@@ -43,8 +43,10 @@ use twincache_protocol::Status;
 
 use crate::auth::{Access, Authenticator, Denied, Who};
 use crate::cluster::{Origin, Router};
+use crate::commands;
 use crate::metrics::{Closed, Cmd, ErrorCode, Metrics, Proto};
 use crate::resp::{is_inline_command, RespProtocol};
+use twincache_protocol::program::{Action, ExpireIf, Ttl, TtlForm};
 
 /// A binary client sends its 4-byte preamble at once; one that stops midway is not one.
 pub const PREAMBLE_DEADLINE: Duration = Duration::from_secs(10);
@@ -572,6 +574,15 @@ async fn write_out(
     Ok(())
 }
 
+/// `resp` as code 2 (key not found) when its value says the key does not exist.
+fn not_found_if(resp: Response, missing: &[u8]) -> Response {
+    if resp.status == Status::Ok && resp.payload == missing {
+        Response::status(Status::NotFound)
+    } else {
+        resp
+    }
+}
+
 fn dispatch(fut: impl Future<Output = Response> + Send + 'static) -> Step<Response> {
     Step::Dispatch(Box::pin(fut), 1)
 }
@@ -656,6 +667,9 @@ impl Protocol for TextProtocol {
             Command::Set(..) => ("set", Access::Write),
             Command::SetEx(..) => ("setex", Access::Write),
             Command::Del(_) => ("del", Access::Write),
+            Command::IncrBy(..) => ("incrby", Access::Write),
+            Command::Expire(..) => ("expire", Access::Write),
+            Command::Ttl(_) => ("ttl", Access::Read),
             Command::Stats => ("stats", Access::Read),
             Command::Status => ("status", Access::Read),
             Command::Ping => ("ping", Access::Connection),
@@ -690,6 +704,20 @@ impl Protocol for TextProtocol {
                 dispatch(router.write(req, origin))
             }
             Command::Del(key) => dispatch(router.write(Request::new(Op::Del, key), origin)),
+            Command::IncrBy(key, n) => dispatch(commands::run_text(ctx, key, Action::IncrBy(n))),
+            Command::Expire(key, secs) => match secs.checked_mul(1000) {
+                Some(ms) => {
+                    let set =
+                        commands::run_text(ctx, key, Action::Expire(Ttl::In(ms), ExpireIf::Always));
+                    // 0 means the key does not exist: no condition can fail here.
+                    dispatch(async move { not_found_if(set.await, b"0") })
+                }
+                None => Step::Reply(Response::error(Status::ParseError, "seconds out of range")),
+            },
+            Command::Ttl(key) => {
+                let ttl = commands::run_text(ctx, key, Action::ReadTtl(TtlForm::Seconds));
+                dispatch(async move { not_found_if(ttl.await, b"-2") })
+            }
             Command::Status => Step::Reply(Response::ok(router.status_line())),
             Command::Stats => {
                 let router = router.clone();
@@ -793,6 +821,7 @@ impl Protocol for BinaryProtocol {
                 Either::Right(ctx.router.write(req, &ctx.origin))
             }
             Op::Ping => return Step::Reply(Response::ok(Bytes::from_static(b"PONG")).with_id(id)),
+            Op::Command => return binary_command(&req, ctx),
             Op::Stats => {
                 let router = ctx.router.clone();
                 return dispatch(
@@ -809,6 +838,11 @@ impl Protocol for BinaryProtocol {
             | Op::PartnerMissed
             | Op::ClusterHello
             | Op::ClusterProof
+            | Op::Apply
+            | Op::Query
+            | Op::Replicate
+            | Op::Scan
+            | Op::Flush
             | Op::Unknown(_) => {
                 return Step::Reply(Response::status(Status::InvalidCommand).with_id(id))
             }
@@ -822,5 +856,28 @@ impl Protocol for BinaryProtocol {
 
     fn at_eof(&mut self, _buf: &BytesMut) -> Option<Response> {
         None
+    }
+}
+
+/// The `command` op: any Redis command, RESP-encoded in the value, run from the command
+/// table as the session's user; the answer is `Ok` with the RESP reply, errors included.
+fn binary_command(req: &Request, ctx: &Ctx) -> Step<Response> {
+    let id = req.id;
+    let resp3 = req.flags & twincache_protocol::frame::flags::RESP3 != 0;
+    let args = match crate::resp::decode_one(&req.value, ctx.config.max_frame) {
+        Ok(args) => args,
+        Err(reply) => {
+            let mut out = BytesMut::new();
+            reply.encode(&mut out);
+            return Step::Reply(Response::ok(out.freeze()).with_id(id));
+        }
+    };
+    match commands::run_binary(args, resp3, ctx) {
+        Step::Reply(r) => Step::Reply(r.with_id(id)),
+        Step::Dispatch(fut, n) => Step::Dispatch(Box::pin(async move { fut.await.with_id(id) }), n),
+        Step::Settle(fut) => Step::Settle(Box::pin(async move { fut.await.with_id(id) })),
+        Step::Close(r) => Step::Close(r.map(|r| r.with_id(id))),
+        Step::NeedMore => Step::NeedMore,
+        Step::Stream(_) => Step::Reply(Response::status(Status::ServerError).with_id(id)),
     }
 }

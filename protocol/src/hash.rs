@@ -106,7 +106,10 @@ mod tests {
                 pair_for_key(b"{user1}:cart", pairs),
                 pair_for_key(b"{user1}:profile", pairs)
             );
-            assert_eq!(pair_for_key(b"x{user1}", pairs), pair_for_key(b"user1", pairs));
+            assert_eq!(
+                pair_for_key(b"x{user1}", pairs),
+                pair_for_key(b"user1", pairs)
+            );
         }
     }
 

@@ -12,7 +12,7 @@
 //! action   = code:u8 fields           (fields per action below; integers big-endian,
 //!                                      bytes as len:u32 bytes, lists as count:u32 items)
 //! answer   = flags:u8 changes_len:u32 changes reply*
-//! flags    = 1 aborted (a guard failed: nothing was written, no replies follow)
+//! flags    = 1 aborted (a WATCH guard failed: nothing was written, no replies follow)
 //! changes  = change*                  (what the partner must store: the value of the
 //!                                      `replicate` frame, forwarded as is)
 //! change   = key_len:u32 key kind:u8 expires_at:u64 value_len:u32 value
@@ -83,6 +83,9 @@ pub enum ExpireIf {
     Gt,
     /// Only if the new expiry is earlier.
     Lt,
+    /// XX and LT together: only if the key has an expiry and the new one is earlier (XX
+    /// with GT is GT, which never passes a key without one).
+    XxLt,
 }
 
 /// The condition of SET.
@@ -112,8 +115,7 @@ pub enum Action {
     /// Guard: the program writes nothing (and answers aborted) unless the current key's
     /// version is still this one (0: no entry at all). WATCH.
     Watch(u64),
-    /// Guard: aborts unless the current key does not exist (MSETNX).
-    AbsentOrAbort,
+
     // Reads.
     Get,
     StrLen,
@@ -143,7 +145,12 @@ pub enum Action {
         with_values: bool,
     },
     /// HSCAN: every matching field in one answer (cursor 0), as Redis does for small hashes.
-    HScan(Option<Bytes>),
+    /// Its options were bad if `error` is not 0 (1: COUNT not an integer, 2: a syntax
+    /// error): Redis reports that only for a key holding a hash, so the worker does too.
+    HScan {
+        pattern: Option<Bytes>,
+        error: u8,
+    },
     // Writes.
     Set {
         value: Bytes,
@@ -152,6 +159,8 @@ pub enum Action {
         get: bool,
     },
     SetNx(Bytes),
+    /// MSETNX of keys on this worker: all set (1) if none exists, else none (0).
+    MSetNx(Vec<(Bytes, Bytes)>),
     Del,
     GetDel,
     GetEx(Ttl),
@@ -204,6 +213,7 @@ impl Action {
             self,
             Set { .. }
                 | SetNx(_)
+                | MSetNx(_)
                 | Del
                 | GetDel
                 | GetEx(_)
@@ -226,18 +236,19 @@ impl Action {
         )
     }
 
-    /// Whether the action answers (everything but the key switch and the guards).
+    /// Whether the action answers (everything but the key switch and the guard).
     pub fn answers(&self) -> bool {
-        !matches!(self, Action::Key(_) | Action::Watch(_) | Action::AbsentOrAbort)
+        !matches!(self, Action::Key(_) | Action::Watch(_))
     }
 
     /// Other keys the action touches than the current one.
-    pub fn other_key(&self) -> Option<&Bytes> {
+    pub fn other_keys(&self) -> Vec<&Bytes> {
         match self {
             Action::Key(k) | Action::RenameTo { dst: k, .. } | Action::CopyTo { dst: k, .. } => {
-                Some(k)
+                vec![k]
             }
-            _ => None,
+            Action::MSetNx(pairs) => pairs.iter().map(|(k, _)| k).collect(),
+            _ => Vec::new(),
         }
     }
 
@@ -246,7 +257,6 @@ impl Action {
         match self {
             Key(_) => 1,
             Watch(_) => 2,
-            AbsentOrAbort => 3,
             Get => 10,
             StrLen => 11,
             GetRange(..) => 12,
@@ -267,9 +277,10 @@ impl Action {
             HExists(_) => 27,
             HStrLen(_) => 28,
             HRandField { .. } => 29,
-            HScan(_) => 30,
+            HScan { .. } => 30,
             Set { .. } => 40,
             SetNx(_) => 41,
+            MSetNx(_) => 61,
             Del => 42,
             GetDel => 43,
             GetEx(_) => 44,
@@ -310,8 +321,9 @@ impl Action {
                 out.put_u8(u8::from(count.is_some()) | (u8::from(*with_values) << 1));
                 out.put_i64(count.unwrap_or(0));
             }
-            HScan(pattern) => {
+            HScan { pattern, error } => {
                 out.put_u8(u8::from(pattern.is_some()));
+                out.put_u8(*error);
                 put_bytes(out, pattern.as_deref().unwrap_or_default());
             }
             Set {
@@ -337,12 +349,9 @@ impl Action {
             }
             HSet { pairs, ok } => {
                 out.put_u8(u8::from(*ok));
-                out.put_u32(pairs.len() as u32);
-                for (f, v) in pairs {
-                    put_bytes(out, f);
-                    put_bytes(out, v);
-                }
+                put_pairs(out, pairs);
             }
+            MSetNx(pairs) => put_pairs(out, pairs),
             HSetNx(f, v) | HIncrByFloat(f, v) => {
                 put_bytes(out, f);
                 put_bytes(out, v);
@@ -366,8 +375,8 @@ impl Action {
                 out.put_u8(u8::from(*replace));
                 put_bytes(out, value);
             }
-            AbsentOrAbort | Get | StrLen | Exists | Touch | Type | Encoding | Version | Dump
-            | RandomKey | HGetAll | HKeys | HVals | HLen | Del | GetDel | Persist => {}
+            Get | StrLen | Exists | Touch | Type | Encoding | Version | Dump | RandomKey
+            | HGetAll | HKeys | HVals | HLen | Del | GetDel | Persist => {}
         }
     }
 }
@@ -402,7 +411,6 @@ fn decode_action(buf: &mut Bytes) -> Result<Action, Malformed> {
     Ok(match code {
         1 => Key(get_bytes(buf)?),
         2 => Watch(get_u64(buf)?),
-        3 => AbsentOrAbort,
         10 => Get,
         11 => StrLen,
         12 => GetRange(get_u64(buf)? as i64, get_u64(buf)? as i64),
@@ -438,8 +446,12 @@ fn decode_action(buf: &mut Bytes) -> Result<Action, Malformed> {
         }
         30 => {
             let some = get_u8(buf)? != 0;
+            let error = get_u8(buf)?;
             let pattern = get_bytes(buf)?;
-            HScan(some.then_some(pattern))
+            HScan {
+                pattern: some.then_some(pattern),
+                error,
+            }
         }
         40 => {
             let ttl = get_ttl(buf)?;
@@ -474,6 +486,7 @@ fn decode_action(buf: &mut Bytes) -> Result<Action, Malformed> {
                 2 => ExpireIf::Xx,
                 3 => ExpireIf::Gt,
                 4 => ExpireIf::Lt,
+                5 => ExpireIf::XxLt,
                 _ => return Err(Malformed("expire condition")),
             };
             Expire(ttl, cond)
@@ -481,13 +494,12 @@ fn decode_action(buf: &mut Bytes) -> Result<Action, Malformed> {
         51 => Persist,
         52 => {
             let ok = get_u8(buf)? != 0;
-            let n = get_count(buf, 8)?;
-            let mut pairs = Vec::with_capacity(n);
-            for _ in 0..n {
-                pairs.push((get_bytes(buf)?, get_bytes(buf)?));
+            HSet {
+                pairs: get_pairs(buf)?,
+                ok,
             }
-            HSet { pairs, ok }
         }
+        61 => MSetNx(get_pairs(buf)?),
         53 => HSetNx(get_bytes(buf)?, get_bytes(buf)?),
         54 => HDel(get_list(buf)?),
         55 => HIncrBy(get_bytes(buf)?, get_u64(buf)? as i64),
@@ -527,6 +539,23 @@ fn put_list(out: &mut BytesMut, list: &[Bytes]) {
     for b in list {
         put_bytes(out, b);
     }
+}
+
+fn put_pairs(out: &mut BytesMut, pairs: &[(Bytes, Bytes)]) {
+    out.put_u32(pairs.len() as u32);
+    for (a, b) in pairs {
+        put_bytes(out, a);
+        put_bytes(out, b);
+    }
+}
+
+fn get_pairs(buf: &mut Bytes) -> Result<Vec<(Bytes, Bytes)>, Malformed> {
+    let n = get_count(buf, 8)?;
+    let mut pairs = Vec::with_capacity(n);
+    for _ in 0..n {
+        pairs.push((get_bytes(buf)?, get_bytes(buf)?));
+    }
+    Ok(pairs)
 }
 
 fn put_ttl(out: &mut BytesMut, ttl: Ttl) {
@@ -629,8 +658,11 @@ pub struct Answer {
     pub aborted: bool,
     /// The changes block, to forward to the partner as is (empty: nothing changed).
     pub changes: Bytes,
-    /// The replies, RESP3, one after the other.
+    /// The replies, in the RESP version the request asked for, one after the other.
     pub replies: Bytes,
+    /// The version the changes were written at (set by whoever sent the program; not on the
+    /// wire).
+    pub version: u64,
 }
 
 impl Answer {
@@ -642,6 +674,7 @@ impl Answer {
             aborted: flags & ABORTED != 0,
             changes,
             replies: payload,
+            version: 0,
         })
     }
 
@@ -729,7 +762,7 @@ mod tests {
         vec![
             Key(b("k")),
             Watch(u64::MAX),
-            AbsentOrAbort,
+            MSetNx(vec![(b("a"), b("1"))]),
             Get,
             StrLen,
             GetRange(-5, i64::MAX),
@@ -757,8 +790,14 @@ mod tests {
                 count: None,
                 with_values: false,
             },
-            HScan(Some(b("a*"))),
-            HScan(None),
+            HScan {
+                pattern: Some(b("a*")),
+                error: 0,
+            },
+            HScan {
+                pattern: None,
+                error: 2,
+            },
             Set {
                 value: b("v"),
                 ttl: super::Ttl::In(-1),

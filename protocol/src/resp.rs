@@ -406,8 +406,12 @@ pub enum Reply {
     Bool(bool),
     /// `=<len>\r\n<fmt>:<text>` in RESP3 (INFO, CLIENT INFO); a bulk string in RESP2.
     Verbatim(&'static str, Bytes),
-    /// A reply already encoded (one passed through from another Redis).
+    /// A reply already encoded (one passed through from another Redis, or a worker's).
     Raw(Bytes),
+    /// HELLO's answer: the connection speaks `Version` from this reply on, this one
+    /// included. The session notices it when it encodes it, so replies queued before it
+    /// keep the version they were asked in.
+    Switch(Version, Box<Reply>),
 }
 
 /// Encodes a command as a RESP array of bulk strings (what clients send).
@@ -486,8 +490,41 @@ impl Reply {
             }
             Reply::Verbatim(_, text) => put_bulk(out, b'$', text),
             Reply::Raw(bytes) => out.put_slice(bytes),
+            Reply::Switch(to, reply) => reply.encode_as(*to, out),
         }
     }
+}
+
+/// Redis' `string2ll`: the strict integer syntax of every integer argument and counter (no
+/// sign but `-`, no leading zeros or spaces, at most 20 characters, within i64).
+pub fn string2ll(s: &[u8]) -> Option<i64> {
+    if s.is_empty() || s.len() > 20 {
+        return None;
+    }
+    if s == b"0" {
+        return Some(0);
+    }
+    let (neg, digits) = match s.split_first() {
+        Some((b'-', rest)) => (true, rest),
+        _ => (false, s),
+    };
+    match digits.first() {
+        Some(b'1'..=b'9') => {}
+        _ => return None,
+    }
+    let mut v: i64 = 0;
+    for &d in digits {
+        if !d.is_ascii_digit() {
+            return None;
+        }
+        let d = i64::from(d - b'0');
+        v = if neg {
+            v.checked_mul(10)?.checked_sub(d)?
+        } else {
+            v.checked_mul(10)?.checked_add(d)?
+        };
+    }
+    Some(v)
 }
 
 /// A double as Redis writes it (`%.17g`, and `inf`/`-inf`/`nan` spelled out).

@@ -4,6 +4,7 @@
 //! request  = get||<key> | set||<key>||<value> | del||<key>                  ("\n" or "\r\n")
 //!          | setex||<key>||<seconds>||<value> | ping | stats | status | exit
 //!          | auth||<password> | auth||<user>||<password>
+//!          | incr||<key> | incrby||<key>||<n> | expire||<key>||<seconds> | ttl||<key>
 //! response = 0||<result> | <code>||<message>                                 ("\n")
 //! ```
 //!
@@ -33,6 +34,12 @@ pub enum Command {
     Status,
     /// Authenticate as the user (the default user if none), with the password.
     Auth(Option<Bytes>, Bytes),
+    /// Add to the integer value (`incr` adds 1), as Redis' INCRBY.
+    IncrBy(Bytes, i64),
+    /// Set the time to live in seconds (zero or less deletes the key), as Redis' EXPIRE.
+    Expire(Bytes, i64),
+    /// The time to live left in seconds (-1: none), as Redis' TTL.
+    Ttl(Bytes),
     Exit,
 }
 
@@ -111,6 +118,28 @@ pub fn parse_line(mut line: Bytes) -> Result<Command, LineError> {
             .filter(|&s| s > 0 && s < u64::MAX / 1000)
             .ok_or(LineError::parse("seconds must be a whole number above 0"))?;
         Ok(Command::SetEx(key, secs, rest))
+    } else if is("incr") {
+        single_key(rest, "expected incr||<key>").map(|k| Command::IncrBy(k, 1))
+    } else if is("ttl") {
+        single_key(rest, "expected ttl||<key>").map(Command::Ttl)
+    } else if is("incrby") || is("expire") {
+        let usage = if is("incrby") {
+            LineError::parse("expected incrby||<key>||<integer>")
+        } else {
+            LineError::parse("expected expire||<key>||<seconds>")
+        };
+        let mut rest = rest.ok_or(usage)?;
+        let key = split_field(&mut rest).ok_or(usage)?;
+        nonempty(&key)?;
+        let n = std::str::from_utf8(&rest)
+            .ok()
+            .and_then(|s| s.parse::<i64>().ok())
+            .ok_or(usage)?;
+        Ok(if is("incrby") {
+            Command::IncrBy(key, n)
+        } else {
+            Command::Expire(key, n)
+        })
     } else if is("auth") {
         const USAGE: LineError =
             LineError::parse("expected auth||<password> or auth||<user>||<password>");
@@ -138,7 +167,7 @@ pub fn parse_line(mut line: Bytes) -> Result<Command, LineError> {
         Err(LineError {
             status: Status::InvalidCommand,
             message:
-                "invalid command type (expected get, set, setex, del, ping, stats, status, auth or exit)",
+                "invalid command type (expected get, set, setex, del, incr, incrby, expire, ttl, ping, stats, status, auth or exit)",
         })
     }
 }
@@ -285,6 +314,10 @@ mod tests {
             Ok(Command::SetEx(b(b"k"), 30, b(b"a||b")))
         );
         assert_eq!(parse(b"stats"), Ok(Command::Stats));
+        assert_eq!(parse(b"incr||n"), Ok(Command::IncrBy(b(b"n"), 1)));
+        assert_eq!(parse(b"INCRBY||n||-5"), Ok(Command::IncrBy(b(b"n"), -5)));
+        assert_eq!(parse(b"expire||k||30"), Ok(Command::Expire(b(b"k"), 30)));
+        assert_eq!(parse(b"ttl||k"), Ok(Command::Ttl(b(b"k"))));
     }
 
     #[test]
@@ -301,6 +334,10 @@ mod tests {
         assert_eq!(code(b"setex||k||soon||v"), Status::ParseError);
         assert_eq!(code(b"setex||k||5"), Status::ParseError);
         assert_eq!(code(b"setex||||5||v"), Status::ParseError);
+        assert_eq!(code(b"incrby||n||x"), Status::ParseError);
+        assert_eq!(code(b"incrby||n"), Status::ParseError);
+        assert_eq!(code(b"expire||k||1||2"), Status::ParseError);
+        assert_eq!(code(b"incr||"), Status::ParseError);
         assert_eq!(code(b"foo||x"), Status::InvalidCommand);
         assert_eq!(code(b"foo"), Status::InvalidCommand);
         assert_eq!(code(b"||x"), Status::InvalidCommand);

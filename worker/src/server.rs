@@ -26,8 +26,8 @@ use crate::adapter::{Adapter, INVALIDATION_TTL_MS};
 use crate::config::Config;
 use crate::exec;
 use crate::store::{Kind, SetOptions, Store, StoreError};
-use twincache_protocol::program::{self, ScanRequest};
 use crate::sync::{serve_snapshot, Refill, SyncState};
+use twincache_protocol::program::{self, ScanRequest};
 
 /// Stop reading more requests once this many response bytes wait to be written.
 const OUT_HIGH_WATER: usize = 256 * 1024;
@@ -667,7 +667,17 @@ fn stats_text(store: &Store, info: &mut Info) {
         Some(d) => info.add("dictionary", format_args!("{:#010x}", d.id())),
         None => info.add("dictionary", "none"),
     };
+    // Keys with an expiry, and their mean time left in ms (INFO keyspace's `expires` and
+    // `avg_ttl`), from sums kept as entries come and go.
+    let avg_ttl = usage
+        .expiring_at_sum
+        .checked_div(usage.expiring as u128)
+        .map_or(0, |at| {
+            at.saturating_sub(u128::from(crate::store::now_ms()))
+        });
     info.add("keys", usage.keys)
+        .add("expires", usage.expiring)
+        .add("avg_ttl", avg_ttl)
         .add("bytes", usage.bytes)
         .add("logical_bytes", usage.logical_bytes)
         .add("stored_bytes", usage.stored_bytes)

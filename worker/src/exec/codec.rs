@@ -88,9 +88,21 @@ mod tests {
     #[test]
     fn round_trip_keeps_order() {
         let mut fields = Fields::new();
-        assert!(set(&mut fields, &Bytes::from_static(b"b"), Bytes::from_static(b"1")));
-        assert!(set(&mut fields, &Bytes::from_static(b"a"), Bytes::from_static(b"")));
-        assert!(!set(&mut fields, &Bytes::from_static(b"b"), Bytes::from_static(b"2")));
+        assert!(set(
+            &mut fields,
+            &Bytes::from_static(b"b"),
+            Bytes::from_static(b"1")
+        ));
+        assert!(set(
+            &mut fields,
+            &Bytes::from_static(b"a"),
+            Bytes::from_static(b"")
+        ));
+        assert!(!set(
+            &mut fields,
+            &Bytes::from_static(b"b"),
+            Bytes::from_static(b"2")
+        ));
         let stored = encode(&fields);
         assert_eq!(stored.len(), encoded_len(&fields));
         assert_eq!(decode(&stored).unwrap(), fields);

@@ -569,7 +569,10 @@ mod tests {
         assert_eq!(incr("3", "1e-20").as_deref(), Some("3"));
         assert_eq!(incr("0", "-1e-20").as_deref(), Some("0"));
         assert_eq!(incr("0", "0x10").as_deref(), Some("16"));
-        assert_eq!(incr("1e4000", "1e4000").as_deref().map(str::len), Some(4001));
+        assert_eq!(
+            incr("1e4000", "1e4000").as_deref().map(str::len),
+            Some(4001)
+        );
         assert_eq!(incr("0", "inf"), None);
         assert_eq!(incr("1e4932", "1e4932"), None, "overflows to infinity");
     }
@@ -582,7 +585,9 @@ mod tests {
         ] {
             assert_eq!(parse(bad.as_bytes()), None, "{bad:?}");
         }
-        for good in ["1", "+1", "-1.", ".5", "1E3", "infinity", "-INF", "0x1p3", "007"] {
+        for good in [
+            "1", "+1", "-1.", ".5", "1E3", "infinity", "-INF", "0x1p3", "007",
+        ] {
             assert!(parse(good.as_bytes()).is_some(), "{good:?}");
         }
         assert_eq!(parse(&vec![b'1'; MAX_CHARS]), None);

@@ -55,13 +55,23 @@ pub(super) fn run(cx: &mut Cx, action: &Action) -> Outcome {
         }
         Action::HStrLen(field) => {
             let (_, fields) = read_or_empty(cx)?;
-            Ok(Reply::Int(codec::get(&fields, field).map_or(0, |v| v.len() as i64)))
+            Ok(Reply::Int(
+                codec::get(&fields, field).map_or(0, |v| v.len() as i64),
+            ))
         }
-        Action::HRandField { count, with_values } => {
-            random_fields(cx, *count, *with_values)
-        }
-        Action::HScan(pattern) => {
-            let (_, fields) = read_or_empty(cx)?;
+        Action::HRandField { count, with_values } => random_fields(cx, *count, *with_values),
+        Action::HScan { pattern, error } => {
+            let Some((_, fields)) = read(cx)? else {
+                return Ok(Reply::Array(vec![
+                    Reply::Bulk(Bytes::from_static(b"0")),
+                    Reply::Array(Vec::new()),
+                ]));
+            };
+            match error {
+                0 => {}
+                1 => return Err(Reply::err(super::NOT_INTEGER)),
+                _ => return Err(Reply::err("ERR syntax error")),
+            }
             let mut items = Vec::with_capacity(fields.len() * 2);
             for (f, v) in fields {
                 if pattern.as_ref().is_none_or(|p| glob::matches(p, &f)) {
@@ -122,8 +132,8 @@ pub(super) fn run(cx: &mut Cx, action: &Action) -> Outcome {
             Ok(Reply::Int(new))
         }
         Action::HIncrByFloat(field, incr) => {
-            let incr = float::parse(incr)
-                .ok_or_else(|| Reply::err("ERR value is not a valid float"))?;
+            let incr =
+                float::parse(incr).ok_or_else(|| Reply::err("ERR value is not a valid float"))?;
             if float::is_infinite(incr) {
                 return Err(Reply::err("ERR value is NaN or Infinity"));
             }
@@ -207,9 +217,17 @@ fn random_fields(cx: &mut Cx, count: Option<i64>, with_values: bool) -> Outcome 
         all.truncate(count as usize);
         all
     };
-    let pair = |i: usize| (Reply::Bulk(fields[i].0.clone()), Reply::Bulk(fields[i].1.clone()));
+    let pair = |i: usize| {
+        (
+            Reply::Bulk(fields[i].0.clone()),
+            Reply::Bulk(fields[i].1.clone()),
+        )
+    };
     Ok(Reply::Array(if !with_values {
-        picks.into_iter().map(|i| Reply::Bulk(fields[i].0.clone())).collect()
+        picks
+            .into_iter()
+            .map(|i| Reply::Bulk(fields[i].0.clone()))
+            .collect()
     } else if cx.resp3() {
         picks
             .into_iter()

@@ -77,7 +77,9 @@ pub(super) fn run(cx: &mut Cx, action: &Action) -> Outcome {
         }
         Action::CopyTo { dst, replace } => {
             if dst == cx.key {
-                return Err(Reply::err("ERR source and destination objects are the same"));
+                return Err(Reply::err(
+                    "ERR source and destination objects are the same",
+                ));
             }
             let Some((m, value)) = cx.read()? else {
                 return Ok(Reply::Int(0));
@@ -134,6 +136,7 @@ fn expire(cx: &mut Cx, ttl: Ttl, cond: ExpireIf) -> Outcome {
         // No expiry counts as infinite: GT never passes it, LT always does.
         ExpireIf::Gt => current.is_some_and(|c| when > c),
         ExpireIf::Lt => current.is_none_or(|c| when < c),
+        ExpireIf::XxLt => current.is_some_and(|c| when < c),
     };
     if !passes {
         return Ok(Reply::Int(0));

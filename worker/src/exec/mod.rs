@@ -62,7 +62,11 @@ pub fn run(store: &Store, sync: &SyncState, req: &Request, writes: bool) -> Resp
         if !sync.synced() {
             return Response::error(Status::Unavailable, "this worker has not resynced yet");
         }
-        if writes && sync.since_refill_ms().is_some_and(|ms| ms < PRIMARY_GRACE_MS) {
+        if writes
+            && sync
+                .since_refill_ms()
+                .is_some_and(|ms| ms < PRIMARY_GRACE_MS)
+        {
             return Response::error(
                 Status::Unavailable,
                 "this worker was just refilled; its partner applies for now",
@@ -97,7 +101,7 @@ pub fn run(store: &Store, sync: &SyncState, req: &Request, writes: bool) -> Resp
         n => usize::try_from(n).unwrap_or(MAX_VALUE).min(MAX_VALUE),
     };
     let keys = std::iter::once(&req.key[..])
-        .chain(program.iter().filter_map(Action::other_key).map(|k| &k[..]));
+        .chain(program.iter().flat_map(Action::other_keys).map(|k| &k[..]));
     let mut txn = store.txn(keys);
     let mut key = req.key.clone();
     for action in &program {
@@ -107,7 +111,6 @@ pub fn run(store: &Store, sync: &SyncState, req: &Request, writes: bool) -> Resp
                 false
             }
             Action::Watch(v) => txn.version(&key) != *v,
-            Action::AbsentOrAbort => txn.meta(&key).is_some(),
             action => {
                 let mut cx = Cx {
                     txn: &mut txn,
@@ -172,18 +175,50 @@ impl Cx<'_, '_> {
     fn run(&mut self, action: &Action) -> Outcome {
         use Action::*;
         match action {
-            Get | StrLen | GetRange(..) | Set { .. } | SetNx(_) | GetDel | GetEx(_)
-            | GetSet(_) | Append(_) | SetRange(..) | IncrBy(_) | IncrByFloat(_) => {
-                strings::run(self, action)
-            }
-            HGet(_) | HMGet(_) | HGetAll | HKeys | HVals | HLen | HExists(_) | HStrLen(_)
-            | HRandField { .. } | HScan(_) | HSet { .. } | HSetNx(..) | HDel(_)
-            | HIncrBy(..) | HIncrByFloat(..) => hashes::run(self, action),
-            Exists | Touch | Type | ReadTtl(_) | Encoding | Version | Dump | Del
-            | Expire(..) | Persist | RenameTo { .. } | CopyTo { .. } | Restore { .. }
+            Get
+            | StrLen
+            | GetRange(..)
+            | Set { .. }
+            | SetNx(_)
+            | MSetNx(_)
+            | GetDel
+            | GetEx(_)
+            | GetSet(_)
+            | Append(_)
+            | SetRange(..)
+            | IncrBy(_)
+            | IncrByFloat(_) => strings::run(self, action),
+            HGet(_)
+            | HMGet(_)
+            | HGetAll
+            | HKeys
+            | HVals
+            | HLen
+            | HExists(_)
+            | HStrLen(_)
+            | HRandField { .. }
+            | HScan { .. }
+            | HSet { .. }
+            | HSetNx(..)
+            | HDel(_)
+            | HIncrBy(..)
+            | HIncrByFloat(..) => hashes::run(self, action),
+            Exists
+            | Touch
+            | Type
+            | ReadTtl(_)
+            | Encoding
+            | Version
+            | Dump
+            | Del
+            | Expire(..)
+            | Persist
+            | RenameTo { .. }
+            | CopyTo { .. }
+            | Restore { .. }
             | DelIfVersion(_) => keys::run(self, action),
             RandomKey => Err(Reply::err("ERR RANDOMKEY runs alone")),
-            Key(_) | Watch(_) | AbsentOrAbort => Ok(Reply::Nil),
+            Key(_) | Watch(_) => Ok(Reply::Nil),
         }
     }
 
@@ -232,37 +267,8 @@ impl Cx<'_, '_> {
     }
 }
 
-/// Redis' `string2ll`: the strict integer syntax of counters (no sign but `-`, no leading
-/// zeros or spaces, at most 20 characters, within i64).
-pub(crate) fn parse_i64(s: &[u8]) -> Option<i64> {
-    if s.is_empty() || s.len() > 20 {
-        return None;
-    }
-    if s == b"0" {
-        return Some(0);
-    }
-    let (neg, digits) = match s.split_first() {
-        Some((b'-', rest)) => (true, rest),
-        _ => (false, s),
-    };
-    match digits.first() {
-        Some(b'1'..=b'9') => {}
-        _ => return None,
-    }
-    let mut v: i64 = 0;
-    for &d in digits {
-        if !d.is_ascii_digit() {
-            return None;
-        }
-        let d = i64::from(d - b'0');
-        v = if neg {
-            v.checked_mul(10)?.checked_sub(d)?
-        } else {
-            v.checked_mul(10)?.checked_add(d)?
-        };
-    }
-    Some(v)
-}
+/// Redis' integer syntax (see [`string2ll`]).
+pub(crate) use twincache_protocol::resp::string2ll as parse_i64;
 
 /// `value + incr` unless it overflows, as INCRBY and HINCRBY check it.
 pub(crate) fn add_checked(value: i64, incr: i64) -> Result<i64, Reply> {

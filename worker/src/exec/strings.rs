@@ -12,9 +12,7 @@ use super::{NAN_OR_INF, NOT_FLOAT, NOT_INTEGER, TOO_BIG};
 pub(super) fn run(cx: &mut Cx, action: &Action) -> Outcome {
     match action {
         Action::Get => Ok(cx.string()?.map_or(Reply::Nil, |(_, v)| Reply::Bulk(v))),
-        Action::StrLen => Ok(Reply::Int(
-            cx.string()?.map_or(0, |(_, v)| v.len() as i64),
-        )),
+        Action::StrLen => Ok(Reply::Int(cx.string()?.map_or(0, |(_, v)| v.len() as i64))),
         Action::GetRange(start, end) => {
             let value = cx.string()?.map(|(_, v)| v).unwrap_or_default();
             Ok(Reply::Bulk(range(&value, *start, *end)))
@@ -30,6 +28,18 @@ pub(super) fn run(cx: &mut Cx, action: &Action) -> Outcome {
                 return Ok(Reply::Int(0));
             }
             cx.put(Kind::String, 0, value.clone())?;
+            Ok(Reply::Int(1))
+        }
+        Action::MSetNx(pairs) => {
+            if pairs.iter().any(|(k, _)| cx.txn.meta(k).is_some()) {
+                return Ok(Reply::Int(0));
+            }
+            for (k, v) in pairs {
+                if v.len() > cx.max_value {
+                    return Err(Reply::err(TOO_BIG));
+                }
+                cx.txn.put(k, Kind::String, 0, v.clone());
+            }
             Ok(Reply::Int(1))
         }
         Action::GetDel => match cx.string()? {

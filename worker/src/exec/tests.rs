@@ -45,12 +45,21 @@ fn counters() {
     let s = Store::default();
     assert_eq!(one(&s, "n", 10, Action::IncrBy(1)), Reply::Int(1));
     assert_eq!(one(&s, "n", 11, Action::IncrBy(-5)), Reply::Int(-4));
-    assert_eq!(one(&s, "n", 12, Action::IncrBy(i64::MIN)), err(super::OVERFLOW));
+    assert_eq!(
+        one(&s, "n", 12, Action::IncrBy(i64::MIN)),
+        err(super::OVERFLOW)
+    );
     s.set(b"s", b"12a", 1, SetOptions::default()).unwrap();
     assert_eq!(one(&s, "s", 13, Action::IncrBy(1)), err(super::NOT_INTEGER));
     s.set(b"f", b"10.50", 1, SetOptions::default()).unwrap();
-    assert_eq!(one(&s, "f", 14, Action::IncrByFloat(b("0.1"))), bulk("10.6"));
-    assert_eq!(one(&s, "f", 15, Action::IncrByFloat(b("x"))), err(super::NOT_FLOAT));
+    assert_eq!(
+        one(&s, "f", 14, Action::IncrByFloat(b("0.1"))),
+        bulk("10.6")
+    );
+    assert_eq!(
+        one(&s, "f", 15, Action::IncrByFloat(b("x"))),
+        err(super::NOT_FLOAT)
+    );
     assert_eq!(s.get(b"f").unwrap().unwrap(), b("10.6"));
     for bad in ["01", "+1", " 1", "-0", "1 ", "99999999999999999999"] {
         assert_eq!(super::parse_i64(bad.as_bytes()), None, "{bad}");
@@ -72,7 +81,10 @@ fn a_program_behind_the_key_is_refused_with_the_newer_version() {
     // Reads never are.
     req.op = Op::Query;
     req.value = encode_program(&[Action::Get]);
-    assert_eq!(super::run(&s, &SyncState::default(), &req, false).status, Status::Ok);
+    assert_eq!(
+        super::run(&s, &SyncState::default(), &req, false).status,
+        Status::Ok
+    );
     req.value = encode_program(&[Action::IncrBy(1)]);
     assert_eq!(
         super::run(&s, &SyncState::default(), &req, false).status,
@@ -89,7 +101,10 @@ fn an_unsynced_or_newly_refilled_worker_refuses_to_apply() {
     req.flags = flags::IN_SYNC;
     req.value = encode_program(&[Action::IncrBy(1)]);
     let sync = SyncState::default();
-    assert_eq!(super::run(&s, &sync, &req, true).status, Status::Unavailable);
+    assert_eq!(
+        super::run(&s, &sync, &req, true).status,
+        Status::Unavailable
+    );
     sync.adopt("partial").unwrap();
     assert_eq!(super::run(&s, &sync, &req, true).status, Status::Ok);
 }
@@ -103,16 +118,31 @@ fn strings() {
         cond,
         get,
     };
-    assert_eq!(one(&s, "k", 1, set("a", Ttl::Clear, SetIf::Xx, false)), Reply::Nil);
-    assert_eq!(one(&s, "k", 2, set("a", Ttl::Clear, SetIf::Nx, true)), Reply::Nil);
-    assert_eq!(one(&s, "k", 3, set("b", Ttl::In(10_000), SetIf::Nx, true)), bulk("a"));
-    assert_eq!(one(&s, "k", 4, set("c", Ttl::Keep, SetIf::Xx, true)), bulk("a"));
+    assert_eq!(
+        one(&s, "k", 1, set("a", Ttl::Clear, SetIf::Xx, false)),
+        Reply::Nil
+    );
+    assert_eq!(
+        one(&s, "k", 2, set("a", Ttl::Clear, SetIf::Nx, true)),
+        Reply::Nil
+    );
+    assert_eq!(
+        one(&s, "k", 3, set("b", Ttl::In(10_000), SetIf::Nx, true)),
+        bulk("a")
+    );
+    assert_eq!(
+        one(&s, "k", 4, set("c", Ttl::Keep, SetIf::Xx, true)),
+        bulk("a")
+    );
     assert_eq!(one(&s, "k", 5, Action::Append(b("de"))), Reply::Int(3));
     assert_eq!(one(&s, "k", 6, Action::SetRange(5, b("!"))), Reply::Int(6));
     assert_eq!(one(&s, "k", 7, Action::Get), bulk("cde\0\0!"));
     assert_eq!(one(&s, "k", 8, Action::GetRange(-3, -2)), bulk("\0\0"));
     assert_eq!(one(&s, "k", 9, Action::StrLen), Reply::Int(6));
-    assert_eq!(one(&s, "k", 10, Action::SetRange(u64::MAX, b("x"))), err(super::TOO_BIG));
+    assert_eq!(
+        one(&s, "k", 10, Action::SetRange(u64::MAX, b("x"))),
+        err(super::TOO_BIG)
+    );
     assert_eq!(one(&s, "k", 11, Action::GetSet(b("z"))), bulk("cde\0\0!"));
     assert_eq!(one(&s, "k", 12, Action::SetNx(b("y"))), Reply::Int(0));
     assert_eq!(one(&s, "k", 13, Action::GetDel), bulk("z"));
@@ -127,16 +157,34 @@ fn expiry() {
     s.set(b"k", b"v", 1, SetOptions::default()).unwrap();
     let ttl = |s: &Store, v| one(s, "k", v, Action::ReadTtl(TtlForm::Millis));
     assert_eq!(ttl(&s, 2), Reply::Int(-1));
-    assert_eq!(one(&s, "k", 3, Action::Expire(Ttl::In(5000), ExpireIf::Gt)), Reply::Int(0));
-    assert_eq!(one(&s, "k", 4, Action::Expire(Ttl::In(5000), ExpireIf::Lt)), Reply::Int(1));
+    assert_eq!(
+        one(&s, "k", 3, Action::Expire(Ttl::In(5000), ExpireIf::Gt)),
+        Reply::Int(0)
+    );
+    assert_eq!(
+        one(&s, "k", 4, Action::Expire(Ttl::In(5000), ExpireIf::Lt)),
+        Reply::Int(1)
+    );
     assert!(matches!(ttl(&s, 5), Reply::Int(ms) if (4000..=5000).contains(&ms)));
-    assert_eq!(one(&s, "k", 6, Action::Expire(Ttl::In(9000), ExpireIf::Nx)), Reply::Int(0));
-    assert_eq!(one(&s, "k", 7, Action::Expire(Ttl::In(9000), ExpireIf::Gt)), Reply::Int(1));
+    assert_eq!(
+        one(&s, "k", 6, Action::Expire(Ttl::In(9000), ExpireIf::Nx)),
+        Reply::Int(0)
+    );
+    assert_eq!(
+        one(&s, "k", 7, Action::Expire(Ttl::In(9000), ExpireIf::Gt)),
+        Reply::Int(1)
+    );
     assert_eq!(one(&s, "k", 8, Action::Persist), Reply::Int(1));
     assert_eq!(one(&s, "k", 9, Action::Persist), Reply::Int(0));
-    assert_eq!(one(&s, "k", 10, Action::Expire(Ttl::In(-1), ExpireIf::Always)), Reply::Int(1));
+    assert_eq!(
+        one(&s, "k", 10, Action::Expire(Ttl::In(-1), ExpireIf::Always)),
+        Reply::Int(1)
+    );
     assert_eq!(ttl(&s, 11), Reply::Int(-2), "a time past deletes the key");
-    assert_eq!(one(&s, "k", 12, Action::Expire(Ttl::In(1), ExpireIf::Always)), Reply::Int(0));
+    assert_eq!(
+        one(&s, "k", 12, Action::Expire(Ttl::In(1), ExpireIf::Always)),
+        Reply::Int(0)
+    );
 }
 
 #[test]
@@ -157,27 +205,35 @@ fn hashes_and_wrong_types() {
         one(&s, "h", 4, Action::HIncrBy(b("a"), 5)),
         err("ERR hash value is not an integer")
     );
-    assert_eq!(one(&s, "h", 5, Action::HIncrByFloat(b("c"), b("1.5"))), bulk("1.5"));
+    assert_eq!(
+        one(&s, "h", 5, Action::HIncrByFloat(b("c"), b("1.5"))),
+        bulk("1.5")
+    );
     assert_eq!(one(&s, "h", 6, Action::HLen), Reply::Int(3));
     assert_eq!(one(&s, "h", 7, Action::Get), err(super::WRONGTYPE));
     assert_eq!(one(&s, "h", 8, Action::Type), Reply::Line("hash".into()));
     assert_eq!(s.get_typed(b"h").unwrap().unwrap().1, Kind::Hash);
-    assert_eq!(one(&s, "h", 9, Action::HDel(vec![b("a"), b("b"), b("c")])), Reply::Int(3));
+    assert_eq!(
+        one(&s, "h", 9, Action::HDel(vec![b("a"), b("b"), b("c")])),
+        Reply::Int(3)
+    );
     assert!(!s.exists(b"h"), "an emptied hash is gone");
     s.set(b"str", b"v", 1, SetOptions::default()).unwrap();
-    assert_eq!(one(&s, "str", 10, Action::HGet(b("f"))), err(super::WRONGTYPE));
-    assert_eq!(one(&s, "str", 11, Action::Type), Reply::Line("string".into()));
+    assert_eq!(
+        one(&s, "str", 10, Action::HGet(b("f"))),
+        err(super::WRONGTYPE)
+    );
+    assert_eq!(
+        one(&s, "str", 11, Action::Type),
+        Reply::Line("string".into())
+    );
 }
 
 #[test]
 fn guards_abort_the_whole_program_and_programs_see_their_own_writes() {
     let s = Store::default();
     s.set(b"a", b"1", 5, SetOptions::default()).unwrap();
-    let program = vec![
-        Action::Key(b("a")),
-        Action::Watch(4),
-        Action::IncrBy(1),
-    ];
+    let program = vec![Action::Key(b("a")), Action::Watch(4), Action::IncrBy(1)];
     let mut req = Request::new(Op::Apply, b("a"));
     req.version = 10;
     req.value = encode_program(&program);
@@ -220,13 +276,15 @@ fn replicas_take_changes_newest_version_first() {
     let mut req = Request::new(Op::Apply, b("n"));
     req.value = encode_program(&[Action::IncrBy(3)]);
     req.version = 20;
-    let answer = Answer::parse(super::run(&primary, &SyncState::default(), &req, true).payload)
-        .unwrap();
+    let answer =
+        Answer::parse(super::run(&primary, &SyncState::default(), &req, true).payload).unwrap();
     let mut rep = Request::new(Op::Replicate, Bytes::new());
     rep.value = answer.changes;
     rep.version = 20;
     // A newer write got to the partner first: it stays.
-    partner.set(b"n", b"100", 30, SetOptions::default()).unwrap();
+    partner
+        .set(b"n", b"100", 30, SetOptions::default())
+        .unwrap();
     assert_eq!(&super::replicate(&partner, &rep).payload[..], b"0");
     assert_eq!(partner.get(b"n").unwrap().unwrap(), b("100"));
     let fresh = Store::default();

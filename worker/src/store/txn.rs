@@ -227,7 +227,11 @@ impl Txn<'_> {
             return Err(floor);
         }
         for (key, _) in &self.staged {
-            if let Some(newer) = self.entry(key).map(Entry::version).filter(|&v| v >= version) {
+            if let Some(newer) = self
+                .entry(key)
+                .map(Entry::version)
+                .filter(|&v| v >= version)
+            {
                 return Err(newer);
             }
         }
@@ -245,15 +249,8 @@ impl Txn<'_> {
             let fresh = match &state {
                 Some(s) => {
                     let dict = store.dictionary_for(&s.value);
-                    Entry::new(
-                        version,
-                        s.expires_at,
-                        &key,
-                        &s.value,
-                        store.cipher(),
-                        dict,
-                    )
-                    .with_kind(s.kind)
+                    Entry::new(version, s.expires_at, &key, &s.value, store.cipher(), dict)
+                        .with_kind(s.kind)
                 }
                 None => Entry::tombstone(
                     version,
@@ -328,9 +325,10 @@ impl Store {
     /// `version`, atomically: a key holding a newer version keeps it (a later write got here
     /// first), the rest are replaced. Returns how many were taken.
     pub fn replicate(&self, changes: &[Change], version: u64) -> Result<usize, super::StoreError> {
-        if let Some(big) = changes.iter().find(|c| {
-            self.max_bytes > 0 && c.key.len() + c.value.len() > self.max_bytes
-        }) {
+        if let Some(big) = changes
+            .iter()
+            .find(|c| self.max_bytes > 0 && c.key.len() + c.value.len() > self.max_bytes)
+        {
             return Err(super::StoreError::TooLarge {
                 needs: big.key.len() + big.value.len(),
                 max: self.max_bytes,

@@ -5,7 +5,7 @@
 //! when the cursor was made:
 //!
 //! ```text
-//! cursor = 0 (start) | 1 + (shard:6 << 45 | generation:16 << 29 | bucket:29)
+//! cursor = 0 (start) | 1 + (shard:6 << 44 | generation:16 << 28 | bucket:28)   (below 2^50)
 //! ```
 //!
 //! A hashbrown table never moves an entry while it keeps its size: an insert fills an empty
@@ -30,7 +30,7 @@ use twincache_protocol::program::Kind;
 
 use super::{now_ms, Entry, Store, SHARDS};
 
-const BUCKET_BITS: u32 = 29;
+const BUCKET_BITS: u32 = 28;
 const GENERATION_BITS: u32 = 16;
 /// Keys looked at per call at most, whatever COUNT asks: one call holds one shard's lock for
 /// at most this many buckets (ten per key asked for, as Redis visits at most ten empty
@@ -103,9 +103,7 @@ impl Store {
         let mut keys = Vec::new();
         let (mut steps, mut bytes) = (0, 0);
         while shard < SHARDS {
-            let guard = self.shards[shard]
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
+            let guard = self.shards[shard].lock().unwrap_or_else(|e| e.into_inner());
             let current = guard.generation & ((1 << GENERATION_BITS) - 1);
             if generation.take().is_some_and(|g| g != current) {
                 bucket = 0; // the table moved its entries: walk this shard again
@@ -217,26 +215,25 @@ mod tests {
 
     #[test]
     fn cursors_round_trip_and_never_read_as_the_start() {
-        for (shard, generation, bucket) in [(0, 0, 0), (63, 65535, (1 << 29) - 1), (5, 7, 9)] {
+        for (shard, generation, bucket) in [(0, 0, 0), (63, 65535, (1 << 28) - 1), (5, 7, 9)] {
             let c = encode_cursor(shard, generation, bucket);
             assert_ne!(c, 0);
             assert_eq!(decode_cursor(c), Some((shard, generation, bucket)));
         }
         assert_eq!(decode_cursor(0), None);
-        assert_eq!(decode_cursor(u64::MAX), None, "a shard out of range starts over");
+        assert_eq!(
+            decode_cursor(u64::MAX),
+            None,
+            "a shard out of range starts over"
+        );
     }
 
     #[test]
     fn a_walk_returns_every_key_once_and_filters() {
         let s = Store::default();
         for i in 0..2000 {
-            s.set(
-                format!("k:{i}").as_bytes(),
-                b"v",
-                1,
-                SetOptions::default(),
-            )
-            .unwrap();
+            s.set(format!("k:{i}").as_bytes(), b"v", 1, SetOptions::default())
+                .unwrap();
         }
         s.del(b"k:7", 2);
         for count in [1, 10, 1000] {
@@ -247,7 +244,10 @@ mod tests {
         }
         let some = walk(&s, 100, Some(b"k:1??"));
         assert_eq!(some.len(), 100);
-        assert_eq!(s.scan(0, 10, Some(Kind::Hash), None).keys, Vec::<Bytes>::new());
+        assert_eq!(
+            s.scan(0, 10, Some(Kind::Hash), None).keys,
+            Vec::<Bytes>::new()
+        );
     }
 
     /// Keys present for the whole walk are returned even while other keys are added (the
@@ -256,8 +256,13 @@ mod tests {
     fn a_walk_under_writes_misses_no_key_present_throughout() {
         let s = Store::default();
         for i in 0..500 {
-            s.set(format!("old:{i}").as_bytes(), b"v", 1, SetOptions::default())
-                .unwrap();
+            s.set(
+                format!("old:{i}").as_bytes(),
+                b"v",
+                1,
+                SetOptions::default(),
+            )
+            .unwrap();
         }
         let mut cursor = 0;
         let mut seen = HashSet::new();
@@ -266,8 +271,13 @@ mod tests {
             let step = s.scan(cursor, 5, None, None);
             seen.extend(step.keys);
             for _ in 0..50 {
-                s.set(format!("new:{n}").as_bytes(), b"v", 1, SetOptions::default())
-                    .unwrap();
+                s.set(
+                    format!("new:{n}").as_bytes(),
+                    b"v",
+                    1,
+                    SetOptions::default(),
+                )
+                .unwrap();
                 if n % 3 == 0 {
                     s.del(format!("new:{}", n / 2).as_bytes(), 2);
                 }
@@ -297,10 +307,15 @@ mod tests {
         assert_eq!(s.get(b"a").unwrap(), None);
         assert!(s.get(b"b").unwrap().is_some(), "newer than the flush");
         // A late write from before the flush, or a partner's old copy, stays out.
-        assert!(s.set(b"a", b"late", 15, SetOptions::default()).unwrap().applied);
+        assert!(
+            s.set(b"a", b"late", 15, SetOptions::default())
+                .unwrap()
+                .applied
+        );
         assert_eq!(s.get(b"a").unwrap(), None);
         let old = Store::default();
-        old.set(b"a", b"old copy", 12, SetOptions::default()).unwrap();
+        old.set(b"a", b"old copy", 12, SetOptions::default())
+            .unwrap();
         for n in 0..SHARDS {
             old.snapshot_shard(n, |raw| {
                 s.merge(raw);

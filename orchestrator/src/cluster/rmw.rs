@@ -1,0 +1,399 @@
+//! Programs on a pair (see the worker's `exec` module): read-modify-writes applied by the
+//! pair's primary and copied to its partner, reads, key-space walks, and FLUSHALL.
+//!
+//! ## Which worker applies
+//! The *primary* is worker 0 of the pair when this orchestrator sees it in sync, else
+//! worker 1 when it is. Every orchestrator makes the same choice from the same health
+//! states, so programs on a key from all of them meet on one worker, which runs them one at
+//! a time under the key's lock. A worker not in sync gets none (its copy may be old), and
+//! one that refuses (it restarted, or was refilled less than a second ago) passes the
+//! program to the partner. With no worker of the pair in sync the answer is `-TRYAGAIN`:
+//! computing from a copy that may be stale could lose an acknowledged write.
+//!
+//! ## The partner's copy
+//! The primary answers with the changes; they go to the partner as a `replicate` at the
+//! program's version, and the client is answered once the partner took them or its miss is
+//! on record (as for any write: the partner becomes stale, and the primary counts the write
+//! as taken alone), so an acknowledged INCR survives the loss of either worker.
+//!
+//! ## When the primary does not answer
+//! It may or may not have applied the program. The partner, if in sync, applies it instead
+//! at a newer version, and the silent worker is marked stale: when it comes back it refills
+//! from the partner, whose newer version replaces whatever it applied. A client that got no
+//! answer at all (`-TRYAGAIN`) cannot know whether its INCR was applied, as with any server
+//! that times out.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use futures_util::future::join_all;
+use twincache_protocol::frame::{flags, Op, Request, Response};
+use twincache_protocol::hash::pair_for_key;
+use twincache_protocol::program::{decode_scan_answer, Answer, ScanRequest};
+use twincache_protocol::Status;
+
+use super::{
+    unavailable, unwritable, Origin, Pair, Router, Skipping, WorkerState, MISS_UNRECORDED,
+};
+use crate::metrics::RouterStats;
+
+/// Attempts a program makes when a worker says its version is behind a key's.
+const VERSION_RETRIES: usize = 8;
+
+/// An answer from the workers, or why there is none (a response to pass on).
+pub type Answered = Result<Answer, Response>;
+pub type BoxAnswer = Pin<Box<dyn Future<Output = Answered> + Send>>;
+
+/// A session's read-modify-writes not yet answered, by key: a read of one of those keys
+/// goes to the primary, behind the write, instead of to the partner it may not have
+/// reached yet. Costs a session that has none one atomic load per read.
+#[derive(Debug, Default)]
+pub struct Pending {
+    count: AtomicUsize,
+    keys: Mutex<Vec<Bytes>>,
+}
+
+impl Pending {
+    pub fn holds(&self, key: &[u8]) -> bool {
+        self.count.load(Ordering::Acquire) > 0
+            && self
+                .keys
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .any(|k| k == key)
+    }
+
+    fn start(self: &Arc<Self>, key: &Bytes) -> PendingGuard {
+        self.keys
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(key.clone());
+        self.count.fetch_add(1, Ordering::AcqRel);
+        PendingGuard(self.clone(), key.clone())
+    }
+}
+
+/// Removes its key from the session's pending ones when the program is answered.
+struct PendingGuard(Arc<Pending>, Bytes);
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        let mut keys = self.0.keys.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = keys.iter().position(|k| k == &self.1) {
+            keys.swap_remove(i);
+        }
+        self.0.count.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// One step of a key-space walk on one worker.
+#[derive(Debug, Clone)]
+pub struct ScanStep {
+    /// The worker that answered (a cursor is only meaningful to it).
+    pub worker: usize,
+    pub next: u64,
+    pub keys: Vec<Bytes>,
+}
+
+impl Router {
+    /// The workers a pair's programs may be applied on, in order: those in sync, worker 0
+    /// first (see the module docs).
+    pub(crate) fn primaries(&self, pair: &Pair) -> [Option<usize>; 2] {
+        let in_sync = |i: usize| pair.workers[i].state() == WorkerState::InSync;
+        match (in_sync(0), in_sync(1)) {
+            (true, true) => [Some(0), Some(1)],
+            (true, false) => [Some(0), None],
+            (false, true) => [Some(1), None],
+            (false, false) => [None, None],
+        }
+    }
+
+    /// Runs a program that may write (`program`, encoded) on the primary of `key`'s pair and
+    /// copies its changes to the partner (see the module docs). The first attempt is queued
+    /// before this returns, in the session's order.
+    pub fn apply(
+        self: &Arc<Self>,
+        key: Bytes,
+        program: Bytes,
+        resp3: bool,
+        origin: &Origin,
+    ) -> BoxAnswer {
+        let pair = pair_for_key(&key, self.pairs.len());
+        let mut req = Request::new(Op::Apply, key);
+        req.value = program;
+        req.flags = flags::IN_SYNC | if resp3 { flags::RESP3 } else { 0 };
+        req.ttl_ms = self.max_value as u64;
+        let pending = origin.rmw.as_ref().map(|p| p.start(&req.key));
+        let targets = self.write_targets(&self.pairs[pair]);
+        if !targets[0] && !targets[1] {
+            let answer = unwritable(self);
+            return Box::pin(async move { Err(answer) });
+        }
+        let order = self.primaries(&self.pairs[pair]);
+        let first = order[0].map(|i| {
+            self.stamp(&mut req, i, targets);
+            (i, self.pairs[pair].workers[i].send(&req, origin))
+        });
+        let this = self.clone();
+        let origin = origin.clone();
+        Box::pin(async move {
+            let _pending = pending;
+            let workers = &this.pairs[pair].workers;
+            let mut next = order[1];
+            let mut current = first;
+            let mut retries = 0;
+            while let Some((i, reply)) = current.take() {
+                // The partner will not get the copy: no snapshot of it may be taken meanwhile.
+                let _skipping =
+                    (req.flags & flags::SOLO != 0).then(|| Skipping::new(workers[1 - i].clone()));
+                let resp = this.finish(&workers[i], reply).await;
+                let failover = |req: &mut Request, next: &mut Option<usize>| {
+                    let i = next.take()?;
+                    RouterStats::count(&this.stats.failovers);
+                    let targets = this.write_targets(&this.pairs[pair]);
+                    this.stamp(req, i, targets);
+                    Some((i, workers[i].send(req, &origin)))
+                };
+                match resp {
+                    None => {
+                        // It may have applied the program: it refills before it serves
+                        // again, and the partner's newer version wins there.
+                        workers[i].missed_write();
+                        current = failover(&mut req, &mut next);
+                    }
+                    Some(r) if r.status == Status::Unavailable => {
+                        current = failover(&mut req, &mut next);
+                    }
+                    Some(r) if r.status == Status::NotApplied && retries < VERSION_RETRIES => {
+                        retries += 1;
+                        if let Ok(v) = <[u8; 8]>::try_from(&r.payload[..]) {
+                            this.clock.observe(u64::from_be_bytes(v));
+                        }
+                        let targets = this.write_targets(&this.pairs[pair]);
+                        this.stamp(&mut req, i, targets);
+                        current = Some((i, workers[i].send(&req, &origin)));
+                    }
+                    Some(r) if r.status == Status::Ok => {
+                        let mut answer = Answer::parse(r.payload)
+                            .map_err(|e| Response::error(Status::ServerError, e.0))?;
+                        answer.version = req.version;
+                        return this.copy_to_partner(pair, i, &req, answer).await;
+                    }
+                    Some(r) => return Err(r),
+                }
+            }
+            Err(match order[0] {
+                Some(_) => unavailable(&this),
+                None => Response::error(
+                    Status::Unavailable,
+                    "no worker of this key's pair holds its data now; retry",
+                ),
+            })
+        })
+    }
+
+    /// Gives `req` a fresh version for worker `i`, flagged `SOLO` when its partner takes no
+    /// writes (it will not get the copy).
+    fn stamp(&self, req: &mut Request, i: usize, targets: [bool; 2]) {
+        req.version = self.clock.next();
+        if targets[1 - i] {
+            req.flags &= !flags::SOLO;
+        } else {
+            req.flags |= flags::SOLO;
+        }
+    }
+
+    /// Sends the primary's changes to the partner; the answer once it has them, or once its
+    /// miss is on record.
+    async fn copy_to_partner(
+        &self,
+        pair: usize,
+        primary: usize,
+        req: &Request,
+        answer: Answer,
+    ) -> Answered {
+        if answer.changes.is_empty() {
+            return Ok(answer);
+        }
+        let workers = &self.pairs[pair].workers;
+        let (holder, partner) = (&workers[primary], &workers[1 - primary]);
+        let solo = req.flags & flags::SOLO != 0;
+        if !self.write_targets(&self.pairs[pair])[1 - primary] {
+            if solo {
+                return Ok(answer); // counted by the primary as taken alone
+            }
+            // It stopped taking writes since the program was sent.
+            return self.acknowledge_rmw(holder, partner, answer).await;
+        }
+        let mut copy = Request::new(Op::Replicate, Bytes::new());
+        copy.version = req.version;
+        copy.value = answer.changes.clone();
+        let reply = partner.send(&copy, &Origin::INTERNAL);
+        match self.finish(partner, reply).await {
+            Some(r) if r.status == Status::Ok => Ok(answer),
+            _ => self.acknowledge_rmw(holder, partner, answer).await,
+        }
+    }
+
+    async fn acknowledge_rmw(
+        &self,
+        holder: &super::WorkerLink,
+        missed: &super::WorkerLink,
+        answer: Answer,
+    ) -> Answered {
+        if self.record_miss(holder, missed).await {
+            RouterStats::count(&self.stats.partial_writes);
+            Ok(answer)
+        } else {
+            Err(Response::error(Status::Unavailable, MISS_UNRECORDED))
+        }
+    }
+
+    /// Runs a read-only program on one worker of `key`'s pair (in sync first, failing over
+    /// like a GET).
+    pub fn query(
+        self: &Arc<Self>,
+        key: Bytes,
+        program: Bytes,
+        resp3: bool,
+        origin: &Origin,
+    ) -> impl Future<Output = Answered> + Send + 'static {
+        let pair = pair_for_key(&key, self.pairs.len());
+        self.query_pair(pair, key, program, resp3, origin)
+    }
+
+    /// [`Router::query`] on pair `pair`.
+    pub fn query_pair(
+        self: &Arc<Self>,
+        pair: usize,
+        key: Bytes,
+        program: Bytes,
+        resp3: bool,
+        origin: &Origin,
+    ) -> impl Future<Output = Answered> + Send + 'static {
+        let mut req = Request::new(Op::Query, key);
+        req.value = program;
+        req.flags = if resp3 { flags::RESP3 } else { 0 };
+        let read = self.read_pair(pair, req, origin);
+        async move {
+            let resp = read.await;
+            if resp.status != Status::Ok {
+                return Err(resp);
+            }
+            Answer::parse(resp.payload).map_err(|e| Response::error(Status::ServerError, e.0))
+        }
+    }
+
+    /// One step of a walk of pair `pair`'s keys on worker `prefer` (where the cursor came
+    /// from), or, if it cannot serve now, from the start on its partner.
+    pub async fn scan_step(
+        self: &Arc<Self>,
+        pair: usize,
+        prefer: usize,
+        mut scan: ScanRequest,
+        origin: &Origin,
+    ) -> Result<ScanStep, Response> {
+        let p = &self.pairs[pair];
+        let order = self.read_order(p);
+        let mut tries: Vec<usize> = order.into_iter().flatten().collect();
+        if let Some(at) = tries.iter().position(|&i| i == prefer) {
+            tries.swap(0, at);
+        }
+        for i in tries {
+            if i != prefer {
+                scan.cursor = 0; // a cursor means nothing to another worker
+            }
+            let mut req = Request::new(Op::Scan, Bytes::new());
+            req.value = scan.encode();
+            let reply = p.workers[i].send(&req, origin);
+            match self.finish(&p.workers[i], reply).await {
+                Some(r) if r.status == Status::Ok => {
+                    let (next, keys) = decode_scan_answer(r.payload)
+                        .map_err(|e| Response::error(Status::ServerError, e.0))?;
+                    return Ok(ScanStep {
+                        worker: i,
+                        next,
+                        keys,
+                    });
+                }
+                _ => continue,
+            }
+        }
+        Err(unavailable(self))
+    }
+
+    /// Every worker's `stats` counters, in pair order (`None` where one does not answer).
+    pub async fn all_worker_stats(self: &Arc<Self>) -> Vec<Option<String>> {
+        let asks = self
+            .pairs
+            .iter()
+            .flat_map(|p| p.workers.iter())
+            .map(|w| self.worker_stats(w));
+        join_all(asks).await
+    }
+
+    /// FLUSHALL: every worker that takes writes, on every pair, drops what it holds older
+    /// than a fresh version and refuses anything older from then on (a partner that missed
+    /// it learns it when it refills, see the worker's `sync`). A pair that took it on one
+    /// worker only has the other's miss recorded, as for any write. Fails if a pair could
+    /// not be flushed at all (the others are).
+    pub async fn flush_all(self: &Arc<Self>, asynchronous: bool) -> Result<(), Response> {
+        let mut req = Request::new(Op::Flush, Bytes::new());
+        req.version = self.clock.next();
+        if asynchronous {
+            req.flags |= flags::ASYNC;
+        }
+        let mut pending = Vec::new();
+        for (n, pair) in self.pairs.iter().enumerate() {
+            let targets = self.write_targets(pair);
+            for (i, w) in pair.workers.iter().enumerate() {
+                if !targets[i] {
+                    continue;
+                }
+                let mut req = req.clone();
+                if !targets[1 - i] {
+                    req.flags |= flags::SOLO;
+                }
+                let reply = w.send(&req, &Origin::INTERNAL);
+                pending.push(async move { (n, i, self.finish(w, reply).await) });
+            }
+        }
+        let mut took = vec![[false; 2]; self.pairs.len()];
+        let mut sent = vec![[false; 2]; self.pairs.len()];
+        for (n, i, resp) in join_all(pending).await {
+            sent[n][i] = true;
+            took[n][i] = resp.is_some_and(|r| r.status == Status::Ok);
+        }
+        let mut result = Ok(());
+        for (n, pair) in self.pairs.iter().enumerate() {
+            match (took[n], sent[n]) {
+                ([true, true], _)
+                | ([true, false], [true, false])
+                | ([false, true], [false, true]) => {}
+                ([true, false], _) => {
+                    if !self.record_miss(&pair.workers[0], &pair.workers[1]).await {
+                        result = Err(Response::error(Status::Unavailable, MISS_UNRECORDED));
+                    }
+                }
+                ([false, true], _) => {
+                    if !self.record_miss(&pair.workers[1], &pair.workers[0]).await {
+                        result = Err(Response::error(Status::Unavailable, MISS_UNRECORDED));
+                    }
+                }
+                ([false, false], _) => {
+                    for (i, w) in pair.workers.iter().enumerate() {
+                        if sent[n][i] {
+                            w.missed_write();
+                        }
+                    }
+                    result = Err(unwritable(self));
+                }
+            }
+        }
+        result
+    }
+}

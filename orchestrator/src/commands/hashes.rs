@@ -1,0 +1,188 @@
+//! Hash commands: each runs on the pair's worker as one action on the hash (see the
+//! worker's `exec::hashes`). A hash is one entry, read and written whole.
+
+use bytes::Bytes;
+use twincache_protocol::program::Action;
+use twincache_protocol::resp::Reply;
+
+use super::{int, syntax_error, wrong_args, Adapter, Cmd, Group, Spec, ONE_KEY};
+use crate::auth::Access::{self, Read, Write};
+
+const fn hash(
+    name: &'static str,
+    arity: i32,
+    access: Access,
+    fast: bool,
+    since: &'static str,
+    summary: &'static str,
+    parse: super::Parse,
+) -> Spec {
+    super::spec(
+        name,
+        arity,
+        access,
+        ONE_KEY,
+        Group::Hash,
+        fast,
+        Adapter::Destination,
+        since,
+        summary,
+        parse,
+    )
+}
+
+pub const SPECS: &[Spec] = &[
+    hash("hset", -4, Write, true, "2.0.0", "Creates or modifies the value of a field in a hash.", |a| hset(a, "hset", false)),
+    hash("hmset", -4, Write, true, "2.0.0", "Sets the values of multiple fields.", |a| hset(a, "hmset", true)),
+    hash("hsetnx", 4, Write, true, "2.0.0", "Sets the value of a field in a hash only when the field doesn't exist.", |a| Ok(run(a, Action::HSetNx(a[2].clone(), a[3].clone())))),
+    hash("hget", 3, Read, true, "2.0.0", "Returns the value of a field in a hash.", |a| Ok(run(a, Action::HGet(a[2].clone())))),
+    hash("hmget", -3, Read, true, "2.0.0", "Returns the values of all fields in a hash.", |a| Ok(run(a, Action::HMGet(a[2..].to_vec())))),
+    hash("hgetall", 2, Read, false, "2.0.0", "Returns all fields and values in a hash.", |a| Ok(run(a, Action::HGetAll))),
+    hash("hdel", -3, Write, true, "2.0.0", "Deletes one or more fields and their values from a hash. Deletes the hash if no fields remain.", |a| Ok(run(a, Action::HDel(a[2..].to_vec())))),
+    hash("hexists", 3, Read, true, "2.0.0", "Determines whether a field exists in a hash.", |a| Ok(run(a, Action::HExists(a[2].clone())))),
+    hash("hlen", 2, Read, true, "2.0.0", "Returns the number of fields in a hash.", |a| Ok(run(a, Action::HLen))),
+    hash("hkeys", 2, Read, false, "2.0.0", "Returns all fields in a hash.", |a| Ok(run(a, Action::HKeys))),
+    hash("hvals", 2, Read, false, "2.0.0", "Returns all values in a hash.", |a| Ok(run(a, Action::HVals))),
+    hash("hstrlen", 3, Read, true, "3.2.0", "Returns the length of the value of a field.", |a| Ok(run(a, Action::HStrLen(a[2].clone())))),
+    hash("hincrby", 4, Write, true, "2.0.0", "Increments the integer value of a field in a hash by a number. Uses 0 as initial value if the field doesn't exist.", |a| Ok(run(a, Action::HIncrBy(a[2].clone(), int(&a[3])?)))),
+    hash("hincrbyfloat", 4, Write, true, "2.6.0", "Increments the floating point value of a field by a number. Uses 0 as initial value if the field doesn't exist.", |a| Ok(run(a, Action::HIncrByFloat(a[2].clone(), a[3].clone())))),
+    hash("hrandfield", -2, Read, false, "6.2.0", "Returns one or more random fields from a hash.", hrandfield),
+    hash("hscan", -3, Read, false, "2.8.0", "Iterates over fields and values of a hash.", hscan),
+];
+
+fn run(args: &[Bytes], action: Action) -> Cmd {
+    Cmd::Run(args[1].clone(), action)
+}
+
+fn hset(args: &[Bytes], name: &str, ok: bool) -> Result<Cmd, Reply> {
+    if args.len() % 2 == 1 {
+        return Err(wrong_args(name));
+    }
+    let pairs = args[2..]
+        .chunks(2)
+        .map(|fv| (fv[0].clone(), fv[1].clone()))
+        .collect();
+    Ok(run(args, Action::HSet { pairs, ok }))
+}
+
+/// `HRANDFIELD key [count [WITHVALUES]]`, with Redis 7.0's range checks.
+fn hrandfield(args: &[Bytes]) -> Result<Cmd, Reply> {
+    if args.len() == 2 {
+        return Ok(run(
+            args,
+            Action::HRandField {
+                count: None,
+                with_values: false,
+            },
+        ));
+    }
+    let count = int(&args[2])?;
+    if count == i64::MIN {
+        return Err(Reply::err(format!(
+            "ERR value is out of range, value must between {} and {}",
+            -i64::MAX,
+            i64::MAX
+        )));
+    }
+    let with_values = match &args[3..] {
+        [] => false,
+        [w] if w.eq_ignore_ascii_case(b"withvalues") => {
+            if !(-i64::MAX / 2..=i64::MAX / 2).contains(&count) {
+                return Err(Reply::err("ERR value is out of range"));
+            }
+            true
+        }
+        _ => return Err(syntax_error()),
+    };
+    Ok(run(
+        args,
+        Action::HRandField {
+            count: Some(count),
+            with_values,
+        },
+    ))
+}
+
+/// `HSCAN key cursor [MATCH pattern] [COUNT count]`: every field in one answer. A bad
+/// cursor is refused at once; bad options only for a key holding a hash, as Redis does.
+fn hscan(args: &[Bytes]) -> Result<Cmd, Reply> {
+    super::keyspace::cursor(&args[2])?;
+    let (pattern, error) = match super::keyspace::scan_options(&args[3..], false) {
+        Ok(scan) => (scan.pattern, 0),
+        Err(e) if e == super::not_integer() => (None, 1),
+        Err(_) => (None, 2),
+    };
+    Ok(run(args, Action::HScan { pattern, error }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(list: &[&str]) -> Result<Cmd, Reply> {
+        let a: Vec<Bytes> = list
+            .iter()
+            .map(|a| Bytes::copy_from_slice(a.as_bytes()))
+            .collect();
+        super::super::parse(super::super::lookup(&a[0]).unwrap(), &a)
+    }
+
+    #[test]
+    fn hash_commands_parse_like_redis() {
+        assert_eq!(
+            parse(&["hset", "h", "f"]),
+            Err(Reply::err(
+                "ERR wrong number of arguments for 'hset' command"
+            ))
+        );
+        assert_eq!(
+            parse(&["hmset", "h", "f", "v", "g"]),
+            Err(Reply::err(
+                "ERR wrong number of arguments for 'hmset' command"
+            ))
+        );
+        assert!(matches!(
+            parse(&["HSET", "h", "f", "v", "g", "w"]),
+            Ok(Cmd::Run(_, Action::HSet { pairs, ok: false })) if pairs.len() == 2
+        ));
+        assert_eq!(
+            parse(&["hincrby", "h", "f", "x"]),
+            Err(Reply::err("ERR value is not an integer or out of range"))
+        );
+        assert_eq!(parse(&["hrandfield", "h", "1", "x"]), Err(syntax_error()));
+        assert_eq!(
+            parse(&["hrandfield", "h", "-9223372036854775808"]),
+            Err(Reply::err(
+                "ERR value is out of range, value must between -9223372036854775807 and 9223372036854775807"
+            ))
+        );
+        assert_eq!(
+            parse(&["hrandfield", "h", "-9223372036854775807", "withvalues"]),
+            Err(Reply::err("ERR value is out of range"))
+        );
+        assert_eq!(
+            parse(&["hscan", "h", "x"]),
+            Err(Reply::err("ERR invalid cursor"))
+        );
+        assert_eq!(
+            parse(&["hscan", "h", "0", "count", "0"]),
+            Ok(Cmd::Run(
+                Bytes::from_static(b"h"),
+                Action::HScan {
+                    pattern: None,
+                    error: 2
+                }
+            ))
+        );
+        assert_eq!(
+            parse(&["hscan", "h", "0", "match", "a*", "count", "5"]),
+            Ok(Cmd::Run(
+                Bytes::from_static(b"h"),
+                Action::HScan {
+                    pattern: Some(Bytes::from_static(b"a*")),
+                    error: 0
+                }
+            ))
+        );
+    }
+}

@@ -1,0 +1,534 @@
+//! String commands. GET, SET without conditions, SETEX, PSETEX, MGET and MSET take the direct
+//! paths (a read on one worker, a write on both at once); the rest run on the pair's worker
+//! as actions (see the worker's `exec::strings`). Options and errors follow Redis 7.0's
+//! `t_string.c`, in its order: every option is read before any is checked.
+
+use bytes::Bytes;
+use futures_util::future::join_all;
+use futures_util::stream::{self, StreamExt};
+use twincache_protocol::frame::{flags, Op, Request};
+use twincache_protocol::hash::pair_for_key;
+use twincache_protocol::program::{encode_program, Action, SetIf, Ttl};
+use twincache_protocol::resp::Reply;
+use twincache_protocol::version::wall_ms;
+use twincache_protocol::Status;
+
+use super::{
+    dispatch_n, error_reply, int, replies, syntax_error, value_reply, wrong_args, Adapter, Cmd,
+    Group, KeySpec, Spec, ONE_KEY,
+};
+use crate::auth::Access;
+use crate::session::{Ctx, Step};
+
+#[allow(clippy::too_many_arguments)]
+const fn string(
+    name: &'static str,
+    arity: i32,
+    access: Access,
+    keys: KeySpec,
+    fast: bool,
+    adapter: Adapter,
+    since: &'static str,
+    summary: &'static str,
+    parse: super::Parse,
+) -> Spec {
+    super::spec(
+        name,
+        arity,
+        access,
+        keys,
+        Group::String,
+        fast,
+        adapter,
+        since,
+        summary,
+        parse,
+    )
+}
+
+use Access::{Read, Write};
+use Adapter::{Cache, Destination};
+
+pub const SPECS: &[Spec] = &[
+    string("get", 2, Read, ONE_KEY, true, Cache, "1.0.0", "Returns the string value of a key.", |a| Ok(Cmd::Get(a[1].clone()))),
+    string("set", -3, Write, ONE_KEY, false, Cache, "1.0.0", "Sets the string value of a key, ignoring its type. The key is created if it doesn't exist.", set),
+    string("setnx", 3, Write, ONE_KEY, true, Destination, "1.0.0", "Set the string value of a key only when the key doesn't exist.", |a| Ok(run(a, Action::SetNx(a[2].clone())))),
+    string("setex", 4, Write, ONE_KEY, false, Destination, "2.0.0", "Sets the string value and expiration time of a key. Creates the key if it doesn't exist.", |a| setex(a, "setex", true)),
+    string("psetex", 4, Write, ONE_KEY, false, Destination, "2.6.0", "Sets both string value and expiration time in milliseconds of a key. The key is created if it doesn't exist.", |a| setex(a, "psetex", false)),
+    string("getset", 3, Write, ONE_KEY, true, Destination, "1.0.0", "Returns the previous string value of a key after setting it to a new value.", |a| Ok(run(a, Action::GetSet(a[2].clone())))),
+    string("getdel", 2, Write, ONE_KEY, true, Destination, "6.2.0", "Returns the string value of a key after deleting the key.", |a| Ok(run(a, Action::GetDel))),
+    string("getex", -2, Write, ONE_KEY, true, Destination, "6.2.0", "Returns the string value of a key after setting its expiration time.", getex),
+    string("mget", -2, Read, super::keys(1, -1, 1), true, Cache, "1.0.0", "Atomically returns the string values of one or more keys.", |a| Ok(Cmd::MGet(a[1..].to_vec()))),
+    string("mset", -3, Write, super::keys(1, -1, 2), false, Cache, "1.0.1", "Atomically creates or modifies the string values of one or more keys.", |a| pairs(a, "mset").map(Cmd::MSet)),
+    string("msetnx", -3, Write, super::keys(1, -1, 2), false, Destination, "1.0.1", "Atomically modifies the string values of one or more keys only when all keys don't exist.", |a| pairs(a, "msetnx").map(Cmd::MSetNx)),
+    string("append", 3, Write, ONE_KEY, true, Destination, "2.0.0", "Appends a string to the value of a key. Creates the key if it doesn't exist.", |a| Ok(run(a, Action::Append(a[2].clone())))),
+    string("strlen", 2, Read, ONE_KEY, true, Destination, "2.2.0", "Returns the length of a string value.", |a| Ok(run(a, Action::StrLen))),
+    string("getrange", 4, Read, ONE_KEY, false, Destination, "2.4.0", "Returns a substring of the string stored at a key.", getrange),
+    string("substr", 4, Read, ONE_KEY, false, Destination, "1.0.0", "Returns a substring from a string value.", getrange),
+    string("setrange", 4, Write, ONE_KEY, false, Destination, "2.2.0", "Overwrites a part of a string value with another by an offset. Creates the key if it doesn't exist.", setrange),
+    string("incr", 2, Write, ONE_KEY, true, Destination, "1.0.0", "Increments the integer value of a key by one. Uses 0 as initial value if the key doesn't exist.", |a| Ok(run(a, Action::IncrBy(1)))),
+    string("decr", 2, Write, ONE_KEY, true, Destination, "1.0.0", "Decrements the integer value of a key by one. Uses 0 as initial value if the key doesn't exist.", |a| Ok(run(a, Action::IncrBy(-1)))),
+    string("incrby", 3, Write, ONE_KEY, true, Destination, "1.0.0", "Increments the integer value of a key by a number. Uses 0 as initial value if the key doesn't exist.", |a| Ok(run(a, Action::IncrBy(int(&a[2])?)))),
+    string("decrby", 3, Write, ONE_KEY, true, Destination, "1.0.0", "Decrements a number from the integer value of a key. Uses 0 as initial value if the key doesn't exist.", decrby),
+    string("incrbyfloat", 3, Write, ONE_KEY, true, Destination, "2.6.0", "Increment the floating point value of a key by a number. Uses 0 as initial value if the key doesn't exist.", |a| Ok(run(a, Action::IncrByFloat(a[2].clone())))),
+];
+
+/// The one-key command of `args` as an action on its key.
+fn run(args: &[Bytes], action: Action) -> Cmd {
+    Cmd::Run(args[1].clone(), action)
+}
+
+fn pairs(args: &[Bytes], name: &str) -> Result<Vec<(Bytes, Bytes)>, Reply> {
+    if args.len() % 2 == 0 {
+        return Err(wrong_args(name));
+    }
+    Ok(args[1..]
+        .chunks(2)
+        .map(|kv| (kv[0].clone(), kv[1].clone()))
+        .collect())
+}
+
+fn decrby(args: &[Bytes]) -> Result<Cmd, Reply> {
+    let n = int(&args[2])?;
+    if n == i64::MIN {
+        return Err(Reply::err("ERR decrement would overflow"));
+    }
+    Ok(run(args, Action::IncrBy(-n)))
+}
+
+fn getrange(args: &[Bytes]) -> Result<Cmd, Reply> {
+    let (start, end) = (int(&args[2])?, int(&args[3])?);
+    Ok(run(args, Action::GetRange(start, end)))
+}
+
+fn setrange(args: &[Bytes]) -> Result<Cmd, Reply> {
+    let offset = int(&args[2])?;
+    if offset < 0 {
+        return Err(Reply::err("ERR offset is out of range"));
+    }
+    Ok(run(args, Action::SetRange(offset as u64, args[3].clone())))
+}
+
+/// The expiry units of SET and GETEX.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unit {
+    Ex,
+    Px,
+    ExAt,
+    PxAt,
+}
+
+/// The options of SET (or GETEX, `set` false), as Redis' `parseExtendedStringArgumentsOrReply`
+/// accepts them: each at most with the ones it combines with, a later EX replacing an
+/// earlier one.
+#[derive(Debug, Default)]
+struct Options {
+    nx: bool,
+    xx: bool,
+    get: bool,
+    keep_ttl: bool,
+    persist: bool,
+    expire: Option<(Unit, Bytes)>,
+}
+
+fn options(args: &[Bytes], set: bool) -> Result<Options, Reply> {
+    let mut o = Options::default();
+    let mut j = if set { 3 } else { 2 };
+    while j < args.len() {
+        let opt = args[j].to_ascii_uppercase();
+        let next = args.get(j + 1);
+        let timed = |o: &Options, unit: Unit| {
+            !o.keep_ttl && !o.persist && o.expire.as_ref().is_none_or(|(u, _)| *u == unit)
+        };
+        match opt.as_slice() {
+            b"NX" if set && !o.xx => o.nx = true,
+            b"XX" if set && !o.nx => o.xx = true,
+            b"GET" if set => o.get = true,
+            b"KEEPTTL" if set && !o.persist && o.expire.is_none() => o.keep_ttl = true,
+            b"PERSIST" if !set && o.expire.is_none() && !o.keep_ttl => o.persist = true,
+            b"EX" | b"PX" | b"EXAT" | b"PXAT" if next.is_some() => {
+                let unit = match opt.as_slice() {
+                    b"EX" => Unit::Ex,
+                    b"PX" => Unit::Px,
+                    b"EXAT" => Unit::ExAt,
+                    _ => Unit::PxAt,
+                };
+                if !timed(&o, unit) {
+                    return Err(syntax_error());
+                }
+                o.expire = next.map(|n| (unit, n.clone()));
+                j += 1;
+            }
+            _ => return Err(syntax_error()),
+        }
+        j += 1;
+    }
+    Ok(o)
+}
+
+/// The expiry an option asks for, checked as `getExpireMillisecondsOrReply` checks it: a
+/// whole number above 0, and no overflow once in milliseconds and made absolute.
+fn expiry(unit: Unit, arg: &[u8], command: &str) -> Result<Ttl, Reply> {
+    let n = int(arg)?;
+    let invalid = || Reply::err(format!("ERR invalid expire time in '{command}' command"));
+    let seconds = matches!(unit, Unit::Ex | Unit::ExAt);
+    if n <= 0 || (seconds && n > i64::MAX / 1000) {
+        return Err(invalid());
+    }
+    let ms = if seconds { n * 1000 } else { n };
+    match unit {
+        Unit::Ex | Unit::Px => {
+            ms.checked_add(wall_ms() as i64).ok_or_else(invalid)?;
+            Ok(Ttl::In(ms))
+        }
+        Unit::ExAt | Unit::PxAt => Ok(Ttl::At(ms)),
+    }
+}
+
+/// `SET key value [NX | XX] [GET] [EX s | PX ms | EXAT unix-s | PXAT unix-ms | KEEPTTL]`.
+/// Without NX, XX, GET or KEEPTTL it is a plain write, sent to both workers at once; with
+/// them it reads the key first, on the pair's primary.
+fn set(args: &[Bytes]) -> Result<Cmd, Reply> {
+    let o = options(args, true)?;
+    let ttl = match &o.expire {
+        Some((unit, arg)) => expiry(*unit, arg, "set")?,
+        None if o.keep_ttl => Ttl::Keep,
+        None => Ttl::Clear,
+    };
+    if !(o.nx || o.xx || o.get || o.keep_ttl) {
+        return Ok(Cmd::Write(plain_set(&args[1], &args[2], ttl)));
+    }
+    let cond = match (o.nx, o.xx) {
+        (true, _) => SetIf::Nx,
+        (_, true) => SetIf::Xx,
+        _ => SetIf::Always,
+    };
+    Ok(run(
+        args,
+        Action::Set {
+            value: args[2].clone(),
+            ttl,
+            cond,
+            get: o.get,
+        },
+    ))
+}
+
+/// A SET for both workers: a time to live as the frame's `ttl_ms` (the router makes it
+/// absolute), or an absolute expiry flagged as one.
+fn plain_set(key: &Bytes, value: &Bytes, ttl: Ttl) -> Request {
+    let mut req = Request::new(Op::Set, key.clone());
+    req.value = value.clone();
+    match ttl {
+        Ttl::In(ms) => req.ttl_ms = ms as u64,
+        // Already past: 1 ms after the epoch, which every reader sees as gone.
+        Ttl::At(ms) => {
+            req.ttl_ms = (ms as u64).max(1);
+            req.flags |= flags::EXPIRES_AT;
+        }
+        Ttl::Keep | Ttl::Clear => {}
+    }
+    req
+}
+
+/// SETEX and PSETEX: a SET with a time to live, checked as Redis checks it.
+fn setex(args: &[Bytes], name: &str, seconds: bool) -> Result<Cmd, Reply> {
+    let unit = if seconds { Unit::Ex } else { Unit::Px };
+    let ttl = expiry(unit, &args[2], name)?;
+    Ok(Cmd::Write(plain_set(&args[1], &args[3], ttl)))
+}
+
+/// `GETEX key [EX s | PX ms | EXAT unix-s | PXAT unix-ms | PERSIST]`; without an option, a
+/// GET.
+fn getex(args: &[Bytes]) -> Result<Cmd, Reply> {
+    let o = options(args, false)?;
+    let ttl = match &o.expire {
+        Some((unit, arg)) => expiry(*unit, arg, "getex")?,
+        None if o.persist => Ttl::Clear,
+        None => return Ok(Cmd::Get(args[1].clone())),
+    };
+    Ok(run(args, Action::GetEx(ttl)))
+}
+
+/// Values of an MGET in flight at once when it streams its reply.
+const MGET_WINDOW: usize = 16;
+
+/// An MGET of up to [`MGET_WINDOW`] keys gathers its values and answers at once. A larger
+/// one streams: the array header first, then each value in order as it arrives, with at
+/// most [`MGET_WINDOW`] values in flight, so its memory does not grow with the number of
+/// keys. A key whose pair cannot be reached is then an error element in the array (the
+/// header is already sent), which Redis clients report as an error for that key. A key
+/// holding another type than a string reads as nil, as in Redis.
+pub(super) fn mget(keys: Vec<Bytes>, ctx: &Ctx) -> Step<Reply> {
+    let element = |resp: twincache_protocol::Response| match resp.status {
+        Status::Ok | Status::NotFound => value_reply(resp),
+        Status::WrongType => Reply::Nil,
+        _ => error_reply(&resp),
+    };
+    if keys.len() > MGET_WINDOW {
+        let header = Reply::Raw(Bytes::from(format!("*{}\r\n", keys.len())));
+        let (router, origin) = (ctx.router.clone(), ctx.origin.clone());
+        let values = stream::iter(keys)
+            .map(move |k| router.get(k, &origin))
+            .buffered(MGET_WINDOW)
+            .map(element);
+        return Step::Stream(Box::pin(
+            stream::once(super::ready_reply(header)).chain(values),
+        ));
+    }
+    let futs: Vec<_> = keys
+        .into_iter()
+        .map(|k| ctx.router.get(k, &ctx.origin))
+        .collect();
+    let n = futs.len();
+    dispatch_n(
+        async move {
+            let mut values = Vec::with_capacity(futs.len());
+            for resp in join_all(futs).await {
+                match resp.status {
+                    Status::Ok | Status::NotFound | Status::WrongType => values.push(element(resp)),
+                    _ => return error_reply(&resp),
+                }
+            }
+            Reply::Array(values)
+        },
+        n,
+    )
+}
+
+pub(super) fn mset(pairs: Vec<(Bytes, Bytes)>, ctx: &Ctx) -> Step<Reply> {
+    let futs: Vec<_> = pairs
+        .into_iter()
+        .map(|(k, v)| {
+            let mut req = Request::new(Op::Set, k);
+            req.value = v;
+            ctx.router.write(req, &ctx.origin)
+        })
+        .collect();
+    let n = futs.len();
+    dispatch_n(
+        async move {
+            for resp in join_all(futs).await {
+                if resp.status != Status::Ok {
+                    return error_reply(&resp);
+                }
+            }
+            Reply::OK
+        },
+        n,
+    )
+}
+
+/// MSETNX: all or nothing. On each pair, one action sets that pair's keys only if none of
+/// them exists, atomically on its primary. If a pair refuses, the pairs that accepted have
+/// their keys deleted again, where they still hold what this MSETNX wrote: the answer is 1
+/// with every key set or 0 with none, but across pairs a reader may see some of them set
+/// for the moment in between.
+pub(super) fn msetnx(pairs: Vec<(Bytes, Bytes)>, ctx: &Ctx) -> Step<Reply> {
+    let groups = by_pair(pairs, ctx.router.pairs().len());
+    let futs: Vec<_> = groups
+        .iter()
+        .map(|group| {
+            let program = encode_program(&[Action::MSetNx(group.clone())]);
+            ctx.router
+                .apply(group[0].0.clone(), program, false, &ctx.origin)
+        })
+        .collect();
+    let (router, origin) = (ctx.router.clone(), ctx.origin.clone());
+    let n = futs.len();
+    dispatch_n(
+        async move {
+            let answers = join_all(futs).await;
+            let set: Vec<Option<u64>> = answers
+                .iter()
+                .map(|a| match a {
+                    Ok(a) if a.replies.starts_with(b":1") => Some(a.version),
+                    _ => None,
+                })
+                .collect();
+            if set.iter().all(Option::is_some) {
+                return Reply::Int(1);
+            }
+            let mut failed = answers
+                .iter()
+                .find_map(|a| a.as_ref().err().map(error_reply));
+            // Undo what the pairs that accepted wrote, where it is still theirs.
+            let undo: Vec<_> = groups
+                .iter()
+                .zip(&set)
+                .filter_map(|(group, version)| {
+                    let version = (*version)?;
+                    let program: Vec<Action> = group
+                        .iter()
+                        .flat_map(|(k, _)| [Action::Key(k.clone()), Action::DelIfVersion(version)])
+                        .collect();
+                    Some(router.apply(group[0].0.clone(), encode_program(&program), false, &origin))
+                })
+                .collect();
+            for r in join_all(undo).await {
+                if let Err(e) = replies(r) {
+                    failed.get_or_insert(e);
+                }
+            }
+            failed.unwrap_or(Reply::Int(0))
+        },
+        n,
+    )
+}
+
+/// Key-value pairs grouped by the pair of workers holding each key (a key named twice keeps
+/// its last value, as in Redis), in the order the pairs first appear.
+fn by_pair(kvs: Vec<(Bytes, Bytes)>, pairs: usize) -> Vec<Vec<(Bytes, Bytes)>> {
+    let mut groups: Vec<(usize, Vec<(Bytes, Bytes)>)> = Vec::new();
+    for (k, v) in kvs {
+        let p = pair_for_key(&k, pairs);
+        let group = match groups.iter_mut().position(|(q, _)| *q == p) {
+            Some(i) => &mut groups[i].1,
+            None => {
+                groups.push((p, Vec::new()));
+                &mut groups.last_mut().expect("just pushed").1
+            }
+        };
+        group.retain(|(key, _)| key != &k);
+        group.push((k, v));
+    }
+    groups.into_iter().map(|(_, g)| g).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Vec<Bytes> {
+        list.iter()
+            .map(|a| Bytes::copy_from_slice(a.as_bytes()))
+            .collect()
+    }
+
+    fn parse(list: &[&str]) -> Result<Cmd, Reply> {
+        let a = args(list);
+        super::super::parse(super::super::lookup(&a[0]).unwrap(), &a)
+    }
+
+    fn err(text: &str) -> Result<Cmd, Reply> {
+        Err(Reply::err(text))
+    }
+
+    #[test]
+    fn set_options_like_redis() {
+        assert!(
+            matches!(parse(&["set", "k", "v"]), Ok(Cmd::Write(r)) if r.ttl_ms == 0 && r.flags == 0)
+        );
+        assert!(
+            matches!(parse(&["SET", "k", "v", "ex", "10"]), Ok(Cmd::Write(r)) if r.ttl_ms == 10_000)
+        );
+        assert!(
+            matches!(parse(&["set", "k", "v", "EX", "10", "EX", "20"]), Ok(Cmd::Write(r)) if r.ttl_ms == 20_000)
+        );
+        assert!(
+            matches!(parse(&["set", "k", "v", "pxat", "5"]), Ok(Cmd::Write(r)) if r.ttl_ms == 5 && r.flags == flags::EXPIRES_AT)
+        );
+        assert_eq!(
+            parse(&["set", "k", "v", "nx", "get", "px", "5"]),
+            Ok(Cmd::Run(
+                Bytes::from_static(b"k"),
+                Action::Set {
+                    value: Bytes::from_static(b"v"),
+                    ttl: Ttl::In(5),
+                    cond: SetIf::Nx,
+                    get: true
+                }
+            ))
+        );
+        let syntax = err("ERR syntax error");
+        assert_eq!(parse(&["set", "k", "v", "nx", "xx"]), syntax);
+        assert_eq!(parse(&["set", "k", "v", "ex", "1", "px", "1"]), syntax);
+        assert_eq!(parse(&["set", "k", "v", "keepttl", "ex", "1"]), syntax);
+        assert_eq!(parse(&["set", "k", "v", "ex"]), syntax);
+        assert_eq!(parse(&["set", "k", "v", "persist"]), syntax);
+        // Every option is read before the expiry is checked.
+        assert_eq!(parse(&["set", "k", "v", "ex", "x", "bogus"]), syntax);
+        assert_eq!(
+            parse(&["set", "k", "v", "ex", "x"]),
+            err("ERR value is not an integer or out of range")
+        );
+        for bad in ["0", "-1", "9223372036854775807"] {
+            assert_eq!(
+                parse(&["set", "k", "v", "ex", bad]),
+                err("ERR invalid expire time in 'set' command"),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            parse(&["set", "k", "v", "px", "9223372036854775807"]),
+            err("ERR invalid expire time in 'set' command")
+        );
+        assert_eq!(
+            parse(&["set", "k"]),
+            err("ERR wrong number of arguments for 'set' command")
+        );
+    }
+
+    #[test]
+    fn the_other_string_commands_parse_like_redis() {
+        assert_eq!(
+            parse(&["getex", "k", "persist"]),
+            Ok(Cmd::Run(
+                Bytes::from_static(b"k"),
+                Action::GetEx(Ttl::Clear)
+            ))
+        );
+        assert_eq!(
+            parse(&["getex", "k"]),
+            Ok(Cmd::Get(Bytes::from_static(b"k")))
+        );
+        assert_eq!(parse(&["getex", "k", "nx"]), err("ERR syntax error"));
+        assert_eq!(
+            parse(&["getex", "k", "persist", "ex", "1"]),
+            err("ERR syntax error")
+        );
+        assert_eq!(
+            parse(&["getex", "k", "ex", "0"]),
+            err("ERR invalid expire time in 'getex' command")
+        );
+        assert_eq!(
+            parse(&["setex", "k", "-5", "v"]),
+            err("ERR invalid expire time in 'setex' command")
+        );
+        assert_eq!(
+            parse(&["psetex", "k", "0", "v"]),
+            err("ERR invalid expire time in 'psetex' command")
+        );
+        assert_eq!(
+            parse(&["decrby", "k", "-9223372036854775808"]),
+            err("ERR decrement would overflow")
+        );
+        assert_eq!(
+            parse(&["incrby", "k", "01"]),
+            err("ERR value is not an integer or out of range")
+        );
+        assert_eq!(
+            parse(&["setrange", "k", "-1", "x"]),
+            err("ERR offset is out of range")
+        );
+        assert_eq!(
+            parse(&["getrange", "k", "0", "1.5"]),
+            err("ERR value is not an integer or out of range")
+        );
+        assert_eq!(
+            parse(&["mset", "a", "1", "b"]),
+            err("ERR wrong number of arguments for 'mset' command")
+        );
+        assert_eq!(
+            parse(&["msetnx", "a"]),
+            err("ERR wrong number of arguments for 'msetnx' command")
+        );
+        assert_eq!(
+            parse(&["incrbyfloat", "k", "1.5"]),
+            Ok(Cmd::Run(
+                Bytes::from_static(b"k"),
+                Action::IncrByFloat(Bytes::from_static(b"1.5"))
+            ))
+        );
+    }
+}
