@@ -112,9 +112,11 @@ pub enum TtlForm {
 pub enum Action {
     /// Makes `key` the current key.
     Key(Bytes),
-    /// Guard: the program writes nothing (and answers aborted) unless the current key's
-    /// version is still this one (0: no entry at all). WATCH.
-    Watch(u64),
+    /// Guard (WATCH): the program writes nothing and answers aborted if the current key
+    /// changed since [`Action::Version`] read this version (0: no entry) and whether it was
+    /// live then: it was live and was written or expired since, or it was not and was
+    /// written since (its version is newer, or it is live now).
+    Watch(u64, bool),
 
     // Reads.
     Get,
@@ -125,7 +127,8 @@ pub enum Action {
     Type,
     ReadTtl(TtlForm),
     Encoding,
-    /// The current entry's version as a bulk decimal ("0" when none): what WATCH records.
+    /// What WATCH records of the current key: `[version as a bulk decimal ("0" when no
+    /// entry), 1 if it holds a live value else 0]`.
     Version,
     /// `[kind, expires_at, value]`, or nil: what a rename or copy across pairs carries.
     Dump,
@@ -163,7 +166,9 @@ pub enum Action {
     MSetNx(Vec<(Bytes, Bytes)>),
     Del,
     GetDel,
-    GetEx(Ttl),
+    /// GETEX with its expiry, or (error not 0) with an expiry that was not valid: 1 not an
+    /// integer, 2 out of range. Redis says so only for a key holding a string.
+    GetEx(Ttl, u8),
     GetSet(Bytes),
     Append(Bytes),
     SetRange(u64, Bytes),
@@ -216,7 +221,7 @@ impl Action {
                 | MSetNx(_)
                 | Del
                 | GetDel
-                | GetEx(_)
+                | GetEx(..)
                 | GetSet(_)
                 | Append(_)
                 | SetRange(..)
@@ -238,7 +243,7 @@ impl Action {
 
     /// Whether the action answers (everything but the key switch and the guard).
     pub fn answers(&self) -> bool {
-        !matches!(self, Action::Key(_) | Action::Watch(_))
+        !matches!(self, Action::Key(_) | Action::Watch(..))
     }
 
     /// Other keys the action touches than the current one.
@@ -256,7 +261,7 @@ impl Action {
         use Action::*;
         match self {
             Key(_) => 1,
-            Watch(_) => 2,
+            Watch(..) => 2,
             Get => 10,
             StrLen => 11,
             GetRange(..) => 12,
@@ -283,7 +288,7 @@ impl Action {
             MSetNx(_) => 61,
             Del => 42,
             GetDel => 43,
-            GetEx(_) => 44,
+            GetEx(..) => 44,
             GetSet(_) => 45,
             Append(_) => 46,
             SetRange(..) => 47,
@@ -310,7 +315,11 @@ impl Action {
         match self {
             Key(b) | HGet(b) | HExists(b) | HStrLen(b) | SetNx(b) | GetSet(b) | Append(b)
             | IncrByFloat(b) => put_bytes(out, b),
-            Watch(v) | DelIfVersion(v) => out.put_u64(*v),
+            DelIfVersion(v) => out.put_u64(*v),
+            Watch(v, live) => {
+                out.put_u64(*v);
+                out.put_u8(u8::from(*live));
+            }
             GetRange(a, b) => {
                 out.put_i64(*a);
                 out.put_i64(*b);
@@ -337,7 +346,10 @@ impl Action {
                 out.put_u8(u8::from(*get));
                 put_bytes(out, value);
             }
-            GetEx(ttl) => put_ttl(out, *ttl),
+            GetEx(ttl, error) => {
+                put_ttl(out, *ttl);
+                out.put_u8(*error);
+            }
             SetRange(offset, value) => {
                 out.put_u64(*offset);
                 put_bytes(out, value);
@@ -410,7 +422,7 @@ fn decode_action(buf: &mut Bytes) -> Result<Action, Malformed> {
     let code = get_u8(buf)?;
     Ok(match code {
         1 => Key(get_bytes(buf)?),
-        2 => Watch(get_u64(buf)?),
+        2 => Watch(get_u64(buf)?, get_u8(buf)? != 0),
         10 => Get,
         11 => StrLen,
         12 => GetRange(get_u64(buf)? as i64, get_u64(buf)? as i64),
@@ -472,7 +484,7 @@ fn decode_action(buf: &mut Bytes) -> Result<Action, Malformed> {
         41 => SetNx(get_bytes(buf)?),
         42 => Del,
         43 => GetDel,
-        44 => GetEx(get_ttl(buf)?),
+        44 => GetEx(get_ttl(buf)?, get_u8(buf)?),
         45 => GetSet(get_bytes(buf)?),
         46 => Append(get_bytes(buf)?),
         47 => SetRange(get_u64(buf)?, get_bytes(buf)?),
@@ -761,7 +773,7 @@ mod tests {
         use Action::*;
         vec![
             Key(b("k")),
-            Watch(u64::MAX),
+            Watch(u64::MAX, true),
             MSetNx(vec![(b("a"), b("1"))]),
             Get,
             StrLen,
@@ -807,7 +819,7 @@ mod tests {
             SetNx(b("v")),
             Del,
             GetDel,
-            GetEx(super::Ttl::At(i64::MIN)),
+            GetEx(super::Ttl::At(i64::MIN), 2),
             GetSet(b("v")),
             Append(b("")),
             SetRange(u64::MAX, b("x")),

@@ -382,3 +382,58 @@ impl Drop for RedisServer {
         self.kill();
     }
 }
+
+/// A raw RESP connection: commands out, each reply's bytes in, exactly as the server wrote
+/// them (what the differential tests compare).
+pub struct RespConn {
+    stream: TcpStream,
+    buf: bytes::BytesMut,
+}
+
+impl RespConn {
+    pub async fn connect(addr: SocketAddr) -> RespConn {
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        stream.set_nodelay(true).unwrap();
+        RespConn {
+            stream,
+            buf: bytes::BytesMut::new(),
+        }
+    }
+
+    /// Sends one command and returns its reply's bytes.
+    pub async fn call(&mut self, args: &[&[u8]]) -> bytes::Bytes {
+        let args: Vec<bytes::Bytes> = args
+            .iter()
+            .map(|a| bytes::Bytes::copy_from_slice(a))
+            .collect();
+        let mut out = bytes::BytesMut::new();
+        twincache_protocol::resp::encode_command(&args, &mut out);
+        self.stream.write_all(&out).await.expect("write");
+        self.reply().await
+    }
+
+    /// The next reply's bytes.
+    pub async fn reply(&mut self) -> bytes::Bytes {
+        loop {
+            let frozen = bytes::Bytes::copy_from_slice(&self.buf);
+            match twincache_protocol::resp::decode_reply(&frozen) {
+                Ok((_, used)) => return self.buf.split_to(used).freeze(),
+                Err(twincache_protocol::resp::ReplyError::Incomplete) => {}
+                Err(e) => panic!(
+                    "malformed reply {e}: {:?}",
+                    String::from_utf8_lossy(&frozen)
+                ),
+            }
+            let n =
+                tokio::time::timeout(Duration::from_secs(10), self.stream.read_buf(&mut self.buf))
+                    .await
+                    .expect("a reply in time")
+                    .expect("read");
+            assert!(
+                n > 0,
+                "connection closed; had {:?}",
+                String::from_utf8_lossy(&self.buf)
+            );
+        }
+    }
+}

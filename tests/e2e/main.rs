@@ -8,6 +8,7 @@ mod cli;
 mod client;
 mod consistency;
 mod deploy;
+mod differential;
 mod faults;
 mod limits;
 mod migrate;

@@ -210,8 +210,11 @@ async fn dump(ctx: &Ctx, src: Bytes) -> Result<Option<Dumped>, Reply> {
     let got = replies(ctx.router.apply(src, program, false, &ctx.origin).await)?;
     match got.as_slice() {
         [Reply::Nil, _] => Ok(None),
-        [Reply::Array(parts), Reply::Bulk(version)] => match parts.as_slice() {
-            [Reply::Int(kind), Reply::Int(expires_at), Reply::Bulk(value)] => Ok(Some(Dumped {
+        [Reply::Array(parts), Reply::Array(watch)] => match (parts.as_slice(), watch.first()) {
+            (
+                [Reply::Int(kind), Reply::Int(expires_at), Reply::Bulk(value)],
+                Some(Reply::Bulk(version)),
+            ) => Ok(Some(Dumped {
                 kind: Kind::from_u8(*kind as u8).unwrap_or(Kind::String),
                 expires_at: *expires_at as u64,
                 value: value.clone(),

@@ -239,15 +239,20 @@ fn setex(args: &[Bytes], name: &str, seconds: bool) -> Result<Cmd, Reply> {
 }
 
 /// `GETEX key [EX s | PX ms | EXAT unix-s | PXAT unix-ms | PERSIST]`; without an option, a
-/// GET.
+/// GET. Redis checks the expiry's value only once it has found a string there, so a bad one
+/// travels to the worker as an error code.
 fn getex(args: &[Bytes]) -> Result<Cmd, Reply> {
     let o = options(args, false)?;
-    let ttl = match &o.expire {
-        Some((unit, arg)) => expiry(*unit, arg, "getex")?,
-        None if o.persist => Ttl::Clear,
+    let (ttl, error) = match &o.expire {
+        Some((unit, arg)) => match expiry(*unit, arg, "getex") {
+            Ok(ttl) => (ttl, 0),
+            Err(e) if e == super::not_integer() => (Ttl::Keep, 1),
+            Err(_) => (Ttl::Keep, 2),
+        },
+        None if o.persist => (Ttl::Clear, 0),
         None => return Ok(Cmd::Get(args[1].clone())),
     };
-    Ok(run(args, Action::GetEx(ttl)))
+    Ok(run(args, Action::GetEx(ttl, error)))
 }
 
 /// Values of an MGET in flight at once when it streams its reply.
@@ -475,7 +480,7 @@ mod tests {
             parse(&["getex", "k", "persist"]),
             Ok(Cmd::Run(
                 Bytes::from_static(b"k"),
-                Action::GetEx(Ttl::Clear)
+                Action::GetEx(Ttl::Clear, 0)
             ))
         );
         assert_eq!(
@@ -489,7 +494,10 @@ mod tests {
         );
         assert_eq!(
             parse(&["getex", "k", "ex", "0"]),
-            err("ERR invalid expire time in 'getex' command")
+            Ok(Cmd::Run(
+                Bytes::from_static(b"k"),
+                Action::GetEx(Ttl::Keep, 2)
+            ))
         );
         assert_eq!(
             parse(&["setex", "k", "-5", "v"]),

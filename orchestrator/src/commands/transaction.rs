@@ -124,8 +124,9 @@ pub struct Multi {
     /// The pair every key of the transaction is on.
     pair: Option<usize>,
     queued: Vec<Queued>,
-    /// Keys WATCHed, with their versions then (filled once WATCH's answer arrives).
-    watched: Arc<Mutex<Vec<(Bytes, u64)>>>,
+    /// Keys WATCHed, with their versions then and whether they were live (filled once
+    /// WATCH's answer arrives).
+    watched: Arc<Mutex<Vec<(Bytes, u64, bool)>>>,
 }
 
 /// Whether a command inside MULTI runs at once rather than being queued (as in Redis).
@@ -147,7 +148,7 @@ impl Multi {
         watched.lock().unwrap_or_else(|e| e.into_inner()).clear();
     }
 
-    fn watched(&self) -> Vec<(Bytes, u64)> {
+    fn watched(&self) -> Vec<(Bytes, u64, bool)> {
         self.watched
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -340,24 +341,32 @@ fn watch(keys: Vec<Bytes>, conn: &mut Conn, ctx: &Ctx) -> Step<Reply> {
     let versions: Vec<_> = keys
         .iter()
         .map(|k| {
+            // Read where EXEC will run, the pair's primary: an expired entry is swept at
+            // different times on the two partners, so only the same worker's view compares.
             let program = encode_program(&[Action::Version]);
-            ctx.router.query(k.clone(), program, false, &ctx.origin)
+            ctx.router.apply(k.clone(), program, false, &ctx.origin)
         })
         .collect();
     Step::Settle(Box::pin(async move {
         let mut got = Vec::with_capacity(keys.len());
         for (k, answered) in keys.into_iter().zip(join_all(versions).await) {
-            let version = match replies(answered) {
+            let (version, live) = match replies(answered) {
                 Ok(r) => match r.first() {
-                    Some(Reply::Bulk(v)) => std::str::from_utf8(v)
-                        .ok()
-                        .and_then(|v| v.parse::<u64>().ok())
-                        .unwrap_or(0),
-                    _ => 0,
+                    Some(Reply::Array(parts)) => match parts.as_slice() {
+                        [Reply::Bulk(v), Reply::Int(live)] => (
+                            std::str::from_utf8(v)
+                                .ok()
+                                .and_then(|v| v.parse::<u64>().ok())
+                                .unwrap_or(0),
+                            *live != 0,
+                        ),
+                        _ => (0, false),
+                    },
+                    _ => (0, false),
                 },
                 Err(e) => return e,
             };
-            got.push((k, version));
+            got.push((k, version, live));
         }
         watched
             .lock()
@@ -374,9 +383,9 @@ fn exec(conn: &mut Conn, ctx: &Ctx) -> Step<Reply> {
     let queued = std::mem::take(&mut conn.multi.queued);
     conn.multi.reset();
     let mut actions = Vec::new();
-    for (k, v) in &watched {
+    for (k, v, live) in &watched {
         actions.push(Action::Key(k.clone()));
-        actions.push(Action::Watch(*v));
+        actions.push(Action::Watch(*v, *live));
     }
     let mut shapes = Vec::with_capacity(queued.len());
     for q in queued {

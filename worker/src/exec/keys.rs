@@ -38,7 +38,13 @@ pub(super) fn run(cx: &mut Cx, action: &Action) -> Outcome {
                 cx.txn.layout(cx.key).unwrap_or("raw").as_bytes(),
             )),
         }),
-        Action::Version => Ok(Reply::Bulk(Bytes::from(cx.txn.version(cx.key).to_string()))),
+        Action::Version => {
+            let (version, live) = cx.txn.watch_point(cx.key);
+            Ok(Reply::Array(vec![
+                Reply::Bulk(Bytes::from(version.to_string())),
+                Reply::Int(i64::from(live)),
+            ]))
+        }
         Action::Dump => Ok(match cx.read()? {
             None => Reply::Nil,
             Some((m, value)) => Reply::Array(vec![

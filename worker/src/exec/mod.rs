@@ -110,7 +110,7 @@ pub fn run(store: &Store, sync: &SyncState, req: &Request, writes: bool) -> Resp
                 key = k.clone();
                 false
             }
-            Action::Watch(v) => txn.version(&key) != *v,
+            Action::Watch(v, live) => txn.changed_since(&key, *v, *live),
             action => {
                 let mut cx = Cx {
                     txn: &mut txn,
@@ -182,7 +182,7 @@ impl Cx<'_, '_> {
             | SetNx(_)
             | MSetNx(_)
             | GetDel
-            | GetEx(_)
+            | GetEx(..)
             | GetSet(_)
             | Append(_)
             | SetRange(..)
@@ -218,7 +218,7 @@ impl Cx<'_, '_> {
             | Restore { .. }
             | DelIfVersion(_) => keys::run(self, action),
             RandomKey => Err(Reply::err("ERR RANDOMKEY runs alone")),
-            Key(_) | Watch(_) => Ok(Reply::Nil),
+            Key(_) | Watch(..) => Ok(Reply::Nil),
         }
     }
 

@@ -49,7 +49,7 @@ pub(super) fn run(cx: &mut Cx, action: &Action) -> Outcome {
             }
             None => Ok(Reply::Nil),
         },
-        Action::GetEx(ttl) => getex(cx, *ttl),
+        Action::GetEx(ttl, error) => getex(cx, *ttl, *error),
         Action::GetSet(value) => {
             let old = cx.string()?;
             cx.put(Kind::String, 0, value.clone())?;
@@ -146,10 +146,15 @@ fn set(cx: &mut Cx, value: &Bytes, ttl: Ttl, cond: SetIf, get: bool) -> Outcome 
     Ok(answer(&old, Reply::OK))
 }
 
-fn getex(cx: &mut Cx, ttl: Ttl) -> Outcome {
+fn getex(cx: &mut Cx, ttl: Ttl, error: u8) -> Outcome {
     let Some((meta, value)) = cx.string()? else {
         return Ok(Reply::Nil);
     };
+    match error {
+        0 => {}
+        1 => return Err(Reply::err(NOT_INTEGER)),
+        _ => return Err(Reply::err("ERR invalid expire time in 'getex' command")),
+    }
     match ttl {
         Ttl::Keep => {}
         Ttl::Clear if meta.expires_at == 0 => {}

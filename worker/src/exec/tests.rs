@@ -233,7 +233,11 @@ fn hashes_and_wrong_types() {
 fn guards_abort_the_whole_program_and_programs_see_their_own_writes() {
     let s = Store::default();
     s.set(b"a", b"1", 5, SetOptions::default()).unwrap();
-    let program = vec![Action::Key(b("a")), Action::Watch(4), Action::IncrBy(1)];
+    let program = vec![
+        Action::Key(b("a")),
+        Action::Watch(4, true),
+        Action::IncrBy(1),
+    ];
     let mut req = Request::new(Op::Apply, b("a"));
     req.version = 10;
     req.value = encode_program(&program);
@@ -245,7 +249,7 @@ fn guards_abort_the_whole_program_and_programs_see_their_own_writes() {
         "a",
         11,
         vec![
-            Action::Watch(5),
+            Action::Watch(5, true),
             Action::IncrBy(1),
             Action::Key(b("b")),
             Action::Set {

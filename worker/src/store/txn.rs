@@ -112,9 +112,36 @@ impl Txn<'_> {
     }
 
     /// The version of whatever the store holds under `key` (a value, expired or not, or a
-    /// tombstone); 0 for nothing. What WATCH compares: a delete or an overwrite changes it.
+    /// tombstone); 0 for nothing: what decides which of two writes is newer.
     pub fn version(&self, key: &[u8]) -> u64 {
         self.entry(key).map_or(0, Entry::version)
+    }
+
+    /// Whether `key` changed since WATCH saw it at `version`, live or not (see
+    /// `Action::Watch`). An expired entry is removed at different times on two partners
+    /// (swept, or dropped by a read), so a version that went away is a change only if the
+    /// value was live when watched, as in Redis, where a key expiring after WATCH aborts
+    /// EXEC and one already gone does not.
+    ///
+    /// A key that was not live counts as changed if anything newer is there: a value, live
+    /// or expired since, or a delete. That includes a DEL of the missing key (it leaves a
+    /// tombstone, which partners need to agree on later writes), which Redis does not count:
+    /// an EXEC aborted for nothing, which its client retries, rather than a write missed.
+    pub fn changed_since(&self, key: &[u8], version: u64, was_live: bool) -> bool {
+        let Some(e) = self.entry(key) else {
+            return was_live;
+        };
+        if was_live {
+            e.version() != version || !e.live(self.now)
+        } else {
+            e.live(self.now) || e.version() > version
+        }
+    }
+
+    /// What WATCH records of `key`: its version (0: no entry) and whether it is live.
+    pub fn watch_point(&self, key: &[u8]) -> (u64, bool) {
+        self.entry(key)
+            .map_or((0, false), |e| (e.version(), e.live(self.now)))
     }
 
     /// Marks `key`'s entry read (TOUCH); whether it holds a live value.
