@@ -6,6 +6,7 @@ mod harness;
 mod adapter;
 mod cli;
 mod client;
+mod commands;
 mod consistency;
 mod deploy;
 mod differential;
