@@ -56,6 +56,9 @@ pub struct WorkerLink {
     /// Writes in flight to its partner alone (`SOLO`): this worker will not get them, and
     /// a snapshot taken before they land would miss them too.
     pub(crate) skipped: AtomicU64,
+    /// Since when it holds the pair's data, as it last said (Unix ms; 0: unknown): the
+    /// worker synced the longest is the pair's primary (see `rmw`).
+    pub(crate) synced_at: AtomicU64,
 }
 
 /// Where a worker stands with its pair.
@@ -140,6 +143,7 @@ impl WorkerLink {
             secret: config.secret.clone(),
             refused: AtomicBool::new(false),
             skipped: AtomicU64::new(0),
+            synced_at: AtomicU64::new(0),
         });
         for slot in 0..connections {
             // The link is dropped only at shutdown, when these tasks end too.
@@ -425,6 +429,8 @@ pub struct Router {
     /// The largest value a read-modify-write may leave: its answer carries it (twice at
     /// most, as a reply and as the partner's copy) within the links' frame limit.
     pub max_value: usize,
+    /// `--worker-timeout`: how long copies of a primary's changes may take to land.
+    worker_timeout: Duration,
 }
 
 impl Router {
@@ -464,6 +470,7 @@ impl Router {
             fixed_node: config.node_id.is_some(),
             stats: RouterStats::default(),
             max_value: (config.max_frame / 2).saturating_sub(1024).max(1024),
+            worker_timeout: config.worker_timeout,
         }
     }
 

@@ -62,6 +62,8 @@ pub(crate) const REFILL_RETRY: Duration = Duration::from_secs(1);
 pub(crate) struct Seen {
     pub boot_id: u64,
     pub synced: bool,
+    /// Since when its data is the pair's (Unix ms on the worker; 0: not synced).
+    pub synced_at: u64,
     /// Writes it took alone since it started.
     pub solo: u64,
     /// How much of its partner's writes it holds.
@@ -80,6 +82,7 @@ fn parse(text: &str) -> Seen {
         match k {
             "boot_id" => seen.boot_id = u64::from_str_radix(v, 16).unwrap_or(0),
             "synced" => seen.synced = v == "1",
+            "synced_at" => seen.synced_at = v.parse().unwrap_or(0),
             "solo" => seen.solo = v.parse().unwrap_or(0),
             "covers" => seen.covers = Coverage::parse(v).unwrap_or_default(),
             "resync" => seen.phase = v.to_string(),
@@ -453,6 +456,9 @@ impl Router {
             };
             if restarted {
                 w.dirty.store(true, Ordering::Release);
+            }
+            if let Some(s) = s {
+                w.synced_at.store(s.synced_at, Ordering::Release);
             }
             View {
                 state: w.state(),

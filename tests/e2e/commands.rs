@@ -26,8 +26,14 @@ fn cli(port: u16, args: &[&str]) -> String {
 
 /// Two keys of the same hash tag are on one pair; `a` and `b` here are on different pairs.
 fn keys_on_two_pairs() -> (String, String) {
-    let a = (0..).map(|i| format!("a{i}")).find(|k| pair_for_key(k.as_bytes(), 2) == 0).unwrap();
-    let b = (0..).map(|i| format!("b{i}")).find(|k| pair_for_key(k.as_bytes(), 2) == 1).unwrap();
+    let a = (0..)
+        .map(|i| format!("a{i}"))
+        .find(|k| pair_for_key(k.as_bytes(), 2) == 0)
+        .unwrap();
+    let b = (0..)
+        .map(|i| format!("b{i}"))
+        .find(|k| pair_for_key(k.as_bytes(), 2) == 1)
+        .unwrap();
     (a, b)
 }
 
@@ -42,7 +48,10 @@ async fn redis_cli_by_family() {
         (vec!["INCR", "n"], "11".into()),
         (vec!["DECRBY", "n", "20"], "-9".into()),
         (vec!["INCRBYFLOAT", "n", "0.5"], "-8.5".into()),
-        (vec!["INCR", "n"], "ERR value is not an integer or out of range".into()),
+        (
+            vec!["INCR", "n"],
+            "ERR value is not an integer or out of range".into(),
+        ),
         (vec!["SETNX", "lock", "me"], "1".into()),
         (vec!["SETNX", "lock", "you"], "0".into()),
         (vec!["GETSET", "lock", "you"], "me".into()),
@@ -73,7 +82,10 @@ async fn redis_cli_by_family() {
         (vec!["HMGET", "h", "nope", "name"], "\nann".into()),
         (vec!["HDEL", "h", "name"], "1".into()),
         (vec!["HLEN", "h"], "1".into()),
-        (vec!["GET", "h"], "WRONGTYPE Operation against a key holding the wrong kind of value".into()),
+        (
+            vec!["GET", "h"],
+            "WRONGTYPE Operation against a key holding the wrong kind of value".into(),
+        ),
         (vec!["TYPE", "h"], "hash".into()),
         (vec!["OBJECT", "ENCODING", "h"], "packed".into()),
         // Key space, across pairs.
@@ -94,7 +106,10 @@ async fn redis_cli_by_family() {
         assert_eq!(&got, want, "redis-cli {args:?}");
     }
     // RESP3: a map, printed as one.
-    assert_eq!(cli(p, &["-3", "--no-raw", "HGETALL", "h"]), "1# \"age\" => \"42\"");
+    assert_eq!(
+        cli(p, &["-3", "--no-raw", "HGETALL", "h"]),
+        "1# \"age\" => \"42\""
+    );
     assert_eq!(cli(p, &["-3", "--no-raw", "GET", "nope"]), "(nil)");
     let info = cli(p, &["-3", "INFO", "keyspace"]);
     assert!(info.contains("db0:keys="), "{info}");
@@ -127,7 +142,12 @@ async fn transactions_are_atomic_on_a_pair_and_refused_across_pairs() {
             .spawn()
             .unwrap();
         use std::io::Write;
-        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
         String::from_utf8(child.wait_with_output().unwrap().stdout).unwrap()
     };
     let out = run("MULTI\nINCR {u}a\nINCR {u}a\nSET {u}b x\nGET {u}b\nEXEC\n".into());
@@ -146,7 +166,11 @@ async fn transactions_are_atomic_on_a_pair_and_refused_across_pairs() {
         .get_multiplexed_async_connection()
         .await
         .unwrap();
-    let _: () = redis::cmd("WATCH").arg("{u}a").query_async(&mut watcher).await.unwrap();
+    let _: () = redis::cmd("WATCH")
+        .arg("{u}a")
+        .query_async(&mut watcher)
+        .await
+        .unwrap();
     assert_eq!(cli(p, &["INCR", "{u}a"]), "4");
     let aborted: Option<Vec<i64>> = redis::pipe()
         .atomic()
@@ -154,7 +178,10 @@ async fn transactions_are_atomic_on_a_pair_and_refused_across_pairs() {
         .query_async(&mut watcher)
         .await
         .unwrap();
-    assert_eq!(aborted, None, "EXEC after a watched key changed answers nil");
+    assert_eq!(
+        aborted, None,
+        "EXEC after a watched key changed answers nil"
+    );
     assert_eq!(cli(p, &["GET", "{u}a"]), "4");
 }
 
@@ -189,7 +216,11 @@ async fn redis_crate_by_family_in_resp2_and_resp3() {
         assert!((99..=100).contains(&ttl), "{ttl}");
         let set: bool = con.expire("e", 10).await.unwrap();
         assert!(set);
-        let typed: String = redis::cmd("TYPE").arg("h").query_async(&mut con).await.unwrap();
+        let typed: String = redis::cmd("TYPE")
+            .arg("h")
+            .query_async(&mut con)
+            .await
+            .unwrap();
         assert_eq!(typed, "hash");
         let (a, b): (i64, i64) = redis::pipe()
             .atomic()
@@ -267,13 +298,22 @@ async fn redis_benchmark_finds_the_config_it_asks_for() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),
     );
-    assert!(!stdout.contains("Could not fetch") && !stderr.contains("Could not fetch"), "{stdout}{stderr}");
-    assert!(stdout.contains("INCR") && stdout.contains("HSET"), "{stdout}{stderr}");
+    assert!(
+        !stdout.contains("Could not fetch") && !stderr.contains("Could not fetch"),
+        "{stdout}{stderr}"
+    );
+    assert!(
+        stdout.contains("INCR") && stdout.contains("HSET"),
+        "{stdout}{stderr}"
+    );
 }
 
 /// Sends one `command` frame with `args` RESP-encoded; the payload of the answer.
 async fn command_op(stream: &mut TcpStream, id: u64, args: &[&str], resp3: bool) -> Bytes {
-    let args: Vec<Bytes> = args.iter().map(|a| Bytes::copy_from_slice(a.as_bytes())).collect();
+    let args: Vec<Bytes> = args
+        .iter()
+        .map(|a| Bytes::copy_from_slice(a.as_bytes()))
+        .collect();
     let mut value = BytesMut::new();
     twincache_protocol::resp::encode_command(&args, &mut value);
     let mut req = Request::new(Op::Command, Bytes::new());
@@ -306,9 +346,18 @@ async fn the_command_op_runs_any_command_from_a_raw_frame() {
     preamble.put_slice(&PREAMBLE);
     stream.write_all(&preamble).await.unwrap();
     let s = &mut stream;
-    assert_eq!(&command_op(s, 1, &["INCR", "n"], false).await[..], b":1\r\n");
-    assert_eq!(&command_op(s, 2, &["incrby", "n", "4"], false).await[..], b":5\r\n");
-    assert_eq!(&command_op(s, 3, &["HSET", "h", "f", "v"], false).await[..], b":1\r\n");
+    assert_eq!(
+        &command_op(s, 1, &["INCR", "n"], false).await[..],
+        b":1\r\n"
+    );
+    assert_eq!(
+        &command_op(s, 2, &["incrby", "n", "4"], false).await[..],
+        b":5\r\n"
+    );
+    assert_eq!(
+        &command_op(s, 3, &["HSET", "h", "f", "v"], false).await[..],
+        b":1\r\n"
+    );
     assert_eq!(
         &command_op(s, 4, &["HGETALL", "h"], false).await[..],
         b"*2\r\n$1\r\nf\r\n$1\r\nv\r\n"
@@ -317,7 +366,10 @@ async fn the_command_op_runs_any_command_from_a_raw_frame() {
         &command_op(s, 5, &["HGETALL", "h"], true).await[..],
         b"%1\r\n$1\r\nf\r\n$1\r\nv\r\n"
     );
-    assert_eq!(&command_op(s, 6, &["GET", "nope"], true).await[..], b"_\r\n");
+    assert_eq!(
+        &command_op(s, 6, &["GET", "nope"], true).await[..],
+        b"_\r\n"
+    );
     assert_eq!(
         &command_op(s, 7, &["GET", "h"], false).await[..],
         b"-WRONGTYPE Operation against a key holding the wrong kind of value\r\n"
@@ -334,7 +386,10 @@ async fn the_command_op_runs_any_command_from_a_raw_frame() {
     let mut args = vec!["MGET"];
     args.extend(mget.iter().map(String::as_str));
     let streamed = command_op(s, 10, &args, false).await;
-    assert!(streamed.starts_with(b"*40\r\n$-1\r\n"), "a streamed reply, gathered");
+    assert!(
+        streamed.starts_with(b"*40\r\n$-1\r\n"),
+        "a streamed reply, gathered"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -355,7 +410,10 @@ async fn text_protocol_counters_and_expiry() {
         c.request("incr||s").await,
         "10||value is not an integer or out of range"
     );
-    assert_eq!(c.request("incrby||n||x").await, "1||expected incrby||<key>||<integer>");
+    assert_eq!(
+        c.request("incrby||n||x").await,
+        "1||expected incrby||<key>||<integer>"
+    );
     assert_eq!(c.request("expire||n||0").await, "0||1");
     assert_eq!(c.request("get||n").await, "2||key not found");
 }

@@ -15,6 +15,7 @@ mod limits;
 mod migrate;
 mod ops;
 mod resp;
+mod rmw;
 mod robustness;
 mod security;
 mod storage;

@@ -478,7 +478,7 @@ pub fn handle(node: &Node, req: Request) -> Response {
         },
         Op::Apply => exec::run(store, &node.sync, &req, true),
         Op::Query => exec::run(store, &node.sync, &req, false),
-        Op::Replicate => exec::replicate(store, &req),
+        Op::Replicate => exec::replicate(store, &node.sync, &req),
         Op::Scan => match ScanRequest::decode(req.value.clone()) {
             Ok(scan) => {
                 let step = store.scan(scan.cursor, scan.count, scan.kind, scan.pattern.as_deref());

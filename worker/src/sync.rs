@@ -90,9 +90,16 @@ pub struct SyncState {
     claims: Mutex<HashMap<u8, Claim>>,
     /// Refill counters and progress, for `status` and the metrics.
     traffic: Traffic,
-    /// When the last refill completed (Unix ms; 0: none since start): a newly refilled
-    /// worker does not act as its pair's primary at once (see `exec::PRIMARY_GRACE`).
-    refilled_at: AtomicU64,
+    /// Since when this worker's data is the pair's (Unix ms; 0: not synced): when it was
+    /// adopted or completed a refill as a stale worker. The orchestrators make the worker of
+    /// the pair synced the longest its primary for read-modify-writes (see
+    /// `orchestrator::cluster::rmw`), so a worker coming back never takes the role over
+    /// while programs run on its partner.
+    synced_at: AtomicU64,
+    /// Until when (Unix ms) copies of its partner's read-modify-writes may still arrive:
+    /// each `replicate` moves it to now plus the sender's worker timeout. This worker applies
+    /// no program before then (see `exec`).
+    partner_applies_until: AtomicU64,
 }
 
 /// Refills as counters: read by `status` (and so by `/metrics` and the status page) while a
@@ -156,7 +163,8 @@ impl Default for SyncState {
             run: Mutex::default(),
             claims: Mutex::default(),
             traffic: Traffic::default(),
-            refilled_at: AtomicU64::new(0),
+            synced_at: AtomicU64::new(0),
+            partner_applies_until: AtomicU64::new(0),
         }
     }
 }
@@ -175,12 +183,32 @@ impl SyncState {
         self.synced.load(Ordering::Acquire)
     }
 
-    /// Milliseconds since the last completed refill, if there was one since start.
-    pub fn since_refill_ms(&self) -> Option<u64> {
-        match self.refilled_at.load(Ordering::Acquire) {
-            0 => None,
-            at => Some(crate::store::now_ms().saturating_sub(at)),
-        }
+    /// Since when this worker's data is the pair's (see the field), 0 if it is not.
+    pub fn synced_at(&self) -> u64 {
+        self.synced_at.load(Ordering::Acquire)
+    }
+
+    /// Notes a copy of the partner's changes, which an orchestrator gives up on after
+    /// `timeout_ms`: others may still be on their way until then.
+    pub fn partner_applied(&self, timeout_ms: u64) {
+        let until = crate::store::now_ms().saturating_add(timeout_ms);
+        self.partner_applies_until
+            .fetch_max(until, Ordering::AcqRel);
+    }
+
+    /// Whether copies of the partner's changes may still be on their way.
+    pub fn partner_may_be_applying(&self) -> bool {
+        crate::store::now_ms() < self.partner_applies_until.load(Ordering::Acquire)
+    }
+
+    fn mark_synced(&self) {
+        let _ = self.synced_at.compare_exchange(
+            0,
+            crate::store::now_ms().max(1),
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+        self.synced.store(true, Ordering::Release);
     }
 
     /// Counts a write this worker took that its partner did not get. Called after the write
@@ -207,7 +235,8 @@ impl SyncState {
                 complete: true,
             };
         }
-        self.synced.store(true, Ordering::Release);
+        // Adopting again (a promotion) keeps the time it has held the pair's data since.
+        self.mark_synced();
         Ok(())
     }
 
@@ -263,6 +292,7 @@ impl SyncState {
         };
         info.add("boot_id", format_args!("{:016x}", self.boot_id))
             .add("synced", u8::from(self.synced()))
+            .add("synced_at", self.synced_at())
             .add("solo", self.solo.load(Ordering::Acquire))
             .add("covers", *self.coverage())
             .add("resync", phase)
@@ -331,10 +361,11 @@ impl SyncState {
                     run.completed += 1;
                     (run.keys, run.bytes) = (pulled.keys, pulled.bytes);
                     *state.coverage() = pulled.coverage;
-                    state
-                        .refilled_at
-                        .store(crate::store::now_ms().max(1), Ordering::Release);
-                    state.synced.store(true, Ordering::Release);
+                    if refill == Refill::Resync {
+                        // A fresh copy: it holds the pair's data from now on.
+                        state.synced_at.store(0, Ordering::Release);
+                    }
+                    state.mark_synced();
                     tracing::info!(
                         %partner,
                         keys = pulled.keys,

@@ -2,13 +2,24 @@
 //! pair's primary and copied to its partner, reads, key-space walks, and FLUSHALL.
 //!
 //! ## Which worker applies
-//! The *primary* is worker 0 of the pair when this orchestrator sees it in sync, else
-//! worker 1 when it is. Every orchestrator makes the same choice from the same health
-//! states, so programs on a key from all of them meet on one worker, which runs them one at
-//! a time under the key's lock. A worker not in sync gets none (its copy may be old), and
-//! one that refuses (it restarted, or was refilled less than a second ago) passes the
-//! program to the partner. With no worker of the pair in sync the answer is `-TRYAGAIN`:
-//! computing from a copy that may be stale could lose an acknowledged write.
+//! The *primary* is the worker of the pair that has held the pair's data the longest, of
+//! those this orchestrator sees in sync (each reports since when in its `status`; a tie goes
+//! to worker 0). Every orchestrator makes the same choice from the same answers, so
+//! programs on a key from all of them meet on one worker, which runs them one at a time
+//! under the key's lock. The role moves only when its holder fails: a worker back from a
+//! refill is synced more recently than its partner, so it does not take the role back
+//! while programs are in flight on the partner (both would compute from the same old
+//! value). A worker not in sync gets none (its copy may be old), and one that refuses (it
+//! restarted since the last health check) passes the program to the partner. With no
+//! worker of the pair in sync the answer is `-TRYAGAIN`: computing from a copy that may be
+//! stale could lose an acknowledged write.
+//!
+//! The choice holds as long as the orchestrators agree on which workers are in sync. Right
+//! after a worker misses a write without failing (a timeout), an orchestrator that saw
+//! the miss stops using it at once and another does so at its next health check (a worker's
+//! count of writes taken alone tells it), so for up to one `--health-interval` two
+//! orchestrators may apply on different workers, and a concurrent read-modify-write of the
+//! same key may be lost. A crash has no such window: the dead worker applies nothing.
 //!
 //! ## The partner's copy
 //! The primary answers with the changes; they go to the partner as a `replicate` at the
@@ -105,7 +116,15 @@ impl Router {
     pub(crate) fn primaries(&self, pair: &Pair) -> [Option<usize>; 2] {
         let in_sync = |i: usize| pair.workers[i].state() == WorkerState::InSync;
         match (in_sync(0), in_sync(1)) {
-            (true, true) => [Some(0), Some(1)],
+            (true, true) => {
+                let since = |i: usize| pair.workers[i].synced_at.load(Ordering::Acquire);
+                // Unknown (0: an older worker) sorts first; then worker order decides.
+                if (since(1), 1) < (since(0), 0) {
+                    [Some(1), Some(0)]
+                } else {
+                    [Some(0), Some(1)]
+                }
+            }
             (true, false) => [Some(0), None],
             (false, true) => [Some(1), None],
             (false, false) => [None, None],
@@ -231,6 +250,8 @@ impl Router {
         }
         let mut copy = Request::new(Op::Replicate, Bytes::new());
         copy.version = req.version;
+        // The partner applies no program of its own before copies sent until then landed.
+        copy.ttl_ms = self.worker_timeout.as_millis() as u64;
         copy.value = answer.changes.clone();
         let reply = partner.send(&copy, &Origin::INTERNAL);
         match self.finish(partner, reply).await {

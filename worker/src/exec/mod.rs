@@ -16,11 +16,19 @@
 //!   holds is refused (`NotApplied` with that version); the orchestrator moves its clock past
 //!   it and retries. So the primary's later write always wins on the partner too.
 //! - **Only a worker holding the pair's data applies.** An `apply` carries
-//!   [`flags::IN_SYNC`]; a worker that has not resynced since it started refuses it, and so
-//!   does one that finished a refill less than [`PRIMARY_GRACE`] ago: by then every
-//!   orchestrator's health check has seen it back in sync (checks run every 200 ms by
-//!   default), so they all send it their programs again instead of some still sending them
-//!   to the partner, which would compute from the same old value in parallel.
+//!   [`flags::IN_SYNC`]; a worker that has not resynced since it started refuses it. Which
+//!   of two in-sync workers applies is the orchestrators' choice: the one synced the
+//!   longest (it reports since when in `status`), so that a worker back from a refill never
+//!   takes the role over while programs are in flight on its partner, where both would
+//!   compute from the same old value.
+//! - **A new primary waits for the old one's last copies.** When the primary fails, its
+//!   partner takes over; copies of programs the old primary answered may still be on their
+//!   way to it from other orchestrators, and a program applied before one lands would
+//!   compute from a value without it, and win by version. So a worker refuses programs
+//!   (`Unavailable`, which clients retry) until the worker timeout of the orchestrators
+//!   that sent it copies has passed since the last one: after that an orchestrator has given
+//!   up on any copy still unsent, and not acknowledged its program. Read-modify-writes on a
+//!   pair pause for about one `--worker-timeout` after its primary fails.
 //!
 //! Replies are encoded here, in the RESP version the client speaks ([`flags::RESP3`]), and
 //! pass through the orchestrator as they are.
@@ -43,8 +51,6 @@ use twincache_protocol::Status;
 use crate::store::{Meta, Store, Txn};
 use crate::sync::SyncState;
 
-/// How long a worker that completed a refill waits before it acts as its pair's primary.
-pub const PRIMARY_GRACE_MS: u64 = 1_000;
 /// Redis' `proto-max-bulk-len`: no string or hash grows past it.
 pub const MAX_VALUE: usize = 512 << 20;
 
@@ -58,20 +64,14 @@ pub(crate) const TOO_BIG: &str = "ERR string exceeds maximum allowed size (proto
 
 /// Runs the program of an `apply` (`writes`) or a `query`.
 pub fn run(store: &Store, sync: &SyncState, req: &Request, writes: bool) -> Response {
-    if req.flags & flags::IN_SYNC != 0 {
-        if !sync.synced() {
-            return Response::error(Status::Unavailable, "this worker has not resynced yet");
-        }
-        if writes
-            && sync
-                .since_refill_ms()
-                .is_some_and(|ms| ms < PRIMARY_GRACE_MS)
-        {
-            return Response::error(
-                Status::Unavailable,
-                "this worker was just refilled; its partner applies for now",
-            );
-        }
+    if req.flags & flags::IN_SYNC != 0 && !sync.synced() {
+        return Response::error(Status::Unavailable, "this worker has not resynced yet");
+    }
+    if writes && sync.partner_may_be_applying() {
+        return Response::error(
+            Status::Unavailable,
+            "this worker's partner applied programs until a moment ago; retry",
+        );
     }
     let program = match decode_program(req.value.clone()) {
         Ok(p) => p,
@@ -144,8 +144,10 @@ pub fn run(store: &Store, sync: &SyncState, req: &Request, writes: bool) -> Resp
 }
 
 /// Stores a primary's changes on its partner (`replicate`), each at `req.version` unless the
-/// key holds a newer version. Answers how many were taken.
-pub fn replicate(store: &Store, req: &Request) -> Response {
+/// key holds a newer version (the request's `ttl_ms` is the sender's worker timeout: see
+/// the module docs). Answers how many were taken.
+pub fn replicate(store: &Store, sync: &SyncState, req: &Request) -> Response {
+    sync.partner_applied(req.ttl_ms);
     let changes = match twincache_protocol::program::decode_changes(req.value.clone()) {
         Ok(c) => c,
         Err(e) => return Response::error(Status::ParseError, e.0),

@@ -1,0 +1,292 @@
+//! Read-modify-writes and whole-cluster commands under faults and concurrent writes:
+//! - INCR from many clients through two orchestrators while each worker of the pair is
+//!   killed and restarted in turn ends with every key equal to the INCRs acknowledged, on
+//!   both workers (read directly, with the client library);
+//! - SCAN across pairs returns every key present for the whole walk while others are
+//!   written and deleted;
+//! - FLUSHALL taken by one worker while its partner is cut off: the partner's refill does
+//!   not bring a flushed key back.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use twincache_client::Client;
+
+use crate::faults::{state_of, wait_status, worker_on, FAST};
+use crate::harness::{Cluster, Gate, Proc, RespConn};
+
+/// Timeouts long enough that a busy machine never makes a live worker look dead (a
+/// kill -9 is seen at once, by the closed connections), and health checks fast enough that
+/// a restarted worker is back within a second.
+const ORCHESTRATOR: &[&str] = &[
+    "--worker-timeout",
+    "1s",
+    "--health-interval",
+    "100ms",
+    "--health-timeout",
+    "1s",
+];
+
+const KEYS: [&str; 4] = ["c0", "c1", "{c}2", "{c}3"];
+
+/// Sends INCR `key` and reads the reply, without panicking on a closed connection.
+async fn incr(stream: &mut TcpStream, buf: &mut BytesMut, key: &str) -> Option<Bytes> {
+    let mut out = BytesMut::new();
+    let args = [
+        Bytes::from_static(b"INCR"),
+        Bytes::copy_from_slice(key.as_bytes()),
+    ];
+    twincache_protocol::resp::encode_command(&args, &mut out);
+    stream.write_all(&out).await.ok()?;
+    loop {
+        let frozen = Bytes::copy_from_slice(buf);
+        if let Ok((_, used)) = twincache_protocol::resp::decode_reply(&frozen) {
+            return Some(buf.split_to(used).freeze());
+        }
+        if stream.read_buf(buf).await.ok()? == 0 {
+            return None;
+        }
+    }
+}
+
+/// A client doing INCRs on [`KEYS`] in turn through `orch` until `stop`, counting those
+/// acknowledged in `acked` and keeping every other answer in `odd`.
+async fn incr_client(
+    orch: SocketAddr,
+    n: usize,
+    acked: Arc<[AtomicU64; 4]>,
+    stop: Arc<AtomicBool>,
+) -> Vec<String> {
+    let mut odd = Vec::new();
+    let mut stream = TcpStream::connect(orch).await.unwrap();
+    let mut buf = BytesMut::new();
+    let mut i = n;
+    while !stop.load(Ordering::Relaxed) {
+        let k = i % KEYS.len();
+        i += 1;
+        match incr(&mut stream, &mut buf, KEYS[k]).await {
+            Some(r) if r.starts_with(b":") => {
+                acked[k].fetch_add(1, Ordering::Relaxed);
+            }
+            Some(r) if r.starts_with(b"-TRYAGAIN") => {
+                tokio::time::sleep(Duration::from_millis(5)).await
+            }
+            Some(r) => odd.push(String::from_utf8_lossy(&r).into_owned()),
+            None => {
+                odd.push("connection closed".into());
+                stream = TcpStream::connect(orch).await.unwrap();
+                buf.clear();
+            }
+        }
+    }
+    odd
+}
+
+async fn in_sync(orchs: &[SocketAddr], workers: &[SocketAddr]) {
+    for o in orchs {
+        wait_status(*o, "both workers in sync", |s| {
+            workers.iter().all(|w| state_of(s, w) == "in_sync")
+        })
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incr_through_two_orchestrators_survives_kill_and_restart_of_each_worker() {
+    let mut a = worker_on(0, &[]);
+    let mut b = worker_on(0, &[]);
+    let (wa, wb) = (a.addr, b.addr);
+    let o1 = Proc::orchestrator(&[wa, wb], ORCHESTRATOR);
+    let o2 = Proc::orchestrator(&[wa, wb], ORCHESTRATOR);
+    let orchs = [o1.addr, o2.addr];
+    in_sync(&orchs, &[wa, wb]).await;
+
+    let acked: Arc<[AtomicU64; 4]> = Arc::new(Default::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..8)
+        .map(|n| tokio::spawn(incr_client(orchs[n % 2], n, acked.clone(), stop.clone())))
+        .collect();
+    let total =
+        |acked: &[AtomicU64; 4]| acked.iter().map(|a| a.load(Ordering::Relaxed)).sum::<u64>();
+
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let mut counts = vec![total(&acked)];
+    // The pair's primary (both synced at the same moment: worker 0) dies; its partner takes
+    // over once copies of its last programs can no longer be on their way (one worker
+    // timeout).
+    a.kill();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    counts.push(total(&acked));
+    a = worker_on(wa.port(), &[]);
+    in_sync(&orchs, &[wa, wb]).await;
+    // Back from its refill, it is the partner: the primary stays where programs run.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    counts.push(total(&acked));
+    b.kill();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    counts.push(total(&acked));
+    b = worker_on(wb.port(), &[]);
+    in_sync(&orchs, &[wa, wb]).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut odd = Vec::new();
+    for c in clients {
+        odd.extend(c.await.unwrap());
+    }
+    assert!(
+        odd.is_empty(),
+        "answers other than a count or TRYAGAIN: {odd:?}"
+    );
+    counts.push(total(&acked));
+    assert!(
+        counts[0] > 100 && counts.windows(2).all(|w| w[1] > w[0] + 50),
+        "INCRs acknowledged in every phase: {counts:?}"
+    );
+
+    in_sync(&orchs, &[wa, wb]).await;
+    for (k, key) in KEYS.iter().enumerate() {
+        let want = acked[k].load(Ordering::Relaxed).to_string();
+        for w in [wa, wb] {
+            let got = Client::connect(&w.to_string())
+                .await
+                .unwrap()
+                .get(*key)
+                .await
+                .unwrap();
+            assert_eq!(
+                got.as_deref(),
+                Some(want.as_bytes()),
+                "{key} on worker {w}: acknowledged INCRs {want}"
+            );
+        }
+        for o in orchs {
+            let mut c = RespConn::connect(o).await;
+            let got = c.call(&[b"GET", key.as_bytes()]).await;
+            assert_eq!(got, Bytes::from(format!("${}\r\n{want}\r\n", want.len())));
+        }
+    }
+    drop((a, b));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scan_across_pairs_returns_every_key_present_throughout() {
+    let cluster = Cluster::start(2).await;
+    let addr = cluster.orch.addr;
+    let client = Client::connect(&addr.to_string()).await.unwrap();
+    let old: Vec<String> = (0..2000).map(|i| format!("old:{i}")).collect();
+    for chunk in old.chunks(200) {
+        let sets: Vec<_> = chunk.iter().map(|k| client.set(k, "v")).collect();
+        for s in futures_util::future::join_all(sets).await {
+            s.unwrap();
+        }
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (client, stop) = (client.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                // Enough new keys that tables grow (and shards are walked again) meanwhile.
+                client.set(format!("new:{n}"), "v").await.unwrap();
+                if n % 3 == 0 {
+                    client.del(format!("new:{}", n / 2)).await.unwrap();
+                }
+                n += 1;
+            }
+            n
+        })
+    };
+    let mut c = RespConn::connect(addr).await;
+    for pattern in [&b"*"[..], b"old:*"] {
+        let mut seen = HashSet::new();
+        let mut cursor = b"0".to_vec();
+        let mut steps = 0;
+        loop {
+            let reply = c
+                .call(&[b"SCAN", &cursor, b"MATCH", pattern, b"COUNT", b"20"])
+                .await;
+            let (parsed, _) = twincache_protocol::resp::decode_reply(&reply).unwrap();
+            let twincache_protocol::resp::Reply::Array(parts) = parsed else {
+                panic!("{reply:?}")
+            };
+            let [twincache_protocol::resp::Reply::Bulk(next), twincache_protocol::resp::Reply::Array(keys)] =
+                parts.as_slice()
+            else {
+                panic!("{reply:?}")
+            };
+            for k in keys {
+                if let twincache_protocol::resp::Reply::Bulk(k) = k {
+                    seen.insert(k.clone());
+                }
+            }
+            steps += 1;
+            if next.as_ref() == b"0" {
+                break;
+            }
+            cursor = next.to_vec();
+        }
+        assert!(steps > 10, "a walk of many steps ({steps})");
+        for k in &old {
+            assert!(
+                seen.contains(k.as_bytes()),
+                "{k} missed by SCAN MATCH {pattern:?}"
+            );
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    assert!(
+        writer.await.unwrap() > 100,
+        "keys were written during the walks"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flushall_taken_alone_is_not_undone_by_the_partners_refill() {
+    let a = worker_on(0, &[]);
+    let b = worker_on(0, &[]);
+    let gate = Gate::start(a.addr).await;
+    let orch = Proc::orchestrator(&[gate.addr, b.addr], FAST);
+    let (seen_a, wb) = (gate.addr, b.addr);
+    wait_status(orch.addr, "both in sync", |s| {
+        state_of(s, &seen_a) == "in_sync" && state_of(s, &wb) == "in_sync"
+    })
+    .await;
+    let client = Client::connect(&orch.addr.to_string()).await.unwrap();
+    for i in 0..200 {
+        client.set(format!("old:{i}"), "v").await.unwrap();
+    }
+    // A is cut off: the flush reaches B alone, and a write after it too.
+    gate.cut();
+    wait_status(orch.addr, "A down", |s| state_of(s, &seen_a) == "down").await;
+    let mut c = RespConn::connect(orch.addr).await;
+    assert_eq!(&c.call(&[b"FLUSHALL"]).await[..], b"+OK\r\n");
+    assert_eq!(&c.call(&[b"SET", b"after", b"1"]).await[..], b"+OK\r\n");
+    // A comes back holding every old key, stale; it refills from B and drops them.
+    gate.restore();
+    wait_status(orch.addr, "A back in sync", |s| {
+        state_of(s, &seen_a) == "in_sync"
+    })
+    .await;
+    for w in [a.addr, b.addr] {
+        let direct = Client::connect(&w.to_string()).await.unwrap();
+        for i in (0..200).step_by(7) {
+            assert_eq!(
+                direct.get(format!("old:{i}")).await.unwrap(),
+                None,
+                "old:{i} on {w}"
+            );
+        }
+        assert_eq!(
+            direct.get("after").await.unwrap().as_deref(),
+            Some(&b"1"[..]),
+            "on {w}"
+        );
+    }
+    assert_eq!(&c.call(&[b"DBSIZE"]).await[..], b":1\r\n");
+}
