@@ -194,7 +194,7 @@ async fn scan_across_pairs_returns_every_key_present_throughout() {
             while !stop.load(Ordering::Relaxed) {
                 // Enough new keys that tables grow (and shards are walked again) meanwhile.
                 client.set(format!("new:{n}"), "v").await.unwrap();
-                if n % 3 == 0 {
+                if n.is_multiple_of(3) {
                     client.del(format!("new:{}", n / 2)).await.unwrap();
                 }
                 n += 1;

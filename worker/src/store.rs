@@ -182,9 +182,7 @@ impl Entry {
             Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
         };
         let key_field = field(16)?;
-        if Kind::from_u8((key_field >> KIND_SHIFT) as u8).is_none() {
-            return None;
-        }
+        Kind::from_u8((key_field >> KIND_SHIFT) as u8)?;
         let key_len = key_field & MAX_KEY_LEN;
         let value_len = field(20)? & !ACCESSED;
         let stored = raw.get(HEADER.checked_add(key_len)?..)?;

@@ -29,6 +29,7 @@ const WORKER_CURSOR: u64 = (1 << WORKER_SHIFT) - 1;
 /// Keys KEYS asks a worker for per step.
 const KEYS_STEP: u32 = 10_000;
 
+#[allow(clippy::too_many_arguments)]
 const fn space(
     name: &'static str,
     arity: i32,

@@ -79,7 +79,7 @@ fn run(args: &[Bytes], action: Action) -> Cmd {
 }
 
 fn pairs(args: &[Bytes], name: &str) -> Result<Vec<(Bytes, Bytes)>, Reply> {
-    if args.len() % 2 == 0 {
+    if args.len().is_multiple_of(2) {
         return Err(wrong_args(name));
     }
     Ok(args[1..]
