@@ -14,15 +14,7 @@ use twincache_protocol::frame::{encode_frame, flags, FrameCodec, Op, Request, PR
 use twincache_protocol::hash::pair_for_key;
 
 use crate::harness::{Cluster, TextConn};
-
-fn cli(port: u16, args: &[&str]) -> String {
-    let out = Command::new("redis-cli")
-        .args(["-p", &port.to_string()])
-        .args(args)
-        .output()
-        .expect("redis-cli is installed (apt-get install -y redis-tools; .ci/run does it)");
-    String::from_utf8_lossy(&out.stdout).trim_end().to_string()
-}
+use crate::resp::cli;
 
 /// Two keys of the same hash tag are on one pair; `a` and `b` here are on different pairs.
 fn keys_on_two_pairs() -> (String, String) {

@@ -10,7 +10,7 @@ use twincache_protocol::hash::pair_for_key;
 use crate::harness::{exchange, Cluster};
 
 /// Runs redis-cli against `port` with `args`; its stdout.
-fn cli(port: u16, args: &[&str]) -> String {
+pub fn cli(port: u16, args: &[&str]) -> String {
     let out = Command::new("redis-cli")
         .args(["-p", &port.to_string()])
         .args(args)

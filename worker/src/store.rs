@@ -783,24 +783,7 @@ impl Store {
     /// longer remembers, so this worker's older copies could bring those keys back, and
     /// whatever of them the partner still holds arrives with its snapshot.
     pub fn drop_older_than(&self, version: u64) -> usize {
-        let mut dropped = 0;
-        for shard in self.shards.iter() {
-            let gone: Vec<Entry> = {
-                let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
-                let before = shard.held();
-                let Shard { table, usage, .. } = &mut *shard;
-                let gone: Vec<Entry> = table.extract_if(|e| e.version() < version).collect();
-                for e in &gone {
-                    usage.remove(e);
-                }
-                shard.recount_structure();
-                self.track(before, shard.held());
-                self.compact_clock(&mut shard);
-                gone
-            };
-            dropped += gone.len();
-        }
-        dropped
+        self.take_older(version).len()
     }
 
     /// [`Store::merge`] for an entry compressed against `theirs`, a dictionary this worker

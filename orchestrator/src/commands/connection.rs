@@ -4,71 +4,52 @@
 use bytes::Bytes;
 use twincache_protocol::resp::{Reply, Version};
 
-use super::{int, syntax_error, wrong_args, Adapter, Cmd, Conn, Group, Spec, NO_KEYS};
+use super::{int, syntax_error, wrong_args, Adapter, Cmd, Conn, Family, Group, Spec};
 use crate::auth::{Access, Denied};
 use crate::session::{Ctx, Step};
 
-const fn here(
-    name: &'static str,
-    arity: i32,
-    access: Access,
-    summary: &'static str,
-    parse: super::Parse,
-) -> Spec {
-    super::spec(
-        name,
-        arity,
-        access,
-        NO_KEYS,
-        Group::Connection,
-        true,
-        Adapter::Here,
-        "1.0.0",
-        summary,
-        parse,
-    )
-}
+const HERE: Family = Family::new(Group::Connection, Adapter::Here).fast();
 
 pub const SPECS: &[Spec] = &[
-    here(
+    HERE.cmd(
         "ping",
         -1,
         Access::Connection,
         "Returns the server's liveliness response.",
         ping,
     ),
-    here(
+    HERE.cmd(
         "echo",
         2,
         Access::Connection,
         "Returns the given string.",
         echo,
     ),
-    here("quit", -1, Access::Anyone, "Closes the connection.", |_| {
+    HERE.cmd("quit", -1, Access::Anyone, "Closes the connection.", |_| {
         Ok(Cmd::Quit)
     }),
-    here(
+    HERE.cmd(
         "select",
         2,
         Access::Connection,
         "Changes the selected database (only 0 exists).",
         select,
     ),
-    here(
+    HERE.cmd(
         "auth",
         -2,
         Access::Anyone,
         "Authenticates the connection.",
         auth_args,
     ),
-    here(
+    HERE.since("6.0.0").cmd(
         "hello",
         -1,
         Access::Anyone,
         "Handshakes with the server, optionally switching to RESP3.",
         hello_args,
     ),
-    here(
+    HERE.since("2.4.0").cmd(
         "client",
         -2,
         Access::Connection,

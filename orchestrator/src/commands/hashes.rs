@@ -5,49 +5,30 @@ use bytes::Bytes;
 use twincache_protocol::program::Action;
 use twincache_protocol::resp::Reply;
 
-use super::{int, syntax_error, wrong_args, Adapter, Cmd, Group, Spec, ONE_KEY};
-use crate::auth::Access::{self, Read, Write};
+use super::{int, syntax_error, wrong_args, Adapter, Cmd, Family, Group, Spec, ONE_KEY};
+use crate::auth::Access::{Read, Write};
 
-const fn hash(
-    name: &'static str,
-    arity: i32,
-    access: Access,
-    fast: bool,
-    since: &'static str,
-    summary: &'static str,
-    parse: super::Parse,
-) -> Spec {
-    super::spec(
-        name,
-        arity,
-        access,
-        ONE_KEY,
-        Group::Hash,
-        fast,
-        Adapter::Destination,
-        since,
-        summary,
-        parse,
-    )
-}
+const HASH: Family = Family::new(Group::Hash, Adapter::Destination)
+    .keys(ONE_KEY)
+    .since("2.0.0");
 
 pub const SPECS: &[Spec] = &[
-    hash("hset", -4, Write, true, "2.0.0", "Creates or modifies the value of a field in a hash.", |a| hset(a, "hset", false)),
-    hash("hmset", -4, Write, true, "2.0.0", "Sets the values of multiple fields.", |a| hset(a, "hmset", true)),
-    hash("hsetnx", 4, Write, true, "2.0.0", "Sets the value of a field in a hash only when the field doesn't exist.", |a| Ok(run(a, Action::HSetNx(a[2].clone(), a[3].clone())))),
-    hash("hget", 3, Read, true, "2.0.0", "Returns the value of a field in a hash.", |a| Ok(run(a, Action::HGet(a[2].clone())))),
-    hash("hmget", -3, Read, true, "2.0.0", "Returns the values of all fields in a hash.", |a| Ok(run(a, Action::HMGet(a[2..].to_vec())))),
-    hash("hgetall", 2, Read, false, "2.0.0", "Returns all fields and values in a hash.", |a| Ok(run(a, Action::HGetAll))),
-    hash("hdel", -3, Write, true, "2.0.0", "Deletes one or more fields and their values from a hash. Deletes the hash if no fields remain.", |a| Ok(run(a, Action::HDel(a[2..].to_vec())))),
-    hash("hexists", 3, Read, true, "2.0.0", "Determines whether a field exists in a hash.", |a| Ok(run(a, Action::HExists(a[2].clone())))),
-    hash("hlen", 2, Read, true, "2.0.0", "Returns the number of fields in a hash.", |a| Ok(run(a, Action::HLen))),
-    hash("hkeys", 2, Read, false, "2.0.0", "Returns all fields in a hash.", |a| Ok(run(a, Action::HKeys))),
-    hash("hvals", 2, Read, false, "2.0.0", "Returns all values in a hash.", |a| Ok(run(a, Action::HVals))),
-    hash("hstrlen", 3, Read, true, "3.2.0", "Returns the length of the value of a field.", |a| Ok(run(a, Action::HStrLen(a[2].clone())))),
-    hash("hincrby", 4, Write, true, "2.0.0", "Increments the integer value of a field in a hash by a number. Uses 0 as initial value if the field doesn't exist.", |a| Ok(run(a, Action::HIncrBy(a[2].clone(), int(&a[3])?)))),
-    hash("hincrbyfloat", 4, Write, true, "2.6.0", "Increments the floating point value of a field by a number. Uses 0 as initial value if the field doesn't exist.", |a| Ok(run(a, Action::HIncrByFloat(a[2].clone(), a[3].clone())))),
-    hash("hrandfield", -2, Read, false, "6.2.0", "Returns one or more random fields from a hash.", hrandfield),
-    hash("hscan", -3, Read, false, "2.8.0", "Iterates over fields and values of a hash.", hscan),
+    HASH.fast().cmd("hset", -4, Write, "Creates or modifies the value of a field in a hash.", |a| hset(a, "hset", false)),
+    HASH.fast().cmd("hmset", -4, Write, "Sets the values of multiple fields.", |a| hset(a, "hmset", true)),
+    HASH.fast().cmd("hsetnx", 4, Write, "Sets the value of a field in a hash only when the field doesn't exist.", |a| Ok(run(a, Action::HSetNx(a[2].clone(), a[3].clone())))),
+    HASH.fast().cmd("hget", 3, Read, "Returns the value of a field in a hash.", |a| Ok(run(a, Action::HGet(a[2].clone())))),
+    HASH.fast().cmd("hmget", -3, Read, "Returns the values of all fields in a hash.", |a| Ok(run(a, Action::HMGet(a[2..].to_vec())))),
+    HASH.cmd("hgetall", 2, Read, "Returns all fields and values in a hash.", |a| Ok(run(a, Action::HGetAll))),
+    HASH.fast().cmd("hdel", -3, Write, "Deletes one or more fields and their values from a hash. Deletes the hash if no fields remain.", |a| Ok(run(a, Action::HDel(a[2..].to_vec())))),
+    HASH.fast().cmd("hexists", 3, Read, "Determines whether a field exists in a hash.", |a| Ok(run(a, Action::HExists(a[2].clone())))),
+    HASH.fast().cmd("hlen", 2, Read, "Returns the number of fields in a hash.", |a| Ok(run(a, Action::HLen))),
+    HASH.cmd("hkeys", 2, Read, "Returns all fields in a hash.", |a| Ok(run(a, Action::HKeys))),
+    HASH.cmd("hvals", 2, Read, "Returns all values in a hash.", |a| Ok(run(a, Action::HVals))),
+    HASH.fast().since("3.2.0").cmd("hstrlen", 3, Read, "Returns the length of the value of a field.", |a| Ok(run(a, Action::HStrLen(a[2].clone())))),
+    HASH.fast().cmd("hincrby", 4, Write, "Increments the integer value of a field in a hash by a number. Uses 0 as initial value if the field doesn't exist.", |a| Ok(run(a, Action::HIncrBy(a[2].clone(), int(&a[3])?)))),
+    HASH.fast().since("2.6.0").cmd("hincrbyfloat", 4, Write, "Increments the floating point value of a field by a number. Uses 0 as initial value if the field doesn't exist.", |a| Ok(run(a, Action::HIncrByFloat(a[2].clone(), a[3].clone())))),
+    HASH.since("6.2.0").cmd("hrandfield", -2, Read, "Returns one or more random fields from a hash.", hrandfield),
+    HASH.since("2.8.0").cmd("hscan", -3, Read, "Iterates over fields and values of a hash.", hscan),
 ];
 
 fn run(args: &[Bytes], action: Action) -> Cmd {
@@ -118,14 +99,7 @@ fn hscan(args: &[Bytes]) -> Result<Cmd, Reply> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn parse(list: &[&str]) -> Result<Cmd, Reply> {
-        let a: Vec<Bytes> = list
-            .iter()
-            .map(|a| Bytes::copy_from_slice(a.as_bytes()))
-            .collect();
-        super::super::parse(super::super::lookup(&a[0]).unwrap(), &a)
-    }
+    use crate::commands::parse_words as parse;
 
     #[test]
     fn hash_commands_parse_like_redis() {

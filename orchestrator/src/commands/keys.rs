@@ -16,57 +16,35 @@ use twincache_protocol::resp::Reply;
 use twincache_protocol::version::wall_ms;
 
 use super::{
-    dispatch, int, keys, raw, replies, syntax_error, Adapter, Cmd, Group, KeySpec, Spec, ONE_KEY,
+    dispatch, int, keys, raw, replies, syntax_error, Adapter, Cmd, Family, Group, KeySpec, Spec,
+    ONE_KEY,
 };
-use crate::auth::Access::{self, Read, Write};
+use crate::auth::Access::{Read, Write};
 use crate::session::{Ctx, Step};
 
-#[allow(clippy::too_many_arguments)]
-const fn generic(
-    name: &'static str,
-    arity: i32,
-    access: Access,
-    keys: KeySpec,
-    fast: bool,
-    since: &'static str,
-    summary: &'static str,
-    parse: super::Parse,
-) -> Spec {
-    super::spec(
-        name,
-        arity,
-        access,
-        keys,
-        Group::Generic,
-        fast,
-        Adapter::Destination,
-        since,
-        summary,
-        parse,
-    )
-}
-
+const GENERIC: Family = Family::new(Group::Generic, Adapter::Destination).keys(ONE_KEY);
 const ALL_KEYS: KeySpec = keys(1, -1, 1);
+const TWO_KEYS: KeySpec = keys(1, 2, 1);
 
 pub const SPECS: &[Spec] = &[
-    generic("del", -2, Write, ALL_KEYS, false, "1.0.0", "Deletes one or more keys.", |a| Ok(Cmd::Del(a[1..].to_vec()))),
-    generic("unlink", -2, Write, ALL_KEYS, true, "4.0.0", "Asynchronously deletes one or more keys.", |a| Ok(Cmd::Del(a[1..].to_vec()))),
-    generic("exists", -2, Read, ALL_KEYS, true, "1.0.0", "Determines whether one or more keys exist.", |a| Ok(Cmd::Exists(a[1..].to_vec()))),
-    generic("touch", -2, Read, ALL_KEYS, true, "3.2.1", "Returns the number of existing keys out of those specified after updating the time they were last accessed.", |a| Ok(Cmd::Touch(a[1..].to_vec()))),
-    generic("type", 2, Read, ONE_KEY, true, "1.0.0", "Determines the type of value stored at a key.", |a| Ok(run(a, Action::Type))),
-    generic("expire", -3, Write, ONE_KEY, true, "1.0.0", "Sets the expiration time of a key in seconds.", |a| expire(a, "expire", true, true)),
-    generic("pexpire", -3, Write, ONE_KEY, true, "2.6.0", "Sets the expiration time of a key in milliseconds.", |a| expire(a, "pexpire", true, false)),
-    generic("expireat", -3, Write, ONE_KEY, true, "1.2.0", "Sets the expiration time of a key to a Unix timestamp.", |a| expire(a, "expireat", false, true)),
-    generic("pexpireat", -3, Write, ONE_KEY, true, "2.6.0", "Sets the expiration time of a key to a Unix milliseconds timestamp.", |a| expire(a, "pexpireat", false, false)),
-    generic("ttl", 2, Read, ONE_KEY, true, "1.0.0", "Returns the expiration time in seconds of a key.", |a| Ok(run(a, Action::ReadTtl(TtlForm::Seconds)))),
-    generic("pttl", 2, Read, ONE_KEY, true, "2.6.0", "Returns the expiration time in milliseconds of a key.", |a| Ok(run(a, Action::ReadTtl(TtlForm::Millis)))),
-    generic("expiretime", 2, Read, ONE_KEY, true, "7.0.0", "Returns the expiration time of a key as a Unix timestamp.", |a| Ok(run(a, Action::ReadTtl(TtlForm::AtSeconds)))),
-    generic("pexpiretime", 2, Read, ONE_KEY, true, "7.0.0", "Returns the expiration time of a key as a Unix milliseconds timestamp.", |a| Ok(run(a, Action::ReadTtl(TtlForm::AtMillis)))),
-    generic("persist", 2, Write, ONE_KEY, true, "2.2.0", "Removes the expiration time of a key.", |a| Ok(run(a, Action::Persist))),
-    generic("rename", 3, Write, keys(1, 2, 1), false, "1.0.0", "Renames a key and overwrites the destination.", |a| Ok(Cmd::Rename { src: a[1].clone(), dst: a[2].clone(), nx: false })),
-    generic("renamenx", 3, Write, keys(1, 2, 1), true, "1.0.0", "Renames a key only when the target key name doesn't exist.", |a| Ok(Cmd::Rename { src: a[1].clone(), dst: a[2].clone(), nx: true })),
-    generic("copy", -3, Write, keys(1, 2, 1), false, "6.2.0", "Copies the value of a key to a new key.", copy_args),
-    generic("object", -2, Read, keys(2, 2, 1), false, "2.2.3", "A container for object introspection commands.", object),
+    GENERIC.keys(ALL_KEYS).cmd("del", -2, Write, "Deletes one or more keys.", |a| Ok(Cmd::Del(a[1..].to_vec()))),
+    GENERIC.keys(ALL_KEYS).fast().since("4.0.0").cmd("unlink", -2, Write, "Asynchronously deletes one or more keys.", |a| Ok(Cmd::Del(a[1..].to_vec()))),
+    GENERIC.keys(ALL_KEYS).fast().cmd("exists", -2, Read, "Determines whether one or more keys exist.", |a| Ok(Cmd::Exists(a[1..].to_vec()))),
+    GENERIC.keys(ALL_KEYS).fast().since("3.2.1").cmd("touch", -2, Read, "Returns the number of existing keys out of those specified after updating the time they were last accessed.", |a| Ok(Cmd::Touch(a[1..].to_vec()))),
+    GENERIC.fast().cmd("type", 2, Read, "Determines the type of value stored at a key.", |a| Ok(run(a, Action::Type))),
+    GENERIC.fast().cmd("expire", -3, Write, "Sets the expiration time of a key in seconds.", |a| expire(a, "expire", true, true)),
+    GENERIC.fast().since("2.6.0").cmd("pexpire", -3, Write, "Sets the expiration time of a key in milliseconds.", |a| expire(a, "pexpire", true, false)),
+    GENERIC.fast().since("1.2.0").cmd("expireat", -3, Write, "Sets the expiration time of a key to a Unix timestamp.", |a| expire(a, "expireat", false, true)),
+    GENERIC.fast().since("2.6.0").cmd("pexpireat", -3, Write, "Sets the expiration time of a key to a Unix milliseconds timestamp.", |a| expire(a, "pexpireat", false, false)),
+    GENERIC.fast().cmd("ttl", 2, Read, "Returns the expiration time in seconds of a key.", |a| Ok(run(a, Action::ReadTtl(TtlForm::Seconds)))),
+    GENERIC.fast().since("2.6.0").cmd("pttl", 2, Read, "Returns the expiration time in milliseconds of a key.", |a| Ok(run(a, Action::ReadTtl(TtlForm::Millis)))),
+    GENERIC.fast().since("7.0.0").cmd("expiretime", 2, Read, "Returns the expiration time of a key as a Unix timestamp.", |a| Ok(run(a, Action::ReadTtl(TtlForm::AtSeconds)))),
+    GENERIC.fast().since("7.0.0").cmd("pexpiretime", 2, Read, "Returns the expiration time of a key as a Unix milliseconds timestamp.", |a| Ok(run(a, Action::ReadTtl(TtlForm::AtMillis)))),
+    GENERIC.fast().since("2.2.0").cmd("persist", 2, Write, "Removes the expiration time of a key.", |a| Ok(run(a, Action::Persist))),
+    GENERIC.keys(TWO_KEYS).cmd("rename", 3, Write, "Renames a key and overwrites the destination.", |a| Ok(Cmd::Rename { src: a[1].clone(), dst: a[2].clone(), nx: false })),
+    GENERIC.keys(TWO_KEYS).fast().cmd("renamenx", 3, Write, "Renames a key only when the target key name doesn't exist.", |a| Ok(Cmd::Rename { src: a[1].clone(), dst: a[2].clone(), nx: true })),
+    GENERIC.keys(TWO_KEYS).since("6.2.0").cmd("copy", -3, Write, "Copies the value of a key to a new key.", copy_args),
+    GENERIC.keys(keys(2, 2, 1)).since("2.2.3").cmd("object", -2, Read, "A container for object introspection commands.", object),
 ];
 
 fn run(args: &[Bytes], action: Action) -> Cmd {
@@ -290,14 +268,7 @@ pub(super) fn copy(src: Bytes, dst: Bytes, replace: bool, ctx: &Ctx) -> Step<Rep
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn parse(list: &[&str]) -> Result<Cmd, Reply> {
-        let a: Vec<Bytes> = list
-            .iter()
-            .map(|a| Bytes::copy_from_slice(a.as_bytes()))
-            .collect();
-        super::super::parse(super::super::lookup(&a[0]).unwrap(), &a)
-    }
+    use crate::commands::parse_words as parse;
 
     fn err(text: &str) -> Result<Cmd, Reply> {
         Err(Reply::err(text))

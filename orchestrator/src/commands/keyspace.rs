@@ -17,10 +17,8 @@ use twincache_protocol::glob;
 use twincache_protocol::program::{encode_program, Action, Kind, ScanRequest};
 use twincache_protocol::resp::Reply;
 
-use super::{
-    dispatch, error_reply, int, replies, syntax_error, Adapter, Cmd, Group, Spec, NO_KEYS,
-};
-use crate::auth::Access::{self, Admin, Read};
+use super::{dispatch, error_reply, int, replies, syntax_error, Adapter, Cmd, Family, Group, Spec};
+use crate::auth::Access::{Admin, Read};
 use crate::session::{Ctx, Step};
 
 const PAIR_SHIFT: u32 = 52;
@@ -29,89 +27,49 @@ const WORKER_CURSOR: u64 = (1 << WORKER_SHIFT) - 1;
 /// Keys KEYS asks a worker for per step.
 const KEYS_STEP: u32 = 10_000;
 
-#[allow(clippy::too_many_arguments)]
-const fn space(
-    name: &'static str,
-    arity: i32,
-    access: Access,
-    group: Group,
-    fast: bool,
-    since: &'static str,
-    summary: &'static str,
-    parse: super::Parse,
-) -> Spec {
-    super::spec(
-        name,
-        arity,
-        access,
-        NO_KEYS,
-        group,
-        fast,
-        Adapter::Destination,
-        since,
-        summary,
-        parse,
-    )
-}
+const SPACE: Family = Family::new(Group::Generic, Adapter::Destination);
+const SERVER: Family = Family::new(Group::Server, Adapter::Destination);
 
 pub const SPECS: &[Spec] = &[
-    space(
+    SPACE.since("2.8.0").cmd(
         "scan",
         -2,
         Read,
-        Group::Generic,
-        false,
-        "2.8.0",
         "Iterates over the key names in the database.",
         scan_args,
     ),
-    space(
+    SPACE.cmd(
         "keys",
         2,
         Read,
-        Group::Generic,
-        false,
-        "1.0.0",
         "Returns all key names that match a pattern.",
         |a| Ok(Cmd::Keys(a[1].clone())),
     ),
-    space(
+    SPACE.cmd(
         "randomkey",
         1,
         Read,
-        Group::Generic,
-        false,
-        "1.0.0",
         "Returns a random key name from the database.",
         |_| Ok(Cmd::RandomKey),
     ),
-    space(
+    SERVER.fast().cmd(
         "dbsize",
         1,
         Read,
-        Group::Server,
-        true,
-        "1.0.0",
         "Returns the number of keys in the database.",
         |_| Ok(Cmd::DbSize),
     ),
-    space(
+    SERVER.cmd(
         "flushdb",
         -1,
         Admin,
-        Group::Server,
-        false,
-        "1.0.0",
         "Removes all keys from the current database.",
         flush_args,
     ),
-    space(
+    SERVER.cmd(
         "flushall",
         -1,
         Admin,
-        Group::Server,
-        false,
-        "1.0.0",
         "Removes all keys from all databases.",
         flush_args,
     ),

@@ -144,31 +144,71 @@ pub struct Spec {
     pub parse: Option<Parse>,
 }
 
-/// A command of a family table, run here.
-#[allow(clippy::too_many_arguments)]
-pub const fn spec(
-    name: &'static str,
-    arity: i32,
-    access: Access,
-    keys: KeySpec,
+/// What a family's commands share, to build their table entries: `Family::new(group,
+/// adapter)`, adjusted per command (`keys`, `fast`, `since`, `adapter`), then `cmd(...)`.
+#[derive(Debug, Clone, Copy)]
+pub struct Family {
     group: Group,
-    fast: bool,
     adapter: Adapter,
+    keys: KeySpec,
+    fast: bool,
     since: &'static str,
-    summary: &'static str,
-    parse: Parse,
-) -> Spec {
-    Spec {
-        name,
-        arity,
-        access,
-        keys,
-        group,
-        fast,
-        adapter,
-        since,
-        summary,
-        parse: Some(parse),
+}
+
+impl Family {
+    pub const fn new(group: Group, adapter: Adapter) -> Family {
+        Family {
+            group,
+            adapter,
+            keys: NO_KEYS,
+            fast: false,
+            since: "1.0.0",
+        }
+    }
+
+    pub const fn keys(mut self, keys: KeySpec) -> Family {
+        self.keys = keys;
+        self
+    }
+
+    /// Constant time (Redis' `fast` flag).
+    pub const fn fast(mut self) -> Family {
+        self.fast = true;
+        self
+    }
+
+    /// The Redis version that introduced the command.
+    pub const fn since(mut self, since: &'static str) -> Family {
+        self.since = since;
+        self
+    }
+
+    pub const fn adapter(mut self, adapter: Adapter) -> Family {
+        self.adapter = adapter;
+        self
+    }
+
+    /// A command run here.
+    pub const fn cmd(
+        self,
+        name: &'static str,
+        arity: i32,
+        access: Access,
+        summary: &'static str,
+        parse: Parse,
+    ) -> Spec {
+        Spec {
+            name,
+            arity,
+            access,
+            keys: self.keys,
+            group: self.group,
+            fast: self.fast,
+            adapter: self.adapter,
+            since: self.since,
+            summary,
+            parse: Some(parse),
+        }
     }
 }
 
@@ -710,6 +750,16 @@ pub(crate) fn crossslot() -> Reply {
 /// A ready reply for [`Step::Stream`] heads.
 pub(crate) fn ready_reply(r: Reply) -> futures_util::future::Ready<Reply> {
     ready(r)
+}
+
+/// The command `list` parses to (tests of each family's parsers).
+#[cfg(test)]
+pub(crate) fn parse_words(list: &[&str]) -> Result<Cmd, Reply> {
+    let args: Vec<Bytes> = list
+        .iter()
+        .map(|a| Bytes::copy_from_slice(a.as_bytes()))
+        .collect();
+    parse(lookup(&args[0]).expect("a known command"), &args)
 }
 
 #[cfg(test)]

@@ -7,45 +7,24 @@ use twincache_protocol::glob;
 use twincache_protocol::info;
 use twincache_protocol::resp::Reply;
 
-use super::{dispatch, int, lookup, wrong_args, Adapter, Cmd, Group, Spec, NO_KEYS};
-use crate::auth::Access::{self, Admin, Connection, Read};
+use super::{dispatch, int, lookup, wrong_args, Adapter, Cmd, Family, Group, Spec};
+use crate::auth::Access::{Admin, Connection, Read};
 use crate::cluster::WorkerState;
 use crate::session::{Ctx, Step};
 
 /// The Redis version whose commands and replies twincache follows.
 pub const REDIS_VERSION: &str = "7.0.0";
 
-const fn server(
-    name: &'static str,
-    arity: i32,
-    access: Access,
-    adapter: Adapter,
-    since: &'static str,
-    summary: &'static str,
-    parse: super::Parse,
-) -> Spec {
-    super::spec(
-        name,
-        arity,
-        access,
-        NO_KEYS,
-        Group::Server,
-        false,
-        adapter,
-        since,
-        summary,
-        parse,
-    )
-}
+const SERVER: Family = Family::new(Group::Server, Adapter::Here);
 
 pub const SPECS: &[Spec] = &[
-    server("info", -1, Read, Adapter::Here, "1.0.0", "Returns information and statistics about the server.", |a| {
+    SERVER.cmd("info", -1, Read, "Returns information and statistics about the server.", |a| {
         Ok(Cmd::Info(a[1..].iter().map(|s| String::from_utf8_lossy(s).to_ascii_lowercase()).collect()))
     }),
-    server("config", -2, Admin, Adapter::Here, "2.0.0", "A container for server configuration commands (GET only).", config_args),
-    server("command", -1, Connection, Adapter::Here, "2.8.13", "Returns detailed information about all commands.", command_args),
-    server("time", 1, Connection, Adapter::Destination, "2.6.0", "Returns the server time.", |_| Ok(Cmd::Time)),
-    server("wait", 3, Read, Adapter::Refused, "3.0.0", "Blocks until the asynchronous replication of all preceding write commands sent by the connection is completed.", wait_args),
+    SERVER.since("2.0.0").cmd("config", -2, Admin, "A container for server configuration commands (GET only).", config_args),
+    SERVER.since("2.8.13").cmd("command", -1, Connection, "Returns detailed information about all commands.", command_args),
+    SERVER.adapter(Adapter::Destination).since("2.6.0").cmd("time", 1, Connection, "Returns the server time.", |_| Ok(Cmd::Time)),
+    SERVER.adapter(Adapter::Refused).since("3.0.0").cmd("wait", 3, Read, "Blocks until the asynchronous replication of all preceding write commands sent by the connection is completed.", wait_args),
 ];
 
 fn config_args(args: &[Bytes]) -> Result<Cmd, Reply> {

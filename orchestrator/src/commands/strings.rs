@@ -15,62 +15,40 @@ use twincache_protocol::Status;
 
 use super::{
     dispatch_n, error_reply, int, replies, syntax_error, value_reply, wrong_args, Adapter, Cmd,
-    Group, KeySpec, Spec, ONE_KEY,
+    Family, Group, KeySpec, Spec, ONE_KEY,
 };
 use crate::auth::Access;
 use crate::session::{Ctx, Step};
 
-#[allow(clippy::too_many_arguments)]
-const fn string(
-    name: &'static str,
-    arity: i32,
-    access: Access,
-    keys: KeySpec,
-    fast: bool,
-    adapter: Adapter,
-    since: &'static str,
-    summary: &'static str,
-    parse: super::Parse,
-) -> Spec {
-    super::spec(
-        name,
-        arity,
-        access,
-        keys,
-        Group::String,
-        fast,
-        adapter,
-        since,
-        summary,
-        parse,
-    )
-}
-
 use Access::{Read, Write};
-use Adapter::{Cache, Destination};
+use Adapter::Cache;
+
+const STRING: Family = Family::new(Group::String, Adapter::Destination).keys(ONE_KEY);
+const MANY: KeySpec = super::keys(1, -1, 1);
+const PAIRS: KeySpec = super::keys(1, -1, 2);
 
 pub const SPECS: &[Spec] = &[
-    string("get", 2, Read, ONE_KEY, true, Cache, "1.0.0", "Returns the string value of a key.", |a| Ok(Cmd::Get(a[1].clone()))),
-    string("set", -3, Write, ONE_KEY, false, Cache, "1.0.0", "Sets the string value of a key, ignoring its type. The key is created if it doesn't exist.", set),
-    string("setnx", 3, Write, ONE_KEY, true, Destination, "1.0.0", "Set the string value of a key only when the key doesn't exist.", |a| Ok(run(a, Action::SetNx(a[2].clone())))),
-    string("setex", 4, Write, ONE_KEY, false, Destination, "2.0.0", "Sets the string value and expiration time of a key. Creates the key if it doesn't exist.", |a| setex(a, "setex", true)),
-    string("psetex", 4, Write, ONE_KEY, false, Destination, "2.6.0", "Sets both string value and expiration time in milliseconds of a key. The key is created if it doesn't exist.", |a| setex(a, "psetex", false)),
-    string("getset", 3, Write, ONE_KEY, true, Destination, "1.0.0", "Returns the previous string value of a key after setting it to a new value.", |a| Ok(run(a, Action::GetSet(a[2].clone())))),
-    string("getdel", 2, Write, ONE_KEY, true, Destination, "6.2.0", "Returns the string value of a key after deleting the key.", |a| Ok(run(a, Action::GetDel))),
-    string("getex", -2, Write, ONE_KEY, true, Destination, "6.2.0", "Returns the string value of a key after setting its expiration time.", getex),
-    string("mget", -2, Read, super::keys(1, -1, 1), true, Cache, "1.0.0", "Atomically returns the string values of one or more keys.", |a| Ok(Cmd::MGet(a[1..].to_vec()))),
-    string("mset", -3, Write, super::keys(1, -1, 2), false, Cache, "1.0.1", "Atomically creates or modifies the string values of one or more keys.", |a| pairs(a, "mset").map(Cmd::MSet)),
-    string("msetnx", -3, Write, super::keys(1, -1, 2), false, Destination, "1.0.1", "Atomically modifies the string values of one or more keys only when all keys don't exist.", |a| pairs(a, "msetnx").map(Cmd::MSetNx)),
-    string("append", 3, Write, ONE_KEY, true, Destination, "2.0.0", "Appends a string to the value of a key. Creates the key if it doesn't exist.", |a| Ok(run(a, Action::Append(a[2].clone())))),
-    string("strlen", 2, Read, ONE_KEY, true, Destination, "2.2.0", "Returns the length of a string value.", |a| Ok(run(a, Action::StrLen))),
-    string("getrange", 4, Read, ONE_KEY, false, Destination, "2.4.0", "Returns a substring of the string stored at a key.", getrange),
-    string("substr", 4, Read, ONE_KEY, false, Destination, "1.0.0", "Returns a substring from a string value.", getrange),
-    string("setrange", 4, Write, ONE_KEY, false, Destination, "2.2.0", "Overwrites a part of a string value with another by an offset. Creates the key if it doesn't exist.", setrange),
-    string("incr", 2, Write, ONE_KEY, true, Destination, "1.0.0", "Increments the integer value of a key by one. Uses 0 as initial value if the key doesn't exist.", |a| Ok(run(a, Action::IncrBy(1)))),
-    string("decr", 2, Write, ONE_KEY, true, Destination, "1.0.0", "Decrements the integer value of a key by one. Uses 0 as initial value if the key doesn't exist.", |a| Ok(run(a, Action::IncrBy(-1)))),
-    string("incrby", 3, Write, ONE_KEY, true, Destination, "1.0.0", "Increments the integer value of a key by a number. Uses 0 as initial value if the key doesn't exist.", |a| Ok(run(a, Action::IncrBy(int(&a[2])?)))),
-    string("decrby", 3, Write, ONE_KEY, true, Destination, "1.0.0", "Decrements a number from the integer value of a key. Uses 0 as initial value if the key doesn't exist.", decrby),
-    string("incrbyfloat", 3, Write, ONE_KEY, true, Destination, "2.6.0", "Increment the floating point value of a key by a number. Uses 0 as initial value if the key doesn't exist.", |a| Ok(run(a, Action::IncrByFloat(a[2].clone())))),
+    STRING.fast().adapter(Cache).cmd("get", 2, Read, "Returns the string value of a key.", |a| Ok(Cmd::Get(a[1].clone()))),
+    STRING.adapter(Cache).cmd("set", -3, Write, "Sets the string value of a key, ignoring its type. The key is created if it doesn't exist.", set),
+    STRING.fast().cmd("setnx", 3, Write, "Set the string value of a key only when the key doesn't exist.", |a| Ok(run(a, Action::SetNx(a[2].clone())))),
+    STRING.since("2.0.0").cmd("setex", 4, Write, "Sets the string value and expiration time of a key. Creates the key if it doesn't exist.", |a| setex(a, "setex", true)),
+    STRING.since("2.6.0").cmd("psetex", 4, Write, "Sets both string value and expiration time in milliseconds of a key. The key is created if it doesn't exist.", |a| setex(a, "psetex", false)),
+    STRING.fast().cmd("getset", 3, Write, "Returns the previous string value of a key after setting it to a new value.", |a| Ok(run(a, Action::GetSet(a[2].clone())))),
+    STRING.fast().since("6.2.0").cmd("getdel", 2, Write, "Returns the string value of a key after deleting the key.", |a| Ok(run(a, Action::GetDel))),
+    STRING.fast().since("6.2.0").cmd("getex", -2, Write, "Returns the string value of a key after setting its expiration time.", getex),
+    STRING.fast().adapter(Cache).keys(MANY).cmd("mget", -2, Read, "Atomically returns the string values of one or more keys.", |a| Ok(Cmd::MGet(a[1..].to_vec()))),
+    STRING.adapter(Cache).keys(PAIRS).since("1.0.1").cmd("mset", -3, Write, "Atomically creates or modifies the string values of one or more keys.", |a| pairs(a, "mset").map(Cmd::MSet)),
+    STRING.keys(PAIRS).since("1.0.1").cmd("msetnx", -3, Write, "Atomically modifies the string values of one or more keys only when all keys don't exist.", |a| pairs(a, "msetnx").map(Cmd::MSetNx)),
+    STRING.fast().since("2.0.0").cmd("append", 3, Write, "Appends a string to the value of a key. Creates the key if it doesn't exist.", |a| Ok(run(a, Action::Append(a[2].clone())))),
+    STRING.fast().since("2.2.0").cmd("strlen", 2, Read, "Returns the length of a string value.", |a| Ok(run(a, Action::StrLen))),
+    STRING.since("2.4.0").cmd("getrange", 4, Read, "Returns a substring of the string stored at a key.", getrange),
+    STRING.cmd("substr", 4, Read, "Returns a substring from a string value.", getrange),
+    STRING.since("2.2.0").cmd("setrange", 4, Write, "Overwrites a part of a string value with another by an offset. Creates the key if it doesn't exist.", setrange),
+    STRING.fast().cmd("incr", 2, Write, "Increments the integer value of a key by one. Uses 0 as initial value if the key doesn't exist.", |a| Ok(run(a, Action::IncrBy(1)))),
+    STRING.fast().cmd("decr", 2, Write, "Decrements the integer value of a key by one. Uses 0 as initial value if the key doesn't exist.", |a| Ok(run(a, Action::IncrBy(-1)))),
+    STRING.fast().cmd("incrby", 3, Write, "Increments the integer value of a key by a number. Uses 0 as initial value if the key doesn't exist.", |a| Ok(run(a, Action::IncrBy(int(&a[2])?)))),
+    STRING.fast().cmd("decrby", 3, Write, "Decrements a number from the integer value of a key. Uses 0 as initial value if the key doesn't exist.", decrby),
+    STRING.fast().since("2.6.0").cmd("incrbyfloat", 3, Write, "Increment the floating point value of a key by a number. Uses 0 as initial value if the key doesn't exist.", |a| Ok(run(a, Action::IncrByFloat(a[2].clone())))),
 ];
 
 /// The one-key command of `args` as an action on its key.
@@ -403,17 +381,7 @@ fn by_pair(kvs: Vec<(Bytes, Bytes)>, pairs: usize) -> Vec<Vec<(Bytes, Bytes)>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn args(list: &[&str]) -> Vec<Bytes> {
-        list.iter()
-            .map(|a| Bytes::copy_from_slice(a.as_bytes()))
-            .collect()
-    }
-
-    fn parse(list: &[&str]) -> Result<Cmd, Reply> {
-        let a = args(list);
-        super::super::parse(super::super::lookup(&a[0]).unwrap(), &a)
-    }
+    use crate::commands::parse_words as parse;
 
     fn err(text: &str) -> Result<Cmd, Reply> {
         Err(Reply::err(text))

@@ -23,70 +23,39 @@ use twincache_protocol::hash::pair_for_key;
 use twincache_protocol::program::{encode_program, Action, SetIf, Ttl};
 use twincache_protocol::resp::{decode_replies, Reply};
 
-use super::{crossslot, dispatch, error_reply, replies, Adapter, Cmd, Conn, Group, Spec, NO_KEYS};
-use crate::auth::Access::{self, Connection, Read};
+use super::{crossslot, dispatch, error_reply, replies, Adapter, Cmd, Conn, Family, Group, Spec};
+use crate::auth::Access::{Connection, Read};
 use crate::session::{Ctx, Step};
 
-const fn tx(
-    name: &'static str,
-    arity: i32,
-    access: Access,
-    keys: super::KeySpec,
-    summary: &'static str,
-    parse: super::Parse,
-) -> Spec {
-    super::spec(
-        name,
-        arity,
-        access,
-        keys,
-        Group::Transactions,
-        true,
-        Adapter::Refused,
-        "1.2.0",
-        summary,
-        parse,
-    )
-}
+const TX: Family = Family::new(Group::Transactions, Adapter::Refused)
+    .fast()
+    .since("1.2.0");
 
 pub const SPECS: &[Spec] = &[
-    tx(
-        "multi",
-        1,
-        Connection,
-        NO_KEYS,
-        "Starts a transaction.",
-        |_| Ok(Cmd::Multi),
-    ),
-    tx(
+    TX.cmd("multi", 1, Connection, "Starts a transaction.", |_| {
+        Ok(Cmd::Multi)
+    }),
+    TX.cmd(
         "exec",
         1,
         Connection,
-        NO_KEYS,
         "Executes all commands in a transaction.",
         |_| Ok(Cmd::Exec),
     ),
-    tx(
-        "discard",
-        1,
-        Connection,
-        NO_KEYS,
-        "Discards a transaction.",
-        |_| Ok(Cmd::Discard),
-    ),
-    tx(
+    TX.cmd("discard", 1, Connection, "Discards a transaction.", |_| {
+        Ok(Cmd::Discard)
+    }),
+    TX.since("2.2.0").keys(super::keys(1, -1, 1)).cmd(
         "watch",
         -2,
         Read,
-        super::keys(1, -1, 1),
         "Monitors changes to keys to determine the execution of a transaction.",
         |a| Ok(Cmd::Watch(a[1..].to_vec())),
     ),
-    tx(
+    TX.since("2.2.0").cmd(
         "unwatch",
         1,
         Connection,
-        NO_KEYS,
         "Forgets about watched keys of a transaction.",
         |_| Ok(Cmd::Unwatch),
     ),

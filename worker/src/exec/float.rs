@@ -83,28 +83,8 @@ fn parse_decimal(s: &[u8]) -> Option<(Big, i64)> {
         return None;
     }
     if i < s.len() && (s[i] == b'e' || s[i] == b'E') {
-        i += 1;
-        let neg = match s.get(i) {
-            Some(b'-') => {
-                i += 1;
-                true
-            }
-            Some(b'+') => {
-                i += 1;
-                false
-            }
-            _ => false,
-        };
-        let start = i;
-        let mut e: i64 = 0;
-        while i < s.len() && s[i].is_ascii_digit() {
-            e = (e * 10 + i64::from(s[i] - b'0')).min(1 << 40);
-            i += 1;
-        }
-        if i == start {
-            return None; // "1e": strtold stops before the `e`, so Redis refuses it
-        }
-        exp = exp.saturating_add(if neg { -e } else { e });
+        // "1e": strtold stops before the `e`, so Redis refuses it.
+        exp = exp.saturating_add(exponent(s, &mut i)?);
     }
     (i == s.len()).then_some((digits, exp))
 }
@@ -119,6 +99,28 @@ fn push_digit(digits: &mut Big, significant: &mut usize, exp: &mut i64, d: u8, f
     if fraction {
         *exp -= 1;
     }
+}
+
+/// The signed exponent after the `e` or `p` at `s[*i]` (clamped far past any value's range);
+/// `None` without digits.
+fn exponent(s: &[u8], i: &mut usize) -> Option<i64> {
+    *i += 1;
+    let neg = match s.get(*i) {
+        Some(b'-') => true,
+        Some(b'+') => false,
+        _ => {
+            *i -= 1;
+            false
+        }
+    };
+    *i += 1;
+    let start = *i;
+    let mut e: i64 = 0;
+    while let Some(d) = s.get(*i).filter(|d| d.is_ascii_digit()) {
+        e = (e * 10 + i64::from(d - b'0')).min(1 << 40);
+        *i += 1;
+    }
+    (*i > start).then_some(if neg { -e } else { e })
 }
 
 /// Hexadecimal (`0x1.8p3`): `value = digits * 2^exp2` (no decimal exponent).
@@ -145,28 +147,7 @@ fn parse_hex(s: &[u8]) -> Option<(Big, i64, i64)> {
         return None;
     }
     if s.get(i) == Some(&b'p') {
-        i += 1;
-        let neg = match s.get(i) {
-            Some(b'-') => {
-                i += 1;
-                true
-            }
-            Some(b'+') => {
-                i += 1;
-                false
-            }
-            _ => false,
-        };
-        let start = i;
-        let mut e: i64 = 0;
-        while i < s.len() && s[i].is_ascii_digit() {
-            e = (e * 10 + i64::from(s[i] - b'0')).min(1 << 40);
-            i += 1;
-        }
-        if i == start {
-            return None;
-        }
-        exp2 = exp2.saturating_add(if neg { -e } else { e });
+        exp2 = exp2.saturating_add(exponent(s, &mut i)?);
     }
     (i == s.len()).then_some((digits, 0, exp2))
 }

@@ -170,12 +170,18 @@ impl Store {
     /// for the caller to free (freeing, not finding, is what takes time on a big store).
     pub fn flush(&self, version: u64) -> Flushed {
         let floor = self.floor.fetch_max(version, Ordering::AcqRel).max(version);
+        self.take_older(floor)
+    }
+
+    /// Removes every entry (values and tombstones) older than `version`, shard by shard,
+    /// without leaving tombstones; returns them, to be freed outside the locks.
+    pub(super) fn take_older(&self, version: u64) -> Flushed {
         let mut gone = Vec::with_capacity(SHARDS);
         for shard in self.shards.iter() {
             let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
             let before = shard.held();
             let super::Shard { table, usage, .. } = &mut *shard;
-            let old: Vec<Entry> = table.extract_if(|e| e.version() < floor).collect();
+            let old: Vec<Entry> = table.extract_if(|e| e.version() < version).collect();
             for e in &old {
                 usage.remove(e);
             }
