@@ -45,9 +45,17 @@ pub struct Config {
     pub max_buffer_memory: Option<u64>,
 
     /// Size of the compression dictionary the worker builds from the first values it
-    /// stores; similar values then compress far better. 0 disables dictionaries.
+    /// stores; similar values then compress far better. 0 disables dictionaries. With
+    /// --encryption-key-file, dictionaries are off unless --dictionary-with-encryption.
     #[arg(long, env = "TWINCACHE_WORKER_DICTIONARY_SIZE", default_value = "8KiB", value_parser = parse_size)]
     pub dictionary_size: u64,
+
+    /// Keep the shared compression dictionary with --encryption-key-file. It lets a client
+    /// who can write values and see stored sizes guess other clients' values byte by byte
+    /// (README: "What encryption hides"); only for a cluster whose writers all trust each
+    /// other.
+    #[arg(long, env = "TWINCACHE_WORKER_DICTIONARY_WITH_ENCRYPTION")]
+    pub dictionary_with_encryption: bool,
 
     /// How long deletes are remembered (tombstones), so that neither a late write nor a
     /// resync brings a deleted key back. Longer than any resync should take.
@@ -193,6 +201,20 @@ impl Config {
              (`worker keygen > cluster.secret`), or pass --insecure on a network you trust",
             self.bind
         ))
+    }
+
+    /// The dictionary size the store uses: `--dictionary-size`, but 0 with encryption unless
+    /// `--dictionary-with-encryption`. A dictionary built from the first values compresses
+    /// every later value against them, so the stored size of a value one client writes says
+    /// how much it has in common with values others wrote: a client that can write guesses
+    /// and watch the sizes (`stats`, memory, evictions) recovers those values byte by byte.
+    /// Each value compressed on its own tells nothing about the others.
+    pub fn dictionary_bytes(&self) -> usize {
+        if self.encryption_key_file.is_some() && !self.dictionary_with_encryption {
+            0
+        } else {
+            self.dictionary_size as usize
+        }
     }
 
     /// The cipher from `--encryption-key-file`, if given; a clear message if it is unusable.
