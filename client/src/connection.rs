@@ -293,6 +293,11 @@ async fn write_loop(mut wr: tokio::net::tcp::OwnedWriteHalf, shared: Arc<Shared>
         if shared.closed.load(Ordering::Acquire) {
             break;
         }
+        // Let the tasks that are ready to run go first: a multi-thread runtime runs a task it
+        // just woke at once (its LIFO slot), so without this every caller's request would
+        // leave in a write of its own. Yielding puts the writer behind them, and what they
+        // queue meanwhile leaves with it in one write.
+        tokio::task::yield_now().await;
         // Take everything queued so far; callers keep filling the (now empty) outbox.
         std::mem::swap(&mut shared.lock().buf, &mut out);
         if out.is_empty() {
