@@ -740,24 +740,31 @@ impl Store {
     /// longer remembers, so this worker's older copies could bring those keys back, and
     /// whatever of them the partner still holds arrives with its snapshot.
     pub fn drop_older_than(&self, version: u64) -> usize {
-        let mut dropped = 0;
-        for shard in self.shards.iter() {
-            let gone: Vec<Entry> = {
-                let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
-                let before = shard.held();
-                let Shard { table, usage, .. } = &mut *shard;
-                let gone: Vec<Entry> = table.extract_if(|e| e.version() < version).collect();
-                for e in &gone {
-                    usage.remove(e);
-                }
-                shard.recount_structure();
-                self.track(before, shard.held());
-                self.compact_clock(&mut shard);
-                gone
-            };
-            dropped += gone.len();
-        }
-        dropped
+        (0..SHARDS)
+            .map(|n| self.remove_where(n, |e| e.version() < version))
+            .sum()
+    }
+
+    /// Removes the entries of shard `n` for which `doomed` holds, with their accounting;
+    /// returns how many. They are freed after the shard's lock is released.
+    fn remove_where(&self, n: usize, doomed: impl FnMut(&Entry) -> bool) -> usize {
+        let gone: Vec<Entry> = {
+            let mut shard = self.shards[n % SHARDS]
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let before = shard.held();
+            let Shard { table, usage, .. } = &mut *shard;
+            let mut doomed = doomed;
+            let gone: Vec<Entry> = table.extract_if(|e| doomed(e)).collect();
+            for e in &gone {
+                usage.remove(e);
+            }
+            shard.recount_structure();
+            self.track(before, shard.held());
+            self.compact_clock(&mut shard);
+            gone
+        };
+        gone.len()
     }
 
     /// [`Store::merge`] for an entry compressed against `theirs`, a dictionary this worker
@@ -917,26 +924,11 @@ impl Store {
     /// shard per call keeps each call's cost a fixed fraction of the store.
     pub fn sweep_shard(&self, n: usize) -> usize {
         let now = now_ms();
-        let expired: Vec<Entry> = {
-            let mut shard = self.shards[n % SHARDS]
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            let before = shard.held();
-            let Shard { table, usage, .. } = &mut *shard;
-            let gone: Vec<Entry> = table.extract_if(|e| e.expired(now)).collect();
-            for e in &gone {
-                usage.remove(e);
-            }
-            shard.recount_structure();
-            self.track(before, shard.held());
-            self.compact_clock(&mut shard);
-            gone
-        };
-        let n = expired.len();
+        let n = self.remove_where(n, |e| e.expired(now));
         if n > 0 {
             self.counters.expired.fetch_add(n as u64, Ordering::Relaxed);
         }
-        n // the entries are freed here, outside the lock
+        n
     }
 
     /// Sweeps one shard every `interval` until `shutdown`; a full pass takes 64 intervals.
