@@ -12,6 +12,33 @@
 //! (`twincache_orchestrator::local::LocalCluster`); in an application, the address is your
 //! orchestrator's (`127.0.0.1:7000` for `deploy/local-cluster.sh`).
 //!
+//! ## At a glance
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let cluster = twincache_orchestrator::local::LocalCluster::start(2).await?;
+//! # let addr = cluster.addr().to_string();
+//! use std::time::Duration;
+//! use twincache_client::{Client, Pipeline, SetOptions};
+//!
+//! let client = Client::connect(&addr).await?;  // cheap to clone, share across tasks
+//! client.set("greeting", "hello").await?;
+//! let greeting: Option<String> = client.get("greeting").await?;
+//! # assert_eq!(greeting.as_deref(), Some("hello"));
+//! client.set(b"any\n||\0bytes", &b"\xff\x00"[..]).await?;
+//! client.set("visits", 41).await?;
+//! assert_eq!(client.get::<i64>("visits").await?, Some(41));
+//! assert!(client.set_options::<bool>("lock", "me", SetOptions::new().nx().ttl(Duration::from_secs(30))).await?);
+//! let values = client.mget::<String>(["greeting", "missing"]).await?;
+//! # assert_eq!(values, [Some("hello".to_string()), None]);
+//! let mut pipe = Pipeline::new();
+//! pipe.set("a", "1").get("a").del("a");
+//! let (_, a, deleted): ((), Option<String>, bool) = pipe.query(&client).await?;
+//! # assert_eq!((a.as_deref(), deleted), (Some("1"), true));
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! ## Getting and setting
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
