@@ -196,7 +196,12 @@ fn easy_mistakes_get_answers_that_say_what_to_write() {
     // Its own address as a worker.
     let (code, text) = run(
         ORCHESTRATOR,
-        &["--listen", "127.0.0.1:7420", "localhost:7420", "127.0.0.1:7421"],
+        &[
+            "--listen",
+            "127.0.0.1:7420",
+            "localhost:7420",
+            "127.0.0.1:7421",
+        ],
     );
     assert_eq!(code, 2, "{text}");
     assert!(text.contains("own --listen"), "{text}");
@@ -209,7 +214,12 @@ fn easy_mistakes_get_answers_that_say_what_to_write() {
 async fn host_names_and_host_colon_port_are_accepted() {
     let a = Proc::start(
         WORKER,
-        &["--bind".into(), "localhost".into(), "--port".into(), "0".into()],
+        &[
+            "--bind".into(),
+            "localhost".into(),
+            "--port".into(),
+            "0".into(),
+        ],
     );
     assert_eq!(a.addr.ip(), std::net::Ipv4Addr::LOCALHOST);
     let b = Proc::worker();
@@ -231,7 +241,11 @@ async fn host_names_and_host_colon_port_are_accepted() {
         if out == "0||\n0||v\n" {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "{out}\n{}", orch.log_text());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{out}\n{}",
+            orch.log_text()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -38,7 +38,9 @@ fn netcat_examples(text: &str) -> Vec<(Vec<u8>, Vec<String>)> {
             let Some(rest) = line.strip_prefix("printf '") else {
                 continue;
             };
-            let (input, after) = rest.split_once("' | nc 127.0.0.1 7000").expect("nc example");
+            let (input, after) = rest
+                .split_once("' | nc 127.0.0.1 7000")
+                .expect("nc example");
             let expected: Vec<String> = match after.split_once("prints ") {
                 Some((_, said)) => said.split(" and ").map(str::to_string).collect(),
                 None => block[i + 1..]
@@ -58,11 +60,19 @@ async fn netcat_and_redis_cli_examples_print_what_readme_says() {
     let text = readme();
     let cluster = Cluster::start(1).await;
     let examples = netcat_examples(&text);
-    assert!(examples.len() >= 2, "the quick start and the text protocol examples");
+    assert!(
+        examples.len() >= 2,
+        "the quick start and the text protocol examples"
+    );
     for (input, expected) in examples {
         let got = exchange(cluster.orch.addr, &input).await;
         let got: Vec<&str> = got.lines().collect();
-        assert_eq!(got, expected, "README example {:?}", String::from_utf8_lossy(&input));
+        assert_eq!(
+            got,
+            expected,
+            "README example {:?}",
+            String::from_utf8_lossy(&input)
+        );
         // Every example starts afresh.
         exchange(cluster.orch.addr, b"del||a\n").await;
     }
@@ -81,7 +91,11 @@ async fn netcat_and_redis_cli_examples_print_what_readme_says() {
             .args(args.split_whitespace())
             .output()
             .expect("redis-cli is installed (apt-get install -y redis-tools)");
-        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), said.trim(), "{line}");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            said.trim(),
+            "{line}"
+        );
         checked += 1;
     }
     assert!(checked >= 2, "README's redis-cli examples were found");
@@ -97,7 +111,11 @@ fn the_startup_line_is_as_readme_shows() {
     use std::io::BufRead;
     let said = readme()
         .lines()
-        .find_map(|l| l.split("# prints: ").nth(1).filter(|s| s.contains("worker listening")))
+        .find_map(|l| {
+            l.split("# prints: ")
+                .nth(1)
+                .filter(|s| s.contains("worker listening"))
+        })
         .expect("README shows the worker's startup line")
         .trim()
         .to_string();
@@ -133,7 +151,11 @@ fn every_flag_in_the_tables_exists_with_its_default() {
         let help = Command::new(bin).arg("--help").output().unwrap();
         let help = String::from_utf8_lossy(&help.stdout).into_owned();
         let start = text.find(table).expect("the table is there");
-        for row in text[start..].lines().skip(2).take_while(|l| l.starts_with('|')) {
+        for row in text[start..]
+            .lines()
+            .skip(2)
+            .take_while(|l| l.starts_with('|'))
+        {
             let cells: Vec<&str> = row.split('|').map(str::trim).collect();
             let (flag, default) = (cells[1], cells[2]);
             let Some(flag) = flag.strip_prefix('`').and_then(|f| f.split('`').next()) else {
@@ -142,7 +164,9 @@ fn every_flag_in_the_tables_exists_with_its_default() {
             if !flag.starts_with("--") {
                 continue; // positional workers, `keygen`
             }
-            let Some(at) = help.find(&format!("{flag} ")).or_else(|| help.find(&format!("{flag}\n")))
+            let Some(at) = help
+                .find(&format!("{flag} "))
+                .or_else(|| help.find(&format!("{flag}\n")))
             else {
                 panic!("{bin} --help has no {flag}");
             };
