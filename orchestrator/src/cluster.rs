@@ -249,6 +249,11 @@ impl WorkerLink {
         self.refused.store(false, Ordering::Relaxed);
     }
 
+    /// The cluster secret proved on connections to this worker.
+    pub(crate) fn secret(&self) -> Option<&ClusterSecret> {
+        self.secret.as_ref()
+    }
+
     /// Whether a refill may be asked of this worker now: they are paced, so a partner that
     /// answers health checks but cannot serve a snapshot is not asked every round.
     pub(crate) fn may_refill(&self) -> bool {

@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
+use twincache_client::Bytes;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -106,7 +107,7 @@ async fn a_client_that_never_reads_its_replies_is_cut_at_its_limit() {
         .await
         .unwrap();
     assert_eq!(
-        c.get("big").await.unwrap().map(|v| v.len()),
+        c.get::<Bytes>("big").await.unwrap().map(|v| v.len()),
         Some(MB as usize)
     );
 }
@@ -323,7 +324,7 @@ async fn a_value_over_the_orchestrators_frame_limit_is_too_large_not_unreachable
         .await
         .unwrap();
     for _ in 0..10 {
-        let err = c.get("huge").await.unwrap_err();
+        let err = c.get::<Bytes>("huge").await.unwrap_err();
         assert_eq!(
             err.status(),
             Some(twincache_client::Status::TooLarge),
@@ -331,7 +332,10 @@ async fn a_value_over_the_orchestrators_frame_limit_is_too_large_not_unreachable
         );
         assert!(err.to_string().contains("exceeds"), "{err}");
         c.set("small", "v").await.unwrap();
-        assert_eq!(c.get("small").await.unwrap().as_deref(), Some(&b"v"[..]));
+        assert_eq!(
+            c.get::<Bytes>("small").await.unwrap().as_deref(),
+            Some(&b"v"[..])
+        );
     }
     let status = crate::faults::status(cluster.orch.addr).await;
     assert!(

@@ -3,6 +3,7 @@
 
 use std::process::Command;
 use std::time::Duration;
+use twincache_client::Bytes;
 
 use crate::harness::{Proc, TextConn, WORKER};
 
@@ -145,7 +146,7 @@ async fn ttls_expire_keys_everywhere() {
         .unwrap();
     assert_eq!(conn.request("get||short").await, "0||soon gone");
     assert_eq!(
-        client.get("client").await.unwrap().as_deref(),
+        client.get::<Bytes>("client").await.unwrap().as_deref(),
         Some(&b"x"[..])
     );
     tokio::time::sleep(Duration::from_millis(1200)).await;
@@ -261,13 +262,13 @@ async fn memory_limit_holds_resident_memory_and_keeps_hot_keys() {
         }
         for k in &hot {
             assert!(
-                client.get(k).await.unwrap().is_some(),
+                client.get::<Bytes>(k).await.unwrap().is_some(),
                 "hot key {k} evicted at chunk {chunk}"
             );
         }
     }
     assert_eq!(
-        client.get("cold:0").await.unwrap(),
+        client.get::<Bytes>("cold:0").await.unwrap(),
         None,
         "the coldest keys went"
     );
@@ -398,7 +399,7 @@ async fn write_distinctive_then_others(workers: &[Proc; 2]) -> Vec<(String, Stri
     }
     let read_all = || async {
         for (i, (_, v)) in values.iter().enumerate() {
-            let got = client.get(format!("secret:{i}")).await.unwrap();
+            let got = client.get::<Bytes>(format!("secret:{i}")).await.unwrap();
             assert_eq!(got.as_deref(), Some(v.as_bytes()));
         }
     };
@@ -421,7 +422,9 @@ async fn write_distinctive_then_others(workers: &[Proc; 2]) -> Vec<(String, Stri
             .collect();
         futures_util::future::join_all(writes).await;
         for i in 0..5 {
-            let _ = client.get(format!("other:{}", chunk * 50 + i * 7)).await;
+            let _ = client
+                .get::<Bytes>(format!("other:{}", chunk * 50 + i * 7))
+                .await;
         }
     }
     read_all().await;

@@ -15,8 +15,9 @@ pub struct Config {
     #[command(subcommand)]
     pub command: Option<Command>,
 
-    /// Address to listen on.
-    #[arg(long, env = "TWINCACHE_WORKER_BIND", default_value = "127.0.0.1")]
+    /// Address to listen on: an IP address, or a host name resolved at start (an IPv4
+    /// address preferred).
+    #[arg(long, env = "TWINCACHE_WORKER_BIND", default_value = "127.0.0.1", value_parser = parse_bind)]
     pub bind: IpAddr,
 
     /// Port to listen on; 0 picks a free one (the startup line says which).
@@ -148,6 +149,23 @@ pub struct Config {
     pub log_format: String,
 }
 
+/// `--bind`: an IP address, or a host name (`localhost`) resolved to one.
+fn parse_bind(s: &str) -> Result<IpAddr, String> {
+    use std::net::ToSocketAddrs;
+    if let Ok(ip) = s.parse() {
+        return Ok(ip);
+    }
+    let mut ips: Vec<IpAddr> = (s, 0)
+        .to_socket_addrs()
+        .map_err(|e| format!("`{s}` is not an IP address, and cannot be resolved: {e}"))?
+        .map(|a| a.ip())
+        .collect();
+    ips.sort_by_key(|ip| ip.is_ipv6());
+    ips.first()
+        .copied()
+        .ok_or_else(|| format!("`{s}` resolves to no address"))
+}
+
 /// Commands other than serving.
 #[derive(Debug, Clone, Subcommand)]
 pub enum Command {
@@ -232,5 +250,17 @@ impl Default for Config {
         let mut config = Config::parse_from(["worker"]);
         config.port = 0;
         config
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bind_takes_host_names() {
+        let c = Config::try_parse_from(["worker", "--bind", "localhost"]).unwrap();
+        assert_eq!(c.bind, IpAddr::from([127, 0, 0, 1]));
+        assert!(Config::try_parse_from(["worker", "--bind", "no such host.invalid"]).is_err());
     }
 }
