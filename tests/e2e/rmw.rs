@@ -156,7 +156,7 @@ async fn incr_through_two_orchestrators_survives_kill_and_restart_of_each_worker
             let got = Client::connect(&w.to_string())
                 .await
                 .unwrap()
-                .get(*key)
+                .get::<Bytes>(*key)
                 .await
                 .unwrap();
             assert_eq!(
@@ -277,13 +277,13 @@ async fn flushall_taken_alone_is_not_undone_by_the_partners_refill() {
         let direct = Client::connect(&w.to_string()).await.unwrap();
         for i in (0..200).step_by(7) {
             assert_eq!(
-                direct.get(format!("old:{i}")).await.unwrap(),
+                direct.get::<Bytes>(format!("old:{i}")).await.unwrap(),
                 None,
                 "old:{i} on {w}"
             );
         }
         assert_eq!(
-            direct.get("after").await.unwrap().as_deref(),
+            direct.get::<Bytes>("after").await.unwrap().as_deref(),
             Some(&b"1"[..]),
             "on {w}"
         );

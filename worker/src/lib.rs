@@ -10,16 +10,20 @@
 //! [`store`] (the sharded tables, eviction, TTLs, typed entries, key-space walks),
 //! [`exec`] (the Redis commands that read before they write, run on the pair's primary),
 //! [`sync`] (snapshots and partner resync),
-//! [`server`] (connections), [`http`] (`--http`: metrics and health).
+//! [`server`] (connections), [`http`] (`--http`: metrics and health), [`secret`] (memory
+//! for the key and dictionary, kept out of core dumps and swap), [`wipe`] (no plaintext left
+//! behind with encryption on).
 
 pub mod adapter;
 pub mod config;
 pub mod exec;
 pub mod http;
 pub mod seal;
+pub mod secret;
 pub mod server;
 pub mod store;
 pub mod sync;
+pub mod wipe;
 
 pub use config::Config;
 pub use server::Worker;

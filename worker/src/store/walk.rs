@@ -176,21 +176,11 @@ impl Store {
     /// Removes every entry (values and tombstones) older than `version`, shard by shard,
     /// without leaving tombstones; returns them, to be freed outside the locks.
     pub(super) fn take_older(&self, version: u64) -> Flushed {
-        let mut gone = Vec::with_capacity(SHARDS);
-        for shard in self.shards.iter() {
-            let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
-            let before = shard.held();
-            let super::Shard { table, usage, .. } = &mut *shard;
-            let old: Vec<Entry> = table.extract_if(|e| e.version() < version).collect();
-            for e in &old {
-                usage.remove(e);
-            }
-            shard.recount_structure();
-            self.track(before, shard.held());
-            self.compact_clock(&mut shard);
-            gone.push(old);
-        }
-        Flushed(gone)
+        Flushed(
+            (0..SHARDS)
+                .map(|n| self.take_where(n, |e| e.version() < version))
+                .collect(),
+        )
     }
 }
 
