@@ -52,10 +52,14 @@
 //! # }
 //! ```
 //!
+//! ## TLS
+//! [`ClientBuilder::tls`] with a [`TlsConnector`] (the CA to trust, and a client certificate
+//! for a server that requires one) connects over TLS; everything else is unchanged.
+//!
 //! ## Errors
 //! Every call returns [`Error`], which says whether the failure was a timeout, a dropped
-//! connection (the next call reconnects), or an answer from the server such as
-//! [`Status::Unavailable`] (no worker of the key's pair is reachable).
+//! connection (the next call reconnects), a TLS failure, or an answer from the server such
+//! as [`Status::Unavailable`] (no worker of the key's pair is reachable).
 
 mod connection;
 
@@ -67,6 +71,7 @@ pub use connection::{Connection, Reply};
 pub use twincache_protocol::auth::ClusterSecret;
 use twincache_protocol::frame::{Op, Request, Response, DEFAULT_MAX_FRAME};
 pub use twincache_protocol::Status;
+pub use twincache_tls::{rustls, Connector as TlsConnector, TlsError};
 use zeroize::Zeroizing;
 
 /// What went wrong with a call.
@@ -85,6 +90,11 @@ pub enum Error {
     /// The server refused the credentials (or the cluster secret), or requires them.
     #[error("authentication failed: {0}")]
     Auth(String),
+    /// The TLS handshake failed, or the server ended the session with a TLS alert: a
+    /// certificate it does not trust (or one it required and did not get), or ours it does
+    /// not. Retrying does not help until the certificates change.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// The connection's send buffer is full: the server is not keeping up (or not reading
     /// at all). Nothing was sent; retry later.
     #[error("the connection's send buffer is full; the server is not keeping up")]
@@ -111,7 +121,20 @@ impl Error {
             Error::Server { status, .. } => {
                 matches!(status, Status::Unavailable | Status::ServerError)
             }
-            Error::Auth(_) => false,
+            Error::Auth(_) | Error::Tls(_) => false,
+        }
+    }
+
+    /// An I/O error, or [`Error::Tls`] if it is rustls' (tokio-rustls wraps those in
+    /// `InvalidData`).
+    pub(crate) fn from_io(e: std::io::Error) -> Error {
+        let tls = e
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<twincache_tls::rustls::Error>())
+            .map(ToString::to_string);
+        match tls {
+            Some(reason) => Error::Tls(reason),
+            None => Error::Io(e),
         }
     }
 
@@ -133,6 +156,8 @@ pub struct ClientBuilder {
     credentials: Option<(Option<String>, Zeroizing<String>)>,
     /// For connecting to a worker directly, in a cluster with a secret.
     secret: Option<ClusterSecret>,
+    /// TLS, for a server whose port speaks it.
+    tls: Option<TlsConnector>,
 }
 
 impl std::fmt::Debug for ClientBuilder {
@@ -142,6 +167,7 @@ impl std::fmt::Debug for ClientBuilder {
             .field("connect_timeout", &self.connect_timeout)
             .field("max_frame", &self.max_frame)
             .field("user", &self.credentials.as_ref().map(|(u, _)| u))
+            .field("tls", &self.tls)
             .finish_non_exhaustive()
     }
 }
@@ -154,6 +180,7 @@ impl Default for ClientBuilder {
             max_frame: DEFAULT_MAX_FRAME + 1024,
             credentials: None,
             secret: None,
+            tls: None,
         }
     }
 }
@@ -198,6 +225,29 @@ impl ClientBuilder {
         self
     }
 
+    /// Connects over TLS, to an orchestrator started with `--tls-cert-file` (or a worker
+    /// with `--tls-cluster`). The server's certificate is checked against the host of the
+    /// address connected to (so a server reached by IP address needs that address in its
+    /// certificate), unless [`TlsConnector::server_name`] names another.
+    ///
+    /// ```no_run
+    /// # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+    /// use twincache_client::{Client, TlsConnector};
+    ///
+    /// let tls = TlsConnector::from_ca_file("ca.pem")?;
+    /// let client = Client::builder().tls(tls).connect("127.0.0.1:7000").await?;
+    ///
+    /// // A server that requires client certificates (--tls-ca-cert-file):
+    /// let tls = TlsConnector::from_files("ca.pem", "client.pem", "client.key")?;
+    /// let client = Client::builder().tls(tls).connect("cache.internal:7000").await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn tls(mut self, tls: TlsConnector) -> Self {
+        self.tls = Some(tls);
+        self
+    }
+
     /// Connects to `addr` (`host:port`).
     pub async fn connect(self, addr: &str) -> Result<Client, Error> {
         let conn = open(addr, &self).await?;
@@ -214,11 +264,12 @@ impl ClientBuilder {
 
 async fn open(addr: &str, config: &ClientBuilder) -> Result<Connection, Error> {
     let connect = async {
-        let conn = Connection::connect_with_secret(
+        let conn = Connection::open(
             addr,
             config.max_frame,
             config.timeout,
             config.secret.as_ref(),
+            config.tls.as_ref(),
         )
         .await?;
         if let Some((user, password)) = &config.credentials {

@@ -370,7 +370,10 @@ impl Router {
                 Some(parse(&String::from_utf8_lossy(&resp.payload)))
             }
             Ok(Ok(resp)) if resp.status == Status::NoAuth => {
-                w.refusing("the worker requires cluster authentication");
+                w.refusing(
+                    "the worker requires cluster authentication: give the orchestrator and \
+                     every worker the same --cluster-secret-file",
+                );
                 None
             }
             _ => None,

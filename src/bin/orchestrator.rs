@@ -22,6 +22,11 @@ async fn run(config: Config) {
         .await
         .unwrap_or_else(|e| twincache::fail(1, format_args!("cannot listen on {listen}: {e}")));
     let shutdown = twincache::shutdown_on_signal();
+    let reload = twincache::reload_on_signal();
+    match orchestrator.tls() {
+        Some(tls) => drop(tokio::spawn(tls.reload_on(reload))),
+        None => drop(reload),
+    }
     // Before the listening line, which scripts wait for: once it is out, both are.
     if let Some(http) = orchestrator.http_addr() {
         println!("twincache orchestrator http on {http}");

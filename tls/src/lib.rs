@@ -49,6 +49,19 @@ pub async fn starts_with_handshake(stream: &TcpStream) -> io::Result<bool> {
     Ok(stream.peek(&mut first).await? == 1 && first[0] == HANDSHAKE_BYTE)
 }
 
+/// What became of a connection on a TLS port.
+pub enum Accepted {
+    /// The handshake is done: serve the session.
+    Tls(Box<ServerStream<TcpStream>>),
+    /// The peer speaks plaintext; its bytes are still unread, for the server to answer in
+    /// the peer's protocol that this port needs TLS.
+    Plaintext(TcpStream),
+    /// The handshake failed (a certificate refused, garbage, the peer gone).
+    Failed(io::Error),
+    /// The handshake was not done by the deadline.
+    TimedOut,
+}
+
 /// What can be wrong with TLS files; each message names the file and what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -73,8 +86,16 @@ pub enum TlsError {
     NoKey { what: &'static str, path: PathBuf },
     #[error("the private key in {key} cannot be used: {detail}")]
     BadKey { key: PathBuf, detail: String },
-    #[error("the private key in {key} does not belong to the certificate in {cert}")]
-    Mismatch { cert: PathBuf, key: PathBuf },
+    #[error(
+        "the private key in {key_what} {key} does not belong to the certificate in \
+         {cert_what} {cert}"
+    )]
+    Mismatch {
+        cert_what: &'static str,
+        cert: PathBuf,
+        key_what: &'static str,
+        key: PathBuf,
+    },
     #[error("{what} {path}: {detail}")]
     BadCa {
         what: &'static str,
@@ -210,6 +231,24 @@ impl NodeTls {
             io::Error::new(io::ErrorKind::Unsupported, "this node does not serve TLS")
         })?;
         tokio_rustls::TlsAcceptor::from(config).accept(stream).await
+    }
+
+    /// Accepts a connection on a TLS port by `deadline` (the server's opening deadline, so
+    /// a peer that stalls mid-handshake is cut off like one that stalls before its first
+    /// request), telling a plaintext peer apart by its first byte.
+    pub async fn accept_by(&self, stream: TcpStream, deadline: tokio::time::Instant) -> Accepted {
+        let handshake = async {
+            if !starts_with_handshake(&stream).await? {
+                return Ok(Err(stream));
+            }
+            self.accept(stream).await.map(Ok)
+        };
+        match tokio::time::timeout_at(deadline, handshake).await {
+            Ok(Ok(Ok(session))) => Accepted::Tls(Box::new(session)),
+            Ok(Ok(Err(plain))) => Accepted::Plaintext(plain),
+            Ok(Err(e)) => Accepted::Failed(e),
+            Err(_) => Accepted::TimedOut,
+        }
     }
 
     /// A connector for this node's cluster links, which takes the current config at each
@@ -435,7 +474,9 @@ fn load_certified_key(
     };
     let certified = CertifiedKey::from_der(chain, der, &provider()).map_err(|e| match e {
         rustls::Error::InconsistentKeys(_) => TlsError::Mismatch {
+            cert_what,
             cert: cert.to_path_buf(),
+            key_what,
             key: key.to_path_buf(),
         },
         other => TlsError::BadKey {
