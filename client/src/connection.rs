@@ -97,6 +97,23 @@ struct Outbox {
     next_id: u64,
     /// Set when the connection dies, so a later request fails at once.
     closed: bool,
+    /// Why it died, if TLS said (see [`Shared::close_because`]): later requests fail with it
+    /// too, since a refused client certificate is often told before the first request.
+    tls_failure: Option<String>,
+}
+
+impl Outbox {
+    /// What a request on this closed connection fails with.
+    fn failure(&self) -> Error {
+        failure(&self.tls_failure)
+    }
+}
+
+fn failure(tls_failure: &Option<String>) -> Error {
+    match tls_failure {
+        Some(reason) => Error::Tls(reason.clone()),
+        None => Error::ConnectionClosed,
+    }
 }
 
 /// What the handles and the connection's tasks share.
@@ -134,14 +151,12 @@ impl Shared {
         let drained: Vec<ReplyTx> = {
             let mut o = self.lock();
             o.closed = true;
+            o.tls_failure = tls.clone();
             o.buf.clear();
             o.pending.drain().map(|(_, p)| p.tx).collect()
         };
         for tx in drained {
-            let _ = tx.send(Err(match &tls {
-                Some(reason) => Error::Tls(reason.clone()),
-                None => Error::ConnectionClosed,
-            }));
+            let _ = tx.send(Err(failure(&tls)));
         }
     }
 }
@@ -238,6 +253,7 @@ impl Connection {
                 pending: PendingMap::default(),
                 next_id: 1,
                 closed: false,
+                tls_failure: None,
             }),
             wake_writer: Notify::new(),
             closed: AtomicBool::new(false),
@@ -270,7 +286,7 @@ impl Connection {
         let was_empty = {
             let mut o = shared.lock();
             if o.closed {
-                // reply_tx is dropped: the reply resolves to ConnectionClosed.
+                let _ = reply_tx.send(Err(o.failure()));
                 return Reply(reply_rx);
             }
             let was_empty = o.buf.is_empty();

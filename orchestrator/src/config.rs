@@ -245,12 +245,12 @@ impl Config {
     /// The TLS files and what this orchestrator does with them: serve its client port (with a
     /// certificate), connect to the workers (with --tls-cluster).
     pub fn tls_files(&self) -> (TlsFiles, Roles) {
-        let files = TlsFiles {
-            cert: self.tls_cert_file.clone(),
-            key: self.tls_key_file.clone(),
-            ca: self.tls_ca_cert_file.clone(),
-            auth_clients: self.tls_auth_clients.parse().unwrap_or_default(),
-        };
+        let files = TlsFiles::from_flags(
+            self.tls_cert_file.as_deref(),
+            self.tls_key_file.as_deref(),
+            self.tls_ca_cert_file.as_deref(),
+            &self.tls_auth_clients,
+        );
         let roles = Roles {
             serve: self.tls_cert_file.is_some(),
             connect: self.tls_cluster,

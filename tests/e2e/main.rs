@@ -17,3 +17,4 @@ mod robustness;
 mod security;
 mod storage;
 mod text;
+mod tls;

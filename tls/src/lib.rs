@@ -148,6 +148,24 @@ pub struct TlsFiles {
     pub auth_clients: AuthClients,
 }
 
+impl TlsFiles {
+    /// The files as a node's flags give them; `auth_clients` is `--tls-auth-clients`
+    /// (`yes`, `optional` or `no`; anything else reads as `yes`, the safe side).
+    pub fn from_flags(
+        cert: Option<&Path>,
+        key: Option<&Path>,
+        ca: Option<&Path>,
+        auth_clients: &str,
+    ) -> TlsFiles {
+        TlsFiles {
+            cert: cert.map(Path::to_path_buf),
+            key: key.map(Path::to_path_buf),
+            ca: ca.map(Path::to_path_buf),
+            auth_clients: auth_clients.parse().unwrap_or_default(),
+        }
+    }
+}
+
 /// Which configs a node needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Roles {
@@ -227,10 +245,9 @@ impl NodeTls {
     where
         IO: AsyncRead + AsyncWrite + Unpin,
     {
-        let config = self.current.load().server.clone().ok_or_else(|| {
-            io::Error::new(io::ErrorKind::Unsupported, "this node does not serve TLS")
-        })?;
-        tokio_rustls::TlsAcceptor::from(config).accept(stream).await
+        tokio_rustls::TlsAcceptor::from(self.server_config()?)
+            .accept(stream)
+            .await
     }
 
     /// Accepts a connection on a TLS port by `deadline` (the server's opening deadline, so
@@ -241,7 +258,18 @@ impl NodeTls {
             if !starts_with_handshake(&stream).await? {
                 return Ok(Err(stream));
             }
-            self.accept(stream).await.map(Ok)
+            let config = self.server_config()?;
+            match tokio_rustls::TlsAcceptor::from(config)
+                .accept(stream)
+                .into_fallible()
+                .await
+            {
+                Ok(session) => Ok(Ok(session)),
+                Err((e, mut stream)) => {
+                    linger(&mut stream).await;
+                    Err(e)
+                }
+            }
         };
         match tokio::time::timeout_at(deadline, handshake).await {
             Ok(Ok(Ok(session))) => Accepted::Tls(Box::new(session)),
@@ -249,6 +277,12 @@ impl NodeTls {
             Ok(Err(e)) => Accepted::Failed(e),
             Err(_) => Accepted::TimedOut,
         }
+    }
+
+    fn server_config(&self) -> io::Result<Arc<ServerConfig>> {
+        self.current.load().server.clone().ok_or_else(|| {
+            io::Error::new(io::ErrorKind::Unsupported, "this node does not serve TLS")
+        })
     }
 
     /// A connector for this node's cluster links, which takes the current config at each
@@ -351,6 +385,27 @@ impl Connector {
             .connect(name, stream)
             .await
     }
+}
+
+/// After a failed handshake (whose alert rustls has sent), stops sending and reads what the
+/// peer still sends, for at most a second. Closing with unread input would reset the
+/// connection, and the reset can destroy the alert before the peer reads it: in TLS 1.3 a
+/// client learns that its certificate was refused only from that alert, after it has
+/// started sending requests.
+async fn linger(stream: &mut TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = stream.shutdown().await;
+    let mut sink = [0u8; 4096];
+    let mut left = 64usize * 1024;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+        while left > 0 {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    })
+    .await;
 }
 
 /// The host part of `host:port`, `[v6]:port` or a bare host.

@@ -257,12 +257,12 @@ impl Config {
                     .into(),
             );
         }
-        let files = TlsFiles {
-            cert: self.tls_cert_file.clone(),
-            key: self.tls_key_file.clone(),
-            ca: self.tls_ca_cert_file.clone(),
-            auth_clients: self.tls_auth_clients.parse().unwrap_or_default(),
-        };
+        let files = TlsFiles::from_flags(
+            self.tls_cert_file.as_deref(),
+            self.tls_key_file.as_deref(),
+            self.tls_ca_cert_file.as_deref(),
+            &self.tls_auth_clients,
+        );
         let roles = Roles {
             serve: true,
             connect: true,
