@@ -422,6 +422,29 @@ async fn certificates_reload_on_sighup_without_dropping_connections() {
     assert!(after > before && before > 100, "ops {before} then {after}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_handshake_is_cut_off() {
+    use tokio::io::AsyncReadExt;
+    let certs = Certs::new();
+    let mut flags = certs.flags(true);
+    flags.extend(["--tls-cluster".into(), "--idle-timeout".into(), "1s".into()]);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let worker = worker_on(0, &flags);
+    let orch = Proc::orchestrator(&[worker.addr, worker.addr], &flags);
+    for addr in [orch.addr, worker.addr] {
+        // The start of a ClientHello record, then nothing.
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream.write_all(&[0x16, 0x03, 0x01, 0x02]).await.unwrap();
+        let started = Instant::now();
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest))
+            .await
+            .expect("the server closes a stalled handshake")
+            .ok();
+        assert!(started.elapsed() >= Duration::from_millis(500), "{addr}");
+    }
+}
+
 /// Bounded wait until `text` shows up in the process's log.
 async fn wait_log(proc: &Proc, text: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
