@@ -6,17 +6,16 @@
 #   cargo build --release && bench/http-cost.sh
 #
 # Starts two one-pair clusters (all --threads 1, as in README's benchmark), then runs
-# ../shared/bench/peers.sh against each in turn, alternating, ROUNDS times each (redis and
+# bench/peers.sh against each in turn, alternating, ROUNDS times each (redis and
 # twemproxy are measured in every run too, so each run's ratio to twemproxy cancels some of
 # the machine's drift). Prints the orchestrator's median ops/s per test for each side and
 # the ratio on/off. Stops only the processes it started.
-# Env: ROUNDS (3), PEERS (../shared/bench/peers.sh), N1, N16 (passed on to peers.sh).
+# Env: ROUNDS (3), PEERS (bench/peers.sh), N1, N16 (passed on to peers.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}
-# shared/ sits beside the repository (or beside the worktrees' folder).
-PEERS=${PEERS:-$(ls ../shared/bench/peers.sh ../../shared/bench/peers.sh 2>/dev/null | head -1 || true)}
-[ -x "${PEERS:-}" ] || { echo "cannot find shared/bench/peers.sh; set PEERS"; exit 2; }
+PEERS=${PEERS:-bench/peers.sh}
+[ -x "$PEERS" ] || { echo "cannot run $PEERS; set PEERS"; exit 2; }
 B=target/release
 free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
 wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened"; exit 1; }

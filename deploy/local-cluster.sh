@@ -4,8 +4,10 @@
 #   deploy/local-cluster.sh            # orchestrator on 127.0.0.1:7000, workers on 7001-7004
 #   PAIRS=3 BASE_PORT=8000 deploy/local-cluster.sh
 #
-# Builds the release binaries first if needed. Logs go to $LOG_DIR (default
-# ./target/cluster-logs). Ctrl-C stops everything it started.
+# Env: PAIRS (2) pairs of workers; BASE_PORT (7000) the orchestrator's port, the workers on the
+# ports after it; LOG_DIR (target/cluster-logs) where each process's output goes.
+# Builds the release binaries first (worker, orchestrator and twincache-bench; the first build
+# takes a few minutes, and cargo shows its progress). Ctrl-C stops everything it started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PAIRS=${PAIRS:-2}
@@ -13,7 +15,8 @@ BASE_PORT=${BASE_PORT:-7000}
 LOG_DIR=${LOG_DIR:-target/cluster-logs}
 BIN=target/release
 
-cargo build --release --quiet --bin worker --bin orchestrator
+echo "building the release binaries (a few minutes the first time)..."
+cargo build --release --bin worker --bin orchestrator --bin twincache-bench
 mkdir -p "$LOG_DIR"
 PIDS=()
 cleanup() {
@@ -47,5 +50,6 @@ cat "$LOG_DIR"/worker-*.out "$LOG_DIR/orchestrator.out"
 echo
 echo "twincache is up: $PAIRS pairs behind 127.0.0.1:$BASE_PORT (logs in $LOG_DIR). Try:"
 echo "  printf 'set||a||hello\\nget||a\\nexit\\n' | nc 127.0.0.1 $BASE_PORT"
+echo "  target/release/twincache-bench --addr 127.0.0.1:$BASE_PORT -c 50 -P 16 --op get"
 echo "Ctrl-C stops the cluster."
 wait

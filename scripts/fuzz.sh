@@ -23,7 +23,7 @@ for target in $(cargo +nightly fuzz list); do
   log="$logs/$target.log"
   # malloc_limit_mb: no input this small may make a decoder allocate that much.
   if cargo +nightly fuzz run "$target" "fuzz/corpus/$target" "${seeds[@]}" -- \
-      -max_total_time="$secs" -rss_limit_mb=2048 -malloc_limit_mb=256 \
+      -max_total_time="$secs" -timeout=10 -rss_limit_mb=2048 -malloc_limit_mb=256 \
       -print_final_stats=1 >"$log" 2>&1; then
     execs="$(grep -o 'number_of_executed_units: [0-9]*' "$log" | grep -o '[0-9]*$' || echo '?')"
     echo "$target: ok, $execs runs in ${secs}s"

@@ -116,6 +116,41 @@ fn failure(tls_failure: &Option<String>) -> Error {
     }
 }
 
+impl Outbox {
+    /// Encodes `req` under a fresh id and records where its answer goes; the reply, and
+    /// whether the outbox was empty (the writer needs waking).
+    fn enqueue(
+        &mut self,
+        req: &Request,
+        deadline: Instant,
+        account: Option<&Arc<Account>>,
+    ) -> (Reply, bool) {
+        let (reply_tx, reply_rx) = oneshot::channel();
+        if self.closed {
+            let _ = reply_tx.send(Err(self.failure()));
+            return (Reply(reply_rx), false);
+        }
+        let was_empty = self.buf.is_empty();
+        if !was_empty && self.buf.len() + 4 + req.body_len() > OUTBOX_LIMIT {
+            let _ = reply_tx.send(Err(Error::Overloaded));
+            return (Reply(reply_rx), false);
+        }
+        let id = self.next_id;
+        self.next_id = id.wrapping_add(1);
+        let start = self.buf.len();
+        encode_frame(req, &mut self.buf);
+        // The id sits right after the 4-byte length prefix.
+        self.buf[start + 4..start + 12].copy_from_slice(&id.to_be_bytes());
+        let pending = Pending {
+            tx: reply_tx,
+            deadline,
+            account: account.cloned(),
+        };
+        self.pending.insert(id, pending);
+        (Reply(reply_rx), was_empty)
+    }
+}
+
 /// What the handles and the connection's tasks share.
 struct Shared {
     outbox: Mutex<Outbox>,
@@ -281,38 +316,35 @@ impl Connection {
     /// the caller drops it (see `twincache_protocol::budget`).
     pub fn send_charged(&self, req: &Request, account: Option<&Arc<Account>>) -> Reply {
         let shared = &self.handle.0;
-        let (reply_tx, reply_rx) = oneshot::channel();
         let deadline = Instant::now() + shared.timeout;
-        let was_empty = {
-            let mut o = shared.lock();
-            if o.closed {
-                let _ = reply_tx.send(Err(o.failure()));
-                return Reply(reply_rx);
-            }
-            let was_empty = o.buf.is_empty();
-            if !was_empty && o.buf.len() + 4 + req.body_len() > OUTBOX_LIMIT {
-                drop(o);
-                let _ = reply_tx.send(Err(Error::Overloaded));
-                return Reply(reply_rx);
-            }
-            let id = o.next_id;
-            o.next_id = id.wrapping_add(1);
-            let start = o.buf.len();
-            encode_frame(req, &mut o.buf);
-            // The id sits right after the 4-byte length prefix.
-            o.buf[start + 4..start + 12].copy_from_slice(&id.to_be_bytes());
-            let pending = Pending {
-                tx: reply_tx,
-                deadline,
-                account: account.cloned(),
-            };
-            o.pending.insert(id, pending);
-            was_empty
-        };
+        let (reply, was_empty) = shared.lock().enqueue(req, deadline, account);
         if was_empty {
             shared.wake_writer.notify_one();
         }
-        Reply(reply_rx)
+        reply
+    }
+
+    /// [`Connection::send`] for several requests, queued under one lock: they enter the
+    /// outbox together, in order, so they leave in one write (a client's pipeline or
+    /// multi-key call), however the runtime schedules the writer meanwhile.
+    pub fn send_many<'a>(&self, reqs: impl IntoIterator<Item = &'a Request>) -> Vec<Reply> {
+        let shared = &self.handle.0;
+        let deadline = Instant::now() + shared.timeout;
+        let mut woke = false;
+        let replies = {
+            let mut o = shared.lock();
+            reqs.into_iter()
+                .map(|req| {
+                    let (reply, was_empty) = o.enqueue(req, deadline, None);
+                    woke |= was_empty;
+                    reply
+                })
+                .collect()
+        };
+        if woke {
+            shared.wake_writer.notify_one();
+        }
+        replies
     }
 
     /// Sends `req` and waits for its response (see [`Connection::send`]).
@@ -372,25 +404,35 @@ impl Future for Reply {
 
 async fn write_loop<W: AsyncWrite + Unpin>(mut wr: W, shared: Arc<Shared>) {
     let mut out = BytesMut::with_capacity(16 * 1024);
-    // Only the Notify is awaited: `close` wakes it too, and the flag is a plain atomic, where
-    // polling a cancellation future on every wake would take its lock.
+    // Only the Notify is awaited between writes: `close` wakes it too, and the flag is a plain
+    // atomic, where polling a cancellation future on every wake would take its lock.
     loop {
         shared.wake_writer.notified().await;
         if shared.closed.load(Ordering::Acquire) {
             break;
         }
+        // Let the tasks that are ready to run go first: a multi-thread runtime runs a task it
+        // just woke at once (its LIFO slot), so without this every caller's request would
+        // leave in a write of its own. Yielding puts the writer behind them, and what they
+        // queue meanwhile leaves with it in one write.
+        tokio::task::yield_now().await;
         // Take everything queued so far; callers keep filling the (now empty) outbox.
         std::mem::swap(&mut shared.lock().buf, &mut out);
         if out.is_empty() {
             continue;
         }
-        // The flush is a no-op on TCP; a TLS session sends what it still holds.
-        if let Err(e) = async {
-            wr.write_all(&out).await?;
-            wr.flush().await
-        }
-        .await
-        {
+        // A write blocked on a peer that stopped reading (a half-open link) ends when the
+        // connection is closed, rather than holding the socket and the outbox until TCP
+        // gives up many minutes later. The flush is a no-op on TCP; a TLS session sends what
+        // it still holds.
+        let written = tokio::select! {
+            written = async {
+                wr.write_all(&out).await?;
+                wr.flush().await
+            } => written,
+            _ = shared.signal.cancelled() => break,
+        };
+        if let Err(e) = written {
             tracing::debug!(error = %e, "connection write failed");
             break;
         }

@@ -1,11 +1,45 @@
-//! Async Rust client for [twincache](https://example.invalid/twincache).
+//! Async Rust client for [twincache](https://example.invalid/twincache), a distributed
+//! in-memory cache: an orchestrator routes every key to a pair of workers that hold it twice.
 //!
-//! A [`Client`] holds one TCP connection to an orchestrator (or, for debugging, to a single
-//! worker) speaking the binary frame protocol, so keys and values are arbitrary bytes: `\n`,
-//! `||` and NUL round-trip exactly, which the text protocol cannot carry. The connection is
-//! multiplexed: clone the client freely (a clone is an `Arc` bump) and call it from as many
-//! tasks as you like; their requests are in flight together on the one connection.
+//! A [`Client`] holds one TCP connection to an orchestrator speaking the binary frame
+//! protocol, so keys and values are arbitrary bytes: `\n`, `||` and NUL round-trip exactly.
+//! The connection is multiplexed: clone the client freely (a clone is an `Arc` bump) and call
+//! it from as many tasks as you like; their requests are in flight together on the one
+//! connection and leave in shared writes. If the connection dies, the next call opens a new
+//! one. The model is redis-rs's multiplexed connection and connection manager in one type.
 //!
+//! Every example below runs as a test against an in-process cluster
+//! (`twincache_orchestrator::local::LocalCluster`); in an application, the address is your
+//! orchestrator's (`127.0.0.1:7000` for `deploy/local-cluster.sh`).
+//!
+//! ## At a glance
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let cluster = twincache_orchestrator::local::LocalCluster::start(2).await?;
+//! # let addr = cluster.addr().to_string();
+//! use std::time::Duration;
+//! use twincache_client::{Client, Pipeline, SetOptions};
+//!
+//! let client = Client::connect(&addr).await?;  // cheap to clone, share across tasks
+//! client.set("greeting", "hello").await?;
+//! let greeting: Option<String> = client.get("greeting").await?;
+//! # assert_eq!(greeting.as_deref(), Some("hello"));
+//! client.set(b"any\n||\0bytes", &b"\xff\x00"[..]).await?;
+//! client.set("visits", 41).await?;
+//! assert_eq!(client.get::<i64>("visits").await?, Some(41));
+//! assert!(client.set_options::<bool>("lock", "me", SetOptions::new().nx().ttl(Duration::from_secs(30))).await?);
+//! let values = client.mget::<String>(["greeting", "missing"]).await?;
+//! # assert_eq!(values, [Some("hello".to_string()), None]);
+//! let mut pipe = Pipeline::new();
+//! pipe.set("a", "1").get("a").del("a");
+//! let (_, a, deleted): ((), Option<String>, bool) = pipe.query(&client).await?;
+//! # assert_eq!((a.as_deref(), deleted), (Some("1"), true));
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! ## Getting and setting
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -15,29 +49,100 @@
 //!
 //! let client = Client::connect(&addr).await?;
 //! client.set("greeting", "hello").await?;
-//! assert_eq!(client.get("greeting").await?.as_deref(), Some(&b"hello"[..]));
+//! let greeting: Option<String> = client.get("greeting").await?;
+//! assert_eq!(greeting.as_deref(), Some("hello"));
 //!
-//! // Binary-safe: any bytes in keys and values.
+//! // Keys and values are bytes: any bytes.
 //! client.set(b"k\n||\0", &b"\xff\x00 line\nbreak"[..]).await?;
-//! assert_eq!(client.get(b"k\n||\0").await?.as_deref(), Some(&b"\xff\x00 line\nbreak"[..]));
+//! assert_eq!(client.get::<Vec<u8>>(b"k\n||\0").await?.as_deref(), Some(&b"\xff\x00 line\nbreak"[..]));
 //!
+//! assert!(client.exists("greeting").await?);
 //! assert!(client.del("greeting").await?);
-//! assert_eq!(client.get("greeting").await?, None);
+//! assert_eq!(client.get::<String>("greeting").await?, None);
 //! # Ok(())
 //! # }
 //! ```
 //!
-//! Many requests at once from many tasks, on one connection:
+//! ## Borrowed data in, typed data out
+//! Values are anything [`ToArg`]: borrowed text and bytes (`&str`, `&String`, `&[u8]`),
+//! owned buffers taken without a copy (`String`, `Vec<u8>`, `Bytes`), numbers. Answers are read
+//! as the type asked for ([`FromValue`]): `get::<String>`, `get::<i64>`, `get::<Bytes>` (no
+//! copy), and a value that does not fit is an [`Error::Type`].
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let cluster = twincache_orchestrator::local::LocalCluster::start(1).await?;
+//! # let client = twincache_client::Client::connect(&cluster.addr().to_string()).await?;
+//! let user = String::from("ada");
+//! let key = format!("user:{user}:visits");
+//! client.set(&key, 41).await?;
+//! let visits = client.get::<u64>(&key).await?.unwrap_or(0);
+//! client.set(&key, visits + 1).await?;
+//! assert_eq!(client.get::<u64>(&key).await?, Some(42));
+//! client.set("name", &user).await?; // `user` is only borrowed
+//! assert_eq!(client.get::<String>("name").await?, Some(user));
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! ## Expiry and conditional writes
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let cluster = twincache_orchestrator::local::LocalCluster::start(1).await?;
+//! # let client = twincache_client::Client::connect(&cluster.addr().to_string()).await?;
+//! use std::time::Duration;
+//! use twincache_client::{Error, SetOptions};
+//!
+//! client.set_with_ttl("session", "token", Duration::from_millis(50)).await?;
+//! tokio::time::sleep(Duration::from_millis(100)).await;
+//! assert_eq!(client.get::<String>("session").await?, None);
+//!
+//! // As Redis does, a zero TTL is refused rather than guessed at.
+//! let zero = client.set_with_ttl("session", "token", Duration::ZERO).await;
+//! assert!(matches!(zero, Err(Error::InvalidArgument(_))));
+//!
+//! assert!(client.set_nx("leader", "node-1").await?);
+//! assert!(!client.set_nx("leader", "node-2").await?);
+//! let replaced: bool = client.set_options("leader", "node-2", SetOptions::new().xx().keep_ttl()).await?;
+//! assert!(replaced);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! ## Many keys, and pipelines
+//! [`Client::mget`] and [`Client::mset`] send one request per key, all in one write, and
+//! answer in order; a [`Pipeline`] does the same for any mix of calls.
 //!
 //! ```
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! # let cluster = twincache_orchestrator::local::LocalCluster::start(2).await?;
+//! # let client = twincache_client::Client::connect(&cluster.addr().to_string()).await?;
+//! use twincache_client::{Pipeline, Value};
+//!
+//! client.mset((0..100).map(|i| (format!("item:{i}"), i))).await?;
+//! let items = client.mget::<i64>((0..100).map(|i| format!("item:{i}"))).await?;
+//! assert_eq!(items[99], Some(99));
+//!
+//! let mut pipe = Pipeline::new();
+//! pipe.set("x", "1").get("x").del("x").get("x");
+//! let answers: Vec<Value> = pipe.query(&client).await?;
+//! assert_eq!(answers, [Value::Okay, Value::Data("1".into()), Value::Int(1), Value::Nil]);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! ## From many tasks at once
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let cluster = twincache_orchestrator::local::LocalCluster::start(2).await?;
 //! # let addr = cluster.addr().to_string();
-//! use std::time::Duration;
 //! use twincache_client::Client;
 //!
-//! let client = Client::builder().timeout(Duration::from_secs(2)).connect(&addr).await?;
+//! let client = Client::connect(&addr).await?;
 //! let tasks: Vec<_> = (0..100)
 //!     .map(|i| {
 //!         let client = client.clone();
@@ -47,10 +152,41 @@
 //! for t in tasks {
 //!     t.await??;
 //! }
-//! assert_eq!(client.get("key:42").await?.as_deref(), Some(&b"value 42"[..]));
+//! assert_eq!(client.get::<String>("key:42").await?.as_deref(), Some("value 42"));
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! ## Configuration
+//! By [builder](ClientBuilder) or by URL: timeouts, limits, credentials, and several
+//! orchestrators. A client given several picks one at random (so many applications spread
+//! over them) and moves to the next when its connection dies or cannot be made.
+//! [`ClientBuilder::build`] makes a client that connects on its first call, so an application
+//! can start before the cluster.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let one = twincache_orchestrator::local::LocalCluster::start(1).await?;
+//! # let (a, b) = ("127.0.0.1:1".to_string(), one.addr().to_string());
+//! use std::time::Duration;
+//! use twincache_client::Client;
+//!
+//! // `a` is down and `b` is up: calls go to `b`, whichever the client tries first.
+//! let client = Client::builder()
+//!     .timeout(Duration::from_secs(1))
+//!     .build(&format!("{a},{b}"))?;
+//! client.set("k", "v").await?;
+//!
+//! let client = Client::connect(&format!("twincache://{a},{b}?timeout=1s&connect_timeout=200ms")).await?;
+//! assert_eq!(client.get::<String>("k").await?.as_deref(), Some("v"));
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! With passwords (the orchestrator's `--requirepass-file` or `--users-file`):
+//! `Client::builder().user("app", "secret")`, `.password("secret")`, or
+//! `twincache://app:secret@host:7000` (`twincache://:secret@host:7000` for the default user).
 //!
 //! ## TLS
 //! [`ClientBuilder::tls`] with a [`TlsConnector`] (the CA to trust, and a client certificate
@@ -58,368 +194,66 @@
 //!
 //! ## Errors
 //! Every call returns [`Error`], which says whether the failure was a timeout, a dropped
-//! connection (the next call reconnects), a TLS failure, or an answer from the server such
-//! as [`Status::Unavailable`] (no worker of the key's pair is reachable).
+//! connection (the next call reconnects), a TLS failure, an answer from the server such as
+//! [`Status::Unavailable`] (no worker of the key's pair is reachable), or a call refused
+//! before it was sent (too large, invalid arguments). [`Error::is_retryable`] tells which a
+//! retry may fix; a write that timed out or lost its connection may or may not have been
+//! applied.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let cluster = twincache_orchestrator::local::LocalCluster::start(1).await?;
+//! # let client = twincache_client::Client::connect(&cluster.addr().to_string()).await?;
+//! use std::time::Duration;
+//! use twincache_client::Error;
+//!
+//! let mut tries = 0;
+//! let value = loop {
+//!     match client.get::<String>("config").await {
+//!         Err(e) if e.is_retryable() && tries < 3 => {
+//!             tries += 1;
+//!             tokio::time::sleep(Duration::from_millis(100)).await;
+//!         }
+//!         other => break other?,
+//!     }
+//! };
+//! assert_eq!(value, None);
+//!
+//! // A value over the server's frame limit is refused here, before it could cost the
+//! // connection (and every other call on it), and a retry would not help.
+//! let big = client.set("big", vec![0u8; 17 << 20]).await.unwrap_err();
+//! assert!(matches!(big, Error::TooLarge { .. }) && !big.is_retryable());
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! ## Layout
+//! [`client`](Client) (connections, failover, the calls), `config` ([`ClientBuilder`],
+//! addresses, URLs), `cmd` (each call's request and how its answer reads), [`value`](Value)
+//! ([`ToArg`], [`Value`], [`FromValue`]), `options` ([`SetOptions`]), `pipeline`
+//! ([`Pipeline`]), `connection` (the multiplexed [`Connection`], also the orchestrator's link
+//! to each worker), `error` ([`Error`]).
 
+mod client;
+mod cmd;
+mod config;
 mod connection;
+mod error;
+mod options;
+mod pipeline;
+mod value;
 
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
-
-use bytes::Bytes;
-pub use connection::{Connection, Reply};
+pub use bytes::Bytes;
+pub use client::Client;
+pub use config::{ClientBuilder, DEFAULT_PORT};
+pub use connection::{Connection, Reply, OUTBOX_LIMIT};
+pub use error::Error;
+pub use options::SetOptions;
+pub use pipeline::Pipeline;
 pub use twincache_protocol::auth::ClusterSecret;
-use twincache_protocol::frame::{Op, Request, Response, DEFAULT_MAX_FRAME};
+pub use twincache_protocol::budget::Account;
+pub use twincache_protocol::frame::{flags, Op, Request, Response};
 pub use twincache_protocol::Status;
 pub use twincache_tls::{rustls, Connector as TlsConnector, TlsError};
-use zeroize::Zeroizing;
-
-/// What went wrong with a call.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// Connecting or talking to the server failed at the socket level.
-    #[error("i/o error: {0}")]
-    Io(#[from] std::io::Error),
-    /// No answer within the configured timeout; the request may or may not have been applied.
-    #[error("request timed out after {0:?}")]
-    Timeout(Duration),
-    /// The connection dropped while the request was in flight or queued; the next call
-    /// reconnects. A write may or may not have been applied.
-    #[error("connection closed")]
-    ConnectionClosed,
-    /// The server refused the credentials (or the cluster secret), or requires them.
-    #[error("authentication failed: {0}")]
-    Auth(String),
-    /// The TLS handshake failed, or the server ended the session with a TLS alert: a
-    /// certificate it does not trust (or one it required and did not get), or ours it does
-    /// not. Retrying does not help until the certificates change.
-    #[error("TLS: {0}")]
-    Tls(String),
-    /// The connection's send buffer is full: the server is not keeping up (or not reading
-    /// at all). Nothing was sent; retry later.
-    #[error("the connection's send buffer is full; the server is not keeping up")]
-    Overloaded,
-    /// The server answered with an error status.
-    #[error("server answered {status:?}: {message}")]
-    Server { status: Status, message: String },
-}
-
-impl Error {
-    /// The server's status, when the server answered.
-    pub fn status(&self) -> Option<Status> {
-        match self {
-            Error::Server { status, .. } => Some(*status),
-            _ => None,
-        }
-    }
-
-    /// Whether the same call may succeed if retried later (timeouts, dropped connections, an
-    /// unreachable pair). Parse errors and oversized requests will fail again.
-    pub fn is_retryable(&self) -> bool {
-        match self {
-            Error::Io(_) | Error::Timeout(_) | Error::ConnectionClosed | Error::Overloaded => true,
-            Error::Server { status, .. } => {
-                matches!(status, Status::Unavailable | Status::ServerError)
-            }
-            Error::Auth(_) | Error::Tls(_) => false,
-        }
-    }
-
-    /// An I/O error, or [`Error::Tls`] if it is rustls' (tokio-rustls wraps those in
-    /// `InvalidData`).
-    pub(crate) fn from_io(e: std::io::Error) -> Error {
-        let tls = e
-            .get_ref()
-            .and_then(|inner| inner.downcast_ref::<twincache_tls::rustls::Error>())
-            .map(ToString::to_string);
-        match tls {
-            Some(reason) => Error::Tls(reason),
-            None => Error::Io(e),
-        }
-    }
-
-    fn from_response(resp: Response) -> Error {
-        Error::Server {
-            status: resp.status,
-            message: String::from_utf8_lossy(&resp.payload).into_owned(),
-        }
-    }
-}
-
-/// Settings for a [`Client`]; start from [`Client::builder`].
-#[derive(Clone)]
-pub struct ClientBuilder {
-    timeout: Duration,
-    connect_timeout: Duration,
-    max_frame: usize,
-    /// A user name (`None`: the default user) and password, sent on every (re)connect.
-    credentials: Option<(Option<String>, Zeroizing<String>)>,
-    /// For connecting to a worker directly, in a cluster with a secret.
-    secret: Option<ClusterSecret>,
-    /// TLS, for a server whose port speaks it.
-    tls: Option<TlsConnector>,
-}
-
-impl std::fmt::Debug for ClientBuilder {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClientBuilder")
-            .field("timeout", &self.timeout)
-            .field("connect_timeout", &self.connect_timeout)
-            .field("max_frame", &self.max_frame)
-            .field("user", &self.credentials.as_ref().map(|(u, _)| u))
-            .field("tls", &self.tls)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Default for ClientBuilder {
-    fn default() -> Self {
-        ClientBuilder {
-            timeout: Duration::from_secs(5),
-            connect_timeout: Duration::from_secs(5),
-            max_frame: DEFAULT_MAX_FRAME + 1024,
-            credentials: None,
-            secret: None,
-            tls: None,
-        }
-    }
-}
-
-impl ClientBuilder {
-    /// How long a call waits for its answer (default 5 s).
-    pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
-        self
-    }
-
-    /// How long connecting (and reconnecting) may take (default 5 s).
-    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
-        self.connect_timeout = timeout;
-        self
-    }
-
-    /// The largest response frame accepted (default a little over 16 MiB).
-    pub fn max_frame(mut self, bytes: usize) -> Self {
-        self.max_frame = bytes;
-        self
-    }
-
-    /// Authenticates as the default user with `password` (the orchestrator's
-    /// `--requirepass-file`), on every connection this client opens.
-    pub fn password(mut self, password: impl Into<String>) -> Self {
-        self.credentials = Some((None, Zeroizing::new(password.into())));
-        self
-    }
-
-    /// Authenticates as `user` with `password` (the orchestrator's `--users-file`), on every
-    /// connection this client opens.
-    pub fn user(mut self, user: impl Into<String>, password: impl Into<String>) -> Self {
-        self.credentials = Some((Some(user.into()), Zeroizing::new(password.into())));
-        self
-    }
-
-    /// Proves the cluster secret when connecting: for talking to a worker directly (for
-    /// debugging) in a cluster started with `--cluster-secret-file`.
-    pub fn cluster_secret(mut self, secret: ClusterSecret) -> Self {
-        self.secret = Some(secret);
-        self
-    }
-
-    /// Connects over TLS, to an orchestrator started with `--tls-cert-file` (or a worker
-    /// with `--tls-cluster`). The server's certificate is checked against the host of the
-    /// address connected to (so a server reached by IP address needs that address in its
-    /// certificate), unless [`TlsConnector::server_name`] names another.
-    ///
-    /// ```no_run
-    /// # async fn f() -> Result<(), Box<dyn std::error::Error>> {
-    /// use twincache_client::{Client, TlsConnector};
-    ///
-    /// let tls = TlsConnector::from_ca_file("ca.pem")?;
-    /// let client = Client::builder().tls(tls).connect("127.0.0.1:7000").await?;
-    ///
-    /// // A server that requires client certificates (--tls-ca-cert-file):
-    /// let tls = TlsConnector::from_files("ca.pem", "client.pem", "client.key")?;
-    /// let client = Client::builder().tls(tls).connect("cache.internal:7000").await?;
-    /// # Ok(())
-    /// # }
-    /// ```
-    pub fn tls(mut self, tls: TlsConnector) -> Self {
-        self.tls = Some(tls);
-        self
-    }
-
-    /// Connects to `addr` (`host:port`).
-    pub async fn connect(self, addr: &str) -> Result<Client, Error> {
-        let conn = open(addr, &self).await?;
-        Ok(Client {
-            inner: Arc::new(Inner {
-                addr: addr.to_string(),
-                config: self,
-                conn: Mutex::new(conn),
-                reconnect: tokio::sync::Mutex::new(()),
-            }),
-        })
-    }
-}
-
-async fn open(addr: &str, config: &ClientBuilder) -> Result<Connection, Error> {
-    let connect = async {
-        let conn = Connection::open(
-            addr,
-            config.max_frame,
-            config.timeout,
-            config.secret.as_ref(),
-            config.tls.as_ref(),
-        )
-        .await?;
-        if let Some((user, password)) = &config.credentials {
-            let mut req = Request::new(
-                Op::Auth,
-                Bytes::copy_from_slice(user.as_deref().unwrap_or("").as_bytes()),
-            );
-            req.value = Bytes::copy_from_slice(password.as_bytes());
-            let resp = conn.call(&req).await?;
-            if resp.status != Status::Ok {
-                return Err(Error::Auth(
-                    String::from_utf8_lossy(&resp.payload).into_owned(),
-                ));
-            }
-        }
-        Ok(conn)
-    };
-    tokio::time::timeout(config.connect_timeout, connect)
-        .await
-        .map_err(|_| Error::Timeout(config.connect_timeout))?
-}
-
-struct Inner {
-    addr: String,
-    config: ClientBuilder,
-    conn: Mutex<Connection>,
-    /// Serialises reconnects so a dead connection is replaced once, not once per caller.
-    reconnect: tokio::sync::Mutex<()>,
-}
-
-/// A cloneable, multiplexed twincache client. See the [crate docs](crate).
-#[derive(Clone)]
-pub struct Client {
-    inner: Arc<Inner>,
-}
-
-impl std::fmt::Debug for Client {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Client")
-            .field("addr", &self.inner.addr)
-            .field("config", &self.inner.config)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Client {
-    /// Connects to `addr` (`host:port`) with default settings.
-    pub async fn connect(addr: &str) -> Result<Client, Error> {
-        ClientBuilder::default().connect(addr).await
-    }
-
-    /// Settings: timeouts and frame limit.
-    pub fn builder() -> ClientBuilder {
-        ClientBuilder::default()
-    }
-
-    /// The value stored under `key`, or `None` if there is none.
-    pub async fn get(&self, key: impl AsRef<[u8]>) -> Result<Option<Bytes>, Error> {
-        let resp = self.call(Request::new(Op::Get, copy(key))).await?;
-        match resp.status {
-            Status::Ok => Ok(Some(resp.payload)),
-            Status::NotFound => Ok(None),
-            _ => Err(Error::from_response(resp)),
-        }
-    }
-
-    /// Stores `value` under `key`, replacing any previous value.
-    pub async fn set(&self, key: impl AsRef<[u8]>, value: impl Into<Bytes>) -> Result<(), Error> {
-        let mut req = Request::new(Op::Set, copy(key));
-        req.value = value.into();
-        self.expect_ok(req).await
-    }
-
-    /// Stores `value` under `key` for `ttl` (rounded down to milliseconds, at least 1 ms),
-    /// after which it is gone.
-    pub async fn set_with_ttl(
-        &self,
-        key: impl AsRef<[u8]>,
-        value: impl Into<Bytes>,
-        ttl: Duration,
-    ) -> Result<(), Error> {
-        let mut req = Request::new(Op::Set, copy(key));
-        req.value = value.into();
-        req.ttl_ms = (ttl.as_millis() as u64).max(1);
-        self.expect_ok(req).await
-    }
-
-    /// Every worker's counters (keys, bytes, logical and stored bytes, compression ratio,
-    /// hits, misses, expirations, evictions) on one line, as the text protocol's `stats`.
-    pub async fn stats(&self) -> Result<String, Error> {
-        let resp = self.call(Request::new(Op::Stats, Bytes::new())).await?;
-        match resp.status {
-            Status::Ok => Ok(String::from_utf8_lossy(&resp.payload).into_owned()),
-            _ => Err(Error::from_response(resp)),
-        }
-    }
-
-    /// Deletes `key`; true if it existed.
-    pub async fn del(&self, key: impl AsRef<[u8]>) -> Result<bool, Error> {
-        let resp = self.call(Request::new(Op::Del, copy(key))).await?;
-        match resp.status {
-            Status::Ok => Ok(true),
-            Status::NotFound => Ok(false),
-            _ => Err(Error::from_response(resp)),
-        }
-    }
-
-    /// Checks that the server answers.
-    pub async fn ping(&self) -> Result<(), Error> {
-        self.expect_ok(Request::new(Op::Ping, Bytes::new())).await
-    }
-
-    async fn expect_ok(&self, req: Request) -> Result<(), Error> {
-        let resp = self.call(req).await?;
-        match resp.status {
-            Status::Ok => Ok(()),
-            _ => Err(Error::from_response(resp)),
-        }
-    }
-
-    /// Sends a raw request and returns the raw response (any status), within the timeout.
-    pub async fn call(&self, req: Request) -> Result<Response, Error> {
-        self.connection().await?.call(&req).await
-    }
-
-    /// The live connection, reconnecting first if the last one died.
-    async fn connection(&self) -> Result<Connection, Error> {
-        let current = self.current();
-        if !current.is_closed() {
-            return Ok(current);
-        }
-        let _guard = self.inner.reconnect.lock().await;
-        let current = self.current();
-        if !current.is_closed() {
-            return Ok(current);
-        }
-        let fresh = open(&self.inner.addr, &self.inner.config).await?;
-        *self.inner.conn.lock().unwrap_or_else(|e| e.into_inner()) = fresh.clone();
-        Ok(fresh)
-    }
-
-    fn current(&self) -> Connection {
-        self.inner
-            .conn
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-}
-
-fn copy(key: impl AsRef<[u8]>) -> Bytes {
-    Bytes::copy_from_slice(key.as_ref())
-}
+pub use value::{FromValue, ToArg, Value};

@@ -259,6 +259,11 @@ impl WorkerLink {
         self.refused.store(false, Ordering::Relaxed);
     }
 
+    /// The cluster secret proved on connections to this worker.
+    pub(crate) fn secret(&self) -> Option<&ClusterSecret> {
+        self.secret.as_ref()
+    }
+
     /// Whether a refill may be asked of this worker now: they are paced, so a partner that
     /// answers health checks but cannot serve a snapshot is not asked every round.
     pub(crate) fn may_refill(&self) -> bool {
@@ -357,6 +362,11 @@ impl Drop for Skipping {
         self.0.skipped.fetch_sub(1, Ordering::AcqRel);
     }
 }
+
+/// Worker counters the orchestrator reads but does not pass on to clients: a worker's key
+/// fingerprint is for comparing partners ([`Router::check_keys`]), and would help a forged
+/// partner pass a worker's key check.
+const INTERNAL_STATS: &[&str] = &["key_fingerprint"];
 
 /// Why a write that reached one worker of two is not acknowledged.
 const MISS_UNRECORDED: &str =
@@ -944,14 +954,21 @@ impl Router {
         let mut out = format!("mode:{mode}\r\nnode_id:{}\r\n", self.clock.node());
         for (n, pair) in self.pairs.iter().enumerate() {
             let state = |i: usize| pair.workers[i].state().name();
+            // Whether each encrypts, not its key's fingerprint: clients see INFO, and a
+            // fingerprint is what a forged partner would need to pass a worker's key check.
+            let encryption = |i: usize| match pair.encryption(i).as_deref() {
+                None => "?",
+                Some("off") => "off",
+                Some(_) => "on",
+            };
             out += &format!(
                 "pair{n}:workers={},{} state={},{} encryption={},{} keys={}\r\n",
                 pair.workers[0].addr,
                 pair.workers[1].addr,
                 state(0),
                 state(1),
-                pair.encryption(0).unwrap_or_else(|| "?".into()),
-                pair.encryption(1).unwrap_or_else(|| "?".into()),
+                encryption(0),
+                encryption(1),
                 if pair.key_mismatch() {
                     "MISMATCH"
                 } else {
@@ -962,7 +979,8 @@ impl Router {
         out
     }
 
-    /// Every worker's counters on one line, for the `stats` extension:
+    /// Every worker's counters on one line, for the `stats` extension (less
+    /// [`INTERNAL_STATS`]):
     /// `pair0 127.0.0.1:7001 keys=3 bytes=410 ... | pair0 127.0.0.1:7002 down | ...`.
     pub async fn stats_line(self: &Arc<Self>) -> Bytes {
         let mut parts = Vec::new();
@@ -970,6 +988,7 @@ impl Router {
             for w in &pair.workers {
                 let counters = match self.worker_stats(w).await {
                     Some(text) => info::pairs(&text)
+                        .filter(|(k, _)| !INTERNAL_STATS.contains(k))
                         .map(|(k, v)| format!("{k}={v}"))
                         .collect::<Vec<_>>()
                         .join(" "),

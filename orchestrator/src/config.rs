@@ -12,19 +12,21 @@ use twincache_tls::{NodeTls, Roles, TlsFiles};
 /// twincache orchestrator: accepts clients (text, binary or RESP on one port) and routes each
 /// request to the pair of workers that owns its key.
 ///
-/// Workers are given as IP/port pairs and pair up in order: the 1st with the 2nd, the 3rd
-/// with the 4th, and so on.
+/// Workers are given as `<host> <port>` or `<host>:<port>` and pair up in order: the 1st with
+/// the 2nd, the 3rd with the 4th, and so on.
 #[derive(Debug, Clone, Parser)]
 #[command(
     name = "orchestrator",
     version,
     about,
-    override_usage = "orchestrator [OPTIONS] <IP 1> <PORT 1> <IP 2> <PORT 2> ... <IP n> <PORT n>"
+    override_usage = "orchestrator [OPTIONS] <HOST 1> <PORT 1> <HOST 2> <PORT 2> ... \
+                      (or <HOST 1>:<PORT 1> <HOST 2>:<PORT 2> ...)"
 )]
 pub struct Config {
-    /// Workers as `<ip> <port>` pairs, an even number of workers in all.
+    /// Workers as `<host> <port>` or `<host>:<port>` (`[<ipv6>]:<port>`), an even number of
+    /// workers in all; hosts are IP addresses or names.
     #[arg(
-        value_name = "IP PORT",
+        value_name = "HOST PORT",
         env = "TWINCACHE_WORKERS",
         value_delimiter = ' ',
         required_unless_present = "hash_password",
@@ -94,11 +96,18 @@ pub struct Config {
     #[arg(long, env = "TWINCACHE_INSECURE")]
     pub insecure: bool,
 
-    /// Address clients connect to.
-    #[arg(long, env = "TWINCACHE_LISTEN", default_value = "127.0.0.1:7000")]
+    /// Address clients connect to, `<host>:<port>`; a host name is resolved at start (an IPv4
+    /// address preferred).
+    #[arg(long, env = "TWINCACHE_LISTEN", default_value = "127.0.0.1:7000", value_parser = parse_listen)]
     pub listen: SocketAddr,
 
-    /// Close client connections idle for this long (the seed's care-taker), e.g. 300s, 5m.
+    /// Not a flag of the orchestrator: it exists to say so, and to point to --listen.
+    #[arg(long, hide = true, value_name = "PORT")]
+    pub port: Option<String>,
+
+    /// Close a client connection that has sent nothing and been sent nothing for this long,
+    /// e.g. 300s, 5m. It also bounds a client that stops reading its replies, a request sent
+    /// halfway, and the wait for a connection's first line.
     #[arg(long, env = "TWINCACHE_IDLE_TIMEOUT", default_value = "300s", value_parser = parse_positive_duration)]
     pub idle_timeout: Duration,
 
@@ -196,7 +205,9 @@ impl Config {
             return config;
         }
         let checked = config
-            .worker_addrs()
+            .check_port_flag()
+            .and_then(|_| config.worker_addrs())
+            .and_then(|addrs| config.check_distinct(&addrs))
             .and_then(|_| config.check_limits())
             .and_then(|_| config.check_exposure())
             .and_then(|_| config.authenticator().map(drop))
@@ -208,6 +219,56 @@ impl Config {
                 .exit();
         }
         config
+    }
+
+    /// `orchestrator --port 7420` would otherwise get clap's advice to write `-- --port`.
+    fn check_port_flag(&self) -> Result<(), String> {
+        match &self.port {
+            None => Ok(()),
+            Some(port) => Err(format!(
+                "the orchestrator has no --port (workers have): it listens on --listen \
+                 <host>:<port>, e.g. --listen 127.0.0.1:{port}"
+            )),
+        }
+    }
+
+    /// Refuses a worker list naming one address twice, or this orchestrator's own address:
+    /// either would look like redundancy that is not there. Host names are resolved here,
+    /// so `127.0.0.1 7422 localhost 7422` is caught too; a name that does not resolve yet is
+    /// left to the health checks. (The same worker behind two different addresses is caught
+    /// by its boot id once it answers: see `identify`.)
+    pub fn check_distinct(&self, addrs: &[String]) -> Result<(), String> {
+        use std::net::ToSocketAddrs;
+        let resolved: Vec<Vec<SocketAddr>> = addrs
+            .iter()
+            .map(|a| a.to_socket_addrs().map(Vec::from_iter).unwrap_or_default())
+            .collect();
+        let listen = self.listen;
+        for (i, addr) in addrs.iter().enumerate() {
+            let same = |other: &SocketAddr| {
+                other.port() == listen.port()
+                    && (other.ip() == listen.ip()
+                        || (listen.ip().is_unspecified()
+                            && (other.ip().is_loopback() || other.ip().is_unspecified())))
+            };
+            if resolved[i].iter().any(same) {
+                return Err(format!(
+                    "worker {addr} is this orchestrator's own --listen address ({listen}): give \
+                     the workers' addresses"
+                ));
+            }
+            for (j, earlier) in addrs[..i].iter().enumerate() {
+                let overlap =
+                    earlier == addr || resolved[i].iter().any(|a| resolved[j].contains(a));
+                if overlap {
+                    return Err(format!(
+                        "worker {addr} is given twice (as {earlier} too): a pair needs two \
+                         different workers"
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The budget for all client connections' buffers (see `--max-buffer-memory`).
@@ -313,37 +374,31 @@ impl Config {
         Config::parse_from(args)
     }
 
-    /// The workers as `host:port` strings, in order, checked: an even count (they pair up),
-    /// each a valid IP address or host name followed by a port from 1 to 65535.
+    /// The workers as `host:port` strings, in order, checked: each a valid IP address or host
+    /// name with a port from 1 to 65535, given as one word (`host:port`) or two (`host port`),
+    /// and an even count (they pair up).
     pub fn worker_addrs(&self) -> Result<Vec<String>, String> {
-        if !self.workers.len().is_multiple_of(2) {
-            return Err(format!(
-                "workers are given as <ip> <port> pairs, but {} values were given",
-                self.workers.len()
-            ));
-        }
-        let addrs = self
+        let mut addrs = Vec::new();
+        let mut words = self
             .workers
-            .chunks(2)
-            .map(|w| {
-                let (host, port) = (&w[0], &w[1]);
-                let port: u16 = port.parse().ok().filter(|p| *p != 0).ok_or_else(|| {
-                    format!("`{port}` (after `{host}`) is not a port from 1 to 65535")
-                })?;
-                if let Ok(ip) = host.parse::<std::net::IpAddr>() {
-                    return Ok(SocketAddr::new(ip, port).to_string());
+            .iter()
+            .map(|w| w.trim())
+            .filter(|w| !w.is_empty());
+        while let Some(word) = words.next() {
+            let (host, port) = match split_host_port(word) {
+                Some((host, port)) => (host, port),
+                None => {
+                    let port = words.next().ok_or_else(|| {
+                        format!(
+                            "`{word}` has no port: workers are given as <host> <port> pairs or \
+                             as <host>:<port>"
+                        )
+                    })?;
+                    (word, port)
                 }
-                let valid_name = !host.is_empty()
-                    && host.len() <= 253
-                    && host
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
-                if !valid_name {
-                    return Err(format!("`{host}` is not an IP address or host name"));
-                }
-                Ok(format!("{host}:{port}"))
-            })
-            .collect::<Result<Vec<_>, String>>()?;
+            };
+            addrs.push(worker_addr(host, port)?);
+        }
         if !addrs.len().is_multiple_of(2) {
             return Err(format!(
                 "workers pair up in the order given, so their number must be even; got {} \
@@ -354,6 +409,62 @@ impl Config {
         }
         Ok(addrs)
     }
+}
+
+/// `host:port` or `[ipv6]:port` as one word; `None` for a host alone (an IPv6 address without
+/// brackets has colons of its own and is a host alone).
+fn split_host_port(word: &str) -> Option<(&str, &str)> {
+    if let Some(v6) = word.strip_prefix('[') {
+        let (ip, port) = v6.split_once("]:")?;
+        return Some((ip, port));
+    }
+    match word.rsplit_once(':') {
+        Some((host, port)) if !host.contains(':') => Some((host, port)),
+        _ => None,
+    }
+}
+
+/// A worker's `host:port`, checked.
+fn worker_addr(host: &str, port: &str) -> Result<String, String> {
+    let port: u16 = port
+        .parse()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("`{port}` (after `{host}`) is not a port from 1 to 65535"))?;
+    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+        return Ok(SocketAddr::new(ip, port).to_string());
+    }
+    let valid_name = !host.is_empty()
+        && host.len() <= 253
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+    if !valid_name {
+        return Err(format!("`{host}` is not an IP address or host name"));
+    }
+    Ok(format!("{host}:{port}"))
+}
+
+/// `--listen`: `ip:port`, or `host:port` with the host resolved now (an IPv4 address first,
+/// as `localhost` users mostly connect to 127.0.0.1).
+fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    if let Ok(addr) = s.parse() {
+        return Ok(addr);
+    }
+    let (host, port) = split_host_port(s).ok_or_else(|| format!("`{s}` is not <host>:<port>"))?;
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("`{port}` (in `{s}`) is not a port"))?;
+    let mut addrs: Vec<SocketAddr> = (host, port)
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve `{host}`: {e}"))?
+        .collect();
+    addrs.sort_by_key(|a| a.is_ipv6());
+    addrs
+        .first()
+        .copied()
+        .ok_or_else(|| format!("`{host}` resolves to no address"))
 }
 
 #[cfg(test)]
@@ -379,13 +490,90 @@ mod tests {
     }
 
     #[test]
+    fn host_colon_port_and_host_port_mix() {
+        assert_eq!(
+            workers(&[
+                "127.0.0.1:7421",
+                "127.0.0.1",
+                "7422",
+                "[::1]:7423",
+                "::1",
+                "7424"
+            ])
+            .unwrap(),
+            [
+                "127.0.0.1:7421",
+                "127.0.0.1:7422",
+                "[::1]:7423",
+                "[::1]:7424"
+            ]
+        );
+        assert_eq!(
+            workers(&["localhost:7001", "w2.internal:7002"]).unwrap(),
+            ["localhost:7001", "w2.internal:7002"]
+        );
+        assert!(workers(&["127.0.0.1:0", "127.0.0.1:1"])
+            .unwrap_err()
+            .contains("port"));
+    }
+
+    fn config(args: &[&str]) -> Config {
+        let mut argv = vec!["orchestrator"];
+        argv.extend_from_slice(args);
+        Config::try_parse_from(argv).unwrap()
+    }
+
+    #[test]
+    fn a_worker_given_twice_or_the_listen_address_is_refused() {
+        let check = |args: &[&str]| {
+            let c = config(args);
+            c.check_distinct(&c.worker_addrs().unwrap())
+        };
+        assert!(check(&["127.0.0.1", "7421", "127.0.0.1", "7422"]).is_ok());
+        let twice = check(&["127.0.0.1", "7422", "localhost", "7422"]).unwrap_err();
+        assert!(twice.contains("given twice"), "{twice}");
+        assert!(check(&["127.0.0.1:7422", "127.0.0.1:7422"])
+            .unwrap_err()
+            .contains("given twice"));
+        let own = check(&[
+            "--listen",
+            "127.0.0.1:7420",
+            "localhost",
+            "7420",
+            "127.0.0.1",
+            "7421",
+        ])
+        .unwrap_err();
+        assert!(own.contains("own --listen"), "{own}");
+        assert!(check(&[
+            "--listen",
+            "0.0.0.0:7420",
+            "127.0.0.1:7420",
+            "127.0.0.1:7421"
+        ])
+        .unwrap_err()
+        .contains("own --listen"));
+    }
+
+    #[test]
+    fn listen_takes_host_names_and_port_points_to_listen() {
+        let c = config(&["--listen", "localhost:7420", "a", "1", "b", "2"]);
+        assert_eq!(c.listen, "127.0.0.1:7420".parse().unwrap());
+        let c = config(&["--port", "7420", "a", "1", "b", "2"]);
+        assert!(c
+            .check_port_flag()
+            .unwrap_err()
+            .contains("--listen 127.0.0.1:7420"));
+    }
+
+    #[test]
     fn rejects_odd_counts_and_bad_addresses() {
         assert!(workers(&["127.0.0.1", "7001"])
             .unwrap_err()
             .contains("even"));
         assert!(workers(&["127.0.0.1", "7001", "127.0.0.1"])
             .unwrap_err()
-            .contains("pairs"));
+            .contains("no port"));
         assert!(workers(&["127.0.0.1", "x", "127.0.0.1", "7002"])
             .unwrap_err()
             .contains("port"));

@@ -44,7 +44,10 @@ use twincache_protocol::frame::{Op, Request};
 use twincache_protocol::info;
 use twincache_protocol::Status;
 
+use twincache_protocol::auth::ClusterSecret;
+
 use crate::cluster::{Mode, Origin, Pair, Router, WorkerLink, WorkerState};
+use crate::identify::identify;
 use crate::metrics::RouterStats;
 
 /// How often to check, and how long an answer may take.
@@ -74,7 +77,7 @@ pub(crate) struct Seen {
     pub claim: String,
 }
 
-fn parse(text: &str) -> Seen {
+pub(crate) fn parse(text: &str) -> Seen {
     let mut seen = Seen::default();
     for (k, v) in info::pairs(text) {
         match k {
@@ -111,6 +114,8 @@ pub(crate) struct View<'a> {
     pub may_refill: bool,
     /// Writes it was left out of are still on their way to its partner.
     pub skipped: bool,
+    /// It is a worker given earlier in the list under another address (the same boot id).
+    pub twin: bool,
 }
 
 /// What to tell a worker.
@@ -155,6 +160,13 @@ pub(crate) fn decide(v: [&View; 2]) -> [Decision; 2] {
                 Misconfigured,
                 "runs in another mode than the cluster (adapter mode on one side only?)",
             );
+        } else if v[i].twin {
+            set(
+                &mut d[i],
+                Misconfigured,
+                "the same worker as another address given (same boot id): gets nothing, \
+                 since a pair needs two workers",
+            );
         } else if v[i].restarted {
             set(&mut d[i], Stale, "restarted (new boot id): will resync");
         } else if matches!(v[i].state, Down | Unknown | Misconfigured) {
@@ -162,7 +174,7 @@ pub(crate) fn decide(v: [&View; 2]) -> [Decision; 2] {
         }
     }
     // The answer of a reachable worker in the cluster's mode.
-    let seen = |i: usize| v[i].seen.filter(|_| v[i].mode_ok);
+    let seen = |i: usize| v[i].seen.filter(|_| v[i].mode_ok && !v[i].twin);
     // Whether worker `i` lacks writes its partner took alone.
     let lacks = |i: usize| match (seen(i), seen(1 - i)) {
         (Some(me), Some(p)) => me.covers.lacks_solo(p.boot_id, p.solo),
@@ -330,13 +342,22 @@ impl Router {
                 async move { this.poll(w, config.timeout, claim).await }
             });
             let seen: Vec<Option<Seen>> = join_all(polls).await;
+            let twins = self.twins(&seen);
             self.settle_claims(&seen);
             let Some(mode) = self.mode().or_else(|| self.learn_mode(&seen)) else {
                 continue;
             };
-            for (pair, seen) in self.pairs().iter().zip(seen.chunks(2)) {
-                self.step(pair, [seen[0].as_ref(), seen[1].as_ref()], mode)
-                    .await;
+            for ((pair, seen), twins) in
+                self.pairs().iter().zip(seen.chunks(2)).zip(twins.chunks(2))
+            {
+                self.step(
+                    pair,
+                    [seen[0].as_ref(), seen[1].as_ref()],
+                    [twins[0], twins[1]],
+                    config.timeout,
+                    mode,
+                )
+                .await;
             }
             if round % 5 == 0 {
                 self.check_keys().await;
@@ -378,6 +399,32 @@ impl Router {
             }
             _ => None,
         }
+    }
+
+    /// For each worker (in list order), whether an earlier one answered with the same boot id:
+    /// one worker given under two addresses. Logged as an error when first seen.
+    fn twins(&self, seen: &[Option<Seen>]) -> Vec<bool> {
+        let links: Vec<&Arc<WorkerLink>> = self.pairs().iter().flat_map(|p| &p.workers).collect();
+        let boot = |i: usize| seen[i].as_ref().map(|s| s.boot_id).filter(|b| *b != 0);
+        (0..seen.len())
+            .map(|i| {
+                let Some(first) = (0..i).find(|&j| boot(j).is_some() && boot(j) == boot(i)) else {
+                    return false;
+                };
+                if links[i].state() != WorkerState::Misconfigured {
+                    tracing::error!(
+                        worker = %links[i].addr,
+                        same_as = %links[first].addr,
+                        "{} and {} are the same worker (boot id {:016x}): the second gets \
+                         nothing; give each pair two different workers",
+                        links[first].addr,
+                        links[i].addr,
+                        boot(i).unwrap_or(0)
+                    );
+                }
+                true
+            })
+            .collect()
     }
 
     /// The mode most answering workers report (nothing on a tie, or before any answers).
@@ -440,7 +487,14 @@ impl Router {
     }
 
     /// One round for one pair: decide, then tell the workers.
-    async fn step(&self, pair: &Pair, seen: [Option<&Seen>; 2], mode: Mode) {
+    async fn step(
+        &self,
+        pair: &Pair,
+        seen: [Option<&Seen>; 2],
+        twins: [bool; 2],
+        timeout: Duration,
+        mode: Mode,
+    ) {
         let adapter = mode == Mode::Adapter;
         let views = [0, 1].map(|i| {
             let w = &pair.workers[i];
@@ -466,6 +520,7 @@ impl Router {
                 mode_ok: s.is_none_or(|s| s.adapter == adapter),
                 may_refill: w.may_refill(),
                 skipped: w.skipped.load(Ordering::Acquire) > 0,
+                twin: twins[i],
             }
         });
         let mismatch = views.iter().any(|v| !v.mode_ok);
@@ -511,6 +566,13 @@ impl Router {
                 w.dirty.store(false, Ordering::Release);
             }
             let before = transition(w, d.state, d.why);
+            if d.state == WorkerState::Down && before != WorkerState::Down {
+                tokio::spawn(name_what_answers(
+                    w.addr.clone(),
+                    w.secret().cloned(),
+                    timeout,
+                ));
+            }
             if before != d.state {
                 RouterStats::count(&self.stats.state_changes);
                 if before == WorkerState::Resyncing && d.state == WorkerState::InSync {
@@ -518,6 +580,20 @@ impl Router {
                 }
             }
         }
+    }
+}
+
+/// Logs what answers at the address of a worker that stopped answering, when it is certainly
+/// not a worker (a Redis server, an orchestrator): a mistake in the worker list that "not
+/// answering" alone would hide.
+async fn name_what_answers(addr: String, secret: Option<ClusterSecret>, timeout: Duration) {
+    let identity = identify(&addr, secret.as_ref(), timeout).await;
+    if identity.is_misplaced() {
+        tracing::error!(
+            worker = %addr,
+            "this worker address is {}, not a twincache worker: check the workers given",
+            identity.describe()
+        );
     }
 }
 
@@ -572,6 +648,7 @@ mod tests {
             mode_ok: true,
             may_refill: true,
             skipped: false,
+            twin: false,
         }
     }
 
@@ -716,6 +793,18 @@ mod tests {
         let d = decide([&view(InSync, Some(&a)), &vb]);
         assert_eq!(states(&d), [InSync, Misconfigured]);
         assert_eq!(d[0].action, None);
+    }
+
+    #[test]
+    fn a_worker_given_twice_gets_nothing_and_its_partner_serves_alone() {
+        let a = seen(1, false, 0, (0, 0, false));
+        let mut twin = view(Unknown, Some(&a));
+        twin.twin = true;
+        let d = decide([&view(Unknown, Some(&a)), &twin]);
+        assert_eq!(states(&d), [InSync, Misconfigured]);
+        assert!(d[1].why.contains("same worker"), "{}", d[1].why);
+        assert_eq!(d[0].action, Some(Action::Adopt("partial".into())));
+        assert_eq!(d[1].action, None);
     }
 
     #[test]

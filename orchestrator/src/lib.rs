@@ -7,7 +7,8 @@
 //! reads to one with failover to its partner. It holds no data; restarting it loses nothing.
 //!
 //! Layout: [`config`] (flags), [`hlc`] (write versions), [`cluster`] (worker links, routing),
-//! [`health`] (worker states, health checks, resync),
+//! [`health`] (worker states, health checks, resync), [`identify`] (what answers at a worker
+//! address),
 //! [`session`] (client connections: sniffing, pipelining, text and binary protocols),
 //! [`resp`] (Redis commands), [`metrics`] (INFO and `/metrics` counters), [`observe`]
 //! (workers' counters polled for `/metrics` and the status page), [`http`] (`--http`:
@@ -20,6 +21,7 @@ pub mod config;
 pub mod health;
 pub mod hlc;
 pub mod http;
+pub mod identify;
 #[cfg(feature = "local")]
 pub mod local;
 pub mod metrics;
@@ -80,6 +82,25 @@ impl Orchestrator {
     /// Where `--http` listens, if given.
     pub fn http_addr(&self) -> Option<SocketAddr> {
         self.http.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// The workers, as `host:port`, in pairing order.
+    pub fn workers(&self) -> &[String] {
+        &self.workers
+    }
+
+    /// Identifies what answers at every worker address (see [`identify::check_workers`]):
+    /// an error for a worker given twice or an orchestrator given as a worker; other
+    /// misplaced servers are logged. The future owns what it needs, so it can run while the
+    /// orchestrator does (an orchestrator given its own address only answers once it runs);
+    /// each probe takes at most `timeout`.
+    pub fn check_workers(
+        &self,
+        timeout: std::time::Duration,
+    ) -> impl std::future::Future<Output = Result<(), String>> + Send + 'static {
+        let workers = self.workers.clone();
+        let secret = self.config.cluster_secret();
+        async move { identify::check_workers(&workers, secret?.as_ref(), timeout).await }
     }
 
     pub fn local_addr(&self) -> SocketAddr {

@@ -53,7 +53,7 @@ impl LocalCluster {
                             == i
                     })
                     .expect("some key lands on every pair");
-                all &= client.get(&key).await.is_ok();
+                all &= client.exists(&key).await.is_ok();
             }
             if all {
                 return Ok(());

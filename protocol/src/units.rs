@@ -1,5 +1,10 @@
 //! Human-friendly durations (`500ms`, `30s`, `5m`, `1h`) and sizes (`64KiB`, `16MiB`, `1GB`)
-//! for command-line flags; a bare number is seconds or bytes.
+//! for command-line flags and URLs.
+//!
+//! A duration needs its unit: a bare number used to be seconds, so `--worker-timeout 500`,
+//! meant as milliseconds, quietly became 500 s and disabled failover in practice. Only `0`
+//! may go without one, since it means the same in every unit. A bare size is bytes, which is
+//! what a number of bytes would be read as anyway.
 
 use std::time::Duration;
 
@@ -12,12 +17,20 @@ fn number_and_unit<'a>(s: &'a str, what: &str) -> Result<(u64, &'a str), String>
     Ok((n, unit.trim()))
 }
 
-/// Parses `500ms`, `30s`, `5m`, `1h`, `2d`, or a bare number of seconds.
+/// Parses `500ms`, `30s`, `5m`, `1h`, `2d`, or `0`; any other number without a unit is
+/// refused (see the module docs).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let (n, unit) = number_and_unit(s, "a duration (examples: 500ms, 30s, 5m, 1h)")?;
     let ms = match unit {
+        "" if n == 0 => Some(0),
+        "" => {
+            return Err(format!(
+                "`{s}` has no unit: write {n}ms, {n}s, {n}m or {n}h (a bare number is not \
+                 taken as seconds)"
+            ))
+        }
         "ms" => Some(n),
-        "" | "s" => n.checked_mul(1000),
+        "s" => n.checked_mul(1000),
         "m" => n.checked_mul(60_000),
         "h" => n.checked_mul(3_600_000),
         "d" => n.checked_mul(86_400_000),
@@ -68,12 +81,17 @@ mod tests {
     #[test]
     fn durations() {
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        let bare = parse_duration("500").unwrap_err();
+        assert!(bare.contains("no unit") && bare.contains("500ms"), "{bare}");
         assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
         assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("5y").is_err());
         assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
+        assert!(parse_positive_duration("0")
+            .unwrap_err()
+            .contains("more than zero"));
         assert!(parse_positive_duration("0ms")
             .unwrap_err()
             .contains("more than zero"));

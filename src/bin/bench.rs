@@ -113,7 +113,7 @@ async fn main() -> anyhow::Result<()> {
                             let ok = if write {
                                 client.set(k, value).await.is_ok()
                             } else {
-                                client.get(k).await.is_ok()
+                                client.get::<Bytes>(k).await.is_ok()
                             };
                             (t.elapsed(), ok)
                         });

@@ -27,13 +27,18 @@ async fn run(config: Config) {
         Some(tls) => drop(tokio::spawn(tls.reload_on(reload))),
         None => drop(reload),
     }
+    // A worker listed twice, or an orchestrator listed as a worker, is an error at start;
+    // checked while serving, so that an orchestrator given its own address answers as one.
+    let check = orchestrator.check_workers(std::time::Duration::from_secs(1));
+    let (http, addr) = (orchestrator.http_addr(), orchestrator.local_addr());
+    let serving = tokio::spawn(orchestrator.run(shutdown));
+    if let Err(msg) = check.await {
+        twincache::fail(2, msg);
+    }
     // Before the listening line, which scripts wait for: once it is out, both are.
-    if let Some(http) = orchestrator.http_addr() {
+    if let Some(http) = http {
         println!("twincache orchestrator http on {http}");
     }
-    println!(
-        "twincache orchestrator listening on {}",
-        orchestrator.local_addr()
-    );
-    orchestrator.run(shutdown).await;
+    println!("twincache orchestrator listening on {addr}");
+    let _ = serving.await;
 }

@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
+use twincache_client::Bytes;
 
 use redis::AsyncCommands;
 
@@ -389,7 +390,7 @@ async fn partners_in_different_modes_are_a_configuration_error() {
     let direct = twincache_client::Client::connect(&plain.to_string())
         .await
         .unwrap();
-    assert_eq!(direct.get("k").await.unwrap(), None);
+    assert_eq!(direct.get::<Bytes>("k").await.unwrap(), None);
     assert!(orch
         .log_text()
         .contains("runs in another mode than the cluster"));

@@ -165,3 +165,143 @@ fn sigterm_and_sigint_shut_down_gracefully() {
     w2.signal("INT");
     assert_eq!(w2.wait_exit(Duration::from_secs(10)), Some(0));
 }
+
+/// Issue 13's first-hour mistakes, each answered with what to write instead.
+#[test]
+fn easy_mistakes_get_answers_that_say_what_to_write() {
+    let workers = ["127.0.0.1", "7001", "127.0.0.1", "7002"];
+    fn with<'a>(flags: &[&'a str], workers: &[&'a str]) -> Vec<&'a str> {
+        [flags, workers].concat()
+    }
+    let (code, text) = run(ORCHESTRATOR, &with(&["--port", "7420"], &workers));
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("--listen 127.0.0.1:7420"), "{text}");
+    assert!(!text.contains("-- --port"), "{text}");
+    // A bare number of seconds was a trap: 500 meant 500 s.
+    let (code, text) = run(ORCHESTRATOR, &with(&["--worker-timeout", "500"], &workers));
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("no unit") && text.contains("500ms"), "{text}");
+    let (code, text) = run(WORKER, &["--idle-timeout", "30"]);
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("30s"), "{text}");
+    // One worker given twice, by the same or another name.
+    for twice in [
+        &["127.0.0.1", "7422", "localhost", "7422"][..],
+        &["127.0.0.1:7422", "127.0.0.1:7422"],
+    ] {
+        let (code, text) = run(ORCHESTRATOR, twice);
+        assert_eq!(code, 2, "{text}");
+        assert!(text.contains("given twice"), "{text}");
+    }
+    // Its own address as a worker.
+    let (code, text) = run(
+        ORCHESTRATOR,
+        &[
+            "--listen",
+            "127.0.0.1:7420",
+            "localhost:7420",
+            "127.0.0.1:7421",
+        ],
+    );
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("own --listen"), "{text}");
+    let (_, help) = run(ORCHESTRATOR, &["--help"]);
+    assert!(!help.contains("care-taker"), "{help}");
+    assert!(help.contains("has sent nothing"), "{help}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_names_and_host_colon_port_are_accepted() {
+    let a = Proc::start(
+        WORKER,
+        &[
+            "--bind".into(),
+            "localhost".into(),
+            "--port".into(),
+            "0".into(),
+        ],
+    );
+    assert_eq!(a.addr.ip(), std::net::Ipv4Addr::LOCALHOST);
+    let b = Proc::worker();
+    // `ip:port` for one worker, `host port` for the other; a host name to listen on.
+    let orch = Proc::start(
+        ORCHESTRATOR,
+        &[
+            "--listen".into(),
+            "localhost:0".into(),
+            a.addr.to_string(),
+            "localhost".into(),
+            b.addr.port().to_string(),
+        ],
+    );
+    assert_eq!(orch.addr.ip(), std::net::Ipv4Addr::LOCALHOST);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = crate::harness::exchange(orch.addr, b"set||k||v\nget||k\n").await;
+        if out == "0||\n0||v\n" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{out}\n{}",
+            orch.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The same worker behind two addresses looked like a pair in sync; an orchestrator given as
+/// a worker was shown down while its partner served alone. Both stop the start.
+#[test]
+fn the_same_worker_twice_or_an_orchestrator_as_a_worker_stops_the_start() {
+    // A worker on every loopback address, reached as 127.0.0.1 and as 127.0.0.2.
+    let w = Proc::start(
+        WORKER,
+        &[
+            "--bind".into(),
+            "0.0.0.0".into(),
+            "--insecure".into(),
+            "--port".into(),
+            "0".into(),
+        ],
+    );
+    let port = w.addr.port();
+    let (code, text) = run(
+        ORCHESTRATOR,
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            &format!("127.0.0.1:{port}"),
+            &format!("127.0.0.2:{port}"),
+        ],
+    );
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("are the same worker"), "{text}");
+
+    let (b, c) = (Proc::worker(), Proc::worker());
+    let orch = Proc::orchestrator(&[b.addr, c.addr], &[]);
+    let (code, text) = run(
+        ORCHESTRATOR,
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            &b.addr.to_string(),
+            &orch.addr.to_string(),
+        ],
+    );
+    assert_eq!(code, 2, "{text}");
+    assert!(text.contains("twincache orchestrator"), "{text}");
+}
+
+#[test]
+fn a_redis_server_at_a_worker_address_is_named_in_the_log() {
+    let redis = crate::harness::RedisServer::start();
+    let w = Proc::worker();
+    let redis_addr = format!("127.0.0.1:{}", redis.port).parse().unwrap();
+    let orch = Proc::orchestrator(&[w.addr, redis_addr], &[]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !orch.log_text().contains("is a Redis server") {
+        assert!(std::time::Instant::now() < deadline, "{}", orch.log_text());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

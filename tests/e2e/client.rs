@@ -38,7 +38,7 @@ async fn binary_keys_and_values_round_trip_exactly() {
     }
     assert!(client.del(b"nul\0key").await.unwrap());
     assert!(!client.del(b"nul\0key").await.unwrap());
-    assert_eq!(client.get(b"nul\0key").await.unwrap(), None);
+    assert_eq!(client.get::<Bytes>(b"nul\0key").await.unwrap(), None);
     client.ping().await.unwrap();
     // The text protocol refuses to put a value with a newline on a line.
     let out = exchange(cluster.orch.addr, b"get||big\nget||line\nbreak\n").await;
@@ -127,7 +127,7 @@ async fn unreachable_pair_is_a_retryable_error() {
     let err = last.expect("set fails with Unavailable once both workers are gone");
     assert!(err.is_retryable());
     assert!(matches!(
-        client.get("k").await,
+        client.get::<Bytes>("k").await,
         Err(Error::Server {
             status: Status::Unavailable,
             ..
@@ -161,7 +161,7 @@ async fn client_reconnects_after_the_orchestrator_restarts() {
     );
     let mut got = None;
     for _ in 0..100 {
-        match client.get("persist").await {
+        match client.get::<Bytes>("persist").await {
             Ok(v) => {
                 got = v;
                 break;

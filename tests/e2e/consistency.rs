@@ -5,6 +5,7 @@
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
+use twincache_client::Bytes;
 
 use twincache_client::{Client, Status};
 
@@ -34,7 +35,7 @@ async fn set_retrying(c: &Client, key: &str, value: &str) {
 async fn read_everywhere(orch: SocketAddr, workers: &[SocketAddr], key: &str, want: Option<&str>) {
     let c = client(orch).await;
     for i in 0..40 {
-        let got = c.get(key).await.unwrap();
+        let got = c.get::<Bytes>(key).await.unwrap();
         assert_eq!(
             got.as_deref(),
             want.map(str::as_bytes),
@@ -42,7 +43,7 @@ async fn read_everywhere(orch: SocketAddr, workers: &[SocketAddr], key: &str, wa
         );
     }
     for w in workers {
-        let got = client(*w).await.get(key).await.unwrap();
+        let got = client(*w).await.get::<Bytes>(key).await.unwrap();
         assert_eq!(
             got.as_deref(),
             want.map(str::as_bytes),
@@ -176,7 +177,7 @@ async fn a_worker_that_returns_during_its_partners_resync_loses_nothing() {
     for n in 0..3000 {
         let key = format!("bulk:{n}");
         loop {
-            let got = direct_b.get(&key).await.unwrap();
+            let got = direct_b.get::<Bytes>(&key).await.unwrap();
             if got.is_some() {
                 if n != 7 {
                     assert_eq!(

@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use twincache_client::Bytes;
 
 use twincache_client::Client;
 
@@ -59,7 +60,7 @@ impl Load {
                         6 => client.del(&key).await.map(|_| {
                             model.lock().unwrap().insert(key.clone(), None);
                         }),
-                        _ => client.get(&key).await.map(|got| {
+                        _ => client.get::<Bytes>(&key).await.map(|got| {
                             let want = model.lock().unwrap().get(&key).cloned();
                             if let Some(want) = want {
                                 let got = got.map(|v| String::from_utf8_lossy(&v).into_owned());
@@ -114,7 +115,7 @@ async fn verify(addr: SocketAddr, models: &[Model]) {
         let model = model.lock().unwrap().clone();
         for (key, want) in model {
             let got = client
-                .get(&key)
+                .get::<Bytes>(&key)
                 .await
                 .unwrap()
                 .map(|v| String::from_utf8_lossy(&v).into_owned());
@@ -300,11 +301,11 @@ async fn interrupted_resyncs_recover_once_the_pair_is_whole() {
     client.set("after", "recovery").await.unwrap();
     p.b.kill();
     assert_eq!(
-        client.get("while alone").await.unwrap().as_deref(),
+        client.get::<Bytes>("while alone").await.unwrap().as_deref(),
         Some(&b"b"[..])
     );
     assert_eq!(
-        client.get("after").await.unwrap().as_deref(),
+        client.get::<Bytes>("after").await.unwrap().as_deref(),
         Some(&b"recovery"[..])
     );
 }

@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
+use twincache_client::Bytes;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -74,6 +75,7 @@ async fn a_large_mget_streams_its_reply_in_bounded_memory() {
     assert_eq!(got, expected);
     assert!(head.starts_with(b"*400\r\n$1048576\r\n"), "{head:?}");
     let peak = proc_kb(pid, "VmHWM");
+    eprintln!("peak RSS {} MiB", peak / MB);
     assert!(peak < 150 * MB, "orchestrator peak RSS {} MiB", peak / MB);
 }
 
@@ -94,6 +96,7 @@ async fn a_client_that_never_reads_its_replies_is_cut_at_its_limit() {
         "cut"
     );
     let peak = proc_kb(pid, "VmHWM");
+    eprintln!("peak RSS {} MiB", peak / MB);
     assert!(peak < 150 * MB, "orchestrator peak RSS {} MiB", peak / MB);
     assert!(cluster
         .orch
@@ -104,7 +107,7 @@ async fn a_client_that_never_reads_its_replies_is_cut_at_its_limit() {
         .await
         .unwrap();
     assert_eq!(
-        c.get("big").await.unwrap().map(|v| v.len()),
+        c.get::<Bytes>("big").await.unwrap().map(|v| v.len()),
         Some(MB as usize)
     );
 }
@@ -144,6 +147,7 @@ async fn partial_frames_on_many_connections_stay_within_the_budget() {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
         let peak = proc_kb(pid, "VmHWM");
+        eprintln!("peak RSS {} MiB", peak / MB);
         assert!(
             peak < 200 * MB,
             "{target}: peak RSS {} MiB with a 64 MiB budget",
@@ -225,6 +229,7 @@ async fn a_frozen_worker_costs_neither_availability_nor_memory() {
     );
     assert!(text.contains("requests per second"), "{text}");
     let peak = proc_kb(pid, "VmHWM");
+    eprintln!("peak RSS {} MiB", peak / MB);
     assert!(peak < 100 * MB, "orchestrator peak RSS {} MiB", peak / MB);
 }
 
@@ -266,8 +271,11 @@ async fn a_resp_command_over_the_limit_is_refused_before_it_arrives() {
         "{reply:?} {read:?}; log:\n{}",
         cluster.orch.log_text()
     );
+    // 48 MiB buffered (within the 64 MiB limit), and the buffer's last growth copies it:
+    // about twice that at the peak, never the 832 MiB declared.
     let peak = proc_kb(pid, "VmHWM");
-    assert!(peak < 150 * MB, "orchestrator peak RSS {} MiB", peak / MB);
+    eprintln!("peak RSS {} MiB", peak / MB);
+    assert!(peak < 220 * MB, "orchestrator peak RSS {} MiB", peak / MB);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -289,6 +297,7 @@ async fn a_command_trickled_in_small_writes_costs_linear_work() {
         .unwrap();
     assert!(reply[..n].starts_with(b"-ERR unknown command 'NOTACMD'"));
     let used = cpu_seconds(pid) - before;
+    eprintln!("orchestrator CPU for the trickled command: {used:.2} s");
     assert!(used < 5.0, "the orchestrator used {used:.1} s of CPU");
 }
 
@@ -315,7 +324,7 @@ async fn a_value_over_the_orchestrators_frame_limit_is_too_large_not_unreachable
         .await
         .unwrap();
     for _ in 0..10 {
-        let err = c.get("huge").await.unwrap_err();
+        let err = c.get::<Bytes>("huge").await.unwrap_err();
         assert_eq!(
             err.status(),
             Some(twincache_client::Status::TooLarge),
@@ -323,7 +332,10 @@ async fn a_value_over_the_orchestrators_frame_limit_is_too_large_not_unreachable
         );
         assert!(err.to_string().contains("exceeds"), "{err}");
         c.set("small", "v").await.unwrap();
-        assert_eq!(c.get("small").await.unwrap().as_deref(), Some(&b"v"[..]));
+        assert_eq!(
+            c.get::<Bytes>("small").await.unwrap().as_deref(),
+            Some(&b"v"[..])
+        );
     }
     let status = crate::faults::status(cluster.orch.addr).await;
     assert!(

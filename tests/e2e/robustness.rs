@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use bytes::{BufMut, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::codec::Decoder;
@@ -130,7 +130,7 @@ async fn malformed_binary_frames_are_answered_and_the_connection_closed() {
     );
     client.set("small", "ok").await.unwrap();
     assert_eq!(
-        client.get("small").await.unwrap().as_deref(),
+        client.get::<Bytes>("small").await.unwrap().as_deref(),
         Some(&b"ok"[..])
     );
 }

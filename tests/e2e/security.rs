@@ -155,7 +155,7 @@ async fn a_pair_with_the_secret_serves_and_resyncs() {
         .await
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(15);
-    while direct.get("k7").await.unwrap().is_none() {
+    while direct.get::<Bytes>("k7").await.unwrap().is_none() {
         assert!(
             Instant::now() < deadline,
             "never resynced: {}",
@@ -315,7 +315,7 @@ async fn requirepass_through_every_protocol_and_client() {
     let err = Client::connect(&addr.to_string())
         .await
         .unwrap()
-        .get("ready")
+        .get::<Bytes>("ready")
         .await
         .unwrap_err();
     assert_eq!(err.status(), Some(Status::NoAuth), "{err}");
@@ -324,7 +324,10 @@ async fn requirepass_through_every_protocol_and_client() {
         .connect(&addr.to_string())
         .await
         .unwrap();
-    assert_eq!(c.get("ready").await.unwrap().as_deref(), Some(&b"1"[..]));
+    assert_eq!(
+        c.get::<Bytes>("ready").await.unwrap().as_deref(),
+        Some(&b"1"[..])
+    );
     let err = Client::builder()
         .password("wrong")
         .connect(&addr.to_string())
@@ -382,7 +385,10 @@ async fn users_have_roles_and_failures_are_slowed_down() {
         .connect(&addr.to_string())
         .await
         .unwrap();
-    assert_eq!(c.get("k").await.unwrap().as_deref(), Some(&b"v"[..]));
+    assert_eq!(
+        c.get::<Bytes>("k").await.unwrap().as_deref(),
+        Some(&b"v"[..])
+    );
     assert_eq!(
         c.set("k", "x").await.unwrap_err().status(),
         Some(Status::NoPerm)
@@ -457,7 +463,7 @@ async fn outsiders_cannot_take_the_cluster_links_slots() {
     for i in 0..50 {
         c.set(format!("k{i}"), "v").await.unwrap();
         assert_eq!(
-            c.get(format!("k{i}")).await.unwrap().as_deref(),
+            c.get::<Bytes>(format!("k{i}")).await.unwrap().as_deref(),
             Some(&b"v"[..])
         );
         tokio::time::sleep(Duration::from_millis(20)).await;

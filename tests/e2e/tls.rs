@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
-use twincache_client::{Client, Error, TlsConnector};
+use twincache_client::{Bytes, Client, Error, TlsConnector};
 use twincache_tls::testing::{PemDir, TestCa};
 
 use crate::faults::{state_of, worker_on, FAST};
@@ -89,7 +89,7 @@ async fn wait_ready(orch: &Proc, tls: &TlsConnector, pairs: usize) -> Client {
     let deadline = Instant::now() + Duration::from_secs(20);
     for p in 0..pairs {
         let key = key_on_pair(p, pairs, 0);
-        while client.get(&key).await.is_err() {
+        while client.get::<Bytes>(&key).await.is_err() {
             assert!(
                 Instant::now() < deadline,
                 "cluster not ready; log:\n{}",
@@ -161,12 +161,12 @@ async fn the_client_port_speaks_tls_to_redis_cli_the_redis_crate_and_the_client_
 
     // The client library, binary-safe inside TLS.
     assert_eq!(
-        client.get("greeting").await.unwrap().as_deref(),
+        client.get::<Bytes>("greeting").await.unwrap().as_deref(),
         Some(&b"hello"[..])
     );
     client.set(b"k\n||\0", &b"\xff\x00"[..]).await.unwrap();
     assert_eq!(
-        client.get(b"k\n||\0").await.unwrap().as_deref(),
+        client.get::<Bytes>(b"k\n||\0").await.unwrap().as_deref(),
         Some(&b"\xff\x00"[..])
     );
     // The text protocol inside TLS.
@@ -232,14 +232,14 @@ async fn a_ca_file_requires_client_certificates() {
         .connect(&addr)
         .await
         .unwrap();
-    let err = anonymous.get("k").await.unwrap_err();
+    let err = anonymous.get::<Bytes>("k").await.unwrap_err();
     assert!(matches!(err, Error::Tls(_)), "{err}");
     // A certificate from another CA: refused too.
     let other = Certs::new();
     let (cert, key) = other.dir.write_leaf("app", &other.ca.issue(&["app"], 5));
     let stranger = TlsConnector::from_files(&certs.ca_file, cert, key).unwrap();
     let err = match Client::builder().tls(stranger).connect(&addr).await {
-        Ok(client) => client.get("k").await.unwrap_err(),
+        Ok(client) => client.get::<Bytes>("k").await.unwrap_err(),
         Err(e) => e,
     };
     assert!(matches!(err, Error::Tls(_)), "{err}");
@@ -338,7 +338,7 @@ async fn a_tls_cluster_resyncs_a_restarted_worker_over_tls() {
     assert!(b.log_text().contains("refill done"), "{}", b.log_text());
     drop(a);
     for i in 0..300 {
-        let got = client.get(format!("key:{i}")).await.unwrap();
+        let got = client.get::<Bytes>(format!("key:{i}")).await.unwrap();
         assert_eq!(
             got.as_deref(),
             Some(format!("value {i}").as_bytes()),
@@ -375,7 +375,7 @@ async fn certificates_reload_on_sighup_without_dropping_connections() {
             while !stop.load(Ordering::Relaxed) {
                 let key = format!("t{t}:{}", i % 50);
                 client.set(&key, i.to_string()).await?;
-                let got = client.get(&key).await?;
+                let got = client.get::<Bytes>(&key).await?;
                 assert_eq!(got.as_deref(), Some(i.to_string().as_bytes()));
                 ops.fetch_add(2, Ordering::Relaxed);
                 i += 1;

@@ -17,8 +17,9 @@ pub struct Config {
     #[command(subcommand)]
     pub command: Option<Command>,
 
-    /// Address to listen on.
-    #[arg(long, env = "TWINCACHE_WORKER_BIND", default_value = "127.0.0.1")]
+    /// Address to listen on: an IP address, or a host name resolved at start (an IPv4
+    /// address preferred).
+    #[arg(long, env = "TWINCACHE_WORKER_BIND", default_value = "127.0.0.1", value_parser = parse_bind)]
     pub bind: IpAddr,
 
     /// Port to listen on; 0 picks a free one (the startup line says which).
@@ -47,9 +48,17 @@ pub struct Config {
     pub max_buffer_memory: Option<u64>,
 
     /// Size of the compression dictionary the worker builds from the first values it
-    /// stores; similar values then compress far better. 0 disables dictionaries.
+    /// stores; similar values then compress far better. 0 disables dictionaries. With
+    /// --encryption-key-file, dictionaries are off unless --dictionary-with-encryption.
     #[arg(long, env = "TWINCACHE_WORKER_DICTIONARY_SIZE", default_value = "8KiB", value_parser = parse_size)]
     pub dictionary_size: u64,
+
+    /// Keep the shared compression dictionary with --encryption-key-file. It lets a client
+    /// who can write values and see stored sizes guess other clients' values byte by byte
+    /// (README: "What encryption hides"); only for a cluster whose writers all trust each
+    /// other.
+    #[arg(long, env = "TWINCACHE_WORKER_DICTIONARY_WITH_ENCRYPTION")]
+    pub dictionary_with_encryption: bool,
 
     /// How long deletes are remembered (tombstones), so that neither a late write nor a
     /// resync brings a deleted key back. Longer than any resync should take.
@@ -182,6 +191,23 @@ pub struct Config {
     pub log_format: String,
 }
 
+/// `--bind`: an IP address, or a host name (`localhost`) resolved to one.
+fn parse_bind(s: &str) -> Result<IpAddr, String> {
+    use std::net::ToSocketAddrs;
+    if let Ok(ip) = s.parse() {
+        return Ok(ip);
+    }
+    let mut ips: Vec<IpAddr> = (s, 0)
+        .to_socket_addrs()
+        .map_err(|e| format!("`{s}` is not an IP address, and cannot be resolved: {e}"))?
+        .map(|a| a.ip())
+        .collect();
+    ips.sort_by_key(|ip| ip.is_ipv6());
+    ips.first()
+        .copied()
+        .ok_or_else(|| format!("`{s}` resolves to no address"))
+}
+
 /// Commands other than serving.
 #[derive(Debug, Clone, Subcommand)]
 pub enum Command {
@@ -272,6 +298,20 @@ impl Config {
             .map_err(|e| e.to_string())
     }
 
+    /// The dictionary size the store uses: `--dictionary-size`, but 0 with encryption unless
+    /// `--dictionary-with-encryption`. A dictionary built from the first values compresses
+    /// every later value against them, so the stored size of a value one client writes says
+    /// how much it has in common with values others wrote: a client that can write guesses
+    /// and watch the sizes (`stats`, memory, evictions) recovers those values byte by byte.
+    /// Each value compressed on its own tells nothing about the others.
+    pub fn dictionary_bytes(&self) -> usize {
+        if self.encryption_key_file.is_some() && !self.dictionary_with_encryption {
+            0
+        } else {
+            self.dictionary_size as usize
+        }
+    }
+
     /// The cipher from `--encryption-key-file`, if given; a clear message if it is unusable.
     pub fn cipher(&self) -> Result<Option<crate::seal::Cipher>, String> {
         self.encryption_key_file
@@ -287,5 +327,17 @@ impl Default for Config {
         let mut config = Config::parse_from(["worker"]);
         config.port = 0;
         config
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bind_takes_host_names() {
+        let c = Config::try_parse_from(["worker", "--bind", "localhost"]).unwrap();
+        assert_eq!(c.bind, IpAddr::from([127, 0, 0, 1]));
+        assert!(Config::try_parse_from(["worker", "--bind", "no such host.invalid"]).is_err());
     }
 }

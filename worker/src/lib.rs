@@ -8,15 +8,19 @@
 //!
 //! Layout: [`config`] (flags), [`seal`] (stored byte layout: lz4, dictionaries, encryption),
 //! [`store`] (the sharded tables, eviction, TTLs), [`sync`] (snapshots and partner resync),
-//! [`server`] (connections), [`http`] (`--http`: metrics and health).
+//! [`server`] (connections), [`http`] (`--http`: metrics and health), [`secret`] (memory
+//! for the key and dictionary, kept out of core dumps and swap), [`wipe`] (no plaintext left
+//! behind with encryption on).
 
 pub mod adapter;
 pub mod config;
 pub mod http;
 pub mod seal;
+pub mod secret;
 pub mod server;
 pub mod store;
 pub mod sync;
+pub mod wipe;
 
 pub use config::Config;
 pub use server::Worker;

@@ -28,11 +28,23 @@
 //! per byte) and against the caller's cap ([`open_capped`]); the decompressed length must then
 //! be exactly the stored one. [`plausible`] checks the shape of stored bytes without opening
 //! them.
+//!
+//! With a key, no plaintext is left behind in freed memory: the key and dictionaries live in
+//! [`SecretBuf`]s (kept out of core dumps and swap), sealing reserves its whole output before
+//! it starts (a vector that grows leaves its old copy behind) and wipes what the output
+//! buffer held past the sealed bytes (an lz4 attempt that did not pay), and an opened value
+//! is [`crate::wipe::secret_bytes`], wiped when its last reference goes.
+
+use std::sync::Arc;
 
 use bytes::Bytes;
 use chacha20poly1305::aead::{AeadInPlace, KeyInit};
 use chacha20poly1305::{Key, Tag, XChaCha20Poly1305, XNonce};
 use rand::RngCore;
+use zeroize::{Zeroize, Zeroizing};
+
+use crate::secret::SecretBuf;
+use crate::wipe::secret_bytes;
 
 const RAW: u8 = 0x00;
 const LZ4: u8 = 0x01;
@@ -71,22 +83,30 @@ pub enum SealError {
 }
 
 /// A compression dictionary: bytes of typical values, and an id derived from its content
-/// (FNV-1a), so two workers that built the same dictionary agree on its id.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// (FNV-1a), so two workers that built the same dictionary agree on its id. The bytes are
+/// plaintext of stored values, so they live in a [`SecretBuf`], shared by clones.
+#[derive(Clone)]
 pub struct Dictionary {
     id: u32,
-    bytes: Box<[u8]>,
+    bytes: Arc<SecretBuf>,
 }
 
 impl Dictionary {
+    /// A dictionary of `bytes`, which are moved into secret memory and wiped here.
     pub fn new(bytes: Vec<u8>) -> Dictionary {
+        let bytes = Zeroizing::new(bytes);
+        Dictionary::from_secret(SecretBuf::copy_of(&bytes))
+    }
+
+    /// A dictionary of bytes already in secret memory.
+    pub fn from_secret(bytes: SecretBuf) -> Dictionary {
         let mut h: u32 = 0x811c_9dc5;
-        for &b in &bytes {
+        for &b in bytes.as_slice() {
             h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
         }
         Dictionary {
             id: h,
-            bytes: bytes.into_boxed_slice(),
+            bytes: Arc::new(bytes),
         }
     }
 
@@ -95,7 +115,7 @@ impl Dictionary {
     }
 
     pub fn bytes(&self) -> &[u8] {
-        &self.bytes
+        self.bytes.as_slice()
     }
 
     pub fn len(&self) -> usize {
@@ -107,10 +127,30 @@ impl Dictionary {
     }
 }
 
-/// The encryption key of a worker.
+impl PartialEq for Dictionary {
+    fn eq(&self, other: &Dictionary) -> bool {
+        self.id == other.id && self.bytes() == other.bytes()
+    }
+}
+
+impl Eq for Dictionary {}
+
+/// The id and size only: the bytes are values, which logs must never show.
+impl std::fmt::Debug for Dictionary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dictionary")
+            .field("id", &format_args!("{:#010x}", self.id))
+            .field("len", &self.len())
+            .finish()
+    }
+}
+
+/// The encryption key of a worker, in a [`SecretBuf`] (shared by clones). The AEAD is made
+/// from it for each value: XChaCha20-Poly1305 keeps nothing but the key (its per-nonce state
+/// is derived on every call anyway), and it wipes its copy when dropped.
 #[derive(Clone)]
 pub struct Cipher {
-    aead: XChaCha20Poly1305,
+    key: Arc<SecretBuf>,
     fingerprint: String,
 }
 
@@ -123,8 +163,10 @@ impl std::fmt::Debug for Cipher {
 }
 
 impl Cipher {
+    /// A cipher with `key`, copied into secret memory (the caller wipes its own copy).
     pub fn new(key: &[u8; 32]) -> Cipher {
-        let aead = XChaCha20Poly1305::new(Key::from_slice(key));
+        let key = Arc::new(SecretBuf::copy_of(key));
+        let aead = XChaCha20Poly1305::new(Key::from_slice(key.as_slice()));
         // The tag of an empty message under a fixed nonce: the same for the same key, and
         // reveals nothing about it. Partners compare fingerprints to find mismatched keys.
         let tag = aead
@@ -135,43 +177,50 @@ impl Cipher {
             )
             .expect("encrypting nothing cannot fail");
         let fingerprint = tag[..8].iter().map(|b| format!("{b:02x}")).collect();
-        Cipher { aead, fingerprint }
+        Cipher { key, fingerprint }
+    }
+
+    /// The AEAD for one operation (dropped, and so wiped, right after).
+    fn aead(&self) -> XChaCha20Poly1305 {
+        XChaCha20Poly1305::new(Key::from_slice(self.key.as_slice()))
     }
 
     /// Reads a key file: 32 raw bytes, or 64 hex characters (what `worker keygen` writes).
+    /// Every copy of the key made on the way is wiped; only the secret one stays.
     pub fn from_file(path: &std::path::Path) -> Result<Cipher, String> {
-        let bytes = std::fs::read(path)
-            .map_err(|e| format!("cannot read encryption key file {}: {e}", path.display()))?;
-        let key: Vec<u8> = if bytes.len() == 32 {
-            bytes
-        } else {
-            let text = String::from_utf8_lossy(&bytes);
-            let hex = text.trim();
-            (0..hex.len())
-                .step_by(2)
-                .map(|i| {
-                    hex.get(i..i + 2)
-                        .and_then(|h| u8::from_str_radix(h, 16).ok())
-                })
-                .collect::<Option<Vec<u8>>>()
-                .filter(|k| k.len() == 32 && hex.len() == 64)
-                .ok_or_else(|| {
-                    format!(
-                        "encryption key file {} must hold 32 bytes or 64 hex characters \
-                         (make one with `worker keygen > {}`)",
-                        path.display(),
-                        path.display()
-                    )
-                })?
-        };
-        Ok(Cipher::new(&key.try_into().expect("32 bytes")))
+        let bytes = Zeroizing::new(
+            std::fs::read(path)
+                .map_err(|e| format!("cannot read encryption key file {}: {e}", path.display()))?,
+        );
+        let mut key = Zeroizing::new([0u8; 32]);
+        if bytes.len() == 32 {
+            key.copy_from_slice(&bytes);
+        } else if !parse_hex_key(&bytes, &mut key) {
+            return Err(format!(
+                "encryption key file {} must hold 32 bytes or 64 hex characters \
+                 (make one with `worker keygen > {}`)",
+                path.display(),
+                path.display()
+            ));
+        }
+        Ok(Cipher::new(&key))
     }
 
     /// A fresh random key as 64 hex characters.
     pub fn generate_hex() -> String {
-        let mut key = [0u8; 32];
-        rand::rng().fill_bytes(&mut key);
+        let mut key = Zeroizing::new([0u8; 32]);
+        rand::rng().fill_bytes(&mut *key);
         key.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// A cipher whose key is derived from this one by `nonce`: XChaCha20's keystream under a
+    /// key and a nonce is a pseudorandom function of both, and `nonce` is one no value uses.
+    fn derive(&self, nonce: &[u8; NONCE_LEN]) -> Cipher {
+        let mut sub = Zeroizing::new([0u8; 32]);
+        self.aead()
+            .encrypt_in_place_detached(XNonce::from_slice(nonce), b"", &mut *sub)
+            .expect("32 bytes are far below XChaCha20's length limit");
+        Cipher::new(&sub)
     }
 
     /// Identifies the key without revealing it.
@@ -180,8 +229,32 @@ impl Cipher {
     }
 }
 
+/// Parses 64 hex characters (surrounding whitespace allowed) into `key`, in place: no
+/// intermediate string or vector holds the key.
+fn parse_hex_key(text: &[u8], key: &mut [u8; 32]) -> bool {
+    let hex = text.trim_ascii();
+    if hex.len() != 64 {
+        return false;
+    }
+    let digit = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    for (out, pair) in key.iter_mut().zip(hex.chunks_exact(2)) {
+        match (digit(pair[0]), digit(pair[1])) {
+            (Some(hi), Some(lo)) => *out = hi << 4 | lo,
+            _ => {
+                key.zeroize();
+                return false;
+            }
+        }
+    }
+    true
+}
+
 /// Appends the stored form of `value` (kept under `key`) to `out`: lz4-compressed when that
 /// makes it smaller, then encrypted if there is a cipher.
+///
+/// With a cipher, `out` is grown once, before anything is written, to the most the sealed
+/// form can take, and whatever it then holds past the sealed bytes (an lz4 attempt that did
+/// not pay) is wiped: no plaintext is left in `out`'s memory or in a reallocation's.
 pub fn seal_into(
     key: &[u8],
     value: &[u8],
@@ -192,6 +265,7 @@ pub fn seal_into(
     let Some(cipher) = cipher else {
         return seal_plain(value, dict, out);
     };
+    out.reserve(max_sealed_len(value.len()));
     out.push(ENCRYPTED);
     let mut nonce = [0u8; NONCE_LEN];
     rand::rng().fill_bytes(&mut nonce);
@@ -199,10 +273,51 @@ pub fn seal_into(
     let inner = out.len();
     seal_plain(value, dict, out);
     let tag = cipher
-        .aead
+        .aead()
         .encrypt_in_place_detached(XNonce::from_slice(&nonce), key, &mut out[inner..])
         .expect("values are far below XChaCha20's length limit");
     out.extend_from_slice(&tag);
+    out.spare_capacity_mut().zeroize();
+}
+
+/// The most bytes the encrypted form of a `len`-byte value takes: the layout byte, nonce and
+/// tag around the larger of its raw form and its lz4 attempt (with a dictionary's header).
+fn max_sealed_len(len: usize) -> usize {
+    let inner = (1 + len).max(9 + lz4_flex::block::get_maximum_output_size(len));
+    1 + NONCE_LEN + inner + TAG_LEN
+}
+
+/// Whether `stored` is in the encrypted layout: what a worker with a key stores and accepts
+/// from its partner for every value (tombstones hold no value and are not sealed).
+pub fn is_encrypted(stored: &[u8]) -> bool {
+    stored.first() == Some(&ENCRYPTED)
+}
+
+/// The nonce that derives the dictionary key from a worker's key (see [`Cipher::derive`]).
+/// Values never use it: theirs are random, and 192 bits do not repeat.
+const DICTIONARY_KEY_NONCE: &[u8; NONCE_LEN] = b"twincache dictionary key";
+
+/// A dictionary as it travels to a partner from a worker with a key: sealed like a value,
+/// but under a key of its own, so that no value stored under any key name could be passed
+/// off as a dictionary (a value's associated data is its key name, and key names can be
+/// anything).
+pub fn seal_dictionary(dict: &Dictionary, cipher: &Cipher) -> Vec<u8> {
+    let mut out = Vec::new();
+    let sub = cipher.derive(DICTIONARY_KEY_NONCE);
+    seal_into(b"dictionary", dict.bytes(), Some(&sub), None, &mut out);
+    out
+}
+
+/// Opens a dictionary sealed by [`seal_dictionary`], straight into secret memory.
+pub fn open_dictionary(sealed: &[u8], cipher: &Cipher) -> Result<Dictionary, SealError> {
+    if !is_encrypted(sealed) {
+        return Err(SealError::UnknownLayout(
+            sealed.first().copied().unwrap_or(0),
+        ));
+    }
+    let sub = cipher.derive(DICTIONARY_KEY_NONCE);
+    let bytes = open(b"dictionary", &Bytes::copy_from_slice(sealed), Some(&sub))?;
+    Ok(Dictionary::from_secret(SecretBuf::copy_of(&bytes)))
 }
 
 /// The raw or lz4 form of `value` (against `dict` if given), compressed straight into `out`.
@@ -223,7 +338,7 @@ fn seal_plain(value: &[u8], dict: Option<&Dictionary>, out: &mut Vec<u8>) {
             0,
         );
         let compressed = match dict {
-            Some(d) => lz4_flex::block::compress_into_with_dict(value, &mut out[body..], &d.bytes),
+            Some(d) => lz4_flex::block::compress_into_with_dict(value, &mut out[body..], d.bytes()),
             None => lz4_flex::block::compress_into(value, &mut out[body..]),
         };
         if let Ok(n) = compressed {
@@ -262,7 +377,8 @@ pub fn open_with(
 }
 
 /// [`open_with`], refusing as [`SealError::Corrupt`] stored bytes that claim a value longer
-/// than `max_len` before anything is allocated for it.
+/// than `max_len` before anything is allocated for it. With a cipher, what comes back (and
+/// every intermediate copy) is wiped when dropped.
 pub fn open_capped(
     key: &[u8],
     stored: &Bytes,
@@ -278,9 +394,9 @@ pub fn open_capped(
             }
             let nonce = XNonce::from_slice(&stored[1..1 + NONCE_LEN]);
             let tag_at = stored.len() - TAG_LEN;
-            let mut inner = stored[1 + NONCE_LEN..tag_at].to_vec();
+            let mut inner = Zeroizing::new(stored[1 + NONCE_LEN..tag_at].to_vec());
             cipher
-                .aead
+                .aead()
                 .decrypt_in_place_detached(
                     nonce,
                     key,
@@ -290,17 +406,24 @@ pub fn open_capped(
                 .map_err(|_| SealError::Unauthentic)?;
             match inner.first() {
                 Some(&ENCRYPTED) => Err(SealError::UnknownLayout(ENCRYPTED)),
-                _ => open_plain(&Bytes::from(inner), dict, max_len),
+                _ => open_plain(
+                    &secret_bytes(std::mem::take(&mut inner)),
+                    dict,
+                    max_len,
+                    true,
+                ),
             }
         }
-        _ => open_plain(stored, dict, max_len),
+        _ => open_plain(stored, dict, max_len, cipher.is_some()),
     }
 }
 
+/// Opens a raw or lz4 form; with `secret`, a decompressed value is wiped when dropped.
 fn open_plain(
     stored: &Bytes,
     dict: Option<&Dictionary>,
     max_len: usize,
+    secret: bool,
 ) -> Result<Bytes, SealError> {
     match stored.first() {
         Some(&LZ4_DICT) => {
@@ -309,14 +432,14 @@ fn open_plain(
             let dict = dict
                 .filter(|d| d.id == id)
                 .ok_or(SealError::UnknownDictionary(id))?;
-            decompress(&stored[9..], len, max_len, &dict.bytes)
+            decompress(&stored[9..], len, max_len, dict.bytes(), secret)
         }
         None => Err(SealError::Empty),
         Some(&RAW) if stored.len() - 1 > max_len => Err(SealError::Corrupt),
         Some(&RAW) => Ok(stored.slice(1..)),
         Some(&LZ4) => {
             let len = le_u32(stored, 1).ok_or(SealError::Corrupt)?;
-            decompress(&stored[5..], len, max_len, &[])
+            decompress(&stored[5..], len, max_len, &[], secret)
         }
         Some(&other) => Err(SealError::UnknownLayout(other)),
     }
@@ -330,20 +453,28 @@ fn le_u32(bytes: &[u8], at: usize) -> Option<u32> {
 
 /// Decompresses `block` (against `dict` if not empty) into exactly `len` bytes. The stored
 /// `len` is checked before it sizes the buffer: a block cannot expand past
-/// [`LZ4_MAX_EXPANSION`] times its size, nor may the value pass the caller's cap.
-fn decompress(block: &[u8], len: u32, max_len: usize, dict: &[u8]) -> Result<Bytes, SealError> {
+/// [`LZ4_MAX_EXPANSION`] times its size, nor may the value pass the caller's cap. With
+/// `secret`, the buffer is wiped when dropped, whether the value comes out whole or not.
+fn decompress(
+    block: &[u8],
+    len: u32,
+    max_len: usize,
+    dict: &[u8],
+    secret: bool,
+) -> Result<Bytes, SealError> {
     let len = len as usize;
     if len > max_len || len > block.len().saturating_mul(LZ4_MAX_EXPANSION) {
         return Err(SealError::Corrupt);
     }
-    let mut out = vec![0; len];
+    let mut out = Zeroizing::new(vec![0; len]);
     let written = if dict.is_empty() {
         lz4_flex::block::decompress_into(block, &mut out)
     } else {
         lz4_flex::block::decompress_into_with_dict(block, &mut out, dict)
     };
     match written {
-        Ok(n) if n == len => Ok(Bytes::from(out)),
+        Ok(n) if n == len && secret => Ok(secret_bytes(std::mem::take(&mut out))),
+        Ok(n) if n == len => Ok(Bytes::from(std::mem::take(&mut *out))),
         _ => Err(SealError::Corrupt),
     }
 }
@@ -601,6 +732,80 @@ mod tests {
             .unwrap_err()
             .contains("cannot read"));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn hex_keys_parse_in_place() {
+        let mut key = [0u8; 32];
+        let hex = b"  00112233445566778899AABBCCDDEEFF00112233445566778899aabbccddeeff\n";
+        assert!(parse_hex_key(hex, &mut key));
+        assert_eq!(key[..4], [0x00, 0x11, 0x22, 0x33]);
+        assert_eq!(key[31], 0xff);
+        let mut bad = *hex;
+        bad[10] = b'g';
+        assert!(!parse_hex_key(&bad, &mut key));
+        assert_eq!(key, [0; 32], "a half-parsed key is wiped");
+        assert!(!parse_hex_key(b"abcd", &mut key));
+    }
+
+    #[test]
+    fn sealing_never_grows_its_buffer_midway() {
+        // `seal_into` reserves `max_sealed_len` up front; were it short, the buffer would be
+        // reallocated mid-seal and the old copy (with plaintext in it) freed unwiped.
+        let dict = test_dictionary();
+        let mut x = 1u64;
+        let mut noise = |n: usize| -> Vec<u8> {
+            (0..n)
+                .map(|_| {
+                    x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                    (x >> 56) as u8
+                })
+                .collect()
+        };
+        for len in [0, 1, 127, 128, 129, 1000, 65_536] {
+            for value in [vec![b'a'; len], noise(len)] {
+                for d in [None, Some(&dict)] {
+                    let mut out = Vec::new();
+                    seal_into(b"k", &value, Some(&key_a()), d, &mut out);
+                    assert!(out.len() <= max_sealed_len(len), "{len}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn dictionaries_travel_sealed_under_a_key_of_their_own() {
+        let dict = test_dictionary();
+        let sealed = seal_dictionary(&dict, &key_a());
+        assert!(is_encrypted(&sealed));
+        assert!(
+            !sealed
+                .windows(12)
+                .any(|w| dict.bytes().windows(12).any(|d| d == w)),
+            "the dictionary shows through"
+        );
+        let opened = open_dictionary(&sealed, &key_a()).unwrap();
+        assert_eq!(opened, dict);
+        assert_eq!(
+            open_dictionary(&sealed, &Cipher::new(&[8; 32])),
+            Err(SealError::Unauthentic)
+        );
+        assert_eq!(
+            open_dictionary(dict.bytes(), &key_a()),
+            Err(SealError::UnknownLayout(dict.bytes()[0]))
+        );
+        // A value sealed under any key name, even the dictionary's associated data, is not a
+        // sealed dictionary: the dictionary key is another key.
+        let value = seal(b"dictionary", dict.bytes(), Some(&key_a()));
+        assert_eq!(
+            open_dictionary(&value, &key_a()),
+            Err(SealError::Unauthentic)
+        );
+        assert_ne!(
+            key_a().derive(DICTIONARY_KEY_NONCE).fingerprint(),
+            key_a().fingerprint()
+        );
+        assert!(format!("{dict:?}").contains("len"), "no bytes in Debug");
     }
 
     #[test]

@@ -6,12 +6,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_util::codec::Decoder;
 use tokio_util::sync::CancellationToken;
 use twincache_protocol::auth::{self, ClusterSecret};
 use twincache_protocol::budget::{Account, Budget};
@@ -27,6 +26,7 @@ use crate::adapter::{Adapter, INVALIDATION_TTL_MS};
 use crate::config::Config;
 use crate::store::{SetOptions, Store, StoreError};
 use crate::sync::{serve_snapshot, Refill, SyncState};
+use crate::wipe;
 
 /// Stop reading more requests once this many response bytes wait to be written.
 const OUT_HIGH_WATER: usize = 256 * 1024;
@@ -91,9 +91,15 @@ impl Worker {
                  (--max-memory sets it)"
             ),
         }
+        if config.dictionary_bytes() == 0 && config.dictionary_size > 0 {
+            tracing::info!(
+                "no compression dictionary with encryption: values are compressed one by one \
+                 (--dictionary-with-encryption keeps it, at the cost README describes)"
+            );
+        }
         let store = Arc::new(
             Store::new(cipher, max_memory as usize)
-                .with_dictionary_size(config.dictionary_size as usize)
+                .with_dictionary_size(config.dictionary_bytes())
                 .with_tombstone_ttl(config.tombstone_ttl),
         );
         let node = Arc::new(Node {
@@ -296,8 +302,10 @@ where
     let mut held = 0;
     let idle_timeout = node.idle_timeout;
     let mut codec = FrameCodec::<Request>::new(node.max_frame);
-    let mut buf = BytesMut::with_capacity(64 * 1024);
-    let mut out = BytesMut::with_capacity(64 * 1024);
+    // With a key, nothing that held a value's plaintext outlives its request (crate::wipe).
+    let wipe = node.store.cipher().is_some();
+    let mut buf = wipe::Buffer::new(64 * 1024, wipe);
+    let mut out = wipe::Buffer::new(64 * 1024, wipe);
     // Adapter-mode requests waiting on Redis; they answer out of order, by id.
     let mut waiting = FuturesUnordered::new();
     let mut reading = true;
@@ -310,18 +318,18 @@ where
             // later request is read, so requests on one key keep their arrival order.
             biased;
             Some(resp) = waiting.next(), if !waiting.is_empty() => {
-                encode_frame(&resp, &mut out);
+                out.encode(&resp);
                 while let Some(Some(resp)) = waiting.next().now_or_never() {
-                    encode_frame(&resp, &mut out);
+                    out.encode(&resp);
                 }
             }
-            n = stream.read_buf(&mut buf), if reading && waiting.len() < MAX_WAITING => {
+            n = stream.read_buf(&mut *buf), if reading && waiting.len() < MAX_WAITING => {
                 if n? == 0 {
                     reading = false;
                 }
                 last_active = tokio::time::Instant::now();
                 loop {
-                    match codec.decode(&mut buf) {
+                    match wipe::next_request(&mut codec, &mut buf, node.max_frame, wipe) {
                         Ok(Some(req)) if req.op == Op::Snapshot => {
                             // A stream of frames, not one answer: send what is pending first.
                             write_out(&mut stream, &mut out, idle_timeout).await?;
@@ -330,7 +338,7 @@ where
                         Ok(Some(req)) => {
                             let id = req.id;
                             match dispatch(&node, req) {
-                                Handled::Now(resp) => encode_frame(&resp.with_id(id), &mut out),
+                                Handled::Now(resp) => out.encode(&resp.with_id(id)),
                                 Handled::Later(fut) => waiting.push(async move { fut.await.with_id(id) }),
                             }
                             if out.len() >= OUT_HIGH_WATER {
@@ -343,14 +351,14 @@ where
                                 FrameError::TooLong { .. } => Status::TooLarge,
                                 _ => Status::ParseError,
                             };
-                            encode_frame(&Response::status(status), &mut out);
+                            out.encode(&Response::status(status));
                             let _ = write_out(&mut stream, &mut out, idle_timeout).await;
                             return Err(e);
                         }
                     }
                 }
                 if buf.is_empty() && buf.capacity() > KEEP_CAPACITY {
-                    buf = BytesMut::with_capacity(64 * 1024);
+                    buf.renew(64 * 1024);
                 }
                 // Bytes buffered: a frame's reserved length is memory only as it arrives.
                 account.track(&mut held, buf.len());
@@ -378,11 +386,11 @@ where
     }
 }
 
-/// Writes and clears `out`; a peer that reads none of it for `deadline` is given up on.
-/// The flush is a no-op on TCP; a TLS session sends what it still holds.
+/// Writes and clears (wipes, with a key) `out`; a peer that reads none of it for `deadline`
+/// is given up on. The flush is a no-op on TCP; a TLS session sends what it still holds.
 async fn write_out<S: AsyncWrite + Unpin>(
     stream: &mut S,
-    out: &mut BytesMut,
+    out: &mut wipe::Buffer,
     deadline: Duration,
 ) -> Result<(), FrameError> {
     let write = async {
@@ -544,7 +552,7 @@ pub fn handle(node: &Node, req: Request) -> Response {
                         node.sync.took_alone();
                     }
                     let payload = if opts.get {
-                        presence_prefixed(outcome.old)
+                        presence_prefixed(outcome.old, store.cipher().is_some())
                     } else {
                         Bytes::new()
                     };
@@ -660,15 +668,20 @@ fn corrupt(e: crate::seal::SealError) -> Response {
     Response::error(Status::ServerError, "stored value is corrupt")
 }
 
-/// `0` for no value, `1` followed by the value (the reply to a `set` with the GET flag).
-fn presence_prefixed(value: Option<Bytes>) -> Bytes {
+/// `0` for no value, `1` followed by the value (the reply to a `set` with the GET flag);
+/// with `secret`, wiped once sent.
+fn presence_prefixed(value: Option<Bytes>, secret: bool) -> Bytes {
     match value {
         None => Bytes::from_static(&[0]),
         Some(v) => {
-            let mut out = BytesMut::with_capacity(1 + v.len());
-            out.put_u8(1);
-            out.put_slice(&v);
-            out.freeze()
+            let mut out = Vec::with_capacity(1 + v.len());
+            out.push(1);
+            out.extend_from_slice(&v);
+            if secret {
+                wipe::secret_bytes(out)
+            } else {
+                Bytes::from(out)
+            }
         }
     }
 }
@@ -706,5 +719,6 @@ fn stats_text(store: &Store, info: &mut Info) {
         .add("stale_writes", c.stale_writes.load(Relaxed))
         .add("expired", c.expired.load(Relaxed))
         .add("evicted", c.evicted.load(Relaxed))
+        .add("refused_unsealed", c.refused_unsealed.load(Relaxed))
         .add("max_memory", store.max_bytes());
 }

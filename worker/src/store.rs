@@ -34,6 +34,7 @@ use hashbrown::hash_table::Entry as Slot;
 use hashbrown::HashTable;
 
 use crate::seal::{self, Cipher, Dictionary, SealError};
+use crate::secret::SecretBuf;
 
 const HEADER: usize = 8 + 8 + 4 + 4;
 /// The accessed bit, kept in the top bit of the value length (values are far below 2 GiB).
@@ -202,6 +203,30 @@ pub struct Counters {
     pub expired: AtomicU64,
     /// Entries removed to stay within the memory limit.
     pub evicted: AtomicU64,
+    /// Entries a partner offered unsealed to this store, which encrypts: refused (see
+    /// [`Merged::Unsealed`]).
+    pub refused_unsealed: AtomicU64,
+}
+
+/// What became of an entry from a partner's snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Merged {
+    /// It replaced what this store held (or filled an empty place).
+    Taken,
+    /// This store kept what it had: as new or newer, or the entry had expired, or it was
+    /// older than the floor for a key not held here.
+    Kept,
+    /// Refused: a value in a plain layout (raw, lz4) offered to a store that encrypts. A
+    /// partner with the same key sends only sealed values; plain ones would be stored as
+    /// given, readable by anyone who reads the memory, and accepted without the key's
+    /// authentication, so a forged partner could plant any value at any version.
+    Unsealed,
+}
+
+impl Merged {
+    pub fn taken(self) -> bool {
+        self == Merged::Taken
+    }
 }
 
 /// How a `set` behaves (the Redis `SET` options).
@@ -272,6 +297,13 @@ impl Usage {
         self.logical_bytes += other.logical_bytes;
         self.stored_bytes += other.stored_bytes;
     }
+}
+
+/// Values collected towards the dictionary: `len` bytes of `buf` (`dict_size` long).
+#[derive(Default)]
+struct Samples {
+    buf: Option<SecretBuf>,
+    len: usize,
 }
 
 #[derive(Default)]
@@ -350,8 +382,9 @@ pub struct Store {
     max_bytes: usize,
     /// The compression dictionary, built once from the first values stored.
     dict: OnceLock<Dictionary>,
-    /// Values collected for the dictionary until it is built.
-    samples: Mutex<Vec<u8>>,
+    /// Values collected for the dictionary until it is built: plaintext, so in secret memory
+    /// from the first byte (a growing vector would leave copies behind).
+    samples: Mutex<Samples>,
     /// Dictionary size in bytes; 0 disables dictionaries.
     dict_size: usize,
     /// How long deletes are remembered (tombstones).
@@ -384,7 +417,7 @@ impl Store {
             bytes: AtomicUsize::new(0),
             max_bytes,
             dict: OnceLock::new(),
-            samples: Mutex::new(Vec::new()),
+            samples: Mutex::default(),
             dict_size: DEFAULT_DICTIONARY_SIZE,
             tombstone_ttl_ms: DEFAULT_TOMBSTONE_TTL_MS,
             counters: Counters::default(),
@@ -420,10 +453,16 @@ impl Store {
         }
         let mut samples = self.samples.lock().unwrap_or_else(|e| e.into_inner());
         if self.dict.get().is_none() {
-            let room = self.dict_size - samples.len();
-            samples.extend_from_slice(&value[..value.len().min(room)]);
-            if samples.len() >= self.dict_size {
-                let dict = Dictionary::new(std::mem::take(&mut *samples));
+            let len = samples.len;
+            let buf = samples
+                .buf
+                .get_or_insert_with(|| SecretBuf::zeroed(self.dict_size));
+            let take = value.len().min(self.dict_size - len);
+            buf.as_mut_slice()[len..len + take].copy_from_slice(&value[..take]);
+            samples.len += take;
+            if samples.len >= self.dict_size {
+                let dict = Dictionary::from_secret(samples.buf.take().expect("just filled"));
+                samples.len = 0;
                 tracing::info!(
                     id = format_args!("{:#010x}", dict.id()),
                     bytes = dict.len(),
@@ -648,9 +687,8 @@ impl Store {
 
     /// Merges an entry from a partner's snapshot: it replaces what is here only if it is
     /// newer, so live writes taken during a resync are never overwritten by older copies,
-    /// and tombstones carry deletes across. Returns whether it was taken; `None` if the
-    /// bytes are not an entry.
-    pub fn merge(&self, raw: &[u8]) -> Option<bool> {
+    /// and tombstones carry deletes across. `None` if the bytes are not an entry.
+    pub fn merge(&self, raw: &[u8]) -> Option<Merged> {
         self.merge_above(raw, 0)
     }
 
@@ -659,17 +697,35 @@ impl Store {
     /// partner's copy passes the start of its own delete memory (see
     /// [`Store::delete_horizon`]): a key it deleted before then left no tombstone, so an old
     /// copy of it may be a delete it forgot, and must not come back.
-    pub fn merge_above(&self, raw: &[u8], floor: u64) -> Option<bool> {
+    pub fn merge_above(&self, raw: &[u8], floor: u64) -> Option<Merged> {
         let incoming = Entry::from_raw(raw)?;
+        if self.refuses(&incoming) {
+            return Some(Merged::Unsealed);
+        }
         if incoming.expired(now_ms()) {
-            return Some(false);
+            return Some(Merged::Kept);
         }
         let version = incoming.version();
-        Some(self.install(incoming, |current, _| match current {
+        let taken = self.install(incoming, |current, _| match current {
             Some(c) if c.version() >= version => (false, false),
             None if version < floor => (false, false),
             _ => (true, true),
-        }))
+        });
+        Some(if taken { Merged::Taken } else { Merged::Kept })
+    }
+
+    /// Whether `incoming` is a value this store must not take from a partner: a plain one
+    /// when this store encrypts (see [`Merged::Unsealed`]). Counted.
+    fn refuses(&self, incoming: &Entry) -> bool {
+        let refused = self.cipher.is_some()
+            && !incoming.is_tombstone()
+            && !seal::is_encrypted(incoming.stored());
+        if refused {
+            self.counters
+                .refused_unsealed
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        refused
     }
 
     /// The oldest version whose deletes this store still remembers: a write older than
@@ -684,30 +740,40 @@ impl Store {
     /// longer remembers, so this worker's older copies could bring those keys back, and
     /// whatever of them the partner still holds arrives with its snapshot.
     pub fn drop_older_than(&self, version: u64) -> usize {
-        let mut dropped = 0;
-        for shard in self.shards.iter() {
-            let gone: Vec<Entry> = {
-                let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
-                let before = shard.held();
-                let Shard { table, usage, .. } = &mut *shard;
-                let gone: Vec<Entry> = table.extract_if(|e| e.version() < version).collect();
-                for e in &gone {
-                    usage.remove(e);
-                }
-                shard.recount_structure();
-                self.track(before, shard.held());
-                self.compact_clock(&mut shard);
-                gone
-            };
-            dropped += gone.len();
-        }
-        dropped
+        (0..SHARDS)
+            .map(|n| self.remove_where(n, |e| e.version() < version))
+            .sum()
+    }
+
+    /// Removes the entries of shard `n` for which `doomed` holds, with their accounting;
+    /// returns how many. They are freed after the shard's lock is released.
+    fn remove_where(&self, n: usize, doomed: impl FnMut(&Entry) -> bool) -> usize {
+        let gone: Vec<Entry> = {
+            let mut shard = self.shards[n % SHARDS]
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            let before = shard.held();
+            let Shard { table, usage, .. } = &mut *shard;
+            let mut doomed = doomed;
+            let gone: Vec<Entry> = table.extract_if(|e| doomed(e)).collect();
+            for e in &gone {
+                usage.remove(e);
+            }
+            shard.recount_structure();
+            self.track(before, shard.held());
+            self.compact_clock(&mut shard);
+            gone
+        };
+        gone.len()
     }
 
     /// [`Store::merge`] for an entry compressed against `theirs`, a dictionary this worker
     /// does not use: the value is opened and sealed again with this worker's.
-    pub fn merge_resealed(&self, raw: &[u8], theirs: &Dictionary, floor: u64) -> Option<bool> {
+    pub fn merge_resealed(&self, raw: &[u8], theirs: &Dictionary, floor: u64) -> Option<Merged> {
         let incoming = Entry::from_raw(raw)?;
+        if self.refuses(&incoming) {
+            return Some(Merged::Unsealed);
+        }
         if incoming.is_tombstone() {
             return self.merge_above(raw, floor);
         }
@@ -724,16 +790,18 @@ impl Store {
         self.merge_above(&resealed.0, floor)
     }
 
-    /// Takes `dict` as this worker's dictionary if it has none yet (a resyncing worker then
-    /// shares its partner's, and entries copy as they are). Returns whether the worker's
-    /// dictionary is now `dict`.
+    /// Takes `dict` as this worker's dictionary if it has none yet and uses dictionaries (a
+    /// resyncing worker then shares its partner's, and entries copy as they are). Returns
+    /// whether the worker's dictionary is now `dict`. A worker with dictionaries off (size
+    /// 0, as with encryption unless asked for: see `Config::dictionary_bytes`) never takes
+    /// one: it would compress every later value against it.
     pub fn adopt_dictionary(&self, dict: Dictionary) -> bool {
+        if self.dict_size == 0 {
+            return false;
+        }
         let id = dict.id();
         let _ = self.dict.set(dict);
-        self.samples
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
+        *self.samples.lock().unwrap_or_else(|e| e.into_inner()) = Samples::default();
         self.dict.get().map(Dictionary::id) == Some(id)
     }
 
@@ -856,26 +924,11 @@ impl Store {
     /// shard per call keeps each call's cost a fixed fraction of the store.
     pub fn sweep_shard(&self, n: usize) -> usize {
         let now = now_ms();
-        let expired: Vec<Entry> = {
-            let mut shard = self.shards[n % SHARDS]
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            let before = shard.held();
-            let Shard { table, usage, .. } = &mut *shard;
-            let gone: Vec<Entry> = table.extract_if(|e| e.expired(now)).collect();
-            for e in &gone {
-                usage.remove(e);
-            }
-            shard.recount_structure();
-            self.track(before, shard.held());
-            self.compact_clock(&mut shard);
-            gone
-        };
-        let n = expired.len();
+        let n = self.remove_where(n, |e| e.expired(now));
         if n > 0 {
             self.counters.expired.fetch_add(n as u64, Ordering::Relaxed);
         }
-        n // the entries are freed here, outside the lock
+        n
     }
 
     /// Sweeps one shard every `interval` until `shutdown`; a full pass takes 64 intervals.
@@ -1281,6 +1334,108 @@ mod tests {
     }
 
     #[test]
+    fn an_encrypting_store_refuses_unsealed_values_from_a_partner() {
+        let key = Cipher::new(&[4; 32]);
+        let plain = Store::default();
+        set(&plain, b"raw", b"small", 10);
+        set(&plain, b"lz4", &b"abcdefgh".repeat(40), 10);
+        plain.del(b"gone", 10);
+        let sealed = Store::new(Some(key.clone()), 0);
+        set(&sealed, b"sealed", b"value", 10);
+        let target = Store::new(Some(key), 0);
+        let mut outcomes = Vec::new();
+        for source in [&plain, &sealed] {
+            for raw in snapshot(source) {
+                let key = Entry::from_raw(&raw).unwrap().key().to_vec();
+                outcomes.push((key, target.merge(&raw).unwrap()));
+            }
+        }
+        outcomes.sort();
+        assert_eq!(
+            outcomes,
+            [
+                (b"gone".to_vec(), Merged::Taken), // a tombstone holds no value
+                (b"lz4".to_vec(), Merged::Unsealed),
+                (b"raw".to_vec(), Merged::Unsealed),
+                (b"sealed".to_vec(), Merged::Taken),
+            ]
+        );
+        assert_eq!(target.counters.refused_unsealed.load(Ordering::Relaxed), 2);
+        assert_eq!(target.get(b"raw").unwrap(), None);
+        // Re-sealing against a partner's dictionary refuses them too, before opening them.
+        let dict = Dictionary::new(b"abcdefgh".repeat(40));
+        let raw = snapshot(&plain)
+            .into_iter()
+            .find(|r| Entry::from_raw(r).unwrap().key() == b"lz4")
+            .unwrap();
+        assert_eq!(
+            target.merge_resealed(&raw, &dict, 0),
+            Some(Merged::Unsealed)
+        );
+        // A store without a key takes plain values as before.
+        assert_eq!(Store::default().merge(&raw), Some(Merged::Taken));
+    }
+
+    /// How much `stored_bytes` grows when `guess` is written under a fresh key.
+    fn growth(s: &Store, n: usize, guess: &str) -> usize {
+        let before = s.usage().stored_bytes;
+        s.set(
+            format!("attacker:{n}").as_bytes(),
+            guess.as_bytes(),
+            1,
+            SetOptions::default(),
+        )
+        .unwrap();
+        s.usage().stored_bytes - before
+    }
+
+    /// The size oracle of issue 11: a client's guess compresses against a dictionary made of
+    /// other clients' values, so the right guess grows `stored_bytes` less than a wrong one
+    /// of the same length. Without a shared dictionary (what an encrypting worker has unless
+    /// told otherwise: `Config::dictionary_bytes`), both grow it alike.
+    #[test]
+    fn without_a_shared_dictionary_stored_sizes_tell_nothing_of_other_values() {
+        let victim = |secret: &str| {
+            format!(
+                r#"{{"user":"victim","note":"nothing to see here, move along","api_token":"{secret}","plan":"gold","since":2021,"region":"eu-west"}}"#
+            )
+        };
+        let guess = |token: &str| {
+            format!(
+                r#"{{"user":"mallory","comment":"a perfectly ordinary comment, honest, nothing more to it","api_token":"{token}","x":1,"y":[1,2,3,4]}}"#
+            )
+        };
+        let right = guess("tok_9f3a2c71e5b8");
+        let wrong = guess("tok_0d84be6a1c27");
+        assert_eq!(right.len(), wrong.len());
+        assert!(right.len().min(victim("tok_9f3a2c71e5b8").len()) >= seal::MIN_COMPRESS_LEN);
+        let leaks = |s: Store| {
+            for i in 0..40 {
+                s.set(
+                    format!("victim:{i}").as_bytes(),
+                    victim("tok_9f3a2c71e5b8").as_bytes(),
+                    1,
+                    SetOptions::default(),
+                )
+                .unwrap();
+            }
+            let (r, w) = (growth(&s, 1, &right), growth(&s, 2, &wrong));
+            (r, w)
+        };
+        let key = || Some(Cipher::new(&[5; 32]));
+        let (r, w) = leaks(Store::new(key(), 0).with_dictionary_size(1024));
+        assert!(
+            r < w,
+            "with a shared dictionary the right guess shows: {r} vs {w}"
+        );
+        let (r, w) = leaks(Store::new(key(), 0).with_dictionary_size(0));
+        assert_eq!(
+            r, w,
+            "one by one, the right guess grows the store as a wrong one"
+        );
+    }
+
+    #[test]
     fn an_absurd_entry_count_from_a_peer_reserves_a_bounded_table() {
         let store = Store::new(None, 0);
         store.reserve(1 << 40);
@@ -1332,7 +1487,9 @@ mod tests {
         set(&target, b"c", b"stale copy", 10);
         let mut taken = 0;
         for n in 0..SHARDS {
-            source.snapshot_shard(n, |raw| taken += usize::from(target.merge(raw).unwrap()));
+            source.snapshot_shard(n, |raw| {
+                taken += usize::from(target.merge(raw).unwrap().taken())
+            });
         }
         assert_eq!(
             taken, 2,

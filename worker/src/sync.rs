@@ -44,8 +44,19 @@
 //! record = kind:u8 len:u32le bytes
 //! kind   = 1 meta (name:value lines: fingerprint <hex|off>, entries <n>, boot <hex>,
 //!                  solo <n>, horizon <version>)
-//!        | 2 dictionary | 3 entry (as stored)
+//!        | 2 dictionary (from a worker without a key)
+//!        | 3 entry (as stored)
+//!        | 4 sealed dictionary (from a worker with a key: `seal::seal_dictionary`)
 //! ```
+//!
+//! The meta record comes first; anything before it is refused. A dictionary is plaintext of
+//! stored values, so a worker with a key sends it sealed, as kind 4: a receiver from before
+//! kind 4 existed skips it as a kind it does not know (and then cannot open entries
+//! compressed against it, as before; with encryption, dictionaries are off by default, see
+//! `Config::dictionary_bytes`). A plain dictionary from such an older partner is still read,
+//! to re-seal its entries. A worker with a key takes only sealed values: plain ones are
+//! refused and counted (`store::Merged::Unsealed`, `resync_refused` in `status`,
+//! `refused_unsealed` in `stats`), and the refill goes on without them.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -64,12 +75,13 @@ use twincache_protocol::info::{self, Info};
 use twincache_protocol::Status;
 use twincache_tls::Connector;
 
-use crate::seal::Dictionary;
-use crate::store::Store;
+use crate::seal::{self, Dictionary};
+use crate::store::{Merged, Store};
 
 const META: u8 = 1;
 const DICTIONARY: u8 = 2;
 const ENTRY: u8 = 3;
+const SEALED_DICTIONARY: u8 = 4;
 /// Records per frame, in bytes: large enough to amortise the frame, small enough to keep
 /// memory flat on both sides.
 const BATCH_BYTES: usize = 256 * 1024;
@@ -122,6 +134,8 @@ struct Run {
     completed: u64,
     keys: u64,
     bytes: u64,
+    /// Unsealed entries refused by the last refill.
+    refused: u64,
     seconds: f64,
     error: String,
 }
@@ -258,6 +272,7 @@ impl SyncState {
             .add("resyncs_completed", r.completed)
             .add("resync_keys", r.keys)
             .add("resync_bytes", r.bytes)
+            .add("resync_refused", r.refused)
             .add("resync_seconds", format_args!("{:.3}", r.seconds))
             .add("resync_error", r.error);
         let t = &self.traffic;
@@ -320,7 +335,16 @@ impl SyncState {
                 Ok(pulled) => {
                     run.phase = Phase::Done;
                     run.completed += 1;
-                    (run.keys, run.bytes) = (pulled.keys, pulled.bytes);
+                    (run.keys, run.bytes, run.refused) =
+                        (pulled.keys, pulled.bytes, pulled.refused);
+                    if pulled.refused > 0 {
+                        tracing::warn!(
+                            %partner,
+                            refused = pulled.refused,
+                            "refused unsealed entries from the partner: this worker encrypts, \
+                             and a partner with the same key sends only sealed values"
+                        );
+                    }
                     *state.coverage() = pulled.coverage;
                     state.synced.store(true, Ordering::Release);
                     tracing::info!(
@@ -350,6 +374,37 @@ fn put_record(out: &mut BytesMut, kind: u8, bytes: &[u8]) {
     out.put_slice(bytes);
 }
 
+/// Appends the records a snapshot starts with: the meta record, then the dictionary (sealed
+/// if this worker has a key). Must be called before any entry is copied: every write the
+/// `solo` count includes is then in the snapshot.
+pub fn snapshot_head(store: &Store, sync: &SyncState, records: &mut BytesMut) {
+    let usage = store.usage();
+    let mut meta = Info::new();
+    meta.add(
+        "fingerprint",
+        store.cipher().map_or("off", |c| c.fingerprint()),
+    )
+    .add("entries", usage.keys + usage.tombstones)
+    .add("boot", format_args!("{:016x}", sync.boot_id))
+    .add("solo", sync.solo.load(Ordering::Acquire))
+    .add("horizon", store.delete_horizon());
+    put_record(records, META, &meta.into_bytes());
+    match (store.dictionary(), store.cipher()) {
+        (Some(dict), Some(cipher)) => put_record(
+            records,
+            SEALED_DICTIONARY,
+            &seal::seal_dictionary(dict, cipher),
+        ),
+        (Some(dict), None) => put_record(records, DICTIONARY, dict.bytes()),
+        (None, _) => {}
+    }
+}
+
+/// Appends an entry record (an entry as `Store::snapshot_shard` gives it).
+pub fn entry_record(records: &mut BytesMut, entry: &[u8]) {
+    put_record(records, ENTRY, entry);
+}
+
 /// Serves a snapshot on `stream`: the meta record, the dictionary, every entry, then the end.
 /// With `rate_limit` (bytes per second, 0 for none) it paces itself, so a resync cannot take
 /// the bandwidth live traffic needs.
@@ -363,26 +418,12 @@ pub async fn serve_snapshot<S: AsyncWrite + Unpin>(
     let started = Instant::now();
     let mut sent = 0u64;
     let mut records = BytesMut::with_capacity(BATCH_BYTES + 64 * 1024);
-    let usage = store.usage();
-    let mut meta = Info::new();
-    meta.add(
-        "fingerprint",
-        store.cipher().map_or("off", |c| c.fingerprint()),
-    )
-    .add("entries", usage.keys + usage.tombstones)
-    .add("boot", format_args!("{:016x}", sync.boot_id))
-    // Read before any entry is copied: every write counted here is in the snapshot.
-    .add("solo", sync.solo.load(Ordering::Acquire))
-    .add("horizon", store.delete_horizon());
-    put_record(&mut records, META, &meta.into_bytes());
-    if let Some(dict) = store.dictionary() {
-        put_record(&mut records, DICTIONARY, dict.bytes());
-    }
+    snapshot_head(store, sync, &mut records);
     let mut frame = BytesMut::new();
     for n in 0..Store::SHARDS {
         // One shard's records at a time (a 64th of the store), copied under its lock and
         // sent after it is released, in frames of whole records.
-        store.snapshot_shard(n, |entry| put_record(&mut records, ENTRY, entry));
+        store.snapshot_shard(n, |entry| entry_record(&mut records, entry));
         while !records.is_empty() {
             let cut = record_boundary(&records, BATCH_BYTES);
             sent += cut as u64;
@@ -440,12 +481,17 @@ async fn send<S: AsyncWrite + Unpin>(
 }
 
 /// What a completed refill brought.
-struct Pulled {
-    keys: u64,
-    bytes: u64,
+#[derive(Debug, Default)]
+pub struct Pulled {
+    /// Entries taken.
+    pub keys: u64,
+    /// Bytes of entries received.
+    pub bytes: u64,
     /// Own entries dropped as older than the partner's delete horizon.
-    dropped: usize,
-    coverage: Coverage,
+    pub dropped: usize,
+    /// Unsealed entries refused (this worker encrypts).
+    pub refused: u64,
+    pub coverage: Coverage,
 }
 
 /// Pulls a snapshot from `partner` into `store` (see [`Refill`]), over TLS with `tls`
@@ -502,22 +548,7 @@ async fn pull_from<S: AsyncRead + AsyncWrite + Unpin>(
     };
     sent.await.map_err(|e| e.to_string())?;
     let mut frames = FramedRead::new(stream, FrameCodec::<Response>::new(max_frame));
-    let mut theirs: Option<Dictionary> = None;
-    let mut pulled = Pulled {
-        keys: 0,
-        bytes: 0,
-        dropped: 0,
-        coverage: Coverage {
-            complete: true,
-            ..Coverage::default()
-        },
-    };
-    // A serving worker keeps what it has and must not take back keys it deleted.
-    let floor = match refill {
-        Refill::Merge => store.delete_horizon(),
-        Refill::Resync => 0,
-    };
-    let mut seen_meta = false;
+    let mut intake = Intake::new(store, refill).counting(traffic);
     loop {
         let frame = tokio::time::timeout(STALL, frames.next())
             .await
@@ -525,9 +556,12 @@ async fn pull_from<S: AsyncRead + AsyncWrite + Unpin>(
             .ok_or_else(|| format!("{partner} closed the connection mid-snapshot"))?
             .map_err(|e| format!("reading the snapshot: {e}"))?;
         match frame.status {
-            Status::NotFound if seen_meta => return Ok(pulled),
-            Status::NotFound => return Err(format!("{partner} sent an empty snapshot")),
-            Status::Ok => {}
+            Status::NotFound => {
+                return intake
+                    .finish()
+                    .ok_or_else(|| format!("{partner} sent an empty snapshot"))
+            }
+            Status::Ok => intake.apply(&frame.payload)?,
             other => {
                 return Err(format!(
                     "{partner} refused the snapshot ({other:?}): {}",
@@ -535,55 +569,143 @@ async fn pull_from<S: AsyncRead + AsyncWrite + Unpin>(
                 ))
             }
         }
-        let mut rest = &frame.payload[..];
-        while !rest.is_empty() {
-            if rest.len() < 5 {
+    }
+}
+
+/// Applies a partner's snapshot to a store, one frame's records at a time: no I/O, so that
+/// the parsing of what a partner sends can be tested and fuzzed on its own.
+pub struct Intake<'a> {
+    store: &'a Store,
+    refill: Refill,
+    /// Entries older than this are taken only for keys held here (see [`Refill::Merge`]).
+    floor: u64,
+    /// The partner's dictionary, when it differs from this worker's: entries are re-sealed.
+    theirs: Option<Dictionary>,
+    seen_meta: bool,
+    pulled: Pulled,
+    /// Progress counters for `status` and the metrics, if any.
+    traffic: Option<&'a Traffic>,
+}
+
+impl<'a> Intake<'a> {
+    pub fn new(store: &'a Store, refill: Refill) -> Intake<'a> {
+        Intake {
+            store,
+            refill,
+            // A serving worker keeps what it has and must not take back keys it deleted.
+            floor: match refill {
+                Refill::Merge => store.delete_horizon(),
+                Refill::Resync => 0,
+            },
+            theirs: None,
+            seen_meta: false,
+            pulled: Pulled {
+                coverage: Coverage {
+                    complete: true,
+                    ..Coverage::default()
+                },
+                ..Pulled::default()
+            },
+            traffic: None,
+        }
+    }
+
+    /// Counts the refill's progress in `traffic` as it goes.
+    fn counting(mut self, traffic: &'a Traffic) -> Intake<'a> {
+        self.traffic = Some(traffic);
+        self
+    }
+
+    /// Applies the records of one `Ok` frame of the snapshot.
+    pub fn apply(&mut self, mut records: &[u8]) -> Result<(), String> {
+        while !records.is_empty() {
+            if records.len() < 5 {
                 return Err("truncated snapshot record".into());
             }
-            let kind = rest[0];
-            let len = u32::from_le_bytes(rest[1..5].try_into().expect("4 bytes")) as usize;
-            let body = rest
+            let kind = records[0];
+            let len = u32::from_le_bytes(records[1..5].try_into().expect("4 bytes")) as usize;
+            let body = records
                 .get(5..5usize.saturating_add(len))
                 .ok_or("truncated snapshot record")?;
-            rest = &rest[5 + len..];
+            records = &records[5 + len..];
+            if kind != META && !self.seen_meta {
+                return Err("snapshot record before the meta record".into());
+            }
             match kind {
-                META => {
-                    let meta = String::from_utf8_lossy(body);
-                    check_key(store, &meta)?;
-                    let number = |name: &str, radix: u32| {
-                        info::get(&meta, name).and_then(|v| u64::from_str_radix(v, radix).ok())
-                    };
-                    if let Some(n) = number("entries", 10) {
-                        traffic.entries_expected.store(n, Ordering::Relaxed);
-                        store.reserve(usize::try_from(n).unwrap_or(usize::MAX));
-                    }
-                    pulled.coverage.partner_boot = number("boot", 16).unwrap_or(0);
-                    pulled.coverage.partner_solo = number("solo", 10).unwrap_or(0);
-                    if refill == Refill::Resync {
-                        if let Some(horizon) = number("horizon", 10) {
-                            pulled.dropped = store.drop_older_than(horizon);
-                        }
-                    }
-                    seen_meta = true;
+                META => self.meta(&String::from_utf8_lossy(body))?,
+                DICTIONARY => self.dictionary(Dictionary::new(body.to_vec())),
+                SEALED_DICTIONARY => {
+                    let cipher = self
+                        .store
+                        .cipher()
+                        .ok_or("a sealed dictionary, and this worker has no key")?;
+                    let dict = seal::open_dictionary(body, cipher)
+                        .map_err(|e| format!("the snapshot's dictionary: {e}"))?;
+                    self.dictionary(dict);
                 }
-                DICTIONARY => theirs = adopt_or_keep(store, body),
-                ENTRY => {
-                    let taken = match &theirs {
-                        Some(dict) => store.merge_resealed(body, dict, floor),
-                        None => store.merge_above(body, floor),
-                    };
-                    if taken.ok_or("malformed entry in snapshot")? {
-                        pulled.keys += 1;
-                    }
-                    pulled.bytes += body.len() as u64;
-                    traffic.entries_done.fetch_add(1, Ordering::Relaxed);
-                    traffic
-                        .received_bytes
-                        .fetch_add(body.len() as u64, Ordering::Relaxed);
-                }
+                ENTRY => self.entry(body)?,
                 _ => {} // a newer partner's record kind: skip it
             }
         }
+        Ok(())
+    }
+
+    fn meta(&mut self, meta: &str) -> Result<(), String> {
+        check_key(self.store, meta)?;
+        let number = |name: &str, radix: u32| {
+            info::get(meta, name).and_then(|v| u64::from_str_radix(v, radix).ok())
+        };
+        if let Some(n) = number("entries", 10) {
+            if let Some(t) = self.traffic {
+                t.entries_expected.store(n, Ordering::Relaxed);
+            }
+            self.store.reserve(usize::try_from(n).unwrap_or(usize::MAX));
+        }
+        self.pulled.coverage.partner_boot = number("boot", 16).unwrap_or(0);
+        self.pulled.coverage.partner_solo = number("solo", 10).unwrap_or(0);
+        if self.refill == Refill::Resync {
+            if let Some(horizon) = number("horizon", 10) {
+                self.pulled.dropped = self.store.drop_older_than(horizon);
+            }
+        }
+        self.seen_meta = true;
+        Ok(())
+    }
+
+    /// Takes the partner's dictionary if this worker has none (then entries copy as they
+    /// are); keeps it for re-sealing if ours differs.
+    fn dictionary(&mut self, theirs: Dictionary) {
+        let ours = self.store.dictionary().map(Dictionary::id);
+        self.theirs = if self.store.adopt_dictionary(theirs.clone()) {
+            None
+        } else {
+            (ours != Some(theirs.id())).then_some(theirs)
+        };
+    }
+
+    fn entry(&mut self, body: &[u8]) -> Result<(), String> {
+        let merged = match &self.theirs {
+            Some(dict) => self.store.merge_resealed(body, dict, self.floor),
+            None => self.store.merge_above(body, self.floor),
+        };
+        match merged.ok_or("malformed entry in snapshot")? {
+            Merged::Taken => self.pulled.keys += 1,
+            Merged::Kept => {}
+            Merged::Unsealed => self.pulled.refused += 1,
+        }
+        self.pulled.bytes += body.len() as u64;
+        if let Some(t) = self.traffic {
+            t.entries_done.fetch_add(1, Ordering::Relaxed);
+            t.received_bytes
+                .fetch_add(body.len() as u64, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// What the refill brought, once the snapshot has ended; `None` if it never began (no
+    /// meta record).
+    pub fn finish(self) -> Option<Pulled> {
+        self.seen_meta.then_some(self.pulled)
     }
 }
 
@@ -600,12 +722,139 @@ fn check_key(store: &Store, meta: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Takes the partner's dictionary if this worker has none (then entries copy as they are);
-/// returns it if ours differs, in which case entries must be re-sealed with ours.
-fn adopt_or_keep(store: &Store, bytes: &[u8]) -> Option<Dictionary> {
-    let theirs = Dictionary::new(bytes.to_vec());
-    if store.adopt_dictionary(theirs.clone()) {
-        return None;
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::seal::Cipher;
+    use crate::store::SetOptions;
+
+    fn key() -> Cipher {
+        Cipher::new(&[9; 32])
     }
-    (store.dictionary().map(Dictionary::id) != Some(theirs.id())).then_some(theirs)
+
+    /// A store holding a few values (long ones compress against a dictionary of `dict`
+    /// bytes, 0 for none).
+    fn source(cipher: Option<Cipher>, dict: usize) -> Store {
+        let s = Store::new(cipher, 0).with_dictionary_size(dict);
+        for i in 0..20u64 {
+            let value =
+                format!(r#"{{"id":{i},"name":"user {i}","tags":["alpha","beta","gamma"]}}"#)
+                    .repeat(3);
+            s.set(
+                format!("k{i}").as_bytes(),
+                value.as_bytes(),
+                10 + i,
+                SetOptions::default(),
+            )
+            .unwrap();
+        }
+        s.del(b"gone", 50);
+        s
+    }
+
+    /// `store`'s whole snapshot as one frame of records.
+    fn snapshot(store: &Store) -> BytesMut {
+        let mut records = BytesMut::new();
+        snapshot_head(store, &SyncState::default(), &mut records);
+        for n in 0..Store::SHARDS {
+            store.snapshot_shard(n, |e| entry_record(&mut records, e));
+        }
+        records
+    }
+
+    fn value_of(store: &Store, i: u64) -> Option<bytes::Bytes> {
+        store.get(format!("k{i}").as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn an_encrypted_snapshot_carries_its_dictionary_sealed() {
+        let from = source(Some(key()), 512);
+        let dict = from.dictionary().expect("built").clone();
+        let records = snapshot(&from);
+        assert!(
+            !records
+                .windows(16)
+                .any(|w| dict.bytes().windows(16).any(|d| d == w)),
+            "the dictionary travels in clear"
+        );
+        // A receiver that uses dictionaries adopts it; one that does not (encryption's
+        // default) re-seals the entries without one. Either reads every value.
+        for dict_size in [512, 0] {
+            let to = Store::new(Some(key()), 0).with_dictionary_size(dict_size);
+            let mut intake = Intake::new(&to, Refill::Resync);
+            intake.apply(&records).unwrap();
+            let pulled = intake.finish().unwrap();
+            assert_eq!((pulled.keys, pulled.refused), (21, 0));
+            assert_eq!(to.dictionary().is_some(), dict_size > 0);
+            for i in 0..20 {
+                assert_eq!(value_of(&to, i), value_of(&from, i), "{i}");
+            }
+        }
+    }
+
+    #[test]
+    fn an_encrypting_worker_refuses_unsealed_entries_and_goes_on() {
+        let from = source(Some(key()), 0);
+        let mut records = snapshot(&from);
+        // A forged partner slips in plain entries at a far-future version.
+        let fake = Store::default();
+        fake.set(b"k1", b"planted", u64::MAX / 2, SetOptions::default())
+            .unwrap();
+        fake.set(
+            b"planted",
+            &b"x".repeat(300),
+            u64::MAX / 2,
+            SetOptions::default(),
+        )
+        .unwrap();
+        for n in 0..Store::SHARDS {
+            fake.snapshot_shard(n, |e| entry_record(&mut records, e));
+        }
+        let to = Store::new(Some(key()), 0);
+        let mut intake = Intake::new(&to, Refill::Resync);
+        intake.apply(&records).unwrap();
+        let pulled = intake.finish().unwrap();
+        assert_eq!((pulled.keys, pulled.refused), (21, 2));
+        assert_eq!(value_of(&to, 1), value_of(&from, 1));
+        assert_eq!(to.get(b"planted").unwrap(), None);
+        assert_eq!(
+            to.counters
+                .refused_unsealed
+                .load(std::sync::atomic::Ordering::Relaxed),
+            2
+        );
+    }
+
+    #[test]
+    fn records_are_checked_before_anything_is_taken() {
+        let from = source(None, 512);
+        let records = snapshot(&from);
+        let meta_len = 5 + u32::from_le_bytes(records[1..5].try_into().unwrap()) as usize;
+        let cases: [(&str, &[u8], &str); 4] = [
+            ("no meta first", &records[meta_len..], "before the meta"),
+            ("truncated header", &records[..3], "truncated"),
+            ("truncated body", &records[..meta_len - 1], "truncated"),
+            (
+                "a key mismatch",
+                &snapshot(&source(Some(key()), 0)),
+                "differs",
+            ),
+        ];
+        for (what, bytes, error) in cases {
+            let to = Store::default();
+            let mut intake = Intake::new(&to, Refill::Resync);
+            let err = intake.apply(bytes).unwrap_err();
+            assert!(err.contains(error), "{what}: {err}");
+            assert_eq!(to.usage().keys, 0, "{what}");
+        }
+        // No meta at all: not a snapshot.
+        let to = Store::default();
+        assert!(Intake::new(&to, Refill::Resync).finish().is_none());
+        // A sealed dictionary for a worker without a key is refused.
+        let mut sealed = BytesMut::new();
+        snapshot_head(&Store::default(), &SyncState::default(), &mut sealed);
+        put_record(&mut sealed, SEALED_DICTIONARY, b"\x02whatever");
+        let mut intake = Intake::new(&to, Refill::Resync);
+        assert!(intake.apply(&sealed).unwrap_err().contains("no key"));
+    }
 }

@@ -8,6 +8,7 @@ use twincache_protocol::resp::{encode_command, Reply};
 use twincache_protocol::Status;
 use twincache_worker::seal::{seal_into, Cipher, Dictionary};
 use twincache_worker::store::{SetOptions, Store};
+use twincache_worker::sync::{entry_record, snapshot_head, SyncState};
 
 fn write(dir: &Path, target: &str, name: &str, bytes: &[u8]) {
     let d = dir.join(target);
@@ -154,5 +155,44 @@ fn main() {
             });
         }
         write(&dir, "store_merge", name, &out);
+    }
+    // snapshot records: a small store's whole snapshot (meta, dictionary, entries) in two
+    // frames, each behind a u16 length. "forged" is a plain store's entries under an
+    // encrypting worker's meta record: what an encrypting receiver must refuse.
+    for (name, ctl, c, with_dict) in [
+        ("plain", 4u8, None, true),
+        ("sealed", 1, Some(cipher.clone()), false),
+        ("sealed_dict", 5, Some(cipher.clone()), true),
+        ("merge", 2, None, false),
+        ("forged", 1, None, false),
+    ] {
+        let s = Store::new(c.clone(), 0);
+        if with_dict {
+            s.adopt_dictionary(dict.clone());
+        }
+        for i in 0..6u64 {
+            let v = if i % 2 == 0 {
+                value.clone()
+            } else {
+                format!("v{i}").into_bytes()
+            };
+            s.set(format!("key{i}").as_bytes(), &v, 10 + i, SetOptions::default())
+                .unwrap();
+        }
+        s.del(b"gone", 30);
+        let mut head = BytesMut::new();
+        let forger = Store::new(Some(cipher.clone()), 0);
+        let head_of = if name == "forged" { &forger } else { &s };
+        snapshot_head(head_of, &SyncState::default(), &mut head);
+        let mut entries = BytesMut::new();
+        for n in 0..Store::SHARDS {
+            s.snapshot_shard(n, |raw| entry_record(&mut entries, raw));
+        }
+        let mut out = vec![ctl];
+        for frame in [&head[..], &entries[..]] {
+            out.extend_from_slice(&(frame.len() as u16).to_le_bytes());
+            out.extend_from_slice(frame);
+        }
+        write(&dir, "snapshot_records", name, &out);
     }
 }

@@ -1,0 +1,122 @@
+#!/usr/bin/env bash
+# Throughput of twincache's peers and of a running orchestrator, side by side, in one run.
+#
+#   bench/peers.sh [ORCHESTRATOR_PORT]
+#
+# Starts a redis-server and a twemproxy (nutcracker) in front of it on free loopback ports,
+# then runs redis-benchmark (50 clients, 100-byte values, 100,000 keys; pipeline 1 and 16)
+# against Redis directly, against twemproxy and, when a port is given, against the
+# orchestrator listening there (start one first: README's "Benchmarks" says how). Targets
+# take turns in every round, in alternating order, so the machine's drift favours none; the
+# table shows the median of the rounds and each target's ratio to twemproxy. Stops what it
+# started, and only that.
+#
+# Needs: apt-get install -y redis-server redis-tools nutcracker python3
+# Env: ROUNDS (3); N1 and N16, requests per test at pipeline 1 (100000) and 16 (400000);
+#      TESTS, redis-benchmark's -t list (set,get; e.g. TESTS=set,get,mset,incr).
+set -u -o pipefail
+case "${1:-}" in -h | --help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;; esac
+ORCHESTRATOR=${1:-}
+ROUNDS=${ROUNDS:-3}
+N1=${N1:-100000}
+N16=${N16:-400000}
+TESTS=${TESTS:-set,get}
+
+for tool in redis-server redis-benchmark nutcracker python3; do
+  command -v "$tool" >/dev/null || {
+    echo "bench/peers.sh needs $tool: apt-get install -y redis-server redis-tools nutcracker python3" >&2
+    exit 2
+  }
+done
+
+WORK=$(mktemp -d)
+STARTED=()
+finish() {
+  for pid in "${STARTED[@]}"; do kill -INT "$pid" 2>/dev/null; done
+  sleep 0.2
+  for pid in "${STARTED[@]}"; do kill -KILL "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; done
+  rm -rf "$WORK"
+}
+trap finish EXIT
+
+free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+# Bounded wait (10 s) until something accepts on a loopback port.
+await_port() {
+  for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done
+  echo "nothing listens on port $1 after 10 s; logs in $WORK" >&2
+  exit 1
+}
+
+REDIS_PORT=$(free_port)
+redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no >"$WORK/redis.log" 2>&1 &
+STARTED+=($!)
+await_port "$REDIS_PORT"
+
+PROXY_PORT=$(free_port)
+STATS_PORT=$(free_port)
+cat >"$WORK/twemproxy.yml" <<YML
+pool:
+  listen: 127.0.0.1:$PROXY_PORT
+  redis: true
+  hash: fnv1a_64
+  distribution: ketama
+  preconnect: true
+  server_connections: 1
+  servers:
+    - 127.0.0.1:$REDIS_PORT:1 redis
+YML
+nutcracker -c "$WORK/twemproxy.yml" -s "$STATS_PORT" -a 127.0.0.1 -o "$WORK/twemproxy.log" &
+STARTED+=($!)
+await_port "$PROXY_PORT"
+
+declare -A PORT=([redis]=$REDIS_PORT [twemproxy]=$PROXY_PORT)
+TARGETS=(redis twemproxy)
+if [ -n "$ORCHESTRATOR" ]; then
+  await_port "$ORCHESTRATOR"
+  PORT[orchestrator]=$ORCHESTRATOR
+  TARGETS+=(orchestrator)
+fi
+
+# One redis-benchmark run: target, pipeline, requests; appends "target op P ops/s" lines.
+measure() {
+  timeout 300 redis-benchmark -p "${PORT[$1]}" -t "$TESTS" -n "$3" -c 50 -P "$2" -d 100 -r 100000 --csv 2>/dev/null |
+    awk -F'"' -v target="$1" -v P="$2" 'NR > 1 && $2 != "" {print target "\t" $2 "\t" P "\t" $4}' >>"$WORK/results.tsv"
+}
+
+: >"$WORK/results.tsv"
+for round in $(seq "$ROUNDS"); do
+  order=("${TARGETS[@]}")
+  if [ $((round % 2)) = 0 ]; then
+    order=()
+    for ((i = ${#TARGETS[@]} - 1; i >= 0; i--)); do order+=("${TARGETS[$i]}"); done
+  fi
+  for P in 1 16; do
+    n=$N1
+    [ "$P" = 16 ] && n=$N16
+    for target in "${order[@]}"; do
+      echo "round $round/$ROUNDS: $target, pipeline $P" >&2
+      measure "$target" "$P" "$n"
+    done
+  done
+done
+
+python3 - "$WORK/results.tsv" <<'PY'
+import collections
+import statistics
+import sys
+
+runs = collections.defaultdict(list)
+for line in open(sys.argv[1]):
+    target, op, pipeline, ops = line.rstrip("\n").split("\t")
+    runs[(target, op, int(pipeline))].append(float(ops))
+targets = [t for t in ("redis", "twemproxy", "orchestrator") if any(k[0] == t for k in runs)]
+print(f"{'op':<8} {'P':>3} " + " ".join(f"{t:>14}" for t in targets) + "   ratio to twemproxy")
+ops = sorted({k[1] for k in runs}, key=lambda o: (o != "GET", o != "SET", o))
+for op in ops:
+    for pipeline in (1, 16):
+        median = {t: statistics.median(runs[(t, op, pipeline)]) for t in targets if runs[(t, op, pipeline)]}
+        base = median.get("twemproxy") or 1
+        cells = " ".join(f"{median.get(t, 0):>14,.0f}" for t in targets)
+        ratios = " ".join(f"{t}={median.get(t, 0) / base:.2f}" for t in targets if t != "twemproxy")
+        print(f"{op:<8} {pipeline:>3} {cells}   {ratios}")
+PY
