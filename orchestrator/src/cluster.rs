@@ -264,6 +264,11 @@ impl WorkerLink {
         self.secret.as_ref()
     }
 
+    /// TLS on connections to this worker (`--tls-cluster`).
+    pub(crate) fn tls(&self) -> Option<&Connector> {
+        self.tls.as_ref()
+    }
+
     /// Whether a refill may be asked of this worker now: they are paced, so a partner that
     /// answers health checks but cannot serve a snapshot is not asked every round.
     pub(crate) fn may_refill(&self) -> bool {

@@ -100,7 +100,8 @@ impl Orchestrator {
     ) -> impl std::future::Future<Output = Result<(), String>> + Send + 'static {
         let workers = self.workers.clone();
         let secret = self.config.cluster_secret();
-        async move { identify::check_workers(&workers, secret?.as_ref(), timeout).await }
+        let tls = self.tls.as_ref().and_then(NodeTls::connector);
+        async move { identify::check_workers(&workers, secret?.as_ref(), tls.as_ref(), timeout).await }
     }
 
     pub fn local_addr(&self) -> SocketAddr {

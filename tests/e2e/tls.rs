@@ -347,6 +347,8 @@ async fn a_tls_cluster_resyncs_a_restarted_worker_over_tls() {
     }
     let log = orch.log_text();
     assert!(!log.contains("TLS:"), "{log}");
+    // The start-up check of what answers at each worker address dialled over TLS too.
+    assert!(!log.contains("not a twincache worker"), "{log}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -429,8 +431,8 @@ async fn a_stalled_handshake_is_cut_off() {
     let mut flags = certs.flags(true);
     flags.extend(["--tls-cluster".into(), "--idle-timeout".into(), "1s".into()]);
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let worker = worker_on(0, &flags);
-    let orch = Proc::orchestrator(&[worker.addr, worker.addr], &flags);
+    let (worker, partner) = (worker_on(0, &flags), worker_on(0, &flags));
+    let orch = Proc::orchestrator(&[worker.addr, partner.addr], &flags);
     for addr in [orch.addr, worker.addr] {
         // The start of a ClientHello record, then nothing.
         let mut stream = TcpStream::connect(addr).await.unwrap();
