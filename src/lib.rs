@@ -49,6 +49,31 @@ pub fn shutdown_on_signal() -> CancellationToken {
     token
 }
 
+/// A channel that ticks on every SIGHUP, the conventional "reload your files" signal. Each
+/// subsystem that can reload subscribes (the receiver or a clone) and acts on every change:
+/// TLS certificates now (`NodeTls::reload_on`), the cluster file later. Several SIGHUPs in
+/// a row may coalesce into one change, which is all a reload needs. Drop the receiver if
+/// nothing subscribes, so the log can say that nothing was reloaded.
+///
+/// The handler is installed before this returns, so call it before announcing readiness
+/// (like [`shutdown_on_signal`]). Once installed, SIGHUP no longer ends the process, whether
+/// or not anything subscribes.
+pub fn reload_on_signal() -> tokio::sync::watch::Receiver<u64> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup()).expect("install SIGHUP handler");
+    let (tx, rx) = tokio::sync::watch::channel(0u64);
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            match tx.receiver_count() {
+                0 => tracing::info!("SIGHUP: nothing to reload"),
+                n => tracing::info!(subscribers = n, "SIGHUP: reloading"),
+            }
+            tx.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    });
+    rx
+}
+
 /// Gives memory freed since the last call back to the system, at most once a second per
 /// thread. mimalloc returns freed pages lazily, when the thread that owns them allocates
 /// again; a thread that goes idle after a burst (a client's huge MGET, a resync) would keep

@@ -325,11 +325,12 @@ impl Client {
 /// Connects to one address and authenticates, within the connect timeout.
 async fn open(addr: &str, config: &ClientBuilder) -> Result<Connection, Error> {
     let connect = async {
-        let conn = Connection::connect_with_secret(
+        let conn = Connection::open(
             addr,
             config.max_frame,
             config.timeout,
             config.secret.as_ref(),
+            config.tls.as_ref(),
         )
         .await?;
         if let Some((user, password)) = &config.credentials {

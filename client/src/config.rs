@@ -21,7 +21,7 @@ use twincache_protocol::frame::DEFAULT_MAX_FRAME;
 use twincache_protocol::units::{parse_positive_duration, parse_size};
 use zeroize::Zeroizing;
 
-use crate::{Client, Error};
+use crate::{Client, Error, TlsConnector};
 
 /// The orchestrator's default client port, for addresses given without one.
 pub const DEFAULT_PORT: u16 = 7000;
@@ -59,6 +59,8 @@ pub struct ClientBuilder {
     pub(crate) credentials: Option<(Option<String>, Zeroizing<String>)>,
     /// For connecting to a worker directly, in a cluster with a secret.
     pub(crate) secret: Option<ClusterSecret>,
+    /// TLS, for a server whose port speaks it.
+    pub(crate) tls: Option<TlsConnector>,
 }
 
 impl std::fmt::Debug for ClientBuilder {
@@ -69,6 +71,7 @@ impl std::fmt::Debug for ClientBuilder {
             .field("max_frame", &self.max_frame)
             .field("max_request", &self.max_request)
             .field("user", &self.credentials.as_ref().map(|(u, _)| u))
+            .field("tls", &self.tls)
             .finish_non_exhaustive()
     }
 }
@@ -82,6 +85,7 @@ impl Default for ClientBuilder {
             max_request: DEFAULT_MAX_FRAME,
             credentials: None,
             secret: None,
+            tls: None,
         }
     }
 }
@@ -135,6 +139,29 @@ impl ClientBuilder {
     /// debugging) in a cluster started with `--cluster-secret-file`.
     pub fn cluster_secret(mut self, secret: ClusterSecret) -> Self {
         self.secret = Some(secret);
+        self
+    }
+
+    /// Connects over TLS, to an orchestrator started with `--tls-cert-file` (or a worker
+    /// with `--tls-cluster`). The server's certificate is checked against the host of the
+    /// address connected to (so a server reached by IP address needs that address in its
+    /// certificate), unless [`TlsConnector::server_name`] names another.
+    ///
+    /// ```no_run
+    /// # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+    /// use twincache_client::{Client, TlsConnector};
+    ///
+    /// let tls = TlsConnector::from_ca_file("ca.pem")?;
+    /// let client = Client::builder().tls(tls).connect("127.0.0.1:7000").await?;
+    ///
+    /// // A server that requires client certificates (--tls-ca-cert-file):
+    /// let tls = TlsConnector::from_files("ca.pem", "client.pem", "client.key")?;
+    /// let client = Client::builder().tls(tls).connect("cache.internal:7000").await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn tls(mut self, tls: TlsConnector) -> Self {
+        self.tls = Some(tls);
         self
     }
 

@@ -36,15 +36,18 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{oneshot, Notify};
 use tokio_util::codec::FramedRead;
 use tokio_util::sync::CancellationToken;
 use twincache_protocol::auth::{self, ClusterSecret};
 use twincache_protocol::budget::Account;
-use twincache_protocol::frame::{encode_frame, FrameCodec, Message, Request, Response, PREAMBLE};
+use twincache_protocol::frame::{
+    encode_frame, FrameCodec, FrameError, Message, Request, Response, PREAMBLE,
+};
 use twincache_protocol::Status;
+use twincache_tls::Connector;
 
 use crate::Error;
 
@@ -94,6 +97,23 @@ struct Outbox {
     next_id: u64,
     /// Set when the connection dies, so a later request fails at once.
     closed: bool,
+    /// Why it died, if TLS said (see [`Shared::close_because`]): later requests fail with it
+    /// too, since a refused client certificate is often told before the first request.
+    tls_failure: Option<String>,
+}
+
+impl Outbox {
+    /// What a request on this closed connection fails with.
+    fn failure(&self) -> Error {
+        failure(&self.tls_failure)
+    }
+}
+
+fn failure(tls_failure: &Option<String>) -> Error {
+    match tls_failure {
+        Some(reason) => Error::Tls(reason.clone()),
+        None => Error::ConnectionClosed,
+    }
 }
 
 impl Outbox {
@@ -107,7 +127,7 @@ impl Outbox {
     ) -> (Reply, bool) {
         let (reply_tx, reply_rx) = oneshot::channel();
         if self.closed {
-            // reply_tx is dropped: the reply resolves to ConnectionClosed.
+            let _ = reply_tx.send(Err(self.failure()));
             return (Reply(reply_rx), false);
         }
         let was_empty = self.buf.is_empty();
@@ -151,6 +171,13 @@ impl Shared {
     /// Marks the connection closed and fails every pending request. The writer is woken to
     /// notice (and its exit closes the socket, so the reader sees end of input too).
     fn close(&self) {
+        self.close_because(None);
+    }
+
+    /// [`Shared::close`]; with a TLS failure's reason (a server refusing this client's
+    /// certificate says so only after the handshake), pending requests fail with
+    /// [`Error::Tls`] rather than a bare [`Error::ConnectionClosed`].
+    fn close_because(&self, tls: Option<String>) {
         if self.closed.swap(true, Ordering::AcqRel) {
             return;
         }
@@ -159,11 +186,12 @@ impl Shared {
         let drained: Vec<ReplyTx> = {
             let mut o = self.lock();
             o.closed = true;
+            o.tls_failure = tls.clone();
             o.buf.clear();
             o.pending.drain().map(|(_, p)| p.tx).collect()
         };
         for tx in drained {
-            let _ = tx.send(Err(Error::ConnectionClosed));
+            let _ = tx.send(Err(failure(&tls)));
         }
     }
 }
@@ -192,7 +220,7 @@ impl Connection {
         max_frame: usize,
         timeout: Duration,
     ) -> Result<Connection, Error> {
-        Connection::connect_with_secret(addr, max_frame, timeout, None).await
+        Connection::open(addr, max_frame, timeout, None, None).await
     }
 
     /// [`Connection::connect`] to a worker that requires the cluster secret: the connection
@@ -203,26 +231,64 @@ impl Connection {
         timeout: Duration,
         secret: Option<&ClusterSecret>,
     ) -> Result<Connection, Error> {
-        let mut stream = TcpStream::connect(addr).await?;
-        stream.set_nodelay(true)?;
-        match secret {
-            Some(secret) => auth::connect(&mut stream, secret)
-                .await
-                .map_err(|e| Error::Auth(e.to_string()))?,
-            None => stream.write_all(&PREAMBLE).await?,
-        }
-        Ok(Connection::start(stream, max_frame, timeout))
+        Connection::open(addr, max_frame, timeout, secret, None).await
     }
 
-    /// Runs the connection over an already-open stream (preamble already sent).
+    /// [`Connection::connect_with_secret`], over TLS when `tls` is given: the TLS handshake
+    /// first (the server's certificate checked against the host of `addr`, or the
+    /// connector's server name), then the preamble and the cluster handshake inside it.
+    pub async fn open(
+        addr: &str,
+        max_frame: usize,
+        timeout: Duration,
+        secret: Option<&ClusterSecret>,
+        tls: Option<&Connector>,
+    ) -> Result<Connection, Error> {
+        let mut stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        match tls {
+            None => {
+                opening(&mut stream, secret).await?;
+                Ok(Connection::start(stream, max_frame, timeout))
+            }
+            Some(tls) => {
+                let mut stream = tls.connect(addr, stream).await.map_err(Error::from_io)?;
+                opening(&mut stream, secret).await?;
+                Ok(Connection::start_stream(stream, max_frame, timeout))
+            }
+        }
+    }
+
+    /// Runs the connection over an already-open TCP stream (preamble already sent). Its
+    /// reader and writer own the socket's two halves: no lock between them.
     pub fn start(stream: TcpStream, max_frame: usize, timeout: Duration) -> Connection {
         let (rd, wr) = stream.into_split();
+        Connection::run(rd, wr, max_frame, timeout)
+    }
+
+    /// Runs the connection over any open stream (preamble already sent), such as a TLS
+    /// session. A TLS session is one state for both directions, so its halves share it
+    /// behind `tokio::io::split`'s lock; plain TCP takes [`Connection::start`].
+    pub fn start_stream<S>(stream: S, max_frame: usize, timeout: Duration) -> Connection
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let (rd, wr) = tokio::io::split(stream);
+        Connection::run(rd, wr, max_frame, timeout)
+    }
+
+    fn run<R, W>(rd: R, wr: W, max_frame: usize, timeout: Duration) -> Connection
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
         let shared = Arc::new(Shared {
             outbox: Mutex::new(Outbox {
                 buf: BytesMut::with_capacity(16 * 1024),
                 pending: PendingMap::default(),
                 next_id: 1,
                 closed: false,
+                tls_failure: None,
             }),
             wake_writer: Notify::new(),
             closed: AtomicBool::new(false),
@@ -302,6 +368,26 @@ impl Connection {
     }
 }
 
+/// Opens the binary protocol: the cluster handshake when there is a secret, else the bare
+/// preamble.
+async fn opening<S>(stream: &mut S, secret: Option<&ClusterSecret>) -> Result<(), Error>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    match secret {
+        Some(secret) => auth::connect(stream, secret).await.map_err(|e| match e {
+            auth::HandshakeError::Io(e) => Error::from_io(e),
+            e => Error::Auth(e.to_string()),
+        }),
+        None => {
+            stream.write_all(&PREAMBLE).await?;
+            // A TLS session may hold the bytes until flushed (a no-op on TCP).
+            stream.flush().await?;
+            Ok(())
+        }
+    }
+}
+
 /// The response to one request sent with [`Connection::send`].
 #[must_use = "a reply does nothing unless awaited"]
 pub struct Reply(oneshot::Receiver<Result<Response, Error>>);
@@ -316,7 +402,7 @@ impl Future for Reply {
     }
 }
 
-async fn write_loop(mut wr: tokio::net::tcp::OwnedWriteHalf, shared: Arc<Shared>) {
+async fn write_loop<W: AsyncWrite + Unpin>(mut wr: W, shared: Arc<Shared>) {
     let mut out = BytesMut::with_capacity(16 * 1024);
     // Only the Notify is awaited between writes: `close` wakes it too, and the flag is a plain
     // atomic, where polling a cancellation future on every wake would take its lock.
@@ -337,9 +423,13 @@ async fn write_loop(mut wr: tokio::net::tcp::OwnedWriteHalf, shared: Arc<Shared>
         }
         // A write blocked on a peer that stopped reading (a half-open link) ends when the
         // connection is closed, rather than holding the socket and the outbox until TCP
-        // gives up many minutes later.
+        // gives up many minutes later. The flush is a no-op on TCP; a TLS session sends what
+        // it still holds.
         let written = tokio::select! {
-            written = wr.write_all(&out) => written,
+            written = async {
+                wr.write_all(&out).await?;
+                wr.flush().await
+            } => written,
             _ = shared.signal.cancelled() => break,
         };
         if let Err(e) = written {
@@ -351,8 +441,8 @@ async fn write_loop(mut wr: tokio::net::tcp::OwnedWriteHalf, shared: Arc<Shared>
     shared.close();
 }
 
-async fn read_loop(
-    mut frames: FramedRead<tokio::net::tcp::OwnedReadHalf, FrameCodec<Response>>,
+async fn read_loop<R: AsyncRead + Unpin>(
+    mut frames: FramedRead<R, FrameCodec<Response>>,
     shared: Arc<Shared>,
 ) {
     // Deadlines are checked this often: a request fails at most a quarter of its timeout late.
@@ -384,6 +474,11 @@ async fn read_loop(
                 }
                 Some(Err(e)) => {
                     tracing::debug!(error = %e, "connection read failed");
+                    if let FrameError::Io(e) = e {
+                        if let Error::Tls(reason) = Error::from_io(e) {
+                            shared.close_because(Some(reason));
+                        }
+                    }
                     break;
                 }
                 None => break,

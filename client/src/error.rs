@@ -32,6 +32,11 @@ pub enum Error {
     /// The server refused the credentials (or the cluster secret), or requires them.
     #[error("authentication failed: {0}")]
     Auth(String),
+    /// The TLS handshake failed, or the server ended the session with a TLS alert: a
+    /// certificate it does not trust (or one it required and did not get), or ours it does
+    /// not. Retrying does not help until the certificates change.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// The connection's send buffer is full: the server is not keeping up (or not reading
     /// at all). Nothing was sent; retry later.
     #[error("the connection's send buffer is full; the server is not keeping up")]
@@ -80,6 +85,7 @@ impl Error {
                 matches!(status, Status::Unavailable | Status::ServerError)
             }
             Error::Auth(_)
+            | Error::Tls(_)
             | Error::TooLarge { .. }
             | Error::InvalidArgument(_)
             | Error::Type { .. } => false,
@@ -94,6 +100,19 @@ impl Error {
     /// Whether the connection was lost (or could not be made) before the answer came.
     pub fn is_connection_dropped(&self) -> bool {
         matches!(self, Error::ConnectionClosed | Error::Io(_))
+    }
+
+    /// An I/O error, or [`Error::Tls`] if it is rustls' (tokio-rustls wraps those in
+    /// `InvalidData`).
+    pub(crate) fn from_io(e: std::io::Error) -> Error {
+        let tls = e
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<twincache_tls::rustls::Error>())
+            .map(ToString::to_string);
+        match tls {
+            Some(reason) => Error::Tls(reason),
+            None => Error::Io(e),
+        }
     }
 
     pub(crate) fn from_response(resp: Response) -> Error {

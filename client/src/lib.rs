@@ -188,9 +188,13 @@
 //! `Client::builder().user("app", "secret")`, `.password("secret")`, or
 //! `twincache://app:secret@host:7000` (`twincache://:secret@host:7000` for the default user).
 //!
+//! ## TLS
+//! [`ClientBuilder::tls`] with a [`TlsConnector`] (the CA to trust, and a client certificate
+//! for a server that requires one) connects over TLS; everything else is unchanged.
+//!
 //! ## Errors
 //! Every call returns [`Error`], which says whether the failure was a timeout, a dropped
-//! connection (the next call reconnects), an answer from the server such as
+//! connection (the next call reconnects), a TLS failure, an answer from the server such as
 //! [`Status::Unavailable`] (no worker of the key's pair is reachable), or a call refused
 //! before it was sent (too large, invalid arguments). [`Error::is_retryable`] tells which a
 //! retry may fix; a write that timed out or lost its connection may or may not have been
@@ -251,4 +255,5 @@ pub use twincache_protocol::auth::ClusterSecret;
 pub use twincache_protocol::budget::Account;
 pub use twincache_protocol::frame::{flags, Op, Request, Response};
 pub use twincache_protocol::Status;
+pub use twincache_tls::{rustls, Connector as TlsConnector, TlsError};
 pub use value::{FromValue, ToArg, Value};

@@ -15,6 +15,7 @@ use twincache_protocol::frame::{flags, Op, Request, Response};
 use twincache_protocol::hash::pair_for_key;
 use twincache_protocol::info;
 use twincache_protocol::Status;
+use twincache_tls::Connector;
 
 use crate::hlc::Hlc;
 use crate::metrics::RouterStats;
@@ -51,6 +52,8 @@ pub struct WorkerLink {
     pub(crate) retry_at: Mutex<Option<tokio::time::Instant>>,
     /// The cluster secret this orchestrator proves on each connection.
     secret: Option<ClusterSecret>,
+    /// TLS for each connection (`--tls-cluster`); it follows certificate reloads.
+    tls: Option<Connector>,
     /// Whether the worker's refusal of this orchestrator is logged already.
     refused: AtomicBool,
     /// Writes in flight to its partner alone (`SOLO`): this worker will not get them, and
@@ -141,6 +144,7 @@ impl WorkerLink {
             resync_base: AtomicU64::new(0),
             retry_at: Mutex::new(None),
             secret: config.secret.clone(),
+            tls: config.tls.clone(),
             refused: AtomicBool::new(false),
             skipped: AtomicU64::new(0),
             synced_at: AtomicU64::new(0),
@@ -169,11 +173,12 @@ impl WorkerLink {
         while !shutdown.is_cancelled() {
             let attempt = tokio::time::timeout(
                 timeout,
-                Connection::connect_with_secret(
+                Connection::open(
                     &self.addr,
                     max_frame,
                     timeout,
                     self.secret.as_ref(),
+                    self.tls.as_ref(),
                 ),
             );
             let conn = tokio::select! {
@@ -205,7 +210,14 @@ impl WorkerLink {
                     *self.lock_slot(slot) = None;
                     tracing::debug!(worker = %self.addr, slot, "connection closed");
                 }
-                Ok(Err(e @ twincache_client::Error::Auth(_))) => self.refusing(&e.to_string()),
+                Ok(Err(e @ twincache_client::Error::Auth(_))) => self.refusing(&format!(
+                    "{e}: give the orchestrator and every worker the same --cluster-secret-file"
+                )),
+                Ok(Err(e @ twincache_client::Error::Tls(_))) => self.refusing(&format!(
+                    "{e}: the worker needs --tls-cluster with a certificate for this address, \
+                     signed by a CA in --tls-ca-cert-file (and accepting this orchestrator's \
+                     certificate, if it requires one)"
+                )),
                 Ok(Err(e)) => tracing::debug!(worker = %self.addr, error = %e, "connect failed"),
                 Err(_) => tracing::debug!(worker = %self.addr, "connect timed out"),
             }
@@ -243,13 +255,11 @@ impl WorkerLink {
     }
 
     /// Logs, once until it is accepted again, that the worker refuses this orchestrator's
-    /// credentials: a configuration error worth saying plainly.
+    /// credentials or certificate (or it the worker's): a configuration error worth saying
+    /// plainly. `why` says what to fix.
     pub(crate) fn refusing(&self, why: &str) {
         if !self.refused.swap(true, Ordering::Relaxed) {
-            tracing::error!(
-                worker = %self.addr,
-                "{why}: give the orchestrator and every worker the same --cluster-secret-file"
-            );
+            tracing::error!(worker = %self.addr, "{why}");
         }
     }
 
@@ -260,6 +270,11 @@ impl WorkerLink {
     /// The cluster secret proved on connections to this worker.
     pub(crate) fn secret(&self) -> Option<&ClusterSecret> {
         self.secret.as_ref()
+    }
+
+    /// TLS on connections to this worker (`--tls-cluster`).
+    pub(crate) fn tls(&self) -> Option<&Connector> {
+        self.tls.as_ref()
     }
 
     /// Whether a refill may be asked of this worker now: they are paced, so a partner that
@@ -411,6 +426,8 @@ pub struct RouterConfig {
     pub mode: Option<Mode>,
     /// The cluster secret, proved on every connection to a worker.
     pub secret: Option<ClusterSecret>,
+    /// TLS for the connections to the workers (`--tls-cluster`).
+    pub tls: Option<Connector>,
 }
 
 /// Routes requests to pairs: the pair is chosen by the stable key hash; writes go to both

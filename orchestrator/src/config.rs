@@ -2,10 +2,12 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{CommandFactory, Parser};
 use twincache_protocol::units::{parse_duration, parse_positive_duration, parse_size};
+use twincache_tls::{NodeTls, Roles, TlsFiles};
 
 /// twincache orchestrator: accepts clients (text, binary or RESP on one port) and routes each
 /// request to the pair of workers that owns its key.
@@ -50,6 +52,44 @@ pub struct Config {
     /// the orchestrator proves it on every connection to a worker.
     #[arg(long, env = "TWINCACHE_CLUSTER_SECRET_FILE", value_name = "PATH")]
     pub cluster_secret_file: Option<PathBuf>,
+
+    /// This orchestrator's certificate chain (PEM, leaf first). With it (and
+    /// --tls-key-file) the client port speaks TLS only. With --tls-cluster it is also
+    /// presented to workers that require client certificates. Reloaded on SIGHUP.
+    #[arg(
+        long,
+        env = "TWINCACHE_TLS_CERT_FILE",
+        value_name = "PATH",
+        requires = "tls_key_file"
+    )]
+    pub tls_cert_file: Option<PathBuf>,
+
+    /// The private key of --tls-cert-file (PEM).
+    #[arg(
+        long,
+        env = "TWINCACHE_TLS_KEY_FILE",
+        value_name = "PATH",
+        requires = "tls_cert_file"
+    )]
+    pub tls_key_file: Option<PathBuf>,
+
+    /// CA certificates (PEM): clients on the TLS port must present a certificate signed by
+    /// one of them (see --tls-auth-clients), and with --tls-cluster the workers' certificates
+    /// are checked against them. Reloaded on SIGHUP.
+    #[arg(long, env = "TWINCACHE_TLS_CA_CERT_FILE", value_name = "PATH")]
+    pub tls_ca_cert_file: Option<PathBuf>,
+
+    /// With --tls-ca-cert-file: whether clients must present a certificate (`yes`), may
+    /// (`optional`: checked if given), or are not asked (`no`).
+    #[arg(long, env = "TWINCACHE_TLS_AUTH_CLIENTS", default_value = "yes",
+          value_parser = ["yes", "optional", "no"])]
+    pub tls_auth_clients: String,
+
+    /// Connect to the workers over TLS (the workers need --tls-cluster too), checking their
+    /// certificates against --tls-ca-cert-file. Workers are checked by the address they are
+    /// given by, so their certificates need that IP address (or host name).
+    #[arg(long, env = "TWINCACHE_TLS_CLUSTER", requires = "tls_ca_cert_file")]
+    pub tls_cluster: bool,
 
     /// Listen on a non-loopback address without --requirepass-file or --users-file: anyone
     /// who reaches the port can then read and change all data.
@@ -171,7 +211,8 @@ impl Config {
             .and_then(|_| config.check_limits())
             .and_then(|_| config.check_exposure())
             .and_then(|_| config.authenticator().map(drop))
-            .and_then(|_| config.cluster_secret().map(drop));
+            .and_then(|_| config.cluster_secret().map(drop))
+            .and_then(|_| config.tls().map(drop));
         if let Err(msg) = checked {
             Config::command()
                 .error(clap::error::ErrorKind::ValueValidation, msg)
@@ -237,9 +278,12 @@ impl Config {
     }
 
     /// Refuses to serve every data on a reachable address to anyone (Redis' protected mode),
-    /// unless told `--insecure`.
+    /// unless told `--insecure`. Passwords guard it, and so do required client certificates.
     pub fn check_exposure(&self) -> Result<(), String> {
-        let guarded = self.requirepass_file.is_some() || self.users_file.is_some();
+        let client_certs = self.tls_cert_file.is_some()
+            && self.tls_ca_cert_file.is_some()
+            && self.tls_auth_clients == "yes";
+        let guarded = self.requirepass_file.is_some() || self.users_file.is_some() || client_certs;
         if self.listen.ip().is_loopback() || guarded || self.insecure {
             return Ok(());
         }
@@ -257,6 +301,40 @@ impl Config {
             self.requirepass_file.as_deref(),
             self.users_file.as_deref(),
         )
+    }
+
+    /// The TLS files and what this orchestrator does with them: serve its client port (with a
+    /// certificate), connect to the workers (with --tls-cluster).
+    pub fn tls_files(&self) -> (TlsFiles, Roles) {
+        let files = TlsFiles::from_flags(
+            self.tls_cert_file.as_deref(),
+            self.tls_key_file.as_deref(),
+            self.tls_ca_cert_file.as_deref(),
+            &self.tls_auth_clients,
+        );
+        let roles = Roles {
+            serve: self.tls_cert_file.is_some(),
+            connect: self.tls_cluster,
+        };
+        (files, roles)
+    }
+
+    /// TLS, loaded from its files, if configured; a clear message for a file that is
+    /// missing, unreadable, or a key that is not the certificate's.
+    pub fn tls(&self) -> Result<Option<Arc<NodeTls>>, String> {
+        let (files, roles) = self.tls_files();
+        if !roles.serve && !roles.connect {
+            if self.tls_ca_cert_file.is_some() {
+                return Err(
+                    "--tls-ca-cert-file needs --tls-cert-file and --tls-key-file (TLS on the                      client port) or --tls-cluster (TLS to the workers)"
+                        .into(),
+                );
+            }
+            return Ok(None);
+        }
+        NodeTls::load(files, roles)
+            .map(Some)
+            .map_err(|e| e.to_string())
     }
 
     /// The cluster secret, if given.

@@ -45,6 +45,7 @@ use twincache_protocol::info;
 use twincache_protocol::Status;
 
 use twincache_protocol::auth::ClusterSecret;
+use twincache_tls::Connector;
 
 use crate::cluster::{Mode, Origin, Pair, Router, WorkerLink, WorkerState};
 use crate::identify::identify;
@@ -394,7 +395,10 @@ impl Router {
                 Some(parse(&String::from_utf8_lossy(&resp.payload)))
             }
             Ok(Ok(resp)) if resp.status == Status::NoAuth => {
-                w.refusing("the worker requires cluster authentication");
+                w.refusing(
+                    "the worker requires cluster authentication: give the orchestrator and \
+                     every worker the same --cluster-secret-file",
+                );
                 None
             }
             _ => None,
@@ -573,6 +577,7 @@ impl Router {
                 tokio::spawn(name_what_answers(
                     w.addr.clone(),
                     w.secret().cloned(),
+                    w.tls().cloned(),
                     timeout,
                 ));
             }
@@ -589,8 +594,13 @@ impl Router {
 /// Logs what answers at the address of a worker that stopped answering, when it is certainly
 /// not a worker (a Redis server, an orchestrator): a mistake in the worker list that "not
 /// answering" alone would hide.
-async fn name_what_answers(addr: String, secret: Option<ClusterSecret>, timeout: Duration) {
-    let identity = identify(&addr, secret.as_ref(), timeout).await;
+async fn name_what_answers(
+    addr: String,
+    secret: Option<ClusterSecret>,
+    tls: Option<Connector>,
+    timeout: Duration,
+) {
+    let identity = identify(&addr, secret.as_ref(), tls.as_ref(), timeout).await;
     if identity.is_misplaced() {
         tracing::error!(
             worker = %addr,

@@ -25,6 +25,7 @@ use twincache_client::Connection;
 use twincache_protocol::auth::ClusterSecret;
 use twincache_protocol::frame::{Op, Request, DEFAULT_MAX_FRAME};
 use twincache_protocol::Status;
+use twincache_tls::Connector;
 
 /// What answered at an address.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,10 +66,16 @@ impl Identity {
     }
 }
 
-/// Asks what runs at `addr`, each probe within `timeout`.
-pub async fn identify(addr: &str, secret: Option<&ClusterSecret>, timeout: Duration) -> Identity {
+/// Asks what runs at `addr`, each probe within `timeout`, dialling as the worker links do
+/// (the cluster secret, TLS with `--tls-cluster`).
+pub async fn identify(
+    addr: &str,
+    secret: Option<&ClusterSecret>,
+    tls: Option<&Connector>,
+    timeout: Duration,
+) -> Identity {
     let probe = async {
-        let conn = Connection::connect_with_secret(addr, DEFAULT_MAX_FRAME, timeout, secret).await;
+        let conn = Connection::open(addr, DEFAULT_MAX_FRAME, timeout, secret, tls).await;
         let conn = match conn {
             Ok(conn) => conn,
             Err(twincache_client::Error::Auth(_)) => return Some(Identity::Locked),
@@ -123,9 +130,10 @@ async fn ping_as_text(addr: &str, timeout: Duration) -> Identity {
 pub async fn check_workers(
     workers: &[String],
     secret: Option<&ClusterSecret>,
+    tls: Option<&Connector>,
     timeout: Duration,
 ) -> Result<(), String> {
-    let found = join_all(workers.iter().map(|w| identify(w, secret, timeout))).await;
+    let found = join_all(workers.iter().map(|w| identify(w, secret, tls, timeout))).await;
     for (i, (addr, identity)) in workers.iter().zip(&found).enumerate() {
         match identity {
             Identity::Worker(boot) => {

@@ -33,6 +33,7 @@ pub mod session;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use futures_util::future::Either;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use twincache_protocol::server::{accept_loop, Slots};
@@ -41,6 +42,7 @@ use cluster::{Origin, Router, RouterConfig};
 pub use config::Config;
 use session::SessionConfig;
 use twincache_protocol::budget::Budget;
+use twincache_tls::NodeTls;
 
 /// A bound, not yet running, orchestrator.
 pub struct Orchestrator {
@@ -49,6 +51,8 @@ pub struct Orchestrator {
     http: Option<TcpListener>,
     config: Config,
     workers: Vec<String>,
+    /// TLS for the client port and/or the worker links, if configured.
+    tls: Option<Arc<NodeTls>>,
 }
 
 impl Orchestrator {
@@ -57,6 +61,9 @@ impl Orchestrator {
         let workers = config
             .worker_addrs()
             .map_err(|msg| std::io::Error::new(std::io::ErrorKind::InvalidInput, msg))?;
+        let tls = config
+            .tls()
+            .map_err(|msg| std::io::Error::new(std::io::ErrorKind::InvalidInput, msg))?;
         let listener = TcpListener::bind(config.listen).await?;
         let http = twincache_ops::http::bind(config.http).await?;
         Ok(Orchestrator {
@@ -64,7 +71,13 @@ impl Orchestrator {
             http,
             config,
             workers,
+            tls,
         })
+    }
+
+    /// Its TLS, for reloading the certificates (`NodeTls::reload_on` the SIGHUP channel).
+    pub fn tls(&self) -> Option<Arc<NodeTls>> {
+        self.tls.clone()
     }
 
     /// Where `--http` listens, if given.
@@ -88,7 +101,8 @@ impl Orchestrator {
     ) -> impl std::future::Future<Output = Result<(), String>> + Send + 'static {
         let workers = self.workers.clone();
         let secret = self.config.cluster_secret();
-        async move { identify::check_workers(&workers, secret?.as_ref(), timeout).await }
+        let tls = self.tls.as_ref().and_then(NodeTls::connector);
+        async move { identify::check_workers(&workers, secret?.as_ref(), tls.as_ref(), timeout).await }
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -112,6 +126,7 @@ impl Orchestrator {
                 tracing::error!("{e}");
                 None
             }),
+            tls: self.tls.as_ref().and_then(NodeTls::connector),
         };
         // Worker links outlive the client sessions: they stop once those have drained.
         let links_shutdown = CancellationToken::new();
@@ -183,6 +198,10 @@ impl Orchestrator {
             ));
         }
         let refused = metrics.refused.clone();
+        let client_tls = self.tls.clone().filter(|tls| tls.serves());
+        if client_tls.is_some() {
+            tracing::info!("the client port speaks TLS only");
+        }
         let mut sessions = 0usize;
         accept_loop(
             self.listener,
@@ -205,7 +224,11 @@ impl Orchestrator {
                     who: Arc::new(auth.new_session()),
                     auth: auth.clone(),
                 };
-                let session = session::serve(stream, ctx, shutdown);
+                // Each kind of stream runs its own monomorphic copy of the session.
+                let session = match client_tls.clone() {
+                    Some(tls) => Either::Left(session::serve_tls(stream, tls, ctx, shutdown)),
+                    None => Either::Right(session::serve(stream, ctx, shutdown)),
+                };
                 async move {
                     let _slot = slot;
                     session.await

@@ -197,14 +197,17 @@ pub enum Closed {
     StoppedReading,
     /// A malformed frame or an unsupported binary protocol version.
     ProtocolError,
+    /// On a TLS port: a failed or stalled TLS handshake, or a client speaking plaintext.
+    Tls,
 }
 
 impl Closed {
-    pub const ALL: [Closed; 4] = [
+    pub const ALL: [Closed; 5] = [
         Closed::Idle,
         Closed::Memory,
         Closed::StoppedReading,
         Closed::ProtocolError,
+        Closed::Tls,
     ];
 
     pub fn name(self) -> &'static str {
@@ -213,6 +216,7 @@ impl Closed {
             Closed::Memory => "memory",
             Closed::StoppedReading => "stopped_reading",
             Closed::ProtocolError => "protocol_error",
+            Closed::Tls => "tls_handshake",
         }
     }
 }

@@ -29,7 +29,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use futures_util::future::Either;
 use futures_util::stream::Stream;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::codec::Decoder;
@@ -40,6 +40,7 @@ use twincache_protocol::frame::{
 };
 use twincache_protocol::text::{self, Command, Line, LineDecoder};
 use twincache_protocol::Status;
+use twincache_tls::{Accepted, NodeTls};
 
 use crate::auth::{Access, Authenticator, Denied, Who};
 use crate::cluster::{Origin, Router};
@@ -127,8 +128,58 @@ pub trait Protocol {
     fn at_eof(&mut self, buf: &BytesMut) -> Option<Self::Out>;
 }
 
-/// Serves one client connection until it closes, idles out, or shutdown.
-pub async fn serve(mut stream: TcpStream, mut ctx: Ctx, shutdown: CancellationToken) {
+/// Serves one client connection on a TLS port: the handshake (within the preamble deadline,
+/// so a client that stalls in it is cut off), then [`serve`] inside the session. A client
+/// speaking plaintext gets one line saying the port needs TLS, in the protocol its first
+/// byte suggests, and is closed.
+pub async fn serve_tls(
+    stream: TcpStream,
+    tls: Arc<NodeTls>,
+    ctx: Ctx,
+    shutdown: CancellationToken,
+) {
+    let deadline = Instant::now() + PREAMBLE_DEADLINE.min(ctx.config.idle_timeout);
+    let accepted = tokio::select! {
+        accepted = tls.accept_by(stream, deadline) => accepted,
+        _ = shutdown.cancelled() => return,
+    };
+    match accepted {
+        Accepted::Tls(session) => return serve(*session, ctx, shutdown).await,
+        Accepted::Plaintext(mut plain) => refuse_plaintext(&mut plain).await,
+        Accepted::Failed(e) => tracing::debug!(client = ctx.id, error = %e, "TLS handshake failed"),
+        Accepted::TimedOut => tracing::debug!(client = ctx.id, "TLS handshake not done in time"),
+    }
+    ctx.metrics.closed(Closed::Tls);
+}
+
+/// Tells a plaintext client that this port speaks TLS only, in its own protocol as far as
+/// its first byte tells (RESP's `*`, the binary preamble, else the text protocol), then
+/// closes. Nothing it sent is executed.
+async fn refuse_plaintext(stream: &mut TcpStream) {
+    const WHY: &str = "this port requires TLS (connect with TLS, e.g. redis-cli --tls)";
+    let mut first = [0u8; 1];
+    let mut out = BytesMut::new();
+    match stream.peek(&mut first).await {
+        Ok(1) if first[0] == PREAMBLE[0] => {
+            encode_frame(&Response::error(Status::NoAuth, WHY), &mut out)
+        }
+        Ok(1) if first[0] == b'*' => out.extend_from_slice(format!("-ERR {WHY}\r\n").as_bytes()),
+        Ok(1) => text::encode_response(Status::NoAuth, WHY.as_bytes(), &mut out),
+        _ => return,
+    }
+    if stream.write_all(&out).await.is_ok() {
+        let _ = stream.shutdown().await;
+        linger(stream).await;
+    }
+}
+
+/// Serves one client connection until it closes, idles out, or shutdown: over plain TCP,
+/// or inside a TLS session (each stream type compiles to its own copy of the loop, so plain
+/// TCP pays nothing for TLS).
+pub async fn serve<S>(mut stream: S, mut ctx: Ctx, shutdown: CancellationToken)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let _counted = ctx.metrics.client_connected();
     let config = ctx.config.clone();
     let account = Account::new(&ctx.budget, config.max_connection_buffer);
@@ -202,8 +253,8 @@ enum Kind {
 
 /// Reads until the protocol is known: one byte for binary and multibulk RESP, the first
 /// line (bounded by `max_line`) otherwise.
-async fn sniff(
-    stream: &mut TcpStream,
+async fn sniff<S: AsyncRead + Unpin>(
+    stream: &mut S,
     buf: &mut BytesMut,
     max_line: usize,
 ) -> std::io::Result<Kind> {
@@ -233,7 +284,10 @@ async fn sniff(
     }
 }
 
-async fn read_preamble(stream: &mut TcpStream, buf: &mut BytesMut) -> std::io::Result<()> {
+async fn read_preamble<S>(stream: &mut S, buf: &mut BytesMut) -> std::io::Result<()>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     while buf.len() < PREAMBLE.len() {
         if stream.read_buf(buf).await? == 0 {
             return Err(std::io::ErrorKind::UnexpectedEof.into());
@@ -246,6 +300,7 @@ async fn read_preamble(stream: &mut TcpStream, buf: &mut BytesMut) -> std::io::R
             &mut out,
         );
         stream.write_all(&out).await?;
+        stream.flush().await?;
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
             "bad binary preamble",
@@ -370,9 +425,9 @@ impl<O> Queue<O> {
     }
 }
 
-async fn run<P: Protocol>(
+async fn run<P: Protocol, S: AsyncRead + AsyncWrite + Unpin>(
     mut proto: P,
-    mut stream: TcpStream,
+    mut stream: S,
     mut buf: BytesMut,
     ctx: &Ctx,
     account: &Account,
@@ -440,7 +495,11 @@ async fn run<P: Protocol>(
             return Err(over_limit(over));
         }
         if !reading && inflight.is_empty() {
-            stream.shutdown().await.ok();
+            // Over TLS this sends close_notify, which a client that stopped reading could
+            // hold up: bounded like every other write.
+            tokio::time::timeout(config.idle_timeout, stream.shutdown())
+                .await
+                .ok();
             if hung_up {
                 linger(&mut stream).await;
             }
@@ -543,9 +602,10 @@ fn over_limit(over: twincache_protocol::budget::Over) -> std::io::Error {
 
 /// Writes `out` to a client that must keep reading: no progress for `deadline` closes the
 /// connection, and so does the account going over its limit meanwhile (replies pile up
-/// for a client that does not read them).
-async fn write_out(
-    stream: &mut TcpStream,
+/// for a client that does not read them). Then flushes: a no-op on TCP, while a TLS session
+/// may still hold the last bytes of `out`.
+async fn write_out<S: AsyncWrite + Unpin>(
+    stream: &mut S,
     out: &[u8],
     deadline: Duration,
     account: &Account,
@@ -571,7 +631,13 @@ async fn write_out(
             }
         }
     }
-    Ok(())
+    match tokio::time::timeout(deadline, stream.flush()).await {
+        Ok(res) => res,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the client stopped reading its replies",
+        )),
+    }
 }
 
 /// `resp` as code 2 (key not found) when its value says the key does not exist.

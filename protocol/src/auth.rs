@@ -17,6 +17,11 @@
 //! handshake replayed later proves nothing: the worker's new nonce asks for a new proof. The
 //! labels keep a proof from one direction from serving in the other. Proofs are compared in
 //! constant time.
+//!
+//! With TLS on the cluster links (`--tls-cluster`), the handshake runs inside the TLS session:
+//! TLS keeps the traffic confidential and checks certificates against the CA, and this
+//! handshake still proves membership of the cluster (a certificate from the same CA issued for
+//! something else proves nothing here).
 
 use std::path::Path;
 
@@ -125,7 +130,9 @@ async fn write_frame<S: AsyncWrite + Unpin, M: Message>(
 ) -> std::io::Result<()> {
     let mut out = BytesMut::new();
     encode_frame(msg, &mut out);
-    stream.write_all(&out).await
+    stream.write_all(&out).await?;
+    // Over TLS, the last bytes may wait in the session's buffer until flushed.
+    stream.flush().await
 }
 
 /// Reads one small frame (at most [`MAX_HANDSHAKE_FRAME`] bytes).
@@ -151,6 +158,7 @@ pub async fn connect<S: AsyncRead + AsyncWrite + Unpin>(
     let mut out = BytesMut::from(&PREAMBLE[..]);
     encode_frame(&hello, &mut out);
     stream.write_all(&out).await?;
+    stream.flush().await?;
     let answer: Response = read_frame(stream).await?;
     if answer.status != Status::Ok {
         return Err(HandshakeError::Refused(

@@ -22,6 +22,11 @@ async fn run(config: Config) {
         .await
         .unwrap_or_else(|e| twincache::fail(1, format_args!("cannot listen on {listen}: {e}")));
     let shutdown = twincache::shutdown_on_signal();
+    let reload = twincache::reload_on_signal();
+    match orchestrator.tls() {
+        Some(tls) => drop(tokio::spawn(tls.reload_on(reload))),
+        None => drop(reload),
+    }
     // A worker listed twice, or an orchestrator listed as a worker, is an error at start;
     // checked while serving, so that an orchestrator given its own address answers as one.
     let check = orchestrator.check_workers(std::time::Duration::from_secs(1));

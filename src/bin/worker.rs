@@ -16,6 +16,9 @@ fn main() {
     if let Err(msg) = config.adapter() {
         twincache::fail(2, msg);
     }
+    if let Err(msg) = config.tls() {
+        twincache::fail(2, msg);
+    }
     if let Err(msg) = config
         .cluster_secret()
         .and_then(|_| config.check_exposure())
@@ -35,6 +38,11 @@ async fn run(config: Config) {
         )
     });
     let shutdown = twincache::shutdown_on_signal();
+    let reload = twincache::reload_on_signal();
+    match worker.tls() {
+        Some(tls) => drop(tokio::spawn(tls.reload_on(reload))),
+        None => drop(reload),
+    }
     // The last line on stdout: what the user feeds to the orchestrator. With --http, the
     // HTTP address comes first, so a script that waits for the listening line has both.
     if let Some(http) = worker.http_addr() {

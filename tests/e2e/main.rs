@@ -21,3 +21,4 @@ mod robustness;
 mod security;
 mod storage;
 mod text;
+mod tls;

@@ -2,11 +2,13 @@
 
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use twincache_protocol::auth::ClusterSecret;
 use twincache_protocol::units::{parse_duration, parse_positive_duration, parse_size};
+use twincache_tls::{NodeTls, Roles, TlsFiles};
 
 /// twincache worker: holds one copy of a pair's data and serves it to orchestrators.
 #[derive(Debug, Clone, Parser)]
@@ -106,6 +108,46 @@ pub struct Config {
         value_name = "PATH"
     )]
     pub cluster_secret_file: Option<PathBuf>,
+
+    /// Speak TLS on the links between nodes: this worker's port accepts TLS only (with
+    /// --tls-cert-file and --tls-key-file), and its resync connections to its partner use
+    /// TLS, checking the partner's certificate against --tls-ca-cert-file. The orchestrators
+    /// need --tls-cluster too. The cluster handshake (--cluster-secret-file) runs inside TLS.
+    #[arg(long, env = "TWINCACHE_WORKER_TLS_CLUSTER")]
+    pub tls_cluster: bool,
+
+    /// This worker's certificate chain (PEM, leaf first), for --tls-cluster. It must name
+    /// the address the orchestrator and the partner use for this worker: usually an IP
+    /// address, as an IP subject alternative name. Also presented as a client certificate
+    /// when resyncing from the partner. Reloaded on SIGHUP.
+    #[arg(
+        long,
+        env = "TWINCACHE_WORKER_TLS_CERT_FILE",
+        value_name = "PATH",
+        requires = "tls_key_file"
+    )]
+    pub tls_cert_file: Option<PathBuf>,
+
+    /// The private key of --tls-cert-file (PEM).
+    #[arg(
+        long,
+        env = "TWINCACHE_WORKER_TLS_KEY_FILE",
+        value_name = "PATH",
+        requires = "tls_cert_file"
+    )]
+    pub tls_key_file: Option<PathBuf>,
+
+    /// CA certificates (PEM) the partner's and the orchestrators' certificates must chain
+    /// to; those connecting must present one unless --tls-auth-clients says otherwise.
+    /// Reloaded on SIGHUP.
+    #[arg(long, env = "TWINCACHE_WORKER_TLS_CA_CERT_FILE", value_name = "PATH")]
+    pub tls_ca_cert_file: Option<PathBuf>,
+
+    /// Whether nodes connecting to this worker must present a certificate signed by
+    /// --tls-ca-cert-file (`yes`), may (`optional`), or are not asked (`no`).
+    #[arg(long, env = "TWINCACHE_WORKER_TLS_AUTH_CLIENTS", default_value = "yes",
+          value_parser = ["yes", "optional", "no"])]
+    pub tls_auth_clients: String,
 
     /// Listen on a non-loopback address without --cluster-secret-file: anyone who reaches
     /// the port can then read and change all of this worker's data.
@@ -219,6 +261,41 @@ impl Config {
              (`worker keygen > cluster.secret`), or pass --insecure on a network you trust",
             self.bind
         ))
+    }
+
+    /// TLS for the cluster links (`--tls-cluster`), loaded from its files; a clear message
+    /// for a missing flag or file, or a key that is not the certificate's.
+    pub fn tls(&self) -> Result<Option<Arc<NodeTls>>, String> {
+        if !self.tls_cluster {
+            if self.tls_cert_file.is_some() || self.tls_ca_cert_file.is_some() {
+                return Err(
+                    "a worker speaks TLS only on the links between nodes: add --tls-cluster \
+                     (and give the orchestrators --tls-cluster too)"
+                        .into(),
+                );
+            }
+            return Ok(None);
+        }
+        if self.tls_cert_file.is_none() || self.tls_ca_cert_file.is_none() {
+            return Err(
+                "--tls-cluster needs --tls-cert-file and --tls-key-file (this worker's \
+                 certificate) and --tls-ca-cert-file (to check the other nodes')"
+                    .into(),
+            );
+        }
+        let files = TlsFiles::from_flags(
+            self.tls_cert_file.as_deref(),
+            self.tls_key_file.as_deref(),
+            self.tls_ca_cert_file.as_deref(),
+            &self.tls_auth_clients,
+        );
+        let roles = Roles {
+            serve: true,
+            connect: true,
+        };
+        NodeTls::load(files, roles)
+            .map(Some)
+            .map_err(|e| e.to_string())
     }
 
     /// The dictionary size the store uses: `--dictionary-size`, but 0 with encryption unless

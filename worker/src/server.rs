@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, StreamExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use twincache_protocol::auth::{self, ClusterSecret};
@@ -20,6 +20,7 @@ use twincache_protocol::frame::{
 use twincache_protocol::info::Info;
 use twincache_protocol::server::{accept_loop, Slot, Slots};
 use twincache_protocol::Status;
+use twincache_tls::{Accepted, NodeTls};
 
 use crate::adapter::{Adapter, INVALIDATION_TTL_MS};
 use crate::config::Config;
@@ -57,6 +58,8 @@ pub struct Node {
     pub idle_timeout: Duration,
     /// The cluster secret: every connection proves it first (see `twincache_protocol::auth`).
     pub secret: Option<ClusterSecret>,
+    /// TLS on this worker's port and its resync connections (`--tls-cluster`).
+    pub tls: Option<Arc<NodeTls>>,
     /// Connections open now (for `stats` and the metrics).
     pub connections: std::sync::atomic::AtomicU64,
     /// When the worker started.
@@ -115,6 +118,9 @@ impl Worker {
             secret: config
                 .cluster_secret()
                 .map_err(|msg| std::io::Error::new(std::io::ErrorKind::InvalidInput, msg))?,
+            tls: config
+                .tls()
+                .map_err(|msg| std::io::Error::new(std::io::ErrorKind::InvalidInput, msg))?,
             connections: Default::default(),
             started: std::time::Instant::now(),
         });
@@ -136,6 +142,11 @@ impl Worker {
         self.listener
             .local_addr()
             .expect("a bound listener has an address")
+    }
+
+    /// Its TLS, for reloading the certificates (`NodeTls::reload_on` the SIGHUP channel).
+    pub fn tls(&self) -> Option<Arc<NodeTls>> {
+        self.node.tls.clone()
     }
 
     /// The worker's store (for embedding and tests).
@@ -201,13 +212,54 @@ const MAX_WAITING: usize = 4096;
 const KEEP_CAPACITY: usize = 256 * 1024;
 
 async fn serve_connection(
-    mut stream: TcpStream,
-    mut slot: Slot,
+    stream: TcpStream,
+    slot: Slot,
     node: Arc<Node>,
     shutdown: CancellationToken,
 ) -> Result<(), FrameError> {
+    // The TLS handshake, the preamble and the cluster handshake share one short deadline.
+    let deadline = tokio::time::Instant::now() + PREAMBLE_DEADLINE.min(node.idle_timeout);
+    let Some(tls) = node.tls.clone() else {
+        return serve_stream(stream, slot, node, deadline, shutdown).await;
+    };
+    let accepted = tokio::select! {
+        accepted = tls.accept_by(stream, deadline) => accepted,
+        _ = shutdown.cancelled() => return Ok(()),
+    };
+    match accepted {
+        Accepted::Tls(session) => serve_stream(*session, slot, node, deadline, shutdown).await,
+        Accepted::Plaintext(mut plain) => {
+            tracing::warn!(
+                "refused a plaintext connection: this worker speaks TLS only (--tls-cluster); \
+                 give the orchestrators and its partner --tls-cluster too"
+            );
+            let mut out = BytesMut::new();
+            let why = "this worker speaks TLS only: connect with --tls-cluster";
+            encode_frame(&Response::error(Status::NoAuth, why), &mut out);
+            let _ = plain.write_all(&out).await;
+            Ok(())
+        }
+        Accepted::Failed(e) => {
+            tracing::warn!(error = %e, "refused a connection whose TLS handshake failed");
+            Ok(())
+        }
+        Accepted::TimedOut => Ok(()),
+    }
+}
+
+/// Serves one connection, plain or inside TLS (a copy of the loop for each).
+async fn serve_stream<S>(
+    mut stream: S,
+    mut slot: Slot,
+    node: Arc<Node>,
+    deadline: tokio::time::Instant,
+    shutdown: CancellationToken,
+) -> Result<(), FrameError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let mut preamble = [0u8; 4];
-    // The preamble, and the handshake with a secret, within one short deadline.
+    // The preamble, and the handshake with a secret, by the opening's deadline.
     let opening = async {
         stream.read_exact(&mut preamble).await?;
         if preamble != PREAMBLE {
@@ -225,9 +277,8 @@ async fn serve_connection(
         }
         Ok(true)
     };
-    let deadline = PREAMBLE_DEADLINE.min(node.idle_timeout);
     let opened = tokio::select! {
-        res = tokio::time::timeout(deadline, opening) => match res {
+        res = tokio::time::timeout_at(deadline, opening) => match res {
             Ok(res) => res?,
             Err(_) => return Ok(()), // a partial opening, then silence
         },
@@ -246,6 +297,7 @@ async fn serve_connection(
             &mut out,
         );
         let _ = stream.write_all(&out).await;
+        let _ = stream.flush().await;
         return Err(FrameError::Malformed("bad preamble"));
     }
     let account = Account::new(&node.budget, node.max_frame.saturating_add(OUT_HIGH_WATER));
@@ -337,13 +389,17 @@ async fn serve_connection(
 }
 
 /// Writes and clears (wipes, with a key) `out`; a peer that reads none of it for `deadline`
-/// is given up on.
-async fn write_out(
-    stream: &mut TcpStream,
+/// is given up on. The flush is a no-op on TCP; a TLS session sends what it still holds.
+async fn write_out<S: AsyncWrite + Unpin>(
+    stream: &mut S,
     out: &mut wipe::Buffer,
     deadline: Duration,
 ) -> Result<(), FrameError> {
-    match tokio::time::timeout(deadline, stream.write_all(out)).await {
+    let write = async {
+        stream.write_all(out).await?;
+        stream.flush().await
+    };
+    match tokio::time::timeout(deadline, write).await {
         Ok(res) => res?,
         Err(_) => {
             return Err(FrameError::Io(std::io::Error::new(
@@ -615,6 +671,7 @@ pub fn handle(node: &Node, req: Request) -> Response {
                 refill,
                 node.max_frame + 1024,
                 node.secret.clone(),
+                node.tls.as_ref().and_then(NodeTls::connector),
             );
             Response::ok(Bytes::from_static(if started {
                 b"started"

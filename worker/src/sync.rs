@@ -65,7 +65,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::StreamExt;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::codec::FramedRead;
 use twincache_protocol::auth::{self, ClusterSecret};
@@ -73,6 +73,7 @@ use twincache_protocol::coverage::Coverage;
 use twincache_protocol::frame::{encode_frame, FrameCodec, Op, Request, Response, PREAMBLE};
 use twincache_protocol::info::{self, Info};
 use twincache_protocol::Status;
+use twincache_tls::Connector;
 
 use crate::seal::{self, Dictionary};
 use crate::store::{Merged, Store};
@@ -342,6 +343,7 @@ impl SyncState {
         refill: Refill,
         max_frame: usize,
         secret: Option<ClusterSecret>,
+        tls: Option<Connector>,
     ) -> bool {
         {
             let mut run = self.run();
@@ -365,6 +367,7 @@ impl SyncState {
                 refill,
                 max_frame,
                 secret.as_ref(),
+                tls.as_ref(),
                 &state.traffic,
             )
             .await;
@@ -453,8 +456,8 @@ pub fn entry_record(records: &mut BytesMut, entry: &[u8]) {
 /// Serves a snapshot on `stream`: the meta record, the dictionary, every entry, then the end.
 /// With `rate_limit` (bytes per second, 0 for none) it paces itself, so a resync cannot take
 /// the bandwidth live traffic needs.
-pub async fn serve_snapshot(
-    stream: &mut TcpStream,
+pub async fn serve_snapshot<S: AsyncWrite + Unpin>(
+    stream: &mut S,
     store: &Store,
     sync: &SyncState,
     id: u64,
@@ -503,8 +506,8 @@ fn record_boundary(records: &[u8], target: usize) -> usize {
     at
 }
 
-async fn send(
-    stream: &mut TcpStream,
+async fn send<S: AsyncWrite + Unpin>(
+    stream: &mut S,
     frame: &mut BytesMut,
     id: u64,
     status: Status,
@@ -519,7 +522,10 @@ async fn send(
         },
         frame,
     );
-    stream.write_all(frame).await
+    stream.write_all(frame).await?;
+    // Sent now, not held in a TLS session's buffer while the rate limit waits (a no-op
+    // on TCP).
+    stream.flush().await
 }
 
 /// What a completed refill brought.
@@ -536,8 +542,37 @@ pub struct Pulled {
     pub coverage: Coverage,
 }
 
-/// Pulls a snapshot from `partner` into `store` (see [`Refill`]).
+/// Pulls a snapshot from `partner` into `store` (see [`Refill`]), over TLS with `tls`
+/// (the partner's certificate checked against its address).
 async fn pull(
+    store: &Store,
+    partner: &str,
+    refill: Refill,
+    max_frame: usize,
+    secret: Option<&ClusterSecret>,
+    tls: Option<&Connector>,
+    traffic: &Traffic,
+) -> Result<Pulled, String> {
+    let stream = tokio::time::timeout(STALL, TcpStream::connect(partner))
+        .await
+        .map_err(|_| format!("connecting to {partner} timed out"))?
+        .map_err(|e| format!("cannot connect to {partner}: {e}"))?;
+    stream.set_nodelay(true).ok();
+    match tls {
+        None => pull_from(stream, store, partner, refill, max_frame, secret, traffic).await,
+        Some(tls) => {
+            let stream = tokio::time::timeout(STALL, tls.connect(partner, stream))
+                .await
+                .map_err(|_| format!("{partner} did not complete the TLS handshake"))?
+                .map_err(|e| format!("TLS handshake with {partner}: {e}"))?;
+            pull_from(stream, store, partner, refill, max_frame, secret, traffic).await
+        }
+    }
+}
+
+/// [`pull`] over an open stream, plain or TLS.
+async fn pull_from<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
     store: &Store,
     partner: &str,
     refill: Refill,
@@ -545,11 +580,6 @@ async fn pull(
     secret: Option<&ClusterSecret>,
     traffic: &Traffic,
 ) -> Result<Pulled, String> {
-    let mut stream = tokio::time::timeout(STALL, TcpStream::connect(partner))
-        .await
-        .map_err(|_| format!("connecting to {partner} timed out"))?
-        .map_err(|e| format!("cannot connect to {partner}: {e}"))?;
-    stream.set_nodelay(true).ok();
     let mut hello = BytesMut::new();
     match secret {
         // Only a partner that proves the cluster secret may fill this worker.
@@ -560,7 +590,11 @@ async fn pull(
         None => hello.put_slice(&PREAMBLE),
     }
     encode_frame(&Request::new(Op::Snapshot, Bytes::new()), &mut hello);
-    stream.write_all(&hello).await.map_err(|e| e.to_string())?;
+    let sent = async {
+        stream.write_all(&hello).await?;
+        stream.flush().await
+    };
+    sent.await.map_err(|e| e.to_string())?;
     let mut frames = FramedRead::new(stream, FrameCodec::<Response>::new(max_frame));
     let mut intake = Intake::new(store, refill).counting(traffic);
     loop {
