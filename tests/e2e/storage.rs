@@ -339,7 +339,10 @@ fn distinctive_values() -> Vec<(String, String)> {
 /// What a core dump (gcore) of process `pid` holds of `needles` (none holding a newline):
 /// the indexes found. A worker's dump is over a gigabyte (mostly the allocator's reserved
 /// arena), so grep searches it.
+/// One dump at a time, so the tests that take them need one dump's disk space, not several.
 fn found_in_core_dump(pid: u32, dir: &std::path::Path, needles: &[Vec<u8>]) -> Vec<usize> {
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let started = std::time::Instant::now();
     let prefix = dir.join("core");
     let out = Command::new("gcore")
@@ -460,8 +463,8 @@ fn needles(values: &[(String, String)]) -> Vec<Vec<u8>> {
 /// it lives in memory core dumps leave out.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_core_dump_of_an_encrypting_worker_holds_no_value_and_not_the_key() {
-    let dir = std::env::temp_dir().join(format!("twincache-e2e-core-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let scratch = crate::ops::TempDir::new("e2e-core");
+    let dir = scratch.0.clone();
     // A key of our own, with no newline in it (grep takes one needle a line).
     let raw: Vec<u8> = (0..32)
         .map(|i| 0x41 + (rand::random::<u8>() % 26) + i % 2)
@@ -497,15 +500,14 @@ async fn a_core_dump_of_an_encrypting_worker_holds_no_value_and_not_the_key() {
     assert!(workers[1]
         .log_text()
         .contains("built a compression dictionary"));
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// The control for the test above: without encryption the same dump shows every value, so
 /// that test's silence means the values are gone, not that it cannot see them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_core_dump_of_a_plain_worker_shows_the_values() {
-    let dir = std::env::temp_dir().join(format!("twincache-e2e-plaincore-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let scratch = crate::ops::TempDir::new("e2e-plaincore");
+    let dir = scratch.0.clone();
     // Dictionaries off: a value compressed against one is stored in pieces, and the token
     // would not show whole. The point is only that the dump shows what the worker holds.
     let workers = [
@@ -517,7 +519,6 @@ async fn a_core_dump_of_a_plain_worker_shows_the_values() {
         let found = found_in_core_dump(w.pid(), &dir, &needles(&values));
         assert_eq!(found.len(), 100, "worker {} shows {found:?}", w.addr);
     }
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 /// The sum of every worker's `stored_bytes` in an orchestrator's `stats` line.

@@ -852,11 +852,7 @@ impl Store {
 
     /// [`Store::remove_where`], returning the removed entries for the caller to free (outside
     /// the shard's lock).
-    fn take_where(
-        &self,
-        n: usize,
-        mut doomed: impl FnMut(&Entry) -> bool,
-    ) -> Vec<Entry> {
+    fn take_where(&self, n: usize, mut doomed: impl FnMut(&Entry) -> bool) -> Vec<Entry> {
         let mut shard = self.shards[n % SHARDS]
             .lock()
             .unwrap_or_else(|e| e.into_inner());
