@@ -114,11 +114,18 @@ impl WorkerState {
         }
     }
 
-    /// Takes the pair's writes, and the writes wait for its answer.
+    /// Takes the pair's writes, and the writes wait for its answer. A worker not assessed yet
+    /// (unknown) takes them too: a copy too many is harmless, since it serves no reads until
+    /// assessed, while leaving it out would let it be found in sync without a write its
+    /// partner took alone after the assessment's status (the partner's two transitions, or
+    /// the adoption of a new pair, are not one instant).
     fn takes_writes(self) -> bool {
         matches!(
             self,
-            WorkerState::InSync | WorkerState::Resyncing | WorkerState::Joining
+            WorkerState::InSync
+                | WorkerState::Resyncing
+                | WorkerState::Joining
+                | WorkerState::Unknown
         )
     }
 }
@@ -251,7 +258,15 @@ impl WorkerLink {
     }
 
     pub(crate) fn set_state(&self, state: WorkerState) -> WorkerState {
-        WorkerState::from_u8(self.state.swap(state as u8, Ordering::AcqRel))
+        let before = WorkerState::from_u8(self.state.swap(state as u8, Ordering::SeqCst));
+        // A write it missed while this state was decided (its `missed_write` found the old
+        // state, which it does not demote) is not forgotten: `dirty` is set before the
+        // demotion is tried, so either that attempt sees this state or this check sees the
+        // flag.
+        if state == WorkerState::InSync && self.dirty.load(Ordering::SeqCst) {
+            self.missed_write();
+        }
+        before
     }
 
     /// Logs, once until it is accepted again, that the worker refuses this orchestrator's
@@ -292,7 +307,7 @@ impl WorkerLink {
     /// Records that the worker missed a write: an in-sync or resyncing worker becomes
     /// stale (a resyncing one's snapshot may have passed the key already).
     pub(crate) fn missed_write(&self) {
-        self.dirty.store(true, Ordering::Release);
+        self.dirty.store(true, Ordering::SeqCst);
         for from in [
             WorkerState::InSync,
             WorkerState::Resyncing,
@@ -303,8 +318,8 @@ impl WorkerLink {
                 .compare_exchange(
                     from as u8,
                     WorkerState::Stale as u8,
-                    Ordering::AcqRel,
-                    Ordering::Acquire,
+                    Ordering::SeqCst,
+                    Ordering::SeqCst,
                 )
                 .is_ok()
             {
@@ -836,11 +851,16 @@ impl Router {
         }
         let pair = pair_for_key(&req.key, self.pairs.len());
         let targets = self.write_targets(&self.pairs[pair]);
+        let [a, b] = &self.pairs[pair].workers;
         if targets[0] != targets[1] {
             // Its partner will not get it: counted on the worker, which outlives us.
             req.flags |= flags::SOLO;
+            // And the one left out has missed it, on record here at once: the partner's
+            // count reaches the monitor only with its next status, and a round whose status
+            // predates this write must not find the one left out in sync.
+            let left_out = if targets[0] { b } else { a };
+            left_out.dirty.store(true, Ordering::SeqCst);
         }
-        let [a, b] = &self.pairs[pair].workers;
         // Queued now, in the session's order (see WorkerLink); awaited below.
         let replies = [
             targets[0].then(|| a.send(&req, origin)),

@@ -1,7 +1,8 @@
 //! Acknowledged writes survive the failure sequences in which a pair's history could be
 //! forgotten: a worker unreachable when the orchestrator starts, an orchestrator restarted
 //! while a worker is stale, a worker that returns during its partner's resync, deletes older
-//! than the tombstones' memory, and two orchestrators with one node id.
+//! than the tombstones' memory, two orchestrators with one node id, and writes while a new
+//! pair is being assessed.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -187,7 +188,11 @@ async fn a_worker_that_returns_during_its_partners_resync_loses_nothing() {
                 }
                 break;
             }
-            assert!(Instant::now() < deadline, "{key} never reached b");
+            assert!(
+                Instant::now() < deadline,
+                "{key} never reached b: {}",
+                p.orch.log_text()
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -236,4 +241,54 @@ async fn a_second_orchestrator_with_the_same_node_id_waits() {
     first.kill();
     set_retrying(&c2, "k", "second").await;
     read_everywhere(second.addr, &[wa, wb], "k", Some("second")).await;
+}
+
+/// A new pair is assessed while clients already write: the first worker found in sync must
+/// not take writes alone that its partner, adopted a moment later, never gets (a read of
+/// the partner then missed an acknowledged write until its next resync, which never came).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_while_a_new_pair_is_assessed_reach_both_workers() {
+    for round in 0..4 {
+        let (wa, wb) = (worker_on(0, &[]), worker_on(0, &[]));
+        let orch = Proc::orchestrator(&[wa.addr, wb.addr], FAST);
+        let addr = orch.addr;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writers: Vec<_> = (0..4)
+            .map(|t| {
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    let c = client(addr).await;
+                    let mut acked = Vec::new();
+                    let mut i = 0;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let key = format!("r{round}:t{t}:{i}");
+                        if c.set(&key, "v").await.is_ok() {
+                            acked.push(key);
+                        }
+                        i += 1;
+                    }
+                    acked
+                })
+            })
+            .collect();
+        both_in_sync(addr, wa.addr, wb.addr).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut acked = Vec::new();
+        for w in writers {
+            acked.extend(w.await.unwrap());
+        }
+        assert!(!acked.is_empty());
+        for w in [wa.addr, wb.addr] {
+            let direct = client(w).await;
+            for key in &acked {
+                assert_eq!(
+                    direct.get::<Bytes>(key).await.unwrap().as_deref(),
+                    Some(&b"v"[..]),
+                    "round {round}: {key}, acknowledged, is not on worker {w} ({} acknowledged)",
+                    acked.len()
+                );
+            }
+        }
+    }
 }
