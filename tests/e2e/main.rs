@@ -12,6 +12,7 @@ mod faults;
 mod limits;
 mod migrate;
 mod ops;
+mod partition;
 mod readme;
 mod resp;
 mod robustness;
