@@ -725,21 +725,26 @@ async fn partners_cut_from_each_other_mid_resync_finish_it_after_healing() {
     // A refill gives up on a partner silent for 10 s: hold the cut longer than that, and
     // watch that w1 never counts as in sync meanwhile.
     let until = Instant::now() + Duration::from_secs(12);
+    let mut promoted_once = false;
     while Instant::now() < until {
         let st = status(o).await;
-        let promoted = format!("partner down: serving this worker's copy worker={w1} ");
-        if state_of(&st, &w1) == "in_sync" && s.orchs[0].log_text().contains(&promoted) {
-            // A health check of w2 timed out (a loaded machine): the documented promotion,
-            // whose consequences the ignored test below shows.
-            println!("cut2: w1 promoted while the orchestrator missed w2: {st}");
-        } else if state_of(&st, &w1) == "in_sync" {
+        if state_of(&st, &w1) == "in_sync" {
+            // The orchestrator logs a transition just after making it: give it a moment.
             tokio::time::sleep(Duration::from_millis(300)).await;
-            panic!(
-                "w1 in sync while cut from its source: {st}\norchestrator:\n{}\nw1:\n{}\nw2:\n{}",
-                s.orchs[0].log_text(),
-                s.workers[0].log_text(),
-                s.workers[1].log_text()
-            );
+            let log = s.orchs[0].log_text();
+            let promoted = format!("partner down: serving this worker's copy worker={w1} ");
+            if log.contains(&promoted) {
+                // A health check of w2 timed out (a loaded machine): the documented
+                // promotion, whose reads the test below checks.
+                println!("cut2: w1 promoted while the orchestrator missed w2: {st}");
+                promoted_once = true;
+            } else {
+                panic!(
+                    "w1 in sync while cut from its source: {st}\norchestrator:\n{log}\nw1:\n{}\nw2:\n{}",
+                    s.workers[0].log_text(),
+                    s.workers[1].log_text()
+                );
+            }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -765,7 +770,10 @@ async fn partners_cut_from_each_other_mid_resync_finish_it_after_healing() {
             .map(|n| (format!("bulk:{n}"), bulk_state(n))),
     );
     s.verify(&model).await;
-    assert_back_only_through_a_refill(&s.orchs[0], w1);
+    if !promoted_once {
+        // (A promoted worker completes a merge instead, which changes no state.)
+        assert_back_only_through_a_refill(&s.orchs[0], w1);
+    }
 }
 
 /// What `fill` acknowledged for `bulk:<n>`.
@@ -778,12 +786,12 @@ fn bulk_state(n: usize) -> KeyState {
 }
 
 /// Case 2 with a blip: while `w1` refills from `w2` and the link between them is cut, the
-/// orchestrator loses `w2` for 400 ms. It promotes `w1`'s partial copy ("partner down:
-/// serving this worker's copy", by design), but once `w2` answers again that copy goes on
-/// serving reads alone while `w2` resyncs from it: acknowledged keys read as absent, for as
-/// long as the workers cannot reach each other.
+/// orchestrator loses `w2` for a moment. It promotes `w1`'s partial copy ("partner down:
+/// serving this worker's copy", by design). Once `w2` answers again, both are in sync, and
+/// reads must go to `w2`'s complete copy first: before `read_rank`, they alternated, and
+/// `w1` answered "not found" for the keys it had not received (89 of 200 in one run) for as
+/// long as the workers could not reach each other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: a partner that blips mid-refill leaves the half-refilled worker serving reads of keys it lacks as absent"]
 async fn a_partner_blip_mid_resync_does_not_leave_a_partial_copy_serving() {
     let slow = ["--resync-rate-limit", "1MB", "--dictionary-size", "0"];
     let Some(mut s) = Setup::start("blip", 1, &slow).await else {
@@ -800,7 +808,10 @@ async fn a_partner_blip_mid_resync_does_not_leave_a_partial_copy_serving() {
     s.net.cut("o1", "w2");
     wait_status(o, "w2 down", |st| state_of(st, &w2) == "down").await;
     s.net.heal("o1", "w2");
-    let st = wait_status(o, "w2 answering again", |st| state_of(st, &w2) != "down").await;
+    let st = wait_status(o, "both in sync again", |st| {
+        state_of(st, &w1) == "in_sync" && state_of(st, &w2) == "in_sync"
+    })
+    .await;
     // Both workers answer the orchestrator, and w2 holds every key: none may read as absent.
     let c = Client::connect(&o.to_string()).await.unwrap();
     let mut absent = Vec::new();
@@ -818,6 +829,12 @@ async fn a_partner_blip_mid_resync_does_not_leave_a_partial_copy_serving() {
         BULK / 20,
         &absent[..absent.len().min(10)]
     );
+    // Healed, w1 merges w2's data: both end with every key.
+    let model = (0..BULK)
+        .step_by(7)
+        .map(|n| (format!("bulk:{n}"), bulk_state(n)))
+        .collect();
+    s.verify(&model).await;
 }
 
 /// Case 3: two orchestrators in front of one pair; `o1` loses `w1` while `o2` sees both.
