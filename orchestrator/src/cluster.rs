@@ -62,6 +62,10 @@ pub struct WorkerLink {
     /// Since when it holds the pair's data, as it last said (Unix ms; 0: unknown): the
     /// worker synced the longest is the pair's primary (see `rmw`).
     pub(crate) synced_at: AtomicU64,
+    /// The worker last reported a partial copy: it was promoted to serve alone before a
+    /// refill completed, and has not yet merged its partner's data, so a key it lacks reads
+    /// as absent. Kept by the health monitor; see [`read_rank`].
+    pub(crate) partial: AtomicBool,
 }
 
 /// Where a worker stands with its pair.
@@ -155,6 +159,7 @@ impl WorkerLink {
             refused: AtomicBool::new(false),
             skipped: AtomicU64::new(0),
             synced_at: AtomicU64::new(0),
+            partial: AtomicBool::new(false),
         });
         for slot in 0..connections {
             // The link is dropped only at shutdown, when these tasks end too.
@@ -404,6 +409,20 @@ const MISS_UNRECORDED: &str =
     "the write reached one worker, and its partner's miss could not be recorded; retry";
 
 /// The answer when no worker of the key's pair can serve: retryable.
+/// Where a worker stands in a read's order (lower first; `None`: never read). An in-sync
+/// worker with a partial copy comes after an in-sync partner with a complete one: it answers
+/// "not found" for the partner's keys it has not merged yet (the partition tests found a
+/// brief blip of a refill's source leaving such a copy serving half the reads while both
+/// workers were in sync).
+pub(crate) fn read_rank(state: WorkerState, partial: bool) -> Option<u8> {
+    match state {
+        WorkerState::InSync if !partial => Some(0),
+        WorkerState::InSync => Some(1),
+        WorkerState::Stale | WorkerState::Resyncing | WorkerState::Joining => Some(2),
+        _ => None,
+    }
+}
+
 fn unavailable(router: &Router) -> Response {
     if router.mode().is_none() {
         Response::error(Status::Unavailable, "the cluster is starting; retry")
@@ -564,16 +583,13 @@ impl Router {
         }
     }
 
-    /// The order in which to try a pair's workers for a read: in-sync ones first
-    /// (alternating when both are; in adapter mode the one that takes the writes), then,
-    /// only if those fail, a stale or resyncing copy, since a stale answer beats none
-    /// (availability first). Workers not assessed, down or misconfigured are never read.
+    /// The order in which to try a pair's workers for a read, by [`read_rank`]: in-sync ones
+    /// first (alternating when both are; in adapter mode the one that takes the writes), a
+    /// complete copy before a partial one, then, only if those fail, a stale or resyncing
+    /// copy, since a stale answer beats none (availability first). Workers not assessed, down
+    /// or misconfigured are never read.
     fn read_order(&self, pair: &Pair) -> [Option<usize>; 2] {
-        let rank = |w: &WorkerLink| match w.state() {
-            WorkerState::InSync => Some(0),
-            WorkerState::Stale | WorkerState::Resyncing | WorkerState::Joining => Some(1),
-            _ => None,
-        };
+        let rank = |w: &WorkerLink| read_rank(w.state(), w.partial.load(Ordering::Acquire));
         let [a, b] = &pair.workers;
         match (rank(a), rank(b)) {
             (Some(x), Some(y)) if x < y => [Some(0), Some(1)],

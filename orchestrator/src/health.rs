@@ -21,7 +21,8 @@
 //!   promoted (availability first) and adopts its data as *partial*.
 //! - In sync but lacking writes its partner took alone, or partial: it keeps serving and
 //!   merges what the partner holds (`resync ... merge`) as soon as the partner answers; if
-//!   the partner is in sync and lacks nothing of it, it becomes stale instead.
+//!   the partner is in sync and lacks nothing of it, it becomes stale instead. A partial copy
+//!   is read after an in-sync partner with a complete one (`cluster::read_rank`).
 //!
 //! Before the first round has settled the workers' mode (or with `--mode`), and while this
 //! orchestrator's node id is not accepted by the workers, nothing is served (see `Router`).
@@ -530,6 +531,12 @@ impl Router {
                 twin: twins[i],
             }
         });
+        for (w, s) in pair.workers.iter().zip(seen) {
+            if let Some(s) = s {
+                let partial = !adapter && s.synced && !s.covers.complete;
+                w.partial.store(partial, Ordering::Release);
+            }
+        }
         let mismatch = views.iter().any(|v| !v.mode_ok);
         if pair.mode_mismatch.swap(mismatch, Ordering::Relaxed) != mismatch && !mismatch {
             tracing::info!("the workers of this pair now run in the cluster's mode");
@@ -818,6 +825,26 @@ mod tests {
         assert!(d[1].why.contains("same worker"), "{}", d[1].why);
         assert_eq!(d[0].action, Some(Action::Adopt("partial".into())));
         assert_eq!(d[1].action, None);
+    }
+
+    #[test]
+    fn reads_prefer_a_complete_copy_to_a_partial_one() {
+        use crate::cluster::read_rank;
+        let complete = read_rank(InSync, false);
+        let partial = read_rank(InSync, true);
+        assert!(complete < partial);
+        for behind in [Stale, Resyncing, Joining] {
+            assert!(partial < read_rank(behind, false));
+            assert_eq!(read_rank(behind, true), read_rank(behind, false));
+        }
+        for never in [Unknown, Down, Misconfigured] {
+            assert_eq!(read_rank(never, false), None);
+        }
+        // The monitor flags a promoted worker's copy as partial from its status.
+        let promoted = parse(
+            "boot_id:0000000000000001\r\nsynced:1\r\nsolo:0\r\ncovers:0000000000000002:0:0\r\n",
+        );
+        assert!(promoted.synced && !promoted.covers.complete);
     }
 
     #[test]

@@ -31,9 +31,23 @@ pub struct Proc {
 impl Proc {
     /// Starts `bin` with `args` and waits for its `... listening on <addr>` line.
     pub fn start(bin: &str, args: &[String]) -> Proc {
+        let mut cmd = Command::new(bin);
+        cmd.args(args);
+        Proc::spawn(cmd, bin, args)
+    }
+
+    /// Starts `bin` inside the network namespace `netns` (`ip netns exec`, which execs it, so
+    /// the child is the server itself) and waits for its listening line.
+    pub fn start_in_netns(netns: &str, bin: &str, args: &[String]) -> Proc {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", netns, bin]).args(args);
+        Proc::spawn(cmd, bin, args)
+    }
+
+    /// Runs `cmd` (which starts `bin` with `args`) and waits for the listening line.
+    fn spawn(mut cmd: Command, bin: &str, args: &[String]) -> Proc {
         let log = log_path(bin);
-        let mut child = Command::new(bin)
-            .args(args)
+        let mut child = cmd
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).expect("create log file"))
@@ -146,6 +160,44 @@ fn log_path(bin: &str) -> PathBuf {
         std::process::id(),
         N.fetch_add(1, Ordering::Relaxed)
     ))
+}
+
+/// A file removed when dropped.
+pub struct TempFile(pub PathBuf);
+
+impl TempFile {
+    pub fn with(contents: &str) -> TempFile {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "twincache-sec-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::write(&path, contents).unwrap();
+        TempFile(path)
+    }
+
+    pub fn arg(&self) -> String {
+        self.0.display().to_string()
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// A fresh cluster secret from `worker keygen`.
+pub fn keygen() -> TempFile {
+    let out = Command::new(WORKER).arg("keygen").output().unwrap();
+    TempFile::with(&String::from_utf8(out.stdout).unwrap())
+}
+
+/// The secret in `file`, for a client that talks to workers directly.
+pub fn secret_of(file: &TempFile) -> twincache_client::ClusterSecret {
+    twincache_client::ClusterSecret::from_file(&file.0).unwrap()
 }
 
 /// Workers (in pairing order) and an orchestrator in front of them.

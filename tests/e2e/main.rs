@@ -14,6 +14,7 @@ mod faults;
 mod limits;
 mod migrate;
 mod ops;
+mod partition;
 mod readme;
 mod resp;
 mod rmw;

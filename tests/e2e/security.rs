@@ -2,55 +2,17 @@
 //! client authentication (AUTH) through every protocol and real Redis clients.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use twincache_client::{Client, ClusterSecret, Status};
+use twincache_client::{Client, Status};
 use twincache_protocol::frame::{encode_frame, Op, Request, PREAMBLE};
 
 use crate::faults::{state_of, wait_status, FAST};
-use crate::harness::{exchange, Proc, TextConn, ORCHESTRATOR, WORKER};
-
-/// A file removed when dropped.
-pub struct TempFile(pub PathBuf);
-
-impl TempFile {
-    pub fn with(contents: &str) -> TempFile {
-        use std::sync::atomic::{AtomicUsize, Ordering};
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "twincache-sec-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::write(&path, contents).unwrap();
-        TempFile(path)
-    }
-
-    pub fn arg(&self) -> String {
-        self.0.display().to_string()
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-/// A fresh cluster secret from `worker keygen`.
-fn keygen() -> TempFile {
-    let out = Command::new(WORKER).arg("keygen").output().unwrap();
-    TempFile::with(&String::from_utf8(out.stdout).unwrap())
-}
-
-fn secret_of(file: &TempFile) -> ClusterSecret {
-    ClusterSecret::from_file(&file.0).unwrap()
-}
+use crate::harness::{exchange, keygen, secret_of, Proc, TempFile, TextConn, ORCHESTRATOR, WORKER};
 
 fn worker(secret: &TempFile) -> Proc {
     Proc::start(

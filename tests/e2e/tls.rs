@@ -16,8 +16,7 @@ use twincache_client::{Bytes, Client, Error, TlsConnector};
 use twincache_tls::testing::{PemDir, TestCa};
 
 use crate::faults::{state_of, worker_on, FAST};
-use crate::harness::{exchange, key_on_pair, Proc, ORCHESTRATOR, WORKER};
-use crate::security::TempFile;
+use crate::harness::{exchange, key_on_pair, Proc, TempFile, ORCHESTRATOR, WORKER};
 
 /// A CA, and a loopback certificate it signed, in files.
 struct Certs {
