@@ -118,6 +118,21 @@ pub fn runtime(threads: usize) -> tokio::runtime::Runtime {
     built.unwrap_or_else(|e| fail(1, format_args!("cannot start the runtime: {e}")))
 }
 
+/// Logs the runtime [`runtime`] built for `threads` (0: one per CPU), so an operator sees
+/// what the default chose on this machine.
+pub fn log_runtime(threads: usize) {
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    match threads {
+        1 => tracing::info!(cpus, "runtime: one event loop (--threads 1)"),
+        0 => tracing::info!(
+            cpus,
+            threads = cpus,
+            "runtime: one thread per CPU (--threads sets it)"
+        ),
+        n => tracing::info!(cpus, threads = n, "runtime: --threads"),
+    }
+}
+
 /// Prints `error: <msg>` and exits with `code`; for start-up failures, which deserve a
 /// clear line rather than a panic backtrace.
 pub fn fail(code: i32, msg: impl std::fmt::Display) -> ! {

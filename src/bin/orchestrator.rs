@@ -17,6 +17,7 @@ fn main() {
 
 async fn run(config: Config) {
     twincache::init_tracing(&config.log_format);
+    twincache::log_runtime(config.threads);
     let listen = config.listen;
     let orchestrator = Orchestrator::bind(config)
         .await

@@ -30,6 +30,7 @@ fn main() {
 
 async fn run(config: Config) {
     twincache::init_tracing(&config.log_format);
+    twincache::log_runtime(config.threads);
     let addr = (config.bind, config.port);
     let worker = Worker::bind(config).await.unwrap_or_else(|e| {
         twincache::fail(
