@@ -233,7 +233,7 @@ impl Client {
     }
 
     /// Sends one call and reads its answer.
-    async fn one(&self, cmd: Cmd) -> Result<Value, Error> {
+    pub(crate) async fn one(&self, cmd: Cmd) -> Result<Value, Error> {
         self.check_size(&cmd.req)?;
         let resp = self.connection().await?.call(&cmd.req).await?;
         read(cmd.reading, resp)

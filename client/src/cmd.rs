@@ -1,6 +1,8 @@
 //! One call as the client sends it: a binary request and how to read its answer as a
-//! [`Value`]. Every method of [`Client`](crate::Client) and [`Pipeline`](crate::Pipeline) is a
-//! constructor here plus a conversion, so a new command is one small function in each.
+//! [`Value`]. Every binary-op method of [`Client`](crate::Client) and
+//! [`Pipeline`](crate::Pipeline) is a constructor here plus a conversion, so a new one is one
+//! small function in each; Redis commands are built in `command` and read as
+//! [`Reading::Resp`].
 
 use std::time::Duration;
 
@@ -28,6 +30,9 @@ pub(crate) enum Reading {
     Pong,
     /// `stats`: a line of text.
     Text,
+    /// A Redis command (`Op::Command`): the payload is its RESP reply, an error reply
+    /// included.
+    Resp,
 }
 
 /// A request and how to read its answer.
@@ -100,6 +105,7 @@ impl Cmd {
 /// the server's error.
 pub(crate) fn read(reading: Reading, resp: Response) -> Result<Value, Error> {
     let value = match (reading, resp.status) {
+        (Reading::Resp, Status::Ok) => return crate::command::decode(resp.payload),
         (Reading::Value | Reading::Text, Status::Ok) => Value::Data(resp.payload),
         (Reading::Value, Status::NotFound) => Value::Nil,
         (Reading::Written, Status::Ok) => Value::Okay,

@@ -92,6 +92,18 @@ impl Error {
         }
     }
 
+    /// The code of a Redis error reply (its first word: `WRONGTYPE`, `ERR`, `TRYAGAIN`, ...),
+    /// for an [`Error::Server`] answering a command; `None` for other errors.
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            Error::Server { message, .. } => message
+                .split(' ')
+                .next()
+                .filter(|w| !w.is_empty() && w.bytes().all(|b| b.is_ascii_uppercase())),
+            _ => None,
+        }
+    }
+
     /// Whether no answer came in time.
     pub fn is_timeout(&self) -> bool {
         matches!(self, Error::Timeout(_))

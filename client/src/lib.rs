@@ -111,6 +111,93 @@
 //! # }
 //! ```
 //!
+//! ## Counters, expiry and strings
+//! Redis commands run through the orchestrator's command op, one method each. A Redis error
+//! keeps Redis' text: `ERR value is not an integer or out of range` for a counter over text.
+//! [`Client::ttl`] tells "no such key" from "no expiry" by name ([`Ttl`]).
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let cluster = twincache_orchestrator::local::LocalCluster::start(1).await?;
+//! # let client = twincache_client::Client::connect(&cluster.addr().to_string()).await?;
+//! use std::time::Duration;
+//! use twincache_client::Ttl;
+//!
+//! assert_eq!(client.incr("page:views").await?, 1);
+//! assert_eq!(client.incr_by("page:views", 10).await?, 11);
+//! assert_eq!(client.decr("page:views").await?, 10);
+//! assert_eq!(client.incr_by_float("temperature", 21.5).await?, 21.5);
+//!
+//! client.set("greeting", "hello").await?;
+//! let err = client.incr("greeting").await.unwrap_err();
+//! assert_eq!(err.to_string(), "server answered WrongType: ERR value is not an integer or out of range");
+//!
+//! assert_eq!(client.ttl("greeting").await?, Ttl::NoExpiry);
+//! assert!(client.expire("greeting", Duration::from_secs(60)).await?);
+//! assert!(client.ttl("greeting").await?.remaining() > Some(Duration::from_secs(59)));
+//! assert!(client.persist("greeting").await?);
+//! assert_eq!(client.ttl("nobody").await?, Ttl::NoKey);
+//!
+//! assert_eq!(client.append("greeting", ", world").await?, 12);
+//! assert_eq!(client.strlen("greeting").await?, 12);
+//! assert_eq!(client.getdel::<String>("greeting").await?.as_deref(), Some("hello, world"));
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! ## Hashes
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let cluster = twincache_orchestrator::local::LocalCluster::start(1).await?;
+//! # let client = twincache_client::Client::connect(&cluster.addr().to_string()).await?;
+//! use std::collections::HashMap;
+//!
+//! client.hset("user:1", "name", "Ada").await?;
+//! client.hset_multiple("user:1", [("born", "1815"), ("city", "London")]).await?;
+//! assert_eq!(client.hget::<u32>("user:1", "born").await?, Some(1815));
+//! let fields = client.hmget::<String>("user:1", ["name", "email"]).await?;
+//! assert_eq!(fields, [Some("Ada".to_string()), None]);
+//! let user: HashMap<String, String> = client.hgetall("user:1").await?;
+//! assert_eq!(user["city"], "London");
+//! assert_eq!(client.hincr_by("user:1", "visits", 1).await?, 1);
+//! assert_eq!(client.hlen("user:1").await?, 4);
+//! assert_eq!(client.hdel("user:1", ["city", "visits"]).await?, 2);
+//! assert!(!client.hexists("user:1", "city").await?);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! ## Any command
+//! [`cmd`] builds any command the cluster runs, as redis-rs's `redis::cmd`, and
+//! [`Client::command`] takes one as a list; the reply is read as the type asked for, or as a
+//! [`Value`]. A [`Pipeline`] mixes commands with the other calls.
+//!
+//! ```
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let cluster = twincache_orchestrator::local::LocalCluster::start(2).await?;
+//! # let client = twincache_client::Client::connect(&cluster.addr().to_string()).await?;
+//! use twincache_client::{cmd, Pipeline, Status};
+//!
+//! let n: i64 = cmd("INCRBY").arg("hits").arg(5).query(&client).await?;
+//! assert_eq!(n, 5);
+//! let score: Option<String> = client.command(["HGET", "scores", "ada"]).await?;
+//! assert_eq!(score, None);
+//!
+//! let mut pipe = Pipeline::new();
+//! pipe.set("n", 41).add_command(cmd("INCR").arg("n")).command(["HSET", "h", "f", "v"]).get("n");
+//! let (_, n, added, again): ((), i64, i64, i64) = pipe.query(&client).await?;
+//! assert_eq!((n, added, again), (42, 1, 42));
+//!
+//! // An error reply is an Error::Server with Redis' text; Error::code gives its first word.
+//! let err = client.command::<i64>(["HLEN", "n"]).await.unwrap_err();
+//! assert_eq!((err.status(), err.code()), (Some(Status::WrongType), Some("WRONGTYPE")));
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! ## Many keys, and pipelines
 //! [`Client::mget`] and [`Client::mset`] send one request per key, all in one write, and
 //! answer in order; a [`Pipeline`] does the same for any mix of calls.
@@ -229,14 +316,16 @@
 //! ```
 //!
 //! ## Layout
-//! [`client`](Client) (connections, failover, the calls), `config` ([`ClientBuilder`],
-//! addresses, URLs), `cmd` (each call's request and how its answer reads), [`value`](Value)
-//! ([`ToArg`], [`Value`], [`FromValue`]), `options` ([`SetOptions`]), `pipeline`
-//! ([`Pipeline`]), `connection` (the multiplexed [`Connection`], also the orchestrator's link
-//! to each worker), `error` ([`Error`]).
+//! [`client`](Client) (connections, failover, the calls), `command` ([`cmd`],
+//! [`Client::command`], the typed methods on Redis commands, [`Ttl`]), `config`
+//! ([`ClientBuilder`], addresses, URLs), `cmd` (each call's request and how its answer
+//! reads), [`value`](Value) ([`ToArg`], [`Value`], [`FromValue`]), `options`
+//! ([`SetOptions`]), `pipeline` ([`Pipeline`]), `connection` (the multiplexed
+//! [`Connection`], also the orchestrator's link to each worker), `error` ([`Error`]).
 
 mod client;
 mod cmd;
+mod command;
 mod config;
 mod connection;
 mod error;
@@ -246,6 +335,7 @@ mod value;
 
 pub use bytes::Bytes;
 pub use client::Client;
+pub use command::{cmd, Command, Ttl};
 pub use config::{ClientBuilder, DEFAULT_PORT};
 pub use connection::{Connection, Reply, OUTBOX_LIMIT};
 pub use error::Error;

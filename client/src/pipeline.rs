@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use crate::cmd::Cmd;
+use crate::command::Command;
 use crate::options::SetOptions;
 use crate::value::{FromValue, ToArg, Value};
 use crate::{Client, Error};
@@ -111,6 +112,18 @@ impl Pipeline {
     /// Queues an `exists`: answers 1 if the key exists, else 0.
     pub fn exists(&mut self, key: impl AsRef<[u8]>) -> &mut Pipeline {
         self.push(Ok(Cmd::exists(key)))
+    }
+
+    /// Queues a Redis command built with [`cmd`](crate::cmd): answers its reply, an error
+    /// reply as that call's [`Error::Server`].
+    pub fn add_command(&mut self, cmd: &Command) -> &mut Pipeline {
+        self.push(cmd.to_cmd())
+    }
+
+    /// Queues a Redis command given as its name and arguments, as
+    /// [`Client::command`]: `pipe.command(["INCR", "hits"])`.
+    pub fn command(&mut self, args: impl IntoIterator<Item = impl ToArg>) -> &mut Pipeline {
+        self.push(args.into_iter().collect::<Command>().to_cmd())
     }
 
     /// Queues a `ping`: answers `PONG`.

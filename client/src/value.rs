@@ -8,6 +8,8 @@
 //! fit is an [`Error::Type`], never a panic or a silent default.
 
 use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasher, Hash};
 
 use bytes::{Bytes, BytesMut};
 
@@ -84,7 +86,9 @@ impl Value {
 
 /// A Rust type an answer can be read as: [`Bytes`], `Vec<u8>`, `String`, the integer and
 /// floating-point types, `bool`, `()`, [`Value`] itself, `Option<T>` (where a missing key is
-/// `None`), `Vec<Value>`, and tuples of these for a [`Pipeline`](crate::Pipeline)'s answers.
+/// `None`), `Vec<Value>`, maps (`HashMap<K, V>`, `BTreeMap<K, V>`, `Vec<(K, V)>`, from a RESP3
+/// map or a RESP2 array of keys and values in turn), and tuples for a
+/// [`Pipeline`](crate::Pipeline)'s answers.
 ///
 /// Implement it for your own types to read them straight out of a call:
 ///
@@ -254,6 +258,53 @@ impl FromValue for Vec<Value> {
             Value::Nil => Ok(Vec::new()),
             other => mismatch("Vec<Value>", &other),
         }
+    }
+}
+
+/// The pairs of a RESP3 map, or of a RESP2 flat array of keys and values in turn (what
+/// `HGETALL` answers), each read as `(K, V)`; nothing for nil.
+fn pairs<K: FromValue, V: FromValue>(
+    target: &'static str,
+    v: Value,
+) -> Result<impl Iterator<Item = Result<(K, V), Error>>, Error> {
+    let pairs = match v {
+        Value::Map(pairs) => pairs,
+        Value::Array(items) if items.len() % 2 == 0 => {
+            let mut items = items.into_iter();
+            std::iter::from_fn(|| Some((items.next()?, items.next()?))).collect()
+        }
+        Value::Nil => Vec::new(),
+        other => return mismatch(target, &other),
+    };
+    Ok(pairs
+        .into_iter()
+        .map(|(k, v)| Ok((K::from_value(k)?, V::from_value(v)?))))
+}
+
+impl<K, V, S> FromValue for HashMap<K, V, S>
+where
+    K: FromValue + Eq + Hash,
+    V: FromValue,
+    S: BuildHasher + Default,
+{
+    /// A map, or an array of keys and values in turn (`HGETALL` in RESP2).
+    fn from_value(v: Value) -> Result<Self, Error> {
+        pairs("HashMap", v)?.collect()
+    }
+}
+
+impl<K: FromValue + Ord, V: FromValue> FromValue for BTreeMap<K, V> {
+    /// A map, or an array of keys and values in turn (`HGETALL` in RESP2).
+    fn from_value(v: Value) -> Result<Self, Error> {
+        pairs("BTreeMap", v)?.collect()
+    }
+}
+
+impl<K: FromValue, V: FromValue> FromValue for Vec<(K, V)> {
+    /// A map's pairs in the order the server gave them, or an array of keys and values in
+    /// turn.
+    fn from_value(v: Value) -> Result<Self, Error> {
+        pairs("Vec<(K, V)>", v)?.collect()
     }
 }
 
@@ -449,6 +500,28 @@ mod tests {
         assert!(<(i64, i64)>::from_value(v.clone()).is_err());
         assert_eq!(Vec::<Value>::from_value(v).unwrap().len(), 4);
         assert!(<()>::from_value(Value::Error("ERR x".into())).is_err());
+    }
+
+    #[test]
+    fn maps_read_resp3_maps_and_resp2_pairs() {
+        let flat = Value::Array(vec![data("a"), data("1"), data("b"), data("2")]);
+        let map = Value::Map(vec![(data("a"), data("1")), (data("b"), data("2"))]);
+        for v in [flat, map] {
+            let m: HashMap<String, i64> = FromValue::from_value(v.clone()).unwrap();
+            assert_eq!((m["a"], m["b"]), (1, 2));
+            let m: BTreeMap<String, String> = FromValue::from_value(v.clone()).unwrap();
+            assert_eq!(m.into_iter().next(), Some(("a".into(), "1".into())));
+            let p: Vec<(String, i64)> = FromValue::from_value(v).unwrap();
+            assert_eq!(p, [("a".into(), 1), ("b".into(), 2)]);
+        }
+        assert!(HashMap::<String, String>::from_value(Value::Nil)
+            .unwrap()
+            .is_empty());
+        let odd = Value::Array(vec![data("a")]);
+        assert!(HashMap::<String, String>::from_value(odd).is_err());
+        assert!(Vec::<(String, String)>::from_value(Value::Int(1)).is_err());
+        let bad_value = Value::Array(vec![data("a"), data("x")]);
+        assert!(HashMap::<String, i64>::from_value(bad_value).is_err());
     }
 
     #[test]

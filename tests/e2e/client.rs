@@ -133,6 +133,57 @@ async fn unreachable_pair_is_a_retryable_error() {
             ..
         })
     ));
+    // A command's -TRYAGAIN reads the same way: retryable, with Redis' error code.
+    let err = client.incr("k").await.unwrap_err();
+    assert_eq!(err.status(), Some(Status::Unavailable), "{err}");
+    assert!(err.is_retryable());
+    assert_eq!(err.code(), Some("TRYAGAIN"));
+}
+
+/// The client's Redis commands against real processes: counters and hashes keep counting on
+/// the surviving worker when one of the pair dies, and a retry loop on `is_retryable` is all
+/// the application needs meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_commands_survive_the_loss_of_a_worker() {
+    use std::collections::HashMap;
+    use std::time::Duration;
+
+    let mut cluster = Cluster::start(1).await;
+    let client = Client::builder()
+        .timeout(Duration::from_secs(2))
+        .connect(&cluster.orch.addr.to_string())
+        .await
+        .unwrap();
+    for i in 1..=5 {
+        assert_eq!(client.incr("hits").await.unwrap(), i);
+    }
+    client.hset("h", "a", 1).await.unwrap();
+    assert!(client.expire("h", Duration::from_secs(600)).await.unwrap());
+    cluster.workers[0].kill();
+
+    let mut retries = 0;
+    let n = loop {
+        match client.incr("hits").await {
+            Ok(n) => break n,
+            Err(e) if e.is_retryable() && retries < 200 => {
+                retries += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("incr after a worker died: {e}"),
+        }
+    };
+    // Retries of an INCR that did not answer may or may not have applied it.
+    assert!(
+        (6..=6 + retries).contains(&n),
+        "{n} after {retries} retries"
+    );
+    assert_eq!(client.hincr_by("h", "a", 2).await.unwrap(), 3);
+    let h: HashMap<String, i64> = client.hgetall("h").await.unwrap();
+    assert_eq!(h, HashMap::from([("a".to_string(), 3)]));
+    let left = client.ttl("h").await.unwrap().remaining().unwrap();
+    assert!(left > Duration::from_secs(500), "{left:?}");
+    let err = client.hlen("hits").await.unwrap_err();
+    assert_eq!(err.code(), Some("WRONGTYPE"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
