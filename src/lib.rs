@@ -103,6 +103,7 @@ fn release_idle_memory() {
 /// current-thread scheduler: a single event loop, where a woken task waits its turn behind
 /// the tasks already ready, so many sessions' requests to a worker leave in one write.
 pub fn runtime(threads: usize) -> tokio::runtime::Runtime {
+    let threads = resolve_threads(threads);
     let built = if threads == 1 {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -118,18 +119,35 @@ pub fn runtime(threads: usize) -> tokio::runtime::Runtime {
     built.unwrap_or_else(|e| fail(1, format_args!("cannot start the runtime: {e}")))
 }
 
-/// Logs the runtime [`runtime`] built for `threads` (0: one per CPU), so an operator sees
-/// what the default chose on this machine.
+/// The threads `--threads` asks for; 0 chooses from the machine: one event loop on up to two
+/// CPUs, else one thread per CPU. On two cores the servers share the machine with each
+/// other and with their clients, and a second runtime thread mostly wakes and steals work
+/// across cores: one event loop served GET and SET at -P1 with about 20% more ops/s
+/// (`bench/peers.sh`, README's "Benchmarks").
+pub fn resolve_threads(threads: usize) -> usize {
+    match threads {
+        0 => match std::thread::available_parallelism().map_or(1, usize::from) {
+            cpus @ 3.. => cpus,
+            _ => 1,
+        },
+        n => n,
+    }
+}
+
+/// Logs the runtime [`runtime`] built for `threads`, so an operator sees what the default
+/// chose on this machine.
 pub fn log_runtime(threads: usize) {
     let cpus = std::thread::available_parallelism().map_or(1, usize::from);
-    match threads {
-        1 => tracing::info!(cpus, "runtime: one event loop (--threads 1)"),
-        0 => tracing::info!(
-            cpus,
-            threads = cpus,
-            "runtime: one thread per CPU (--threads sets it)"
-        ),
-        n => tracing::info!(cpus, threads = n, "runtime: --threads"),
+    let chosen = resolve_threads(threads);
+    let how = if threads == 0 {
+        "chosen from the CPUs (--threads sets it)"
+    } else {
+        "--threads"
+    };
+    if chosen == 1 {
+        tracing::info!(cpus, "runtime: one event loop, {how}");
+    } else {
+        tracing::info!(cpus, threads = chosen, "runtime: {chosen} threads, {how}");
     }
 }
 

@@ -175,9 +175,8 @@ pub struct Config {
     #[arg(long, env = "TWINCACHE_MODE", value_enum)]
     pub mode: Option<crate::cluster::Mode>,
 
-    /// Threads serving requests; 0 means one per CPU. With 1 the orchestrator runs a
-    /// single event loop, which on a small machine shared with its workers batches worker
-    /// traffic best (see architecture.md).
+    /// Threads serving requests; 0 chooses from the machine (one event loop on up to 2
+    /// CPUs, one thread per CPU on more), 1 always runs a single event loop.
     #[arg(long, env = "TWINCACHE_THREADS", default_value_t = 0)]
     pub threads: usize,
 

@@ -172,7 +172,8 @@ pub struct Config {
     )]
     pub encryption_key_file: Option<PathBuf>,
 
-    /// Threads serving requests; 0 means one per CPU, 1 a single event loop.
+    /// Threads serving requests; 0 chooses from the machine (one event loop on up to 2
+    /// CPUs, one thread per CPU on more), 1 always runs a single event loop.
     #[arg(long, env = "TWINCACHE_WORKER_THREADS", default_value_t = 0)]
     pub threads: usize,
 
