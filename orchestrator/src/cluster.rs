@@ -382,12 +382,16 @@ impl Pair {
     }
 }
 
-/// Counts a write in flight that a worker is left out of (see [`WorkerLink::skipped`]),
-/// until the write is answered or abandoned.
+/// A write a worker is left out of (its partner's copy carries `SOLO`). The worker has
+/// missed it, on record here at once: the partner's count of writes taken alone reaches the
+/// monitor only with its next status, and a round that read that count before the write
+/// must not find this worker in sync. The write also counts as in flight (see
+/// [`WorkerLink::skipped`]) until it is answered or abandoned.
 struct Skipping(Arc<WorkerLink>);
 
 impl Skipping {
     fn new(link: Arc<WorkerLink>) -> Skipping {
+        link.dirty.store(true, Ordering::SeqCst);
         link.skipped.fetch_add(1, Ordering::AcqRel);
         Skipping(link)
     }
@@ -867,22 +871,17 @@ impl Router {
         }
         let pair = pair_for_key(&req.key, self.pairs.len());
         let targets = self.write_targets(&self.pairs[pair]);
-        let [a, b] = &self.pairs[pair].workers;
         if targets[0] != targets[1] {
             // Its partner will not get it: counted on the worker, which outlives us.
             req.flags |= flags::SOLO;
-            // And the one left out has missed it, on record here at once: the partner's
-            // count reaches the monitor only with its next status, and a round whose status
-            // predates this write must not find the one left out in sync.
-            let left_out = if targets[0] { b } else { a };
-            left_out.dirty.store(true, Ordering::SeqCst);
         }
+        let [a, b] = &self.pairs[pair].workers;
         // Queued now, in the session's order (see WorkerLink); awaited below.
         let replies = [
             targets[0].then(|| a.send(&req, origin)),
             targets[1].then(|| b.send(&req, origin)),
         ];
-        // The worker left out must not take a snapshot before this write lands.
+        // The worker left out has missed it, and must not take a snapshot before it lands.
         let skipping = match targets {
             [true, false] => Some(Skipping::new(b.clone())),
             [false, true] => Some(Skipping::new(a.clone())),

@@ -379,10 +379,15 @@ impl Router {
             req.flags |= flags::ASYNC;
         }
         let mut pending = Vec::new();
+        let mut skipping = Vec::new();
         for (n, pair) in self.pairs.iter().enumerate() {
             let targets = self.write_targets(pair);
             for (i, w) in pair.workers.iter().enumerate() {
                 if !targets[i] {
+                    // Left out of the flush, as of any write: it refills before serving.
+                    if targets[1 - i] {
+                        skipping.push(Skipping::new(w.clone()));
+                    }
                     continue;
                 }
                 let mut req = req.clone();
@@ -399,6 +404,7 @@ impl Router {
             sent[n][i] = true;
             took[n][i] = resp.is_some_and(|r| r.status == Status::Ok);
         }
+        drop(skipping);
         let mut result = Ok(());
         for (n, pair) in self.pairs.iter().enumerate() {
             match (took[n], sent[n]) {
