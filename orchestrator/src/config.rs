@@ -149,9 +149,12 @@ pub struct Config {
     #[arg(long, env = "TWINCACHE_HEALTH_TIMEOUT", default_value = "300ms", value_parser = parse_positive_duration)]
     pub health_timeout: Duration,
 
-    /// Persistent connections to each worker (each carries many requests at once).
-    #[arg(long, env = "TWINCACHE_CONNECTIONS_PER_WORKER", default_value_t = 2,
-          value_parser = clap::value_parser!(u16).range(1..=64))]
+    /// Persistent connections to each worker (each carries many requests at once). 0
+    /// chooses: one under a single event loop, where it carries the requests of one key in
+    /// the order they were stamped (a hot key's read-modify-writes then never come back for a
+    /// newer version), else two, so links spread over the runtime's threads.
+    #[arg(long, env = "TWINCACHE_CONNECTIONS_PER_WORKER", default_value_t = 0,
+          value_parser = clap::value_parser!(u16).range(0..=64))]
     pub connections_per_worker: u16,
 
     /// Requests of one client connection in flight at once; further input waits.

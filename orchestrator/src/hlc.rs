@@ -5,16 +5,20 @@
 //! within one orchestrator (a logical counter when the wall clock stalls or steps back), and
 //! never tie between orchestrators (the orchestrator id in the low bits, unique among the
 //! orchestrators of a cluster: see `health`'s node-id claims). The layout is in
-//! [`twincache_protocol::version`].
+//! [`twincache_protocol::version`]; stamps skip the counters workers take for
+//! read-modify-writes that arrive behind a newer write (`version::bump`).
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 
-use twincache_protocol::version::{at_ms, wall_ms};
+use twincache_protocol::version::{at_ms, wall_ms, COUNTER_SHIFT, STAMP_STEP};
 
 #[cfg(test)]
 use twincache_protocol::version::EPOCH_MS;
 
-const COUNTER_ONE: u64 = 1 << 8;
+/// The low bits of a stamp: the orchestrator id and the counters left to workers' bumps.
+const BELOW_STAMP: u64 = (STAMP_STEP << COUNTER_SHIFT) - 1;
+const STEP: u64 = STAMP_STEP << COUNTER_SHIFT;
+#[cfg(test)]
 const NODE_MASK: u64 = 0xff;
 
 #[derive(Debug)]
@@ -61,7 +65,7 @@ impl Hlc {
             let next = if physical > last {
                 physical
             } else {
-                ((last & !NODE_MASK) + COUNTER_ONE) | node
+                ((last & !BELOW_STAMP) + STEP) | node
             };
             match self
                 .last
@@ -87,7 +91,7 @@ mod tests {
         let d = clock.next_at(EPOCH_MS + 20_000);
         assert!(a < b && b < c && c < d);
         for v in [a, b, c, d] {
-            assert_eq!(v & NODE_MASK, 3);
+            assert_eq!(v & BELOW_STAMP, 3, "a stamp: no bump's counter, this id");
         }
     }
 
@@ -99,6 +103,12 @@ mod tests {
         let next = clock.next_at(EPOCH_MS + 10_000);
         assert!(next > ahead);
         assert_eq!(next & NODE_MASK, 3);
+        // A worker's bump is observed like any version, and the next stamp passes it.
+        let bumped = twincache_protocol::version::bump(next, 9).unwrap();
+        clock.observe(bumped);
+        let after = clock.next_at(EPOCH_MS + 10_000);
+        assert!(after > bumped);
+        assert_eq!(after & BELOW_STAMP, 3);
     }
 
     #[test]

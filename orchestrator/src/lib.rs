@@ -116,7 +116,13 @@ impl Orchestrator {
         let c = &self.config;
         let router_config = RouterConfig {
             default_ttl_ms: c.default_ttl.as_millis() as u64,
-            connections_per_worker: usize::from(c.connections_per_worker),
+            connections_per_worker: match c.connections_per_worker {
+                0 => match tokio::runtime::Handle::current().runtime_flavor() {
+                    tokio::runtime::RuntimeFlavor::CurrentThread => 1,
+                    _ => 2,
+                },
+                n => usize::from(n),
+            },
             // Room for the frame header around the largest value a client may send.
             max_frame: c.max_frame.max(c.max_line) as usize + 1024,
             worker_timeout: c.worker_timeout,

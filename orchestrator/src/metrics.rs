@@ -433,6 +433,8 @@ pub struct RouterStats {
     pub resyncs_started: AtomicU64,
     /// Resyncing workers this orchestrator saw come back in sync.
     pub resyncs_completed: AtomicU64,
+    /// Read-modify-writes a primary sent back for a newer stamp (hot-key contention).
+    pub restamps: AtomicU64,
 }
 
 impl RouterStats {
@@ -465,6 +467,11 @@ impl RouterStats {
             "twincache_resyncs_completed",
             "Resyncing workers this orchestrator saw come back in sync.",
             self.resyncs_completed.load(Relaxed),
+        )?;
+        s.counter(
+            "twincache_rmw_restamps",
+            "Read-modify-writes a primary sent back for a newer version (hot-key contention).",
+            self.restamps.load(Relaxed),
         )
     }
 }

@@ -81,6 +81,11 @@ pub mod flags {
     /// On a `flush`: free the memory in the background and answer at once (Redis' `ASYNC`);
     /// the flushed entries are gone for readers either way.
     pub const ASYNC: u8 = 2;
+    /// On an `apply`: a program behind a newer write of its key may take the next counter
+    /// after it (`version::bump`) rather than be refused. Left off when the program fails
+    /// over from a primary that did not answer: the partner must then write above anything
+    /// the silent worker may have bumped to, which only a fresh stamp is.
+    pub const BUMP: u8 = 2;
 }
 
 /// What a request asks for. Unknown codes are kept as values so the receiver can answer

@@ -20,15 +20,20 @@
 //! reply    = one RESP3 reply per action that answers (all but `key` and the guards)
 //! ```
 //!
-//! An `apply` stamps every change with the request's version; a worker whose entry for a
-//! touched key is not older refuses the program (`NotApplied`, the payload its version as
-//! `u64`) so that the orchestrator can move its clock past it and retry: versions stay unique
-//! and increasing per key, which is what lets the partner converge by "newest version wins".
+//! An `apply` stamps every change with the request's version. When a touched key already
+//! holds a version not older, the worker takes the next one after it if the request allows
+//! (`flags::BUMP`, `version::bump`: the answer then carries the version it used), and
+//! otherwise refuses the program (`NotApplied`, the payload its version as `u64`) so that the
+//! orchestrator can move its clock past it and retry: versions stay unique and increasing
+//! per key, which is what lets the partner converge by "newest version wins".
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 /// The answer flag for a program stopped by a guard.
 pub const ABORTED: u8 = 1;
+/// The answer flag for changes written at a version of the worker's choosing (a `u64`
+/// follows the flags).
+pub const BUMPED: u8 = 2;
 /// What [`Change::kind`] is for a delete.
 pub const DELETED: u8 = 255;
 
@@ -672,8 +677,8 @@ pub struct Answer {
     pub changes: Bytes,
     /// The replies, in the RESP version the request asked for, one after the other.
     pub replies: Bytes,
-    /// The version the changes were written at (set by whoever sent the program; not on the
-    /// wire).
+    /// The version the changes were written at, when the worker chose it (0: the
+    /// request's, which whoever sent the program fills in).
     pub version: u64,
 }
 
@@ -681,19 +686,28 @@ impl Answer {
     /// Splits a worker's answer payload.
     pub fn parse(mut payload: Bytes) -> Result<Answer, Malformed> {
         let flags = get_u8(&mut payload)?;
+        let version = if flags & BUMPED != 0 {
+            get_u64(&mut payload)?
+        } else {
+            0
+        };
         let changes = get_bytes(&mut payload)?;
         Ok(Answer {
             aborted: flags & ABORTED != 0,
             changes,
             replies: payload,
-            version: 0,
+            version,
         })
     }
 
-    /// Builds an answer payload.
-    pub fn encode(aborted: bool, changes: &[u8], replies: &[u8]) -> Bytes {
-        let mut out = BytesMut::with_capacity(5 + changes.len() + replies.len());
-        out.put_u8(if aborted { ABORTED } else { 0 });
+    /// Builds an answer payload; `bumped` is the version the worker chose, if it did.
+    pub fn encode(aborted: bool, bumped: Option<u64>, changes: &[u8], replies: &[u8]) -> Bytes {
+        let mut out = BytesMut::with_capacity(13 + changes.len() + replies.len());
+        let flags = if aborted { ABORTED } else { 0 } | if bumped.is_some() { BUMPED } else { 0 };
+        out.put_u8(flags);
+        if let Some(v) = bumped {
+            out.put_u64(v);
+        }
         put_bytes(&mut out, changes);
         out.put_slice(replies);
         out.freeze()
@@ -876,11 +890,20 @@ mod tests {
         };
         let mut changes = BytesMut::new();
         change.encode(&mut changes);
-        let payload = Answer::encode(false, &changes, b":1\r\n");
+        let payload = Answer::encode(false, None, &changes, b":1\r\n");
         let answer = Answer::parse(payload).unwrap();
         assert!(!answer.aborted);
-        assert_eq!(decode_changes(answer.changes).unwrap(), vec![change]);
+        assert_eq!(answer.version, 0);
+        assert_eq!(
+            decode_changes(answer.changes).unwrap(),
+            vec![change.clone()]
+        );
         assert_eq!(&answer.replies[..], b":1\r\n");
+        let payload = Answer::encode(false, Some(77), &changes, b":2\r\n");
+        let answer = Answer::parse(payload).unwrap();
+        assert_eq!(answer.version, 77);
+        assert_eq!(decode_changes(answer.changes).unwrap(), vec![change]);
+        assert_eq!(&answer.replies[..], b":2\r\n");
         let scan = ScanRequest {
             cursor: 42,
             count: 10,

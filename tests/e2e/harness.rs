@@ -464,6 +464,12 @@ impl RespConn {
         self.reply().await
     }
 
+    /// Sends bytes as they are (a pipeline of encoded commands); read the replies with
+    /// [`RespConn::reply`].
+    pub async fn send_raw(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).await.expect("write");
+    }
+
     /// The next reply's bytes.
     pub async fn reply(&mut self) -> bytes::Bytes {
         loop {

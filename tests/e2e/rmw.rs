@@ -5,7 +5,10 @@
 //! - SCAN across pairs returns every key present for the whole walk while others are
 //!   written and deleted;
 //! - FLUSHALL taken by one worker while its partner is cut off: the partner's refill does
-//!   not bring a flushed key back.
+//!   not bring a flushed key back;
+//! - one hot key, pipelined INCRs and HSETs from many connections through two orchestrators
+//!   (one with two links per worker, so programs arrive out of version order): every one
+//!   applied, none refused, and a pipelined SET after an INCR of its key still wins.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -172,6 +175,81 @@ async fn incr_through_two_orchestrators_survives_kill_and_restart_of_each_worker
         }
     }
     drop((a, b));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hot_key_takes_every_pipelined_rmw_from_many_connections() {
+    let cluster = Cluster::start_with(1, ORCHESTRATOR).await;
+    let workers: Vec<SocketAddr> = cluster.workers.iter().map(|w| w.addr).collect();
+    let two_links = Proc::orchestrator(
+        &workers,
+        &[ORCHESTRATOR, &["--connections-per-worker", "2"]].concat(),
+    );
+    in_sync(&[cluster.orch.addr, two_links.addr], &workers).await;
+    const CONNS: usize = 16;
+    const DEPTH: usize = 50;
+    let tasks: Vec<_> = (0..CONNS)
+        .map(|n| {
+            let addr = [cluster.orch.addr, two_links.addr][n % 2];
+            tokio::spawn(async move {
+                let mut c = RespConn::connect(addr).await;
+                let mut out = BytesMut::new();
+                for i in 0..DEPTH {
+                    let field = format!("f{}", (n * DEPTH + i) % 37);
+                    for args in [
+                        vec![&b"INCR"[..], b"hot"],
+                        vec![b"HINCRBY", b"{hot}h", field.as_bytes(), b"1"],
+                    ] {
+                        let args: Vec<Bytes> =
+                            args.iter().map(|a| Bytes::copy_from_slice(a)).collect();
+                        twincache_protocol::resp::encode_command(&args, &mut out);
+                    }
+                }
+                c.send_raw(&out).await;
+                let mut odd = Vec::new();
+                for _ in 0..2 * DEPTH {
+                    let r = c.reply().await;
+                    if !r.starts_with(b":") {
+                        odd.push(String::from_utf8_lossy(&r).into_owned());
+                    }
+                }
+                odd
+            })
+        })
+        .collect();
+    let mut odd = Vec::new();
+    for t in tasks {
+        odd.extend(t.await.unwrap());
+    }
+    assert!(
+        odd.is_empty(),
+        "every INCR and HINCRBY applied; {} not, first {:?}",
+        odd.len(),
+        &odd[..odd.len().min(3)]
+    );
+    let total = (CONNS * DEPTH).to_string();
+    for w in &workers {
+        let client = Client::connect(&w.to_string()).await.unwrap();
+        let got = client.get::<Bytes>("hot").await.unwrap();
+        assert_eq!(got.as_deref(), Some(total.as_bytes()), "hot on worker {w}");
+    }
+    let mut c = RespConn::connect(two_links.addr).await;
+    let hlen = c.call(&[b"HLEN", b"{hot}h"]).await;
+    assert_eq!(&hlen[..], b":37\r\n");
+    // Pipelined on one connection, a SET issued after an INCR of its key is the later write
+    // even when the INCR had to take a version after another orchestrator's.
+    let mut out = BytesMut::new();
+    for args in [
+        [&b"INCR"[..], b"hot"].as_slice(),
+        [&b"SET"[..], b"hot", b"final"].as_slice(),
+    ] {
+        let args: Vec<Bytes> = args.iter().map(|a| Bytes::copy_from_slice(a)).collect();
+        twincache_protocol::resp::encode_command(&args, &mut out);
+    }
+    c.send_raw(&out).await;
+    c.reply().await;
+    assert_eq!(&c.reply().await[..], b"+OK\r\n");
+    assert_eq!(&c.call(&[b"GET", b"hot"]).await[..], b"$5\r\nfinal\r\n");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -53,8 +53,9 @@ use crate::metrics::RouterStats;
 
 /// Attempts a program makes when a worker says its version is behind a key's. Programs on
 /// one key from many sessions travel on several connections, so a hot key sees them arrive
-/// out of version order: 50 clients of redis-benchmark on one hash used up 8 within a
-/// second. Past this, the client is told to retry.
+/// out of version order; the primary takes the next version for most (`version::bump`),
+/// and refuses one only when the bumps in a row reach the next stamp, or after a failover.
+/// Past this, the client is told to retry.
 const VERSION_RETRIES: usize = 32;
 
 /// An answer from the workers, or why there is none (a response to pass on).
@@ -147,7 +148,9 @@ impl Router {
         let pair = pair_for_key(&key, self.pairs.len());
         let mut req = Request::new(Op::Apply, key);
         req.value = program;
-        req.flags = flags::IN_SYNC | if resp3 { flags::RESP3 } else { 0 };
+        // A program behind a newer write of its key takes the next version on the primary
+        // instead of coming back for a new stamp (see `version::bump`).
+        req.flags = flags::IN_SYNC | flags::BUMP | if resp3 { flags::RESP3 } else { 0 };
         req.ttl_ms = self.max_value as u64;
         let pending = origin.rmw.as_ref().map(|p| p.start(&req.key));
         let targets = self.write_targets(&self.pairs[pair]);
@@ -176,6 +179,9 @@ impl Router {
                 let failover = |req: &mut Request, next: &mut Option<usize>| {
                     let i = next.take()?;
                     RouterStats::count(&this.stats.failovers);
+                    // The worker given up on may have bumped: only a fresh stamp is above
+                    // anything it wrote.
+                    req.flags &= !flags::BUMP;
                     let targets = this.write_targets(&this.pairs[pair]);
                     this.stamp(req, i, targets);
                     Some((i, workers[i].send(req, &origin)))
@@ -192,6 +198,7 @@ impl Router {
                     }
                     Some(r) if r.status == Status::NotApplied && retries < VERSION_RETRIES => {
                         retries += 1;
+                        RouterStats::count(&this.stats.restamps);
                         if let Ok(v) = <[u8; 8]>::try_from(&r.payload[..]) {
                             this.clock.observe(u64::from_be_bytes(v));
                         }
@@ -209,7 +216,12 @@ impl Router {
                     Some(r) if r.status == Status::Ok => {
                         let mut answer = Answer::parse(r.payload)
                             .map_err(|e| Response::error(Status::ServerError, e.0))?;
-                        answer.version = req.version;
+                        if answer.version == 0 {
+                            answer.version = req.version;
+                        } else {
+                            // The session's next writes must be newer than what it read.
+                            this.clock.observe(answer.version);
+                        }
                         return this.copy_to_partner(pair, i, &req, answer).await;
                     }
                     Some(r) => return Err(r),
@@ -259,7 +271,7 @@ impl Router {
             return self.acknowledge_rmw(holder, partner, answer).await;
         }
         let mut copy = Request::new(Op::Replicate, Bytes::new());
-        copy.version = req.version;
+        copy.version = answer.version;
         // The partner applies no program of its own before copies sent until then landed.
         copy.ttl_ms = self.worker_timeout.as_millis() as u64;
         copy.value = answer.changes.clone();

@@ -13,8 +13,11 @@
 //!
 //! Two rules keep that sound:
 //! - **Versions only grow.** A program whose version is not newer than what a touched key
-//!   holds is refused (`NotApplied` with that version); the orchestrator moves its clock past
-//!   it and retries. So the primary's later write always wins on the partner too.
+//!   holds arrived behind a newer write: with [`flags::BUMP`] it is written at the next
+//!   counter after that version (`version::bump`; the answer says which), else, or when no
+//!   counter is left before the next stamp, it is refused (`NotApplied` with that version)
+//!   and the orchestrator moves its clock past it and retries. So the primary's later write
+//!   always wins on the partner too.
 //! - **Only a worker holding the pair's data applies.** An `apply` carries
 //!   [`flags::IN_SYNC`]; a worker that has not resynced since it started refuses it. Which
 //!   of two in-sync workers applies is the orchestrators' choice: the one synced the
@@ -92,7 +95,7 @@ pub fn run(store: &Store, sync: &SyncState, req: &Request, writes: bool) -> Resp
             None => Reply::Nil,
         }
         .encode_as(version, &mut replies);
-        return Response::ok(Answer::encode(false, &[], &replies));
+        return Response::ok(Answer::encode(false, None, &[], &replies));
     }
     // The largest value a write may leave: what the orchestrator can carry (its frame
     // limit, in `ttl_ms`), and never past Redis' own.
@@ -124,16 +127,17 @@ pub fn run(store: &Store, sync: &SyncState, req: &Request, writes: bool) -> Resp
             }
         };
         if aborted {
-            return Response::ok(Answer::encode(true, &[], &[]));
+            return Response::ok(Answer::encode(true, None, &[], &[]));
         }
     }
     let mut changes = BytesMut::new();
-    match txn.commit(req.version, &mut changes) {
-        Ok(n) => {
+    match txn.commit(req.version, req.flags & flags::BUMP != 0, &mut changes) {
+        Ok((n, written)) => {
             if n > 0 && req.flags & flags::SOLO != 0 {
                 sync.took_alone();
             }
-            Response::ok(Answer::encode(false, &changes, &replies))
+            let bumped = (written != req.version).then_some(written);
+            Response::ok(Answer::encode(false, bumped, &changes, &replies))
         }
         Err(newer) => Response {
             id: 0,

@@ -241,28 +241,39 @@ impl Txn<'_> {
     }
 
     /// Writes what the program staged at `version`, appending the partner's copy of each
-    /// change to `changes`; returns how many. Nothing is written, and the newer version is
-    /// returned, if a key holds a version not older than `version` (or a flush came after
-    /// it): the caller's clock is behind, and it retries with a later one, so that every
-    /// write to a key carries a newer version than the last and partners converge.
-    pub fn commit(self, version: u64, changes: &mut BytesMut) -> Result<usize, u64> {
+    /// change to `changes`; returns how many, and the version written. If a key holds a
+    /// version not older than `version` (or a flush came after it), the program arrived
+    /// behind a newer write: with `bump` it takes the next version after that one
+    /// (`version::bump`, which keeps the requester's id), else (or with no counter left
+    /// before the next stamp) nothing is written and that newer version is returned, for the
+    /// caller to move its clock past and retry. Either way every write to a key carries a
+    /// newer version than the last, and partners converge.
+    pub fn commit(
+        self,
+        version: u64,
+        bump: bool,
+        changes: &mut BytesMut,
+    ) -> Result<(usize, u64), u64> {
         if self.staged.is_empty() {
-            return Ok(0);
+            return Ok((0, version));
         }
-        let floor = self.store.floor();
-        if version < floor {
-            return Err(floor);
-        }
-        for (key, _) in &self.staged {
-            if let Some(newer) = self
-                .entry(key)
-                .map(Entry::version)
-                .filter(|&v| v >= version)
-            {
-                return Err(newer);
-            }
-        }
-        Ok(self.write(version, Some(changes)))
+        // A flush's version bounds every key, like a write each one holds.
+        let held = self
+            .staged
+            .iter()
+            .filter_map(|(key, _)| self.entry(key).map(Entry::version))
+            .fold(self.store.floor().saturating_sub(1), u64::max);
+        let version = if version > held {
+            version
+        } else if let Some(v) = bump
+            .then(|| twincache_protocol::version::bump(held, version as u8))
+            .flatten()
+        {
+            v
+        } else {
+            return Err(held.max(version));
+        };
+        Ok((self.write(version, Some(changes)), version))
     }
 
     /// Installs what is staged at `version`, with the accounting, the CLOCK ring and
@@ -396,7 +407,7 @@ mod tests {
         assert_eq!(t.read(&a).unwrap().unwrap().1, Bytes::from_static(b"2"));
         assert_eq!(t.meta(&b).unwrap().kind, Kind::Hash);
         let mut changes = BytesMut::new();
-        assert_eq!(t.commit(20, &mut changes), Ok(2));
+        assert_eq!(t.commit(20, false, &mut changes), Ok((2, 20)));
         assert_eq!(s.get(b"a").unwrap().unwrap(), Bytes::from_static(b"2"));
         assert_eq!(s.version(b"b"), Some(20));
         assert_eq!(s.get_typed(b"b").unwrap().unwrap().1, Kind::Hash);
@@ -412,12 +423,43 @@ mod tests {
         let a = Bytes::from_static(b"a");
         let mut t = s.txn([&a[..]]);
         t.put(&a, Kind::String, 0, Bytes::from_static(b"2"));
-        assert_eq!(t.commit(50, &mut BytesMut::new()), Err(50));
+        assert_eq!(t.commit(50, false, &mut BytesMut::new()), Err(50));
         assert_eq!(s.get(b"a").unwrap().unwrap(), Bytes::from_static(b"1"));
         let mut t = s.txn([&a[..]]);
         t.delete(&a);
-        assert_eq!(t.commit(51, &mut BytesMut::new()), Ok(1));
+        assert_eq!(t.commit(51, false, &mut BytesMut::new()), Ok((1, 51)));
         assert_eq!(s.get(b"a").unwrap(), None);
         assert_eq!(s.usage().tombstones, 1);
+    }
+
+    #[test]
+    fn a_commit_behind_the_stored_version_may_take_the_next_one() {
+        use twincache_protocol::version::{at_ms, COUNTER_SHIFT, EPOCH_MS, STAMP_STEP};
+        let s = Store::default();
+        let stamp = at_ms(EPOCH_MS + 100) | 4;
+        s.set(b"a", b"1", stamp, SetOptions::default()).unwrap();
+        let a = Bytes::from_static(b"a");
+        let behind = at_ms(EPOCH_MS + 99) | 7;
+        let mut held = stamp;
+        for _ in 1..STAMP_STEP {
+            let mut t = s.txn([&a[..]]);
+            t.put(&a, Kind::String, 0, Bytes::from_static(b"2"));
+            let (n, v) = t.commit(behind, true, &mut BytesMut::new()).unwrap();
+            assert_eq!(n, 1);
+            assert_eq!(v, ((held >> COUNTER_SHIFT) + 1) << COUNTER_SHIFT | 7);
+            assert_eq!(s.version(b"a"), Some(v));
+            held = v;
+        }
+        // No counter left before the next stamp: refused, for the orchestrator to restamp.
+        let mut t = s.txn([&a[..]]);
+        t.put(&a, Kind::String, 0, Bytes::from_static(b"3"));
+        assert_eq!(t.commit(behind, true, &mut BytesMut::new()), Err(held));
+        // A flush bounds keys it never saw.
+        s.flush(at_ms(EPOCH_MS + 200) | 1);
+        let b = Bytes::from_static(b"b");
+        let mut t = s.txn([&b[..]]);
+        t.put(&b, Kind::String, 0, Bytes::from_static(b"x"));
+        let (_, v) = t.commit(behind, true, &mut BytesMut::new()).unwrap();
+        assert!(v >= s.floor(), "{v:x} at or above the flush");
     }
 }
