@@ -19,6 +19,14 @@
 //! where a timer per request would cost a timer-wheel insert and removal. When the connection
 //! dies every pending request fails at once with [`Error::ConnectionClosed`].
 //!
+//! A connection may be told to be patient with a peer that is busy rather than gone
+//! ([`Connection::patient_while_answering`], the orchestrator's worker links): a request past
+//! its deadline then keeps waiting while answers still come back (one within the last
+//! timeout), up to [`PATIENCE`] timeouts in all ([`Connection::send_strict`] opts one out). Under a queue of heavy requests a worker
+//! answers slowly but steadily; failing those requests would fail them over and mark the
+//! worker as having missed writes, so that it resyncs, which adds load where there is too
+//! much already.
+//!
 //! Bounds: the outbox holds at most [`OUTBOX_LIMIT`] bytes (a request that does not fit
 //! fails at once with [`Error::Overloaded`], so a peer that stopped reading cannot make it
 //! grow), and a connection on which requests time out while nothing at all comes back for a
@@ -29,7 +37,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -85,6 +93,8 @@ impl Hasher for IdHasher {
 struct Pending {
     tx: ReplyTx,
     deadline: Instant,
+    /// Whether it may wait past its deadline while the peer answers others.
+    patient: bool,
     account: Option<Arc<Account>>,
 }
 
@@ -123,6 +133,7 @@ impl Outbox {
         &mut self,
         req: &Request,
         deadline: Instant,
+        patient: bool,
         account: Option<&Arc<Account>>,
     ) -> (Reply, bool) {
         let (reply_tx, reply_rx) = oneshot::channel();
@@ -144,12 +155,17 @@ impl Outbox {
         let pending = Pending {
             tx: reply_tx,
             deadline,
+            patient,
             account: account.cloned(),
         };
         self.pending.insert(id, pending);
         (Reply(reply_rx), was_empty)
     }
 }
+
+/// How many timeouts in all a patient connection waits for an answer while the peer keeps
+/// answering others.
+pub const PATIENCE: u32 = 4;
 
 /// What the handles and the connection's tasks share.
 struct Shared {
@@ -161,9 +177,21 @@ struct Shared {
     closed: AtomicBool,
     signal: CancellationToken,
     timeout: Duration,
+    /// When the connection started; `last_frame` counts from it.
+    started: Instant,
+    /// Milliseconds from `started` to the last frame read.
+    last_frame_ms: AtomicU64,
+    /// See [`Connection::patient_while_answering`].
+    patient: AtomicBool,
 }
 
 impl Shared {
+    /// How long since the peer last answered anything (or since the connection started).
+    fn silent_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last_frame_ms.load(Ordering::Relaxed));
+        self.started.elapsed().saturating_sub(last)
+    }
+
     fn lock(&self) -> MutexGuard<'_, Outbox> {
         self.outbox.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -294,6 +322,9 @@ impl Connection {
             closed: AtomicBool::new(false),
             signal: CancellationToken::new(),
             timeout,
+            started: Instant::now(),
+            last_frame_ms: AtomicU64::new(0),
+            patient: AtomicBool::new(false),
         });
         tokio::spawn(write_loop(wr, shared.clone()));
         tokio::spawn(read_loop(
@@ -303,6 +334,19 @@ impl Connection {
         Connection {
             handle: Arc::new(Handle(shared)),
         }
+    }
+
+    /// Lets requests past their deadline keep waiting while the peer still answers others,
+    /// up to [`PATIENCE`] timeouts in all (see the module docs): for a peer whose slowness
+    /// means a queue, not a failure.
+    pub fn patient_while_answering(&self) {
+        self.handle.0.patient.store(true, Ordering::Relaxed);
+    }
+
+    /// How long since the peer last answered anything on this connection (or since it
+    /// opened): a busy peer answers steadily, a frozen one not at all.
+    pub fn silent_for(&self) -> Duration {
+        self.handle.0.silent_for()
     }
 
     /// Encodes `req` into the outbox now, under a fresh id (its own `id` is ignored), and
@@ -315,9 +359,20 @@ impl Connection {
     /// [`Connection::send`], charging a large answer to `account` from its arrival until
     /// the caller drops it (see `twincache_protocol::budget`).
     pub fn send_charged(&self, req: &Request, account: Option<&Arc<Account>>) -> Reply {
+        let patient = self.handle.0.patient.load(Ordering::Relaxed);
+        self.enqueue_one(req, patient, account)
+    }
+
+    /// [`Connection::send`], failing after one timeout even on a patient connection: for a
+    /// request whose sender promised the peer to give up by then.
+    pub fn send_strict(&self, req: &Request) -> Reply {
+        self.enqueue_one(req, false, None)
+    }
+
+    fn enqueue_one(&self, req: &Request, patient: bool, account: Option<&Arc<Account>>) -> Reply {
         let shared = &self.handle.0;
         let deadline = Instant::now() + shared.timeout;
-        let (reply, was_empty) = shared.lock().enqueue(req, deadline, account);
+        let (reply, was_empty) = shared.lock().enqueue(req, deadline, patient, account);
         if was_empty {
             shared.wake_writer.notify_one();
         }
@@ -330,12 +385,13 @@ impl Connection {
     pub fn send_many<'a>(&self, reqs: impl IntoIterator<Item = &'a Request>) -> Vec<Reply> {
         let shared = &self.handle.0;
         let deadline = Instant::now() + shared.timeout;
+        let patient = shared.patient.load(Ordering::Relaxed);
         let mut woke = false;
         let replies = {
             let mut o = shared.lock();
             reqs.into_iter()
                 .map(|req| {
-                    let (reply, was_empty) = o.enqueue(req, deadline, None);
+                    let (reply, was_empty) = o.enqueue(req, deadline, patient, None);
                     woke |= was_empty;
                     reply
                 })
@@ -457,6 +513,8 @@ async fn read_loop<R: AsyncRead + Unpin>(
             frame = frames.next() => match frame {
                 Some(Ok(mut resp)) => {
                     last_frame = Instant::now();
+                    let since = last_frame.saturating_duration_since(shared.started);
+                    shared.last_frame_ms.store(since.as_millis() as u64, Ordering::Relaxed);
                     let entry = shared.lock().pending.remove(&resp.id);
                     if let Some(p) = entry {
                         if let Some(account) = &p.account {
@@ -503,11 +561,20 @@ async fn read_loop<R: AsyncRead + Unpin>(
 /// returns how many were past their deadline.
 fn expire(shared: &Shared) -> usize {
     let now = Instant::now();
+    // A patient request whose peer still answers fails only once it waited PATIENCE
+    // timeouts (the deadline is one timeout after sending).
+    let answering = shared.silent_for() < shared.timeout;
+    let grace = shared.timeout * (PATIENCE - 1);
+    let late =
+        |p: &Pending| p.deadline <= now && !(p.patient && answering && now < p.deadline + grace);
     let expired: Vec<(ReplyTx, bool)> = shared
         .lock()
         .pending
-        .extract_if(|_, p| p.tx.is_closed() || p.deadline <= now)
-        .map(|(_, p)| (p.tx, p.deadline <= now))
+        .extract_if(|_, p| p.tx.is_closed() || late(p))
+        .map(|(_, p)| {
+            let late = late(&p);
+            (p.tx, late)
+        })
         .collect();
     let mut overdue = 0;
     for (tx, late) in expired {
@@ -515,4 +582,101 @@ fn expire(shared: &Shared) -> usize {
         let _ = tx.send(Err(Error::Timeout(shared.timeout)));
     }
     overdue
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::SinkExt;
+    use tokio::net::TcpListener;
+    use tokio_util::codec::Framed;
+    use twincache_protocol::frame::{Op, PREAMBLE};
+
+    /// A peer that answers every `ping` at once and a `get` only after `hold`: busy with
+    /// one request while it keeps answering others.
+    async fn slow_peer(hold: Duration) -> std::net::SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut preamble = [0u8; 4];
+            tokio::io::AsyncReadExt::read_exact(&mut stream, &mut preamble)
+                .await
+                .unwrap();
+            assert_eq!(preamble, PREAMBLE);
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Response>();
+            let mut framed = Framed::new(stream, FrameCodec::<Request>::new(1 << 20));
+            loop {
+                tokio::select! {
+                    Some(req) = framed.next() => {
+                        let Ok(req) = req else { return };
+                        let resp = Response::ok(Bytes::new()).with_id(req.id);
+                        if req.op == Op::Get {
+                            let tx = tx.clone();
+                            tokio::spawn(async move {
+                                tokio::time::sleep(hold).await;
+                                let _ = tx.send(resp);
+                            });
+                        } else {
+                            let _ = tx.send(resp);
+                        }
+                    }
+                    Some(resp) = rx.recv() => {
+                        if framed.send(resp).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        addr
+    }
+
+    /// Sends a `get` the peer holds for 2.5 timeouts and pings every 20 ms meanwhile.
+    async fn held_get(patient: bool) -> Result<Response, Error> {
+        let timeout = Duration::from_millis(200);
+        let addr = slow_peer(timeout * 5 / 2).await;
+        let conn = Connection::connect(&addr.to_string(), 1 << 20, timeout)
+            .await
+            .unwrap();
+        if patient {
+            conn.patient_while_answering();
+        }
+        let get = conn.send(&Request::new(Op::Get, Bytes::from_static(b"k")));
+        let pings = {
+            let conn = conn.clone();
+            async move {
+                for _ in 0..40 {
+                    conn.send(&Request::new(Op::Ping, Bytes::new()))
+                        .await
+                        .unwrap();
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        };
+        let (answer, ()) = tokio::join!(get, pings);
+        answer
+    }
+
+    #[tokio::test]
+    async fn a_patient_connection_waits_while_the_peer_answers_others() {
+        assert!(held_get(true).await.is_ok());
+        assert!(matches!(held_get(false).await, Err(Error::Timeout(_))));
+    }
+
+    #[tokio::test]
+    async fn a_patient_connection_gives_up_on_a_silent_peer_after_one_timeout() {
+        let timeout = Duration::from_millis(200);
+        let addr = slow_peer(Duration::from_secs(30)).await;
+        let conn = Connection::connect(&addr.to_string(), 1 << 20, timeout)
+            .await
+            .unwrap();
+        conn.patient_while_answering();
+        let started = Instant::now();
+        let answer = conn
+            .send(&Request::new(Op::Get, Bytes::from_static(b"k")))
+            .await;
+        assert!(matches!(answer, Err(Error::Timeout(_))));
+        assert!(started.elapsed() < timeout * 2, "{:?}", started.elapsed());
+    }
 }

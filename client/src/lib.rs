@@ -337,7 +337,7 @@ pub use bytes::Bytes;
 pub use client::Client;
 pub use command::{cmd, Command, Ttl};
 pub use config::{ClientBuilder, DEFAULT_PORT};
-pub use connection::{Connection, Reply, OUTBOX_LIMIT};
+pub use connection::{Connection, Reply, OUTBOX_LIMIT, PATIENCE};
 pub use error::Error;
 pub use options::SetOptions;
 pub use pipeline::Pipeline;

@@ -144,11 +144,11 @@ pub enum Mode {
 
 impl WorkerLink {
     fn spawn(addr: String, config: &RouterConfig, shutdown: &CancellationToken) -> Arc<WorkerLink> {
-        let connections = config.connections_per_worker;
+        // The data slots, and one more for health checks (see `send_control`).
+        let connections = config.connections_per_worker + 1;
         let link = Arc::new(WorkerLink {
             addr,
             slots: (0..connections).map(|_| Mutex::new(None)).collect(),
-
             state: AtomicU8::new(WorkerState::Unknown as u8),
             dirty: AtomicBool::new(false),
             boot: Mutex::new(None),
@@ -200,6 +200,8 @@ impl WorkerLink {
             match conn {
                 Ok(Ok(conn)) => {
                     backoff = RECONNECT_MIN;
+                    // A worker that answers slowly but steadily has a queue, not a fault.
+                    conn.patient_while_answering();
                     *self.lock_slot(slot) = Some(conn.clone());
                     // Whether the worker is up is the health monitor's to say and log.
                     tracing::debug!(worker = %self.addr, slot, "connected");
@@ -248,7 +250,7 @@ impl WorkerLink {
     /// Queues `req` on the slot of `origin`'s affinity if it is live, else on the next live
     /// one; `None` if the worker has no live connection.
     pub(crate) fn send(&self, req: &Request, origin: &Origin) -> Option<Reply> {
-        let n = self.slots.len();
+        let n = self.slots.len() - 1;
         for i in 0..n {
             let slot = self.lock_slot((origin.affinity + i) % n);
             if let Some(conn) = slot.as_ref().filter(|c| !c.is_closed()) {
@@ -256,6 +258,49 @@ impl WorkerLink {
             }
         }
         None
+    }
+
+    /// [`WorkerLink::send`] for a request that fails after one `--worker-timeout` even
+    /// while the worker answers others (`Connection::send_strict`): a read-modify-write's
+    /// copy, whose deadline its partner counts on (see `rmw`).
+    pub(crate) fn send_strict(&self, req: &Request) -> Option<Reply> {
+        let n = self.slots.len() - 1;
+        (0..n).find_map(|i| {
+            let slot = self.lock_slot(i);
+            slot.as_ref()
+                .filter(|c| !c.is_closed())
+                .map(|c| c.send_strict(req))
+        })
+    }
+
+    /// Queues a health check on the link's own connection for them, where it does not
+    /// wait behind the clients' requests: a worker working through a long queue still
+    /// answers it (it yields between batches), and so is not taken for dead. Falls back to
+    /// the data connections while that one is not connected.
+    pub(crate) fn send_control(&self, req: &Request) -> Option<Reply> {
+        let control = self.slots.len() - 1;
+        let slot = self.lock_slot(control);
+        match slot.as_ref().filter(|c| !c.is_closed()) {
+            Some(conn) => Some(conn.send(req)),
+            None => {
+                drop(slot);
+                self.send(req, &Origin::INTERNAL)
+            }
+        }
+    }
+
+    /// How long since the worker last answered anything on any live connection (a long
+    /// time if it has none).
+    pub(crate) fn silent_for(&self) -> Duration {
+        (0..self.slots.len())
+            .filter_map(|i| {
+                let slot = self.lock_slot(i);
+                slot.as_ref()
+                    .filter(|c| !c.is_closed())
+                    .map(Connection::silent_for)
+            })
+            .min()
+            .unwrap_or(Duration::MAX)
     }
 
     pub fn state(&self) -> WorkerState {

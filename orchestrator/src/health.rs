@@ -40,6 +40,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::future::join_all;
 use tokio_util::sync::CancellationToken;
+use twincache_client::PATIENCE;
 use twincache_protocol::coverage::Coverage;
 use twincache_protocol::frame::{Op, Request};
 use twincache_protocol::info;
@@ -48,7 +49,7 @@ use twincache_protocol::Status;
 use twincache_protocol::auth::ClusterSecret;
 use twincache_tls::Connector;
 
-use crate::cluster::{Mode, Origin, Pair, Router, WorkerLink, WorkerState};
+use crate::cluster::{Mode, Pair, Router, WorkerLink, WorkerState};
 use crate::identify::identify;
 use crate::metrics::RouterStats;
 
@@ -380,7 +381,7 @@ impl Router {
         let deadline = tokio::time::Instant::now() + timeout;
         let reply = loop {
             // A link still connecting (just started) is waited for, within the timeout.
-            match w.send(&req, &Origin::INTERNAL) {
+            match w.send_control(&req) {
                 Some(reply) => break reply,
                 None if w.state() == WorkerState::Unknown
                     && tokio::time::Instant::now() < deadline =>
@@ -390,12 +391,26 @@ impl Router {
                 None => return None,
             }
         };
-        match tokio::time::timeout_at(deadline, reply).await {
-            Ok(Ok(resp)) if resp.status == Status::Ok => {
+        // A worker still answering other requests on its links is busy, not gone: its
+        // status waits behind a queue. It gets up to PATIENCE timeouts, as its requests do.
+        let last_chance = deadline + timeout * (PATIENCE - 1);
+        let mut deadline = deadline;
+        tokio::pin!(reply);
+        let answer = loop {
+            match tokio::time::timeout_at(deadline, &mut reply).await {
+                Ok(answer) => break answer,
+                Err(_) if deadline < last_chance && w.silent_for() < timeout => {
+                    deadline += timeout;
+                }
+                Err(_) => return None,
+            }
+        };
+        match answer {
+            Ok(resp) if resp.status == Status::Ok => {
                 w.accepted();
                 Some(parse(&String::from_utf8_lossy(&resp.payload)))
             }
-            Ok(Ok(resp)) if resp.status == Status::NoAuth => {
+            Ok(resp) if resp.status == Status::NoAuth => {
                 w.refusing(
                     "the worker requires cluster authentication: give the orchestrator and \
                      every worker the same --cluster-secret-file",

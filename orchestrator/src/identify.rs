@@ -116,10 +116,12 @@ async fn ping_as_text(addr: &str, timeout: Duration) -> Identity {
         Some(answer[..got].to_vec())
     };
     match tokio::time::timeout(timeout, probe).await {
-        Ok(None) => Identity::Unreachable,
+        // Silence is no proof of a stranger: a worker busy with a queue of heavy requests
+        // answers neither probe in time either.
+        Ok(None) | Err(_) => Identity::Unreachable,
         Ok(Some(answer)) if answer.starts_with(b"+PONG") => Identity::Redis,
         Ok(Some(answer)) if answer.starts_with(b"0||PONG") => Identity::Orchestrator,
-        _ => Identity::Unknown,
+        Ok(Some(_)) => Identity::Unknown,
     }
 }
 

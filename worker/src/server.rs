@@ -32,6 +32,11 @@ use twincache_protocol::program::{self, ScanRequest};
 
 /// Stop reading more requests once this many response bytes wait to be written.
 const OUT_HIGH_WATER: usize = 256 * 1024;
+/// Answers leave at least this often while a batch of requests is being worked through,
+/// and the connection then lets others run: a queue of heavy requests (each rewriting a big
+/// hash, say) keeps answering steadily, which the orchestrator reads as busy rather than
+/// dead, and the health checks on other connections are answered meanwhile.
+const STEADY: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// A bound, not yet running, worker.
 pub struct Worker {
@@ -330,6 +335,7 @@ where
                     reading = false;
                 }
                 last_active = tokio::time::Instant::now();
+                let mut flushed = std::time::Instant::now();
                 loop {
                     match wipe::next_request(&mut codec, &mut buf, node.max_frame, wipe) {
                         Ok(Some(req)) if req.op == Op::Snapshot => {
@@ -345,6 +351,10 @@ where
                             }
                             if out.len() >= OUT_HIGH_WATER {
                                 write_out(&mut stream, &mut out, idle_timeout).await?;
+                            } else if flushed.elapsed() >= STEADY {
+                                write_out(&mut stream, &mut out, idle_timeout).await?;
+                                tokio::task::yield_now().await;
+                                flushed = std::time::Instant::now();
                             }
                         }
                         Ok(None) => break,

@@ -273,9 +273,11 @@ impl Router {
         let mut copy = Request::new(Op::Replicate, Bytes::new());
         copy.version = answer.version;
         // The partner applies no program of its own before copies sent until then landed.
+        // The copy is given up after one timeout even if the partner is merely busy (it
+        // then refills), so a new primary need wait only that long.
         copy.ttl_ms = self.worker_timeout.as_millis() as u64;
         copy.value = answer.changes.clone();
-        let reply = partner.send(&copy, &Origin::INTERNAL);
+        let reply = partner.send_strict(&copy);
         match self.finish(partner, reply).await {
             Some(r) if r.status == Status::Ok => Ok(answer),
             _ => self.acknowledge_rmw(holder, partner, answer).await,
