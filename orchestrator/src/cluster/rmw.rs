@@ -40,7 +40,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use futures_util::future::join_all;
+use futures_util::future::{join_all, Either};
 use twincache_protocol::frame::{flags, Op, Request, Response};
 use twincache_protocol::program::{decode_scan_answer, Answer, ScanRequest};
 use twincache_protocol::Status;
@@ -306,21 +306,19 @@ impl Router {
         origin: &Origin,
     ) -> impl Future<Output = Answered> + Send + 'static {
         let topo = self.pairs();
-        let pair = topo.pair_of(&key);
-        let moving = topo.is_moving(&key);
+        if !topo.is_moving(&key) {
+            // Queued before this returns, in the session's order, like a GET.
+            return Either::Left(self.query_pair(topo.pair_of(&key), key, program, resp3, origin));
+        }
+        // A read program of a key being moved waits for its move: it could not tell
+        // "missing" from "not copied yet".
         let this = self.clone();
         let origin = origin.clone();
-        // Not queued before this returns, unlike a GET: a read program of a key being moved
-        // waits for its move (it could not tell "missing" from "not copied yet").
-        async move {
-            if moving {
-                this.after_move(&key).await?;
-                return this
-                    .query_pair(this.pair_of(&key), key, program, resp3, &origin)
-                    .await;
-            }
-            this.query_pair(pair, key, program, resp3, &origin).await
-        }
+        Either::Right(Box::pin(async move {
+            this.after_move(&key).await?;
+            this.query_pair(this.pair_of(&key), key, program, resp3, &origin)
+                .await
+        }) as BoxAnswer)
     }
 
     /// Waits until `key`'s slot is no longer being moved (a move runs a batch of slots
