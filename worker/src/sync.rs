@@ -998,6 +998,74 @@ mod tests {
         store.get(format!("k{i}").as_bytes()).unwrap()
     }
 
+    /// A slot move's import: only the range's entries, however old (the new pair never held
+    /// them), and a write made on the new pair during the move wins; the sender's filtered
+    /// walk and its drop cover the same entries.
+    #[test]
+    fn an_import_takes_only_its_slots_however_old_and_keeps_newer_writes() {
+        use twincache_protocol::slots::slot_of;
+        let from = source(None, 0);
+        let slot = |i: u64| u32::from(slot_of(format!("k{i}").as_bytes()));
+        let mut slots: Vec<u32> = (0..20).map(slot).collect();
+        slots.sort_unstable();
+        let (lo, hi) = (0u16, slots[10]);
+        let inside: Vec<u64> = (0..20).filter(|&i| slot(i) < hi).collect();
+        assert!(!inside.is_empty() && inside.len() < 20);
+        let to = Store::new(None, 0);
+        let newer = inside[0];
+        to.set(
+            format!("k{newer}").as_bytes(),
+            b"written during the move",
+            1_000,
+            SetOptions::default(),
+        )
+        .unwrap();
+        // The whole snapshot, as a sender that ignored the filter would send it.
+        let mut intake = Intake::new(&to, Refill::Import { lo, hi });
+        intake.apply(&snapshot(&from)).unwrap();
+        intake.finish().unwrap();
+        for i in 0..20 {
+            let want = if i == newer {
+                Some(bytes::Bytes::from_static(b"written during the move"))
+            } else if slot(i) < hi {
+                value_of(&from, i)
+            } else {
+                None
+            };
+            assert_eq!(value_of(&to, i), want, "k{i}");
+        }
+        let mut walked = 0;
+        for n in 0..Store::SHARDS {
+            from.snapshot_slots(n, lo, hi, |_| walked += 1);
+        }
+        let tombstone = usize::from(u32::from(slot_of(b"gone")) < hi);
+        assert_eq!(walked, inside.len() + tombstone);
+        assert_eq!(from.drop_slots(lo, hi), walked);
+        assert!((0..20).all(|i| (value_of(&from, i).is_some()) == (slot(i) >= hi)));
+    }
+
+    #[test]
+    fn snapshot_requests_name_their_slots() {
+        assert_eq!(parse_snapshot_request(b""), Ok((None, 0)));
+        assert_eq!(
+            parse_snapshot_request(b"slots 5 100 rate 1000"),
+            Ok((Some((5, 100)), 1000))
+        );
+        assert_eq!(
+            parse_snapshot_request(b"slots 0 16384"),
+            Ok((Some((0, 16384)), 0))
+        );
+        for bad in [
+            "slots 5 5",
+            "slots 0 16385",
+            "slots x 3",
+            "slots 1 2 rate",
+            "all",
+        ] {
+            assert!(parse_snapshot_request(bad.as_bytes()).is_err(), "{bad}");
+        }
+    }
+
     #[test]
     fn an_encrypted_snapshot_carries_its_dictionary_sealed() {
         let from = source(Some(key()), 512);
