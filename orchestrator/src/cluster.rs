@@ -495,6 +495,9 @@ pub struct RouterConfig {
     pub secret: Option<ClusterSecret>,
     /// TLS for the connections to the workers (`--tls-cluster`).
     pub tls: Option<Connector>,
+    /// Where the pairs and the slot map are kept across restarts (`--state-file`): read at
+    /// start, rewritten on every change.
+    pub state_file: Option<std::path::PathBuf>,
 }
 
 /// Routes requests to pairs: the pair is chosen by the stable key hash; writes go to both
@@ -548,14 +551,24 @@ impl Router {
             "workers come in pairs"
         );
         let link = |addr: &String| WorkerLink::spawn(addr.clone(), config, shutdown);
+        // The pairs and map an earlier run left, if any: after a change they are not what
+        // the worker list alone would give.
+        let kept = config
+            .state_file
+            .as_deref()
+            .and_then(membership::read_state);
+        let (workers, slots, moving) = match kept {
+            Some(state) => (state.workers, state.slots, state.moving),
+            None => (workers.to_vec(), SlotMap::even(workers.len() / 2), None),
+        };
         let pairs: Vec<Arc<Pair>> = workers
             .chunks(2)
             .map(|w| Arc::new(Pair::new([link(&w[0]), link(&w[1])])))
             .collect();
         let topology = Topology {
-            slots: SlotMap::even(pairs.len()),
+            slots,
             pairs,
-            moving: None,
+            moving,
         };
         let mode = OnceLock::new();
         if let Some(m) = config.mode {
@@ -576,7 +589,7 @@ impl Router {
             moved: tokio::sync::Notify::new(),
             config: config.clone(),
             shutdown: shutdown.clone(),
-            membership: membership::Membership::new(workers),
+            membership: membership::Membership::new(&workers),
         }
     }
 

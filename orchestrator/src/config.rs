@@ -41,6 +41,14 @@ pub struct Config {
     #[arg(long, env = "TWINCACHE_CLUSTER_FILE", value_name = "PATH")]
     pub cluster_file: Option<PathBuf>,
 
+    /// Where the orchestrator keeps the pairs and the slot map across restarts: rewritten on
+    /// every change, read at start (then it, not the worker list, says where keys are, and
+    /// a move a stop interrupted is finished). `<cluster file>.state` by default with
+    /// --cluster-file; without either, a restart after a change would look for moved keys
+    /// on their old pairs.
+    #[arg(long, env = "TWINCACHE_STATE_FILE", value_name = "PATH")]
+    pub state_file: Option<PathBuf>,
+
     /// How fast a slot move may copy, in stored bytes per second per receiving worker
     /// (e.g. 32MiB); 0 for no limit. The sending worker's --resync-rate-limit applies too.
     #[arg(long, env = "TWINCACHE_MOVE_RATE_LIMIT", default_value = "32MiB", value_parser = parse_size)]
@@ -407,6 +415,17 @@ impl Config {
             ));
         }
         Ok(from_file)
+    }
+
+    /// `--state-file`, or its default next to the cluster file.
+    pub fn state_path(&self) -> Option<PathBuf> {
+        self.state_file.clone().or_else(|| {
+            self.cluster_file.as_ref().map(|f| {
+                let mut name = f.as_os_str().to_owned();
+                name.push(".state");
+                PathBuf::from(name)
+            })
+        })
     }
 
     /// The workers given on the command line (or in TWINCACHE_WORKERS).

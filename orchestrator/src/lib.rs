@@ -138,6 +138,7 @@ impl Orchestrator {
                 None
             }),
             tls: self.tls.as_ref().and_then(NodeTls::connector),
+            state_file: c.state_path(),
         };
         // Worker links outlive the client sessions: they stop once those have drained.
         let links_shutdown = CancellationToken::new();
@@ -162,6 +163,23 @@ impl Orchestrator {
             c.cluster_file.is_some(),
         );
         tokio::spawn(router.clone().run_membership(links_shutdown.clone()));
+        // What is wanted: the cluster file, else the pairs as the last run left them (the
+        // state file, which holds the CLUSTER commands' changes), else the command line.
+        // A difference, or a move a stop interrupted, is taken up at once.
+        let wanted = match &c.cluster_file {
+            Some(_) => self.workers.clone(),
+            None => {
+                let kept = router.current_workers();
+                if kept != self.workers {
+                    tracing::warn!(
+                        "the state file's pairs differ from the command line's: serving the \
+                         state file's (a CLUSTER change made before the restart)"
+                    );
+                }
+                kept
+            }
+        };
+        router.membership.want(&wanted);
         if let (Some(mut reload), Some(path)) = (self.reload, c.cluster_file.clone()) {
             let (router, config) = (router.clone(), c.clone());
             tokio::spawn(async move {

@@ -229,6 +229,35 @@ impl SlotMap {
     }
 }
 
+impl SlotMap {
+    /// Reads [`SlotMap::describe`]'s form back (with its epoch), for a map kept in a file:
+    /// every slot covered once, in order, by one of `pairs` pairs.
+    pub fn parse(epoch: u64, text: &str, pairs: usize) -> Result<SlotMap, String> {
+        let mut owner = Vec::with_capacity(SLOTS);
+        for range in text.split_ascii_whitespace() {
+            let bad = || format!("bad slot range {range:?}");
+            let (slots, pair) = range.split_once(':').ok_or_else(bad)?;
+            let (lo, hi) = slots.split_once('-').ok_or_else(bad)?;
+            let (lo, hi): (usize, usize) = (
+                lo.parse().map_err(|_| bad())?,
+                hi.parse().map_err(|_| bad())?,
+            );
+            let pair: u16 = pair.parse().map_err(|_| bad())?;
+            if lo != owner.len() || hi < lo || hi >= SLOTS || usize::from(pair) >= pairs {
+                return Err(bad());
+            }
+            owner.extend(std::iter::repeat_n(pair, hi - lo + 1));
+        }
+        if owner.len() != SLOTS {
+            return Err(format!("the ranges cover {} slots of {SLOTS}", owner.len()));
+        }
+        Ok(SlotMap {
+            epoch,
+            owner: owner.into_boxed_slice(),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -319,6 +348,22 @@ mod tests {
             let renumbered = target.without_pair(gone);
             assert_eq!(renumbered.counts(2), vec![8192, 8192]);
         }
+    }
+
+    #[test]
+    fn a_described_map_parses_back() {
+        let map = SlotMap::even(2).rebalanced(&[true; 3]);
+        let back = SlotMap::parse(map.epoch(), &map.describe(), 3).unwrap();
+        assert!(back.same_owners(&map));
+        assert_eq!(back.epoch(), 2);
+        assert!(
+            SlotMap::parse(1, &map.describe(), 2).is_err(),
+            "pair 2 of 2"
+        );
+        assert!(SlotMap::parse(1, "0-100:0", 1).is_err(), "not every slot");
+        assert!(SlotMap::parse(1, "0-16383:0 5-6:0", 1).is_err(), "overlap");
+        assert!(SlotMap::parse(1, "1-16383:0", 1).is_err(), "a gap");
+        assert!(SlotMap::parse(1, "0-x:0", 1).is_err());
     }
 
     #[test]

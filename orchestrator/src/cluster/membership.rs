@@ -34,7 +34,7 @@ use futures_util::future::join_all;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use twincache_protocol::frame::Op;
-use twincache_protocol::slots::Move;
+use twincache_protocol::slots::{Move, SlotMap};
 
 use super::{Pair, Router, Topology, WorkerLink, WorkerState};
 
@@ -215,7 +215,106 @@ pub(crate) fn plan(current: &[[String; 2]], wanted: &[[String; 2]]) -> Result<Pl
     Ok(out)
 }
 
+/// What the state file holds: the pairs, the slot map, a move under way.
+pub(crate) struct State {
+    pub workers: Vec<String>,
+    pub slots: SlotMap,
+    pub moving: Option<Move>,
+}
+
+/// Writes the state file (to a temporary file, then renamed over it: never half written).
+fn write_state(path: &std::path::Path, topo: &Topology) -> std::io::Result<()> {
+    let mut text = String::from(
+        "# twincache orchestrator state: the pairs and the slot map, rewritten on every change\n",
+    );
+    text += &format!("epoch {}\n", topo.slots.epoch());
+    for p in topo.iter() {
+        text += &format!("pair {} {}\n", p.workers[0].addr, p.workers[1].addr);
+    }
+    text += &format!("slots {}\n", topo.slots.describe());
+    if let Some(m) = topo.moving {
+        text += &format!("moving {} {} {} {}\n", m.lo, m.hi, m.from, m.to);
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Reads the state file; `None` (logged, unless the file is missing) if it cannot be used.
+pub(crate) fn read_state(path: &std::path::Path) -> Option<State> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            tracing::error!(file = %path.display(), "cannot read the state file: {e}");
+            return None;
+        }
+    };
+    match parse_state(&text) {
+        Ok(state) => {
+            tracing::info!(
+                file = %path.display(),
+                pairs = state.workers.len() / 2,
+                epoch = state.slots.epoch(),
+                "pairs and slot map as the last run left them"
+            );
+            Some(state)
+        }
+        Err(e) => {
+            tracing::error!(file = %path.display(), "state file not used: {e}");
+            None
+        }
+    }
+}
+
+fn parse_state(text: &str) -> Result<State, String> {
+    let (mut epoch, mut workers, mut slots, mut moving) = (1, Vec::new(), None, None);
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+    {
+        let words: Vec<&str> = line.split_ascii_whitespace().collect();
+        let number = |w: &str| w.parse::<u64>().map_err(|_| format!("bad line {line:?}"));
+        match words.as_slice() {
+            ["epoch", n] => epoch = number(n)?,
+            ["pair", a, b] => workers.extend([a.to_string(), b.to_string()]),
+            ["slots", ..] => slots = Some(line["slots".len()..].to_string()),
+            ["moving", lo, hi, from, to] => {
+                let (lo, hi) = (number(lo)?, number(hi)?);
+                moving = Some(Move {
+                    lo: u16::try_from(lo).map_err(|_| format!("bad line {line:?}"))?,
+                    hi: u32::try_from(hi).map_err(|_| format!("bad line {line:?}"))?,
+                    from: number(from)? as usize,
+                    to: number(to)? as usize,
+                })
+            }
+            _ => return Err(format!("bad line {line:?}")),
+        }
+    }
+    let pairs = workers.len() / 2;
+    if pairs == 0 {
+        return Err("no pairs".into());
+    }
+    let slots = SlotMap::parse(epoch, &slots.ok_or("no slot map")?, pairs)?;
+    if let Some(m) = moving {
+        let fits = u32::from(m.lo) < m.hi && m.hi as usize <= twincache_protocol::slots::SLOTS;
+        if !fits || m.from >= pairs || m.to >= pairs || slots.pair_of_slot(m.lo) != m.to {
+            return Err("the move under way does not fit the map".into());
+        }
+    }
+    Ok(State {
+        workers,
+        slots,
+        moving,
+    })
+}
+
 impl Router {
+    /// The workers now, in pairing order.
+    pub fn current_workers(&self) -> Vec<String> {
+        self.current_pairs().into_iter().flatten().collect()
+    }
+
     /// Makes the pairs what [`Membership::want`] asked for, change after change, until
     /// `shutdown`.
     pub async fn run_membership(self: Arc<Self>, shutdown: CancellationToken) {
@@ -368,8 +467,14 @@ impl Router {
         WorkerLink::spawn(addr.to_string(), &self.config, &self.shutdown)
     }
 
-    /// Swaps in `topo` and returns the one it replaces.
+    /// Swaps in `topo` and returns the one it replaces. The new one is written to the state
+    /// file first, so a restart finds the pairs and map (and a move under way) as they are.
     fn swap(&self, topo: Topology) -> Arc<Topology> {
+        if let Some(path) = &self.config.state_file {
+            if let Err(e) = write_state(path, &topo) {
+                tracing::error!(file = %path.display(), "cannot keep the slot map: {e}");
+            }
+        }
         let old = self.topology.swap(Arc::new(topo));
         self.moved.notify_waiters();
         old
