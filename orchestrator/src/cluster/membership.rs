@@ -60,6 +60,10 @@ pub struct Membership {
     /// The pairs come from `--cluster-file`: CLUSTER commands are refused, since the next
     /// reload would undo them.
     from_file: AtomicBool,
+    /// Slots moved away that a worker of their old pair could not be told to drop (it was
+    /// down): `(worker, lo, hi)`, retried every second. No slot moves back to that pair
+    /// before they are dropped, or an old copy there could outlive a delete.
+    pending_drops: Mutex<Vec<(String, u16, u32)>>,
 }
 
 /// How the current (or last) change goes, for INFO, `status` and the log.
@@ -90,6 +94,7 @@ impl Membership {
             rate: AtomicU64::new(32 << 20),
             batch: AtomicUsize::new(256),
             from_file: AtomicBool::new(false),
+            pending_drops: Mutex::default(),
         }
     }
 
@@ -319,7 +324,7 @@ impl Router {
     /// `shutdown`.
     pub async fn run_membership(self: Arc<Self>, shutdown: CancellationToken) {
         loop {
-            let retry = self.membership.progress().phase == "retrying";
+            let retry = self.membership.progress().phase == "retrying" || self.drops_pending();
             let wait = async {
                 if retry {
                     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -331,6 +336,7 @@ impl Router {
                 _ = wait => {}
                 _ = shutdown.cancelled() => return,
             }
+            self.retry_drops().await;
             let result = tokio::select! {
                 r = self.converge() => r,
                 _ = shutdown.cancelled() => return,
@@ -355,6 +361,48 @@ impl Router {
                 }
             }
         }
+    }
+
+    fn drops_pending(&self) -> bool {
+        !self
+            .membership
+            .pending_drops
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+    }
+
+    /// Tells the workers that missed a drop to drop now; forgets the workers no longer in
+    /// the cluster.
+    async fn retry_drops(&self) {
+        let pending = std::mem::take(
+            &mut *self
+                .membership
+                .pending_drops
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+        let mut left = Vec::new();
+        for (addr, lo, hi) in pending {
+            let link = self
+                .pairs()
+                .iter()
+                .flat_map(|p| p.workers.iter())
+                .find(|w| w.addr == addr)
+                .cloned();
+            let Some(link) = link else { continue };
+            match self.ask(&link, Op::Slots, &format!("drop {lo} {hi}")).await {
+                Some(_) => {
+                    tracing::info!(worker = %addr, slots = format_args!("{lo}-{}", hi - 1), "dropped the slots it missed dropping")
+                }
+                None => left.push((addr, lo, hi)),
+            }
+        }
+        self.membership
+            .pending_drops
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(left);
     }
 
     fn current_pairs(&self) -> Vec<[String; 2]> {
@@ -599,6 +647,26 @@ impl Router {
     async fn begin_move(&self, m: Move) -> Result<(), String> {
         let to = self.pairs()[m.to].clone();
         self.wait_in_sync(&to).await?;
+        self.retry_drops().await;
+        let stale = self
+            .membership
+            .pending_drops
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|(a, lo, hi)| {
+                to.workers.iter().any(|w| &w.addr == a)
+                    && u32::from(*lo) < m.hi
+                    && u32::from(m.lo) < *hi
+            })
+            .cloned();
+        if let Some((a, lo, hi)) = stale {
+            return Err(format!(
+                "{a} still holds an old copy of slots {lo}-{}: they move back to its pair once \
+                 it has dropped them",
+                hi - 1
+            ));
+        }
         let old = {
             let topo = self.pairs();
             self.swap(Topology {
@@ -662,7 +730,12 @@ impl Router {
             match self.ask(w, Op::Slots, &format!("drop {range}")).await {
                 Some(r) => dropped.push(String::from_utf8_lossy(&r.payload).into_owned()),
                 None => {
-                    tracing::warn!(worker = %w.addr, "could not drop the moved slots: it keeps a stale copy of them");
+                    tracing::warn!(worker = %w.addr, "could not drop the moved slots: retried until it does");
+                    self.membership
+                        .pending_drops
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push((w.addr.clone(), m.lo, m.hi));
                     dropped.push("?".into());
                 }
             }
