@@ -770,7 +770,10 @@ impl Router {
         let rate = self.membership.rate.load(Ordering::Relaxed);
         let ask = format!("import {} {} {} {rate}", source.addr, m.lo, m.hi);
         let mut last_error = String::new();
-        for _ in 0..IMPORT_TRIES {
+        for attempt in 0..IMPORT_TRIES {
+            if attempt > 0 {
+                tracing::warn!(worker = %w.addr, "{last_error}: importing the slots again");
+            }
             let Some(resp) = self.ask(w, Op::Slots, &ask).await else {
                 // Not answering, or an import still running from an earlier attempt.
                 last_error = format!("{} did not start the import", w.addr);
