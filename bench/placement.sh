@@ -8,21 +8,23 @@
 #   cargo build --release && BASE=/tmp/base/target/release bench/placement.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-NEW=target/release; OLD=${BASE:?give BASE=<dir of the other build's binaries>}
+NEW=target/release; OLD=${BASE:?give BASE=<the directory of another build>}
 ROUNDS=${ROUNDS:-3}
 BENCH=$NEW/twincache-bench
 free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
 wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done; exit 1; }
 PIDS=()
 trap 'for p in "${PIDS[@]}"; do kill $p 2>/dev/null || true; done' EXIT
-start() { # bin dir -> prints orchestrator port
+# Starts a pair and its orchestrator from the binaries in $1; sets PORT. (Not in a subshell:
+# the processes must be in PIDS to be stopped.)
+start() {
   local B=$1 a b o
   a=$(free_port); $B/worker --port $a >/dev/null 2>&1 & PIDS+=($!); wait_port $a
   b=$(free_port); $B/worker --port $b >/dev/null 2>&1 & PIDS+=($!); wait_port $b
   o=$(free_port); $B/orchestrator --listen 127.0.0.1:$o 127.0.0.1:$a 127.0.0.1:$b >/dev/null 2>&1 & PIDS+=($!); wait_port $o
-  echo $o
+  PORT=$o
 }
-PO=$(start $OLD); PN=$(start $NEW); sleep 1
+start $OLD; PO=$PORT; start $NEW; PN=$PORT; sleep 1
 $BENCH --addr 127.0.0.1:$PO --op set -r 100000 -n 100000 -c 50 -P 16 >/dev/null
 $BENCH --addr 127.0.0.1:$PN --op set -r 100000 -n 100000 -c 50 -P 16 >/dev/null
 for round in $(seq $ROUNDS); do
