@@ -51,9 +51,10 @@ pub fn shutdown_on_signal() -> CancellationToken {
 
 /// A channel that ticks on every SIGHUP, the conventional "reload your files" signal. Each
 /// subsystem that can reload subscribes (the receiver or a clone) and acts on every change:
-/// TLS certificates now (`NodeTls::reload_on`), the cluster file later. Several SIGHUPs in
-/// a row may coalesce into one change, which is all a reload needs. Drop the receiver if
-/// nothing subscribes, so the log can say that nothing was reloaded.
+/// TLS certificates (`NodeTls::reload_on`) and the orchestrator's cluster file
+/// (`Orchestrator::reload_on`). Several SIGHUPs in a row may coalesce into one change, which
+/// is all a reload needs. Drop the receiver if nothing subscribes, so the log can say that
+/// nothing was reloaded.
 ///
 /// The handler is installed before this returns, so call it before announcing readiness
 /// (like [`shutdown_on_signal`]). Once installed, SIGHUP no longer ends the process, whether

@@ -35,10 +35,11 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let cipher = (ctl & 1 == 1).then(key);
-    let refill = if ctl & 2 == 2 {
-        Refill::Merge
-    } else {
-        Refill::Resync
+    let refill = match ctl & 0x12 {
+        0x02 => Refill::Merge,
+        // A slot move's import of the lower half of the slots.
+        0x10 | 0x12 => Refill::Import { lo: 0, hi: 8192 },
+        _ => Refill::Resync,
     };
     let dict_size = if ctl & 4 == 4 { 256 } else { 0 };
     let store = Store::new(cipher.clone(), 0).with_dictionary_size(dict_size);

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
 use futures_util::future::Either;
 use tokio_util::sync::CancellationToken;
@@ -12,17 +13,21 @@ use twincache_client::{Connection, Reply};
 use twincache_protocol::auth::ClusterSecret;
 use twincache_protocol::budget::Account;
 use twincache_protocol::frame::{flags, Op, Request, Response};
-use twincache_protocol::hash::pair_for_key;
 use twincache_protocol::info;
+use twincache_protocol::slots::SlotMap;
 use twincache_protocol::Status;
 use twincache_tls::Connector;
 
 use crate::hlc::Hlc;
 use crate::metrics::RouterStats;
 
+mod membership;
 mod rmw;
+mod topology;
 
+pub use membership::Membership;
 pub use rmw::{BoxAnswer, Pending, ScanStep};
+pub use topology::{Route, Topology};
 
 const RECONNECT_MIN: Duration = Duration::from_millis(50);
 const RECONNECT_MAX: Duration = Duration::from_secs(2);
@@ -66,6 +71,9 @@ pub struct WorkerLink {
     /// refill completed, and has not yet merged its partner's data, so a key it lacks reads
     /// as absent. Kept by the health monitor; see [`read_rank`].
     pub(crate) partial: AtomicBool,
+    /// Cancelled when the worker leaves the cluster (replaced, or its pair removed): its
+    /// connections close once the requests in flight are answered.
+    stop: CancellationToken,
 }
 
 /// Where a worker stands with its pair.
@@ -160,17 +168,28 @@ impl WorkerLink {
             skipped: AtomicU64::new(0),
             synced_at: AtomicU64::new(0),
             partial: AtomicBool::new(false),
+            stop: shutdown.child_token(),
         });
         for slot in 0..connections {
-            // The link is dropped only at shutdown, when these tasks end too.
+            // These tasks end at shutdown, or when the worker leaves the cluster.
             tokio::spawn(link.clone().maintain(
                 slot,
                 config.max_frame,
                 config.worker_timeout,
-                shutdown.clone(),
+                link.stop.clone(),
             ));
         }
         link
+    }
+
+    /// The worker has left the cluster: its connections close (those with requests in flight
+    /// once they are answered, within `--worker-timeout`).
+    pub(crate) fn retire(self: &Arc<Self>, grace: Duration) {
+        let link = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            link.stop.cancel();
+        });
     }
 
     /// Keeps slot `slot` connected until shutdown.
@@ -414,6 +433,16 @@ pub struct Pair {
 }
 
 impl Pair {
+    pub(crate) fn new(workers: [Arc<WorkerLink>; 2]) -> Pair {
+        Pair {
+            workers,
+            next_read: AtomicUsize::new(0),
+            encryption: Default::default(),
+            key_mismatch: AtomicBool::new(false),
+            mode_mismatch: AtomicBool::new(false),
+        }
+    }
+
     /// Whether the partners use different encryption keys (or one encrypts and one not).
     pub fn key_mismatch(&self) -> bool {
         self.key_mismatch.load(Ordering::Relaxed)
@@ -511,6 +540,9 @@ pub struct RouterConfig {
     pub secret: Option<ClusterSecret>,
     /// TLS for the connections to the workers (`--tls-cluster`).
     pub tls: Option<Connector>,
+    /// Where the pairs and the slot map are kept across restarts (`--state-file`): read at
+    /// start, rewritten on every change.
+    pub state_file: Option<std::path::PathBuf>,
 }
 
 /// Routes requests to pairs: the pair is chosen by the stable key hash; writes go to both
@@ -520,7 +552,9 @@ pub struct RouterConfig {
 /// mode (replicated or adapter) and which of them hold the pair's data are unknown, and
 /// requests are answered `Unavailable` (`-TRYAGAIN`), which clients retry.
 pub struct Router {
-    pairs: Vec<Pair>,
+    /// The pairs and the slot map, swapped whole on a membership change (see
+    /// [`Topology`]): read with one atomic load, no lock.
+    topology: ArcSwap<Topology>,
     pub(crate) clock: Hlc,
     default_ttl_ms: u64,
     /// Decided once (see [`Mode`]); unset until the monitor has seen the workers.
@@ -541,6 +575,13 @@ pub struct Router {
     pub max_value: usize,
     /// `--worker-timeout`: how long copies of a primary's changes may take to land.
     worker_timeout: Duration,
+    /// Woken whenever a new topology is swapped in (a slot move began or ended).
+    moved: tokio::sync::Notify,
+    /// What new worker links are made with, and the shutdown they stop at.
+    config: RouterConfig,
+    shutdown: CancellationToken,
+    /// Membership changes: what is asked for and how the slot moves go.
+    pub membership: membership::Membership,
 }
 
 impl Router {
@@ -555,22 +596,31 @@ impl Router {
             "workers come in pairs"
         );
         let link = |addr: &String| WorkerLink::spawn(addr.clone(), config, shutdown);
-        let pairs = workers
+        // The pairs and map an earlier run left, if any: after a change they are not what
+        // the worker list alone would give.
+        let kept = config
+            .state_file
+            .as_deref()
+            .and_then(membership::read_state);
+        let (workers, slots, moving) = match kept {
+            Some(state) => (state.workers, state.slots, state.moving),
+            None => (workers.to_vec(), SlotMap::even(workers.len() / 2), None),
+        };
+        let pairs: Vec<Arc<Pair>> = workers
             .chunks(2)
-            .map(|w| Pair {
-                workers: [link(&w[0]), link(&w[1])],
-                next_read: AtomicUsize::new(0),
-                encryption: Default::default(),
-                key_mismatch: AtomicBool::new(false),
-                mode_mismatch: AtomicBool::new(false),
-            })
+            .map(|w| Arc::new(Pair::new([link(&w[0]), link(&w[1])])))
             .collect();
+        let topology = Topology {
+            slots,
+            pairs,
+            moving,
+        };
         let mode = OnceLock::new();
         if let Some(m) = config.mode {
             let _ = mode.set(m);
         }
         Router {
-            pairs,
+            topology: ArcSwap::from_pointee(topology),
             clock: Hlc::new(config.node_id.unwrap_or_else(rand::random)),
             default_ttl_ms: config.default_ttl_ms,
             mode,
@@ -581,16 +631,21 @@ impl Router {
             stats: RouterStats::default(),
             max_value: (config.max_frame / 2).saturating_sub(1024).max(1024),
             worker_timeout: config.worker_timeout,
+            moved: tokio::sync::Notify::new(),
+            config: config.clone(),
+            shutdown: shutdown.clone(),
+            membership: membership::Membership::new(&workers),
         }
     }
 
-    pub fn pairs(&self) -> &[Pair] {
-        &self.pairs
+    /// The pairs and slot map now (a snapshot: a membership change swaps in another).
+    pub fn pairs(&self) -> Arc<Topology> {
+        self.topology.load_full()
     }
 
-    /// The pair that owns `key`.
-    pub fn pair(&self, key: &[u8]) -> &Pair {
-        &self.pairs[pair_for_key(key, self.pairs.len())]
+    /// The index of the pair that holds `key` now.
+    pub fn pair_of(&self, key: &[u8]) -> usize {
+        self.topology.load().pair_of(key)
     }
 
     /// The workers' mode, once known.
@@ -695,36 +750,69 @@ impl Router {
     ///
     /// The request is queued before this returns (see [`WorkerLink`]); `origin` is the
     /// calling session's, whose affinity keeps its requests in order.
+    ///
+    /// A key whose slot is being moved is read on its new pair, and, if it is not found
+    /// there, on the pair it comes from (the copy may not have reached it yet).
     pub fn read(
         self: &Arc<Self>,
         req: Request,
         origin: &Origin,
     ) -> impl Future<Output = Response> + Send + 'static {
-        let pair = pair_for_key(&req.key, self.pairs.len());
-        self.read_pair(pair, req, origin)
+        let topo = self.topology.load_full();
+        let route = topo.route(&req.key);
+        let Some(from) = route.from else {
+            return Either::Left(self.read_in(topo, route.pair, req, origin));
+        };
+        let again = req.clone();
+        let first = self.read_in(topo.clone(), route.pair, req, origin);
+        let this = self.clone();
+        let origin = origin.clone();
+        Either::Right(Box::pin(async move {
+            let resp = first.await;
+            if resp.status != Status::NotFound {
+                return resp;
+            }
+            this.read_in(topo, from, again, &origin).await
+        }) as BoxedResponse)
     }
 
-    /// [`Router::read`] on pair `pair`, whatever the key (RANDOMKEY names none). A key the
-    /// session has a read-modify-write in flight on is read where that runs (its primary),
-    /// behind it, so the session reads its own write.
+    /// [`Router::read`] on pair `pair` (an index into the topology now), whatever the key
+    /// (RANDOMKEY names none).
     pub fn read_pair(
         self: &Arc<Self>,
+        pair: usize,
+        req: Request,
+        origin: &Origin,
+    ) -> impl Future<Output = Response> + Send + 'static {
+        self.read_in(self.topology.load_full(), pair, req, origin)
+    }
+
+    /// A read on pair `pair` of `topo`. A key the session has a read-modify-write in flight
+    /// on is read where that runs (its primary), behind it, so the session reads its own
+    /// write.
+    fn read_in(
+        self: &Arc<Self>,
+        topo: Arc<Topology>,
         pair: usize,
         mut req: Request,
         origin: &Origin,
     ) -> impl Future<Output = Response> + Send + 'static {
+        let Some(p) = topo.get(pair) else {
+            // An index from a topology that has since shrunk (a SCAN cursor, RANDOMKEY).
+            return Either::Right(std::future::ready(Response::status(Status::Unavailable)));
+        };
         let order = if self.mode().is_none() {
             [None, None]
         } else if origin.rmw.as_ref().is_some_and(|p| p.holds(&req.key)) {
-            self.primaries(&self.pairs[pair])
+            self.primaries(p)
         } else {
-            self.read_order(&self.pairs[pair])
+            self.read_order(p)
         };
-        let reply = order[0].and_then(|i| self.send_read(&self.pairs[pair], i, &mut req, origin));
+        let reply = order[0].and_then(|i| self.send_read(p, i, &mut req, origin));
         let this = self.clone();
         let origin = order[1].map(|_| origin.clone());
-        async move {
-            let p = &this.pairs[pair];
+        Either::Left(async move {
+            let p = &topo[pair];
             if let Some(first) = order[0] {
                 if let Some(resp) = this.finish_read(&p.workers[first], &req, reply).await {
                     return resp;
@@ -738,7 +826,7 @@ impl Router {
                 }
             }
             unavailable(&this)
-        }
+        })
     }
 
     pub fn get(
@@ -756,15 +844,16 @@ impl Router {
     fn adapter_set(self: &Arc<Self>, mut req: Request, origin: &Origin) -> BoxedResponse {
         req.version = self.clock.next();
         req.flags |= flags::PRIMARY;
-        let pair = pair_for_key(&req.key, self.pairs.len());
-        let order = self.read_order(&self.pairs[pair]);
-        let workers = &self.pairs[pair].workers;
+        let topo = self.topology.load_full();
+        let pair = topo.pair_of(&req.key);
+        let order = self.read_order(&topo[pair]);
+        let workers = &topo[pair].workers;
         // Sent now, in the session's order (see WorkerLink); the partner only on failure.
         let reply = order[0].and_then(|i| workers[i].send(&req, origin));
         let this = self.clone();
         let origin = origin.clone();
         Box::pin(async move {
-            let workers = &this.pairs[pair].workers;
+            let workers = &topo[pair].workers;
             let mut reply = Some(reply);
             for i in order.into_iter().flatten() {
                 let sent = reply.take().unwrap_or_else(|| {
@@ -829,8 +918,9 @@ impl Router {
         let this = self.clone();
         Box::pin(async move {
             let resp = read.await;
+            let topo = this.topology.load_full();
             for key in touched {
-                let pair = &this.pairs[pair_for_key(&key, this.pairs.len())];
+                let pair = &topo[topo.pair_of(&key)];
                 let [a, b] = &pair.workers;
                 let (ia, ib) =
                     tokio::join!(this.invalidate_on(a, &key), this.invalidate_on(b, &key));
@@ -914,13 +1004,43 @@ impl Router {
             req.ttl_ms = twincache_protocol::version::wall_ms().saturating_add(req.ttl_ms);
             req.flags |= flags::EXPIRES_AT;
         }
-        let pair = pair_for_key(&req.key, self.pairs.len());
-        let targets = self.write_targets(&self.pairs[pair]);
+        let topo = self.topology.load_full();
+        let route = topo.route(&req.key);
+        match route.from {
+            // A delete of a key being moved goes to the pair it comes from too: a read that
+            // misses on the new pair looks there, and the copy must not bring it back (the
+            // new pair's tombstone is newer than the copy).
+            Some(from) if req.op == Op::Del => {
+                let old = self.write_in(topo.clone(), from, req.clone(), origin);
+                let new = self.write_in(topo, route.pair, req, origin);
+                Either::Right(Box::pin(async move {
+                    let (old, new) = tokio::join!(old, new);
+                    // Found on either is found; the new pair's failure is the answer's.
+                    if new.status == Status::NotFound && old.status == Status::Ok {
+                        old
+                    } else {
+                        new
+                    }
+                }) as BoxedResponse)
+            }
+            _ => Either::Left(self.write_in(topo, route.pair, req, origin)),
+        }
+    }
+
+    /// A write, stamped, to pair `pair` of `topo`.
+    fn write_in(
+        self: &Arc<Self>,
+        topo: Arc<Topology>,
+        pair: usize,
+        mut req: Request,
+        origin: &Origin,
+    ) -> impl Future<Output = Response> + Send + 'static {
+        let targets = self.write_targets(&topo[pair]);
         if targets[0] != targets[1] {
             // Its partner will not get it: counted on the worker, which outlives us.
             req.flags |= flags::SOLO;
         }
-        let [a, b] = &self.pairs[pair].workers;
+        let [a, b] = &topo[pair].workers;
         // Queued now, in the session's order (see WorkerLink); awaited below.
         let replies = [
             targets[0].then(|| a.send(&req, origin)),
@@ -935,7 +1055,7 @@ impl Router {
         let this = self.clone();
         async move {
             let _skipping = skipping;
-            let [a, b] = &this.pairs[pair].workers;
+            let [a, b] = &topo[pair].workers;
             let [ra, rb] = replies;
             let (ra, rb) = tokio::join!(
                 async {
@@ -1004,7 +1124,7 @@ impl Router {
     /// same key: a pair whose keys differ would hold copies its members cannot exchange (a
     /// resync refuses), so it is logged as an error and shown by INFO until fixed.
     pub(crate) async fn check_keys(&self) {
-        for (n, pair) in self.pairs.iter().enumerate() {
+        for (n, pair) in self.pairs().iter().enumerate() {
             for (i, w) in pair.workers.iter().enumerate() {
                 if let Some(text) = self.worker_stats(w).await {
                     let key = info::get(&text, "key_fingerprint")
@@ -1039,7 +1159,7 @@ impl Router {
     /// `pair0 127.0.0.1:7001=in_sync 127.0.0.1:7002=resyncing | pair1 ...`.
     pub fn status_line(&self) -> Bytes {
         let pairs: Vec<String> = self
-            .pairs
+            .pairs()
             .iter()
             .enumerate()
             .map(|(n, pair)| {
@@ -1053,7 +1173,7 @@ impl Router {
                 )
             })
             .collect();
-        Bytes::from(pairs.join(" | "))
+        Bytes::from(pairs.join(" | ") + &self.membership_status())
     }
 
     /// One line per pair for INFO: its workers, the state of each, and the key check.
@@ -1064,7 +1184,9 @@ impl Router {
             None => "unknown",
         };
         let mut out = format!("mode:{mode}\r\nnode_id:{}\r\n", self.clock.node());
-        for (n, pair) in self.pairs.iter().enumerate() {
+        let topo = self.pairs();
+        let held = topo.slots.counts(topo.len());
+        for (n, pair) in topo.iter().enumerate() {
             let state = |i: usize| pair.workers[i].state().name();
             // Whether each encrypts, not its key's fingerprint: clients see INFO, and a
             // fingerprint is what a forged partner would need to pass a worker's key check.
@@ -1074,7 +1196,7 @@ impl Router {
                 Some(_) => "on",
             };
             out += &format!(
-                "pair{n}:workers={},{} state={},{} encryption={},{} keys={}\r\n",
+                "pair{n}:workers={},{} state={},{} encryption={},{} keys={} slots={}\r\n",
                 pair.workers[0].addr,
                 pair.workers[1].addr,
                 state(0),
@@ -1085,10 +1207,11 @@ impl Router {
                     "MISMATCH"
                 } else {
                     "ok"
-                }
+                },
+                held[n]
             );
         }
-        out
+        out + &self.membership_info()
     }
 
     /// Every worker's counters on one line, for the `stats` extension (less
@@ -1096,7 +1219,7 @@ impl Router {
     /// `pair0 127.0.0.1:7001 keys=3 bytes=410 ... | pair0 127.0.0.1:7002 down | ...`.
     pub async fn stats_line(self: &Arc<Self>) -> Bytes {
         let mut parts = Vec::new();
-        for (n, pair) in self.pairs.iter().enumerate() {
+        for (n, pair) in self.pairs().iter().enumerate() {
             for w in &pair.workers {
                 let counters = match self.worker_stats(w).await {
                     Some(text) => info::pairs(&text)
@@ -1115,8 +1238,9 @@ impl Router {
     /// Each pair's counters (`name:value` lines, see `twincache_protocol::info`), from
     /// whichever of its workers answers; `None` for a pair with no reachable worker.
     pub async fn pair_stats(self: &Arc<Self>) -> Vec<Option<String>> {
-        let mut out = Vec::with_capacity(self.pairs.len());
-        for pair in &self.pairs {
+        let topo = self.pairs();
+        let mut out = Vec::with_capacity(topo.len());
+        for pair in topo.iter() {
             let mut stats = None;
             for w in &pair.workers {
                 stats = self.worker_stats(w).await;

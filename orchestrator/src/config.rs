@@ -29,10 +29,36 @@ pub struct Config {
         value_name = "HOST PORT",
         env = "TWINCACHE_WORKERS",
         value_delimiter = ' ',
-        required_unless_present = "hash_password",
+        required_unless_present_any = ["hash_password", "cluster_file"],
         num_args = 1..
     )]
     pub workers: Vec<String>,
+
+    /// The pairs of workers, one pair per line as `<host>:<port> <host>:<port>` (`#` starts
+    /// a comment), instead of the list on the command line. Re-read on SIGHUP: a pair added
+    /// or removed moves slots online, a changed address replaces that worker (see README,
+    /// "Changing the cluster").
+    #[arg(long, env = "TWINCACHE_CLUSTER_FILE", value_name = "PATH")]
+    pub cluster_file: Option<PathBuf>,
+
+    /// Where the orchestrator keeps the pairs and the slot map across restarts: rewritten on
+    /// every change, read at start (then it, not the worker list, says where keys are, and
+    /// a move a stop interrupted is finished). `<cluster file>.state` by default with
+    /// --cluster-file; without either, a restart after a change would look for moved keys
+    /// on their old pairs.
+    #[arg(long, env = "TWINCACHE_STATE_FILE", value_name = "PATH")]
+    pub state_file: Option<PathBuf>,
+
+    /// How fast a slot move may copy, in stored bytes per second per receiving worker
+    /// (e.g. 32MiB); 0 for no limit. The sending worker's --resync-rate-limit applies too.
+    #[arg(long, env = "TWINCACHE_MOVE_RATE_LIMIT", default_value = "32MiB", value_parser = parse_size)]
+    pub move_rate_limit: u64,
+
+    /// Slots moved in one step: each step copies its slots' entries with one pass over the
+    /// sending worker's store, and a read-modify-write of a key in it waits for the step.
+    #[arg(long, env = "TWINCACHE_MOVE_BATCH_SLOTS", default_value_t = 256,
+          value_parser = clap::value_parser!(u16).range(1..=16384))]
+    pub move_batch_slots: u16,
 
     /// Read a password on standard input, print its argon2 hash for a --users-file, and exit.
     #[arg(long)]
@@ -380,6 +406,33 @@ impl Config {
     /// name with a port from 1 to 65535, given as one word (`host:port`) or two (`host port`),
     /// and an even count (they pair up).
     pub fn worker_addrs(&self) -> Result<Vec<String>, String> {
+        let listed = self.listed_workers()?;
+        let Some(path) = &self.cluster_file else {
+            return Ok(listed);
+        };
+        let from_file = read_cluster_file(path)?;
+        if !listed.is_empty() && listed != from_file {
+            return Err(format!(
+                "the workers on the command line differ from {}: give one or the other",
+                path.display()
+            ));
+        }
+        Ok(from_file)
+    }
+
+    /// `--state-file`, or its default next to the cluster file.
+    pub fn state_path(&self) -> Option<PathBuf> {
+        self.state_file.clone().or_else(|| {
+            self.cluster_file.as_ref().map(|f| {
+                let mut name = f.as_os_str().to_owned();
+                name.push(".state");
+                PathBuf::from(name)
+            })
+        })
+    }
+
+    /// The workers given on the command line (or in TWINCACHE_WORKERS).
+    fn listed_workers(&self) -> Result<Vec<String>, String> {
         let mut addrs = Vec::new();
         let mut words = self
             .workers
@@ -411,6 +464,63 @@ impl Config {
         }
         Ok(addrs)
     }
+}
+
+/// A worker's address given as one word, `<host>:<port>`, checked.
+pub fn parse_worker(word: &str) -> Result<String, String> {
+    let (host, port) =
+        split_host_port(word).ok_or_else(|| format!("`{word}` is not <host>:<port>"))?;
+    worker_addr(host, port)
+}
+
+/// Reads and parses a cluster file (see [`parse_cluster_file`]); errors name the file.
+pub fn read_cluster_file(path: &std::path::Path) -> Result<Vec<String>, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read the cluster file {}: {e}", path.display()))?;
+    parse_cluster_file(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// A cluster file: one pair per line, `<host>:<port> <host>:<port>`; `#` starts a comment,
+/// blank lines are skipped. Returns the workers in pairing order. Errors name the line.
+pub fn parse_cluster_file(text: &str) -> Result<Vec<String>, String> {
+    let mut addrs: Vec<String> = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let n = n + 1;
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let words: Vec<&str> = line.split_ascii_whitespace().collect();
+        let [a, b] = words.as_slice() else {
+            return Err(format!(
+                "line {n}: a pair is two workers, `<host>:<port> <host>:<port>`; got {} word(s)",
+                words.len()
+            ));
+        };
+        for word in [a, b] {
+            let addr = parse_worker(word).map_err(|e| format!("line {n}: {e}"))?;
+            if let Some(at) = addrs.iter().position(|x| *x == addr) {
+                return Err(format!(
+                    "line {n}: worker {addr} is given twice (line {} has it too)",
+                    line_of(text, at / 2)
+                ));
+            }
+            addrs.push(addr);
+        }
+    }
+    if addrs.is_empty() {
+        return Err("no pairs: a cluster needs at least one".into());
+    }
+    Ok(addrs)
+}
+
+/// The line number of the `pair`-th pair of a cluster file (for errors).
+fn line_of(text: &str, pair: usize) -> usize {
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.split('#').next().unwrap_or("").trim().is_empty())
+        .nth(pair)
+        .map_or(0, |(n, _)| n + 1)
 }
 
 /// `host:port` or `[ipv6]:port` as one word; `None` for a host alone (an IPv6 address without
@@ -477,6 +587,47 @@ mod tests {
         let mut argv = vec!["orchestrator"];
         argv.extend_from_slice(args);
         Config::try_parse_from(argv).unwrap().worker_addrs()
+    }
+
+    #[test]
+    fn cluster_files_parse_with_line_numbers_in_errors() {
+        let text =
+            "# the cache\n10.0.0.1:7001 10.0.0.2:7001  # pair 0\n\n  host-b:7001\t[::1]:7002\n";
+        assert_eq!(
+            parse_cluster_file(text).unwrap(),
+            vec![
+                "10.0.0.1:7001",
+                "10.0.0.2:7001",
+                "host-b:7001",
+                "[::1]:7002"
+            ]
+        );
+        let err = |t: &str| parse_cluster_file(t).unwrap_err();
+        assert_eq!(
+            err("a:1 b:2\nc:3\n"),
+            "line 2: a pair is two workers, `<host>:<port> <host>:<port>`; got 1 word(s)"
+        );
+        assert_eq!(
+            err("a:1 b:2 c:3"),
+            "line 1: a pair is two workers, `<host>:<port> <host>:<port>`; got 3 word(s)"
+        );
+        assert_eq!(err("a:1 b"), "line 1: `b` is not <host>:<port>");
+        assert_eq!(
+            err("a:1 b:0"),
+            "line 1: `0` (after `b`) is not a port from 1 to 65535"
+        );
+        assert_eq!(
+            err("a:1 b_x:2"),
+            "line 1: `b_x` is not an IP address or host name"
+        );
+        assert_eq!(
+            err("# x\na:1 b:2\nc:3 a:1\n"),
+            "line 3: worker a:1 is given twice (line 2 has it too)"
+        );
+        assert_eq!(
+            err("# nothing\n\n"),
+            "no pairs: a cluster needs at least one"
+        );
     }
 
     #[test]

@@ -49,7 +49,7 @@ use twincache_protocol::Status;
 use twincache_protocol::auth::ClusterSecret;
 use twincache_tls::Connector;
 
-use crate::cluster::{Mode, Pair, Router, WorkerLink, WorkerState};
+use crate::cluster::{Mode, Pair, Router, Topology, WorkerLink, WorkerState};
 use crate::identify::identify;
 use crate::metrics::RouterStats;
 
@@ -343,19 +343,19 @@ impl Router {
                 claim_ttl.as_millis()
             );
             let this = &self;
-            let polls = self.pairs().iter().flat_map(|p| &p.workers).map(|w| {
+            // One snapshot for the round: the pairs may change meanwhile.
+            let topo = self.pairs();
+            let polls = topo.iter().flat_map(|p| &p.workers).map(|w| {
                 let claim = &claim;
                 async move { this.poll(w, config.timeout, claim).await }
             });
             let seen: Vec<Option<Seen>> = join_all(polls).await;
-            let twins = self.twins(&seen);
+            let twins = self.twins(&topo, &seen);
             self.settle_claims(&seen);
             let Some(mode) = self.mode().or_else(|| self.learn_mode(&seen)) else {
                 continue;
             };
-            for ((pair, seen), twins) in
-                self.pairs().iter().zip(seen.chunks(2)).zip(twins.chunks(2))
-            {
+            for ((pair, seen), twins) in topo.iter().zip(seen.chunks(2)).zip(twins.chunks(2)) {
                 self.step(
                     pair,
                     [seen[0].as_ref(), seen[1].as_ref()],
@@ -370,7 +370,8 @@ impl Router {
             }
         }
         let release = format!("release {} {:016x}", self.clock.node(), self.instance);
-        for w in self.pairs().iter().flat_map(|p| &p.workers) {
+        let topo = self.pairs();
+        for w in topo.iter().flat_map(|p| &p.workers) {
             self.poll(w, config.timeout, &release).await;
         }
     }
@@ -423,8 +424,8 @@ impl Router {
 
     /// For each worker (in list order), whether an earlier one answered with the same boot id:
     /// one worker given under two addresses. Logged as an error when first seen.
-    fn twins(&self, seen: &[Option<Seen>]) -> Vec<bool> {
-        let links: Vec<&Arc<WorkerLink>> = self.pairs().iter().flat_map(|p| &p.workers).collect();
+    fn twins(&self, topo: &Topology, seen: &[Option<Seen>]) -> Vec<bool> {
+        let links: Vec<&Arc<WorkerLink>> = topo.iter().flat_map(|p| &p.workers).collect();
         let boot = |i: usize| seen[i].as_ref().map(|s| s.boot_id).filter(|b| *b != 0);
         (0..seen.len())
             .map(|i| {

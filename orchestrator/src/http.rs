@@ -216,7 +216,7 @@ impl Collector for Exposition {
         let mut samples = Vec::new();
         let mut views = Vec::new();
         for (n, pair) in router.pairs().iter().enumerate() {
-            for (i, w) in pair.workers.iter().enumerate() {
+            for w in &pair.workers {
                 let labels = vec![("pair", n.to_string()), ("worker", w.addr.clone())];
                 let now = w.state();
                 for state in STATES {
@@ -224,7 +224,7 @@ impl Collector for Exposition {
                     l.push(("state", state.name().to_string()));
                     states.push((l, f64::from(u8::from(now == state))));
                 }
-                views.push((labels, st.observer.worker(n * 2 + i)));
+                views.push((labels, st.observer.worker(&w.addr)));
             }
             mismatch.push((
                 vec![("pair", n.to_string())],
@@ -268,9 +268,8 @@ async fn status(State(s): State<Arc<HttpState>>) -> Response {
             let workers: Vec<Value> = pair
                 .workers
                 .iter()
-                .enumerate()
-                .map(|(i, w)| {
-                    let v = s.observer.worker(n * 2 + i);
+                .map(|w| {
+                    let v = s.observer.worker(&w.addr);
                     let adapter = v.stat("adapter_writes").map(|_| {
                         json!({
                             "cache": num(v.stat("adapter_cache_hits")),

@@ -53,6 +53,8 @@ pub struct Orchestrator {
     workers: Vec<String>,
     /// TLS for the client port and/or the worker links, if configured.
     tls: Option<Arc<NodeTls>>,
+    /// Ticks on SIGHUP: the cluster file is read again (see [`Orchestrator::reload_on`]).
+    reload: Option<tokio::sync::watch::Receiver<u64>>,
 }
 
 impl Orchestrator {
@@ -72,7 +74,16 @@ impl Orchestrator {
             config,
             workers,
             tls,
+            reload: None,
         })
+    }
+
+    /// Re-reads `--cluster-file` on every tick of `reload` (SIGHUP) and makes the cluster
+    /// what it says; without a cluster file the receiver is dropped.
+    pub fn reload_on(&mut self, reload: tokio::sync::watch::Receiver<u64>) {
+        if self.config.cluster_file.is_some() {
+            self.reload = Some(reload);
+        }
     }
 
     /// Its TLS, for reloading the certificates (`NodeTls::reload_on` the SIGHUP channel).
@@ -133,6 +144,7 @@ impl Orchestrator {
                 None
             }),
             tls: self.tls.as_ref().and_then(NodeTls::connector),
+            state_file: c.state_path(),
         };
         // Worker links outlive the client sessions: they stop once those have drained.
         let links_shutdown = CancellationToken::new();
@@ -151,6 +163,49 @@ impl Orchestrator {
             timeout: c.health_timeout,
         };
         tokio::spawn(router.clone().monitor(health, links_shutdown.clone()));
+        router.membership.configure(
+            c.move_rate_limit,
+            usize::from(c.move_batch_slots),
+            c.cluster_file.is_some(),
+        );
+        tokio::spawn(router.clone().run_membership(links_shutdown.clone()));
+        // What is wanted: the cluster file, else the pairs as the last run left them (the
+        // state file, which holds the CLUSTER commands' changes), else the command line.
+        // A difference, or a move a stop interrupted, is taken up at once.
+        let wanted = match &c.cluster_file {
+            Some(_) => self.workers.clone(),
+            None => {
+                let kept = router.current_workers();
+                if kept != self.workers {
+                    tracing::warn!(
+                        "the state file's pairs differ from the command line's: serving the \
+                         state file's (a CLUSTER change made before the restart)"
+                    );
+                }
+                kept
+            }
+        };
+        router.membership.want(&wanted);
+        if let (Some(mut reload), Some(path)) = (self.reload, c.cluster_file.clone()) {
+            let (router, config) = (router.clone(), c.clone());
+            tokio::spawn(async move {
+                while reload.changed().await.is_ok() {
+                    let read = config::read_cluster_file(&path)
+                        .and_then(|addrs| config.check_distinct(&addrs).map(|_| addrs));
+                    match read {
+                        Ok(addrs) => {
+                            tracing::info!(
+                                file = %path.display(),
+                                pairs = addrs.len() / 2,
+                                "cluster file read again"
+                            );
+                            router.membership.want(&addrs);
+                        }
+                        Err(e) => tracing::error!("cluster file not applied: {e}"),
+                    }
+                }
+            });
+        }
         let session_config = Arc::new(SessionConfig {
             idle_timeout: c.idle_timeout,
             max_line: c.max_line as usize,
@@ -176,7 +231,7 @@ impl Orchestrator {
             tracing::info!("clients must authenticate");
         }
         if let Some(listener) = self.http {
-            let observer = Arc::new(observe::Observer::new(&router));
+            let observer = Arc::new(observe::Observer::default());
             tokio::spawn(observer.clone().run(
                 router.clone(),
                 metrics.clone(),

@@ -49,7 +49,8 @@ impl LocalCluster {
                 let key = (0..)
                     .map(|n| format!("probe:{n}"))
                     .find(|k| {
-                        twincache_protocol::hash::pair_for_key(k.as_bytes(), self.workers.len() / 2)
+                        twincache_protocol::slots::SlotMap::even(self.workers.len() / 2)
+                            .pair_of(k.as_bytes())
                             == i
                     })
                     .expect("some key lands on every pair");

@@ -7,6 +7,7 @@
 //! A worker that does not answer keeps no numbers: its samples disappear from `/metrics`
 //! and the page shows it without them.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -107,28 +108,22 @@ fn cumulative(t: Totals) -> Option<f64> {
     (t.hits + t.misses > 0).then(|| t.hits as f64 / (t.hits + t.misses) as f64)
 }
 
-/// The cache, one view per worker in pairing order (pair `n` holds `2n` and `2n + 1`).
-#[derive(Debug)]
+/// The cache, one view per worker, by address (the pairs may change).
+#[derive(Debug, Default)]
 pub struct Observer {
-    workers: Vec<Mutex<WorkerView>>,
+    workers: Mutex<HashMap<String, WorkerView>>,
     /// Requests per second through this orchestrator over the last interval.
     ops: Mutex<(f64, Option<(Instant, u64)>)>,
 }
 
 impl Observer {
-    pub fn new(router: &Router) -> Observer {
-        let n = router.pairs().len() * 2;
-        Observer {
-            workers: (0..n).map(|_| Mutex::default()).collect(),
-            ops: Mutex::default(),
-        }
-    }
-
-    /// Worker `i` (pairing order): a copy of its last view.
-    pub fn worker(&self, i: usize) -> WorkerView {
+    /// The worker at `addr`: a copy of its last view.
+    pub fn worker(&self, addr: &str) -> WorkerView {
         self.workers
-            .get(i)
-            .map(|w| w.lock().unwrap_or_else(|e| e.into_inner()).clone())
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(addr)
+            .cloned()
             .unwrap_or_default()
     }
 
@@ -151,15 +146,20 @@ impl Observer {
                 _ = tick.tick() => {}
                 _ = shutdown.cancelled() => return,
             }
-            let links: Vec<&Arc<WorkerLink>> =
-                router.pairs().iter().flat_map(|p| &p.workers).collect();
+            let topo = router.pairs();
+            let links: Vec<&Arc<WorkerLink>> = topo.iter().flat_map(|p| &p.workers).collect();
             let answers = join_all(links.iter().map(|w| poll(&router, w))).await;
             let now = Instant::now();
-            for (view, (stats, status)) in self.workers.iter().zip(answers) {
-                view.lock()
-                    .unwrap_or_else(|e| e.into_inner())
+            let mut views = self.workers.lock().unwrap_or_else(|e| e.into_inner());
+            // Workers no longer in the cluster are forgotten.
+            views.retain(|addr, _| links.iter().any(|w| &w.addr == addr));
+            for (w, (stats, status)) in links.iter().zip(answers) {
+                views
+                    .entry(w.addr.clone())
+                    .or_default()
                     .update(stats, status, now);
             }
+            drop(views);
             let total = metrics.total_commands();
             let mut ops = self.ops.lock().unwrap_or_else(|e| e.into_inner());
             if let Some((at, before)) = ops.1 {

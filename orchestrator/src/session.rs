@@ -907,6 +907,7 @@ impl Protocol for BinaryProtocol {
             | Op::Apply
             | Op::Query
             | Op::Replicate
+            | Op::Slots
             | Op::Scan
             | Op::Flush
             | Op::Unknown(_) => {

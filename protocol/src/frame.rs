@@ -143,6 +143,11 @@ pub enum Op {
     /// Orchestrator to worker: remove every entry older than the request's version, and
     /// refuse older writes from now on (FLUSHALL).
     Flush,
+    /// Orchestrator to worker: slot moves (see `worker::sync`'s module docs). The value is
+    /// a line: `import <addr> <lo> <hi> <rate>` (copy slots `lo..hi` from the worker at
+    /// `addr`, in the background), `progress` (the last import's state), or
+    /// `drop <lo> <hi>` (remove the entries of those slots).
+    Slots,
     Unknown(u8),
 }
 
@@ -171,6 +176,7 @@ impl Op {
             Op::Replicate => 20,
             Op::Scan => 21,
             Op::Flush => 22,
+            Op::Slots => 23,
             Op::Unknown(c) => c,
         }
     }
@@ -199,6 +205,7 @@ impl Op {
             20 => Op::Replicate,
             21 => Op::Scan,
             22 => Op::Flush,
+            23 => Op::Slots,
             c => Op::Unknown(c),
         }
     }

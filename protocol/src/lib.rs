@@ -17,7 +17,8 @@
 //! - [`budget`]: memory held for connections (per process and per connection).
 //! - [`coverage`]: what partners know of each other's writes (in a worker's `status`).
 //! - [`info`]: the `name:value` text of workers' `stats` and `status` answers.
-//! - [`hash`]: the stable key hash and the consistent key-to-pair mapping.
+//! - [`hash`]: the stable key hash and hash tags.
+//! - [`slots`]: placement: a key's slot, and the map of slots to pairs.
 //! - [`server`]: the accept loop both servers share (connection cap, graceful shutdown).
 //! - [`units`]: parsing of human durations and sizes used by the command lines.
 //! - [`version`]: the layout of write versions (time, counter, orchestrator id).
@@ -32,6 +33,7 @@ pub mod info;
 pub mod program;
 pub mod resp;
 pub mod server;
+pub mod slots;
 pub mod status;
 pub mod text;
 pub mod units;

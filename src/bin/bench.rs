@@ -42,6 +42,22 @@ struct Args {
     /// Distinct keys; loaded before a get or mixed run.
     #[arg(long, short = 'r', default_value_t = 100_000)]
     keys: usize,
+    /// Values of pseudo-random bytes, a different one per key and write, which neither lz4
+    /// nor the workers' dictionary can shrink (the default, one byte repeated, stores in a
+    /// few bytes).
+    #[arg(long)]
+    incompressible: bool,
+    /// Skip loading the keys (they are there from an earlier run).
+    #[arg(long)]
+    no_load: bool,
+    /// Write every request as `<unix ms when answered> <latency us> <1 ok | 0 failed>`, one
+    /// a line, to compare latency in a window (e.g. during a slot move) with before.
+    #[arg(long, value_name = "PATH")]
+    latency_log: Option<std::path::PathBuf>,
+    /// Stop sending after this many seconds, even if fewer than --requests were sent (as
+    /// on SIGINT: the requests in flight are answered and the results printed).
+    #[arg(long, value_name = "SECONDS")]
+    duration: Option<f64>,
 }
 
 struct Rng(u64);
@@ -55,6 +71,12 @@ impl Rng {
     }
 }
 
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 fn key(i: u64) -> String {
     format!("key:{i:012}")
 }
@@ -66,17 +88,32 @@ async fn main() -> anyhow::Result<()> {
         args.connections > 0 && args.pipeline > 0 && args.keys > 0,
         "counts must be positive"
     );
-    let value = Bytes::from(vec![b'x'; args.value_size]);
+    // With --incompressible, values are windows of a random pool at a random offset.
+    let value = if args.incompressible {
+        let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+        Bytes::from(
+            (0..args.value_size + (4 << 20))
+                .map(|_| rng.next() as u8)
+                .collect::<Vec<u8>>(),
+        )
+    } else {
+        Bytes::from(vec![b'x'; args.value_size])
+    };
+    let size = args.value_size;
+    let pick = move |value: &Bytes, r: u64| -> Bytes {
+        let at = (r % (value.len() - size + 1) as u64) as usize;
+        value.slice(at..at + size)
+    };
     let mut clients = Vec::with_capacity(args.connections);
     for _ in 0..args.connections {
         clients.push(Client::connect(&args.addr).await?);
     }
-    if args.op != Workload::Set {
+    if args.op != Workload::Set && !args.no_load {
         let started = Instant::now();
         let mut loads = FuturesUnordered::new();
         for i in 0..args.keys as u64 {
             let c = &clients[i as usize % clients.len()];
-            loads.push(c.set(key(i), value.clone()));
+            loads.push(c.set(key(i), pick(&value, i.wrapping_mul(0x9e37_79b9_7f4a_7c15))));
             if loads.len() >= 256 {
                 loads.next().await.transpose()?;
             }
@@ -89,25 +126,41 @@ async fn main() -> anyhow::Result<()> {
 
     let per_conn = args.requests.div_ceil(args.connections);
     let started = Instant::now();
+    let until = args.duration.map(|s| started + Duration::from_secs_f64(s));
+    let interrupted = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = interrupted.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            flag.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    });
     let tasks: Vec<_> = clients
         .into_iter()
         .enumerate()
         .map(|(c, client)| {
             let value = value.clone();
             let (op, pipeline, keys) = (args.op, args.pipeline, args.keys as u64);
+            let logging = args.latency_log.is_some();
+            let interrupted = interrupted.clone();
             tokio::spawn(async move {
                 let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (c as u64 + 1));
                 let mut latencies = Vec::with_capacity(per_conn);
+                let mut log = Vec::new();
                 let mut errors = 0usize;
                 let mut inflight = FuturesUnordered::new();
                 let mut sent = 0;
                 while sent < per_conn || !inflight.is_empty() {
+                    if until.is_some_and(|u| Instant::now() >= u)
+                        || interrupted.load(std::sync::atomic::Ordering::Relaxed)
+                    {
+                        sent = per_conn;
+                    }
                     while sent < per_conn && inflight.len() < pipeline {
                         let r = rng.next();
                         let k = key(r % keys);
                         let write =
                             op == Workload::Set || (op == Workload::Mixed && r.is_multiple_of(10));
-                        let (client, value) = (client.clone(), value.clone());
+                        let (client, value) = (client.clone(), pick(&value, r >> 7));
                         inflight.push(async move {
                             let t = Instant::now();
                             let ok = if write {
@@ -120,20 +173,34 @@ async fn main() -> anyhow::Result<()> {
                         sent += 1;
                     }
                     if let Some((lat, ok)) = inflight.next().await {
-                        latencies.push(lat.as_micros().min(u128::from(u32::MAX)) as u32);
+                        let us = lat.as_micros().min(u128::from(u32::MAX)) as u32;
+                        latencies.push(us);
                         errors += usize::from(!ok);
+                        if logging {
+                            log.push((unix_ms(), us, ok));
+                        }
                     }
                 }
-                (latencies, errors)
+                (latencies, errors, log)
             })
         })
         .collect();
     let mut all = Vec::with_capacity(args.requests);
     let mut errors = 0;
+    let mut log = Vec::new();
     for t in tasks {
-        let (lat, err) = t.await?;
+        let (lat, err, l) = t.await?;
         all.extend(lat);
         errors += err;
+        log.extend(l);
+    }
+    if let Some(path) = &args.latency_log {
+        use std::io::Write;
+        let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
+        for (at, us, ok) in log {
+            writeln!(out, "{at} {us} {}", u8::from(ok))?;
+        }
+        out.flush()?;
     }
     let elapsed = started.elapsed();
     all.sort_unstable();

@@ -19,11 +19,12 @@ async fn run(config: Config) {
     twincache::init_tracing(&config.log_format);
     twincache::log_runtime(config.threads);
     let listen = config.listen;
-    let orchestrator = Orchestrator::bind(config)
+    let mut orchestrator = Orchestrator::bind(config)
         .await
         .unwrap_or_else(|e| twincache::fail(1, format_args!("cannot listen on {listen}: {e}")));
     let shutdown = twincache::shutdown_on_signal();
     let reload = twincache::reload_on_signal();
+    orchestrator.reload_on(reload.clone());
     match orchestrator.tls() {
         Some(tls) => drop(tokio::spawn(tls.reload_on(reload))),
         None => drop(reload),

@@ -2,7 +2,7 @@
 
 use bytes::Bytes;
 use twincache_client::{Client, Error, Status};
-use twincache_protocol::hash::pair_for_key;
+use twincache_protocol::slots::SlotMap;
 
 use crate::harness::{exchange, Cluster};
 
@@ -61,7 +61,7 @@ async fn keys_land_on_both_workers_of_their_pair_and_nowhere_else() {
     }
     let mut per_pair = [0usize; 2];
     for k in &keys {
-        let pair = pair_for_key(k.as_bytes(), 2);
+        let pair = SlotMap::even(2).pair_of(k.as_bytes());
         per_pair[pair] += 1;
         for (i, w) in workers.iter().enumerate() {
             let held = w.get(k).await.unwrap();

@@ -11,7 +11,7 @@ use redis::AsyncCommands;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use twincache_protocol::frame::{encode_frame, flags, FrameCodec, Op, Request, PREAMBLE};
-use twincache_protocol::hash::pair_for_key;
+use twincache_protocol::slots::SlotMap;
 
 use crate::harness::{Cluster, TextConn};
 use crate::resp::cli;
@@ -20,11 +20,11 @@ use crate::resp::cli;
 fn keys_on_two_pairs() -> (String, String) {
     let a = (0..)
         .map(|i| format!("a{i}"))
-        .find(|k| pair_for_key(k.as_bytes(), 2) == 0)
+        .find(|k| SlotMap::even(2).pair_of(k.as_bytes()) == 0)
         .unwrap();
     let b = (0..)
         .map(|i| format!("b{i}"))
-        .find(|k| pair_for_key(k.as_bytes(), 2) == 1)
+        .find(|k| SlotMap::even(2).pair_of(k.as_bytes()) == 1)
         .unwrap();
     (a, b)
 }

@@ -25,10 +25,10 @@ pub const FAST: &[&str] = &[
     "200ms",
 ];
 
-type Model = Arc<Mutex<HashMap<String, Option<String>>>>;
+pub type Model = Arc<Mutex<HashMap<String, Option<String>>>>;
 
 /// Clients writing, deleting and reading their own keys until stopped.
-struct Load {
+pub struct Load {
     stop: Arc<AtomicBool>,
     models: Vec<Model>,
     errors: Arc<Mutex<Vec<String>>>,
@@ -36,7 +36,7 @@ struct Load {
 }
 
 impl Load {
-    async fn start(addr: SocketAddr, clients: usize) -> Load {
+    pub async fn start(addr: SocketAddr, clients: usize) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let errors = Arc::new(Mutex::new(Vec::new()));
         let mut models = Vec::new();
@@ -96,7 +96,7 @@ impl Load {
     }
 
     /// Stops the clients; the operations done, and the errors they saw.
-    async fn stop(self) -> (u64, Vec<String>, Vec<Model>) {
+    pub async fn stop(self) -> (u64, Vec<String>, Vec<Model>) {
         self.stop.store(true, Ordering::Relaxed);
         let mut ops = 0;
         for t in self.tasks {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use twincache_protocol::hash::pair_for_key;
+use twincache_protocol::slots::SlotMap;
 
 pub const WORKER: &str = env!("CARGO_BIN_EXE_worker");
 pub const ORCHESTRATOR: &str = env!("CARGO_BIN_EXE_orchestrator");
@@ -265,9 +265,10 @@ pub fn noise(seed: u64, len: usize) -> Vec<u8> {
 
 /// The `n`-th key (of the form `k:<i>`) that lands on `pair` of `pairs`.
 pub fn key_on_pair(pair: usize, pairs: usize, n: usize) -> String {
+    let map = SlotMap::even(pairs);
     (0..)
         .map(|i| format!("k:{i}"))
-        .filter(|k| pair_for_key(k.as_bytes(), pairs) == pair)
+        .filter(|k| map.pair_of(k.as_bytes()) == pair)
         .nth(n)
         .expect("keys land on every pair")
 }

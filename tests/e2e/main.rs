@@ -12,6 +12,7 @@ mod deploy;
 mod differential;
 mod faults;
 mod limits;
+mod membership;
 mod migrate;
 mod ops;
 mod partition;

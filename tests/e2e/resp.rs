@@ -5,7 +5,7 @@ use std::process::Command;
 use redis::AsyncCommands;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use twincache_protocol::hash::pair_for_key;
+use twincache_protocol::slots::SlotMap;
 
 use crate::harness::{exchange, Cluster};
 
@@ -122,8 +122,10 @@ async fn redis_crate_commands_pipelines_and_binary_values() {
 
     // MGET and MSET across both pairs come back in order.
     let keys: Vec<String> = (0..40).map(|i| format!("across:{i}")).collect();
-    let pairs: std::collections::HashSet<usize> =
-        keys.iter().map(|k| pair_for_key(k.as_bytes(), 2)).collect();
+    let pairs: std::collections::HashSet<usize> = keys
+        .iter()
+        .map(|k| SlotMap::even(2).pair_of(k.as_bytes()))
+        .collect();
     assert_eq!(pairs.len(), 2, "the keys span both pairs");
     let items: Vec<(String, String)> = keys
         .iter()

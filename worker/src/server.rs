@@ -343,7 +343,20 @@ where
                         Ok(Some(req)) if req.op == Op::Snapshot => {
                             // A stream of frames, not one answer: send what is pending first.
                             write_out(&mut stream, &mut out, idle_timeout).await?;
-                            serve_snapshot(&mut stream, &node.store, &node.sync, req.id, node.resync_rate_limit).await?;
+                            match crate::sync::parse_snapshot_request(&req.value) {
+                                Ok((slots, rate)) => {
+                                    // The stricter of this worker's limit and the asker's.
+                                    let rate = match (node.resync_rate_limit, rate) {
+                                        (0, r) | (r, 0) => r,
+                                        (a, b) => a.min(b),
+                                    };
+                                    serve_snapshot(&mut stream, &node.store, &node.sync, req.id, rate, slots).await?;
+                                }
+                                Err(e) => {
+                                    out.encode(&Response { id: req.id, status: Status::ParseError, payload: Bytes::from(e) });
+                                    write_out(&mut stream, &mut out, idle_timeout).await?;
+                                }
+                            }
                         }
                         Ok(Some(req)) => {
                             let id = req.id;
@@ -692,6 +705,7 @@ pub fn handle(node: &Node, req: Request) -> Response {
                 b"already running"
             }))
         }
+        Op::Slots => slots(node, &String::from_utf8_lossy(&req.value)),
         // Served by the connection loop, which streams it.
         Op::Snapshot => Response::status(Status::ServerError),
         Op::Passthrough | Op::Invalidate => {
@@ -702,6 +716,53 @@ pub fn handle(node: &Node, req: Request) -> Response {
         Op::ClusterHello | Op::ClusterProof | Op::Auth | Op::Command | Op::Unknown(_) => {
             Response::status(Status::InvalidCommand)
         }
+    }
+}
+
+/// The `slots` op: a slot move's steps on this worker (see `sync`).
+fn slots(node: &Node, line: &str) -> Response {
+    let words: Vec<&str> = line.split_ascii_whitespace().collect();
+    let range = |lo: &str, hi: &str| crate::sync::slot_range(lo, hi);
+    match words.as_slice() {
+        ["import", from, lo, hi, rate] => {
+            let (Ok(range), Ok(rate)) = (range(lo, hi), rate.parse::<u64>()) else {
+                return Response::error(Status::ParseError, "import ADDR LO HI RATE");
+            };
+            let started = node.sync.import(
+                node.store.clone(),
+                from.to_string(),
+                range,
+                rate,
+                node.max_frame + 1024,
+                node.secret.clone(),
+                node.tls.as_ref().and_then(NodeTls::connector),
+            );
+            match started {
+                Some(seq) => Response::ok(Bytes::from(seq.to_string())),
+                None => Response::error(Status::Unavailable, "an import is running"),
+            }
+        }
+        ["progress"] => Response::ok(Bytes::from(node.sync.import_progress())),
+        ["drop", lo, hi] => match range(lo, hi) {
+            Ok((lo, hi)) => {
+                let n = node.store.drop_slots(lo, hi);
+                tracing::info!(
+                    slots = format_args!("{lo}-{}", hi - 1),
+                    entries = n,
+                    "slots dropped: moved to another pair"
+                );
+                Response::ok(Bytes::from(n.to_string()))
+            }
+            Err(e) => Response {
+                id: 0,
+                status: Status::ParseError,
+                payload: Bytes::from(e),
+            },
+        },
+        _ => Response::error(
+            Status::ParseError,
+            "slots takes `import ADDR LO HI RATE`, `progress` or `drop LO HI`",
+        ),
     }
 }
 

@@ -223,6 +223,21 @@ fn size_class(n: usize) -> usize {
 }
 
 /// Milliseconds since the Unix epoch.
+/// The key of an entry as a snapshot carries it, if the bytes hold one (the rest of the
+/// entry is checked when it is merged).
+pub fn raw_entry_key(raw: &[u8]) -> Option<&[u8]> {
+    let field = raw.get(16..20)?;
+    let key_len =
+        u32::from_le_bytes([field[0], field[1], field[2], field[3]]) as usize & MAX_KEY_LEN;
+    raw.get(HEADER..HEADER.checked_add(key_len)?)
+}
+
+/// Whether `key`'s slot is in `lo..hi`.
+pub fn in_slots(key: &[u8], lo: u16, hi: u32) -> bool {
+    let slot = twincache_protocol::slots::slot_of(key);
+    slot >= lo && u32::from(slot) < hi
+}
+
 pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -939,6 +954,28 @@ impl Store {
         for e in shard.table.iter().filter(|e| !e.expired(now)) {
             each(&e.0);
         }
+    }
+
+    /// [`Store::snapshot_shard`] for the entries whose key is in slots `lo..hi` (a slot
+    /// move's share of the shard).
+    pub fn snapshot_slots(&self, n: usize, lo: u16, hi: u32, mut each: impl FnMut(&[u8])) {
+        let now = now_ms();
+        let shard = self.shards[n % SHARDS]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        for e in shard.table.iter().filter(|e| !e.expired(now)) {
+            if in_slots(e.key(), lo, hi) {
+                each(&e.0);
+            }
+        }
+    }
+
+    /// Removes every entry (values and tombstones) in slots `lo..hi`, without leaving
+    /// tombstones: the slots moved to another pair, which holds them now. Returns how many.
+    pub fn drop_slots(&self, lo: u16, hi: u32) -> usize {
+        (0..SHARDS)
+            .map(|n| self.remove_where(n, |e| in_slots(e.key(), lo, hi)))
+            .sum()
     }
 
     pub const SHARDS: usize = SHARDS;

@@ -37,6 +37,16 @@
 //!   older than its own delete horizon only where it holds the key (a missing key may be a
 //!   delete it no longer remembers).
 //!
+//! ## Slot imports
+//!
+//! When slots move to another pair (`orchestrator::cluster::membership`), each worker of the
+//! new pair is told `slots import <addr> <lo> <hi> <rate>` and pulls those slots' entries
+//! from a worker of the old pair ([`SyncState::import`]): a snapshot asked with
+//! `slots <lo> <hi> rate <r>` holds only them, and they are merged by version with no floor
+//! ([`Refill::Import`]; entries outside the range are ignored). It touches neither the
+//! `synced` flag nor the coverage: the two pairs' histories are their own. `slots drop`
+//! removes the slots from the old pair once the orchestrator has moved their traffic.
+//!
 //! A snapshot is a stream of response frames, all with the request's id. Each `Ok` frame
 //! holds records; a `NotFound` frame ends the stream.
 //!
@@ -113,6 +123,8 @@ pub struct SyncState {
     /// each `replicate` moves it to now plus the sender's worker timeout. This worker applies
     /// no program before then (see `exec`).
     partner_applies_until: AtomicU64,
+    /// The last slot import; one runs at a time.
+    import: Mutex<ImportRun>,
 }
 
 /// Refills as counters: read by `status` (and so by `/metrics` and the status page) while a
@@ -166,6 +178,21 @@ pub enum Refill {
     Resync,
     /// A serving worker: keep everything, take what is newer.
     Merge,
+    /// Slots `lo..hi` moving here from another pair: take every entry of those slots
+    /// unless newer here (writes and deletes made here during the move win), whatever its
+    /// age, since this pair never held them before; nothing else is touched.
+    Import { lo: u16, hi: u32 },
+}
+
+/// The state of the last slot import (see [`SyncState::import`]).
+#[derive(Debug, Default, Clone)]
+struct ImportRun {
+    /// Imports started since start: the orchestrator asks for the progress of its own.
+    seq: u64,
+    phase: Phase,
+    keys: u64,
+    bytes: u64,
+    error: String,
 }
 
 impl Default for SyncState {
@@ -180,6 +207,7 @@ impl Default for SyncState {
             traffic: Traffic::default(),
             synced_at: AtomicU64::new(0),
             partner_applies_until: AtomicU64::new(0),
+            import: Mutex::default(),
         }
     }
 }
@@ -369,6 +397,7 @@ impl SyncState {
                 secret.as_ref(),
                 tls.as_ref(),
                 &state.traffic,
+                0,
             )
             .await;
             let mut run = state.run();
@@ -414,6 +443,120 @@ impl SyncState {
     }
 }
 
+impl SyncState {
+    fn import_run(&self) -> std::sync::MutexGuard<'_, ImportRun> {
+        self.import.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts copying slots `lo..hi` from the worker at `from` into `store` (a slot move:
+    /// see the module docs), unless an import is running. Returns its sequence number, or
+    /// `None` if one is running.
+    #[allow(clippy::too_many_arguments)]
+    pub fn import(
+        self: &Arc<Self>,
+        store: Arc<Store>,
+        from: String,
+        (lo, hi): (u16, u32),
+        rate: u64,
+        max_frame: usize,
+        secret: Option<ClusterSecret>,
+        tls: Option<Connector>,
+    ) -> Option<u64> {
+        let seq = {
+            let mut run = self.import_run();
+            if run.phase == Phase::Running {
+                return None;
+            }
+            run.seq += 1;
+            run.phase = Phase::Running;
+            run.error.clear();
+            (run.keys, run.bytes) = (0, 0);
+            run.seq
+        };
+        let state = self.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let result = pull(
+                &store,
+                &from,
+                Refill::Import { lo, hi },
+                max_frame,
+                secret.as_ref(),
+                tls.as_ref(),
+                &state.traffic,
+                rate,
+            )
+            .await;
+            let mut run = state.import_run();
+            match result {
+                Ok(pulled) => {
+                    run.phase = Phase::Done;
+                    (run.keys, run.bytes) = (pulled.keys, pulled.bytes);
+                    tracing::info!(
+                        %from,
+                        slots = format_args!("{lo}-{}", hi - 1),
+                        keys = pulled.keys,
+                        bytes = pulled.bytes,
+                        seconds = started.elapsed().as_secs_f64(),
+                        "slots imported"
+                    );
+                }
+                Err(e) => {
+                    run.phase = Phase::Failed;
+                    tracing::warn!(%from, error = %e, "slot import failed");
+                    run.error = e;
+                }
+            }
+        });
+        Some(seq)
+    }
+
+    /// The last import's state: `<seq> <running|done|failed|idle> <keys> <bytes> <error>`.
+    pub fn import_progress(&self) -> String {
+        let run = self.import_run();
+        let phase = match run.phase {
+            Phase::Idle => "idle",
+            Phase::Running => "running",
+            Phase::Done => "done",
+            Phase::Failed => "failed",
+        };
+        format!(
+            "{} {phase} {} {} {}",
+            run.seq, run.keys, run.bytes, run.error
+        )
+    }
+}
+
+/// A snapshot request's value: `slots <lo> <hi> [rate <bytes/s>]` asks for those slots'
+/// entries only (a slot move), paced at most at that rate; empty asks for everything.
+pub fn parse_snapshot_request(value: &[u8]) -> Result<(Option<(u16, u32)>, u64), String> {
+    let text = String::from_utf8_lossy(value);
+    let words: Vec<&str> = text.split_ascii_whitespace().collect();
+    match words.as_slice() {
+        [] => Ok((None, 0)),
+        ["slots", lo, hi, rest @ ..] => {
+            let (lo, hi) = slot_range(lo, hi)?;
+            let rate = match rest {
+                [] => 0,
+                ["rate", r] => r.parse().map_err(|_| format!("bad rate {r:?}"))?,
+                _ => return Err("snapshot takes `slots LO HI [rate N]`".into()),
+            };
+            Ok((Some((lo, hi)), rate))
+        }
+        _ => Err("snapshot takes `slots LO HI [rate N]`".into()),
+    }
+}
+
+/// Slots `lo..hi`, checked: `lo < hi <= 16384`.
+pub fn slot_range(lo: &str, hi: &str) -> Result<(u16, u32), String> {
+    let lo: u16 = lo.parse().map_err(|_| format!("bad slot {lo:?}"))?;
+    let hi: u32 = hi.parse().map_err(|_| format!("bad slot {hi:?}"))?;
+    if u32::from(lo) >= hi || hi as usize > twincache_protocol::slots::SLOTS {
+        return Err(format!("bad slot range {lo}..{hi}"));
+    }
+    Ok((lo, hi))
+}
+
 fn put_record(out: &mut BytesMut, kind: u8, bytes: &[u8]) {
     out.put_u8(kind);
     out.put_u32_le(bytes.len() as u32);
@@ -456,12 +599,15 @@ pub fn entry_record(records: &mut BytesMut, entry: &[u8]) {
 /// Serves a snapshot on `stream`: the meta record, the dictionary, every entry, then the end.
 /// With `rate_limit` (bytes per second, 0 for none) it paces itself, so a resync cannot take
 /// the bandwidth live traffic needs.
+///
+/// With `slots`, only the entries of slots `lo..hi` are sent (a slot move).
 pub async fn serve_snapshot<S: AsyncWrite + Unpin>(
     stream: &mut S,
     store: &Store,
     sync: &SyncState,
     id: u64,
     rate_limit: u64,
+    slots: Option<(u16, u32)>,
 ) -> std::io::Result<()> {
     let started = Instant::now();
     let mut sent = 0u64;
@@ -471,7 +617,12 @@ pub async fn serve_snapshot<S: AsyncWrite + Unpin>(
     for n in 0..Store::SHARDS {
         // One shard's records at a time (a 64th of the store), copied under its lock and
         // sent after it is released, in frames of whole records.
-        store.snapshot_shard(n, |entry| entry_record(&mut records, entry));
+        match slots {
+            None => store.snapshot_shard(n, |entry| entry_record(&mut records, entry)),
+            Some((lo, hi)) => {
+                store.snapshot_slots(n, lo, hi, |entry| entry_record(&mut records, entry))
+            }
+        }
         while !records.is_empty() {
             let cut = record_boundary(&records, BATCH_BYTES);
             sent += cut as u64;
@@ -544,6 +695,7 @@ pub struct Pulled {
 
 /// Pulls a snapshot from `partner` into `store` (see [`Refill`]), over TLS with `tls`
 /// (the partner's certificate checked against its address).
+#[allow(clippy::too_many_arguments)]
 async fn pull(
     store: &Store,
     partner: &str,
@@ -552,6 +704,7 @@ async fn pull(
     secret: Option<&ClusterSecret>,
     tls: Option<&Connector>,
     traffic: &Traffic,
+    rate: u64,
 ) -> Result<Pulled, String> {
     let stream = tokio::time::timeout(STALL, TcpStream::connect(partner))
         .await
@@ -559,18 +712,27 @@ async fn pull(
         .map_err(|e| format!("cannot connect to {partner}: {e}"))?;
     stream.set_nodelay(true).ok();
     match tls {
-        None => pull_from(stream, store, partner, refill, max_frame, secret, traffic).await,
+        None => {
+            pull_from(
+                stream, store, partner, refill, max_frame, secret, traffic, rate,
+            )
+            .await
+        }
         Some(tls) => {
             let stream = tokio::time::timeout(STALL, tls.connect(partner, stream))
                 .await
                 .map_err(|_| format!("{partner} did not complete the TLS handshake"))?
                 .map_err(|e| format!("TLS handshake with {partner}: {e}"))?;
-            pull_from(stream, store, partner, refill, max_frame, secret, traffic).await
+            pull_from(
+                stream, store, partner, refill, max_frame, secret, traffic, rate,
+            )
+            .await
         }
     }
 }
 
 /// [`pull`] over an open stream, plain or TLS.
+#[allow(clippy::too_many_arguments)]
 async fn pull_from<S: AsyncRead + AsyncWrite + Unpin>(
     mut stream: S,
     store: &Store,
@@ -579,6 +741,7 @@ async fn pull_from<S: AsyncRead + AsyncWrite + Unpin>(
     max_frame: usize,
     secret: Option<&ClusterSecret>,
     traffic: &Traffic,
+    rate: u64,
 ) -> Result<Pulled, String> {
     let mut hello = BytesMut::new();
     match secret {
@@ -589,7 +752,11 @@ async fn pull_from<S: AsyncRead + AsyncWrite + Unpin>(
             .map_err(|e| format!("cluster handshake with {partner}: {e}"))?,
         None => hello.put_slice(&PREAMBLE),
     }
-    encode_frame(&Request::new(Op::Snapshot, Bytes::new()), &mut hello);
+    let mut ask = Request::new(Op::Snapshot, Bytes::new());
+    if let Refill::Import { lo, hi } = refill {
+        ask.value = Bytes::from(format!("slots {lo} {hi} rate {rate}"));
+    }
+    encode_frame(&ask, &mut hello);
     let sent = async {
         stream.write_all(&hello).await?;
         stream.flush().await
@@ -643,7 +810,7 @@ impl<'a> Intake<'a> {
             // A serving worker keeps what it has and must not take back keys it deleted.
             floor: match refill {
                 Refill::Merge => store.delete_horizon(),
-                Refill::Resync => 0,
+                Refill::Resync | Refill::Import { .. } => 0,
             },
             theirs: None,
             seen_meta: false,
@@ -703,6 +870,12 @@ impl<'a> Intake<'a> {
         let number = |name: &str, radix: u32| {
             info::get(meta, name).and_then(|v| u64::from_str_radix(v, radix).ok())
         };
+        if let Refill::Import { .. } = self.refill {
+            // A share of the sender's slots: its counts, horizon and flush are the pair's
+            // business, not this one's (every pair gets each FLUSHALL itself).
+            self.seen_meta = true;
+            return Ok(());
+        }
         if let Some(n) = number("entries", 10) {
             if let Some(t) = self.traffic {
                 t.entries_expected.store(n, Ordering::Relaxed);
@@ -735,6 +908,14 @@ impl<'a> Intake<'a> {
     }
 
     fn entry(&mut self, body: &[u8]) -> Result<(), String> {
+        if let Refill::Import { lo, hi } = self.refill {
+            // A sender that ignored the filter (or another's slots) must not fill this pair
+            // with keys it does not hold.
+            let key = crate::store::raw_entry_key(body).ok_or("malformed entry in snapshot")?;
+            if !crate::store::in_slots(key, lo, hi) {
+                return Ok(());
+            }
+        }
         let merged = match &self.theirs {
             Some(dict) => self.store.merge_resealed(body, dict, self.floor),
             None => self.store.merge_above(body, self.floor),
@@ -815,6 +996,74 @@ mod tests {
 
     fn value_of(store: &Store, i: u64) -> Option<bytes::Bytes> {
         store.get(format!("k{i}").as_bytes()).unwrap()
+    }
+
+    /// A slot move's import: only the range's entries, however old (the new pair never held
+    /// them), and a write made on the new pair during the move wins; the sender's filtered
+    /// walk and its drop cover the same entries.
+    #[test]
+    fn an_import_takes_only_its_slots_however_old_and_keeps_newer_writes() {
+        use twincache_protocol::slots::slot_of;
+        let from = source(None, 0);
+        let slot = |i: u64| u32::from(slot_of(format!("k{i}").as_bytes()));
+        let mut slots: Vec<u32> = (0..20).map(slot).collect();
+        slots.sort_unstable();
+        let (lo, hi) = (0u16, slots[10]);
+        let inside: Vec<u64> = (0..20).filter(|&i| slot(i) < hi).collect();
+        assert!(!inside.is_empty() && inside.len() < 20);
+        let to = Store::new(None, 0);
+        let newer = inside[0];
+        to.set(
+            format!("k{newer}").as_bytes(),
+            b"written during the move",
+            1_000,
+            SetOptions::default(),
+        )
+        .unwrap();
+        // The whole snapshot, as a sender that ignored the filter would send it.
+        let mut intake = Intake::new(&to, Refill::Import { lo, hi });
+        intake.apply(&snapshot(&from)).unwrap();
+        intake.finish().unwrap();
+        for i in 0..20 {
+            let want = if i == newer {
+                Some(bytes::Bytes::from_static(b"written during the move"))
+            } else if slot(i) < hi {
+                value_of(&from, i)
+            } else {
+                None
+            };
+            assert_eq!(value_of(&to, i), want, "k{i}");
+        }
+        let mut walked = 0;
+        for n in 0..Store::SHARDS {
+            from.snapshot_slots(n, lo, hi, |_| walked += 1);
+        }
+        let tombstone = usize::from(u32::from(slot_of(b"gone")) < hi);
+        assert_eq!(walked, inside.len() + tombstone);
+        assert_eq!(from.drop_slots(lo, hi), walked);
+        assert!((0..20).all(|i| (value_of(&from, i).is_some()) == (slot(i) >= hi)));
+    }
+
+    #[test]
+    fn snapshot_requests_name_their_slots() {
+        assert_eq!(parse_snapshot_request(b""), Ok((None, 0)));
+        assert_eq!(
+            parse_snapshot_request(b"slots 5 100 rate 1000"),
+            Ok((Some((5, 100)), 1000))
+        );
+        assert_eq!(
+            parse_snapshot_request(b"slots 0 16384"),
+            Ok((Some((0, 16384)), 0))
+        );
+        for bad in [
+            "slots 5 5",
+            "slots 0 16385",
+            "slots x 3",
+            "slots 1 2 rate",
+            "all",
+        ] {
+            assert!(parse_snapshot_request(bad.as_bytes()).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -40,9 +40,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use futures_util::future::join_all;
+use futures_util::future::{join_all, Either};
 use twincache_protocol::frame::{flags, Op, Request, Response};
-use twincache_protocol::hash::pair_for_key;
 use twincache_protocol::program::{decode_scan_answer, Answer, ScanRequest};
 use twincache_protocol::Status;
 
@@ -57,6 +56,9 @@ use crate::metrics::RouterStats;
 /// and refuses one only when the bumps in a row reach the next stamp, or after a failover.
 /// Past this, the client is told to retry.
 const VERSION_RETRIES: usize = 32;
+
+/// How long a read-modify-write of a key being moved waits for its slot's move to finish.
+const MOVE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// An answer from the workers, or why there is none (a response to pass on).
 pub type Answered = Result<Answer, Response>;
@@ -145,7 +147,17 @@ impl Router {
         resp3: bool,
         origin: &Origin,
     ) -> BoxAnswer {
-        let pair = pair_for_key(&key, self.pairs.len());
+        let topo = self.pairs();
+        if topo.is_moving(&key) {
+            // Computed on the new pair, it could miss the value still on its way there.
+            let this = self.clone();
+            let origin = origin.clone();
+            return Box::pin(async move {
+                this.after_move(&key).await?;
+                this.apply(key, program, resp3, &origin).await
+            });
+        }
+        let pair = topo.pair_of(&key);
         let mut req = Request::new(Op::Apply, key);
         req.value = program;
         // A program behind a newer write of its key takes the next version on the primary
@@ -153,21 +165,21 @@ impl Router {
         req.flags = flags::IN_SYNC | flags::BUMP | if resp3 { flags::RESP3 } else { 0 };
         req.ttl_ms = self.max_value as u64;
         let pending = origin.rmw.as_ref().map(|p| p.start(&req.key));
-        let targets = self.write_targets(&self.pairs[pair]);
+        let targets = self.write_targets(&topo[pair]);
         if !targets[0] && !targets[1] {
             let answer = unwritable(self);
             return Box::pin(async move { Err(answer) });
         }
-        let order = self.primaries(&self.pairs[pair]);
+        let order = self.primaries(&topo[pair]);
         let first = order[0].map(|i| {
             self.stamp(&mut req, i, targets);
-            (i, self.pairs[pair].workers[i].send(&req, origin))
+            (i, topo[pair].workers[i].send(&req, origin))
         });
         let this = self.clone();
         let origin = origin.clone();
         Box::pin(async move {
             let _pending = pending;
-            let workers = &this.pairs[pair].workers;
+            let workers = &topo[pair].workers;
             let mut next = order[1];
             let mut current = first;
             let mut retries = 0;
@@ -182,7 +194,7 @@ impl Router {
                     // The worker given up on may have bumped: only a fresh stamp is above
                     // anything it wrote.
                     req.flags &= !flags::BUMP;
-                    let targets = this.write_targets(&this.pairs[pair]);
+                    let targets = this.write_targets(&topo[pair]);
                     this.stamp(req, i, targets);
                     Some((i, workers[i].send(req, &origin)))
                 };
@@ -202,7 +214,7 @@ impl Router {
                         if let Ok(v) = <[u8; 8]>::try_from(&r.payload[..]) {
                             this.clock.observe(u64::from_be_bytes(v));
                         }
-                        let targets = this.write_targets(&this.pairs[pair]);
+                        let targets = this.write_targets(&topo[pair]);
                         this.stamp(&mut req, i, targets);
                         current = Some((i, workers[i].send(&req, &origin)));
                     }
@@ -222,7 +234,7 @@ impl Router {
                             // The session's next writes must be newer than what it read.
                             this.clock.observe(answer.version);
                         }
-                        return this.copy_to_partner(pair, i, &req, answer).await;
+                        return this.copy_to_partner(&topo[pair], i, &req, answer).await;
                     }
                     Some(r) => return Err(r),
                 }
@@ -252,7 +264,7 @@ impl Router {
     /// miss is on record.
     async fn copy_to_partner(
         &self,
-        pair: usize,
+        pair: &Pair,
         primary: usize,
         req: &Request,
         answer: Answer,
@@ -260,10 +272,10 @@ impl Router {
         if answer.changes.is_empty() {
             return Ok(answer);
         }
-        let workers = &self.pairs[pair].workers;
+        let workers = &pair.workers;
         let (holder, partner) = (&workers[primary], &workers[1 - primary]);
         let solo = req.flags & flags::SOLO != 0;
-        if !self.write_targets(&self.pairs[pair])[1 - primary] {
+        if !self.write_targets(pair)[1 - primary] {
             if solo {
                 return Ok(answer); // counted by the primary as taken alone
             }
@@ -307,8 +319,38 @@ impl Router {
         resp3: bool,
         origin: &Origin,
     ) -> impl Future<Output = Answered> + Send + 'static {
-        let pair = pair_for_key(&key, self.pairs.len());
-        self.query_pair(pair, key, program, resp3, origin)
+        let topo = self.pairs();
+        if !topo.is_moving(&key) {
+            // Queued before this returns, in the session's order, like a GET.
+            return Either::Left(self.query_pair(topo.pair_of(&key), key, program, resp3, origin));
+        }
+        // A read program of a key being moved waits for its move: it could not tell
+        // "missing" from "not copied yet".
+        let this = self.clone();
+        let origin = origin.clone();
+        Either::Right(Box::pin(async move {
+            this.after_move(&key).await?;
+            this.query_pair(this.pair_of(&key), key, program, resp3, &origin)
+                .await
+        }) as BoxAnswer)
+    }
+
+    /// Waits until `key`'s slot is no longer being moved (a move runs a batch of slots
+    /// at a time, so this is short); `-TRYAGAIN` if it takes longer than [`MOVE_WAIT`].
+    async fn after_move(&self, key: &[u8]) -> Result<(), Response> {
+        let deadline = tokio::time::Instant::now() + MOVE_WAIT;
+        loop {
+            let moved = self.moved.notified();
+            if !self.pairs().is_moving(key) {
+                return Ok(());
+            }
+            if tokio::time::timeout_at(deadline, moved).await.is_err() {
+                return Err(Response::error(
+                    Status::Unavailable,
+                    "this key's slot is being moved to another pair; retry",
+                ));
+            }
+        }
     }
 
     /// [`Router::query`] on pair `pair`.
@@ -342,7 +384,10 @@ impl Router {
         mut scan: ScanRequest,
         origin: &Origin,
     ) -> Result<ScanStep, Response> {
-        let p = &self.pairs[pair];
+        let topo = self.pairs();
+        let Some(p) = topo.get(pair) else {
+            return Err(unavailable(self));
+        };
         let order = self.read_order(p);
         let mut tries: Vec<usize> = order.into_iter().flatten().collect();
         if let Some(at) = tries.iter().position(|&i| i == prefer) {
@@ -373,8 +418,8 @@ impl Router {
 
     /// Every worker's `stats` counters, in pair order (`None` where one does not answer).
     pub async fn all_worker_stats(self: &Arc<Self>) -> Vec<Option<String>> {
-        let asks = self
-            .pairs
+        let topo = self.pairs();
+        let asks = topo
             .iter()
             .flat_map(|p| p.workers.iter())
             .map(|w| self.worker_stats(w));
@@ -392,9 +437,10 @@ impl Router {
         if asynchronous {
             req.flags |= flags::ASYNC;
         }
+        let topo = self.pairs();
         let mut pending = Vec::new();
         let mut skipping = Vec::new();
-        for (n, pair) in self.pairs.iter().enumerate() {
+        for (n, pair) in topo.iter().enumerate() {
             let targets = self.write_targets(pair);
             for (i, w) in pair.workers.iter().enumerate() {
                 if !targets[i] {
@@ -412,15 +458,15 @@ impl Router {
                 pending.push(async move { (n, i, self.finish(w, reply).await) });
             }
         }
-        let mut took = vec![[false; 2]; self.pairs.len()];
-        let mut sent = vec![[false; 2]; self.pairs.len()];
+        let mut took = vec![[false; 2]; topo.len()];
+        let mut sent = vec![[false; 2]; topo.len()];
         for (n, i, resp) in join_all(pending).await {
             sent[n][i] = true;
             took[n][i] = resp.is_some_and(|r| r.status == Status::Ok);
         }
         drop(skipping);
         let mut result = Ok(());
-        for (n, pair) in self.pairs.iter().enumerate() {
+        for (n, pair) in topo.iter().enumerate() {
             match (took[n], sent[n]) {
                 ([true, true], _)
                 | ([true, false], [true, false])

@@ -182,7 +182,6 @@ pub const SPECS: &[Spec] = &[
     admin("slowlog"),
     admin("latency"),
     admin("module"),
-    admin("cluster"),
     admin("migrate"),
     // Commands that hold the connection they run on (blocking, subscriptions,
     // replication) or act on the whole server.

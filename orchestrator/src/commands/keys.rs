@@ -10,7 +10,6 @@
 //! a moment.
 
 use bytes::Bytes;
-use twincache_protocol::hash::pair_for_key;
 use twincache_protocol::program::{encode_program, Action, ExpireIf, Kind, Ttl, TtlForm};
 use twincache_protocol::resp::Reply;
 use twincache_protocol::version::wall_ms;
@@ -225,8 +224,7 @@ async fn restore(ctx: &Ctx, dst: Bytes, d: &Dumped, replace: bool) -> Result<i64
 }
 
 pub(super) fn rename(src: Bytes, dst: Bytes, nx: bool, ctx: &Ctx) -> Step<Reply> {
-    let pairs = ctx.router.pairs().len();
-    if pair_for_key(&src, pairs) == pair_for_key(&dst, pairs) {
+    if ctx.router.pair_of(&src) == ctx.router.pair_of(&dst) {
         let fut = super::run_action(ctx, src, &Action::RenameTo { dst, nx }, false);
         return dispatch(async move { raw(fut.await) });
     }
@@ -248,8 +246,7 @@ pub(super) fn rename(src: Bytes, dst: Bytes, nx: bool, ctx: &Ctx) -> Step<Reply>
 }
 
 pub(super) fn copy(src: Bytes, dst: Bytes, replace: bool, ctx: &Ctx) -> Step<Reply> {
-    let pairs = ctx.router.pairs().len();
-    if pair_for_key(&src, pairs) == pair_for_key(&dst, pairs) {
+    if ctx.router.pair_of(&src) == ctx.router.pair_of(&dst) {
         let fut = super::run_action(ctx, src, &Action::CopyTo { dst, replace }, false);
         return dispatch(async move { raw(fut.await) });
     }

@@ -34,9 +34,9 @@ use std::sync::LazyLock;
 use bytes::Bytes;
 use futures_util::future::{join_all, ready};
 use twincache_protocol::frame::{Op, Request, Response};
-use twincache_protocol::hash::pair_for_key;
 use twincache_protocol::program::{encode_program, Action, Answer};
 use twincache_protocol::resp::{decode_replies, string2ll, Reply, Version};
+use twincache_protocol::slots::SlotMap;
 use twincache_protocol::Status;
 
 use crate::auth::Access;
@@ -324,6 +324,7 @@ pub enum Cmd {
     Info(Vec<String>),
     Time,
     Wait,
+    Cluster(server::ClusterChange),
     Multi,
     Exec,
     Discard,
@@ -519,6 +520,7 @@ pub fn execute(cmd: Cmd, conn: &mut Conn, ctx: &Ctx) -> Step<Reply> {
         Cmd::Info(sections) => server::info(sections, ctx),
         Cmd::Time => Step::Reply(server::time()),
         Cmd::Wait => Step::Reply(server::wait(ctx)),
+        Cmd::Cluster(change) => Step::Reply(server::cluster(change, ctx)),
         Cmd::Multi | Cmd::Exec | Cmd::Discard | Cmd::Watch(_) | Cmd::Unwatch => {
             transaction::control(cmd, conn, ctx)
         }
@@ -731,10 +733,10 @@ pub fn text_answer(reply: Reply) -> Response {
 
 /// The pair a command's keys are on, if they are all on one (CROSSSLOT otherwise); `None`
 /// for a command without keys.
-pub fn pair_of(spec: &Spec, args: &[Bytes], pairs: usize) -> Result<Option<usize>, Reply> {
+pub fn pair_of(spec: &Spec, args: &[Bytes], slots: &SlotMap) -> Result<Option<usize>, Reply> {
     let mut pair = None;
     for k in spec.keys.of(args) {
-        let p = pair_for_key(k, pairs);
+        let p = slots.pair_of(k);
         if pair.is_some_and(|q| q != p) {
             return Err(crossslot());
         }

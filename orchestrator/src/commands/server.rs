@@ -24,6 +24,7 @@ pub const SPECS: &[Spec] = &[
     SERVER.since("2.0.0").cmd("config", -2, Admin, "A container for server configuration commands (GET only).", config_args),
     SERVER.since("2.8.13").cmd("command", -1, Connection, "Returns detailed information about all commands.", command_args),
     SERVER.adapter(Adapter::Destination).since("2.6.0").cmd("time", 1, Connection, "Returns the server time.", |_| Ok(Cmd::Time)),
+    SERVER.since("3.0.0").cmd("cluster", -2, Admin, "Changes the cluster's pairs: ADDPAIR <addr> <addr>, REMOVEPAIR <n | addr>, REPLACE <old addr> <new addr> (slots move online; see INFO cluster).", cluster_args),
     SERVER.adapter(Adapter::Refused).since("3.0.0").cmd("wait", 3, Read, "Blocks until the asynchronous replication of all preceding write commands sent by the connection is completed.", wait_args),
 ];
 
@@ -42,6 +43,100 @@ fn config_args(args: &[Bytes]) -> Result<Cmd, Reply> {
             "ERR unknown subcommand '{}'. Try CONFIG HELP.",
             String::from_utf8_lossy(&args[1][..args[1].len().min(64)])
         ))),
+    }
+}
+
+/// A CLUSTER subcommand: a change to the pairs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClusterChange {
+    AddPair(String, String),
+    /// By index (`pair<n>` in INFO cluster) or by the address of one of its workers.
+    RemovePair(String),
+    Replace(String, String),
+}
+
+fn cluster_args(args: &[Bytes]) -> Result<Cmd, Reply> {
+    let sub = args[1].to_ascii_lowercase();
+    let word = |i: usize| String::from_utf8_lossy(&args[i]).into_owned();
+    let change = match (sub.as_slice(), args.len()) {
+        (b"addpair", 4) => ClusterChange::AddPair(word(2), word(3)),
+        (b"removepair", 3) => ClusterChange::RemovePair(word(2)),
+        (b"replace", 4) => ClusterChange::Replace(word(2), word(3)),
+        (b"addpair" | b"removepair" | b"replace", _) => {
+            return Err(wrong_args(&format!(
+                "cluster|{}",
+                String::from_utf8_lossy(&sub)
+            )))
+        }
+        _ => {
+            return Err(Reply::err(format!(
+                "ERR unknown subcommand '{}'. twincache's CLUSTER takes ADDPAIR, REMOVEPAIR or \
+                 REPLACE",
+                String::from_utf8_lossy(&args[1][..args[1].len().min(64)])
+            )))
+        }
+    };
+    Ok(Cmd::Cluster(change))
+}
+
+/// CLUSTER ADDPAIR / REMOVEPAIR / REPLACE: asks for the pairs with this change; the change
+/// runs in the background (progress in INFO cluster). Refused with --cluster-file, whose
+/// next reload would undo it.
+pub(super) fn cluster(change: ClusterChange, ctx: &Ctx) -> Reply {
+    let membership = &ctx.router.membership;
+    if membership.from_file() {
+        return Reply::err(
+            "ERR the pairs come from --cluster-file: edit it and send the orchestrator SIGHUP",
+        );
+    }
+    let mut pairs = membership.wanted();
+    let addr = |a: &str| crate::config::parse_worker(a).map_err(|e| Reply::err(format!("ERR {e}")));
+    let result = (|| {
+        match change {
+            ClusterChange::AddPair(a, b) => pairs.push([addr(&a)?, addr(&b)?]),
+            ClusterChange::RemovePair(which) => {
+                let at = match which.parse::<usize>() {
+                    Ok(n) if n < pairs.len() => n,
+                    Ok(_) => return Err(Reply::err("ERR no such pair")),
+                    Err(_) => {
+                        let a = addr(&which)?;
+                        pairs
+                            .iter()
+                            .position(|p| p.contains(&a))
+                            .ok_or_else(|| Reply::err("ERR no pair has that worker"))?
+                    }
+                };
+                pairs.remove(at);
+            }
+            ClusterChange::Replace(old, new) => {
+                let (old, new) = (addr(&old)?, addr(&new)?);
+                let slot = pairs
+                    .iter_mut()
+                    .flatten()
+                    .find(|w| **w == old)
+                    .ok_or_else(|| Reply::err("ERR no pair has that worker"))?;
+                *slot = new;
+            }
+        }
+        let flat: Vec<String> = pairs.iter().flatten().cloned().collect();
+        if flat.is_empty() {
+            return Err(Reply::err("ERR a cluster needs at least one pair"));
+        }
+        if let Some(a) = flat
+            .iter()
+            .enumerate()
+            .find_map(|(i, a)| flat[..i].contains(a).then_some(a))
+        {
+            return Err(Reply::err(format!("ERR worker {a} would be in two pairs")));
+        }
+        Ok(flat)
+    })();
+    match result {
+        Ok(flat) => {
+            membership.want(&flat);
+            Reply::OK
+        }
+        Err(e) => e,
     }
 }
 

@@ -7,9 +7,9 @@ use bytes::Bytes;
 use futures_util::future::join_all;
 use futures_util::stream::{self, StreamExt};
 use twincache_protocol::frame::{flags, Op, Request};
-use twincache_protocol::hash::pair_for_key;
 use twincache_protocol::program::{encode_program, Action, SetIf, Ttl};
 use twincache_protocol::resp::Reply;
+use twincache_protocol::slots::SlotMap;
 use twincache_protocol::version::wall_ms;
 use twincache_protocol::Status;
 
@@ -308,7 +308,7 @@ pub(super) fn mset(pairs: Vec<(Bytes, Bytes)>, ctx: &Ctx) -> Step<Reply> {
 /// with every key set or 0 with none, but across pairs a reader may see some of them set
 /// for the moment in between.
 pub(super) fn msetnx(pairs: Vec<(Bytes, Bytes)>, ctx: &Ctx) -> Step<Reply> {
-    let groups = by_pair(pairs, ctx.router.pairs().len());
+    let groups = by_pair(pairs, &ctx.router.pairs().slots);
     let futs: Vec<_> = groups
         .iter()
         .map(|group| {
@@ -361,10 +361,10 @@ pub(super) fn msetnx(pairs: Vec<(Bytes, Bytes)>, ctx: &Ctx) -> Step<Reply> {
 
 /// Key-value pairs grouped by the pair of workers holding each key (a key named twice keeps
 /// its last value, as in Redis), in the order the pairs first appear.
-fn by_pair(kvs: Vec<(Bytes, Bytes)>, pairs: usize) -> Vec<Vec<(Bytes, Bytes)>> {
+fn by_pair(kvs: Vec<(Bytes, Bytes)>, slots: &SlotMap) -> Vec<Vec<(Bytes, Bytes)>> {
     let mut groups: Vec<(usize, Vec<(Bytes, Bytes)>)> = Vec::new();
     for (k, v) in kvs {
-        let p = pair_for_key(&k, pairs);
+        let p = slots.pair_of(&k);
         let group = match groups.iter_mut().position(|(q, _)| *q == p) {
             Some(i) => &mut groups[i].1,
             None => {

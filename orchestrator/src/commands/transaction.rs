@@ -19,7 +19,6 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use futures_util::future::join_all;
 use twincache_protocol::frame::{flags, Op};
-use twincache_protocol::hash::pair_for_key;
 use twincache_protocol::program::{encode_program, Action, SetIf, Ttl};
 use twincache_protocol::resp::{decode_replies, Reply};
 
@@ -146,12 +145,12 @@ pub fn queue(
     conn: &mut Conn,
     ctx: &Ctx,
 ) -> Reply {
-    let pairs = ctx.router.pairs().len();
+    let topo = ctx.router.pairs();
     let refused = |multi: &mut Multi, e: Reply| {
         multi.dirty = true;
         e
     };
-    let pair = match super::pair_of(spec, args, pairs) {
+    let pair = match super::pair_of(spec, args, &topo.slots) {
         Ok(p) => p,
         Err(e) => return refused(&mut conn.multi, e),
     };
@@ -251,6 +250,7 @@ fn name_of(cmd: &Cmd) -> &'static str {
         Cmd::ConfigGet(_) => "CONFIG",
         Cmd::Command(_) => "COMMAND",
         Cmd::Wait => "WAIT",
+        Cmd::Cluster(_) => "CLUSTER",
         _ => "this command",
     }
 }
@@ -300,9 +300,8 @@ pub(super) fn control(cmd: Cmd, conn: &mut Conn, ctx: &Ctx) -> Step<Reply> {
 /// Records each key's version now; nothing after WATCH is read until it is answered, so an
 /// EXEC behind it sees them.
 fn watch(keys: Vec<Bytes>, conn: &mut Conn, ctx: &Ctx) -> Step<Reply> {
-    let pairs = ctx.router.pairs().len();
     for k in &keys {
-        if let Err(e) = conn.multi.on_pair(Some(pair_for_key(k, pairs))) {
+        if let Err(e) = conn.multi.on_pair(Some(ctx.router.pair_of(k))) {
             return Step::Reply(e);
         }
     }

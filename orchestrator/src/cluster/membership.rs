@@ -1,0 +1,933 @@
+//! Membership changes while clients go on: a worker replaced, a pair added, any pair removed.
+//!
+//! What is wanted (a list of pairs, from `--cluster-file` on SIGHUP or from a `CLUSTER`
+//! command) is compared with the pairs now, and the difference is made, step by step, by one
+//! task ([`Router::run_membership`]):
+//!
+//! 1. **Replacements.** A wanted pair sharing one address with a current pair replaces the
+//!    other worker: the new worker joins its pair unassessed, and the health monitor has it
+//!    refill from its partner (the resync machinery) before it serves reads.
+//! 2. **Additions.** New pairs join holding no slot; the move waits until both their workers
+//!    are in sync (a new pair adopts what it holds).
+//! 3. **Slot moves** to the target map (`SlotMap::rebalanced`), one batch of contiguous
+//!    slots at a time ([`Router::run_move`]):
+//!    - the map gives the slots to the new pair and marks them *moving*: writes go to the
+//!      new pair, reads that miss there look on the old one, deletes go to both;
+//!    - once every request routed by the old map is answered (its `Arc` is ours alone),
+//!      each worker of the new pair pulls the slots' entries from an in-sync worker of the
+//!      old pair (`slots import`: the snapshot machinery filtered by slot, stored bytes as
+//!      they are, paced by `--move-rate-limit`) and merges them by version, so a write or
+//!      delete made there during the move is newer and wins;
+//!    - the mark is lifted, requests routed with it drain, and both workers of the old pair
+//!      drop the slots (`slots drop`).
+//! 4. **Removals.** A pair holding no slot any more is taken out and its links closed.
+//!
+//! A step that fails (a pair not in sync, an import that keeps failing) ends the attempt;
+//! the task tries again a second later from where the map is, and a move under way is
+//! finished first, so a change resumes rather than restarts.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use twincache_protocol::frame::Op;
+use twincache_protocol::slots::{Move, SlotMap};
+
+use super::{Pair, Router, Topology, WorkerLink, WorkerState};
+
+/// How long a change waits for a pair to be in sync before the attempt fails (and is tried
+/// again).
+const SYNC_WAIT: Duration = Duration::from_secs(30);
+/// How often an import's progress is asked for.
+const POLL: Duration = Duration::from_millis(20);
+/// Attempts at one import before the step fails.
+const IMPORT_TRIES: usize = 3;
+/// An import whose worker stops answering for this long has failed.
+const IMPORT_SILENCE: Duration = Duration::from_secs(5);
+
+/// What is asked for, and how the change goes.
+pub struct Membership {
+    wanted: Mutex<Vec<[String; 2]>>,
+    wake: Notify,
+    progress: Mutex<Progress>,
+    /// Stored bytes per second a receiving worker may copy (`--move-rate-limit`, 0: none).
+    rate: AtomicU64,
+    /// Slots per move (`--move-batch-slots`).
+    batch: AtomicUsize,
+    /// The pairs come from `--cluster-file`: CLUSTER commands are refused, since the next
+    /// reload would undo them.
+    from_file: AtomicBool,
+    /// Slots moved away that a worker of their old pair could not be told to drop (it was
+    /// down): `(worker, lo, hi)`, retried every second. No slot moves back to that pair
+    /// before they are dropped, or an old copy there could outlive a delete.
+    pending_drops: Mutex<Vec<(String, u16, u32)>>,
+}
+
+/// How the current (or last) change goes, for INFO, `status` and the log.
+#[derive(Debug, Clone, Default)]
+pub struct Progress {
+    /// `idle`, `replacing`, `joining`, `moving`, `removing`, or `retrying` after an error.
+    pub phase: &'static str,
+    pub slots_done: usize,
+    pub slots_total: usize,
+    pub keys: u64,
+    pub bytes: u64,
+    pub started: Option<Instant>,
+    pub current: Option<Move>,
+    pub error: String,
+    /// A summary of the last change that completed.
+    pub last: String,
+}
+
+impl Membership {
+    pub(crate) fn new(workers: &[String]) -> Membership {
+        Membership {
+            wanted: Mutex::new(pairs_of(workers)),
+            wake: Notify::new(),
+            progress: Mutex::new(Progress {
+                phase: "idle",
+                ..Progress::default()
+            }),
+            rate: AtomicU64::new(32 << 20),
+            batch: AtomicUsize::new(256),
+            from_file: AtomicBool::new(false),
+            pending_drops: Mutex::default(),
+        }
+    }
+
+    /// Sets the move's pace and size, and whether the pairs come from a file.
+    pub fn configure(&self, rate: u64, batch: usize, from_file: bool) {
+        self.rate.store(rate, Ordering::Relaxed);
+        self.batch.store(batch.max(1), Ordering::Relaxed);
+        self.from_file.store(from_file, Ordering::Relaxed);
+    }
+
+    pub fn from_file(&self) -> bool {
+        self.from_file.load(Ordering::Relaxed)
+    }
+
+    /// The pairs asked for last.
+    pub fn wanted(&self) -> Vec<[String; 2]> {
+        self.wanted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Asks for `workers` (in pairing order, checked: even, distinct); the change runs in
+    /// the background.
+    pub fn want(&self, workers: &[String]) {
+        *self.wanted.lock().unwrap_or_else(|e| e.into_inner()) = pairs_of(workers);
+        self.wake.notify_one();
+    }
+
+    pub fn progress(&self) -> Progress {
+        self.progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn update(&self, f: impl FnOnce(&mut Progress)) {
+        f(&mut self.progress.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+}
+
+fn pairs_of(workers: &[String]) -> Vec<[String; 2]> {
+    workers
+        .chunks_exact(2)
+        .map(|w| [w[0].clone(), w[1].clone()])
+        .collect()
+}
+
+/// The difference between the pairs now and the pairs wanted.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Plan {
+    /// (current pair, worker index replaced, new address)
+    pub replace: Vec<(usize, usize, String)>,
+    /// Current pairs to remove.
+    pub remove: Vec<usize>,
+    /// New pairs to add.
+    pub add: Vec<[String; 2]>,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.replace.is_empty() && self.remove.is_empty() && self.add.is_empty()
+    }
+}
+
+/// Matches wanted pairs to current ones: the same two workers (in either order) are the same
+/// pair; a wanted pair sharing one worker with a current one replaces the other worker; the
+/// rest are added or removed. Refuses a new pair naming a worker some current pair has (a
+/// worker moved between pairs would hold another pair's data).
+pub(crate) fn plan(current: &[[String; 2]], wanted: &[[String; 2]]) -> Result<Plan, String> {
+    let same = |a: &[String; 2], b: &[String; 2]| {
+        (a[0] == b[0] && a[1] == b[1]) || (a[0] == b[1] && a[1] == b[0])
+    };
+    let mut cur_used = vec![false; current.len()];
+    let mut want_used = vec![false; wanted.len()];
+    for (w, pair) in wanted.iter().enumerate() {
+        if let Some(c) = (0..current.len()).find(|&c| !cur_used[c] && same(&current[c], pair)) {
+            cur_used[c] = true;
+            want_used[w] = true;
+        }
+    }
+    let mut out = Plan::default();
+    for (w, pair) in wanted.iter().enumerate() {
+        if want_used[w] {
+            continue;
+        }
+        let shared = (0..current.len()).find_map(|c| {
+            if cur_used[c] {
+                return None;
+            }
+            let keep = (0..2).find(|&i| pair.contains(&current[c][i]))?;
+            let new = pair.iter().find(|a| **a != current[c][keep])?;
+            // A worker of another pair cannot join this one: it holds that pair's data.
+            if current.iter().flatten().any(|a| a == new) {
+                return None;
+            }
+            Some((c, 1 - keep, new.clone()))
+        });
+        if let Some((c, replaced, new)) = shared {
+            cur_used[c] = true;
+            want_used[w] = true;
+            out.replace.push((c, replaced, new));
+        }
+    }
+    for (w, pair) in wanted.iter().enumerate() {
+        if want_used[w] {
+            continue;
+        }
+        if let Some(a) = pair
+            .iter()
+            .find(|a| current.iter().flatten().any(|c| c == *a))
+        {
+            return Err(format!(
+                "worker {a} is in another pair now: a new pair needs workers new to the cluster"
+            ));
+        }
+        out.add.push(pair.clone());
+    }
+    out.remove = (0..current.len()).filter(|&c| !cur_used[c]).collect();
+    if out.remove.len() == current.len() && out.add.is_empty() && !current.is_empty() {
+        return Err("that would remove every pair".into());
+    }
+    Ok(out)
+}
+
+/// What the state file holds: the pairs, the slot map, a move under way.
+pub(crate) struct State {
+    pub workers: Vec<String>,
+    pub slots: SlotMap,
+    pub moving: Option<Move>,
+}
+
+/// Writes the state file (to a temporary file, then renamed over it: never half written).
+fn write_state(path: &std::path::Path, topo: &Topology) -> std::io::Result<()> {
+    let mut text = String::from(
+        "# twincache orchestrator state: the pairs and the slot map, rewritten on every change\n",
+    );
+    text += &format!("epoch {}\n", topo.slots.epoch());
+    for p in topo.iter() {
+        text += &format!("pair {} {}\n", p.workers[0].addr, p.workers[1].addr);
+    }
+    text += &format!("slots {}\n", topo.slots.describe());
+    if let Some(m) = topo.moving {
+        text += &format!("moving {} {} {} {}\n", m.lo, m.hi, m.from, m.to);
+    }
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// Reads the state file; `None` (logged, unless the file is missing) if it cannot be used.
+pub(crate) fn read_state(path: &std::path::Path) -> Option<State> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            tracing::error!(file = %path.display(), "cannot read the state file: {e}");
+            return None;
+        }
+    };
+    match parse_state(&text) {
+        Ok(state) => {
+            tracing::info!(
+                file = %path.display(),
+                pairs = state.workers.len() / 2,
+                epoch = state.slots.epoch(),
+                "pairs and slot map as the last run left them"
+            );
+            Some(state)
+        }
+        Err(e) => {
+            tracing::error!(file = %path.display(), "state file not used: {e}");
+            None
+        }
+    }
+}
+
+fn parse_state(text: &str) -> Result<State, String> {
+    let (mut epoch, mut workers, mut slots, mut moving) = (1, Vec::new(), None, None);
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+    {
+        let words: Vec<&str> = line.split_ascii_whitespace().collect();
+        let number = |w: &str| w.parse::<u64>().map_err(|_| format!("bad line {line:?}"));
+        match words.as_slice() {
+            ["epoch", n] => epoch = number(n)?,
+            ["pair", a, b] => workers.extend([a.to_string(), b.to_string()]),
+            ["slots", ..] => slots = Some(line["slots".len()..].to_string()),
+            ["moving", lo, hi, from, to] => {
+                let (lo, hi) = (number(lo)?, number(hi)?);
+                moving = Some(Move {
+                    lo: u16::try_from(lo).map_err(|_| format!("bad line {line:?}"))?,
+                    hi: u32::try_from(hi).map_err(|_| format!("bad line {line:?}"))?,
+                    from: number(from)? as usize,
+                    to: number(to)? as usize,
+                })
+            }
+            _ => return Err(format!("bad line {line:?}")),
+        }
+    }
+    let pairs = workers.len() / 2;
+    if pairs == 0 {
+        return Err("no pairs".into());
+    }
+    let slots = SlotMap::parse(epoch, &slots.ok_or("no slot map")?, pairs)?;
+    if let Some(m) = moving {
+        let fits = u32::from(m.lo) < m.hi && m.hi as usize <= twincache_protocol::slots::SLOTS;
+        if !fits || m.from >= pairs || m.to >= pairs || slots.pair_of_slot(m.lo) != m.to {
+            return Err("the move under way does not fit the map".into());
+        }
+    }
+    Ok(State {
+        workers,
+        slots,
+        moving,
+    })
+}
+
+impl Router {
+    /// The workers now, in pairing order.
+    pub fn current_workers(&self) -> Vec<String> {
+        self.current_pairs().into_iter().flatten().collect()
+    }
+
+    /// Makes the pairs what [`Membership::want`] asked for, change after change, until
+    /// `shutdown`.
+    pub async fn run_membership(self: Arc<Self>, shutdown: CancellationToken) {
+        loop {
+            let retry = self.membership.progress().phase == "retrying" || self.drops_pending();
+            let wait = async {
+                if retry {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                } else {
+                    self.membership.wake.notified().await;
+                }
+            };
+            tokio::select! {
+                _ = wait => {}
+                _ = shutdown.cancelled() => return,
+            }
+            self.retry_drops().await;
+            let result = tokio::select! {
+                r = self.converge() => r,
+                _ = shutdown.cancelled() => return,
+            };
+            match result {
+                Ok(None) => self.membership.update(|p| p.phase = "idle"),
+                Ok(Some(summary)) => {
+                    tracing::info!("membership change done: {summary}");
+                    self.membership.update(|p| {
+                        p.phase = "idle";
+                        p.current = None;
+                        p.error.clear();
+                        p.last = summary;
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!("membership change: {e}; trying again in a second");
+                    self.membership.update(|p| {
+                        p.phase = "retrying";
+                        p.error = e;
+                    });
+                }
+            }
+        }
+    }
+
+    fn drops_pending(&self) -> bool {
+        !self
+            .membership
+            .pending_drops
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+    }
+
+    /// Tells the workers that missed a drop to drop now; forgets the workers no longer in
+    /// the cluster.
+    async fn retry_drops(&self) {
+        let pending = std::mem::take(
+            &mut *self
+                .membership
+                .pending_drops
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+        let mut left = Vec::new();
+        for (addr, lo, hi) in pending {
+            let link = self
+                .pairs()
+                .iter()
+                .flat_map(|p| p.workers.iter())
+                .find(|w| w.addr == addr)
+                .cloned();
+            let Some(link) = link else { continue };
+            match self.ask(&link, Op::Slots, &format!("drop {lo} {hi}")).await {
+                Some(_) => {
+                    tracing::info!(worker = %addr, slots = format_args!("{lo}-{}", hi - 1), "dropped the slots it missed dropping")
+                }
+                None => left.push((addr, lo, hi)),
+            }
+        }
+        self.membership
+            .pending_drops
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(left);
+    }
+
+    fn current_pairs(&self) -> Vec<[String; 2]> {
+        self.pairs()
+            .iter()
+            .map(|p| p.workers.each_ref().map(|w| w.addr.clone()))
+            .collect()
+    }
+
+    /// One attempt at the change asked for; `None` if there was nothing to do.
+    async fn converge(&self) -> Result<Option<String>, String> {
+        let started = Instant::now();
+        // A move an earlier attempt left under way is finished first.
+        let unfinished = self.pairs().moving;
+        if let Some(m) = unfinished {
+            self.membership.update(|p| p.phase = "moving");
+            self.finish_move(m).await?;
+        }
+        let wanted = self.membership.wanted();
+        let plan = plan(&self.current_pairs(), &wanted)?;
+        if plan.is_empty() && self.pairs().slots.same_owners(&self.target()) {
+            return Ok(unfinished.map(|_| "resumed move finished".to_string()));
+        }
+        if self.is_adapter() && (!plan.add.is_empty() || !plan.remove.is_empty()) {
+            return Err(
+                "pairs cannot be added or removed in adapter mode (a worker can be \
+                        replaced)"
+                    .into(),
+            );
+        }
+        self.membership.update(|p| {
+            if p.started.is_none() || p.phase == "idle" {
+                p.started = Some(started);
+                (p.slots_done, p.keys, p.bytes) = (0, 0, 0);
+            }
+            p.error.clear();
+        });
+        let mut summary = Vec::new();
+        if !plan.replace.is_empty() {
+            self.membership.update(|p| p.phase = "replacing");
+            summary.push(self.replace_workers(&plan.replace));
+        }
+        if !plan.add.is_empty() {
+            self.membership.update(|p| p.phase = "joining");
+            summary.push(self.add_pairs(&plan.add));
+        }
+        // The pairs to remove, by identity (indices shift as pairs are added).
+        let leaving: Vec<Arc<Pair>> = {
+            let topo = self.pairs();
+            plan.remove.iter().map(|&c| topo[c].clone()).collect()
+        };
+        let mut live = Vec::new();
+        for p in self.pairs().iter() {
+            live.push(!leaving.iter().any(|l| Arc::ptr_eq(l, p)));
+        }
+        let target = self.pairs().slots.rebalanced(&live);
+        let moves = self
+            .pairs()
+            .slots
+            .moves_to(&target, self.membership.batch.load(Ordering::Relaxed));
+        if !moves.is_empty() {
+            let total: usize = moves.iter().map(Move::slots).sum();
+            self.membership.update(|p| {
+                p.phase = "moving";
+                p.slots_total = p.slots_done + total;
+            });
+            tracing::info!(
+                moves = moves.len(),
+                slots = total,
+                "moving slots to the new map"
+            );
+            for m in &moves {
+                self.begin_move(*m).await?;
+                self.finish_move(*m).await?;
+            }
+            let p = self.membership.progress();
+            summary.push(format!(
+                "{} slots moved ({} keys, {:.1} MB) in {:.1}s",
+                total,
+                p.keys,
+                p.bytes as f64 / 1e6,
+                started.elapsed().as_secs_f64()
+            ));
+        }
+        if !leaving.is_empty() {
+            self.membership.update(|p| p.phase = "removing");
+            summary.push(self.remove_pairs(&leaving)?);
+        }
+        Ok((!summary.is_empty()).then(|| summary.join("; ")))
+    }
+
+    /// The map the pairs now should end with: every pair its share, except those the change
+    /// asked for removes (known from the plan; here, the pairs not wanted).
+    fn target(&self) -> twincache_protocol::slots::SlotMap {
+        let wanted = self.membership.wanted();
+        let topo = self.pairs();
+        let live: Vec<bool> = topo
+            .iter()
+            .map(|p| {
+                let addrs = p.workers.each_ref().map(|w| w.addr.clone());
+                wanted
+                    .iter()
+                    .any(|w| w.contains(&addrs[0]) || w.contains(&addrs[1]))
+            })
+            .collect();
+        topo.slots.rebalanced(&live)
+    }
+
+    fn spawn_link(&self, addr: &str) -> Arc<WorkerLink> {
+        WorkerLink::spawn(addr.to_string(), &self.config, &self.shutdown)
+    }
+
+    /// Swaps in `topo` and returns the one it replaces. The new one is written to the state
+    /// file first, so a restart finds the pairs and map (and a move under way) as they are.
+    fn swap(&self, topo: Topology) -> Arc<Topology> {
+        if let Some(path) = &self.config.state_file {
+            if let Err(e) = write_state(path, &topo) {
+                tracing::error!(file = %path.display(), "cannot keep the slot map: {e}");
+            }
+        }
+        let old = self.topology.swap(Arc::new(topo));
+        self.moved.notify_waiters();
+        old
+    }
+
+    /// Waits until no request routed by `old` is still in flight (it holds the only
+    /// reference), at most twice the worker timeout: a request is answered or failed by then.
+    async fn drain(&self, old: Arc<Topology>) {
+        let deadline = Instant::now() + (self.worker_timeout * 2).max(Duration::from_secs(1));
+        while Arc::strong_count(&old) > 1 {
+            if Instant::now() > deadline {
+                tracing::warn!(
+                    holders = Arc::strong_count(&old) - 1,
+                    "requests routed by the previous slot map still unanswered; going on"
+                );
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    fn replace_workers(&self, replace: &[(usize, usize, String)]) -> String {
+        let topo = self.pairs();
+        let mut pairs = topo.pairs.clone();
+        let mut retired = Vec::new();
+        let mut said = Vec::new();
+        for (c, i, new) in replace {
+            let mut workers = pairs[*c].workers.clone();
+            let old = std::mem::replace(&mut workers[*i], self.spawn_link(new));
+            tracing::info!(
+                pair = c,
+                old = %old.addr,
+                new = %new,
+                partner = %workers[1 - i].addr,
+                "replacing a worker: the new one refills from its partner before it serves"
+            );
+            said.push(format!("pair{c}: {} replaced by {new}", old.addr));
+            retired.push(old);
+            pairs[*c] = Arc::new(Pair::new(workers));
+        }
+        self.swap(Topology {
+            pairs,
+            slots: topo.slots.clone(),
+            moving: topo.moving,
+        });
+        for w in retired {
+            w.retire(self.worker_timeout * 2);
+        }
+        said.join(", ")
+    }
+
+    fn add_pairs(&self, add: &[[String; 2]]) -> String {
+        let topo = self.pairs();
+        let mut pairs = topo.pairs.clone();
+        let mut said = Vec::new();
+        for [a, b] in add {
+            tracing::info!(pair = pairs.len(), a = %a, b = %b, "adding a pair");
+            said.push(format!("pair{} {a} {b} added", pairs.len()));
+            pairs.push(Arc::new(Pair::new([
+                self.spawn_link(a),
+                self.spawn_link(b),
+            ])));
+        }
+        self.swap(Topology {
+            pairs,
+            slots: topo.slots.clone(),
+            moving: topo.moving,
+        });
+        said.join(", ")
+    }
+
+    fn remove_pairs(&self, leaving: &[Arc<Pair>]) -> Result<String, String> {
+        let mut said = Vec::new();
+        for pair in leaving {
+            let topo = self.pairs();
+            let Some(c) = topo.iter().position(|p| Arc::ptr_eq(p, pair)) else {
+                continue;
+            };
+            if topo.slots.counts(topo.len())[c] > 0 {
+                return Err(format!("pair{c} still holds slots"));
+            }
+            let mut pairs = topo.pairs.clone();
+            pairs.remove(c);
+            let slots = topo.slots.without_pair(c);
+            let moving = topo.moving;
+            drop(topo);
+            self.swap(Topology {
+                pairs,
+                slots,
+                moving,
+            });
+            for w in &pair.workers {
+                w.retire(self.worker_timeout * 2);
+            }
+            let addrs = pair.workers.each_ref().map(|w| w.addr.clone());
+            tracing::info!(pair = c, a = %addrs[0], b = %addrs[1], "pair removed: it held no slot any more");
+            said.push(format!("pair {} {} removed", addrs[0], addrs[1]));
+        }
+        Ok(said.join(", "))
+    }
+
+    async fn wait_in_sync(&self, pair: &Pair) -> Result<(), String> {
+        let deadline = Instant::now() + SYNC_WAIT;
+        while !pair
+            .workers
+            .iter()
+            .all(|w| w.state() == WorkerState::InSync)
+        {
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "pair {} {} is not in sync",
+                    pair.workers[0].addr, pair.workers[1].addr
+                ));
+            }
+            tokio::time::sleep(POLL).await;
+        }
+        Ok(())
+    }
+
+    /// Gives `m`'s slots to their new pair, marked moving, once that pair is in sync; returns
+    /// when the requests routed by the map before are answered.
+    async fn begin_move(&self, m: Move) -> Result<(), String> {
+        let to = self.pairs()[m.to].clone();
+        self.wait_in_sync(&to).await?;
+        self.retry_drops().await;
+        let stale = self
+            .membership
+            .pending_drops
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|(a, lo, hi)| {
+                to.workers.iter().any(|w| &w.addr == a)
+                    && u32::from(*lo) < m.hi
+                    && u32::from(m.lo) < *hi
+            })
+            .cloned();
+        if let Some((a, lo, hi)) = stale {
+            return Err(format!(
+                "{a} still holds an old copy of slots {lo}-{}: they move back to its pair once \
+                 it has dropped them",
+                hi - 1
+            ));
+        }
+        let old = {
+            let topo = self.pairs();
+            self.swap(Topology {
+                pairs: topo.pairs.clone(),
+                slots: topo.slots.with_move(&m),
+                moving: Some(m),
+            })
+        };
+        self.membership.update(|p| p.current = Some(m));
+        tracing::info!(
+            slots = format_args!("{}-{}", m.lo, m.hi - 1),
+            from = m.from,
+            to = m.to,
+            "slot move started"
+        );
+        self.drain(old).await;
+        Ok(())
+    }
+
+    /// Copies the moving slots into both workers of their new pair, lifts the mark, and has
+    /// the old pair drop them.
+    async fn finish_move(&self, m: Move) -> Result<(), String> {
+        let started = Instant::now();
+        let (from, to) = {
+            let topo = self.pairs();
+            (topo[m.from].clone(), topo[m.to].clone())
+        };
+        let sources: Vec<&Arc<WorkerLink>> = from
+            .workers
+            .iter()
+            .filter(|w| w.state() == WorkerState::InSync)
+            .collect();
+        if sources.is_empty() {
+            return Err(format!(
+                "no worker of pair{} (the slots' source) is in sync",
+                m.from
+            ));
+        }
+        let imports = to
+            .workers
+            .iter()
+            .enumerate()
+            .map(|(i, w)| self.import(w, sources[i % sources.len()], m));
+        let results = join_all(imports).await;
+        let mut copied = (0, 0);
+        for r in results {
+            copied = r?;
+        }
+        let old = {
+            let topo = self.pairs();
+            self.swap(Topology {
+                pairs: topo.pairs.clone(),
+                slots: topo.slots.clone(),
+                moving: None,
+            })
+        };
+        self.drain(old).await;
+        let range = format!("{} {}", m.lo, m.hi);
+        let mut dropped = Vec::new();
+        for w in &from.workers {
+            match self.ask(w, Op::Slots, &format!("drop {range}")).await {
+                Some(r) => dropped.push(String::from_utf8_lossy(&r.payload).into_owned()),
+                None => {
+                    tracing::warn!(worker = %w.addr, "could not drop the moved slots: retried until it does");
+                    self.membership
+                        .pending_drops
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push((w.addr.clone(), m.lo, m.hi));
+                    dropped.push("?".into());
+                }
+            }
+        }
+        let seconds = started.elapsed().as_secs_f64();
+        tracing::info!(
+            slots = format_args!("{}-{}", m.lo, m.hi - 1),
+            from = m.from,
+            to = m.to,
+            keys = copied.0,
+            bytes = copied.1,
+            seconds,
+            dropped = %dropped.join(","),
+            "slot move done"
+        );
+        self.membership.update(|p| {
+            p.slots_done += m.slots();
+            p.keys += copied.0;
+            p.bytes += copied.1;
+            p.current = None;
+        });
+        Ok(())
+    }
+
+    /// Has worker `w` import `m`'s slots from `source`; the entries and bytes it took.
+    async fn import(
+        &self,
+        w: &WorkerLink,
+        source: &WorkerLink,
+        m: Move,
+    ) -> Result<(u64, u64), String> {
+        let rate = self.membership.rate.load(Ordering::Relaxed);
+        let ask = format!("import {} {} {} {rate}", source.addr, m.lo, m.hi);
+        let mut last_error = String::new();
+        for attempt in 0..IMPORT_TRIES {
+            if attempt > 0 {
+                tracing::warn!(worker = %w.addr, "{last_error}: importing the slots again");
+            }
+            let Some(resp) = self.ask(w, Op::Slots, &ask).await else {
+                // Not answering, or an import still running from an earlier attempt.
+                last_error = format!("{} did not start the import", w.addr);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            };
+            let seq = String::from_utf8_lossy(&resp.payload).trim().to_string();
+            let mut heard = Instant::now();
+            loop {
+                tokio::time::sleep(POLL).await;
+                let Some(resp) = self.ask(w, Op::Slots, "progress").await else {
+                    if heard.elapsed() > IMPORT_SILENCE {
+                        last_error = format!("{} stopped answering", w.addr);
+                        break;
+                    }
+                    continue;
+                };
+                heard = Instant::now();
+                let text = String::from_utf8_lossy(&resp.payload).into_owned();
+                let mut words = text.splitn(5, ' ');
+                let (s, phase) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
+                let keys = words.next().and_then(|k| k.parse().ok()).unwrap_or(0);
+                let bytes = words.next().and_then(|b| b.parse().ok()).unwrap_or(0);
+                if s != seq {
+                    last_error = format!("{} restarted during the import", w.addr);
+                    break;
+                }
+                match phase {
+                    "running" => continue,
+                    "done" => return Ok((keys, bytes)),
+                    _ => {
+                        last_error = format!(
+                            "{} could not import from {}: {}",
+                            w.addr,
+                            source.addr,
+                            words.next().unwrap_or("")
+                        );
+                        break;
+                    }
+                }
+            }
+        }
+        Err(last_error)
+    }
+
+    /// The `INFO cluster` lines about the slot map and membership changes.
+    pub fn membership_info(&self) -> String {
+        let topo = self.pairs();
+        let p = self.membership.progress();
+        let mut out = format!(
+            "slot_map_epoch:{}\r\nslots:{}\r\nmembership:{}\r\n",
+            topo.slots.epoch(),
+            topo.slots.describe(),
+            p.phase
+        );
+        if p.slots_total > 0 || p.phase != "idle" {
+            let secs = p
+                .started
+                .map_or(0.0, |s| s.elapsed().as_secs_f64())
+                .max(1e-3);
+            out += &format!(
+                "move_slots_done:{}\r\nmove_slots_total:{}\r\nmove_keys:{}\r\nmove_bytes:{}\r\n\
+                 move_mb_per_sec:{:.2}\r\n",
+                p.slots_done,
+                p.slots_total,
+                p.keys,
+                p.bytes,
+                p.bytes as f64 / 1e6 / secs
+            );
+        }
+        if let Some(m) = topo.moving {
+            out += &format!(
+                "move_current:{}-{} pair{}->pair{}\r\n",
+                m.lo,
+                m.hi - 1,
+                m.from,
+                m.to
+            );
+        }
+        if !p.error.is_empty() {
+            out += &format!("move_error:{}\r\n", p.error);
+        }
+        if !p.last.is_empty() {
+            out += &format!("last_change:{}\r\n", p.last);
+        }
+        out
+    }
+
+    /// The `status` line's part about membership: empty when nothing moves.
+    pub fn membership_status(&self) -> String {
+        let p = self.membership.progress();
+        if p.phase == "idle" {
+            return String::new();
+        }
+        let moving = self
+            .pairs()
+            .moving
+            .map(|m| format!(" slots {}-{} pair{}->pair{}", m.lo, m.hi - 1, m.from, m.to))
+            .unwrap_or_default();
+        format!(
+            " | membership {} {}/{} slots{moving}",
+            p.phase, p.slots_done, p.slots_total
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pairs(list: &[(&str, &str)]) -> Vec<[String; 2]> {
+        list.iter()
+            .map(|(a, b)| [a.to_string(), b.to_string()])
+            .collect()
+    }
+
+    #[test]
+    fn a_plan_names_replacements_additions_and_removals() {
+        let now = pairs(&[("a", "b"), ("c", "d"), ("e", "f")]);
+        assert!(plan(&now, &now).unwrap().is_empty());
+        // Order within a pair and of pairs does not matter.
+        assert!(plan(&now, &pairs(&[("f", "e"), ("a", "b"), ("c", "d")]))
+            .unwrap()
+            .is_empty());
+        assert_eq!(
+            plan(&now, &pairs(&[("a", "b"), ("c", "x"), ("e", "f")])).unwrap(),
+            Plan {
+                replace: vec![(1, 1, "x".into())],
+                ..Plan::default()
+            }
+        );
+        assert_eq!(
+            plan(&now, &pairs(&[("a", "b"), ("e", "f")])).unwrap(),
+            Plan {
+                remove: vec![1],
+                ..Plan::default()
+            }
+        );
+        assert_eq!(
+            plan(
+                &now,
+                &pairs(&[("a", "b"), ("c", "d"), ("e", "f"), ("g", "h")])
+            )
+            .unwrap(),
+            Plan {
+                add: pairs(&[("g", "h")]),
+                ..Plan::default()
+            }
+        );
+        assert!(plan(
+            &now,
+            &pairs(&[("a", "b"), ("c", "d"), ("e", "f"), ("g", "a")])
+        )
+        .is_err());
+        assert!(plan(&now, &[]).is_err());
+    }
+}

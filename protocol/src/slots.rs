@@ -1,0 +1,386 @@
+//! Placement: keys to slots, slots to pairs.
+//!
+//! A key's *slot* is `key_hash(hash_tag(key)) % 16384` ([`slot_of`]); which pair holds a
+//! slot is an explicit table ([`SlotMap`]), as in Redis Cluster. Jump hash, used before,
+//! needs no table but can only add or remove the *last* pair; a
+//! table turns any membership change (a pair added, any pair removed) into a list of slot
+//! moves ([`SlotMap::moves_to`]), and a move is a unit that can be copied, tracked and
+//! finished one at a time while clients go on. 16,384 slots: enough that 100 pairs differ
+//! by at most 1% in their share, and a table of 32 KiB.
+//!
+//! The slot uses our own stable hash (not Redis' CRC16): every orchestrator and worker of
+//! every build must agree, and the workers already compute it (see `hash`).
+
+use crate::hash::{hash_tag, key_hash};
+
+/// How many slots the key space has.
+pub const SLOTS: usize = 16_384;
+
+/// The slot of `key`, placed by its hash tag if it has one.
+pub fn slot_of(key: &[u8]) -> u16 {
+    (key_hash(hash_tag(key)) % SLOTS as u64) as u16
+}
+
+/// Which pair holds each slot, and the map's epoch (bumped on every change, so two maps can
+/// be told apart in logs and by a later orchestrator sharing it).
+#[derive(Clone)]
+pub struct SlotMap {
+    epoch: u64,
+    owner: Box<[u16]>,
+}
+
+impl std::fmt::Debug for SlotMap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SlotMap(epoch {}, {})", self.epoch, self.describe())
+    }
+}
+
+/// Slots `lo..hi` going from pair `from` to pair `to`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Move {
+    pub lo: u16,
+    /// Exclusive; at most [`SLOTS`], so it is a `u32`.
+    pub hi: u32,
+    pub from: usize,
+    pub to: usize,
+}
+
+impl Move {
+    pub fn slots(&self) -> usize {
+        self.hi as usize - self.lo as usize
+    }
+
+    pub fn contains(&self, slot: u16) -> bool {
+        slot >= self.lo && u32::from(slot) < self.hi
+    }
+}
+
+/// How many slots each of `live` pairs should hold: an equal share, the remainder one each
+/// to the first ones.
+fn quotas(live: &[bool]) -> Vec<usize> {
+    let n = live.iter().filter(|l| **l).count().max(1);
+    let mut extra = SLOTS % n;
+    live.iter()
+        .map(|&l| {
+            if !l {
+                return 0;
+            }
+            let q = SLOTS / n + usize::from(extra > 0);
+            extra = extra.saturating_sub(1);
+            q
+        })
+        .collect()
+}
+
+impl SlotMap {
+    /// The initial map for `pairs` pairs: contiguous ranges in pair order, sizes as
+    /// [`SlotMap::rebalanced`] would give them, so rebalancing a fresh map moves nothing.
+    ///
+    /// # Panics
+    /// If `pairs` is 0 or more than `u16::MAX`.
+    pub fn even(pairs: usize) -> SlotMap {
+        assert!(
+            pairs > 0 && pairs <= usize::from(u16::MAX),
+            "1 to 65535 pairs"
+        );
+        let mut owner = Vec::with_capacity(SLOTS);
+        for (pair, q) in quotas(&vec![true; pairs]).into_iter().enumerate() {
+            owner.extend(std::iter::repeat_n(pair as u16, q));
+        }
+        SlotMap {
+            epoch: 1,
+            owner: owner.into_boxed_slice(),
+        }
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Whether both maps give every slot to the same pair (whatever their epochs).
+    pub fn same_owners(&self, other: &SlotMap) -> bool {
+        self.owner == other.owner
+    }
+
+    /// The pair that holds `slot`.
+    pub fn pair_of_slot(&self, slot: u16) -> usize {
+        usize::from(self.owner[usize::from(slot)])
+    }
+
+    /// The pair that holds `key`.
+    pub fn pair_of(&self, key: &[u8]) -> usize {
+        self.pair_of_slot(slot_of(key))
+    }
+
+    /// How many slots each of `pairs` pairs holds.
+    pub fn counts(&self, pairs: usize) -> Vec<usize> {
+        let mut counts = vec![0; pairs];
+        for &o in self.owner.iter() {
+            if let Some(c) = counts.get_mut(usize::from(o)) {
+                *c += 1;
+            }
+        }
+        counts
+    }
+
+    /// The map with each of `live` pairs holding its equal share and the others none, moving
+    /// as few slots as possible: a pair over its share gives up its highest slots, and the
+    /// pairs under theirs take them in pair order, lowest slot first (so moves come as
+    /// contiguous runs). The epoch is one more.
+    pub fn rebalanced(&self, live: &[bool]) -> SlotMap {
+        let quota = quotas(live);
+        let mut held = self.counts(live.len());
+        let mut owner = self.owner.to_vec();
+        let mut freed = Vec::new();
+        for slot in (0..SLOTS).rev() {
+            let o = usize::from(owner[slot]);
+            // A slot naming no pair of `live` (cannot happen from our own maps) is freed too.
+            if o >= live.len() || held[o] > quota[o] {
+                if let Some(h) = held.get_mut(o) {
+                    *h -= 1;
+                }
+                freed.push(slot);
+            }
+        }
+        freed.sort_unstable();
+        let mut freed = freed.into_iter();
+        for (pair, q) in quota.iter().enumerate() {
+            while held[pair] < *q {
+                let Some(slot) = freed.next() else { break };
+                owner[slot] = pair as u16;
+                held[pair] += 1;
+            }
+        }
+        SlotMap {
+            epoch: self.epoch + 1,
+            owner: owner.into_boxed_slice(),
+        }
+    }
+
+    /// Gives slots `m.lo..m.hi` to `m.to`, with a new epoch.
+    pub fn with_move(&self, m: &Move) -> SlotMap {
+        let mut owner = self.owner.to_vec();
+        for o in &mut owner[usize::from(m.lo)..m.hi as usize] {
+            *o = m.to as u16;
+        }
+        SlotMap {
+            epoch: self.epoch + 1,
+            owner: owner.into_boxed_slice(),
+        }
+    }
+
+    /// The same map with pair `gone` (which must hold no slot) taken out of the numbering:
+    /// every later pair's index is one less.
+    pub fn without_pair(&self, gone: usize) -> SlotMap {
+        let owner = self
+            .owner
+            .iter()
+            .map(|&o| if usize::from(o) > gone { o - 1 } else { o })
+            .collect();
+        SlotMap {
+            epoch: self.epoch + 1,
+            owner,
+        }
+    }
+
+    /// The slot moves that turn this map into `target`: contiguous runs with one source and
+    /// one destination, none longer than `batch` slots, in slot order.
+    pub fn moves_to(&self, target: &SlotMap, batch: usize) -> Vec<Move> {
+        let batch = batch.max(1);
+        let mut moves: Vec<Move> = Vec::new();
+        for slot in 0..SLOTS {
+            let (from, to) = (self.owner[slot], target.owner[slot]);
+            if from == to {
+                continue;
+            }
+            let (from, to) = (usize::from(from), usize::from(to));
+            match moves.last_mut() {
+                Some(m)
+                    if m.hi as usize == slot
+                        && m.from == from
+                        && m.to == to
+                        && m.slots() < batch =>
+                {
+                    m.hi += 1
+                }
+                _ => moves.push(Move {
+                    lo: slot as u16,
+                    hi: slot as u32 + 1,
+                    from,
+                    to,
+                }),
+            }
+        }
+        moves
+    }
+
+    /// The map as ranges, `0-5460:0 5461-10922:1 ...` (inclusive bounds, pair after the
+    /// colon), for INFO and the log.
+    pub fn describe(&self) -> String {
+        let mut out = Vec::new();
+        let mut start = 0;
+        for slot in 1..=SLOTS {
+            if slot == SLOTS || self.owner[slot] != self.owner[start] {
+                out.push(format!("{}-{}:{}", start, slot - 1, self.owner[start]));
+                start = slot;
+            }
+        }
+        out.join(" ")
+    }
+}
+
+impl SlotMap {
+    /// Reads [`SlotMap::describe`]'s form back (with its epoch), for a map kept in a file:
+    /// every slot covered once, in order, by one of `pairs` pairs.
+    pub fn parse(epoch: u64, text: &str, pairs: usize) -> Result<SlotMap, String> {
+        let mut owner = Vec::with_capacity(SLOTS);
+        for range in text.split_ascii_whitespace() {
+            let bad = || format!("bad slot range {range:?}");
+            let (slots, pair) = range.split_once(':').ok_or_else(bad)?;
+            let (lo, hi) = slots.split_once('-').ok_or_else(bad)?;
+            let (lo, hi): (usize, usize) = (
+                lo.parse().map_err(|_| bad())?,
+                hi.parse().map_err(|_| bad())?,
+            );
+            let pair: u16 = pair.parse().map_err(|_| bad())?;
+            if lo != owner.len() || hi < lo || hi >= SLOTS || usize::from(pair) >= pairs {
+                return Err(bad());
+            }
+            owner.extend(std::iter::repeat_n(pair, hi - lo + 1));
+        }
+        if owner.len() != SLOTS {
+            return Err(format!("the ranges cover {} slots of {SLOTS}", owner.len()));
+        }
+        Ok(SlotMap {
+            epoch,
+            owner: owner.into_boxed_slice(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Golden values: a key's slot must never change between builds, or keys would be
+    /// looked for on the wrong pair after an upgrade.
+    #[test]
+    fn slots_are_stable_across_builds() {
+        let golden: [(&[u8], u16); 4] = [
+            (b"a", GOLDEN[0]),
+            (b"user:42", GOLDEN[1]),
+            (b"", GOLDEN[2]),
+            (b"\x00\xff", GOLDEN[3]),
+        ];
+        for (key, slot) in golden {
+            assert_eq!(slot_of(key), slot, "key {key:?}");
+        }
+        assert_eq!(slot_of(b"{user:42}:cart"), slot_of(b"user:42"));
+    }
+
+    /// `key_hash` % 16384 of the keys `hash::tests` has golden hashes for.
+    const GOLDEN: [u16; 4] = [8440, 3124, 10395, 1147];
+
+    #[test]
+    fn the_initial_map_is_contiguous_ranges() {
+        assert_eq!(SlotMap::even(1).describe(), "0-16383:0");
+        assert_eq!(SlotMap::even(2).describe(), "0-8191:0 8192-16383:1");
+        assert_eq!(
+            SlotMap::even(3).describe(),
+            "0-5461:0 5462-10922:1 10923-16383:2"
+        );
+        assert_eq!(SlotMap::even(3).epoch(), 1);
+        for n in 1..40 {
+            let map = SlotMap::even(n);
+            assert_eq!(map.rebalanced(&vec![true; n]).owner, map.owner, "n={n}");
+        }
+    }
+
+    #[test]
+    fn adding_a_pair_moves_only_its_share_onto_it() {
+        let two = SlotMap::even(2);
+        let three = two.rebalanced(&[true, true, true]);
+        assert_eq!(three.counts(3), vec![5462, 5461, 5461]);
+        let moves = two.moves_to(&three, SLOTS);
+        assert!(moves.iter().all(|m| m.to == 2));
+        assert_eq!(moves.iter().map(Move::slots).sum::<usize>(), 5461);
+        // Each old pair gives up the top of its range: two contiguous runs.
+        assert_eq!(
+            moves,
+            vec![
+                Move {
+                    lo: 5462,
+                    hi: 8192,
+                    from: 0,
+                    to: 2
+                },
+                Move {
+                    lo: 13653,
+                    hi: 16384,
+                    from: 1,
+                    to: 2
+                },
+            ]
+        );
+        // Batches split the runs, never merge them.
+        let batched = two.moves_to(&three, 1000);
+        assert!(batched.iter().all(|m| m.slots() <= 1000));
+        assert_eq!(batched.iter().map(Move::slots).sum::<usize>(), 5461);
+        assert_eq!(two.with_moves(&batched).owner, three.owner);
+    }
+
+    #[test]
+    fn removing_any_pair_spreads_its_slots_over_the_others() {
+        let three = SlotMap::even(3);
+        for gone in 0..3 {
+            let mut live = [true; 3];
+            live[gone] = false;
+            let target = three.rebalanced(&live);
+            let counts = target.counts(3);
+            assert_eq!(counts[gone], 0);
+            assert_eq!(counts.iter().sum::<usize>(), SLOTS);
+            assert!(
+                counts.iter().filter(|c| **c > 0).all(|c| *c == 8192),
+                "{counts:?}"
+            );
+            let moves = three.moves_to(&target, SLOTS);
+            assert!(moves.iter().all(|m| m.from == gone && m.to != gone));
+            let renumbered = target.without_pair(gone);
+            assert_eq!(renumbered.counts(2), vec![8192, 8192]);
+        }
+    }
+
+    #[test]
+    fn a_described_map_parses_back() {
+        let map = SlotMap::even(2).rebalanced(&[true; 3]);
+        let back = SlotMap::parse(map.epoch(), &map.describe(), 3).unwrap();
+        assert!(back.same_owners(&map));
+        assert_eq!(back.epoch(), 2);
+        assert!(
+            SlotMap::parse(1, &map.describe(), 2).is_err(),
+            "pair 2 of 2"
+        );
+        assert!(SlotMap::parse(1, "0-100:0", 1).is_err(), "not every slot");
+        assert!(SlotMap::parse(1, "0-16383:0 5-6:0", 1).is_err(), "overlap");
+        assert!(SlotMap::parse(1, "1-16383:0", 1).is_err(), "a gap");
+        assert!(SlotMap::parse(1, "0-x:0", 1).is_err());
+    }
+
+    #[test]
+    fn keys_spread_evenly_over_slots() {
+        let map = SlotMap::even(4);
+        let mut counts = [0usize; 4];
+        for i in 0..80_000 {
+            counts[map.pair_of(format!("k{i}").as_bytes())] += 1;
+        }
+        for c in counts {
+            assert!((c as f64 / 80_000.0 - 0.25).abs() < 0.01, "{counts:?}");
+        }
+    }
+
+    impl SlotMap {
+        fn with_moves(&self, moves: &[Move]) -> SlotMap {
+            moves.iter().fold(self.clone(), |m, mv| m.with_move(mv))
+        }
+    }
+}
