@@ -50,11 +50,7 @@ measure() {
 
 : >"$WORK/results.tsv"
 for round in $(seq "$ROUNDS"); do
-  order=("${TARGETS[@]}")
-  if [ $((round % 2)) = 0 ]; then
-    order=()
-    for ((i = ${#TARGETS[@]} - 1; i >= 0; i--)); do order+=("${TARGETS[$i]}"); done
-  fi
+  mapfile -t order < <(in_turn "$round" "${TARGETS[@]}")
   for P in 1 16; do
     n=$N1
     [ "$P" = 16 ] && n=$N16

@@ -8,6 +8,8 @@
 #   start_twemproxy           twemproxy (nutcracker) in front of it; sets PROXY_PORT, PROXY_PID
 #   start_pair BIN [FLAGS]    two workers and an orchestrator (with FLAGS) from BIN; sets
 #                             ORCH_PORT, ORCH_PID (WORKER_FLAGS: extra worker flags)
+#   in_turn ROUND NAME...     the names, one a line, reversed on even rounds: targets
+#                             measured in turn, so the machine's drift favours none
 WORK=$(mktemp -d)
 STARTED=()
 stop_started() {
@@ -71,4 +73,10 @@ start_pair() {
   STARTED+=($ORCH_PID)
   await_port "$ORCH_PORT"
   sleep 1 # the orchestrator serves once it has seen the workers
+}
+
+in_turn() {
+  local round=$1
+  shift
+  if [ $((round % 2)) = 1 ]; then printf '%s\n' "$@"; else printf '%s\n' "$@" | tac; fi
 }

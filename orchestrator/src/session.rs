@@ -36,8 +36,9 @@ use tokio_util::codec::Decoder;
 use tokio_util::sync::CancellationToken;
 use twincache_protocol::budget::{Account, Budget};
 use twincache_protocol::frame::{
-    encode_frame, FrameCodec, FrameError, Op, Request, Response, PREAMBLE,
+    encode_frame, encode_frame_head, FrameCodec, FrameError, Op, Request, Response, PREAMBLE,
 };
+pub use twincache_protocol::outgoing::Outgoing;
 use twincache_protocol::text::{self, Command, Line, LineDecoder};
 use twincache_protocol::Status;
 use twincache_tls::{Accepted, NodeTls};
@@ -57,6 +58,9 @@ const KEEP_CAPACITY: usize = 64 * 1024;
 /// What a buffer is given when it first needs memory. Neither buffer has any while the
 /// connection is idle (see [`ClientStream`]).
 const START_CAPACITY: usize = 16 * 1024;
+/// The most an input buffer grows by at once for a large argument still arriving, past what
+/// it holds (see `run`).
+const RESERVE_AHEAD: usize = 1 << 20;
 
 /// A client connection's stream, as a session reads it.
 ///
@@ -170,7 +174,13 @@ pub trait Protocol {
     fn command(&self) -> Cmd;
     /// The error an answer carries, if it is one, for the metrics.
     fn error_of(out: &Self::Out) -> Option<ErrorCode>;
-    fn encode(&mut self, out: Self::Out, dst: &mut BytesMut);
+    /// Encodes `out` into `dst`: into its buffer, large values held (see [`Outgoing`]).
+    fn encode(&mut self, out: Self::Out, dst: &mut Outgoing);
+    /// Bytes `buf` lacks to hold the request being read, as far as its headers tell (0 when
+    /// they do not): the session makes room for them at once rather than read by read.
+    fn wanted(&self, _buf: &BytesMut) -> usize {
+        0
+    }
     /// What to answer when the client stops sending with bytes left in `buf`.
     fn at_eof(&mut self, buf: &BytesMut) -> Option<Self::Out>;
 }
@@ -490,7 +500,7 @@ async fn run<P: Protocol, S: ClientStream>(
         barriers: 0,
     };
     // Replies are encoded here; like `buf`, it has memory only while the session has work.
-    let mut out = BytesMut::new();
+    let mut out = Outgoing::default();
     let (mut buf_held, mut out_held) = (0, 0);
     let mut reading = true;
     // Whether this side ends the connection (QUIT, a protocol error) while the client may
@@ -557,11 +567,20 @@ async fn run<P: Protocol, S: ClientStream>(
             return Ok(());
         }
         let may_read = reading && room(&inflight, config.pipeline_depth) && !account.busy(buf_held);
+        if may_read {
+            // Room for the rest of the argument being read, in one step rather than read by
+            // read. Not more than what is buffered already, nor 1 MiB: a client makes the
+            // session reserve at most twice what it sent.
+            let wanted = proto.wanted(&buf);
+            if wanted > buf.capacity() - buf.len() {
+                buf.reserve(wanted.min(buf.len().max(RESERVE_AHEAD)));
+            }
+        }
         tokio::select! {
             resp = std::future::poll_fn(|cx| inflight.poll_head(cx, &mut recorder)), if !inflight.is_empty() => {
                 count_error::<P>(ctx, &resp);
                 if out.capacity() == 0 {
-                    out.reserve(START_CAPACITY);
+                    out.buf().reserve(START_CAPACITY);
                 }
                 proto.encode(resp, &mut out);
                 // Everything else already answered goes out in the same write.
@@ -573,11 +592,10 @@ async fn run<P: Protocol, S: ClientStream>(
                     }
                 }
                 account.track(&mut out_held, out.capacity());
-                write_out(&mut stream, &out, config.idle_timeout, account).await?;
-                out.clear();
+                write_out(&mut stream, &mut out, config.idle_timeout, account).await?;
                 if out.capacity() > KEEP_CAPACITY || (inflight.is_empty() && buf.is_empty()) {
                     // Grown by a burst, or nothing left to answer: given back.
-                    out = BytesMut::new();
+                    out = Outgoing::default();
                 }
                 account.track(&mut out_held, out.capacity());
                 last_active = Instant::now();
@@ -656,22 +674,26 @@ fn over_limit(over: twincache_protocol::budget::Over) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::OutOfMemory, over.to_string())
 }
 
-/// Writes `out` to a client that must keep reading: no progress for `deadline` closes the
-/// connection, and so does the account going over its limit meanwhile (replies pile up
-/// for a client that does not read them). Then flushes: a no-op on TCP, while a TLS session
-/// may still hold the last bytes of `out`.
+/// Writes `out` to a client that must keep reading (a vectored write where it holds large
+/// values), and clears it: no progress for `deadline` closes the connection, and so does
+/// the account going over its limit meanwhile (replies pile up for a client that does not
+/// read them). Then flushes: a no-op on TCP, while a TLS session may still hold the last
+/// bytes of `out`.
 async fn write_out<S: AsyncWrite + Unpin>(
     stream: &mut S,
-    out: &[u8],
+    out: &mut Outgoing,
     deadline: Duration,
     account: &Account,
 ) -> std::io::Result<()> {
-    let mut pos = 0;
-    while pos < out.len() {
+    while !out.is_empty() {
+        let slices = out.slices();
         tokio::select! {
-            written = tokio::time::timeout(deadline, stream.write(&out[pos..])) => match written {
+            written = tokio::time::timeout(deadline, stream.write_vectored(&slices)) => match written {
                 Ok(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
-                Ok(Ok(n)) => pos += n,
+                Ok(Ok(n)) => {
+                    drop(slices);
+                    out.advance(n);
+                }
                 Ok(Err(e)) => return Err(e),
                 Err(_) => {
                     return Err(std::io::Error::new(
@@ -687,6 +709,7 @@ async fn write_out<S: AsyncWrite + Unpin>(
             }
         }
     }
+    out.clear();
     match tokio::time::timeout(deadline, stream.flush()).await {
         Ok(res) => res,
         Err(_) => Err(std::io::Error::new(
@@ -848,7 +871,8 @@ impl Protocol for TextProtocol {
         }
     }
 
-    fn encode(&mut self, resp: Response, out: &mut BytesMut) {
+    fn encode(&mut self, resp: Response, out: &mut Outgoing) {
+        let out = out.buf();
         if resp.status == Status::Ok && resp.payload.contains(&b'\n') {
             // A line cannot carry it; answering anyway would desynchronise the client.
             let msg = b"value contains a newline; read it with the binary protocol";
@@ -972,8 +996,9 @@ impl Protocol for BinaryProtocol {
         dispatch(async move { routed.await.with_id(id) })
     }
 
-    fn encode(&mut self, resp: Response, out: &mut BytesMut) {
-        encode_frame(&resp, out);
+    fn encode(&mut self, resp: Response, out: &mut Outgoing) {
+        let payload = encode_frame_head(&resp, out.buf());
+        out.put(payload);
     }
 
     fn at_eof(&mut self, _buf: &BytesMut) -> Option<Response> {

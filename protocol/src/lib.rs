@@ -17,6 +17,7 @@
 //! - [`budget`]: memory held for connections (per process and per connection).
 //! - [`coverage`]: what partners know of each other's writes (in a worker's `status`).
 //! - [`info`]: the `name:value` text of workers' `stats` and `status` answers.
+//! - [`outgoing`]: bytes waiting to be written, large values written from where they lie.
 //! - [`hash`]: the stable key hash and the consistent key-to-pair mapping.
 //! - [`server`]: the accept loop both servers share (connection cap, graceful shutdown).
 //! - [`units`]: parsing of human durations and sizes used by the command lines.
@@ -29,6 +30,7 @@ pub mod frame;
 pub mod glob;
 pub mod hash;
 pub mod info;
+pub mod outgoing;
 pub mod program;
 pub mod resp;
 pub mod server;
