@@ -569,8 +569,9 @@ async fn run<P: Protocol, S: ClientStream>(
         let may_read = reading && room(&inflight, config.pipeline_depth) && !account.busy(buf_held);
         if may_read {
             // Room for the rest of the argument being read, in one step rather than read by
-            // read. Not more than what is buffered already, nor 1 MiB: a client makes the
-            // session reserve at most twice what it sent.
+            // read: at most 1 MiB, or what is buffered already if that is more, so what a
+            // client declares but does not send reserves address space (memory only as
+            // bytes arrive) no faster than a buffer's doubling would.
             let wanted = proto.wanted(&buf);
             if wanted > buf.capacity() - buf.len() {
                 buf.reserve(wanted.min(buf.len().max(RESERVE_AHEAD)));
