@@ -1039,6 +1039,32 @@ mod tests {
         std::mem::size_of::<F>()
     }
 
+    /// An idle plain TCP session holds no input buffer: none before the first byte, and the
+    /// empty buffer is given back when a read finds nothing.
+    #[tokio::test]
+    async fn an_idle_tcp_session_holds_no_input_buffer() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut server, _) = listener.accept().await.unwrap();
+        let wait = Duration::from_millis(50);
+        let mut buf = BytesMut::new();
+        let nothing = tokio::time::timeout(wait, server.read_lazily(&mut buf, 1024)).await;
+        assert!(nothing.is_err(), "nothing was sent");
+        assert_eq!(buf.capacity(), 0);
+        client.write_all(b"ping\r\n").await.unwrap();
+        let n = server.read_lazily(&mut buf, 1024).await.unwrap();
+        assert_eq!(&buf[..n], b"ping\r\n");
+        assert!(buf.capacity() >= 1024);
+        buf.clear();
+        let nothing = tokio::time::timeout(wait, server.read_lazily(&mut buf, 1024)).await;
+        assert!(nothing.is_err(), "nothing more was sent");
+        assert_eq!(buf.capacity(), 0, "the empty buffer was given back");
+        drop(client);
+        assert_eq!(server.read_lazily(&mut buf, 1024).await.unwrap(), 0);
+    }
+
     /// What an idle connection costs before its first byte is mostly its task: the session
     /// future, whose size is that of its largest state (every local held across an await,
     /// including those of the futures it awaits in place).
