@@ -687,14 +687,10 @@ async fn write_out<S: AsyncWrite + Unpin>(
     account: &Account,
 ) -> std::io::Result<()> {
     while !out.is_empty() {
-        let slices = out.slices();
         tokio::select! {
-            written = tokio::time::timeout(deadline, stream.write_vectored(&slices)) => match written {
+            written = tokio::time::timeout(deadline, out.write_some(stream)) => match written {
                 Ok(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
-                Ok(Ok(n)) => {
-                    drop(slices);
-                    out.advance(n);
-                }
+                Ok(Ok(n)) => out.advance(n),
                 Ok(Err(e)) => return Err(e),
                 Err(_) => {
                     return Err(std::io::Error::new(

@@ -5,7 +5,7 @@
 //! read back) is not copied in: the bytes encoded so far are split off and kept as they are,
 //! then the value's own `Bytes` (a slice of the buffer it was read into, or what the store
 //! handed out), and they all leave in order, in one vectored write where the stream takes
-//! it. Between a client's socket and a worker's socket a large value is then only ever
+//! it (with no value held, a plain write: no `writev`, no list of slices). Between a client's socket and a worker's socket a large value is then only ever
 //! copied by the kernel.
 
 use std::io::IoSlice;
@@ -29,6 +29,9 @@ pub struct Outgoing {
     parts_len: usize,
     /// What was encoded since the last large value.
     buf: BytesMut,
+    /// Bytes at the front of `buf` already written (kept, so that clearing gives the buffer
+    /// its whole capacity back).
+    sent: usize,
 }
 
 impl Outgoing {
@@ -51,18 +54,22 @@ impl Outgoing {
             self.buf.extend_from_slice(value);
             return;
         }
-        if !self.buf.is_empty() {
-            let head = self.buf.split().freeze();
+        if self.buf.len() > self.sent {
+            let mut head = self.buf.split();
+            head.advance(self.sent);
+            let head = head.freeze();
             self.parts_len += head.len();
             self.parts.push(head);
         }
+        self.buf.clear();
+        self.sent = 0;
         self.parts_len += value.len();
         self.parts.push(value.clone());
     }
 
     /// Bytes waiting.
     pub fn len(&self) -> usize {
-        self.parts_len + self.buf.len()
+        self.parts_len + self.buf.len() - self.sent
     }
 
     pub fn is_empty(&self) -> bool {
@@ -79,6 +86,7 @@ impl Outgoing {
         self.parts.clear();
         self.parts_len = 0;
         self.buf.clear();
+        self.sent = 0;
     }
 
     /// The next bytes to write, in order, as slices for a vectored write.
@@ -90,8 +98,8 @@ impl Outgoing {
             .take(SLICES)
             .map(|p| IoSlice::new(p))
             .collect();
-        if slices.len() < SLICES && !self.buf.is_empty() {
-            slices.push(IoSlice::new(&self.buf));
+        if slices.len() < SLICES && self.buf.len() > self.sent {
+            slices.push(IoSlice::new(&self.buf[self.sent..]));
         }
         slices
     }
@@ -113,16 +121,27 @@ impl Outgoing {
             done += 1;
         }
         self.parts.drain(..done);
-        self.buf.advance(n.min(self.buf.len()));
+        self.sent = (self.sent + n).min(self.buf.len());
     }
 
-    /// Writes everything (one vectored write where the stream takes it all), then clears.
+    /// Writes what the stream takes of the next bytes, and returns how much that was (for
+    /// [`Outgoing::advance`]): a plain write when only the encoding buffer holds any, a
+    /// vectored one otherwise.
+    pub async fn write_some<W: AsyncWrite + Unpin>(&self, wr: &mut W) -> std::io::Result<usize> {
+        if self.parts.is_empty() {
+            wr.write(&self.buf[self.sent..]).await
+        } else {
+            wr.write_vectored(&self.slices()).await
+        }
+    }
+
+    /// Writes everything, then clears.
     pub async fn write_to<W: AsyncWrite + Unpin>(&mut self, wr: &mut W) -> std::io::Result<()> {
         if self.parts.is_empty() {
-            wr.write_all(&self.buf).await?;
+            wr.write_all(&self.buf[self.sent..]).await?;
         } else {
             while !self.is_empty() {
-                let n = wr.write_vectored(&self.slices()).await?;
+                let n = self.write_some(wr).await?;
                 if n == 0 {
                     return Err(std::io::ErrorKind::WriteZero.into());
                 }
@@ -184,6 +203,26 @@ mod tests {
             );
             assert!(out.is_empty());
         }
+    }
+
+    #[test]
+    fn bytes_written_from_the_buffer_are_not_written_again() {
+        let mut out = Outgoing::with_capacity(64);
+        out.buf().extend_from_slice(b"abcdef");
+        out.advance(2);
+        assert_eq!(out.len(), 4);
+        let big = Bytes::from(vec![1u8; LARGE]);
+        out.put(&big);
+        out.buf().extend_from_slice(b"z");
+        let mut want = b"cdef".to_vec();
+        want.extend_from_slice(&big);
+        want.push(b'z');
+        assert_eq!(written(&mut out, 7), want);
+        out.buf().extend_from_slice(b"abc");
+        out.advance(3);
+        assert!(out.is_empty());
+        out.clear();
+        assert!(out.capacity() > 0, "the buffer keeps its memory");
     }
 
     #[tokio::test]
