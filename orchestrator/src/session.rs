@@ -81,7 +81,9 @@ pub trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send {
 impl ClientStream for TcpStream {
     async fn read_lazily(&mut self, buf: &mut BytesMut, room: usize) -> std::io::Result<usize> {
         loop {
-            self.readable().await?;
+            // The stream's one reader slot, not `readable()`: that joins a locked list of
+            // waiters, and the select in `run` drops and remakes this future on every turn.
+            std::future::poll_fn(|cx| self.poll_read_ready(cx)).await?;
             if buf.len() == buf.capacity() {
                 buf.reserve(room);
             }
