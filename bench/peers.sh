@@ -29,45 +29,10 @@ for tool in redis-server redis-benchmark nutcracker python3; do
   }
 done
 
-WORK=$(mktemp -d)
-STARTED=()
-finish() {
-  for pid in "${STARTED[@]}"; do kill -INT "$pid" 2>/dev/null; done
-  sleep 0.2
-  for pid in "${STARTED[@]}"; do kill -KILL "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; done
-  rm -rf "$WORK"
-}
-trap finish EXIT
-
-free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-# Bounded wait (10 s) until something accepts on a loopback port.
-await_port() {
-  for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done
-  echo "nothing listens on port $1 after 10 s; logs in $WORK" >&2
-  exit 1
-}
-
-REDIS_PORT=$(free_port)
-redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save "" --appendonly no >"$WORK/redis.log" 2>&1 &
-STARTED+=($!)
-await_port "$REDIS_PORT"
-
-PROXY_PORT=$(free_port)
-STATS_PORT=$(free_port)
-cat >"$WORK/twemproxy.yml" <<YML
-pool:
-  listen: 127.0.0.1:$PROXY_PORT
-  redis: true
-  hash: fnv1a_64
-  distribution: ketama
-  preconnect: true
-  server_connections: 1
-  servers:
-    - 127.0.0.1:$REDIS_PORT:1 redis
-YML
-nutcracker -c "$WORK/twemproxy.yml" -s "$STATS_PORT" -a 127.0.0.1 -o "$WORK/twemproxy.log" &
-STARTED+=($!)
-await_port "$PROXY_PORT"
+# shellcheck source=bench/servers.sh
+. "$(dirname "$0")/servers.sh"
+start_redis
+start_twemproxy
 
 declare -A PORT=([redis]=$REDIS_PORT [twemproxy]=$PROXY_PORT)
 TARGETS=(redis twemproxy)
@@ -85,11 +50,7 @@ measure() {
 
 : >"$WORK/results.tsv"
 for round in $(seq "$ROUNDS"); do
-  order=("${TARGETS[@]}")
-  if [ $((round % 2)) = 0 ]; then
-    order=()
-    for ((i = ${#TARGETS[@]} - 1; i >= 0; i--)); do order+=("${TARGETS[$i]}"); done
-  fi
+  mapfile -t order < <(in_turn "$round" "${TARGETS[@]}")
   for P in 1 16; do
     n=$N1
     [ "$P" = 16 ] && n=$N16

@@ -4,7 +4,9 @@
 //! its reply channel in the pending map, both under one short lock, and wakes the writer
 //! task only if the outbox was empty. The writer swaps the outbox for an empty buffer and
 //! writes it, so every request queued meanwhile (from any number of callers) leaves in one
-//! syscall. A reader task matches responses to pending requests by id, so responses may
+//! syscall. A large value is not copied into the outbox: the outbox keeps the `Bytes` it came
+//! in (for a client's request, a slice of the buffer it was read into) and the writer sends it
+//! from there, in the same vectored write (see `twincache_protocol::outgoing`). A reader task matches responses to pending requests by id, so responses may
 //! arrive in any order. Reading and writing are separate tasks so that a peer blocked on
 //! writing responses can never deadlock against us blocked on writing requests.
 //!
@@ -42,7 +44,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::StreamExt;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -52,8 +54,9 @@ use tokio_util::sync::CancellationToken;
 use twincache_protocol::auth::{self, ClusterSecret};
 use twincache_protocol::budget::Account;
 use twincache_protocol::frame::{
-    encode_frame, FrameCodec, FrameError, Message, Request, Response, PREAMBLE,
+    encode_frame_head, FrameCodec, FrameError, Message, Request, Response, PREAMBLE,
 };
+use twincache_protocol::outgoing::Outgoing;
 use twincache_protocol::Status;
 use twincache_tls::Connector;
 
@@ -102,7 +105,8 @@ type PendingMap = HashMap<u64, Pending, BuildHasherDefault<IdHasher>>;
 
 /// Requests encoded but not yet written, and requests written but not yet answered.
 struct Outbox {
-    buf: BytesMut,
+    /// Encoded requests, their large values held rather than copied.
+    out: Outgoing,
     pending: PendingMap,
     next_id: u64,
     /// Set when the connection dies, so a later request fails at once.
@@ -141,17 +145,20 @@ impl Outbox {
             let _ = reply_tx.send(Err(self.failure()));
             return (Reply(reply_rx), false);
         }
-        let was_empty = self.buf.is_empty();
-        if !was_empty && self.buf.len() + 4 + req.body_len() > OUTBOX_LIMIT {
+        let queued = self.out.len();
+        let was_empty = queued == 0;
+        if !was_empty && queued + 4 + req.body_len() > OUTBOX_LIMIT {
             let _ = reply_tx.send(Err(Error::Overloaded));
             return (Reply(reply_rx), false);
         }
         let id = self.next_id;
         self.next_id = id.wrapping_add(1);
-        let start = self.buf.len();
-        encode_frame(req, &mut self.buf);
+        let buf = self.out.buf();
+        let start = buf.len();
+        let value = encode_frame_head(req, buf);
         // The id sits right after the 4-byte length prefix.
-        self.buf[start + 4..start + 12].copy_from_slice(&id.to_be_bytes());
+        buf[start + 4..start + 12].copy_from_slice(&id.to_be_bytes());
+        self.out.put(value);
         let pending = Pending {
             tx: reply_tx,
             deadline,
@@ -215,7 +222,7 @@ impl Shared {
             let mut o = self.lock();
             o.closed = true;
             o.tls_failure = tls.clone();
-            o.buf.clear();
+            o.out.clear();
             o.pending.drain().map(|(_, p)| p.tx).collect()
         };
         for tx in drained {
@@ -312,7 +319,7 @@ impl Connection {
     {
         let shared = Arc::new(Shared {
             outbox: Mutex::new(Outbox {
-                buf: BytesMut::with_capacity(16 * 1024),
+                out: Outgoing::with_capacity(16 * 1024),
                 pending: PendingMap::default(),
                 next_id: 1,
                 closed: false,
@@ -459,7 +466,7 @@ impl Future for Reply {
 }
 
 async fn write_loop<W: AsyncWrite + Unpin>(mut wr: W, shared: Arc<Shared>) {
-    let mut out = BytesMut::with_capacity(16 * 1024);
+    let mut out = Outgoing::with_capacity(16 * 1024);
     // Only the Notify is awaited between writes: `close` wakes it too, and the flag is a plain
     // atomic, where polling a cancellation future on every wake would take its lock.
     loop {
@@ -473,7 +480,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(mut wr: W, shared: Arc<Shared>) {
         // queue meanwhile leaves with it in one write.
         tokio::task::yield_now().await;
         // Take everything queued so far; callers keep filling the (now empty) outbox.
-        std::mem::swap(&mut shared.lock().buf, &mut out);
+        std::mem::swap(&mut shared.lock().out, &mut out);
         if out.is_empty() {
             continue;
         }
@@ -483,7 +490,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(mut wr: W, shared: Arc<Shared>) {
         // it still holds.
         let written = tokio::select! {
             written = async {
-                wr.write_all(&out).await?;
+                out.write_to(&mut wr).await?;
                 wr.flush().await
             } => written,
             _ = shared.signal.cancelled() => break,

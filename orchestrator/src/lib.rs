@@ -285,9 +285,12 @@ impl Orchestrator {
                     who: Arc::new(auth.new_session()),
                     auth: auth.clone(),
                 };
-                // Each kind of stream runs its own monomorphic copy of the session.
+                // Each kind of stream runs its own monomorphic copy of the session. The TLS
+                // one is boxed: its handshake's state would make every task that much larger.
                 let session = match client_tls.clone() {
-                    Some(tls) => Either::Left(session::serve_tls(stream, tls, ctx, shutdown)),
+                    Some(tls) => {
+                        Either::Left(Box::pin(session::serve_tls(stream, tls, ctx, shutdown)))
+                    }
                     None => Either::Right(session::serve(stream, ctx, shutdown)),
                 };
                 async move {

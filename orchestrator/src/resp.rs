@@ -9,12 +9,12 @@
 //! asked in.
 
 use bytes::{Bytes, BytesMut};
-use twincache_protocol::resp::{Reply, RespDecoder, Version};
+use twincache_protocol::resp::{put_bulk_head, Reply, RespDecoder, Version};
 
 use crate::auth::Who;
 use crate::commands::{self, adapter, Adapter, Conn};
 use crate::metrics::{Closed, Cmd, ErrorCode, Proto};
-use crate::session::{Ctx, Protocol, Step};
+use crate::session::{Ctx, Outgoing, Protocol, Step};
 
 /// Whether a connection's first line (not starting with `*`) is an inline Redis command
 /// rather than a text-protocol request: it has no `||`, it is not the text protocol's own
@@ -137,12 +137,24 @@ impl Protocol for RespProtocol {
         }
     }
 
-    fn encode(&mut self, reply: Reply, out: &mut BytesMut) {
+    fn encode(&mut self, reply: Reply, out: &mut Outgoing) {
         if let Reply::Switch(version, _) = &reply {
             self.writing = *version;
             self.conn.version = *version;
         }
-        reply.encode_as(self.writing, out);
+        match &reply {
+            // A value read back (GET): written from where it lies if it is large.
+            Reply::Bulk(value) => {
+                put_bulk_head(out.buf(), value.len());
+                out.put(value);
+                out.buf().extend_from_slice(b"\r\n");
+            }
+            _ => reply.encode_as(self.writing, out.buf()),
+        }
+    }
+
+    fn wanted(&self, buf: &BytesMut) -> usize {
+        self.decoder.wanted(buf.len())
     }
 
     fn at_eof(&mut self, _buf: &BytesMut) -> Option<Reply> {

@@ -36,8 +36,9 @@ use tokio_util::codec::Decoder;
 use tokio_util::sync::CancellationToken;
 use twincache_protocol::budget::{Account, Budget};
 use twincache_protocol::frame::{
-    encode_frame, FrameCodec, FrameError, Op, Request, Response, PREAMBLE,
+    encode_frame, encode_frame_head, FrameCodec, FrameError, Op, Request, Response, PREAMBLE,
 };
+pub use twincache_protocol::outgoing::Outgoing;
 use twincache_protocol::text::{self, Command, Line, LineDecoder};
 use twincache_protocol::Status;
 use twincache_tls::{Accepted, NodeTls};
@@ -54,7 +55,59 @@ pub const PREAMBLE_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Buffers grown past this by a burst are given back once empty.
 const KEEP_CAPACITY: usize = 64 * 1024;
+/// What a buffer is given when it first needs memory. Neither buffer has any while the
+/// connection is idle (see [`ClientStream`]).
 const START_CAPACITY: usize = 16 * 1024;
+/// The most an input buffer grows by at once for a large argument still arriving, past what
+/// it holds (see `run`).
+const RESERVE_AHEAD: usize = 1 << 20;
+
+/// A client connection's stream, as a session reads it.
+///
+/// An idle connection should cost little more than its socket, so its input buffer gets
+/// memory only once input is there, and gives it back whenever a read finds nothing and the
+/// buffer is empty. Plain TCP can tell (readiness, then a read that may find nothing); a TLS
+/// session holds buffers of its own anyway, and reads as usual.
+pub trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send {
+    /// Reads what has arrived into `buf`, giving it `room` bytes more first if it is full;
+    /// 0 at end of input.
+    fn read_lazily<'a>(
+        &'a mut self,
+        buf: &'a mut BytesMut,
+        room: usize,
+    ) -> impl Future<Output = std::io::Result<usize>> + Send + 'a;
+}
+
+impl ClientStream for TcpStream {
+    async fn read_lazily(&mut self, buf: &mut BytesMut, room: usize) -> std::io::Result<usize> {
+        loop {
+            // The stream's one reader slot, not `readable()`: that joins a locked list of
+            // waiters, and the select in `run` drops and remakes this future on every turn.
+            std::future::poll_fn(|cx| self.poll_read_ready(cx)).await?;
+            if buf.len() == buf.capacity() {
+                buf.reserve(room);
+            }
+            match self.try_read_buf(buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if buf.is_empty() {
+                        // Nothing to read after all: an idle connection holds no buffer.
+                        *buf = BytesMut::new();
+                    }
+                }
+                read => return read,
+            }
+        }
+    }
+}
+
+impl ClientStream for twincache_tls::ServerStream<TcpStream> {
+    async fn read_lazily(&mut self, buf: &mut BytesMut, room: usize) -> std::io::Result<usize> {
+        if buf.len() == buf.capacity() {
+            buf.reserve(room);
+        }
+        self.read_buf(buf).await
+    }
+}
 
 /// Settings for client sessions.
 #[derive(Debug, Clone)]
@@ -123,7 +176,13 @@ pub trait Protocol {
     fn command(&self) -> Cmd;
     /// The error an answer carries, if it is one, for the metrics.
     fn error_of(out: &Self::Out) -> Option<ErrorCode>;
-    fn encode(&mut self, out: Self::Out, dst: &mut BytesMut);
+    /// Encodes `out` into `dst`: into its buffer, large values held (see [`Outgoing`]).
+    fn encode(&mut self, out: Self::Out, dst: &mut Outgoing);
+    /// Bytes `buf` lacks to hold the request being read, as far as its headers tell (0 when
+    /// they do not): the session makes room for them at once rather than read by read.
+    fn wanted(&self, _buf: &BytesMut) -> usize {
+        0
+    }
     /// What to answer when the client stops sending with bytes left in `buf`.
     fn at_eof(&mut self, buf: &BytesMut) -> Option<Self::Out>;
 }
@@ -178,17 +237,20 @@ async fn refuse_plaintext(stream: &mut TcpStream) {
 /// TCP pays nothing for TLS).
 pub async fn serve<S>(mut stream: S, mut ctx: Ctx, shutdown: CancellationToken)
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: ClientStream,
 {
     let _counted = ctx.metrics.client_connected();
     let config = ctx.config.clone();
     let account = Account::new(&ctx.budget, config.max_connection_buffer);
     ctx.origin.account = Some(account.clone());
-    let mut buf = BytesMut::with_capacity(START_CAPACITY);
+    // No memory until the client sends something (see `ClientStream`).
+    let mut buf = BytesMut::new();
     let sniffed = tokio::select! {
         res = tokio::time::timeout(config.idle_timeout, sniff(&mut stream, &mut buf, config.max_line)) => res,
         _ = shutdown.cancelled() => return,
     };
+    // Each protocol's loop is boxed: in place, its state would make every session's task that
+    // large from the start, idle or not.
     let result = match sniffed {
         Ok(Ok(Kind::Binary)) => {
             let deadline = PREAMBLE_DEADLINE.min(config.idle_timeout);
@@ -198,7 +260,7 @@ where
                         codec: FrameCodec::new(config.max_frame),
                         cmd: Cmd::Other,
                     };
-                    run(proto, stream, buf, &ctx, &account, shutdown).await
+                    Box::pin(run(proto, stream, buf, &ctx, &account, shutdown)).await
                 }
                 Ok(Err(e)) => {
                     if e.kind() == std::io::ErrorKind::InvalidData {
@@ -215,14 +277,14 @@ where
         }
         Ok(Ok(Kind::Resp)) => {
             let proto = RespProtocol::new(config.max_frame, config.max_command);
-            run(proto, stream, buf, &ctx, &account, shutdown).await
+            Box::pin(run(proto, stream, buf, &ctx, &account, shutdown)).await
         }
         Ok(Ok(Kind::Text)) => {
             let proto = TextProtocol {
                 lines: LineDecoder::new(config.max_line),
                 cmd: Cmd::Other,
             };
-            run(proto, stream, buf, &ctx, &account, shutdown).await
+            Box::pin(run(proto, stream, buf, &ctx, &account, shutdown)).await
         }
         Ok(Err(e)) => Err(e),
         Err(_) => {
@@ -253,7 +315,7 @@ enum Kind {
 
 /// Reads until the protocol is known: one byte for binary and multibulk RESP, the first
 /// line (bounded by `max_line`) otherwise.
-async fn sniff<S: AsyncRead + Unpin>(
+async fn sniff<S: ClientStream>(
     stream: &mut S,
     buf: &mut BytesMut,
     max_line: usize,
@@ -277,7 +339,7 @@ async fn sniff<S: AsyncRead + Unpin>(
                 return Ok(Kind::Text);
             }
         }
-        if stream.read_buf(buf).await? == 0 {
+        if stream.read_lazily(buf, START_CAPACITY).await? == 0 {
             // The text protocol answers a cut-off line (or nothing) at end of input.
             return Ok(Kind::Text);
         }
@@ -286,10 +348,10 @@ async fn sniff<S: AsyncRead + Unpin>(
 
 async fn read_preamble<S>(stream: &mut S, buf: &mut BytesMut) -> std::io::Result<()>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: ClientStream,
 {
     while buf.len() < PREAMBLE.len() {
-        if stream.read_buf(buf).await? == 0 {
+        if stream.read_lazily(buf, START_CAPACITY).await? == 0 {
             return Err(std::io::ErrorKind::UnexpectedEof.into());
         }
     }
@@ -425,7 +487,7 @@ impl<O> Queue<O> {
     }
 }
 
-async fn run<P: Protocol, S: AsyncRead + AsyncWrite + Unpin>(
+async fn run<P: Protocol, S: ClientStream>(
     mut proto: P,
     mut stream: S,
     mut buf: BytesMut,
@@ -439,7 +501,8 @@ async fn run<P: Protocol, S: AsyncRead + AsyncWrite + Unpin>(
         weight: 0,
         barriers: 0,
     };
-    let mut out = BytesMut::with_capacity(START_CAPACITY);
+    // Replies are encoded here; like `buf`, it has memory only while the session has work.
+    let mut out = Outgoing::default();
     let (mut buf_held, mut out_held) = (0, 0);
     let mut reading = true;
     // Whether this side ends the connection (QUIT, a protocol error) while the client may
@@ -484,7 +547,7 @@ async fn run<P: Protocol, S: AsyncRead + AsyncWrite + Unpin>(
         ctx.metrics
             .commands_processed(inflight.items.len().saturating_sub(before) as u64);
         if buf.is_empty() && buf.capacity() > KEEP_CAPACITY {
-            buf = BytesMut::with_capacity(START_CAPACITY);
+            buf = BytesMut::new();
         }
         // Bytes buffered, not capacity: a buffer's doubling reserves address space that only
         // becomes memory as input arrives.
@@ -506,9 +569,22 @@ async fn run<P: Protocol, S: AsyncRead + AsyncWrite + Unpin>(
             return Ok(());
         }
         let may_read = reading && room(&inflight, config.pipeline_depth) && !account.busy(buf_held);
+        if may_read {
+            // Room for the rest of the argument being read, in one step rather than read by
+            // read: at most 1 MiB, or what is buffered already if that is more, so what a
+            // client declares but does not send reserves address space (memory only as
+            // bytes arrive) no faster than a buffer's doubling would.
+            let wanted = proto.wanted(&buf);
+            if wanted > buf.capacity() - buf.len() {
+                buf.reserve(wanted.min(buf.len().max(RESERVE_AHEAD)));
+            }
+        }
         tokio::select! {
             resp = std::future::poll_fn(|cx| inflight.poll_head(cx, &mut recorder)), if !inflight.is_empty() => {
                 count_error::<P>(ctx, &resp);
+                if out.capacity() == 0 {
+                    out.buf().reserve(START_CAPACITY);
+                }
                 proto.encode(resp, &mut out);
                 // Everything else already answered goes out in the same write.
                 while let Some(resp) = inflight.now(&mut recorder) {
@@ -519,10 +595,10 @@ async fn run<P: Protocol, S: AsyncRead + AsyncWrite + Unpin>(
                     }
                 }
                 account.track(&mut out_held, out.capacity());
-                write_out(&mut stream, &out, config.idle_timeout, account).await?;
-                out.clear();
-                if out.capacity() > KEEP_CAPACITY {
-                    out = BytesMut::with_capacity(START_CAPACITY);
+                write_out(&mut stream, &mut out, config.idle_timeout, account).await?;
+                if out.capacity() > KEEP_CAPACITY || (inflight.is_empty() && buf.is_empty()) {
+                    // Grown by a burst, or nothing left to answer: given back.
+                    out = Outgoing::default();
                 }
                 account.track(&mut out_held, out.capacity());
                 last_active = Instant::now();
@@ -532,7 +608,7 @@ async fn run<P: Protocol, S: AsyncRead + AsyncWrite + Unpin>(
                     return Ok(());
                 }
             }
-            n = stream.read_buf(&mut buf), if may_read => {
+            n = stream.read_lazily(&mut buf, START_CAPACITY), if may_read => {
                 if n? == 0 {
                     reading = false;
                     if let Some(resp) = proto.at_eof(&buf) {
@@ -564,7 +640,8 @@ async fn run<P: Protocol, S: AsyncRead + AsyncWrite + Unpin>(
 /// reset the connection, and a reset can destroy the last answer (a protocol error's text)
 /// before the client reads it.
 async fn linger<S: AsyncRead + Unpin>(stream: &mut S) {
-    let mut sink = [0u8; 16 * 1024];
+    // On the heap: an array here would be part of every session's future, idle or not.
+    let mut sink = vec![0u8; 16 * 1024];
     let mut left = 64usize << 20;
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
         while left > 0 {
@@ -600,22 +677,22 @@ fn over_limit(over: twincache_protocol::budget::Over) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::OutOfMemory, over.to_string())
 }
 
-/// Writes `out` to a client that must keep reading: no progress for `deadline` closes the
-/// connection, and so does the account going over its limit meanwhile (replies pile up
-/// for a client that does not read them). Then flushes: a no-op on TCP, while a TLS session
-/// may still hold the last bytes of `out`.
+/// Writes `out` to a client that must keep reading (a vectored write where it holds large
+/// values), and clears it: no progress for `deadline` closes the connection, and so does
+/// the account going over its limit meanwhile (replies pile up for a client that does not
+/// read them). Then flushes: a no-op on TCP, while a TLS session may still hold the last
+/// bytes of `out`.
 async fn write_out<S: AsyncWrite + Unpin>(
     stream: &mut S,
-    out: &[u8],
+    out: &mut Outgoing,
     deadline: Duration,
     account: &Account,
 ) -> std::io::Result<()> {
-    let mut pos = 0;
-    while pos < out.len() {
+    while !out.is_empty() {
         tokio::select! {
-            written = tokio::time::timeout(deadline, stream.write(&out[pos..])) => match written {
+            written = tokio::time::timeout(deadline, out.write_some(stream)) => match written {
                 Ok(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
-                Ok(Ok(n)) => pos += n,
+                Ok(Ok(n)) => out.advance(n),
                 Ok(Err(e)) => return Err(e),
                 Err(_) => {
                     return Err(std::io::Error::new(
@@ -631,6 +708,7 @@ async fn write_out<S: AsyncWrite + Unpin>(
             }
         }
     }
+    out.clear();
     match tokio::time::timeout(deadline, stream.flush()).await {
         Ok(res) => res,
         Err(_) => Err(std::io::Error::new(
@@ -792,7 +870,8 @@ impl Protocol for TextProtocol {
         }
     }
 
-    fn encode(&mut self, resp: Response, out: &mut BytesMut) {
+    fn encode(&mut self, resp: Response, out: &mut Outgoing) {
+        let out = out.buf();
         if resp.status == Status::Ok && resp.payload.contains(&b'\n') {
             // A line cannot carry it; answering anyway would desynchronise the client.
             let msg = b"value contains a newline; read it with the binary protocol";
@@ -917,8 +996,9 @@ impl Protocol for BinaryProtocol {
         dispatch(async move { routed.await.with_id(id) })
     }
 
-    fn encode(&mut self, resp: Response, out: &mut BytesMut) {
-        encode_frame(&resp, out);
+    fn encode(&mut self, resp: Response, out: &mut Outgoing) {
+        let payload = encode_frame_head(&resp, out.buf());
+        out.put(payload);
     }
 
     fn at_eof(&mut self, _buf: &BytesMut) -> Option<Response> {
@@ -946,5 +1026,55 @@ fn binary_command(req: &Request, ctx: &Ctx) -> Step<Response> {
         Step::Close(r) => Step::Close(r.map(|r| r.with_id(id))),
         Step::NeedMore => Step::NeedMore,
         Step::Stream(_) => Step::Reply(Response::status(Status::ServerError).with_id(id)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The size of the future `f` returns, without calling it.
+    fn future_size<A, B, C, F: Future>(_: impl FnOnce(A, B, C) -> F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// An idle plain TCP session holds no input buffer: none before the first byte, and the
+    /// empty buffer is given back when a read finds nothing.
+    #[tokio::test]
+    async fn an_idle_tcp_session_holds_no_input_buffer() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut server, _) = listener.accept().await.unwrap();
+        let wait = Duration::from_millis(50);
+        let mut buf = BytesMut::new();
+        let nothing = tokio::time::timeout(wait, server.read_lazily(&mut buf, 1024)).await;
+        assert!(nothing.is_err(), "nothing was sent");
+        assert_eq!(buf.capacity(), 0);
+        client.write_all(b"ping\r\n").await.unwrap();
+        let n = server.read_lazily(&mut buf, 1024).await.unwrap();
+        assert_eq!(&buf[..n], b"ping\r\n");
+        assert!(buf.capacity() >= 1024);
+        buf.clear();
+        let nothing = tokio::time::timeout(wait, server.read_lazily(&mut buf, 1024)).await;
+        assert!(nothing.is_err(), "nothing more was sent");
+        assert_eq!(buf.capacity(), 0, "the empty buffer was given back");
+        drop(client);
+        assert_eq!(server.read_lazily(&mut buf, 1024).await.unwrap(), 0);
+    }
+
+    /// What an idle connection costs before its first byte is mostly its task: the session
+    /// future, whose size is that of its largest state (every local held across an await,
+    /// including those of the futures it awaits in place).
+    #[test]
+    fn a_session_future_is_small() {
+        // 808 bytes with Rust 1.95; the protocols' loops (about 1 KiB more) are boxed, and
+        // the TLS session (6 KiB, most of it the handshake) is boxed by the accept loop.
+        let plain = future_size(serve::<TcpStream>);
+        assert!(
+            plain <= 1024,
+            "a plain TCP session's future takes {plain} bytes"
+        );
     }
 }

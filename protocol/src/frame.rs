@@ -303,7 +303,15 @@ pub trait Message: Sized {
     /// Length of the body this message encodes to.
     fn body_len(&self) -> usize;
     /// Appends the body (without the length prefix).
-    fn encode_body(&self, dst: &mut BytesMut);
+    fn encode_body(&self, dst: &mut BytesMut) {
+        self.encode_head(dst);
+        dst.put_slice(self.tail());
+    }
+    /// Appends the body up to its [`Message::tail`].
+    fn encode_head(&self, dst: &mut BytesMut);
+    /// The bytes the body ends with (a request's value, a response's payload): a writer may
+    /// send them from where they lie instead of copying them (see [`encode_frame_head`]).
+    fn tail(&self) -> &Bytes;
     /// Parses a complete body.
     fn decode_body(body: Bytes) -> Result<Self, FrameError>;
 
@@ -323,7 +331,7 @@ impl Message for Request {
         REQUEST_HEADER_LEN + self.key.len() + self.value.len()
     }
 
-    fn encode_body(&self, dst: &mut BytesMut) {
+    fn encode_head(&self, dst: &mut BytesMut) {
         dst.put_u64(self.id);
         dst.put_u8(self.op.code());
         dst.put_u8(self.flags);
@@ -331,7 +339,10 @@ impl Message for Request {
         dst.put_u64(self.ttl_ms);
         dst.put_u32(self.key.len() as u32);
         dst.put_slice(&self.key);
-        dst.put_slice(&self.value);
+    }
+
+    fn tail(&self) -> &Bytes {
+        &self.value
     }
 
     fn decode_body(mut body: Bytes) -> Result<Request, FrameError> {
@@ -365,10 +376,13 @@ impl Message for Response {
         RESPONSE_HEADER_LEN + self.payload.len()
     }
 
-    fn encode_body(&self, dst: &mut BytesMut) {
+    fn encode_head(&self, dst: &mut BytesMut) {
         dst.put_u64(self.id);
         dst.put_u8(self.status.code());
-        dst.put_slice(&self.payload);
+    }
+
+    fn tail(&self) -> &Bytes {
+        &self.payload
     }
 
     fn decode_body(mut body: Bytes) -> Result<Response, FrameError> {
@@ -407,6 +421,17 @@ pub fn encode_frame<M: Message>(msg: &M, dst: &mut BytesMut) {
     dst.reserve(4 + len);
     dst.put_u32(len as u32);
     msg.encode_body(dst);
+}
+
+/// Appends `msg`'s frame to `dst` without its [`Message::tail`], which the caller writes
+/// right after what `dst` holds; the tail is returned.
+pub fn encode_frame_head<'m, M: Message>(msg: &'m M, dst: &mut BytesMut) -> &'m Bytes {
+    let len = msg.body_len();
+    let tail = msg.tail();
+    dst.reserve(4 + len - tail.len());
+    dst.put_u32(len as u32);
+    msg.encode_head(dst);
+    tail
 }
 
 /// Decodes frames carrying `In` messages and encodes any [`Message`]; one codec type serves
@@ -509,6 +534,23 @@ mod tests {
             key: Bytes::from_static(b"k\n||\0"),
             value: Bytes::from_static(b"\xffvalue"),
         }
+    }
+
+    #[test]
+    fn a_frame_head_and_its_tail_are_the_whole_frame() {
+        let req = sample_request();
+        let mut whole = BytesMut::new();
+        encode_frame(&req, &mut whole);
+        let mut head = BytesMut::new();
+        let tail = encode_frame_head(&req, &mut head);
+        head.extend_from_slice(tail);
+        assert_eq!(head, whole);
+        let resp = Response::ok(Bytes::from_static(b"payload"));
+        let (mut whole, mut head) = (BytesMut::new(), BytesMut::new());
+        encode_frame(&resp, &mut whole);
+        let tail = encode_frame_head(&resp, &mut head);
+        head.extend_from_slice(tail);
+        assert_eq!(head, whole);
     }
 
     #[test]

@@ -17,6 +17,7 @@
 //! - [`budget`]: memory held for connections (per process and per connection).
 //! - [`coverage`]: what partners know of each other's writes (in a worker's `status`).
 //! - [`info`]: the `name:value` text of workers' `stats` and `status` answers.
+//! - [`outgoing`]: bytes waiting to be written, large values written from where they lie.
 //! - [`hash`]: the stable key hash and hash tags.
 //! - [`slots`]: placement: a key's slot, and the map of slots to pairs.
 //! - [`server`]: the accept loop both servers share (connection cap, graceful shutdown).
@@ -30,6 +31,7 @@ pub mod frame;
 pub mod glob;
 pub mod hash;
 pub mod info;
+pub mod outgoing;
 pub mod program;
 pub mod resp;
 pub mod server;

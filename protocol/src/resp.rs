@@ -162,6 +162,19 @@ impl RespDecoder {
         }
     }
 
+    /// Bytes the buffer lacks to hold the argument being read, as its header declared (0
+    /// when none is being read): a reader can make room for it at once rather than read by
+    /// read. `buffered` is what the buffer holds.
+    pub fn wanted(&self, buffered: usize) -> usize {
+        match &self.partial {
+            Some(Partial {
+                bulk: Some((_, end)),
+                ..
+            }) => (end + 2).saturating_sub(buffered),
+            _ => 0,
+        }
+    }
+
     /// Continues the multibulk at the front of `buf` from where the last call left it.
     fn parse_multibulk(&mut self, buf: &[u8]) -> Result<Parse, ProtocolError> {
         if self.partial.is_none() {
@@ -721,6 +734,13 @@ fn line_at(buf: &[u8], from: usize) -> Result<usize, ReplyError> {
     }
 }
 
+/// What a [`Reply::Bulk`] of `len` bytes encodes to before its bytes (`$<len>\r\n`, in
+/// either version), for a writer that sends those bytes from where they lie; `\r\n` follows
+/// them.
+pub fn put_bulk_head(out: &mut BytesMut, len: usize) {
+    put_header(out, b'$', len as i64);
+}
+
 fn put_header(out: &mut BytesMut, tag: u8, n: i64) {
     out.put_u8(tag);
     let mut digits = [0u8; 20];
@@ -920,6 +940,19 @@ mod tests {
         let mut d = RespDecoder::new(1024, 64 << 20);
         assert_eq!(d.decode(&mut buf), Ok(None));
         assert_eq!(d.partial.as_ref().unwrap().args.capacity(), 16);
+    }
+
+    #[test]
+    fn the_argument_being_read_says_what_it_lacks() {
+        let mut d = RespDecoder::new(1 << 20, 1 << 21);
+        let mut buf = BytesMut::from(&b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$100000\r\nabc"[..]);
+        assert_eq!(d.decode(&mut buf).unwrap(), None);
+        // The value's 100,000 bytes and its CRLF, less the 3 that are here.
+        assert_eq!(d.wanted(buf.len()), 100_000 + 2 - 3);
+        buf.extend_from_slice(&vec![b'v'; 100_000 - 3]);
+        buf.extend_from_slice(b"\r\n");
+        assert_eq!(d.decode(&mut buf).unwrap().unwrap().len(), 3);
+        assert_eq!(d.wanted(buf.len()), 0);
     }
 
     #[test]

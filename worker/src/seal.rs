@@ -293,8 +293,26 @@ pub fn seal_into(
 /// The most bytes the encrypted form of a `len`-byte value takes: the layout byte, nonce and
 /// tag around the larger of its raw form and its lz4 attempt (with a dictionary's header).
 fn max_sealed_len(len: usize) -> usize {
-    let inner = (1 + len).max(9 + lz4_flex::block::get_maximum_output_size(len));
-    1 + NONCE_LEN + inner + TAG_LEN
+    1 + NONCE_LEN + max_plain_len(len) + TAG_LEN
+}
+
+/// The most bytes the plain stored form of a `len`-byte value takes while it is made: the
+/// larger of its raw form and its lz4 attempt (with a dictionary's header).
+fn max_plain_len(len: usize) -> usize {
+    if len < MIN_COMPRESS_LEN {
+        return 1 + len;
+    }
+    (1 + len).max(9 + lz4_flex::block::get_maximum_output_size(len))
+}
+
+/// Room [`seal_into`] needs for a `len`-byte value: given it up front, the buffer never grows
+/// (growing copies it, and a large value's compression attempt would make it grow).
+pub fn room_for(len: usize, encrypted: bool) -> usize {
+    if encrypted {
+        max_sealed_len(len)
+    } else {
+        max_plain_len(len)
+    }
 }
 
 /// Whether `stored` is in the encrypted layout: what a worker with a key stores and accepts

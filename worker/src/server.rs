@@ -312,7 +312,7 @@ where
     // With a key, nothing that held a value's plaintext outlives its request (crate::wipe).
     let wipe = node.store.cipher().is_some();
     let mut buf = wipe::Buffer::new(64 * 1024, wipe);
-    let mut out = wipe::Buffer::new(64 * 1024, wipe);
+    let mut out = wipe::Replies::new(64 * 1024, wipe);
     // Adapter-mode requests waiting on Redis; they answer out of order, by id.
     let mut waiting = FuturesUnordered::new();
     let mut reading = true;
@@ -418,11 +418,11 @@ where
 /// is given up on. The flush is a no-op on TCP; a TLS session sends what it still holds.
 async fn write_out<S: AsyncWrite + Unpin>(
     stream: &mut S,
-    out: &mut wipe::Buffer,
+    out: &mut wipe::Replies,
     deadline: Duration,
 ) -> Result<(), FrameError> {
     let write = async {
-        stream.write_all(out).await?;
+        out.write_to(stream).await?;
         stream.flush().await
     };
     match tokio::time::timeout(deadline, write).await {
@@ -434,7 +434,6 @@ async fn write_out<S: AsyncWrite + Unpin>(
             )))
         }
     }
-    out.clear();
     Ok(())
 }
 

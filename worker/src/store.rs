@@ -71,7 +71,8 @@ impl Entry {
         cipher: Option<&Cipher>,
         dict: Option<&Dictionary>,
     ) -> Entry {
-        let mut buf = Vec::with_capacity(HEADER + key.len() + 1 + value.len());
+        let room = seal::room_for(value.len(), cipher.is_some());
+        let mut buf = Vec::with_capacity(HEADER + key.len() + room);
         buf.extend_from_slice(&version.to_le_bytes());
         buf.extend_from_slice(&expires_at.to_le_bytes());
         buf.extend_from_slice(&(key.len() as u32).to_le_bytes());

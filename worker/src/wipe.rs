@@ -18,8 +18,12 @@
 //! path stays as it was (a branch on a flag per buffer operation).
 
 use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::AsyncWrite;
 use tokio_util::codec::Decoder;
-use twincache_protocol::frame::{encode_frame, FrameCodec, FrameError, Message, Request};
+use twincache_protocol::frame::{
+    encode_frame, encode_frame_head, FrameCodec, FrameError, Message, Request,
+};
+use twincache_protocol::outgoing::Outgoing;
 use zeroize::{Zeroize, Zeroizing};
 
 /// Room kept free in a read buffer before each read, so the read itself never has to grow
@@ -102,19 +106,69 @@ impl Buffer {
         self.bytes.clear();
     }
 
-    /// Appends `msg` as a frame; a wiping buffer grows first, without leaving a copy.
-    pub fn encode<M: Message>(&mut self, msg: &M) {
-        if self.wipe {
-            make_room(&mut self.bytes, 4 + msg.body_len());
-        }
-        encode_frame(msg, &mut self.bytes);
-    }
-
     /// Replaces the allocation with a fresh one of `capacity` (for a buffer a large frame
     /// grew), wiping what it held.
     pub fn renew(&mut self, capacity: usize) {
         self.clear();
         self.bytes = BytesMut::with_capacity(capacity);
+    }
+}
+
+/// A connection's replies waiting to be written. Without wiping, a large payload (a value
+/// read back) is written from where it lies rather than copied in (see
+/// `twincache_protocol::outgoing`); with it, everything is encoded into one buffer, which is
+/// wiped once written and when the connection ends.
+pub struct Replies {
+    out: Outgoing,
+    wipe: bool,
+}
+
+impl Replies {
+    pub fn new(capacity: usize, wipe: bool) -> Replies {
+        Replies {
+            out: Outgoing::with_capacity(capacity),
+            wipe,
+        }
+    }
+
+    /// Appends `msg` as a frame; a wiping buffer grows first, without leaving a copy.
+    pub fn encode<M: Message>(&mut self, msg: &M) {
+        if self.wipe {
+            make_room(self.out.buf(), 4 + msg.body_len());
+            encode_frame(msg, self.out.buf());
+        } else {
+            let payload = encode_frame_head(msg, self.out.buf());
+            self.out.put(payload);
+        }
+    }
+
+    /// Bytes waiting.
+    pub fn len(&self) -> usize {
+        self.out.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.out.is_empty()
+    }
+
+    /// Writes everything, then clears (wiping, if it wipes).
+    pub async fn write_to<W: AsyncWrite + Unpin>(&mut self, wr: &mut W) -> std::io::Result<()> {
+        let written = self.out.write_to(wr).await;
+        self.clear();
+        written
+    }
+
+    fn clear(&mut self) {
+        if self.wipe {
+            self.out.buf()[..].zeroize();
+        }
+        self.out.clear();
+    }
+}
+
+impl Drop for Replies {
+    fn drop(&mut self) {
+        self.clear();
     }
 }
 
@@ -141,7 +195,7 @@ impl Drop for Buffer {
 mod tests {
     use super::*;
     use bytes::BufMut;
-    use twincache_protocol::frame::Op;
+    use twincache_protocol::frame::{Op, Response};
 
     fn frame(value: &[u8]) -> BytesMut {
         let mut req = Request::new(Op::Set, Bytes::from_static(b"key"));
@@ -211,16 +265,25 @@ mod tests {
         assert!(buf.capacity() - buf.len() >= 1000);
     }
 
-    #[test]
-    fn a_wiping_buffer_encodes_and_clears() {
-        let mut out = Buffer::new(4, true);
-        let req = Request::new(Op::Get, Bytes::from_static(b"some key"));
-        out.encode(&req);
+    #[tokio::test]
+    async fn replies_are_written_whole_with_or_without_wiping() {
+        let small = Response::ok(Bytes::from_static(b"v"));
+        let large = Response::ok(Bytes::from(vec![9u8; 64 * 1024]));
         let mut plain = BytesMut::new();
-        encode_frame(&req, &mut plain);
-        assert_eq!(&out[..], &plain[..]);
-        out.clear();
-        assert!(out.is_empty());
+        for resp in [&small, &large, &small] {
+            encode_frame(resp, &mut plain);
+        }
+        for wipe in [false, true] {
+            let mut out = Replies::new(4, wipe);
+            for resp in [&small, &large, &small] {
+                out.encode(resp);
+            }
+            assert_eq!(out.len(), plain.len());
+            let mut sink = Vec::new();
+            out.write_to(&mut sink).await.unwrap();
+            assert_eq!(&sink[..], &plain[..], "wipe: {wipe}");
+            assert!(out.is_empty());
+        }
         let secret = secret_bytes(b"value".to_vec());
         assert_eq!(&secret[..], b"value");
     }
