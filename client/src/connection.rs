@@ -184,7 +184,7 @@ struct Shared {
     closed: AtomicBool,
     signal: CancellationToken,
     timeout: Duration,
-    /// When the connection started; `last_frame` counts from it.
+    /// When the connection started; `last_frame_ms` counts from it.
     started: Instant,
     /// Milliseconds from `started` to the last frame read.
     last_frame_ms: AtomicU64,
@@ -512,16 +512,14 @@ async fn read_loop<R: AsyncRead + Unpin>(
     let tick = (shared.timeout / 4).clamp(Duration::from_millis(5), Duration::from_millis(250));
     let mut sweep = tokio::time::interval(tick);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_frame = Instant::now();
     // A close from this side ends the writer, whose exit closes the socket: the reader then
     // sees end of input. The tick checks the flag as well, in case the peer never answers.
     loop {
         tokio::select! {
             frame = frames.next() => match frame {
                 Some(Ok(mut resp)) => {
-                    last_frame = Instant::now();
-                    let since = last_frame.saturating_duration_since(shared.started);
-                    shared.last_frame_ms.store(since.as_millis() as u64, Ordering::Relaxed);
+                    let since = shared.started.elapsed().as_millis() as u64;
+                    shared.last_frame_ms.store(since, Ordering::Relaxed);
                     let entry = shared.lock().pending.remove(&resp.id);
                     if let Some(p) = entry {
                         if let Some(account) = &p.account {
@@ -552,7 +550,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 if shared.closed.load(Ordering::Acquire) {
                     break;
                 }
-                if expire(&shared) > 0 && last_frame.elapsed() > shared.timeout {
+                if expire(&shared) > 0 && shared.silent_for() > shared.timeout {
                     // Requests time out and nothing at all has come back for a whole
                     // timeout: the peer froze or the link is half-open.
                     tracing::debug!("peer unresponsive; closing the connection");

@@ -270,42 +270,37 @@ impl WorkerLink {
     /// one; `None` if the worker has no live connection.
     pub(crate) fn send(&self, req: &Request, origin: &Origin) -> Option<Reply> {
         let n = self.slots.len() - 1;
-        for i in 0..n {
-            let slot = self.lock_slot((origin.affinity + i) % n);
-            if let Some(conn) = slot.as_ref().filter(|c| !c.is_closed()) {
-                return Some(conn.send_charged(req, origin.account.as_ref()));
-            }
-        }
-        None
+        self.on_live((0..n).map(|i| (origin.affinity + i) % n), |c| {
+            c.send_charged(req, origin.account.as_ref())
+        })
     }
 
     /// [`WorkerLink::send`] for a request that fails after one `--worker-timeout` even
     /// while the worker answers others (`Connection::send_strict`): a read-modify-write's
     /// copy, whose deadline its partner counts on (see `rmw`).
     pub(crate) fn send_strict(&self, req: &Request) -> Option<Reply> {
-        let n = self.slots.len() - 1;
-        (0..n).find_map(|i| {
-            let slot = self.lock_slot(i);
-            slot.as_ref()
-                .filter(|c| !c.is_closed())
-                .map(|c| c.send_strict(req))
-        })
+        self.on_live(0..self.slots.len() - 1, |c| c.send_strict(req))
     }
 
-    /// Queues a health check on the link's own connection for them, where it does not
-    /// wait behind the clients' requests: a worker working through a long queue still
-    /// answers it (it yields between batches), and so is not taken for dead. Falls back to
-    /// the data connections while that one is not connected.
+    /// Queues a health check on the link's own connection for them (the last slot), where
+    /// it does not wait behind the clients' requests: a worker working through a long queue
+    /// still answers it (it yields between batches), and so is not taken for dead. Falls
+    /// back to the data connections while that one is not connected.
     pub(crate) fn send_control(&self, req: &Request) -> Option<Reply> {
         let control = self.slots.len() - 1;
-        let slot = self.lock_slot(control);
-        match slot.as_ref().filter(|c| !c.is_closed()) {
-            Some(conn) => Some(conn.send(req)),
-            None => {
-                drop(slot);
-                self.send(req, &Origin::INTERNAL)
-            }
-        }
+        self.on_live(std::iter::once(control).chain(0..control), |c| c.send(req))
+    }
+
+    /// `send` on the first live connection of `slots`, in that order.
+    fn on_live(
+        &self,
+        slots: impl IntoIterator<Item = usize>,
+        mut send: impl FnMut(&Connection) -> Reply,
+    ) -> Option<Reply> {
+        slots.into_iter().find_map(|i| {
+            let slot = self.lock_slot(i);
+            slot.as_ref().filter(|c| !c.is_closed()).map(&mut send)
+        })
     }
 
     /// How long since the worker last answered anything on any live connection (a long

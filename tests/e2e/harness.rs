@@ -436,6 +436,16 @@ impl Drop for RedisServer {
     }
 }
 
+/// Appends one RESP command to `out`: called several times, a pipeline for
+/// [`RespConn::send_raw`].
+pub fn encode(args: &[&[u8]], out: &mut bytes::BytesMut) {
+    let args: Vec<bytes::Bytes> = args
+        .iter()
+        .map(|a| bytes::Bytes::copy_from_slice(a))
+        .collect();
+    twincache_protocol::resp::encode_command(&args, out);
+}
+
 /// A raw RESP connection: commands out, each reply's bytes in, exactly as the server wrote
 /// them (what the differential tests compare).
 pub struct RespConn {
@@ -455,12 +465,8 @@ impl RespConn {
 
     /// Sends one command and returns its reply's bytes.
     pub async fn call(&mut self, args: &[&[u8]]) -> bytes::Bytes {
-        let args: Vec<bytes::Bytes> = args
-            .iter()
-            .map(|a| bytes::Bytes::copy_from_slice(a))
-            .collect();
         let mut out = bytes::BytesMut::new();
-        twincache_protocol::resp::encode_command(&args, &mut out);
+        encode(args, &mut out);
         self.stream.write_all(&out).await.expect("write");
         self.reply().await
     }

@@ -22,7 +22,7 @@ use tokio::net::TcpStream;
 use twincache_client::Client;
 
 use crate::faults::{state_of, wait_status, worker_on, FAST};
-use crate::harness::{Cluster, Gate, Proc, RespConn};
+use crate::harness::{encode, Cluster, Gate, Proc, RespConn};
 
 /// Timeouts long enough that a busy machine never makes a live worker look dead (a
 /// kill -9 is seen at once, by the closed connections), and health checks fast enough that
@@ -41,11 +41,7 @@ const KEYS: [&str; 4] = ["c0", "c1", "{c}2", "{c}3"];
 /// Sends INCR `key` and reads the reply, without panicking on a closed connection.
 async fn incr(stream: &mut TcpStream, buf: &mut BytesMut, key: &str) -> Option<Bytes> {
     let mut out = BytesMut::new();
-    let args = [
-        Bytes::from_static(b"INCR"),
-        Bytes::copy_from_slice(key.as_bytes()),
-    ];
-    twincache_protocol::resp::encode_command(&args, &mut out);
+    encode(&[b"INCR", key.as_bytes()], &mut out);
     stream.write_all(&out).await.ok()?;
     loop {
         let frozen = Bytes::copy_from_slice(buf);
@@ -196,14 +192,8 @@ async fn a_hot_key_takes_every_pipelined_rmw_from_many_connections() {
                 let mut out = BytesMut::new();
                 for i in 0..DEPTH {
                     let field = format!("f{}", (n * DEPTH + i) % 37);
-                    for args in [
-                        vec![&b"INCR"[..], b"hot"],
-                        vec![b"HINCRBY", b"{hot}h", field.as_bytes(), b"1"],
-                    ] {
-                        let args: Vec<Bytes> =
-                            args.iter().map(|a| Bytes::copy_from_slice(a)).collect();
-                        twincache_protocol::resp::encode_command(&args, &mut out);
-                    }
+                    encode(&[b"INCR", b"hot"], &mut out);
+                    encode(&[b"HINCRBY", b"{hot}h", field.as_bytes(), b"1"], &mut out);
                 }
                 c.send_raw(&out).await;
                 let mut odd = Vec::new();
@@ -239,13 +229,8 @@ async fn a_hot_key_takes_every_pipelined_rmw_from_many_connections() {
     // Pipelined on one connection, a SET issued after an INCR of its key is the later write
     // even when the INCR had to take a version after another orchestrator's.
     let mut out = BytesMut::new();
-    for args in [
-        [&b"INCR"[..], b"hot"].as_slice(),
-        [&b"SET"[..], b"hot", b"final"].as_slice(),
-    ] {
-        let args: Vec<Bytes> = args.iter().map(|a| Bytes::copy_from_slice(a)).collect();
-        twincache_protocol::resp::encode_command(&args, &mut out);
-    }
+    encode(&[b"INCR", b"hot"], &mut out);
+    encode(&[b"SET", b"hot", b"final"], &mut out);
     c.send_raw(&out).await;
     c.reply().await;
     assert_eq!(&c.reply().await[..], b"+OK\r\n");
