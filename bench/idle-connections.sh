@@ -21,6 +21,8 @@ cd "$(dirname "$0")/.."
 N=${N:-10000}
 ORCH_FLAGS=${ORCH_FLAGS:-}
 BIN=${BIN:-target/release}
+# Debian installs nutcracker in /usr/sbin, which a user's PATH may lack.
+PATH=$PATH:/usr/sbin
 for tool in redis-server nutcracker python3 "$BIN/worker" "$BIN/orchestrator"; do
   command -v "$tool" >/dev/null || {
     echo "bench/idle-connections.sh needs $tool (apt-get install -y redis-server nutcracker python3; cargo build --release)" >&2

@@ -18,7 +18,7 @@
 #      orchestrator from it are measured in the same rounds, as "before"; ORCH_FLAGS and
 #      WORKER_FLAGS, extra flags.
 set -euo pipefail
-case "${1:-}" in -h | --help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;; esac
+case "${1:-}" in -h | --help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;; esac
 cd "$(dirname "$0")/.."
 SIZES=${SIZES:-65536 1048576}
 N=${N:-2000}

@@ -22,6 +22,8 @@ N1=${N1:-100000}
 N16=${N16:-400000}
 TESTS=${TESTS:-set,get}
 
+# Debian installs nutcracker in /usr/sbin, which a user's PATH may lack.
+PATH=$PATH:/usr/sbin
 for tool in redis-server redis-benchmark nutcracker python3; do
   command -v "$tool" >/dev/null || {
     echo "bench/peers.sh needs $tool: apt-get install -y redis-server redis-tools nutcracker python3" >&2

@@ -4,7 +4,7 @@
 # `orchestrator`, e.g. the jump-hash commit 58b63de built apart), alternating, ROUNDS times,
 # twincache-bench -c 50 -P 16 -d 100. Prints each run's ops/s and p99.
 #
-#   git archive 58b63de | tar -x -C /tmp/base && (cd /tmp/base && cargo build --release)
+#   mkdir -p /tmp/base && git archive 58b63de | tar -x -C /tmp/base && (cd /tmp/base && cargo build --release)
 #   cargo build --release && BASE=/tmp/base/target/release bench/placement.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -548,7 +548,8 @@ pub struct RouterConfig {
 /// requests are answered `Unavailable` (`-TRYAGAIN`), which clients retry.
 pub struct Router {
     /// The pairs and the slot map, swapped whole on a membership change (see
-    /// [`Topology`]): read with one atomic load, no lock.
+    /// [`Topology`]): a request takes the current `Arc` (no lock) and holds it until
+    /// answered, which is how a change knows when the old map is drained.
     topology: ArcSwap<Topology>,
     pub(crate) clock: Hlc,
     default_ttl_ms: u64,

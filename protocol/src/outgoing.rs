@@ -135,7 +135,8 @@ impl Outgoing {
         }
     }
 
-    /// Writes everything, then clears.
+    /// Writes everything. The caller clears it afterwards: an owner that wipes what it sent
+    /// must see those bytes first.
     pub async fn write_to<W: AsyncWrite + Unpin>(&mut self, wr: &mut W) -> std::io::Result<()> {
         if self.parts.is_empty() {
             wr.write_all(&self.buf[self.sent..]).await?;
@@ -148,7 +149,6 @@ impl Outgoing {
                 self.advance(n);
             }
         }
-        self.clear();
         Ok(())
     }
 }
@@ -236,6 +236,21 @@ mod tests {
         out.write_to(&mut sink).await.unwrap();
         assert_eq!(sink.len(), big.len() + 2);
         assert_eq!(&sink[1..sink.len() - 1], &big[..]);
+        out.clear();
         assert!(out.is_empty());
+    }
+
+    #[tokio::test]
+    async fn write_to_leaves_the_encoded_bytes_for_their_owner_to_wipe() {
+        let mut out = Outgoing::default();
+        out.buf().extend_from_slice(b"secret reply");
+        let mut sink = Vec::new();
+        out.write_to(&mut sink).await.unwrap();
+        assert_eq!(&sink[..], b"secret reply");
+        assert_eq!(
+            &out.buf()[..],
+            b"secret reply",
+            "still there to be zeroized"
+        );
     }
 }

@@ -335,7 +335,7 @@ where
                     reading = false;
                 }
                 last_active = tokio::time::Instant::now();
-                let mut flushed = std::time::Instant::now();
+                let mut flushed = last_active;
                 // The clock is read every 16 requests: cheap ones need no check at all.
                 let mut since_check = 0u8;
                 loop {
@@ -370,7 +370,7 @@ where
                             } else if since_check.is_multiple_of(16) && flushed.elapsed() >= STEADY {
                                 write_out(&mut stream, &mut out, idle_timeout).await?;
                                 tokio::task::yield_now().await;
-                                flushed = std::time::Instant::now();
+                                flushed = tokio::time::Instant::now();
                             }
                         }
                         Ok(None) => break,

@@ -151,7 +151,7 @@ impl Replies {
         self.out.is_empty()
     }
 
-    /// Writes everything, then clears (wiping, if it wipes).
+    /// Writes everything, then clears (wiping what was written first, if it wipes).
     pub async fn write_to<W: AsyncWrite + Unpin>(&mut self, wr: &mut W) -> std::io::Result<()> {
         let written = self.out.write_to(wr).await;
         self.clear();

@@ -29,6 +29,7 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use twincache_client::PATIENCE;
 
 use futures_util::future::join_all;
 use tokio::sync::Notify;
@@ -529,9 +530,12 @@ impl Router {
     }
 
     /// Waits until no request routed by `old` is still in flight (it holds the only
-    /// reference), at most twice the worker timeout: a request is answered or failed by then.
+    /// reference), at most as long as a worker link waits for an answer (`PATIENCE` worker
+    /// timeouts, with a margin): a request is answered or failed by then, so no write
+    /// acknowledged under the old map lands after the move's copy has started.
     async fn drain(&self, old: Arc<Topology>) {
-        let deadline = Instant::now() + (self.worker_timeout * 2).max(Duration::from_secs(1));
+        let wait = self.worker_timeout * PATIENCE + Duration::from_millis(100);
+        let deadline = Instant::now() + wait.max(Duration::from_secs(1));
         while Arc::strong_count(&old) > 1 {
             if Instant::now() > deadline {
                 tracing::warn!(

@@ -322,7 +322,8 @@ impl Router {
         let topo = self.pairs();
         if !topo.is_moving(&key) {
             // Queued before this returns, in the session's order, like a GET.
-            return Either::Left(self.query_pair(topo.pair_of(&key), key, program, resp3, origin));
+            let pair = topo.pair_of(&key);
+            return Either::Left(self.query_in(topo, pair, key, program, resp3, origin));
         }
         // A read program of a key being moved waits for its move: it could not tell
         // "missing" from "not copied yet".
@@ -330,7 +331,9 @@ impl Router {
         let origin = origin.clone();
         Either::Right(Box::pin(async move {
             this.after_move(&key).await?;
-            this.query_pair(this.pair_of(&key), key, program, resp3, &origin)
+            let topo = this.pairs();
+            let pair = topo.pair_of(&key);
+            this.query_in(topo, pair, key, program, resp3, &origin)
                 .await
         }) as BoxAnswer)
     }
@@ -362,10 +365,24 @@ impl Router {
         resp3: bool,
         origin: &Origin,
     ) -> impl Future<Output = Answered> + Send + 'static {
+        self.query_in(self.pairs(), pair, key, program, resp3, origin)
+    }
+
+    /// [`Router::query_pair`] on the topology `topo` the pair index was taken from, so a
+    /// change renumbering the pairs in between cannot send it elsewhere.
+    fn query_in(
+        self: &Arc<Self>,
+        topo: Arc<super::Topology>,
+        pair: usize,
+        key: Bytes,
+        program: Bytes,
+        resp3: bool,
+        origin: &Origin,
+    ) -> impl Future<Output = Answered> + Send + 'static {
         let mut req = Request::new(Op::Query, key);
         req.value = program;
         req.flags = if resp3 { flags::RESP3 } else { 0 };
-        let read = self.read_pair(pair, req, origin);
+        let read = self.read_in(topo, pair, req, origin);
         async move {
             let resp = read.await;
             if resp.status != Status::Ok {

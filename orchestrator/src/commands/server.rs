@@ -95,17 +95,21 @@ pub(super) fn cluster(change: ClusterChange, ctx: &Ctx) -> Reply {
         match change {
             ClusterChange::AddPair(a, b) => pairs.push([addr(&a)?, addr(&b)?]),
             ClusterChange::RemovePair(which) => {
-                let at = match which.parse::<usize>() {
-                    Ok(n) if n < pairs.len() => n,
-                    Ok(_) => return Err(Reply::err("ERR no such pair")),
-                    Err(_) => {
-                        let a = addr(&which)?;
-                        pairs
-                            .iter()
-                            .position(|p| p.contains(&a))
-                            .ok_or_else(|| Reply::err("ERR no pair has that worker"))?
-                    }
+                // A number is a pair as INFO cluster numbers it now (`pairN`), which is not
+                // the position in the wanted list while an earlier change is under way.
+                let a = match which.parse::<usize>() {
+                    Ok(n) => ctx
+                        .router
+                        .pairs()
+                        .get(n)
+                        .map(|p| p.workers[0].addr.clone())
+                        .ok_or_else(|| Reply::err("ERR no such pair"))?,
+                    Err(_) => addr(&which)?,
                 };
+                let at = pairs
+                    .iter()
+                    .position(|p| p.contains(&a))
+                    .ok_or_else(|| Reply::err("ERR no pair has that worker"))?;
                 pairs.remove(at);
             }
             ClusterChange::Replace(old, new) => {
