@@ -237,6 +237,49 @@ async fn a_hot_key_takes_every_pipelined_rmw_from_many_connections() {
     assert_eq!(&c.call(&[b"GET", b"hot"]).await[..], b"$5\r\nfinal\r\n");
 }
 
+/// Clients that hang up right after sending pipelined INCRs: every change a primary made
+/// still reaches its partner, so both workers end with the same values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_hanging_up_mid_pipeline_leaves_both_partners_equal() {
+    let cluster = Cluster::start_with(1, ORCHESTRATOR).await;
+    let workers: Vec<SocketAddr> = cluster.workers.iter().map(|w| w.addr).collect();
+    in_sync(&[cluster.orch.addr], &workers).await;
+    let keys: Vec<String> = (0..4).map(|k| format!("gone{k}")).collect();
+    for round in 0..10 {
+        let mut out = BytesMut::new();
+        for i in 0..400 {
+            encode(
+                &[b"INCR", keys[(round + i) % keys.len()].as_bytes()],
+                &mut out,
+            );
+        }
+        let mut c = RespConn::connect(cluster.orch.addr).await;
+        c.send_raw(&out).await;
+        // Read a little, so some answers are under way when the connection goes.
+        c.reply().await;
+    }
+    let direct = [
+        Client::connect(&workers[0].to_string()).await.unwrap(),
+        Client::connect(&workers[1].to_string()).await.unwrap(),
+    ];
+    let mut differ = Vec::new();
+    for _ in 0..50 {
+        differ.clear();
+        for k in &keys {
+            let a = direct[0].get::<Bytes>(k.as_str()).await.unwrap();
+            let b = direct[1].get::<Bytes>(k.as_str()).await.unwrap();
+            if a != b {
+                differ.push(format!("{k}: {a:?} vs {b:?}"));
+            }
+        }
+        if differ.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(differ.is_empty(), "partners differ: {differ:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scan_across_pairs_returns_every_key_present_throughout() {
     let cluster = Cluster::start(2).await;

@@ -177,7 +177,11 @@ impl Router {
         });
         let this = self.clone();
         let origin = origin.clone();
-        Box::pin(async move {
+        // The rest runs as a task of its own: a session polls only the reply at the head of
+        // its queue, so the partner's copy of a pipelined program would otherwise wait for
+        // every program before it; and a client that hangs up must not stop a copy the
+        // primary's change is owed.
+        let rest = tokio::spawn(async move {
             let _pending = pending;
             let workers = &topo[pair].workers;
             let mut next = order[1];
@@ -245,6 +249,14 @@ impl Router {
                     Status::Unavailable,
                     "no worker of this key's pair holds its data now; retry",
                 ),
+            })
+        });
+        Box::pin(async move {
+            rest.await.unwrap_or_else(|_| {
+                Err(Response::error(
+                    Status::ServerError,
+                    "read-modify-write task failed",
+                ))
             })
         })
     }
