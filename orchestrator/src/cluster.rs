@@ -26,7 +26,7 @@ mod rmw;
 mod topology;
 
 pub use membership::Membership;
-pub use rmw::{BoxAnswer, Pending, ScanStep};
+pub use rmw::{gets, BoxAnswer, Pending, ScanStep};
 pub use topology::{Route, Topology};
 
 const RECONNECT_MIN: Duration = Duration::from_millis(50);

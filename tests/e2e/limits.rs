@@ -11,7 +11,7 @@ use tokio::net::TcpStream;
 use twincache_client::Client;
 
 use crate::faults::{state_of, wait_status, worker_on, FAST};
-use crate::harness::{Cluster, Proc};
+use crate::harness::{Cluster, Proc, RespConn};
 
 const MB: u64 = 1 << 20;
 
@@ -77,6 +77,35 @@ async fn a_large_mget_streams_its_reply_in_bounded_memory() {
     let peak = proc_kb(pid, "VmHWM");
     eprintln!("peak RSS {} MiB", peak / MB);
     assert!(peak < 150 * MB, "orchestrator peak RSS {} MiB", peak / MB);
+}
+
+/// An MGET of a few keys reads them with one program per pair; values too large to come
+/// back in one answer are read again a key at a time, and the reply is the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mget_of_values_too_large_for_one_answer_still_answers_them_all() {
+    let cluster = Cluster::start(1).await;
+    store_big(cluster.orch.addr).await;
+    let mut c = RespConn::connect(cluster.orch.addr).await;
+    c.call(&[b"SET", b"small", b"s"]).await;
+    let mut keys: Vec<&[u8]> = vec![b"big"; 12];
+    keys.insert(3, b"small");
+    keys.push(b"missing");
+    let mut want = format!("*{}\r\n", keys.len()).into_bytes();
+    for k in &keys {
+        want.extend_from_slice(
+            match *k {
+                b"big" => format!("$1048576\r\n{}\r\n", "x".repeat(MB as usize)).into_bytes(),
+                b"small" => b"$1\r\ns\r\n".to_vec(),
+                _ => b"$-1\r\n".to_vec(),
+            }
+            .as_slice(),
+        );
+    }
+    let got = c
+        .call(&[&[b"MGET".as_slice()], keys.as_slice()].concat())
+        .await;
+    assert_eq!(got.len(), want.len());
+    assert!(got[..] == want[..], "the same values, in order");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

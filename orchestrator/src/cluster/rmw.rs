@@ -42,7 +42,9 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use futures_util::future::{join_all, Either};
 use twincache_protocol::frame::{flags, Op, Request, Response};
-use twincache_protocol::program::{decode_scan_answer, Answer, ScanRequest};
+use twincache_protocol::program::{
+    decode_scan_answer, encode_program, Action, Answer, ScanRequest,
+};
 use twincache_protocol::Status;
 
 use super::{
@@ -105,6 +107,23 @@ impl Drop for PendingGuard {
         }
         self.0.count.fetch_sub(1, Ordering::AcqRel);
     }
+}
+
+/// A read program of a GET of each of `keys` (MGET's, for keys on one pair): one frame each
+/// way instead of one per key. The worker answers `TooLarge` rather than replies longer than
+/// `cap` bytes.
+pub fn gets<'k>(mut keys: impl ExactSizeIterator<Item = &'k Bytes>, cap: usize) -> Request {
+    let first = keys.next().cloned().unwrap_or_default();
+    let mut program = Vec::with_capacity(2 * keys.len() + 1);
+    program.push(Action::Get);
+    for key in keys {
+        program.push(Action::Key(key.clone()));
+        program.push(Action::Get);
+    }
+    let mut req = Request::new(Op::Query, first);
+    req.value = encode_program(&program);
+    req.ttl_ms = cap as u64;
+    req
 }
 
 /// One step of a key-space walk on one worker.
@@ -394,6 +413,19 @@ impl Router {
         let mut req = Request::new(Op::Query, key);
         req.value = program;
         req.flags = if resp3 { flags::RESP3 } else { 0 };
+        // Replies past what a frame can carry are refused by the worker, not sent.
+        req.ttl_ms = self.max_value as u64;
+        self.query_req(topo, pair, req, origin)
+    }
+
+    /// Runs the read program `req` (a `query`) on pair `pair` of `topo`.
+    pub fn query_req(
+        self: &Arc<Self>,
+        topo: Arc<super::Topology>,
+        pair: usize,
+        req: Request,
+        origin: &Origin,
+    ) -> impl Future<Output = Answered> + Send + 'static {
         let read = self.read_in(topo, pair, req, origin);
         async move {
             let resp = read.await;

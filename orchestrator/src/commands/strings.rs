@@ -3,9 +3,11 @@
 //! as actions (see the worker's `exec::strings`). Options and errors follow Redis 7.0's
 //! `t_string.c`, in its order: every option is read before any is checked.
 
+use std::future::Future;
+
 use bytes::Bytes;
 use futures_util::future::join_all;
-use futures_util::stream::{self, StreamExt};
+use futures_util::stream::{self, Stream, StreamExt};
 use twincache_protocol::frame::{flags, Op, Request};
 use twincache_protocol::program::{encode_program, Action, SetIf, Ttl};
 use twincache_protocol::resp::Reply;
@@ -233,50 +235,158 @@ fn getex(args: &[Bytes]) -> Result<Cmd, Reply> {
     Ok(run(args, Action::GetEx(ttl, error)))
 }
 
-/// Values of an MGET in flight at once when it streams its reply.
-const MGET_WINDOW: usize = 16;
+/// Keys an MGET reads with one program on a pair: one frame each way instead of one per key.
+const MGET_CHUNK: usize = 16;
+/// Keys a streamed MGET (one of more than [`MGET_CHUNK`] keys) reads at a time.
+const MGET_WINDOW: usize = 256;
+/// The most the values of one window of a streamed MGET may take; a window past it is read
+/// again a key at a time, [`MGET_CHUNK`] in flight, so a few huge values cost what they
+/// always did and memory stays bounded either way.
+const MGET_WINDOW_BYTES: usize = 8 << 20;
 
-/// An MGET of up to [`MGET_WINDOW`] keys gathers its values and answers at once. A larger
-/// one streams: the array header first, then each value in order as it arrives, with at
-/// most [`MGET_WINDOW`] values in flight, so its memory does not grow with the number of
-/// keys. A key whose pair cannot be reached is then an error element in the array (the
-/// header is already sent), which Redis clients report as an error for that key. A key
-/// holding another type than a string reads as nil, as in Redis.
+/// An MGET's value for one key: a bulk string or nil, or (`Err`) an error for that key.
+type Element = Result<Reply, Reply>;
+
+/// An MGET of up to [`MGET_CHUNK`] keys gathers its values and answers at once. A larger
+/// one streams: the array header first, then the values of [`MGET_WINDOW`] keys at a time,
+/// in order, so its memory does not grow with the number of keys. A key whose pair cannot
+/// be reached is then an error element in the array (the header is already sent), which
+/// Redis clients report as an error for that key. A key holding another type than a string
+/// reads as nil, as in Redis.
 pub(super) fn mget(keys: Vec<Bytes>, ctx: &Ctx) -> Step<Reply> {
-    let element = |resp: twincache_protocol::Response| match resp.status {
-        Status::Ok | Status::NotFound => value_reply(resp),
-        Status::WrongType => Reply::Nil,
-        _ => error_reply(&resp),
-    };
-    if keys.len() > MGET_WINDOW {
+    if keys.len() > MGET_CHUNK {
         let header = Reply::Raw(Bytes::from(format!("*{}\r\n", keys.len())));
-        let (router, origin) = (ctx.router.clone(), ctx.origin.clone());
-        let values = stream::iter(keys)
-            .map(move |k| router.get(k, &origin))
-            .buffered(MGET_WINDOW)
-            .map(element);
+        let windows: Vec<Vec<Bytes>> = keys.chunks(MGET_WINDOW).map(<[_]>::to_vec).collect();
+        let ctx = ctx.clone();
+        let values = stream::iter(windows)
+            .then(move |window| {
+                let read = read_values(window, MGET_WINDOW_BYTES, &ctx);
+                let ctx = ctx.clone();
+                async move {
+                    match read.await {
+                        Ok(values) => stream::iter(values).left_stream(),
+                        Err(window) => one_at_a_time(window, &ctx).right_stream(),
+                    }
+                }
+            })
+            .flatten()
+            .map(|v| v.unwrap_or_else(|e| e));
         return Step::Stream(Box::pin(
             stream::once(super::ready_reply(header)).chain(values),
         ));
     }
-    let futs: Vec<_> = keys
-        .into_iter()
-        .map(|k| ctx.router.get(k, &ctx.origin))
-        .collect();
-    let n = futs.len();
+    let n = keys.len();
+    let read = read_values(keys, ctx.router.max_value, ctx);
+    let ctx = ctx.clone();
     dispatch_n(
         async move {
-            let mut values = Vec::with_capacity(futs.len());
-            for resp in join_all(futs).await {
-                match resp.status {
-                    Status::Ok | Status::NotFound | Status::WrongType => values.push(element(resp)),
-                    _ => return error_reply(&resp),
-                }
-            }
-            Reply::Array(values)
+            // Values too large to come together are read again a key at a time (at most
+            // [`MGET_CHUNK`], each within a frame).
+            let values = match read.await {
+                Ok(values) => values,
+                Err(keys) => one_at_a_time(keys, &ctx).collect().await,
+            };
+            let values: Result<Vec<Reply>, Reply> = values.into_iter().collect();
+            values.map_or_else(|e| e, Reply::Array)
         },
         n,
     )
+}
+
+/// The values of `keys` by one GET each, [`MGET_CHUNK`] in flight.
+fn one_at_a_time(keys: Vec<Bytes>, ctx: &Ctx) -> impl Stream<Item = Element> + Send + 'static {
+    let (router, origin) = (ctx.router.clone(), ctx.origin.clone());
+    stream::iter(keys)
+        .map(move |k| router.get(k, &origin))
+        .buffered(MGET_CHUNK)
+        .map(element)
+}
+
+/// Reads the values of `keys`, sent before this returns (in the session's order): one read
+/// program per pair for each [`MGET_CHUNK`] of its keys; the keys back if the values would
+/// take more than `budget` bytes (each chunk may take its share). A key being moved between pairs, or
+/// with a read-modify-write of the session in flight, takes the way of a GET, which handles
+/// both.
+fn read_values(
+    keys: Vec<Bytes>,
+    budget: usize,
+    ctx: &Ctx,
+) -> impl Future<Output = Result<Vec<Element>, Vec<Bytes>>> + Send + 'static {
+    let router = &ctx.router;
+    let topo = router.pairs();
+    let pending = ctx.origin.rmw.as_ref();
+    let mut singles = Vec::new();
+    let mut by_pair: Vec<Vec<usize>> = vec![Vec::new(); topo.len()];
+    for (i, key) in keys.iter().enumerate() {
+        let route = topo.route(key);
+        if keys.len() == 1 || route.from.is_some() || pending.is_some_and(|p| p.holds(key)) {
+            singles.push((i, router.get(key.clone(), &ctx.origin)));
+        } else {
+            by_pair[route.pair].push(i);
+        }
+    }
+    let chunks = by_pair
+        .iter()
+        .map(|p| p.len().div_ceil(MGET_CHUNK))
+        .sum::<usize>();
+    let cap = budget / chunks.max(1);
+    let mut reads = Vec::with_capacity(chunks);
+    for (pair, indexes) in by_pair.iter().enumerate() {
+        for part in indexes.chunks(MGET_CHUNK) {
+            let req = crate::cluster::gets(part.iter().map(|&i| &keys[i]), cap);
+            let read = router.query_req(topo.clone(), pair, req, &ctx.origin);
+            reads.push((part.to_vec(), read));
+        }
+    }
+    async move {
+        let mut out: Vec<Element> = vec![Ok(Reply::Nil); keys.len()];
+        let (singles, answers) = futures_util::future::join(
+            join_all(
+                singles
+                    .into_iter()
+                    .map(|(i, f)| async move { (i, f.await) }),
+            ),
+            join_all(
+                reads
+                    .into_iter()
+                    .map(|(part, f)| async move { (part, f.await) }),
+            ),
+        )
+        .await;
+        for (i, resp) in singles {
+            out[i] = element(resp);
+        }
+        for (part, answer) in answers {
+            if answer.as_ref().is_err_and(|r| r.status == Status::TooLarge) {
+                return Err(keys);
+            }
+            match replies(answer) {
+                Ok(values) if values.len() == part.len() => {
+                    for (i, v) in part.into_iter().zip(values) {
+                        out[i] = match v {
+                            Reply::Error(e) if e.starts_with("WRONGTYPE") => Ok(Reply::Nil),
+                            Reply::Error(e) => Err(Reply::Error(e)),
+                            v => Ok(v),
+                        };
+                    }
+                }
+                Ok(_) => part
+                    .into_iter()
+                    .for_each(|i| out[i] = Err(Reply::err("ERR malformed answer"))),
+                Err(e) => part.into_iter().for_each(|i| out[i] = Err(e.clone())),
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A GET's answer as an MGET element: another type reads as nil.
+fn element(resp: twincache_protocol::Response) -> Element {
+    match resp.status {
+        Status::Ok | Status::NotFound => Ok(value_reply(resp)),
+        Status::WrongType => Ok(Reply::Nil),
+        _ => Err(error_reply(&resp)),
+    }
 }
 
 pub(super) fn mset(pairs: Vec<(Bytes, Bytes)>, ctx: &Ctx) -> Step<Reply> {

@@ -97,8 +97,8 @@ pub fn run(store: &Store, sync: &SyncState, req: &Request, writes: bool) -> Resp
         .encode_as(version, &mut replies);
         return Response::ok(Answer::encode(false, None, &[], &replies));
     }
-    // The largest value a write may leave: what the orchestrator can carry (its frame
-    // limit, in `ttl_ms`), and never past Redis' own.
+    // The largest value a write may leave, and the most the replies may take: what the
+    // orchestrator can carry (its frame limit, in `ttl_ms`), and never past Redis' own.
     let max_value = match req.ttl_ms {
         0 => MAX_VALUE,
         n => usize::try_from(n).unwrap_or(MAX_VALUE).min(MAX_VALUE),
@@ -123,6 +123,10 @@ pub fn run(store: &Store, sync: &SyncState, req: &Request, writes: bool) -> Resp
                 };
                 let reply = cx.run(action).unwrap_or_else(|err| err);
                 reply.encode_as(version, &mut replies);
+                if replies.len() > max_value {
+                    // A frame could not carry them; nothing is written.
+                    return Response::error(Status::TooLarge, "replies too large for one answer");
+                }
                 false
             }
         };
