@@ -304,9 +304,9 @@ fn one_at_a_time(keys: Vec<Bytes>, ctx: &Ctx) -> impl Stream<Item = Element> + S
 
 /// Reads the values of `keys`, sent before this returns (in the session's order): one read
 /// program per pair for each [`MGET_CHUNK`] of its keys; the keys back if the values would
-/// take more than `budget` bytes (each chunk may take its share). A key being moved between pairs, or
-/// with a read-modify-write of the session in flight, takes the way of a GET, which handles
-/// both.
+/// take more than `budget` bytes (each chunk may take its share). A key being moved between
+/// pairs, or with a read-modify-write of the session in flight, and every key in adapter
+/// mode, takes the way of a GET, which handles those.
 fn read_values(
     keys: Vec<Bytes>,
     budget: usize,
@@ -317,9 +317,11 @@ fn read_values(
     let pending = ctx.origin.rmw.as_ref();
     let mut singles = Vec::new();
     let mut by_pair: Vec<Vec<usize>> = vec![Vec::new(); topo.len()];
+    // Adapter mode's GET falls back to the source and destination; a program does not.
+    let one_by_one = keys.len() == 1 || router.is_adapter();
     for (i, key) in keys.iter().enumerate() {
         let route = topo.route(key);
-        if keys.len() == 1 || route.from.is_some() || pending.is_some_and(|p| p.holds(key)) {
+        if one_by_one || route.from.is_some() || pending.is_some_and(|p| p.holds(key)) {
             singles.push((i, router.get(key.clone(), &ctx.origin)));
         } else {
             by_pair[route.pair].push(i);
