@@ -125,6 +125,18 @@ async fn reads_follow_the_remiro_rules() {
     );
     assert!(!a && !b);
 
+    // MGET follows the same rules for each key, whichever pair holds it.
+    for i in 0..3 {
+        let _: () = src.set(format!("m:src{i}"), i).await.unwrap();
+        let _: () = dst.set(format!("m:dst{i}"), i).await.unwrap();
+    }
+    let keys = [
+        "m:src0", "m:dst0", "m:none", "m:src1", "m:dst1", "m:src2", "m:dst2",
+    ];
+    let got: Vec<Option<String>> = orch.mget(&keys).await.unwrap();
+    let want = ["0", "0", "", "1", "1", "2", "2"].map(|v| (!v.is_empty()).then(|| v.to_string()));
+    assert_eq!(got, want);
+
     // Through the text protocol too.
     let mut text = TextConn::connect(tier.orch.addr).await;
     let _: () = src.set("texted", "via text").await.unwrap();
