@@ -53,10 +53,14 @@ use twincache_protocol::program::{Action, ExpireIf, Ttl, TtlForm};
 /// A binary client sends its 4-byte preamble at once; one that stops midway is not one.
 pub const PREAMBLE_DEADLINE: Duration = Duration::from_secs(10);
 
+/// How long a session keeps its buffers after its last activity: a busy connection reuses
+/// them (no allocation per request), an idle one holds none.
+const TRIM_AFTER: Duration = Duration::from_secs(1);
+
 /// Buffers grown past this by a burst are given back once empty.
 const KEEP_CAPACITY: usize = 64 * 1024;
-/// What a buffer is given when it first needs memory. Neither buffer has any while the
-/// connection is idle (see [`ClientStream`]).
+/// What a buffer is given when it first needs memory. Neither buffer has any once the
+/// connection has been quiet for [`TRIM_AFTER`].
 const START_CAPACITY: usize = 16 * 1024;
 /// The most an input buffer grows by at once for a large argument still arriving, past what
 /// it holds (see `run`).
@@ -65,9 +69,9 @@ const RESERVE_AHEAD: usize = 1 << 20;
 /// A client connection's stream, as a session reads it.
 ///
 /// An idle connection should cost little more than its socket, so its input buffer gets
-/// memory only once input is there, and gives it back whenever a read finds nothing and the
-/// buffer is empty. Plain TCP can tell (readiness, then a read that may find nothing); a TLS
-/// session holds buffers of its own anyway, and reads as usual.
+/// memory only once input is there (the session gives it back after a quiet second). Plain
+/// TCP can tell (readiness, then a read that may find nothing); a TLS session holds buffers
+/// of its own anyway, and reads as usual.
 pub trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send {
     /// Reads what has arrived into `buf`, giving it `room` bytes more first if it is full;
     /// 0 at end of input.
@@ -84,13 +88,15 @@ impl ClientStream for TcpStream {
             // The stream's one reader slot, not `readable()`: that joins a locked list of
             // waiters, and the select in `run` drops and remakes this future on every turn.
             std::future::poll_fn(|cx| self.poll_read_ready(cx)).await?;
+            let fresh = buf.capacity() == 0;
             if buf.len() == buf.capacity() {
                 buf.reserve(room);
             }
             match self.try_read_buf(buf) {
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if buf.is_empty() {
-                        // Nothing to read after all: an idle connection holds no buffer.
+                    if fresh {
+                        // Readiness without input (a new socket's first report): a
+                        // connection that has sent nothing holds no buffer.
                         *buf = BytesMut::new();
                     }
                 }
@@ -501,7 +507,7 @@ async fn run<P: Protocol, S: ClientStream>(
         weight: 0,
         barriers: 0,
     };
-    // Replies are encoded here; like `buf`, it has memory only while the session has work.
+    // Replies are encoded here; like `buf`, it has memory only while the session is busy.
     let mut out = Outgoing::default();
     let (mut buf_held, mut out_held) = (0, 0);
     let mut reading = true;
@@ -596,13 +602,17 @@ async fn run<P: Protocol, S: ClientStream>(
                 }
                 account.track(&mut out_held, out.capacity());
                 write_out(&mut stream, &mut out, config.idle_timeout, account).await?;
-                if out.capacity() > KEEP_CAPACITY || (inflight.is_empty() && buf.is_empty()) {
-                    // Grown by a burst, or nothing left to answer: given back.
-                    out = Outgoing::default();
+                if out.capacity() > KEEP_CAPACITY {
+                    out = Outgoing::default(); // grown by a burst: given back
                 }
                 account.track(&mut out_held, out.capacity());
                 last_active = Instant::now();
                 recorder.flush(last_active);
+                if idle.deadline() > last_active + 2 * TRIM_AFTER {
+                    // The buffers are given back after a quiet second; the timer is moved
+                    // once here, then by its own firing while the session stays busy.
+                    idle.as_mut().reset(last_active + TRIM_AFTER);
+                }
                 if ctx.who.exhausted() {
                     tracing::info!(client = ctx.id, "closing a connection that failed to authenticate ten times");
                     return Ok(());
@@ -622,11 +632,24 @@ async fn run<P: Protocol, S: ClientStream>(
             }
             _ = account.exceeded() => {}
             _ = &mut idle, if inflight.is_empty() || !may_read => {
+                let now = Instant::now();
                 let deadline = last_active + config.idle_timeout;
-                if deadline <= Instant::now() {
+                if deadline <= now {
                     tracing::debug!("closing idle client connection");
                     ctx.metrics.closed(Closed::Idle);
                     return Ok(());
+                }
+                let quiet = last_active + TRIM_AFTER;
+                let held = buf.capacity() > 0 || out.capacity() > 0;
+                if held && quiet <= now && inflight.is_empty() && buf.is_empty() {
+                    // Quiet for a while: an idle connection holds no buffer.
+                    buf = BytesMut::new();
+                    out = Outgoing::default();
+                    account.track(&mut out_held, 0);
+                    account.track(&mut buf_held, 0);
+                } else if held {
+                    idle.as_mut().reset(quiet.max(now + TRIM_AFTER / 4).min(deadline));
+                    continue;
                 }
                 idle.as_mut().reset(deadline);
             }
@@ -1038,8 +1061,8 @@ mod tests {
         std::mem::size_of::<F>()
     }
 
-    /// An idle plain TCP session holds no input buffer: none before the first byte, and the
-    /// empty buffer is given back when a read finds nothing.
+    /// A plain TCP session's input buffer gets memory only once input is there; then it is
+    /// kept for the next request (the session gives it back after a quiet second).
     #[tokio::test]
     async fn an_idle_tcp_session_holds_no_input_buffer() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1059,7 +1082,7 @@ mod tests {
         buf.clear();
         let nothing = tokio::time::timeout(wait, server.read_lazily(&mut buf, 1024)).await;
         assert!(nothing.is_err(), "nothing more was sent");
-        assert_eq!(buf.capacity(), 0, "the empty buffer was given back");
+        assert!(buf.capacity() >= 1024, "kept while the session is busy");
         drop(client);
         assert_eq!(server.read_lazily(&mut buf, 1024).await.unwrap(), 0);
     }

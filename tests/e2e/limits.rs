@@ -372,3 +372,28 @@ async fn a_value_over_the_orchestrators_frame_limit_is_too_large_not_unreachable
         "{status}"
     );
 }
+
+/// A connection that went quiet gives its buffers back: 500 connections that each sent a
+/// GET hold far less than their two 16 KiB buffers once a quiet second has passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quiet_connections_give_their_buffers_back() {
+    let cluster = Cluster::start(1).await;
+    let pid = cluster.orch.pid();
+    let mut warm = RespConn::connect(cluster.orch.addr).await;
+    warm.call(&[b"GET", b"nothing"]).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let before = proc_kb(pid, "VmRSS");
+    let mut conns = Vec::new();
+    for _ in 0..500 {
+        let mut c = RespConn::connect(cluster.orch.addr).await;
+        c.call(&[b"GET", b"nothing"]).await;
+        conns.push(c);
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let per_conn = proc_kb(pid, "VmRSS").saturating_sub(before) / 500;
+    eprintln!("{per_conn} bytes per quiet connection");
+    assert!(
+        per_conn < 12 * 1024,
+        "{per_conn} bytes per quiet connection"
+    );
+}
