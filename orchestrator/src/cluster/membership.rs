@@ -35,7 +35,7 @@ use futures_util::future::join_all;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use twincache_protocol::frame::Op;
-use twincache_protocol::slots::{Move, SlotMap};
+use twincache_protocol::slots::{Move, SlotMap, SlotRange};
 
 use super::{Pair, Router, Topology, WorkerLink, WorkerState};
 
@@ -62,9 +62,9 @@ pub struct Membership {
     /// reload would undo them.
     from_file: AtomicBool,
     /// Slots moved away that a worker of their old pair could not be told to drop (it was
-    /// down): `(worker, lo, hi)`, retried every second. No slot moves back to that pair
+    /// down), retried every second. No slot moves back to that pair
     /// before they are dropped, or an old copy there could outlive a delete.
-    pending_drops: Mutex<Vec<(String, u16, u32)>>,
+    pending_drops: Mutex<Vec<(String, SlotRange)>>,
 }
 
 /// How the current (or last) change goes, for INFO, `status` and the log.
@@ -239,7 +239,7 @@ fn write_state(path: &std::path::Path, topo: &Topology) -> std::io::Result<()> {
     }
     text += &format!("slots {}\n", topo.slots.describe());
     if let Some(m) = topo.moving {
-        text += &format!("moving {} {} {} {}\n", m.lo, m.hi, m.from, m.to);
+        text += &format!("moving {} {} {}\n", m.slots.bounds(), m.from, m.to);
     }
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, text)?;
@@ -285,11 +285,9 @@ fn parse_state(text: &str) -> Result<State, String> {
             ["epoch", n] => epoch = number(n)?,
             ["pair", a, b] => workers.extend([a.to_string(), b.to_string()]),
             ["slots", ..] => slots = Some(line["slots".len()..].to_string()),
-            ["moving", lo, hi, from, to] => {
-                let (lo, hi) = (number(lo)?, number(hi)?);
+            ["moving", start, end, from, to] => {
                 moving = Some(Move {
-                    lo: u16::try_from(lo).map_err(|_| format!("bad line {line:?}"))?,
-                    hi: u32::try_from(hi).map_err(|_| format!("bad line {line:?}"))?,
+                    slots: SlotRange::from_bounds(start, end)?,
                     from: number(from)? as usize,
                     to: number(to)? as usize,
                 })
@@ -303,8 +301,7 @@ fn parse_state(text: &str) -> Result<State, String> {
     }
     let slots = SlotMap::parse(epoch, &slots.ok_or("no slot map")?, pairs)?;
     if let Some(m) = moving {
-        let fits = u32::from(m.lo) < m.hi && m.hi as usize <= twincache_protocol::slots::SLOTS;
-        if !fits || m.from >= pairs || m.to >= pairs || slots.pair_of_slot(m.lo) != m.to {
+        if m.from >= pairs || m.to >= pairs || slots.pair_of_slot(m.slots.start()) != m.to {
             return Err("the move under way does not fit the map".into());
         }
     }
@@ -384,7 +381,7 @@ impl Router {
                 .unwrap_or_else(|e| e.into_inner()),
         );
         let mut left = Vec::new();
-        for (addr, lo, hi) in pending {
+        for (addr, range) in pending {
             let link = self
                 .pairs()
                 .iter()
@@ -392,11 +389,12 @@ impl Router {
                 .find(|w| w.addr == addr)
                 .cloned();
             let Some(link) = link else { continue };
-            match self.ask(&link, Op::Slots, &format!("drop {lo} {hi}")).await {
+            let ask = format!("drop {}", range.bounds());
+            match self.ask(&link, Op::Slots, &ask).await {
                 Some(_) => {
-                    tracing::info!(worker = %addr, slots = format_args!("{lo}-{}", hi - 1), "dropped the slots it missed dropping")
+                    tracing::info!(worker = %addr, slots = %range, "dropped the slots it missed dropping")
                 }
-                None => left.push((addr, lo, hi)),
+                None => left.push((addr, range)),
             }
         }
         self.membership
@@ -465,7 +463,7 @@ impl Router {
             .slots
             .moves_to(&target, self.membership.batch.load(Ordering::Relaxed));
         if !moves.is_empty() {
-            let total: usize = moves.iter().map(Move::slots).sum();
+            let total: usize = moves.iter().map(|m| m.slots.len()).sum();
             self.membership.update(|p| {
                 p.phase = "moving";
                 p.slots_total = p.slots_done + total;
@@ -658,17 +656,12 @@ impl Router {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .find(|(a, lo, hi)| {
-                to.workers.iter().any(|w| &w.addr == a)
-                    && u32::from(*lo) < m.hi
-                    && u32::from(m.lo) < *hi
-            })
+            .find(|(a, range)| to.workers.iter().any(|w| &w.addr == a) && range.overlaps(m.slots))
             .cloned();
-        if let Some((a, lo, hi)) = stale {
+        if let Some((a, range)) = stale {
             return Err(format!(
-                "{a} still holds an old copy of slots {lo}-{}: they move back to its pair once \
-                 it has dropped them",
-                hi - 1
+                "{a} still holds an old copy of slots {range}: they move back to its pair once \
+                 it has dropped them"
             ));
         }
         let old = {
@@ -681,7 +674,7 @@ impl Router {
         };
         self.membership.update(|p| p.current = Some(m));
         tracing::info!(
-            slots = format_args!("{}-{}", m.lo, m.hi - 1),
+            slots = %m.slots,
             from = m.from,
             to = m.to,
             "slot move started"
@@ -728,10 +721,10 @@ impl Router {
             })
         };
         self.drain(old).await;
-        let range = format!("{} {}", m.lo, m.hi);
+        let ask = format!("drop {}", m.slots.bounds());
         let mut dropped = Vec::new();
         for w in &from.workers {
-            match self.ask(w, Op::Slots, &format!("drop {range}")).await {
+            match self.ask(w, Op::Slots, &ask).await {
                 Some(r) => dropped.push(String::from_utf8_lossy(&r.payload).into_owned()),
                 None => {
                     tracing::warn!(worker = %w.addr, "could not drop the moved slots: retried until it does");
@@ -739,14 +732,14 @@ impl Router {
                         .pending_drops
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
-                        .push((w.addr.clone(), m.lo, m.hi));
+                        .push((w.addr.clone(), m.slots));
                     dropped.push("?".into());
                 }
             }
         }
         let seconds = started.elapsed().as_secs_f64();
         tracing::info!(
-            slots = format_args!("{}-{}", m.lo, m.hi - 1),
+            slots = %m.slots,
             from = m.from,
             to = m.to,
             keys = copied.0,
@@ -756,7 +749,7 @@ impl Router {
             "slot move done"
         );
         self.membership.update(|p| {
-            p.slots_done += m.slots();
+            p.slots_done += m.slots.len();
             p.keys += copied.0;
             p.bytes += copied.1;
             p.current = None;
@@ -772,7 +765,7 @@ impl Router {
         m: Move,
     ) -> Result<(u64, u64), String> {
         let rate = self.membership.rate.load(Ordering::Relaxed);
-        let ask = format!("import {} {} {} {rate}", source.addr, m.lo, m.hi);
+        let ask = format!("import {} {} {rate}", source.addr, m.slots.bounds());
         let mut last_error = String::new();
         for attempt in 0..IMPORT_TRIES {
             if attempt > 0 {
@@ -849,13 +842,7 @@ impl Router {
             );
         }
         if let Some(m) = topo.moving {
-            out += &format!(
-                "move_current:{}-{} pair{}->pair{}\r\n",
-                m.lo,
-                m.hi - 1,
-                m.from,
-                m.to
-            );
+            out += &format!("move_current:{} pair{}->pair{}\r\n", m.slots, m.from, m.to);
         }
         if !p.error.is_empty() {
             out += &format!("move_error:{}\r\n", p.error);
@@ -875,7 +862,7 @@ impl Router {
         let moving = self
             .pairs()
             .moving
-            .map(|m| format!(" slots {}-{} pair{}->pair{}", m.lo, m.hi - 1, m.from, m.to))
+            .map(|m| format!(" slots {} pair{}->pair{}", m.slots, m.from, m.to))
             .unwrap_or_default();
         format!(
             " | membership {} {}/{} slots{moving}",
