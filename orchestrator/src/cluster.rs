@@ -25,7 +25,7 @@ mod membership;
 mod rmw;
 mod topology;
 
-pub use membership::Membership;
+pub use membership::{Membership, MembershipConfig};
 pub use rmw::{BoxAnswer, Pending, ScanStep};
 pub use topology::{Route, Topology};
 
@@ -538,6 +538,7 @@ pub struct RouterConfig {
     /// Where the pairs and the slot map are kept across restarts (`--state-file`): read at
     /// start, rewritten on every change.
     pub state_file: Option<std::path::PathBuf>,
+    pub membership: MembershipConfig,
 }
 
 /// Routes requests to pairs: the pair is chosen by the stable key hash; writes go to both
@@ -630,7 +631,7 @@ impl Router {
             moved: tokio::sync::Notify::new(),
             config: config.clone(),
             shutdown: shutdown.clone(),
-            membership: membership::Membership::new(&workers),
+            membership: membership::Membership::new(&workers, config.membership.clone()),
         }
     }
 

@@ -483,7 +483,8 @@ pub fn read_cluster_file(path: &std::path::Path) -> Result<Vec<String>, String> 
 /// A cluster file: one pair per line, `<host>:<port> <host>:<port>`; `#` starts a comment,
 /// blank lines are skipped. Returns the workers in pairing order. Errors name the line.
 pub fn parse_cluster_file(text: &str) -> Result<Vec<String>, String> {
-    let mut addrs: Vec<String> = Vec::new();
+    // Each worker with the line it is on.
+    let mut addrs: Vec<(String, usize)> = Vec::new();
     for (n, line) in text.lines().enumerate() {
         let n = n + 1;
         let line = line.split('#').next().unwrap_or("").trim();
@@ -499,28 +500,18 @@ pub fn parse_cluster_file(text: &str) -> Result<Vec<String>, String> {
         };
         for word in [a, b] {
             let addr = parse_worker(word).map_err(|e| format!("line {n}: {e}"))?;
-            if let Some(at) = addrs.iter().position(|x| *x == addr) {
+            if let Some((_, earlier)) = addrs.iter().find(|(x, _)| *x == addr) {
                 return Err(format!(
-                    "line {n}: worker {addr} is given twice (line {} has it too)",
-                    line_of(text, at / 2)
+                    "line {n}: worker {addr} is given twice (line {earlier} has it too)"
                 ));
             }
-            addrs.push(addr);
+            addrs.push((addr, n));
         }
     }
     if addrs.is_empty() {
         return Err("no pairs: a cluster needs at least one".into());
     }
-    Ok(addrs)
-}
-
-/// The line number of the `pair`-th pair of a cluster file (for errors).
-fn line_of(text: &str, pair: usize) -> usize {
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.split('#').next().unwrap_or("").trim().is_empty())
-        .nth(pair)
-        .map_or(0, |(n, _)| n + 1)
+    Ok(addrs.into_iter().map(|(addr, _)| addr).collect())
 }
 
 /// `host:port` or `[ipv6]:port` as one word; `None` for a host alone (an IPv6 address without
@@ -623,6 +614,10 @@ mod tests {
         assert_eq!(
             err("# x\na:1 b:2\nc:3 a:1\n"),
             "line 3: worker a:1 is given twice (line 2 has it too)"
+        );
+        assert_eq!(
+            err("a:1 b:2\n\n# c\nc:3 d:4\ne:5 d:4\n"),
+            "line 5: worker d:4 is given twice (line 4 has it too)"
         );
         assert_eq!(
             err("# nothing\n\n"),

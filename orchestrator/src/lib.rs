@@ -38,7 +38,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use twincache_protocol::server::{accept_loop, Slots};
 
-use cluster::{Origin, Router, RouterConfig};
+use cluster::{MembershipConfig, Origin, Router, RouterConfig};
 pub use config::Config;
 use session::SessionConfig;
 use twincache_protocol::budget::Budget;
@@ -145,6 +145,11 @@ impl Orchestrator {
             }),
             tls: self.tls.as_ref().and_then(NodeTls::connector),
             state_file: c.state_path(),
+            membership: MembershipConfig {
+                rate: c.move_rate_limit,
+                batch: usize::from(c.move_batch_slots),
+                from_file: c.cluster_file.is_some(),
+            },
         };
         // Worker links outlive the client sessions: they stop once those have drained.
         let links_shutdown = CancellationToken::new();
@@ -163,11 +168,6 @@ impl Orchestrator {
             timeout: c.health_timeout,
         };
         tokio::spawn(router.clone().monitor(health, links_shutdown.clone()));
-        router.membership.configure(
-            c.move_rate_limit,
-            usize::from(c.move_batch_slots),
-            c.cluster_file.is_some(),
-        );
         tokio::spawn(router.clone().run_membership(links_shutdown.clone()));
         // What is wanted: the cluster file, else the pairs as the last run left them (the
         // state file, which holds the CLUSTER commands' changes), else the command line.

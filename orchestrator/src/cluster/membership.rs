@@ -26,7 +26,6 @@
 //! the task tries again a second later from where the map is, and a move under way is
 //! finished first, so a change resumes rather than restarts.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use twincache_client::PATIENCE;
@@ -49,18 +48,24 @@ const IMPORT_TRIES: usize = 3;
 /// An import whose worker stops answering for this long has failed.
 const IMPORT_SILENCE: Duration = Duration::from_secs(5);
 
+/// How membership changes go, fixed at start.
+#[derive(Debug, Clone)]
+pub struct MembershipConfig {
+    /// Stored bytes per second a receiving worker may copy (`--move-rate-limit`, 0: none).
+    pub rate: u64,
+    /// Slots per move (`--move-batch-slots`).
+    pub batch: usize,
+    /// The pairs come from `--cluster-file`: CLUSTER commands are refused, since the next
+    /// reload would undo them.
+    pub from_file: bool,
+}
+
 /// What is asked for, and how the change goes.
 pub struct Membership {
     wanted: Mutex<Vec<[String; 2]>>,
     wake: Notify,
     progress: Mutex<Progress>,
-    /// Stored bytes per second a receiving worker may copy (`--move-rate-limit`, 0: none).
-    rate: AtomicU64,
-    /// Slots per move (`--move-batch-slots`).
-    batch: AtomicUsize,
-    /// The pairs come from `--cluster-file`: CLUSTER commands are refused, since the next
-    /// reload would undo them.
-    from_file: AtomicBool,
+    config: MembershipConfig,
     /// Slots moved away that a worker of their old pair could not be told to drop (it was
     /// down), retried every second. No slot moves back to that pair
     /// before they are dropped, or an old copy there could outlive a delete.
@@ -77,14 +82,13 @@ pub struct Progress {
     pub keys: u64,
     pub bytes: u64,
     pub started: Option<Instant>,
-    pub current: Option<Move>,
     pub error: String,
     /// A summary of the last change that completed.
     pub last: String,
 }
 
 impl Membership {
-    pub(crate) fn new(workers: &[String]) -> Membership {
+    pub(crate) fn new(workers: &[String], config: MembershipConfig) -> Membership {
         Membership {
             wanted: Mutex::new(pairs_of(workers)),
             wake: Notify::new(),
@@ -92,22 +96,13 @@ impl Membership {
                 phase: "idle",
                 ..Progress::default()
             }),
-            rate: AtomicU64::new(32 << 20),
-            batch: AtomicUsize::new(256),
-            from_file: AtomicBool::new(false),
+            config,
             pending_drops: Mutex::default(),
         }
     }
 
-    /// Sets the move's pace and size, and whether the pairs come from a file.
-    pub fn configure(&self, rate: u64, batch: usize, from_file: bool) {
-        self.rate.store(rate, Ordering::Relaxed);
-        self.batch.store(batch.max(1), Ordering::Relaxed);
-        self.from_file.store(from_file, Ordering::Relaxed);
-    }
-
     pub fn from_file(&self) -> bool {
-        self.from_file.load(Ordering::Relaxed)
+        self.config.from_file
     }
 
     /// The pairs asked for last.
@@ -345,7 +340,6 @@ impl Router {
                     tracing::info!("membership change done: {summary}");
                     self.membership.update(|p| {
                         p.phase = "idle";
-                        p.current = None;
                         p.error.clear();
                         p.last = summary;
                     });
@@ -461,7 +455,7 @@ impl Router {
         let moves = self
             .pairs()
             .slots
-            .moves_to(&target, self.membership.batch.load(Ordering::Relaxed));
+            .moves_to(&target, self.membership.config.batch);
         if !moves.is_empty() {
             let total: usize = moves.iter().map(|m| m.slots.len()).sum();
             self.membership.update(|p| {
@@ -672,7 +666,6 @@ impl Router {
                 moving: Some(m),
             })
         };
-        self.membership.update(|p| p.current = Some(m));
         tracing::info!(
             slots = %m.slots,
             from = m.from,
@@ -752,7 +745,6 @@ impl Router {
             p.slots_done += m.slots.len();
             p.keys += copied.0;
             p.bytes += copied.1;
-            p.current = None;
         });
         Ok(())
     }
@@ -764,7 +756,7 @@ impl Router {
         source: &WorkerLink,
         m: Move,
     ) -> Result<(u64, u64), String> {
-        let rate = self.membership.rate.load(Ordering::Relaxed);
+        let rate = self.membership.config.rate;
         let ask = format!("import {} {} {rate}", source.addr, m.slots.bounds());
         let mut last_error = String::new();
         for attempt in 0..IMPORT_TRIES {
