@@ -25,6 +25,7 @@ mod membership;
 mod rmw;
 mod topology;
 
+pub(crate) use membership::{read_state, State};
 pub use membership::{Membership, MembershipConfig};
 pub use rmw::{BoxAnswer, Pending, ScanStep};
 pub use topology::{Route, Topology};
@@ -535,8 +536,8 @@ pub struct RouterConfig {
     pub secret: Option<ClusterSecret>,
     /// TLS for the connections to the workers (`--tls-cluster`).
     pub tls: Option<Connector>,
-    /// Where the pairs and the slot map are kept across restarts (`--state-file`): read at
-    /// start, rewritten on every change.
+    /// Where the pairs and the slot map are kept across restarts (`--state-file`): rewritten
+    /// on every change (read at start by `Orchestrator::bind`).
     pub state_file: Option<std::path::PathBuf>,
     pub membership: MembershipConfig,
 }
@@ -582,9 +583,12 @@ pub struct Router {
 }
 
 impl Router {
-    /// Connects to `workers` (in pairing order; an even number) in the background.
-    pub fn start(
+    /// Connects to `workers` (in pairing order; an even number) in the background, or to
+    /// the pairs of `kept`, the state an earlier run left (see [`read_state`]): after a
+    /// change its pairs and map are not what the worker list alone would give.
+    pub(crate) fn start(
         workers: &[String],
+        kept: Option<State>,
         config: &RouterConfig,
         shutdown: &CancellationToken,
     ) -> Router {
@@ -593,12 +597,6 @@ impl Router {
             "workers come in pairs"
         );
         let link = |addr: &String| WorkerLink::spawn(addr.clone(), config, shutdown);
-        // The pairs and map an earlier run left, if any: after a change they are not what
-        // the worker list alone would give.
-        let kept = config
-            .state_file
-            .as_deref()
-            .and_then(membership::read_state);
         let (workers, slots, moving) = match kept {
             Some(state) => (state.workers, state.slots, state.moving),
             None => (workers.to_vec(), SlotMap::even(workers.len() / 2), None),

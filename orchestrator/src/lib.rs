@@ -55,17 +55,22 @@ pub struct Orchestrator {
     tls: Option<Arc<NodeTls>>,
     /// Ticks on SIGHUP: the cluster file is read again (see [`Orchestrator::reload_on`]).
     reload: Option<tokio::sync::watch::Receiver<u64>>,
+    /// The pairs and slot map the state file holds, if it exists.
+    kept: Option<cluster::State>,
 }
 
 impl Orchestrator {
-    /// Checks the worker list and binds the client port.
+    /// Checks the worker list, reads the state file, and binds the client port. An error of
+    /// kind `InvalidInput` is the configuration's (a state file that cannot be used is one),
+    /// any other the port's.
     pub async fn bind(config: Config) -> std::io::Result<Orchestrator> {
-        let workers = config
-            .worker_addrs()
-            .map_err(|msg| std::io::Error::new(std::io::ErrorKind::InvalidInput, msg))?;
-        let tls = config
-            .tls()
-            .map_err(|msg| std::io::Error::new(std::io::ErrorKind::InvalidInput, msg))?;
+        let invalid = |msg| std::io::Error::new(std::io::ErrorKind::InvalidInput, msg);
+        let workers = config.worker_addrs().map_err(invalid)?;
+        let tls = config.tls().map_err(invalid)?;
+        let kept = match config.state_path() {
+            Some(path) => cluster::read_state(&path).map_err(invalid)?,
+            None => None,
+        };
         let listener = TcpListener::bind(config.listen).await?;
         let http = twincache_ops::http::bind(config.http).await?;
         Ok(Orchestrator {
@@ -75,6 +80,7 @@ impl Orchestrator {
             workers,
             tls,
             reload: None,
+            kept,
         })
     }
 
@@ -155,6 +161,7 @@ impl Orchestrator {
         let links_shutdown = CancellationToken::new();
         let router = Arc::new(Router::start(
             &self.workers,
+            self.kept,
             &router_config,
             &links_shutdown,
         ));

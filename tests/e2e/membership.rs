@@ -340,3 +340,29 @@ async fn a_move_survives_the_loss_of_a_receiving_worker() {
     );
     let _ = std::fs::remove_file(format!("{}.state", file.arg()));
 }
+
+/// A state file that exists but cannot be used stops the start, with the file and the line:
+/// an even map instead would look for moved keys on their old pairs.
+#[test]
+fn a_state_file_that_cannot_be_used_stops_the_start() {
+    let state = TempFile::with("epoch 2\npair 127.0.0.1:1 127.0.0.1:2\n  slots 0-100:0\n");
+    let start = |state: &str| {
+        std::process::Command::new(ORCHESTRATOR)
+            .args(["--listen", "127.0.0.1:0", "--state-file", state])
+            .args(["127.0.0.1:1", "127.0.0.1:2"])
+            .output()
+            .unwrap()
+    };
+    let out = start(&state.arg());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(&state.arg()) && err.contains("line 3: the ranges cover 101 slots"),
+        "{err}"
+    );
+    // One that cannot be read (a directory here) is refused too.
+    let out = start(std::env::temp_dir().to_str().unwrap());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("cannot read the state file"), "{err}");
+}

@@ -217,93 +217,131 @@ pub(crate) fn plan(current: &[[String; 2]], wanted: &[[String; 2]]) -> Result<Pl
 }
 
 /// What the state file holds: the pairs, the slot map, a move under way.
+#[derive(Debug)]
 pub(crate) struct State {
     pub workers: Vec<String>,
     pub slots: SlotMap,
     pub moving: Option<Move>,
 }
 
+impl State {
+    fn of(topo: &Topology) -> State {
+        State {
+            workers: topo
+                .iter()
+                .flat_map(|p| p.workers.iter().map(|w| w.addr.clone()))
+                .collect(),
+            slots: topo.slots.clone(),
+            moving: topo.moving,
+        }
+    }
+
+    /// The state file's text (what [`parse_state`] reads).
+    fn text(&self) -> String {
+        let mut text = String::from(
+            "# twincache orchestrator state: the pairs and the slot map, rewritten on every \
+             change\n",
+        );
+        text += &format!("epoch {}\n", self.slots.epoch());
+        for p in self.workers.chunks(2) {
+            text += &format!("pair {} {}\n", p[0], p[1]);
+        }
+        text += &format!("slots {}\n", self.slots.describe());
+        if let Some(m) = self.moving {
+            text += &format!("moving {} {} {}\n", m.slots.bounds(), m.from, m.to);
+        }
+        text
+    }
+}
+
 /// Writes the state file (to a temporary file, then renamed over it: never half written).
 fn write_state(path: &std::path::Path, topo: &Topology) -> std::io::Result<()> {
-    let mut text = String::from(
-        "# twincache orchestrator state: the pairs and the slot map, rewritten on every change\n",
-    );
-    text += &format!("epoch {}\n", topo.slots.epoch());
-    for p in topo.iter() {
-        text += &format!("pair {} {}\n", p.workers[0].addr, p.workers[1].addr);
-    }
-    text += &format!("slots {}\n", topo.slots.describe());
-    if let Some(m) = topo.moving {
-        text += &format!("moving {} {} {}\n", m.slots.bounds(), m.from, m.to);
-    }
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text)?;
+    std::fs::write(&tmp, State::of(topo).text())?;
     std::fs::rename(&tmp, path)
 }
 
-/// Reads the state file; `None` (logged, unless the file is missing) if it cannot be used.
-pub(crate) fn read_state(path: &std::path::Path) -> Option<State> {
+/// Reads the state file: `None` if there is none yet; an error, naming the file (and the
+/// line), if it cannot be read or used, since starting from an even map instead would look
+/// for moved keys on their old pairs.
+pub(crate) fn read_state(path: &std::path::Path) -> Result<Option<State>, String> {
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => {
-            tracing::error!(file = %path.display(), "cannot read the state file: {e}");
-            return None;
+            return Err(format!(
+                "cannot read the state file {}: {e}",
+                path.display()
+            ))
         }
     };
-    match parse_state(&text) {
-        Ok(state) => {
-            tracing::info!(
-                file = %path.display(),
-                pairs = state.workers.len() / 2,
-                epoch = state.slots.epoch(),
-                "pairs and slot map as the last run left them"
-            );
-            Some(state)
-        }
-        Err(e) => {
-            tracing::error!(file = %path.display(), "state file not used: {e}");
-            None
-        }
-    }
+    let state = parse_state(&text).map_err(|e| {
+        format!(
+            "the state file {} cannot be used: {e} (it says which pair holds which slot; \
+             restore it, or remove it to start from the worker list's even map)",
+            path.display()
+        )
+    })?;
+    tracing::info!(
+        file = %path.display(),
+        pairs = state.workers.len() / 2,
+        epoch = state.slots.epoch(),
+        "pairs and slot map as the last run left them"
+    );
+    Ok(Some(state))
 }
 
 fn parse_state(text: &str) -> Result<State, String> {
     let (mut epoch, mut workers, mut slots, mut moving) = (1, Vec::new(), None, None);
-    for line in text
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-    {
+    for (n, line) in text.lines().enumerate() {
+        let n = n + 1;
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let at_line = |e: String| format!("line {n}: {e}");
         let words: Vec<&str> = line.split_ascii_whitespace().collect();
-        let number = |w: &str| w.parse::<u64>().map_err(|_| format!("bad line {line:?}"));
+        let number = |w: &str| {
+            w.parse::<u64>()
+                .map_err(|_| at_line(format!("`{w}` is not a number")))
+        };
         match words.as_slice() {
-            ["epoch", n] => epoch = number(n)?,
+            ["epoch", e] => epoch = number(e)?,
             ["pair", a, b] => workers.extend([a.to_string(), b.to_string()]),
-            ["slots", ..] => slots = Some(line["slots".len()..].to_string()),
+            ["slots", ranges @ ..] => slots = Some((n, ranges.join(" "))),
             ["moving", start, end, from, to] => {
-                moving = Some(Move {
-                    slots: SlotRange::from_bounds(start, end)?,
+                let m = Move {
+                    slots: SlotRange::from_bounds(start, end).map_err(at_line)?,
                     from: number(from)? as usize,
                     to: number(to)? as usize,
-                })
+                };
+                moving = Some((n, m));
             }
-            _ => return Err(format!("bad line {line:?}")),
+            _ => {
+                return Err(at_line(format!(
+                    "expected `epoch N`, `pair ADDR ADDR`, `slots RANGES` or `moving START END \
+                     FROM TO`; got {line:?}"
+                )))
+            }
         }
     }
     let pairs = workers.len() / 2;
     if pairs == 0 {
-        return Err("no pairs".into());
+        return Err("no `pair` line".into());
     }
-    let slots = SlotMap::parse(epoch, &slots.ok_or("no slot map")?, pairs)?;
-    if let Some(m) = moving {
+    let (n, ranges) = slots.ok_or("no `slots` line")?;
+    let slots = SlotMap::parse(epoch, &ranges, pairs).map_err(|e| format!("line {n}: {e}"))?;
+    if let Some((n, m)) = moving {
         if m.from >= pairs || m.to >= pairs || slots.pair_of_slot(m.slots.start()) != m.to {
-            return Err("the move under way does not fit the map".into());
+            return Err(format!(
+                "line {n}: the move under way does not fit the map ({pairs} pairs)"
+            ));
         }
     }
     Ok(State {
         workers,
         slots,
-        moving,
+        moving: moving.map(|(_, m)| m),
     })
 }
 
@@ -912,5 +950,94 @@ mod tests {
         )
         .is_err());
         assert!(plan(&now, &[]).is_err());
+    }
+
+    fn state() -> State {
+        let slots = SlotMap::even(2).rebalanced(&[true; 3]);
+        let m = slots.moves_to(&slots.rebalanced(&[true, false, true]), 100)[0];
+        State {
+            workers: ["a:1", "b:1", "c:1", "d:1", "e:1", "f:1"]
+                .map(String::from)
+                .to_vec(),
+            slots: slots.with_move(&m),
+            moving: Some(m),
+        }
+    }
+
+    #[test]
+    fn a_state_file_reads_back_what_was_written() {
+        let kept = state();
+        let back = parse_state(&kept.text()).unwrap();
+        assert_eq!(back.workers, kept.workers);
+        assert!(back.slots.same_owners(&kept.slots));
+        assert_eq!(back.slots.epoch(), kept.slots.epoch());
+        assert_eq!(back.moving, kept.moving);
+        // Lines as a hand edit may leave them: indented, with blank lines and comments.
+        let indented: String = kept
+            .text()
+            .lines()
+            .map(|l| format!("  {l}\t\n\n   # a note\n"))
+            .collect();
+        let back = parse_state(&indented).unwrap();
+        assert!(back.slots.same_owners(&kept.slots));
+        assert_eq!(back.moving, kept.moving);
+    }
+
+    #[test]
+    fn state_file_errors_name_the_line() {
+        let text = state().text();
+        let err = |from: &str, to: &str| parse_state(&text.replace(from, to)).unwrap_err();
+        // Line 1 is the comment, 2 the epoch, 3-5 the pairs, 6 the map, 7 the move.
+        assert!(err("epoch 3", "epoch x").starts_with("line 2: `x` is not a number"));
+        assert!(err("pair a:1 b:1", "pair a:1").starts_with("line 3: expected"));
+        let e = err("slots 0-", "slots 0-x ");
+        assert!(e.starts_with("line 6: bad slot range \"0-x\""), "{e}");
+        let e = err("slots 0-", "slots 1-");
+        assert!(
+            e.starts_with("line 6: ") && e.contains("from slot 0"),
+            "{e}"
+        );
+        let e = err(":2 ", ":7 ");
+        assert!(
+            e.starts_with("line 6: ") && e.contains("pair 7 is not one of 3"),
+            "{e}"
+        );
+        let m = state().moving.unwrap();
+        let moving = format!("moving {} {} {}", m.slots.bounds(), m.from, m.to);
+        let e = err(&moving, "moving 5 5 0 2");
+        assert!(e.starts_with("line 7: bad slot range"), "{e}");
+        let e = err(
+            &moving,
+            &format!("moving {} {} {}", m.slots.bounds(), m.to, m.from),
+        );
+        assert!(
+            e.starts_with("line 7: the move under way does not fit"),
+            "{e}"
+        );
+        assert_eq!(parse_state("epoch 1\n").unwrap_err(), "no `pair` line");
+        assert_eq!(
+            parse_state("pair a:1 b:1\n").unwrap_err(),
+            "no `slots` line"
+        );
+    }
+
+    #[test]
+    fn a_state_file_that_cannot_be_used_is_an_error_naming_it() {
+        let dir = std::env::temp_dir().join(format!("twincache-state-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("state");
+        assert!(read_state(&path).unwrap().is_none(), "none yet");
+        std::fs::write(&path, state().text()).unwrap();
+        assert!(read_state(&path).unwrap().is_some());
+        std::fs::write(&path, "epoch 1\nslots 0-16383:0\nbogus\n").unwrap();
+        let e = read_state(&path).unwrap_err();
+        assert!(
+            e.contains(&path.display().to_string()) && e.contains("line 3"),
+            "{e}"
+        );
+        // A directory where the file should be cannot be read.
+        let e = read_state(&dir).unwrap_err();
+        assert!(e.starts_with("cannot read the state file"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
