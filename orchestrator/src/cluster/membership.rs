@@ -22,7 +22,8 @@
 //!      drop the slots (`slots drop`).
 //! 4. **Removals.** A pair holding no slot any more is taken out and its links closed.
 //!
-//! A step that fails (a pair not in sync, an import that keeps failing) ends the attempt;
+//! A step that fails (a pair not in sync, an import that keeps failing, the state file not
+//! written) ends the attempt;
 //! the task tries again a second later from where the map is, and a move under way is
 //! finished first, so a change resumes rather than restarts.
 
@@ -254,11 +255,29 @@ impl State {
     }
 }
 
-/// Writes the state file (to a temporary file, then renamed over it: never half written).
-fn write_state(path: &std::path::Path, topo: &Topology) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, State::of(topo).text())?;
-    std::fs::rename(&tmp, path)
+/// Writes the state file so that it survives a crash or power loss whole: a temporary file
+/// in the same directory, synced, renamed over it, and the directory synced (the rename is
+/// durable only then).
+fn write_state(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    let written = (|| {
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(text.as_bytes())?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written?;
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => std::path::Path::new("."),
+    };
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// Reads the state file: `None` if there is none yet; an error, naming the file (and the
@@ -474,11 +493,11 @@ impl Router {
         let mut summary = Vec::new();
         if !plan.replace.is_empty() {
             self.membership.update(|p| p.phase = "replacing");
-            summary.push(self.replace_workers(&plan.replace));
+            summary.push(self.replace_workers(&plan.replace).await?);
         }
         if !plan.add.is_empty() {
             self.membership.update(|p| p.phase = "joining");
-            summary.push(self.add_pairs(&plan.add));
+            summary.push(self.add_pairs(&plan.add).await?);
         }
         // The pairs to remove, by identity (indices shift as pairs are added).
         let leaving: Vec<Arc<Pair>> = {
@@ -520,7 +539,7 @@ impl Router {
         }
         if !leaving.is_empty() {
             self.membership.update(|p| p.phase = "removing");
-            summary.push(self.remove_pairs(&leaving)?);
+            summary.push(self.remove_pairs(&leaving).await?);
         }
         Ok((!summary.is_empty()).then(|| summary.join("; ")))
     }
@@ -547,16 +566,27 @@ impl Router {
     }
 
     /// Swaps in `topo` and returns the one it replaces. The new one is written to the state
-    /// file first, so a restart finds the pairs and map (and a move under way) as they are.
-    fn swap(&self, topo: Topology) -> Arc<Topology> {
-        if let Some(path) = &self.config.state_file {
-            if let Err(e) = write_state(path, &topo) {
-                tracing::error!(file = %path.display(), "cannot keep the slot map: {e}");
+    /// file first, so a restart finds the pairs and map (and a move under way) as they are;
+    /// if that fails nothing is swapped and the step fails (to be tried again), since a
+    /// restart would otherwise look for keys where the file says they were.
+    async fn swap(&self, topo: Topology) -> Result<Arc<Topology>, String> {
+        if let Some(path) = self.config.state_file.clone() {
+            let text = State::of(&topo).text();
+            // Off the event loop: an fsync may take a while.
+            let written = tokio::task::spawn_blocking(move || {
+                write_state(&path, &text)
+                    .map_err(|e| format!("cannot write the state file {}: {e}", path.display()))
+            })
+            .await
+            .unwrap_or_else(|e| Err(format!("writing the state file: {e}")));
+            if let Err(e) = written {
+                tracing::error!("{e}");
+                return Err(e);
             }
         }
         let old = self.topology.swap(Arc::new(topo));
         self.moved.notify_waiters();
-        old
+        Ok(old)
     }
 
     /// Waits until no request routed by `old` is still in flight (it holds the only
@@ -578,57 +608,87 @@ impl Router {
         }
     }
 
-    fn replace_workers(&self, replace: &[(usize, usize, String)]) -> String {
+    async fn replace_workers(&self, replace: &[(usize, usize, String)]) -> Result<String, String> {
         let topo = self.pairs();
         let mut pairs = topo.pairs.clone();
-        let mut retired = Vec::new();
-        let mut said = Vec::new();
+        let (mut joined, mut retired, mut said) = (Vec::new(), Vec::new(), Vec::new());
         for (c, i, new) in replace {
             let mut workers = pairs[*c].workers.clone();
-            let old = std::mem::replace(&mut workers[*i], self.spawn_link(new));
+            let link = self.spawn_link(new);
+            joined.push(link.clone());
+            let old = std::mem::replace(&mut workers[*i], link);
+            said.push(format!("pair{c}: {} replaced by {new}", old.addr));
+            retired.push((*c, old, new, workers[1 - i].addr.clone()));
+            pairs[*c] = Arc::new(Pair::new(workers));
+        }
+        let (slots, moving) = (topo.slots.clone(), topo.moving);
+        drop(topo);
+        self.swap_in_links(
+            Topology {
+                pairs,
+                slots,
+                moving,
+            },
+            &joined,
+        )
+        .await?;
+        for (c, old, new, partner) in retired {
             tracing::info!(
                 pair = c,
                 old = %old.addr,
                 new = %new,
-                partner = %workers[1 - i].addr,
-                "replacing a worker: the new one refills from its partner before it serves"
+                partner = %partner,
+                "worker replaced: the new one refills from its partner before it serves"
             );
-            said.push(format!("pair{c}: {} replaced by {new}", old.addr));
-            retired.push(old);
-            pairs[*c] = Arc::new(Pair::new(workers));
+            old.retire(self.worker_timeout * 2);
         }
-        self.swap(Topology {
-            pairs,
-            slots: topo.slots.clone(),
-            moving: topo.moving,
-        });
-        for w in retired {
-            w.retire(self.worker_timeout * 2);
-        }
-        said.join(", ")
+        Ok(said.join(", "))
     }
 
-    fn add_pairs(&self, add: &[[String; 2]]) -> String {
+    async fn add_pairs(&self, add: &[[String; 2]]) -> Result<String, String> {
         let topo = self.pairs();
         let mut pairs = topo.pairs.clone();
-        let mut said = Vec::new();
+        let (mut joined, mut said) = (Vec::new(), Vec::new());
         for [a, b] in add {
-            tracing::info!(pair = pairs.len(), a = %a, b = %b, "adding a pair");
             said.push(format!("pair{} {a} {b} added", pairs.len()));
-            pairs.push(Arc::new(Pair::new([
-                self.spawn_link(a),
-                self.spawn_link(b),
-            ])));
+            let links = [self.spawn_link(a), self.spawn_link(b)];
+            joined.extend(links.iter().cloned());
+            pairs.push(Arc::new(Pair::new(links)));
         }
-        self.swap(Topology {
-            pairs,
-            slots: topo.slots.clone(),
-            moving: topo.moving,
-        });
-        said.join(", ")
+        let (slots, moving) = (topo.slots.clone(), topo.moving);
+        drop(topo);
+        self.swap_in_links(
+            Topology {
+                pairs,
+                slots,
+                moving,
+            },
+            &joined,
+        )
+        .await?;
+        for s in &said {
+            tracing::info!("{s}");
+        }
+        Ok(said.join(", "))
     }
 
-    fn remove_pairs(&self, leaving: &[Arc<Pair>]) -> Result<String, String> {
+    /// [`Router::swap`] for a topology with the new worker links `joined`, which are closed
+    /// again if it is not swapped in.
+    async fn swap_in_links(
+        &self,
+        topo: Topology,
+        joined: &[Arc<WorkerLink>],
+    ) -> Result<(), String> {
+        if let Err(e) = self.swap(topo).await {
+            for w in joined {
+                w.retire(Duration::ZERO);
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    async fn remove_pairs(&self, leaving: &[Arc<Pair>]) -> Result<String, String> {
         let mut said = Vec::new();
         for pair in leaving {
             let topo = self.pairs();
@@ -647,7 +707,8 @@ impl Router {
                 pairs,
                 slots,
                 moving,
-            });
+            })
+            .await?;
             for w in &pair.workers {
                 w.retire(self.worker_timeout * 2);
             }
@@ -696,14 +757,15 @@ impl Router {
                  it has dropped them"
             ));
         }
-        let old = {
+        let moved = {
             let topo = self.pairs();
-            self.swap(Topology {
+            Topology {
                 pairs: topo.pairs.clone(),
                 slots: topo.slots.with_move(&m),
                 moving: Some(m),
-            })
+            }
         };
+        let old = self.swap(moved).await?;
         tracing::info!(
             slots = %m.slots,
             from = m.from,
@@ -743,14 +805,15 @@ impl Router {
         for r in results {
             copied = r?;
         }
-        let old = {
+        let settled = {
             let topo = self.pairs();
-            self.swap(Topology {
+            Topology {
                 pairs: topo.pairs.clone(),
                 slots: topo.slots.clone(),
                 moving: None,
-            })
+            }
         };
+        let old = self.swap(settled).await?;
         self.drain(old).await;
         let ask = format!("drop {}", m.slots.bounds());
         let mut dropped = Vec::new();
@@ -1038,6 +1101,68 @@ mod tests {
         // A directory where the file should be cannot be read.
         let e = read_state(&dir).unwrap_err();
         assert!(e.starts_with("cannot read the state file"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A router for `workers` (nothing need answer there): its links keep trying to
+    /// connect until the token is cancelled.
+    fn start(
+        workers: &[&str],
+        state_file: Option<std::path::PathBuf>,
+    ) -> (Router, CancellationToken) {
+        let config = super::super::RouterConfig {
+            default_ttl_ms: 0,
+            connections_per_worker: 1,
+            max_frame: 1 << 20,
+            worker_timeout: Duration::from_millis(100),
+            node_id: Some(1),
+            mode: None,
+            secret: None,
+            tls: None,
+            state_file,
+            membership: MembershipConfig {
+                rate: 0,
+                batch: 256,
+                from_file: false,
+            },
+        };
+        let shutdown = CancellationToken::new();
+        let workers: Vec<String> = workers.iter().map(|w| w.to_string()).collect();
+        let router = Router::start(&workers, None, &config, &shutdown);
+        (router, shutdown)
+    }
+
+    fn temp_dir(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("twincache-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[tokio::test]
+    async fn a_change_whose_state_file_cannot_be_written_is_not_made() {
+        let dir = temp_dir("unwritable");
+        let new = pairs(&[("127.0.0.1:3", "127.0.0.1:4")]);
+        let (router, shutdown) = start(
+            &["127.0.0.1:1", "127.0.0.1:2"],
+            Some(dir.join("no such directory").join("state")),
+        );
+        let e = router.add_pairs(&new).await.unwrap_err();
+        assert!(e.starts_with("cannot write the state file"), "{e}");
+        assert_eq!(router.pairs().len(), 1, "the topology is not swapped");
+        shutdown.cancel();
+
+        let path = dir.join("state");
+        let (router, shutdown) = start(&["127.0.0.1:1", "127.0.0.1:2"], Some(path.clone()));
+        router.add_pairs(&new).await.unwrap();
+        assert_eq!(router.pairs().len(), 2);
+        let kept = read_state(&path).unwrap().unwrap();
+        assert_eq!(kept.workers, router.current_workers());
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["state"], "no temporary file left");
+        shutdown.cancel();
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
