@@ -597,6 +597,7 @@ impl Router {
             "workers come in pairs"
         );
         let link = |addr: &String| WorkerLink::spawn(addr.clone(), config, shutdown);
+        let listed = workers;
         let (workers, slots, moving) = match kept {
             Some(state) => (state.workers, state.slots, state.moving),
             None => (workers.to_vec(), SlotMap::even(workers.len() / 2), None),
@@ -629,7 +630,10 @@ impl Router {
             moved: tokio::sync::Notify::new(),
             config: config.clone(),
             shutdown: shutdown.clone(),
-            membership: membership::Membership::new(&workers, config.membership.clone()),
+            membership: membership::Membership::new(
+                membership::wanted_at_start(&workers, listed, config.membership.from_file),
+                config.membership.clone(),
+            ),
         }
     }
 

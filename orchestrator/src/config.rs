@@ -260,43 +260,9 @@ impl Config {
         }
     }
 
-    /// Refuses a worker list naming one address twice, or this orchestrator's own address:
-    /// either would look like redundancy that is not there. Host names are resolved here,
-    /// so `127.0.0.1 7422 localhost 7422` is caught too; a name that does not resolve yet is
-    /// left to the health checks. (The same worker behind two different addresses is caught
-    /// by its boot id once it answers: see `identify`.)
+    /// [`check_distinct`] with this orchestrator's `--listen` address.
     pub fn check_distinct(&self, addrs: &[String]) -> Result<(), String> {
-        use std::net::ToSocketAddrs;
-        let resolved: Vec<Vec<SocketAddr>> = addrs
-            .iter()
-            .map(|a| a.to_socket_addrs().map(Vec::from_iter).unwrap_or_default())
-            .collect();
-        let listen = self.listen;
-        for (i, addr) in addrs.iter().enumerate() {
-            let same = |other: &SocketAddr| {
-                other.port() == listen.port()
-                    && (other.ip() == listen.ip()
-                        || (listen.ip().is_unspecified()
-                            && (other.ip().is_loopback() || other.ip().is_unspecified())))
-            };
-            if resolved[i].iter().any(same) {
-                return Err(format!(
-                    "worker {addr} is this orchestrator's own --listen address ({listen}): give \
-                     the workers' addresses"
-                ));
-            }
-            for (j, earlier) in addrs[..i].iter().enumerate() {
-                let overlap =
-                    earlier == addr || resolved[i].iter().any(|a| resolved[j].contains(a));
-                if overlap {
-                    return Err(format!(
-                        "worker {addr} is given twice (as {earlier} too): a pair needs two \
-                         different workers"
-                    ));
-                }
-            }
-        }
-        Ok(())
+        check_distinct(self.listen, addrs)
     }
 
     /// The budget for all client connections' buffers (see `--max-buffer-memory`).
@@ -464,6 +430,44 @@ impl Config {
         }
         Ok(addrs)
     }
+}
+
+/// Refuses a worker list naming one address twice, or the orchestrator's own address
+/// (`listen`): either would look like redundancy that is not there. Host names are resolved
+/// here (blocking), so `127.0.0.1 7422 localhost 7422` is caught too; a name that does not
+/// resolve yet is left to the health checks. (The same worker behind two different addresses
+/// is caught by its boot id once it answers: see `identify`.) The one check for the command
+/// line, the cluster file and `CLUSTER`.
+pub fn check_distinct(listen: SocketAddr, addrs: &[String]) -> Result<(), String> {
+    use std::net::ToSocketAddrs;
+    let resolved: Vec<Vec<SocketAddr>> = addrs
+        .iter()
+        .map(|a| a.to_socket_addrs().map(Vec::from_iter).unwrap_or_default())
+        .collect();
+    for (i, addr) in addrs.iter().enumerate() {
+        let same = |other: &SocketAddr| {
+            other.port() == listen.port()
+                && (other.ip() == listen.ip()
+                    || (listen.ip().is_unspecified()
+                        && (other.ip().is_loopback() || other.ip().is_unspecified())))
+        };
+        if resolved[i].iter().any(same) {
+            return Err(format!(
+                "worker {addr} is this orchestrator's own --listen address ({listen}): give \
+                 the workers' addresses"
+            ));
+        }
+        for (j, earlier) in addrs[..i].iter().enumerate() {
+            let overlap = earlier == addr || resolved[i].iter().any(|a| resolved[j].contains(a));
+            if overlap {
+                return Err(format!(
+                    "worker {addr} is given twice (as {earlier} too): a pair needs two \
+                     different workers, and a worker serves one pair"
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A worker's address given as one word, `<host>:<port>`, checked.

@@ -155,10 +155,14 @@ impl Orchestrator {
                 rate: c.move_rate_limit,
                 batch: usize::from(c.move_batch_slots),
                 from_file: c.cluster_file.is_some(),
+                listen: c.listen,
             },
         };
         // Worker links outlive the client sessions: they stop once those have drained.
         let links_shutdown = CancellationToken::new();
+        // What is wanted at first (`membership::wanted_at_start`): the cluster file, else the
+        // pairs as the last run left them. A difference, or a move a stop interrupted, is
+        // taken up at once.
         let router = Arc::new(Router::start(
             &self.workers,
             self.kept,
@@ -176,39 +180,26 @@ impl Orchestrator {
         };
         tokio::spawn(router.clone().monitor(health, links_shutdown.clone()));
         tokio::spawn(router.clone().run_membership(links_shutdown.clone()));
-        // What is wanted: the cluster file, else the pairs as the last run left them (the
-        // state file, which holds the CLUSTER commands' changes), else the command line.
-        // A difference, or a move a stop interrupted, is taken up at once.
-        let wanted = match &c.cluster_file {
-            Some(_) => self.workers.clone(),
-            None => {
-                let kept = router.current_workers();
-                if kept != self.workers {
-                    tracing::warn!(
-                        "the state file's pairs differ from the command line's: serving the \
-                         state file's (a CLUSTER change made before the restart)"
-                    );
-                }
-                kept
-            }
-        };
-        router.membership.want(&wanted);
         if let (Some(mut reload), Some(path)) = (self.reload, c.cluster_file.clone()) {
-            let (router, config) = (router.clone(), c.clone());
+            let router = router.clone();
             tokio::spawn(async move {
                 while reload.changed().await.is_ok() {
-                    let read = config::read_cluster_file(&path)
-                        .and_then(|addrs| config.check_distinct(&addrs).map(|_| addrs));
-                    match read {
-                        Ok(addrs) => {
-                            tracing::info!(
-                                file = %path.display(),
-                                pairs = addrs.len() / 2,
-                                "cluster file read again"
-                            );
-                            router.membership.want(&addrs);
+                    // Reading the file and resolving its names block: off the event loop.
+                    let (router, file) = (router.clone(), path.clone());
+                    let applied = tokio::task::spawn_blocking(move || {
+                        let addrs = config::read_cluster_file(&file)?;
+                        let pairs = addrs.len() / 2;
+                        router.want(|_| Ok(addrs)).map(|()| pairs)
+                    })
+                    .await
+                    .unwrap_or_else(|e| Err(e.to_string()));
+                    match applied {
+                        Ok(pairs) => {
+                            tracing::info!(file = %path.display(), pairs, "cluster file read again")
                         }
-                        Err(e) => tracing::error!("cluster file not applied: {e}"),
+                        Err(e) => tracing::error!(
+                            "cluster file not applied (the pairs wanted stay as they were): {e}"
+                        ),
                     }
                 }
             });

@@ -59,11 +59,16 @@ pub struct MembershipConfig {
     /// The pairs come from `--cluster-file`: CLUSTER commands are refused, since the next
     /// reload would undo them.
     pub from_file: bool,
+    /// The orchestrator's own address (`--listen`), which no worker may have.
+    pub listen: std::net::SocketAddr,
 }
 
 /// What is asked for, and how the change goes.
 pub struct Membership {
     wanted: Mutex<Vec<[String; 2]>>,
+    /// Held by [`Router::want`] from reading the wanted list to replacing it, so that two
+    /// changes asked for at once (CLUSTER on two connections, SIGHUP) do not undo each other.
+    asking: Mutex<()>,
     wake: Notify,
     progress: Mutex<Progress>,
     config: MembershipConfig,
@@ -89,10 +94,15 @@ pub struct Progress {
 }
 
 impl Membership {
-    pub(crate) fn new(workers: &[String], config: MembershipConfig) -> Membership {
+    /// Wants `wanted` (pairs), taken up at once: it may differ from the pairs now, or a move
+    /// a stop interrupted may be left to finish.
+    pub(crate) fn new(wanted: Vec<[String; 2]>, config: MembershipConfig) -> Membership {
+        let wake = Notify::new();
+        wake.notify_one();
         Membership {
-            wanted: Mutex::new(pairs_of(workers)),
-            wake: Notify::new(),
+            wanted: Mutex::new(wanted),
+            asking: Mutex::new(()),
+            wake,
             progress: Mutex::new(Progress {
                 phase: "idle",
                 ..Progress::default()
@@ -114,10 +124,8 @@ impl Membership {
             .clone()
     }
 
-    /// Asks for `workers` (in pairing order, checked: even, distinct); the change runs in
-    /// the background.
-    pub fn want(&self, workers: &[String]) {
-        *self.wanted.lock().unwrap_or_else(|e| e.into_inner()) = pairs_of(workers);
+    fn set_wanted(&self, wanted: Vec<[String; 2]>) {
+        *self.wanted.lock().unwrap_or_else(|e| e.into_inner()) = wanted;
         self.wake.notify_one();
     }
 
@@ -133,7 +141,38 @@ impl Membership {
     }
 }
 
-fn pairs_of(workers: &[String]) -> Vec<[String; 2]> {
+/// What a starting orchestrator wants, given the pairs it serves (`now`: the state file's, or
+/// the list's) and the list it was given: the cluster file's pairs, which may have been edited
+/// while it was stopped; else the pairs it serves, since without a cluster file the state
+/// file holds the CLUSTER commands' changes.
+pub(crate) fn wanted_at_start(
+    now: &[String],
+    listed: &[String],
+    from_file: bool,
+) -> Vec<[String; 2]> {
+    let (now, listed) = (pairs_of(now), pairs_of(listed));
+    if listed == now {
+        return now;
+    }
+    if !from_file {
+        tracing::warn!(
+            "the state file's pairs differ from the command line's: serving the state file's \
+             (a CLUSTER change made before the restart)"
+        );
+        return now;
+    }
+    // Its workers are not assessed yet: a replacement waits in its step for the one kept.
+    match plan(&now, &listed) {
+        Ok(_) => listed,
+        Err(e) => {
+            tracing::error!("cluster file not applied: {e}; serving the state file's pairs");
+            now
+        }
+    }
+}
+
+/// `workers` (in pairing order, an even number) as pairs.
+pub(crate) fn pairs_of(workers: &[String]) -> Vec<[String; 2]> {
     workers
         .chunks_exact(2)
         .map(|w| [w[0].clone(), w[1].clone()])
@@ -215,6 +254,25 @@ pub(crate) fn plan(current: &[[String; 2]], wanted: &[[String; 2]]) -> Result<Pl
         return Err("that would remove every pair".into());
     }
     Ok(out)
+}
+
+/// [`plan`] from the pairs of `now`, with what the cluster cannot do: pairs added or removed
+/// in adapter mode. What [`Router::want`] refuses up front and each attempt checks again.
+fn checked_plan(now: &Topology, wanted: &[[String; 2]], adapter: bool) -> Result<Plan, String> {
+    let plan = plan(&pairs_now(now), wanted)?;
+    if adapter && (!plan.add.is_empty() || !plan.remove.is_empty()) {
+        return Err(
+            "pairs cannot be added or removed in adapter mode (a worker can be replaced)".into(),
+        );
+    }
+    Ok(plan)
+}
+
+/// The pairs of `now`, as addresses.
+fn pairs_now(now: &Topology) -> Vec<[String; 2]> {
+    now.iter()
+        .map(|p| p.workers.each_ref().map(|w| w.addr.clone()))
+        .collect()
 }
 
 /// What the state file holds: the pairs, the slot map, a move under way.
@@ -367,7 +425,30 @@ fn parse_state(text: &str) -> Result<State, String> {
 impl Router {
     /// The workers now, in pairing order.
     pub fn current_workers(&self) -> Vec<String> {
-        self.current_pairs().into_iter().flatten().collect()
+        pairs_now(&self.pairs()).into_iter().flatten().collect()
+    }
+
+    /// Asks for the workers `change` makes of the pairs wanted now (in pairing order, an
+    /// even number); the change runs in the background. Refused, with the wanted list left
+    /// as it was, if the list names a worker twice (aliases too) or the orchestrator itself,
+    /// or if the change cannot be made from the pairs now ([`plan`]): asked for anyway it
+    /// would be tried again every second, forever. Resolves host names: call it off the
+    /// event loop.
+    pub fn want(
+        &self,
+        change: impl FnOnce(Vec<[String; 2]>) -> Result<Vec<String>, String>,
+    ) -> Result<(), String> {
+        let _one_at_a_time = self
+            .membership
+            .asking
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let workers = change(self.membership.wanted())?;
+        crate::config::check_distinct(self.membership.config.listen, &workers)?;
+        let wanted = pairs_of(&workers);
+        checked_plan(&self.pairs(), &wanted, self.is_adapter())?;
+        self.membership.set_wanted(wanted);
+        Ok(())
     }
 
     /// Makes the pairs what [`Membership::want`] asked for, change after change, until
@@ -455,13 +536,6 @@ impl Router {
             .extend(left);
     }
 
-    fn current_pairs(&self) -> Vec<[String; 2]> {
-        self.pairs()
-            .iter()
-            .map(|p| p.workers.each_ref().map(|w| w.addr.clone()))
-            .collect()
-    }
-
     /// One attempt at the change asked for; `None` if there was nothing to do.
     async fn converge(&self) -> Result<Option<String>, String> {
         let started = Instant::now();
@@ -472,16 +546,9 @@ impl Router {
             self.finish_move(m).await?;
         }
         let wanted = self.membership.wanted();
-        let plan = plan(&self.current_pairs(), &wanted)?;
+        let plan = checked_plan(&self.pairs(), &wanted, self.is_adapter())?;
         if plan.is_empty() && self.pairs().slots.same_owners(&self.target()) {
             return Ok(unfinished.map(|_| "resumed move finished".to_string()));
-        }
-        if self.is_adapter() && (!plan.add.is_empty() || !plan.remove.is_empty()) {
-            return Err(
-                "pairs cannot be added or removed in adapter mode (a worker can be \
-                        replaced)"
-                    .into(),
-            );
         }
         self.membership.update(|p| {
             if p.started.is_none() || p.phase == "idle" {
@@ -1124,6 +1191,7 @@ mod tests {
                 rate: 0,
                 batch: 256,
                 from_file: false,
+                listen: "127.0.0.1:7000".parse().unwrap(),
             },
         };
         let shutdown = CancellationToken::new();
@@ -1164,5 +1232,78 @@ mod tests {
         assert_eq!(names, ["state"], "no temporary file left");
         shutdown.cancel();
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// What `want` refuses, it does not ask for: CLUSTER answers the error, SIGHUP logs it,
+    /// and the wanted list stays as it was (not retried every second, forever).
+    #[tokio::test]
+    async fn what_cannot_be_done_is_refused_up_front() {
+        let now = [
+            "127.0.0.1:7001",
+            "127.0.0.1:7002",
+            "127.0.0.1:7003",
+            "127.0.0.1:7004",
+        ];
+        let (router, shutdown) = start(&now, None);
+        let before = router.membership.wanted();
+        let want = |workers: &[&str]| {
+            let workers: Vec<String> = workers.iter().map(|w| w.to_string()).collect();
+            router.want(|_| Ok(workers))
+        };
+        // Partners swapped across pairs: each worker would join another pair's data.
+        let e = want(&[now[0], now[2], now[1], now[3]]).unwrap_err();
+        assert!(e.contains("is in another pair now"), "{e}");
+        let e = want(&[]).unwrap_err();
+        assert_eq!(e, "that would remove every pair");
+        // The orchestrator's own address, and one worker under two names.
+        let e = want(&[
+            now[0],
+            now[1],
+            now[2],
+            now[3],
+            "localhost:7000",
+            "127.0.0.1:7005",
+        ])
+        .unwrap_err();
+        assert!(e.contains("own --listen address"), "{e}");
+        let e = want(&[
+            now[0],
+            now[1],
+            now[2],
+            now[3],
+            "localhost:7001",
+            "127.0.0.1:7005",
+        ])
+        .unwrap_err();
+        assert!(e.contains("given twice"), "{e}");
+        // An edit's own refusal comes back as it is.
+        let e = router.want(|_| Err("no such pair".into())).unwrap_err();
+        assert_eq!(e, "no such pair");
+        assert_eq!(router.membership.wanted(), before);
+        // What can be done is asked for.
+        want(&[
+            now[0],
+            now[1],
+            now[2],
+            now[3],
+            "127.0.0.1:7005",
+            "127.0.0.1:7006",
+        ])
+        .unwrap();
+        assert_eq!(router.membership.wanted().len(), 3);
+        shutdown.cancel();
+    }
+
+    #[test]
+    fn a_start_wants_the_cluster_file_if_it_can_be_done() {
+        let words = |w: &[&str]| w.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+        let now = words(&["a:1", "b:1"]);
+        let added = words(&["a:1", "b:1", "c:1", "d:1"]);
+        assert_eq!(wanted_at_start(&now, &added, true), pairs_of(&added));
+        // Without a cluster file the state file's pairs are the CLUSTER commands' doing.
+        assert_eq!(wanted_at_start(&now, &added, false), pairs_of(&now));
+        // A file the planner refuses is not wanted (it would be retried forever).
+        let moved = words(&["c:1", "a:1", "b:1", "d:1"]);
+        assert_eq!(wanted_at_start(&added, &moved, true), pairs_of(&added));
     }
 }
