@@ -257,7 +257,8 @@ pub(crate) fn plan(current: &[[String; 2]], wanted: &[[String; 2]]) -> Result<Pl
 }
 
 /// [`plan`] from the pairs of `now`, with what the cluster cannot do: pairs added or removed
-/// in adapter mode. What [`Router::want`] refuses up front and each attempt checks again.
+/// in adapter mode, a worker replaced while its partner is not in sync. What
+/// [`Router::want`] refuses up front and each attempt checks again.
 fn checked_plan(now: &Topology, wanted: &[[String; 2]], adapter: bool) -> Result<Plan, String> {
     let plan = plan(&pairs_now(now), wanted)?;
     if adapter && (!plan.add.is_empty() || !plan.remove.is_empty()) {
@@ -265,7 +266,32 @@ fn checked_plan(now: &Topology, wanted: &[[String; 2]], adapter: bool) -> Result
             "pairs cannot be added or removed in adapter mode (a worker can be replaced)".into(),
         );
     }
+    kept_in_sync(now, &plan.replace)?;
     Ok(plan)
+}
+
+/// Refuses a replacement (`(pair, worker replaced, new address)` in `now`) whose kept worker
+/// is not in sync with a complete copy: it is then the pair's only copy of its data, and the
+/// new worker refills from it. (Two replacements in a row on one pair, or one while the
+/// partner is down or refilling, would leave the pair with no copy.)
+fn kept_in_sync(now: &Topology, replace: &[(usize, usize, String)]) -> Result<(), String> {
+    for (c, i, new) in replace {
+        let [old, kept] = [&now[*c].workers[*i], &now[*c].workers[1 - i]];
+        let state = match kept.state() {
+            WorkerState::InSync if kept.partial.load(std::sync::atomic::Ordering::Acquire) => {
+                "in sync with a partial copy"
+            }
+            WorkerState::InSync => continue,
+            other => other.name(),
+        };
+        return Err(format!(
+            "{} cannot be replaced by {new} now: its partner {kept} would be the pair's only \
+             copy and is {state}; try again once INFO cluster shows {kept} in_sync (pair{c})",
+            old.addr,
+            kept = kept.addr
+        ));
+    }
+    Ok(())
 }
 
 /// The pairs of `now`, as addresses.
@@ -677,6 +703,7 @@ impl Router {
 
     async fn replace_workers(&self, replace: &[(usize, usize, String)]) -> Result<String, String> {
         let topo = self.pairs();
+        kept_in_sync(&topo, replace)?;
         let mut pairs = topo.pairs.clone();
         let (mut joined, mut retired, mut said) = (Vec::new(), Vec::new(), Vec::new());
         for (c, i, new) in replace {
@@ -1305,5 +1332,49 @@ mod tests {
         // A file the planner refuses is not wanted (it would be retried forever).
         let moved = words(&["c:1", "a:1", "b:1", "d:1"]);
         assert_eq!(wanted_at_start(&added, &moved, true), pairs_of(&added));
+    }
+
+    /// A replacement keeps one worker of the pair as its only copy: refused up front unless
+    /// that worker is in sync with a complete copy, and the step does not swap it in either.
+    #[tokio::test]
+    async fn a_worker_is_replaced_only_while_its_partner_is_in_sync() {
+        let now = ["127.0.0.1:7001", "127.0.0.1:7002"];
+        let (router, shutdown) = start(&now, None);
+        let replace = || router.want(|_| Ok(vec![now[0].into(), "127.0.0.1:7005".into()]));
+        let kept = router.pairs()[0].workers[0].clone();
+        // Not assessed yet (as a worker refilling, stale or down would be): refused.
+        let e = replace().unwrap_err();
+        assert!(
+            e.starts_with("127.0.0.1:7002 cannot be replaced by 127.0.0.1:7005 now")
+                && e.contains("127.0.0.1:7001 would be the pair's only copy and is unknown"),
+            "{e}"
+        );
+        kept.set_state(WorkerState::InSync);
+        kept.partial
+            .store(true, std::sync::atomic::Ordering::Release);
+        assert!(replace()
+            .unwrap_err()
+            .contains("in sync with a partial copy"));
+        kept.partial
+            .store(false, std::sync::atomic::Ordering::Release);
+        replace().unwrap();
+        // The step checks again: its partner went out of sync since.
+        kept.set_state(WorkerState::Down);
+        let step = [(0, 1, "127.0.0.1:7005".to_string())];
+        let e = router.replace_workers(&step).await.unwrap_err();
+        assert!(e.contains("is down"), "{e}");
+        assert_eq!(router.current_workers(), now);
+        kept.set_state(WorkerState::InSync);
+        router.replace_workers(&step).await.unwrap();
+        assert_eq!(router.current_workers(), [now[0], "127.0.0.1:7005"]);
+        // The new worker is not assessed: replacing its partner next is refused.
+        let e = router
+            .want(|_| Ok(vec!["127.0.0.1:7006".into(), "127.0.0.1:7005".into()]))
+            .unwrap_err();
+        assert!(
+            e.contains("127.0.0.1:7005 would be the pair's only copy"),
+            "{e}"
+        );
+        shutdown.cancel();
     }
 }
