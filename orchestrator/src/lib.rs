@@ -155,7 +155,8 @@ impl Orchestrator {
                 rate: c.move_rate_limit,
                 batch: usize::from(c.move_batch_slots),
                 from_file: c.cluster_file.is_some(),
-                listen: c.listen,
+                // The port bound, which `--listen` leaves to the system when it says 0.
+                listen: self.local_addr(),
             },
         };
         // Worker links outlive the client sessions: they stop once those have drained.

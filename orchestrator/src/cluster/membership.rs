@@ -742,6 +742,7 @@ impl Router {
     async fn add_pairs(&self, add: &[[String; 2]]) -> Result<String, String> {
         let topo = self.pairs();
         let mut pairs = topo.pairs.clone();
+        let first = pairs.len();
         let (mut joined, mut said) = (Vec::new(), Vec::new());
         for [a, b] in add {
             said.push(format!("pair{} {a} {b} added", pairs.len()));
@@ -760,8 +761,8 @@ impl Router {
             &joined,
         )
         .await?;
-        for s in &said {
-            tracing::info!("{s}");
+        for (n, [a, b]) in add.iter().enumerate() {
+            tracing::info!(pair = first + n, a = %a, b = %b, "adding a pair");
         }
         Ok(said.join(", "))
     }
