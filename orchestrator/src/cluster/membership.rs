@@ -5,27 +5,30 @@
 //! task ([`Router::run_membership`]):
 //!
 //! 1. **Replacements.** A wanted pair sharing one address with a current pair replaces the
-//!    other worker: the new worker joins its pair unassessed, and the health monitor has it
-//!    refill from its partner (the resync machinery) before it serves reads.
-//! 2. **Additions.** New pairs join holding no slot; the move waits until both their workers
-//!    are in sync (a new pair adopts what it holds).
+//!    other worker, once the worker kept is in sync with a complete copy: the new worker
+//!    joins its pair unassessed, and the health monitor has it refill from its partner (the
+//!    resync machinery) before it serves reads.
+//! 2. **Additions.** New pairs join holding no slot; a move to one waits until a worker of
+//!    it is in sync and none is still being assessed (a new pair adopts what it holds).
 //! 3. **Slot moves** to the target map (`SlotMap::rebalanced`), one batch of contiguous
-//!    slots at a time ([`Router::run_move`]):
+//!    slots at a time ([`Router::begin_move`], [`Router::finish_move`]):
 //!    - the map gives the slots to the new pair and marks them *moving*: writes go to the
 //!      new pair, reads that miss there look on the old one, deletes go to both;
 //!    - once every request routed by the old map is answered (its `Arc` is ours alone),
-//!      each worker of the new pair pulls the slots' entries from an in-sync worker of the
-//!      old pair (`slots import`: the snapshot machinery filtered by slot, stored bytes as
-//!      they are, paced by `--move-rate-limit`) and merges them by version, so a write or
-//!      delete made there during the move is newer and wins;
+//!      each in-sync worker of the new pair pulls the slots' entries from an in-sync worker
+//!      of the old pair (`slots import`: the snapshot machinery filtered by slot, stored
+//!      bytes as they are, paced by `--move-rate-limit`) and merges them by version, so a
+//!      write or delete made there during the move is newer and wins; a worker of the new
+//!      pair that is not in sync (down, refilling) is recorded as having missed them and
+//!      refills from its partner, so it never holds up the change;
 //!    - the mark is lifted, requests routed with it drain, and both workers of the old pair
 //!      drop the slots (`slots drop`).
 //! 4. **Removals.** A pair holding no slot any more is taken out and its links closed.
 //!
-//! A step that fails (a pair not in sync, an import that keeps failing, the state file not
-//! written) ends the attempt;
-//! the task tries again a second later from where the map is, and a move under way is
-//! finished first, so a change resumes rather than restarts.
+//! A step that fails (no worker of a pair in sync, an import into an in-sync worker that
+//! keeps failing, the state file not written) ends the attempt; the task tries again a
+//! second later from where the map is, and a move under way is finished first, so a change
+//! resumes rather than restarts.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -814,29 +817,35 @@ impl Router {
         Ok(said.join(", "))
     }
 
-    async fn wait_in_sync(&self, pair: &Pair) -> Result<(), String> {
+    /// Waits until `pair` can take slots: a worker of it in sync, and none still being
+    /// assessed (a pair just added has both in sync a round later). A worker down, stale or
+    /// refilling is not waited for: the copy skips it, and it refills from its partner
+    /// (see [`Router::finish_move`]).
+    async fn wait_receiver(&self, pair: &Pair) -> Result<(), String> {
         let deadline = Instant::now() + SYNC_WAIT;
-        while !pair
-            .workers
-            .iter()
-            .all(|w| w.state() == WorkerState::InSync)
-        {
-            if Instant::now() > deadline {
+        loop {
+            let states = pair.workers.each_ref().map(|w| w.state());
+            let late = Instant::now() > deadline;
+            if states.contains(&WorkerState::InSync)
+                && (late || !states.contains(&WorkerState::Unknown))
+            {
+                return Ok(());
+            }
+            if late {
                 return Err(format!(
-                    "pair {} {} is not in sync",
+                    "no worker of pair {} {} is in sync",
                     pair.workers[0].addr, pair.workers[1].addr
                 ));
             }
             tokio::time::sleep(POLL).await;
         }
-        Ok(())
     }
 
-    /// Gives `m`'s slots to their new pair, marked moving, once that pair is in sync; returns
-    /// when the requests routed by the map before are answered.
+    /// Gives `m`'s slots to their new pair, marked moving, once a worker of that pair is in
+    /// sync; returns when the requests routed by the map before are answered.
     async fn begin_move(&self, m: Move) -> Result<(), String> {
         let to = self.pairs()[m.to].clone();
-        self.wait_in_sync(&to).await?;
+        self.wait_receiver(&to).await?;
         self.retry_drops().await;
         let stale = self
             .membership
@@ -871,8 +880,12 @@ impl Router {
         Ok(())
     }
 
-    /// Copies the moving slots into both workers of their new pair, lifts the mark, and has
-    /// the old pair drop them.
+    /// Copies the moving slots into the in-sync workers of their new pair, lifts the mark,
+    /// and has the old pair drop them. A worker of the new pair that is not in sync (or falls
+    /// out of sync during its copy) is not waited for: it lacks the slots, which is recorded
+    /// as for a write it missed (`Router::record_miss`: it becomes stale here, and its
+    /// partner counts what it took alone, so any orchestrator finds it stale), and the
+    /// health monitor has it refill from its partner, which holds them, before it serves.
     async fn finish_move(&self, m: Move) -> Result<(), String> {
         let started = Instant::now();
         let (from, to) = {
@@ -890,15 +903,46 @@ impl Router {
                 m.from
             ));
         }
-        let imports = to
+        let (receivers, mut skipped): (Vec<&Arc<WorkerLink>>, Vec<&Arc<WorkerLink>>) = to
             .workers
+            .iter()
+            .partition(|w| w.state() == WorkerState::InSync);
+        let imports = receivers
             .iter()
             .enumerate()
             .map(|(i, w)| self.import(w, sources[i % sources.len()], m));
         let results = join_all(imports).await;
-        let mut copied = (0, 0);
-        for r in results {
-            copied = r?;
+        let (mut copied, mut took) = ((0, 0), Vec::new());
+        for (w, r) in receivers.into_iter().zip(results) {
+            match r {
+                Ok(c) => {
+                    copied = c;
+                    took.push(w);
+                }
+                Err(e) if w.state() != WorkerState::InSync => {
+                    tracing::warn!(worker = %w.addr, "{e}; it refills from its partner instead");
+                    skipped.push(w);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if took.is_empty() {
+            return Err(format!(
+                "no worker of pair{} (the slots' destination) is in sync",
+                m.to
+            ));
+        }
+        // Recorded once every copy is in: a refill that started before may have missed some.
+        for w in skipped {
+            for holder in &took {
+                if !self.record_miss(holder, w).await {
+                    return Err(format!(
+                        "{} lacks slots {}, and {} could not record it",
+                        w.addr, m.slots, holder.addr
+                    ));
+                }
+            }
+            tracing::info!(worker = %w.addr, slots = %m.slots, "skipped by the copy: refills from its partner");
         }
         let settled = {
             let topo = self.pairs();
