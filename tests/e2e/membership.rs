@@ -411,7 +411,7 @@ fn a_state_file_that_cannot_be_used_stops_the_start() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_refuses_changes_that_would_lose_data_or_never_finish() {
     // The kept worker sends refills at 1 MiB/s: a refill of the 3 MB below takes seconds.
-    let mut w = vec![
+    let mut w = [
         crate::faults::worker_on(0, &["--resync-rate-limit", "1MiB"]),
         Proc::worker(),
         Proc::worker(),

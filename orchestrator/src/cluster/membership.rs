@@ -175,7 +175,7 @@ pub(crate) fn wanted_at_start(
 }
 
 /// `workers` (in pairing order, an even number) as pairs.
-pub(crate) fn pairs_of(workers: &[String]) -> Vec<[String; 2]> {
+fn pairs_of(workers: &[String]) -> Vec<[String; 2]> {
     workers
         .chunks_exact(2)
         .map(|w| [w[0].clone(), w[1].clone()])
