@@ -14,7 +14,7 @@ use twincache_client::{Bytes, Client};
 use twincache_protocol::slots::SlotMap;
 
 use crate::faults::{Load, Model, FAST};
-use crate::harness::{Proc, RespConn, TempFile, ORCHESTRATOR};
+use crate::harness::{wait_log, Proc, RespConn, TempFile, ORCHESTRATOR};
 
 /// `INFO cluster` through RESP.
 pub async fn cluster_info(addr: SocketAddr) -> String {
@@ -105,19 +105,6 @@ async fn check_bulk(n: u64, step: usize, pairs: &[[SocketAddr; 2]], map: &SlotMa
     }
 }
 
-/// Waits (bounded) until the log of `proc` says `what`.
-async fn wait_log(proc: &Proc, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !proc.log_text().contains(what) {
-        assert!(
-            Instant::now() < deadline,
-            "the log does not say {what:?}:\n{}",
-            proc.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 fn cluster_file(pairs: &[(&Proc, &Proc)]) -> String {
     pairs
         .iter()
@@ -160,6 +147,32 @@ async fn check(orch: SocketAddr, models: &[Model], pairs: &[[SocketAddr; 2]], ma
             }
         }
     }
+}
+
+/// Two pairs of six workers in a cluster file, moving at `rate` per receiving worker, holding
+/// `bulk` bulk keys; the last two workers wait to be added.
+async fn slow_moving_cluster(rate: &str, bulk: u64) -> (Vec<Proc>, TempFile, Proc) {
+    let w: Vec<Proc> = (0..6).map(|_| Proc::worker()).collect();
+    let file = TempFile::with(&cluster_file(&[(&w[0], &w[1]), (&w[2], &w[3])]));
+    let orch = fast_orchestrator(&file, &["--move-rate-limit", rate]);
+    wait_settled(orch.addr, &[8192, 8192]).await;
+    write_bulk(orch.addr, bulk).await;
+    (w, file, orch)
+}
+
+/// Adds the third pair of [`slow_moving_cluster`] through the cluster file; returns once a
+/// move is under way.
+async fn add_third_pair(w: &[Proc], file: &TempFile, orch: &Proc) {
+    std::fs::write(
+        &file.0,
+        cluster_file(&[(&w[0], &w[1]), (&w[2], &w[3]), (&w[4], &w[5])]),
+    )
+    .unwrap();
+    orch.signal("HUP");
+    wait_info(orch.addr, "a move under way", |i| {
+        i.contains("move_current")
+    })
+    .await;
 }
 
 fn fast_orchestrator(file: &TempFile, extra: &[&str]) -> Proc {
@@ -328,24 +341,11 @@ async fn cluster_commands_replace_a_worker_and_add_a_pair() {
 /// waits for it to refill from its partner and goes on; nothing acknowledged is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_move_survives_the_loss_of_a_receiving_worker() {
-    let mut w: Vec<Proc> = (0..6).map(|_| Proc::worker()).collect();
-    let file = TempFile::with(&cluster_file(&[(&w[0], &w[1]), (&w[2], &w[3])]));
-    // Slow moves (small batches at 2 MiB/s), so the kill lands in one.
-    let orch = fast_orchestrator(&file, &["--move-rate-limit", "2MiB"]);
-    wait_settled(orch.addr, &[8192, 8192]).await;
-    // 20 MB of incompressible values, of which a third moves.
-    write_bulk(orch.addr, 20_000).await;
+    // Slow moves (small batches at 2 MiB/s), so the kill lands in one; 20 MB of
+    // incompressible values, of which a third moves.
+    let (mut w, file, orch) = slow_moving_cluster("2MiB", 20_000).await;
     let load = Load::start(orch.addr, 2).await;
-    std::fs::write(
-        &file.0,
-        cluster_file(&[(&w[0], &w[1]), (&w[2], &w[3]), (&w[4], &w[5])]),
-    )
-    .unwrap();
-    orch.signal("HUP");
-    wait_info(orch.addr, "a move under way", |i| {
-        i.contains("move_current")
-    })
-    .await;
+    add_third_pair(&w, &file, &orch).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let port = w[5].addr.port();
     w[5].kill();
@@ -482,22 +482,9 @@ async fn cluster_refuses_changes_that_would_lose_data_or_never_finish() {
 /// and refills from its partner before it is in sync: then it holds every moved key too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_receiving_worker_that_stops_does_not_hold_up_the_move() {
-    let w: Vec<Proc> = (0..6).map(|_| Proc::worker()).collect();
-    let file = TempFile::with(&cluster_file(&[(&w[0], &w[1]), (&w[2], &w[3])]));
     // Slow moves (small batches at 1 MiB/s), so the stop lands early in the change.
-    let orch = fast_orchestrator(&file, &["--move-rate-limit", "1MiB"]);
-    wait_settled(orch.addr, &[8192, 8192]).await;
-    write_bulk(orch.addr, 10_000).await;
-    std::fs::write(
-        &file.0,
-        cluster_file(&[(&w[0], &w[1]), (&w[2], &w[3]), (&w[4], &w[5])]),
-    )
-    .unwrap();
-    orch.signal("HUP");
-    wait_info(orch.addr, "a move under way", |i| {
-        i.contains("move_current")
-    })
-    .await;
+    let (w, file, orch) = slow_moving_cluster("1MiB", 10_000).await;
+    add_third_pair(&w, &file, &orch).await;
     w[5].signal("STOP");
     let slots = [5462, 5461, 5461];
     let info = wait_info(orch.addr, "the change without w5", |i| moved(i, &slots)).await;

@@ -718,17 +718,8 @@ impl Router {
             retired.push((*c, old, new, workers[1 - i].addr.clone()));
             pairs[*c] = Arc::new(Pair::new(workers));
         }
-        let (slots, moving) = (topo.slots.clone(), topo.moving);
         drop(topo);
-        self.swap_in_links(
-            Topology {
-                pairs,
-                slots,
-                moving,
-            },
-            &joined,
-        )
-        .await?;
+        self.swap_pairs(pairs, &joined).await?;
         for (c, old, new, partner) in retired {
             tracing::info!(
                 pair = c,
@@ -753,31 +744,33 @@ impl Router {
             joined.extend(links.iter().cloned());
             pairs.push(Arc::new(Pair::new(links)));
         }
-        let (slots, moving) = (topo.slots.clone(), topo.moving);
         drop(topo);
-        self.swap_in_links(
-            Topology {
-                pairs,
-                slots,
-                moving,
-            },
-            &joined,
-        )
-        .await?;
+        self.swap_pairs(pairs, &joined).await?;
         for (n, [a, b]) in add.iter().enumerate() {
             tracing::info!(pair = first + n, a = %a, b = %b, "adding a pair");
         }
         Ok(said.join(", "))
     }
 
-    /// [`Router::swap`] for a topology with the new worker links `joined`, which are closed
-    /// again if it is not swapped in.
-    async fn swap_in_links(
+    /// Swaps in `pairs` with the map as it is ([`Router::swap`]); the new worker links in
+    /// them, `joined`, are closed again if that fails.
+    async fn swap_pairs(
         &self,
-        topo: Topology,
+        pairs: Vec<Arc<Pair>>,
         joined: &[Arc<WorkerLink>],
     ) -> Result<(), String> {
-        if let Err(e) = self.swap(topo).await {
+        let (slots, moving) = {
+            let topo = self.pairs();
+            (topo.slots.clone(), topo.moving)
+        };
+        let swapped = self
+            .swap(Topology {
+                pairs,
+                slots,
+                moving,
+            })
+            .await;
+        if let Err(e) = swapped {
             for w in joined {
                 w.retire(Duration::ZERO);
             }
