@@ -460,7 +460,7 @@ impl Router {
     /// Asks for the workers `change` makes of the pairs wanted now (in pairing order, an
     /// even number); the change runs in the background. Refused, with the wanted list left
     /// as it was, if the list names a worker twice (aliases too) or the orchestrator itself,
-    /// or if the change cannot be made from the pairs now ([`plan`]): asked for anyway it
+    /// or if the change cannot be made from the pairs now (`plan`): asked for anyway it
     /// would be tried again every second, forever. Resolves host names: call it off the
     /// event loop.
     pub fn want(
@@ -480,7 +480,7 @@ impl Router {
         Ok(())
     }
 
-    /// Makes the pairs what [`Membership::want`] asked for, change after change, until
+    /// Makes the pairs what [`Router::want`] asked for, change after change, until
     /// `shutdown`.
     pub async fn run_membership(self: Arc<Self>, shutdown: CancellationToken) {
         loop {
