@@ -38,7 +38,7 @@ fuzz_target!(|data: &[u8]| {
     let refill = match ctl & 0x12 {
         0x02 => Refill::Merge,
         // A slot move's import of the lower half of the slots.
-        0x10 | 0x12 => Refill::Import { lo: 0, hi: 8192 },
+        0x10 | 0x12 => Refill::Import(twincache_protocol::slots::SlotRange::new(0, 8192).unwrap()),
         _ => Refill::Resync,
     };
     let dict_size = if ctl & 4 == 4 { 256 } else { 0 };

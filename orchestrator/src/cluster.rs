@@ -25,7 +25,8 @@ mod membership;
 mod rmw;
 mod topology;
 
-pub use membership::Membership;
+pub(crate) use membership::{read_state, State};
+pub use membership::{Membership, MembershipConfig};
 pub use rmw::{gets, BoxAnswer, Pending, ScanStep};
 pub use topology::{Route, Topology};
 
@@ -535,9 +536,10 @@ pub struct RouterConfig {
     pub secret: Option<ClusterSecret>,
     /// TLS for the connections to the workers (`--tls-cluster`).
     pub tls: Option<Connector>,
-    /// Where the pairs and the slot map are kept across restarts (`--state-file`): read at
-    /// start, rewritten on every change.
+    /// Where the pairs and the slot map are kept across restarts (`--state-file`): rewritten
+    /// on every change (read at start by `Orchestrator::bind`).
     pub state_file: Option<std::path::PathBuf>,
+    pub membership: MembershipConfig,
 }
 
 /// Routes requests to pairs: the pair is chosen by the stable key hash; writes go to both
@@ -581,9 +583,12 @@ pub struct Router {
 }
 
 impl Router {
-    /// Connects to `workers` (in pairing order; an even number) in the background.
-    pub fn start(
+    /// Connects to `workers` (in pairing order; an even number) in the background, or to
+    /// the pairs of `kept`, the state an earlier run left (see [`read_state`]): after a
+    /// change its pairs and map are not what the worker list alone would give.
+    pub(crate) fn start(
         workers: &[String],
+        kept: Option<State>,
         config: &RouterConfig,
         shutdown: &CancellationToken,
     ) -> Router {
@@ -592,12 +597,7 @@ impl Router {
             "workers come in pairs"
         );
         let link = |addr: &String| WorkerLink::spawn(addr.clone(), config, shutdown);
-        // The pairs and map an earlier run left, if any: after a change they are not what
-        // the worker list alone would give.
-        let kept = config
-            .state_file
-            .as_deref()
-            .and_then(membership::read_state);
+        let listed = workers;
         let (workers, slots, moving) = match kept {
             Some(state) => (state.workers, state.slots, state.moving),
             None => (workers.to_vec(), SlotMap::even(workers.len() / 2), None),
@@ -630,7 +630,10 @@ impl Router {
             moved: tokio::sync::Notify::new(),
             config: config.clone(),
             shutdown: shutdown.clone(),
-            membership: membership::Membership::new(&workers),
+            membership: membership::Membership::new(
+                membership::wanted_at_start(&workers, listed, config.membership.from_file),
+                config.membership.clone(),
+            ),
         }
     }
 

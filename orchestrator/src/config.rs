@@ -260,43 +260,9 @@ impl Config {
         }
     }
 
-    /// Refuses a worker list naming one address twice, or this orchestrator's own address:
-    /// either would look like redundancy that is not there. Host names are resolved here,
-    /// so `127.0.0.1 7422 localhost 7422` is caught too; a name that does not resolve yet is
-    /// left to the health checks. (The same worker behind two different addresses is caught
-    /// by its boot id once it answers: see `identify`.)
+    /// [`check_distinct`] with this orchestrator's `--listen` address.
     pub fn check_distinct(&self, addrs: &[String]) -> Result<(), String> {
-        use std::net::ToSocketAddrs;
-        let resolved: Vec<Vec<SocketAddr>> = addrs
-            .iter()
-            .map(|a| a.to_socket_addrs().map(Vec::from_iter).unwrap_or_default())
-            .collect();
-        let listen = self.listen;
-        for (i, addr) in addrs.iter().enumerate() {
-            let same = |other: &SocketAddr| {
-                other.port() == listen.port()
-                    && (other.ip() == listen.ip()
-                        || (listen.ip().is_unspecified()
-                            && (other.ip().is_loopback() || other.ip().is_unspecified())))
-            };
-            if resolved[i].iter().any(same) {
-                return Err(format!(
-                    "worker {addr} is this orchestrator's own --listen address ({listen}): give \
-                     the workers' addresses"
-                ));
-            }
-            for (j, earlier) in addrs[..i].iter().enumerate() {
-                let overlap =
-                    earlier == addr || resolved[i].iter().any(|a| resolved[j].contains(a));
-                if overlap {
-                    return Err(format!(
-                        "worker {addr} is given twice (as {earlier} too): a pair needs two \
-                         different workers"
-                    ));
-                }
-            }
-        }
-        Ok(())
+        check_distinct(self.listen, addrs)
     }
 
     /// The budget for all client connections' buffers (see `--max-buffer-memory`).
@@ -466,6 +432,44 @@ impl Config {
     }
 }
 
+/// Refuses a worker list naming one address twice, or the orchestrator's own address
+/// (`listen`): either would look like redundancy that is not there. Host names are resolved
+/// here (blocking), so `127.0.0.1 7422 localhost 7422` is caught too; a name that does not
+/// resolve yet is left to the health checks. (The same worker behind two different addresses
+/// is caught by its boot id once it answers: see `identify`.) The one check for the command
+/// line, the cluster file and `CLUSTER`.
+pub fn check_distinct(listen: SocketAddr, addrs: &[String]) -> Result<(), String> {
+    use std::net::ToSocketAddrs;
+    let resolved: Vec<Vec<SocketAddr>> = addrs
+        .iter()
+        .map(|a| a.to_socket_addrs().map(Vec::from_iter).unwrap_or_default())
+        .collect();
+    for (i, addr) in addrs.iter().enumerate() {
+        let same = |other: &SocketAddr| {
+            other.port() == listen.port()
+                && (other.ip() == listen.ip()
+                    || (listen.ip().is_unspecified()
+                        && (other.ip().is_loopback() || other.ip().is_unspecified())))
+        };
+        if resolved[i].iter().any(same) {
+            return Err(format!(
+                "worker {addr} is this orchestrator's own --listen address ({listen}): give \
+                 the workers' addresses"
+            ));
+        }
+        for (j, earlier) in addrs[..i].iter().enumerate() {
+            let overlap = earlier == addr || resolved[i].iter().any(|a| resolved[j].contains(a));
+            if overlap {
+                return Err(format!(
+                    "worker {addr} is given twice (as {earlier} too): a pair needs two \
+                     different workers, and a worker serves one pair"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A worker's address given as one word, `<host>:<port>`, checked.
 pub fn parse_worker(word: &str) -> Result<String, String> {
     let (host, port) =
@@ -483,7 +487,8 @@ pub fn read_cluster_file(path: &std::path::Path) -> Result<Vec<String>, String> 
 /// A cluster file: one pair per line, `<host>:<port> <host>:<port>`; `#` starts a comment,
 /// blank lines are skipped. Returns the workers in pairing order. Errors name the line.
 pub fn parse_cluster_file(text: &str) -> Result<Vec<String>, String> {
-    let mut addrs: Vec<String> = Vec::new();
+    // Each worker with the line it is on.
+    let mut addrs: Vec<(String, usize)> = Vec::new();
     for (n, line) in text.lines().enumerate() {
         let n = n + 1;
         let line = line.split('#').next().unwrap_or("").trim();
@@ -499,28 +504,18 @@ pub fn parse_cluster_file(text: &str) -> Result<Vec<String>, String> {
         };
         for word in [a, b] {
             let addr = parse_worker(word).map_err(|e| format!("line {n}: {e}"))?;
-            if let Some(at) = addrs.iter().position(|x| *x == addr) {
+            if let Some((_, earlier)) = addrs.iter().find(|(x, _)| *x == addr) {
                 return Err(format!(
-                    "line {n}: worker {addr} is given twice (line {} has it too)",
-                    line_of(text, at / 2)
+                    "line {n}: worker {addr} is given twice (line {earlier} has it too)"
                 ));
             }
-            addrs.push(addr);
+            addrs.push((addr, n));
         }
     }
     if addrs.is_empty() {
         return Err("no pairs: a cluster needs at least one".into());
     }
-    Ok(addrs)
-}
-
-/// The line number of the `pair`-th pair of a cluster file (for errors).
-fn line_of(text: &str, pair: usize) -> usize {
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.split('#').next().unwrap_or("").trim().is_empty())
-        .nth(pair)
-        .map_or(0, |(n, _)| n + 1)
+    Ok(addrs.into_iter().map(|(addr, _)| addr).collect())
 }
 
 /// `host:port` or `[ipv6]:port` as one word; `None` for a host alone (an IPv6 address without
@@ -623,6 +618,10 @@ mod tests {
         assert_eq!(
             err("# x\na:1 b:2\nc:3 a:1\n"),
             "line 3: worker a:1 is given twice (line 2 has it too)"
+        );
+        assert_eq!(
+            err("a:1 b:2\n\n# c\nc:3 d:4\ne:5 d:4\n"),
+            "line 5: worker d:4 is given twice (line 4 has it too)"
         );
         assert_eq!(
             err("# nothing\n\n"),

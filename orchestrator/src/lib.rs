@@ -38,7 +38,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use twincache_protocol::server::{accept_loop, Slots};
 
-use cluster::{Origin, Router, RouterConfig};
+use cluster::{MembershipConfig, Origin, Router, RouterConfig};
 pub use config::Config;
 use session::SessionConfig;
 use twincache_protocol::budget::Budget;
@@ -55,17 +55,22 @@ pub struct Orchestrator {
     tls: Option<Arc<NodeTls>>,
     /// Ticks on SIGHUP: the cluster file is read again (see [`Orchestrator::reload_on`]).
     reload: Option<tokio::sync::watch::Receiver<u64>>,
+    /// The pairs and slot map the state file holds, if it exists.
+    kept: Option<cluster::State>,
 }
 
 impl Orchestrator {
-    /// Checks the worker list and binds the client port.
+    /// Checks the worker list, reads the state file, and binds the client port. An error of
+    /// kind `InvalidInput` is the configuration's (a state file that cannot be used is one),
+    /// any other the port's.
     pub async fn bind(config: Config) -> std::io::Result<Orchestrator> {
-        let workers = config
-            .worker_addrs()
-            .map_err(|msg| std::io::Error::new(std::io::ErrorKind::InvalidInput, msg))?;
-        let tls = config
-            .tls()
-            .map_err(|msg| std::io::Error::new(std::io::ErrorKind::InvalidInput, msg))?;
+        let invalid = |msg| std::io::Error::new(std::io::ErrorKind::InvalidInput, msg);
+        let workers = config.worker_addrs().map_err(invalid)?;
+        let tls = config.tls().map_err(invalid)?;
+        let kept = match config.state_path() {
+            Some(path) => cluster::read_state(&path).map_err(invalid)?,
+            None => None,
+        };
         let listener = TcpListener::bind(config.listen).await?;
         let http = twincache_ops::http::bind(config.http).await?;
         Ok(Orchestrator {
@@ -75,6 +80,7 @@ impl Orchestrator {
             workers,
             tls,
             reload: None,
+            kept,
         })
     }
 
@@ -145,11 +151,22 @@ impl Orchestrator {
             }),
             tls: self.tls.as_ref().and_then(NodeTls::connector),
             state_file: c.state_path(),
+            membership: MembershipConfig {
+                rate: c.move_rate_limit,
+                batch: usize::from(c.move_batch_slots),
+                from_file: c.cluster_file.is_some(),
+                // The port bound, which `--listen` leaves to the system when it says 0.
+                listen: self.local_addr(),
+            },
         };
         // Worker links outlive the client sessions: they stop once those have drained.
         let links_shutdown = CancellationToken::new();
+        // What is wanted at first (`membership::wanted_at_start`): the cluster file, else the
+        // pairs as the last run left them. A difference, or a move a stop interrupted, is
+        // taken up at once.
         let router = Arc::new(Router::start(
             &self.workers,
+            self.kept,
             &router_config,
             &links_shutdown,
         ));
@@ -163,45 +180,27 @@ impl Orchestrator {
             timeout: c.health_timeout,
         };
         tokio::spawn(router.clone().monitor(health, links_shutdown.clone()));
-        router.membership.configure(
-            c.move_rate_limit,
-            usize::from(c.move_batch_slots),
-            c.cluster_file.is_some(),
-        );
         tokio::spawn(router.clone().run_membership(links_shutdown.clone()));
-        // What is wanted: the cluster file, else the pairs as the last run left them (the
-        // state file, which holds the CLUSTER commands' changes), else the command line.
-        // A difference, or a move a stop interrupted, is taken up at once.
-        let wanted = match &c.cluster_file {
-            Some(_) => self.workers.clone(),
-            None => {
-                let kept = router.current_workers();
-                if kept != self.workers {
-                    tracing::warn!(
-                        "the state file's pairs differ from the command line's: serving the \
-                         state file's (a CLUSTER change made before the restart)"
-                    );
-                }
-                kept
-            }
-        };
-        router.membership.want(&wanted);
         if let (Some(mut reload), Some(path)) = (self.reload, c.cluster_file.clone()) {
-            let (router, config) = (router.clone(), c.clone());
+            let router = router.clone();
             tokio::spawn(async move {
                 while reload.changed().await.is_ok() {
-                    let read = config::read_cluster_file(&path)
-                        .and_then(|addrs| config.check_distinct(&addrs).map(|_| addrs));
-                    match read {
-                        Ok(addrs) => {
-                            tracing::info!(
-                                file = %path.display(),
-                                pairs = addrs.len() / 2,
-                                "cluster file read again"
-                            );
-                            router.membership.want(&addrs);
+                    // Reading the file and resolving its names block: off the event loop.
+                    let (router, file) = (router.clone(), path.clone());
+                    let applied = tokio::task::spawn_blocking(move || {
+                        let addrs = config::read_cluster_file(&file)?;
+                        let pairs = addrs.len() / 2;
+                        router.want(|_| Ok(addrs)).map(|()| pairs)
+                    })
+                    .await
+                    .unwrap_or_else(|e| Err(e.to_string()));
+                    match applied {
+                        Ok(pairs) => {
+                            tracing::info!(file = %path.display(), pairs, "cluster file read again")
                         }
-                        Err(e) => tracing::error!("cluster file not applied: {e}"),
+                        Err(e) => tracing::error!(
+                            "cluster file not applied (the pairs wanted stay as they were): {e}"
+                        ),
                     }
                 }
             });

@@ -35,24 +35,127 @@ impl std::fmt::Debug for SlotMap {
     }
 }
 
-/// Slots `lo..hi` going from pair `from` to pair `to`.
+/// A run of slots, `start..end` (never empty, within [`SLOTS`]): what a move copies, and what
+/// the map's description, the state file, the workers' `slots` op and the log name. Written `a-b` with
+/// both ends included (as `SlotMap::describe` gives ranges); on the wire and in the state file
+/// as two words, the start and the end past the last slot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Move {
-    pub lo: u16,
-    /// Exclusive; at most [`SLOTS`], so it is a `u32`.
-    pub hi: u32,
-    pub from: usize,
-    pub to: usize,
+pub struct SlotRange {
+    start: u16,
+    end: u16,
 }
 
-impl Move {
-    pub fn slots(&self) -> usize {
-        self.hi as usize - self.lo as usize
+impl SlotRange {
+    /// Slots `start..end`; `None` unless `start < end <= SLOTS`.
+    pub fn new(start: u16, end: u16) -> Option<SlotRange> {
+        (start < end && usize::from(end) <= SLOTS).then_some(SlotRange { start, end })
     }
 
-    pub fn contains(&self, slot: u16) -> bool {
-        slot >= self.lo && u32::from(slot) < self.hi
+    /// One slot.
+    pub fn single(slot: u16) -> SlotRange {
+        SlotRange::new(slot, slot + 1).expect("a slot is below SLOTS")
     }
+
+    /// The two-word form, `<start> <end>` with `end` past the last slot.
+    pub fn from_bounds(start: &str, end: &str) -> Result<SlotRange, String> {
+        let bad = || format!("bad slot range {start:?} {end:?} (start, then end past the last)");
+        let (s, e) = (
+            start.parse().map_err(|_| bad())?,
+            end.parse().map_err(|_| bad())?,
+        );
+        SlotRange::new(s, e).ok_or_else(bad)
+    }
+
+    /// The two-word form [`SlotRange::from_bounds`] reads.
+    pub fn bounds(self) -> String {
+        format!("{} {}", self.start, self.end)
+    }
+
+    /// The first slot.
+    pub fn start(self) -> u16 {
+        self.start
+    }
+
+    /// One past the last slot.
+    pub fn end(self) -> u16 {
+        self.end
+    }
+
+    pub fn len(self) -> usize {
+        usize::from(self.end - self.start)
+    }
+
+    /// Always false: a range holds one slot at least.
+    pub fn is_empty(self) -> bool {
+        false
+    }
+
+    pub fn contains(self, slot: u16) -> bool {
+        (self.start..self.end).contains(&slot)
+    }
+
+    /// Whether `key`'s slot is in the range.
+    pub fn holds_key(self, key: &[u8]) -> bool {
+        self.contains(slot_of(key))
+    }
+
+    pub fn overlaps(self, other: SlotRange) -> bool {
+        self.start < other.end && other.start < self.end
+    }
+
+    /// The same range one slot longer (the caller checks it stays within [`SLOTS`]).
+    fn grown(self) -> SlotRange {
+        SlotRange::new(self.start, self.end + 1).expect("a range within SLOTS")
+    }
+
+    /// The slots as indices into a table of [`SLOTS`] entries.
+    fn indices(self) -> std::ops::Range<usize> {
+        usize::from(self.start)..usize::from(self.end)
+    }
+}
+
+impl IntoIterator for SlotRange {
+    type Item = u16;
+    type IntoIter = std::ops::Range<u16>;
+
+    fn into_iter(self) -> std::ops::Range<u16> {
+        self.start..self.end
+    }
+}
+
+/// `a-b`, both slots included.
+impl std::fmt::Display for SlotRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.start, self.end - 1)
+    }
+}
+
+/// Reads the `a-b` form back (both slots included).
+impl std::str::FromStr for SlotRange {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<SlotRange, String> {
+        let bad = || {
+            format!(
+                "bad slot range {text:?} (first-last, from 0 to {})",
+                SLOTS - 1
+            )
+        };
+        let (first, last) = text.trim().split_once('-').ok_or_else(bad)?;
+        let first: u16 = first.parse().map_err(|_| bad())?;
+        let last: u16 = last.parse().map_err(|_| bad())?;
+        last.checked_add(1)
+            .and_then(|end| SlotRange::new(first, end))
+            .ok_or_else(bad)
+    }
+}
+
+/// Slots `slots` going from pair `from` to pair `to`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Move {
+    pub slots: SlotRange,
+    pub from: usize,
+    pub to: usize,
 }
 
 /// How many slots each of `live` pairs should hold: an equal share, the remainder one each
@@ -157,10 +260,10 @@ impl SlotMap {
         }
     }
 
-    /// Gives slots `m.lo..m.hi` to `m.to`, with a new epoch.
+    /// Gives `m`'s slots to `m.to`, with a new epoch.
     pub fn with_move(&self, m: &Move) -> SlotMap {
         let mut owner = self.owner.to_vec();
-        for o in &mut owner[usize::from(m.lo)..m.hi as usize] {
+        for o in &mut owner[m.slots.indices()] {
             *o = m.to as u16;
         }
         SlotMap {
@@ -196,16 +299,15 @@ impl SlotMap {
             let (from, to) = (usize::from(from), usize::from(to));
             match moves.last_mut() {
                 Some(m)
-                    if m.hi as usize == slot
+                    if usize::from(m.slots.end()) == slot
                         && m.from == from
                         && m.to == to
-                        && m.slots() < batch =>
+                        && m.slots.len() < batch =>
                 {
-                    m.hi += 1
+                    m.slots = m.slots.grown()
                 }
                 _ => moves.push(Move {
-                    lo: slot as u16,
-                    hi: slot as u32 + 1,
+                    slots: SlotRange::single(slot as u16),
                     from,
                     to,
                 }),
@@ -221,7 +323,8 @@ impl SlotMap {
         let mut start = 0;
         for slot in 1..=SLOTS {
             if slot == SLOTS || self.owner[slot] != self.owner[start] {
-                out.push(format!("{}-{}:{}", start, slot - 1, self.owner[start]));
+                let range = SlotRange::new(start as u16, slot as u16).expect("start < slot");
+                out.push(format!("{range}:{}", self.owner[start]));
                 start = slot;
             }
         }
@@ -234,19 +337,23 @@ impl SlotMap {
     /// every slot covered once, in order, by one of `pairs` pairs.
     pub fn parse(epoch: u64, text: &str, pairs: usize) -> Result<SlotMap, String> {
         let mut owner = Vec::with_capacity(SLOTS);
-        for range in text.split_ascii_whitespace() {
-            let bad = || format!("bad slot range {range:?}");
-            let (slots, pair) = range.split_once(':').ok_or_else(bad)?;
-            let (lo, hi) = slots.split_once('-').ok_or_else(bad)?;
-            let (lo, hi): (usize, usize) = (
-                lo.parse().map_err(|_| bad())?,
-                hi.parse().map_err(|_| bad())?,
-            );
-            let pair: u16 = pair.parse().map_err(|_| bad())?;
-            if lo != owner.len() || hi < lo || hi >= SLOTS || usize::from(pair) >= pairs {
-                return Err(bad());
+        for word in text.split_ascii_whitespace() {
+            let (range, pair) = word
+                .split_once(':')
+                .ok_or_else(|| format!("bad slot range {word:?} (first-last:pair)"))?;
+            let range: SlotRange = range.parse()?;
+            let pair: u16 = pair
+                .parse()
+                .ok()
+                .filter(|p| usize::from(*p) < pairs)
+                .ok_or_else(|| format!("{word:?}: pair {pair} is not one of {pairs}"))?;
+            if usize::from(range.start()) != owner.len() {
+                return Err(format!(
+                    "{word:?}: ranges must follow each other from slot 0 (expected {} next)",
+                    owner.len()
+                ));
             }
-            owner.extend(std::iter::repeat_n(pair, hi - lo + 1));
+            owner.extend(std::iter::repeat_n(pair, range.len()));
         }
         if owner.len() != SLOTS {
             return Err(format!("the ranges cover {} slots of {SLOTS}", owner.len()));
@@ -303,20 +410,18 @@ mod tests {
         assert_eq!(three.counts(3), vec![5462, 5461, 5461]);
         let moves = two.moves_to(&three, SLOTS);
         assert!(moves.iter().all(|m| m.to == 2));
-        assert_eq!(moves.iter().map(Move::slots).sum::<usize>(), 5461);
+        assert_eq!(moves.iter().map(|m| m.slots.len()).sum::<usize>(), 5461);
         // Each old pair gives up the top of its range: two contiguous runs.
         assert_eq!(
             moves,
             vec![
                 Move {
-                    lo: 5462,
-                    hi: 8192,
+                    slots: "5462-8191".parse().unwrap(),
                     from: 0,
                     to: 2
                 },
                 Move {
-                    lo: 13653,
-                    hi: 16384,
+                    slots: "13653-16383".parse().unwrap(),
                     from: 1,
                     to: 2
                 },
@@ -324,8 +429,8 @@ mod tests {
         );
         // Batches split the runs, never merge them.
         let batched = two.moves_to(&three, 1000);
-        assert!(batched.iter().all(|m| m.slots() <= 1000));
-        assert_eq!(batched.iter().map(Move::slots).sum::<usize>(), 5461);
+        assert!(batched.iter().all(|m| m.slots.len() <= 1000));
+        assert_eq!(batched.iter().map(|m| m.slots.len()).sum::<usize>(), 5461);
         assert_eq!(two.with_moves(&batched).owner, three.owner);
     }
 
@@ -364,6 +469,35 @@ mod tests {
         assert!(SlotMap::parse(1, "0-16383:0 5-6:0", 1).is_err(), "overlap");
         assert!(SlotMap::parse(1, "1-16383:0", 1).is_err(), "a gap");
         assert!(SlotMap::parse(1, "0-x:0", 1).is_err());
+        assert_eq!(
+            SlotMap::parse(1, "0-16383:0 ", 1).unwrap().describe(),
+            "0-16383:0"
+        );
+    }
+
+    #[test]
+    fn slot_ranges_parse_print_and_contain_their_slots() {
+        let r: SlotRange = "5-7".parse().unwrap();
+        assert_eq!((r.start(), r.end(), r.len()), (5, 8, 3));
+        assert_eq!(r.to_string(), "5-7");
+        assert_eq!(r.into_iter().collect::<Vec<_>>(), [5, 6, 7]);
+        assert!(!r.contains(4) && r.contains(5) && r.contains(7) && !r.contains(8));
+        assert_eq!(SlotRange::from_bounds("5", "8"), Ok(r));
+        assert_eq!(r.bounds(), "5 8");
+        assert_eq!(" 0-16383 ".parse::<SlotRange>().unwrap().len(), SLOTS);
+        assert_eq!(SlotRange::single(9).to_string(), "9-9");
+        for bad in ["7-5", "0-16384", "5", "-5", "a-b", "5-", "65535-65535"] {
+            assert!(bad.parse::<SlotRange>().is_err(), "{bad}");
+        }
+        for (start, end) in [("5", "5"), ("0", "16385"), ("x", "2"), ("-1", "2")] {
+            assert!(SlotRange::from_bounds(start, end).is_err(), "{start} {end}");
+        }
+        let other = SlotRange::new(7, 10).unwrap();
+        assert!(r.overlaps(other) && other.overlaps(r));
+        assert!(!r.overlaps(SlotRange::new(8, 10).unwrap()));
+        let key = b"user:42";
+        assert!(SlotRange::single(slot_of(key)).holds_key(key));
+        assert!(!SlotRange::single(slot_of(key) ^ 1).holds_key(key));
     }
 
     #[test]

@@ -19,9 +19,11 @@ async fn run(config: Config) {
     twincache::init_tracing(&config.log_format);
     twincache::log_runtime(config.threads);
     let listen = config.listen;
-    let mut orchestrator = Orchestrator::bind(config)
-        .await
-        .unwrap_or_else(|e| twincache::fail(1, format_args!("cannot listen on {listen}: {e}")));
+    let mut orchestrator = match Orchestrator::bind(config).await {
+        Ok(o) => o,
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => twincache::fail(2, e),
+        Err(e) => twincache::fail(1, format_args!("cannot listen on {listen}: {e}")),
+    };
     let shutdown = twincache::shutdown_on_signal();
     let reload = twincache::reload_on_signal();
     orchestrator.reload_on(reload.clone());

@@ -162,6 +162,19 @@ fn log_path(bin: &str) -> PathBuf {
     ))
 }
 
+/// Bounded wait (30 s) until `text` shows up in the process's log.
+pub async fn wait_log(proc: &Proc, text: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !proc.log_text().contains(text) {
+        assert!(
+            Instant::now() < deadline,
+            "no {text:?} in:\n{}",
+            proc.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A file removed when dropped.
 pub struct TempFile(pub PathBuf);
 

@@ -16,7 +16,7 @@ use twincache_client::{Bytes, Client, Error, TlsConnector};
 use twincache_tls::testing::{PemDir, TestCa};
 
 use crate::faults::{state_of, worker_on, FAST};
-use crate::harness::{exchange, key_on_pair, Proc, TempFile, ORCHESTRATOR, WORKER};
+use crate::harness::{exchange, key_on_pair, wait_log, Proc, TempFile, ORCHESTRATOR, WORKER};
 
 /// A CA, and a loopback certificate it signed, in files.
 struct Certs {
@@ -443,19 +443,6 @@ async fn a_stalled_handshake_is_cut_off() {
             .expect("the server closes a stalled handshake")
             .ok();
         assert!(started.elapsed() >= Duration::from_millis(500), "{addr}");
-    }
-}
-
-/// Bounded wait until `text` shows up in the process's log.
-async fn wait_log(proc: &Proc, text: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !proc.log_text().contains(text) {
-        assert!(
-            Instant::now() < deadline,
-            "no {text:?} in:\n{}",
-            proc.log_text()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -19,6 +19,7 @@ use twincache_protocol::frame::{
 };
 use twincache_protocol::info::Info;
 use twincache_protocol::server::{accept_loop, Slot, Slots};
+use twincache_protocol::slots::SlotRange;
 use twincache_protocol::Status;
 use twincache_tls::{Accepted, NodeTls};
 
@@ -721,10 +722,10 @@ pub fn handle(node: &Node, req: Request) -> Response {
 /// The `slots` op: a slot move's steps on this worker (see `sync`).
 fn slots(node: &Node, line: &str) -> Response {
     let words: Vec<&str> = line.split_ascii_whitespace().collect();
-    let range = |lo: &str, hi: &str| crate::sync::slot_range(lo, hi);
     match words.as_slice() {
         ["import", from, lo, hi, rate] => {
-            let (Ok(range), Ok(rate)) = (range(lo, hi), rate.parse::<u64>()) else {
+            let (Ok(range), Ok(rate)) = (SlotRange::from_bounds(lo, hi), rate.parse::<u64>())
+            else {
                 return Response::error(Status::ParseError, "import ADDR LO HI RATE");
             };
             let started = node.sync.import(
@@ -742,11 +743,11 @@ fn slots(node: &Node, line: &str) -> Response {
             }
         }
         ["progress"] => Response::ok(Bytes::from(node.sync.import_progress())),
-        ["drop", lo, hi] => match range(lo, hi) {
-            Ok((lo, hi)) => {
-                let n = node.store.drop_slots(lo, hi);
+        ["drop", lo, hi] => match SlotRange::from_bounds(lo, hi) {
+            Ok(range) => {
+                let n = node.store.drop_slots(range);
                 tracing::info!(
-                    slots = format_args!("{lo}-{}", hi - 1),
+                    slots = %range,
                     entries = n,
                     "slots dropped: moved to another pair"
                 );

@@ -37,6 +37,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use hashbrown::hash_table::Entry as Slot;
 use hashbrown::HashTable;
+use twincache_protocol::slots::SlotRange;
 
 use crate::seal::{self, Cipher, Dictionary, SealError};
 use crate::secret::SecretBuf;
@@ -231,12 +232,6 @@ pub fn raw_entry_key(raw: &[u8]) -> Option<&[u8]> {
     let key_len =
         u32::from_le_bytes([field[0], field[1], field[2], field[3]]) as usize & MAX_KEY_LEN;
     raw.get(HEADER..HEADER.checked_add(key_len)?)
-}
-
-/// Whether `key`'s slot is in `lo..hi`.
-pub fn in_slots(key: &[u8], lo: u16, hi: u32) -> bool {
-    let slot = twincache_protocol::slots::slot_of(key);
-    slot >= lo && u32::from(slot) < hi
 }
 
 pub fn now_ms() -> u64 {
@@ -957,25 +952,25 @@ impl Store {
         }
     }
 
-    /// [`Store::snapshot_shard`] for the entries whose key is in slots `lo..hi` (a slot
-    /// move's share of the shard).
-    pub fn snapshot_slots(&self, n: usize, lo: u16, hi: u32, mut each: impl FnMut(&[u8])) {
+    /// [`Store::snapshot_shard`] for the entries whose key is in `slots` (a slot move's
+    /// share of the shard).
+    pub fn snapshot_slots(&self, n: usize, slots: SlotRange, mut each: impl FnMut(&[u8])) {
         let now = now_ms();
         let shard = self.shards[n % SHARDS]
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         for e in shard.table.iter().filter(|e| !e.expired(now)) {
-            if in_slots(e.key(), lo, hi) {
+            if slots.holds_key(e.key()) {
                 each(&e.0);
             }
         }
     }
 
-    /// Removes every entry (values and tombstones) in slots `lo..hi`, without leaving
-    /// tombstones: the slots moved to another pair, which holds them now. Returns how many.
-    pub fn drop_slots(&self, lo: u16, hi: u32) -> usize {
+    /// Removes every entry (values and tombstones) in `slots`, without leaving tombstones:
+    /// the slots moved to another pair, which holds them now. Returns how many.
+    pub fn drop_slots(&self, slots: SlotRange) -> usize {
         (0..SHARDS)
-            .map(|n| self.remove_where(n, |e| in_slots(e.key(), lo, hi)))
+            .map(|n| self.remove_where(n, |e| slots.holds_key(e.key())))
             .sum()
     }
 

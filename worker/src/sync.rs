@@ -82,6 +82,7 @@ use twincache_protocol::auth::{self, ClusterSecret};
 use twincache_protocol::coverage::Coverage;
 use twincache_protocol::frame::{encode_frame, FrameCodec, Op, Request, Response, PREAMBLE};
 use twincache_protocol::info::{self, Info};
+use twincache_protocol::slots::SlotRange;
 use twincache_protocol::Status;
 use twincache_tls::Connector;
 
@@ -178,10 +179,10 @@ pub enum Refill {
     Resync,
     /// A serving worker: keep everything, take what is newer.
     Merge,
-    /// Slots `lo..hi` moving here from another pair: take every entry of those slots
+    /// Slots moving here from another pair: take every entry of those slots
     /// unless newer here (writes and deletes made here during the move win), whatever its
     /// age, since this pair never held them before; nothing else is touched.
-    Import { lo: u16, hi: u32 },
+    Import(SlotRange),
 }
 
 /// The state of the last slot import (see [`SyncState::import`]).
@@ -448,7 +449,7 @@ impl SyncState {
         self.import.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Starts copying slots `lo..hi` from the worker at `from` into `store` (a slot move:
+    /// Starts copying `slots` from the worker at `from` into `store` (a slot move:
     /// see the module docs), unless an import is running. Returns its sequence number, or
     /// `None` if one is running.
     #[allow(clippy::too_many_arguments)]
@@ -456,7 +457,7 @@ impl SyncState {
         self: &Arc<Self>,
         store: Arc<Store>,
         from: String,
-        (lo, hi): (u16, u32),
+        slots: SlotRange,
         rate: u64,
         max_frame: usize,
         secret: Option<ClusterSecret>,
@@ -479,7 +480,7 @@ impl SyncState {
             let result = pull(
                 &store,
                 &from,
-                Refill::Import { lo, hi },
+                Refill::Import(slots),
                 max_frame,
                 secret.as_ref(),
                 tls.as_ref(),
@@ -494,7 +495,7 @@ impl SyncState {
                     (run.keys, run.bytes) = (pulled.keys, pulled.bytes);
                     tracing::info!(
                         %from,
-                        slots = format_args!("{lo}-{}", hi - 1),
+                        slots = %slots,
                         keys = pulled.keys,
                         bytes = pulled.bytes,
                         seconds = started.elapsed().as_secs_f64(),
@@ -529,32 +530,22 @@ impl SyncState {
 
 /// A snapshot request's value: `slots <lo> <hi> [rate <bytes/s>]` asks for those slots'
 /// entries only (a slot move), paced at most at that rate; empty asks for everything.
-pub fn parse_snapshot_request(value: &[u8]) -> Result<(Option<(u16, u32)>, u64), String> {
+pub fn parse_snapshot_request(value: &[u8]) -> Result<(Option<SlotRange>, u64), String> {
     let text = String::from_utf8_lossy(value);
     let words: Vec<&str> = text.split_ascii_whitespace().collect();
     match words.as_slice() {
         [] => Ok((None, 0)),
         ["slots", lo, hi, rest @ ..] => {
-            let (lo, hi) = slot_range(lo, hi)?;
+            let slots = SlotRange::from_bounds(lo, hi)?;
             let rate = match rest {
                 [] => 0,
                 ["rate", r] => r.parse().map_err(|_| format!("bad rate {r:?}"))?,
                 _ => return Err("snapshot takes `slots LO HI [rate N]`".into()),
             };
-            Ok((Some((lo, hi)), rate))
+            Ok((Some(slots), rate))
         }
         _ => Err("snapshot takes `slots LO HI [rate N]`".into()),
     }
-}
-
-/// Slots `lo..hi`, checked: `lo < hi <= 16384`.
-pub fn slot_range(lo: &str, hi: &str) -> Result<(u16, u32), String> {
-    let lo: u16 = lo.parse().map_err(|_| format!("bad slot {lo:?}"))?;
-    let hi: u32 = hi.parse().map_err(|_| format!("bad slot {hi:?}"))?;
-    if u32::from(lo) >= hi || hi as usize > twincache_protocol::slots::SLOTS {
-        return Err(format!("bad slot range {lo}..{hi}"));
-    }
-    Ok((lo, hi))
 }
 
 fn put_record(out: &mut BytesMut, kind: u8, bytes: &[u8]) {
@@ -600,14 +591,14 @@ pub fn entry_record(records: &mut BytesMut, entry: &[u8]) {
 /// With `rate_limit` (bytes per second, 0 for none) it paces itself, so a resync cannot take
 /// the bandwidth live traffic needs.
 ///
-/// With `slots`, only the entries of slots `lo..hi` are sent (a slot move).
+/// With `slots`, only the entries of those slots are sent (a slot move).
 pub async fn serve_snapshot<S: AsyncWrite + Unpin>(
     stream: &mut S,
     store: &Store,
     sync: &SyncState,
     id: u64,
     rate_limit: u64,
-    slots: Option<(u16, u32)>,
+    slots: Option<SlotRange>,
 ) -> std::io::Result<()> {
     let started = Instant::now();
     let mut sent = 0u64;
@@ -619,8 +610,8 @@ pub async fn serve_snapshot<S: AsyncWrite + Unpin>(
         // sent after it is released, in frames of whole records.
         match slots {
             None => store.snapshot_shard(n, |entry| entry_record(&mut records, entry)),
-            Some((lo, hi)) => {
-                store.snapshot_slots(n, lo, hi, |entry| entry_record(&mut records, entry))
+            Some(slots) => {
+                store.snapshot_slots(n, slots, |entry| entry_record(&mut records, entry))
             }
         }
         while !records.is_empty() {
@@ -753,8 +744,8 @@ async fn pull_from<S: AsyncRead + AsyncWrite + Unpin>(
         None => hello.put_slice(&PREAMBLE),
     }
     let mut ask = Request::new(Op::Snapshot, Bytes::new());
-    if let Refill::Import { lo, hi } = refill {
-        ask.value = Bytes::from(format!("slots {lo} {hi} rate {rate}"));
+    if let Refill::Import(slots) = refill {
+        ask.value = Bytes::from(format!("slots {} rate {rate}", slots.bounds()));
     }
     encode_frame(&ask, &mut hello);
     let sent = async {
@@ -810,7 +801,7 @@ impl<'a> Intake<'a> {
             // A serving worker keeps what it has and must not take back keys it deleted.
             floor: match refill {
                 Refill::Merge => store.delete_horizon(),
-                Refill::Resync | Refill::Import { .. } => 0,
+                Refill::Resync | Refill::Import(_) => 0,
             },
             theirs: None,
             seen_meta: false,
@@ -870,7 +861,7 @@ impl<'a> Intake<'a> {
         let number = |name: &str, radix: u32| {
             info::get(meta, name).and_then(|v| u64::from_str_radix(v, radix).ok())
         };
-        if let Refill::Import { .. } = self.refill {
+        if let Refill::Import(_) = self.refill {
             // A share of the sender's slots: its counts, horizon and flush are the pair's
             // business, not this one's (every pair gets each FLUSHALL itself).
             self.seen_meta = true;
@@ -908,11 +899,11 @@ impl<'a> Intake<'a> {
     }
 
     fn entry(&mut self, body: &[u8]) -> Result<(), String> {
-        if let Refill::Import { lo, hi } = self.refill {
+        if let Refill::Import(slots) = self.refill {
             // A sender that ignored the filter (or another's slots) must not fill this pair
             // with keys it does not hold.
             let key = crate::store::raw_entry_key(body).ok_or("malformed entry in snapshot")?;
-            if !crate::store::in_slots(key, lo, hi) {
+            if !slots.holds_key(key) {
                 return Ok(());
             }
         }
@@ -1008,7 +999,8 @@ mod tests {
         let slot = |i: u64| u32::from(slot_of(format!("k{i}").as_bytes()));
         let mut slots: Vec<u32> = (0..20).map(slot).collect();
         slots.sort_unstable();
-        let (lo, hi) = (0u16, slots[10]);
+        let hi = slots[10];
+        let range = SlotRange::new(0, hi as u16).unwrap();
         let inside: Vec<u64> = (0..20).filter(|&i| slot(i) < hi).collect();
         assert!(!inside.is_empty() && inside.len() < 20);
         let to = Store::new(None, 0);
@@ -1021,7 +1013,7 @@ mod tests {
         )
         .unwrap();
         // The whole snapshot, as a sender that ignored the filter would send it.
-        let mut intake = Intake::new(&to, Refill::Import { lo, hi });
+        let mut intake = Intake::new(&to, Refill::Import(range));
         intake.apply(&snapshot(&from)).unwrap();
         intake.finish().unwrap();
         for i in 0..20 {
@@ -1036,11 +1028,11 @@ mod tests {
         }
         let mut walked = 0;
         for n in 0..Store::SHARDS {
-            from.snapshot_slots(n, lo, hi, |_| walked += 1);
+            from.snapshot_slots(n, range, |_| walked += 1);
         }
         let tombstone = usize::from(u32::from(slot_of(b"gone")) < hi);
         assert_eq!(walked, inside.len() + tombstone);
-        assert_eq!(from.drop_slots(lo, hi), walked);
+        assert_eq!(from.drop_slots(range), walked);
         assert!((0..20).all(|i| (value_of(&from, i).is_some()) == (slot(i) >= hi)));
     }
 
@@ -1049,11 +1041,11 @@ mod tests {
         assert_eq!(parse_snapshot_request(b""), Ok((None, 0)));
         assert_eq!(
             parse_snapshot_request(b"slots 5 100 rate 1000"),
-            Ok((Some((5, 100)), 1000))
+            Ok((SlotRange::new(5, 100), 1000))
         );
         assert_eq!(
             parse_snapshot_request(b"slots 0 16384"),
-            Ok((Some((0, 16384)), 0))
+            Ok((SlotRange::new(0, 16384), 0))
         );
         for bad in [
             "slots 5 5",

@@ -5,28 +5,31 @@
 //! task ([`Router::run_membership`]):
 //!
 //! 1. **Replacements.** A wanted pair sharing one address with a current pair replaces the
-//!    other worker: the new worker joins its pair unassessed, and the health monitor has it
-//!    refill from its partner (the resync machinery) before it serves reads.
-//! 2. **Additions.** New pairs join holding no slot; the move waits until both their workers
-//!    are in sync (a new pair adopts what it holds).
+//!    other worker, once the worker kept is in sync with a complete copy: the new worker
+//!    joins its pair unassessed, and the health monitor has it refill from its partner (the
+//!    resync machinery) before it serves reads.
+//! 2. **Additions.** New pairs join holding no slot; a move to one waits until a worker of
+//!    it is in sync and none is still being assessed (a new pair adopts what it holds).
 //! 3. **Slot moves** to the target map (`SlotMap::rebalanced`), one batch of contiguous
-//!    slots at a time ([`Router::run_move`]):
+//!    slots at a time ([`Router::begin_move`], [`Router::finish_move`]):
 //!    - the map gives the slots to the new pair and marks them *moving*: writes go to the
 //!      new pair, reads that miss there look on the old one, deletes go to both;
 //!    - once every request routed by the old map is answered (its `Arc` is ours alone),
-//!      each worker of the new pair pulls the slots' entries from an in-sync worker of the
-//!      old pair (`slots import`: the snapshot machinery filtered by slot, stored bytes as
-//!      they are, paced by `--move-rate-limit`) and merges them by version, so a write or
-//!      delete made there during the move is newer and wins;
+//!      each in-sync worker of the new pair pulls the slots' entries from an in-sync worker
+//!      of the old pair (`slots import`: the snapshot machinery filtered by slot, stored
+//!      bytes as they are, paced by `--move-rate-limit`) and merges them by version, so a
+//!      write or delete made there during the move is newer and wins; a worker of the new
+//!      pair that is not in sync (down, refilling) is recorded as having missed them and
+//!      refills from its partner, so it never holds up the change;
 //!    - the mark is lifted, requests routed with it drain, and both workers of the old pair
 //!      drop the slots (`slots drop`).
 //! 4. **Removals.** A pair holding no slot any more is taken out and its links closed.
 //!
-//! A step that fails (a pair not in sync, an import that keeps failing) ends the attempt;
-//! the task tries again a second later from where the map is, and a move under way is
-//! finished first, so a change resumes rather than restarts.
+//! A step that fails (no worker of a pair in sync, an import into an in-sync worker that
+//! keeps failing, the state file not written) ends the attempt; the task tries again a
+//! second later from where the map is, and a move under way is finished first, so a change
+//! resumes rather than restarts.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use twincache_client::PATIENCE;
@@ -35,7 +38,7 @@ use futures_util::future::join_all;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use twincache_protocol::frame::Op;
-use twincache_protocol::slots::{Move, SlotMap};
+use twincache_protocol::slots::{Move, SlotMap, SlotRange};
 
 use super::{Pair, Router, Topology, WorkerLink, WorkerState};
 
@@ -49,22 +52,33 @@ const IMPORT_TRIES: usize = 3;
 /// An import whose worker stops answering for this long has failed.
 const IMPORT_SILENCE: Duration = Duration::from_secs(5);
 
+/// How membership changes go, fixed at start.
+#[derive(Debug, Clone)]
+pub struct MembershipConfig {
+    /// Stored bytes per second a receiving worker may copy (`--move-rate-limit`, 0: none).
+    pub rate: u64,
+    /// Slots per move (`--move-batch-slots`).
+    pub batch: usize,
+    /// The pairs come from `--cluster-file`: CLUSTER commands are refused, since the next
+    /// reload would undo them.
+    pub from_file: bool,
+    /// The orchestrator's own address (`--listen`), which no worker may have.
+    pub listen: std::net::SocketAddr,
+}
+
 /// What is asked for, and how the change goes.
 pub struct Membership {
     wanted: Mutex<Vec<[String; 2]>>,
+    /// Held by [`Router::want`] from reading the wanted list to replacing it, so that two
+    /// changes asked for at once (CLUSTER on two connections, SIGHUP) do not undo each other.
+    asking: Mutex<()>,
     wake: Notify,
     progress: Mutex<Progress>,
-    /// Stored bytes per second a receiving worker may copy (`--move-rate-limit`, 0: none).
-    rate: AtomicU64,
-    /// Slots per move (`--move-batch-slots`).
-    batch: AtomicUsize,
-    /// The pairs come from `--cluster-file`: CLUSTER commands are refused, since the next
-    /// reload would undo them.
-    from_file: AtomicBool,
+    config: MembershipConfig,
     /// Slots moved away that a worker of their old pair could not be told to drop (it was
-    /// down): `(worker, lo, hi)`, retried every second. No slot moves back to that pair
+    /// down), retried every second. No slot moves back to that pair
     /// before they are dropped, or an old copy there could outlive a delete.
-    pending_drops: Mutex<Vec<(String, u16, u32)>>,
+    pending_drops: Mutex<Vec<(String, SlotRange)>>,
 }
 
 /// How the current (or last) change goes, for INFO, `status` and the log.
@@ -77,37 +91,32 @@ pub struct Progress {
     pub keys: u64,
     pub bytes: u64,
     pub started: Option<Instant>,
-    pub current: Option<Move>,
     pub error: String,
     /// A summary of the last change that completed.
     pub last: String,
 }
 
 impl Membership {
-    pub(crate) fn new(workers: &[String]) -> Membership {
+    /// Wants `wanted` (pairs), taken up at once: it may differ from the pairs now, or a move
+    /// a stop interrupted may be left to finish.
+    pub(crate) fn new(wanted: Vec<[String; 2]>, config: MembershipConfig) -> Membership {
+        let wake = Notify::new();
+        wake.notify_one();
         Membership {
-            wanted: Mutex::new(pairs_of(workers)),
-            wake: Notify::new(),
+            wanted: Mutex::new(wanted),
+            asking: Mutex::new(()),
+            wake,
             progress: Mutex::new(Progress {
                 phase: "idle",
                 ..Progress::default()
             }),
-            rate: AtomicU64::new(32 << 20),
-            batch: AtomicUsize::new(256),
-            from_file: AtomicBool::new(false),
+            config,
             pending_drops: Mutex::default(),
         }
     }
 
-    /// Sets the move's pace and size, and whether the pairs come from a file.
-    pub fn configure(&self, rate: u64, batch: usize, from_file: bool) {
-        self.rate.store(rate, Ordering::Relaxed);
-        self.batch.store(batch.max(1), Ordering::Relaxed);
-        self.from_file.store(from_file, Ordering::Relaxed);
-    }
-
     pub fn from_file(&self) -> bool {
-        self.from_file.load(Ordering::Relaxed)
+        self.config.from_file
     }
 
     /// The pairs asked for last.
@@ -118,10 +127,8 @@ impl Membership {
             .clone()
     }
 
-    /// Asks for `workers` (in pairing order, checked: even, distinct); the change runs in
-    /// the background.
-    pub fn want(&self, workers: &[String]) {
-        *self.wanted.lock().unwrap_or_else(|e| e.into_inner()) = pairs_of(workers);
+    fn set_wanted(&self, wanted: Vec<[String; 2]>) {
+        *self.wanted.lock().unwrap_or_else(|e| e.into_inner()) = wanted;
         self.wake.notify_one();
     }
 
@@ -137,6 +144,37 @@ impl Membership {
     }
 }
 
+/// What a starting orchestrator wants, given the pairs it serves (`now`: the state file's, or
+/// the list's) and the list it was given: the cluster file's pairs, which may have been edited
+/// while it was stopped; else the pairs it serves, since without a cluster file the state
+/// file holds the CLUSTER commands' changes.
+pub(crate) fn wanted_at_start(
+    now: &[String],
+    listed: &[String],
+    from_file: bool,
+) -> Vec<[String; 2]> {
+    let (now, listed) = (pairs_of(now), pairs_of(listed));
+    if listed == now {
+        return now;
+    }
+    if !from_file {
+        tracing::warn!(
+            "the state file's pairs differ from the command line's: serving the state file's \
+             (a CLUSTER change made before the restart)"
+        );
+        return now;
+    }
+    // Its workers are not assessed yet: a replacement waits in its step for the one kept.
+    match plan(&now, &listed) {
+        Ok(_) => listed,
+        Err(e) => {
+            tracing::error!("cluster file not applied: {e}; serving the state file's pairs");
+            now
+        }
+    }
+}
+
+/// `workers` (in pairing order, an even number) as pairs.
 fn pairs_of(workers: &[String]) -> Vec<[String; 2]> {
     workers
         .chunks_exact(2)
@@ -221,107 +259,228 @@ pub(crate) fn plan(current: &[[String; 2]], wanted: &[[String; 2]]) -> Result<Pl
     Ok(out)
 }
 
+/// [`plan`] from the pairs of `now`, with what the cluster cannot do: pairs added or removed
+/// in adapter mode, a worker replaced while its partner is not in sync. What
+/// [`Router::want`] refuses up front and each attempt checks again.
+fn checked_plan(now: &Topology, wanted: &[[String; 2]], adapter: bool) -> Result<Plan, String> {
+    let plan = plan(&pairs_now(now), wanted)?;
+    if adapter && (!plan.add.is_empty() || !plan.remove.is_empty()) {
+        return Err(
+            "pairs cannot be added or removed in adapter mode (a worker can be replaced)".into(),
+        );
+    }
+    kept_in_sync(now, &plan.replace)?;
+    Ok(plan)
+}
+
+/// Refuses a replacement (`(pair, worker replaced, new address)` in `now`) whose kept worker
+/// is not in sync with a complete copy: it is then the pair's only copy of its data, and the
+/// new worker refills from it. (Two replacements in a row on one pair, or one while the
+/// partner is down or refilling, would leave the pair with no copy.)
+fn kept_in_sync(now: &Topology, replace: &[(usize, usize, String)]) -> Result<(), String> {
+    for (c, i, new) in replace {
+        let [old, kept] = [&now[*c].workers[*i], &now[*c].workers[1 - i]];
+        let state = match kept.state() {
+            WorkerState::InSync if kept.partial.load(std::sync::atomic::Ordering::Acquire) => {
+                "in sync with a partial copy"
+            }
+            WorkerState::InSync => continue,
+            other => other.name(),
+        };
+        return Err(format!(
+            "{} cannot be replaced by {new} now: its partner {kept} would be the pair's only \
+             copy and is {state}; try again once INFO cluster shows {kept} in_sync (pair{c})",
+            old.addr,
+            kept = kept.addr
+        ));
+    }
+    Ok(())
+}
+
+/// The pairs of `now`, as addresses.
+fn pairs_now(now: &Topology) -> Vec<[String; 2]> {
+    now.iter()
+        .map(|p| p.workers.each_ref().map(|w| w.addr.clone()))
+        .collect()
+}
+
 /// What the state file holds: the pairs, the slot map, a move under way.
+#[derive(Debug)]
 pub(crate) struct State {
     pub workers: Vec<String>,
     pub slots: SlotMap,
     pub moving: Option<Move>,
 }
 
-/// Writes the state file (to a temporary file, then renamed over it: never half written).
-fn write_state(path: &std::path::Path, topo: &Topology) -> std::io::Result<()> {
-    let mut text = String::from(
-        "# twincache orchestrator state: the pairs and the slot map, rewritten on every change\n",
-    );
-    text += &format!("epoch {}\n", topo.slots.epoch());
-    for p in topo.iter() {
-        text += &format!("pair {} {}\n", p.workers[0].addr, p.workers[1].addr);
+impl State {
+    fn of(topo: &Topology) -> State {
+        State {
+            workers: topo
+                .iter()
+                .flat_map(|p| p.workers.iter().map(|w| w.addr.clone()))
+                .collect(),
+            slots: topo.slots.clone(),
+            moving: topo.moving,
+        }
     }
-    text += &format!("slots {}\n", topo.slots.describe());
-    if let Some(m) = topo.moving {
-        text += &format!("moving {} {} {} {}\n", m.lo, m.hi, m.from, m.to);
+
+    /// The state file's text (what [`parse_state`] reads).
+    fn text(&self) -> String {
+        let mut text = String::from(
+            "# twincache orchestrator state: the pairs and the slot map, rewritten on every \
+             change\n",
+        );
+        text += &format!("epoch {}\n", self.slots.epoch());
+        for p in self.workers.chunks(2) {
+            text += &format!("pair {} {}\n", p[0], p[1]);
+        }
+        text += &format!("slots {}\n", self.slots.describe());
+        if let Some(m) = self.moving {
+            text += &format!("moving {} {} {}\n", m.slots.bounds(), m.from, m.to);
+        }
+        text
     }
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, path)
 }
 
-/// Reads the state file; `None` (logged, unless the file is missing) if it cannot be used.
-pub(crate) fn read_state(path: &std::path::Path) -> Option<State> {
+/// Writes the state file so that it survives a crash or power loss whole: a temporary file
+/// in the same directory, synced, renamed over it, and the directory synced (the rename is
+/// durable only then).
+fn write_state(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    let written = (|| {
+        let mut file = std::fs::File::create(&tmp)?;
+        file.write_all(text.as_bytes())?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written?;
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => std::path::Path::new("."),
+    };
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Reads the state file: `None` if there is none yet; an error, naming the file (and the
+/// line), if it cannot be read or used, since starting from an even map instead would look
+/// for moved keys on their old pairs.
+pub(crate) fn read_state(path: &std::path::Path) -> Result<Option<State>, String> {
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => {
-            tracing::error!(file = %path.display(), "cannot read the state file: {e}");
-            return None;
+            return Err(format!(
+                "cannot read the state file {}: {e}",
+                path.display()
+            ))
         }
     };
-    match parse_state(&text) {
-        Ok(state) => {
-            tracing::info!(
-                file = %path.display(),
-                pairs = state.workers.len() / 2,
-                epoch = state.slots.epoch(),
-                "pairs and slot map as the last run left them"
-            );
-            Some(state)
-        }
-        Err(e) => {
-            tracing::error!(file = %path.display(), "state file not used: {e}");
-            None
-        }
-    }
+    let state = parse_state(&text).map_err(|e| {
+        format!(
+            "the state file {} cannot be used: {e} (it says which pair holds which slot; \
+             restore it, or remove it to start from the worker list's even map)",
+            path.display()
+        )
+    })?;
+    tracing::info!(
+        file = %path.display(),
+        pairs = state.workers.len() / 2,
+        epoch = state.slots.epoch(),
+        "pairs and slot map as the last run left them"
+    );
+    Ok(Some(state))
 }
 
 fn parse_state(text: &str) -> Result<State, String> {
     let (mut epoch, mut workers, mut slots, mut moving) = (1, Vec::new(), None, None);
-    for line in text
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-    {
+    for (n, line) in text.lines().enumerate() {
+        let n = n + 1;
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let at_line = |e: String| format!("line {n}: {e}");
         let words: Vec<&str> = line.split_ascii_whitespace().collect();
-        let number = |w: &str| w.parse::<u64>().map_err(|_| format!("bad line {line:?}"));
+        let number = |w: &str| {
+            w.parse::<u64>()
+                .map_err(|_| at_line(format!("`{w}` is not a number")))
+        };
         match words.as_slice() {
-            ["epoch", n] => epoch = number(n)?,
+            ["epoch", e] => epoch = number(e)?,
             ["pair", a, b] => workers.extend([a.to_string(), b.to_string()]),
-            ["slots", ..] => slots = Some(line["slots".len()..].to_string()),
-            ["moving", lo, hi, from, to] => {
-                let (lo, hi) = (number(lo)?, number(hi)?);
-                moving = Some(Move {
-                    lo: u16::try_from(lo).map_err(|_| format!("bad line {line:?}"))?,
-                    hi: u32::try_from(hi).map_err(|_| format!("bad line {line:?}"))?,
+            ["slots", ranges @ ..] => slots = Some((n, ranges.join(" "))),
+            ["moving", start, end, from, to] => {
+                let m = Move {
+                    slots: SlotRange::from_bounds(start, end).map_err(at_line)?,
                     from: number(from)? as usize,
                     to: number(to)? as usize,
-                })
+                };
+                moving = Some((n, m));
             }
-            _ => return Err(format!("bad line {line:?}")),
+            _ => {
+                return Err(at_line(format!(
+                    "expected `epoch N`, `pair ADDR ADDR`, `slots RANGES` or `moving START END \
+                     FROM TO`; got {line:?}"
+                )))
+            }
         }
     }
     let pairs = workers.len() / 2;
     if pairs == 0 {
-        return Err("no pairs".into());
+        return Err("no `pair` line".into());
     }
-    let slots = SlotMap::parse(epoch, &slots.ok_or("no slot map")?, pairs)?;
-    if let Some(m) = moving {
-        let fits = u32::from(m.lo) < m.hi && m.hi as usize <= twincache_protocol::slots::SLOTS;
-        if !fits || m.from >= pairs || m.to >= pairs || slots.pair_of_slot(m.lo) != m.to {
-            return Err("the move under way does not fit the map".into());
+    let (n, ranges) = slots.ok_or("no `slots` line")?;
+    let slots = SlotMap::parse(epoch, &ranges, pairs).map_err(|e| format!("line {n}: {e}"))?;
+    if let Some((n, m)) = moving {
+        if m.from >= pairs || m.to >= pairs || slots.pair_of_slot(m.slots.start()) != m.to {
+            return Err(format!(
+                "line {n}: the move under way does not fit the map ({pairs} pairs)"
+            ));
         }
     }
     Ok(State {
         workers,
         slots,
-        moving,
+        moving: moving.map(|(_, m)| m),
     })
 }
 
 impl Router {
     /// The workers now, in pairing order.
     pub fn current_workers(&self) -> Vec<String> {
-        self.current_pairs().into_iter().flatten().collect()
+        pairs_now(&self.pairs()).into_iter().flatten().collect()
     }
 
-    /// Makes the pairs what [`Membership::want`] asked for, change after change, until
+    /// Asks for the workers `change` makes of the pairs wanted now (in pairing order, an
+    /// even number); the change runs in the background. Refused, with the wanted list left
+    /// as it was, if the list names a worker twice (aliases too) or the orchestrator itself,
+    /// or if the change cannot be made from the pairs now (`plan`): asked for anyway it
+    /// would be tried again every second, forever. Resolves host names: call it off the
+    /// event loop.
+    pub fn want(
+        &self,
+        change: impl FnOnce(Vec<[String; 2]>) -> Result<Vec<String>, String>,
+    ) -> Result<(), String> {
+        let _one_at_a_time = self
+            .membership
+            .asking
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let workers = change(self.membership.wanted())?;
+        crate::config::check_distinct(self.membership.config.listen, &workers)?;
+        let wanted = pairs_of(&workers);
+        checked_plan(&self.pairs(), &wanted, self.is_adapter())?;
+        self.membership.set_wanted(wanted);
+        Ok(())
+    }
+
+    /// Makes the pairs what [`Router::want`] asked for, change after change, until
     /// `shutdown`.
     pub async fn run_membership(self: Arc<Self>, shutdown: CancellationToken) {
         loop {
@@ -348,7 +507,6 @@ impl Router {
                     tracing::info!("membership change done: {summary}");
                     self.membership.update(|p| {
                         p.phase = "idle";
-                        p.current = None;
                         p.error.clear();
                         p.last = summary;
                     });
@@ -384,7 +542,7 @@ impl Router {
                 .unwrap_or_else(|e| e.into_inner()),
         );
         let mut left = Vec::new();
-        for (addr, lo, hi) in pending {
+        for (addr, range) in pending {
             let link = self
                 .pairs()
                 .iter()
@@ -392,11 +550,12 @@ impl Router {
                 .find(|w| w.addr == addr)
                 .cloned();
             let Some(link) = link else { continue };
-            match self.ask(&link, Op::Slots, &format!("drop {lo} {hi}")).await {
+            let ask = format!("drop {}", range.bounds());
+            match self.ask(&link, Op::Slots, &ask).await {
                 Some(_) => {
-                    tracing::info!(worker = %addr, slots = format_args!("{lo}-{}", hi - 1), "dropped the slots it missed dropping")
+                    tracing::info!(worker = %addr, slots = %range, "dropped the slots it missed dropping")
                 }
-                None => left.push((addr, lo, hi)),
+                None => left.push((addr, range)),
             }
         }
         self.membership
@@ -404,13 +563,6 @@ impl Router {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .extend(left);
-    }
-
-    fn current_pairs(&self) -> Vec<[String; 2]> {
-        self.pairs()
-            .iter()
-            .map(|p| p.workers.each_ref().map(|w| w.addr.clone()))
-            .collect()
     }
 
     /// One attempt at the change asked for; `None` if there was nothing to do.
@@ -423,16 +575,9 @@ impl Router {
             self.finish_move(m).await?;
         }
         let wanted = self.membership.wanted();
-        let plan = plan(&self.current_pairs(), &wanted)?;
+        let plan = checked_plan(&self.pairs(), &wanted, self.is_adapter())?;
         if plan.is_empty() && self.pairs().slots.same_owners(&self.target()) {
             return Ok(unfinished.map(|_| "resumed move finished".to_string()));
-        }
-        if self.is_adapter() && (!plan.add.is_empty() || !plan.remove.is_empty()) {
-            return Err(
-                "pairs cannot be added or removed in adapter mode (a worker can be \
-                        replaced)"
-                    .into(),
-            );
         }
         self.membership.update(|p| {
             if p.started.is_none() || p.phase == "idle" {
@@ -444,11 +589,11 @@ impl Router {
         let mut summary = Vec::new();
         if !plan.replace.is_empty() {
             self.membership.update(|p| p.phase = "replacing");
-            summary.push(self.replace_workers(&plan.replace));
+            summary.push(self.replace_workers(&plan.replace).await?);
         }
         if !plan.add.is_empty() {
             self.membership.update(|p| p.phase = "joining");
-            summary.push(self.add_pairs(&plan.add));
+            summary.push(self.add_pairs(&plan.add).await?);
         }
         // The pairs to remove, by identity (indices shift as pairs are added).
         let leaving: Vec<Arc<Pair>> = {
@@ -463,9 +608,9 @@ impl Router {
         let moves = self
             .pairs()
             .slots
-            .moves_to(&target, self.membership.batch.load(Ordering::Relaxed));
+            .moves_to(&target, self.membership.config.batch);
         if !moves.is_empty() {
-            let total: usize = moves.iter().map(Move::slots).sum();
+            let total: usize = moves.iter().map(|m| m.slots.len()).sum();
             self.membership.update(|p| {
                 p.phase = "moving";
                 p.slots_total = p.slots_done + total;
@@ -490,7 +635,7 @@ impl Router {
         }
         if !leaving.is_empty() {
             self.membership.update(|p| p.phase = "removing");
-            summary.push(self.remove_pairs(&leaving)?);
+            summary.push(self.remove_pairs(&leaving).await?);
         }
         Ok((!summary.is_empty()).then(|| summary.join("; ")))
     }
@@ -517,16 +662,27 @@ impl Router {
     }
 
     /// Swaps in `topo` and returns the one it replaces. The new one is written to the state
-    /// file first, so a restart finds the pairs and map (and a move under way) as they are.
-    fn swap(&self, topo: Topology) -> Arc<Topology> {
-        if let Some(path) = &self.config.state_file {
-            if let Err(e) = write_state(path, &topo) {
-                tracing::error!(file = %path.display(), "cannot keep the slot map: {e}");
+    /// file first, so a restart finds the pairs and map (and a move under way) as they are;
+    /// if that fails nothing is swapped and the step fails (to be tried again), since a
+    /// restart would otherwise look for keys where the file says they were.
+    async fn swap(&self, topo: Topology) -> Result<Arc<Topology>, String> {
+        if let Some(path) = self.config.state_file.clone() {
+            let text = State::of(&topo).text();
+            // Off the event loop: an fsync may take a while.
+            let written = tokio::task::spawn_blocking(move || {
+                write_state(&path, &text)
+                    .map_err(|e| format!("cannot write the state file {}: {e}", path.display()))
+            })
+            .await
+            .unwrap_or_else(|e| Err(format!("writing the state file: {e}")));
+            if let Err(e) = written {
+                tracing::error!("{e}");
+                return Err(e);
             }
         }
         let old = self.topology.swap(Arc::new(topo));
         self.moved.notify_waiters();
-        old
+        Ok(old)
     }
 
     /// Waits until no request routed by `old` is still in flight (it holds the only
@@ -548,57 +704,82 @@ impl Router {
         }
     }
 
-    fn replace_workers(&self, replace: &[(usize, usize, String)]) -> String {
+    async fn replace_workers(&self, replace: &[(usize, usize, String)]) -> Result<String, String> {
         let topo = self.pairs();
+        kept_in_sync(&topo, replace)?;
         let mut pairs = topo.pairs.clone();
-        let mut retired = Vec::new();
-        let mut said = Vec::new();
+        let (mut joined, mut retired, mut said) = (Vec::new(), Vec::new(), Vec::new());
         for (c, i, new) in replace {
             let mut workers = pairs[*c].workers.clone();
-            let old = std::mem::replace(&mut workers[*i], self.spawn_link(new));
+            let link = self.spawn_link(new);
+            joined.push(link.clone());
+            let old = std::mem::replace(&mut workers[*i], link);
+            said.push(format!("pair{c}: {} replaced by {new}", old.addr));
+            retired.push((*c, old, new, workers[1 - i].addr.clone()));
+            pairs[*c] = Arc::new(Pair::new(workers));
+        }
+        drop(topo);
+        self.swap_pairs(pairs, &joined).await?;
+        for (c, old, new, partner) in retired {
             tracing::info!(
                 pair = c,
                 old = %old.addr,
                 new = %new,
-                partner = %workers[1 - i].addr,
-                "replacing a worker: the new one refills from its partner before it serves"
+                partner = %partner,
+                "worker replaced: the new one refills from its partner before it serves"
             );
-            said.push(format!("pair{c}: {} replaced by {new}", old.addr));
-            retired.push(old);
-            pairs[*c] = Arc::new(Pair::new(workers));
+            old.retire(self.worker_timeout * 2);
         }
-        self.swap(Topology {
-            pairs,
-            slots: topo.slots.clone(),
-            moving: topo.moving,
-        });
-        for w in retired {
-            w.retire(self.worker_timeout * 2);
-        }
-        said.join(", ")
+        Ok(said.join(", "))
     }
 
-    fn add_pairs(&self, add: &[[String; 2]]) -> String {
+    async fn add_pairs(&self, add: &[[String; 2]]) -> Result<String, String> {
         let topo = self.pairs();
         let mut pairs = topo.pairs.clone();
-        let mut said = Vec::new();
+        let first = pairs.len();
+        let (mut joined, mut said) = (Vec::new(), Vec::new());
         for [a, b] in add {
-            tracing::info!(pair = pairs.len(), a = %a, b = %b, "adding a pair");
             said.push(format!("pair{} {a} {b} added", pairs.len()));
-            pairs.push(Arc::new(Pair::new([
-                self.spawn_link(a),
-                self.spawn_link(b),
-            ])));
+            let links = [self.spawn_link(a), self.spawn_link(b)];
+            joined.extend(links.iter().cloned());
+            pairs.push(Arc::new(Pair::new(links)));
         }
-        self.swap(Topology {
-            pairs,
-            slots: topo.slots.clone(),
-            moving: topo.moving,
-        });
-        said.join(", ")
+        drop(topo);
+        self.swap_pairs(pairs, &joined).await?;
+        for (n, [a, b]) in add.iter().enumerate() {
+            tracing::info!(pair = first + n, a = %a, b = %b, "adding a pair");
+        }
+        Ok(said.join(", "))
     }
 
-    fn remove_pairs(&self, leaving: &[Arc<Pair>]) -> Result<String, String> {
+    /// Swaps in `pairs` with the map as it is ([`Router::swap`]); the new worker links in
+    /// them, `joined`, are closed again if that fails.
+    async fn swap_pairs(
+        &self,
+        pairs: Vec<Arc<Pair>>,
+        joined: &[Arc<WorkerLink>],
+    ) -> Result<(), String> {
+        let (slots, moving) = {
+            let topo = self.pairs();
+            (topo.slots.clone(), topo.moving)
+        };
+        let swapped = self
+            .swap(Topology {
+                pairs,
+                slots,
+                moving,
+            })
+            .await;
+        if let Err(e) = swapped {
+            for w in joined {
+                w.retire(Duration::ZERO);
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    async fn remove_pairs(&self, leaving: &[Arc<Pair>]) -> Result<String, String> {
         let mut said = Vec::new();
         for pair in leaving {
             let topo = self.pairs();
@@ -617,7 +798,8 @@ impl Router {
                 pairs,
                 slots,
                 moving,
-            });
+            })
+            .await?;
             for w in &pair.workers {
                 w.retire(self.worker_timeout * 2);
             }
@@ -628,29 +810,35 @@ impl Router {
         Ok(said.join(", "))
     }
 
-    async fn wait_in_sync(&self, pair: &Pair) -> Result<(), String> {
+    /// Waits until `pair` can take slots: a worker of it in sync, and none still being
+    /// assessed (a pair just added has both in sync a round later). A worker down, stale or
+    /// refilling is not waited for: the copy skips it, and it refills from its partner
+    /// (see [`Router::finish_move`]).
+    async fn wait_receiver(&self, pair: &Pair) -> Result<(), String> {
         let deadline = Instant::now() + SYNC_WAIT;
-        while !pair
-            .workers
-            .iter()
-            .all(|w| w.state() == WorkerState::InSync)
-        {
-            if Instant::now() > deadline {
+        loop {
+            let states = pair.workers.each_ref().map(|w| w.state());
+            let late = Instant::now() > deadline;
+            if states.contains(&WorkerState::InSync)
+                && (late || !states.contains(&WorkerState::Unknown))
+            {
+                return Ok(());
+            }
+            if late {
                 return Err(format!(
-                    "pair {} {} is not in sync",
+                    "no worker of pair {} {} is in sync",
                     pair.workers[0].addr, pair.workers[1].addr
                 ));
             }
             tokio::time::sleep(POLL).await;
         }
-        Ok(())
     }
 
-    /// Gives `m`'s slots to their new pair, marked moving, once that pair is in sync; returns
-    /// when the requests routed by the map before are answered.
+    /// Gives `m`'s slots to their new pair, marked moving, once a worker of that pair is in
+    /// sync; returns when the requests routed by the map before are answered.
     async fn begin_move(&self, m: Move) -> Result<(), String> {
         let to = self.pairs()[m.to].clone();
-        self.wait_in_sync(&to).await?;
+        self.wait_receiver(&to).await?;
         self.retry_drops().await;
         let stale = self
             .membership
@@ -658,30 +846,25 @@ impl Router {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .iter()
-            .find(|(a, lo, hi)| {
-                to.workers.iter().any(|w| &w.addr == a)
-                    && u32::from(*lo) < m.hi
-                    && u32::from(m.lo) < *hi
-            })
+            .find(|(a, range)| to.workers.iter().any(|w| &w.addr == a) && range.overlaps(m.slots))
             .cloned();
-        if let Some((a, lo, hi)) = stale {
+        if let Some((a, range)) = stale {
             return Err(format!(
-                "{a} still holds an old copy of slots {lo}-{}: they move back to its pair once \
-                 it has dropped them",
-                hi - 1
+                "{a} still holds an old copy of slots {range}: they move back to its pair once \
+                 it has dropped them"
             ));
         }
-        let old = {
+        let moved = {
             let topo = self.pairs();
-            self.swap(Topology {
+            Topology {
                 pairs: topo.pairs.clone(),
                 slots: topo.slots.with_move(&m),
                 moving: Some(m),
-            })
+            }
         };
-        self.membership.update(|p| p.current = Some(m));
+        let old = self.swap(moved).await?;
         tracing::info!(
-            slots = format_args!("{}-{}", m.lo, m.hi - 1),
+            slots = %m.slots,
             from = m.from,
             to = m.to,
             "slot move started"
@@ -690,8 +873,12 @@ impl Router {
         Ok(())
     }
 
-    /// Copies the moving slots into both workers of their new pair, lifts the mark, and has
-    /// the old pair drop them.
+    /// Copies the moving slots into the in-sync workers of their new pair, lifts the mark,
+    /// and has the old pair drop them. A worker of the new pair that is not in sync (or falls
+    /// out of sync during its copy) is not waited for: it lacks the slots, which is recorded
+    /// as for a write it missed (`Router::record_miss`: it becomes stale here, and its
+    /// partner counts what it took alone, so any orchestrator finds it stale), and the
+    /// health monitor has it refill from its partner, which holds them, before it serves.
     async fn finish_move(&self, m: Move) -> Result<(), String> {
         let started = Instant::now();
         let (from, to) = {
@@ -709,29 +896,61 @@ impl Router {
                 m.from
             ));
         }
-        let imports = to
+        let (receivers, mut skipped): (Vec<&Arc<WorkerLink>>, Vec<&Arc<WorkerLink>>) = to
             .workers
+            .iter()
+            .partition(|w| w.state() == WorkerState::InSync);
+        let imports = receivers
             .iter()
             .enumerate()
             .map(|(i, w)| self.import(w, sources[i % sources.len()], m));
         let results = join_all(imports).await;
-        let mut copied = (0, 0);
-        for r in results {
-            copied = r?;
+        let (mut copied, mut took) = ((0, 0), Vec::new());
+        for (w, r) in receivers.into_iter().zip(results) {
+            match r {
+                Ok(c) => {
+                    copied = c;
+                    took.push(w);
+                }
+                Err(e) if w.state() != WorkerState::InSync => {
+                    tracing::warn!(worker = %w.addr, "{e}; it refills from its partner instead");
+                    skipped.push(w);
+                }
+                Err(e) => return Err(e),
+            }
         }
-        let old = {
+        if took.is_empty() {
+            return Err(format!(
+                "no worker of pair{} (the slots' destination) is in sync",
+                m.to
+            ));
+        }
+        // Recorded once every copy is in: a refill that started before may have missed some.
+        for w in skipped {
+            for holder in &took {
+                if !self.record_miss(holder, w).await {
+                    return Err(format!(
+                        "{} lacks slots {}, and {} could not record it",
+                        w.addr, m.slots, holder.addr
+                    ));
+                }
+            }
+            tracing::info!(worker = %w.addr, slots = %m.slots, "skipped by the copy: refills from its partner");
+        }
+        let settled = {
             let topo = self.pairs();
-            self.swap(Topology {
+            Topology {
                 pairs: topo.pairs.clone(),
                 slots: topo.slots.clone(),
                 moving: None,
-            })
+            }
         };
+        let old = self.swap(settled).await?;
         self.drain(old).await;
-        let range = format!("{} {}", m.lo, m.hi);
+        let ask = format!("drop {}", m.slots.bounds());
         let mut dropped = Vec::new();
         for w in &from.workers {
-            match self.ask(w, Op::Slots, &format!("drop {range}")).await {
+            match self.ask(w, Op::Slots, &ask).await {
                 Some(r) => dropped.push(String::from_utf8_lossy(&r.payload).into_owned()),
                 None => {
                     tracing::warn!(worker = %w.addr, "could not drop the moved slots: retried until it does");
@@ -739,14 +958,14 @@ impl Router {
                         .pending_drops
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
-                        .push((w.addr.clone(), m.lo, m.hi));
+                        .push((w.addr.clone(), m.slots));
                     dropped.push("?".into());
                 }
             }
         }
         let seconds = started.elapsed().as_secs_f64();
         tracing::info!(
-            slots = format_args!("{}-{}", m.lo, m.hi - 1),
+            slots = %m.slots,
             from = m.from,
             to = m.to,
             keys = copied.0,
@@ -756,10 +975,9 @@ impl Router {
             "slot move done"
         );
         self.membership.update(|p| {
-            p.slots_done += m.slots();
+            p.slots_done += m.slots.len();
             p.keys += copied.0;
             p.bytes += copied.1;
-            p.current = None;
         });
         Ok(())
     }
@@ -771,8 +989,8 @@ impl Router {
         source: &WorkerLink,
         m: Move,
     ) -> Result<(u64, u64), String> {
-        let rate = self.membership.rate.load(Ordering::Relaxed);
-        let ask = format!("import {} {} {} {rate}", source.addr, m.lo, m.hi);
+        let rate = self.membership.config.rate;
+        let ask = format!("import {} {} {rate}", source.addr, m.slots.bounds());
         let mut last_error = String::new();
         for attempt in 0..IMPORT_TRIES {
             if attempt > 0 {
@@ -849,13 +1067,7 @@ impl Router {
             );
         }
         if let Some(m) = topo.moving {
-            out += &format!(
-                "move_current:{}-{} pair{}->pair{}\r\n",
-                m.lo,
-                m.hi - 1,
-                m.from,
-                m.to
-            );
+            out += &format!("move_current:{} pair{}->pair{}\r\n", m.slots, m.from, m.to);
         }
         if !p.error.is_empty() {
             out += &format!("move_error:{}\r\n", p.error);
@@ -875,7 +1087,7 @@ impl Router {
         let moving = self
             .pairs()
             .moving
-            .map(|m| format!(" slots {}-{} pair{}->pair{}", m.lo, m.hi - 1, m.from, m.to))
+            .map(|m| format!(" slots {} pair{}->pair{}", m.slots, m.from, m.to))
             .unwrap_or_default();
         format!(
             " | membership {} {}/{} slots{moving}",
@@ -933,5 +1145,274 @@ mod tests {
         )
         .is_err());
         assert!(plan(&now, &[]).is_err());
+    }
+
+    fn state() -> State {
+        let slots = SlotMap::even(2).rebalanced(&[true; 3]);
+        let m = slots.moves_to(&slots.rebalanced(&[true, false, true]), 100)[0];
+        State {
+            workers: ["a:1", "b:1", "c:1", "d:1", "e:1", "f:1"]
+                .map(String::from)
+                .to_vec(),
+            slots: slots.with_move(&m),
+            moving: Some(m),
+        }
+    }
+
+    #[test]
+    fn a_state_file_reads_back_what_was_written() {
+        let kept = state();
+        let back = parse_state(&kept.text()).unwrap();
+        assert_eq!(back.workers, kept.workers);
+        assert!(back.slots.same_owners(&kept.slots));
+        assert_eq!(back.slots.epoch(), kept.slots.epoch());
+        assert_eq!(back.moving, kept.moving);
+        // Lines as a hand edit may leave them: indented, with blank lines and comments.
+        let indented: String = kept
+            .text()
+            .lines()
+            .map(|l| format!("  {l}\t\n\n   # a note\n"))
+            .collect();
+        let back = parse_state(&indented).unwrap();
+        assert!(back.slots.same_owners(&kept.slots));
+        assert_eq!(back.moving, kept.moving);
+    }
+
+    #[test]
+    fn state_file_errors_name_the_line() {
+        let text = state().text();
+        let err = |from: &str, to: &str| parse_state(&text.replace(from, to)).unwrap_err();
+        // Line 1 is the comment, 2 the epoch, 3-5 the pairs, 6 the map, 7 the move.
+        assert!(err("epoch 3", "epoch x").starts_with("line 2: `x` is not a number"));
+        assert!(err("pair a:1 b:1", "pair a:1").starts_with("line 3: expected"));
+        let e = err("slots 0-", "slots 0-x ");
+        assert!(e.starts_with("line 6: bad slot range \"0-x\""), "{e}");
+        let e = err("slots 0-", "slots 1-");
+        assert!(
+            e.starts_with("line 6: ") && e.contains("from slot 0"),
+            "{e}"
+        );
+        let e = err(":2 ", ":7 ");
+        assert!(
+            e.starts_with("line 6: ") && e.contains("pair 7 is not one of 3"),
+            "{e}"
+        );
+        let m = state().moving.unwrap();
+        let moving = format!("moving {} {} {}", m.slots.bounds(), m.from, m.to);
+        let e = err(&moving, "moving 5 5 0 2");
+        assert!(e.starts_with("line 7: bad slot range"), "{e}");
+        let e = err(
+            &moving,
+            &format!("moving {} {} {}", m.slots.bounds(), m.to, m.from),
+        );
+        assert!(
+            e.starts_with("line 7: the move under way does not fit"),
+            "{e}"
+        );
+        assert_eq!(parse_state("epoch 1\n").unwrap_err(), "no `pair` line");
+        assert_eq!(
+            parse_state("pair a:1 b:1\n").unwrap_err(),
+            "no `slots` line"
+        );
+    }
+
+    #[test]
+    fn a_state_file_that_cannot_be_used_is_an_error_naming_it() {
+        let dir = std::env::temp_dir().join(format!("twincache-state-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("state");
+        assert!(read_state(&path).unwrap().is_none(), "none yet");
+        std::fs::write(&path, state().text()).unwrap();
+        assert!(read_state(&path).unwrap().is_some());
+        std::fs::write(&path, "epoch 1\nslots 0-16383:0\nbogus\n").unwrap();
+        let e = read_state(&path).unwrap_err();
+        assert!(
+            e.contains(&path.display().to_string()) && e.contains("line 3"),
+            "{e}"
+        );
+        // A directory where the file should be cannot be read.
+        let e = read_state(&dir).unwrap_err();
+        assert!(e.starts_with("cannot read the state file"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A router for `workers` (nothing need answer there): its links keep trying to
+    /// connect until the token is cancelled.
+    fn start(
+        workers: &[&str],
+        state_file: Option<std::path::PathBuf>,
+    ) -> (Router, CancellationToken) {
+        let config = super::super::RouterConfig {
+            default_ttl_ms: 0,
+            connections_per_worker: 1,
+            max_frame: 1 << 20,
+            worker_timeout: Duration::from_millis(100),
+            node_id: Some(1),
+            mode: None,
+            secret: None,
+            tls: None,
+            state_file,
+            membership: MembershipConfig {
+                rate: 0,
+                batch: 256,
+                from_file: false,
+                listen: "127.0.0.1:7000".parse().unwrap(),
+            },
+        };
+        let shutdown = CancellationToken::new();
+        let workers: Vec<String> = workers.iter().map(|w| w.to_string()).collect();
+        let router = Router::start(&workers, None, &config, &shutdown);
+        (router, shutdown)
+    }
+
+    fn temp_dir(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("twincache-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[tokio::test]
+    async fn a_change_whose_state_file_cannot_be_written_is_not_made() {
+        let dir = temp_dir("unwritable");
+        let new = pairs(&[("127.0.0.1:3", "127.0.0.1:4")]);
+        let (router, shutdown) = start(
+            &["127.0.0.1:1", "127.0.0.1:2"],
+            Some(dir.join("no such directory").join("state")),
+        );
+        let e = router.add_pairs(&new).await.unwrap_err();
+        assert!(e.starts_with("cannot write the state file"), "{e}");
+        assert_eq!(router.pairs().len(), 1, "the topology is not swapped");
+        shutdown.cancel();
+
+        let path = dir.join("state");
+        let (router, shutdown) = start(&["127.0.0.1:1", "127.0.0.1:2"], Some(path.clone()));
+        router.add_pairs(&new).await.unwrap();
+        assert_eq!(router.pairs().len(), 2);
+        let kept = read_state(&path).unwrap().unwrap();
+        assert_eq!(kept.workers, router.current_workers());
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["state"], "no temporary file left");
+        shutdown.cancel();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// What `want` refuses, it does not ask for: CLUSTER answers the error, SIGHUP logs it,
+    /// and the wanted list stays as it was (not retried every second, forever).
+    #[tokio::test]
+    async fn what_cannot_be_done_is_refused_up_front() {
+        let now = [
+            "127.0.0.1:7001",
+            "127.0.0.1:7002",
+            "127.0.0.1:7003",
+            "127.0.0.1:7004",
+        ];
+        let (router, shutdown) = start(&now, None);
+        let before = router.membership.wanted();
+        let want = |workers: &[&str]| {
+            let workers: Vec<String> = workers.iter().map(|w| w.to_string()).collect();
+            router.want(|_| Ok(workers))
+        };
+        // Partners swapped across pairs: each worker would join another pair's data.
+        let e = want(&[now[0], now[2], now[1], now[3]]).unwrap_err();
+        assert!(e.contains("is in another pair now"), "{e}");
+        let e = want(&[]).unwrap_err();
+        assert_eq!(e, "that would remove every pair");
+        // The orchestrator's own address, and one worker under two names.
+        let e = want(&[
+            now[0],
+            now[1],
+            now[2],
+            now[3],
+            "localhost:7000",
+            "127.0.0.1:7005",
+        ])
+        .unwrap_err();
+        assert!(e.contains("own --listen address"), "{e}");
+        let e = want(&[
+            now[0],
+            now[1],
+            now[2],
+            now[3],
+            "localhost:7001",
+            "127.0.0.1:7005",
+        ])
+        .unwrap_err();
+        assert!(e.contains("given twice"), "{e}");
+        // An edit's own refusal comes back as it is.
+        let e = router.want(|_| Err("no such pair".into())).unwrap_err();
+        assert_eq!(e, "no such pair");
+        assert_eq!(router.membership.wanted(), before);
+        // What can be done is asked for.
+        want(&[
+            now[0],
+            now[1],
+            now[2],
+            now[3],
+            "127.0.0.1:7005",
+            "127.0.0.1:7006",
+        ])
+        .unwrap();
+        assert_eq!(router.membership.wanted().len(), 3);
+        shutdown.cancel();
+    }
+
+    #[test]
+    fn a_start_wants_the_cluster_file_if_it_can_be_done() {
+        let words = |w: &[&str]| w.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+        let now = words(&["a:1", "b:1"]);
+        let added = words(&["a:1", "b:1", "c:1", "d:1"]);
+        assert_eq!(wanted_at_start(&now, &added, true), pairs_of(&added));
+        // Without a cluster file the state file's pairs are the CLUSTER commands' doing.
+        assert_eq!(wanted_at_start(&now, &added, false), pairs_of(&now));
+        // A file the planner refuses is not wanted (it would be retried forever).
+        let moved = words(&["c:1", "a:1", "b:1", "d:1"]);
+        assert_eq!(wanted_at_start(&added, &moved, true), pairs_of(&added));
+    }
+
+    /// A replacement keeps one worker of the pair as its only copy: refused up front unless
+    /// that worker is in sync with a complete copy, and the step does not swap it in either.
+    #[tokio::test]
+    async fn a_worker_is_replaced_only_while_its_partner_is_in_sync() {
+        let now = ["127.0.0.1:7001", "127.0.0.1:7002"];
+        let (router, shutdown) = start(&now, None);
+        let replace = || router.want(|_| Ok(vec![now[0].into(), "127.0.0.1:7005".into()]));
+        let kept = router.pairs()[0].workers[0].clone();
+        // Not assessed yet (as a worker refilling, stale or down would be): refused.
+        let e = replace().unwrap_err();
+        assert!(
+            e.starts_with("127.0.0.1:7002 cannot be replaced by 127.0.0.1:7005 now")
+                && e.contains("127.0.0.1:7001 would be the pair's only copy and is unknown"),
+            "{e}"
+        );
+        kept.set_state(WorkerState::InSync);
+        kept.partial
+            .store(true, std::sync::atomic::Ordering::Release);
+        assert!(replace()
+            .unwrap_err()
+            .contains("in sync with a partial copy"));
+        kept.partial
+            .store(false, std::sync::atomic::Ordering::Release);
+        replace().unwrap();
+        // The step checks again: its partner went out of sync since.
+        kept.set_state(WorkerState::Down);
+        let step = [(0, 1, "127.0.0.1:7005".to_string())];
+        let e = router.replace_workers(&step).await.unwrap_err();
+        assert!(e.contains("is down"), "{e}");
+        assert_eq!(router.current_workers(), now);
+        kept.set_state(WorkerState::InSync);
+        router.replace_workers(&step).await.unwrap();
+        assert_eq!(router.current_workers(), [now[0], "127.0.0.1:7005"]);
+        // The new worker is not assessed: replacing its partner next is refused.
+        let e = router
+            .want(|_| Ok(vec!["127.0.0.1:7006".into(), "127.0.0.1:7005".into()]))
+            .unwrap_err();
+        assert!(
+            e.contains("127.0.0.1:7005 would be the pair's only copy"),
+            "{e}"
+        );
+        shutdown.cancel();
     }
 }

@@ -35,7 +35,10 @@ impl Topology {
         let slot = slot_of(key);
         Route {
             pair: self.slots.pair_of_slot(slot),
-            from: self.moving.filter(|m| m.contains(slot)).map(|m| m.from),
+            from: self
+                .moving
+                .filter(|m| m.slots.contains(slot))
+                .map(|m| m.from),
         }
     }
 
@@ -46,7 +49,7 @@ impl Topology {
 
     /// Whether `key`'s slot is being moved.
     pub fn is_moving(&self, key: &[u8]) -> bool {
-        self.moving.is_some_and(|m| m.contains(slot_of(key)))
+        self.moving.is_some_and(|m| m.slots.holds_key(key))
     }
 }
 

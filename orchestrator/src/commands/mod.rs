@@ -520,7 +520,7 @@ pub fn execute(cmd: Cmd, conn: &mut Conn, ctx: &Ctx) -> Step<Reply> {
         Cmd::Info(sections) => server::info(sections, ctx),
         Cmd::Time => Step::Reply(server::time()),
         Cmd::Wait => Step::Reply(server::wait(ctx)),
-        Cmd::Cluster(change) => Step::Reply(server::cluster(change, ctx)),
+        Cmd::Cluster(change) => server::cluster(change, ctx),
         Cmd::Multi | Cmd::Exec | Cmd::Discard | Cmd::Watch(_) | Cmd::Unwatch => {
             transaction::control(cmd, conn, ctx)
         }

@@ -81,35 +81,33 @@ fn cluster_args(args: &[Bytes]) -> Result<Cmd, Reply> {
 
 /// CLUSTER ADDPAIR / REMOVEPAIR / REPLACE: asks for the pairs with this change; the change
 /// runs in the background (progress in INFO cluster). Refused with --cluster-file, whose
-/// next reload would undo it.
-pub(super) fn cluster(change: ClusterChange, ctx: &Ctx) -> Reply {
-    let membership = &ctx.router.membership;
-    if membership.from_file() {
-        return Reply::err(
+/// next reload would undo it, and with the reason when `Router::want` refuses it.
+pub(super) fn cluster(change: ClusterChange, ctx: &Ctx) -> Step<Reply> {
+    if ctx.router.membership.from_file() {
+        return Step::Reply(Reply::err(
             "ERR the pairs come from --cluster-file: edit it and send the orchestrator SIGHUP",
-        );
+        ));
     }
-    let mut pairs = membership.wanted();
-    let addr = |a: &str| crate::config::parse_worker(a).map_err(|e| Reply::err(format!("ERR {e}")));
-    let result = (|| {
+    let router = ctx.router.clone();
+    let edit = move |mut pairs: Vec<[String; 2]>| {
+        let addr = |a: &str| crate::config::parse_worker(a);
         match change {
             ClusterChange::AddPair(a, b) => pairs.push([addr(&a)?, addr(&b)?]),
             ClusterChange::RemovePair(which) => {
                 // A number is a pair as INFO cluster numbers it now (`pairN`), which is not
                 // the position in the wanted list while an earlier change is under way.
                 let a = match which.parse::<usize>() {
-                    Ok(n) => ctx
-                        .router
+                    Ok(n) => router
                         .pairs()
                         .get(n)
                         .map(|p| p.workers[0].addr.clone())
-                        .ok_or_else(|| Reply::err("ERR no such pair"))?,
+                        .ok_or("no such pair")?,
                     Err(_) => addr(&which)?,
                 };
                 let at = pairs
                     .iter()
                     .position(|p| p.contains(&a))
-                    .ok_or_else(|| Reply::err("ERR no pair has that worker"))?;
+                    .ok_or("no pair has that worker")?;
                 pairs.remove(at);
             }
             ClusterChange::Replace(old, new) => {
@@ -118,30 +116,21 @@ pub(super) fn cluster(change: ClusterChange, ctx: &Ctx) -> Reply {
                     .iter_mut()
                     .flatten()
                     .find(|w| **w == old)
-                    .ok_or_else(|| Reply::err("ERR no pair has that worker"))?;
+                    .ok_or("no pair has that worker")?;
                 *slot = new;
             }
         }
-        let flat: Vec<String> = pairs.iter().flatten().cloned().collect();
-        if flat.is_empty() {
-            return Err(Reply::err("ERR a cluster needs at least one pair"));
+        Ok(pairs.into_iter().flatten().collect())
+    };
+    let router = ctx.router.clone();
+    dispatch(async move {
+        // It resolves host names: off the event loop.
+        let wanted = tokio::task::spawn_blocking(move || router.want(edit)).await;
+        match wanted.unwrap_or_else(|e| Err(e.to_string())) {
+            Ok(()) => Reply::OK,
+            Err(e) => Reply::err(format!("ERR {e}")),
         }
-        if let Some(a) = flat
-            .iter()
-            .enumerate()
-            .find_map(|(i, a)| flat[..i].contains(a).then_some(a))
-        {
-            return Err(Reply::err(format!("ERR worker {a} would be in two pairs")));
-        }
-        Ok(flat)
-    })();
-    match result {
-        Ok(flat) => {
-            membership.want(&flat);
-            Reply::OK
-        }
-        Err(e) => e,
-    }
+    })
 }
 
 fn wait_args(args: &[Bytes]) -> Result<Cmd, Reply> {
