@@ -13,14 +13,17 @@
 #
 # Needs: apt-get install -y redis-server redis-tools nutcracker python3
 # Env: ROUNDS (3); N1 and N16, requests per test at pipeline 1 (100000) and 16 (400000);
-#      TESTS, redis-benchmark's -t list (set,get; e.g. TESTS=set,get,mset,incr).
+#      TESTS, redis-benchmark's -t list (set,get; e.g. TESTS=set,get,mset,incr);
+#      KEYSPACE, -r (100000; HSET writes fields of one hash, so KEYSPACE=1000 keeps it at
+#      1,000 fields).
 set -u -o pipefail
-case "${1:-}" in -h | --help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;; esac
+case "${1:-}" in -h | --help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;; esac
 ORCHESTRATOR=${1:-}
 ROUNDS=${ROUNDS:-3}
 N1=${N1:-100000}
 N16=${N16:-400000}
 TESTS=${TESTS:-set,get}
+KEYSPACE=${KEYSPACE:-100000}
 
 # Debian installs nutcracker in /usr/sbin, which a user's PATH may lack.
 PATH=$PATH:/usr/sbin
@@ -46,7 +49,7 @@ fi
 
 # One redis-benchmark run: target, pipeline, requests; appends "target op P ops/s" lines.
 measure() {
-  timeout 300 redis-benchmark -p "${PORT[$1]}" -t "$TESTS" -n "$3" -c 50 -P "$2" -d 100 -r 100000 --csv 2>/dev/null |
+  timeout 300 redis-benchmark -p "${PORT[$1]}" -t "$TESTS" -n "$3" -c 50 -P "$2" -d 100 -r "$KEYSPACE" --csv 2>/dev/null |
     awk -F'"' -v target="$1" -v P="$2" 'NR > 1 && $2 != "" {print target "\t" $2 "\t" P "\t" $4}' >>"$WORK/results.tsv"
 }
 
