@@ -571,6 +571,12 @@ pub struct Router {
     /// The largest value a read-modify-write may leave: its answer carries it (twice at
     /// most, as a reply and as the partner's copy) within the links' frame limit.
     pub max_value: usize,
+    /// The most a read program's replies may take: what a frame carries, less the answer's
+    /// own header.
+    pub max_replies: usize,
+    /// Read-modify-writes past their first send (`Router::apply`): shutdown waits for them
+    /// before it closes the worker links, so no copy owed to a partner is cut off.
+    pub rmw_tasks: tokio_util::task::TaskTracker,
     /// `--worker-timeout`: how long copies of a primary's changes may take to land.
     worker_timeout: Duration,
     /// Woken whenever a new topology is swapped in (a slot move began or ended).
@@ -626,6 +632,8 @@ impl Router {
             fixed_node: config.node_id.is_some(),
             stats: RouterStats::default(),
             max_value: (config.max_frame / 2).saturating_sub(1024).max(1024),
+            max_replies: config.max_frame.saturating_sub(1024).max(1024),
+            rmw_tasks: tokio_util::task::TaskTracker::new(),
             worker_timeout: config.worker_timeout,
             moved: tokio::sync::Notify::new(),
             config: config.clone(),

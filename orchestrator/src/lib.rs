@@ -263,6 +263,7 @@ impl Orchestrator {
             tracing::info!("the client port speaks TLS only");
         }
         let mut sessions = 0usize;
+        let rmw_tasks = router.rmw_tasks.clone();
         accept_loop(
             self.listener,
             Slots::new(c.max_clients).counting_refusals(refused),
@@ -299,6 +300,9 @@ impl Orchestrator {
             },
         )
         .await;
+        // Read-modify-writes whose clients are gone still owe their partners a copy.
+        rmw_tasks.close();
+        let _ = tokio::time::timeout(c.shutdown_grace, rmw_tasks.wait()).await;
         links_shutdown.cancel();
     }
 }

@@ -605,7 +605,9 @@ async fn run<P: Protocol, S: ClientStream>(
                 if out.capacity() > KEEP_CAPACITY {
                     out = Outgoing::default(); // grown by a burst: given back
                 }
-                account.track(&mut out_held, out.capacity());
+                // Emptied: the capacity kept for the next reply is not charged, as the input
+                // buffer's is not (what a busy client holds is its bytes in use).
+                account.track(&mut out_held, 0);
                 last_active = Instant::now();
                 recorder.flush(last_active);
                 if idle.deadline() > last_active + 2 * TRIM_AFTER {
@@ -640,15 +642,17 @@ async fn run<P: Protocol, S: ClientStream>(
                     return Ok(());
                 }
                 let quiet = last_active + TRIM_AFTER;
-                let held = buf.capacity() > 0 || out.capacity() > 0;
-                if held && quiet <= now && inflight.is_empty() && buf.is_empty() {
+                // Only a session with nothing in flight or half read gives its buffers back;
+                // any other is re-armed by its next reply.
+                let trimmable = (buf.capacity() > 0 || out.capacity() > 0)
+                    && inflight.is_empty()
+                    && buf.is_empty();
+                if trimmable && quiet <= now {
                     // Quiet for a while: an idle connection holds no buffer.
                     buf = BytesMut::new();
                     out = Outgoing::default();
-                    account.track(&mut out_held, 0);
-                    account.track(&mut buf_held, 0);
-                } else if held {
-                    idle.as_mut().reset(quiet.max(now + TRIM_AFTER / 4).min(deadline));
+                } else if trimmable {
+                    idle.as_mut().reset(quiet.min(deadline));
                     continue;
                 }
                 idle.as_mut().reset(deadline);

@@ -200,7 +200,7 @@ impl Router {
         // its queue, so the partner's copy of a pipelined program would otherwise wait for
         // every program before it; and a client that hangs up must not stop a copy the
         // primary's change is owed.
-        let rest = tokio::spawn(async move {
+        let rest = self.rmw_tasks.spawn(async move {
             let _pending = pending;
             let workers = &topo[pair].workers;
             let mut next = order[1];
@@ -414,7 +414,7 @@ impl Router {
         req.value = program;
         req.flags = if resp3 { flags::RESP3 } else { 0 };
         // Replies past what a frame can carry are refused by the worker, not sent.
-        req.ttl_ms = self.max_value as u64;
+        req.ttl_ms = self.max_replies as u64;
         self.query_req(topo, pair, req, origin)
     }
 

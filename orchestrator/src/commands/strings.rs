@@ -6,7 +6,7 @@
 use std::future::Future;
 
 use bytes::Bytes;
-use futures_util::future::join_all;
+use futures_util::future::{join_all, ready, Either, Ready};
 use futures_util::stream::{self, Stream, StreamExt};
 use twincache_protocol::frame::{flags, Op, Request};
 use twincache_protocol::program::{encode_program, Action, SetIf, Ttl};
@@ -239,13 +239,16 @@ fn getex(args: &[Bytes]) -> Result<Cmd, Reply> {
 const MGET_CHUNK: usize = 16;
 /// Keys a streamed MGET (one of more than [`MGET_CHUNK`] keys) reads at a time.
 const MGET_WINDOW: usize = 256;
-/// The most the values of one window of a streamed MGET may take; a window past it is read
-/// again a key at a time, [`MGET_CHUNK`] in flight, so a few huge values cost what they
-/// always did and memory stays bounded either way.
+/// The most the values of one window of a streamed MGET may take, shared evenly by its
+/// chunks. A window with a chunk past its share (or with more than [`MGET_CHUNK`] keys that
+/// must be read by GET) is read again a key at a time, [`MGET_CHUNK`] in flight, so a few
+/// huge values cost what they always did and memory stays bounded either way.
 const MGET_WINDOW_BYTES: usize = 8 << 20;
 
 /// An MGET's value for one key: a bulk string or nil, or (`Err`) an error for that key.
 type Element = Result<Reply, Reply>;
+/// The values of a group of keys, or the keys back to be read one at a time.
+type Values = Result<Vec<Element>, Vec<Bytes>>;
 
 /// An MGET of up to [`MGET_CHUNK`] keys gathers its values and answers at once. A larger
 /// one streams: the array header first, then the values of [`MGET_WINDOW`] keys at a time,
@@ -260,7 +263,7 @@ pub(super) fn mget(keys: Vec<Bytes>, ctx: &Ctx) -> Step<Reply> {
         let ctx = ctx.clone();
         let values = stream::iter(windows)
             .then(move |window| {
-                let read = read_values(window, MGET_WINDOW_BYTES, &ctx);
+                let read = read_values(window, |chunks| MGET_WINDOW_BYTES / chunks, &ctx);
                 let ctx = ctx.clone();
                 async move {
                     match read.await {
@@ -276,12 +279,15 @@ pub(super) fn mget(keys: Vec<Bytes>, ctx: &Ctx) -> Step<Reply> {
         ));
     }
     let n = keys.len();
-    let read = read_values(keys, ctx.router.max_value, ctx);
+    // Each chunk may answer what a frame carries: at most MGET_CHUNK values, as before.
+    let max_replies = ctx.router.max_replies;
+    let read = read_values(keys, |_| max_replies, ctx);
     let ctx = ctx.clone();
     dispatch_n(
         async move {
-            // Values too large to come together are read again a key at a time (at most
-            // [`MGET_CHUNK`], each within a frame).
+            // Values too large to come together in one frame are read again a key at a
+            // time: sent only now, so after the commands pipelined behind this MGET (the
+            // one case where an MGET may see a later write of the same session).
             let values = match read.await {
                 Ok(values) => values,
                 Err(keys) => one_at_a_time(keys, &ctx).collect().await,
@@ -303,35 +309,44 @@ fn one_at_a_time(keys: Vec<Bytes>, ctx: &Ctx) -> impl Stream<Item = Element> + S
 }
 
 /// Reads the values of `keys`, sent before this returns (in the session's order): one read
-/// program per pair for each [`MGET_CHUNK`] of its keys; the keys back if the values would
-/// take more than `budget` bytes (each chunk may take its share). A key being moved between
-/// pairs, or with a read-modify-write of the session in flight, and every key in adapter
-/// mode, takes the way of a GET, which handles those.
+/// program per pair for each [`MGET_CHUNK`] of its keys, whose replies may take
+/// `cap(number of chunks)` bytes. A key being moved between pairs, or with a
+/// read-modify-write of the session in flight, and every key in adapter mode, takes the way
+/// of a GET, which handles those. The keys come back, and nothing is sent, if more than
+/// [`MGET_CHUNK`] keys need a GET; they come back too if a chunk's values pass its cap.
 fn read_values(
     keys: Vec<Bytes>,
-    budget: usize,
+    cap: impl FnOnce(usize) -> usize,
     ctx: &Ctx,
-) -> impl Future<Output = Result<Vec<Element>, Vec<Bytes>>> + Send + 'static {
+) -> Either<impl Future<Output = Values> + Send + 'static, Ready<Values>> {
     let router = &ctx.router;
     let topo = router.pairs();
     let pending = ctx.origin.rmw.as_ref();
-    let mut singles = Vec::new();
+    let mut single = Vec::new();
     let mut by_pair: Vec<Vec<usize>> = vec![Vec::new(); topo.len()];
     // Adapter mode's GET falls back to the source and destination; a program does not.
     let one_by_one = keys.len() == 1 || router.is_adapter();
     for (i, key) in keys.iter().enumerate() {
         let route = topo.route(key);
         if one_by_one || route.from.is_some() || pending.is_some_and(|p| p.holds(key)) {
-            singles.push((i, router.get(key.clone(), &ctx.origin)));
+            single.push(i);
         } else {
             by_pair[route.pair].push(i);
         }
     }
+    if single.len() > MGET_CHUNK {
+        return Either::Right(ready(Err(keys)));
+    }
+    let singles: Vec<_> = single
+        .into_iter()
+        .map(|i| (i, router.get(keys[i].clone(), &ctx.origin)))
+        .collect();
     let chunks = by_pair
         .iter()
         .map(|p| p.len().div_ceil(MGET_CHUNK))
         .sum::<usize>();
-    let cap = budget / chunks.max(1);
+    // Never 0: that would mean no bound at all to the worker.
+    let cap = cap(chunks.max(1)).max(1);
     let mut reads = Vec::with_capacity(chunks);
     for (pair, indexes) in by_pair.iter().enumerate() {
         for part in indexes.chunks(MGET_CHUNK) {
@@ -340,7 +355,7 @@ fn read_values(
             reads.push((part.to_vec(), read));
         }
     }
-    async move {
+    Either::Left(async move {
         let mut out: Vec<Element> = vec![Ok(Reply::Nil); keys.len()];
         let (singles, answers) = futures_util::future::join(
             join_all(
@@ -379,7 +394,7 @@ fn read_values(
             }
         }
         Ok(out)
-    }
+    })
 }
 
 /// A GET's answer as an MGET element: another type reads as nil.

@@ -97,8 +97,9 @@ pub fn run(store: &Store, sync: &SyncState, req: &Request, writes: bool) -> Resp
         .encode_as(version, &mut replies);
         return Response::ok(Answer::encode(false, None, &[], &replies));
     }
-    // The largest value a write may leave, and the most the replies may take: what the
-    // orchestrator can carry (its frame limit, in `ttl_ms`), and never past Redis' own.
+    // The largest value a write may leave, or the most a query's replies may take: what
+    // the orchestrator can carry (from its frame limit, in `ttl_ms`), and never past Redis'
+    // own.
     let max_value = match req.ttl_ms {
         0 => MAX_VALUE,
         n => usize::try_from(n).unwrap_or(MAX_VALUE).min(MAX_VALUE),
@@ -123,8 +124,8 @@ pub fn run(store: &Store, sync: &SyncState, req: &Request, writes: bool) -> Resp
                 };
                 let reply = cx.run(action).unwrap_or_else(|err| err);
                 reply.encode_as(version, &mut replies);
-                if replies.len() > max_value {
-                    // A frame could not carry them; nothing is written.
+                if !writes && replies.len() > max_value {
+                    // A frame could not carry them.
                     return Response::error(Status::TooLarge, "replies too large for one answer");
                 }
                 false

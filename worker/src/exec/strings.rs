@@ -11,7 +11,11 @@ use super::{NAN_OR_INF, NOT_FLOAT, NOT_INTEGER, TOO_BIG};
 
 pub(super) fn run(cx: &mut Cx, action: &Action) -> Outcome {
     match action {
-        Action::Get => Ok(cx.string()?.map_or(Reply::Nil, |(_, v)| Reply::Bulk(v))),
+        Action::Get => {
+            let value = cx.string();
+            cx.txn.count_lookup(!matches!(value, Ok(None)));
+            Ok(value?.map_or(Reply::Nil, |(_, v)| Reply::Bulk(v)))
+        }
         Action::StrLen => Ok(Reply::Int(cx.string()?.map_or(0, |(_, v)| v.len() as i64))),
         Action::GetRange(start, end) => {
             let value = cx.string()?.map(|(_, v)| v).unwrap_or_default();

@@ -174,6 +174,13 @@ impl Txn<'_> {
             .map(|e| seal::layout_name(e.stored()))
     }
 
+    /// Counts a GET's lookup in the keyspace hits or misses, as `Store::get` does (MGET's
+    /// read programs are GETs too).
+    pub fn count_lookup(&self, hit: bool) {
+        let c = &self.store.counters;
+        if hit { &c.hits } else { &c.misses }.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// What `key` holds and its value, opened; marks the entry read (for eviction).
     pub fn read(&mut self, key: &[u8]) -> Result<Option<(Meta, Bytes)>, SealError> {
         if let Some(staged) = self.staged(key) {
