@@ -317,3 +317,23 @@ fn query_replies_past_the_cap_are_refused() {
     let resp = super::run(&s, &SyncState::default(), &req, false);
     assert_eq!(resp.status, Status::TooLarge);
 }
+
+/// A GET in a program (MGET's reads, a GET inside MULTI) counts in the keyspace hits and
+/// misses, as a plain GET does.
+#[test]
+fn program_gets_count_keyspace_hits_and_misses() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let s = Store::default();
+    s.set(b"a", b"1", 1, SetOptions::default()).unwrap();
+    let mut req = Request::new(Op::Query, b("a"));
+    req.value = encode_program(&[Action::Get, Action::Key(b("nope")), Action::Get]);
+    let resp = super::run(&s, &SyncState::default(), &req, false);
+    assert_eq!(resp.status, Status::Ok);
+    assert_eq!(
+        (
+            s.counters.hits.load(Relaxed),
+            s.counters.misses.load(Relaxed)
+        ),
+        (1, 1)
+    );
+}
