@@ -397,3 +397,32 @@ async fn quiet_connections_give_their_buffers_back() {
         "{per_conn} bytes per quiet connection"
     );
 }
+
+/// A hash the value limit lets in can be read whole: HGETALL's reply may be longer than the
+/// stored hash (a field of 8 bytes and a value of 1 take 17 bytes stored, 21 in the reply),
+/// and a read program may answer what a frame carries, not only the largest value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hash_near_the_value_limit_reads_back_whole() {
+    // --max-frame 1MiB: values up to about 511 KiB.
+    let cluster = Cluster::start_with(1, &["--max-frame", "1MiB"]).await;
+    let mut c = RespConn::connect(cluster.orch.addr).await;
+    const FIELDS: usize = 30_000;
+    let fields: Vec<String> = (0..FIELDS).map(|i| format!("{i:08}")).collect();
+    let mut args: Vec<&[u8]> = vec![b"HSET", b"h"];
+    for f in &fields {
+        args.push(f.as_bytes());
+        args.push(b"v");
+    }
+    let set = c.call(&args).await;
+    assert_eq!(&set[..], format!(":{FIELDS}\r\n").as_bytes());
+    let all = c.call(&[b"HGETALL", b"h"]).await;
+    assert!(
+        all.starts_with(format!("*{}\r\n", 2 * FIELDS).as_bytes()),
+        "{:?}",
+        String::from_utf8_lossy(&all[..all.len().min(80)])
+    );
+    assert_eq!(
+        all.len(),
+        format!("*{}\r\n", 2 * FIELDS).len() + FIELDS * 21
+    );
+}

@@ -182,7 +182,7 @@ impl Router {
         // A program behind a newer write of its key takes the next version on the primary
         // instead of coming back for a new stamp (see `version::bump`).
         req.flags = flags::IN_SYNC | flags::BUMP | if resp3 { flags::RESP3 } else { 0 };
-        req.ttl_ms = self.max_value as u64;
+        req.ttl_ms = self.max_replies as u64;
         let pending = origin.rmw.as_ref().map(|p| p.start(&req.key));
         let targets = self.write_targets(&topo[pair]);
         if !targets[0] && !targets[1] {

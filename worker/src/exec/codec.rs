@@ -10,6 +10,8 @@
 //! hash's operations cost time in proportion to its size; that suits the small objects
 //! (sessions, profiles) a cache holds, not hashes of millions of fields.
 
+use std::collections::{HashMap, HashSet};
+
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 /// A hash's fields and values, in order.
@@ -76,6 +78,59 @@ pub fn set(fields: &mut Fields, field: &Bytes, value: Bytes) -> bool {
     }
 }
 
+/// Fields a command names past which it looks them up through an index, not by scanning:
+/// one HSET or HDEL of many fields must not cost their number times the hash's size.
+const SCAN_UP_TO: usize = 8;
+
+/// Sets each of `pairs` in order (a field named twice takes its last value); how many
+/// fields are new.
+pub fn set_all(fields: &mut Fields, pairs: &[(Bytes, Bytes)]) -> usize {
+    if pairs.len() <= SCAN_UP_TO {
+        return pairs
+            .iter()
+            .filter(|(f, v)| set(fields, f, v.clone()))
+            .count();
+    }
+    let mut index: HashMap<Bytes, usize> = fields
+        .iter()
+        .enumerate()
+        .map(|(i, (f, _))| (f.clone(), i))
+        .collect();
+    let mut added = 0;
+    for (f, v) in pairs {
+        match index.get(f) {
+            Some(&i) => fields[i].1 = v.clone(),
+            None => {
+                index.insert(f.clone(), fields.len());
+                fields.push((f.clone(), v.clone()));
+                added += 1;
+            }
+        }
+    }
+    added
+}
+
+/// The values of the fields named in `wanted`, in that order.
+pub fn get_all<'f>(fields: &'f Fields, wanted: &[Bytes]) -> Vec<Option<&'f Bytes>> {
+    if wanted.len() <= SCAN_UP_TO {
+        return wanted.iter().map(|f| get(fields, f)).collect();
+    }
+    let index: HashMap<&Bytes, &Bytes> = fields.iter().map(|(f, v)| (f, v)).collect();
+    wanted.iter().map(|f| index.get(f).copied()).collect()
+}
+
+/// Removes the fields named in `gone`; how many there were.
+pub fn remove_all(fields: &mut Fields, gone: &[Bytes]) -> usize {
+    let before = fields.len();
+    if gone.len() <= SCAN_UP_TO {
+        fields.retain(|(f, _)| !gone.contains(f));
+    } else {
+        let gone: HashSet<&Bytes> = gone.iter().collect();
+        fields.retain(|(f, _)| !gone.contains(f));
+    }
+    before - fields.len()
+}
+
 pub fn get<'f>(fields: &'f Fields, field: &[u8]) -> Option<&'f Bytes> {
     fields.iter().find(|(f, _)| f == field).map(|(_, v)| v)
 }
@@ -84,6 +139,35 @@ pub fn get<'f>(fields: &'f Fields, field: &[u8]) -> Option<&'f Bytes> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    proptest! {
+        /// Setting or removing many fields through the index gives what one at a time does.
+        #[test]
+        fn many_fields_at_once_match_one_at_a_time(
+            start in proptest::collection::vec((0u8..40, any::<u8>()), 0..30),
+            pairs in proptest::collection::vec((0u8..40, any::<u8>()), 0..30),
+            gone in proptest::collection::vec(0u8..40, 0..30),
+        ) {
+            let b = |x: u8| Bytes::from(vec![x]);
+            let mut one = Fields::new();
+            for (f, v) in &start {
+                set(&mut one, &b(*f), b(*v));
+            }
+            let mut many = one.clone();
+            let pairs: Vec<(Bytes, Bytes)> = pairs.iter().map(|(f, v)| (b(*f), b(*v))).collect();
+            let added = pairs.iter().filter(|(f, v)| set(&mut one, f, v.clone())).count();
+            prop_assert_eq!(set_all(&mut many, &pairs), added);
+            prop_assert_eq!(&many, &one);
+            let wanted: Vec<Bytes> = pairs.iter().map(|(f, _)| f.clone()).chain((0..20).map(b)).collect();
+            let got: Vec<Option<&Bytes>> = wanted.iter().map(|f| get(&one, f)).collect();
+            prop_assert_eq!(get_all(&many, &wanted), got);
+            let gone: Vec<Bytes> = gone.into_iter().map(b).collect();
+            let before = one.len();
+            one.retain(|(f, _)| !gone.contains(f));
+            prop_assert_eq!(remove_all(&mut many, &gone), before - one.len());
+            prop_assert_eq!(many, one);
+        }
+    }
 
     #[test]
     fn round_trip_keeps_order() {

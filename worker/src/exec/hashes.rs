@@ -23,9 +23,9 @@ pub(super) fn run(cx: &mut Cx, action: &Action) -> Outcome {
         Action::HMGet(wanted) => {
             let (_, fields) = read_or_empty(cx)?;
             Ok(Reply::Array(
-                wanted
-                    .iter()
-                    .map(|f| codec::get(&fields, f).map_or(Reply::Nil, |v| Reply::Bulk(v.clone())))
+                codec::get_all(&fields, wanted)
+                    .into_iter()
+                    .map(|v| v.map_or(Reply::Nil, |v| Reply::Bulk(v.clone())))
                     .collect(),
             ))
         }
@@ -86,10 +86,7 @@ pub(super) fn run(cx: &mut Cx, action: &Action) -> Outcome {
         }
         Action::HSet { pairs, ok } => {
             let (expires_at, mut fields) = read_or_empty(cx)?;
-            let mut added = 0;
-            for (f, v) in pairs {
-                added += i64::from(codec::set(&mut fields, f, v.clone()));
-            }
+            let added = codec::set_all(&mut fields, pairs) as i64;
             store(cx, expires_at, &fields)?;
             Ok(if *ok { Reply::OK } else { Reply::Int(added) })
         }
@@ -106,9 +103,7 @@ pub(super) fn run(cx: &mut Cx, action: &Action) -> Outcome {
             let Some((meta, mut fields)) = read(cx)? else {
                 return Ok(Reply::Int(0));
             };
-            let before = fields.len();
-            fields.retain(|(f, _)| !gone.contains(f));
-            let removed = (before - fields.len()) as i64;
+            let removed = codec::remove_all(&mut fields, gone) as i64;
             if removed > 0 {
                 if fields.is_empty() {
                     cx.delete();
