@@ -17,7 +17,6 @@
 //! a reader sees the old state or the new one, never half of one. Writes are group-committed
 //! by [`crate::scan`]: one write covers every batch registered since the previous one.
 
-use std::io::Write;
 use std::path::Path;
 
 use base64::Engine;
@@ -82,19 +81,10 @@ impl Checkpoint {
         Ok(cp)
     }
 
-    /// Writes the checkpoint atomically: temporary file, fsync, rename.
+    /// Writes the checkpoint atomically (`durable::write_file`).
     pub fn store(&self, path: &Path) -> Result<(), Error> {
-        let mut tmp = path.as_os_str().to_owned();
-        tmp.push(".tmp");
-        let tmp = std::path::PathBuf::from(tmp);
         let text = serde_json::to_vec(self).map_err(|e| Error::malformed(path, e))?;
-        let write = || -> std::io::Result<()> {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&text)?;
-            f.sync_data()?;
-            std::fs::rename(&tmp, path)
-        };
-        write().map_err(|e| Error::io(path, e))
+        twincache_protocol::durable::write_file(path, &text).map_err(|e| Error::io(path, e))
     }
 }
 

@@ -27,6 +27,7 @@
 pub mod auth;
 pub mod budget;
 pub mod coverage;
+pub mod durable;
 pub mod frame;
 pub mod glob;
 pub mod hash;

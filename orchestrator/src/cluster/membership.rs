@@ -342,31 +342,6 @@ impl State {
     }
 }
 
-/// Writes the state file so that it survives a crash or power loss whole: a temporary file
-/// in the same directory, synced, renamed over it, and the directory synced (the rename is
-/// durable only then).
-fn write_state(path: &std::path::Path, text: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = std::path::PathBuf::from(tmp);
-    let written = (|| {
-        let mut file = std::fs::File::create(&tmp)?;
-        file.write_all(text.as_bytes())?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    written?;
-    let dir = match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => std::path::Path::new("."),
-    };
-    std::fs::File::open(dir)?.sync_all()
-}
-
 /// Reads the state file: `None` if there is none yet; an error, naming the file (and the
 /// line), if it cannot be read or used, since starting from an even map instead would look
 /// for moved keys on their old pairs.
@@ -670,7 +645,7 @@ impl Router {
             let text = State::of(&topo).text();
             // Off the event loop: an fsync may take a while.
             let written = tokio::task::spawn_blocking(move || {
-                write_state(&path, &text)
+                twincache_protocol::durable::write_file(&path, text.as_bytes())
                     .map_err(|e| format!("cannot write the state file {}: {e}", path.display()))
             })
             .await
