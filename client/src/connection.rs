@@ -490,7 +490,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(mut wr: W, shared: Arc<Shared>) {
         // it still holds.
         let written = tokio::select! {
             written = async {
-                out.write_to(&mut wr).await?;
+                wr.write_all_buf(&mut out).await?;
                 wr.flush().await
             } => written,
             _ = shared.signal.cancelled() => break,

@@ -717,9 +717,9 @@ async fn write_out<S: AsyncWrite + Unpin>(
 ) -> std::io::Result<()> {
     while !out.is_empty() {
         tokio::select! {
-            written = tokio::time::timeout(deadline, out.write_some(stream)) => match written {
+            written = tokio::time::timeout(deadline, stream.write_buf(out)) => match written {
                 Ok(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
-                Ok(Ok(n)) => out.advance(n),
+                Ok(Ok(_)) => {}
                 Ok(Err(e)) => return Err(e),
                 Err(_) => {
                     return Err(std::io::Error::new(

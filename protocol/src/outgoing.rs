@@ -5,20 +5,16 @@
 //! read back) is not copied in: the bytes encoded so far are split off and kept as they are,
 //! then the value's own `Bytes` (a slice of the buffer it was read into, or what the store
 //! handed out), and they all leave in order, in one vectored write where the stream takes
-//! it (with no value held, a plain write: no `writev`, no list of slices). Between a client's socket and a worker's socket a large value is then only ever
-//! copied by the kernel.
+//! it (it is a [`Buf`] for tokio's `write_buf` and `write_all_buf`). Between a client's
+//! socket and a worker's socket a large value is then only ever copied by the kernel.
 
 use std::io::IoSlice;
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 /// Values at least this long are written from where they lie: below it, copying costs less
 /// than another slice in the write (and a slice pins its whole allocation until written).
 pub const LARGE: usize = 16 * 1024;
-
-/// Slices per write: well under any system's `IOV_MAX`.
-const SLICES: usize = 64;
 
 /// What waits to be written, in order: `parts`, then `buf`.
 #[derive(Debug, Default)]
@@ -88,24 +84,44 @@ impl Outgoing {
         self.buf.clear();
         self.sent = 0;
     }
+}
 
-    /// The next bytes to write, in order, as slices for a vectored write.
-    pub fn slices(&self) -> Vec<IoSlice<'_>> {
-        let mut slices: Vec<IoSlice<'_>> = self
-            .parts
-            .iter()
-            .filter(|p| !p.is_empty())
-            .take(SLICES)
-            .map(|p| IoSlice::new(p))
-            .collect();
-        if slices.len() < SLICES && self.buf.len() > self.sent {
-            slices.push(IoSlice::new(&self.buf[self.sent..]));
+/// What waits, as a [`Buf`], so that tokio's `write_buf` and `write_all_buf` write it: in
+/// one vectored write where the stream takes one (a slice per part, then the buffer), and
+/// advancing past what was written. The encoded bytes stay in the buffer until [`clear`]
+/// (an owner that wipes what it sent must see them).
+///
+/// [`clear`]: Outgoing::clear
+impl Buf for Outgoing {
+    fn remaining(&self) -> usize {
+        self.len()
+    }
+
+    fn chunk(&self) -> &[u8] {
+        match self.parts.first() {
+            Some(part) => part,
+            None => &self.buf[self.sent..],
         }
-        slices
+    }
+
+    fn chunks_vectored<'a>(&'a self, dst: &mut [IoSlice<'a>]) -> usize {
+        let mut n = 0;
+        for part in &self.parts {
+            if n == dst.len() {
+                return n;
+            }
+            dst[n] = IoSlice::new(part);
+            n += 1;
+        }
+        if n < dst.len() && self.buf.len() > self.sent {
+            dst[n] = IoSlice::new(&self.buf[self.sent..]);
+            n += 1;
+        }
+        n
     }
 
     /// Forgets the first `n` bytes, written.
-    pub fn advance(&mut self, mut n: usize) {
+    fn advance(&mut self, mut n: usize) {
         let taken = n.min(self.parts_len);
         self.parts_len -= taken;
         n -= taken;
@@ -123,46 +139,20 @@ impl Outgoing {
         self.parts.drain(..done);
         self.sent = (self.sent + n).min(self.buf.len());
     }
-
-    /// Writes what the stream takes of the next bytes, and returns how much that was (for
-    /// [`Outgoing::advance`]): a plain write when only the encoding buffer holds any, a
-    /// vectored one otherwise.
-    pub async fn write_some<W: AsyncWrite + Unpin>(&self, wr: &mut W) -> std::io::Result<usize> {
-        if self.parts.is_empty() {
-            wr.write(&self.buf[self.sent..]).await
-        } else {
-            wr.write_vectored(&self.slices()).await
-        }
-    }
-
-    /// Writes everything. The caller clears it afterwards: an owner that wipes what it sent
-    /// must see those bytes first.
-    pub async fn write_to<W: AsyncWrite + Unpin>(&mut self, wr: &mut W) -> std::io::Result<()> {
-        if self.parts.is_empty() {
-            wr.write_all(&self.buf[self.sent..]).await?;
-        } else {
-            while !self.is_empty() {
-                let n = self.write_some(wr).await?;
-                if n == 0 {
-                    return Err(std::io::ErrorKind::WriteZero.into());
-                }
-                self.advance(n);
-            }
-        }
-        Ok(())
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncWriteExt;
 
     fn written(out: &mut Outgoing, step: usize) -> Vec<u8> {
         let mut seen = Vec::new();
         while !out.is_empty() {
-            let slices = out.slices();
+            let mut slices = [IoSlice::new(&[]); 64];
+            let count = out.chunks_vectored(&mut slices);
             let mut n = 0;
-            for s in &slices {
+            for s in &slices[..count] {
                 let take = (step - n).min(s.len());
                 seen.extend_from_slice(&s[..take]);
                 n += take;
@@ -170,7 +160,6 @@ mod tests {
                     break;
                 }
             }
-            drop(slices);
             out.advance(n);
         }
         seen
@@ -226,14 +215,14 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn write_to_writes_everything_in_order() {
+    async fn write_all_buf_writes_everything_in_order() {
         let big = Bytes::from((0..LARGE * 3).map(|i| i as u8).collect::<Vec<u8>>());
         let mut out = Outgoing::default();
         out.buf().extend_from_slice(b"<");
         out.put(&big);
         out.buf().extend_from_slice(b">");
         let mut sink = Vec::new();
-        out.write_to(&mut sink).await.unwrap();
+        sink.write_all_buf(&mut out).await.unwrap();
         assert_eq!(sink.len(), big.len() + 2);
         assert_eq!(&sink[1..sink.len() - 1], &big[..]);
         out.clear();
@@ -241,11 +230,11 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn write_to_leaves_the_encoded_bytes_for_their_owner_to_wipe() {
+    async fn writing_leaves_the_encoded_bytes_for_their_owner_to_wipe() {
         let mut out = Outgoing::default();
         out.buf().extend_from_slice(b"secret reply");
         let mut sink = Vec::new();
-        out.write_to(&mut sink).await.unwrap();
+        sink.write_all_buf(&mut out).await.unwrap();
         assert_eq!(&sink[..], b"secret reply");
         assert_eq!(
             &out.buf()[..],

@@ -18,7 +18,7 @@
 //! path stays as it was (a branch on a flag per buffer operation).
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::AsyncWrite;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio_util::codec::Decoder;
 use twincache_protocol::frame::{
     encode_frame, encode_frame_head, FrameCodec, FrameError, Message, Request,
@@ -153,7 +153,7 @@ impl Replies {
 
     /// Writes everything, then clears (wiping what was written first, if it wipes).
     pub async fn write_to<W: AsyncWrite + Unpin>(&mut self, wr: &mut W) -> std::io::Result<()> {
-        let written = self.out.write_to(wr).await;
+        let written = wr.write_all_buf(&mut self.out).await;
         self.clear();
         written
     }
