@@ -579,7 +579,7 @@ async fn run<P: Protocol, S: ClientStream>(
             // Room for the rest of the argument being read, in one step rather than read by
             // read: at most 1 MiB, or what is buffered already if that is more, so what a
             // client declares but does not send reserves address space (memory only as
-            // bytes arrive) no faster than a buffer's doubling would.
+            // bytes arrive) 1 MiB at first, then no faster than a buffer's doubling would.
             let wanted = proto.wanted(&buf);
             if wanted > buf.capacity() - buf.len() {
                 buf.reserve(wanted.min(buf.len().max(RESERVE_AHEAD)));
