@@ -8,12 +8,12 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use twincache_client::Bytes;
 
 use twincache_client::Client;
 
-use crate::harness::{Proc, TextConn, WORKER};
+use crate::harness::{poll_until, Proc, TextConn, WORKER};
 
 /// Orchestrator flags that make failures show quickly in a test.
 pub const FAST: &[&str] = &[
@@ -132,18 +132,17 @@ pub async fn status(addr: SocketAddr) -> String {
 
 /// Waits (bounded) until the status line satisfies `want`.
 pub async fn wait_status(addr: SocketAddr, what: &str, want: impl Fn(&str) -> bool) -> String {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
+    let check = || async {
         let s = status(addr).await;
-        if want(&s) {
-            return s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "waited too long for {what}; status: {s}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        (want(&s), s)
+    };
+    poll_until(
+        what,
+        Duration::from_secs(20),
+        Duration::from_millis(50),
+        check,
+    )
+    .await
 }
 
 pub fn state_of<'a>(status: &'a str, worker: &SocketAddr) -> &'a str {

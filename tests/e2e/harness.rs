@@ -515,3 +515,29 @@ impl RespConn {
         }
     }
 }
+
+/// Polls `check` (which says whether it holds, and what it saw) every `every` until it
+/// holds, for at most `limit`; panics with the last thing it saw.
+pub async fn poll_until<F, Fut>(
+    what: &str,
+    limit: Duration,
+    every: Duration,
+    mut check: F,
+) -> String
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = (bool, String)>,
+{
+    let deadline = Instant::now() + limit;
+    loop {
+        let (ok, seen) = check().await;
+        if ok {
+            return seen;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "waited too long for {what}; last saw:\n{seen}"
+        );
+        tokio::time::sleep(every).await;
+    }
+}

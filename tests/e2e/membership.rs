@@ -14,7 +14,7 @@ use twincache_client::{Bytes, Client};
 use twincache_protocol::slots::SlotMap;
 
 use crate::faults::{Load, Model, FAST};
-use crate::harness::{wait_log, Proc, RespConn, TempFile, ORCHESTRATOR};
+use crate::harness::{poll_until, wait_log, Proc, RespConn, TempFile, ORCHESTRATOR};
 
 /// `INFO cluster` through RESP.
 pub async fn cluster_info(addr: SocketAddr) -> String {
@@ -24,18 +24,17 @@ pub async fn cluster_info(addr: SocketAddr) -> String {
 
 /// Waits (bounded) until INFO cluster satisfies `done`.
 pub async fn wait_info(addr: SocketAddr, what: &str, done: impl Fn(&str) -> bool) -> String {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
+    let check = || async {
         let info = cluster_info(addr).await;
-        if done(&info) {
-            return info;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "waited too long for {what}:\n{info}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        (done(&info), info)
+    };
+    poll_until(
+        what,
+        Duration::from_secs(90),
+        Duration::from_millis(100),
+        check,
+    )
+    .await
 }
 
 /// Whether INFO cluster shows no change under way and the pairs holding `slots` slots.

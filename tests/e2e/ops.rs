@@ -77,22 +77,12 @@ pub async fn get(url: &str) -> (u16, String) {
 
 /// Polls `check` (which says whether it holds, and what it saw) until it holds, for at
 /// most [`WAIT`]; panics with the last thing it saw.
-pub async fn wait_for<F, Fut>(what: &str, mut check: F) -> String
+pub async fn wait_for<F, Fut>(what: &str, check: F) -> String
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = (bool, String)>,
 {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let (ok, seen) = check().await;
-        if ok {
-            return seen;
-        }
-        if Instant::now() > deadline {
-            panic!("timed out waiting for {what}; last saw:\n{seen}");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    crate::harness::poll_until(what, WAIT, Duration::from_millis(200), check).await
 }
 
 /// A port free a moment ago, for tools that cannot announce one they picked.
