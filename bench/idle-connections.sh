@@ -21,19 +21,11 @@ cd "$(dirname "$0")/.."
 N=${N:-10000}
 ORCH_FLAGS=${ORCH_FLAGS:-}
 BIN=${BIN:-target/release}
-# Debian installs nutcracker in /usr/sbin, which a user's PATH may lack.
-PATH=$PATH:/usr/sbin
-for tool in redis-server nutcracker python3 "$BIN/worker" "$BIN/orchestrator"; do
-  command -v "$tool" >/dev/null || {
-    echo "bench/idle-connections.sh needs $tool (apt-get install -y redis-server nutcracker python3; cargo build --release)" >&2
-    exit 2
-  }
-done
-# Each process holds one end of every connection: N descriptors and a few.
-ulimit -n $((N + 1000))
-
 # shellcheck source=bench/servers.sh
 . bench/servers.sh
+need redis-server nutcracker python3 "$BIN/worker" "$BIN/orchestrator"
+# Each process holds one end of every connection: N descriptors and a few.
+ulimit -n $((N + 1000))
 start_redis
 start_twemproxy
 # shellcheck disable=SC2086 # a list of flags

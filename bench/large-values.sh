@@ -27,15 +27,10 @@ ROUNDS=${ROUNDS:-3}
 BIN=${BIN:-target/release}
 ORCH_FLAGS=${ORCH_FLAGS:-}
 WORKER_FLAGS=${WORKER_FLAGS:-}
-for tool in redis-server redis-benchmark python3 "$BIN/worker" "$BIN/orchestrator"; do
-  command -v "$tool" >/dev/null || {
-    echo "bench/large-values.sh needs $tool (apt-get install -y redis-server redis-tools python3; cargo build --release)" >&2
-    exit 2
-  }
-done
 
 # shellcheck source=bench/servers.sh
 . bench/servers.sh
+need redis-server redis-benchmark python3 "$BIN/worker" "$BIN/orchestrator"
 start_redis
 # shellcheck disable=SC2086 # a list of flags
 start_pair "$BIN" $ORCH_FLAGS

@@ -15,22 +15,10 @@ set -u -o pipefail
 case "${1:-}" in -h | --help | "") sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;; esac
 ROUNDS=${ROUNDS:-3}
 N=${N:-20000}
-# Debian installs nutcracker in /usr/sbin, which a user's PATH may lack.
-PATH=$PATH:/usr/sbin
-for tool in redis-server redis-benchmark nutcracker python3; do
-  command -v "$tool" >/dev/null || {
-    echo "bench/mget.sh needs $tool: apt-get install -y redis-server redis-tools nutcracker python3" >&2
-    exit 2
-  }
-done
-for bin in "$1" ${2:+"$2"}; do
-  [ -x "$bin/worker" ] && [ -x "$bin/orchestrator" ] || {
-    echo "bench/mget.sh: no worker and orchestrator binaries in $bin (cargo build --release first)" >&2
-    exit 2
-  }
-done
 # shellcheck source=bench/servers.sh
 . "$(dirname "$0")/servers.sh"
+need redis-server redis-benchmark nutcracker python3 "$1/worker" "$1/orchestrator"
+[ -n "${2:-}" ] && need "$2/worker" "$2/orchestrator"
 
 declare -A PORT
 REDIS_PORTS=()

@@ -25,17 +25,9 @@ N16=${N16:-400000}
 TESTS=${TESTS:-set,get}
 KEYSPACE=${KEYSPACE:-100000}
 
-# Debian installs nutcracker in /usr/sbin, which a user's PATH may lack.
-PATH=$PATH:/usr/sbin
-for tool in redis-server redis-benchmark nutcracker python3; do
-  command -v "$tool" >/dev/null || {
-    echo "bench/peers.sh needs $tool: apt-get install -y redis-server redis-tools nutcracker python3" >&2
-    exit 2
-  }
-done
-
 # shellcheck source=bench/servers.sh
 . "$(dirname "$0")/servers.sh"
+need redis-server redis-benchmark nutcracker python3
 start_redis
 start_twemproxy
 

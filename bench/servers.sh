@@ -10,6 +10,24 @@
 #                             ORCH_PORT, ORCH_PID (WORKER_FLAGS: extra worker flags)
 #   in_turn ROUND NAME...     the names, one a line, reversed on even rounds: targets
 #                             measured in turn, so the machine's drift favours none
+#   need TOOL...              exits (2) naming a missing tool and how to get it: its Debian
+#                             package, or `cargo build --release` for a binary path
+# Debian installs nutcracker in /usr/sbin, which a user's PATH may lack.
+PATH=$PATH:/usr/sbin
+need() {
+  local tool package
+  for tool in "$@"; do
+    command -v "$tool" >/dev/null && continue
+    case $tool in
+      */*) echo "$0: no $tool (cargo build --release first)" >&2 ;;
+      *)
+        case $tool in redis-benchmark | redis-cli) package=redis-tools ;; *) package=$tool ;; esac
+        echo "$0 needs $tool: apt-get install -y $package" >&2
+        ;;
+    esac
+    exit 2
+  done
+}
 WORK=$(mktemp -d)
 STARTED=()
 stop_started() {
