@@ -435,6 +435,9 @@ pub struct RouterStats {
     pub resyncs_completed: AtomicU64,
     /// Read-modify-writes a primary sent back for a newer stamp (hot-key contention).
     pub restamps: AtomicU64,
+    /// Edits of a large hash its partner could not take (it lacked the edited version),
+    /// sent again whole.
+    pub whole_copies: AtomicU64,
 }
 
 impl RouterStats {
@@ -472,6 +475,11 @@ impl RouterStats {
             "twincache_rmw_restamps",
             "Read-modify-writes a primary sent back for a newer version (hot-key contention).",
             self.restamps.load(Relaxed),
+        )?;
+        s.counter(
+            "twincache_rmw_whole_copies",
+            "Edits of a large hash its partner lacked the base of, sent again whole.",
+            self.whole_copies.load(Relaxed),
         )
     }
 }

@@ -36,6 +36,14 @@ pub const ABORTED: u8 = 1;
 pub const BUMPED: u8 = 2;
 /// What [`Change::kind`] is for a delete.
 pub const DELETED: u8 = 255;
+/// Flag on a change's kind: the value is the worker's stored form (a large hash's records,
+/// see the worker's `seal::records`), which the partner keeps as it is instead of sealing.
+pub const STORED: u8 = 0x40;
+/// Flag on a [`STORED`] change's kind: the value is an edit of the partner's entry at a
+/// given version (the worker's `records::replay`), not the whole form. A partner without
+/// that version answers [`crate::Status::NotApplied`], and the sender sends the key whole
+/// (`Action::Export`).
+pub const PATCH: u8 = 0x20;
 
 /// A stored value's type, in the entry header (see the worker's `store` module).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,6 +147,10 @@ pub enum Action {
     Dump,
     /// A random live key of this worker (the key is ignored).
     RandomKey,
+    /// The current key's whole state as a change (a delete for a tombstone, nothing when
+    /// there is no entry), at its version (the answer's): what a partner that could not
+    /// take an edit ([`PATCH`]) is sent instead. Runs alone.
+    Export,
     HGet(Bytes),
     HMGet(Vec<Bytes>),
     HGetAll,
@@ -278,6 +290,7 @@ impl Action {
             Version => 18,
             Dump => 19,
             RandomKey => 20,
+            Export => 31,
             HGet(_) => 21,
             HMGet(_) => 22,
             HGetAll => 23,
@@ -393,7 +406,7 @@ impl Action {
                 put_bytes(out, value);
             }
             Get | StrLen | Exists | Touch | Type | Encoding | Version | Dump | RandomKey
-            | HGetAll | HKeys | HVals | HLen | Del | GetDel | Persist => {}
+            | Export | HGetAll | HKeys | HVals | HLen | Del | GetDel | Persist => {}
         }
     }
 }
@@ -445,6 +458,7 @@ fn decode_action(buf: &mut Bytes) -> Result<Action, Malformed> {
         18 => Version,
         19 => Dump,
         20 => RandomKey,
+        31 => Export,
         21 => HGet(get_bytes(buf)?),
         22 => HMGet(get_list(buf)?),
         23 => HGetAll,
@@ -640,6 +654,21 @@ pub struct Change {
 }
 
 impl Change {
+    /// Whether the value is in the worker's stored form ([`STORED`]).
+    pub fn is_stored(&self) -> bool {
+        self.kind != DELETED && self.kind & STORED != 0
+    }
+
+    /// Whether the value is an edit of the partner's entry ([`PATCH`]).
+    pub fn is_patch(&self) -> bool {
+        self.is_stored() && self.kind & PATCH != 0
+    }
+
+    /// The type of the new value; `None` for a delete.
+    pub fn value_kind(&self) -> Option<Kind> {
+        Kind::from_u8(self.kind & !(STORED | PATCH)).filter(|_| self.kind != DELETED)
+    }
+
     pub fn encode(&self, out: &mut BytesMut) {
         put_bytes(out, &self.key);
         out.put_u8(self.kind);
@@ -654,7 +683,7 @@ pub fn decode_changes(mut buf: Bytes) -> Result<Vec<Change>, Malformed> {
     while buf.has_remaining() {
         let key = get_bytes(&mut buf)?;
         let kind = get_u8(&mut buf)?;
-        if kind != DELETED && Kind::from_u8(kind).is_none() {
+        if kind != DELETED && Kind::from_u8(kind & !(STORED | PATCH)).is_none() {
             return Err(Malformed("kind"));
         }
         let expires_at = get_u64(&mut buf)?;
@@ -800,6 +829,7 @@ mod tests {
             Version,
             Dump,
             RandomKey,
+            Export,
             HGet(b("f")),
             HMGet(vec![b("a"), b("")]),
             HGetAll,

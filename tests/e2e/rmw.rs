@@ -396,3 +396,183 @@ async fn flushall_taken_alone_is_not_undone_by_the_partners_refill() {
     }
     assert_eq!(&c.call(&[b"DBSIZE"]).await[..], b":1\r\n");
 }
+
+/// A `redis` crate connection to `addr` patient enough for debug builds on a busy machine.
+async fn patient_con(addr: SocketAddr) -> redis::aio::MultiplexedConnection {
+    let config =
+        redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(20)));
+    redis::Client::open(format!("redis://{addr}"))
+        .unwrap()
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .unwrap()
+}
+
+/// Runs `cmd` through the orchestrator at `addr` until it answers other than TRYAGAIN (a
+/// pair whose worker just died answers that until the health check has seen it).
+async fn redis_until_served<T: redis::FromRedisValue>(addr: SocketAddr, cmd: &redis::Cmd) -> T {
+    let mut con = patient_con(addr).await;
+    for _ in 0..200 {
+        match cmd.query_async::<T>(&mut con).await {
+            Ok(v) => return v,
+            Err(e) if e.to_string().contains("TRYAGAIN") => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    panic!("never served");
+}
+
+/// A hash past the packed form's limits is kept as records, one sealed per field (here
+/// encrypted): its single-field writes reach the partner in that form, a refill carries it
+/// as it is, and either worker alone answers it whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_encrypted_hash_survives_the_loss_of_either_worker() {
+    use std::collections::BTreeMap;
+    let key = crate::harness::keygen();
+    let file = key.arg();
+    let flags = ["--encryption-key-file", file.as_str()];
+    let mut a = worker_on(0, &flags);
+    let mut b = worker_on(0, &flags);
+    let (wa, wb) = (a.addr, b.addr);
+    let o = Proc::orchestrator(&[wa, wb], FAST);
+    in_sync(&[o.addr], &[wa, wb]).await;
+    let mut con = patient_con(o.addr).await;
+
+    let mut model: BTreeMap<String, String> = (0..300)
+        .map(|i| (format!("field:{i}"), format!("value {i}")))
+        .collect();
+    let mut hset = redis::cmd("HSET");
+    hset.arg("h");
+    for (f, v) in &model {
+        hset.arg(f).arg(v);
+    }
+    let added: i64 = redis_until_served(o.addr, &hset).await;
+    assert_eq!(added, 300);
+    let encoding: String = redis::cmd("OBJECT")
+        .arg("ENCODING")
+        .arg("h")
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_eq!(encoding, "records");
+
+    // Single-field writes, pipelined.
+    let mut pipe = redis::pipe();
+    for i in 0..100 {
+        pipe.cmd("HSET")
+            .arg("h")
+            .arg(format!("field:{i}"))
+            .arg(format!("new {i}"));
+        pipe.cmd("HINCRBY").arg("h").arg("count").arg(1);
+        model.insert(format!("field:{i}"), format!("new {i}"));
+    }
+    pipe.cmd("HDEL").arg("h").arg("field:250");
+    model.remove("field:250");
+    model.insert("count".into(), "100".into());
+    let _: Vec<redis::Value> = pipe.query_async(&mut con).await.unwrap();
+
+    // Worker b down: a takes writes alone; b comes back empty and refills from a.
+    b.kill();
+    let more: i64 =
+        redis_until_served(o.addr, redis::cmd("HSET").arg("h").arg("later").arg("x")).await;
+    assert_eq!(more, 1);
+    model.insert("later".into(), "x".into());
+    b = worker_on(wb.port(), &flags);
+    in_sync(&[o.addr], &[wa, wb]).await;
+
+    // Worker a down: b alone answers the whole hash, and takes a field write.
+    a.kill();
+    let incr: i64 =
+        redis_until_served(o.addr, redis::cmd("HINCRBY").arg("h").arg("count").arg(1)).await;
+    assert_eq!(incr, 101);
+    model.insert("count".into(), "101".into());
+    let all: BTreeMap<String, String> =
+        redis_until_served(o.addr, redis::cmd("HGETALL").arg("h")).await;
+    assert_eq!(all, model);
+    let len: usize = redis_until_served(o.addr, redis::cmd("HLEN").arg("h")).await;
+    assert_eq!(len, model.len());
+    let one: String = redis_until_served(o.addr, redis::cmd("HGET").arg("h").arg("field:7")).await;
+    assert_eq!(one, "new 7");
+    drop((a, b, o));
+}
+
+/// `name`'s value in the `/metrics` of the orchestrator `o` (started with `--http`).
+async fn counter(o: &Proc, name: &str) -> u64 {
+    let url = format!("http://{}/metrics", o.http.expect("--http given"));
+    let text = reqwest::get(url).await.unwrap().text().await.unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// HINCRBYs on one large hash from many connections through two orchestrators: two links
+/// to each worker, so the partner gets edits out of order, refuses those whose base it
+/// lacks, and is sent the hash whole. It ends with every acknowledged HINCRBY.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edits_of_a_large_hash_from_two_orchestrators_all_reach_the_partner() {
+    let mut a = worker_on(0, &[]);
+    let b = worker_on(0, &[]);
+    let (wa, wb) = (a.addr, b.addr);
+    let flags: Vec<&str> = FAST
+        .iter()
+        .copied()
+        .chain(["--http", "127.0.0.1:0"])
+        .collect();
+    let orchs = [
+        Proc::orchestrator(&[wa, wb], &flags),
+        Proc::orchestrator(&[wa, wb], &flags),
+    ];
+    let addrs = [orchs[0].addr, orchs[1].addr];
+    in_sync(&addrs, &[wa, wb]).await;
+    let mut hset = redis::cmd("HSET");
+    hset.arg("big");
+    for i in 0..300 {
+        hset.arg(format!("field:{i}")).arg("x");
+    }
+    let _: i64 = redis_until_served(addrs[0], &hset).await;
+
+    const CLIENTS: usize = 8;
+    let acked: Arc<[AtomicU64; CLIENTS]> = Arc::new(Default::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|n| {
+            let (acked, stop, addr) = (acked.clone(), stop.clone(), addrs[n % 2]);
+            tokio::spawn(async move {
+                let mut con = patient_con(addr).await;
+                while !stop.load(Ordering::Relaxed) {
+                    let mut pipe = redis::pipe();
+                    for _ in 0..16 {
+                        pipe.cmd("HINCRBY").arg("big").arg(format!("n{n}")).arg(1);
+                    }
+                    let done: Vec<i64> = pipe.query_async(&mut con).await.unwrap();
+                    acked[n].fetch_add(done.len() as u64, Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.await.unwrap();
+    }
+    let whole = counter(&orchs[0], "twincache_rmw_whole_copies_total").await
+        + counter(&orchs[1], "twincache_rmw_whole_copies_total").await;
+
+    // The primary (worker a: both were in sync from the start) goes; b answers alone.
+    a.kill();
+    let all: std::collections::HashMap<String, String> =
+        redis_until_served(addrs[0], redis::cmd("HGETALL").arg("big")).await;
+    assert_eq!(all.len(), 300 + CLIENTS);
+    for n in 0..CLIENTS {
+        let want = acked[n].load(Ordering::Relaxed);
+        assert!(want > 0);
+        assert_eq!(all[&format!("n{n}")], want.to_string(), "client {n}");
+    }
+    assert!(
+        whole > 0,
+        "no edit was sent again whole: the test did not reorder copies"
+    );
+    drop((b, orchs));
+}

@@ -10,6 +10,7 @@
 //!                  where inner is the raw, lz4 or lz4-with-dictionary form
 //! 0x03 lz4 dict  : u32 LE dictionary id, u32 LE original length, lz4 block compressed
 //!                  against that dictionary
+//! 0x04 records   : a large hash, each field sealed on its own (see [`records`])
 //! ```
 //!
 //! Cache values are small and alike (JSON records, serialized objects), so compressed one by
@@ -45,6 +46,8 @@ use zeroize::{Zeroize, Zeroizing};
 
 use crate::secret::SecretBuf;
 use crate::wipe::secret_bytes;
+
+pub mod records;
 
 const RAW: u8 = 0x00;
 const LZ4: u8 = 0x01;
@@ -223,6 +226,15 @@ impl Cipher {
         Cipher::new(&sub)
     }
 
+    /// The key of the tags of a large hash's fields (see [`records`]): the same for the
+    /// same encryption key, so partners find each other's records, and reveals nothing of it.
+    pub fn tag_key(&self) -> records::TagKey {
+        let sub = self.derive(FIELD_TAG_KEY_NONCE);
+        let mut bytes = [0u8; 16];
+        bytes.copy_from_slice(&sub.key.as_slice()[..16]);
+        records::TagKey::new(bytes)
+    }
+
     /// Identifies the key without revealing it.
     pub fn fingerprint(&self) -> &str {
         &self.fingerprint
@@ -233,6 +245,7 @@ impl Cipher {
 /// with or without a dictionary) or `encrypted`.
 pub fn layout_name(stored: &[u8]) -> &'static str {
     match stored.first() {
+        Some(&records::RECORDS) => "records",
         Some(&LZ4) | Some(&LZ4_DICT) => "compressed",
         Some(&ENCRYPTED) => "encrypted",
         _ => "raw",
@@ -318,12 +331,18 @@ pub fn room_for(len: usize, encrypted: bool) -> usize {
 /// Whether `stored` is in the encrypted layout: what a worker with a key stores and accepts
 /// from its partner for every value (tombstones hold no value and are not sealed).
 pub fn is_encrypted(stored: &[u8]) -> bool {
-    stored.first() == Some(&ENCRYPTED)
+    match stored.first() {
+        Some(&records::RECORDS) => records::all_encrypted(stored),
+        first => first == Some(&ENCRYPTED),
+    }
 }
 
 /// The nonce that derives the dictionary key from a worker's key (see [`Cipher::derive`]).
 /// Values never use it: theirs are random, and 192 bits do not repeat.
 const DICTIONARY_KEY_NONCE: &[u8; NONCE_LEN] = b"twincache dictionary key";
+
+/// The nonce that derives the key of field tags from a worker's key (see [`Cipher::derive`]).
+const FIELD_TAG_KEY_NONCE: &[u8; NONCE_LEN] = b"twincache field tags key";
 
 /// A dictionary as it travels to a partner from a worker with a key: sealed like a value,
 /// but under a key of its own, so that no value stored under any key name could be passed
@@ -415,6 +434,7 @@ pub fn open_capped(
     max_len: usize,
 ) -> Result<Bytes, SealError> {
     match stored.first() {
+        Some(&records::RECORDS) => records::open_all(key, stored, cipher, max_len),
         Some(&ENCRYPTED) => {
             let cipher = cipher.ok_or(SealError::NoKey)?;
             if stored.len() < 1 + NONCE_LEN + TAG_LEN {
@@ -516,6 +536,7 @@ pub fn plausible(stored: &[u8], value_len: usize) -> bool {
     match stored.first() {
         None => false,
         Some(&TOMBSTONE) => stored.len() == 1 && value_len == 0,
+        Some(&records::RECORDS) => records::plausible(stored, value_len),
         Some(&RAW) => stored.len() - 1 == value_len,
         Some(&LZ4) => {
             declared(1) == Some(value_len)

@@ -774,7 +774,7 @@ fn found(yes: bool) -> Response {
     }
 }
 
-fn corrupt(e: crate::seal::SealError) -> Response {
+pub(crate) fn corrupt(e: crate::seal::SealError) -> Response {
     tracing::error!(error = %e, "stored value cannot be opened");
     Response::error(Status::ServerError, "stored value is corrupt")
 }

@@ -46,7 +46,7 @@ pub use twincache_protocol::program::Kind;
 mod txn;
 mod walk;
 
-pub use txn::{Meta, Txn};
+pub use txn::{Base, Form, Meta, NotTaken, Txn};
 pub use walk::ScanStep;
 
 const HEADER: usize = 8 + 8 + 4 + 4;
@@ -81,6 +81,48 @@ impl Entry {
         buf.extend_from_slice(key);
         seal::seal_into(key, value, cipher, dict, &mut buf);
         Entry(buf.into_boxed_slice())
+    }
+
+    /// The entry of a value of type `kind`: a hash past the packed form's limits takes the
+    /// records form (`seal::records`), anything else [`Entry::new`]'s.
+    fn typed(
+        version: u64,
+        expires_at: u64,
+        key: &[u8],
+        kind: Kind,
+        value: &Bytes,
+        store: &Store,
+        dict: Option<&Dictionary>,
+    ) -> Entry {
+        if kind == Kind::Hash {
+            if let Some(fields) = crate::exec::codec::decode(value)
+                .filter(|f| seal::records::wanted(f.len(), value.len()))
+            {
+                let mut stored = Vec::new();
+                seal::records::build(key, &fields, store.sealer(), &mut stored);
+                return Entry::from_stored(version, expires_at, key, kind, value.len(), &stored);
+            }
+        }
+        Entry::new(version, expires_at, key, value, store.cipher(), dict).with_kind(kind)
+    }
+
+    /// The entry of bytes already in their stored form, of a `value_len`-byte value.
+    fn from_stored(
+        version: u64,
+        expires_at: u64,
+        key: &[u8],
+        kind: Kind,
+        value_len: usize,
+        stored: &[u8],
+    ) -> Entry {
+        let mut buf = Vec::with_capacity(HEADER + key.len() + stored.len());
+        buf.extend_from_slice(&version.to_le_bytes());
+        buf.extend_from_slice(&expires_at.to_le_bytes());
+        buf.extend_from_slice(&(key.len() as u32).to_le_bytes());
+        buf.extend_from_slice(&(value_len as u32).to_le_bytes());
+        buf.extend_from_slice(key);
+        buf.extend_from_slice(stored);
+        Entry(buf.into_boxed_slice()).with_kind(kind)
     }
 
     fn u64_at(&self, at: usize) -> u64 {
@@ -466,6 +508,8 @@ pub struct Store {
     shards: Box<[Mutex<Shard>]>,
     hasher: std::hash::RandomState,
     cipher: Option<Cipher>,
+    /// The key of a large hash's field tags (`seal::records`), from the cipher's.
+    tags: seal::records::TagKey,
     /// Bytes held by all entries (the sum of the shards' `usage.bytes`), for the limit.
     bytes: AtomicUsize,
     /// The memory limit in bytes; 0 for none.
@@ -507,6 +551,9 @@ impl Store {
         Store {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             hasher: std::hash::RandomState::new(),
+            tags: cipher
+                .as_ref()
+                .map_or(seal::records::TagKey::PLAIN, Cipher::tag_key),
             cipher,
             bytes: AtomicUsize::new(0),
             max_bytes,
@@ -632,6 +679,14 @@ impl Store {
     /// The memory limit in bytes (0: none).
     pub fn max_bytes(&self) -> usize {
         self.max_bytes
+    }
+
+    /// What sealing a large hash's records takes.
+    pub fn sealer(&self) -> seal::records::Sealer<'_> {
+        seal::records::Sealer {
+            cipher: self.cipher(),
+            tags: &self.tags,
+        }
     }
 
     pub fn cipher(&self) -> Option<&Cipher> {
@@ -886,7 +941,8 @@ impl Store {
         if self.refuses(&incoming) {
             return Some(Merged::Unsealed);
         }
-        if incoming.is_tombstone() {
+        // Tombstones and a large hash's records hold nothing compressed against a dictionary.
+        if incoming.is_tombstone() || incoming.stored().first() == Some(&seal::records::RECORDS) {
             return self.merge_above(raw, floor);
         }
         let stored = Bytes::copy_from_slice(incoming.stored());

@@ -43,7 +43,7 @@ use bytes::Bytes;
 use futures_util::future::{join_all, Either};
 use twincache_protocol::frame::{flags, Op, Request, Response};
 use twincache_protocol::program::{
-    decode_scan_answer, encode_program, Action, Answer, ScanRequest,
+    decode_changes, decode_scan_answer, encode_program, Action, Answer, ScanRequest,
 };
 use twincache_protocol::Status;
 
@@ -323,8 +323,55 @@ impl Router {
         let reply = partner.send_strict(&copy);
         match self.finish(partner, reply).await {
             Some(r) if r.status == Status::Ok => Ok(answer),
+            // An edit of a large hash, and the partner does not hold the version it edits (a
+            // copy before it still on its way, or missed): the key goes whole, as the
+            // primary holds it now.
+            Some(r) if r.status == Status::NotApplied => {
+                RouterStats::count(&self.stats.whole_copies);
+                if self.copy_whole(holder, partner, &answer.changes).await {
+                    Ok(answer)
+                } else {
+                    self.acknowledge_rmw(holder, partner, answer).await
+                }
+            }
             _ => self.acknowledge_rmw(holder, partner, answer).await,
         }
+    }
+
+    /// Copies the current state of the key of `changes` (one edit) from `holder` to
+    /// `partner`, at its version there; whether the partner took it (or there was nothing
+    /// to take: the key is gone from the holder too, evicted or flushed).
+    async fn copy_whole(
+        &self,
+        holder: &super::WorkerLink,
+        partner: &super::WorkerLink,
+        changes: &Bytes,
+    ) -> bool {
+        let Some(key) = decode_changes(changes.clone())
+            .ok()
+            .and_then(|c| c.into_iter().next())
+            .map(|c| c.key)
+        else {
+            return false;
+        };
+        let mut export = Request::new(Op::Query, key);
+        export.value = encode_program(&[Action::Export]);
+        let exported = match self.finish(holder, holder.send_strict(&export)).await {
+            Some(r) if r.status == Status::Ok => Answer::parse(r.payload).ok(),
+            _ => None,
+        };
+        let Some(exported) = exported else {
+            return false;
+        };
+        if exported.changes.is_empty() {
+            return true;
+        }
+        let mut copy = Request::new(Op::Replicate, Bytes::new());
+        copy.version = exported.version;
+        copy.ttl_ms = self.worker_timeout.as_millis() as u64;
+        copy.value = exported.changes;
+        let reply = partner.send_strict(&copy);
+        matches!(self.finish(partner, reply).await, Some(r) if r.status == Status::Ok)
     }
 
     async fn acknowledge_rmw(

@@ -1,5 +1,7 @@
-//! Hash commands, on a hash stored as one value (see [`super::codec`]), following Redis
-//! 7.0's `t_hash.c` for replies and errors.
+//! Hash commands, following Redis 7.0's `t_hash.c` for replies and errors. A small hash is
+//! one packed value (see [`super::codec`]); a large one is stored as records, one sealed
+//! per field, and its single-field commands open and seal only that field
+//! (`crate::seal::records`).
 
 use bytes::Bytes;
 use twincache_protocol::glob;
@@ -7,8 +9,12 @@ use twincache_protocol::program::{Action, Kind};
 use twincache_protocol::resp::Reply;
 
 use super::codec::{self, Fields};
-use super::{add_checked, float, parse_i64, Cx, Outcome, NAN_OR_INF, TOO_BIG, WRONGTYPE};
-use crate::store::Meta;
+use super::{
+    add_checked, corrupt, float, parse_i64, Cx, Outcome, MAX_VALUE, NAN_OR_INF, TOO_BIG, WRONGTYPE,
+};
+use crate::seal::records;
+use crate::seal::SealError;
+use crate::store::Form;
 
 /// Most elements one HRANDFIELD answers: a negative count may repeat fields without end,
 /// and the answer must fit a frame.
@@ -17,20 +23,20 @@ pub const MAX_RANDOM: u64 = 1 << 20;
 pub(super) fn run(cx: &mut Cx, action: &Action) -> Outcome {
     match action {
         Action::HGet(field) => {
-            let (_, fields) = read_or_empty(cx)?;
-            Ok(codec::get(&fields, field).map_or(Reply::Nil, |v| Reply::Bulk(v.clone())))
+            let value = read_or_empty(cx)?.get(cx, field)?;
+            Ok(value.map_or(Reply::Nil, Reply::Bulk))
         }
         Action::HMGet(wanted) => {
-            let (_, fields) = read_or_empty(cx)?;
+            let values = read_or_empty(cx)?.get_all(cx, wanted)?;
             Ok(Reply::Array(
-                codec::get_all(&fields, wanted)
+                values
                     .into_iter()
-                    .map(|v| v.map_or(Reply::Nil, |v| Reply::Bulk(v.clone())))
+                    .map(|v| v.map_or(Reply::Nil, Reply::Bulk))
                     .collect(),
             ))
         }
         Action::HGetAll => {
-            let (_, fields) = read_or_empty(cx)?;
+            let fields = read_or_empty(cx)?.fields(cx)?;
             Ok(Reply::Map(
                 fields
                     .into_iter()
@@ -40,7 +46,7 @@ pub(super) fn run(cx: &mut Cx, action: &Action) -> Outcome {
         }
         Action::HKeys | Action::HVals => {
             let keys = matches!(action, Action::HKeys);
-            let (_, fields) = read_or_empty(cx)?;
+            let fields = read_or_empty(cx)?.fields(cx)?;
             Ok(Reply::Array(
                 fields
                     .into_iter()
@@ -48,20 +54,18 @@ pub(super) fn run(cx: &mut Cx, action: &Action) -> Outcome {
                     .collect(),
             ))
         }
-        Action::HLen => Ok(Reply::Int(read_or_empty(cx)?.1.len() as i64)),
+        Action::HLen => Ok(Reply::Int(read_or_empty(cx)?.len() as i64)),
         Action::HExists(field) => {
-            let (_, fields) = read_or_empty(cx)?;
-            Ok(Reply::Int(i64::from(codec::get(&fields, field).is_some())))
+            let value = read_or_empty(cx)?.get(cx, field)?;
+            Ok(Reply::Int(i64::from(value.is_some())))
         }
         Action::HStrLen(field) => {
-            let (_, fields) = read_or_empty(cx)?;
-            Ok(Reply::Int(
-                codec::get(&fields, field).map_or(0, |v| v.len() as i64),
-            ))
+            let value = read_or_empty(cx)?.get(cx, field)?;
+            Ok(Reply::Int(value.map_or(0, |v| v.len() as i64)))
         }
         Action::HRandField { count, with_values } => random_fields(cx, *count, *with_values),
         Action::HScan { pattern, error } => {
-            let Some((_, fields)) = read(cx)? else {
+            let Some(hash) = read(cx)? else {
                 return Ok(Reply::Array(vec![
                     Reply::Bulk(Bytes::from_static(b"0")),
                     Reply::Array(Vec::new()),
@@ -72,6 +76,7 @@ pub(super) fn run(cx: &mut Cx, action: &Action) -> Outcome {
                 1 => return Err(Reply::err(super::NOT_INTEGER)),
                 _ => return Err(Reply::err("ERR syntax error")),
             }
+            let fields = hash.fields(cx)?;
             let mut items = Vec::with_capacity(fields.len() * 2);
             for (f, v) in fields {
                 if pattern.as_ref().is_none_or(|p| glob::matches(p, &f)) {
@@ -85,45 +90,31 @@ pub(super) fn run(cx: &mut Cx, action: &Action) -> Outcome {
             ]))
         }
         Action::HSet { pairs, ok } => {
-            let (expires_at, mut fields) = read_or_empty(cx)?;
-            let added = codec::set_all(&mut fields, pairs) as i64;
-            store(cx, expires_at, &fields)?;
+            let added = read_or_empty(cx)?.set(cx, pairs)? as i64;
             Ok(if *ok { Reply::OK } else { Reply::Int(added) })
         }
         Action::HSetNx(field, value) => {
-            let (expires_at, mut fields) = read_or_empty(cx)?;
-            if codec::get(&fields, field).is_some() {
+            let hash = read_or_empty(cx)?;
+            if hash.get(cx, field)?.is_some() {
                 return Ok(Reply::Int(0));
             }
-            codec::set(&mut fields, field, value.clone());
-            store(cx, expires_at, &fields)?;
+            hash.set(cx, &[(field.clone(), value.clone())])?;
             Ok(Reply::Int(1))
         }
-        Action::HDel(gone) => {
-            let Some((meta, mut fields)) = read(cx)? else {
-                return Ok(Reply::Int(0));
-            };
-            let removed = codec::remove_all(&mut fields, gone) as i64;
-            if removed > 0 {
-                if fields.is_empty() {
-                    cx.delete();
-                } else {
-                    store(cx, meta.expires_at, &fields)?;
-                }
-            }
-            Ok(Reply::Int(removed))
-        }
+        Action::HDel(gone) => match read(cx)? {
+            Some(hash) => Ok(Reply::Int(hash.remove(cx, gone)? as i64)),
+            None => Ok(Reply::Int(0)),
+        },
         Action::HIncrBy(field, incr) => {
-            let (expires_at, mut fields) = read_or_empty(cx)?;
-            let value = match codec::get(&fields, field) {
+            let hash = read_or_empty(cx)?;
+            let value = match hash.get(cx, field)? {
                 Some(v) => {
-                    parse_i64(v).ok_or_else(|| Reply::err("ERR hash value is not an integer"))?
+                    parse_i64(&v).ok_or_else(|| Reply::err("ERR hash value is not an integer"))?
                 }
                 None => 0,
             };
             let new = add_checked(value, *incr)?;
-            codec::set(&mut fields, field, Bytes::from(new.to_string()));
-            store(cx, expires_at, &fields)?;
+            hash.set(cx, &[(field.clone(), Bytes::from(new.to_string()))])?;
             Ok(Reply::Int(new))
         }
         Action::HIncrByFloat(field, incr) => {
@@ -132,48 +123,181 @@ pub(super) fn run(cx: &mut Cx, action: &Action) -> Outcome {
             if float::is_infinite(incr) {
                 return Err(Reply::err("ERR value is NaN or Infinity"));
             }
-            let (expires_at, mut fields) = read_or_empty(cx)?;
-            let value = match codec::get(&fields, field) {
+            let hash = read_or_empty(cx)?;
+            let value = match hash.get(cx, field)? {
                 Some(v) => {
-                    float::parse(v).ok_or_else(|| Reply::err("ERR hash value is not a float"))?
+                    float::parse(&v).ok_or_else(|| Reply::err("ERR hash value is not a float"))?
                 }
                 None => float::parse(b"0").expect("0 is a number"),
             };
             let sum = Bytes::from(float::add(value, incr).ok_or_else(|| Reply::err(NAN_OR_INF))?);
-            codec::set(&mut fields, field, sum.clone());
-            store(cx, expires_at, &fields)?;
+            hash.set(cx, &[(field.clone(), sum.clone())])?;
             Ok(Reply::Bulk(sum))
         }
         _ => Err(Reply::err("ERR not a hash command")),
     }
 }
 
-/// The current key's hash, if it holds one; WRONGTYPE if it holds a string.
-fn read(cx: &mut Cx) -> Result<Option<(Meta, Fields)>, Reply> {
-    match cx.read()? {
-        None => Ok(None),
-        Some((meta, _)) if meta.kind != Kind::Hash => Err(Reply::err(WRONGTYPE)),
-        Some((meta, value)) => match codec::decode(&value) {
-            Some(fields) => Ok(Some((meta, fields))),
-            None => {
-                tracing::error!("a stored hash does not decode");
-                Err(Reply::err("ERR stored value is corrupt"))
+/// A hash as a program holds it: small ones decoded whole, large ones in their records
+/// form, read and written a field at a time (`seal::records`).
+struct Hash {
+    expires_at: u64,
+    held: Held,
+}
+
+enum Held {
+    Packed(Fields),
+    /// The records form's bytes, and the form as read (with its base, for the partner's
+    /// edit).
+    Records(Bytes, Form),
+}
+
+impl Hash {
+    fn len(&self) -> usize {
+        match &self.held {
+            Held::Packed(fields) => fields.len(),
+            Held::Records(stored, _) => records::count(stored).unwrap_or(0),
+        }
+    }
+
+    fn get(&self, cx: &Cx, field: &[u8]) -> Result<Option<Bytes>, Reply> {
+        match &self.held {
+            Held::Packed(fields) => Ok(codec::get(fields, field).cloned()),
+            Held::Records(stored, _) => {
+                records::get(cx.key, stored, field, cx.txn.sealer()).map_err(corrupt)
             }
-        },
+        }
+    }
+
+    fn get_all(&self, cx: &Cx, wanted: &[Bytes]) -> Result<Vec<Option<Bytes>>, Reply> {
+        match &self.held {
+            Held::Packed(fields) => Ok(codec::get_all(fields, wanted)
+                .into_iter()
+                .map(|v| v.cloned())
+                .collect()),
+            Held::Records(..) => wanted.iter().map(|f| self.get(cx, f)).collect(),
+        }
+    }
+
+    /// Every field and value: in the order first set for a packed hash, in tag order for
+    /// records (Redis too answers a large hash in its table's order).
+    fn fields(self, cx: &Cx) -> Result<Fields, Reply> {
+        match self.held {
+            Held::Packed(fields) => Ok(fields),
+            Held::Records(stored, _) => {
+                let packed = records::open_all(cx.key, &stored, cx.txn.sealer().cipher, MAX_VALUE)
+                    .map_err(corrupt)?;
+                codec::decode(&packed).ok_or_else(|| corrupt(SealError::Corrupt))
+            }
+        }
+    }
+
+    /// Sets each of `pairs` and stages the hash; how many fields are new.
+    fn set(self, cx: &mut Cx, pairs: &[(Bytes, Bytes)]) -> Result<usize, Reply> {
+        match self.held {
+            Held::Packed(mut fields) => {
+                let added = codec::set_all(&mut fields, pairs);
+                store(cx, self.expires_at, &fields)?;
+                Ok(added)
+            }
+            Held::Records(stored, form) => {
+                let p = records::patch(cx.key, &stored, pairs, &[], cx.txn.sealer())
+                    .map_err(corrupt)?;
+                let added = p.added;
+                put_records(cx, self.expires_at, &form, p)?;
+                Ok(added)
+            }
+        }
+    }
+
+    /// Removes the fields named in `gone` and stages the hash (or its deletion, once
+    /// empty); how many there were.
+    fn remove(self, cx: &mut Cx, gone: &[Bytes]) -> Result<usize, Reply> {
+        let (removed, left) = match self.held {
+            Held::Packed(mut fields) => {
+                let removed = codec::remove_all(&mut fields, gone);
+                if removed > 0 && !fields.is_empty() {
+                    store(cx, self.expires_at, &fields)?;
+                }
+                (removed, fields.len())
+            }
+            Held::Records(stored, form) => {
+                let p =
+                    records::patch(cx.key, &stored, &[], gone, cx.txn.sealer()).map_err(corrupt)?;
+                let (removed, count) = (p.removed, p.count);
+                if removed > 0 && count > 0 {
+                    put_records(cx, self.expires_at, &form, p)?;
+                }
+                (removed, count)
+            }
+        };
+        if removed > 0 && left == 0 {
+            cx.delete();
+        }
+        Ok(removed)
     }
 }
 
-/// The hash and its expiry, or an empty one for a missing key (reads answer as for an empty
-/// hash, and writes create it).
-fn read_or_empty(cx: &mut Cx) -> Result<(u64, Fields), Reply> {
-    Ok(read(cx)?.map_or((0, Fields::new()), |(meta, f)| (meta.expires_at, f)))
+/// The current key's hash, if it holds one; WRONGTYPE if it holds a string.
+fn read(cx: &mut Cx) -> Result<Option<Hash>, Reply> {
+    match cx.read_form()? {
+        None => Ok(None),
+        Some((meta, _)) if meta.kind != Kind::Hash => Err(Reply::err(WRONGTYPE)),
+        Some((meta, form)) => {
+            let held = match form {
+                Form::Records { ref stored, .. } => Held::Records(stored.clone(), form),
+                Form::Value(value) => {
+                    Held::Packed(codec::decode(&value).ok_or_else(|| corrupt(SealError::Corrupt))?)
+                }
+            };
+            Ok(Some(Hash {
+                expires_at: meta.expires_at,
+                held,
+            }))
+        }
+    }
 }
 
+/// The hash, or an empty one for a missing key (reads answer as for an empty hash, and
+/// writes create it).
+fn read_or_empty(cx: &mut Cx) -> Result<Hash, Reply> {
+    Ok(read(cx)?.unwrap_or(Hash {
+        expires_at: 0,
+        held: Held::Packed(Fields::new()),
+    }))
+}
+
+/// Stages a packed hash (which the commit stores as records past the packed form's
+/// limits: the frame that copies it to the partner must carry that form).
 fn store(cx: &mut Cx, expires_at: u64, fields: &Fields) -> Result<(), Reply> {
-    if codec::encoded_len(fields) > cx.max_value {
+    let len = codec::encoded_len(fields);
+    let room = if records::wanted(fields.len(), len) {
+        records::max_stored_len(fields.len(), len, cx.txn.sealer().cipher.is_some())
+    } else {
+        len
+    };
+    if room > cx.max_value {
         return Err(Reply::err(TOO_BIG));
     }
     cx.put(Kind::Hash, expires_at, codec::encode(fields))
+}
+
+/// Stages a hash in its records form, as `from` patched.
+fn put_records(
+    cx: &mut Cx,
+    expires_at: u64,
+    from: &Form,
+    patched: records::Patched,
+) -> Result<(), Reply> {
+    if patched.stored.len().max(patched.value_len) > cx.max_value {
+        return Err(Reply::err(TOO_BIG));
+    }
+    cx.put_form(
+        Kind::Hash,
+        expires_at,
+        from.edited(patched.stored, patched.edit),
+    );
+    Ok(())
 }
 
 /// HRANDFIELD, as Redis 7.0 answers it: one field (or nil) without a count; with a count,
@@ -181,7 +305,7 @@ fn store(cx: &mut Cx, expires_at: u64, fields: &Fields) -> Result<(), Reply> {
 /// negative count, that many draws that may repeat. WITHVALUES pairs each field with its
 /// value: flat in RESP2, two-element arrays in RESP3.
 fn random_fields(cx: &mut Cx, count: Option<i64>, with_values: bool) -> Outcome {
-    let (_, fields) = read_or_empty(cx)?;
+    let fields = read_or_empty(cx)?.fields(cx)?;
     let Some(count) = count else {
         if fields.is_empty() {
             return Ok(Reply::Nil);

@@ -33,7 +33,12 @@ pub(super) fn run(cx: &mut Cx, action: &Action) -> Outcome {
         })),
         Action::Encoding => Ok(match meta {
             None => Reply::Nil,
-            Some(m) if m.kind == Kind::Hash => Reply::Bulk(Bytes::from_static(b"packed")),
+            Some(m) if m.kind == Kind::Hash => {
+                Reply::Bulk(Bytes::from_static(match cx.txn.layout(cx.key) {
+                    Some("records") => b"records",
+                    _ => b"packed",
+                }))
+            }
             Some(_) => Reply::Bulk(Bytes::from_static(
                 cx.txn.layout(cx.key).unwrap_or("raw").as_bytes(),
             )),
@@ -60,9 +65,9 @@ pub(super) fn run(cx: &mut Cx, action: &Action) -> Outcome {
             Ok(Reply::Int(i64::from(meta.is_some())))
         }
         Action::Expire(ttl, cond) => expire(cx, *ttl, *cond),
-        Action::Persist => match cx.read()? {
-            Some((m, value)) if m.expires_at != 0 => {
-                cx.put(m.kind, 0, value)?;
+        Action::Persist => match cx.read_form()? {
+            Some((m, form)) if m.expires_at != 0 => {
+                cx.put_form(m.kind, 0, form);
                 Ok(Reply::Int(1))
             }
             _ => Ok(Reply::Int(0)),
@@ -128,7 +133,7 @@ fn expire(cx: &mut Cx, ttl: Ttl, cond: ExpireIf) -> Outcome {
         Ttl::At(ms) => ms,
         Ttl::Keep | Ttl::Clear => return Err(Reply::err("ERR syntax error")),
     };
-    let Some((meta, value)) = cx.read()? else {
+    let Some((meta, form)) = cx.read_form()? else {
         return Ok(Reply::Int(0));
     };
     let current = match meta.expires_at {
@@ -150,7 +155,7 @@ fn expire(cx: &mut Cx, ttl: Ttl, cond: ExpireIf) -> Outcome {
     if when <= now {
         cx.delete();
     } else {
-        cx.put(meta.kind, expiry_abs(when), value)?;
+        cx.put_form(meta.kind, expiry_abs(when), form);
     }
     Ok(Reply::Int(1))
 }

@@ -39,7 +39,7 @@
 //! Layout: [`strings`], [`hashes`], [`keys`] (type, expiry, rename, copy), [`float`]
 //! (INCRBYFLOAT's long double), [`codec`] (a hash's stored form).
 
-mod codec;
+pub(crate) mod codec;
 mod float;
 mod hashes;
 mod keys;
@@ -51,7 +51,7 @@ use twincache_protocol::program::{decode_program, Action, Answer, Kind};
 use twincache_protocol::resp::{Reply, Version};
 use twincache_protocol::Status;
 
-use crate::store::{Meta, Store, Txn};
+use crate::store::{Form, Meta, NotTaken, Store, Txn};
 use crate::sync::SyncState;
 
 /// Redis' `proto-max-bulk-len`: no string or hash grows past it.
@@ -88,6 +88,18 @@ pub fn run(store: &Store, sync: &SyncState, req: &Request, writes: bool) -> Resp
     } else {
         Version::Resp2
     };
+    if let [Action::Export] = program.as_slice() {
+        let mut changes = BytesMut::new();
+        return match store.txn([&req.key[..]]).export(&req.key, &mut changes) {
+            Ok(version) => Response::ok(Answer::encode(
+                false,
+                (version != 0).then_some(version),
+                &changes,
+                &[],
+            )),
+            Err(e) => crate::server::corrupt(e),
+        };
+    }
     let mut replies = BytesMut::new();
     if let [Action::RandomKey] = program.as_slice() {
         match store.random_key() {
@@ -165,7 +177,11 @@ pub fn replicate(store: &Store, sync: &SyncState, req: &Request) -> Response {
         Ok(taken) => Response::ok(Bytes::from(taken.to_string())),
         Err(e) => Response {
             id: 0,
-            status: Status::TooLarge,
+            status: match e {
+                NotTaken::TooLarge(_) => Status::TooLarge,
+                NotTaken::Malformed(_) => Status::ParseError,
+                NotTaken::Behind => Status::NotApplied,
+            },
             payload: Bytes::from(e.to_string()),
         },
     }
@@ -229,6 +245,7 @@ impl Cx<'_, '_> {
             | Restore { .. }
             | DelIfVersion(_) => keys::run(self, action),
             RandomKey => Err(Reply::err("ERR RANDOMKEY runs alone")),
+            Export => Err(Reply::err("ERR EXPORT runs alone")),
             Key(_) | Watch(..) => Ok(Reply::Nil),
         }
     }
@@ -239,10 +256,19 @@ impl Cx<'_, '_> {
     }
 
     pub fn read_key(&mut self, key: &Bytes) -> Result<Option<(Meta, Bytes)>, Reply> {
-        self.txn.read(key).map_err(|e| {
-            tracing::error!(error = %e, "stored value cannot be opened");
-            Reply::err("ERR stored value is corrupt")
-        })
+        self.txn.read(key).map_err(corrupt)
+    }
+
+    /// What the current key holds, in the form it is held (see [`Form`]): for a write that
+    /// keeps the value as it is, such as a new expiry.
+    pub fn read_form(&mut self) -> Result<Option<(Meta, Form)>, Reply> {
+        self.txn.read_form(self.key).map_err(corrupt)
+    }
+
+    /// Stages the current key's value in the form it was read (its size is unchanged).
+    pub fn put_form(&mut self, kind: Kind, expires_at: u64, form: Form) {
+        let key = self.key.clone();
+        self.txn.put_form(&key, kind, expires_at, form);
     }
 
     /// The current key's string, if it holds one; WRONGTYPE if it holds another type.
@@ -276,6 +302,13 @@ impl Cx<'_, '_> {
     pub fn resp3(&self) -> bool {
         self.version == Version::Resp3
     }
+}
+
+/// The reply to a stored value that does not open (logged: it means corruption or a key
+/// mismatch between partners).
+pub(crate) fn corrupt(e: crate::seal::SealError) -> Reply {
+    tracing::error!(error = %e, "stored value cannot be opened");
+    Reply::err("ERR stored value is corrupt")
 }
 
 /// Redis' integer syntax (see [`string2ll`]).

@@ -337,3 +337,222 @@ fn program_gets_count_keyspace_hits_and_misses() {
         (1, 1)
     );
 }
+
+/// Runs `action` on `key` as an apply on `primary` and copies its changes to `partner` as
+/// a `replicate` would; the reply, and whether the copy was in the stored (records) form.
+fn apply_and_copy(
+    primary: &Store,
+    partner: &Store,
+    key: &str,
+    version: u64,
+    action: Action,
+) -> (Reply, bool) {
+    let mut req = Request::new(Op::Apply, b(key));
+    req.version = version;
+    req.value = encode_program(&[action]);
+    let resp = super::run(primary, &SyncState::default(), &req, true);
+    assert_eq!(resp.status, Status::Ok, "{:?}", resp.payload);
+    let answer = Answer::parse(resp.payload).unwrap();
+    let changes = decode_changes(answer.changes).unwrap();
+    let stored = changes
+        .iter()
+        .any(twincache_protocol::program::Change::is_stored);
+    partner.replicate(&changes, version).unwrap();
+    (decode_replies(&answer.replies).unwrap().remove(0), stored)
+}
+
+/// HGETALL's pairs, sorted (a large hash answers in its records' order).
+fn all_fields(store: &Store, key: &str) -> Vec<(Bytes, Bytes)> {
+    let Reply::Array(items) = one(store, key, 1, Action::HGetAll) else {
+        panic!("HGETALL answers an array");
+    };
+    let mut pairs: Vec<(Bytes, Bytes)> = items
+        .chunks(2)
+        .map(|p| match p {
+            [Reply::Bulk(f), Reply::Bulk(v)] => (f.clone(), v.clone()),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    pairs.sort();
+    pairs
+}
+
+#[test]
+fn a_large_hash_is_kept_as_records_and_copied_as_they_are() {
+    for cipher in [None, Some(crate::seal::Cipher::new(&[3; 32]))] {
+        let primary = Store::new(cipher.clone(), 0);
+        let partner = Store::new(cipher.clone(), 0);
+        let mut model = std::collections::BTreeMap::new();
+        let pairs: Vec<(Bytes, Bytes)> = (0..200)
+            .map(|i| (b(&format!("field:{i}")), b(&format!("value {i}"))))
+            .collect();
+        model.extend(pairs.iter().cloned());
+        let hset = |pairs: Vec<(Bytes, Bytes)>| Action::HSet { pairs, ok: false };
+        let (reply, stored) = apply_and_copy(&primary, &partner, "h", 10, hset(pairs));
+        assert_eq!((reply, stored), (Reply::Int(200), true));
+        assert_eq!(one(&primary, "h", 1, Action::Encoding), bulk("records"));
+        assert_eq!(one(&partner, "h", 1, Action::Encoding), bulk("records"));
+
+        // One field at a time, each copied in the stored form.
+        let steps = [
+            (hset(vec![(b("field:7"), b("new"))]), Reply::Int(0)),
+            (hset(vec![(b("extra"), b("1"))]), Reply::Int(1)),
+            (Action::HIncrBy(b("extra"), 41), Reply::Int(42)),
+            (Action::HSetNx(b("field:8"), b("no")), Reply::Int(0)),
+            (Action::HSetNx(b("fresh"), b("yes")), Reply::Int(1)),
+            (Action::HDel(vec![b("field:9"), b("absent")]), Reply::Int(1)),
+            (
+                Action::Expire(Ttl::In(3_600_000), ExpireIf::Always),
+                Reply::Int(1),
+            ),
+        ];
+        for (i, (action, want)) in steps.into_iter().enumerate() {
+            let (reply, stored) = apply_and_copy(&primary, &partner, "h", 20 + i as u64, action);
+            let writes = i != 3; // HSETNX of a field present writes nothing
+            assert_eq!((reply, stored), (want, writes), "step {i}");
+        }
+        model.insert(b("field:7"), b("new"));
+        model.insert(b("extra"), b("42"));
+        model.insert(b("fresh"), b("yes"));
+        model.remove(&b("field:9"));
+        let model: Vec<(Bytes, Bytes)> = model.into_iter().collect();
+        assert_eq!(all_fields(&primary, "h"), model);
+        assert_eq!(all_fields(&partner, "h"), model);
+        assert_eq!(primary.version(b"h"), partner.version(b"h"));
+        assert_eq!(one(&partner, "h", 1, Action::HLen), Reply::Int(201));
+        assert_eq!(
+            one(&partner, "h", 1, Action::HGet(b("field:7"))),
+            bulk("new")
+        );
+        assert_eq!(
+            one(&partner, "h", 1, Action::HStrLen(b("fresh"))),
+            Reply::Int(3)
+        );
+        assert_eq!(
+            one(
+                &partner,
+                "h",
+                1,
+                Action::HMGet(vec![b("extra"), b("field:9")])
+            ),
+            Reply::Array(vec![bulk("42"), Reply::Nil])
+        );
+        assert!(matches!(
+            one(&partner, "h", 1, Action::ReadTtl(TtlForm::Seconds)),
+            Reply::Int(3599..=3600)
+        ));
+        assert_eq!(one(&partner, "h", 1, Action::Encoding), bulk("records"));
+
+        // A snapshot's entry merges as it is, and reads the same.
+        let fresh = Store::new(cipher.clone(), 0);
+        for n in 0..Store::SHARDS {
+            primary.snapshot_shard(n, |raw| {
+                fresh.merge(raw).unwrap();
+            });
+        }
+        assert_eq!(all_fields(&fresh, "h"), model);
+
+        // Emptied field by field, the hash is gone on both.
+        let names: Vec<Bytes> = model.iter().map(|(f, _)| f.clone()).collect();
+        let (reply, _) = apply_and_copy(&primary, &partner, "h", 40, Action::HDel(names));
+        assert_eq!(reply, Reply::Int(201));
+        assert!(!primary.exists(b"h") && !partner.exists(b"h"));
+    }
+}
+
+#[test]
+fn a_partner_with_a_key_refuses_plain_records() {
+    let primary = Store::default();
+    let partner = Store::new(Some(crate::seal::Cipher::new(&[3; 32])), 0);
+    let pairs = (0..200).map(|i| (b(&format!("f{i}")), b("v"))).collect();
+    let (_, stored) = apply_and_copy(
+        &primary,
+        &partner,
+        "h",
+        10,
+        Action::HSet { pairs, ok: true },
+    );
+    assert!(stored);
+    assert!(!partner.exists(b"h"));
+    assert_eq!(
+        partner
+            .counters
+            .refused_unsealed
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+}
+
+/// Runs `action` on `key` as an apply on `store`; its decoded changes.
+fn apply_changes(
+    store: &Store,
+    key: &str,
+    version: u64,
+    action: Action,
+) -> Vec<twincache_protocol::program::Change> {
+    let mut req = Request::new(Op::Apply, b(key));
+    req.version = version;
+    req.value = encode_program(&[action]);
+    let resp = super::run(store, &SyncState::default(), &req, true);
+    assert_eq!(resp.status, Status::Ok, "{:?}", resp.payload);
+    decode_changes(Answer::parse(resp.payload).unwrap().changes).unwrap()
+}
+
+#[test]
+fn an_edit_the_partner_cannot_take_is_refused_and_the_key_sent_whole() {
+    let primary = Store::default();
+    let partner = Store::default();
+    let pairs = (0..200).map(|i| (b(&format!("f{i}")), b("v"))).collect();
+    let (_, whole) = apply_and_copy(
+        &primary,
+        &partner,
+        "h",
+        10,
+        Action::HSet { pairs, ok: true },
+    );
+    assert!(whole);
+    let set = |f: &str| Action::HSet {
+        pairs: vec![(b(f), b("new"))],
+        ok: false,
+    };
+    let first = apply_changes(&primary, "h", 20, set("f1"));
+    let second = apply_changes(&primary, "h", 30, set("extra"));
+    assert!(first[0].is_patch() && second[0].is_patch());
+    assert!(second[0].value.len() < 100, "an edit, not the hash");
+
+    // The second edit arrives first: the partner lacks the version it edits.
+    assert!(matches!(
+        partner.replicate(&second, 30),
+        Err(crate::store::NotTaken::Behind)
+    ));
+    assert_eq!(partner.version(b"h"), Some(10));
+    // The key goes whole, at the version the primary holds it.
+    let mut export = Request::new(Op::Query, b("h"));
+    export.value = encode_program(&[Action::Export]);
+    let resp = super::run(&primary, &SyncState::default(), &export, false);
+    assert_eq!(resp.status, Status::Ok);
+    let answer = Answer::parse(resp.payload).unwrap();
+    assert_eq!(answer.version, 30);
+    let whole = decode_changes(answer.changes).unwrap();
+    assert!(whole[0].is_stored() && !whole[0].is_patch());
+    assert_eq!(partner.replicate(&whole, answer.version).unwrap(), 1);
+    // The first edit, late, is older than what the partner holds now.
+    assert_eq!(partner.replicate(&first, 20).unwrap(), 0);
+    assert_eq!(all_fields(&partner, "h"), all_fields(&primary, "h"));
+    assert_eq!(partner.version(b"h"), primary.version(b"h"));
+
+    // A key with no entry exports nothing; a deleted one, its delete.
+    let mut export = Request::new(Op::Query, b("absent"));
+    export.value = encode_program(&[Action::Export]);
+    let resp = super::run(&primary, &SyncState::default(), &export, false);
+    assert!(Answer::parse(resp.payload).unwrap().changes.is_empty());
+    primary.del(b"h", 40);
+    let mut export = Request::new(Op::Query, b("h"));
+    export.value = encode_program(&[Action::Export]);
+    let resp = super::run(&primary, &SyncState::default(), &export, false);
+    let answer = Answer::parse(resp.payload).unwrap();
+    let gone = decode_changes(answer.changes).unwrap();
+    assert_eq!((answer.version, gone[0].value_kind()), (40, None));
+    partner.replicate(&gone, answer.version).unwrap();
+    assert!(!partner.exists(b"h"));
+}

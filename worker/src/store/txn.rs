@@ -14,9 +14,10 @@ use std::sync::MutexGuard;
 
 use bytes::{Bytes, BytesMut};
 use hashbrown::hash_table::Entry as Slot;
-use twincache_protocol::program::{Change, Kind, DELETED};
+use twincache_protocol::program::{Change, Kind, DELETED, PATCH, STORED};
 
 use super::{now_ms, seal, shard_index, Entry, SealError, Shard, Store};
+use crate::seal::records::{self, RECORDS};
 
 /// What a key holds, without its value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,12 +29,56 @@ pub struct Meta {
     pub expires_at: u64,
 }
 
+/// A value as a program holds it: opened, or (a large hash) in its records form, whose
+/// fields are read and written one by one (`seal::records`).
+#[derive(Debug, Clone)]
+pub enum Form {
+    Value(Bytes),
+    Records {
+        stored: Bytes,
+        /// The stored entry these records were made from, when the partner can be sent the
+        /// edit instead of the whole form.
+        base: Option<Base>,
+    },
+}
+
+/// The entry a records form was made from by one edit (see [`Form::Records`]).
+#[derive(Debug, Clone)]
+pub struct Base {
+    pub version: u64,
+    /// Its stored length: a check the partner makes besides the version.
+    pub len: usize,
+    /// The edit (`seal::records::patch`); `None`: the records are the entry's as they are.
+    pub edit: Option<Bytes>,
+}
+
+impl Form {
+    /// `stored`, made from this form by `edit`: with a base if this form is an entry's
+    /// records unedited (an edit on top of an edit goes whole).
+    pub fn edited(&self, stored: Vec<u8>, edit: Vec<u8>) -> Form {
+        let base = match self {
+            Form::Records {
+                base: Some(b @ Base { edit: None, .. }),
+                ..
+            } => Some(Base {
+                edit: Some(Bytes::from(edit)),
+                ..b.clone()
+            }),
+            _ => None,
+        };
+        Form::Records {
+            stored: Bytes::from(stored),
+            base,
+        }
+    }
+}
+
 /// A value a program has written and not yet committed.
 #[derive(Debug, Clone)]
 struct Staged {
     kind: Kind,
     expires_at: u64,
-    value: Bytes,
+    form: Form,
 }
 
 /// The locked shards of a program's keys and its staged writes.
@@ -81,6 +126,11 @@ impl Txn<'_> {
             .rev()
             .find(|(k, _)| k.as_ref() == key)
             .map(|(_, s)| s)
+    }
+
+    /// What sealing a large hash's records takes.
+    pub fn sealer(&self) -> crate::seal::records::Sealer<'_> {
+        self.store.sealer()
     }
 
     /// Whether the program holds the lock `key` needs (it names every key it touches
@@ -167,7 +217,10 @@ impl Txn<'_> {
     /// How `key`'s value is stored (see `seal::layout_name`), if it holds one.
     pub fn layout(&self, key: &[u8]) -> Option<&'static str> {
         if let Some(staged) = self.staged(key) {
-            return staged.as_ref().map(|_| "raw");
+            return staged.as_ref().map(|s| match &s.form {
+                Form::Value(_) => "raw",
+                Form::Records { stored, .. } => seal::layout_name(stored),
+            });
         }
         self.entry(key)
             .filter(|e| e.live(self.now))
@@ -183,6 +236,18 @@ impl Txn<'_> {
 
     /// What `key` holds and its value, opened; marks the entry read (for eviction).
     pub fn read(&mut self, key: &[u8]) -> Result<Option<(Meta, Bytes)>, SealError> {
+        let store = self.store;
+        Ok(match self.read_form(key)? {
+            None => None,
+            Some((meta, Form::Value(value))) => Some((meta, value)),
+            Some((meta, Form::Records { stored, .. })) => {
+                Some((meta, seal::open_with(key, &stored, store.cipher(), None)?))
+            }
+        })
+    }
+
+    /// [`Txn::read`], except that a large hash comes in its records form, unopened.
+    pub fn read_form(&mut self, key: &[u8]) -> Result<Option<(Meta, Form)>, SealError> {
         if let Some(staged) = self.staged(key) {
             return Ok(staged.as_ref().map(|s| {
                 let meta = Meta {
@@ -190,7 +255,7 @@ impl Txn<'_> {
                     version: 0,
                     expires_at: s.expires_at,
                 };
-                (meta, s.value.clone())
+                (meta, s.form.clone())
             }));
         }
         let (store, now) = (self.store, self.now);
@@ -214,18 +279,37 @@ impl Txn<'_> {
             expires_at: e.expires_at(),
         };
         let stored = Bytes::copy_from_slice(e.stored());
+        if stored.first() == Some(&RECORDS) {
+            let base = Base {
+                version: meta.version,
+                len: stored.len(),
+                edit: None,
+            };
+            return Ok(Some((
+                meta,
+                Form::Records {
+                    stored,
+                    base: Some(base),
+                },
+            )));
+        }
         let value = seal::open_with(key, &stored, store.cipher(), store.dictionary())?;
-        Ok(Some((meta, value)))
+        Ok(Some((meta, Form::Value(value))))
     }
 
     /// Stages a new value for `key`.
     pub fn put(&mut self, key: &Bytes, kind: Kind, expires_at: u64, value: Bytes) {
+        self.put_form(key, kind, expires_at, Form::Value(value));
+    }
+
+    /// Stages a new value for `key` in the form given (records go in as they are).
+    pub fn put_form(&mut self, key: &Bytes, kind: Kind, expires_at: u64, form: Form) {
         self.stage(
             key,
             Some(Staged {
                 kind,
                 expires_at,
-                value,
+                form,
             }),
         );
     }
@@ -240,6 +324,32 @@ impl Txn<'_> {
             Some((_, s)) => *s = state,
             None => self.staged.push((key.clone(), state)),
         }
+    }
+
+    /// Appends `key`'s whole state to `changes` as the partner takes it (see
+    /// `Action::Export`); its version, 0 (and nothing appended) if there is no entry.
+    pub fn export(&self, key: &Bytes, changes: &mut BytesMut) -> Result<u64, SealError> {
+        let Some(e) = self.entry(key) else {
+            return Ok(0);
+        };
+        let stored = Bytes::copy_from_slice(e.stored());
+        let (kind, value) = if e.is_tombstone() {
+            (DELETED, Bytes::new())
+        } else if stored.first() == Some(&RECORDS) {
+            (e.kind() as u8 | STORED, stored)
+        } else {
+            let value =
+                seal::open_with(key, &stored, self.store.cipher(), self.store.dictionary())?;
+            (e.kind() as u8, value)
+        };
+        Change {
+            key: key.clone(),
+            kind,
+            expires_at: if kind == DELETED { 0 } else { e.expires_at() },
+            value,
+        }
+        .encode(changes);
+        Ok(e.version())
     }
 
     /// Whether the program has written anything.
@@ -290,13 +400,22 @@ impl Txn<'_> {
         let mut replaced = Vec::with_capacity(self.staged.len());
         let staged = std::mem::take(&mut self.staged);
         let count = staged.len();
+        // A single large hash written by one edit of its entry goes to the partner as that
+        // edit; in a block of several changes, whole (a failed edit is sent again whole,
+        // which must not leave half of a block applied).
+        let single = count == 1;
         for (key, state) in staged {
             let fresh = match &state {
-                Some(s) => {
-                    let dict = store.dictionary_for(&s.value);
-                    Entry::new(version, s.expires_at, &key, &s.value, store.cipher(), dict)
-                        .with_kind(s.kind)
-                }
+                Some(s) => match &s.form {
+                    Form::Value(value) => {
+                        let dict = store.dictionary_for(value);
+                        Entry::typed(version, s.expires_at, &key, s.kind, value, store, dict)
+                    }
+                    Form::Records { stored, .. } => {
+                        let value_len = records::value_len(stored).unwrap_or(0);
+                        Entry::from_stored(version, s.expires_at, &key, s.kind, value_len, stored)
+                    }
+                },
                 None => Entry::tombstone(
                     version,
                     self.now.saturating_add(store.tombstone_ttl_ms),
@@ -305,11 +424,41 @@ impl Txn<'_> {
             };
             if let Some(out) = changes.as_deref_mut() {
                 let change = match state {
+                    // A large hash travels as its edit, or in its records form: the partner
+                    // seals nothing.
+                    Some(Staged {
+                        kind,
+                        expires_at,
+                        form:
+                            Form::Records {
+                                stored,
+                                base: Some(base),
+                            },
+                    }) if single => Change {
+                        key: key.clone(),
+                        kind: kind as u8 | STORED | PATCH,
+                        expires_at,
+                        value: encode_patch(&base, &stored),
+                    },
+                    Some(s) if fresh.stored().first() == Some(&RECORDS) => Change {
+                        key: key.clone(),
+                        kind: s.kind as u8 | STORED,
+                        expires_at: s.expires_at,
+                        value: match s.form {
+                            Form::Records { stored, .. } => stored,
+                            Form::Value(_) => Bytes::copy_from_slice(fresh.stored()),
+                        },
+                    },
                     Some(s) => Change {
                         key: key.clone(),
                         kind: s.kind as u8,
                         expires_at: s.expires_at,
-                        value: s.value,
+                        value: match s.form {
+                            Form::Value(value) => value,
+                            Form::Records { .. } => {
+                                unreachable!("records are stored as records")
+                            }
+                        },
                     },
                     None => Change {
                         key: key.clone(),
@@ -365,30 +514,103 @@ impl Txn<'_> {
     }
 }
 
+/// Why a partner took none of a primary's changes.
+#[derive(Debug, thiserror::Error)]
+pub enum NotTaken {
+    #[error(transparent)]
+    TooLarge(super::StoreError),
+    #[error("a change is malformed: {0}")]
+    Malformed(#[from] SealError),
+    /// An edit of a version of its key this worker does not hold (see `program::PATCH`):
+    /// the sender sends the key whole.
+    #[error("this worker does not hold the version the change edits")]
+    Behind,
+}
+
+/// A patch change's value: the base entry's version (u64) and stored length (u32), then the
+/// edit (little-endian).
+fn encode_patch(base: &Base, stored: &[u8]) -> Bytes {
+    let unchanged;
+    let edit: &[u8] = match &base.edit {
+        Some(edit) => edit,
+        None => {
+            unchanged = records::unchanged(stored);
+            &unchanged
+        }
+    };
+    let mut out = Vec::with_capacity(12 + edit.len());
+    out.extend_from_slice(&base.version.to_le_bytes());
+    out.extend_from_slice(&(base.len as u32).to_le_bytes());
+    out.extend_from_slice(edit);
+    Bytes::from(out)
+}
+
+fn decode_patch(value: &[u8]) -> Option<(u64, usize, &[u8])> {
+    let version = u64::from_le_bytes(value.get(..8)?.try_into().ok()?);
+    let len = u32::from_le_bytes(value.get(8..12)?.try_into().ok()?) as usize;
+    Some((version, len, &value[12..]))
+}
+
 impl Store {
     /// Stores a primary's changes (the partner's side of a read-modify-write), all at
     /// `version`, atomically: a key holding a newer version keeps it (a later write got here
     /// first), the rest are replaced. Returns how many were taken.
-    pub fn replicate(&self, changes: &[Change], version: u64) -> Result<usize, super::StoreError> {
+    pub fn replicate(&self, changes: &[Change], version: u64) -> Result<usize, NotTaken> {
         if let Some(big) = changes
             .iter()
             .find(|c| self.max_bytes > 0 && c.key.len() + c.value.len() > self.max_bytes)
         {
-            return Err(super::StoreError::TooLarge {
+            return Err(NotTaken::TooLarge(super::StoreError::TooLarge {
                 needs: big.key.len() + big.value.len(),
                 max: self.max_bytes,
-            });
+            }));
         }
         if version < self.floor() {
             return Ok(0); // older than the last flush
         }
+        // A large hash comes in its records form: checked as a partner's entry would be.
+        for c in changes.iter().filter(|c| c.is_stored() && !c.is_patch()) {
+            let shaped =
+                records::value_len(&c.value).is_some_and(|len| seal::plausible(&c.value, len));
+            if !shaped {
+                return Err(SealError::Corrupt.into());
+            }
+        }
         let mut txn = self.txn(changes.iter().map(|c| &c.key[..]));
         for c in changes {
-            if txn.version(&c.key) > version {
+            let held = txn.version(&c.key);
+            if held > version || (c.is_patch() && held == version) {
                 continue;
             }
-            match Kind::from_u8(c.kind) {
-                Some(kind) => txn.put(&c.key, kind, c.expires_at, c.value.clone()),
+            let form = if c.is_patch() {
+                // Only on the very entry the primary edited (see `Txn::write`).
+                let (base, len, edit) = decode_patch(&c.value).ok_or(SealError::Corrupt)?;
+                let entry = txn
+                    .entry(&c.key)
+                    .filter(|e| e.version() == base && e.stored().len() == len)
+                    .ok_or(NotTaken::Behind)?;
+                let stored = records::replay(entry.stored(), edit, self.cipher.is_some())
+                    .ok_or(SealError::Corrupt)?;
+                Form::Records {
+                    stored: Bytes::from(stored),
+                    base: None,
+                }
+            } else if c.is_stored() {
+                if self.cipher.is_some() && !seal::is_encrypted(&c.value) {
+                    self.counters
+                        .refused_unsealed
+                        .fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                Form::Records {
+                    stored: c.value.clone(),
+                    base: None,
+                }
+            } else {
+                Form::Value(c.value.clone())
+            };
+            match c.value_kind() {
+                Some(kind) => txn.put_form(&c.key, kind, c.expires_at, form),
                 None => txn.delete(&c.key),
             }
         }

@@ -1,0 +1,738 @@
+//! A large hash's stored form: each field sealed on its own, behind an index of keyed tags,
+//! so that a write of one field seals one field.
+//!
+//! ```text
+//! 0x04 records : count:u32 | value_len:u32 | index | body                (little-endian)
+//! index        : count x (tag:u32 | end:u32), ordered by tag
+//! body         : the records back to back; record i is body[end(i-1)..end(i)]
+//! record       : the stored form (raw, lz4 or encrypted; never against a dictionary) of
+//!                field_len:u32 field value_len:u32 value (big-endian, the packed pair)
+//! ```
+//!
+//! A hash is small most of the time (sessions, profiles): it stays one packed value sealed
+//! as a whole (`exec::codec`), which compresses best. Past [`MAX_PACKED_FIELDS`] fields or
+//! [`MAX_PACKED_BYTES`] bytes, where opening, re-encoding and sealing the whole hash again
+//! on every HSET costs more than anything else a write does, it takes this form (as Redis
+//! turns a listpack into a hash table past `hash-max-listpack-entries`, 128). A write then
+//! opens only the records whose tag matches the fields it names and seals only what it
+//! writes; the rest of the stored bytes is copied as it is. The partner takes those bytes as
+//! they are (a `replicate` change with [`twincache_protocol::program::STORED`]), so it seals
+//! nothing either.
+//!
+//! Opened whole, the records give the packed form (count, then the pairs in tag order), so
+//! every reader of a whole hash (HGETALL, RENAME, snapshots opened elsewhere) works on both.
+//!
+//! **Tags.** A tag is SipHash-2-4 of the field under a key both partners derive from the
+//! encryption key (or a fixed one without encryption), so that records copy between
+//! partners as they are. With encryption, tags reveal only which fields of a hash are equal
+//! to which, not what they are. A tag picks the records to open; the field inside decides,
+//! so colliding tags cost an extra open, never a wrong answer. Without a key an attacker
+//! can make many fields of one hash share a tag, which makes operations on that hash scan
+//! them: what every hash operation cost before this form existed.
+//!
+//! **Cost.** The index takes 8 bytes a field, the record's layout byte 1 (encryption adds
+//! 40 for nonce and tag). A write still copies the hash's stored bytes once (memory speed),
+//! but no longer decompresses, decrypts, compresses or encrypts anything it does not write.
+//!
+//! Every length is checked before it is used: the bytes may come from a partner.
+
+use std::collections::HashMap;
+use std::hash::Hasher;
+
+use bytes::{BufMut, Bytes};
+use siphasher::sip::SipHasher24;
+use zeroize::Zeroizing;
+
+use super::{open_capped, seal_into, Cipher, SealError, ENCRYPTED, LZ4, RAW};
+
+/// The layout byte of this form.
+pub const RECORDS: u8 = 0x04;
+/// Fields past which a hash is stored as records (Redis' `hash-max-listpack-entries`).
+pub const MAX_PACKED_FIELDS: usize = 128;
+/// Packed bytes past which a hash is stored as records.
+pub const MAX_PACKED_BYTES: usize = 16 * 1024;
+
+const HEADER: usize = 1 + 4 + 4;
+const SLOT: usize = 8;
+
+/// The key tags are computed under.
+pub struct TagKey([u8; 16]);
+
+impl TagKey {
+    /// The fixed key, for workers without encryption.
+    pub const PLAIN: TagKey = TagKey(*b"twincache fields");
+
+    pub(super) fn new(bytes: [u8; 16]) -> TagKey {
+        TagKey(bytes)
+    }
+
+    /// The tag of `field`.
+    pub fn tag(&self, field: &[u8]) -> u32 {
+        let mut h = SipHasher24::new_with_key(&self.0);
+        h.write(field);
+        h.finish() as u32
+    }
+}
+
+impl Drop for TagKey {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.0);
+    }
+}
+
+/// What sealing records takes: the store's cipher and tag key.
+#[derive(Clone, Copy)]
+pub struct Sealer<'a> {
+    pub cipher: Option<&'a Cipher>,
+    pub tags: &'a TagKey,
+}
+
+/// Whether a packed hash of `fields` fields and `len` bytes is stored as records.
+pub fn wanted(fields: usize, len: usize) -> bool {
+    fields > MAX_PACKED_FIELDS || len > MAX_PACKED_BYTES
+}
+
+/// The most bytes the records form of a packed hash of `fields` fields and `len` bytes
+/// takes: what a frame must be able to carry to copy it to the partner.
+pub fn max_stored_len(fields: usize, len: usize, encrypted: bool) -> usize {
+    let per_record = SLOT + if encrypted { 41 } else { 1 } + 8; // + lz4's header, worst case
+    HEADER + len + fields.saturating_mul(per_record) + len / 255 + 16
+}
+
+/// The parsed header of a records form (index and body not yet checked).
+struct Records<'a> {
+    count: usize,
+    value_len: usize,
+    index: &'a [u8],
+    body: &'a [u8],
+}
+
+fn le_u32(b: &[u8], at: usize) -> Option<usize> {
+    let s = b.get(at..at.checked_add(4)?)?;
+    Some(u32::from_le_bytes([s[0], s[1], s[2], s[3]]) as usize)
+}
+
+impl<'a> Records<'a> {
+    fn parse(stored: &'a [u8]) -> Option<Records<'a>> {
+        if stored.first() != Some(&RECORDS) {
+            return None;
+        }
+        let count = le_u32(stored, 1)?;
+        let value_len = le_u32(stored, 5)?;
+        let index_end = HEADER.checked_add(count.checked_mul(SLOT)?)?;
+        let index = stored.get(HEADER..index_end)?;
+        Some(Records {
+            count,
+            value_len,
+            index,
+            body: &stored[index_end..],
+        })
+    }
+
+    fn tag(&self, i: usize) -> u32 {
+        le_u32(self.index, i * SLOT).unwrap_or(u32::MAX as usize) as u32
+    }
+
+    fn end(&self, i: usize) -> usize {
+        le_u32(self.index, i * SLOT + 4).unwrap_or(0)
+    }
+
+    fn start(&self, i: usize) -> usize {
+        if i == 0 {
+            0
+        } else {
+            self.end(i - 1)
+        }
+    }
+
+    fn record(&self, i: usize) -> Result<&'a [u8], SealError> {
+        self.body
+            .get(self.start(i)..self.end(i))
+            .ok_or(SealError::Corrupt)
+    }
+
+    /// Whether the index runs in tag order over the whole body, every record non-empty:
+    /// what copying runs of records relies on.
+    fn well_formed(&self) -> bool {
+        let (mut tag, mut end) = (0, 0);
+        for i in 0..self.count {
+            let (t, e) = (self.tag(i), self.end(i));
+            if t < tag || e <= end || e > self.body.len() {
+                return false;
+            }
+            (tag, end) = (t, e);
+        }
+        end == self.body.len()
+    }
+
+    /// The first record whose tag is not below `tag`.
+    fn first_from(&self, tag: u32) -> usize {
+        let (mut lo, mut hi) = (0, self.count);
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            if self.tag(mid) < tag {
+                lo = mid + 1;
+            } else {
+                hi = mid;
+            }
+        }
+        lo
+    }
+
+    /// The records whose tag is `tag`.
+    fn tagged(&self, tag: u32) -> std::ops::Range<usize> {
+        let lo = self.first_from(tag);
+        let mut end = lo;
+        while end < self.count && self.tag(end) == tag {
+            end += 1;
+        }
+        lo..end
+    }
+
+    /// Record `i` opened: its field, its value, and the length of its packed pair.
+    fn open(&self, i: usize, key: &[u8], s: Sealer) -> Result<(Bytes, Bytes, usize), SealError> {
+        let record = Bytes::copy_from_slice(self.record(i)?);
+        let pair = open_capped(key, &record, s.cipher, None, self.value_len)?;
+        let (field, value) = split_pair(&pair).ok_or(SealError::Corrupt)?;
+        Ok((field, value, pair.len()))
+    }
+
+    /// The record holding `field`: its index, value and packed length.
+    fn find(
+        &self,
+        key: &[u8],
+        field: &[u8],
+        s: Sealer,
+    ) -> Result<Option<(usize, Bytes, usize)>, SealError> {
+        for i in self.tagged(s.tags.tag(field)) {
+            let (f, v, len) = self.open(i, key, s)?;
+            if f == field {
+                return Ok(Some((i, v, len)));
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// A packed pair split into field and value, if it is exactly one.
+fn split_pair(pair: &Bytes) -> Option<(Bytes, Bytes)> {
+    let f = be_u32(pair, 0)?;
+    let field = pair.get(4..4usize.checked_add(f)?)?;
+    let v = be_u32(pair, 4 + f)?;
+    let value_at = 8 + f;
+    (pair.len() == value_at.checked_add(v)?)
+        .then(|| (pair.slice_ref(field), pair.slice(value_at..)))
+}
+
+fn be_u32(b: &[u8], at: usize) -> Option<usize> {
+    let s = b.get(at..at.checked_add(4)?)?;
+    Some(u32::from_be_bytes([s[0], s[1], s[2], s[3]]) as usize)
+}
+
+fn packed_pair(field: &[u8], value: &[u8]) -> Vec<u8> {
+    let mut pair = Vec::with_capacity(8 + field.len() + value.len());
+    pair.put_u32(field.len() as u32);
+    pair.put_slice(field);
+    pair.put_u32(value.len() as u32);
+    pair.put_slice(value);
+    pair
+}
+
+/// One record to write: its tag and stored bytes.
+struct Fresh {
+    tag: u32,
+    stored: Vec<u8>,
+}
+
+fn seal_record(key: &[u8], field: &[u8], value: &[u8], s: Sealer) -> Fresh {
+    // Plaintext: wiped once sealed (see `seal`).
+    let pair = Zeroizing::new(packed_pair(field, value));
+    let mut stored = Vec::new();
+    seal_into(key, &pair, s.cipher, None, &mut stored);
+    Fresh {
+        tag: s.tags.tag(field),
+        stored,
+    }
+}
+
+/// Where a record of the new form comes from.
+enum Source<'b> {
+    /// Records `range` of the old form, copied as they are.
+    Old(std::ops::Range<usize>),
+    New(&'b Fresh),
+}
+
+/// Appends the records form made of `parts` (in tag order) to `out`. A run of old records
+/// costs two copies (its index slots, then its bytes) and, when it moved, one pass over its
+/// slots to shift their ends.
+fn write(
+    old: Option<&Records>,
+    parts: &[Source],
+    count: usize,
+    value_len: usize,
+    out: &mut Vec<u8>,
+) {
+    let span = |r: &std::ops::Range<usize>| old.map_or(0..0, |o| o.start(r.start)..o.start(r.end));
+    let body_len: usize = parts
+        .iter()
+        .map(|p| match p {
+            Source::Old(r) => span(r).len(),
+            Source::New(f) => f.stored.len(),
+        })
+        .sum();
+    out.reserve(HEADER + count * SLOT + body_len);
+    out.push(RECORDS);
+    out.extend_from_slice(&(count as u32).to_le_bytes());
+    out.extend_from_slice(&(value_len as u32).to_le_bytes());
+    let mut end = 0u32;
+    for part in parts {
+        match (part, old) {
+            (Source::Old(r), Some(o)) => {
+                let at = out.len();
+                out.extend_from_slice(&o.index[r.start * SLOT..r.end * SLOT]);
+                let bytes = span(r);
+                let shift = end.wrapping_sub(bytes.start as u32);
+                if shift != 0 {
+                    for slot in out[at..].chunks_exact_mut(SLOT) {
+                        let e = u32::from_le_bytes([slot[4], slot[5], slot[6], slot[7]]);
+                        slot[4..].copy_from_slice(&e.wrapping_add(shift).to_le_bytes());
+                    }
+                }
+                end = end.wrapping_add(bytes.len() as u32);
+            }
+            (Source::New(f), _) => {
+                end = end.wrapping_add(f.stored.len() as u32);
+                out.extend_from_slice(&f.tag.to_le_bytes());
+                out.extend_from_slice(&end.to_le_bytes());
+            }
+            (Source::Old(_), None) => {}
+        }
+    }
+    for part in parts {
+        match (part, old) {
+            (Source::Old(r), Some(o)) => out.extend_from_slice(&o.body[span(r)]),
+            (Source::New(f), _) => out.extend_from_slice(&f.stored),
+            (Source::Old(_), None) => {}
+        }
+    }
+}
+
+/// Appends the records form of `fields` (distinct) to `out`.
+pub fn build(key: &[u8], fields: &[(Bytes, Bytes)], s: Sealer, out: &mut Vec<u8>) {
+    let mut fresh: Vec<Fresh> = fields
+        .iter()
+        .map(|(f, v)| seal_record(key, f, v, s))
+        .collect();
+    fresh.sort_by_key(|f| f.tag);
+    let value_len = 4 + fields
+        .iter()
+        .map(|(f, v)| 8 + f.len() + v.len())
+        .sum::<usize>();
+    let parts: Vec<Source> = fresh.iter().map(Source::New).collect();
+    write(None, &parts, fresh.len(), value_len, out);
+}
+
+/// How many fields a records form holds.
+pub fn count(stored: &[u8]) -> Option<usize> {
+    Records::parse(stored).map(|r| r.count)
+}
+
+/// The length of the packed hash a records form holds (what opening it gives).
+pub fn value_len(stored: &[u8]) -> Option<usize> {
+    Records::parse(stored).map(|r| r.value_len)
+}
+
+/// The value of `field`, opening only the records tagged like it.
+pub fn get(key: &[u8], stored: &[u8], field: &[u8], s: Sealer) -> Result<Option<Bytes>, SealError> {
+    let r = Records::parse(stored).ok_or(SealError::Corrupt)?;
+    Ok(r.find(key, field, s)?.map(|(_, v, _)| v))
+}
+
+/// The packed hash a records form holds: the count, then each record's pair, in tag order.
+pub fn open_all(
+    key: &[u8],
+    stored: &[u8],
+    cipher: Option<&Cipher>,
+    max_len: usize,
+) -> Result<Bytes, SealError> {
+    let r = Records::parse(stored).ok_or(SealError::Corrupt)?;
+    if r.value_len > max_len || r.value_len < 4 {
+        return Err(SealError::Corrupt);
+    }
+    if !r.well_formed() {
+        return Err(SealError::Corrupt);
+    }
+    // With a key, the opened hash is wiped when its last reference goes (see `seal`).
+    let mut out = Zeroizing::new(Vec::with_capacity(r.value_len));
+    out.extend_from_slice(&(r.count as u32).to_be_bytes());
+    for i in 0..r.count {
+        let record = Bytes::copy_from_slice(r.record(i)?);
+        let left = r.value_len - out.len();
+        let pair = open_capped(key, &record, cipher, None, left)?;
+        split_pair(&pair).ok_or(SealError::Corrupt)?;
+        out.extend_from_slice(&pair);
+    }
+    if out.len() != r.value_len {
+        return Err(SealError::Corrupt);
+    }
+    let out = std::mem::take(&mut *out);
+    Ok(if cipher.is_some() {
+        crate::wipe::secret_bytes(out)
+    } else {
+        Bytes::from(out)
+    })
+}
+
+/// A records form with some fields set and others removed.
+pub struct Patched {
+    pub stored: Vec<u8>,
+    /// Fields that were not there before and are now.
+    pub added: usize,
+    /// Fields that were there before and are not now.
+    pub removed: usize,
+    pub count: usize,
+    pub value_len: usize,
+    /// What turns the old form into the new one (see [`replay`]): what the partner is sent
+    /// when it holds the old form, instead of the whole new one.
+    pub edit: Vec<u8>,
+}
+
+/// `stored` with each of `sets` set (a field named twice takes its last value) and each of
+/// `removes` removed, removes first. Opens only the records tagged like the fields named.
+pub fn patch(
+    key: &[u8],
+    stored: &[u8],
+    sets: &[(Bytes, Bytes)],
+    removes: &[Bytes],
+    s: Sealer,
+) -> Result<Patched, SealError> {
+    let r = Records::parse(stored).ok_or(SealError::Corrupt)?;
+    if !r.well_formed() {
+        return Err(SealError::Corrupt);
+    }
+    // The last word on each field named: Some(value) to set, None to remove.
+    let mut last: HashMap<&[u8], Option<&Bytes>> = HashMap::new();
+    let mut order: Vec<&[u8]> = Vec::new();
+    let named = removes
+        .iter()
+        .map(|f| (f, None))
+        .chain(sets.iter().map(|(f, v)| (f, Some(v))));
+    for (f, v) in named {
+        if last.insert(f, v).is_none() {
+            order.push(f);
+        }
+    }
+    let mut value_len = r.value_len;
+    let mut added = 0;
+    let mut removed = 0;
+    // Old records replaced or removed (by index), and the records to write.
+    let mut dropped: Vec<usize> = Vec::new();
+    let mut fresh: Vec<Fresh> = Vec::new();
+    for field in order {
+        let found = r.find(key, field, s)?;
+        if let Some((i, _, len)) = &found {
+            dropped.push(*i);
+            value_len = value_len.saturating_sub(*len);
+        }
+        match (last[field], found.is_some()) {
+            (Some(value), was) => {
+                added += usize::from(!was);
+                value_len += 8 + field.len() + value.len();
+                fresh.push(seal_record(key, field, value, s));
+            }
+            (None, true) => removed += 1,
+            (None, false) => {}
+        }
+    }
+    dropped.sort_unstable();
+    fresh.sort_by_key(|f| f.tag);
+    let count = r.count - dropped.len() + fresh.len();
+    let mut out = Vec::new();
+    splice(&r, &dropped, &fresh, value_len, &mut out);
+    Ok(Patched {
+        stored: out,
+        added,
+        removed,
+        count,
+        value_len,
+        edit: encode_edit(value_len, &dropped, &fresh),
+    })
+}
+
+/// Appends to `out` the form `r` becomes with records `dropped` (indices, ascending) taken
+/// out and `fresh` (by tag) put in: each before the first old record whose tag is not lower.
+/// The runs of old records between those cuts are copied as they are.
+fn splice(r: &Records, dropped: &[usize], fresh: &[Fresh], value_len: usize, out: &mut Vec<u8>) {
+    enum Cut<'b> {
+        Insert(&'b Fresh),
+        Drop,
+    }
+    let mut cuts: Vec<(usize, Cut)> = fresh
+        .iter()
+        .map(|f| (r.first_from(f.tag), Cut::Insert(f)))
+        .chain(dropped.iter().map(|&d| (d, Cut::Drop)))
+        .collect();
+    cuts.sort_by_key(|(at, cut)| (*at, matches!(cut, Cut::Drop)));
+    let mut parts: Vec<Source> = Vec::with_capacity(2 * cuts.len() + 1);
+    let mut cursor = 0;
+    for (at, cut) in cuts {
+        if at > cursor {
+            parts.push(Source::Old(cursor..at));
+            cursor = at;
+        }
+        match cut {
+            Cut::Insert(f) => parts.push(Source::New(f)),
+            Cut::Drop => cursor = at + 1,
+        }
+    }
+    if cursor < r.count {
+        parts.push(Source::Old(cursor..r.count));
+    }
+    let count = r.count - dropped.len() + fresh.len();
+    write(Some(r), &parts, count, value_len, out);
+}
+
+/// An edit as it travels (little-endian):
+/// `value_len:u32 drops:u32 (index:u32)* inserts:u32 (tag:u32 len:u32 record)*`.
+fn encode_edit(value_len: usize, dropped: &[usize], fresh: &[Fresh]) -> Vec<u8> {
+    let records: usize = fresh.iter().map(|f| 8 + f.stored.len()).sum();
+    let mut out = Vec::with_capacity(12 + 4 * dropped.len() + records);
+    out.extend_from_slice(&(value_len as u32).to_le_bytes());
+    out.extend_from_slice(&(dropped.len() as u32).to_le_bytes());
+    for d in dropped {
+        out.extend_from_slice(&(*d as u32).to_le_bytes());
+    }
+    out.extend_from_slice(&(fresh.len() as u32).to_le_bytes());
+    for f in fresh {
+        out.extend_from_slice(&f.tag.to_le_bytes());
+        out.extend_from_slice(&(f.stored.len() as u32).to_le_bytes());
+        out.extend_from_slice(&f.stored);
+    }
+    out
+}
+
+/// Takes a little-endian `u32` off the front of `rest`.
+fn take_u32(rest: &mut &[u8]) -> Option<usize> {
+    let n = le_u32(rest, 0)?;
+    *rest = &rest[4..];
+    Some(n)
+}
+
+/// An edit that changes nothing (a new expiry on the same records).
+pub fn unchanged(stored: &[u8]) -> Vec<u8> {
+    encode_edit(value_len(stored).unwrap_or(0), &[], &[])
+}
+
+/// The form `base` becomes with `edit` (made by [`patch`] on the same bytes), or `None` if
+/// the edit does not fit it or has not the shape of one (it comes from the network: every
+/// index and length is checked, and each record must be plausible, encrypted when
+/// `encrypted`).
+pub fn replay(base: &[u8], edit: &[u8], encrypted: bool) -> Option<Vec<u8>> {
+    let r = Records::parse(base).filter(Records::well_formed)?;
+    let mut rest = edit;
+    let value_len = take_u32(&mut rest)?;
+    let drops = take_u32(&mut rest)?;
+    if drops > r.count {
+        return None;
+    }
+    let dropped: Vec<usize> = (0..drops)
+        .map(|_| take_u32(&mut rest))
+        .collect::<Option<_>>()?;
+    if dropped.windows(2).any(|w| w[0] >= w[1]) || dropped.last().is_some_and(|&d| d >= r.count) {
+        return None;
+    }
+    let inserts = take_u32(&mut rest)?;
+    let mut fresh: Vec<Fresh> = Vec::new();
+    for _ in 0..inserts {
+        let tag = take_u32(&mut rest)? as u32;
+        let len = take_u32(&mut rest)?;
+        let record = rest.get(..len)?;
+        rest = &rest[len..];
+        let pair_len = match *record.first()? {
+            RAW => record.len() - 1,
+            LZ4 => le_u32(record, 1)?,
+            ENCRYPTED => 8,
+            _ => return None,
+        };
+        let shaped = pair_len >= 8 && super::plausible(record, pair_len);
+        if !shaped || (encrypted && !super::is_encrypted(record)) {
+            return None;
+        }
+        if fresh.last().is_some_and(|f| f.tag > tag) {
+            return None;
+        }
+        fresh.push(Fresh {
+            tag,
+            stored: record.to_vec(),
+        });
+    }
+    if !rest.is_empty() {
+        return None;
+    }
+    let mut out = Vec::new();
+    splice(&r, &dropped, &fresh, value_len, &mut out);
+    plausible(&out, value_len).then_some(out)
+}
+
+/// Whether `stored` has the shape of a records form of a `value_len`-byte packed hash
+/// (see `seal::plausible`): the index fits and runs in order over the whole body, and each
+/// record has the shape of a stored pair.
+pub fn plausible(stored: &[u8], value_len: usize) -> bool {
+    let Some(r) = Records::parse(stored) else {
+        return false;
+    };
+    if r.value_len != value_len || value_len < 4 || r.count > (value_len - 4) / 8 {
+        return false;
+    }
+    r.well_formed()
+        && (0..r.count).all(|i| {
+            let Ok(record) = r.record(i) else {
+                return false;
+            };
+            let pair_len = match record[0] {
+                RAW => record.len() - 1,
+                LZ4 => le_u32(record, 1).unwrap_or(usize::MAX),
+                ENCRYPTED => 8,
+                _ => return false,
+            };
+            (8..=value_len).contains(&pair_len) && super::plausible(record, pair_len)
+        })
+}
+
+/// Whether every record is encrypted (what a worker with a key takes from a partner).
+pub fn all_encrypted(stored: &[u8]) -> bool {
+    let Some(r) = Records::parse(stored) else {
+        return false;
+    };
+    (0..r.count).all(|i| r.record(i).is_ok_and(super::is_encrypted))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn packed(fields: &[(Bytes, Bytes)]) -> Vec<u8> {
+        let mut out = (fields.len() as u32).to_be_bytes().to_vec();
+        for (f, v) in fields {
+            out.extend_from_slice(&packed_pair(f, v));
+        }
+        out
+    }
+
+    fn sorted(mut fields: Vec<(Bytes, Bytes)>) -> Vec<(Bytes, Bytes)> {
+        fields.sort();
+        fields
+    }
+
+    /// The fields of a records form, opened.
+    fn fields_of(key: &[u8], stored: &[u8], cipher: Option<&Cipher>) -> Vec<(Bytes, Bytes)> {
+        let all = open_all(key, stored, cipher, usize::MAX).unwrap();
+        let mut rest = &all[4..];
+        let mut out = Vec::new();
+        while !rest.is_empty() {
+            let f = be_u32(rest, 0).unwrap();
+            let v = be_u32(rest, 4 + f).unwrap();
+            let pair = Bytes::copy_from_slice(&rest[..8 + f + v]);
+            out.push(split_pair(&pair).unwrap());
+            rest = &rest[8 + f + v..];
+        }
+        assert_eq!(out.len(), count(stored).unwrap());
+        out
+    }
+
+    proptest! {
+        /// Patching gives what rebuilding from the changed fields gives, and opening the
+        /// result gives the packed form of those fields, with or without a key.
+        #[test]
+        fn patches_match_a_rebuild(
+            start in proptest::collection::btree_map(0u16..300, proptest::collection::vec(any::<u8>(), 0..20), 0..200),
+            sets in proptest::collection::vec((0u16..300, proptest::collection::vec(any::<u8>(), 0..200)), 0..20),
+            removes in proptest::collection::vec(0u16..300, 0..20),
+            encrypted in any::<bool>(),
+        ) {
+            let cipher = Cipher::new(&[9; 32]);
+            let cipher = encrypted.then_some(&cipher);
+            let tags = TagKey::PLAIN;
+            let s = Sealer { cipher, tags: &tags };
+            let name = |n: u16| Bytes::from(format!("field:{n}"));
+            let mut model: std::collections::BTreeMap<Bytes, Bytes> =
+                start.into_iter().map(|(f, v)| (name(f), Bytes::from(v))).collect();
+            let fields: Vec<(Bytes, Bytes)> = model.clone().into_iter().collect();
+            let mut stored = Vec::new();
+            build(b"k", &fields, s, &mut stored);
+            prop_assert!(plausible(&stored, packed(&fields).len()));
+            prop_assert_eq!(all_encrypted(&stored), encrypted || fields.is_empty());
+
+            let sets: Vec<(Bytes, Bytes)> = sets.into_iter().map(|(f, v)| (name(f), Bytes::from(v))).collect();
+            // HSET and HDEL never name a field both ways; a field named twice counts once.
+            let removes: std::collections::BTreeSet<Bytes> = removes
+                .into_iter()
+                .map(name)
+                .filter(|f| !sets.iter().any(|(g, _)| g == f))
+                .collect();
+            let removed = removes.iter().filter(|f| model.remove(*f).is_some()).count();
+            let added = sets
+                .iter()
+                .filter(|(f, v)| model.insert(f.clone(), v.clone()).is_none())
+                .count();
+            let mut removes: Vec<Bytes> = removes.into_iter().collect();
+            removes.extend(removes.clone());
+            let p = patch(b"k", &stored, &sets, &removes, s).unwrap();
+            let want: Vec<(Bytes, Bytes)> = model.into_iter().collect();
+            prop_assert_eq!(p.count, want.len());
+            prop_assert_eq!(p.value_len, packed(&want).len());
+            prop_assert_eq!((p.added, p.removed), (added, removed));
+            prop_assert!(plausible(&p.stored, p.value_len));
+            prop_assert_eq!(replay(&stored, &p.edit, encrypted), Some(p.stored.clone()));
+            prop_assert_eq!(replay(&stored, &unchanged(&stored), encrypted), Some(stored.clone()));
+            prop_assert_eq!(sorted(fields_of(b"k", &p.stored, cipher)), want.clone());
+            for (f, v) in &want {
+                prop_assert_eq!(get(b"k", &p.stored, f, s).unwrap(), Some(v.clone()));
+            }
+            prop_assert_eq!(get(b"k", &p.stored, b"absent", s).unwrap(), None);
+        }
+
+        #[test]
+        fn random_bytes_never_panic(
+            input in proptest::collection::vec(any::<u8>(), 0..256),
+            value_len in 0usize..512,
+        ) {
+            let mut stored = vec![RECORDS];
+            stored.extend_from_slice(&input);
+            let tags = TagKey::PLAIN;
+            let s = Sealer { cipher: None, tags: &tags };
+            let _ = plausible(&stored, value_len);
+            let _ = all_encrypted(&stored);
+            let _ = open_all(b"k", &stored, None, 1 << 20);
+            let _ = get(b"k", &stored, b"f", s);
+            let _ = patch(b"k", &stored, &[(Bytes::from_static(b"f"), Bytes::new())], &[Bytes::from_static(b"g")], s);
+            let mut good = Vec::new();
+            build(b"k", &[(Bytes::from_static(b"f"), Bytes::new()), (Bytes::from_static(b"g"), Bytes::new())], s, &mut good);
+            let _ = replay(&good, &input, false);
+            let _ = replay(&stored, &input, false);
+        }
+    }
+
+    #[test]
+    fn records_open_only_under_their_key() {
+        let cipher = Cipher::new(&[1; 32]);
+        let tags = TagKey::PLAIN;
+        let s = Sealer {
+            cipher: Some(&cipher),
+            tags: &tags,
+        };
+        let mut stored = Vec::new();
+        build(
+            b"k",
+            &[(Bytes::from_static(b"f"), Bytes::from_static(b"v"))],
+            s,
+            &mut stored,
+        );
+        assert_eq!(get(b"other", &stored, b"f", s), Err(SealError::Unauthentic));
+        assert_eq!(
+            get(b"k", &stored, b"f", s).unwrap(),
+            Some(Bytes::from_static(b"v"))
+        );
+    }
+}
