@@ -115,14 +115,31 @@ impl Entry {
         value_len: usize,
         stored: &[u8],
     ) -> Entry {
-        let mut buf = Vec::with_capacity(HEADER + key.len() + stored.len());
+        let built = Entry::build(version, expires_at, key, kind, value_len, |out| {
+            out.extend_from_slice(stored);
+            Ok::<(), ()>(())
+        });
+        built.unwrap_or_else(|()| unreachable!("copying cannot fail"))
+    }
+
+    /// The entry whose stored bytes `fill` appends after its header and key (straight into
+    /// the entry's one allocation).
+    fn build<E>(
+        version: u64,
+        expires_at: u64,
+        key: &[u8],
+        kind: Kind,
+        value_len: usize,
+        fill: impl FnOnce(&mut Vec<u8>) -> Result<(), E>,
+    ) -> Result<Entry, E> {
+        let mut buf = Vec::new();
         buf.extend_from_slice(&version.to_le_bytes());
         buf.extend_from_slice(&expires_at.to_le_bytes());
         buf.extend_from_slice(&(key.len() as u32).to_le_bytes());
         buf.extend_from_slice(&(value_len as u32).to_le_bytes());
         buf.extend_from_slice(key);
-        buf.extend_from_slice(stored);
-        Entry(buf.into_boxed_slice()).with_kind(kind)
+        fill(&mut buf)?;
+        Ok(Entry(buf.into_boxed_slice()).with_kind(kind))
     }
 
     fn u64_at(&self, at: usize) -> u64 {

@@ -14,7 +14,6 @@ use super::{
 };
 use crate::seal::records;
 use crate::seal::SealError;
-use crate::store::Form;
 
 /// Most elements one HRANDFIELD answers: a negative count may repeat fields without end,
 /// and the answer must fit a frame.
@@ -54,7 +53,7 @@ pub(super) fn run(cx: &mut Cx, action: &Action) -> Outcome {
                     .collect(),
             ))
         }
-        Action::HLen => Ok(Reply::Int(read_or_empty(cx)?.len() as i64)),
+        Action::HLen => Ok(Reply::Int(read_or_empty(cx)?.len(cx)? as i64)),
         Action::HExists(field) => {
             let value = read_or_empty(cx)?.get(cx, field)?;
             Ok(Reply::Int(i64::from(value.is_some())))
@@ -138,8 +137,8 @@ pub(super) fn run(cx: &mut Cx, action: &Action) -> Outcome {
     }
 }
 
-/// A hash as a program holds it: small ones decoded whole, large ones in their records
-/// form, read and written a field at a time (`seal::records`).
+/// A hash as a program holds it: small ones decoded whole, large ones left in their records
+/// form in the store, read and written a field at a time (`seal::records`).
 struct Hash {
     expires_at: u64,
     held: Held,
@@ -147,46 +146,47 @@ struct Hash {
 
 enum Held {
     Packed(Fields),
-    /// The records form's bytes, and the form as read (with its base, for the partner's
-    /// edit).
-    Records(Bytes, Form),
+    /// The key's records (borrowed from the program's hold on them when needed).
+    Records,
 }
 
 impl Hash {
-    fn len(&self) -> usize {
-        match &self.held {
+    fn len(&self, cx: &mut Cx) -> Result<usize, Reply> {
+        Ok(match &self.held {
             Held::Packed(fields) => fields.len(),
-            Held::Records(stored, _) => records::count(stored).unwrap_or(0),
-        }
+            Held::Records => records::count(stored(cx)?).unwrap_or(0),
+        })
     }
 
-    fn get(&self, cx: &Cx, field: &[u8]) -> Result<Option<Bytes>, Reply> {
+    fn get(&self, cx: &mut Cx, field: &[u8]) -> Result<Option<Bytes>, Reply> {
         match &self.held {
             Held::Packed(fields) => Ok(codec::get(fields, field).cloned()),
-            Held::Records(stored, _) => {
-                records::get(cx.key, stored, field, cx.txn.sealer()).map_err(corrupt)
+            Held::Records => {
+                let (key, sealer) = (cx.key, cx.txn.sealer());
+                records::get(key, stored(cx)?, field, sealer).map_err(corrupt)
             }
         }
     }
 
-    fn get_all(&self, cx: &Cx, wanted: &[Bytes]) -> Result<Vec<Option<Bytes>>, Reply> {
+    fn get_all(&self, cx: &mut Cx, wanted: &[Bytes]) -> Result<Vec<Option<Bytes>>, Reply> {
         match &self.held {
             Held::Packed(fields) => Ok(codec::get_all(fields, wanted)
                 .into_iter()
                 .map(|v| v.cloned())
                 .collect()),
-            Held::Records(..) => wanted.iter().map(|f| self.get(cx, f)).collect(),
+            Held::Records => wanted.iter().map(|f| self.get(cx, f)).collect(),
         }
     }
 
     /// Every field and value: in the order first set for a packed hash, in tag order for
     /// records (Redis too answers a large hash in its table's order).
-    fn fields(self, cx: &Cx) -> Result<Fields, Reply> {
+    fn fields(self, cx: &mut Cx) -> Result<Fields, Reply> {
         match self.held {
             Held::Packed(fields) => Ok(fields),
-            Held::Records(stored, _) => {
-                let packed = records::open_all(cx.key, &stored, cx.txn.sealer().cipher, MAX_VALUE)
-                    .map_err(corrupt)?;
+            Held::Records => {
+                let (key, cipher) = (cx.key, cx.txn.sealer().cipher);
+                let packed =
+                    records::open_all(key, stored(cx)?, cipher, MAX_VALUE).map_err(corrupt)?;
                 codec::decode(&packed).ok_or_else(|| corrupt(SealError::Corrupt))
             }
         }
@@ -200,11 +200,10 @@ impl Hash {
                 store(cx, self.expires_at, &fields)?;
                 Ok(added)
             }
-            Held::Records(stored, form) => {
-                let p = records::patch(cx.key, &stored, pairs, &[], cx.txn.sealer())
-                    .map_err(corrupt)?;
-                let added = p.added;
-                put_records(cx, self.expires_at, &form, p)?;
+            Held::Records => {
+                let plan = plan(cx, pairs, &[])?;
+                let added = plan.added;
+                put_planned(cx, self.expires_at, plan)?;
                 Ok(added)
             }
         }
@@ -221,12 +220,11 @@ impl Hash {
                 }
                 (removed, fields.len())
             }
-            Held::Records(stored, form) => {
-                let p =
-                    records::patch(cx.key, &stored, &[], gone, cx.txn.sealer()).map_err(corrupt)?;
-                let (removed, count) = (p.removed, p.count);
+            Held::Records => {
+                let plan = plan(cx, &[], gone)?;
+                let (removed, count) = (plan.removed, plan.count);
                 if removed > 0 && count > 0 {
-                    put_records(cx, self.expires_at, &form, p)?;
+                    put_planned(cx, self.expires_at, plan)?;
                 }
                 (removed, count)
             }
@@ -238,24 +236,54 @@ impl Hash {
     }
 }
 
+/// The current key's records form, borrowed.
+fn stored<'c>(cx: &'c mut Cx) -> Result<&'c [u8], Reply> {
+    cx.txn
+        .records(cx.key)
+        .map_err(corrupt)?
+        .ok_or_else(|| corrupt(SealError::Corrupt))
+}
+
+/// How the current key's records change with `sets` set and `removes` removed.
+fn plan(cx: &mut Cx, sets: &[(Bytes, Bytes)], removes: &[Bytes]) -> Result<records::Plan, Reply> {
+    let (key, sealer) = (cx.key, cx.txn.sealer());
+    records::plan(key, stored(cx)?, sets, removes, sealer).map_err(corrupt)
+}
+
+/// Stages the current key's records as `plan` changes them.
+fn put_planned(cx: &mut Cx, expires_at: u64, plan: records::Plan) -> Result<(), Reply> {
+    // The partner may be sent the new form whole: a frame must carry it.
+    if plan.stored_len.max(plan.value_len) > cx.max_value {
+        return Err(Reply::err(TOO_BIG));
+    }
+    cx.txn
+        .put_planned(cx.key, expires_at, plan)
+        .map_err(corrupt)
+}
+
 /// The current key's hash, if it holds one; WRONGTYPE if it holds a string.
 fn read(cx: &mut Cx) -> Result<Option<Hash>, Reply> {
-    match cx.read_form()? {
-        None => Ok(None),
-        Some((meta, _)) if meta.kind != Kind::Hash => Err(Reply::err(WRONGTYPE)),
-        Some((meta, form)) => {
-            let held = match form {
-                Form::Records { ref stored, .. } => Held::Records(stored.clone(), form),
-                Form::Value(value) => {
-                    Held::Packed(codec::decode(&value).ok_or_else(|| corrupt(SealError::Corrupt))?)
-                }
-            };
-            Ok(Some(Hash {
-                expires_at: meta.expires_at,
-                held,
-            }))
-        }
+    let Some(meta) = cx.txn.meta(cx.key) else {
+        return Ok(None);
+    };
+    if meta.kind != Kind::Hash {
+        return Err(Reply::err(WRONGTYPE));
     }
+    if cx.txn.records(cx.key).map_err(corrupt)?.is_some() {
+        cx.txn.touch(cx.key);
+        return Ok(Some(Hash {
+            expires_at: meta.expires_at,
+            held: Held::Records,
+        }));
+    }
+    let Some((meta, value)) = cx.read()? else {
+        return Ok(None);
+    };
+    let fields = codec::decode(&value).ok_or_else(|| corrupt(SealError::Corrupt))?;
+    Ok(Some(Hash {
+        expires_at: meta.expires_at,
+        held: Held::Packed(fields),
+    }))
 }
 
 /// The hash, or an empty one for a missing key (reads answer as for an empty hash, and
@@ -280,24 +308,6 @@ fn store(cx: &mut Cx, expires_at: u64, fields: &Fields) -> Result<(), Reply> {
         return Err(Reply::err(TOO_BIG));
     }
     cx.put(Kind::Hash, expires_at, codec::encode(fields))
-}
-
-/// Stages a hash in its records form, as `from` patched.
-fn put_records(
-    cx: &mut Cx,
-    expires_at: u64,
-    from: &Form,
-    patched: records::Patched,
-) -> Result<(), Reply> {
-    if patched.stored.len().max(patched.value_len) > cx.max_value {
-        return Err(Reply::err(TOO_BIG));
-    }
-    cx.put_form(
-        Kind::Hash,
-        expires_at,
-        from.edited(patched.stored, patched.edit),
-    );
-    Ok(())
 }
 
 /// HRANDFIELD, as Redis 7.0 answers it: one field (or nil) without a count; with a count,

@@ -443,6 +443,31 @@ fn a_large_hash_is_kept_as_records_and_copied_as_they_are() {
         ));
         assert_eq!(one(&partner, "h", 1, Action::Encoding), bulk("records"));
 
+        // A program reads its own edits, and edits them again.
+        let (replies, changes) = apply(
+            &primary,
+            "h",
+            30,
+            vec![
+                hset(vec![(b("own"), b("1"))]),
+                Action::HGet(b("own")),
+                Action::HIncrBy(b("own"), 1),
+                Action::HDel(vec![b("own")]),
+                Action::HLen,
+            ],
+        );
+        assert_eq!(
+            replies,
+            vec![
+                Reply::Int(1),
+                bulk("1"),
+                Reply::Int(2),
+                Reply::Int(1),
+                Reply::Int(201)
+            ]
+        );
+        assert_eq!(changes, 1);
+
         // A snapshot's entry merges as it is, and reads the same.
         let fresh = Store::new(cipher.clone(), 0);
         for n in 0..Store::SHARDS {

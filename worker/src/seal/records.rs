@@ -383,33 +383,39 @@ pub fn open_all(
     })
 }
 
-/// A records form with some fields set and others removed.
-pub struct Patched {
-    pub stored: Vec<u8>,
+/// How a records form changes when some fields are set and others removed: the records
+/// dropped and the fresh ones, sealed. Made without copying the form; [`Plan::apply`]
+/// writes the new form (straight into the new entry), [`Plan::edit`] what the partner is
+/// sent instead of it.
+pub struct Plan {
+    /// Indices of old records replaced or removed, ascending.
+    dropped: Vec<usize>,
+    /// The records to put in, by tag.
+    fresh: Vec<Fresh>,
+    /// The stored length of the form planned on (a check on what it is applied to).
+    pub base_len: usize,
+    /// The stored length of the new form.
+    pub stored_len: usize,
     /// Fields that were not there before and are now.
     pub added: usize,
     /// Fields that were there before and are not now.
     pub removed: usize,
     pub count: usize,
     pub value_len: usize,
-    /// What turns the old form into the new one (see [`replay`]): what the partner is sent
-    /// when it holds the old form, instead of the whole new one.
-    pub edit: Vec<u8>,
 }
 
-/// `stored` with each of `sets` set (a field named twice takes its last value) and each of
-/// `removes` removed, removes first. Opens only the records tagged like the fields named.
-pub fn patch(
+/// How `stored` changes with each of `sets` set (a field named twice takes its last value)
+/// and each of `removes` removed, removes first. Opens only the records tagged like the
+/// fields named.
+pub fn plan(
     key: &[u8],
     stored: &[u8],
     sets: &[(Bytes, Bytes)],
     removes: &[Bytes],
     s: Sealer,
-) -> Result<Patched, SealError> {
+) -> Result<Plan, SealError> {
+    // Every access to the index and body is checked; `Plan::apply` checks the whole shape.
     let r = Records::parse(stored).ok_or(SealError::Corrupt)?;
-    if !r.well_formed() {
-        return Err(SealError::Corrupt);
-    }
     // The last word on each field named: Some(value) to set, None to remove.
     let mut last: HashMap<&[u8], Option<&Bytes>> = HashMap::new();
     let mut order: Vec<&[u8]> = Vec::new();
@@ -425,7 +431,6 @@ pub fn patch(
     let mut value_len = r.value_len;
     let mut added = 0;
     let mut removed = 0;
-    // Old records replaced or removed (by index), and the records to write.
     let mut dropped: Vec<usize> = Vec::new();
     let mut fresh: Vec<Fresh> = Vec::new();
     for field in order {
@@ -446,17 +451,47 @@ pub fn patch(
     }
     dropped.sort_unstable();
     fresh.sort_by_key(|f| f.tag);
-    let count = r.count - dropped.len() + fresh.len();
-    let mut out = Vec::new();
-    splice(&r, &dropped, &fresh, value_len, &mut out);
-    Ok(Patched {
-        stored: out,
+    let gone: usize = dropped.iter().map(|&i| SLOT + r.end(i) - r.start(i)).sum();
+    let new: usize = fresh.iter().map(|f| SLOT + f.stored.len()).sum();
+    Ok(Plan {
+        stored_len: stored.len() + new - gone,
+        count: r.count - dropped.len() + fresh.len(),
+        dropped,
+        fresh,
+        base_len: stored.len(),
         added,
         removed,
-        count,
         value_len,
-        edit: encode_edit(value_len, &dropped, &fresh),
     })
+}
+
+/// Counts only.
+impl std::fmt::Debug for Plan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plan")
+            .field("dropped", &self.dropped.len())
+            .field("fresh", &self.fresh.len())
+            .field("count", &self.count)
+            .finish()
+    }
+}
+
+impl Plan {
+    /// Appends the new form to `out`, from `base`: the form planned on.
+    pub fn apply(&self, base: &[u8], out: &mut Vec<u8>) -> Result<(), SealError> {
+        let r = Records::parse(base)
+            .filter(|r| base.len() == self.base_len && r.well_formed())
+            .ok_or(SealError::Corrupt)?;
+        let start = out.len();
+        splice(&r, &self.dropped, &self.fresh, self.value_len, out);
+        debug_assert_eq!(out.len() - start, self.stored_len);
+        Ok(())
+    }
+
+    /// What turns the form planned on into the new one (see [`replay`]).
+    pub fn edit(&self) -> Vec<u8> {
+        encode_edit(self.value_len, &self.dropped, &self.fresh)
+    }
 }
 
 /// Appends to `out` the form `r` becomes with records `dropped` (indices, ascending) taken
@@ -523,11 +558,12 @@ pub fn unchanged(stored: &[u8]) -> Vec<u8> {
     encode_edit(value_len(stored).unwrap_or(0), &[], &[])
 }
 
-/// The form `base` becomes with `edit` (made by [`patch`] on the same bytes), or `None` if
-/// the edit does not fit it or has not the shape of one (it comes from the network: every
-/// index and length is checked, and each record must be plausible, encrypted when
-/// `encrypted`).
-pub fn replay(base: &[u8], edit: &[u8], encrypted: bool) -> Option<Vec<u8>> {
+/// The plan `edit` (made by [`Plan::edit`] on the same bytes) is for `base`, or `None` if it
+/// does not fit `base` or has not the shape of one. It comes from the network, so every
+/// index and length is checked, and each fresh record must be plausible (encrypted when
+/// `encrypted`); `base` is an entry of this worker's, checked when it was taken, so a plan
+/// that keeps its records' shape and takes only plausible ones makes a plausible form.
+pub fn replay(base: &[u8], edit: &[u8], encrypted: bool) -> Option<Plan> {
     let r = Records::parse(base).filter(Records::well_formed)?;
     let mut rest = edit;
     let value_len = take_u32(&mut rest)?;
@@ -566,12 +602,22 @@ pub fn replay(base: &[u8], edit: &[u8], encrypted: bool) -> Option<Vec<u8>> {
             stored: record.to_vec(),
         });
     }
-    if !rest.is_empty() {
+    let count = r.count - dropped.len() + fresh.len();
+    if !rest.is_empty() || value_len < 4 || count > (value_len - 4) / 8 {
         return None;
     }
-    let mut out = Vec::new();
-    splice(&r, &dropped, &fresh, value_len, &mut out);
-    plausible(&out, value_len).then_some(out)
+    let gone: usize = dropped.iter().map(|&i| SLOT + r.end(i) - r.start(i)).sum();
+    let new: usize = fresh.iter().map(|f| SLOT + f.stored.len()).sum();
+    Some(Plan {
+        stored_len: base.len() + new - gone,
+        base_len: base.len(),
+        count,
+        dropped,
+        fresh,
+        added: 0,
+        removed: 0,
+        value_len,
+    })
 }
 
 /// Whether `stored` has the shape of a records form of a `value_len`-byte packed hash
@@ -678,19 +724,26 @@ mod tests {
                 .count();
             let mut removes: Vec<Bytes> = removes.into_iter().collect();
             removes.extend(removes.clone());
-            let p = patch(b"k", &stored, &sets, &removes, s).unwrap();
+            let p = plan(b"k", &stored, &sets, &removes, s).unwrap();
+            let mut patched = Vec::new();
+            p.apply(&stored, &mut patched).unwrap();
             let want: Vec<(Bytes, Bytes)> = model.into_iter().collect();
             prop_assert_eq!(p.count, want.len());
             prop_assert_eq!(p.value_len, packed(&want).len());
             prop_assert_eq!((p.added, p.removed), (added, removed));
-            prop_assert!(plausible(&p.stored, p.value_len));
-            prop_assert_eq!(replay(&stored, &p.edit, encrypted), Some(p.stored.clone()));
-            prop_assert_eq!(replay(&stored, &unchanged(&stored), encrypted), Some(stored.clone()));
-            prop_assert_eq!(sorted(fields_of(b"k", &p.stored, cipher)), want.clone());
+            prop_assert!(plausible(&patched, p.value_len));
+            let replayed = |edit: &[u8]| {
+                let mut out = Vec::new();
+                replay(&stored, edit, encrypted)?.apply(&stored, &mut out).ok()?;
+                Some(out)
+            };
+            prop_assert_eq!(replayed(&p.edit()), Some(patched.clone()));
+            prop_assert_eq!(replayed(&unchanged(&stored)), Some(stored.clone()));
+            prop_assert_eq!(sorted(fields_of(b"k", &patched, cipher)), want.clone());
             for (f, v) in &want {
-                prop_assert_eq!(get(b"k", &p.stored, f, s).unwrap(), Some(v.clone()));
+                prop_assert_eq!(get(b"k", &patched, f, s).unwrap(), Some(v.clone()));
             }
-            prop_assert_eq!(get(b"k", &p.stored, b"absent", s).unwrap(), None);
+            prop_assert_eq!(get(b"k", &patched, b"absent", s).unwrap(), None);
         }
 
         #[test]
@@ -706,10 +759,16 @@ mod tests {
             let _ = all_encrypted(&stored);
             let _ = open_all(b"k", &stored, None, 1 << 20);
             let _ = get(b"k", &stored, b"f", s);
-            let _ = patch(b"k", &stored, &[(Bytes::from_static(b"f"), Bytes::new())], &[Bytes::from_static(b"g")], s);
+            if let Ok(p) = plan(b"k", &stored, &[(Bytes::from_static(b"f"), Bytes::new())], &[Bytes::from_static(b"g")], s) {
+                let _ = p.apply(&stored, &mut Vec::new());
+            }
             let mut good = Vec::new();
             build(b"k", &[(Bytes::from_static(b"f"), Bytes::new()), (Bytes::from_static(b"g"), Bytes::new())], s, &mut good);
-            let _ = replay(&good, &input, false);
+            if let Some(p) = replay(&good, &input, false) {
+                let mut out = Vec::new();
+                p.apply(&good, &mut out).unwrap();
+                prop_assert!(plausible(&out, p.value_len));
+            }
             let _ = replay(&stored, &input, false);
         }
     }

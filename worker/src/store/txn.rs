@@ -10,7 +10,7 @@
 //! KiB encrypted), the price of never computing on a value another write has replaced.
 
 use std::sync::atomic::Ordering;
-use std::sync::MutexGuard;
+use std::sync::{Arc, MutexGuard};
 
 use bytes::{Bytes, BytesMut};
 use hashbrown::hash_table::Entry as Slot;
@@ -36,41 +36,25 @@ pub enum Form {
     Value(Bytes),
     Records {
         stored: Bytes,
-        /// The stored entry these records were made from, when the partner can be sent the
-        /// edit instead of the whole form.
+        /// The stored entry these records are, unchanged (the partner is then sent an
+        /// empty edit instead of them).
         base: Option<Base>,
+    },
+    /// The stored entry's records as `plan` changes them: built straight into the new
+    /// entry at commit, and sent to the partner as the plan's edit.
+    Planned {
+        plan: Arc<records::Plan>,
+        /// The entry's version.
+        version: u64,
     },
 }
 
-/// The entry a records form was made from by one edit (see [`Form::Records`]).
+/// The entry a records form is (see [`Form::Records`]).
 #[derive(Debug, Clone)]
 pub struct Base {
     pub version: u64,
     /// Its stored length: a check the partner makes besides the version.
     pub len: usize,
-    /// The edit (`seal::records::patch`); `None`: the records are the entry's as they are.
-    pub edit: Option<Bytes>,
-}
-
-impl Form {
-    /// `stored`, made from this form by `edit`: with a base if this form is an entry's
-    /// records unedited (an edit on top of an edit goes whole).
-    pub fn edited(&self, stored: Vec<u8>, edit: Vec<u8>) -> Form {
-        let base = match self {
-            Form::Records {
-                base: Some(b @ Base { edit: None, .. }),
-                ..
-            } => Some(Base {
-                edit: Some(Bytes::from(edit)),
-                ..b.clone()
-            }),
-            _ => None,
-        };
-        Form::Records {
-            stored: Bytes::from(stored),
-            base,
-        }
-    }
 }
 
 /// A value a program has written and not yet committed.
@@ -113,7 +97,7 @@ impl Store {
     }
 }
 
-impl Txn<'_> {
+impl<'a> Txn<'a> {
     fn shard(&self, hash: u64) -> Option<&Shard> {
         let n = shard_index(hash);
         let i = self.locked.binary_search_by_key(&n, |(i, _)| *i).ok()?;
@@ -129,7 +113,7 @@ impl Txn<'_> {
     }
 
     /// What sealing a large hash's records takes.
-    pub fn sealer(&self) -> crate::seal::records::Sealer<'_> {
+    pub fn sealer(&self) -> crate::seal::records::Sealer<'a> {
         self.store.sealer()
     }
 
@@ -220,6 +204,7 @@ impl Txn<'_> {
             return staged.as_ref().map(|s| match &s.form {
                 Form::Value(_) => "raw",
                 Form::Records { stored, .. } => seal::layout_name(stored),
+                Form::Planned { .. } => "records",
             });
         }
         self.entry(key)
@@ -243,11 +228,14 @@ impl Txn<'_> {
             Some((meta, Form::Records { stored, .. })) => {
                 Some((meta, seal::open_with(key, &stored, store.cipher(), None)?))
             }
+            // `read_form` settles plans first.
+            Some((_, Form::Planned { .. })) => return Err(SealError::Corrupt),
         })
     }
 
     /// [`Txn::read`], except that a large hash comes in its records form, unopened.
     pub fn read_form(&mut self, key: &[u8]) -> Result<Option<(Meta, Form)>, SealError> {
+        self.settle(key)?;
         if let Some(staged) = self.staged(key) {
             return Ok(staged.as_ref().map(|s| {
                 let meta = Meta {
@@ -283,7 +271,6 @@ impl Txn<'_> {
             let base = Base {
                 version: meta.version,
                 len: stored.len(),
-                edit: None,
             };
             return Ok(Some((
                 meta,
@@ -295,6 +282,81 @@ impl Txn<'_> {
         }
         let value = seal::open_with(key, &stored, store.cipher(), store.dictionary())?;
         Ok(Some((meta, Form::Value(value))))
+    }
+
+    /// The records form `key` holds (staged by this program, or the entry's), if it holds
+    /// one: borrowed, not copied.
+    pub fn records(&mut self, key: &[u8]) -> Result<Option<&[u8]>, SealError> {
+        self.settle(key)?;
+        if let Some(staged) = self.staged(key) {
+            return Ok(match staged {
+                Some(Staged {
+                    form: Form::Records { stored, .. },
+                    ..
+                }) => Some(&stored[..]),
+                _ => None,
+            });
+        }
+        let now = self.now;
+        Ok(self
+            .entry(key)
+            .filter(|e| e.live(now))
+            .map(Entry::stored)
+            .filter(|s| s.first() == Some(&RECORDS)))
+    }
+
+    /// Stages `key`'s records (what [`Txn::records`] gave) as `plan` changes them.
+    pub fn put_planned(
+        &mut self,
+        key: &Bytes,
+        expires_at: u64,
+        plan: records::Plan,
+    ) -> Result<(), SealError> {
+        let form = match self.staged(key) {
+            Some(Some(Staged {
+                form: Form::Records { stored, .. },
+                ..
+            })) => {
+                let mut out = Vec::new();
+                plan.apply(stored, &mut out)?;
+                Form::Records {
+                    stored: Bytes::from(out),
+                    base: None,
+                }
+            }
+            Some(_) => return Err(SealError::Corrupt),
+            None => Form::Planned {
+                version: self.version(key),
+                plan: Arc::new(plan),
+            },
+        };
+        self.put_form(key, Kind::Hash, expires_at, form);
+        Ok(())
+    }
+
+    /// Turns a plan staged for `key` into the records it makes (for a program that reads
+    /// what it wrote).
+    fn settle(&mut self, key: &[u8]) -> Result<(), SealError> {
+        let Some(i) = self.staged.iter().rposition(|(k, _)| k.as_ref() == key) else {
+            return Ok(());
+        };
+        let Some(Staged {
+            form: Form::Planned { plan, .. },
+            ..
+        }) = &self.staged[i].1
+        else {
+            return Ok(());
+        };
+        let base = self.entry(key).ok_or(SealError::Corrupt)?;
+        let mut out = Vec::new();
+        plan.apply(base.stored(), &mut out)?;
+        if let Some(staged) = &mut self.staged[i].1 {
+            staged.form = Form::Records {
+                stored: Bytes::from(out),
+                base: None,
+            };
+        }
+        Ok(())
     }
 
     /// Stages a new value for `key`.
@@ -415,6 +477,26 @@ impl Txn<'_> {
                         let value_len = records::value_len(stored).unwrap_or(0);
                         Entry::from_stored(version, s.expires_at, &key, s.kind, value_len, stored)
                     }
+                    Form::Planned { plan, .. } => {
+                        let built = self.entry(&key).map(|base| {
+                            Entry::build(
+                                version,
+                                s.expires_at,
+                                &key,
+                                s.kind,
+                                plan.value_len,
+                                |out| plan.apply(base.stored(), out),
+                            )
+                        });
+                        match built {
+                            Some(Ok(entry)) => entry,
+                            _ => {
+                                // Cannot happen: the entry was planned on under this lock.
+                                tracing::error!("a large hash's edit does not fit its entry");
+                                continue;
+                            }
+                        }
+                    }
                 },
                 None => Entry::tombstone(
                     version,
@@ -429,6 +511,16 @@ impl Txn<'_> {
                     Some(Staged {
                         kind,
                         expires_at,
+                        form: Form::Planned { plan, version },
+                    }) if single => Change {
+                        key: key.clone(),
+                        kind: kind as u8 | STORED | PATCH,
+                        expires_at,
+                        value: encode_patch(version, plan.base_len, &plan.edit()),
+                    },
+                    Some(Staged {
+                        kind,
+                        expires_at,
                         form:
                             Form::Records {
                                 stored,
@@ -438,7 +530,7 @@ impl Txn<'_> {
                         key: key.clone(),
                         kind: kind as u8 | STORED | PATCH,
                         expires_at,
-                        value: encode_patch(&base, &stored),
+                        value: encode_patch(base.version, base.len, &records::unchanged(&stored)),
                     },
                     Some(s) if fresh.stored().first() == Some(&RECORDS) => Change {
                         key: key.clone(),
@@ -446,7 +538,7 @@ impl Txn<'_> {
                         expires_at: s.expires_at,
                         value: match s.form {
                             Form::Records { stored, .. } => stored,
-                            Form::Value(_) => Bytes::copy_from_slice(fresh.stored()),
+                            _ => Bytes::copy_from_slice(fresh.stored()),
                         },
                     },
                     Some(s) => Change {
@@ -455,7 +547,7 @@ impl Txn<'_> {
                         expires_at: s.expires_at,
                         value: match s.form {
                             Form::Value(value) => value,
-                            Form::Records { .. } => {
+                            Form::Records { .. } | Form::Planned { .. } => {
                                 unreachable!("records are stored as records")
                             }
                         },
@@ -529,18 +621,10 @@ pub enum NotTaken {
 
 /// A patch change's value: the base entry's version (u64) and stored length (u32), then the
 /// edit (little-endian).
-fn encode_patch(base: &Base, stored: &[u8]) -> Bytes {
-    let unchanged;
-    let edit: &[u8] = match &base.edit {
-        Some(edit) => edit,
-        None => {
-            unchanged = records::unchanged(stored);
-            &unchanged
-        }
-    };
+fn encode_patch(version: u64, len: usize, edit: &[u8]) -> Bytes {
     let mut out = Vec::with_capacity(12 + edit.len());
-    out.extend_from_slice(&base.version.to_le_bytes());
-    out.extend_from_slice(&(base.len as u32).to_le_bytes());
+    out.extend_from_slice(&version.to_le_bytes());
+    out.extend_from_slice(&(len as u32).to_le_bytes());
     out.extend_from_slice(edit);
     Bytes::from(out)
 }
@@ -589,11 +673,11 @@ impl Store {
                     .entry(&c.key)
                     .filter(|e| e.version() == base && e.stored().len() == len)
                     .ok_or(NotTaken::Behind)?;
-                let stored = records::replay(entry.stored(), edit, self.cipher.is_some())
+                let plan = records::replay(entry.stored(), edit, self.cipher.is_some())
                     .ok_or(SealError::Corrupt)?;
-                Form::Records {
-                    stored: Bytes::from(stored),
-                    base: None,
+                Form::Planned {
+                    plan: Arc::new(plan),
+                    version: base,
                 }
             } else if c.is_stored() {
                 if self.cipher.is_some() && !seal::is_encrypted(&c.value) {
