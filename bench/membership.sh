@@ -7,8 +7,10 @@
 #
 #   cargo build --release && bench/membership.sh
 #
-# Env: KEYS (200000), VALUE (1000), CLIENTS (20), RATE (--move-rate-limit, 32MiB),
-#      BATCH (--move-batch-slots, 256). Stops only the processes it started.
+# Env: KEYS (200000), VALUE (1000), CLIENTS (20), RATE (--move-rate-limit, 32MiB; 0: none),
+#      BATCH (--move-batch-slots, 256), LOGS (a directory to keep the orchestrator's,
+#      workers' and bench's logs and the latency log in; default: not kept).
+# Stops only the processes it started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 KEYS=${KEYS:-200000}; VALUE=${VALUE:-1000}; CLIENTS=${CLIENTS:-20}
@@ -22,7 +24,17 @@ wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/nul
 now_ms() { python3 -c 'import time;print(int(time.time()*1000))'; }
 PIDS=()
 OUT=$(mktemp -d)
-stop() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$OUT"; }
+BENCH=
+stop() {
+  # A run that failed midway still shows what the clients saw.
+  if [ -n "$BENCH" ] && kill -INT "$BENCH" 2>/dev/null; then
+    wait "$BENCH" 2>/dev/null || true
+    echo "bench, stopped early:"; cat "$OUT/bench.out"
+  fi
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true
+  if [ -n "${LOGS:-}" ]; then mkdir -p "$LOGS" && cp "$OUT"/* "$LOGS"/ && echo "logs kept in $LOGS"; fi
+  rm -rf "$OUT"
+}
 trap stop EXIT
 
 W=()
@@ -71,17 +83,21 @@ sleep 5
 T0=$(now_ms); pairs 0 1 2 >"$OUT/pairs"; kill -HUP $ORCH
 settle "5462 5461 5461"; T1=$(now_ms)
 echo "after 2 -> 3: $(info | grep '^last_change')"
-worker_keys
+echo "$(redis-cli -p "$OP" DBSIZE) keys in all"; worker_keys
 sleep 5
 T2=$(now_ms); pairs 0 2 >"$OUT/pairs"; kill -HUP $ORCH
 settle "8192 8192"; T3=$(now_ms)
 echo "after 3 -> 2: $(info | grep '^last_change')"
-worker_keys
+echo "$(redis-cli -p "$OP" DBSIZE) keys in all"; worker_keys
 sleep 5
 T4=$(now_ms)
 kill -INT $BENCH 2>/dev/null || true
 # SIGINT: the bench stops sending, and writes its results and latency log.
 wait $BENCH 2>/dev/null || true
+BENCH=
+# The kinds of the clients' errors, if any, and the gets that found nothing: every key was
+# loaded and none is deleted, so each is a key the cluster lost, for a while or for good.
+grep '^errors: \|^gets that found nothing' "$OUT/bench.out" || true
 grep 'membership change done\|slot move done' "$OUT/orch.log" | sed 's/\x1b\[[0-9;]*m//g' | grep 'membership change done' | sed 's/.*membership change done: /change: /'
 python3 - "$OUT/lat" "$T0" "$T1" "$T2" "$T3" "$T4" <<'EOF'
 import sys

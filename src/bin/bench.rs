@@ -146,7 +146,8 @@ async fn main() -> anyhow::Result<()> {
                 let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (c as u64 + 1));
                 let mut latencies = Vec::with_capacity(per_conn);
                 let mut log = Vec::new();
-                let mut errors = 0usize;
+                let mut errors = std::collections::HashMap::<String, usize>::new();
+                let mut misses = 0usize;
                 let mut inflight = FuturesUnordered::new();
                 let mut sent = 0;
                 while sent < per_conn || !inflight.is_empty() {
@@ -163,37 +164,54 @@ async fn main() -> anyhow::Result<()> {
                         let (client, value) = (client.clone(), pick(&value, r >> 7));
                         inflight.push(async move {
                             let t = Instant::now();
-                            let ok = if write {
-                                client.set(k, value).await.is_ok()
+                            // Ok(false): a get found nothing.
+                            let result = if write {
+                                client
+                                    .set(k, value)
+                                    .await
+                                    .map(|()| true)
+                                    .map_err(|e| format!("set: {e}"))
                             } else {
-                                client.get::<Bytes>(k).await.is_ok()
+                                client
+                                    .get::<Bytes>(k)
+                                    .await
+                                    .map(|v| v.is_some())
+                                    .map_err(|e| format!("get: {e}"))
                             };
-                            (t.elapsed(), ok)
+                            (t.elapsed(), result)
                         });
                         sent += 1;
                     }
-                    if let Some((lat, ok)) = inflight.next().await {
+                    if let Some((lat, result)) = inflight.next().await {
                         let us = lat.as_micros().min(u128::from(u32::MAX)) as u32;
                         latencies.push(us);
-                        errors += usize::from(!ok);
+                        let ok = result.is_ok();
+                        match result {
+                            Ok(found) => misses += usize::from(!found),
+                            Err(e) => *errors.entry(e).or_default() += 1,
+                        }
                         if logging {
                             log.push((unix_ms(), us, ok));
                         }
                     }
                 }
-                (latencies, errors, log)
+                (latencies, errors, misses, log)
             })
         })
         .collect();
     let mut all = Vec::with_capacity(args.requests);
-    let mut errors = 0;
-    let mut log = Vec::new();
+    let mut by_kind = std::collections::BTreeMap::<String, usize>::new();
+    let (mut log, mut misses) = (Vec::new(), 0);
     for t in tasks {
-        let (lat, err, l) = t.await?;
+        let (lat, err, missed, l) = t.await?;
         all.extend(lat);
-        errors += err;
+        misses += missed;
+        for (e, n) in err {
+            *by_kind.entry(e).or_default() += n;
+        }
         log.extend(l);
     }
+    let errors: usize = by_kind.values().sum();
     if let Some(path) = &args.latency_log {
         use std::io::Write;
         let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
@@ -225,6 +243,12 @@ async fn main() -> anyhow::Result<()> {
         pct(0.999).as_secs_f64() * 1e3,
         pct(1.0).as_secs_f64() * 1e3
     );
+    for (e, n) in &by_kind {
+        println!("errors: {n} x {e}");
+    }
+    // Not an error in itself (the keys may never have been written, e.g. with --no-load);
+    // after a load, with no deletes, each is a key the cluster did not find.
+    println!("gets that found nothing: {misses}");
     anyhow::ensure!(errors == 0, "{errors} requests failed");
     Ok(())
 }

@@ -504,3 +504,92 @@ async fn a_receiving_worker_that_stops_does_not_hold_up_the_move() {
     check_bulk(10_000, 7, &[addrs(0, 1), addrs(2, 3), addrs(4, 5)], &map).await;
     let _ = std::fs::remove_file(format!("{}.state", file.arg()));
 }
+
+/// The miss of a worker skipped by a move is on record on its partner, not only in the
+/// orchestrator that skipped it: a worker of the new pair stops answering (SIGSTOP) while
+/// the slots are copied, the copy goes to its partner alone, and the orchestrator is killed
+/// once the change is done. The worker then answers again with its boot id and its
+/// `synced` flag as they were (stopped, not restarted, so nothing of its own says it lacks
+/// anything), and a new orchestrator, which never saw it miss a thing, starts from the same
+/// state file: only the partner's count of writes taken alone (`record_miss`) tells it the
+/// worker lacks the moved keys. It must refill from its partner before it serves, so every
+/// moved key reads back through the orchestrator, and both workers of the new pair hold it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_orchestrator_refills_the_worker_a_move_skipped() {
+    // Slow moves (small batches at 1 MiB/s), so the stop lands early in the change.
+    let (w, file, orch) = slow_moving_cluster("1MiB", 10_000).await;
+    add_third_pair(&w, &file, &orch).await;
+    w[5].signal("STOP");
+    let slots = [5462, 5461, 5461];
+    let info = wait_info(orch.addr, "the change without w5", |i| moved(i, &slots)).await;
+    assert!(info.contains("state=in_sync,down"), "{info}");
+    wait_log(&orch, "skipped by the copy: refills from its partner").await;
+    // Killed, not stopped gracefully: what it knew of w5 goes with it.
+    drop(orch);
+    w[5].signal("CONT");
+    let orch = fast_orchestrator(&file, &[]);
+    let map = SlotMap::even(2).rebalanced(&[true; 3]);
+    let moved_keys: Vec<u64> = (0..10_000u64)
+        .filter(|i| map.pair_of(format!("bulk:{i}").as_bytes()) == 2)
+        .collect();
+    assert!(moved_keys.len() > 2_000, "{} keys moved", moved_keys.len());
+    // From its first answer on, the new orchestrator finds every moved key: w5 serves no
+    // read before it has refilled.
+    let c = Client::connect(&orch.addr.to_string()).await.unwrap();
+    let read_all = || async {
+        let reads = moved_keys.iter().map(|&i| {
+            let c = &c;
+            async move {
+                for _ in 0..100 {
+                    match c.get::<Bytes>(format!("bulk:{i}")).await {
+                        Ok(got) => return (i, got),
+                        // Until its first health round has settled the workers' mode.
+                        Err(e) if e.status() == Some(twincache_client::Status::Unavailable) => {
+                            tokio::time::sleep(Duration::from_millis(50)).await
+                        }
+                        Err(e) => panic!("bulk:{i}: {e}"),
+                    }
+                }
+                panic!("bulk:{i}: never answered");
+            }
+        });
+        for (i, got) in futures_util::future::join_all(reads).await {
+            let want = crate::harness::noise(i, 1000);
+            let what = match got {
+                None => "missing",
+                Some(v) if v[..] == want[..] => continue,
+                Some(_) => "another value",
+            };
+            panic!("bulk:{i} through the restarted orchestrator: {what}");
+        }
+    };
+    let settled = |i: &str| {
+        moved(i, &slots)
+            && i.lines()
+                .filter(|l| l.starts_with("pair"))
+                .all(|l| l.contains("state=in_sync,in_sync"))
+    };
+    loop {
+        read_all().await;
+        if settled(&cluster_info(orch.addr).await) {
+            break;
+        }
+    }
+    wait_settled(orch.addr, &slots).await;
+    read_all().await;
+    // It was the partner's count that told: w5, established and not restarted, was first
+    // assessed as lacking writes (joining: it refills once they have landed), where the
+    // other workers' data was established.
+    let log = orch.log_text();
+    let first = log
+        .lines()
+        .find(|l| l.contains(&w[5].addr.to_string()) && l.contains("from=\"unknown\""))
+        .unwrap_or_else(|| panic!("w5 was never assessed:\n{log}"));
+    assert!(
+        first.contains("takes writes again") && first.contains("to=\"joining\""),
+        "w5 was not found lacking:\n{log}"
+    );
+    let addrs = |i: usize, j: usize| [w[i].addr, w[j].addr];
+    check_bulk(10_000, 1, &[addrs(0, 1), addrs(2, 3), addrs(4, 5)], &map).await;
+    let _ = std::fs::remove_file(format!("{}.state", file.arg()));
+}
