@@ -263,26 +263,21 @@ fn put_planned(cx: &mut Cx, expires_at: u64, plan: records::Plan) -> Result<(), 
 
 /// The current key's hash, if it holds one; WRONGTYPE if it holds a string.
 fn read(cx: &mut Cx) -> Result<Option<Hash>, Reply> {
-    let Some(meta) = cx.txn.meta(cx.key) else {
+    let Some((meta, value)) = cx.txn.read_unless_records(cx.key).map_err(corrupt)? else {
         return Ok(None);
     };
     if meta.kind != Kind::Hash {
         return Err(Reply::err(WRONGTYPE));
     }
-    if cx.txn.records(cx.key).map_err(corrupt)?.is_some() {
-        cx.txn.touch(cx.key);
-        return Ok(Some(Hash {
-            expires_at: meta.expires_at,
-            held: Held::Records,
-        }));
-    }
-    let Some((meta, value)) = cx.read()? else {
-        return Ok(None);
+    let held = match value {
+        None => Held::Records,
+        Some(value) => {
+            Held::Packed(codec::decode(&value).ok_or_else(|| corrupt(SealError::Corrupt))?)
+        }
     };
-    let fields = codec::decode(&value).ok_or_else(|| corrupt(SealError::Corrupt))?;
     Ok(Some(Hash {
         expires_at: meta.expires_at,
-        held: Held::Packed(fields),
+        held,
     }))
 }
 

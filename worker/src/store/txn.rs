@@ -235,6 +235,24 @@ impl<'a> Txn<'a> {
 
     /// [`Txn::read`], except that a large hash comes in its records form, unopened.
     pub fn read_form(&mut self, key: &[u8]) -> Result<Option<(Meta, Form)>, SealError> {
+        self.lookup(key, true)
+    }
+
+    /// What `key` holds, with its value opened unless it is a large hash's records (then
+    /// `None`: those are read a field at a time through [`Txn::records`], not copied).
+    pub fn read_unless_records(
+        &mut self,
+        key: &[u8],
+    ) -> Result<Option<(Meta, Option<Bytes>)>, SealError> {
+        Ok(self.lookup(key, false)?.map(|(meta, form)| match form {
+            Form::Value(value) => (meta, Some(value)),
+            _ => (meta, None),
+        }))
+    }
+
+    /// What `key` holds for this program (its staged write, else its live entry, marked
+    /// read), in the form it is held; a large hash's records are copied only if `copy`.
+    fn lookup(&mut self, key: &[u8], copy: bool) -> Result<Option<(Meta, Form)>, SealError> {
         self.settle(key)?;
         if let Some(staged) = self.staged(key) {
             return Ok(staged.as_ref().map(|s| {
@@ -266,11 +284,15 @@ impl<'a> Txn<'a> {
             version: e.version(),
             expires_at: e.expires_at(),
         };
-        let stored = Bytes::copy_from_slice(e.stored());
-        if stored.first() == Some(&RECORDS) {
+        if e.stored().first() == Some(&RECORDS) {
+            let stored = if copy {
+                Bytes::copy_from_slice(e.stored())
+            } else {
+                Bytes::new()
+            };
             let base = Base {
                 version: meta.version,
-                len: stored.len(),
+                len: e.stored().len(),
             };
             return Ok(Some((
                 meta,
@@ -280,6 +302,7 @@ impl<'a> Txn<'a> {
                 },
             )));
         }
+        let stored = Bytes::copy_from_slice(e.stored());
         let value = seal::open_with(key, &stored, store.cipher(), store.dictionary())?;
         Ok(Some((meta, Form::Value(value))))
     }
