@@ -451,10 +451,14 @@ pub fn plan(
     }
     dropped.sort_unstable();
     fresh.sort_by_key(|f| f.tag);
-    let gone: usize = dropped.iter().map(|&i| SLOT + r.end(i) - r.start(i)).sum();
+    // Saturating: these bytes were checked when stored, but no shape of them may panic.
+    let gone: usize = dropped
+        .iter()
+        .map(|&i| SLOT + r.end(i).saturating_sub(r.start(i)))
+        .sum();
     let new: usize = fresh.iter().map(|f| SLOT + f.stored.len()).sum();
     Ok(Plan {
-        stored_len: stored.len() + new - gone,
+        stored_len: (stored.len() + new).saturating_sub(gone),
         count: r.count - dropped.len() + fresh.len(),
         dropped,
         fresh,
