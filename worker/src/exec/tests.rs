@@ -16,14 +16,19 @@ fn b(s: &str) -> Bytes {
     Bytes::copy_from_slice(s.as_bytes())
 }
 
-/// Runs `actions` on `key` at `version` as an apply; the replies, and the changes.
-fn apply(store: &Store, key: &str, version: u64, actions: Vec<Action>) -> (Vec<Reply>, usize) {
+/// Runs `actions` on `key` at `version` as an apply; the worker's answer.
+fn answer(store: &Store, key: &str, version: u64, actions: &[Action]) -> Answer {
     let mut req = Request::new(Op::Apply, b(key));
     req.version = version;
-    req.value = encode_program(&actions);
+    req.value = encode_program(actions);
     let resp = super::run(store, &SyncState::default(), &req, true);
     assert_eq!(resp.status, Status::Ok, "{:?}", resp.payload);
-    let answer = Answer::parse(resp.payload).unwrap();
+    Answer::parse(resp.payload).unwrap()
+}
+
+/// Runs `actions` on `key` at `version` as an apply; the replies, and the changes.
+fn apply(store: &Store, key: &str, version: u64, actions: Vec<Action>) -> (Vec<Reply>, usize) {
+    let answer = answer(store, key, version, &actions);
     let changes = decode_changes(answer.changes).unwrap().len();
     (decode_replies(&answer.replies).unwrap(), changes)
 }
@@ -347,12 +352,7 @@ fn apply_and_copy(
     version: u64,
     action: Action,
 ) -> (Reply, bool) {
-    let mut req = Request::new(Op::Apply, b(key));
-    req.version = version;
-    req.value = encode_program(&[action]);
-    let resp = super::run(primary, &SyncState::default(), &req, true);
-    assert_eq!(resp.status, Status::Ok, "{:?}", resp.payload);
-    let answer = Answer::parse(resp.payload).unwrap();
+    let answer = answer(primary, key, version, &[action]);
     let changes = decode_changes(answer.changes).unwrap();
     let stored = changes
         .iter()
@@ -485,19 +485,19 @@ fn a_large_hash_is_kept_as_records_and_copied_as_they_are() {
     }
 }
 
+/// A 200-field hash `h` written on `primary` at version 10 and copied to `partner`;
+/// whether the copy was in the stored form.
+fn large_hash(primary: &Store, partner: &Store) -> bool {
+    let pairs = (0..200).map(|i| (b(&format!("f{i}")), b("v"))).collect();
+    let hset = Action::HSet { pairs, ok: true };
+    apply_and_copy(primary, partner, "h", 10, hset).1
+}
+
 #[test]
 fn a_partner_with_a_key_refuses_plain_records() {
     let primary = Store::default();
     let partner = Store::new(Some(crate::seal::Cipher::new(&[3; 32])), 0);
-    let pairs = (0..200).map(|i| (b(&format!("f{i}")), b("v"))).collect();
-    let (_, stored) = apply_and_copy(
-        &primary,
-        &partner,
-        "h",
-        10,
-        Action::HSet { pairs, ok: true },
-    );
-    assert!(stored);
+    assert!(large_hash(&primary, &partner));
     assert!(!partner.exists(b"h"));
     assert_eq!(
         partner
@@ -508,40 +508,20 @@ fn a_partner_with_a_key_refuses_plain_records() {
     );
 }
 
-/// Runs `action` on `key` as an apply on `store`; its decoded changes.
-fn apply_changes(
-    store: &Store,
-    key: &str,
-    version: u64,
-    action: Action,
-) -> Vec<twincache_protocol::program::Change> {
-    let mut req = Request::new(Op::Apply, b(key));
-    req.version = version;
-    req.value = encode_program(&[action]);
-    let resp = super::run(store, &SyncState::default(), &req, true);
-    assert_eq!(resp.status, Status::Ok, "{:?}", resp.payload);
-    decode_changes(Answer::parse(resp.payload).unwrap().changes).unwrap()
-}
-
 #[test]
 fn an_edit_the_partner_cannot_take_is_refused_and_the_key_sent_whole() {
     let primary = Store::default();
     let partner = Store::default();
-    let pairs = (0..200).map(|i| (b(&format!("f{i}")), b("v"))).collect();
-    let (_, whole) = apply_and_copy(
-        &primary,
-        &partner,
-        "h",
-        10,
-        Action::HSet { pairs, ok: true },
-    );
-    assert!(whole);
+    assert!(large_hash(&primary, &partner));
     let set = |f: &str| Action::HSet {
         pairs: vec![(b(f), b("new"))],
         ok: false,
     };
-    let first = apply_changes(&primary, "h", 20, set("f1"));
-    let second = apply_changes(&primary, "h", 30, set("extra"));
+    let changes = |version, action| {
+        decode_changes(answer(&primary, "h", version, &[action]).changes).unwrap()
+    };
+    let first = changes(20, set("f1"));
+    let second = changes(30, set("extra"));
     assert!(first[0].is_patch() && second[0].is_patch());
     assert!(second[0].value.len() < 100, "an edit, not the hash");
 
