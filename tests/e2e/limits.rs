@@ -426,3 +426,39 @@ async fn a_hash_near_the_value_limit_reads_back_whole() {
         format!("*{}\r\n", 2 * FIELDS).len() + FIELDS * 21
     );
 }
+
+/// A streamed MGET (more than 16 keys) over two pairs, where one pair's chunk holds values
+/// past its share of the window: that chunk's keys are read again one at a time, the other
+/// chunks' values are kept, and every value comes back in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_mget_rereads_only_the_chunk_too_large_for_its_share() {
+    let cluster = Cluster::start(2).await;
+    let c = Client::connect(&cluster.orch.addr.to_string())
+        .await
+        .unwrap();
+    let mut keys = Vec::new();
+    for n in 0..30 {
+        let key = cluster.key_on_pair(n % 2, n);
+        // 15 keys a pair, one chunk each: each chunk's share of the 8 MiB window is 4 MiB,
+        // and pair 1's first three keys hold 4.5 MiB.
+        let value = if n % 2 == 1 && n < 6 {
+            vec![b'0' + n as u8; 3 * MB as usize / 2]
+        } else {
+            key.as_bytes().to_vec()
+        };
+        c.set(key.as_str(), value.clone()).await.unwrap();
+        keys.push((key, value));
+    }
+    let mut want = format!("*{}\r\n", keys.len()).into_bytes();
+    let mut args: Vec<&[u8]> = vec![b"MGET"];
+    for (k, v) in &keys {
+        args.push(k.as_bytes());
+        want.extend_from_slice(format!("${}\r\n", v.len()).as_bytes());
+        want.extend_from_slice(v);
+        want.extend_from_slice(b"\r\n");
+    }
+    let mut conn = RespConn::connect(cluster.orch.addr).await;
+    let got = conn.call(&args).await;
+    assert_eq!(got.len(), want.len());
+    assert!(got[..] == want[..], "the same values, in order");
+}

@@ -4,6 +4,7 @@
 //! `t_string.c`, in its order: every option is read before any is checked.
 
 use std::future::Future;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use futures_util::future::{join_all, ready, Either, Ready};
@@ -240,9 +241,10 @@ const MGET_CHUNK: usize = 16;
 /// Keys a streamed MGET (one of more than [`MGET_CHUNK`] keys) reads at a time.
 const MGET_WINDOW: usize = 256;
 /// The most the values of one window of a streamed MGET may take, shared evenly by its
-/// chunks. A window with a chunk past its share (or with more than [`MGET_CHUNK`] keys that
-/// must be read by GET) is read again a key at a time, [`MGET_CHUNK`] in flight, so a few
-/// huge values cost what they always did and memory stays bounded either way.
+/// chunks. The keys of a chunk past its share are read again a key at a time, [`MGET_CHUNK`]
+/// in flight (the whole window, if more than that many keys are to be read again or must be
+/// read by GET), so a few huge values cost what they always did and memory stays bounded
+/// either way.
 const MGET_WINDOW_BYTES: usize = 8 << 20;
 
 /// An MGET's value for one key: a bulk string or nil, or (`Err`) an error for that key.
@@ -301,7 +303,15 @@ pub(super) fn mget(keys: Vec<Bytes>, ctx: &Ctx) -> Step<Reply> {
 
 /// The values of `keys` by one GET each, [`MGET_CHUNK`] in flight.
 fn one_at_a_time(keys: Vec<Bytes>, ctx: &Ctx) -> impl Stream<Item = Element> + Send + 'static {
-    let (router, origin) = (ctx.router.clone(), ctx.origin.clone());
+    gets_of(keys, ctx.router.clone(), ctx.origin.clone())
+}
+
+/// [`one_at_a_time`], from a router and an origin (for use inside a future).
+fn gets_of(
+    keys: Vec<Bytes>,
+    router: Arc<crate::cluster::Router>,
+    origin: crate::cluster::Origin,
+) -> impl Stream<Item = Element> + Send + 'static {
     stream::iter(keys)
         .map(move |k| router.get(k, &origin))
         .buffered(MGET_CHUNK)
@@ -313,7 +323,10 @@ fn one_at_a_time(keys: Vec<Bytes>, ctx: &Ctx) -> impl Stream<Item = Element> + S
 /// `cap(number of chunks)` bytes. A key being moved between pairs, or with a
 /// read-modify-write of the session in flight, and every key in adapter mode, takes the way
 /// of a GET, which handles those. The keys come back, and nothing is sent, if more than
-/// [`MGET_CHUNK`] keys need a GET; they come back too if a chunk's values pass its cap.
+/// [`MGET_CHUNK`] keys need a GET. The keys of a chunk whose values pass its cap are read
+/// again one at a time once the other chunks have answered (all the keys come back instead
+/// if more than [`MGET_CHUNK`] are to be read again: no more than that many values are held
+/// at once either way).
 fn read_values(
     keys: Vec<Bytes>,
     cap: impl FnOnce(usize) -> usize,
@@ -355,8 +368,10 @@ fn read_values(
             reads.push((part.to_vec(), read));
         }
     }
+    let (router, origin) = (router.clone(), ctx.origin.clone());
     Either::Left(async move {
         let mut out: Vec<Element> = vec![Ok(Reply::Nil); keys.len()];
+        let mut too_large: Vec<usize> = Vec::new();
         let (singles, answers) = futures_util::future::join(
             join_all(
                 singles
@@ -375,7 +390,8 @@ fn read_values(
         }
         for (part, answer) in answers {
             if answer.as_ref().is_err_and(|r| r.status == Status::TooLarge) {
-                return Err(keys);
+                too_large.extend(part);
+                continue;
             }
             match replies(answer) {
                 Ok(values) if values.len() == part.len() => {
@@ -391,6 +407,17 @@ fn read_values(
                     .into_iter()
                     .for_each(|i| out[i] = Err(Reply::err("ERR malformed answer"))),
                 Err(e) => part.into_iter().for_each(|i| out[i] = Err(e.clone())),
+            }
+        }
+        if too_large.len() > MGET_CHUNK {
+            // More large values than may be in flight at once: all of them streamed.
+            return Err(keys);
+        }
+        if !too_large.is_empty() {
+            let again = too_large.iter().map(|&i| keys[i].clone()).collect();
+            let values: Vec<Element> = gets_of(again, router, origin).collect().await;
+            for (i, v) in too_large.into_iter().zip(values) {
+                out[i] = v;
             }
         }
         Ok(out)
