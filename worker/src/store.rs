@@ -724,7 +724,7 @@ impl Store {
     /// A copy of the stored bytes under `key`, and the value's type, if it holds a live
     /// entry; an expired entry is removed on the spot. Copying (a memcpy) lets decompression
     /// run outside the lock.
-    fn live_stored(&self, key: &[u8], now: u64) -> Option<(Bytes, Kind)> {
+    fn live_stored(&self, key: &[u8], now: u64, hashes: bool) -> Option<(Bytes, Kind)> {
         let hash = self.hash(key);
         let mut shard = self.shard(hash);
         match shard.table.find_mut(hash, |e| e.key() == key) {
@@ -732,7 +732,11 @@ impl Store {
                 if !e.accessed() {
                     e.touch(true);
                 }
-                Some((Bytes::copy_from_slice(e.stored()), e.kind()))
+                let stored = match e.kind() {
+                    Kind::Hash if !hashes => Bytes::new(),
+                    _ => Bytes::copy_from_slice(e.stored()),
+                };
+                Some((stored, e.kind()))
             }
             Some(e) if e.expired(now) => {
                 let before = shard.held();
@@ -752,13 +756,23 @@ impl Store {
 
     /// The value under `key`, if any, whatever its type.
     pub fn get(&self, key: &[u8]) -> Result<Option<Bytes>, SealError> {
-        Ok(self.get_typed(key)?.map(|(value, _)| value))
+        Ok(self.lookup(key, true)?.map(|(value, _)| value))
     }
 
-    /// The value under `key` and its type, if any. A GET of a hash answers WRONGTYPE, so
-    /// the type comes from the same lookup as the value.
+    /// The value under `key` and its type, if any; a hash's value is left unopened (empty):
+    /// a GET of a hash answers WRONGTYPE, from the same lookup, without copying or opening
+    /// what may be a large hash.
     pub fn get_typed(&self, key: &[u8]) -> Result<Option<(Bytes, Kind)>, SealError> {
-        match self.live_stored(key, now_ms()) {
+        self.lookup(key, false)
+    }
+
+    /// [`Store::get_typed`], opening a hash's value too if `hashes`.
+    fn lookup(&self, key: &[u8], hashes: bool) -> Result<Option<(Bytes, Kind)>, SealError> {
+        match self.live_stored(key, now_ms(), hashes) {
+            Some((_, Kind::Hash)) if !hashes => {
+                self.counters.hits.fetch_add(1, Ordering::Relaxed);
+                Ok(Some((Bytes::new(), Kind::Hash)))
+            }
             Some((stored, kind)) => {
                 self.counters.hits.fetch_add(1, Ordering::Relaxed);
                 seal::open_with(key, &stored, self.cipher(), self.dictionary())
