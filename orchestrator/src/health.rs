@@ -30,6 +30,10 @@
 //!   the partner is in sync and lacks nothing of it, it becomes stale instead. A partial copy
 //!   is read after an in-sync partner with a complete one (`cluster::read_rank`).
 //!
+//! Once every refill a worker started has ended, and when it is first seen, the membership
+//! task has it drop every slot its pair does not hold (`Router::sweep_later`): a refill
+//! from a partner that had not dropped a moved batch yet brings it back.
+//!
 //! Before the first round has settled the workers' mode (or with `--mode`), and while this
 //! orchestrator's node id is not accepted by the workers, nothing is served (see `Router`).
 //! Node ids are claimed on every health check, so two orchestrators never stamp versions
@@ -82,6 +86,8 @@ pub(crate) struct Seen {
     pub covers: Coverage,
     pub phase: String,
     pub completed: u64,
+    /// Refills started since it started (completed, failed or running).
+    pub started: u64,
     pub error: String,
     pub adapter: bool,
     /// Its answer to this orchestrator's node-id claim.
@@ -99,6 +105,7 @@ pub(crate) fn parse(text: &str) -> Seen {
             "covers" => seen.covers = Coverage::parse(v).unwrap_or_default(),
             "resync" => seen.phase = v.to_string(),
             "resyncs_completed" => seen.completed = v.parse().unwrap_or(0),
+            "resyncs_started" => seen.started = v.parse().unwrap_or(0),
             "resync_error" => seen.error = v.to_string(),
             "adapter" => seen.adapter = v == "1",
             "claim" => seen.claim = v.to_string(),
@@ -590,6 +597,15 @@ impl Router {
             if let Some(s) = s {
                 let partial = !adapter && s.synced && !s.covers.complete;
                 w.partial.store(partial, Ordering::Release);
+                // Once every refill it started has ended (and on first sight: drops an
+                // earlier run of this orchestrator retried are forgotten), it drops what
+                // its pair does not hold. Slots move only in replicated mode.
+                let refills = (s.boot_id, s.started);
+                let mut swept = w.swept.lock().unwrap_or_else(|e| e.into_inner());
+                if !adapter && s.phase != "running" && *swept != Some(refills) {
+                    *swept = Some(refills);
+                    self.sweep_later(w);
+                }
             }
         }
         let mismatch = views.iter().any(|v| !v.mode_ok);
