@@ -682,8 +682,14 @@ async fn name_what_answers(
     if identity.is_misplaced() {
         tracing::error!(
             worker = %addr,
-            "this worker address is {}, not a twincache worker: check the workers given",
+            "this worker address is {}: check the workers given",
             identity.describe()
+        );
+    } else if identity == crate::identify::Identity::Silent {
+        tracing::info!(
+            worker = %addr,
+            "no answer in time at this worker address, to the worker protocol nor to PING: \
+             a worker busy or stopped, or not a worker"
         );
     }
 }
