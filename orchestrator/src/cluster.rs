@@ -72,6 +72,10 @@ pub struct WorkerLink {
     /// refill completed, and has not yet merged its partner's data, so a key it lacks reads
     /// as absent. Kept by the health monitor; see [`read_rank`].
     pub(crate) partial: AtomicBool,
+    /// The worker's boot id and count of refills started when its last sweep was asked for
+    /// (see `Router::sweep_later`): a refill that ended since may have brought back slots its
+    /// pair does not hold.
+    pub(crate) swept: Mutex<Option<(u64, u64)>>,
     /// Cancelled when the worker leaves the cluster (replaced, or its pair removed): its
     /// connections close once the requests in flight are answered.
     stop: CancellationToken,
@@ -169,6 +173,7 @@ impl WorkerLink {
             skipped: AtomicU64::new(0),
             synced_at: AtomicU64::new(0),
             partial: AtomicBool::new(false),
+            swept: Mutex::new(None),
             stop: shutdown.child_token(),
         });
         for slot in 0..connections {

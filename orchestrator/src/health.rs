@@ -19,10 +19,20 @@
 //!   missed a write meanwhile (the write may have escaped the snapshot): then again.
 //! - Stale or resyncing with its partner down: its copy is the best there is, so it is
 //!   promoted (availability first) and adopts its data as *partial*.
+//! - Neither in sync (each stale or joining) while both answer: the better copy leads
+//!   (`leader_rank`: established, then lacking nothing of the other's, then joining, which
+//!   takes writes, over stale), promoted as *partial*; it merges the other's copy as below,
+//!   and the other joins it and resyncs from it. Without this, a joining worker (waiting for
+//!   an in-sync partner) and a stale one (waiting for a partner in sync or down) would wait
+//!   for each other forever.
 //! - In sync but lacking writes its partner took alone, or partial: it keeps serving and
 //!   merges what the partner holds (`resync ... merge`) as soon as the partner answers; if
 //!   the partner is in sync and lacks nothing of it, it becomes stale instead. A partial copy
 //!   is read after an in-sync partner with a complete one (`cluster::read_rank`).
+//!
+//! Once every refill a worker started has ended, and when it is first seen, the membership
+//! task has it drop every slot its pair does not hold (`Router::sweep_later`): a refill
+//! from a partner that had not dropped a moved batch yet brings it back.
 //!
 //! Before the first round has settled the workers' mode (or with `--mode`), and while this
 //! orchestrator's node id is not accepted by the workers, nothing is served (see `Router`).
@@ -76,6 +86,8 @@ pub(crate) struct Seen {
     pub covers: Coverage,
     pub phase: String,
     pub completed: u64,
+    /// Refills started since it started (completed, failed or running).
+    pub started: u64,
     pub error: String,
     pub adapter: bool,
     /// Its answer to this orchestrator's node-id claim.
@@ -93,6 +105,7 @@ pub(crate) fn parse(text: &str) -> Seen {
             "covers" => seen.covers = Coverage::parse(v).unwrap_or_default(),
             "resync" => seen.phase = v.to_string(),
             "resyncs_completed" => seen.completed = v.parse().unwrap_or(0),
+            "resyncs_started" => seen.started = v.parse().unwrap_or(0),
             "resync_error" => seen.error = v.to_string(),
             "adapter" => seen.adapter = v == "1",
             "claim" => seen.claim = v.to_string(),
@@ -229,6 +242,7 @@ pub(crate) fn decide(v: [&View; 2]) -> [Decision; 2] {
         }
     }
     // Each state's next step (a worker just told to adopt has had its step).
+    let base = [d[0].state, d[1].state];
     for i in 0..2 {
         let Some(me) = seen(i).filter(|_| d[i].action.is_none()) else {
             continue;
@@ -259,13 +273,22 @@ pub(crate) fn decide(v: [&View; 2]) -> [Decision; 2] {
                     "partner down: serving this worker's copy",
                 );
             }
-            Stale if partner_state == Stale => {
-                // Both stale: the better copy leads (lacking nothing of the other's, then
-                // established, then the first); the other resyncs from it.
-                let rank = |j: usize| (!lacks(j), seen(j).is_some_and(|s| s.synced), j == 0);
+            Stale | Joining if matches!(partner_state, Stale | Joining) => {
+                // Neither is in sync and both answer: a joining worker waits for an in-sync
+                // partner to resync from, a stale one for a partner in sync or down, so
+                // without this nothing would ever happen. The better copy leads (see
+                // `leader_rank`): it is promoted with a partial copy, serves, and merges
+                // what the other holds (its next round as an in-sync worker); the other
+                // joins it and resyncs from it.
+                let rank = |j: usize| leader_rank(base[j], seen(j), lacks(j), j);
                 if rank(i) > rank(1 - i) {
                     d[i].action = Some(Action::Adopt("partial".into()));
-                    set(&mut d[i], InSync, "both stale: this copy leads");
+                    let why = if (d[i].state, partner_state) == (Stale, Stale) {
+                        "both stale: this copy leads"
+                    } else {
+                        "neither in sync: this copy leads, and merges its partner's"
+                    };
+                    set(&mut d[i], InSync, why);
                 }
             }
             Resyncing => {
@@ -304,6 +327,29 @@ pub(crate) fn decide(v: [&View; 2]) -> [Decision; 2] {
         }
     }
     d
+}
+
+/// How good a copy worker `j` (in `state`, which said `seen`) holds when neither worker of
+/// its pair is in sync; the higher leads. First an established copy (`synced`): a worker that
+/// never completed a refill since it started holds only the writes it took since, where an
+/// established one lacks at most the writes its partner took alone. Then one lacking none of
+/// its partner's writes. Then a joining worker over a stale one: it has taken every write
+/// since it joined, where a stale one takes none, so the stale one's gap only grows. Then the
+/// first of the pair. Whichever leads, nothing acknowledged is lost and nothing deleted
+/// comes back: the leader keeps all it has and merges the other's copy by version (a
+/// partial copy always merges), and the other resyncs from the leader.
+fn leader_rank(
+    state: WorkerState,
+    seen: Option<&Seen>,
+    lacks: bool,
+    j: usize,
+) -> (bool, bool, bool, bool) {
+    (
+        seen.is_some_and(|s| s.synced),
+        !lacks,
+        state == WorkerState::Joining,
+        j == 0,
+    )
 }
 
 /// Moves `w` to `state`, logging the change and why; returns the state it left.
@@ -551,6 +597,15 @@ impl Router {
             if let Some(s) = s {
                 let partial = !adapter && s.synced && !s.covers.complete;
                 w.partial.store(partial, Ordering::Release);
+                // Once every refill it started has ended (and on first sight: drops an
+                // earlier run of this orchestrator retried are forgotten), it drops what
+                // its pair does not hold. Slots move only in replicated mode.
+                let refills = (s.boot_id, s.started);
+                let mut swept = w.swept.lock().unwrap_or_else(|e| e.into_inner());
+                if !adapter && s.phase != "running" && *swept != Some(refills) {
+                    *swept = Some(refills);
+                    self.sweep_later(w);
+                }
             }
         }
         let mismatch = views.iter().any(|v| !v.mode_ok);
@@ -627,8 +682,14 @@ async fn name_what_answers(
     if identity.is_misplaced() {
         tracing::error!(
             worker = %addr,
-            "this worker address is {}, not a twincache worker: check the workers given",
+            "this worker address is {}: check the workers given",
             identity.describe()
+        );
+    } else if identity == crate::identify::Identity::Silent {
+        tracing::info!(
+            worker = %addr,
+            "no answer in time at this worker address, to the worker protocol nor to PING: \
+             a worker busy or stopped, or not a worker"
         );
     }
 }
@@ -861,6 +922,246 @@ mod tests {
             "boot_id:0000000000000001\r\nsynced:1\r\nsolo:0\r\ncovers:0000000000000002:0:0\r\n",
         );
         assert!(promoted.synced && !promoted.covers.complete);
+    }
+
+    /// The stuck pair of a slot move without a rate limit: one worker joining (it came back
+    /// after being down, and takes writes), the other stale (it missed a write since). Each
+    /// took writes the other lacks. Before, neither rule applied and the pair stayed so,
+    /// with no worker in sync, for as long as the run lasted.
+    #[test]
+    fn joining_and_stale_the_better_copy_leads() {
+        // A joined and has taken B's missed write since (solo 1); B took writes alone while
+        // A was down (solo 3), and was promoted without a full copy.
+        let a = seen(1, true, 1, (2, 0, true));
+        let b = seen(2, true, 3, (1, 0, false));
+        for (order, [va, vb]) in [
+            ("joining first", [(Joining, &a), (Stale, &b)]),
+            ("stale first", [(Stale, &b), (Joining, &a)]),
+        ] {
+            let d = decide([&view(va.0, Some(va.1)), &view(vb.0, Some(vb.1))]);
+            let (lead, other) = if va.0 == Joining { (0, 1) } else { (1, 0) };
+            assert_eq!(d[lead].state, InSync, "{order}: {d:?}");
+            assert_eq!(
+                d[lead].action,
+                Some(Action::Adopt("partial".into())),
+                "{order}"
+            );
+            assert_eq!(d[other].action, None, "{order}");
+            assert!(matches!(d[other].state, Stale | Joining), "{order}: {d:?}");
+        }
+        // An established copy leads over a fresh one (it restarted, joined, and has taken
+        // a write its partner missed since): the fresh one holds only what it took since.
+        let fresh = seen(9, false, 1, (0, 0, false));
+        let old = seen(2, true, 1, (1, 0, true));
+        let d = decide([&view(Joining, Some(&fresh)), &view(Stale, Some(&old))]);
+        assert_eq!(states(&d), [Joining, InSync], "{d:?}");
+        assert_eq!(d[1].action, Some(Action::Adopt("partial".into())));
+        // The leader, partial, merges its partner's copy; the partner resyncs from it.
+        let mut promoted = old.clone();
+        promoted.covers.complete = false;
+        let d = decide([&view(Joining, Some(&fresh)), &view(InSync, Some(&promoted))]);
+        assert_eq!(d[0].action, Some(Action::Resync));
+        assert_eq!(d[1].action, Some(Action::Merge));
+    }
+
+    /// A pair of workers in a model of what the orchestrator's actions do to them: which of
+    /// the pair's writes each holds, and what it reports.
+    #[derive(Debug, Clone)]
+    struct Model {
+        state: [WorkerState; 2],
+        seen: [Seen; 2],
+        dirty: [bool; 2],
+        base: [u64; 2],
+        /// Which writes each holds: bit 0 the pair's established data, bit 1 what worker 0
+        /// took alone, bit 2 what worker 1 took alone.
+        holds: [u8; 2],
+        /// A refill running on each (it ends before the next round).
+        refilling: [bool; 2],
+    }
+
+    impl Model {
+        /// Both answer; each in `state`, `synced` or fresh, lacking its partner's writes
+        /// or not, with its last refill in `phase`.
+        fn new(
+            state: [WorkerState; 2],
+            synced: [bool; 2],
+            lacks: [bool; 2],
+            phase: [&str; 2],
+            dirty: [bool; 2],
+        ) -> Model {
+            let boot = [1, 2];
+            let mut seen = [0, 1].map(|i| {
+                let mut s = seen(boot[i], synced[i], 0, (boot[1 - i], 0, true));
+                s.phase = phase[i].into();
+                s.completed = u64::from(phase[i] == "done");
+                s
+            });
+            let mut holds = [0, 1].map(|i| u8::from(synced[i]));
+            for i in 0..2 {
+                if lacks[1 - i] {
+                    // Worker i took a write alone, which its partner lacks.
+                    seen[i].solo = 1;
+                    holds[i] |= 2 << i;
+                }
+            }
+            Model {
+                state,
+                seen,
+                dirty,
+                base: [0; 2],
+                holds,
+                refilling: phase.map(|p| p == "running"),
+            }
+        }
+
+        /// One health round; returns its decisions.
+        fn round(&mut self) -> [Decision; 2] {
+            let views = [0, 1].map(|i| View {
+                dirty: self.dirty[i],
+                resync_base: self.base[i],
+                ..view(self.state[i], Some(&self.seen[i]))
+            });
+            let d = decide([&views[0], &views[1]]);
+            for (i, d) in d.iter().enumerate() {
+                let partner = self.seen[1 - i].clone();
+                match &d.action {
+                    Some(Action::Adopt(how)) => {
+                        let s = &mut self.seen[i];
+                        s.synced = true;
+                        if how == "partial" {
+                            s.covers.complete = false;
+                        } else {
+                            s.covers = Coverage {
+                                partner_boot: partner.boot_id,
+                                partner_solo: partner.solo,
+                                complete: true,
+                            };
+                        }
+                        self.dirty[i] = false;
+                    }
+                    Some(Action::Resync | Action::Merge) => {
+                        if matches!(d.action, Some(Action::Resync)) {
+                            self.base[i] = self.seen[i].completed;
+                            self.dirty[i] = false;
+                        }
+                        self.seen[i].phase = "running".into();
+                        self.refilling[i] = true;
+                    }
+                    None => {}
+                }
+                if d.state == Resyncing && d.action.is_none() {
+                    self.base[i] = self.seen[i].completed;
+                    self.dirty[i] = false;
+                }
+                self.state[i] = d.state;
+            }
+            // The refills end between rounds: each takes what its partner holds.
+            let before = self.clone();
+            for i in 0..2 {
+                if std::mem::take(&mut self.refilling[i]) {
+                    let p = &before.seen[1 - i];
+                    let s = &mut self.seen[i];
+                    s.phase = "done".into();
+                    s.completed += 1;
+                    s.synced = true;
+                    s.covers = Coverage {
+                        partner_boot: p.boot_id,
+                        partner_solo: p.solo,
+                        complete: true,
+                    };
+                    self.holds[i] |= before.holds[1 - i];
+                }
+            }
+            d
+        }
+    }
+
+    /// Every combination of states of a pair whose workers both answer, with every mix of
+    /// established or fresh copies, writes the other lacks, the last refill's phase and a
+    /// miss seen here: within a few rounds a worker is in sync (no combination waits
+    /// forever, as joining and stale did), and soon both are, each holding every write
+    /// either held (nothing acknowledged is lost on the way).
+    #[test]
+    fn every_pair_of_states_gets_a_worker_in_sync() {
+        let states_all = [
+            Unknown,
+            InSync,
+            Down,
+            Stale,
+            Resyncing,
+            Misconfigured,
+            Joining,
+        ];
+        let phases = ["idle", "running", "done", "failed"];
+        let mut cases = 0;
+        for s in states_all.iter().flat_map(|&a| states_all.map(|b| [a, b])) {
+            for p in phases.iter().flat_map(|&a| phases.map(|b| [a, b])) {
+                for flags in 0..64u32 {
+                    let flag = |k: u32| [flags & (1 << k) != 0, flags & (1 << (k + 1)) != 0];
+                    let (synced, lacks, dirty) = (flag(0), flag(2), flag(4));
+                    if !reachable(s, p, synced, lacks, dirty) {
+                        continue;
+                    }
+                    let start = Model::new(s, synced, lacks, p, dirty);
+                    let all_writes = start.holds[0] | start.holds[1];
+                    let mut m = start.clone();
+                    let mut trace = Vec::new();
+                    let mut first_in_sync = None;
+                    for round in 0..12 {
+                        let d = m.round();
+                        trace.push(format!(
+                            "{:?} {:?}",
+                            states(&d),
+                            [&d[0].action, &d[1].action]
+                        ));
+                        if first_in_sync.is_none() && m.state.contains(&InSync) {
+                            first_in_sync = Some(round);
+                        }
+                    }
+                    let trace = trace.join("\n");
+                    let first = first_in_sync
+                        .unwrap_or_else(|| panic!("never in sync from {start:?}:\n{trace}"));
+                    assert!(
+                        first <= 2,
+                        "in sync after {first} rounds, {start:?}:\n{trace}"
+                    );
+                    assert_eq!(m.state, [InSync, InSync], "from {start:?}:\n{trace}");
+                    assert_eq!(m.holds, [all_writes; 2], "lost from {start:?}:\n{trace}");
+                    cases += 1;
+                }
+            }
+        }
+        assert!(cases > 5_000, "{cases} cases");
+    }
+
+    /// Whether a pair can be found so: the model's combinations that the workers and the
+    /// monitor can produce.
+    fn reachable(
+        s: [WorkerState; 2],
+        phase: [&str; 2],
+        synced: [bool; 2],
+        lacks: [bool; 2],
+        dirty: [bool; 2],
+    ) -> bool {
+        let assessed = |s| matches!(s, Unknown | Down | Misconfigured);
+        // Each condition reads "if this, then that".
+        let each = (0..2).all(|i| {
+            // A miss seen here is on record as a write its partner took alone.
+            (!dirty[i] || lacks[i])
+                // In sync only once adopted or refilled (a restart since is noticed, and
+                // makes it stale).
+                && (s[i] != InSync || synced[i])
+                // Resyncing once a refill runs or has run: a restart resets the phase, and
+                // makes it stale.
+                && (s[i] != Resyncing || phase[i] != "idle")
+                // A refill that completed established the copy.
+                && (phase[i] != "done" || synced[i])
+        });
+        // Two fresh workers assessed together are a new pair: each adopts the other's count
+        // as it reads then, so a write one took alone before shows (the count moves past it)
+        // and is merged, and none is held in this model's terms.
+        let new_pair = assessed(s[0]) && assessed(s[1]) && synced == [false; 2];
+        each && (!new_pair || lacks == [false; 2])
     }
 
     #[test]

@@ -38,8 +38,13 @@ pub enum Identity {
     Orchestrator,
     /// A Redis server (or another server speaking RESP).
     Redis,
-    /// Something that accepted the connection and answered neither probe as expected.
+    /// Something that answered `PING` with bytes that are neither Redis' nor an
+    /// orchestrator's: certainly not a worker, which answers a line with nothing.
     Unknown,
+    /// Something that accepted the connection but answered neither probe in time (or closed
+    /// it without a byte): a worker busy with a queue, or stopped, looks just so, so this
+    /// proves nothing.
+    Silent,
     /// Nothing could be reached there.
     Unreachable,
 }
@@ -53,6 +58,10 @@ impl Identity {
             Identity::Orchestrator => "a twincache orchestrator (it answers PING with 0||PONG)",
             Identity::Redis => "a Redis server (it answers PING with +PONG)",
             Identity::Unknown => "not a twincache worker (it does not speak the worker protocol)",
+            Identity::Silent => {
+                "silent: it took the connection but answered nothing in time (as a busy or \
+                 stopped worker does)"
+            }
             Identity::Unreachable => "unreachable",
         }
     }
@@ -116,9 +125,12 @@ async fn ping_as_text(addr: &str, timeout: Duration) -> Identity {
         Some(answer[..got].to_vec())
     };
     match tokio::time::timeout(timeout, probe).await {
+        Ok(None) => Identity::Unreachable,
         // Silence is no proof of a stranger: a worker busy with a queue of heavy requests
-        // answers neither probe in time either.
-        Ok(None) | Err(_) => Identity::Unreachable,
+        // answers neither probe in time either, and any worker closes a connection that
+        // opens with a line, without a byte.
+        Err(_) => Identity::Silent,
+        Ok(Some(answer)) if answer.is_empty() => Identity::Silent,
         Ok(Some(answer)) if answer.starts_with(b"+PONG") => Identity::Redis,
         Ok(Some(answer)) if answer.starts_with(b"0||PONG") => Identity::Orchestrator,
         Ok(Some(_)) => Identity::Unknown,
@@ -160,7 +172,7 @@ pub async fn check_workers(
             other if other.is_misplaced() => {
                 tracing::error!(
                     worker = %addr,
-                    "this worker address is {}, not a twincache worker: check the workers given",
+                    "this worker address is {}: check the workers given",
                     other.describe()
                 )
             }
@@ -168,4 +180,62 @@ pub async fn check_workers(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    /// A server on a loopback port that reads what comes and answers each connection with
+    /// `answer` (then closes), or, with `None`, keeps it open and says nothing.
+    async fn server(answer: Option<&'static [u8]>) -> String {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 64];
+                    let _ = stream.read(&mut buf).await;
+                    match answer {
+                        Some(answer) => {
+                            let _ = stream.write_all(answer).await;
+                        }
+                        None => tokio::time::sleep(Duration::from_secs(5)).await,
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    /// Only an answer that no worker gives names an address as not a worker: silence (a
+    /// busy or stopped worker) or a connection closed without a byte (how a worker treats
+    /// a line) is said as such, and is not an error.
+    #[tokio::test]
+    async fn only_a_foreign_answer_says_not_a_worker() {
+        let t = Duration::from_millis(200);
+        let cases: [(Option<&'static [u8]>, Identity); 5] = [
+            (None, Identity::Silent),
+            (Some(b""), Identity::Silent),
+            (Some(b"+PONG\r\n"), Identity::Redis),
+            (Some(b"0||PONG\n"), Identity::Orchestrator),
+            (Some(b"HTTP/1.1 400 Bad Request\r\n"), Identity::Unknown),
+        ];
+        for (answer, want) in cases {
+            let addr = server(answer).await;
+            let got = identify(&addr, None, None, t).await;
+            assert_eq!(got, want, "answering {answer:?}");
+            assert_eq!(
+                got.is_misplaced(),
+                want == Identity::Unknown
+                    || want == Identity::Redis
+                    || want == Identity::Orchestrator
+            );
+        }
+        let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = closed.local_addr().unwrap().to_string();
+        drop(closed);
+        assert_eq!(identify(&addr, None, None, t).await, Identity::Unreachable);
+    }
 }

@@ -308,3 +308,81 @@ async fn interrupted_resyncs_recover_once_the_pair_is_whole() {
         Some(&b"recovery"[..])
     );
 }
+
+/// A pair with neither worker in sync, one joining and one stale, both answering: what a
+/// slot move without a rate limit left for minutes (each worker of a pair missing health
+/// checks and writes in turn). Made here step by step with SIGSTOP, each stop shorter than
+/// the health timeout (the worker is never found down) and longer than the worker timeout
+/// (a write to it fails, and it is marked as having missed it):
+/// 1. A stops; a delete and a write reach B alone; A resumes, stale, and joins B (it takes
+///    writes again and resyncs in the next round).
+/// 2. Before that round, B stops; a write reaches A alone; B resumes, stale.
+///
+/// Each now lacks a write the other took alone. The better copy must lead, merge the other's,
+/// and the other resync from it: both in sync soon, each holding both writes, and the
+/// deleted key deleted on both (A's older copy of it does not come back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joining_worker_and_a_stale_one_recover() {
+    let (a, b) = (worker_on(0, &[]), worker_on(0, &[]));
+    let (wa, wb) = (a.addr, b.addr);
+    // Rounds a second apart: room to stop B between A's joining and its resync.
+    let orch = Proc::orchestrator(
+        &[wa, wb],
+        &[
+            "--worker-timeout",
+            "100ms",
+            "--health-interval",
+            "1s",
+            "--health-timeout",
+            "3s",
+        ],
+    );
+    let addr = orch.addr;
+    wait_status(addr, "both in sync", |s| {
+        state_of(s, &wa) == "in_sync" && state_of(s, &wb) == "in_sync"
+    })
+    .await;
+    let client = Client::connect(&addr.to_string()).await.unwrap();
+    client.set("gone", "before").await.unwrap();
+
+    a.signal("STOP");
+    client.del("gone").await.unwrap();
+    client.set("on b", "alone").await.unwrap();
+    a.signal("CONT");
+    let seen = wait_status(addr, "a joining", |s| state_of(s, &wa) == "joining").await;
+    assert_eq!(state_of(&seen, &wb), "in_sync", "{seen}");
+
+    b.signal("STOP");
+    client.set("on a", "alone").await.unwrap();
+    b.signal("CONT");
+    let seen = status(addr).await;
+    assert!(
+        state_of(&seen, &wa) == "joining" && state_of(&seen, &wb) == "stale",
+        "the pair is not joining and stale (a round came between?): {seen}"
+    );
+
+    wait_status(addr, "both in sync again", |s| {
+        state_of(s, &wa) == "in_sync" && state_of(s, &wb) == "in_sync"
+    })
+    .await;
+    assert!(
+        orch.log_text().contains("neither in sync: this copy leads"),
+        "{}",
+        orch.log_text()
+    );
+    for w in [wa, wb] {
+        let c = Client::connect(&w.to_string()).await.unwrap();
+        let get = |key: &'static str| {
+            let c = &c;
+            async move {
+                c.get::<Bytes>(key)
+                    .await
+                    .unwrap()
+                    .map(|v| String::from_utf8_lossy(&v).into_owned())
+            }
+        };
+        assert_eq!(get("on a").await.as_deref(), Some("alone"), "on {w}");
+        assert_eq!(get("on b").await.as_deref(), Some("alone"), "on {w}");
+        assert_eq!(get("gone").await, None, "on {w}");
+    }
+}

@@ -593,3 +593,65 @@ async fn a_restarted_orchestrator_refills_the_worker_a_move_skipped() {
     check_bulk(10_000, 1, &[addrs(0, 1), addrs(2, 3), addrs(4, 5)], &map).await;
     let _ = std::fs::remove_file(format!("{}.state", file.arg()));
 }
+
+/// A worker's count of keys, from its own `stats`.
+async fn keys_on(worker: SocketAddr) -> u64 {
+    let c = Client::connect(&worker.to_string()).await.unwrap();
+    let stats = c.stats().await.unwrap();
+    stats
+        .split(['\r', '\n', ' '])
+        .find_map(|l| l.strip_prefix("keys:")?.parse().ok())
+        .unwrap_or_else(|| panic!("no key count in {stats:?}"))
+}
+
+/// A worker refilled from a partner that still holds slots moved away ends with only its
+/// pair's slots. A worker of a sending pair is stopped (SIGSTOP) for the whole change: the
+/// copy comes from its partner, which drops each batch, while its own drops wait. The
+/// orchestrator is then killed, forgetting those retries; the stopped worker resumes
+/// holding every moved slot, and its partner is restarted, empty, so that it refills from
+/// it. A new orchestrator must leave each worker with exactly its pair's keys, partners with
+/// the same count (before, both kept the moved slots too, for good: nothing dropped them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_worker_keeps_slots_its_pair_does_not_hold_after_refills() {
+    let (mut w, file, orch) = slow_moving_cluster("4MiB", 6_000).await;
+    w[1].signal("STOP");
+    wait_info(orch.addr, "w1 down", |i| i.contains("state=in_sync,down")).await;
+    add_third_pair(&w, &file, &orch).await;
+    let slots = [5462, 5461, 5461];
+    wait_info(orch.addr, "the change without w1", |i| moved(i, &slots)).await;
+    drop(orch);
+    w[1].signal("CONT");
+    let port = w[0].addr.port();
+    w[0].kill();
+    w[0] = crate::faults::worker_on(port, &[]);
+    let orch = fast_orchestrator(&file, &[]);
+    wait_settled(orch.addr, &slots).await;
+    let map = SlotMap::even(2).rebalanced(&[true; 3]);
+    let addrs = |i: usize, j: usize| [w[i].addr, w[j].addr];
+    let pairs = [addrs(0, 1), addrs(2, 3), addrs(4, 5)];
+    check_bulk(6_000, 1, &pairs, &map).await;
+    let per_pair: Vec<u64> = (0..3)
+        .map(|p| {
+            (0..6_000u64)
+                .filter(|i| map.pair_of(format!("bulk:{i}").as_bytes()) == p)
+                .count() as u64
+        })
+        .collect();
+    // The sweeps run within a round or two of the refills' end.
+    let counts = poll_until(
+        "every worker holding exactly its pair's keys",
+        Duration::from_secs(20),
+        Duration::from_millis(200),
+        || async {
+            let mut counts = Vec::new();
+            for a in pairs.iter().flatten() {
+                counts.push(keys_on(*a).await);
+            }
+            let want: Vec<u64> = per_pair.iter().flat_map(|&n| [n, n]).collect();
+            (counts == want, format!("{counts:?}, want {want:?}"))
+        },
+    )
+    .await;
+    eprintln!("key counts per worker: {counts}");
+    let _ = std::fs::remove_file(format!("{}.state", file.arg()));
+}

@@ -22,7 +22,11 @@
 //!      pair that is not in sync (down, refilling) is recorded as having missed them and
 //!      refills from its partner, so it never holds up the change;
 //!    - the mark is lifted, requests routed with it drain, and both workers of the old pair
-//!      drop the slots (`slots drop`).
+//!      drop the slots (`slots drop`); a worker that does not answer is told again every
+//!      second. A refill between two partners can bring back slots one of them dropped
+//!      already, so a worker whose refills have ended is told to drop every slot its pair
+//!      does not hold ([`Router::sweep_later`]); no slot moves to a pair before its workers
+//!      have dropped what they were told to.
 //! 4. **Removals.** A pair holding no slot any more is taken out and its links closed.
 //!
 //! A step that fails (no worker of a pair in sync, an import into an in-sync worker that
@@ -79,6 +83,9 @@ pub struct Membership {
     /// down), retried every second. No slot moves back to that pair
     /// before they are dropped, or an old copy there could outlive a delete.
     pending_drops: Mutex<Vec<(String, SlotRange)>>,
+    /// Workers to be told to drop every slot their pair does not hold (see
+    /// [`Router::sweep_later`]), until they have. No slot moves to their pair before.
+    sweeps: Mutex<Vec<String>>,
 }
 
 /// How the current (or last) change goes, for INFO, `status` and the log.
@@ -112,6 +119,7 @@ impl Membership {
             }),
             config,
             pending_drops: Mutex::default(),
+            sweeps: Mutex::default(),
         }
     }
 
@@ -295,6 +303,31 @@ fn kept_in_sync(now: &Topology, replace: &[(usize, usize, String)]) -> Result<()
         ));
     }
     Ok(())
+}
+
+/// The slots whose entries a worker of pair `pair` must not hold, as ranges: every slot
+/// `slots` gives to another pair, except those of the move under way (`moving`) when the
+/// pair is its source (they are dropped once their copy is in).
+fn not_held(slots: &SlotMap, moving: Option<Move>, pair: usize) -> Vec<SlotRange> {
+    use twincache_protocol::slots::SLOTS;
+    let held = |slot: u16| {
+        slots.pair_of_slot(slot) == pair
+            || moving.is_some_and(|m| m.from == pair && m.slots.contains(slot))
+    };
+    let mut out = Vec::new();
+    let mut start = None;
+    for slot in 0..=SLOTS {
+        let stray = slot < SLOTS && !held(slot as u16);
+        match (stray, start) {
+            (true, None) => start = Some(slot as u16),
+            (false, Some(from)) => {
+                out.extend(SlotRange::new(from, slot as u16));
+                start = None;
+            }
+            _ => {}
+        }
+    }
+    out
 }
 
 /// The pairs of `now`, as addresses.
@@ -498,12 +531,93 @@ impl Router {
     }
 
     fn drops_pending(&self) -> bool {
-        !self
-            .membership
-            .pending_drops
+        let m = &self.membership;
+        !m.pending_drops
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .is_empty()
+            || !m
+                .sweeps
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_empty()
+    }
+
+    /// Has `w` drop every slot its pair does not hold, soon (the membership task does it, so
+    /// no move starts or ends meanwhile). Asked by the health monitor once every refill the
+    /// worker started has ended, and when it first sees it: a refill from the partner can
+    /// bring back slots this worker dropped (the partner still held them: its snapshot was
+    /// taken before its own drop, or its drop is still being retried), and nothing else would
+    /// ever drop them again; and the drops an earlier run retried are not remembered.
+    pub(crate) fn sweep_later(&self, w: &WorkerLink) {
+        let mut sweeps = self
+            .membership
+            .sweeps
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if !sweeps.contains(&w.addr) {
+            sweeps.push(w.addr.clone());
+            self.membership.wake.notify_one();
+        }
+    }
+
+    /// Tells each worker awaiting a sweep to drop the slots its pair does not hold; keeps
+    /// those that could not be told, and forgets the workers no longer in the cluster.
+    async fn sweep(&self) {
+        let pending = std::mem::take(
+            &mut *self
+                .membership
+                .sweeps
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+        let mut left = Vec::new();
+        for addr in pending {
+            let topo = self.pairs();
+            let Some((pair, link)) = topo.iter().enumerate().find_map(|(n, p)| {
+                let w = p.workers.iter().find(|w| w.addr == addr)?;
+                Some((n, w.clone()))
+            }) else {
+                continue;
+            };
+            let ranges = not_held(&topo.slots, topo.moving, pair);
+            drop(topo);
+            let mut dropped = 0u64;
+            let mut done = true;
+            for range in &ranges {
+                let ask = format!("drop {}", range.bounds());
+                match self.ask(&link, Op::Slots, &ask).await {
+                    Some(r) => {
+                        dropped += String::from_utf8_lossy(&r.payload)
+                            .trim()
+                            .parse::<u64>()
+                            .unwrap_or(0)
+                    }
+                    None => done = false,
+                }
+            }
+            if dropped > 0 {
+                tracing::warn!(
+                    worker = %addr,
+                    entries = dropped,
+                    "dropped copies of slots its pair does not hold (a refill from its partner \
+                     brought them back, or it missed their drop)"
+                );
+            }
+            if !done {
+                left.push(addr);
+            }
+        }
+        let mut sweeps = self
+            .membership
+            .sweeps
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        for addr in left {
+            if !sweeps.contains(&addr) {
+                sweeps.push(addr);
+            }
+        }
     }
 
     /// Tells the workers that missed a drop to drop now; forgets the workers no longer in
@@ -538,6 +652,7 @@ impl Router {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .extend(left);
+        self.sweep().await;
     }
 
     /// One attempt at the change asked for; `None` if there was nothing to do.
@@ -827,6 +942,20 @@ impl Router {
             return Err(format!(
                 "{a} still holds an old copy of slots {range}: they move back to its pair once \
                  it has dropped them"
+            ));
+        }
+        let unswept = self
+            .membership
+            .sweeps
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|a| to.workers.iter().any(|w| &w.addr == *a))
+            .cloned();
+        if let Some(a) = unswept {
+            return Err(format!(
+                "{a} may hold old copies of slots its pair does not: slots move to its pair \
+                 once it has dropped them"
             ));
         }
         let moved = {
@@ -1332,6 +1461,45 @@ mod tests {
         .unwrap();
         assert_eq!(router.membership.wanted().len(), 3);
         shutdown.cancel();
+    }
+
+    /// What a sweep drops on a worker: every slot of the other pairs, but not the slots of a
+    /// move under way from its own pair (their copy may not be in yet).
+    #[test]
+    fn a_sweep_drops_every_slot_the_pair_does_not_hold() {
+        let three = SlotMap::even(2).rebalanced(&[true; 3]);
+        let bounds = |r: Vec<SlotRange>| r.iter().map(|r| r.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            three.describe(),
+            "0-5461:0 5462-8191:2 8192-13652:1 13653-16383:2"
+        );
+        assert_eq!(bounds(not_held(&three, None, 0)), ["5462-16383"]);
+        assert_eq!(bounds(not_held(&three, None, 1)), ["0-8191", "13653-16383"]);
+        assert_eq!(bounds(not_held(&three, None, 2)), ["0-5461", "8192-13652"]);
+        assert_eq!(
+            bounds(not_held(&SlotMap::even(1), None, 0)),
+            Vec::<String>::new()
+        );
+        // A move from pair 1 to pair 0 under way: the map gives its slots to pair 0, and
+        // pair 1 keeps them until their copy is in.
+        let m = Move {
+            slots: SlotRange::new(8192, 8448).unwrap(),
+            from: 1,
+            to: 0,
+        };
+        let moving = three.with_move(&m);
+        assert_eq!(
+            bounds(not_held(&moving, Some(m), 1)),
+            ["0-8191", "13653-16383"]
+        );
+        assert_eq!(
+            bounds(not_held(&moving, Some(m), 0)),
+            ["5462-8191", "8448-16383"]
+        );
+        assert_eq!(
+            bounds(not_held(&moving, Some(m), 2)),
+            ["0-5461", "8192-13652"]
+        );
     }
 
     #[test]
