@@ -483,12 +483,10 @@ async fn cluster_refuses_changes_that_would_lose_data_or_never_finish() {
     check_bulk(3_000, 1, &[[w[0].addr, w[3].addr]], &SlotMap::even(1)).await;
 }
 
-/// A worker of the new pair that stops answering in the middle of a move (SIGSTOP) does not
-/// hold up the change: the copy goes to its partner alone and the change finishes. Once the
-/// worker answers again it has missed the copy, though no write (nothing else is written),
-/// and refills from its partner before it is in sync: then it holds every moved key too.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_receiving_worker_that_stops_does_not_hold_up_the_move() {
+/// A third pair added to a slow-moving cluster of 10,000 keys, whose second worker (w5)
+/// stops answering (SIGSTOP) early in the change: the change finishes without it and the
+/// orchestrator logs it as skipped by the copy. The slots each pair then holds are returned.
+async fn a_change_that_skips_w5() -> (Vec<Proc>, TempFile, Proc, [usize; 3]) {
     // Slow moves (small batches at 1 MiB/s), so the stop lands early in the change.
     let (w, file, orch) = slow_moving_cluster("1MiB", 10_000).await;
     add_third_pair(&w, &file, &orch).await;
@@ -497,6 +495,16 @@ async fn a_receiving_worker_that_stops_does_not_hold_up_the_move() {
     let info = wait_info(orch.addr, "the change without w5", |i| moved(i, &slots)).await;
     assert!(info.contains("state=in_sync,down"), "{info}");
     wait_log(&orch, "skipped by the copy: refills from its partner").await;
+    (w, file, orch, slots)
+}
+
+/// A worker of the new pair that stops answering in the middle of a move (SIGSTOP) does not
+/// hold up the change: the copy goes to its partner alone and the change finishes. Once the
+/// worker answers again it has missed the copy, though no write (nothing else is written),
+/// and refills from its partner before it is in sync: then it holds every moved key too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiving_worker_that_stops_does_not_hold_up_the_move() {
+    let (w, file, orch, slots) = a_change_that_skips_w5().await;
     w[5].signal("CONT");
     wait_settled(orch.addr, &slots).await;
     let map = SlotMap::even(2).rebalanced(&[true; 3]);
@@ -516,14 +524,7 @@ async fn a_receiving_worker_that_stops_does_not_hold_up_the_move() {
 /// moved key reads back through the orchestrator, and both workers of the new pair hold it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_orchestrator_refills_the_worker_a_move_skipped() {
-    // Slow moves (small batches at 1 MiB/s), so the stop lands early in the change.
-    let (w, file, orch) = slow_moving_cluster("1MiB", 10_000).await;
-    add_third_pair(&w, &file, &orch).await;
-    w[5].signal("STOP");
-    let slots = [5462, 5461, 5461];
-    let info = wait_info(orch.addr, "the change without w5", |i| moved(i, &slots)).await;
-    assert!(info.contains("state=in_sync,down"), "{info}");
-    wait_log(&orch, "skipped by the copy: refills from its partner").await;
+    let (w, file, orch, slots) = a_change_that_skips_w5().await;
     // Killed, not stopped gracefully: what it knew of w5 goes with it.
     drop(orch);
     w[5].signal("CONT");
