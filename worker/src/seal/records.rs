@@ -581,6 +581,15 @@ pub fn replay(base: &[u8], edit: &[u8], encrypted: bool) -> Option<Plan> {
     if dropped.windows(2).any(|w| w[0] >= w[1]) || dropped.last().is_some_and(|&d| d >= r.count) {
         return None;
     }
+    // What the packed pairs of the records kept and put in may take: the new length must
+    // lie within (it sizes the buffer a whole read allocates).
+    let mut bounds = (0usize, 0usize);
+    for i in 0..r.count {
+        if dropped.binary_search(&i).is_err() {
+            let (lo, hi) = r.record(i).ok().and_then(pair_bounds)?;
+            bounds = (bounds.0.saturating_add(lo), bounds.1.saturating_add(hi));
+        }
+    }
     let inserts = take_u32(&mut rest)?;
     let mut fresh: Vec<Fresh> = Vec::new();
     for _ in 0..inserts {
@@ -588,16 +597,11 @@ pub fn replay(base: &[u8], edit: &[u8], encrypted: bool) -> Option<Plan> {
         let len = take_u32(&mut rest)?;
         let record = rest.get(..len)?;
         rest = &rest[len..];
-        let pair_len = match *record.first()? {
-            RAW => record.len() - 1,
-            LZ4 => le_u32(record, 1)?,
-            ENCRYPTED => 8,
-            _ => return None,
-        };
-        let shaped = pair_len >= 8 && super::plausible(record, pair_len);
-        if !shaped || (encrypted && !super::is_encrypted(record)) {
+        let (lo, hi) = pair_bounds(record)?;
+        if encrypted && !super::is_encrypted(record) {
             return None;
         }
+        bounds = (bounds.0.saturating_add(lo), bounds.1.saturating_add(hi));
         if fresh.last().is_some_and(|f| f.tag > tag) {
             return None;
         }
@@ -607,7 +611,7 @@ pub fn replay(base: &[u8], edit: &[u8], encrypted: bool) -> Option<Plan> {
         });
     }
     let count = r.count - dropped.len() + fresh.len();
-    if !rest.is_empty() || value_len < 4 || count > (value_len - 4) / 8 {
+    if !rest.is_empty() || value_len < 4 || !(bounds.0..=bounds.1).contains(&(value_len - 4)) {
         return None;
     }
     let gone: usize = dropped.iter().map(|&i| SLOT + r.end(i) - r.start(i)).sum();
@@ -634,19 +638,42 @@ pub fn plausible(stored: &[u8], value_len: usize) -> bool {
     if r.value_len != value_len || value_len < 4 || r.count > (value_len - 4) / 8 {
         return false;
     }
-    r.well_formed()
-        && (0..r.count).all(|i| {
-            let Ok(record) = r.record(i) else {
-                return false;
-            };
-            let pair_len = match record[0] {
-                RAW => record.len() - 1,
-                LZ4 => le_u32(record, 1).unwrap_or(usize::MAX),
-                ENCRYPTED => 8,
-                _ => return false,
-            };
-            (8..=value_len).contains(&pair_len) && super::plausible(record, pair_len)
-        })
+    if !r.well_formed() {
+        return false;
+    }
+    let mut bounds = (0usize, 0usize);
+    for i in 0..r.count {
+        let Some((lo, hi)) = r.record(i).ok().and_then(pair_bounds) else {
+            return false;
+        };
+        if lo > value_len {
+            return false;
+        }
+        bounds = (bounds.0.saturating_add(lo), bounds.1.saturating_add(hi));
+    }
+    (bounds.0..=bounds.1).contains(&(value_len - 4))
+}
+
+/// The least and the most bytes the packed pair a stored record holds may take, judged
+/// from its shape (raw and lz4 give it exactly, an encrypted record only bounds it), or
+/// `None` if it has not the shape of a record.
+fn pair_bounds(record: &[u8]) -> Option<(usize, usize)> {
+    let (lo, hi) = match *record.first()? {
+        RAW => (record.len() - 1, record.len() - 1),
+        LZ4 => {
+            let n = le_u32(record, 1)?;
+            (n, n)
+        }
+        ENCRYPTED => (
+            8,
+            record
+                .len()
+                .saturating_sub(1 + super::NONCE_LEN + super::TAG_LEN)
+                .saturating_mul(super::LZ4_MAX_EXPANSION),
+        ),
+        _ => return None,
+    };
+    (lo >= 8 && lo <= hi && super::plausible(record, lo)).then_some((lo, hi))
 }
 
 /// Whether every record is encrypted (what a worker with a key takes from a partner).
@@ -774,6 +801,49 @@ mod tests {
                 prop_assert!(plausible(&out, p.value_len));
             }
             let _ = replay(&stored, &input, false);
+        }
+    }
+
+    /// A form, or an edit, claiming a packed length its records cannot hold is refused: the
+    /// length sizes the buffer a whole read allocates (and wipes), so a partner's few bytes
+    /// must not make a worker allocate gigabytes.
+    #[test]
+    fn a_value_len_the_records_cannot_hold_is_refused() {
+        for encrypted in [false, true] {
+            let cipher = Cipher::new(&[2; 32]);
+            let tags = TagKey::PLAIN;
+            let s = Sealer {
+                cipher: encrypted.then_some(&cipher),
+                tags: &tags,
+            };
+            let fields: Vec<(Bytes, Bytes)> = (0..3)
+                .map(|i| (Bytes::from(format!("f{i}")), Bytes::from_static(b"v")))
+                .collect();
+            let mut stored = Vec::new();
+            build(b"k", &fields, s, &mut stored);
+            let len = value_len(&stored).unwrap();
+            assert!(plausible(&stored, len));
+            let huge = 0x7fff_fff0usize;
+            let mut inflated = stored.clone();
+            inflated[5..9].copy_from_slice(&(huge as u32).to_le_bytes());
+            assert!(!plausible(&inflated, huge), "encrypted: {encrypted}");
+            assert!(!plausible(&stored, len + 1) || encrypted);
+
+            let p = plan(
+                b"k",
+                &stored,
+                &[(Bytes::from_static(b"f0"), Bytes::from_static(b"w"))],
+                &[],
+                s,
+            )
+            .unwrap();
+            let mut edit = p.edit();
+            assert!(replay(&stored, &edit, encrypted).is_some());
+            edit[..4].copy_from_slice(&(huge as u32).to_le_bytes());
+            assert!(
+                replay(&stored, &edit, encrypted).is_none(),
+                "encrypted: {encrypted}"
+            );
         }
     }
 
