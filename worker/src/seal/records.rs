@@ -93,10 +93,13 @@ pub fn wanted(fields: usize, len: usize) -> bool {
 }
 
 /// The most bytes the records form of a packed hash of `fields` fields and `len` bytes
-/// takes: what a frame must be able to carry to copy it to the partner.
+/// takes: what a frame must be able to carry to copy it to the partner. A record is never
+/// longer than its pair's raw form (lz4 is kept only when shorter, see `seal_plain`): the
+/// pairs take `len - 4` bytes, and each record adds its layout byte (and, encrypted, nonce
+/// and tag, and the sealed layout byte inside) and its index slot.
 pub fn max_stored_len(fields: usize, len: usize, encrypted: bool) -> usize {
-    let per_record = SLOT + if encrypted { 41 } else { 1 } + 8; // + lz4's header, worst case
-    HEADER + len + fields.saturating_mul(per_record) + len / 255 + 16
+    let per_record = SLOT + if encrypted { 42 } else { 1 };
+    HEADER + len.saturating_sub(4) + fields.saturating_mul(per_record)
 }
 
 /// The parsed header of a records form (index and body not yet checked).
@@ -739,6 +742,7 @@ mod tests {
             let mut stored = Vec::new();
             build(b"k", &fields, s, &mut stored);
             prop_assert!(plausible(&stored, packed(&fields).len()));
+            prop_assert!(stored.len() <= max_stored_len(fields.len(), packed(&fields).len(), encrypted));
             prop_assert_eq!(all_encrypted(&stored), encrypted || fields.is_empty());
 
             let sets: Vec<(Bytes, Bytes)> = sets.into_iter().map(|(f, v)| (name(f), Bytes::from(v))).collect();
