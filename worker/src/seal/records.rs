@@ -24,14 +24,15 @@
 //!
 //! **Tags.** A tag is SipHash-2-4 of the field under a key both partners derive from the
 //! encryption key (or a fixed one without encryption), so that records copy between
-//! partners as they are. With encryption, tags reveal only which fields of a hash are equal
-//! to which, not what they are. A tag picks the records to open; the field inside decides,
+//! partners as they are. With encryption, tags reveal which fields are equal to which (the
+//! key is the same for every hash, so across hashes too), not what they are; a record's size
+//! reveals its field and value's length together. A tag picks the records to open; the field inside decides,
 //! so colliding tags cost an extra open, never a wrong answer. Without a key an attacker
 //! can make many fields of one hash share a tag, which makes operations on that hash scan
 //! them: what every hash operation cost before this form existed.
 //!
 //! **Cost.** The index takes 8 bytes a field, the record's layout byte 1 (encryption adds
-//! 40 for nonce and tag). A write still copies the hash's stored bytes once (memory speed),
+//! 41: its own layout byte, nonce and tag). A write still copies the hash's stored bytes once (memory speed),
 //! but no longer decompresses, decrypts, compresses or encrypts anything it does not write.
 //!
 //! Every length is checked before it is used: the bytes may come from a partner.
