@@ -293,16 +293,25 @@ fn read_or_empty(cx: &mut Cx) -> Result<Hash, Reply> {
 /// Stages a packed hash (which the commit stores as records past the packed form's
 /// limits: the frame that copies it to the partner must carry that form).
 fn store(cx: &mut Cx, expires_at: u64, fields: &Fields) -> Result<(), Reply> {
-    let len = codec::encoded_len(fields);
-    let room = if records::wanted(fields.len(), len) {
-        records::max_stored_len(fields.len(), len, cx.txn.sealer().cipher.is_some())
-    } else {
-        len
-    };
-    if room > cx.max_value {
+    if room(cx, fields.len(), codec::encoded_len(fields)) > cx.max_value {
         return Err(Reply::err(TOO_BIG));
     }
     cx.put(Kind::Hash, expires_at, codec::encode(fields))
+}
+
+/// The most a packed hash of `fields` fields and `len` bytes may take as the commit stores
+/// it (and its partner is sent it).
+fn room(cx: &Cx, fields: usize, len: usize) -> usize {
+    if records::wanted(fields, len) {
+        records::max_stored_len(fields, len, cx.txn.sealer().cipher.is_some())
+    } else {
+        len
+    }
+}
+
+/// [`room`] for a packed hash given whole (RESTORE).
+pub(super) fn room_for_packed(cx: &Cx, value: &Bytes) -> usize {
+    codec::decode(value).map_or(value.len(), |fields| room(cx, fields.len(), value.len()))
 }
 
 /// HRANDFIELD, as Redis 7.0 answers it: one field (or nil) without a count; with a count,

@@ -110,6 +110,10 @@ pub(super) fn run(cx: &mut Cx, action: &Action) -> Outcome {
             if !replace && meta.is_some() {
                 return Ok(Reply::Int(0));
             }
+            // A large hash is stored, and sent to the partner, as records: those must fit.
+            if *kind == Kind::Hash && super::hashes::room_for_packed(cx, value) > cx.max_value {
+                return Err(Reply::err(super::TOO_BIG));
+            }
             cx.put(*kind, *expires_at, value.clone())?;
             Ok(Reply::Int(1))
         }

@@ -561,3 +561,44 @@ fn an_edit_the_partner_cannot_take_is_refused_and_the_key_sent_whole() {
     partner.replicate(&gone, answer.version).unwrap();
     assert!(!partner.exists(b"h"));
 }
+
+/// The replies of `actions` on `key` at `version` with writes capped at `max_value` bytes
+/// (what an orchestrator's frame can carry).
+fn capped(
+    store: &Store,
+    key: &str,
+    version: u64,
+    max_value: u64,
+    actions: &[Action],
+) -> Vec<Reply> {
+    let mut req = Request::new(Op::Apply, b(key));
+    req.version = version;
+    req.ttl_ms = max_value;
+    req.value = encode_program(actions);
+    let resp = super::run(store, &SyncState::default(), &req, true);
+    assert_eq!(resp.status, Status::Ok, "{:?}", resp.payload);
+    decode_replies(&Answer::parse(resp.payload).unwrap().replies).unwrap()
+}
+
+#[test]
+fn a_restored_hash_is_refused_when_its_records_would_not_fit_a_frame() {
+    let pairs: Vec<(Bytes, Bytes)> = (0..200).map(|i| (b(&format!("f{i:03}")), b("v"))).collect();
+    let packed = super::codec::encode(&pairs);
+    // The packed hash fits the cap; its records form (the partner's copy) does not.
+    let cap = packed.len() as u64 + 100;
+    let too_big = Reply::err(super::TOO_BIG);
+    let store = Store::default();
+    let hset = Action::HSet {
+        pairs: pairs.clone(),
+        ok: true,
+    };
+    assert_eq!(capped(&store, "h", 10, cap, &[hset]), vec![too_big.clone()]);
+    let restore = Action::Restore {
+        kind: Kind::Hash,
+        expires_at: 0,
+        value: packed,
+        replace: true,
+    };
+    assert_eq!(capped(&store, "h", 20, cap, &[restore]), vec![too_big]);
+    assert!(!store.exists(b"h"));
+}

@@ -24,14 +24,15 @@
 //!
 //! **Tags.** A tag is SipHash-2-4 of the field under a key both partners derive from the
 //! encryption key (or a fixed one without encryption), so that records copy between
-//! partners as they are. With encryption, tags reveal only which fields of a hash are equal
-//! to which, not what they are. A tag picks the records to open; the field inside decides,
+//! partners as they are. With encryption, tags reveal which fields are equal to which (the
+//! key is the same for every hash, so across hashes too), not what they are; a record's size
+//! reveals its field and value's length together. A tag picks the records to open; the field inside decides,
 //! so colliding tags cost an extra open, never a wrong answer. Without a key an attacker
 //! can make many fields of one hash share a tag, which makes operations on that hash scan
 //! them: what every hash operation cost before this form existed.
 //!
 //! **Cost.** The index takes 8 bytes a field, the record's layout byte 1 (encryption adds
-//! 40 for nonce and tag). A write still copies the hash's stored bytes once (memory speed),
+//! 41: its own layout byte, nonce and tag). A write still copies the hash's stored bytes once (memory speed),
 //! but no longer decompresses, decrypts, compresses or encrypts anything it does not write.
 //!
 //! Every length is checked before it is used: the bytes may come from a partner.
@@ -93,10 +94,13 @@ pub fn wanted(fields: usize, len: usize) -> bool {
 }
 
 /// The most bytes the records form of a packed hash of `fields` fields and `len` bytes
-/// takes: what a frame must be able to carry to copy it to the partner.
+/// takes: what a frame must be able to carry to copy it to the partner. A record is never
+/// longer than its pair's raw form (lz4 is kept only when shorter, see `seal_plain`): the
+/// pairs take `len - 4` bytes, and each record adds its layout byte (and, encrypted, nonce
+/// and tag, and the sealed layout byte inside) and its index slot.
 pub fn max_stored_len(fields: usize, len: usize, encrypted: bool) -> usize {
-    let per_record = SLOT + if encrypted { 41 } else { 1 } + 8; // + lz4's header, worst case
-    HEADER + len + fields.saturating_mul(per_record) + len / 255 + 16
+    let per_record = SLOT + if encrypted { 42 } else { 1 };
+    HEADER + len.saturating_sub(4) + fields.saturating_mul(per_record)
 }
 
 /// The parsed header of a records form (index and body not yet checked).
@@ -581,6 +585,15 @@ pub fn replay(base: &[u8], edit: &[u8], encrypted: bool) -> Option<Plan> {
     if dropped.windows(2).any(|w| w[0] >= w[1]) || dropped.last().is_some_and(|&d| d >= r.count) {
         return None;
     }
+    // What the packed pairs of the records kept and put in may take: the new length must
+    // lie within (it sizes the buffer a whole read allocates).
+    let mut bounds = (0usize, 0usize);
+    for i in 0..r.count {
+        if dropped.binary_search(&i).is_err() {
+            let (lo, hi) = r.record(i).ok().and_then(pair_bounds)?;
+            bounds = (bounds.0.saturating_add(lo), bounds.1.saturating_add(hi));
+        }
+    }
     let inserts = take_u32(&mut rest)?;
     let mut fresh: Vec<Fresh> = Vec::new();
     for _ in 0..inserts {
@@ -588,16 +601,11 @@ pub fn replay(base: &[u8], edit: &[u8], encrypted: bool) -> Option<Plan> {
         let len = take_u32(&mut rest)?;
         let record = rest.get(..len)?;
         rest = &rest[len..];
-        let pair_len = match *record.first()? {
-            RAW => record.len() - 1,
-            LZ4 => le_u32(record, 1)?,
-            ENCRYPTED => 8,
-            _ => return None,
-        };
-        let shaped = pair_len >= 8 && super::plausible(record, pair_len);
-        if !shaped || (encrypted && !super::is_encrypted(record)) {
+        let (lo, hi) = pair_bounds(record)?;
+        if encrypted && !super::is_encrypted(record) {
             return None;
         }
+        bounds = (bounds.0.saturating_add(lo), bounds.1.saturating_add(hi));
         if fresh.last().is_some_and(|f| f.tag > tag) {
             return None;
         }
@@ -607,7 +615,7 @@ pub fn replay(base: &[u8], edit: &[u8], encrypted: bool) -> Option<Plan> {
         });
     }
     let count = r.count - dropped.len() + fresh.len();
-    if !rest.is_empty() || value_len < 4 || count > (value_len - 4) / 8 {
+    if !rest.is_empty() || value_len < 4 || !(bounds.0..=bounds.1).contains(&(value_len - 4)) {
         return None;
     }
     let gone: usize = dropped.iter().map(|&i| SLOT + r.end(i) - r.start(i)).sum();
@@ -634,19 +642,42 @@ pub fn plausible(stored: &[u8], value_len: usize) -> bool {
     if r.value_len != value_len || value_len < 4 || r.count > (value_len - 4) / 8 {
         return false;
     }
-    r.well_formed()
-        && (0..r.count).all(|i| {
-            let Ok(record) = r.record(i) else {
-                return false;
-            };
-            let pair_len = match record[0] {
-                RAW => record.len() - 1,
-                LZ4 => le_u32(record, 1).unwrap_or(usize::MAX),
-                ENCRYPTED => 8,
-                _ => return false,
-            };
-            (8..=value_len).contains(&pair_len) && super::plausible(record, pair_len)
-        })
+    if !r.well_formed() {
+        return false;
+    }
+    let mut bounds = (0usize, 0usize);
+    for i in 0..r.count {
+        let Some((lo, hi)) = r.record(i).ok().and_then(pair_bounds) else {
+            return false;
+        };
+        if lo > value_len {
+            return false;
+        }
+        bounds = (bounds.0.saturating_add(lo), bounds.1.saturating_add(hi));
+    }
+    (bounds.0..=bounds.1).contains(&(value_len - 4))
+}
+
+/// The least and the most bytes the packed pair a stored record holds may take, judged
+/// from its shape (raw and lz4 give it exactly, an encrypted record only bounds it), or
+/// `None` if it has not the shape of a record.
+fn pair_bounds(record: &[u8]) -> Option<(usize, usize)> {
+    let (lo, hi) = match *record.first()? {
+        RAW => (record.len() - 1, record.len() - 1),
+        LZ4 => {
+            let n = le_u32(record, 1)?;
+            (n, n)
+        }
+        ENCRYPTED => (
+            8,
+            record
+                .len()
+                .saturating_sub(1 + super::NONCE_LEN + super::TAG_LEN)
+                .saturating_mul(super::LZ4_MAX_EXPANSION),
+        ),
+        _ => return None,
+    };
+    (lo >= 8 && lo <= hi && super::plausible(record, lo)).then_some((lo, hi))
 }
 
 /// Whether every record is encrypted (what a worker with a key takes from a partner).
@@ -712,6 +743,7 @@ mod tests {
             let mut stored = Vec::new();
             build(b"k", &fields, s, &mut stored);
             prop_assert!(plausible(&stored, packed(&fields).len()));
+            prop_assert!(stored.len() <= max_stored_len(fields.len(), packed(&fields).len(), encrypted));
             prop_assert_eq!(all_encrypted(&stored), encrypted || fields.is_empty());
 
             let sets: Vec<(Bytes, Bytes)> = sets.into_iter().map(|(f, v)| (name(f), Bytes::from(v))).collect();
@@ -774,6 +806,49 @@ mod tests {
                 prop_assert!(plausible(&out, p.value_len));
             }
             let _ = replay(&stored, &input, false);
+        }
+    }
+
+    /// A form, or an edit, claiming a packed length its records cannot hold is refused: the
+    /// length sizes the buffer a whole read allocates (and wipes), so a partner's few bytes
+    /// must not make a worker allocate gigabytes.
+    #[test]
+    fn a_value_len_the_records_cannot_hold_is_refused() {
+        for encrypted in [false, true] {
+            let cipher = Cipher::new(&[2; 32]);
+            let tags = TagKey::PLAIN;
+            let s = Sealer {
+                cipher: encrypted.then_some(&cipher),
+                tags: &tags,
+            };
+            let fields: Vec<(Bytes, Bytes)> = (0..3)
+                .map(|i| (Bytes::from(format!("f{i}")), Bytes::from_static(b"v")))
+                .collect();
+            let mut stored = Vec::new();
+            build(b"k", &fields, s, &mut stored);
+            let len = value_len(&stored).unwrap();
+            assert!(plausible(&stored, len));
+            let huge = 0x7fff_fff0usize;
+            let mut inflated = stored.clone();
+            inflated[5..9].copy_from_slice(&(huge as u32).to_le_bytes());
+            assert!(!plausible(&inflated, huge), "encrypted: {encrypted}");
+            assert!(!plausible(&stored, len + 1) || encrypted);
+
+            let p = plan(
+                b"k",
+                &stored,
+                &[(Bytes::from_static(b"f0"), Bytes::from_static(b"w"))],
+                &[],
+                s,
+            )
+            .unwrap();
+            let mut edit = p.edit();
+            assert!(replay(&stored, &edit, encrypted).is_some());
+            edit[..4].copy_from_slice(&(huge as u32).to_le_bytes());
+            assert!(
+                replay(&stored, &edit, encrypted).is_none(),
+                "encrypted: {encrypted}"
+            );
         }
     }
 
