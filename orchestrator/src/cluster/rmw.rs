@@ -39,11 +39,12 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_util::future::{join_all, Either};
 use twincache_protocol::frame::{flags, Op, Request, Response};
 use twincache_protocol::program::{
-    decode_changes, decode_scan_answer, encode_program, Action, Answer, ScanRequest,
+    decode_changes, decode_scan_answer, encode_program, Action, Answer, Change, ScanRequest,
+    DELETED,
 };
 use twincache_protocol::Status;
 
@@ -328,7 +329,10 @@ impl Router {
             // primary holds it now.
             Some(r) if r.status == Status::NotApplied => {
                 RouterStats::count(&self.stats.whole_copies);
-                if self.copy_whole(holder, partner, &answer.changes).await {
+                if self
+                    .copy_whole(holder, partner, &answer.changes, answer.version)
+                    .await
+                {
                     Ok(answer)
                 } else {
                     self.acknowledge_rmw(holder, partner, answer).await
@@ -338,14 +342,16 @@ impl Router {
         }
     }
 
-    /// Copies the current state of the key of `changes` (one edit) from `holder` to
-    /// `partner`, at its version there; whether the partner took it (or there was nothing
-    /// to take: the key is gone from the holder too, evicted or flushed).
+    /// Copies the current state of the key of `changes` (one edit, written at `version`)
+    /// from `holder` to `partner`, at its version there; whether the partner took it. A key
+    /// the holder no longer has at all (evicted or flushed since) is deleted on the partner
+    /// at the edit's version, so the partner does not go on serving what the edit replaced.
     async fn copy_whole(
         &self,
         holder: &super::WorkerLink,
         partner: &super::WorkerLink,
         changes: &Bytes,
+        version: u64,
     ) -> bool {
         let Some(key) = decode_changes(changes.clone())
             .ok()
@@ -354,7 +360,7 @@ impl Router {
         else {
             return false;
         };
-        let mut export = Request::new(Op::Query, key);
+        let mut export = Request::new(Op::Query, key.clone());
         export.value = encode_program(&[Action::Export]);
         let exported = match self.finish(holder, holder.send_strict(&export)).await {
             Some(r) if r.status == Status::Ok => Answer::parse(r.payload).ok(),
@@ -363,13 +369,23 @@ impl Router {
         let Some(exported) = exported else {
             return false;
         };
-        if exported.changes.is_empty() {
-            return true;
-        }
+        let (changes, version) = if exported.changes.is_empty() {
+            let mut gone = BytesMut::new();
+            Change {
+                key,
+                kind: DELETED,
+                expires_at: 0,
+                value: Bytes::new(),
+            }
+            .encode(&mut gone);
+            (gone.freeze(), version)
+        } else {
+            (exported.changes, exported.version)
+        };
         let mut copy = Request::new(Op::Replicate, Bytes::new());
-        copy.version = exported.version;
+        copy.version = version;
         copy.ttl_ms = self.worker_timeout.as_millis() as u64;
-        copy.value = exported.changes;
+        copy.value = changes;
         let reply = partner.send_strict(&copy);
         matches!(self.finish(partner, reply).await, Some(r) if r.status == Status::Ok)
     }
