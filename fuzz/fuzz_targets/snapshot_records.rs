@@ -8,7 +8,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use twincache_worker::seal::{is_encrypted, Cipher, TOMBSTONE};
-use twincache_worker::store::Store;
+use twincache_worker::store::{Store, MAX_KEY_LEN};
 use twincache_worker::sync::{Intake, Refill};
 
 /// The key the seeds were made with (see fuzz/README.md).
@@ -25,8 +25,9 @@ fn held(store: &Store) -> Vec<Vec<u8>> {
 }
 
 /// The stored bytes of an entry (version, expiry, key length, value length, key, stored).
+/// The key length's top two bits are the value's type.
 fn stored_of(raw: &[u8]) -> &[u8] {
-    let len = u32::from_le_bytes(raw[16..20].try_into().unwrap()) as usize;
+    let len = u32::from_le_bytes(raw[16..20].try_into().unwrap()) as usize & MAX_KEY_LEN;
     &raw[24 + len..]
 }
 
