@@ -46,7 +46,7 @@ pub use twincache_protocol::program::Kind;
 mod txn;
 mod walk;
 
-pub use txn::{Base, Form, Meta, NotTaken, Txn};
+pub use txn::{Form, Meta, NotTaken, Txn};
 pub use walk::ScanStep;
 
 const HEADER: usize = 8 + 8 + 4 + 4;

@@ -14,6 +14,7 @@ use super::{
 };
 use crate::seal::records;
 use crate::seal::SealError;
+use crate::store::Form;
 
 /// Most elements one HRANDFIELD answers: a negative count may repeat fields without end,
 /// and the answer must fit a frame.
@@ -263,17 +264,17 @@ fn put_planned(cx: &mut Cx, expires_at: u64, plan: records::Plan) -> Result<(), 
 
 /// The current key's hash, if it holds one; WRONGTYPE if it holds a string.
 fn read(cx: &mut Cx) -> Result<Option<Hash>, Reply> {
-    let Some((meta, value)) = cx.txn.read_unless_records(cx.key).map_err(corrupt)? else {
+    let Some((meta, form)) = cx.read_form()? else {
         return Ok(None);
     };
     if meta.kind != Kind::Hash {
         return Err(Reply::err(WRONGTYPE));
     }
-    let held = match value {
-        None => Held::Records,
-        Some(value) => {
+    let held = match form {
+        Form::Value(value) => {
             Held::Packed(codec::decode(&value).ok_or_else(|| corrupt(SealError::Corrupt))?)
         }
+        _ => Held::Records,
     };
     Ok(Some(Hash {
         expires_at: meta.expires_at,

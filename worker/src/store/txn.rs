@@ -34,27 +34,18 @@ pub struct Meta {
 #[derive(Debug, Clone)]
 pub enum Form {
     Value(Bytes),
+    /// Records made by this program, or taken from a partner, held whole.
     Records {
         stored: Bytes,
-        /// The stored entry these records are, unchanged (the partner is then sent an
-        /// empty edit instead of them).
-        base: Option<Base>,
     },
-    /// The stored entry's records as `plan` changes them: built straight into the new
-    /// entry at commit, and sent to the partner as the plan's edit.
+    /// The stored entry's records as `plan` changes them (an empty plan: as they are):
+    /// built straight into the new entry at commit, and sent to the partner as the plan's
+    /// edit.
     Planned {
         plan: Arc<records::Plan>,
         /// The entry's version.
         version: u64,
     },
-}
-
-/// The entry a records form is (see [`Form::Records`]).
-#[derive(Debug, Clone)]
-pub struct Base {
-    pub version: u64,
-    /// Its stored length: a check the partner makes besides the version.
-    pub len: usize,
 }
 
 /// A value a program has written and not yet committed.
@@ -221,39 +212,24 @@ impl<'a> Txn<'a> {
 
     /// What `key` holds and its value, opened; marks the entry read (for eviction).
     pub fn read(&mut self, key: &[u8]) -> Result<Option<(Meta, Bytes)>, SealError> {
-        let store = self.store;
-        Ok(match self.read_form(key)? {
-            None => None,
-            Some((meta, Form::Value(value))) => Some((meta, value)),
-            Some((meta, Form::Records { stored, .. })) => {
-                Some((meta, seal::open_with(key, &stored, store.cipher(), None)?))
+        let Some((meta, form)) = self.read_form(key)? else {
+            return Ok(None);
+        };
+        let value = match form {
+            Form::Value(value) => value,
+            _ => {
+                let cipher = self.store.cipher();
+                let stored = self.records(key)?.ok_or(SealError::Corrupt)?;
+                records::open_all(key, stored, cipher, usize::MAX)?
             }
-            // `read_form` settles plans first.
-            Some((_, Form::Planned { .. })) => return Err(SealError::Corrupt),
-        })
-    }
-
-    /// [`Txn::read`], except that a large hash comes in its records form, unopened.
-    pub fn read_form(&mut self, key: &[u8]) -> Result<Option<(Meta, Form)>, SealError> {
-        self.lookup(key, true)
-    }
-
-    /// What `key` holds, with its value opened unless it is a large hash's records (then
-    /// `None`: those are read a field at a time through [`Txn::records`], not copied).
-    pub fn read_unless_records(
-        &mut self,
-        key: &[u8],
-    ) -> Result<Option<(Meta, Option<Bytes>)>, SealError> {
-        Ok(self.lookup(key, false)?.map(|(meta, form)| match form {
-            Form::Value(value) => (meta, Some(value)),
-            _ => (meta, None),
-        }))
+        };
+        Ok(Some((meta, value)))
     }
 
     /// What `key` holds for this program (its staged write, else its live entry, marked
-    /// read), in the form it is held; a large hash's records are copied only if `copy`.
-    fn lookup(&mut self, key: &[u8], copy: bool) -> Result<Option<(Meta, Form)>, SealError> {
-        self.settle(key)?;
+    /// read), in the form it is held: a large hash's records are not copied (an entry's come
+    /// as an empty plan on it; read them through [`Txn::records`]).
+    pub fn read_form(&mut self, key: &[u8]) -> Result<Option<(Meta, Form)>, SealError> {
         if let Some(staged) = self.staged(key) {
             return Ok(staged.as_ref().map(|s| {
                 let meta = Meta {
@@ -285,22 +261,12 @@ impl<'a> Txn<'a> {
             expires_at: e.expires_at(),
         };
         if e.stored().first() == Some(&RECORDS) {
-            let stored = if copy {
-                Bytes::copy_from_slice(e.stored())
-            } else {
-                Bytes::new()
-            };
-            let base = Base {
+            let plan = records::Plan::unchanged(e.stored()).ok_or(SealError::Corrupt)?;
+            let form = Form::Planned {
+                plan: Arc::new(plan),
                 version: meta.version,
-                len: e.stored().len(),
             };
-            return Ok(Some((
-                meta,
-                Form::Records {
-                    stored,
-                    base: Some(base),
-                },
-            )));
+            return Ok(Some((meta, form)));
         }
         let stored = Bytes::copy_from_slice(e.stored());
         let value = seal::open_with(key, &stored, store.cipher(), store.dictionary())?;
@@ -344,7 +310,6 @@ impl<'a> Txn<'a> {
                 plan.apply(stored, &mut out)?;
                 Form::Records {
                     stored: Bytes::from(out),
-                    base: None,
                 }
             }
             Some(_) => return Err(SealError::Corrupt),
@@ -376,7 +341,6 @@ impl<'a> Txn<'a> {
         if let Some(staged) = &mut self.staged[i].1 {
             staged.form = Form::Records {
                 stored: Bytes::from(out),
-                base: None,
             };
         }
         Ok(())
@@ -541,20 +505,6 @@ impl<'a> Txn<'a> {
                         expires_at,
                         value: encode_patch(version, plan.base_len, &plan.edit()),
                     },
-                    Some(Staged {
-                        kind,
-                        expires_at,
-                        form:
-                            Form::Records {
-                                stored,
-                                base: Some(base),
-                            },
-                    }) if single => Change {
-                        key: key.clone(),
-                        kind: kind as u8 | STORED | PATCH,
-                        expires_at,
-                        value: encode_patch(base.version, base.len, &records::unchanged(&stored)),
-                    },
                     Some(s) if fresh.stored().first() == Some(&RECORDS) => Change {
                         key: key.clone(),
                         kind: s.kind as u8 | STORED,
@@ -711,7 +661,6 @@ impl Store {
                 }
                 Form::Records {
                     stored: c.value.clone(),
-                    base: None,
                 }
             } else {
                 Form::Value(c.value.clone())
