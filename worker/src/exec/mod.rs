@@ -273,17 +273,12 @@ impl Cx<'_, '_> {
 
     /// The current key's string, if it holds one; WRONGTYPE if it holds another type.
     pub fn string(&mut self) -> Result<Option<(Meta, Bytes)>, Reply> {
-        // The type first: a large hash is not opened to answer WRONGTYPE.
-        if self
-            .txn
-            .meta(self.key)
-            .is_some_and(|m| m.kind != Kind::String)
-        {
-            return Err(Reply::err(WRONGTYPE));
-        }
-        match self.read()? {
+        // One lookup, which leaves a large hash's records unopened.
+        match self.read_form()? {
+            None => Ok(None),
             Some((meta, _)) if meta.kind != Kind::String => Err(Reply::err(WRONGTYPE)),
-            other => Ok(other),
+            Some((meta, Form::Value(value))) => Ok(Some((meta, value))),
+            Some(_) => Err(corrupt(crate::seal::SealError::Corrupt)),
         }
     }
 
