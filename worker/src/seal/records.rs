@@ -15,9 +15,10 @@
 //! on every HSET costs more than anything else a write does, it takes this form (as Redis
 //! turns a listpack into a hash table past `hash-max-listpack-entries`, 128). A write then
 //! opens only the records whose tag matches the fields it names and seals only what it
-//! writes; the rest of the stored bytes is copied as it is. The partner takes those bytes as
-//! they are (a `replicate` change with [`twincache_protocol::program::STORED`]), so it seals
-//! nothing either.
+//! writes ([`plan`]); the rest of the stored bytes is copied as it is, once, into the new
+//! entry ([`Plan::apply`]). The partner is sent the plan's edit ([`Plan::edit`], a
+//! `replicate` change flagged `STORED | PATCH`) and replays it on its identical copy
+//! ([`replay`]), or the whole form (`STORED`) when it cannot; it seals nothing either way.
 //!
 //! Opened whole, the records give the packed form (count, then the pairs in tag order), so
 //! every reader of a whole hash (HGETALL, RENAME, snapshots opened elsewhere) works on both.
