@@ -25,7 +25,7 @@ mod membership;
 mod rmw;
 mod topology;
 
-pub(crate) use membership::{read_state, State};
+pub(crate) use membership::read_state;
 pub use membership::{Membership, MembershipConfig};
 pub use rmw::{gets, BoxAnswer, Pending, ScanStep};
 pub use topology::{Route, Topology};
@@ -599,7 +599,7 @@ impl Router {
     /// change its pairs and map are not what the worker list alone would give.
     pub(crate) fn start(
         workers: &[String],
-        kept: Option<State>,
+        kept: Option<twincache_protocol::cluster_map::ClusterMap>,
         config: &RouterConfig,
         shutdown: &CancellationToken,
     ) -> Router {

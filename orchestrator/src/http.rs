@@ -508,7 +508,7 @@ fn failure_of(resp: &twincache_protocol::Response) -> Rejection {
         Status::NotApplied | Status::WrongType => StatusCode::CONFLICT,
         Status::NoAuth => StatusCode::UNAUTHORIZED,
         Status::NoPerm => StatusCode::FORBIDDEN,
-        Status::Ok | Status::ServerError => StatusCode::INTERNAL_SERVER_ERROR,
+        Status::Ok | Status::ServerError | Status::Moved => StatusCode::INTERNAL_SERVER_ERROR,
     };
     reject(code, msg)
 }

@@ -56,7 +56,7 @@ pub struct Orchestrator {
     /// Ticks on SIGHUP: the cluster file is read again (see [`Orchestrator::reload_on`]).
     reload: Option<tokio::sync::watch::Receiver<u64>>,
     /// The pairs and slot map the state file holds, if it exists.
-    kept: Option<cluster::State>,
+    kept: Option<twincache_protocol::cluster_map::ClusterMap>,
 }
 
 impl Orchestrator {

@@ -152,7 +152,9 @@ impl ErrorCode {
             // A key of another type, or not a number: the request's fault.
             Status::ParseError | Status::WrongType => Some(ErrorCode::ParseError),
             Status::InvalidCommand => Some(ErrorCode::InvalidCommand),
-            Status::Unavailable => Some(ErrorCode::Unavailable),
+            // Moved never reaches a client (the orchestrator routes again); counted as a
+            // retryable failure if it did.
+            Status::Unavailable | Status::Moved => Some(ErrorCode::Unavailable),
             Status::TooLarge => Some(ErrorCode::TooLarge),
             Status::ServerError => Some(ErrorCode::ServerError),
             Status::NoAuth => Some(ErrorCode::NoAuth),

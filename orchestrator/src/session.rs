@@ -1014,6 +1014,7 @@ impl Protocol for BinaryProtocol {
             | Op::Query
             | Op::Replicate
             | Op::Slots
+            | Op::Map
             | Op::Scan
             | Op::Flush
             | Op::Unknown(_) => {

@@ -86,6 +86,11 @@ pub mod flags {
     /// over from a primary that did not answer: the partner must then write above anything
     /// the silent worker may have bumped to, which only a fresh stamp is.
     pub const BUMP: u8 = 2;
+    /// On a `get`, `exists` or `del`: the orchestrator knows the key's slot is being moved
+    /// away from this worker's pair, so the worker serves it although its map gives the slot
+    /// to the new pair (the read that missed there, the delete sent to both). Without it such
+    /// a request was routed by an older map and is refused with `Moved`.
+    pub const MOVING_SOURCE: u8 = 8;
 }
 
 /// What a request asks for. Unknown codes are kept as values so the receiver can answer
@@ -148,6 +153,14 @@ pub enum Op {
     /// `addr`, in the background), `progress` (the last import's state), or
     /// `drop <lo> <hi>` (remove the entries of those slots).
     Slots,
+    /// Orchestrator to worker: the cluster map the worker keeps (see
+    /// [`crate::cluster_map`]). The value is a line, then for `set` the map's text:
+    /// `get` (answer: the epoch, a newline, the text; epoch 0 and nothing if none),
+    /// `set <pair> <instance>` + map (keep it if its epoch is newer; refused with
+    /// `NotApplied` and the current epoch if older, or another instance holds the lease),
+    /// `lease <instance> <ttl_ms>` (the right to change the map; answer `granted` or
+    /// `held <instance> <ms left>`), `release <instance>`.
+    Map,
     Unknown(u8),
 }
 
@@ -177,6 +190,7 @@ impl Op {
             Op::Scan => 21,
             Op::Flush => 22,
             Op::Slots => 23,
+            Op::Map => 24,
             Op::Unknown(c) => c,
         }
     }
@@ -206,6 +220,7 @@ impl Op {
             21 => Op::Scan,
             22 => Op::Flush,
             23 => Op::Slots,
+            24 => Op::Map,
             c => Op::Unknown(c),
         }
     }

@@ -20,12 +20,15 @@
 //! - [`outgoing`]: bytes waiting to be written, large values written from where they lie.
 //! - [`hash`]: the stable key hash and hash tags.
 //! - [`slots`]: placement: a key's slot, and the map of slots to pairs.
+//! - [`cluster_map`]: the pairs and slot map as text, shared through the workers, and what
+//!   one worker may serve under it.
 //! - [`server`]: the accept loop both servers share (connection cap, graceful shutdown).
 //! - [`units`]: parsing of human durations and sizes used by the command lines.
 //! - [`version`]: the layout of write versions (time, counter, orchestrator id).
 
 pub mod auth;
 pub mod budget;
+pub mod cluster_map;
 pub mod coverage;
 pub mod durable;
 pub mod frame;

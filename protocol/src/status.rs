@@ -28,6 +28,10 @@ pub enum Status {
     /// The key holds a value the command cannot use: another type (a hash read as a
     /// string), or not a number for a counter. The message is Redis' text.
     WrongType = 10,
+    /// Worker to orchestrator: the key's slot is not this worker's pair's under the map it
+    /// holds (the request was routed by an older one). The payload is the worker's map epoch;
+    /// the orchestrator reads the newer map and routes again.
+    Moved = 11,
 }
 
 impl Status {
@@ -50,6 +54,7 @@ impl Status {
             8 => Status::NoAuth,
             9 => Status::NoPerm,
             10 => Status::WrongType,
+            11 => Status::Moved,
             _ => Status::ServerError,
         }
     }
@@ -67,6 +72,7 @@ impl Status {
             Status::NotApplied => "condition not met; nothing written",
             Status::NoAuth => "authentication required",
             Status::NoPerm => "not permitted for this user",
+            Status::Moved => "the key's slot has moved; the cluster map has changed",
             Status::WrongType => {
                 "WRONGTYPE Operation against a key holding the wrong kind of value"
             }

@@ -706,6 +706,7 @@ pub fn handle(node: &Node, req: Request) -> Response {
             }))
         }
         Op::Slots => slots(node, &String::from_utf8_lossy(&req.value)),
+        Op::Map => Response::status(Status::InvalidCommand),
         // Served by the connection loop, which streams it.
         Op::Snapshot => Response::status(Status::ServerError),
         Op::Passthrough | Op::Invalidate => {

@@ -41,6 +41,7 @@ use twincache_client::PATIENCE;
 use futures_util::future::join_all;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+use twincache_protocol::cluster_map::ClusterMap;
 use twincache_protocol::frame::Op;
 use twincache_protocol::slots::{Move, SlotMap, SlotRange};
 
@@ -337,48 +338,26 @@ fn pairs_now(now: &Topology) -> Vec<[String; 2]> {
         .collect()
 }
 
-/// What the state file holds: the pairs, the slot map, a move under way.
-#[derive(Debug)]
-pub(crate) struct State {
-    pub workers: Vec<String>,
-    pub slots: SlotMap,
-    pub moving: Option<Move>,
-}
-
-impl State {
-    fn of(topo: &Topology) -> State {
-        State {
-            workers: topo
-                .iter()
-                .flat_map(|p| p.workers.iter().map(|w| w.addr.clone()))
-                .collect(),
-            slots: topo.slots.clone(),
-            moving: topo.moving,
-        }
-    }
-
-    /// The state file's text (what [`parse_state`] reads).
-    fn text(&self) -> String {
-        let mut text = String::from(
-            "# twincache orchestrator state: the pairs and the slot map, rewritten on every \
-             change\n",
-        );
-        text += &format!("epoch {}\n", self.slots.epoch());
-        for p in self.workers.chunks(2) {
-            text += &format!("pair {} {}\n", p[0], p[1]);
-        }
-        text += &format!("slots {}\n", self.slots.describe());
-        if let Some(m) = self.moving {
-            text += &format!("moving {} {} {}\n", m.slots.bounds(), m.from, m.to);
-        }
-        text
+/// The cluster map of `topo`, wanting `wanted` (in pairing order; empty: the pairs now).
+fn map_of(topo: &Topology, wanted: &[[String; 2]]) -> ClusterMap {
+    let workers: Vec<String> = pairs_now(topo).into_iter().flatten().collect();
+    let wanted: Vec<String> = wanted.iter().flatten().cloned().collect();
+    ClusterMap {
+        wanted: if wanted == workers {
+            Vec::new()
+        } else {
+            wanted
+        },
+        workers,
+        slots: topo.slots.clone(),
+        moving: topo.moving,
     }
 }
 
 /// Reads the state file: `None` if there is none yet; an error, naming the file (and the
 /// line), if it cannot be read or used, since starting from an even map instead would look
 /// for moved keys on their old pairs.
-pub(crate) fn read_state(path: &std::path::Path) -> Result<Option<State>, String> {
+pub(crate) fn read_state(path: &std::path::Path) -> Result<Option<ClusterMap>, String> {
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -389,7 +368,7 @@ pub(crate) fn read_state(path: &std::path::Path) -> Result<Option<State>, String
             ))
         }
     };
-    let state = parse_state(&text).map_err(|e| {
+    let state = ClusterMap::parse(&text).map_err(|e| {
         format!(
             "the state file {} cannot be used: {e} (it says which pair holds which slot; \
              restore it, or remove it to start from the worker list's even map)",
@@ -398,65 +377,11 @@ pub(crate) fn read_state(path: &std::path::Path) -> Result<Option<State>, String
     })?;
     tracing::info!(
         file = %path.display(),
-        pairs = state.workers.len() / 2,
-        epoch = state.slots.epoch(),
+        pairs = state.pairs(),
+        epoch = state.epoch(),
         "pairs and slot map as the last run left them"
     );
     Ok(Some(state))
-}
-
-fn parse_state(text: &str) -> Result<State, String> {
-    let (mut epoch, mut workers, mut slots, mut moving) = (1, Vec::new(), None, None);
-    for (n, line) in text.lines().enumerate() {
-        let n = n + 1;
-        let line = line.trim();
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let at_line = |e: String| format!("line {n}: {e}");
-        let words: Vec<&str> = line.split_ascii_whitespace().collect();
-        let number = |w: &str| {
-            w.parse::<u64>()
-                .map_err(|_| at_line(format!("`{w}` is not a number")))
-        };
-        match words.as_slice() {
-            ["epoch", e] => epoch = number(e)?,
-            ["pair", a, b] => workers.extend([a.to_string(), b.to_string()]),
-            ["slots", ranges @ ..] => slots = Some((n, ranges.join(" "))),
-            ["moving", start, end, from, to] => {
-                let m = Move {
-                    slots: SlotRange::from_bounds(start, end).map_err(at_line)?,
-                    from: number(from)? as usize,
-                    to: number(to)? as usize,
-                };
-                moving = Some((n, m));
-            }
-            _ => {
-                return Err(at_line(format!(
-                    "expected `epoch N`, `pair ADDR ADDR`, `slots RANGES` or `moving START END \
-                     FROM TO`; got {line:?}"
-                )))
-            }
-        }
-    }
-    let pairs = workers.len() / 2;
-    if pairs == 0 {
-        return Err("no `pair` line".into());
-    }
-    let (n, ranges) = slots.ok_or("no `slots` line")?;
-    let slots = SlotMap::parse(epoch, &ranges, pairs).map_err(|e| format!("line {n}: {e}"))?;
-    if let Some((n, m)) = moving {
-        if m.from >= pairs || m.to >= pairs || slots.pair_of_slot(m.slots.start()) != m.to {
-            return Err(format!(
-                "line {n}: the move under way does not fit the map ({pairs} pairs)"
-            ));
-        }
-    }
-    Ok(State {
-        workers,
-        slots,
-        moving: moving.map(|(_, m)| m),
-    })
 }
 
 impl Router {
@@ -757,7 +682,7 @@ impl Router {
     /// restart would otherwise look for keys where the file says they were.
     async fn swap(&self, topo: Topology) -> Result<Arc<Topology>, String> {
         if let Some(path) = self.config.state_file.clone() {
-            let text = State::of(&topo).text();
+            let text = map_of(&topo, &self.membership.wanted()).text();
             // Off the event loop: an fsync may take a while.
             let written = tokio::task::spawn_blocking(move || {
                 twincache_protocol::durable::write_file(&path, text.as_bytes())
@@ -1251,73 +1176,13 @@ mod tests {
         assert!(plan(&now, &[]).is_err());
     }
 
-    fn state() -> State {
-        let slots = SlotMap::even(2).rebalanced(&[true; 3]);
-        let m = slots.moves_to(&slots.rebalanced(&[true, false, true]), 100)[0];
-        State {
-            workers: ["a:1", "b:1", "c:1", "d:1", "e:1", "f:1"]
-                .map(String::from)
-                .to_vec(),
-            slots: slots.with_move(&m),
-            moving: Some(m),
+    fn state() -> ClusterMap {
+        ClusterMap {
+            workers: ["a:1", "b:1", "c:1", "d:1"].map(String::from).to_vec(),
+            slots: SlotMap::even(2),
+            moving: None,
+            wanted: Vec::new(),
         }
-    }
-
-    #[test]
-    fn a_state_file_reads_back_what_was_written() {
-        let kept = state();
-        let back = parse_state(&kept.text()).unwrap();
-        assert_eq!(back.workers, kept.workers);
-        assert!(back.slots.same_owners(&kept.slots));
-        assert_eq!(back.slots.epoch(), kept.slots.epoch());
-        assert_eq!(back.moving, kept.moving);
-        // Lines as a hand edit may leave them: indented, with blank lines and comments.
-        let indented: String = kept
-            .text()
-            .lines()
-            .map(|l| format!("  {l}\t\n\n   # a note\n"))
-            .collect();
-        let back = parse_state(&indented).unwrap();
-        assert!(back.slots.same_owners(&kept.slots));
-        assert_eq!(back.moving, kept.moving);
-    }
-
-    #[test]
-    fn state_file_errors_name_the_line() {
-        let text = state().text();
-        let err = |from: &str, to: &str| parse_state(&text.replace(from, to)).unwrap_err();
-        // Line 1 is the comment, 2 the epoch, 3-5 the pairs, 6 the map, 7 the move.
-        assert!(err("epoch 3", "epoch x").starts_with("line 2: `x` is not a number"));
-        assert!(err("pair a:1 b:1", "pair a:1").starts_with("line 3: expected"));
-        let e = err("slots 0-", "slots 0-x ");
-        assert!(e.starts_with("line 6: bad slot range \"0-x\""), "{e}");
-        let e = err("slots 0-", "slots 1-");
-        assert!(
-            e.starts_with("line 6: ") && e.contains("from slot 0"),
-            "{e}"
-        );
-        let e = err(":2 ", ":7 ");
-        assert!(
-            e.starts_with("line 6: ") && e.contains("pair 7 is not one of 3"),
-            "{e}"
-        );
-        let m = state().moving.unwrap();
-        let moving = format!("moving {} {} {}", m.slots.bounds(), m.from, m.to);
-        let e = err(&moving, "moving 5 5 0 2");
-        assert!(e.starts_with("line 7: bad slot range"), "{e}");
-        let e = err(
-            &moving,
-            &format!("moving {} {} {}", m.slots.bounds(), m.to, m.from),
-        );
-        assert!(
-            e.starts_with("line 7: the move under way does not fit"),
-            "{e}"
-        );
-        assert_eq!(parse_state("epoch 1\n").unwrap_err(), "no `pair` line");
-        assert_eq!(
-            parse_state("pair a:1 b:1\n").unwrap_err(),
-            "no `slots` line"
-        );
     }
 
     #[test]
