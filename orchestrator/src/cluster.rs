@@ -23,6 +23,7 @@ use crate::metrics::RouterStats;
 
 mod membership;
 mod rmw;
+mod shared;
 mod topology;
 
 pub(crate) use membership::read_state;
@@ -510,6 +511,46 @@ fn unavailable(router: &Router) -> Response {
     }
 }
 
+/// A response still `Moved` after every reroute, as the client sees it: `Unavailable`
+/// (TRYAGAIN), since the map is about to settle.
+fn still_moved(resp: Response) -> Response {
+    if resp.status == Status::Moved {
+        Response::error(
+            Status::Unavailable,
+            "the cluster map is changing and this key's pair is not settled yet; retry",
+        )
+    } else {
+        resp
+    }
+}
+
+/// What a worker's refusal as routed by an older map (`Moved`) looks like in a result.
+pub(crate) trait Refusal {
+    fn moved(&self) -> Option<&Response>;
+    /// The result as the client sees it if it is still a refusal ([`still_moved`]).
+    fn settled(self) -> Self;
+}
+
+impl Refusal for Response {
+    fn moved(&self) -> Option<&Response> {
+        (self.status == Status::Moved).then_some(self)
+    }
+
+    fn settled(self) -> Self {
+        still_moved(self)
+    }
+}
+
+impl<T> Refusal for Result<T, Response> {
+    fn moved(&self) -> Option<&Response> {
+        self.as_ref().err().and_then(Refusal::moved)
+    }
+
+    fn settled(self) -> Self {
+        self.map_err(still_moved)
+    }
+}
+
 /// [`unavailable`] for a write, which also waits for this orchestrator's node id.
 fn unwritable(router: &Router) -> Response {
     if router.mode().is_some() && !router.claimed.load(Ordering::Acquire) {
@@ -586,6 +627,9 @@ pub struct Router {
     worker_timeout: Duration,
     /// Woken whenever a new topology is swapped in (a slot move began or ended).
     moved: tokio::sync::Notify,
+    /// Held while a new map is published and swapped in, or one read from a worker is
+    /// adopted, so the two never interleave.
+    swapping: tokio::sync::Mutex<()>,
     /// What new worker links are made with, and the shutdown they stop at.
     config: RouterConfig,
     shutdown: CancellationToken,
@@ -641,6 +685,7 @@ impl Router {
             rmw_tasks: tokio_util::task::TaskTracker::new(),
             worker_timeout: config.worker_timeout,
             moved: tokio::sync::Notify::new(),
+            swapping: tokio::sync::Mutex::new(()),
             config: config.clone(),
             shutdown: shutdown.clone(),
             membership: membership::Membership::new(
@@ -687,6 +732,15 @@ impl Router {
     /// could not answer.
     pub(crate) async fn finish(&self, link: &WorkerLink, reply: Option<Reply>) -> Option<Response> {
         match reply?.await {
+            // Which worker refused travels with its epoch, for `Router::reroute`.
+            Ok(resp) if resp.status == Status::Moved => Some(Response {
+                payload: Bytes::from(format!(
+                    "{} {}",
+                    String::from_utf8_lossy(&resp.payload),
+                    link.addr
+                )),
+                ..resp
+            }),
             Ok(resp) if resp.status != Status::ServerError => Some(resp),
             Ok(resp) => {
                 tracing::warn!(worker = %link.addr, message = %String::from_utf8_lossy(&resp.payload), "worker error");
@@ -764,14 +818,37 @@ impl Router {
     /// calling session's, whose affinity keeps its requests in order.
     ///
     /// A key whose slot is being moved is read on its new pair, and, if it is not found
-    /// there, on the pair it comes from (the copy may not have reached it yet).
+    /// there, on the pair it comes from (the copy may not have reached it yet). A read a
+    /// worker refused as routed by an older map is routed again ([`Router::rerouted`]).
     pub fn read(
         self: &Arc<Self>,
         req: Request,
         origin: &Origin,
     ) -> impl Future<Output = Response> + Send + 'static {
+        let again = req.clone();
+        let first = self.read_once(req, origin);
+        let (this, origin) = (self.clone(), origin.clone());
+        async move {
+            let resp = first.await;
+            if resp.status != Status::Moved {
+                return resp;
+            }
+            this.rerouted(resp, || Box::pin(this.read_once(again.clone(), &origin)))
+                .await
+        }
+    }
+
+    /// [`Router::read`] by the map now, once.
+    fn read_once(
+        self: &Arc<Self>,
+        mut req: Request,
+        origin: &Origin,
+    ) -> impl Future<Output = Response> + Send + 'static {
         let topo = self.topology.load_full();
         let route = topo.route(&req.key);
+        if route.from.is_some() {
+            req.flags |= flags::MOVING_SOURCE;
+        }
         let Some(from) = route.from else {
             return Either::Left(self.read_in(topo, route.pair, req, origin));
         };
@@ -786,6 +863,25 @@ impl Router {
             }
             this.read_in(topo, from, again, &origin).await
         }) as BoxedResponse)
+    }
+
+    /// Routes a request again while a worker refuses it as routed by an older map (`Moved`),
+    /// after bringing this orchestrator and that worker to the same map
+    /// ([`Router::reroute`]), at most `REROUTES` times; then `Unavailable` (TRYAGAIN).
+    pub(crate) async fn rerouted<T: Refusal>(
+        &self,
+        mut result: T,
+        attempt: impl Fn() -> std::pin::Pin<Box<dyn Future<Output = T> + Send>>,
+    ) -> T {
+        for _ in 0..shared::REROUTES {
+            let Some(refused) = result.moved() else {
+                return result;
+            };
+            RouterStats::count(&self.stats.reroutes);
+            self.reroute(refused).await;
+            result = attempt().await;
+        }
+        result.settled()
     }
 
     /// [`Router::read`] on pair `pair` (an index into the topology now), whatever the key
@@ -1016,6 +1112,27 @@ impl Router {
             req.ttl_ms = twincache_protocol::version::wall_ms().saturating_add(req.ttl_ms);
             req.flags |= flags::EXPIRES_AT;
         }
+        let again = req.clone();
+        let first = self.write_once(req, origin);
+        let (this, origin) = (self.clone(), origin.clone());
+        async move {
+            let resp = first.await;
+            if resp.status != Status::Moved {
+                return resp;
+            }
+            // Routed again with the same version: a later write of the session that was
+            // routed by the new map already is newer, and wins.
+            this.rerouted(resp, || Box::pin(this.write_once(again.clone(), &origin)))
+                .await
+        }
+    }
+
+    /// A stamped write routed by the map now, once.
+    fn write_once(
+        self: &Arc<Self>,
+        req: Request,
+        origin: &Origin,
+    ) -> impl Future<Output = Response> + Send + 'static {
         let topo = self.topology.load_full();
         let route = topo.route(&req.key);
         match route.from {
@@ -1023,10 +1140,15 @@ impl Router {
             // misses on the new pair looks there, and the copy must not bring it back (the
             // new pair's tombstone is newer than the copy).
             Some(from) if req.op == Op::Del => {
-                let old = self.write_in(topo.clone(), from, req.clone(), origin);
+                let mut to_old = req.clone();
+                to_old.flags |= flags::MOVING_SOURCE;
+                let old = self.write_in(topo.clone(), from, to_old, origin);
                 let new = self.write_in(topo, route.pair, req, origin);
                 Either::Right(Box::pin(async move {
                     let (old, new) = tokio::join!(old, new);
+                    if old.status == Status::Moved {
+                        return old;
+                    }
                     // Found on either is found; the new pair's failure is the answer's.
                     if new.status == Status::NotFound && old.status == Status::Ok {
                         old
@@ -1084,6 +1206,9 @@ impl Router {
                 },
             );
             match (ra, rb) {
+                // Routed by an older map: not acknowledged, whoever else took it (routed
+                // again, it lands where the slot is now, with the same version).
+                (Some(Some(r)), _) | (_, Some(Some(r))) if r.status == Status::Moved => r,
                 (Some(Some(ra)), Some(Some(rb))) => {
                     // Prefer success; of two other answers either is as informative.
                     if rb.status == Status::Ok {

@@ -92,6 +92,8 @@ pub(crate) struct Seen {
     pub adapter: bool,
     /// Its answer to this orchestrator's node-id claim.
     pub claim: String,
+    /// The epoch of the cluster map it holds (0: none yet).
+    pub map_epoch: u64,
 }
 
 pub(crate) fn parse(text: &str) -> Seen {
@@ -109,6 +111,7 @@ pub(crate) fn parse(text: &str) -> Seen {
             "resync_error" => seen.error = v.to_string(),
             "adapter" => seen.adapter = v == "1",
             "claim" => seen.claim = v.to_string(),
+            "map_epoch" => seen.map_epoch = v.parse().unwrap_or(0),
             _ => {}
         }
     }
@@ -398,6 +401,13 @@ impl Router {
             let seen: Vec<Option<Seen>> = join_all(polls).await;
             let twins = self.twins(&topo, &seen);
             self.settle_claims(&seen);
+            let epochs: Vec<_> = topo
+                .iter()
+                .flat_map(|p| &p.workers)
+                .zip(&seen)
+                .filter_map(|(w, s)| Some((w.clone(), s.as_ref()?.map_epoch)))
+                .collect();
+            self.compare_epochs(&epochs).await;
             let Some(mode) = self.mode().or_else(|| self.learn_mode(&seen)) else {
                 continue;
             };

@@ -440,6 +440,8 @@ pub struct RouterStats {
     /// Edits of a large hash its partner could not take (it lacked the edited version),
     /// sent again whole.
     pub whole_copies: AtomicU64,
+    /// Requests a worker refused as routed by an older cluster map, routed again.
+    pub reroutes: AtomicU64,
 }
 
 impl RouterStats {
@@ -482,6 +484,11 @@ impl RouterStats {
             "twincache_rmw_whole_copies",
             "Edits of a large hash its partner lacked the base of, sent again whole.",
             self.whole_copies.load(Relaxed),
+        )?;
+        s.counter(
+            "twincache_reroutes",
+            "Requests a worker refused as routed by an older cluster map, routed again.",
+            self.reroutes.load(Relaxed),
         )
     }
 }

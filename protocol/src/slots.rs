@@ -200,6 +200,13 @@ impl SlotMap {
         self.epoch
     }
 
+    /// The same map under epoch `epoch` (every change of the cluster map takes the next
+    /// epoch, whether or not it moves a slot).
+    pub fn with_epoch(mut self, epoch: u64) -> SlotMap {
+        self.epoch = epoch;
+        self
+    }
+
     /// Whether both maps give every slot to the same pair (whatever their epochs).
     pub fn same_owners(&self, other: &SlotMap) -> bool {
         self.owner == other.owner

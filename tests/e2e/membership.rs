@@ -132,12 +132,9 @@ async fn check(orch: SocketAddr, models: &[Model], pairs: &[[SocketAddr; 2]], ma
         let a = Client::connect(&pair[0].to_string()).await.unwrap();
         let b = Client::connect(&pair[1].to_string()).await.unwrap();
         for (key, want) in &model {
-            let (ga, gb) = (
-                a.get::<Bytes>(key).await.unwrap(),
-                b.get::<Bytes>(key).await.unwrap(),
-            );
-            assert_eq!(ga, gb, "{key}: the workers of pair {n} differ");
             let here = map.pair_of(key.as_bytes()) == n;
+            let (ga, gb) = (on_worker(&a, key, here).await, on_worker(&b, key, here).await);
+            assert_eq!(ga, gb, "{key}: the workers of pair {n} differ");
             let got = ga.map(|v| String::from_utf8_lossy(&v).into_owned());
             if here {
                 assert_eq!(&got, want, "{key} on its pair {n}");
@@ -145,6 +142,17 @@ async fn check(orch: SocketAddr, models: &[Model], pairs: &[[SocketAddr; 2]], ma
                 assert_eq!(got, None, "{key} on pair {n}, which does not hold its slot");
             }
         }
+    }
+}
+
+/// `key` read on a worker directly. A worker refuses a key of a slot its pair does not hold
+/// (`Moved`), which reads as not there: whether it still holds a copy shows in its key
+/// count (`keys_on`).
+async fn on_worker(c: &Client, key: &str, here: bool) -> Option<Bytes> {
+    match c.get::<Bytes>(key).await {
+        Ok(v) => v,
+        Err(e) if !here && e.status() == Some(twincache_client::Status::Moved) => None,
+        Err(e) => panic!("{key}: {e}"),
     }
 }
 
@@ -655,4 +663,54 @@ async fn no_worker_keeps_slots_its_pair_does_not_hold_after_refills() {
     .await;
     eprintln!("key counts per worker: {counts}");
     let _ = std::fs::remove_file(format!("{}.state", file.arg()));
+}
+
+/// Two orchestrators serve one cluster; a pair is added through one while clients write,
+/// delete and read through the other only. The other routes by the map the workers hold: a
+/// request it routed by its old map is refused by the worker (`Moved`) and routed again,
+/// and it reads the new map from the workers. Every acknowledged write and delete reads
+/// back through both, partners agree, and each pair holds only its own slots. Without the
+/// shared map the second orchestrator went on writing moved keys to the old pair, whose
+/// copies were then dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_made_through_one_orchestrator_is_followed_by_the_other() {
+    let w: Vec<Proc> = (0..4).map(|_| Proc::worker()).collect();
+    let mut flags = FAST.to_vec();
+    flags.extend(["--move-batch-slots", "1024"]);
+    let changer = Proc::orchestrator(&[w[0].addr, w[1].addr], &flags);
+    let serving = Proc::orchestrator(&[w[0].addr, w[1].addr], FAST);
+    wait_settled(changer.addr, &[16384]).await;
+    wait_settled(serving.addr, &[16384]).await;
+    let load = Load::start(serving.addr, 4).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut c = RespConn::connect(changer.addr).await;
+    let (a, b) = (w[2].addr.to_string(), w[3].addr.to_string());
+    let reply = c
+        .call(&[b"CLUSTER", b"ADDPAIR", a.as_bytes(), b.as_bytes()])
+        .await;
+    assert_eq!(&reply[..], b"+OK\r\n");
+    let info = wait_settled(changer.addr, &[8192, 8192]).await;
+    let epoch = |info: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix("slot_map_epoch:")?.trim().parse::<u64>().ok())
+            .unwrap()
+    };
+    let followed = wait_settled(serving.addr, &[8192, 8192]).await;
+    assert_eq!(epoch(&followed), epoch(&info), "{followed}\n{info}");
+    // Clients go on through the follower after the change.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (ops, errors, models) = load.stop().await;
+    assert!(ops > 100, "only {ops} operations");
+    assert!(errors.is_empty(), "client errors: {errors:?}");
+    assert!(
+        serving
+            .log_text()
+            .contains("routing by the cluster map another orchestrator made"),
+        "{}",
+        serving.log_text()
+    );
+    let map = SlotMap::even(1).rebalanced(&[true; 2]);
+    let pairs = [[w[0].addr, w[1].addr], [w[2].addr, w[3].addr]];
+    check(changer.addr, &models, &pairs, &map).await;
+    check(serving.addr, &models, &pairs, &map).await;
 }

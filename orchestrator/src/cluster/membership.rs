@@ -45,7 +45,7 @@ use twincache_protocol::cluster_map::ClusterMap;
 use twincache_protocol::frame::Op;
 use twincache_protocol::slots::{Move, SlotMap, SlotRange};
 
-use super::{Pair, Router, Topology, WorkerLink, WorkerState};
+use super::{shared, Pair, Router, Topology, WorkerLink, WorkerState};
 
 /// How long a change waits for a pair to be in sync before the attempt fails (and is tried
 /// again).
@@ -141,6 +141,13 @@ impl Membership {
         self.wake.notify_one();
     }
 
+    /// Wants what a map read from the workers wants (another orchestrator's change), so
+    /// this one does not undo it.
+    pub(super) fn adopt_wanted(&self, wanted: Vec<[String; 2]>) {
+        let _one_at_a_time = self.asking.lock().unwrap_or_else(|e| e.into_inner());
+        *self.wanted.lock().unwrap_or_else(|e| e.into_inner()) = wanted;
+    }
+
     pub fn progress(&self) -> Progress {
         self.progress
             .lock()
@@ -184,7 +191,7 @@ pub(crate) fn wanted_at_start(
 }
 
 /// `workers` (in pairing order, an even number) as pairs.
-fn pairs_of(workers: &[String]) -> Vec<[String; 2]> {
+pub(super) fn pairs_of(workers: &[String]) -> Vec<[String; 2]> {
     workers
         .chunks_exact(2)
         .map(|w| [w[0].clone(), w[1].clone()])
@@ -339,7 +346,7 @@ fn pairs_now(now: &Topology) -> Vec<[String; 2]> {
 }
 
 /// The cluster map of `topo`, wanting `wanted` (in pairing order; empty: the pairs now).
-fn map_of(topo: &Topology, wanted: &[[String; 2]]) -> ClusterMap {
+pub(super) fn map_of(topo: &Topology, wanted: &[[String; 2]]) -> ClusterMap {
     let workers: Vec<String> = pairs_now(topo).into_iter().flatten().collect();
     let wanted: Vec<String> = wanted.iter().flatten().cloned().collect();
     ClusterMap {
@@ -429,10 +436,12 @@ impl Router {
                 _ = wait => {}
                 _ = shutdown.cancelled() => return,
             }
-            self.retry_drops().await;
             let result = tokio::select! {
-                r = self.converge() => r,
-                _ = shutdown.cancelled() => return,
+                r = self.under_lease() => r,
+                _ = shutdown.cancelled() => {
+                    self.release_lease().await;
+                    return;
+                }
             };
             match result {
                 Ok(None) => self.membership.update(|p| p.phase = "idle"),
@@ -453,6 +462,34 @@ impl Router {
                 }
             }
         }
+    }
+
+    /// The drops owed and one attempt at the change asked for, holding the lease for changes
+    /// (renewed meanwhile) and routing by the newest map the workers hold: a map another
+    /// orchestrator made is adopted first, with what it wants.
+    async fn under_lease(&self) -> Result<Option<String>, String> {
+        self.take_lease().await?;
+        let work = async {
+            if self.catch_up().await? {
+                return Ok(Some("routing by the cluster map another orchestrator made".into()));
+            }
+            self.retry_drops().await;
+            self.converge().await
+        };
+        let renew = async {
+            loop {
+                tokio::time::sleep(shared::LEASE_RENEW).await;
+                if let Err(e) = self.take_lease().await {
+                    return e;
+                }
+            }
+        };
+        let result = tokio::select! {
+            r = work => r,
+            e = renew => Err(format!("lost the lease for changes: {e}")),
+        };
+        self.release_lease().await;
+        result
     }
 
     fn drops_pending(&self) -> bool {
@@ -672,32 +709,49 @@ impl Router {
         topo.slots.rebalanced(&live)
     }
 
-    fn spawn_link(&self, addr: &str) -> Arc<WorkerLink> {
+    pub(super) fn spawn_link(&self, addr: &str) -> Arc<WorkerLink> {
         WorkerLink::spawn(addr.to_string(), &self.config, &self.shutdown)
     }
 
-    /// Swaps in `topo` and returns the one it replaces. The new one is written to the state
-    /// file first, so a restart finds the pairs and map (and a move under way) as they are;
-    /// if that fails nothing is swapped and the step fails (to be tried again), since a
-    /// restart would otherwise look for keys where the file says they were.
-    async fn swap(&self, topo: Topology) -> Result<Arc<Topology>, String> {
-        if let Some(path) = self.config.state_file.clone() {
-            let text = map_of(&topo, &self.membership.wanted()).text();
-            // Off the event loop: an fsync may take a while.
-            let written = tokio::task::spawn_blocking(move || {
-                twincache_protocol::durable::write_file(&path, text.as_bytes())
-                    .map_err(|e| format!("cannot write the state file {}: {e}", path.display()))
-            })
-            .await
-            .unwrap_or_else(|e| Err(format!("writing the state file: {e}")));
-            if let Err(e) = written {
-                tracing::error!("{e}");
-                return Err(e);
-            }
-        }
+    /// Swaps in `topo` under the next epoch and returns the one it replaces. The workers get
+    /// the new map first ([`Router::publish`]; `required` must take it, as must every worker
+    /// serving), then it is written to the state file, so a restart finds the pairs and map
+    /// (and a move under way) as they are; if either fails nothing is swapped and the step
+    /// fails (to be tried again).
+    async fn swap(&self, mut topo: Topology, required: &[String]) -> Result<Arc<Topology>, String> {
+        let _one = self.swapping.lock().await;
+        let epoch = self.pairs().slots.epoch() + 1;
+        topo.slots = topo.slots.clone().with_epoch(epoch);
+        let wanted = self.membership.wanted();
+        self.publish(&topo, &map_of(&topo, &wanted), required)
+            .await?;
+        self.write_state(&topo, &wanted).await?;
         let old = self.topology.swap(Arc::new(topo));
         self.moved.notify_waiters();
         Ok(old)
+    }
+
+    /// Writes `topo`'s map to the state file, if there is one (off the event loop: an fsync
+    /// may take a while).
+    pub(super) async fn write_state(
+        &self,
+        topo: &Topology,
+        wanted: &[[String; 2]],
+    ) -> Result<(), String> {
+        let Some(path) = self.config.state_file.clone() else {
+            return Ok(());
+        };
+        let text = map_of(topo, wanted).text();
+        let written = tokio::task::spawn_blocking(move || {
+            twincache_protocol::durable::write_file(&path, text.as_bytes())
+                .map_err(|e| format!("cannot write the state file {}: {e}", path.display()))
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("writing the state file: {e}")));
+        if let Err(e) = &written {
+            tracing::error!("{e}");
+        }
+        written
     }
 
     /// Waits until no request routed by `old` is still in flight (it holds the only
@@ -779,11 +833,14 @@ impl Router {
             (topo.slots.clone(), topo.moving)
         };
         let swapped = self
-            .swap(Topology {
-                pairs,
-                slots,
-                moving,
-            })
+            .swap(
+                Topology {
+                    pairs,
+                    slots,
+                    moving,
+                },
+                &[],
+            )
             .await;
         if let Err(e) = swapped {
             for w in joined {
@@ -809,11 +866,14 @@ impl Router {
             let slots = topo.slots.without_pair(c);
             let moving = topo.moving;
             drop(topo);
-            self.swap(Topology {
-                pairs,
-                slots,
-                moving,
-            })
+            self.swap(
+                Topology {
+                    pairs,
+                    slots,
+                    moving,
+                },
+                &[],
+            )
             .await?;
             for w in &pair.workers {
                 w.retire(self.worker_timeout * 2);
@@ -891,7 +951,12 @@ impl Router {
                 moving: Some(m),
             }
         };
-        let old = self.swap(moved).await?;
+        // The source pair must refuse writes routed by the old map before the copy starts.
+        let from = self.pairs()[m.from]
+            .workers
+            .each_ref()
+            .map(|w| w.addr.clone());
+        let old = self.swap(moved, &from).await?;
         tracing::info!(
             slots = %m.slots,
             from = m.from,
@@ -974,7 +1039,7 @@ impl Router {
                 moving: None,
             }
         };
-        let old = self.swap(settled).await?;
+        let old = self.swap(settled, &[]).await?;
         self.drain(old).await;
         let ask = format!("drop {}", m.slots.bounds());
         let mut dropped = Vec::new();

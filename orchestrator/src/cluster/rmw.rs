@@ -159,8 +159,27 @@ impl Router {
 
     /// Runs a program that may write (`program`, encoded) on the primary of `key`'s pair and
     /// copies its changes to the partner (see the module docs). The first attempt is queued
-    /// before this returns, in the session's order.
+    /// before this returns, in the session's order. A primary that refuses it as routed by
+    /// an older map ran nothing: it is routed again ([`Router::reroute`]).
     pub fn apply(
+        self: &Arc<Self>,
+        key: Bytes,
+        program: Bytes,
+        resp3: bool,
+        origin: &Origin,
+    ) -> BoxAnswer {
+        let first = self.apply_once(key.clone(), program.clone(), resp3, origin);
+        let (this, origin) = (self.clone(), origin.clone());
+        Box::pin(async move {
+            let result = first.await;
+            this.rerouted(result, || {
+                this.apply_once(key.clone(), program.clone(), resp3, &origin)
+            })
+            .await
+        })
+    }
+
+    fn apply_once(
         self: &Arc<Self>,
         key: Bytes,
         program: Bytes,
@@ -174,7 +193,7 @@ impl Router {
             let origin = origin.clone();
             return Box::pin(async move {
                 this.after_move(&key).await?;
-                this.apply(key, program, resp3, &origin).await
+                this.apply_once(key, program, resp3, &origin).await
             });
         }
         let pair = topo.pair_of(&key);
@@ -338,8 +357,78 @@ impl Router {
                     self.acknowledge_rmw(holder, partner, answer).await
                 }
             }
+            Some(r) if r.status == Status::Moved => {
+                self.copy_where_it_lives(holder, partner, r, answer).await
+            }
             _ => self.acknowledge_rmw(holder, partner, answer).await,
         }
+    }
+
+    /// The partner refused the copy as routed by an older map than its own: the key's slot
+    /// moved, and the partner had the new map before the primary (which ran the program
+    /// under the map it held). Once the maps agree ([`Router::reroute`]) the changes go to
+    /// the workers of the pair that holds the key now (the primary excepted, if it is one),
+    /// at the primary's version, so the write lands where it will stay; the copy of the
+    /// primary's, if the move takes it along, is the same version.
+    async fn copy_where_it_lives(
+        &self,
+        holder: &super::WorkerLink,
+        partner: &super::WorkerLink,
+        mut refused: Response,
+        answer: Answer,
+    ) -> Answered {
+        let Some(key) = decode_changes(answer.changes.clone())
+            .ok()
+            .and_then(|c| c.into_iter().next())
+            .map(|c| c.key)
+        else {
+            return self.acknowledge_rmw(holder, partner, answer).await;
+        };
+        let mut copy = Request::new(Op::Replicate, Bytes::new());
+        copy.version = answer.version;
+        copy.ttl_ms = self.worker_timeout.as_millis() as u64;
+        copy.value = answer.changes.clone();
+        for _ in 0..super::shared::REROUTES {
+            RouterStats::count(&self.stats.reroutes);
+            self.reroute(&refused).await;
+            let topo = self.pairs();
+            let pair = topo[topo.pair_of(&key)].clone();
+            drop(topo);
+            let targets: Vec<&Arc<super::WorkerLink>> = pair
+                .workers
+                .iter()
+                .filter(|w| w.addr != holder.addr)
+                .collect();
+            let answers = join_all(
+                targets
+                    .iter()
+                    .map(|w| async { self.finish(w, w.send_strict(&copy)).await }),
+            )
+            .await;
+            if let Some(r) = answers.iter().flatten().find(|r| r.status == Status::Moved) {
+                refused = r.clone();
+                continue;
+            }
+            let took = |i: usize| matches!(&answers[i], Some(r) if r.status == Status::Ok);
+            let holders: Vec<&super::WorkerLink> = (0..targets.len())
+                .filter(|&i| took(i))
+                .map(|i| &**targets[i])
+                .chain(pair.workers.iter().filter(|w| w.addr == holder.addr).map(|w| &**w))
+                .collect();
+            let Some(first) = holders.first() else {
+                return Err(Response::error(
+                    Status::Unavailable,
+                    "the change could not be copied to the pair its key moved to; retry",
+                ));
+            };
+            for (i, w) in targets.iter().enumerate() {
+                if !took(i) && !self.record_miss(first, w).await {
+                    return Err(Response::error(Status::Unavailable, MISS_UNRECORDED));
+                }
+            }
+            return Ok(answer);
+        }
+        Err(super::still_moved(refused))
     }
 
     /// Copies the current state of the key of `changes` (one edit, written at `version`)
@@ -405,8 +494,26 @@ impl Router {
     }
 
     /// Runs a read-only program on one worker of `key`'s pair (in sync first, failing over
-    /// like a GET).
+    /// like a GET, and routed again like one if refused as routed by an older map).
     pub fn query(
+        self: &Arc<Self>,
+        key: Bytes,
+        program: Bytes,
+        resp3: bool,
+        origin: &Origin,
+    ) -> impl Future<Output = Answered> + Send + 'static {
+        let first = self.query_once(key.clone(), program.clone(), resp3, origin);
+        let (this, origin) = (self.clone(), origin.clone());
+        async move {
+            let result = first.await;
+            this.rerouted(result, || {
+                Box::pin(this.query_once(key.clone(), program.clone(), resp3, &origin))
+            })
+            .await
+        }
+    }
+
+    fn query_once(
         self: &Arc<Self>,
         key: Bytes,
         program: Bytes,

@@ -389,7 +389,12 @@ fn read_values(
             out[i] = element(resp);
         }
         for (part, answer) in answers {
-            if answer.as_ref().is_err_and(|r| r.status == Status::TooLarge) {
+            // Too large for its share, or refused as routed by an older map: read again
+            // one key at a time (a GET routes itself again).
+            if answer
+                .as_ref()
+                .is_err_and(|r| matches!(r.status, Status::TooLarge | Status::Moved))
+            {
                 too_large.extend(part);
                 continue;
             }
