@@ -26,6 +26,7 @@ use twincache_tls::{Accepted, NodeTls};
 use crate::adapter::{Adapter, INVALIDATION_TTL_MS};
 use crate::config::Config;
 use crate::exec;
+use crate::map::MapState;
 use crate::store::{Kind, SetOptions, Store, StoreError};
 use crate::sync::{serve_snapshot, Refill, SyncState};
 use crate::wipe;
@@ -70,6 +71,29 @@ pub struct Node {
     pub connections: std::sync::atomic::AtomicU64,
     /// When the worker started.
     pub started: std::time::Instant,
+    /// The cluster map this worker keeps, and what its pair may serve under it (see `map`).
+    pub map: MapState,
+}
+
+#[cfg(test)]
+impl Node {
+    /// A node with a default store and no network settings, for tests that call `handle`.
+    pub(crate) fn for_tests(adapter: Option<Adapter>) -> Node {
+        Node {
+            store: Arc::new(Store::default()),
+            sync: Arc::new(SyncState::default()),
+            max_frame: 1 << 20,
+            resync_rate_limit: 0,
+            adapter: adapter.map(Arc::new),
+            budget: Budget::new(1 << 20),
+            idle_timeout: Duration::from_secs(60),
+            secret: None,
+            tls: None,
+            connections: Default::default(),
+            started: std::time::Instant::now(),
+            map: MapState::default(),
+        }
+    }
 }
 
 /// A request answered at once, or one that waits on Redis (adapter mode).
@@ -129,6 +153,7 @@ impl Worker {
                 .map_err(|msg| std::io::Error::new(std::io::ErrorKind::InvalidInput, msg))?,
             connections: Default::default(),
             started: std::time::Instant::now(),
+            map: MapState::default(),
         });
         let http = twincache_ops::http::bind(config.http).await?;
         Ok(Worker {
@@ -665,6 +690,7 @@ pub fn handle(node: &Node, req: Request) -> Response {
         Op::Status => {
             let mut info = Info::new();
             node.sync.status_text(&mut info);
+            info.add("map_epoch", node.map.epoch());
             info.add("adapter", u8::from(node.adapter.is_some()));
             // An orchestrator's node-id claim rides on its health checks.
             if !req.value.is_empty() {
@@ -706,7 +732,7 @@ pub fn handle(node: &Node, req: Request) -> Response {
             }))
         }
         Op::Slots => slots(node, &String::from_utf8_lossy(&req.value)),
-        Op::Map => Response::status(Status::InvalidCommand),
+        Op::Map => node.map.op(&req.value),
         // Served by the connection loop, which streams it.
         Op::Snapshot => Response::status(Status::ServerError),
         Op::Passthrough | Op::Invalidate => {
