@@ -25,7 +25,8 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use twincache_protocol::cluster_map::{ClusterMap, Holding};
-use twincache_protocol::frame::Response;
+use twincache_protocol::frame::{flags, Op, Request, Response};
+use twincache_protocol::program::{Action, Change};
 use twincache_protocol::Status;
 
 /// The longest lease granted: an orchestrator that stops renewing (it died) holds up the
@@ -68,6 +69,15 @@ impl Lease {
     }
 }
 
+/// The refusal of a request routed by a map older than `epoch`.
+pub fn moved(epoch: u64) -> Response {
+    Response {
+        id: 0,
+        status: Status::Moved,
+        payload: Bytes::from(epoch.to_string()),
+    }
+}
+
 impl MapState {
     /// The epoch of the kept map; 0 if none. (From the holding, which is stored with it: no
     /// lock on a health check.)
@@ -78,6 +88,24 @@ impl MapState {
     /// What this worker's pair holds, if a map is kept (a guard: cheap, do not keep it long).
     pub fn holding(&self) -> arc_swap::Guard<Option<Arc<Holding>>> {
         self.holding.load()
+    }
+
+    /// The refusal of a single-key request (the frame's key is the key it works on) whose
+    /// slot this worker's pair does not hold; `None` to serve it. Programs and replicated
+    /// changes name their keys in the value and are checked where it is decoded
+    /// ([`program_admitted`], [`changes_admitted`]); other ops have no key to check.
+    #[inline]
+    pub fn refuse(&self, req: &Request) -> Option<Response> {
+        let moving_source = match req.op {
+            // Only these may read or delete a slot on its way out; on a `set` the same bit is
+            // KEEP_TTL, and a write of a moving slot belongs on the new pair.
+            Op::Get | Op::Exists | Op::Del => req.flags & flags::MOVING_SOURCE != 0,
+            Op::Set | Op::Passthrough | Op::Invalidate => false,
+            _ => return None,
+        };
+        let holding = self.holding.load();
+        let holding = holding.as_ref()?;
+        (!holding.admits(&req.key, moving_source)).then(|| moved(holding.epoch()))
     }
 
     /// Answers a `map` request (see `twincache_protocol::frame::Op::Map`).
@@ -207,6 +235,24 @@ fn parse_error(msg: String) -> Response {
         status: Status::ParseError,
         payload: Bytes::from(msg),
     }
+}
+
+/// Whether `holding` admits every key of a program whose frame key is `key`. A program
+/// that names no key (RANDOMKEY, sent to each pair with an empty key) is admitted.
+pub fn program_admitted(holding: &Holding, key: &[u8], program: &[Action]) -> bool {
+    if let [Action::RandomKey] = program {
+        return true;
+    }
+    holding.admits(key, false)
+        && program
+            .iter()
+            .all(|a| a.other_keys().iter().all(|k| holding.admits(k, false)))
+}
+
+/// Whether `holding` admits every key of a replicated changes block (the frame's key is
+/// empty: the keys are in the block).
+pub fn changes_admitted(holding: &Holding, changes: &[Change]) -> bool {
+    changes.iter().all(|c| holding.admits(&c.key, false))
 }
 
 #[cfg(test)]
