@@ -17,7 +17,9 @@
 //!
 //! The check is on every request, so it is one slot computation and one bitmap test on a
 //! snapshot loaded without a lock ([`ArcSwapOption`]); the map's text, epoch and lease sit
-//! behind a mutex that only the `map` and `status` ops take.
+//! behind a mutex that only the `map` op takes. A program (`apply`, `query`) or a
+//! replicated changes block may name several keys: each is checked once decoded, and one
+//! not admitted refuses the whole request before anything runs.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
