@@ -9,7 +9,8 @@
 //! Layout: [`config`] (flags), [`seal`] (stored byte layout: lz4, dictionaries, encryption),
 //! [`store`] (the sharded tables, eviction, TTLs, typed entries, key-space walks),
 //! [`exec`] (the Redis commands that read before they write, run on the pair's primary),
-//! [`sync`] (snapshots and partner resync),
+//! [`sync`] (snapshots and partner resync), [`map`] (the cluster map a worker keeps, and the
+//! refusal of requests for slots its pair does not hold),
 //! [`server`] (connections), [`http`] (`--http`: metrics and health), [`secret`] (memory
 //! for the key and dictionary, kept out of core dumps and swap), [`wipe`] (no plaintext left
 //! behind with encryption on).
@@ -18,6 +19,7 @@ pub mod adapter;
 pub mod config;
 pub mod exec;
 pub mod http;
+pub mod map;
 pub mod seal;
 pub mod secret;
 pub mod server;

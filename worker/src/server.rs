@@ -26,6 +26,7 @@ use twincache_tls::{Accepted, NodeTls};
 use crate::adapter::{Adapter, INVALIDATION_TTL_MS};
 use crate::config::Config;
 use crate::exec;
+use crate::map::MapState;
 use crate::store::{Kind, SetOptions, Store, StoreError};
 use crate::sync::{serve_snapshot, Refill, SyncState};
 use crate::wipe;
@@ -70,6 +71,29 @@ pub struct Node {
     pub connections: std::sync::atomic::AtomicU64,
     /// When the worker started.
     pub started: std::time::Instant,
+    /// The cluster map this worker keeps, and what its pair may serve under it (see `map`).
+    pub map: MapState,
+}
+
+#[cfg(test)]
+impl Node {
+    /// A node with a default store and no network settings, for tests that call `handle`.
+    pub(crate) fn for_tests(adapter: Option<Adapter>) -> Node {
+        Node {
+            store: Arc::new(Store::default()),
+            sync: Arc::new(SyncState::default()),
+            max_frame: 1 << 20,
+            resync_rate_limit: 0,
+            adapter: adapter.map(Arc::new),
+            budget: Budget::new(1 << 20),
+            idle_timeout: Duration::from_secs(60),
+            secret: None,
+            tls: None,
+            connections: Default::default(),
+            started: std::time::Instant::now(),
+            map: MapState::default(),
+        }
+    }
 }
 
 /// A request answered at once, or one that waits on Redis (adapter mode).
@@ -129,6 +153,7 @@ impl Worker {
                 .map_err(|msg| std::io::Error::new(std::io::ErrorKind::InvalidInput, msg))?,
             connections: Default::default(),
             started: std::time::Instant::now(),
+            map: MapState::default(),
         });
         let http = twincache_ops::http::bind(config.http).await?;
         Ok(Worker {
@@ -472,8 +497,12 @@ fn adapter_get(
 
 /// Answers from the cache where it can; in adapter mode, what needs Redis answers later.
 fn dispatch(node: &Arc<Node>, req: Request) -> Handled {
+    // Before the adapter's ops, which never reach `serve`.
+    if let Some(moved) = node.map.refuse(&req) {
+        return Handled::Now(moved);
+    }
     let Some(adapter) = node.adapter.clone() else {
-        return Handled::Now(handle(node, req));
+        return Handled::Now(serve(node, req));
     };
     let store = node.store.clone();
     let failed = |e: String| Response {
@@ -546,12 +575,22 @@ fn dispatch(node: &Arc<Node>, req: Request) -> Handled {
             store.del_for(&req.key, req.version, INVALIDATION_TTL_MS);
             Handled::Now(Response::ok(Bytes::new()))
         }
-        _ => Handled::Now(handle(node, req)),
+        _ => Handled::Now(serve(node, req)),
     }
 }
 
-/// Answers one request from the store.
+/// Answers one request from the store, refusing one for a slot this worker's pair does not
+/// hold (see `map`).
 pub fn handle(node: &Node, req: Request) -> Response {
+    match node.map.refuse(&req) {
+        Some(moved) => moved,
+        None => serve(node, req),
+    }
+}
+
+/// [`handle`] once the request's key is admitted (programs and replicated changes check
+/// theirs as they decode them).
+fn serve(node: &Node, req: Request) -> Response {
     let store = &node.store;
     // Empty keys are valid here (Redis allows them); the text and binary front ends refuse
     // them, RESP passes them through.
@@ -567,9 +606,15 @@ pub fn handle(node: &Node, req: Request) -> Response {
             Ok(None) => Response::status(Status::NotFound),
             Err(e) => corrupt(e),
         },
-        Op::Apply => exec::run(store, &node.sync, &req, true),
-        Op::Query => exec::run(store, &node.sync, &req, false),
-        Op::Replicate => exec::replicate(store, &node.sync, &req),
+        Op::Apply => exec::run(store, &node.sync, &req, true, node.map.holding().as_deref()),
+        Op::Query => exec::run(
+            store,
+            &node.sync,
+            &req,
+            false,
+            node.map.holding().as_deref(),
+        ),
+        Op::Replicate => exec::replicate(store, &node.sync, &req, node.map.holding().as_deref()),
         Op::Scan => match ScanRequest::decode(req.value.clone()) {
             Ok(scan) => {
                 let step = store.scan(scan.cursor, scan.count, scan.kind, scan.pattern.as_deref());
@@ -665,6 +710,7 @@ pub fn handle(node: &Node, req: Request) -> Response {
         Op::Status => {
             let mut info = Info::new();
             node.sync.status_text(&mut info);
+            info.add("map_epoch", node.map.epoch());
             info.add("adapter", u8::from(node.adapter.is_some()));
             // An orchestrator's node-id claim rides on its health checks.
             if !req.value.is_empty() {
@@ -706,7 +752,7 @@ pub fn handle(node: &Node, req: Request) -> Response {
             }))
         }
         Op::Slots => slots(node, &String::from_utf8_lossy(&req.value)),
-        Op::Map => Response::status(Status::InvalidCommand),
+        Op::Map => node.map.op(&req.value),
         // Served by the connection loop, which streams it.
         Op::Snapshot => Response::status(Status::ServerError),
         Op::Passthrough | Op::Invalidate => {
@@ -843,4 +889,53 @@ fn stats_text(store: &Store, info: &mut Info) {
         .add("evicted", c.evicted.load(Relaxed))
         .add("refused_unsealed", c.refused_unsealed.load(Relaxed))
         .add("max_memory", store.max_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use twincache_protocol::cluster_map::ClusterMap;
+    use twincache_protocol::slots::SlotMap;
+
+    /// The adapter's ops are answered before `serve`: the map check comes first for them too.
+    #[test]
+    fn adapter_ops_of_another_pairs_slot_are_moved() {
+        // Connections to Redis are made on first use: none is made here.
+        let adapter = Adapter::new("redis://127.0.0.1:1", "redis://127.0.0.1:1", false).unwrap();
+        let node = Arc::new(Node::for_tests(Some(adapter)));
+        let map = ClusterMap {
+            workers: ["a:1", "b:1", "c:1", "d:1"].map(String::from).to_vec(),
+            slots: SlotMap::even(2),
+            moving: None,
+            wanted: Vec::new(),
+        };
+        let mut set = Request::new(Op::Map, Bytes::new());
+        set.value = Bytes::from(format!("set 0 orch-a\n{}", map.text()));
+        assert_eq!(handle(&node, set).status, Status::Ok);
+        let key_of = |pair| {
+            (0u32..)
+                .map(|i| Bytes::from(format!("k{i}")))
+                .find(|k| map.slots.pair_of(k) == pair)
+                .unwrap()
+        };
+        let answer = |op, key: &Bytes, flags| {
+            let mut req = Request::new(op, key.clone());
+            req.flags = flags;
+            match dispatch(&node, req) {
+                Handled::Now(resp) => resp,
+                Handled::Later(_) => panic!("{op:?} went to Redis"),
+            }
+        };
+        let theirs = key_of(1);
+        for (op, flags) in [
+            (Op::Get, 0),
+            (Op::Set, flags::PRIMARY),
+            (Op::Passthrough, 0),
+            (Op::Invalidate, 0),
+        ] {
+            let resp = answer(op, &theirs, flags);
+            assert_eq!((resp.status, &resp.payload[..]), (Status::Moved, &b"1"[..]));
+        }
+        assert_eq!(answer(Op::Invalidate, &key_of(0), 0).status, Status::Ok);
+    }
 }

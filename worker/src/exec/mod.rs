@@ -46,6 +46,7 @@ mod keys;
 mod strings;
 
 use bytes::{Bytes, BytesMut};
+use twincache_protocol::cluster_map::Holding;
 use twincache_protocol::frame::{flags, Request, Response};
 use twincache_protocol::program::{decode_program, Action, Answer, Kind};
 use twincache_protocol::resp::{Reply, Version};
@@ -65,8 +66,16 @@ pub(crate) const NOT_FLOAT: &str = "ERR value is not a valid float";
 pub(crate) const NAN_OR_INF: &str = "ERR increment would produce NaN or Infinity";
 pub(crate) const TOO_BIG: &str = "ERR string exceeds maximum allowed size (proto-max-bulk-len)";
 
-/// Runs the program of an `apply` (`writes`) or a `query`.
-pub fn run(store: &Store, sync: &SyncState, req: &Request, writes: bool) -> Response {
+/// Runs the program of an `apply` (`writes`) or a `query`; with `holding` (the worker keeps
+/// a cluster map), refused whole with `Moved` before anything runs if any key it names is in
+/// a slot this worker's pair does not hold.
+pub fn run(
+    store: &Store,
+    sync: &SyncState,
+    req: &Request,
+    writes: bool,
+    holding: Option<&Holding>,
+) -> Response {
     if req.flags & flags::IN_SYNC != 0 && !sync.synced() {
         return Response::error(Status::Unavailable, "this worker has not resynced yet");
     }
@@ -82,6 +91,11 @@ pub fn run(store: &Store, sync: &SyncState, req: &Request, writes: bool) -> Resp
     };
     if !writes && program.iter().any(Action::writes) {
         return Response::error(Status::ParseError, "a query cannot write");
+    }
+    if let Some(h) = holding {
+        if !crate::map::program_admitted(h, &req.key, &program) {
+            return crate::map::moved(h.epoch());
+        }
     }
     let version = if req.flags & flags::RESP3 != 0 {
         Version::Resp3
@@ -166,13 +180,24 @@ pub fn run(store: &Store, sync: &SyncState, req: &Request, writes: bool) -> Resp
 
 /// Stores a primary's changes on its partner (`replicate`), each at `req.version` unless the
 /// key holds a newer version (the request's `ttl_ms` is the sender's worker timeout: see
-/// the module docs). Answers how many were taken.
-pub fn replicate(store: &Store, sync: &SyncState, req: &Request) -> Response {
+/// the module docs). Answers how many were taken. With `holding`, refused whole with `Moved`
+/// if any key is in a slot this worker's pair does not hold.
+pub fn replicate(
+    store: &Store,
+    sync: &SyncState,
+    req: &Request,
+    holding: Option<&Holding>,
+) -> Response {
     sync.partner_applied(req.ttl_ms);
     let changes = match twincache_protocol::program::decode_changes(req.value.clone()) {
         Ok(c) => c,
         Err(e) => return Response::error(Status::ParseError, e.0),
     };
+    if let Some(h) = holding {
+        if !crate::map::changes_admitted(h, &changes) {
+            return crate::map::moved(h.epoch());
+        }
+    }
     match store.replicate(&changes, req.version) {
         Ok(taken) => Response::ok(Bytes::from(taken.to_string())),
         Err(e) => Response {

@@ -21,7 +21,7 @@ fn answer(store: &Store, key: &str, version: u64, actions: &[Action]) -> Answer 
     let mut req = Request::new(Op::Apply, b(key));
     req.version = version;
     req.value = encode_program(actions);
-    let resp = super::run(store, &SyncState::default(), &req, true);
+    let resp = super::run(store, &SyncState::default(), &req, true, None);
     assert_eq!(resp.status, Status::Ok, "{:?}", resp.payload);
     Answer::parse(resp.payload).unwrap()
 }
@@ -79,7 +79,7 @@ fn a_program_behind_the_key_is_refused_with_the_newer_version() {
     let mut req = Request::new(Op::Apply, b("n"));
     req.version = 100;
     req.value = encode_program(&[Action::IncrBy(1)]);
-    let resp = super::run(&s, &SyncState::default(), &req, true);
+    let resp = super::run(&s, &SyncState::default(), &req, true, None);
     assert_eq!(resp.status, Status::NotApplied);
     assert_eq!(&resp.payload[..], &100u64.to_be_bytes());
     assert_eq!(s.get(b"n").unwrap().unwrap(), b("1"), "nothing written");
@@ -87,12 +87,12 @@ fn a_program_behind_the_key_is_refused_with_the_newer_version() {
     req.op = Op::Query;
     req.value = encode_program(&[Action::Get]);
     assert_eq!(
-        super::run(&s, &SyncState::default(), &req, false).status,
+        super::run(&s, &SyncState::default(), &req, false, None).status,
         Status::Ok
     );
     req.value = encode_program(&[Action::IncrBy(1)]);
     assert_eq!(
-        super::run(&s, &SyncState::default(), &req, false).status,
+        super::run(&s, &SyncState::default(), &req, false, None).status,
         Status::ParseError,
         "a query cannot write"
     );
@@ -107,11 +107,11 @@ fn an_unsynced_worker_refuses_to_apply() {
     req.value = encode_program(&[Action::IncrBy(1)]);
     let sync = SyncState::default();
     assert_eq!(
-        super::run(&s, &sync, &req, true).status,
+        super::run(&s, &sync, &req, true, None).status,
         Status::Unavailable
     );
     sync.adopt("partial").unwrap();
-    assert_eq!(super::run(&s, &sync, &req, true).status, Status::Ok);
+    assert_eq!(super::run(&s, &sync, &req, true, None).status, Status::Ok);
 }
 
 #[test]
@@ -246,7 +246,8 @@ fn guards_abort_the_whole_program_and_programs_see_their_own_writes() {
     let mut req = Request::new(Op::Apply, b("a"));
     req.version = 10;
     req.value = encode_program(&program);
-    let answer = Answer::parse(super::run(&s, &SyncState::default(), &req, true).payload).unwrap();
+    let answer =
+        Answer::parse(super::run(&s, &SyncState::default(), &req, true, None).payload).unwrap();
     assert!(answer.aborted);
     assert_eq!(s.get(b"a").unwrap().unwrap(), b("1"));
     let (replies, changes) = apply(
@@ -286,7 +287,8 @@ fn replicas_take_changes_newest_version_first() {
     req.value = encode_program(&[Action::IncrBy(3)]);
     req.version = 20;
     let answer =
-        Answer::parse(super::run(&primary, &SyncState::default(), &req, true).payload).unwrap();
+        Answer::parse(super::run(&primary, &SyncState::default(), &req, true, None).payload)
+            .unwrap();
     let mut rep = Request::new(Op::Replicate, Bytes::new());
     rep.value = answer.changes;
     rep.version = 20;
@@ -295,10 +297,16 @@ fn replicas_take_changes_newest_version_first() {
         .set(b"n", b"100", 30, SetOptions::default())
         .unwrap();
     let sync = SyncState::default();
-    assert_eq!(&super::replicate(&partner, &sync, &rep).payload[..], b"0");
+    assert_eq!(
+        &super::replicate(&partner, &sync, &rep, None).payload[..],
+        b"0"
+    );
     assert_eq!(partner.get(b"n").unwrap().unwrap(), b("100"));
     let fresh = Store::default();
-    assert_eq!(&super::replicate(&fresh, &sync, &rep).payload[..], b"1");
+    assert_eq!(
+        &super::replicate(&fresh, &sync, &rep, None).payload[..],
+        b"1"
+    );
     assert_eq!(fresh.get(b"n").unwrap().unwrap(), b("3"));
     assert_eq!(fresh.version(b"n"), Some(20));
 }
@@ -314,12 +322,12 @@ fn query_replies_past_the_cap_are_refused() {
     let mut req = Request::new(Op::Query, b("a"));
     req.value = encode_program(&program);
     req.ttl_ms = 2000;
-    let resp = super::run(&s, &SyncState::default(), &req, false);
+    let resp = super::run(&s, &SyncState::default(), &req, false, None);
     assert_eq!(resp.status, Status::Ok);
     let replies = decode_replies(&Answer::parse(resp.payload).unwrap().replies).unwrap();
     assert_eq!(replies.len(), 2);
     req.ttl_ms = 1000;
-    let resp = super::run(&s, &SyncState::default(), &req, false);
+    let resp = super::run(&s, &SyncState::default(), &req, false, None);
     assert_eq!(resp.status, Status::TooLarge);
 }
 
@@ -332,7 +340,7 @@ fn program_gets_count_keyspace_hits_and_misses() {
     s.set(b"a", b"1", 1, SetOptions::default()).unwrap();
     let mut req = Request::new(Op::Query, b("a"));
     req.value = encode_program(&[Action::Get, Action::Key(b("nope")), Action::Get]);
-    let resp = super::run(&s, &SyncState::default(), &req, false);
+    let resp = super::run(&s, &SyncState::default(), &req, false, None);
     assert_eq!(resp.status, Status::Ok);
     assert_eq!(
         (
@@ -534,7 +542,7 @@ fn an_edit_the_partner_cannot_take_is_refused_and_the_key_sent_whole() {
     // The key goes whole, at the version the primary holds it.
     let mut export = Request::new(Op::Query, b("h"));
     export.value = encode_program(&[Action::Export]);
-    let resp = super::run(&primary, &SyncState::default(), &export, false);
+    let resp = super::run(&primary, &SyncState::default(), &export, false, None);
     assert_eq!(resp.status, Status::Ok);
     let answer = Answer::parse(resp.payload).unwrap();
     assert_eq!(answer.version, 30);
@@ -549,12 +557,12 @@ fn an_edit_the_partner_cannot_take_is_refused_and_the_key_sent_whole() {
     // A key with no entry exports nothing; a deleted one, its delete.
     let mut export = Request::new(Op::Query, b("absent"));
     export.value = encode_program(&[Action::Export]);
-    let resp = super::run(&primary, &SyncState::default(), &export, false);
+    let resp = super::run(&primary, &SyncState::default(), &export, false, None);
     assert!(Answer::parse(resp.payload).unwrap().changes.is_empty());
     primary.del(b"h", 40);
     let mut export = Request::new(Op::Query, b("h"));
     export.value = encode_program(&[Action::Export]);
-    let resp = super::run(&primary, &SyncState::default(), &export, false);
+    let resp = super::run(&primary, &SyncState::default(), &export, false, None);
     let answer = Answer::parse(resp.payload).unwrap();
     let gone = decode_changes(answer.changes).unwrap();
     assert_eq!((answer.version, gone[0].value_kind()), (40, None));
@@ -575,7 +583,7 @@ fn capped(
     req.version = version;
     req.ttl_ms = max_value;
     req.value = encode_program(actions);
-    let resp = super::run(store, &SyncState::default(), &req, true);
+    let resp = super::run(store, &SyncState::default(), &req, true, None);
     assert_eq!(resp.status, Status::Ok, "{:?}", resp.payload);
     decode_replies(&Answer::parse(resp.payload).unwrap().replies).unwrap()
 }
