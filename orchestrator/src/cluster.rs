@@ -624,7 +624,7 @@ pub struct Router {
     /// before it closes the worker links, so no copy owed to a partner is cut off.
     pub rmw_tasks: tokio_util::task::TaskTracker,
     /// `--worker-timeout`: how long copies of a primary's changes may take to land.
-    worker_timeout: Duration,
+    pub(crate) worker_timeout: Duration,
     /// Woken whenever a new topology is swapped in (a slot move began or ended).
     moved: tokio::sync::Notify,
     /// Held while a new map is published and swapped in, or one read from a worker is

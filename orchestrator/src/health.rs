@@ -563,6 +563,24 @@ impl Router {
         self.ask(w, op, value).await.is_some()
     }
 
+    /// One health round for the pairs of `topo` that `old` does not have (a map read from the
+    /// workers names pairs this orchestrator has not seen), before it routes by it: requests
+    /// for their slots would otherwise find no worker assessed until the next round.
+    pub(crate) async fn assess_new(&self, topo: &Topology, old: &Topology) {
+        let Some(mode) = self.mode() else {
+            return;
+        };
+        let timeout = self.worker_timeout;
+        for pair in topo
+            .iter()
+            .filter(|p| !old.iter().any(|o| Arc::ptr_eq(o, p)))
+        {
+            let seen = join_all(pair.workers.iter().map(|w| self.poll(w, timeout, ""))).await;
+            let seen = [seen[0].as_ref(), seen[1].as_ref()];
+            self.step(pair, seen, [false, false], timeout, mode).await;
+        }
+    }
+
     /// One round for one pair: decide, then tell the workers.
     async fn step(
         &self,

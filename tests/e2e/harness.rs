@@ -541,3 +541,18 @@ where
         tokio::time::sleep(every).await;
     }
 }
+
+/// `key` read on a worker directly; `here`: whether the worker's pair holds its slot. A
+/// worker refuses a key of a slot its pair does not hold (`Moved`), which reads as not there:
+/// whether it still holds a copy shows in its key count (`stats`).
+pub async fn on_worker(
+    c: &twincache_client::Client,
+    key: &str,
+    here: bool,
+) -> Option<bytes::Bytes> {
+    match c.get::<bytes::Bytes>(key).await {
+        Ok(v) => v,
+        Err(e) if !here && e.status() == Some(twincache_client::Status::Moved) => None,
+        Err(e) => panic!("{key}: {e}"),
+    }
+}

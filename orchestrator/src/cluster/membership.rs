@@ -92,7 +92,8 @@ pub struct Membership {
 /// How the current (or last) change goes, for INFO, `status` and the log.
 #[derive(Debug, Clone, Default)]
 pub struct Progress {
-    /// `idle`, `replacing`, `joining`, `moving`, `removing`, or `retrying` after an error.
+    /// `idle`, `asked` (a change waits for the lease for changes), `replacing`, `joining`,
+    /// `moving`, `removing`, or `retrying` after an error.
     pub phase: &'static str,
     pub slots_done: usize,
     pub slots_total: usize,
@@ -138,6 +139,12 @@ impl Membership {
 
     fn set_wanted(&self, wanted: Vec<[String; 2]>) {
         *self.wanted.lock().unwrap_or_else(|e| e.into_inner()) = wanted;
+        // Shown at once: the change starts once the lease for changes is taken.
+        self.update(|p| {
+            if p.phase == "idle" {
+                p.phase = "asked";
+            }
+        });
         self.wake.notify_one();
     }
 
@@ -339,7 +346,7 @@ fn not_held(slots: &SlotMap, moving: Option<Move>, pair: usize) -> Vec<SlotRange
 }
 
 /// The pairs of `now`, as addresses.
-fn pairs_now(now: &Topology) -> Vec<[String; 2]> {
+pub(super) fn pairs_now(now: &Topology) -> Vec<[String; 2]> {
     now.iter()
         .map(|p| p.workers.each_ref().map(|w| w.addr.clone()))
         .collect()
@@ -423,6 +430,14 @@ impl Router {
     /// Makes the pairs what [`Router::want`] asked for, change after change, until
     /// `shutdown`.
     pub async fn run_membership(self: Arc<Self>, shutdown: CancellationToken) {
+        // Nothing is changed before the workers have been seen once (the lease for changes
+        // needs their answers).
+        while self.mode().is_none() {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                _ = shutdown.cancelled() => return,
+            }
+        }
         loop {
             let retry = self.membership.progress().phase == "retrying" || self.drops_pending();
             let wait = async {
@@ -444,7 +459,10 @@ impl Router {
                 }
             };
             match result {
-                Ok(None) => self.membership.update(|p| p.phase = "idle"),
+                Ok(None) => self.membership.update(|p| {
+                    p.phase = "idle";
+                    p.error.clear();
+                }),
                 Ok(Some(summary)) => {
                     tracing::info!("membership change done: {summary}");
                     self.membership.update(|p| {
@@ -471,7 +489,9 @@ impl Router {
         self.take_lease().await?;
         let work = async {
             if self.catch_up().await? {
-                return Ok(Some("routing by the cluster map another orchestrator made".into()));
+                return Ok(Some(
+                    "routing by the cluster map another orchestrator made".into(),
+                ));
             }
             self.retry_drops().await;
             self.converge().await

@@ -413,7 +413,12 @@ impl Router {
             let holders: Vec<&super::WorkerLink> = (0..targets.len())
                 .filter(|&i| took(i))
                 .map(|i| &**targets[i])
-                .chain(pair.workers.iter().filter(|w| w.addr == holder.addr).map(|w| &**w))
+                .chain(
+                    pair.workers
+                        .iter()
+                        .filter(|w| w.addr == holder.addr)
+                        .map(|w| &**w),
+                )
                 .collect();
             let Some(first) = holders.first() else {
                 return Err(Response::error(

@@ -26,7 +26,7 @@ use twincache_protocol::cluster_map::ClusterMap;
 use twincache_protocol::frame::Op;
 use twincache_protocol::{Request, Response, Status};
 
-use super::membership::{map_of, pairs_of};
+use super::membership::{map_of, pairs_now, pairs_of};
 use super::{Origin, Pair, Router, Topology, WorkerLink, WorkerState};
 
 /// How long the right to change the map lasts unless renewed: an orchestrator that dies
@@ -79,9 +79,9 @@ impl Router {
             return Ok(());
         }
         Err(match holder {
-            Some(h) => format!(
-                "another orchestrator is changing the cluster (instance and ms left: {h})"
-            ),
+            Some(h) => {
+                format!("another orchestrator is changing the cluster (instance and ms left: {h})")
+            }
             None => format!(
                 "only {granted} of {} workers granted the lease for changes (more than half \
                  must, or all but those down)",
@@ -154,7 +154,7 @@ impl Router {
     /// raced ours) is adopted. Returns whether a map was adopted.
     pub(super) async fn catch_up(&self) -> Result<bool, String> {
         let topo = self.pairs();
-        let ours = map_of(&topo, &self.membership.wanted()).text();
+        let ours = placement(&map_of(&topo, &[]));
         let epoch = topo.slots.epoch();
         let links: Vec<Arc<WorkerLink>> = topo.iter().flat_map(|p| p.workers.clone()).collect();
         drop(topo);
@@ -164,7 +164,7 @@ impl Router {
             let Some((e, text)) = r.as_ref().and_then(held_map) else {
                 continue;
             };
-            let ahead = e > epoch || (e == epoch && text != ours.as_str());
+            let ahead = e > epoch || (e == epoch && placement_of(text) != ours);
             if ahead && best.is_none_or(|(b, _)| e > b) {
                 best = Some((e, w));
             }
@@ -181,7 +181,11 @@ impl Router {
     pub(crate) async fn compare_epochs(&self, epochs: &[(Arc<WorkerLink>, u64)]) {
         let topo = self.pairs();
         let ours = topo.slots.epoch();
-        if let Some((w, _)) = epochs.iter().filter(|(_, e)| *e > ours).max_by_key(|(_, e)| *e) {
+        if let Some((w, _)) = epochs
+            .iter()
+            .filter(|(_, e)| *e > ours)
+            .max_by_key(|(_, e)| *e)
+        {
             if let Err(e) = self.adopt_from(w).await {
                 tracing::warn!(worker = %w.addr, "cannot read the newer cluster map: {e}");
             }
@@ -198,7 +202,9 @@ impl Router {
         let text = map_of(&topo, &self.membership.wanted()).text();
         let id = self.instance_id();
         for w in behind {
-            let Some(n) = topo.iter().position(|p| p.workers.iter().any(|x| x.addr == w.addr))
+            let Some(n) = topo
+                .iter()
+                .position(|p| p.workers.iter().any(|x| x.addr == w.addr))
             else {
                 continue;
             };
@@ -225,21 +231,30 @@ impl Router {
         let (epoch, text) =
             held_map(&answer).ok_or_else(|| format!("{} answered no map", w.addr))?;
         let now = self.pairs();
-        let ours = map_of(&now, &self.membership.wanted()).text();
-        if epoch < now.slots.epoch() || (epoch == now.slots.epoch() && text == ours) {
+        let ours = placement(&map_of(&now, &[]));
+        if epoch < now.slots.epoch() || (epoch == now.slots.epoch() && placement_of(text) == ours) {
             return Ok(false);
         }
         let map = ClusterMap::parse(text)
             .map_err(|e| format!("{}'s cluster map cannot be read: {e}", w.addr))?;
         let (topo, retired) = self.topology_of(&now, &map);
+        self.assess_new(&topo, &now).await;
+        let before = pairs_now(&now);
         drop(now);
         self.write_state(&topo, &pairs_of(&map.wanted)).await?;
-        let wanted = if map.wanted.is_empty() {
-            map.workers.clone()
+        let wanted = pairs_of(if map.wanted.is_empty() {
+            &map.workers
         } else {
-            map.wanted.clone()
-        };
-        self.membership.adopt_wanted(pairs_of(&wanted));
+            &map.wanted
+        });
+        let asked = self.membership.wanted();
+        if asked != wanted && asked != before {
+            tracing::warn!(
+                "a change asked for here is dropped: another orchestrator changed the cluster \
+                 first; ask again if it is still wanted"
+            );
+        }
+        self.membership.adopt_wanted(wanted);
         self.topology.store(Arc::new(topo));
         self.moved.notify_waiters();
         for link in retired {
@@ -267,7 +282,9 @@ impl Router {
             .workers
             .chunks(2)
             .map(|ab| {
-                let same = now.iter().find(|p| p.workers[0].addr == ab[0] && p.workers[1].addr == ab[1]);
+                let same = now
+                    .iter()
+                    .find(|p| p.workers[0].addr == ab[0] && p.workers[1].addr == ab[1]);
                 match same {
                     Some(p) => p.clone(),
                     None => {
@@ -324,11 +341,26 @@ impl Router {
             }
             // Same epoch: this orchestrator published a map and is about to route by it.
             _ => {
-                let _ = tokio::time::timeout(Duration::from_millis(100), self.moved.notified())
-                    .await;
+                let _ =
+                    tokio::time::timeout(Duration::from_millis(100), self.moved.notified()).await;
             }
         }
     }
+}
+
+/// Where keys are (the pairs, the slots, the move under way) in `map`, without what a change
+/// wants: two maps that place keys alike route alike.
+fn placement(map: &ClusterMap) -> String {
+    ClusterMap {
+        wanted: Vec::new(),
+        ..map.clone()
+    }
+    .text()
+}
+
+/// [`placement`] of a map's text; the text itself if it does not parse.
+fn placement_of(text: &str) -> String {
+    ClusterMap::parse(text).map_or_else(|_| text.to_string(), |m| placement(&m))
 }
 
 /// A `map get` answer: the epoch and the text (none if the worker holds no map).
