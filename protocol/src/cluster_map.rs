@@ -152,6 +152,12 @@ impl Holding {
         self.pair
     }
 
+    /// Whether every slot is this pair's and none is leaving it (one pair): then every key
+    /// is admitted, and the check need not hash it.
+    pub fn holds_every_slot(&self) -> bool {
+        self.leaving.is_none() && self.held.iter().all(|w| *w == u64::MAX)
+    }
+
     /// Whether a request for `key` may be served: its slot is this pair's, or it is being
     /// moved away and the request comes from an orchestrator that knows (`moving_source`).
     pub fn admits(&self, key: &[u8], moving_source: bool) -> bool {
