@@ -44,6 +44,7 @@ const KEEPALIVE: Duration = Duration::from_secs(30);
 /// worker with no live slot is skipped at once, so a dead worker costs its pair nothing
 /// beyond the requests in flight when it died.
 pub struct WorkerLink {
+    /// As given: `<address>` or `<address>@<peer address>` (see `config::dialed`, `peer`).
     pub addr: String,
     slots: Vec<Mutex<Option<Connection>>>,
     /// The worker's [`WorkerState`], kept by the health monitor (and by writes it missed).
@@ -212,7 +213,7 @@ impl WorkerLink {
             let attempt = tokio::time::timeout(
                 timeout,
                 Connection::open(
-                    &self.addr,
+                    crate::config::dialed(&self.addr),
                     max_frame,
                     timeout,
                     self.secret.as_ref(),

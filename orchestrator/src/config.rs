@@ -442,7 +442,12 @@ pub fn check_distinct(listen: SocketAddr, addrs: &[String]) -> Result<(), String
     use std::net::ToSocketAddrs;
     let resolved: Vec<Vec<SocketAddr>> = addrs
         .iter()
-        .map(|a| a.to_socket_addrs().map(Vec::from_iter).unwrap_or_default())
+        .map(|a| {
+            dialed(a)
+                .to_socket_addrs()
+                .map(Vec::from_iter)
+                .unwrap_or_default()
+        })
         .collect();
     for (i, addr) in addrs.iter().enumerate() {
         let same = |other: &SocketAddr| {
@@ -472,9 +477,28 @@ pub fn check_distinct(listen: SocketAddr, addrs: &[String]) -> Result<(), String
 
 /// A worker's address given as one word, `<host>:<port>`, checked.
 pub fn parse_worker(word: &str) -> Result<String, String> {
-    let (host, port) =
-        split_host_port(word).ok_or_else(|| format!("`{word}` is not <host>:<port>"))?;
-    worker_addr(host, port)
+    let one = |word: &str| {
+        let (host, port) =
+            split_host_port(word).ok_or_else(|| format!("`{word}` is not <host>:<port>"))?;
+        worker_addr(host, port)
+    };
+    match word.split_once('@') {
+        Some((dialed, peer)) => Ok(format!("{}@{}", one(dialed)?, one(peer)?)),
+        None => one(word),
+    }
+}
+
+/// Where the orchestrator reaches a worker given as `addr`: all of it, or, given as
+/// `<address>@<peer address>` (workers see each other at other addresses than the
+/// orchestrator sees them at: NAT, a separate network between them), the part before `@`.
+pub fn dialed(addr: &str) -> &str {
+    addr.split_once('@').map_or(addr, |(dialed, _)| dialed)
+}
+
+/// Where the other workers reach a worker given as `addr` (told to them for refills and slot
+/// imports): the part after `@`, or all of it.
+pub fn peer(addr: &str) -> &str {
+    addr.split_once('@').map_or(addr, |(_, peer)| peer)
 }
 
 /// Reads and parses a cluster file (see [`parse_cluster_file`]); errors name the file.
@@ -582,6 +606,19 @@ mod tests {
         let mut argv = vec!["orchestrator"];
         argv.extend_from_slice(args);
         Config::try_parse_from(argv).unwrap().worker_addrs()
+    }
+
+    #[test]
+    fn a_worker_may_name_where_the_other_workers_reach_it() {
+        let both = "10.0.0.1:7001@192.168.0.1:7001";
+        assert_eq!(parse_worker(both).unwrap(), both);
+        assert_eq!(dialed(both), "10.0.0.1:7001");
+        assert_eq!(peer(both), "192.168.0.1:7001");
+        assert_eq!((dialed("h:1"), peer("h:1")), ("h:1", "h:1"));
+        assert!(parse_worker("10.0.0.1:7001@nope").is_err());
+        assert!(parse_worker("@10.0.0.1:7001").is_err());
+        let pairs = parse_cluster_file(&format!("{both} [::1]:7002@[::1]:7003\n")).unwrap();
+        assert_eq!(pairs, [both, "[::1]:7002@[::1]:7003"]);
     }
 
     #[test]

@@ -43,6 +43,7 @@
 //! Several orchestrators may run this at once: a worker ignores a refill request while one is
 //! running, and each orchestrator follows the worker's own report of it.
 
+use crate::config::peer;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -646,9 +647,10 @@ impl Router {
             let done = match &d.action {
                 None => true,
                 Some(Action::Adopt(how)) => self.call(w, Op::Adopt, how).await,
-                Some(Action::Resync) => self.call(w, Op::Resync, &partner.addr).await,
+                // Where the workers reach each other, which may not be where we reach them.
+                Some(Action::Resync) => self.call(w, Op::Resync, peer(&partner.addr)).await,
                 Some(Action::Merge) => {
-                    let value = format!("{} merge", partner.addr);
+                    let value = format!("{} merge", peer(&partner.addr));
                     self.call(w, Op::Resync, &value).await
                 }
             };
@@ -681,7 +683,7 @@ impl Router {
             let before = transition(w, d.state, d.why);
             if d.state == WorkerState::Down && before != WorkerState::Down {
                 tokio::spawn(name_what_answers(
-                    w.addr.clone(),
+                    crate::config::dialed(&w.addr).to_string(),
                     w.secret().cloned(),
                     w.tls().cloned(),
                     timeout,

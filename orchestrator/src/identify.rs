@@ -147,7 +147,12 @@ pub async fn check_workers(
     tls: Option<&Connector>,
     timeout: Duration,
 ) -> Result<(), String> {
-    let found = join_all(workers.iter().map(|w| identify(w, secret, tls, timeout))).await;
+    let found = join_all(
+        workers
+            .iter()
+            .map(|w| identify(crate::config::dialed(w), secret, tls, timeout)),
+    )
+    .await;
     for (i, (addr, identity)) in workers.iter().zip(&found).enumerate() {
         match identity {
             Identity::Worker(boot) => {

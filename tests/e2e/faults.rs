@@ -386,3 +386,51 @@ async fn a_joining_worker_and_a_stale_one_recover() {
         assert_eq!(get("gone").await, None, "on {w}");
     }
 }
+
+/// Workers given as `<address>@<peer address>`: the orchestrator reaches each through a
+/// relay (another address, as through NAT), while the workers reach each other directly.
+/// A restarted worker must refill from its partner at the partner's own address (its log
+/// names it), and serve every acknowledged write once back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_refill_from_each_other_at_their_peer_addresses() {
+    let a = worker_on(0, &[]);
+    let mut b = worker_on(0, &[]);
+    let (ga, gb) = (
+        crate::harness::Gate::start(a.addr).await,
+        crate::harness::Gate::start(b.addr).await,
+    );
+    let (ta, tb) = (
+        format!("{}@{}", ga.addr, a.addr),
+        format!("{}@{}", gb.addr, b.addr),
+    );
+    let file = crate::harness::TempFile::with(&format!("{ta} {tb}\n"));
+    let mut args = vec![
+        "--listen".to_string(),
+        "127.0.0.1:0".into(),
+        "--cluster-file".into(),
+        file.arg(),
+    ];
+    args.extend(FAST.iter().map(|s| s.to_string()));
+    let orch = Proc::start(crate::harness::ORCHESTRATOR, &args);
+    let both =
+        |s: &str| s.contains(&format!("{ta}=in_sync")) && s.contains(&format!("{tb}=in_sync"));
+    wait_status(orch.addr, "both in sync", both).await;
+    let load = Load::start(orch.addr, 2).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let port = b.addr.port();
+    b.kill();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    b = worker_on(port, &[]);
+    wait_status(orch.addr, "the restarted worker in sync", both).await;
+    let (ops, errors, models) = load.stop().await;
+    assert!(ops > 100, "the load ran ({ops} ops)");
+    assert!(errors.is_empty(), "client-visible errors: {errors:#?}");
+    let log = b.log_text();
+    assert!(
+        log.contains("refill from partner started") && log.contains(&format!("partner={}", a.addr)),
+        "the refill did not name the partner's own address {}:\n{log}",
+        a.addr
+    );
+    assert!(!log.contains(&ga.addr.to_string()), "{log}");
+    verify(orch.addr, &models).await;
+}

@@ -1104,7 +1104,8 @@ impl Router {
         m: Move,
     ) -> Result<(u64, u64), String> {
         let rate = self.membership.config.rate;
-        let ask = format!("import {} {} {rate}", source.addr, m.slots.bounds());
+        let peer = crate::config::peer(&source.addr);
+        let ask = format!("import {peer} {} {rate}", m.slots.bounds());
         let mut last_error = String::new();
         for attempt in 0..IMPORT_TRIES {
             if attempt > 0 {
