@@ -1,19 +1,25 @@
-//! Worker links, pairs, and the routing of each request to its pair.
+//! The routing of each request to its pair: reads to one worker with failover to its
+//! partner, writes to both, a request refused as routed by an older map routed again.
+//!
+//! The rest of the router is in its submodules, one concern each: `link` (the connections
+//! to a worker and its state), `topology` (the pairs and slot map a request routes by),
+//! `rmw` (programs on a pair's primary and the copy to its partner), `adapter` (adapter
+//! mode's write rules), `membership` (changes of the pairs and slot moves), `shared` (the
+//! map shared through the workers), and `reports` (status, INFO and stats lines).
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::future::Either;
 use tokio_util::sync::CancellationToken;
-use twincache_client::{Connection, Reply};
+use twincache_client::Reply;
 use twincache_protocol::auth::ClusterSecret;
 use twincache_protocol::budget::Account;
 use twincache_protocol::frame::{flags, Op, Request, Response};
-use twincache_protocol::info;
 use twincache_protocol::slots::SlotMap;
 use twincache_protocol::Status;
 use twincache_tls::Connector;
@@ -21,133 +27,21 @@ use twincache_tls::Connector;
 use crate::hlc::Hlc;
 use crate::metrics::RouterStats;
 
+mod adapter;
+mod link;
 mod membership;
+mod reports;
 mod rmw;
 mod shared;
 mod topology;
+
+use link::Skipping;
+pub use link::{WorkerLink, WorkerState};
 
 pub(crate) use membership::read_state;
 pub use membership::{Membership, MembershipConfig};
 pub use rmw::{gets, BoxAnswer, Pending, ScanStep};
 pub use topology::{Route, Topology};
-
-const RECONNECT_MIN: Duration = Duration::from_millis(50);
-const RECONNECT_MAX: Duration = Duration::from_secs(2);
-/// How often each idle connection to a worker is pinged.
-const KEEPALIVE: Duration = Duration::from_secs(30);
-
-/// The orchestrator's persistent connections to one worker.
-///
-/// Each slot has a task that keeps it connected, reconnecting with backoff after a failure.
-/// A client session always uses the same slot (its affinity) while that slot is live, so its
-/// requests reach the worker in the order it sent them; sessions spread over the slots. A
-/// worker with no live slot is skipped at once, so a dead worker costs its pair nothing
-/// beyond the requests in flight when it died.
-pub struct WorkerLink {
-    /// As given: `<address>` or `<address>@<peer address>` (see `config::dialed`, `peer`).
-    pub addr: String,
-    slots: Vec<Mutex<Option<Connection>>>,
-    /// The worker's [`WorkerState`], kept by the health monitor (and by writes it missed).
-    state: AtomicU8,
-    /// Set when the worker missed a write; a resync under way when that happened does not
-    /// count, since the write may have escaped its snapshot.
-    pub(crate) dirty: AtomicBool,
-    /// The worker's boot id when last seen: a new one means it restarted, empty.
-    pub(crate) boot: Mutex<Option<u64>>,
-    /// The worker's count of completed resyncs when this orchestrator asked for one.
-    pub(crate) resync_base: AtomicU64,
-    /// When a refill that failed may be tried again.
-    pub(crate) retry_at: Mutex<Option<tokio::time::Instant>>,
-    /// The cluster secret this orchestrator proves on each connection.
-    secret: Option<ClusterSecret>,
-    /// TLS for each connection (`--tls-cluster`); it follows certificate reloads.
-    tls: Option<Connector>,
-    /// Whether the worker's refusal of this orchestrator is logged already.
-    refused: AtomicBool,
-    /// Writes in flight to its partner alone (`SOLO`): this worker will not get them, and
-    /// a snapshot taken before they land would miss them too.
-    pub(crate) skipped: AtomicU64,
-    /// Since when it holds the pair's data, as it last said (Unix ms; 0: unknown): the
-    /// worker synced the longest is the pair's primary (see `rmw`).
-    pub(crate) synced_at: AtomicU64,
-    /// The worker last reported a partial copy: it was promoted to serve alone before a
-    /// refill completed, and has not yet merged its partner's data, so a key it lacks reads
-    /// as absent. Kept by the health monitor; see [`read_rank`].
-    pub(crate) partial: AtomicBool,
-    /// The worker's boot id and count of refills started when its last sweep was asked for
-    /// (see `Router::sweep_later`): a refill that ended since may have brought back slots its
-    /// pair does not hold.
-    pub(crate) swept: Mutex<Option<(u64, u64)>>,
-    /// Cancelled when the worker leaves the cluster (replaced, or its pair removed): its
-    /// connections close once the requests in flight are answered.
-    stop: CancellationToken,
-}
-
-/// Where a worker stands with its pair.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum WorkerState {
-    /// Not assessed yet: just started, or answering again after being down. Gets no
-    /// requests until the health monitor has compared it with its partner.
-    Unknown = 0,
-    /// Holds the pair's data: serves reads and writes.
-    InSync = 1,
-    /// Not answering.
-    Down = 2,
-    /// Reachable but missing writes (restarted, or missed some): serves no reads (unless
-    /// nothing better is left), gets no writes, and waits to resync.
-    Stale = 3,
-    /// Refilling from its partner: takes writes, serves no reads.
-    Resyncing = 4,
-    /// Runs in another mode than the cluster (adapter mode on one side only): gets nothing
-    /// until it is restarted in the right mode.
-    Misconfigured = 5,
-    /// About to resync: takes writes again, serves no reads, and asks for its partner's
-    /// snapshot once the writes sent while it was left out have landed on the partner (so
-    /// the snapshot holds them).
-    Joining = 6,
-}
-
-impl WorkerState {
-    fn from_u8(v: u8) -> WorkerState {
-        match v {
-            1 => WorkerState::InSync,
-            2 => WorkerState::Down,
-            3 => WorkerState::Stale,
-            4 => WorkerState::Resyncing,
-            5 => WorkerState::Misconfigured,
-            6 => WorkerState::Joining,
-            _ => WorkerState::Unknown,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            WorkerState::Unknown => "unknown",
-            WorkerState::InSync => "in_sync",
-            WorkerState::Down => "down",
-            WorkerState::Stale => "stale",
-            WorkerState::Resyncing => "resyncing",
-            WorkerState::Misconfigured => "misconfigured",
-            WorkerState::Joining => "joining",
-        }
-    }
-
-    /// Takes the pair's writes, and the writes wait for its answer. A worker not assessed yet
-    /// (unknown) takes them too: a copy too many is harmless, since it serves no reads until
-    /// assessed, while leaving it out would let it be found in sync without a write its
-    /// partner took alone after the assessment's status (the partner's two transitions, or
-    /// the adoption of a new pair, are not one instant).
-    fn takes_writes(self) -> bool {
-        matches!(
-            self,
-            WorkerState::InSync
-                | WorkerState::Resyncing
-                | WorkerState::Joining
-                | WorkerState::Unknown
-        )
-    }
-}
 
 /// What the workers are: a replicated cache, or a migration tier in front of two Redis
 /// servers (adapter mode). Decided once, before the first request is served.
@@ -155,250 +49,6 @@ impl WorkerState {
 pub enum Mode {
     Replicated,
     Adapter,
-}
-
-impl WorkerLink {
-    fn spawn(addr: String, config: &RouterConfig, shutdown: &CancellationToken) -> Arc<WorkerLink> {
-        // The data slots, and one more for health checks (see `send_control`).
-        let connections = config.connections_per_worker + 1;
-        let link = Arc::new(WorkerLink {
-            addr,
-            slots: (0..connections).map(|_| Mutex::new(None)).collect(),
-            state: AtomicU8::new(WorkerState::Unknown as u8),
-            dirty: AtomicBool::new(false),
-            boot: Mutex::new(None),
-            resync_base: AtomicU64::new(0),
-            retry_at: Mutex::new(None),
-            secret: config.secret.clone(),
-            tls: config.tls.clone(),
-            refused: AtomicBool::new(false),
-            skipped: AtomicU64::new(0),
-            synced_at: AtomicU64::new(0),
-            partial: AtomicBool::new(false),
-            swept: Mutex::new(None),
-            stop: shutdown.child_token(),
-        });
-        for slot in 0..connections {
-            // These tasks end at shutdown, or when the worker leaves the cluster.
-            tokio::spawn(link.clone().maintain(
-                slot,
-                config.max_frame,
-                config.worker_timeout,
-                link.stop.clone(),
-            ));
-        }
-        link
-    }
-
-    /// The worker has left the cluster: its connections close (those with requests in flight
-    /// once they are answered, within `--worker-timeout`).
-    pub(crate) fn retire(self: &Arc<Self>, grace: Duration) {
-        let link = self.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(grace).await;
-            link.stop.cancel();
-        });
-    }
-
-    /// Keeps slot `slot` connected until shutdown.
-    async fn maintain(
-        self: Arc<Self>,
-        slot: usize,
-        max_frame: usize,
-        timeout: Duration,
-        shutdown: CancellationToken,
-    ) {
-        let mut backoff = RECONNECT_MIN;
-        while !shutdown.is_cancelled() {
-            let attempt = tokio::time::timeout(
-                timeout,
-                Connection::open(
-                    crate::config::dialed(&self.addr),
-                    max_frame,
-                    timeout,
-                    self.secret.as_ref(),
-                    self.tls.as_ref(),
-                ),
-            );
-            let conn = tokio::select! {
-                res = attempt => res,
-                _ = shutdown.cancelled() => break,
-            };
-            match conn {
-                Ok(Ok(conn)) => {
-                    backoff = RECONNECT_MIN;
-                    // A worker that answers slowly but steadily has a queue, not a fault.
-                    conn.patient_while_answering();
-                    *self.lock_slot(slot) = Some(conn.clone());
-                    // Whether the worker is up is the health monitor's to say and log.
-                    tracing::debug!(worker = %self.addr, slot, "connected");
-                    // A ping now and then keeps an idle slot within the worker's
-                    // --idle-timeout, and finds a half-open link.
-                    let mut keepalive = tokio::time::interval(KEEPALIVE);
-                    keepalive.tick().await;
-                    loop {
-                        tokio::select! {
-                            _ = conn.closed() => break,
-                            _ = shutdown.cancelled() => {
-                                conn.close();
-                                break;
-                            }
-                            _ = keepalive.tick() => {
-                                drop(conn.send(&Request::new(Op::Ping, Bytes::new())));
-                            }
-                        }
-                    }
-                    *self.lock_slot(slot) = None;
-                    tracing::debug!(worker = %self.addr, slot, "connection closed");
-                }
-                Ok(Err(e @ twincache_client::Error::Auth(_))) => self.refusing(&format!(
-                    "{e}: give the orchestrator and every worker the same --cluster-secret-file"
-                )),
-                Ok(Err(e @ twincache_client::Error::Tls(_))) => self.refusing(&format!(
-                    "{e}: the worker needs --tls-cluster with a certificate for this address, \
-                     signed by a CA in --tls-ca-cert-file (and accepting this orchestrator's \
-                     certificate, if it requires one)"
-                )),
-                Ok(Err(e)) => tracing::debug!(worker = %self.addr, error = %e, "connect failed"),
-                Err(_) => tracing::debug!(worker = %self.addr, "connect timed out"),
-            }
-            tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
-                _ = shutdown.cancelled() => break,
-            }
-            backoff = (backoff * 2).min(RECONNECT_MAX);
-        }
-    }
-
-    fn lock_slot(&self, slot: usize) -> std::sync::MutexGuard<'_, Option<Connection>> {
-        self.slots[slot].lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Queues `req` on the slot of `origin`'s affinity if it is live, else on the next live
-    /// one; `None` if the worker has no live connection.
-    pub(crate) fn send(&self, req: &Request, origin: &Origin) -> Option<Reply> {
-        let n = self.slots.len() - 1;
-        self.on_live((0..n).map(|i| (origin.affinity + i) % n), |c| {
-            c.send_charged(req, origin.account.as_ref())
-        })
-    }
-
-    /// [`WorkerLink::send`] for a request that fails after one `--worker-timeout` even
-    /// while the worker answers others (`Connection::send_strict`): a read-modify-write's
-    /// copy, whose deadline its partner counts on (see `rmw`).
-    pub(crate) fn send_strict(&self, req: &Request) -> Option<Reply> {
-        self.on_live(0..self.slots.len() - 1, |c| c.send_strict(req))
-    }
-
-    /// Queues a health check on the link's own connection for them (the last slot), where
-    /// it does not wait behind the clients' requests: a worker working through a long queue
-    /// still answers it (it yields between batches), and so is not taken for dead. Falls
-    /// back to the data connections while that one is not connected.
-    pub(crate) fn send_control(&self, req: &Request) -> Option<Reply> {
-        let control = self.slots.len() - 1;
-        self.on_live(std::iter::once(control).chain(0..control), |c| c.send(req))
-    }
-
-    /// `send` on the first live connection of `slots`, in that order.
-    fn on_live(
-        &self,
-        slots: impl IntoIterator<Item = usize>,
-        mut send: impl FnMut(&Connection) -> Reply,
-    ) -> Option<Reply> {
-        slots.into_iter().find_map(|i| {
-            let slot = self.lock_slot(i);
-            slot.as_ref().filter(|c| !c.is_closed()).map(&mut send)
-        })
-    }
-
-    /// How long since the worker last answered anything on any live connection (a long
-    /// time if it has none).
-    pub(crate) fn silent_for(&self) -> Duration {
-        (0..self.slots.len())
-            .filter_map(|i| {
-                let slot = self.lock_slot(i);
-                slot.as_ref()
-                    .filter(|c| !c.is_closed())
-                    .map(Connection::silent_for)
-            })
-            .min()
-            .unwrap_or(Duration::MAX)
-    }
-
-    pub fn state(&self) -> WorkerState {
-        WorkerState::from_u8(self.state.load(Ordering::Acquire))
-    }
-
-    pub(crate) fn set_state(&self, state: WorkerState) -> WorkerState {
-        let before = WorkerState::from_u8(self.state.swap(state as u8, Ordering::SeqCst));
-        // A write it missed while this state was decided (its `missed_write` found the old
-        // state, which it does not demote) is not forgotten: `dirty` is set before the
-        // demotion is tried, so either that attempt sees this state or this check sees the
-        // flag.
-        if state == WorkerState::InSync && self.dirty.load(Ordering::SeqCst) {
-            self.missed_write();
-        }
-        before
-    }
-
-    /// Logs, once until it is accepted again, that the worker refuses this orchestrator's
-    /// credentials or certificate (or it the worker's): a configuration error worth saying
-    /// plainly. `why` says what to fix.
-    pub(crate) fn refusing(&self, why: &str) {
-        if !self.refused.swap(true, Ordering::Relaxed) {
-            tracing::error!(worker = %self.addr, "{why}");
-        }
-    }
-
-    pub(crate) fn accepted(&self) {
-        self.refused.store(false, Ordering::Relaxed);
-    }
-
-    /// The cluster secret proved on connections to this worker.
-    pub(crate) fn secret(&self) -> Option<&ClusterSecret> {
-        self.secret.as_ref()
-    }
-
-    /// TLS on connections to this worker (`--tls-cluster`).
-    pub(crate) fn tls(&self) -> Option<&Connector> {
-        self.tls.as_ref()
-    }
-
-    /// Whether a refill may be asked of this worker now: they are paced, so a partner that
-    /// answers health checks but cannot serve a snapshot is not asked every round.
-    pub(crate) fn may_refill(&self) -> bool {
-        let at = *self.retry_at.lock().unwrap_or_else(|e| e.into_inner());
-        at.is_none_or(|at| tokio::time::Instant::now() >= at)
-    }
-
-    pub(crate) fn refill_started(&self) {
-        *self.retry_at.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some(tokio::time::Instant::now() + crate::health::REFILL_RETRY);
-    }
-
-    /// Records that the worker missed a write: an in-sync or resyncing worker becomes
-    /// stale (a resyncing one's snapshot may have passed the key already).
-    pub(crate) fn missed_write(&self) {
-        self.dirty.store(true, Ordering::SeqCst);
-        for from in [
-            WorkerState::InSync,
-            WorkerState::Resyncing,
-            WorkerState::Joining,
-        ] {
-            if self
-                .state
-                .compare_exchange(
-                    from as u8,
-                    WorkerState::Stale as u8,
-                    Ordering::SeqCst,
-                    Ordering::SeqCst,
-                )
-                .is_ok()
-            {
-                tracing::warn!(worker = %self.addr, from = from.name(), to = "stale", "missed a write");
-            }
-        }
-    }
 }
 
 /// Where requests come from: which connection slot to each worker keeps their order (a
@@ -458,32 +108,6 @@ impl Pair {
             .clone()
     }
 }
-
-/// A write a worker is left out of (its partner's copy carries `SOLO`). The worker has
-/// missed it, on record here at once: the partner's count of writes taken alone reaches the
-/// monitor only with its next status, and a round that read that count before the write
-/// must not find this worker in sync. The write also counts as in flight (see
-/// [`WorkerLink::skipped`]) until it is answered or abandoned.
-struct Skipping(Arc<WorkerLink>);
-
-impl Skipping {
-    fn new(link: Arc<WorkerLink>) -> Skipping {
-        link.dirty.store(true, Ordering::SeqCst);
-        link.skipped.fetch_add(1, Ordering::AcqRel);
-        Skipping(link)
-    }
-}
-
-impl Drop for Skipping {
-    fn drop(&mut self) {
-        self.0.skipped.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// Worker counters the orchestrator reads but does not pass on to clients: a worker's key
-/// fingerprint is for comparing partners ([`Router::check_keys`]), and would help a forged
-/// partner pass a worker's key check.
-const INTERNAL_STATS: &[&str] = &["key_fingerprint"];
 
 /// Why a write that reached one worker of two is not acknowledged.
 const MISS_UNRECORDED: &str =
@@ -946,56 +570,6 @@ impl Router {
         self.read(Request::new(Op::Get, key), origin)
     }
 
-    /// Adapter mode: a plain SET goes to one worker of the pair, marked primary, which
-    /// writes it through to the destination (one Redis write per client write); once the
-    /// destination has it, the partner's cached copy is invalidated. If the primary cannot
-    /// be reached, its partner takes the role.
-    fn adapter_set(self: &Arc<Self>, mut req: Request, origin: &Origin) -> BoxedResponse {
-        req.version = self.clock.next();
-        req.flags |= flags::PRIMARY;
-        let topo = self.topology.load_full();
-        let pair = topo.pair_of(&req.key);
-        let order = self.read_order(&topo[pair]);
-        let workers = &topo[pair].workers;
-        // Sent now, in the session's order (see WorkerLink); the partner only on failure.
-        let reply = order[0].and_then(|i| workers[i].send(&req, origin));
-        let this = self.clone();
-        let origin = origin.clone();
-        Box::pin(async move {
-            let workers = &topo[pair].workers;
-            let mut reply = Some(reply);
-            for i in order.into_iter().flatten() {
-                let sent = reply.take().unwrap_or_else(|| {
-                    RouterStats::count(&this.stats.failovers);
-                    workers[i].send(&req, &origin)
-                });
-                if let Some(resp) = this.finish(&workers[i], sent).await {
-                    if resp.status == Status::Ok
-                        && !this.invalidate_on(&workers[1 - i], &req.key).await
-                        && !this.record_miss(&workers[i], &workers[1 - i]).await
-                    {
-                        return Response::error(Status::Unavailable, MISS_UNRECORDED);
-                    }
-                    return resp;
-                }
-            }
-            unavailable(&this)
-        })
-    }
-
-    /// Drops `key` from one worker's cache (a short-lived tombstone with a fresh version, so
-    /// no cache fill in flight can put an older value back); false if the worker did not.
-    async fn invalidate_on(&self, w: &WorkerLink, key: &Bytes) -> bool {
-        if matches!(w.state(), WorkerState::Down | WorkerState::Misconfigured) {
-            // It gets nothing; it resyncs before it serves again.
-            return false;
-        }
-        let mut req = Request::new(Op::Invalidate, key.clone());
-        req.version = self.clock.next();
-        let reply = w.send(&req, &Origin::INTERNAL);
-        self.finish(w, reply).await.is_some()
-    }
-
     /// Records that `missed` lacks a write `holder` took: on the orchestrator (the worker
     /// becomes stale) and on `holder` (its count of writes taken alone), so that any
     /// orchestrator, even one started later, knows. Returns whether `holder` recorded it;
@@ -1003,45 +577,6 @@ impl Router {
     async fn record_miss(&self, holder: &WorkerLink, missed: &WorkerLink) -> bool {
         missed.missed_write();
         self.ask(holder, Op::PartnerMissed, "").await.is_some()
-    }
-
-    /// Adapter mode: runs a Redis command on the destination through a worker of the pair
-    /// of its first key, then invalidates every key it may touch (`touched`, from the
-    /// command table: see `commands::adapter`) on both partners. The response's payload is
-    /// the destination's RESP reply, as is.
-    pub fn passthrough(
-        self: &Arc<Self>,
-        args: Vec<Bytes>,
-        touched: Vec<Bytes>,
-        origin: &Origin,
-    ) -> BoxedResponse {
-        let mut encoded = BytesMut::new();
-        twincache_protocol::resp::encode_command(&args, &mut encoded);
-        // Routed by its first key, which the worker drops from its cache under the key's order.
-        let route = touched.first().or(args.get(1)).cloned().unwrap_or_default();
-        let mut req = Request::new(Op::Passthrough, route);
-        req.value = encoded.freeze();
-        // The version the worker invalidates its cached copy of the first key with.
-        req.version = self.clock.next();
-        let read = self.read(req, origin);
-        let this = self.clone();
-        Box::pin(async move {
-            let resp = read.await;
-            let topo = this.topology.load_full();
-            for key in touched {
-                let pair = &topo[topo.pair_of(&key)];
-                let [a, b] = &pair.workers;
-                let (ia, ib) =
-                    tokio::join!(this.invalidate_on(a, &key), this.invalidate_on(b, &key));
-                // A copy left behind on one side is stale: that worker resyncs first.
-                match (ia, ib) {
-                    (true, false) => b.missed_write(),
-                    (false, true) => a.missed_write(),
-                    _ => {}
-                }
-            }
-            resp
-        })
     }
 
     /// Sends a write (`set`, `del`) to both workers of the key's pair at once, stamped with a
@@ -1054,29 +589,7 @@ impl Router {
     ) -> impl Future<Output = Response> + Send + 'static {
         // Not boxed on the common path: the session boxes what it is given, once.
         if self.is_adapter() {
-            return Either::Right(match req.op {
-                Op::Set if req.flags == 0 => self.adapter_set(req, origin),
-                Op::Del => {
-                    let key = req.key.clone();
-                    let del = self.passthrough(
-                        vec![Bytes::from_static(b"DEL"), req.key],
-                        vec![key],
-                        origin,
-                    );
-                    // The text and binary protocols answer a DEL with found / not found.
-                    Box::pin(async move {
-                        let resp = del.await;
-                        match (resp.status, &resp.payload[..]) {
-                            (Status::Ok, b":0\r\n") => Response::status(Status::NotFound),
-                            (Status::Ok, _) => Response::ok(Bytes::new()),
-                            _ => resp,
-                        }
-                    })
-                }
-                _ => Box::pin(async {
-                    Response::error(Status::InvalidCommand, "not supported in adapter mode")
-                }),
-            });
+            return Either::Right(self.adapter_write(req, origin));
         }
         Either::Left(self.replicated_write(req, origin))
     }
@@ -1256,145 +769,6 @@ impl Router {
         } else {
             Response::error(Status::Unavailable, MISS_UNRECORDED)
         }
-    }
-
-    /// Asks each reachable worker for its stats and checks that partners encrypt with the
-    /// same key: a pair whose keys differ would hold copies its members cannot exchange (a
-    /// resync refuses), so it is logged as an error and shown by INFO until fixed.
-    pub(crate) async fn check_keys(&self) {
-        for (n, pair) in self.pairs().iter().enumerate() {
-            for (i, w) in pair.workers.iter().enumerate() {
-                if let Some(text) = self.worker_stats(w).await {
-                    let key = info::get(&text, "key_fingerprint")
-                        .or_else(|| info::get(&text, "encryption"));
-                    *pair.encryption[i].lock().unwrap_or_else(|e| e.into_inner()) =
-                        key.map(str::to_string);
-                }
-            }
-            let (a, b) = (pair.encryption(0), pair.encryption(1));
-            let mismatch = matches!((&a, &b), (Some(a), Some(b)) if a != b);
-            if pair.key_mismatch.swap(mismatch, Ordering::Relaxed) != mismatch {
-                if mismatch {
-                    tracing::error!(
-                        pair = n,
-                        a = %pair.workers[0].addr,
-                        b = %pair.workers[1].addr,
-                        "the workers of this pair use different encryption keys (fingerprints {} and {}); give both the same --encryption-key-file",
-                        a.unwrap_or_default(),
-                        b.unwrap_or_default()
-                    );
-                } else {
-                    tracing::info!(
-                        pair = n,
-                        "the workers of this pair now use the same encryption key"
-                    );
-                }
-            }
-        }
-    }
-
-    /// Every worker's state on one line, for the `status` extension:
-    /// `pair0 127.0.0.1:7001=in_sync 127.0.0.1:7002=resyncing | pair1 ...`.
-    pub fn status_line(&self) -> Bytes {
-        let pairs: Vec<String> = self
-            .pairs()
-            .iter()
-            .enumerate()
-            .map(|(n, pair)| {
-                let [a, b] = &pair.workers;
-                format!(
-                    "pair{n} {}={} {}={}",
-                    a.addr,
-                    a.state().name(),
-                    b.addr,
-                    b.state().name()
-                )
-            })
-            .collect();
-        Bytes::from(pairs.join(" | ") + &self.membership_status())
-    }
-
-    /// One line per pair for INFO: its workers, the state of each, and the key check.
-    pub fn describe(&self) -> String {
-        let mode = match self.mode() {
-            Some(Mode::Replicated) => "replicated",
-            Some(Mode::Adapter) => "adapter",
-            None => "unknown",
-        };
-        let mut out = format!("mode:{mode}\r\nnode_id:{}\r\n", self.clock.node());
-        let topo = self.pairs();
-        let held = topo.slots.counts(topo.len());
-        for (n, pair) in topo.iter().enumerate() {
-            let state = |i: usize| pair.workers[i].state().name();
-            // Whether each encrypts, not its key's fingerprint: clients see INFO, and a
-            // fingerprint is what a forged partner would need to pass a worker's key check.
-            let encryption = |i: usize| match pair.encryption(i).as_deref() {
-                None => "?",
-                Some("off") => "off",
-                Some(_) => "on",
-            };
-            out += &format!(
-                "pair{n}:workers={},{} state={},{} encryption={},{} keys={} slots={}\r\n",
-                pair.workers[0].addr,
-                pair.workers[1].addr,
-                state(0),
-                state(1),
-                encryption(0),
-                encryption(1),
-                if pair.key_mismatch() {
-                    "MISMATCH"
-                } else {
-                    "ok"
-                },
-                held[n]
-            );
-        }
-        out + &self.membership_info()
-    }
-
-    /// Every worker's counters on one line, for the `stats` extension (less
-    /// [`INTERNAL_STATS`]):
-    /// `pair0 127.0.0.1:7001 keys=3 bytes=410 ... | pair0 127.0.0.1:7002 down | ...`.
-    pub async fn stats_line(self: &Arc<Self>) -> Bytes {
-        let mut parts = Vec::new();
-        for (n, pair) in self.pairs().iter().enumerate() {
-            for w in &pair.workers {
-                let counters = match self.worker_stats(w).await {
-                    Some(text) => info::pairs(&text)
-                        .filter(|(k, _)| !INTERNAL_STATS.contains(k))
-                        .map(|(k, v)| format!("{k}={v}"))
-                        .collect::<Vec<_>>()
-                        .join(" "),
-                    None => "down".into(),
-                };
-                parts.push(format!("pair{n} {} {counters}", w.addr));
-            }
-        }
-        Bytes::from(parts.join(" | "))
-    }
-
-    /// Each pair's counters (`name:value` lines, see `twincache_protocol::info`), from
-    /// whichever of its workers answers; `None` for a pair with no reachable worker.
-    pub async fn pair_stats(self: &Arc<Self>) -> Vec<Option<String>> {
-        let topo = self.pairs();
-        let mut out = Vec::with_capacity(topo.len());
-        for pair in topo.iter() {
-            let mut stats = None;
-            for w in &pair.workers {
-                stats = self.worker_stats(w).await;
-                if stats.is_some() {
-                    break;
-                }
-            }
-            out.push(stats);
-        }
-        out
-    }
-
-    /// One worker's `stats` text, if it answers.
-    async fn worker_stats(&self, w: &WorkerLink) -> Option<String> {
-        let resp = self.ask(w, Op::Stats, "").await?;
-        Some(String::from_utf8_lossy(&resp.payload).into_owned())
     }
 
     /// Sends one worker a control request (`op`, with `value`) and returns its answer if it
