@@ -455,6 +455,17 @@ where
 #[must_use = "a reply does nothing unless awaited"]
 pub struct Reply(oneshot::Receiver<Result<Response, Error>>);
 
+impl Reply {
+    /// A reply that is already there: for stand-ins of a connection in tests (the
+    /// orchestrator's routing tests answer for a worker without one).
+    #[doc(hidden)]
+    pub fn ready(answer: Result<Response, Error>) -> Reply {
+        let (tx, rx) = oneshot::channel();
+        let _ = tx.send(answer);
+        Reply(rx)
+    }
+}
+
 impl Future for Reply {
     type Output = Result<Response, Error>;
 

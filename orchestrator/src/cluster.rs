@@ -33,6 +33,8 @@ mod membership;
 mod reports;
 mod rmw;
 mod shared;
+#[cfg(test)]
+mod tests;
 mod topology;
 
 use link::Skipping;

@@ -66,7 +66,15 @@ pub struct WorkerLink {
     /// Cancelled when the worker leaves the cluster (replaced, or its pair removed): its
     /// connections close once the requests in flight are answered.
     stop: CancellationToken,
+    /// Tests: answers for the worker instead of a connection (`None`: not connected), so
+    /// routing and failover are tested without processes (see `cluster::tests`).
+    #[cfg(test)]
+    pub(super) fake: Option<Fake>,
 }
+
+/// A stand-in worker's answer to each request (`None`: it is not reachable).
+#[cfg(test)]
+pub(super) type Fake = Arc<dyn Fn(&Request) -> Option<twincache_protocol::Response> + Send + Sync>;
 
 /// Where a worker stands with its pair.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -142,23 +150,13 @@ impl WorkerLink {
     ) -> Arc<WorkerLink> {
         // The data slots, and one more for health checks (see `send_control`).
         let connections = config.connections_per_worker + 1;
-        let link = Arc::new(WorkerLink {
+        let link = Arc::new(WorkerLink::new(
             addr,
-            slots: (0..connections).map(|_| Mutex::new(None)).collect(),
-            state: AtomicU8::new(WorkerState::Unknown as u8),
-            dirty: AtomicBool::new(false),
-            boot: Mutex::new(None),
-            resync_base: AtomicU64::new(0),
-            retry_at: Mutex::new(None),
-            secret: config.secret.clone(),
-            tls: config.tls.clone(),
-            refused: AtomicBool::new(false),
-            skipped: AtomicU64::new(0),
-            synced_at: AtomicU64::new(0),
-            partial: AtomicBool::new(false),
-            swept: Mutex::new(None),
-            stop: shutdown.child_token(),
-        });
+            connections,
+            config.secret.clone(),
+            config.tls.clone(),
+            shutdown.child_token(),
+        ));
         for slot in 0..connections {
             // These tasks end at shutdown, or when the worker leaves the cluster.
             tokio::spawn(link.clone().maintain(
@@ -169,6 +167,46 @@ impl WorkerLink {
             ));
         }
         link
+    }
+
+    /// A link whose worker is `fake` (tests): no connection is made.
+    #[cfg(test)]
+    pub(super) fn fake(addr: &str, fake: Fake) -> Arc<WorkerLink> {
+        let link = WorkerLink::new(addr.to_string(), 2, None, None, CancellationToken::new());
+        link.set_state(WorkerState::InSync);
+        Arc::new(WorkerLink {
+            fake: Some(fake),
+            ..link
+        })
+    }
+
+    /// A link with `connections` slots, none connected yet, its worker not assessed.
+    fn new(
+        addr: String,
+        connections: usize,
+        secret: Option<ClusterSecret>,
+        tls: Option<Connector>,
+        stop: CancellationToken,
+    ) -> WorkerLink {
+        WorkerLink {
+            addr,
+            slots: (0..connections).map(|_| Mutex::new(None)).collect(),
+            state: AtomicU8::new(WorkerState::Unknown as u8),
+            dirty: AtomicBool::new(false),
+            boot: Mutex::new(None),
+            resync_base: AtomicU64::new(0),
+            retry_at: Mutex::new(None),
+            secret,
+            tls,
+            refused: AtomicBool::new(false),
+            skipped: AtomicU64::new(0),
+            synced_at: AtomicU64::new(0),
+            partial: AtomicBool::new(false),
+            swept: Mutex::new(None),
+            stop,
+            #[cfg(test)]
+            fake: None,
+        }
     }
 
     /// The worker has left the cluster: its connections close (those with requests in flight
@@ -258,6 +296,10 @@ impl WorkerLink {
     /// Queues `req` on the slot of `origin`'s affinity if it is live, else on the next live
     /// one; `None` if the worker has no live connection.
     pub(crate) fn send(&self, req: &Request, origin: &Origin) -> Option<Reply> {
+        #[cfg(test)]
+        if let Some(fake) = &self.fake {
+            return fake(req).map(|r| Reply::ready(Ok(r)));
+        }
         let n = self.slots.len() - 1;
         self.on_live((0..n).map(|i| (origin.affinity + i) % n), |c| {
             c.send_charged(req, origin.account.as_ref())
@@ -268,6 +310,10 @@ impl WorkerLink {
     /// while the worker answers others (`Connection::send_strict`): a read-modify-write's
     /// copy, whose deadline its partner counts on (see `rmw`).
     pub(crate) fn send_strict(&self, req: &Request) -> Option<Reply> {
+        #[cfg(test)]
+        if let Some(fake) = &self.fake {
+            return fake(req).map(|r| Reply::ready(Ok(r)));
+        }
         self.on_live(0..self.slots.len() - 1, |c| c.send_strict(req))
     }
 
@@ -276,6 +322,10 @@ impl WorkerLink {
     /// still answers it (it yields between batches), and so is not taken for dead. Falls
     /// back to the data connections while that one is not connected.
     pub(crate) fn send_control(&self, req: &Request) -> Option<Reply> {
+        #[cfg(test)]
+        if let Some(fake) = &self.fake {
+            return fake(req).map(|r| Reply::ready(Ok(r)));
+        }
         let control = self.slots.len() - 1;
         self.on_live(std::iter::once(control).chain(0..control), |c| c.send(req))
     }

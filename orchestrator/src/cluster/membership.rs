@@ -1291,34 +1291,7 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
-    /// A router for `workers` (nothing need answer there): its links keep trying to
-    /// connect until the token is cancelled.
-    fn start(
-        workers: &[&str],
-        state_file: Option<std::path::PathBuf>,
-    ) -> (Router, CancellationToken) {
-        let config = super::super::RouterConfig {
-            default_ttl_ms: 0,
-            connections_per_worker: 1,
-            max_frame: 1 << 20,
-            worker_timeout: Duration::from_millis(100),
-            node_id: Some(1),
-            mode: None,
-            secret: None,
-            tls: None,
-            state_file,
-            membership: MembershipConfig {
-                rate: 0,
-                batch: 256,
-                from_file: false,
-                listen: "127.0.0.1:7000".parse().unwrap(),
-            },
-        };
-        let shutdown = CancellationToken::new();
-        let workers: Vec<String> = workers.iter().map(|w| w.to_string()).collect();
-        let router = Router::start(&workers, None, &config, &shutdown);
-        (router, shutdown)
-    }
+    use super::super::tests::start;
 
     fn temp_dir(name: &str) -> std::path::PathBuf {
         let dir = std::env::temp_dir().join(format!("twincache-{name}-{}", std::process::id()));

@@ -1,0 +1,220 @@
+//! Routing and failover with stand-in workers ([`WorkerLink::fake`]): what a request does
+//! when a worker does not answer, misses a write, or refuses it as routed by an older map.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
+use twincache_protocol::cluster_map::ClusterMap;
+use twincache_protocol::frame::{Op, Request, Response};
+use twincache_protocol::slots::SlotMap;
+use twincache_protocol::Status;
+
+use super::link::Fake;
+use super::{
+    MembershipConfig, Mode, Origin, Pair, Router, RouterConfig, Topology, WorkerLink, WorkerState,
+};
+
+/// A router for `workers` (nothing need answer there): its links keep trying to connect
+/// until the token is cancelled.
+pub(super) fn start(
+    workers: &[&str],
+    state_file: Option<std::path::PathBuf>,
+) -> (Router, CancellationToken) {
+    let config = RouterConfig {
+        default_ttl_ms: 0,
+        connections_per_worker: 1,
+        max_frame: 1 << 20,
+        worker_timeout: Duration::from_millis(100),
+        node_id: Some(1),
+        mode: None,
+        secret: None,
+        tls: None,
+        state_file,
+        membership: MembershipConfig {
+            rate: 0,
+            batch: 256,
+            from_file: false,
+            listen: "127.0.0.1:7000".parse().unwrap(),
+        },
+    };
+    let shutdown = CancellationToken::new();
+    let workers: Vec<String> = workers.iter().map(|w| w.to_string()).collect();
+    let router = Router::start(&workers, None, &config, &shutdown);
+    (router, shutdown)
+}
+
+/// A router serving one pair of stand-in workers `a` and `b`, both in sync.
+fn pair_of(a: Fake, b: Fake) -> (Arc<Router>, CancellationToken) {
+    let (router, shutdown) = start(&["a:1", "b:1"], None);
+    let links = [WorkerLink::fake("a:1", a), WorkerLink::fake("b:1", b)];
+    router.topology.store(Arc::new(Topology {
+        pairs: vec![Arc::new(Pair::new(links))],
+        slots: SlotMap::even(1),
+        moving: None,
+    }));
+    router.settle_mode(Mode::Replicated);
+    router.set_claimed(true);
+    (Arc::new(router), shutdown)
+}
+
+/// A worker that answers every request `Ok` (a GET with `v`), and keeps what it was sent.
+fn healthy(sent: Arc<Mutex<Vec<Request>>>) -> Fake {
+    Arc::new(move |req: &Request| {
+        sent.lock().unwrap().push(req.clone());
+        Some(match req.op {
+            Op::Get => Response::ok(Bytes::from_static(b"v")),
+            _ => Response::ok(Bytes::new()),
+        })
+    })
+}
+
+fn unreachable() -> Fake {
+    Arc::new(|_: &Request| None)
+}
+
+fn set(key: &'static str) -> Request {
+    let mut req = Request::new(Op::Set, Bytes::from_static(key.as_bytes()));
+    req.value = Bytes::from_static(b"x");
+    req
+}
+
+fn ops(sent: &Mutex<Vec<Request>>, op: Op) -> Vec<Request> {
+    sent.lock()
+        .unwrap()
+        .iter()
+        .filter(|r| r.op == op)
+        .cloned()
+        .collect()
+}
+
+#[tokio::test]
+async fn a_read_goes_to_the_partner_when_a_worker_does_not_answer() {
+    let sent = Arc::default();
+    let (router, shutdown) = pair_of(unreachable(), healthy(sent));
+    for _ in 0..4 {
+        let resp = router
+            .get(Bytes::from_static(b"k"), &Origin::INTERNAL)
+            .await;
+        assert_eq!((resp.status, &resp.payload[..]), (Status::Ok, &b"v"[..]));
+    }
+    assert!(router.stats.failovers.load(Ordering::Relaxed) > 0);
+    shutdown.cancel();
+}
+
+#[tokio::test]
+async fn a_write_one_worker_missed_is_acknowledged_once_the_miss_is_on_record() {
+    let sent = Arc::default();
+    let (router, shutdown) = pair_of(healthy(Arc::clone(&sent)), unreachable());
+    let resp = router.write(set("k"), &Origin::INTERNAL).await;
+    assert_eq!(resp.status, Status::Ok);
+    assert_eq!(
+        ops(&sent, Op::PartnerMissed).len(),
+        1,
+        "the holder counts it"
+    );
+    let b = router.pairs()[0].workers[1].clone();
+    assert_eq!(b.state(), WorkerState::Stale);
+    shutdown.cancel();
+}
+
+#[tokio::test]
+async fn a_write_whose_miss_cannot_be_recorded_is_not_acknowledged() {
+    let takes_sets_only: Fake =
+        Arc::new(|req: &Request| (req.op == Op::Set).then(|| Response::ok(Bytes::new())));
+    let (router, shutdown) = pair_of(takes_sets_only, unreachable());
+    let resp = router.write(set("k"), &Origin::INTERNAL).await;
+    assert_eq!(resp.status, Status::Unavailable);
+    shutdown.cancel();
+}
+
+/// A worker that refuses the first `refusals` writes as routed by an older map (`Moved`
+/// with `epoch`), then takes them.
+fn moved_then_ok(refusals: usize, epoch: u64, sent: Arc<Mutex<Vec<Request>>>) -> Fake {
+    let seen = AtomicUsize::new(0);
+    Arc::new(move |req: &Request| {
+        sent.lock().unwrap().push(req.clone());
+        if req.op == Op::Set && seen.fetch_add(1, Ordering::SeqCst) < refusals {
+            return Some(Response {
+                id: 0,
+                status: Status::Moved,
+                payload: Bytes::from(epoch.to_string()),
+            });
+        }
+        Some(Response::ok(Bytes::new()))
+    })
+}
+
+#[tokio::test]
+async fn a_write_refused_as_moved_is_routed_again_with_its_version() {
+    let (sent_a, sent_b) = (Arc::default(), Arc::default());
+    let (router, shutdown) = pair_of(
+        healthy(Arc::clone(&sent_a)),
+        moved_then_ok(1, 1, Arc::clone(&sent_b)),
+    );
+    let resp = router.write(set("k"), &Origin::INTERNAL).await;
+    assert_eq!(resp.status, Status::Ok);
+    assert_eq!(router.stats.reroutes.load(Ordering::Relaxed), 1);
+    let (a, b) = (ops(&sent_a, Op::Set), ops(&sent_b, Op::Set));
+    assert_eq!((a.len(), b.len()), (2, 2), "sent again to both");
+    assert!(
+        a.iter().chain(&b).all(|r| r.version == a[0].version),
+        "one version: a later write of the session, routed by the new map, stays newer"
+    );
+    assert!(
+        ops(&sent_a, Op::PartnerMissed).is_empty(),
+        "no miss recorded"
+    );
+    shutdown.cancel();
+}
+
+#[tokio::test]
+async fn a_write_refused_as_moved_every_time_is_never_acknowledged() {
+    let sent = Arc::default();
+    let (router, shutdown) = pair_of(healthy(Arc::default()), moved_then_ok(usize::MAX, 1, sent));
+    let resp = router.write(set("k"), &Origin::INTERNAL).await;
+    assert_eq!(
+        resp.status,
+        Status::Unavailable,
+        "taken by one worker, refused by the other"
+    );
+    assert!(String::from_utf8_lossy(&resp.payload).contains("cluster map is changing"));
+    assert_eq!(router.stats.reroutes.load(Ordering::Relaxed), 4);
+    shutdown.cancel();
+}
+
+#[tokio::test]
+async fn a_worker_with_a_newer_map_has_it_adopted_before_the_request_goes_again() {
+    let newer = ClusterMap {
+        workers: vec!["a:1".into(), "b:1".into()],
+        slots: SlotMap::even(1).with_epoch(7),
+        moving: None,
+        wanted: Vec::new(),
+    };
+    let text = format!("7\n{}", newer.text());
+    let refusals = AtomicUsize::new(0);
+    let b: Fake = Arc::new(move |req: &Request| {
+        Some(match req.op {
+            Op::Map => Response::ok(Bytes::from(text.clone())),
+            Op::Set if refusals.fetch_add(1, Ordering::SeqCst) == 0 => Response {
+                id: 0,
+                status: Status::Moved,
+                payload: Bytes::from_static(b"7"),
+            },
+            _ => Response::ok(Bytes::new()),
+        })
+    });
+    let (router, shutdown) = pair_of(healthy(Arc::default()), b);
+    let links_before = router.pairs()[0].clone();
+    let resp = router.write(set("k"), &Origin::INTERNAL).await;
+    assert_eq!(resp.status, Status::Ok);
+    let topo = router.pairs();
+    assert_eq!(topo.slots.epoch(), 7, "routing by the newer map");
+    assert!(
+        Arc::ptr_eq(&topo[0], &links_before),
+        "the same pair keeps its links"
+    );
+    shutdown.cancel();
+}
