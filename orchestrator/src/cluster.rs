@@ -452,15 +452,31 @@ impl Router {
         req: Request,
         origin: &Origin,
     ) -> impl Future<Output = Response> + Send + 'static {
+        self.routed(req, origin, Router::read_once)
+    }
+
+    /// `once(req)`, and again while a worker refuses it as routed by an older map
+    /// ([`Router::rerouted`]). The request is kept for that (a copy of its header; key and
+    /// value are shared), with its version: a later write of the session that was routed by
+    /// the new map at once stays newer.
+    fn routed<F>(
+        self: &Arc<Self>,
+        req: Request,
+        origin: &Origin,
+        once: fn(&Arc<Router>, Request, &Origin) -> F,
+    ) -> impl Future<Output = Response> + Send + 'static
+    where
+        F: Future<Output = Response> + Send + 'static,
+    {
         let again = req.clone();
-        let first = self.read_once(req, origin);
+        let first = once(self, req, origin);
         let (this, origin) = (self.clone(), origin.clone());
         async move {
             let resp = first.await;
             if resp.status != Status::Moved {
                 return resp;
             }
-            this.rerouted(resp, || Box::pin(this.read_once(again.clone(), &origin)))
+            this.rerouted(resp, || Box::pin(once(&this, again.clone(), &origin)))
                 .await
         }
     }
@@ -628,19 +644,7 @@ impl Router {
             req.ttl_ms = twincache_protocol::version::wall_ms().saturating_add(req.ttl_ms);
             req.flags |= flags::EXPIRES_AT;
         }
-        let again = req.clone();
-        let first = self.write_once(req, origin);
-        let (this, origin) = (self.clone(), origin.clone());
-        async move {
-            let resp = first.await;
-            if resp.status != Status::Moved {
-                return resp;
-            }
-            // Routed again with the same version: a later write of the session that was
-            // routed by the new map already is newer, and wins.
-            this.rerouted(resp, || Box::pin(this.write_once(again.clone(), &origin)))
-                .await
-        }
+        self.routed(req, origin, Router::write_once)
     }
 
     /// A stamped write routed by the map now, once.
