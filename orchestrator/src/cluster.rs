@@ -452,51 +452,30 @@ impl Router {
         req: Request,
         origin: &Origin,
     ) -> impl Future<Output = Response> + Send + 'static {
-        self.routed(req, origin, Router::read_once)
-    }
-
-    /// `once(req)`, and again while a worker refuses it as routed by an older map
-    /// ([`Router::rerouted`]). The request is kept for that (a copy of its header; key and
-    /// value are shared), with its version: a later write of the session that was routed by
-    /// the new map at once stays newer.
-    fn routed<F>(
-        self: &Arc<Self>,
-        req: Request,
-        origin: &Origin,
-        once: fn(&Arc<Router>, Request, &Origin) -> F,
-    ) -> impl Future<Output = Response> + Send + 'static
-    where
-        F: Future<Output = Response> + Send + 'static,
-    {
-        let again = req.clone();
-        let first = once(self, req, origin);
-        let (this, origin) = (self.clone(), origin.clone());
-        async move {
-            let resp = first.await;
-            if resp.status != Status::Moved {
-                return resp;
-            }
-            this.rerouted(resp, || Box::pin(once(&this, again.clone(), &origin)))
-                .await
-        }
+        self.read_once(req, origin, true)
     }
 
     /// [`Router::read`] by the map now, once.
+    /// (`reroute`: see [`Router::read_in`]; a read routed again is not routed again from
+    /// inside, [`Router::rerouted`] counts its attempts.)
     fn read_once(
         self: &Arc<Self>,
         mut req: Request,
         origin: &Origin,
+        reroute: bool,
     ) -> impl Future<Output = Response> + Send + 'static {
         let topo = self.topology.load_full();
         let route = topo.route(&req.key);
         if route.from.is_some() {
             req.flags |= flags::MOVING_SOURCE;
+        } else {
+            req.flags &= !flags::MOVING_SOURCE;
         }
         let Some(from) = route.from else {
-            return Either::Left(self.read_in(topo, route.pair, req, origin));
+            return Either::Left(self.read_in(topo, route.pair, req, origin, reroute));
         };
         let again = req.clone();
-        let first = self.read_in(topo.clone(), route.pair, req, origin);
+        let first = self.read_in(topo.clone(), route.pair, req, origin, reroute);
         let this = self.clone();
         let origin = origin.clone();
         Either::Right(Box::pin(async move {
@@ -504,7 +483,7 @@ impl Router {
             if resp.status != Status::NotFound {
                 return resp;
             }
-            this.read_in(topo, from, again, &origin).await
+            this.read_in(topo, from, again, &origin, reroute).await
         }) as BoxedResponse)
     }
 
@@ -535,18 +514,23 @@ impl Router {
         req: Request,
         origin: &Origin,
     ) -> impl Future<Output = Response> + Send + 'static {
-        self.read_in(self.topology.load_full(), pair, req, origin)
+        self.read_in(self.topology.load_full(), pair, req, origin, false)
     }
 
     /// A read on pair `pair` of `topo`. A key the session has a read-modify-write in flight
     /// on is read where that runs (its primary), behind it, so the session reads its own
     /// write.
-    fn read_in(
+    ///
+    /// With `reroute`, a read a worker refuses as routed by an older map is read again by the
+    /// newer one ([`Router::reread`]); without, the refusal is the answer (a program's
+    /// caller decides what to do with it).
+    pub(crate) fn read_in(
         self: &Arc<Self>,
         topo: Arc<Topology>,
         pair: usize,
         mut req: Request,
         origin: &Origin,
+        reroute: bool,
     ) -> impl Future<Output = Response> + Send + 'static {
         let Some(p) = topo.get(pair) else {
             // An index from a topology that has since shrunk (a SCAN cursor, RANDOMKEY).
@@ -561,22 +545,38 @@ impl Router {
         };
         let reply = order[0].and_then(|i| self.send_read(p, i, &mut req, origin));
         let this = self.clone();
-        let origin = order[1].map(|_| origin.clone());
+        let origin = (order[1].is_some() || reroute).then(|| origin.clone());
         Either::Left(async move {
             let p = &topo[pair];
+            let mut resp = None;
             if let Some(first) = order[0] {
-                if let Some(resp) = this.finish_read(&p.workers[first], &req, reply).await {
-                    return resp;
-                }
+                resp = this.finish_read(&p.workers[first], &req, reply).await;
             }
-            if let (Some(second), Some(origin)) = (order[1], &origin) {
+            if let (None, Some(second), Some(origin)) = (&resp, order[1], &origin) {
                 RouterStats::count(&this.stats.failovers);
                 let reply = this.send_read(p, second, &mut req, origin);
-                if let Some(resp) = this.finish_read(&p.workers[second], &req, reply).await {
-                    return resp;
-                }
+                resp = this.finish_read(&p.workers[second], &req, reply).await;
             }
-            unavailable(&this)
+            let resp = resp.unwrap_or_else(|| unavailable(&this));
+            match origin {
+                Some(origin) if reroute && resp.status == Status::Moved => {
+                    this.reread(resp, req, origin).await
+                }
+                _ => resp,
+            }
+        })
+    }
+
+    /// A read refused as routed by an older map, read again by the newer one (boxed, and
+    /// returning a named type: the read's own future stays small, and does not contain
+    /// itself).
+    fn reread(self: &Arc<Self>, refused: Response, req: Request, origin: Origin) -> BoxedResponse {
+        let this = self.clone();
+        Box::pin(async move {
+            this.rerouted(refused, || {
+                Box::pin(this.read_once(req.clone(), &origin, false))
+            })
+            .await
         })
     }
 
@@ -644,15 +644,17 @@ impl Router {
             req.ttl_ms = twincache_protocol::version::wall_ms().saturating_add(req.ttl_ms);
             req.flags |= flags::EXPIRES_AT;
         }
-        self.routed(req, origin, Router::write_once)
+        self.write_once(req, origin, true)
     }
 
     /// A stamped write routed by the map now, once.
     fn write_once(
         self: &Arc<Self>,
-        req: Request,
+        mut req: Request,
         origin: &Origin,
+        reroute: bool,
     ) -> impl Future<Output = Response> + Send + 'static {
+        req.flags &= !flags::MOVING_SOURCE;
         let topo = self.topology.load_full();
         let route = topo.route(&req.key);
         match route.from {
@@ -662,8 +664,8 @@ impl Router {
             Some(from) if req.op == Op::Del => {
                 let mut to_old = req.clone();
                 to_old.flags |= flags::MOVING_SOURCE;
-                let old = self.write_in(topo.clone(), from, to_old, origin);
-                let new = self.write_in(topo, route.pair, req, origin);
+                let old = self.write_in(topo.clone(), from, to_old, origin, reroute);
+                let new = self.write_in(topo, route.pair, req, origin, reroute);
                 Either::Right(Box::pin(async move {
                     let (old, new) = tokio::join!(old, new);
                     if old.status == Status::Moved {
@@ -677,22 +679,26 @@ impl Router {
                     }
                 }) as BoxedResponse)
             }
-            _ => Either::Left(self.write_in(topo, route.pair, req, origin)),
+            _ => Either::Left(self.write_in(topo, route.pair, req, origin, reroute)),
         }
     }
 
-    /// A write, stamped, to pair `pair` of `topo`.
+    /// A write, stamped, to pair `pair` of `topo`; with `reroute`, routed again by a newer map
+    /// if a worker refuses it as routed by an older one ([`Router::rewrite`]).
     fn write_in(
         self: &Arc<Self>,
         topo: Arc<Topology>,
         pair: usize,
         mut req: Request,
         origin: &Origin,
+        reroute: bool,
     ) -> impl Future<Output = Response> + Send + 'static {
         let targets = self.write_targets(&topo[pair]);
         if targets[0] != targets[1] {
             // Its partner will not get it: counted on the worker, which outlives us.
             req.flags |= flags::SOLO;
+        } else {
+            req.flags &= !flags::SOLO;
         }
         let [a, b] = &topo[pair].workers;
         // Queued now, in the session's order (see WorkerLink); awaited below.
@@ -707,8 +713,11 @@ impl Router {
             _ => None,
         };
         let this = self.clone();
+        // What a write routed again needs of its origin: the order of the session's requests
+        // (no account: a write's answer is small), without two reference counts per write.
+        let affinity = origin.affinity;
         async move {
-            let _skipping = skipping;
+            let skipping = skipping;
             let [a, b] = &topo[pair].workers;
             let [ra, rb] = replies;
             let (ra, rb) = tokio::join!(
@@ -725,9 +734,9 @@ impl Router {
                     }
                 },
             );
-            match (ra, rb) {
+            let resp = match (ra, rb) {
                 // Routed by an older map: not acknowledged, whoever else took it (routed
-                // again, it lands where the slot is now, with the same version).
+                // again below, it lands where the slot is now, with the same version).
                 (Some(Some(r)), _) | (_, Some(Some(r))) if r.status == Status::Moved => r,
                 (Some(Some(ra)), Some(Some(rb))) => {
                     // Prefer success; of two other answers either is as informative.
@@ -757,8 +766,35 @@ impl Router {
                     unwritable(&this)
                 }
                 (None, None) => unwritable(&this),
+            };
+            if !reroute || resp.status != Status::Moved {
+                return resp;
             }
+            drop(skipping);
+            this.rewrite(resp, req, affinity).await
         }
+    }
+
+    /// A write refused as routed by an older map, routed again by the newer one with its
+    /// version: a later write of the session that was routed by the new map at once stays
+    /// newer. (Boxed, with a named type, as [`Router::reread`].)
+    fn rewrite(
+        self: &Arc<Self>,
+        refused: Response,
+        req: Request,
+        affinity: usize,
+    ) -> BoxedResponse {
+        let this = self.clone();
+        let origin = Origin {
+            affinity,
+            ..Origin::default()
+        };
+        Box::pin(async move {
+            this.rerouted(refused, || {
+                Box::pin(this.write_once(req.clone(), &origin, false))
+            })
+            .await
+        })
     }
 
     /// `holder` answered a write `missed` did not take: acknowledges it once the miss is on

@@ -601,7 +601,7 @@ impl Router {
         req: Request,
         origin: &Origin,
     ) -> impl Future<Output = Answered> + Send + 'static {
-        let read = self.read_in(topo, pair, req, origin);
+        let read = self.read_in(topo, pair, req, origin, false);
         async move {
             let resp = read.await;
             if resp.status != Status::Ok {
