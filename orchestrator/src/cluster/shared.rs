@@ -149,6 +149,27 @@ impl Router {
         Ok(())
     }
 
+    /// Sends `map` to workers it leaves out (`map set -`), so that they refuse every keyed
+    /// request: one routed by an older map that still has them is then refused, where the
+    /// partner (whose slots did not change) would take it and the worker that replaced
+    /// them would miss it. Best effort: one that does not answer is down, or dead.
+    pub(super) async fn publish_to_leaving(&self, leaving: &[Arc<WorkerLink>], map: &ClusterMap) {
+        if leaving.is_empty() {
+            return;
+        }
+        let ask = format!("set - {}\n{}", self.instance_id(), map.text());
+        let answers = join_all(leaving.iter().map(|w| self.map_call(w, ask.clone()))).await;
+        for (w, answer) in leaving.iter().zip(answers) {
+            if !answer.is_some_and(|r| r.status == Status::Ok) {
+                tracing::warn!(
+                    worker = %w.addr,
+                    epoch = map.epoch(),
+                    "a worker leaving the cluster did not take the map that leaves it out"
+                );
+            }
+        }
+    }
+
     /// Makes sure this orchestrator routes by the newest map the workers hold, before it
     /// changes anything: a worker ahead (or at the same epoch with another map: a change
     /// raced ours) is adopted. Returns whether a map was adopted.
