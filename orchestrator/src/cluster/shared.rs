@@ -202,12 +202,12 @@ impl Router {
     pub(crate) async fn compare_epochs(&self, epochs: &[(Arc<WorkerLink>, u64)]) {
         let topo = self.pairs();
         let ours = topo.slots.epoch();
-        if let Some((w, _)) = epochs
+        if let Some((w, seen)) = epochs
             .iter()
             .filter(|(_, e)| *e > ours)
             .max_by_key(|(_, e)| *e)
         {
-            if let Err(e) = self.adopt_from(w).await {
+            if let Err(e) = self.adopt_newer(w, *seen).await {
                 tracing::warn!(worker = %w.addr, "cannot read the newer cluster map: {e}");
             }
             return;
@@ -245,6 +245,23 @@ impl Router {
     /// orchestrator does not undo the change. Returns whether it did.
     pub(crate) async fn adopt_from(&self, w: &WorkerLink) -> Result<bool, String> {
         let _one = self.swapping.lock().await;
+        self.adopt_locked(w).await
+    }
+
+    /// [`Router::adopt_from`] `w`, seen holding a map of `epoch` (newer than ours), unless
+    /// by the time the lock is ours this orchestrator routes by a map that new: requests
+    /// refused at once all see the same newer map, and each reading of it is a round trip
+    /// made under the lock, in line.
+    pub(crate) async fn adopt_newer(&self, w: &WorkerLink, epoch: u64) -> Result<bool, String> {
+        let _one = self.swapping.lock().await;
+        if self.pairs().slots.epoch() >= epoch {
+            return Ok(false);
+        }
+        self.adopt_locked(w).await
+    }
+
+    /// [`Router::adopt_from`] with the lock for map changes held.
+    async fn adopt_locked(&self, w: &WorkerLink) -> Result<bool, String> {
         let answer = self
             .map_call(w, "get".into())
             .await
@@ -352,7 +369,7 @@ impl Router {
         drop(topo);
         match link {
             Some(w) if epoch > ours => {
-                if let Err(e) = self.adopt_from(&w).await {
+                if let Err(e) = self.adopt_newer(&w, epoch).await {
                     tracing::warn!(worker = %w.addr, "cannot read the newer cluster map: {e}");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
