@@ -128,7 +128,8 @@ pub struct Holding {
 }
 
 impl Holding {
-    /// What pair `pair` of `map` holds.
+    /// What pair `pair` of `map` holds (nothing, for a pair past the map's: a worker
+    /// that is in no pair).
     pub fn of(map: &ClusterMap, pair: usize) -> Holding {
         let mut held = vec![0u64; SLOTS / 64].into_boxed_slice();
         for slot in 0..SLOTS {

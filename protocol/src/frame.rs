@@ -157,7 +157,8 @@ pub enum Op {
     /// [`crate::cluster_map`]). The value is a line, then for `set` the map's text:
     /// `get` (answer: the epoch, a newline, the text; epoch 0 and nothing if none),
     /// `set <pair> <instance>` + map (keep it if its epoch is newer; refused with
-    /// `NotApplied` and the current epoch if older, or another instance holds the lease),
+    /// `NotApplied` and the current epoch if older, or another instance holds the lease;
+    /// `-` for the pair: the worker is in none, and refuses every keyed request),
     /// `lease <instance> <ttl_ms>` (the right to change the map; answer `granted` or
     /// `held <instance> <ms left>`), `release <instance>`.
     Map,

@@ -700,3 +700,58 @@ async fn a_change_made_through_one_orchestrator_is_followed_by_the_other() {
     check(changer.addr, &models, &pairs, &map).await;
     check(serving.addr, &models, &pairs, &map).await;
 }
+
+/// A worker replaced through one orchestrator while the other, between two health rounds,
+/// still routes by the map that has the replaced worker. Its writes to the pair are taken by
+/// the partner (whose slots did not change, so it admits them) and by the replaced worker,
+/// and acknowledged; the new worker, which refilled from the partner already, must not miss
+/// them: the replaced worker is given the new map, in which it is in no pair, so it refuses
+/// them, and the other orchestrator reads the new map and writes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_replaced_through_one_orchestrator_misses_no_write_of_the_other() {
+    let w: Vec<Proc> = (0..3).map(|_| Proc::worker()).collect();
+    let changer = Proc::orchestrator(&[w[0].addr, w[1].addr], FAST);
+    // Slow health rounds: the change is not seen through a health check for a while.
+    let slow = [
+        "--worker-timeout",
+        "300ms",
+        "--health-interval",
+        "6s",
+        "--health-timeout",
+        "200ms",
+    ];
+    let serving = Proc::orchestrator(&[w[0].addr, w[1].addr], &slow);
+    wait_settled(changer.addr, &[16384]).await;
+    wait_settled(serving.addr, &[16384]).await;
+    let mut c = RespConn::connect(changer.addr).await;
+    let (old, new) = (w[1].addr.to_string(), w[2].addr.to_string());
+    let reply = c
+        .call(&[b"CLUSTER", b"REPLACE", old.as_bytes(), new.as_bytes()])
+        .await;
+    assert_eq!(&reply[..], b"+OK\r\n");
+    let replaced = format!("workers={},{new}", w[0].addr);
+    wait_info(changer.addr, "the replacement", |i| {
+        i.contains(&replaced) && i.contains("state=in_sync,in_sync")
+    })
+    .await;
+    // Written through the other orchestrator at once, before its next health round.
+    let through = Client::connect(&serving.addr.to_string()).await.unwrap();
+    for i in 0..100 {
+        through
+            .set(format!("window:{i}"), format!("v{i}"))
+            .await
+            .unwrap();
+    }
+    let new_worker = Client::connect(&new).await.unwrap();
+    for i in 0..100 {
+        let got = new_worker
+            .get::<Bytes>(format!("window:{i}"))
+            .await
+            .unwrap();
+        assert_eq!(
+            got.as_deref(),
+            Some(format!("v{i}").as_bytes()),
+            "window:{i} on the new worker (acknowledged by the other orchestrator)"
+        );
+    }
+}

@@ -55,7 +55,8 @@ struct Kept {
     text: Bytes,
     /// 0: no map.
     epoch: u64,
-    pair: usize,
+    /// `None`: in no pair of the map.
+    pair: Option<usize>,
     lease: Option<Lease>,
 }
 
@@ -140,8 +141,18 @@ impl MapState {
                 Response::ok(Bytes::from(out))
             }
             ["set", pair, instance] => {
-                let Ok(pair) = pair.parse::<usize>() else {
-                    return Response::error(Status::ParseError, "set takes a pair number");
+                // `-`: this worker is in no pair of the map (replaced, or its pair removed).
+                let pair = match *pair {
+                    "-" => None,
+                    n => match n.parse::<usize>() {
+                        Ok(n) => Some(n),
+                        Err(_) => {
+                            return Response::error(
+                                Status::ParseError,
+                                "set takes a pair number, or `-` for none",
+                            )
+                        }
+                    },
                 };
                 self.set(pair, instance, rest, now)
             }
@@ -158,15 +169,16 @@ impl MapState {
             }
             _ => Response::error(
                 Status::ParseError,
-                "map takes `get`, `set PAIR INSTANCE` then a newline and the map, \
+                "map takes `get`, `set PAIR|- INSTANCE` then a newline and the map, \
                  `lease INSTANCE TTL_MS` or `release INSTANCE`",
             ),
         }
     }
 
     /// `map set`: keeps `text` if it is newer than the kept map (see the module docs for
-    /// the lease), or if it is the kept map again (possibly for another pair).
-    fn set(&self, pair: usize, instance: &str, text: &[u8], now: Instant) -> Response {
+    /// the lease), or if it is the kept map again (possibly for another pair). A worker of
+    /// no pair (`None`) holds no slot: it refuses every keyed request.
+    fn set(&self, pair: Option<usize>, instance: &str, text: &[u8], now: Instant) -> Response {
         let Ok(text_str) = std::str::from_utf8(text) else {
             return Response::error(Status::ParseError, "the map is not UTF-8");
         };
@@ -174,14 +186,15 @@ impl MapState {
             Ok(map) => map,
             Err(e) => return parse_error(format!("bad map: {e}")),
         };
-        if pair >= map.pairs() {
+        if let Some(pair) = pair.filter(|&p| p >= map.pairs()) {
             return parse_error(format!(
                 "pair {pair} is not one of the map's {}",
                 map.pairs()
             ));
         }
-        // Worked out before the lock: a walk of every slot.
-        let holding = Holding::of(&map, pair);
+        // Worked out before the lock: a walk of every slot. (A pair past the map's holds
+        // none.)
+        let holding = Holding::of(&map, pair.unwrap_or(map.pairs()));
         let mut kept = self.lock();
         if let Some((holder, left)) = kept
             .lease
@@ -198,7 +211,7 @@ impl MapState {
         let same = epoch == kept.epoch && kept.text == text;
         if epoch > kept.epoch || (same && pair != kept.pair) {
             if epoch > kept.epoch {
-                tracing::info!(epoch, pair, from = kept.epoch, "cluster map kept");
+                tracing::info!(epoch, ?pair, from = kept.epoch, "cluster map kept");
             }
             // A copy: a slice would pin the whole received frame for as long as it is kept.
             kept.text = Bytes::copy_from_slice(text);

@@ -743,8 +743,27 @@ impl Router {
         let epoch = self.pairs().slots.epoch() + 1;
         topo.slots = topo.slots.clone().with_epoch(epoch);
         let wanted = self.membership.wanted();
-        self.publish(&topo, &map_of(&topo, &wanted), required)
-            .await?;
+        let map = map_of(&topo, &wanted);
+        // The workers `topo` leaves out (replaced, or of a removed pair) get it too, as
+        // workers of no pair: another orchestrator still routing by the map that has them
+        // is refused there, and reads the new map, instead of writing to a pair as it was.
+        let leaving: Vec<Arc<WorkerLink>> = self
+            .pairs()
+            .iter()
+            .flat_map(|p| &p.workers)
+            .filter(|w| {
+                !topo
+                    .iter()
+                    .flat_map(|p| &p.workers)
+                    .any(|x| x.addr == w.addr)
+            })
+            .cloned()
+            .collect();
+        let (published, ()) = tokio::join!(
+            self.publish(&topo, &map, required),
+            self.publish_to_leaving(&leaving, &map)
+        );
+        published?;
         self.write_state(&topo, &wanted).await?;
         let old = self.topology.swap(Arc::new(topo));
         self.moved.notify_waiters();

@@ -149,6 +149,27 @@ impl Router {
         Ok(())
     }
 
+    /// Sends `map` to workers it leaves out (`map set -`), so that they refuse every keyed
+    /// request: one routed by an older map that still has them is then refused, where the
+    /// partner (whose slots did not change) would take it and the worker that replaced
+    /// them would miss it. Best effort: one that does not answer is down, or dead.
+    pub(super) async fn publish_to_leaving(&self, leaving: &[Arc<WorkerLink>], map: &ClusterMap) {
+        if leaving.is_empty() {
+            return;
+        }
+        let ask = format!("set - {}\n{}", self.instance_id(), map.text());
+        let answers = join_all(leaving.iter().map(|w| self.map_call(w, ask.clone()))).await;
+        for (w, answer) in leaving.iter().zip(answers) {
+            if !answer.is_some_and(|r| r.status == Status::Ok) {
+                tracing::warn!(
+                    worker = %w.addr,
+                    epoch = map.epoch(),
+                    "a worker leaving the cluster did not take the map that leaves it out"
+                );
+            }
+        }
+    }
+
     /// Makes sure this orchestrator routes by the newest map the workers hold, before it
     /// changes anything: a worker ahead (or at the same epoch with another map: a change
     /// raced ours) is adopted. Returns whether a map was adopted.
@@ -181,12 +202,12 @@ impl Router {
     pub(crate) async fn compare_epochs(&self, epochs: &[(Arc<WorkerLink>, u64)]) {
         let topo = self.pairs();
         let ours = topo.slots.epoch();
-        if let Some((w, _)) = epochs
+        if let Some((w, seen)) = epochs
             .iter()
             .filter(|(_, e)| *e > ours)
             .max_by_key(|(_, e)| *e)
         {
-            if let Err(e) = self.adopt_from(w).await {
+            if let Err(e) = self.adopt_newer(w, *seen).await {
                 tracing::warn!(worker = %w.addr, "cannot read the newer cluster map: {e}");
             }
             return;
@@ -224,6 +245,23 @@ impl Router {
     /// orchestrator does not undo the change. Returns whether it did.
     pub(crate) async fn adopt_from(&self, w: &WorkerLink) -> Result<bool, String> {
         let _one = self.swapping.lock().await;
+        self.adopt_locked(w).await
+    }
+
+    /// [`Router::adopt_from`] `w`, seen holding a map of `epoch` (newer than ours), unless
+    /// by the time the lock is ours this orchestrator routes by a map that new: requests
+    /// refused at once all see the same newer map, and each reading of it is a round trip
+    /// made under the lock, in line.
+    pub(crate) async fn adopt_newer(&self, w: &WorkerLink, epoch: u64) -> Result<bool, String> {
+        let _one = self.swapping.lock().await;
+        if self.pairs().slots.epoch() >= epoch {
+            return Ok(false);
+        }
+        self.adopt_locked(w).await
+    }
+
+    /// [`Router::adopt_from`] with the lock for map changes held.
+    async fn adopt_locked(&self, w: &WorkerLink) -> Result<bool, String> {
         let answer = self
             .map_call(w, "get".into())
             .await
@@ -331,7 +369,7 @@ impl Router {
         drop(topo);
         match link {
             Some(w) if epoch > ours => {
-                if let Err(e) = self.adopt_from(&w).await {
+                if let Err(e) = self.adopt_newer(&w, epoch).await {
                     tracing::warn!(worker = %w.addr, "cannot read the newer cluster map: {e}");
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }

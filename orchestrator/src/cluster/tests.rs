@@ -218,3 +218,53 @@ async fn a_worker_with_a_newer_map_has_it_adopted_before_the_request_goes_again(
     );
     shutdown.cancel();
 }
+
+/// Many requests refused at once by a worker with a newer map: the map is read from it
+/// once, not once per request, one after the other under the lock for map changes (each
+/// reading of the map is a round trip to the worker, and the requests wait in line for it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_requests_refused_at_once_read_the_newer_map_once() {
+    let newer = ClusterMap {
+        workers: vec!["a:1".into(), "b:1".into()],
+        slots: SlotMap::even(1).with_epoch(7),
+        moving: None,
+        wanted: Vec::new(),
+    };
+    let text = format!("7\n{}", newer.text());
+    let reads = Arc::new(AtomicUsize::new(0));
+    let refused = Mutex::new(std::collections::HashSet::new());
+    let b: Fake = {
+        let reads = Arc::clone(&reads);
+        Arc::new(move |req: &Request| {
+            Some(match req.op {
+                Op::Map => {
+                    reads.fetch_add(1, Ordering::SeqCst);
+                    // A round trip's worth, so the other refusals arrive meanwhile.
+                    std::thread::sleep(Duration::from_millis(20));
+                    Response::ok(Bytes::from(text.clone()))
+                }
+                Op::Set if refused.lock().unwrap().insert(req.key.clone()) => Response {
+                    id: 0,
+                    status: Status::Moved,
+                    payload: Bytes::from_static(b"7"),
+                },
+                _ => Response::ok(Bytes::new()),
+            })
+        })
+    };
+    let (router, shutdown) = pair_of(healthy(Arc::default()), b);
+    let writes: Vec<_> = (0..16)
+        .map(|i| {
+            let mut req = Request::new(Op::Set, Bytes::from(format!("k{i}")));
+            req.value = Bytes::from_static(b"x");
+            tokio::spawn(router.write(req, &Origin::INTERNAL))
+        })
+        .collect();
+    for w in writes {
+        assert_eq!(w.await.unwrap().status, Status::Ok);
+    }
+    assert_eq!(router.pairs().slots.epoch(), 7);
+    let reads = reads.load(Ordering::SeqCst);
+    assert!(reads <= 2, "the newer map was read {reads} times");
+    shutdown.cancel();
+}

@@ -421,3 +421,31 @@ fn replicated_changes_of_another_pairs_slot_are_refused_whole() {
     is(&handle(&node, rep), Status::Ok, "1");
     assert!(node.store.exists(&mine));
 }
+
+/// A worker taken out of the map (replaced, or its pair removed) is given the new map as a
+/// worker of no pair (`set - INSTANCE`): it refuses every keyed request, so an orchestrator
+/// still routing by the map that had it learns the new one instead of writing to it.
+#[test]
+fn a_worker_of_no_pair_refuses_every_key() {
+    let node = Node::for_tests(None);
+    let map = cluster(5, true);
+    is(&set_map(&node, 0, "orch-a", &map.text()), Status::Ok, "5");
+    let newer = cluster(6, false);
+    is(
+        &map_op(&node, &format!("set - orch-a\n{}", newer.text())),
+        Status::Ok,
+        "6",
+    );
+    for pair in 0..2 {
+        let key = key_in(&newer, pair, false);
+        for (op, flags) in [(Op::Get, 0), (Op::Set, 0), (Op::Del, flags::MOVING_SOURCE)] {
+            is(&handle(&node, req(op, &key, flags)), Status::Moved, "6");
+        }
+    }
+    // It keeps the map for whoever reads it.
+    is(
+        &map_op(&node, "get"),
+        Status::Ok,
+        &format!("6\n{}", newer.text()),
+    );
+}
