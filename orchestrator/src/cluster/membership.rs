@@ -148,6 +148,22 @@ impl Membership {
         self.wake.notify_one();
     }
 
+    /// Slots `range` moved away from `addr`'s pair: `addr` must drop them (until
+    /// [`Membership::paid_drop`]).
+    fn owe_drop(&self, addr: &str, range: SlotRange) {
+        let mut owed = self.pending_drops.lock().unwrap_or_else(|e| e.into_inner());
+        if !owed.iter().any(|(a, r)| a == addr && *r == range) {
+            owed.push((addr.to_string(), range));
+        }
+    }
+
+    fn paid_drop(&self, addr: &str, range: SlotRange) {
+        self.pending_drops
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(a, r)| !(a == addr && *r == range));
+    }
+
     /// Wants what a map read from the workers wants (another orchestrator's change), so
     /// this one does not undo it.
     pub(super) fn adopt_wanted(&self, wanted: Vec<[String; 2]>) {
@@ -546,20 +562,21 @@ impl Router {
     /// Tells each worker awaiting a sweep to drop the slots its pair does not hold; keeps
     /// those that could not be told, and forgets the workers no longer in the cluster.
     async fn sweep(&self) {
-        let pending = std::mem::take(
-            &mut *self
-                .membership
-                .sweeps
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()),
-        );
-        let mut left = Vec::new();
+        // Each stays owed until it is done, so a step cancelled meanwhile loses none.
+        let pending = self
+            .membership
+            .sweeps
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let mut finished = Vec::new();
         for addr in pending {
             let topo = self.pairs();
             let Some((pair, link)) = topo.iter().enumerate().find_map(|(n, p)| {
                 let w = p.workers.iter().find(|w| w.addr == addr)?;
                 Some((n, w.clone()))
             }) else {
+                finished.push(addr);
                 continue;
             };
             let ranges = not_held(&topo.slots, topo.moving, pair);
@@ -586,33 +603,27 @@ impl Router {
                      brought them back, or it missed their drop)"
                 );
             }
-            if !done {
-                left.push(addr);
+            if done {
+                finished.push(addr);
             }
         }
-        let mut sweeps = self
-            .membership
+        self.membership
             .sweeps
             .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        for addr in left {
-            if !sweeps.contains(&addr) {
-                sweeps.push(addr);
-            }
-        }
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|a| !finished.contains(a));
     }
 
     /// Tells the workers that missed a drop to drop now; forgets the workers no longer in
     /// the cluster.
     async fn retry_drops(&self) {
-        let pending = std::mem::take(
-            &mut *self
-                .membership
-                .pending_drops
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()),
-        );
-        let mut left = Vec::new();
+        // Each stays owed until it is done, so a step cancelled meanwhile loses none.
+        let pending = self
+            .membership
+            .pending_drops
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         for (addr, range) in pending {
             let link = self
                 .pairs()
@@ -620,20 +631,16 @@ impl Router {
                 .flat_map(|p| p.workers.iter())
                 .find(|w| w.addr == addr)
                 .cloned();
-            let Some(link) = link else { continue };
+            let Some(link) = link else {
+                self.membership.paid_drop(&addr, range);
+                continue;
+            };
             let ask = format!("drop {}", range.bounds());
-            match self.ask(&link, Op::Slots, &ask).await {
-                Some(_) => {
-                    tracing::info!(worker = %addr, slots = %range, "dropped the slots it missed dropping")
-                }
-                None => left.push((addr, range)),
+            if self.ask(&link, Op::Slots, &ask).await.is_some() {
+                self.membership.paid_drop(&addr, range);
+                tracing::info!(worker = %addr, slots = %range, "dropped the slots it missed dropping")
             }
         }
-        self.membership
-            .pending_drops
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .extend(left);
         self.sweep().await;
     }
 
@@ -1079,19 +1086,22 @@ impl Router {
             }
         };
         let old = self.swap(settled, &[]).await?;
+        // Owed from now (no await in between): if this step is cancelled (a lost lease,
+        // shutdown) before the drops below, they are still retried.
+        for w in &from.workers {
+            self.membership.owe_drop(&w.addr, m.slots);
+        }
         self.drain(old).await;
         let ask = format!("drop {}", m.slots.bounds());
         let mut dropped = Vec::new();
         for w in &from.workers {
             match self.ask(w, Op::Slots, &ask).await {
-                Some(r) => dropped.push(String::from_utf8_lossy(&r.payload).into_owned()),
+                Some(r) => {
+                    self.membership.paid_drop(&w.addr, m.slots);
+                    dropped.push(String::from_utf8_lossy(&r.payload).into_owned())
+                }
                 None => {
                     tracing::warn!(worker = %w.addr, "could not drop the moved slots: retried until it does");
-                    self.membership
-                        .pending_drops
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .push((w.addr.clone(), m.slots));
                     dropped.push("?".into());
                 }
             }
