@@ -468,7 +468,7 @@ impl Router {
         let route = topo.route(&req.key);
         if route.from.is_some() {
             req.flags |= flags::MOVING_SOURCE;
-        } else {
+        } else if matches!(req.op, Op::Get | Op::Exists) {
             req.flags &= !flags::MOVING_SOURCE;
         }
         let Some(from) = route.from else {
@@ -654,7 +654,10 @@ impl Router {
         origin: &Origin,
         reroute: bool,
     ) -> impl Future<Output = Response> + Send + 'static {
-        req.flags &= !flags::MOVING_SOURCE;
+        // The bit is KEEPTTL on a SET: only a delete's is this router's to clear.
+        if req.op == Op::Del {
+            req.flags &= !flags::MOVING_SOURCE;
+        }
         let topo = self.topology.load_full();
         let route = topo.route(&req.key);
         match route.from {

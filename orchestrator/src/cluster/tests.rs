@@ -268,3 +268,19 @@ async fn many_requests_refused_at_once_read_the_newer_map_once() {
     assert!(reads <= 2, "the newer map was read {reads} times");
     shutdown.cancel();
 }
+
+/// `MOVING_SOURCE` shares its bit with KEEPTTL: a SET keeps the option it was given.
+#[tokio::test]
+async fn a_set_with_keepttl_reaches_the_workers_with_it() {
+    let sent = Arc::default();
+    let (router, shutdown) = pair_of(healthy(Arc::clone(&sent)), healthy(Arc::default()));
+    let mut req = set("k");
+    req.flags = twincache_protocol::frame::flags::KEEP_TTL;
+    assert_eq!(
+        router.write(req, &Origin::INTERNAL).await.status,
+        Status::Ok
+    );
+    let sets = ops(&sent, Op::Set);
+    assert!(sets[0].flags & twincache_protocol::frame::flags::KEEP_TTL != 0);
+    shutdown.cancel();
+}
