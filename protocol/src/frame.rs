@@ -289,11 +289,12 @@ impl Response {
         Response::error(status, status.default_message())
     }
 
-    pub fn error(status: Status, message: &'static str) -> Response {
+    /// `status` with `message` (a `&'static str` is not copied).
+    pub fn error(status: Status, message: impl Into<Bytes>) -> Response {
         Response {
             id: 0,
             status,
-            payload: Bytes::from_static(message.as_bytes()),
+            payload: message.into(),
         }
     }
 

@@ -79,11 +79,7 @@ impl Lease {
 
 /// The refusal of a request routed by a map older than `epoch`.
 pub fn moved(epoch: u64) -> Response {
-    Response {
-        id: 0,
-        status: Status::Moved,
-        payload: Bytes::from(epoch.to_string()),
-    }
+    Response::error(Status::Moved, epoch.to_string())
 }
 
 impl MapState {
@@ -184,13 +180,13 @@ impl MapState {
         };
         let map = match ClusterMap::parse(text_str) {
             Ok(map) => map,
-            Err(e) => return parse_error(format!("bad map: {e}")),
+            Err(e) => return Response::error(Status::ParseError, format!("bad map: {e}")),
         };
         if let Some(pair) = pair.filter(|&p| p >= map.pairs()) {
-            return parse_error(format!(
-                "pair {pair} is not one of the map's {}",
-                map.pairs()
-            ));
+            return Response::error(
+                Status::ParseError,
+                format!("pair {pair} is not one of the map's {}", map.pairs()),
+            );
         }
         // Worked out before the lock: a walk of every slot. (A pair past the map's holds
         // none.)
@@ -201,11 +197,7 @@ impl MapState {
             .as_ref()
             .and_then(|l| l.held_against(instance, now))
         {
-            return Response {
-                id: 0,
-                status: Status::NotApplied,
-                payload: Bytes::from(format!("held {holder} {left}")),
-            };
+            return Response::error(Status::NotApplied, format!("held {holder} {left}"));
         }
         let epoch = map.epoch();
         let same = epoch == kept.epoch && kept.text == text;
@@ -228,11 +220,7 @@ impl MapState {
             }
         } else if !same {
             // Older, or another map under the same epoch: the sender is behind.
-            return Response {
-                id: 0,
-                status: Status::NotApplied,
-                payload: Bytes::from(kept.epoch.to_string()),
-            };
+            return Response::error(Status::NotApplied, kept.epoch.to_string());
         }
         Response::ok(Bytes::from(epoch.to_string()))
     }
@@ -257,14 +245,6 @@ impl MapState {
     fn lock(&self) -> MutexGuard<'_, Kept> {
         // Nothing under the lock can leave `Kept` half-written: a panic there leaves it usable.
         self.kept.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
-fn parse_error(msg: String) -> Response {
-    Response {
-        id: 0,
-        status: Status::ParseError,
-        payload: Bytes::from(msg),
     }
 }
 

@@ -137,11 +137,7 @@ fn moved_then_ok(refusals: usize, epoch: u64, sent: Arc<Mutex<Vec<Request>>>) ->
     Arc::new(move |req: &Request| {
         sent.lock().unwrap().push(req.clone());
         if req.op == Op::Set && seen.fetch_add(1, Ordering::SeqCst) < refusals {
-            return Some(Response {
-                id: 0,
-                status: Status::Moved,
-                payload: Bytes::from(epoch.to_string()),
-            });
+            return Some(Response::error(Status::Moved, epoch.to_string()));
         }
         Some(Response::ok(Bytes::new()))
     })
@@ -185,8 +181,12 @@ async fn a_write_refused_as_moved_every_time_is_never_acknowledged() {
     shutdown.cancel();
 }
 
-#[tokio::test]
-async fn a_worker_with_a_newer_map_has_it_adopted_before_the_request_goes_again() {
+/// A worker holding this pair's map at epoch 7: it answers `map get` with it (after `read`),
+/// and refuses as `Moved` the SETs `refuse` picks.
+fn ahead_at_7(
+    refuse: impl Fn(&Request) -> bool + Send + Sync + 'static,
+    read: impl Fn() + Send + Sync + 'static,
+) -> Fake {
     let newer = ClusterMap {
         workers: vec!["a:1".into(), "b:1".into()],
         slots: SlotMap::even(1).with_epoch(7),
@@ -194,18 +194,22 @@ async fn a_worker_with_a_newer_map_has_it_adopted_before_the_request_goes_again(
         wanted: Vec::new(),
     };
     let text = format!("7\n{}", newer.text());
-    let refusals = AtomicUsize::new(0);
-    let b: Fake = Arc::new(move |req: &Request| {
+    Arc::new(move |req: &Request| {
         Some(match req.op {
-            Op::Map => Response::ok(Bytes::from(text.clone())),
-            Op::Set if refusals.fetch_add(1, Ordering::SeqCst) == 0 => Response {
-                id: 0,
-                status: Status::Moved,
-                payload: Bytes::from_static(b"7"),
-            },
+            Op::Map => {
+                read();
+                Response::ok(Bytes::from(text.clone()))
+            }
+            Op::Set if refuse(req) => Response::error(Status::Moved, "7"),
             _ => Response::ok(Bytes::new()),
         })
-    });
+    })
+}
+
+#[tokio::test]
+async fn a_worker_with_a_newer_map_has_it_adopted_before_the_request_goes_again() {
+    let refusals = AtomicUsize::new(0);
+    let b = ahead_at_7(move |_| refusals.fetch_add(1, Ordering::SeqCst) == 0, || {});
     let (router, shutdown) = pair_of(healthy(Arc::default()), b);
     let links_before = router.pairs()[0].clone();
     let resp = router.write(set("k"), &Origin::INTERNAL).await;
@@ -224,34 +228,17 @@ async fn a_worker_with_a_newer_map_has_it_adopted_before_the_request_goes_again(
 /// reading of the map is a round trip to the worker, and the requests wait in line for it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_requests_refused_at_once_read_the_newer_map_once() {
-    let newer = ClusterMap {
-        workers: vec!["a:1".into(), "b:1".into()],
-        slots: SlotMap::even(1).with_epoch(7),
-        moving: None,
-        wanted: Vec::new(),
-    };
-    let text = format!("7\n{}", newer.text());
     let reads = Arc::new(AtomicUsize::new(0));
     let refused = Mutex::new(std::collections::HashSet::new());
-    let b: Fake = {
-        let reads = Arc::clone(&reads);
-        Arc::new(move |req: &Request| {
-            Some(match req.op {
-                Op::Map => {
-                    reads.fetch_add(1, Ordering::SeqCst);
-                    // A round trip's worth, so the other refusals arrive meanwhile.
-                    std::thread::sleep(Duration::from_millis(20));
-                    Response::ok(Bytes::from(text.clone()))
-                }
-                Op::Set if refused.lock().unwrap().insert(req.key.clone()) => Response {
-                    id: 0,
-                    status: Status::Moved,
-                    payload: Bytes::from_static(b"7"),
-                },
-                _ => Response::ok(Bytes::new()),
-            })
-        })
-    };
+    let counted = Arc::clone(&reads);
+    let b = ahead_at_7(
+        move |req| refused.lock().unwrap().insert(req.key.clone()),
+        move || {
+            counted.fetch_add(1, Ordering::SeqCst);
+            // A round trip's worth, so the other refusals arrive meanwhile.
+            std::thread::sleep(Duration::from_millis(20));
+        },
+    );
     let (router, shutdown) = pair_of(healthy(Arc::default()), b);
     let writes: Vec<_> = (0..16)
         .map(|i| {
