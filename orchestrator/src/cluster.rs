@@ -819,11 +819,21 @@ impl Router {
     /// Sends one worker a control request (`op`, with `value`) and returns its answer if it
     /// was `Ok`.
     pub(crate) async fn ask(&self, w: &WorkerLink, op: Op, value: &str) -> Option<Response> {
-        let mut req = Request::new(op, Bytes::new());
-        req.value = Bytes::copy_from_slice(value.as_bytes());
-        let reply = w.send(&req, &Origin::INTERNAL);
-        self.finish(w, reply)
+        self.control(w, op, value.to_owned())
             .await
             .filter(|r| r.status == Status::Ok)
+    }
+
+    /// [`Router::ask`], answered whatever its status (`None`: no answer).
+    pub(crate) async fn control(
+        &self,
+        w: &WorkerLink,
+        op: Op,
+        value: impl Into<Bytes>,
+    ) -> Option<Response> {
+        let mut req = Request::new(op, Bytes::new());
+        req.value = value.into();
+        let reply = w.send(&req, &Origin::INTERNAL);
+        self.finish(w, reply).await
     }
 }

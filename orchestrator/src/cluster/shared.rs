@@ -20,14 +20,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures_util::future::join_all;
 use twincache_protocol::cluster_map::ClusterMap;
 use twincache_protocol::frame::Op;
-use twincache_protocol::{Request, Response, Status};
+use twincache_protocol::{Response, Status};
 
 use super::membership::{map_of, pairs_now, pairs_of};
-use super::{Origin, Pair, Router, Topology, WorkerLink, WorkerState};
+use super::{Pair, Router, Topology, WorkerLink, WorkerState};
 
 /// How long the right to change the map lasts unless renewed: an orchestrator that dies
 /// during a change holds the others up this long.
@@ -44,10 +43,14 @@ impl Router {
 
     /// Sends a `map` request to `w`; its answer, whatever its status.
     async fn map_call(&self, w: &WorkerLink, value: String) -> Option<Response> {
-        let mut req = Request::new(Op::Map, Bytes::new());
-        req.value = Bytes::from(value);
-        let reply = w.send(&req, &Origin::INTERNAL);
-        self.finish(w, reply).await
+        self.control(w, Op::Map, value).await
+    }
+
+    /// `map set`: `text` (a map) to `w` as a worker of pair `pair` of it (`None`: of none).
+    async fn send_map(&self, w: &WorkerLink, pair: Option<usize>, text: &str) -> Option<Response> {
+        let pair = pair.map_or_else(|| "-".to_string(), |n| n.to_string());
+        let set = format!("set {pair} {}\n{text}", self.instance_id());
+        self.map_call(w, set).await
     }
 
     /// Takes (or renews) the right to change the map: granted by more than half of the
@@ -114,12 +117,11 @@ impl Router {
         required: &[String],
     ) -> Result<(), String> {
         let text = map.text();
-        let id = self.instance_id();
         let sends = topo.iter().enumerate().flat_map(|(n, p)| {
-            let (text, id) = (&text, &id);
-            p.workers.iter().map(move |w| async move {
-                (w, self.map_call(w, format!("set {n} {id}\n{text}")).await)
-            })
+            let text = &text;
+            p.workers
+                .iter()
+                .map(move |w| async move { (w, self.send_map(w, Some(n), text).await) })
         });
         for (w, answer) in join_all(sends).await {
             match answer {
@@ -157,8 +159,8 @@ impl Router {
         if leaving.is_empty() {
             return;
         }
-        let ask = format!("set - {}\n{}", self.instance_id(), map.text());
-        let answers = join_all(leaving.iter().map(|w| self.map_call(w, ask.clone()))).await;
+        let text = map.text();
+        let answers = join_all(leaving.iter().map(|w| self.send_map(w, None, &text))).await;
         for (w, answer) in leaving.iter().zip(answers) {
             if !answer.is_some_and(|r| r.status == Status::Ok) {
                 tracing::warn!(
@@ -175,7 +177,7 @@ impl Router {
     /// raced ours) is adopted. Returns whether a map was adopted.
     pub(super) async fn catch_up(&self) -> Result<bool, String> {
         let topo = self.pairs();
-        let ours = placement(&map_of(&topo, &[]));
+        let ours = map_of(&topo, &[]);
         let epoch = topo.slots.epoch();
         let links: Vec<Arc<WorkerLink>> = topo.iter().flat_map(|p| p.workers.clone()).collect();
         drop(topo);
@@ -185,7 +187,7 @@ impl Router {
             let Some((e, text)) = r.as_ref().and_then(held_map) else {
                 continue;
             };
-            let ahead = e > epoch || (e == epoch && placement_of(text) != ours);
+            let ahead = e > epoch || (e == epoch && !places_alike(text, &ours));
             if ahead && best.is_none_or(|(b, _)| e > b) {
                 best = Some((e, w));
             }
@@ -221,7 +223,6 @@ impl Router {
             return;
         }
         let text = map_of(&topo, &self.membership.wanted()).text();
-        let id = self.instance_id();
         for w in behind {
             let Some(n) = topo
                 .iter()
@@ -229,7 +230,7 @@ impl Router {
             else {
                 continue;
             };
-            match self.map_call(w, format!("set {n} {id}\n{text}")).await {
+            match self.send_map(w, Some(n), &text).await {
                 Some(r) if r.status == Status::Ok => {
                     tracing::info!(worker = %w.addr, epoch = ours, "sent the cluster map")
                 }
@@ -269,8 +270,8 @@ impl Router {
         let (epoch, text) =
             held_map(&answer).ok_or_else(|| format!("{} answered no map", w.addr))?;
         let now = self.pairs();
-        let ours = placement(&map_of(&now, &[]));
-        if epoch < now.slots.epoch() || (epoch == now.slots.epoch() && placement_of(text) == ours) {
+        let ours = map_of(&now, &[]);
+        if epoch < now.slots.epoch() || (epoch == now.slots.epoch() && places_alike(text, &ours)) {
             return Ok(false);
         }
         let map = ClusterMap::parse(text)
@@ -386,19 +387,13 @@ impl Router {
     }
 }
 
-/// Where keys are (the pairs, the slots, the move under way) in `map`, without what a change
-/// wants: two maps that place keys alike route alike.
-fn placement(map: &ClusterMap) -> String {
-    ClusterMap {
-        wanted: Vec::new(),
-        ..map.clone()
-    }
-    .text()
-}
-
-/// [`placement`] of a map's text; the text itself if it does not parse.
-fn placement_of(text: &str) -> String {
-    ClusterMap::parse(text).map_or_else(|_| text.to_string(), |m| placement(&m))
+/// Whether the map `text` places keys as `ours` does (the same pairs, slots and move under
+/// way; what a change wants aside): two such maps route alike. A text that does not parse
+/// does not.
+fn places_alike(text: &str, ours: &ClusterMap) -> bool {
+    ClusterMap::parse(text).is_ok_and(|m| {
+        m.workers == ours.workers && m.slots.same_owners(&ours.slots) && m.moving == ours.moving
+    })
 }
 
 /// A `map get` answer: the epoch and the text (none if the worker holds no map).
