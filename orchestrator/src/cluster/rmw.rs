@@ -127,6 +127,15 @@ pub fn gets<'k>(mut keys: impl ExactSizeIterator<Item = &'k Bytes>, cap: usize) 
     req
 }
 
+/// The key of the first change of a changes block (the key an apply ran on).
+fn first_key(changes: Bytes) -> Option<Bytes> {
+    decode_changes(changes)
+        .ok()?
+        .into_iter()
+        .next()
+        .map(|c| c.key)
+}
+
 /// One step of a key-space walk on one worker.
 #[derive(Debug, Clone)]
 pub struct ScanStep {
@@ -311,6 +320,18 @@ impl Router {
         }
     }
 
+    /// The copy of `changes` (an apply's answer) to store at `version` on a partner. The
+    /// partner applies no program of its own before copies sent until then landed; the copy
+    /// is given up after one timeout even if the partner is merely busy (it then refills),
+    /// so a new primary need wait only that long.
+    fn replicate(&self, changes: Bytes, version: u64) -> Request {
+        let mut copy = Request::new(Op::Replicate, Bytes::new());
+        copy.version = version;
+        copy.ttl_ms = self.worker_timeout.as_millis() as u64;
+        copy.value = changes;
+        copy
+    }
+
     /// Sends the primary's changes to the partner; the answer once it has them, or once its
     /// miss is on record.
     async fn copy_to_partner(
@@ -333,13 +354,7 @@ impl Router {
             // It stopped taking writes since the program was sent.
             return self.acknowledge_rmw(holder, partner, answer).await;
         }
-        let mut copy = Request::new(Op::Replicate, Bytes::new());
-        copy.version = answer.version;
-        // The partner applies no program of its own before copies sent until then landed.
-        // The copy is given up after one timeout even if the partner is merely busy (it
-        // then refills), so a new primary need wait only that long.
-        copy.ttl_ms = self.worker_timeout.as_millis() as u64;
-        copy.value = answer.changes.clone();
+        let copy = self.replicate(answer.changes.clone(), answer.version);
         let reply = partner.send_strict(&copy);
         match self.finish(partner, reply).await {
             Some(r) if r.status == Status::Ok => Ok(answer),
@@ -377,17 +392,10 @@ impl Router {
         mut refused: Response,
         answer: Answer,
     ) -> Answered {
-        let Some(key) = decode_changes(answer.changes.clone())
-            .ok()
-            .and_then(|c| c.into_iter().next())
-            .map(|c| c.key)
-        else {
+        let Some(key) = first_key(answer.changes.clone()) else {
             return self.acknowledge_rmw(holder, partner, answer).await;
         };
-        let mut copy = Request::new(Op::Replicate, Bytes::new());
-        copy.version = answer.version;
-        copy.ttl_ms = self.worker_timeout.as_millis() as u64;
-        copy.value = answer.changes.clone();
+        let copy = self.replicate(answer.changes.clone(), answer.version);
         for _ in 0..super::shared::REROUTES {
             RouterStats::count(&self.stats.reroutes);
             self.reroute(&refused).await;
@@ -447,11 +455,7 @@ impl Router {
         changes: &Bytes,
         version: u64,
     ) -> bool {
-        let Some(key) = decode_changes(changes.clone())
-            .ok()
-            .and_then(|c| c.into_iter().next())
-            .map(|c| c.key)
-        else {
+        let Some(key) = first_key(changes.clone()) else {
             return false;
         };
         let mut export = Request::new(Op::Query, key.clone());
@@ -476,10 +480,7 @@ impl Router {
         } else {
             (exported.changes, exported.version)
         };
-        let mut copy = Request::new(Op::Replicate, Bytes::new());
-        copy.version = version;
-        copy.ttl_ms = self.worker_timeout.as_millis() as u64;
-        copy.value = changes;
+        let copy = self.replicate(changes, version);
         let reply = partner.send_strict(&copy);
         matches!(self.finish(partner, reply).await, Some(r) if r.status == Status::Ok)
     }
