@@ -89,9 +89,13 @@ impl MapState {
         self.holding.load().as_ref().map_or(0, |h| h.epoch())
     }
 
-    /// What this worker's pair holds, if a map is kept (a guard: cheap, do not keep it long).
-    pub fn holding(&self) -> arc_swap::Guard<Option<Arc<Holding>>> {
-        self.holding.load()
+    /// What a program's keys are checked against: `None` if a map is not kept, or if this
+    /// worker's pair holds every slot (every key is admitted; not loaded then).
+    pub fn holding(&self) -> Option<Arc<Holding>> {
+        if self.every_slot.load(Ordering::Acquire) {
+            return None;
+        }
+        self.holding.load_full()
     }
 
     /// The refusal of a single-key request (the frame's key is the key it works on) whose
