@@ -34,7 +34,7 @@
 //! second later from where the map is, and a move under way is finished first, so a change
 //! resumes rather than restarts.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use twincache_client::PATIENCE;
 
@@ -46,6 +46,11 @@ use twincache_protocol::frame::Op;
 use twincache_protocol::slots::{Move, SlotMap, SlotRange};
 
 use super::{shared, Pair, Router, Topology, WorkerLink, WorkerState};
+
+/// `m` locked; a panic under it (none is expected) leaves the lists it guards usable.
+fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// How long a change waits for a pair to be in sync before the attempt fails (and is tried
 /// again).
@@ -131,14 +136,11 @@ impl Membership {
 
     /// The pairs asked for last.
     pub fn wanted(&self) -> Vec<[String; 2]> {
-        self.wanted
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        locked(&self.wanted).clone()
     }
 
     fn set_wanted(&self, wanted: Vec<[String; 2]>) {
-        *self.wanted.lock().unwrap_or_else(|e| e.into_inner()) = wanted;
+        *locked(&self.wanted) = wanted;
         // Shown at once: the change starts once the lease for changes is taken.
         self.update(|p| {
             if p.phase == "idle" {
@@ -151,35 +153,29 @@ impl Membership {
     /// Slots `range` moved away from `addr`'s pair: `addr` must drop them (until
     /// [`Membership::paid_drop`]).
     fn owe_drop(&self, addr: &str, range: SlotRange) {
-        let mut owed = self.pending_drops.lock().unwrap_or_else(|e| e.into_inner());
+        let mut owed = locked(&self.pending_drops);
         if !owed.iter().any(|(a, r)| a == addr && *r == range) {
             owed.push((addr.to_string(), range));
         }
     }
 
     fn paid_drop(&self, addr: &str, range: SlotRange) {
-        self.pending_drops
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|(a, r)| !(a == addr && *r == range));
+        locked(&self.pending_drops).retain(|(a, r)| !(a == addr && *r == range));
     }
 
     /// Wants what a map read from the workers wants (another orchestrator's change), so
     /// this one does not undo it.
     pub(super) fn adopt_wanted(&self, wanted: Vec<[String; 2]>) {
-        let _one_at_a_time = self.asking.lock().unwrap_or_else(|e| e.into_inner());
-        *self.wanted.lock().unwrap_or_else(|e| e.into_inner()) = wanted;
+        let _one_at_a_time = locked(&self.asking);
+        *locked(&self.wanted) = wanted;
     }
 
     pub fn progress(&self) -> Progress {
-        self.progress
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        locked(&self.progress).clone()
     }
 
     fn update(&self, f: impl FnOnce(&mut Progress)) {
-        f(&mut self.progress.lock().unwrap_or_else(|e| e.into_inner()));
+        f(&mut locked(&self.progress));
     }
 }
 
@@ -430,11 +426,7 @@ impl Router {
         &self,
         change: impl FnOnce(Vec<[String; 2]>) -> Result<Vec<String>, String>,
     ) -> Result<(), String> {
-        let _one_at_a_time = self
-            .membership
-            .asking
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let _one_at_a_time = locked(&self.membership.asking);
         let workers = change(self.membership.wanted())?;
         crate::config::check_distinct(self.membership.config.listen, &workers)?;
         let wanted = pairs_of(&workers);
@@ -530,15 +522,7 @@ impl Router {
 
     fn drops_pending(&self) -> bool {
         let m = &self.membership;
-        !m.pending_drops
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_empty()
-            || !m
-                .sweeps
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .is_empty()
+        !locked(&m.pending_drops).is_empty() || !locked(&m.sweeps).is_empty()
     }
 
     /// Has `w` drop every slot its pair does not hold, soon (the membership task does it, so
@@ -548,11 +532,7 @@ impl Router {
     /// taken before its own drop, or its drop is still being retried), and nothing else would
     /// ever drop them again; and the drops an earlier run retried are not remembered.
     pub(crate) fn sweep_later(&self, w: &WorkerLink) {
-        let mut sweeps = self
-            .membership
-            .sweeps
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut sweeps = locked(&self.membership.sweeps);
         if !sweeps.contains(&w.addr) {
             sweeps.push(w.addr.clone());
             self.membership.wake.notify_one();
@@ -563,12 +543,7 @@ impl Router {
     /// those that could not be told, and forgets the workers no longer in the cluster.
     async fn sweep(&self) {
         // Each stays owed until it is done, so a step cancelled meanwhile loses none.
-        let pending = self
-            .membership
-            .sweeps
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let pending = locked(&self.membership.sweeps).clone();
         let mut finished = Vec::new();
         for addr in pending {
             let topo = self.pairs();
@@ -607,23 +582,14 @@ impl Router {
                 finished.push(addr);
             }
         }
-        self.membership
-            .sweeps
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|a| !finished.contains(a));
+        locked(&self.membership.sweeps).retain(|a| !finished.contains(a));
     }
 
     /// Tells the workers that missed a drop to drop now; forgets the workers no longer in
     /// the cluster.
     async fn retry_drops(&self) {
         // Each stays owed until it is done, so a step cancelled meanwhile loses none.
-        let pending = self
-            .membership
-            .pending_drops
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        let pending = locked(&self.membership.pending_drops).clone();
         for (addr, range) in pending {
             let link = self
                 .pairs()
@@ -961,11 +927,7 @@ impl Router {
         let to = self.pairs()[m.to].clone();
         self.wait_receiver(&to).await?;
         self.retry_drops().await;
-        let stale = self
-            .membership
-            .pending_drops
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        let stale = locked(&self.membership.pending_drops)
             .iter()
             .find(|(a, range)| to.workers.iter().any(|w| &w.addr == a) && range.overlaps(m.slots))
             .cloned();
@@ -975,11 +937,7 @@ impl Router {
                  it has dropped them"
             ));
         }
-        let unswept = self
-            .membership
-            .sweeps
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        let unswept = locked(&self.membership.sweeps)
             .iter()
             .find(|a| to.workers.iter().any(|w| &w.addr == *a))
             .cloned();
