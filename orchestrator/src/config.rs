@@ -483,7 +483,12 @@ pub fn parse_worker(word: &str) -> Result<String, String> {
         worker_addr(host, port)
     };
     match word.split_once('@') {
-        Some((dialed, peer)) => Ok(format!("{}@{}", one(dialed)?, one(peer)?)),
+        Some((dialed, peer)) => {
+            let both = one(dialed).and_then(|d| Ok(format!("{d}@{}", one(peer)?)));
+            both.map_err(|e| {
+                format!("{e} (in `{word}`: a worker the others reach elsewhere is <host>:<port>@<peer host>:<peer port>)")
+            })
+        }
         None => one(word),
     }
 }
@@ -615,7 +620,12 @@ mod tests {
         assert_eq!(dialed(both), "10.0.0.1:7001");
         assert_eq!(peer(both), "192.168.0.1:7001");
         assert_eq!((dialed("h:1"), peer("h:1")), ("h:1", "h:1"));
-        assert!(parse_worker("10.0.0.1:7001@nope").is_err());
+        let e = parse_worker("10.0.0.1:7001@nope").unwrap_err();
+        assert!(
+            e.starts_with("`nope` is not <host>:<port> (in `10.0.0.1:7001@nope`:"),
+            "{e}"
+        );
+        assert!(parse_worker("a:1@b:2@c:3").is_err());
         assert!(parse_worker("@10.0.0.1:7001").is_err());
         let pairs = parse_cluster_file(&format!("{both} [::1]:7002@[::1]:7003\n")).unwrap();
         assert_eq!(pairs, [both, "[::1]:7002@[::1]:7003"]);
