@@ -45,7 +45,8 @@ use twincache_protocol::cluster_map::ClusterMap;
 use twincache_protocol::frame::Op;
 use twincache_protocol::slots::{Move, SlotMap, SlotRange};
 
-use super::{shared, Pair, Router, Topology, WorkerLink, WorkerState};
+use super::shared::{self, NoLease};
+use super::{Pair, Router, Topology, WorkerLink, WorkerState};
 
 /// `m` locked; a panic under it (none is expected) leaves the lists it guards usable.
 fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -94,11 +95,19 @@ pub struct Membership {
     sweeps: Mutex<Vec<String>>,
 }
 
+/// Why an attempt under the lease did not end in a change made (or nothing to do).
+enum Stopped {
+    /// Another orchestrator holds the lease for changes: not an error, tried again.
+    Waiting(String),
+    Failed(String),
+}
+
 /// How the current (or last) change goes, for INFO, `status` and the log.
 #[derive(Debug, Clone, Default)]
 pub struct Progress {
-    /// `idle`, `asked` (a change waits for the lease for changes), `replacing`, `joining`,
-    /// `moving`, `removing`, or `retrying` after an error.
+    /// `idle`, `asked` (a change waits for the lease for changes), `waiting` (another
+    /// orchestrator holds that lease), `replacing`, `joining`, `moving`, `removing`, or
+    /// `retrying` after an error.
     pub phase: &'static str,
     pub slots_done: usize,
     pub slots_total: usize,
@@ -447,7 +456,8 @@ impl Router {
             }
         }
         loop {
-            let retry = self.membership.progress().phase == "retrying" || self.drops_pending();
+            let phase = self.membership.progress().phase;
+            let retry = matches!(phase, "retrying" | "waiting") || self.drops_pending();
             let wait = async {
                 if retry {
                     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -479,7 +489,11 @@ impl Router {
                         p.last = summary;
                     });
                 }
-                Err(e) => {
+                Err(Stopped::Waiting(e)) => {
+                    tracing::info!("membership: {e}; trying again in a second");
+                    self.membership.update(|p| p.phase = "waiting");
+                }
+                Err(Stopped::Failed(e)) => {
                     tracing::warn!("membership change: {e}; trying again in a second");
                     self.membership.update(|p| {
                         p.phase = "retrying";
@@ -493,8 +507,11 @@ impl Router {
     /// The drops owed and one attempt at the change asked for, holding the lease for changes
     /// (renewed meanwhile) and routing by the newest map the workers hold: a map another
     /// orchestrator made is adopted first, with what it wants.
-    async fn under_lease(&self) -> Result<Option<String>, String> {
-        self.take_lease().await?;
+    async fn under_lease(&self) -> Result<Option<String>, Stopped> {
+        self.take_lease().await.map_err(|e| match e {
+            NoLease::Held(_) => Stopped::Waiting(e.to_string()),
+            NoLease::TooFew(e) => Stopped::Failed(e),
+        })?;
         let work = async {
             if self.catch_up().await? {
                 return Ok(Some(
@@ -513,8 +530,8 @@ impl Router {
             }
         };
         let result = tokio::select! {
-            r = work => r,
-            e = renew => Err(format!("lost the lease for changes: {e}")),
+            r = work => r.map_err(Stopped::Failed),
+            e = renew => Err(Stopped::Failed(format!("lost the lease for changes: {e}"))),
         };
         self.release_lease().await;
         result

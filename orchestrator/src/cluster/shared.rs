@@ -36,6 +36,27 @@ pub(super) const LEASE_RENEW: Duration = Duration::from_secs(2);
 /// How many times one request refused with `Moved` is routed again before it fails.
 pub(super) const REROUTES: usize = 4;
 
+/// Why the lease for changes was not granted.
+#[derive(Debug)]
+pub(super) enum NoLease {
+    /// Another orchestrator holds it (who, and for how long): waiting is all there is to do.
+    Held(String),
+    /// Too few workers answered: an error to show.
+    TooFew(String),
+}
+
+impl std::fmt::Display for NoLease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NoLease::Held(who) => write!(
+                f,
+                "another orchestrator holds the lease for changes ({who})"
+            ),
+            NoLease::TooFew(why) => f.write_str(why),
+        }
+    }
+}
+
 impl Router {
     fn instance_id(&self) -> String {
         format!("{:016x}", self.instance)
@@ -55,7 +76,7 @@ impl Router {
 
     /// Takes (or renews) the right to change the map: granted by more than half of the
     /// map's workers, so no two orchestrators hold it at once.
-    pub(super) async fn take_lease(&self) -> Result<(), String> {
+    pub(super) async fn take_lease(&self) -> Result<(), NoLease> {
         let topo = self.pairs();
         let workers: Vec<&Arc<WorkerLink>> = topo.iter().flat_map(|p| &p.workers).collect();
         let ask = format!("lease {} {}", self.instance_id(), LEASE_TTL.as_millis());
@@ -82,14 +103,12 @@ impl Router {
             return Ok(());
         }
         Err(match holder {
-            Some(h) => {
-                format!("another orchestrator is changing the cluster (instance and ms left: {h})")
-            }
-            None => format!(
+            Some(h) => NoLease::Held(format!("instance and ms left: {h}")),
+            None => NoLease::TooFew(format!(
                 "only {granted} of {} workers granted the lease for changes (more than half \
                  must, or all but those down)",
                 workers.len()
-            ),
+            )),
         })
     }
 
