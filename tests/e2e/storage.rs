@@ -336,57 +336,85 @@ fn distinctive_values() -> Vec<(String, String)> {
         .collect()
 }
 
-/// What a core dump (gcore) of process `pid` holds of `needles` (none holding a newline):
-/// the indexes found. A worker's dump is over a gigabyte (mostly the allocator's reserved
-/// arena), so grep searches it.
-/// One dump at a time, so the tests that take them need one dump's disk space, not several.
-fn found_in_core_dump(pid: u32, dir: &std::path::Path, needles: &[Vec<u8>]) -> Vec<usize> {
-    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+/// What a core dump of process `pid` would hold of `needles`: the indexes found. The dump's
+/// content is read straight from `/proc/<pid>/mem` while the process is stopped, every
+/// readable mapping but those marked `dd` (`MADV_DONTDUMP`, which gcore and the kernel leave
+/// out), so no gigabyte-sized file is written (a worker maps over a gigabyte, mostly the
+/// allocator's reserved arena, and a CI disk may not have it free).
+fn found_in_core_dump(pid: u32, needles: &[Vec<u8>]) -> Vec<usize> {
+    use std::os::unix::fs::FileExt;
     let started = std::time::Instant::now();
-    let prefix = dir.join("core");
-    let out = Command::new("gcore")
-        .arg("-o")
-        .arg(&prefix)
-        .arg(pid.to_string())
-        .output()
-        .expect("run gcore (apt-get install gdb)");
-    let core = dir.join(format!("core.{pid}"));
-    assert!(
-        out.status.success() && core.exists(),
-        "gcore failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let list = dir.join("needles");
-    let mut lines = Vec::new();
-    for n in needles {
-        assert!(!n.contains(&b'\n'));
-        lines.extend_from_slice(n);
-        lines.push(b'\n');
+    let searcher = aho_corasick::AhoCorasick::new(needles).unwrap();
+    let longest = needles.iter().map(Vec::len).max().unwrap_or(1);
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    let signal = |sig: &str| {
+        let ok = Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "kill {sig} {pid}");
+    };
+    signal("-STOP");
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem"))
+        .expect("read another process's memory (ptrace permission)");
+    let mut found = vec![false; needles.len()];
+    let (mut read, mut chunk) = (0u64, vec![0u8; 1 << 20]);
+    for (start, end) in dumped_mappings(&smaps) {
+        // Each chunk starts with the last bytes of the one before, so a needle across the
+        // boundary is seen whole.
+        let mut carried = 0;
+        let mut at = start;
+        while at < end {
+            let want = ((end - at) as usize).min(chunk.len() - carried);
+            let got = match mem.read_at(&mut chunk[carried..carried + want], at) {
+                Ok(0) | Err(_) => break, // [vvar] and the like cannot be read; a dump skips them too
+                Ok(n) => n,
+            };
+            read += got as u64;
+            let filled = carried + got;
+            for m in searcher.find_overlapping_iter(&chunk[..filled]) {
+                found[m.pattern().as_usize()] = true;
+            }
+            carried = filled.min(longest - 1);
+            chunk.copy_within(filled - carried..filled, 0);
+            at += got as u64;
+        }
     }
-    std::fs::write(&list, lines).unwrap();
-    let grep = Command::new("grep")
-        .env("LC_ALL", "C")
-        .args(["-a", "-o", "-F", "-f"])
-        .arg(&list)
-        .arg(&core)
-        .output()
-        .expect("run grep");
+    signal("-CONT");
     eprintln!(
-        "core dump of {pid}: {} MB, dumped and searched in {:.1?}",
-        std::fs::metadata(&core).unwrap().len() >> 20,
+        "memory of {pid}: {} MB dumpable, searched in {:.1?}",
+        read >> 20,
         started.elapsed()
     );
-    std::fs::remove_file(&core).unwrap();
-    let mut found: Vec<usize> = grep
-        .stdout
-        .split(|&b| b == b'\n')
-        .filter_map(|hit| needles.iter().position(|n| n == hit))
-        .collect();
-    found.sort_unstable();
-    found.dedup();
-    found
+    (0..needles.len()).filter(|&i| found[i]).collect()
+}
+
+/// The address ranges of `/proc/<pid>/smaps` that a core dump holds: readable, and not
+/// marked `dd` in their `VmFlags`.
+fn dumped_mappings(smaps: &str) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let mut current: Option<(u64, u64)> = None;
+    for line in smaps.lines() {
+        if let Some(flags) = line.strip_prefix("VmFlags:") {
+            if let Some(range) = current.take() {
+                if !flags.split_whitespace().any(|f| f == "dd") {
+                    out.push(range);
+                }
+            }
+            continue;
+        }
+        let mut fields = line.split_whitespace();
+        let (Some(range), Some(perms)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        let Some((a, b)) = range.split_once('-') else {
+            continue;
+        };
+        if let (Ok(a), Ok(b)) = (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)) {
+            current = perms.starts_with('r').then_some((a, b));
+        }
+    }
+    out
 }
 
 /// Writes the 100 distinctive values through an orchestrator in front of `workers`, reads
@@ -465,7 +493,6 @@ fn needles(values: &[(String, String)]) -> Vec<Vec<u8>> {
 async fn a_core_dump_of_an_encrypting_worker_holds_no_value_and_not_the_key() {
     let scratch = crate::ops::TempDir::new("e2e-core");
     let dir = scratch.0.clone();
-    // A key of our own, with no newline in it (grep takes one needle a line).
     let raw: Vec<u8> = (0..32)
         .map(|i| 0x41 + (rand::random::<u8>() % 26) + i % 2)
         .collect();
@@ -487,7 +514,7 @@ async fn a_core_dump_of_an_encrypting_worker_holds_no_value_and_not_the_key() {
     wanted.push(raw);
     wanted.push(hex.into_bytes());
     for w in &workers {
-        let found = found_in_core_dump(w.pid(), &dir, &wanted);
+        let found = found_in_core_dump(w.pid(), &wanted);
         assert!(
             found.is_empty(),
             "the core dump of worker {} holds {} of the 100 values (indexes {:?}; 100 is the \
@@ -506,8 +533,6 @@ async fn a_core_dump_of_an_encrypting_worker_holds_no_value_and_not_the_key() {
 /// that test's silence means the values are gone, not that it cannot see them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_core_dump_of_a_plain_worker_shows_the_values() {
-    let scratch = crate::ops::TempDir::new("e2e-plaincore");
-    let dir = scratch.0.clone();
     // Dictionaries off: a value compressed against one is stored in pieces, and the token
     // would not show whole. The point is only that the dump shows what the worker holds.
     let workers = [
@@ -516,7 +541,7 @@ async fn a_core_dump_of_a_plain_worker_shows_the_values() {
     ];
     let values = write_distinctive_then_others(&workers).await;
     for w in &workers {
-        let found = found_in_core_dump(w.pid(), &dir, &needles(&values));
+        let found = found_in_core_dump(w.pid(), &needles(&values));
         assert_eq!(found.len(), 100, "worker {} shows {found:?}", w.addr);
     }
 }
