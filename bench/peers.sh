@@ -8,7 +8,8 @@
 # against Redis directly, against twemproxy and, when a port is given, against the
 # orchestrator listening there (start one first: README's "Benchmarks" says how). Targets
 # take turns in every round, in alternating order, so the machine's drift favours none; the
-# table shows the median of the rounds and each target's ratio to twemproxy. Stops what it
+# table shows the median of the rounds and each target's ratio to twemproxy, then the
+# median of each target's p99 latency. Stops what it
 # started, and only that.
 #
 # Needs: apt-get install -y redis-server redis-tools nutcracker python3
@@ -42,7 +43,7 @@ fi
 # One redis-benchmark run: target, pipeline, requests; appends "target op P ops/s" lines.
 measure() {
   timeout 300 redis-benchmark -p "${PORT[$1]}" -t "$TESTS" -n "$3" -c 50 -P "$2" -d 100 -r "$KEYSPACE" --csv 2>/dev/null |
-    awk -F'"' -v target="$1" -v P="$2" 'NR > 1 && $2 != "" {print target "\t" $2 "\t" P "\t" $4}' >>"$WORK/results.tsv"
+    awk -F'"' -v target="$1" -v P="$2" 'NR > 1 && $2 != "" {print target "\t" $2 "\t" P "\t" $4 "\t" $14}' >>"$WORK/results.tsv"
 }
 
 : >"$WORK/results.tsv"
@@ -64,9 +65,11 @@ import statistics
 import sys
 
 runs = collections.defaultdict(list)
+p99s = collections.defaultdict(list)
 for line in open(sys.argv[1]):
-    target, op, pipeline, ops = line.rstrip("\n").split("\t")
+    target, op, pipeline, ops, p99 = line.rstrip("\n").split("\t")
     runs[(target, op, int(pipeline))].append(float(ops))
+    p99s[(target, op, int(pipeline))].append(float(p99))
 targets = [t for t in ("redis", "twemproxy", "orchestrator") if any(k[0] == t for k in runs)]
 print(f"{'op':<8} {'P':>3} " + " ".join(f"{t:>14}" for t in targets) + "   ratio to twemproxy")
 ops = sorted({k[1] for k in runs}, key=lambda o: (o != "GET", o != "SET", o))
@@ -77,4 +80,11 @@ for op in ops:
         cells = " ".join(f"{median.get(t, 0):>14,.0f}" for t in targets)
         ratios = " ".join(f"{t}={median.get(t, 0) / base:.2f}" for t in targets if t != "twemproxy")
         print(f"{op:<8} {pipeline:>3} {cells}   {ratios}")
+print()
+print("p99 latency (ms, median of the rounds' p99s)")
+print(f"{'op':<8} {'P':>3} " + " ".join(f"{t:>14}" for t in targets))
+for op in ops:
+    for pipeline in (1, 16):
+        cells = " ".join(f"{statistics.median(p99s[(t, op, pipeline)]) if p99s[(t, op, pipeline)] else 0:>14.3f}" for t in targets)
+        print(f"{op:<8} {pipeline:>3} {cells}")
 PY

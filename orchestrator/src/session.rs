@@ -29,8 +29,10 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use futures_util::future::Either;
 use futures_util::stream::Stream;
+use futures_util::FutureExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::futures::Notified;
 use tokio::time::Instant;
 use tokio_util::codec::Decoder;
 use tokio_util::sync::CancellationToken;
@@ -84,25 +86,28 @@ pub trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send {
 
 impl ClientStream for TcpStream {
     async fn read_lazily(&mut self, buf: &mut BytesMut, room: usize) -> std::io::Result<usize> {
-        loop {
+        std::future::poll_fn(|cx| {
             // The stream's one reader slot, not `readable()`: that joins a locked list of
             // waiters, and the select in `run` drops and remakes this future on every turn.
-            std::future::poll_fn(|cx| self.poll_read_ready(cx)).await?;
+            std::task::ready!(self.poll_read_ready(cx))?;
             let fresh = buf.capacity() == 0;
             if buf.len() == buf.capacity() {
                 buf.reserve(room);
             }
-            match self.try_read_buf(buf) {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if fresh {
-                        // Readiness without input (a new socket's first report): a
-                        // connection that has sent nothing holds no buffer.
-                        *buf = BytesMut::new();
-                    }
+            // `poll_read`, not `try_read_buf`: a read that leaves room in the buffer clears
+            // the readiness, so the next one waits for epoll instead of spending a `recv`
+            // on EAGAIN (one per request at pipeline depth 1).
+            match tokio_util::io::poll_read_buf(Pin::new(&mut *self), cx, buf) {
+                Poll::Pending if fresh => {
+                    // Readiness without input (a new socket's first report): a connection
+                    // that has sent nothing holds no buffer.
+                    *buf = BytesMut::new();
+                    Poll::Pending
                 }
-                read => return read,
+                read => read,
             }
-        }
+        })
+        .await
     }
 }
 
@@ -527,6 +532,12 @@ async fn run<P: Protocol, S: ClientStream>(
     };
     let idle = tokio::time::sleep(config.idle_timeout);
     tokio::pin!(idle);
+    // Made once and kept across turns: a waiter joins a locked list when first polled and
+    // leaves it when dropped, which per turn would be four locks per request.
+    let exceeded = account.exceeded();
+    tokio::pin!(exceeded);
+    let cancelled = shutdown.cancelled();
+    tokio::pin!(cancelled);
     loop {
         let before = inflight.items.len();
         while reading && room(&inflight, config.pipeline_depth) && !account.busy(buf_held) {
@@ -601,7 +612,7 @@ async fn run<P: Protocol, S: ClientStream>(
                     }
                 }
                 account.track(&mut out_held, out.capacity());
-                write_out(&mut stream, &mut out, config.idle_timeout, account).await?;
+                write_out(&mut stream, &mut out, config.idle_timeout, account, &mut exceeded).await?;
                 if out.capacity() > KEEP_CAPACITY {
                     out = Outgoing::default(); // grown by a burst: given back
                 }
@@ -632,7 +643,7 @@ async fn run<P: Protocol, S: ClientStream>(
                     read_at = last_active;
                 }
             }
-            _ = account.exceeded() => {}
+            _ = &mut exceeded => exceeded.set(account.exceeded()),
             _ = &mut idle, if inflight.is_empty() || !may_read => {
                 let now = Instant::now();
                 let deadline = last_active + config.idle_timeout;
@@ -657,7 +668,8 @@ async fn run<P: Protocol, S: ClientStream>(
                 }
                 idle.as_mut().reset(deadline);
             }
-            _ = shutdown.cancelled(), if reading => reading = false,
+            // (Polled no more once it fired: nothing sets `reading` again.)
+            _ = &mut cancelled, if reading => reading = false,
         }
     }
 }
@@ -708,40 +720,49 @@ fn over_limit(over: twincache_protocol::budget::Over) -> std::io::Error {
 /// values), and clears it: no progress for `deadline` closes the connection, and so does
 /// the account going over its limit meanwhile (replies pile up for a client that does not
 /// read them). Then flushes: a no-op on TCP, while a TLS session may still hold the last
-/// bytes of `out`.
-async fn write_out<S: AsyncWrite + Unpin>(
+/// bytes of `out`. `exceeded` is the session's waiter on `account` (see `run`).
+async fn write_out<'a, S: AsyncWrite + Unpin>(
     stream: &mut S,
     out: &mut Outgoing,
     deadline: Duration,
-    account: &Account,
+    account: &'a Account,
+    exceeded: &mut Pin<&mut Notified<'a>>,
 ) -> std::io::Result<()> {
+    let stalled = || {
+        std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the client stopped reading its replies",
+        )
+    };
     while !out.is_empty() {
-        tokio::select! {
-            written = tokio::time::timeout(deadline, stream.write_buf(out)) => match written {
-                Ok(Ok(0)) => return Err(std::io::ErrorKind::WriteZero.into()),
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => return Err(e),
-                Err(_) => {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        "the client stopped reading its replies",
-                    ))
+        // Mostly the socket takes it all at once: then no deadline is made (a clock reading)
+        // and nothing else is polled.
+        let written = match stream.write_buf(out).now_or_never() {
+            Some(written) => written,
+            None => tokio::select! {
+                biased;
+                written = tokio::time::timeout(deadline, stream.write_buf(out)) => {
+                    written.map_err(|_| stalled())?
+                }
+                _ = &mut *exceeded => {
+                    exceeded.set(account.exceeded());
+                    match account.over() {
+                        Some(over) => return Err(over_limit(over)),
+                        None => continue,
+                    }
                 }
             },
-            _ = account.exceeded() => {
-                if let Some(over) = account.over() {
-                    return Err(over_limit(over));
-                }
-            }
+        };
+        if written? == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
         }
     }
     out.clear();
-    match tokio::time::timeout(deadline, stream.flush()).await {
-        Ok(res) => res,
-        Err(_) => Err(std::io::Error::new(
-            std::io::ErrorKind::TimedOut,
-            "the client stopped reading its replies",
-        )),
+    match stream.flush().now_or_never() {
+        Some(flushed) => flushed,
+        None => tokio::time::timeout(deadline, stream.flush())
+            .await
+            .map_err(|_| stalled())?,
     }
 }
 

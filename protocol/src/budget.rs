@@ -169,9 +169,11 @@ impl Account {
         self.held().saturating_sub(input) > self.limit / 2
     }
 
-    /// Completes when a charge takes the account over (see [`Account::over`]).
-    pub async fn exceeded(&self) {
-        self.exceeded.notified().await
+    /// Completes when a charge takes the account over (see [`Account::over`]). A named
+    /// future, so a session can keep one across its loop instead of joining and leaving the
+    /// list of waiters (a lock each way) on every turn.
+    pub fn exceeded(&self) -> tokio::sync::futures::Notified<'_> {
+        self.exceeded.notified()
     }
 
     /// `payload`, charged to this account until its last copy is dropped. Small payloads
