@@ -500,6 +500,9 @@ async fn write_loop<W: AsyncWrite + Unpin>(mut wr: W, shared: Arc<Shared>) {
         // gives up many minutes later. The flush is a no-op on TCP; a TLS session sends what
         // it still holds.
         let written = tokio::select! {
+            // The write first: it mostly completes at once, and the close signal (whose
+            // every poll takes a lock) is polled only while it waits.
+            biased;
             written = async {
                 wr.write_all_buf(&mut out).await?;
                 wr.flush().await

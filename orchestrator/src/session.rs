@@ -32,7 +32,6 @@ use futures_util::stream::Stream;
 use futures_util::FutureExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::futures::Notified;
 use tokio::time::Instant;
 use tokio_util::codec::Decoder;
 use tokio_util::sync::CancellationToken;
@@ -533,9 +532,7 @@ async fn run<P: Protocol, S: ClientStream>(
     let idle = tokio::time::sleep(config.idle_timeout);
     tokio::pin!(idle);
     // Made once and kept across turns: a waiter joins a locked list when first polled and
-    // leaves it when dropped, which per turn would be four locks per request.
-    let exceeded = account.exceeded();
-    tokio::pin!(exceeded);
+    // leaves it when dropped, two locks a turn.
     let cancelled = shutdown.cancelled();
     tokio::pin!(cancelled);
     loop {
@@ -612,7 +609,7 @@ async fn run<P: Protocol, S: ClientStream>(
                     }
                 }
                 account.track(&mut out_held, out.capacity());
-                write_out(&mut stream, &mut out, config.idle_timeout, account, &mut exceeded).await?;
+                write_out(&mut stream, &mut out, config.idle_timeout, account).await?;
                 if out.capacity() > KEEP_CAPACITY {
                     out = Outgoing::default(); // grown by a burst: given back
                 }
@@ -643,7 +640,7 @@ async fn run<P: Protocol, S: ClientStream>(
                     read_at = last_active;
                 }
             }
-            _ = &mut exceeded => exceeded.set(account.exceeded()),
+            _ = account.exceeded() => {}
             _ = &mut idle, if inflight.is_empty() || !may_read => {
                 let now = Instant::now();
                 let deadline = last_active + config.idle_timeout;
@@ -720,13 +717,12 @@ fn over_limit(over: twincache_protocol::budget::Over) -> std::io::Error {
 /// values), and clears it: no progress for `deadline` closes the connection, and so does
 /// the account going over its limit meanwhile (replies pile up for a client that does not
 /// read them). Then flushes: a no-op on TCP, while a TLS session may still hold the last
-/// bytes of `out`. `exceeded` is the session's waiter on `account` (see `run`).
-async fn write_out<'a, S: AsyncWrite + Unpin>(
+/// bytes of `out`.
+async fn write_out<S: AsyncWrite + Unpin>(
     stream: &mut S,
     out: &mut Outgoing,
     deadline: Duration,
-    account: &'a Account,
-    exceeded: &mut Pin<&mut Notified<'a>>,
+    account: &Account,
 ) -> std::io::Result<()> {
     let stalled = || {
         std::io::Error::new(
@@ -744,8 +740,7 @@ async fn write_out<'a, S: AsyncWrite + Unpin>(
                 written = tokio::time::timeout(deadline, stream.write_buf(out)) => {
                     written.map_err(|_| stalled())?
                 }
-                _ = &mut *exceeded => {
-                    exceeded.set(account.exceeded());
+                _ = account.exceeded() => {
                     match account.over() {
                         Some(over) => return Err(over_limit(over)),
                         None => continue,

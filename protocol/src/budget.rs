@@ -13,8 +13,11 @@
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use std::future::Future;
+use std::task::Poll;
+
 use bytes::Bytes;
-use tokio::sync::Notify;
+use futures_util::task::AtomicWaker;
 
 /// A connection holding no more than this is never cut for the process being over budget.
 pub const FLOOR: usize = 1 << 20;
@@ -85,9 +88,12 @@ pub struct Account {
     budget: Arc<Budget>,
     held: AtomicUsize,
     limit: usize,
-    /// Woken when the account goes over its limit, so a connection blocked writing to a
-    /// client that does not read notices at once.
-    exceeded: Notify,
+    /// Set, and `waiter` woken, when the account goes over its limit, so a connection
+    /// blocked writing to a client that does not read notices at once. One waiter (the
+    /// connection's task), so an atomic waker rather than a `Notify`, whose every poll takes
+    /// a lock: a session polls this on each turn of its loop.
+    exceeded: AtomicBool,
+    waiter: AtomicWaker,
 }
 
 impl Account {
@@ -96,7 +102,8 @@ impl Account {
             budget: budget.clone(),
             held: AtomicUsize::new(0),
             limit,
-            exceeded: Notify::new(),
+            exceeded: AtomicBool::new(false),
+            waiter: AtomicWaker::new(),
         })
     }
 
@@ -112,7 +119,8 @@ impl Account {
         let held = self.held.fetch_add(n, Ordering::Relaxed) + n;
         self.budget.used.fetch_add(n, Ordering::Relaxed);
         if held > self.limit || (self.budget.over() && held > FLOOR) {
-            self.exceeded.notify_one();
+            self.exceeded.store(true, Ordering::Release);
+            self.waiter.wake();
         }
     }
 
@@ -169,11 +177,16 @@ impl Account {
         self.held().saturating_sub(input) > self.limit / 2
     }
 
-    /// Completes when a charge takes the account over (see [`Account::over`]). A named
-    /// future, so a session can keep one across its loop instead of joining and leaving the
-    /// list of waiters (a lock each way) on every turn.
-    pub fn exceeded(&self) -> tokio::sync::futures::Notified<'_> {
-        self.exceeded.notified()
+    /// Completes when a charge has taken the account over since it last completed (see
+    /// [`Account::over`]). Only the last task to poll it is woken.
+    pub fn exceeded(&self) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(|cx| {
+            self.waiter.register(cx.waker());
+            match self.exceeded.swap(false, Ordering::AcqRel) {
+                true => Poll::Ready(()),
+                false => Poll::Pending,
+            }
+        })
     }
 
     /// `payload`, charged to this account until its last copy is dropped. Small payloads
