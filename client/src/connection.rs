@@ -528,12 +528,20 @@ async fn read_loop<R: AsyncRead + Unpin>(
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // A close from this side ends the writer, whose exit closes the socket: the reader then
     // sees end of input. The tick checks the flag as well, in case the peer never answers.
+    let mut unclocked = 0u32;
     loop {
         tokio::select! {
             frame = frames.next() => match frame {
                 Some(Ok(mut resp)) => {
-                    let since = shared.started.elapsed().as_millis() as u64;
-                    shared.last_frame_ms.store(since, Ordering::Relaxed);
+                    // The clock is read for the last frame of what one read brought (a
+                    // batch arrives within microseconds), but at least every 32nd frame and
+                    // for any large one: a busy link's buffer may seldom end on a frame.
+                    unclocked += 1;
+                    if frames.read_buffer().is_empty() || unclocked >= 32 || resp.payload.len() >= 4096 {
+                        unclocked = 0;
+                        let since = shared.started.elapsed().as_millis() as u64;
+                        shared.last_frame_ms.store(since, Ordering::Relaxed);
+                    }
                     let entry = shared.lock().pending.remove(&resp.id);
                     if let Some(p) = entry {
                         if let Some(account) = &p.account {
