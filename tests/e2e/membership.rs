@@ -62,7 +62,7 @@ pub async fn wait_settled(addr: SocketAddr, slots: &[usize]) -> String {
 /// Writes `bulk:0` .. `bulk:<n-1>`, 1000 incompressible bytes each, retrying a write the
 /// cluster turns away for a moment (a health round that times out on this busy machine
 /// withholds writes for a moment: the node-id claim).
-async fn write_bulk(orch: SocketAddr, n: u64) {
+pub async fn write_bulk(orch: SocketAddr, n: u64) {
     let c = Client::connect(&orch.to_string()).await.unwrap();
     for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
         let sets = chunk.iter().map(|&i| {
@@ -584,9 +584,38 @@ async fn a_restarted_orchestrator_refills_the_worker_a_move_skipped() {
     let _ = std::fs::remove_file(format!("{}.state", file.arg()));
 }
 
+/// Waits (bounded) until both workers of each pair `n` count exactly `per_pair[n]` keys of
+/// their own (`count(i)`: worker `i`'s, in pairing order), so none kept keys its pair no longer
+/// holds; returns what it saw last.
+pub async fn wait_exact_counts<F, Fut>(per_pair: &[usize], count: F) -> String
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = u64>,
+{
+    let want: Vec<u64> = per_pair.iter().flat_map(|&n| [n as u64; 2]).collect();
+    poll_until(
+        "every worker holding exactly its pair's keys",
+        Duration::from_secs(20),
+        Duration::from_millis(200),
+        || async {
+            let mut counts = Vec::new();
+            for i in 0..want.len() {
+                counts.push(count(i).await);
+            }
+            (counts == want, format!("{counts:?}, want {want:?}"))
+        },
+    )
+    .await
+}
+
 /// A worker's count of keys, from its own `stats`.
 async fn keys_on(worker: SocketAddr) -> u64 {
-    let c = Client::connect(&worker.to_string()).await.unwrap();
+    key_count(&Client::connect(&worker.to_string()).await.unwrap()).await
+}
+
+/// The keys (not deletes) a worker holds by its own `stats`, asked through `c`, a client
+/// connected to the worker directly.
+pub async fn key_count(c: &Client) -> u64 {
     let stats = c.stats().await.unwrap();
     stats
         .split(['\r', '\n', ' '])
@@ -620,28 +649,16 @@ async fn no_worker_keeps_slots_its_pair_does_not_hold_after_refills() {
     let addrs = |i: usize, j: usize| [w[i].addr, w[j].addr];
     let pairs = [addrs(0, 1), addrs(2, 3), addrs(4, 5)];
     check_bulk(6_000, 1, &pairs, &map).await;
-    let per_pair: Vec<u64> = (0..3)
+    let per_pair: Vec<usize> = (0..3)
         .map(|p| {
             (0..6_000u64)
                 .filter(|i| map.pair_of(format!("bulk:{i}").as_bytes()) == p)
-                .count() as u64
+                .count()
         })
         .collect();
     // The sweeps run within a round or two of the refills' end.
-    let counts = poll_until(
-        "every worker holding exactly its pair's keys",
-        Duration::from_secs(20),
-        Duration::from_millis(200),
-        || async {
-            let mut counts = Vec::new();
-            for a in pairs.iter().flatten() {
-                counts.push(keys_on(*a).await);
-            }
-            let want: Vec<u64> = per_pair.iter().flat_map(|&n| [n, n]).collect();
-            (counts == want, format!("{counts:?}, want {want:?}"))
-        },
-    )
-    .await;
+    let workers: Vec<SocketAddr> = pairs.iter().flatten().copied().collect();
+    let counts = wait_exact_counts(&per_pair, |i| keys_on(workers[i])).await;
     eprintln!("key counts per worker: {counts}");
     let _ = std::fs::remove_file(format!("{}.state", file.arg()));
 }

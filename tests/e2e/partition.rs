@@ -27,9 +27,15 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use twincache_client::{Bytes, Client};
+use twincache_protocol::slots::SlotMap;
 
 use crate::faults::{fill, state_of, status, wait_status, FAST};
-use crate::harness::{keygen, noise, secret_of, Proc, TempFile, ORCHESTRATOR, WORKER};
+use crate::harness::{
+    keygen, noise, on_worker, secret_of, Proc, RespConn, TempFile, ORCHESTRATOR, WORKER,
+};
+use crate::membership::{
+    cluster_info, key_count, wait_exact_counts, wait_info, wait_settled, write_bulk,
+};
 
 const WORKER_PORT: u16 = 7001;
 const ORCH_PORT: u16 = 7000;
@@ -290,6 +296,17 @@ impl Net {
         }
     }
 
+    /// Cuts the link between `a` and `b` and heals it again, once for each `(cut, up)` of
+    /// `schedule` (milliseconds each).
+    pub async fn flap(&self, a: &str, b: &str, schedule: &[(u64, u64)]) {
+        for &(cut_ms, up_ms) in schedule {
+            self.cut(a, b);
+            tokio::time::sleep(Duration::from_millis(cut_ms)).await;
+            self.heal(a, b);
+            tokio::time::sleep(Duration::from_millis(up_ms)).await;
+        }
+    }
+
     pub fn start(&self, node: &str, bin: &str, args: &[String]) -> Proc {
         Proc::start_in_netns(&self.ns(node), bin, args)
     }
@@ -314,8 +331,9 @@ impl Drop for Net {
     }
 }
 
-/// One pair of workers (`w1`, `w2`) and `orchestrators` orchestrators (`o1`, ...), each in
-/// its own namespace, with one cluster secret.
+/// One pair of workers (`w1`, `w2`), spare workers (`w3`, ...) started but in no pair, and
+/// `orchestrators` orchestrators (`o1`, ...), each in its own namespace, with one cluster
+/// secret.
 struct Setup {
     // Dropped in this order: the processes, then their network.
     orchs: Vec<Proc>,
@@ -328,7 +346,20 @@ struct Setup {
 impl Setup {
     /// `None` (after saying why) where namespaces cannot be made.
     async fn start(test: &str, orchestrators: usize, worker_flags: &[&str]) -> Option<Setup> {
-        let mut names = vec!["w1".to_string(), "w2".to_string()];
+        Setup::start_with(test, orchestrators, 0, worker_flags, &[]).await
+    }
+
+    /// [`Setup::start`] with `spares` workers more, for a change to add, and `orch_flags` for
+    /// every orchestrator.
+    async fn start_with(
+        test: &str,
+        orchestrators: usize,
+        spares: usize,
+        worker_flags: &[&str],
+        orch_flags: &[&str],
+    ) -> Option<Setup> {
+        let workers: Vec<String> = (1..=2 + spares).map(|i| format!("w{i}")).collect();
+        let mut names = workers.clone();
         names.extend((1..=orchestrators).map(|i| format!("o{i}")));
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
         let net = match Net::new(test, &names) {
@@ -345,7 +376,7 @@ impl Setup {
             secret: keygen(),
             net,
         };
-        s.workers = vec![s.start_worker("w1"), s.start_worker("w2")];
+        s.workers = workers.iter().map(|w| s.start_worker(w)).collect();
         for i in 1..=orchestrators {
             let node = format!("o{i}");
             let mut args: Vec<String> = vec![
@@ -355,7 +386,7 @@ impl Setup {
                 "--cluster-secret-file".into(),
                 s.secret.arg(),
             ];
-            args.extend(FAST.iter().map(|f| f.to_string()));
+            args.extend(FAST.iter().chain(orch_flags).map(|f| f.to_string()));
             for w in ["w1", "w2"] {
                 args.push(s.net.ip(w).to_string());
                 args.push(WORKER_PORT.to_string());
@@ -382,7 +413,7 @@ impl Setup {
         self.net.start(node, WORKER, &args)
     }
 
-    /// SIGKILLs worker `i` (0 or 1) and starts it again, with an empty store, at its address.
+    /// SIGKILLs worker `i` (0: `w1`) and starts it again, with an empty store, at its address.
     fn restart_worker(&mut self, i: usize) {
         self.workers[i].kill();
         self.workers[i] = self.start_worker(&format!("w{}", i + 1));
@@ -418,31 +449,66 @@ impl Setup {
     /// acknowledged and agree (bounded: a worker that merges its partner's data while serving
     /// may still be at it). Returns the keys checked.
     async fn verify(&self, model: &HashMap<String, KeyState>) -> usize {
-        let (a, b) = (self.direct(0).await, self.direct(1).await);
+        self.verify_pairs(model, &[[0, 1]], &SlotMap::even(1)).await;
+        model.len()
+    }
+
+    /// [`Setup::verify`] for a cluster of `pairs` (workers by index) placed by `map`: a key is
+    /// read from every worker, and must be on both of its pair and on no other (a worker
+    /// refuses a key of a slot its pair does not hold, `Moved`, which reads as absent).
+    /// Returns how many keys of `model` each pair holds (deleted ones not counted).
+    async fn verify_pairs(
+        &self,
+        model: &HashMap<String, KeyState>,
+        pairs: &[[usize; 2]],
+        map: &SlotMap,
+    ) -> Vec<usize> {
+        let mut direct = Vec::new();
+        for &[a, b] in pairs {
+            direct.push([
+                (self.w(a), self.direct(a).await),
+                (self.w(b), self.direct(b).await),
+            ]);
+        }
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             let mut problems = Vec::new();
+            let mut held = vec![0; pairs.len()];
             for (key, st) in model {
-                let ga = read(&a, key).await;
-                let gb = read(&b, key).await;
-                for (w, got) in [(self.w(0), &ga), (self.w(1), &gb)] {
-                    if !st.allows(got) {
-                        let what = match st.acked {
-                            Some(None) => "deleted key back",
-                            _ => "acknowledged write lost",
-                        };
-                        problems.push(format!(
-                            "{what}: {key} on {w} is {got:?}; last acknowledged {:?}, attempted since {:?}",
-                            st.acked, st.pending
-                        ));
+                let home = map.pair_of(key.as_bytes());
+                for (n, [(wa, a), (wb, b)]) in direct.iter().enumerate() {
+                    let ga = read_on(a, key, n == home).await;
+                    let gb = read_on(b, key, n == home).await;
+                    if n != home {
+                        for (w, got) in [(wa, &ga), (wb, &gb)] {
+                            if got.is_some() {
+                                problems.push(format!(
+                                    "{key} on {w}, whose pair {n} does not hold its slot: {got:?}"
+                                ));
+                            }
+                        }
+                        continue;
                     }
-                }
-                if ga != gb {
-                    problems.push(format!("partners differ on {key}: {ga:?} and {gb:?}"));
+                    for (w, got) in [(wa, &ga), (wb, &gb)] {
+                        if !st.allows(got) {
+                            let what = match st.acked {
+                                Some(None) => "deleted key back",
+                                _ => "acknowledged write lost",
+                            };
+                            problems.push(format!(
+                                "{what}: {key} on {w} is {got:?}; last acknowledged {:?}, attempted since {:?}",
+                                st.acked, st.pending
+                            ));
+                        }
+                    }
+                    if ga != gb {
+                        problems.push(format!("partners differ on {key}: {ga:?} and {gb:?}"));
+                    }
+                    held[n] += usize::from(ga.is_some());
                 }
             }
             if problems.is_empty() {
-                return model.len();
+                return held;
             }
             if Instant::now() > deadline {
                 panic!(
@@ -476,10 +542,10 @@ fn assert_back_only_through_a_refill(orch: &Proc, w: SocketAddr) {
     );
 }
 
-async fn read(c: &Client, key: &str) -> Option<String> {
-    c.get::<Bytes>(key)
+/// `key` on a worker, as the model holds values; `here`: whether the worker's pair holds it.
+async fn read_on(c: &Client, key: &str, here: bool) -> Option<String> {
+    on_worker(c, key, here)
         .await
-        .unwrap_or_else(|e| panic!("read {key}: {e}"))
         .map(|v| String::from_utf8_lossy(&v).into_owned())
 }
 
@@ -523,6 +589,16 @@ struct Report {
     acked: u64,
     errors: u64,
     stale_reads: Vec<String>,
+}
+
+impl Report {
+    fn assert_no_stale_reads(&self) {
+        assert!(
+            self.stale_reads.is_empty(),
+            "stale reads: {:#?}",
+            self.stale_reads
+        );
+    }
 }
 
 impl Checker {
@@ -693,11 +769,7 @@ async fn an_orchestrator_cut_from_one_worker_writes_through_its_partner() {
     s.both_in_sync(0).await;
     checker.wait_acks(200, "after healing").await;
     let report = checker.stop("cut1").await;
-    assert!(
-        report.stale_reads.is_empty(),
-        "stale reads: {:#?}",
-        report.stale_reads
-    );
+    report.assert_no_stale_reads();
     let keys = s.verify(&report.model).await;
     assert!(keys >= 300, "only {keys} keys checked");
     assert_back_only_through_a_refill(&s.orchs[0], w1);
@@ -757,11 +829,7 @@ async fn partners_cut_from_each_other_mid_resync_finish_it_after_healing() {
     s.both_in_sync(0).await;
     checker.wait_acks(200, "after healing").await;
     let report = checker.stop("cut2").await;
-    assert!(
-        report.stale_reads.is_empty(),
-        "stale reads: {:#?}",
-        report.stale_reads
-    );
+    report.assert_no_stale_reads();
     // The bulk data must reach the refilled worker whole, too.
     let mut model = report.model;
     model.extend(
@@ -866,6 +934,10 @@ async fn two_orchestrators_that_disagree_about_a_worker() {
     assert_back_only_through_a_refill(&s.orchs[1], w1);
 }
 
+/// A flapping link's cuts and the pauses after them, in milliseconds: cuts from shorter than
+/// a health check's timeout to several health intervals.
+const FLAPS: &[(u64, u64)] = &[(150, 300), (600, 200), (100, 100), (1200, 500), (250, 700)];
+
 /// Case 4: the link between `o1` and `w1` flaps while clients write.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flapping_link_between_orchestrator_and_worker() {
@@ -875,21 +947,11 @@ async fn a_flapping_link_between_orchestrator_and_worker() {
     let o = s.o(0);
     let checker = Checker::start(&[o], 4, 100).await;
     checker.wait_acks(300, "before flapping").await;
-    // Cuts from shorter than a health check's timeout to several health intervals.
-    for (cut_ms, up_ms) in [(150, 300), (600, 200), (100, 100), (1200, 500), (250, 700)] {
-        s.net.cut("o1", "w1");
-        tokio::time::sleep(Duration::from_millis(cut_ms)).await;
-        s.net.heal("o1", "w1");
-        tokio::time::sleep(Duration::from_millis(up_ms)).await;
-    }
+    s.net.flap("o1", "w1", FLAPS).await;
     s.both_in_sync(0).await;
     checker.wait_acks(200, "after flapping").await;
     let report = checker.stop("flap").await;
-    assert!(
-        report.stale_reads.is_empty(),
-        "stale reads: {:#?}",
-        report.stale_reads
-    );
+    report.assert_no_stale_reads();
     s.verify(&report.model).await;
     // A cut too short for any write to time out may leave w1 nothing to catch up on (down,
     // then in sync again: its data is established); the longest one cannot.
@@ -900,4 +962,66 @@ async fn a_flapping_link_between_orchestrator_and_worker() {
                 && l.contains(r#"from="resyncing" to="in_sync""#)),
         "w1 never refilled:\n{log}"
     );
+}
+
+/// Case 5: a pair (`w3`, `w4`) added through `o1` while links the move depends on flap:
+/// first the one the copy takes from the old pair (`w1`-`w3`: receiving worker i pulls from
+/// sending worker i), then `o1`'s to a receiving worker (`o1`-`w3`: `o1` finds it down, skips
+/// it for a batch's copy and has it refill from `w4`). Clients write through `o1` and `o2`,
+/// which follows the map through the workers. Afterwards every key is on both workers of the
+/// pair the new map gives it and on no other, and the old pair's own counts show it dropped
+/// the moved keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pair_added_while_a_link_flaps() {
+    // Half of 4,000 values of 1,000 bytes move, at 256 KiB/s to each receiving worker: about
+    // 8 s of copying, longer than both flapping phases together.
+    let moves = ["--move-rate-limit", "256KiB", "--move-batch-slots", "1024"];
+    let Some(s) = Setup::start_with("padd", 2, 2, &[], &moves).await else {
+        return;
+    };
+    let (o1, o2) = (s.o(0), s.o(1));
+    const BULK: usize = 4000;
+    // (Retrying writes turned away while a busy worker misses a health check.)
+    write_bulk(o1, BULK as u64).await;
+    let checker = Checker::start(&[o1, o2], 4, 100).await;
+    checker.wait_acks(300, "before the change").await;
+    let (w3, w4) = (s.w(2).to_string(), s.w(3).to_string());
+    let reply = RespConn::connect(o1)
+        .await
+        .call(&[b"CLUSTER", b"ADDPAIR", w3.as_bytes(), w4.as_bytes()])
+        .await;
+    assert_eq!(&reply[..], b"+OK\r\n");
+    let started = Instant::now();
+    wait_info(o1, "a move under way", |i| i.contains("move_current")).await;
+    s.net.flap("w1", "w3", FLAPS).await;
+    let info = cluster_info(o1).await;
+    assert!(
+        info.contains("move_current"),
+        "the move ended before o1-w3 flapped: {info}"
+    );
+    s.net.flap("o1", "w3", FLAPS).await;
+    let two = SlotMap::even(1).rebalanced(&[true; 2]);
+    let info = wait_settled(o1, &[8192, 8192]).await;
+    assert!(
+        info.contains(&format!("slots:{}", two.describe())),
+        "{info}"
+    );
+    println!("padd: the change took {:?}", started.elapsed());
+    wait_settled(o2, &[8192, 8192]).await;
+    checker.wait_acks(200, "after the change").await;
+    let report = checker.stop("padd").await;
+    report.assert_no_stale_reads();
+    let mut model = report.model;
+    model.extend((0..BULK).map(|n| (format!("bulk:{n}"), bulk_state(n))));
+    let held = s.verify_pairs(&model, &[[0, 1], [2, 3]], &two).await;
+    assert!(held[1] > BULK / 3, "pair 1 holds only {held:?} keys");
+    // Every key is in the model, so a worker holding more than its pair's share kept keys
+    // moved away (the drops and sweeps run within a round or two of the change's end).
+    let s = &s;
+    let counts = wait_exact_counts(
+        &held,
+        |i| async move { key_count(&s.direct(i).await).await },
+    )
+    .await;
+    println!("padd: key counts per worker: {counts}");
 }

@@ -346,10 +346,7 @@ fn kept_in_sync(now: &Topology, replace: &[(usize, usize, String)]) -> Result<()
 /// pair is its source (they are dropped once their copy is in).
 fn not_held(slots: &SlotMap, moving: Option<Move>, pair: usize) -> Vec<SlotRange> {
     use twincache_protocol::slots::SLOTS;
-    let held = |slot: u16| {
-        slots.pair_of_slot(slot) == pair
-            || moving.is_some_and(|m| m.from == pair && m.slots.contains(slot))
-    };
+    let held = |slot: u16| holds(slots, moving, pair, slot);
     let mut out = Vec::new();
     let mut start = None;
     for slot in 0..=SLOTS {
@@ -361,6 +358,36 @@ fn not_held(slots: &SlotMap, moving: Option<Move>, pair: usize) -> Vec<SlotRange
                 start = None;
             }
             _ => {}
+        }
+    }
+    out
+}
+
+/// Whether a worker of pair `pair` may hold entries of `slot`: its pair holds it, or it is
+/// the source of the move under way (`moving`) that takes it.
+fn holds(slots: &SlotMap, moving: Option<Move>, pair: usize, slot: u16) -> bool {
+    slots.pair_of_slot(slot) == pair
+        || moving.is_some_and(|m| m.from == pair && m.slots.contains(slot))
+}
+
+/// The workers of `new` whose pair held a slot in `old` that it does not hold in `new`.
+pub(super) fn losing_slots(old: &Topology, new: &Topology) -> Vec<Arc<WorkerLink>> {
+    use twincache_protocol::slots::SLOTS;
+    let mut out = Vec::new();
+    for (n, pair) in old.iter().enumerate() {
+        for w in &pair.workers {
+            let Some(m) = new
+                .iter()
+                .position(|p| p.workers.iter().any(|x| x.addr == w.addr))
+            else {
+                continue;
+            };
+            let lost = (0..SLOTS as u16).any(|slot| {
+                holds(&old.slots, old.moving, n, slot) && !holds(&new.slots, new.moving, m, slot)
+            });
+            if lost {
+                out.extend(new[m].workers.iter().find(|x| x.addr == w.addr).cloned());
+            }
         }
     }
     out
@@ -460,7 +487,11 @@ impl Router {
             let retry = matches!(phase, "retrying" | "waiting") || self.drops_pending();
             let wait = async {
                 if retry {
-                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    // A second, give or take a quarter: two orchestrators that asked for the
+                    // lease at once (each granted it by some workers, so neither holds it)
+                    // do not keep asking at the same moment.
+                    let jitter = rand::random::<u64>() % 500;
+                    tokio::time::sleep(Duration::from_millis(750 + jitter)).await;
                 } else {
                     self.membership.wake.notified().await;
                 }
@@ -508,10 +539,16 @@ impl Router {
     /// (renewed meanwhile) and routing by the newest map the workers hold: a map another
     /// orchestrator made is adopted first, with what it wants.
     async fn under_lease(&self) -> Result<Option<String>, Stopped> {
-        self.take_lease().await.map_err(|e| match e {
-            NoLease::Held(_) => Stopped::Waiting(e.to_string()),
-            NoLease::TooFew(e) => Stopped::Failed(e),
-        })?;
+        if let Err(e) = self.take_lease().await {
+            // What some workers granted is given back: kept (and renewed by every later
+            // attempt), it would refuse another orchestrator that asked at the same moment
+            // and kept what it was granted too, and neither would ever hold the lease.
+            self.release_lease().await;
+            return Err(match e {
+                NoLease::Held(_) => Stopped::Waiting(e.to_string()),
+                NoLease::TooFew(e) => Stopped::Failed(e),
+            });
+        }
         let work = async {
             if self.catch_up().await? {
                 return Ok(Some(
@@ -1329,6 +1366,109 @@ mod tests {
         assert_eq!(names, ["state"], "no temporary file left");
         shutdown.cancel();
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A stand-in worker answering `map` requests with `answer` (their text as asked), and
+    /// every other request `Ok`; it keeps the `map` requests it was sent.
+    fn map_worker(
+        addr: &str,
+        asked: Arc<Mutex<Vec<String>>>,
+        answer: impl Fn(&str) -> String + Send + Sync + 'static,
+    ) -> Arc<WorkerLink> {
+        use twincache_protocol::frame::Request;
+        use twincache_protocol::Response;
+        WorkerLink::fake(
+            addr,
+            Arc::new(move |req: &Request| {
+                if req.op != Op::Map {
+                    return Some(Response::ok(bytes::Bytes::new()));
+                }
+                let text = String::from_utf8_lossy(&req.value).into_owned();
+                let reply = answer(&text);
+                locked(&asked).push(text);
+                Some(Response::ok(bytes::Bytes::from(reply)))
+            }),
+        )
+    }
+
+    /// Two orchestrators asking for the lease at once may each be granted it by some workers,
+    /// so neither holds it. Each must give back what it got: kept (and renewed by each later
+    /// attempt), the grants refused the other forever (in one run of the partition tests,
+    /// an orchestrator asked to add a pair was still waiting for the lease 90 s later).
+    #[tokio::test]
+    async fn an_orchestrator_refused_the_lease_gives_back_what_it_was_granted() {
+        let (router, shutdown) = start(&["a:1", "b:1"], None);
+        let asked: Arc<Mutex<Vec<String>>> = Arc::default();
+        let a = map_worker("a:1", asked.clone(), |_| "granted".into());
+        let b = map_worker("b:1", Arc::default(), |_| {
+            "held 00000000000000ff 9000".into()
+        });
+        router.topology.store(Arc::new(Topology {
+            pairs: vec![Arc::new(Pair::new([a, b]))],
+            slots: SlotMap::even(1),
+            moving: None,
+        }));
+        assert!(matches!(
+            router.under_lease().await,
+            Err(Stopped::Waiting(_))
+        ));
+        let release = format!("release {:016x}", router.instance);
+        let asked = locked(&asked).clone();
+        assert_eq!(asked.last(), Some(&release), "{asked:?}");
+        shutdown.cancel();
+    }
+
+    /// An orchestrator whose step failed after some workers took its map (a lost lease)
+    /// leaves slots moved away from a pair undropped: the one that adopts the map has that
+    /// pair's workers swept (the partition tests found a batch left on both workers of the
+    /// old pair). A map that only begins a move takes nothing from the source yet.
+    #[tokio::test]
+    async fn a_map_adopted_that_moved_slots_away_has_their_old_pair_swept() {
+        let (router, shutdown) = start(&["a:1", "b:1", "c:1", "d:1"], None);
+        let m = Move {
+            slots: SlotRange::new(8192, 9216).unwrap(),
+            from: 0,
+            to: 1,
+        };
+        let two = SlotMap::even(1).with_epoch(2);
+        let held: Arc<Mutex<(u64, ClusterMap)>> = Arc::new(Mutex::new((
+            3,
+            ClusterMap {
+                workers: ["a:1", "b:1", "c:1", "d:1"].map(String::from).to_vec(),
+                slots: two.with_move(&m).with_epoch(3),
+                moving: Some(m),
+                wanted: Vec::new(),
+            },
+        )));
+        let shown = held.clone();
+        let links = ["a:1", "b:1", "c:1", "d:1"].map(|w| {
+            let shown = shown.clone();
+            map_worker(w, Arc::default(), move |_| {
+                let (epoch, map) = &*locked(&shown);
+                format!("{epoch}\n{}", map.text())
+            })
+        });
+        let [a, b, c, d] = links;
+        router.topology.store(Arc::new(Topology {
+            pairs: vec![
+                Arc::new(Pair::new([a, b])),
+                Arc::new(Pair::new([c.clone(), d])),
+            ],
+            slots: two,
+            moving: None,
+        }));
+        assert!(router.adopt_from(&c).await.unwrap());
+        assert!(locked(&router.membership.sweeps).is_empty());
+        {
+            let mut held = locked(&held);
+            held.0 = 4;
+            held.1.slots = held.1.slots.clone().with_epoch(4);
+            held.1.moving = None;
+        }
+        assert!(router.adopt_from(&c).await.unwrap());
+        assert_eq!(router.pairs().slots.epoch(), 4);
+        assert_eq!(*locked(&router.membership.sweeps), ["a:1", "b:1"]);
+        shutdown.cancel();
     }
 
     /// What `want` refuses, it does not ask for: CLUSTER answers the error, SIGHUP logs it,

@@ -25,7 +25,7 @@ use twincache_protocol::cluster_map::ClusterMap;
 use twincache_protocol::frame::Op;
 use twincache_protocol::{Response, Status};
 
-use super::membership::{map_of, pairs_now, pairs_of};
+use super::membership::{losing_slots, map_of, pairs_now, pairs_of};
 use super::{Pair, Router, Topology, WorkerLink, WorkerState};
 
 /// How long the right to change the map lasts unless renewed: an orchestrator that dies
@@ -298,6 +298,11 @@ impl Router {
         let (topo, retired) = self.topology_of(&now, &map);
         self.assess_new(&topo, &now).await;
         let before = pairs_now(&now);
+        // The orchestrator that moved slots away from a pair drops them there once its map is
+        // in; but its step may have failed after only some workers took the map (a lost
+        // lease), and then nothing would ever drop them. Sweeps make sure, once the lease is
+        // free.
+        let losing = losing_slots(&now, &topo);
         drop(now);
         self.write_state(&topo, &pairs_of(&map.wanted)).await?;
         let wanted = pairs_of(if map.wanted.is_empty() {
@@ -315,6 +320,9 @@ impl Router {
         self.membership.adopt_wanted(wanted);
         self.topology.store(Arc::new(topo));
         self.moved.notify_waiters();
+        for w in &losing {
+            self.sweep_later(w);
+        }
         for link in retired {
             link.retire(self.worker_timeout * 2);
         }
