@@ -114,9 +114,25 @@ pub struct Progress {
     pub keys: u64,
     pub bytes: u64,
     pub started: Option<Instant>,
+    /// When the change counted here completed: the next one starts its counts afresh, and
+    /// the rate shown meanwhile is over the change's own time.
+    pub finished: Option<Instant>,
     pub error: String,
     /// A summary of the last change that completed.
     pub last: String,
+}
+
+impl Progress {
+    /// An attempt at a change begins: a new change starts its counts at zero, a retried one
+    /// keeps them. (Not told apart by phase: a new change is `asked` or `waiting` here, as a
+    /// retried one can be, and its counts used to be added to the last change's.)
+    fn begin(&mut self, at: Instant) {
+        if self.started.is_none() || self.finished.is_some() {
+            (self.started, self.finished) = (Some(at), None);
+            (self.slots_done, self.keys, self.bytes) = (0, 0, 0);
+        }
+        self.error.clear();
+    }
 }
 
 impl Membership {
@@ -518,6 +534,7 @@ impl Router {
                         p.phase = "idle";
                         p.error.clear();
                         p.last = summary;
+                        p.finished = Some(Instant::now());
                     });
                 }
                 Err(Stopped::Waiting(e)) => {
@@ -678,13 +695,7 @@ impl Router {
         if plan.is_empty() && self.pairs().slots.same_owners(&self.target()) {
             return Ok(unfinished.map(|_| "resumed move finished".to_string()));
         }
-        self.membership.update(|p| {
-            if p.started.is_none() || p.phase == "idle" {
-                p.started = Some(started);
-                (p.slots_done, p.keys, p.bytes) = (0, 0, 0);
-            }
-            p.error.clear();
-        });
+        self.membership.update(|p| p.begin(started));
         let mut summary = Vec::new();
         if !plan.replace.is_empty() {
             self.membership.update(|p| p.phase = "replacing");
@@ -1208,9 +1219,10 @@ impl Router {
             p.phase
         );
         if p.slots_total > 0 || p.phase != "idle" {
+            let until = p.finished.unwrap_or_else(Instant::now);
             let secs = p
                 .started
-                .map_or(0.0, |s| s.elapsed().as_secs_f64())
+                .map_or(0.0, |s| until.duration_since(s).as_secs_f64())
                 .max(1e-3);
             out += &format!(
                 "move_slots_done:{}\r\nmove_slots_total:{}\r\nmove_keys:{}\r\nmove_bytes:{}\r\n\
@@ -1469,6 +1481,28 @@ mod tests {
         assert_eq!(router.pairs().slots.epoch(), 4);
         assert_eq!(*locked(&router.membership.sweeps), ["a:1", "b:1"]);
         shutdown.cancel();
+    }
+
+    /// The second change's counts are its own (a 3 -> 2 move of 333,000 keys reported
+    /// 666,000: the first change's were still in), and a retry keeps its attempt's counts.
+    #[test]
+    fn each_change_counts_its_own_keys() {
+        let mut p = Progress {
+            phase: "idle",
+            ..Progress::default()
+        };
+        p.begin(Instant::now());
+        p.keys = 333_285;
+        p.phase = "retrying";
+        p.begin(Instant::now());
+        assert_eq!(
+            p.keys, 333_285,
+            "a retry keeps what its first attempt moved"
+        );
+        p.finished = Some(Instant::now());
+        p.phase = "asked";
+        p.begin(Instant::now());
+        assert_eq!((p.keys, p.finished), (0, None));
     }
 
     /// What `want` refuses, it does not ask for: CLUSTER answers the error, SIGHUP logs it,
