@@ -435,6 +435,33 @@ impl Client {
     pub async fn hvals<T: FromValue>(&self, key: impl AsRef<[u8]>) -> Result<Vec<T>, Error> {
         items(cmd("HVALS").arg(key.as_ref()).query(self).await?)
     }
+
+    /// Adds a pair of two fresh (started, empty) workers, `a` and `b` as `ip:port` (or
+    /// `ip:port@peer-ip:port`), and moves its share of the slots to it (`CLUSTER ADDPAIR`,
+    /// an admin user's). Answered once the change is accepted; it runs in the background:
+    /// [`Client::cluster_info`] shows its progress. A change that cannot be made is an
+    /// [`Error::Server`] with the reason, and changes nothing.
+    pub async fn add_pair(&self, a: &str, b: &str) -> Result<(), Error> {
+        self.command(["CLUSTER", "ADDPAIR", a, b]).await
+    }
+
+    /// Removes a pair (`pairN` as `cluster_info` names it, or one of its workers'
+    /// addresses) once its slots have moved to the others (`CLUSTER REMOVEPAIR`).
+    pub async fn remove_pair(&self, pair: &str) -> Result<(), Error> {
+        self.command(["CLUSTER", "REMOVEPAIR", pair]).await
+    }
+
+    /// Replaces worker `old` by the fresh worker `new`, which refills from its partner
+    /// before it serves (`CLUSTER REPLACE`).
+    pub async fn replace_worker(&self, old: &str, new: &str) -> Result<(), Error> {
+        self.command(["CLUSTER", "REPLACE", old, new]).await
+    }
+
+    /// `INFO cluster`: the pairs, their workers' states, the slot map and its epoch, and a
+    /// change under way (`membership:`, `move_slots_done:`, ...), one `field:value` a line.
+    pub async fn cluster_info(&self) -> Result<String, Error> {
+        self.command(["INFO", "cluster"]).await
+    }
 }
 
 #[cfg(test)]

@@ -681,12 +681,13 @@ async fn a_change_made_through_one_orchestrator_is_followed_by_the_other() {
     wait_settled(serving.addr, &[16384]).await;
     let load = Load::start(serving.addr, 4).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let mut c = RespConn::connect(changer.addr).await;
+    // Through the client library's call this time (the other tests use RESP).
+    let c = Client::connect(&changer.addr.to_string()).await.unwrap();
     let (a, b) = (w[2].addr.to_string(), w[3].addr.to_string());
-    let reply = c
-        .call(&[b"CLUSTER", b"ADDPAIR", a.as_bytes(), b.as_bytes()])
-        .await;
-    assert_eq!(&reply[..], b"+OK\r\n");
+    c.add_pair(&a, &b).await.unwrap();
+    assert!(c.cluster_info().await.unwrap().contains("slot_map_epoch:"));
+    let refused = c.remove_pair("7").await.unwrap_err();
+    assert!(refused.to_string().contains("no such pair"), "{refused}");
     let info = wait_settled(changer.addr, &[8192, 8192]).await;
     let epoch = |info: &str| {
         info.lines()
