@@ -27,7 +27,6 @@ pub mod server;
 pub mod strings;
 pub mod transaction;
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::sync::LazyLock;
 
@@ -285,7 +284,7 @@ fn families() -> [&'static [Spec]; 8] {
 }
 
 /// The table, by lowercase name: a hash lookup per command, whatever the table's size.
-static TABLE: LazyLock<HashMap<&'static [u8], &'static Spec>> = LazyLock::new(|| {
+static TABLE: LazyLock<hashbrown::HashMap<&'static [u8], &'static Spec>> = LazyLock::new(|| {
     families()
         .into_iter()
         .flatten()
