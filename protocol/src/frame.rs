@@ -349,12 +349,16 @@ impl Message for Request {
     }
 
     fn encode_head(&self, dst: &mut BytesMut) {
-        dst.put_u64(self.id);
-        dst.put_u8(self.op.code());
-        dst.put_u8(self.flags);
-        dst.put_u64(self.version);
-        dst.put_u64(self.ttl_ms);
-        dst.put_u32(self.key.len() as u32);
+        // Assembled here and appended at once: each `put_*` is a capacity check and a copy
+        // call of its own (seven per frame, two frames per SET).
+        let mut head = [0u8; REQUEST_HEADER_LEN];
+        head[..8].copy_from_slice(&self.id.to_be_bytes());
+        head[8] = self.op.code();
+        head[9] = self.flags;
+        head[10..18].copy_from_slice(&self.version.to_be_bytes());
+        head[18..26].copy_from_slice(&self.ttl_ms.to_be_bytes());
+        head[26..].copy_from_slice(&(self.key.len() as u32).to_be_bytes());
+        dst.put_slice(&head);
         dst.put_slice(&self.key);
     }
 
@@ -394,8 +398,10 @@ impl Message for Response {
     }
 
     fn encode_head(&self, dst: &mut BytesMut) {
-        dst.put_u64(self.id);
-        dst.put_u8(self.status.code());
+        let mut head = [0u8; RESPONSE_HEADER_LEN];
+        head[..8].copy_from_slice(&self.id.to_be_bytes());
+        head[8] = self.status.code();
+        dst.put_slice(&head);
     }
 
     fn tail(&self) -> &Bytes {
