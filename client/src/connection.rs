@@ -186,7 +186,8 @@ struct Shared {
     timeout: Duration,
     /// When the connection started; `last_frame_ms` counts from it.
     started: Instant,
-    /// Milliseconds from `started` to the last frame read.
+    /// Milliseconds from `started` to the last sweep tick that found a frame read since the
+    /// one before.
     last_frame_ms: AtomicU64,
     /// See [`Connection::patient_while_answering`].
     patient: AtomicBool,
@@ -528,20 +529,15 @@ async fn read_loop<R: AsyncRead + Unpin>(
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // A close from this side ends the writer, whose exit closes the socket: the reader then
     // sees end of input. The tick checks the flag as well, in case the peer never answers.
-    let mut unclocked = 0u32;
+    // Whether a frame came since the last tick: the tick records when the peer last
+    // answered, so no frame reads the clock (within a tick is close enough for "silent for
+    // a whole timeout", the tick being at most a quarter of one).
+    let mut answered = false;
     loop {
         tokio::select! {
             frame = frames.next() => match frame {
                 Some(Ok(mut resp)) => {
-                    // The clock is read for the last frame of what one read brought (a
-                    // batch arrives within microseconds), but at least every 32nd frame and
-                    // for any large one: a busy link's buffer may seldom end on a frame.
-                    unclocked += 1;
-                    if frames.read_buffer().is_empty() || unclocked >= 32 || resp.payload.len() >= 4096 {
-                        unclocked = 0;
-                        let since = shared.started.elapsed().as_millis() as u64;
-                        shared.last_frame_ms.store(since, Ordering::Relaxed);
-                    }
+                    answered = true;
                     let entry = shared.lock().pending.remove(&resp.id);
                     if let Some(p) = entry {
                         if let Some(account) = &p.account {
@@ -571,6 +567,10 @@ async fn read_loop<R: AsyncRead + Unpin>(
             _ = sweep.tick() => {
                 if shared.closed.load(Ordering::Acquire) {
                     break;
+                }
+                if std::mem::take(&mut answered) {
+                    let since = shared.started.elapsed().as_millis() as u64;
+                    shared.last_frame_ms.store(since, Ordering::Relaxed);
                 }
                 if expire(&shared) > 0 && shared.silent_for() > shared.timeout {
                     // Requests time out and nothing at all has come back for a whole
