@@ -129,7 +129,8 @@ impl Progress {
     fn begin(&mut self, at: Instant) {
         if self.started.is_none() || self.finished.is_some() {
             (self.started, self.finished) = (Some(at), None);
-            (self.slots_done, self.keys, self.bytes) = (0, 0, 0);
+            (self.slots_done, self.slots_total) = (0, 0);
+            (self.keys, self.bytes) = (0, 0);
         }
         self.error.clear();
     }
@@ -392,17 +393,18 @@ pub(super) fn losing_slots(old: &Topology, new: &Topology) -> Vec<Arc<WorkerLink
     let mut out = Vec::new();
     for (n, pair) in old.iter().enumerate() {
         for w in &pair.workers {
-            let Some(m) = new
-                .iter()
-                .position(|p| p.workers.iter().any(|x| x.addr == w.addr))
-            else {
+            let found = new.iter().enumerate().find_map(|(m, p)| {
+                let link = p.workers.iter().find(|x| x.addr == w.addr)?;
+                Some((m, link))
+            });
+            let Some((m, link)) = found else {
                 continue;
             };
             let lost = (0..SLOTS as u16).any(|slot| {
                 holds(&old.slots, old.moving, n, slot) && !holds(&new.slots, new.moving, m, slot)
             });
             if lost {
-                out.extend(new[m].workers.iter().find(|x| x.addr == w.addr).cloned());
+                out.push(link.clone());
             }
         }
     }
@@ -1492,17 +1494,19 @@ mod tests {
             ..Progress::default()
         };
         p.begin(Instant::now());
-        p.keys = 333_285;
+        (p.keys, p.slots_total) = (333_285, 5461);
         p.phase = "retrying";
         p.begin(Instant::now());
         assert_eq!(
-            p.keys, 333_285,
-            "a retry keeps what its first attempt moved"
+            (p.keys, p.slots_total),
+            (333_285, 5461),
+            "a retry keeps what its first attempt counted"
         );
         p.finished = Some(Instant::now());
         p.phase = "asked";
         p.begin(Instant::now());
-        assert_eq!((p.keys, p.finished), (0, None));
+        // A change with no move (a replacement) shows no other change's slots either.
+        assert_eq!((p.keys, p.slots_total, p.finished), (0, 0, None));
     }
 
     /// What `want` refuses, it does not ask for: CLUSTER answers the error, SIGHUP logs it,
