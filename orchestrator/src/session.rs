@@ -531,8 +531,8 @@ async fn run<P: Protocol, S: ClientStream>(
     };
     let idle = tokio::time::sleep(config.idle_timeout);
     tokio::pin!(idle);
-    // Made once and kept across turns: a waiter joins a locked list when first polled and
-    // leaves it when dropped, two locks a turn.
+    // Made once and kept across turns: remade, its waiter would join the token's locked
+    // list and leave it again on every turn (a poll of it still takes that lock).
     let cancelled = shutdown.cancelled();
     tokio::pin!(cancelled);
     loop {

@@ -10,10 +10,9 @@
 //! small floor (so a crowd of modest connections never gets an innocent one cut). Stopping
 //! means an error to that client or its disconnection, never harm to the others.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-
-use std::future::Future;
 use std::task::Poll;
 
 use bytes::Bytes;
@@ -182,9 +181,10 @@ impl Account {
     pub fn exceeded(&self) -> impl Future<Output = ()> + '_ {
         std::future::poll_fn(|cx| {
             self.waiter.register(cx.waker());
-            match self.exceeded.swap(false, Ordering::AcqRel) {
-                true => Poll::Ready(()),
-                false => Poll::Pending,
+            if self.exceeded.swap(false, Ordering::AcqRel) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
             }
         })
     }
