@@ -35,9 +35,7 @@
 //! whole timeout is closed (the peer froze, or the link is half-open), which fails what is
 //! pending and lets the owner reconnect.
 
-use std::collections::HashMap;
 use std::future::Future;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -62,6 +60,8 @@ use twincache_tls::Connector;
 
 use crate::Error;
 
+mod pending;
+
 type ReplyTx = oneshot::Sender<Result<Response, Error>>;
 
 /// The answer in place of a payload its caller has no room for.
@@ -69,27 +69,6 @@ const OVER_LIMIT: &[u8] = b"the client's buffer limit is reached";
 
 /// Most bytes waiting in a connection's outbox; one request always fits in an empty one.
 pub const OUTBOX_LIMIT: usize = 32 << 20;
-
-/// Request ids are sequential; a multiplicative hash spreads them over the table's buckets
-/// at a fraction of SipHash's cost.
-#[derive(Default)]
-struct IdHasher(u64);
-
-impl Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 << 8 | u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        }
-    }
-
-    fn write_u64(&mut self, id: u64) {
-        self.0 = id.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    }
-}
 
 /// A request waiting for its answer: where the answer goes, when it is due, and the account
 /// a large answer is charged to until its caller drops it.
@@ -101,14 +80,13 @@ struct Pending {
     account: Option<Arc<Account>>,
 }
 
-type PendingMap = HashMap<u64, Pending, BuildHasherDefault<IdHasher>>;
+type PendingMap = pending::Pending<Pending>;
 
 /// Requests encoded but not yet written, and requests written but not yet answered.
 struct Outbox {
     /// Encoded requests, their large values held rather than copied.
     out: Outgoing,
     pending: PendingMap,
-    next_id: u64,
     /// Set when the connection dies, so a later request fails at once.
     closed: bool,
     /// Why it died, if TLS said (see [`Shared::close_because`]): later requests fail with it
@@ -151,21 +129,18 @@ impl Outbox {
             let _ = reply_tx.send(Err(Error::Overloaded));
             return (Reply(reply_rx), false);
         }
-        let id = self.next_id;
-        self.next_id = id.wrapping_add(1);
+        let id = self.pending.insert(Pending {
+            tx: reply_tx,
+            deadline,
+            patient,
+            account: account.cloned(),
+        });
         let buf = self.out.buf();
         let start = buf.len();
         let value = encode_frame_head(req, buf);
         // The id sits right after the 4-byte length prefix.
         buf[start + 4..start + 12].copy_from_slice(&id.to_be_bytes());
         self.out.put(value);
-        let pending = Pending {
-            tx: reply_tx,
-            deadline,
-            patient,
-            account: account.cloned(),
-        };
-        self.pending.insert(id, pending);
         (Reply(reply_rx), was_empty)
     }
 }
@@ -224,7 +199,7 @@ impl Shared {
             o.closed = true;
             o.tls_failure = tls.clone();
             o.out.clear();
-            o.pending.drain().map(|(_, p)| p.tx).collect()
+            o.pending.drain().into_iter().map(|p| p.tx).collect()
         };
         for tx in drained {
             let _ = tx.send(Err(failure(&tls)));
@@ -322,7 +297,6 @@ impl Connection {
             outbox: Mutex::new(Outbox {
                 out: Outgoing::with_capacity(16 * 1024),
                 pending: PendingMap::default(),
-                next_id: 1,
                 closed: false,
                 tls_failure: None,
             }),
@@ -535,10 +509,14 @@ async fn read_loop<R: AsyncRead + Unpin>(
     let mut answered = false;
     loop {
         tokio::select! {
+            // Frames first: the tick is polled only once no frame is ready (tokio's
+            // cooperative budget ends a long run of ready frames), so a busy link spends
+            // neither a random draw nor a timer poll on each frame.
+            biased;
             frame = frames.next() => match frame {
                 Some(Ok(mut resp)) => {
                     answered = true;
-                    let entry = shared.lock().pending.remove(&resp.id);
+                    let entry = shared.lock().pending.remove(resp.id);
                     if let Some(p) = entry {
                         if let Some(account) = &p.account {
                             if account.held() > account.limit() {
@@ -597,8 +575,9 @@ fn expire(shared: &Shared) -> usize {
     let expired: Vec<(ReplyTx, bool)> = shared
         .lock()
         .pending
-        .extract_if(|_, p| p.tx.is_closed() || late(p))
-        .map(|(_, p)| {
+        .extract_if(|p| p.tx.is_closed() || late(p))
+        .into_iter()
+        .map(|p| {
             let late = late(&p);
             (p.tx, late)
         })

@@ -21,10 +21,21 @@ fn blocks(text: &str, fence: &str) -> Vec<Vec<String>> {
 
 /// The code of every doc example in `src/`, hidden lines (`# `) left out.
 fn doc_examples() -> Vec<Vec<String>> {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = vec![];
+    let mut dirs = vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("src")];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else {
+                files.push(path);
+            }
+        }
+    }
     let mut docs = String::new();
-    for entry in std::fs::read_dir(src).unwrap() {
-        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+    for file in files {
+        let text = std::fs::read_to_string(file).unwrap();
         for line in text.lines() {
             let line = line.trim_start();
             if let Some(doc) = line
