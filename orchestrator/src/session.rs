@@ -594,6 +594,11 @@ async fn run<P: Protocol, S: ClientStream>(
             }
         }
         tokio::select! {
+            // In this order, with no random draw per turn: answers first, then input (its
+            // depth is bounded by the window), the limit, the idle timer, shutdown. tokio's
+            // cooperative budget makes a ready socket pend now and then, so the later
+            // branches are polled even while a client floods.
+            biased;
             resp = std::future::poll_fn(|cx| inflight.poll_head(cx, &mut recorder)), if !inflight.is_empty() => {
                 count_error::<P>(ctx, &resp);
                 if out.capacity() == 0 {
