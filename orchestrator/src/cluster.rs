@@ -751,8 +751,9 @@ impl Router {
                 }
                 // One of two took it: the other missed it, which must be on record before
                 // the write is acknowledged.
-                (Some(Some(r)), Some(None)) => this.acknowledge_one(a, b, r).await,
-                (Some(None), Some(Some(r))) => this.acknowledge_one(b, a, r).await,
+                // (Boxed: the write's own future, boxed for every write, stays small.)
+                (Some(Some(r)), Some(None)) => Box::pin(this.acknowledge_one(a, b, r)).await,
+                (Some(None), Some(Some(r))) => Box::pin(this.acknowledge_one(b, a, r)).await,
                 // The only target: it counted the write as taken alone (`SOLO`).
                 (Some(Some(r)), None) | (None, Some(Some(r))) => r,
                 (Some(None), None) => {

@@ -21,6 +21,12 @@ fn every_name_is_unique_lowercase_and_found_in_any_case() {
     }
     assert!(lookup(b"nosuchcommand").is_none());
     assert!(lookup(&[b'a'; 100]).is_none());
+    // GET and SET are found without the table: any case, and nothing else like them.
+    assert_eq!(lookup(b"gEt").unwrap().name, "get");
+    assert_eq!(lookup(b"SeT").unwrap().name, "set");
+    for near in [&b"ge\x14"[..], b"g\x05t", b"\x07et", b"gets", b"ge"] {
+        assert!(lookup(near).is_none(), "{near:?}");
+    }
 }
 
 #[test]
