@@ -25,6 +25,7 @@
 //! - at most [`MAX_ARGS`] arguments, and an inline line of at most [`MAX_INLINE`] bytes.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+use smallvec::SmallVec;
 
 /// Redis' limit on an inline command (`PROTO_INLINE_MAX_SIZE`).
 pub const MAX_INLINE: usize = 64 * 1024;
@@ -85,12 +86,16 @@ struct Partial {
     /// The range of the argument whose header is read but whose body (and CRLF) has not all
     /// arrived.
     bulk: Option<(usize, usize)>,
-    /// Ranges of the arguments complete so far.
-    args: Vec<(usize, usize)>,
+    /// Ranges of the arguments complete so far (a usual command's fit in place: no
+    /// allocation per command).
+    args: Ranges,
     /// Bytes the command has declared so far: the headers read, and each bulk's length with
     /// its CRLF.
     declared: usize,
 }
+
+/// Argument ranges within a command.
+type Ranges = SmallVec<[(usize, usize); 4]>;
 
 /// Where a decode attempt got to.
 enum Parse {
@@ -98,7 +103,7 @@ enum Parse {
     /// A complete command spanning `len` bytes, with argument ranges within them.
     Command {
         len: usize,
-        args: Vec<(usize, usize)>,
+        args: Ranges,
     },
     /// Blank inline lines to skip (Redis ignores them).
     Skip(usize),
@@ -207,7 +212,7 @@ impl RespDecoder {
                 count,
                 pos,
                 bulk: None,
-                args: Vec::new(),
+                args: Ranges::new(),
                 declared: pos,
             });
         }
@@ -363,8 +368,8 @@ fn read_int_line(
 /// words in single or double quotes. Arguments stay zero-copy slices, so a backslash escape
 /// inside quotes (which would need unescaping into a copy) is refused with an error; send
 /// such arguments as a multibulk command.
-fn split_inline(line: &[u8]) -> Result<Vec<(usize, usize)>, ProtocolError> {
-    let mut args = Vec::new();
+fn split_inline(line: &[u8]) -> Result<Ranges, ProtocolError> {
+    let mut args = Ranges::new();
     let mut i = 0;
     while i < line.len() {
         while i < line.len() && line[i].is_ascii_whitespace() {
@@ -1031,11 +1036,23 @@ mod tests {
         let mut d = RespDecoder::new(1024, 1 << 20);
         let mut buf = BytesMut::from(&b"*3\r\n$1\r\na\r\n"[..]);
         assert_eq!(d.decode(&mut buf), Ok(None));
-        assert_eq!(d.partial.as_ref().unwrap().args.capacity(), 3);
+        // In place: no allocation at all.
+        assert!(!d.partial.as_ref().unwrap().args.spilled());
+        let mut buf =
+            BytesMut::from(&b"*7\r\n$1\r\na\r\n$1\r\na\r\n$1\r\na\r\n$1\r\na\r\n$1\r\na\r\n"[..]);
+        let mut d = RespDecoder::new(1024, 1 << 20);
+        assert_eq!(d.decode(&mut buf), Ok(None));
+        assert_eq!(d.partial.as_ref().unwrap().args.capacity(), 7);
         let mut buf = BytesMut::from(&b"*1000000\r\n$1\r\na\r\n"[..]);
         let mut d = RespDecoder::new(1024, 64 << 20);
         assert_eq!(d.decode(&mut buf), Ok(None));
-        assert_eq!(d.partial.as_ref().unwrap().args.capacity(), 16);
+        assert_eq!(d.partial.as_ref().unwrap().args.capacity(), 4);
+        let mut buf = BytesMut::from(
+            &b"*1000000\r\n$1\r\na\r\n$1\r\na\r\n$1\r\na\r\n$1\r\na\r\n$1\r\na\r\n"[..],
+        );
+        let mut d = RespDecoder::new(1024, 64 << 20);
+        assert_eq!(d.decode(&mut buf), Ok(None));
+        assert_eq!(d.partial.as_ref().unwrap().args.capacity(), 4 + 16);
     }
 
     #[test]
