@@ -166,6 +166,50 @@ fn sigterm_and_sigint_shut_down_gracefully() {
     assert_eq!(w2.wait_exit(Duration::from_secs(10)), Some(0));
 }
 
+/// A client that never stops sending (pipelined PINGs, answered at once, read as fast as
+/// they come) still sees the shutdown: the session's select polls shutdown last, and tokio's
+/// cooperative budget makes its ready socket pend now and then. With a 30 s grace, a session
+/// that missed the signal would hold the exit for 30 s.
+#[test]
+fn a_flooding_client_does_not_hold_up_shutdown() {
+    use std::io::{Read, Write};
+    let w1 = Proc::worker();
+    let w2 = Proc::worker();
+    let mut orch = Proc::orchestrator(&[w1.addr, w2.addr], &["--shutdown-grace", "30s"]);
+    let stream = std::net::TcpStream::connect(orch.addr).unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let mut reader = stream;
+    let pings = b"*1\r\n$4\r\nPING\r\n".repeat(4096);
+    std::thread::spawn(move || while writer.write_all(&pings).is_ok() {});
+    let (read_tx, read_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 1 << 16];
+        let mut total = 0usize;
+        while let Ok(n @ 1..) = reader.read(&mut buf) {
+            total += n;
+            let _ = read_tx.send(total);
+        }
+    });
+    // Flooding in both directions before the signal.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while read_rx.recv_timeout(Duration::from_secs(10)).unwrap() < 1 << 20 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the flood never got going"
+        );
+    }
+    let signalled = std::time::Instant::now();
+    orch.signal("TERM");
+    assert_eq!(
+        orch.wait_exit(Duration::from_secs(25)),
+        Some(0),
+        "{}",
+        orch.log_text()
+    );
+    let took = signalled.elapsed();
+    assert!(took < Duration::from_secs(10), "shutdown took {took:?}");
+}
+
 /// Issue 13's first-hour mistakes, each answered with what to write instead.
 #[test]
 fn easy_mistakes_get_answers_that_say_what_to_write() {
