@@ -657,10 +657,10 @@ fn decode_at(buf: &Bytes, pos: &mut usize, depth: usize) -> Result<Reply, ReplyE
     let line = line_at(buf, *pos + 1)?;
     let text = &buf[*pos + 1..line];
     *pos = line + 2;
+    // Redis' own digits read without a UTF-8 check; anything else (`+5`, `007`) as before.
     let int = || -> Result<i64, ReplyError> {
-        std::str::from_utf8(text)
-            .ok()
-            .and_then(|t| t.parse().ok())
+        string2ll(text)
+            .or_else(|| std::str::from_utf8(text).ok()?.parse().ok())
             .ok_or(ReplyError::Malformed("not an integer"))
     };
     let string = || String::from_utf8_lossy(text).into_owned();
@@ -769,29 +769,48 @@ pub fn put_bulk_head(out: &mut BytesMut, len: usize) {
 }
 
 fn put_header(out: &mut BytesMut, tag: u8, n: i64) {
-    out.put_u8(tag);
-    let mut digits = [0u8; 20];
-    let mut i = digits.len();
-    let neg = n < 0;
+    // Assembled on the stack and appended once (one capacity check, not four): the tag, a
+    // sign, at most 20 digits and CRLF.
+    let mut line = [0u8; 24];
+    line[22..].copy_from_slice(b"\r\n");
+    let mut i = 22;
     let mut v = n.unsigned_abs();
     loop {
         i -= 1;
-        digits[i] = b'0' + (v % 10) as u8;
+        line[i] = b'0' + (v % 10) as u8;
         v /= 10;
         if v == 0 {
             break;
         }
     }
-    if neg {
-        out.put_u8(b'-');
+    if n < 0 {
+        i -= 1;
+        line[i] = b'-';
     }
-    out.put_slice(&digits[i..]);
-    out.put_slice(b"\r\n");
+    i -= 1;
+    line[i] = tag;
+    out.put_slice(&line[i..]);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn headers_are_the_tag_the_number_and_crlf() {
+        for (n, want) in [
+            (0, ":0\r\n"),
+            (7, ":7\r\n"),
+            (-1, ":-1\r\n"),
+            (1234567, ":1234567\r\n"),
+            (i64::MAX, ":9223372036854775807\r\n"),
+            (i64::MIN, ":-9223372036854775808\r\n"),
+        ] {
+            let mut out = BytesMut::new();
+            put_header(&mut out, b':', n);
+            assert_eq!(out, want.as_bytes());
+        }
+    }
 
     /// A length line read by the fast path reads as Redis' `string2ll` reads the line.
     #[test]

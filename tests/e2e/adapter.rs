@@ -136,6 +136,10 @@ async fn reads_follow_the_remiro_rules() {
     let got: Vec<Option<String>> = orch.mget(&keys).await.unwrap();
     let want = ["0", "0", "", "1", "1", "2", "2"].map(|v| (!v.is_empty()).then(|| v.to_string()));
     assert_eq!(got, want);
+    // More keys than one read program takes (16): each still by a GET of its own, the
+    // reply streamed.
+    let got: Vec<Option<String>> = orch.mget(&keys.repeat(3)).await.unwrap();
+    assert_eq!(got, [want.clone(), want.clone(), want].concat());
 
     // Through the text protocol too.
     let mut text = TextConn::connect(tier.orch.addr).await;

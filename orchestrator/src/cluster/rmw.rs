@@ -43,8 +43,8 @@ use bytes::{Bytes, BytesMut};
 use futures_util::future::{join_all, Either};
 use twincache_protocol::frame::{flags, Op, Request, Response};
 use twincache_protocol::program::{
-    decode_changes, decode_scan_answer, encode_program, Action, Answer, Change, ScanRequest,
-    DELETED,
+    decode_changes, decode_scan_answer, encode_gets, encode_program, Action, Answer, Change,
+    ScanRequest, DELETED,
 };
 use twincache_protocol::Status;
 
@@ -113,16 +113,10 @@ impl Drop for PendingGuard {
 /// A read program of a GET of each of `keys` (MGET's, for keys on one pair): one frame each
 /// way instead of one per key. The worker answers `TooLarge` rather than replies longer than
 /// `cap` bytes.
-pub fn gets<'k>(mut keys: impl ExactSizeIterator<Item = &'k Bytes>, cap: usize) -> Request {
+pub fn gets<'k>(mut keys: impl Iterator<Item = &'k Bytes> + Clone, cap: usize) -> Request {
     let first = keys.next().cloned().unwrap_or_default();
-    let mut program = Vec::with_capacity(2 * keys.len() + 1);
-    program.push(Action::Get);
-    for key in keys {
-        program.push(Action::Key(key.clone()));
-        program.push(Action::Get);
-    }
     let mut req = Request::new(Op::Query, first);
-    req.value = encode_program(&program);
+    req.value = encode_gets(keys.map(|k| &k[..]));
     req.ttl_ms = cap as u64;
     req
 }

@@ -259,6 +259,26 @@ type Values = Result<Vec<Element>, Vec<Bytes>>;
 /// Redis clients report as an error for that key. A key holding another type than a string
 /// reads as nil, as in Redis.
 pub(super) fn mget(keys: Vec<Bytes>, ctx: &Ctx) -> Step<Reply> {
+    if keys.len() > MGET_CHUNK && keys.len() <= MGET_WINDOW {
+        // One window: the values come back together and are answered as one array (each
+        // error in its element's place, as the streamed form gives it), not element by
+        // element through the stream; only a fallback to a GET a key streams.
+        let header = Reply::Raw(Bytes::from(format!("*{}\r\n", keys.len())));
+        let read = read_values(keys, |chunks| MGET_WINDOW_BYTES / chunks, ctx);
+        let ctx = ctx.clone();
+        let answer = async move {
+            match read.await {
+                Ok(values) => {
+                    let values = values.into_iter().map(|v| v.unwrap_or_else(|e| e));
+                    stream::iter([Reply::Array(values.collect())]).left_stream()
+                }
+                Err(window) => stream::once(super::ready_reply(header))
+                    .chain(one_at_a_time(window, &ctx).map(|v| v.unwrap_or_else(|e| e)))
+                    .right_stream(),
+            }
+        };
+        return Step::Stream(Box::pin(stream::once(answer).flatten()));
+    }
     if keys.len() > MGET_CHUNK {
         let header = Reply::Raw(Bytes::from(format!("*{}\r\n", keys.len())));
         let windows: Vec<Vec<Bytes>> = keys.chunks(MGET_WINDOW).map(<[_]>::to_vec).collect();
