@@ -43,7 +43,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{oneshot, Notify};
@@ -129,12 +129,19 @@ impl Outbox {
             let _ = reply_tx.send(Err(Error::Overloaded));
             return (Reply(reply_rx), false);
         }
-        let id = self.pending.insert(Pending {
+        let waiting = Pending {
             tx: reply_tx,
             deadline,
             patient,
             account: account.cloned(),
-        });
+        };
+        let id = match self.pending.insert(waiting) {
+            Ok(id) => id,
+            Err(waiting) => {
+                let _ = waiting.tx.send(Err(Error::Overloaded));
+                return (Reply(reply_rx), false);
+            }
+        };
         let buf = self.out.buf();
         let start = buf.len();
         let value = encode_frame_head(req, buf);
@@ -507,29 +514,24 @@ async fn read_loop<R: AsyncRead + Unpin>(
     // answered, so no frame reads the clock (within a tick is close enough for "silent for
     // a whole timeout", the tick being at most a quarter of one).
     let mut answered = false;
+    // Frames read since the tick was last looked at (see the select's note).
+    let mut unswept = 0u32;
     loop {
-        tokio::select! {
-            // Frames first: the tick is polled only once no frame is ready (tokio's
-            // cooperative budget ends a long run of ready frames), so a busy link spends
-            // neither a random draw nor a timer poll on each frame.
+        let due = tokio::select! {
+            // Frames first, so a busy link spends neither a random draw nor a timer poll on
+            // each frame. The tick is polled whenever no frame is ready, and looked at every
+            // SWEEP_EVERY frames besides: `select!` pends as soon as the task's cooperative
+            // budget is spent, before it polls any branch, so a peer whose frames never run
+            // dry would otherwise keep the tick from ever being polled (no request would time
+            // out, and the peer would look silent while it talks).
             biased;
             frame = frames.next() => match frame {
-                Some(Ok(mut resp)) => {
+                Some(Ok(resp)) => {
                     answered = true;
-                    let entry = shared.lock().pending.remove(resp.id);
-                    if let Some(p) = entry {
-                        if let Some(account) = &p.account {
-                            if account.held() > account.limit() {
-                                // Its caller holds more than it may: it is being cut off,
-                                // so the payload is dropped now rather than held.
-                                resp.status = Status::TooLarge;
-                                resp.payload = Bytes::from_static(OVER_LIMIT);
-                            } else {
-                                resp.payload = account.hold(resp.payload);
-                            }
-                        }
-                        let _ = p.tx.send(Ok(resp));
-                    }
+                    deliver(&shared, resp);
+                    unswept += 1;
+                    unswept >= SWEEP_EVERY
+                        && tokio::task::unconstrained(sweep.tick()).now_or_never().is_some()
                 }
                 Some(Err(e)) => {
                     tracing::debug!(error = %e, "connection read failed");
@@ -542,24 +544,48 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 }
                 None => break,
             },
-            _ = sweep.tick() => {
-                if shared.closed.load(Ordering::Acquire) {
-                    break;
-                }
-                if std::mem::take(&mut answered) {
-                    let since = shared.started.elapsed().as_millis() as u64;
-                    shared.last_frame_ms.store(since, Ordering::Relaxed);
-                }
-                if expire(&shared) > 0 && shared.silent_for() > shared.timeout {
-                    // Requests time out and nothing at all has come back for a whole
-                    // timeout: the peer froze or the link is half-open.
-                    tracing::debug!("peer unresponsive; closing the connection");
-                    break;
-                }
-            }
+            _ = sweep.tick() => true,
+        };
+        if !due {
+            continue;
+        }
+        unswept = 0;
+        if shared.closed.load(Ordering::Acquire) {
+            break;
+        }
+        if std::mem::take(&mut answered) {
+            let since = shared.started.elapsed().as_millis() as u64;
+            shared.last_frame_ms.store(since, Ordering::Relaxed);
+        }
+        if expire(&shared) > 0 && shared.silent_for() > shared.timeout {
+            // Requests time out and nothing at all has come back for a whole timeout: the
+            // peer froze or the link is half-open.
+            tracing::debug!("peer unresponsive; closing the connection");
+            break;
         }
     }
     shared.close();
+}
+
+/// How many frames the reader takes in a row before it looks whether its sweep is due.
+const SWEEP_EVERY: u32 = 64;
+
+/// Hands a response to the request waiting for it, if one still is.
+fn deliver(shared: &Shared, mut resp: Response) {
+    let Some(p) = shared.lock().pending.remove(resp.id) else {
+        return;
+    };
+    if let Some(account) = &p.account {
+        if account.held() > account.limit() {
+            // Its caller holds more than it may: it is being cut off, so the payload is
+            // dropped now rather than held.
+            resp.status = Status::TooLarge;
+            resp.payload = Bytes::from_static(OVER_LIMIT);
+        } else {
+            resp.payload = account.hold(resp.payload);
+        }
+    }
+    let _ = p.tx.send(Ok(resp));
 }
 
 /// Fails the requests past their deadline and forgets those whose caller went away;
@@ -593,10 +619,82 @@ fn expire(shared: &Shared) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::BytesMut;
     use futures_util::SinkExt;
     use tokio::net::TcpListener;
-    use tokio_util::codec::Framed;
+    use tokio_util::codec::{Encoder, Framed};
     use twincache_protocol::frame::{Op, PREAMBLE};
+
+    /// A peer with frames always waiting (answers to nothing asked), each read spending
+    /// cooperative budget as a socket's does: the reader never finds its input dry.
+    struct Flood {
+        frames: Bytes,
+        pos: usize,
+    }
+
+    impl AsyncRead for Flood {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            let coop = std::task::ready!(tokio::task::coop::poll_proceed(cx));
+            let n = buf.remaining().min(self.frames.len() - self.pos);
+            buf.put_slice(&self.frames[self.pos..self.pos + n]);
+            self.pos = (self.pos + n) % self.frames.len();
+            coop.made_progress();
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl tokio::io::AsyncWrite for Flood {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            b: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            Poll::Ready(Ok(b.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// The reader polls frames before its sweep tick; a peer that never lets the input run
+    /// dry must not keep requests from timing out, nor look silent while it talks.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flooding_peer_does_not_keep_requests_from_timing_out() {
+        let mut codec = FrameCodec::<Request>::new(1 << 20);
+        let mut frames = BytesMut::new();
+        for _ in 0..4096 {
+            codec
+                .encode(Response::ok(Bytes::new()).with_id(0), &mut frames)
+                .unwrap();
+        }
+        let timeout = Duration::from_millis(200);
+        let flood = Flood {
+            frames: frames.freeze(),
+            pos: 0,
+        };
+        let conn = Connection::start_stream(flood, 1 << 20, timeout);
+        let started = Instant::now();
+        let answer = tokio::time::timeout(
+            Duration::from_secs(5),
+            conn.send(&Request::new(Op::Ping, Bytes::new())),
+        )
+        .await;
+        assert!(
+            matches!(answer, Ok(Err(Error::Timeout(_)))),
+            "{:?} after {:?}",
+            answer.map(|a| a.map(|_| ())),
+            started.elapsed()
+        );
+        assert!(started.elapsed() < Duration::from_secs(2));
+        assert!(conn.silent_for() < timeout, "{:?}", conn.silent_for());
+    }
 
     /// A peer that answers every `ping` at once and a `get` only after `hold`: busy with
     /// one request while it keeps answering others.

@@ -535,7 +535,13 @@ async fn run<P: Protocol, S: ClientStream>(
     // list and leave it again on every turn (a poll of it still takes that lock).
     let cancelled = shutdown.cancelled();
     tokio::pin!(cancelled);
+    let mut turns = 0u32;
     loop {
+        turns = turns.wrapping_add(1);
+        if reading && turns % SHUTDOWN_CHECK_EVERY == 0 && shutdown.is_cancelled() {
+            // (See the select's note: a flood may never let it poll shutdown.)
+            reading = false;
+        }
         let before = inflight.items.len();
         while reading && room(&inflight, config.pipeline_depth) && !account.busy(buf_held) {
             let step = proto.next(&mut buf, ctx);
@@ -595,9 +601,11 @@ async fn run<P: Protocol, S: ClientStream>(
         }
         tokio::select! {
             // In this order, with no random draw per turn: answers first, then input (its
-            // depth is bounded by the window), the limit, the idle timer, shutdown. tokio's
-            // cooperative budget makes a ready socket pend now and then, so the later
-            // branches are polled even while a client floods.
+            // depth is bounded by the window), the limit, the idle timer, shutdown. A client
+            // whose input never runs dry keeps the later branches from being polled (a
+            // spent cooperative budget makes `select!` pend before it polls any branch), so
+            // the limit is also checked above on every turn, and shutdown every
+            // SHUTDOWN_CHECK_EVERY turns; a flooding client is not idle.
             biased;
             resp = std::future::poll_fn(|cx| inflight.poll_head(cx, &mut recorder)), if !inflight.is_empty() => {
                 count_error::<P>(ctx, &resp);
@@ -675,6 +683,10 @@ async fn run<P: Protocol, S: ClientStream>(
         }
     }
 }
+
+/// How many turns a session takes between looks at the shutdown token (a lock) besides
+/// polling it in its select.
+const SHUTDOWN_CHECK_EVERY: u32 = 64;
 
 /// After answering and shutting down the sending side, reads and drops what the client still
 /// sends (at most 64 MiB, for at most a second). Closing with unread input makes the kernel

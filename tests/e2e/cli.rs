@@ -167,9 +167,9 @@ fn sigterm_and_sigint_shut_down_gracefully() {
 }
 
 /// A client that never stops sending (pipelined PINGs, answered at once, read as fast as
-/// they come) still sees the shutdown: the session's select polls shutdown last, and tokio's
-/// cooperative budget makes its ready socket pend now and then. With a 30 s grace, a session
-/// that missed the signal would hold the exit for 30 s.
+/// they come) still sees the shutdown, which the session's select polls last (and looks at
+/// every 64 turns besides). With a 30 s grace, a session that missed the signal would hold
+/// the exit for 30 s.
 #[test]
 fn a_flooding_client_does_not_hold_up_shutdown() {
     use std::io::{Read, Write};

@@ -1,16 +1,23 @@
 //! Requests written and not yet answered, found by the id their answer carries.
 //!
-//! A slab: an id's low 32 bits are its slot and the high 32 the slot's generation, so finding
+//! A slab: an id's low 24 bits are its slot and the high 40 the slot's generation, so finding
 //! an answer's request is an index and a compare, where a hash table's insert and remove cost
 //! more than the rest of a frame's bookkeeping. A slot's generation moves on whenever it is
 //! emptied, so a late answer (its request already failed by its deadline) never matches the
-//! request that took the slot since; it would take 2^32 reuses of one slot within that
-//! answer's lateness. Generations start at 1, so no id is 0: an answer with id 0 (a peer's
-//! answer to a frame it could not read) matches nothing.
+//! request that took the slot since: that would take 2^40 reuses of one slot within the
+//! answer's lateness (12 days at a million requests a second on a link with one slot in
+//! use). Generations start at 1, so no id is 0: an answer with id 0 (a peer's answer to a
+//! frame it could not read) matches nothing.
+
+/// Bits of an id that name its slot.
+const SLOT_BITS: u32 = 24;
+/// Requests a link may have waiting at once (16,777,216): one more is refused.
+pub(super) const MAX_PENDING: usize = 1 << SLOT_BITS;
+const GENERATIONS: u64 = 1 << (64 - SLOT_BITS);
 
 /// One slot: its generation and what waits in it.
 struct Slot<T> {
-    generation: u32,
+    generation: u64,
     entry: Option<T>,
 }
 
@@ -30,30 +37,30 @@ impl<T> Default for Pending<T> {
 }
 
 impl<T> Pending<T> {
-    /// Keeps `entry` and returns the id its answer will carry.
-    pub(super) fn insert(&mut self, entry: T) -> u64 {
+    /// Keeps `entry` and returns the id its answer will carry; gives it back if
+    /// [`MAX_PENDING`] requests wait already.
+    pub(super) fn insert(&mut self, entry: T) -> Result<u64, T> {
         let index = match self.free.pop() {
-            Some(index) => index,
-            None => {
-                // More than 2^32 requests at once cannot be: each holds memory.
-                let index = u32::try_from(self.slots.len()).expect("fewer than 2^32 requests");
+            Some(index) => index as usize,
+            None if self.slots.len() < MAX_PENDING => {
                 self.slots.push(Slot {
                     generation: 1,
                     entry: None,
                 });
-                index
+                self.slots.len() - 1
             }
+            None => return Err(entry),
         };
-        let slot = &mut self.slots[index as usize];
+        let slot = &mut self.slots[index];
         slot.entry = Some(entry);
-        u64::from(slot.generation) << 32 | u64::from(index)
+        Ok(slot.generation << SLOT_BITS | index as u64)
     }
 
     /// Takes what waits under `id`, if anything still does.
     pub(super) fn remove(&mut self, id: u64) -> Option<T> {
-        let index = id as u32;
-        let slot = self.slots.get_mut(index as usize)?;
-        if u64::from(slot.generation) != id >> 32 {
+        let index = (id & (MAX_PENDING as u64 - 1)) as usize;
+        let slot = self.slots.get_mut(index)?;
+        if slot.generation != id >> SLOT_BITS {
             return None;
         }
         let entry = slot.entry.take()?;
@@ -68,7 +75,7 @@ impl<T> Pending<T> {
             let slot = &mut self.slots[index];
             if slot.entry.as_ref().is_some_and(&mut take) {
                 taken.extend(slot.entry.take());
-                self.release(index as u32);
+                self.release(index);
             }
         }
         taken
@@ -79,10 +86,11 @@ impl<T> Pending<T> {
         self.extract_if(|_| true)
     }
 
-    fn release(&mut self, index: u32) {
-        let slot = &mut self.slots[index as usize];
-        slot.generation = slot.generation.checked_add(1).unwrap_or(1);
-        self.free.push(index);
+    fn release(&mut self, index: usize) {
+        let slot = &mut self.slots[index];
+        // Past the last generation, 1 again (never 0).
+        slot.generation = slot.generation % (GENERATIONS - 1) + 1;
+        self.free.push(index as u32);
     }
 }
 
@@ -93,8 +101,8 @@ mod tests {
     #[test]
     fn an_answer_finds_its_request_once() {
         let mut p = Pending::default();
-        let a = p.insert("a");
-        let b = p.insert("b");
+        let a = p.insert("a").unwrap();
+        let b = p.insert("b").unwrap();
         assert_ne!(a, b);
         assert_eq!(p.remove(b), Some("b"));
         assert_eq!(p.remove(b), None);
@@ -107,10 +115,14 @@ mod tests {
     #[test]
     fn a_late_answer_does_not_match_the_request_that_took_its_slot() {
         let mut p = Pending::default();
-        let late = p.insert("expired");
+        let late = p.insert("expired").unwrap();
         assert_eq!(p.extract_if(|e| *e == "expired"), vec!["expired"]);
-        let next = p.insert("next");
-        assert_eq!(next as u32, late as u32, "the slot is reused");
+        let next = p.insert("next").unwrap();
+        assert_eq!(
+            next % MAX_PENDING as u64,
+            late % MAX_PENDING as u64,
+            "the slot is reused"
+        );
         assert_eq!(p.remove(late), None);
         assert_eq!(p.remove(next), Some("next"));
     }
@@ -118,13 +130,32 @@ mod tests {
     #[test]
     fn drain_takes_everything_and_the_slots_stay_usable() {
         let mut p = Pending::default();
-        let ids: Vec<u64> = (0..5).map(|i| p.insert(i)).collect();
+        let ids: Vec<u64> = (0..5).map(|i| p.insert(i).unwrap()).collect();
         assert_eq!(p.remove(ids[2]), Some(2));
         let mut drained = p.drain();
         drained.sort();
         assert_eq!(drained, vec![0, 1, 3, 4]);
         assert!(ids.iter().all(|&id| p.remove(id).is_none()));
-        let id = p.insert(9);
+        let id = p.insert(9).unwrap();
         assert_eq!(p.remove(id), Some(9));
+    }
+
+    #[test]
+    fn generations_wrap_to_1_never_0() {
+        let mut p = Pending::default();
+        let first = p.insert(()).unwrap();
+        assert_eq!(first >> SLOT_BITS, 1);
+        assert!(p.remove(first).is_some());
+        p.slots[0].generation = GENERATIONS - 1;
+        let last = p.insert(()).unwrap();
+        assert_eq!(
+            last >> SLOT_BITS,
+            GENERATIONS - 1,
+            "the last generation fits the id"
+        );
+        assert!(p.remove(last).is_some());
+        let wrapped = p.insert(()).unwrap();
+        assert_eq!(wrapped >> SLOT_BITS, 1);
+        assert_ne!(wrapped, 0);
     }
 }
