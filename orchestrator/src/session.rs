@@ -538,7 +538,7 @@ async fn run<P: Protocol, S: ClientStream>(
     let mut turns = 0u32;
     loop {
         turns = turns.wrapping_add(1);
-        if reading && turns % SHUTDOWN_CHECK_EVERY == 0 && shutdown.is_cancelled() {
+        if reading && turns.is_multiple_of(SHUTDOWN_CHECK_EVERY) && shutdown.is_cancelled() {
             // (See the select's note: a flood may never let it poll shutdown.)
             reading = false;
         }
