@@ -138,7 +138,7 @@ async fn reads_follow_the_remiro_rules() {
     assert_eq!(got, want);
     // More keys than one read program takes (16): each still by a GET of its own, the
     // reply streamed.
-    let got: Vec<Option<String>> = orch.mget(&keys.repeat(3)).await.unwrap();
+    let got: Vec<Option<String>> = orch.mget(keys.repeat(3)).await.unwrap();
     assert_eq!(got, [want.clone(), want.clone(), want].concat());
 
     // Through the text protocol too.
