@@ -15,6 +15,7 @@ use twincache_protocol::Status;
 use super::link::Fake;
 use super::{
     MembershipConfig, Mode, Origin, Pair, Router, RouterConfig, Topology, WorkerLink, WorkerState,
+    READ_RUN,
 };
 
 /// A router for `workers` (nothing need answer there): its links keep trying to connect
@@ -88,6 +89,27 @@ fn ops(sent: &Mutex<Vec<Request>>, op: Op) -> Vec<Request> {
         .filter(|r| r.op == op)
         .cloned()
         .collect()
+}
+
+#[tokio::test]
+async fn reads_alternate_between_in_sync_partners_in_runs() {
+    let (a, b): (Arc<Mutex<Vec<Request>>>, Arc<Mutex<Vec<Request>>>) = Default::default();
+    let (router, shutdown) = pair_of(healthy(a.clone()), healthy(b.clone()));
+    let mut order = Vec::new();
+    for _ in 0..4 * READ_RUN {
+        let before = ops(&a, Op::Get).len();
+        router
+            .get(Bytes::from_static(b"k"), &Origin::INTERNAL)
+            .await;
+        order.push(ops(&a, Op::Get).len() > before);
+    }
+    assert_eq!(ops(&a, Op::Get).len(), 2 * READ_RUN);
+    assert_eq!(ops(&b, Op::Get).len(), 2 * READ_RUN);
+    for (i, run) in order.chunks(READ_RUN).enumerate() {
+        assert!(run.iter().all(|&to_a| to_a == run[0]), "run {i}: {order:?}");
+    }
+    assert_ne!(order[0], order[READ_RUN]);
+    shutdown.cancel();
 }
 
 #[tokio::test]
