@@ -210,6 +210,45 @@ fn a_flooding_client_does_not_hold_up_shutdown() {
     assert!(took < Duration::from_secs(10), "shutdown took {took:?}");
 }
 
+/// The same for a worker: a peer flooding it with pipelined pings over the binary protocol
+/// (as a busy orchestrator's link can) does not hold up its shutdown.
+#[test]
+fn a_flooding_peer_does_not_hold_up_a_workers_shutdown() {
+    use std::io::{Read, Write};
+    use twincache_protocol::frame::{encode_frame, Op, Request, PREAMBLE};
+    let args = ["--port", "0", "--shutdown-grace", "30s"].map(String::from);
+    let mut worker = Proc::start(WORKER, &args);
+    let stream = std::net::TcpStream::connect(worker.addr).unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let mut reader = stream;
+    let mut pings = bytes::BytesMut::new();
+    for _ in 0..4096 {
+        encode_frame(&Request::new(Op::Ping, bytes::Bytes::new()), &mut pings);
+    }
+    writer.write_all(&PREAMBLE).unwrap();
+    std::thread::spawn(move || while writer.write_all(&pings).is_ok() {});
+    let (read_tx, read_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 1 << 16];
+        let mut total = 0usize;
+        while let Ok(n @ 1..) = reader.read(&mut buf) {
+            total += n;
+            let _ = read_tx.send(total);
+        }
+    });
+    while read_rx.recv_timeout(Duration::from_secs(10)).unwrap() < 1 << 20 {}
+    let signalled = std::time::Instant::now();
+    worker.signal("TERM");
+    assert_eq!(
+        worker.wait_exit(Duration::from_secs(25)),
+        Some(0),
+        "{}",
+        worker.log_text()
+    );
+    let took = signalled.elapsed();
+    assert!(took < Duration::from_secs(10), "shutdown took {took:?}");
+}
+
 /// Issue 13's first-hour mistakes, each answered with what to write instead.
 #[test]
 fn easy_mistakes_get_answers_that_say_what_to_write() {

@@ -345,7 +345,15 @@ where
     let mut last_active = tokio::time::Instant::now();
     let idle = tokio::time::sleep(idle_timeout);
     tokio::pin!(idle);
+    let mut turns = 0u32;
     loop {
+        // A peer whose requests never run dry keeps the select's later branches from being
+        // polled (a spent cooperative budget makes `select!` pend before it polls any), so
+        // shutdown is also looked at every 64 turns; such a peer is not idle.
+        turns = turns.wrapping_add(1);
+        if turns.is_multiple_of(64) && shutdown.is_cancelled() {
+            return Ok(());
+        }
         tokio::select! {
             // Requests waiting on Redis first: each registers for its key's order before any
             // later request is read, so requests on one key keep their arrival order.

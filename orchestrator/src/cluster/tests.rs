@@ -61,8 +61,11 @@ fn pair_of(a: Fake, b: Fake) -> (Arc<Router>, CancellationToken) {
     (Arc::new(router), shutdown)
 }
 
+/// What a stand-in worker was sent.
+type Sent = Arc<Mutex<Vec<Request>>>;
+
 /// A worker that answers every request `Ok` (a GET with `v`), and keeps what it was sent.
-fn healthy(sent: Arc<Mutex<Vec<Request>>>) -> Fake {
+fn healthy(sent: Sent) -> Fake {
     Arc::new(move |req: &Request| {
         sent.lock().unwrap().push(req.clone());
         Some(match req.op {
@@ -93,7 +96,7 @@ fn ops(sent: &Mutex<Vec<Request>>, op: Op) -> Vec<Request> {
 
 #[tokio::test]
 async fn reads_alternate_between_in_sync_partners_in_runs() {
-    let (a, b): (Arc<Mutex<Vec<Request>>>, Arc<Mutex<Vec<Request>>>) = Default::default();
+    let (a, b) = (Sent::default(), Sent::default());
     let (router, shutdown) = pair_of(healthy(a.clone()), healthy(b.clone()));
     let mut order = Vec::new();
     for _ in 0..4 * READ_RUN {
