@@ -37,8 +37,8 @@ pub enum Error {
     /// not. Retrying does not help until the certificates change.
     #[error("TLS: {0}")]
     Tls(String),
-    /// The connection's send buffer is full: the server is not keeping up (or not reading
-    /// at all). Nothing was sent; retry later.
+    /// The connection's send buffer is full, or 16,777,216 requests wait for answers on it:
+    /// the server is not keeping up (or not reading at all). Nothing was sent; retry later.
     #[error("the connection's send buffer is full; the server is not keeping up")]
     Overloaded,
     /// The server answered with an error status.

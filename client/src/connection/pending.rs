@@ -88,8 +88,12 @@ impl<T> Pending<T> {
 
     fn release(&mut self, index: usize) {
         let slot = &mut self.slots[index];
-        // Past the last generation, 1 again (never 0).
-        slot.generation = slot.generation % (GENERATIONS - 1) + 1;
+        // Past the last generation, 1 again (never 0); a compare, not a division, per answer.
+        slot.generation = if slot.generation == GENERATIONS - 1 {
+            1
+        } else {
+            slot.generation + 1
+        };
         self.free.push(index as u32);
     }
 }
