@@ -795,6 +795,8 @@ fn put_header(out: &mut BytesMut, tag: u8, n: i64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::reads;
+    use proptest::prelude::*;
 
     #[test]
     fn headers_are_the_tag_the_number_and_crlf() {
@@ -857,8 +859,6 @@ mod tests {
             }
         }
     }
-    use crate::test_support::reads;
-    use proptest::prelude::*;
 
     /// Lengths are read as Redis' `string2ll` reads them.
     #[test]

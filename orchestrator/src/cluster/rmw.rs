@@ -116,7 +116,7 @@ impl Drop for PendingGuard {
 pub fn gets<'k>(mut keys: impl Iterator<Item = &'k Bytes> + Clone, cap: usize) -> Request {
     let first = keys.next().cloned().unwrap_or_default();
     let mut req = Request::new(Op::Query, first);
-    req.value = encode_gets(keys.map(|k| &k[..]));
+    req.value = encode_gets(keys);
     req.ttl_ms = cap as u64;
     req
 }
