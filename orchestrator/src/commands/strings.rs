@@ -9,6 +9,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures_util::future::{join_all, ready, Either, Ready};
 use futures_util::stream::{self, Stream, StreamExt};
+use futures_util::FutureExt;
 use twincache_protocol::frame::{flags, Op, Request};
 use twincache_protocol::program::{encode_program, Action, SetIf, Ttl};
 use twincache_protocol::resp::Reply;
@@ -253,49 +254,35 @@ type Element = Result<Reply, Reply>;
 type Values = Result<Vec<Element>, Vec<Bytes>>;
 
 /// An MGET of up to [`MGET_CHUNK`] keys gathers its values and answers at once. A larger
-/// one streams: the array header first, then the values of [`MGET_WINDOW`] keys at a time,
-/// in order, so its memory does not grow with the number of keys. A key whose pair cannot
-/// be reached is then an error element in the array (the header is already sent), which
-/// Redis clients report as an error for that key. A key holding another type than a string
+/// one reads [`MGET_WINDOW`] keys at a time: one window is answered as one array, more
+/// stream (the array header first, then each window's values in order), so its memory does
+/// not grow with the number of keys. A key whose pair cannot be reached is then an error
+/// element in the array (the header may be sent already), which Redis clients report as an
+/// error for that key. A key holding another type than a string
 /// reads as nil, as in Redis.
 pub(super) fn mget(keys: Vec<Bytes>, ctx: &Ctx) -> Step<Reply> {
-    if keys.len() > MGET_CHUNK && keys.len() <= MGET_WINDOW {
-        // One window: the values come back together and are answered as one array (each
-        // error in its element's place, as the streamed form gives it), not element by
-        // element through the stream; only a fallback to a GET a key streams.
-        let header = Reply::Raw(Bytes::from(format!("*{}\r\n", keys.len())));
-        let read = read_values(keys, |chunks| MGET_WINDOW_BYTES / chunks, ctx);
-        let ctx = ctx.clone();
-        let answer = async move {
-            match read.await {
-                Ok(values) => {
-                    let values = values.into_iter().map(|v| v.unwrap_or_else(|e| e));
-                    stream::iter([Reply::Array(values.collect())]).left_stream()
-                }
-                Err(window) => stream::once(super::ready_reply(header))
-                    .chain(one_at_a_time(window, &ctx).map(|v| v.unwrap_or_else(|e| e)))
-                    .right_stream(),
-            }
-        };
-        return Step::Stream(Box::pin(stream::once(answer).flatten()));
-    }
     if keys.len() > MGET_CHUNK {
         let header = Reply::Raw(Bytes::from(format!("*{}\r\n", keys.len())));
+        if keys.len() <= MGET_WINDOW {
+            // One window: its values, read together, are answered as one array rather than
+            // element by element through the stream; only values read a key at a time
+            // stream, behind the header.
+            let answer = FutureExt::map(read_window(keys, ctx), |window| match window {
+                Ok(values) => stream::iter([Reply::Array(values)]).left_stream(),
+                Err(values) => stream::once(super::ready_reply(header))
+                    .chain(values)
+                    .right_stream(),
+            });
+            return Step::Stream(Box::pin(stream::once(answer).flatten()));
+        }
         let windows: Vec<Vec<Bytes>> = keys.chunks(MGET_WINDOW).map(<[_]>::to_vec).collect();
         let ctx = ctx.clone();
         let values = stream::iter(windows)
-            .then(move |window| {
-                let read = read_values(window, |chunks| MGET_WINDOW_BYTES / chunks, &ctx);
-                let ctx = ctx.clone();
-                async move {
-                    match read.await {
-                        Ok(values) => stream::iter(values).left_stream(),
-                        Err(window) => one_at_a_time(window, &ctx).right_stream(),
-                    }
-                }
-            })
-            .flatten()
-            .map(|v| v.unwrap_or_else(|e| e));
+            .then(move |window| read_window(window, &ctx))
+            .flat_map(|window| match window {
+                Ok(values) => stream::iter(values).left_stream(),
+                Err(values) => values.right_stream(),
+            });
         return Step::Stream(Box::pin(
             stream::once(super::ready_reply(header)).chain(values),
         ));
@@ -319,6 +306,27 @@ pub(super) fn mget(keys: Vec<Bytes>, ctx: &Ctx) -> Step<Reply> {
         },
         n,
     )
+}
+
+/// The elements of a streamed MGET's window of `keys` (each error in its element's place:
+/// the array's header is sent already or about to be): all at once when they could be read
+/// together, or as they come when they must be read a key at a time.
+fn read_window(
+    keys: Vec<Bytes>,
+    ctx: &Ctx,
+) -> impl Future<Output = Result<Vec<Reply>, impl Stream<Item = Reply> + Send + 'static>> + Send + 'static
+{
+    let read = read_values(keys, |chunks| MGET_WINDOW_BYTES / chunks, ctx);
+    let ctx = ctx.clone();
+    async move {
+        match read.await {
+            Ok(values) => Ok(values
+                .into_iter()
+                .map(|v| v.unwrap_or_else(|e| e))
+                .collect()),
+            Err(keys) => Err(one_at_a_time(keys, &ctx).map(|v| v.unwrap_or_else(|e| e))),
+        }
+    }
 }
 
 /// The values of `keys` by one GET each, [`MGET_CHUNK`] in flight.
