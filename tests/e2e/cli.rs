@@ -172,15 +172,36 @@ fn sigterm_and_sigint_shut_down_gracefully() {
 /// the exit for 30 s.
 #[test]
 fn a_flooding_client_does_not_hold_up_shutdown() {
-    use std::io::{Read, Write};
     let w1 = Proc::worker();
     let w2 = Proc::worker();
-    let mut orch = Proc::orchestrator(&[w1.addr, w2.addr], &["--shutdown-grace", "30s"]);
-    let stream = std::net::TcpStream::connect(orch.addr).unwrap();
+    let orch = Proc::orchestrator(&[w1.addr, w2.addr], &["--shutdown-grace", "30s"]);
+    let pings = b"*1\r\n$4\r\nPING\r\n".repeat(4096);
+    stops_while_flooded(orch, b"", pings);
+}
+
+/// The same for a worker: a peer flooding it with pipelined pings over the binary protocol
+/// (as a busy orchestrator's link can) does not hold up its shutdown.
+#[test]
+fn a_flooding_peer_does_not_hold_up_a_workers_shutdown() {
+    use twincache_protocol::frame::{encode_frame, Op, Request, PREAMBLE};
+    let args = ["--port", "0", "--shutdown-grace", "30s"].map(String::from);
+    let worker = Proc::start(WORKER, &args);
+    let mut pings = bytes::BytesMut::new();
+    for _ in 0..4096 {
+        encode_frame(&Request::new(Op::Ping, bytes::Bytes::new()), &mut pings);
+    }
+    stops_while_flooded(worker, &PREAMBLE, pings.to_vec());
+}
+
+/// Sends `opening`, then `requests` over and over while reading every answer; once a MiB
+/// of answers came back, signals `server` to stop, which it must do within 10 s.
+fn stops_while_flooded(mut server: Proc, opening: &[u8], requests: Vec<u8>) {
+    use std::io::{Read, Write};
+    let stream = std::net::TcpStream::connect(server.addr).unwrap();
     let mut writer = stream.try_clone().unwrap();
     let mut reader = stream;
-    let pings = b"*1\r\n$4\r\nPING\r\n".repeat(4096);
-    std::thread::spawn(move || while writer.write_all(&pings).is_ok() {});
+    writer.write_all(opening).unwrap();
+    std::thread::spawn(move || while writer.write_all(&requests).is_ok() {});
     let (read_tx, read_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let mut buf = vec![0u8; 1 << 16];
@@ -199,51 +220,12 @@ fn a_flooding_client_does_not_hold_up_shutdown() {
         );
     }
     let signalled = std::time::Instant::now();
-    orch.signal("TERM");
+    server.signal("TERM");
     assert_eq!(
-        orch.wait_exit(Duration::from_secs(25)),
+        server.wait_exit(Duration::from_secs(25)),
         Some(0),
         "{}",
-        orch.log_text()
-    );
-    let took = signalled.elapsed();
-    assert!(took < Duration::from_secs(10), "shutdown took {took:?}");
-}
-
-/// The same for a worker: a peer flooding it with pipelined pings over the binary protocol
-/// (as a busy orchestrator's link can) does not hold up its shutdown.
-#[test]
-fn a_flooding_peer_does_not_hold_up_a_workers_shutdown() {
-    use std::io::{Read, Write};
-    use twincache_protocol::frame::{encode_frame, Op, Request, PREAMBLE};
-    let args = ["--port", "0", "--shutdown-grace", "30s"].map(String::from);
-    let mut worker = Proc::start(WORKER, &args);
-    let stream = std::net::TcpStream::connect(worker.addr).unwrap();
-    let mut writer = stream.try_clone().unwrap();
-    let mut reader = stream;
-    let mut pings = bytes::BytesMut::new();
-    for _ in 0..4096 {
-        encode_frame(&Request::new(Op::Ping, bytes::Bytes::new()), &mut pings);
-    }
-    writer.write_all(&PREAMBLE).unwrap();
-    std::thread::spawn(move || while writer.write_all(&pings).is_ok() {});
-    let (read_tx, read_rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut buf = vec![0u8; 1 << 16];
-        let mut total = 0usize;
-        while let Ok(n @ 1..) = reader.read(&mut buf) {
-            total += n;
-            let _ = read_tx.send(total);
-        }
-    });
-    while read_rx.recv_timeout(Duration::from_secs(10)).unwrap() < 1 << 20 {}
-    let signalled = std::time::Instant::now();
-    worker.signal("TERM");
-    assert_eq!(
-        worker.wait_exit(Duration::from_secs(25)),
-        Some(0),
-        "{}",
-        worker.log_text()
+        server.log_text()
     );
     let took = signalled.elapsed();
     assert!(took < Duration::from_secs(10), "shutdown took {took:?}");
