@@ -530,8 +530,12 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     answered = true;
                     deliver(&shared, resp);
                     unswept += 1;
-                    unswept >= SWEEP_EVERY
-                        && tokio::task::unconstrained(sweep.tick()).now_or_never().is_some()
+                    // Looked at once per SWEEP_EVERY frames, due or not: a tick that is not
+                    // due yet is not polled again (and the clock not read) frame by frame.
+                    unswept >= SWEEP_EVERY && {
+                        unswept = 0;
+                        tokio::task::unconstrained(sweep.tick()).now_or_never().is_some()
+                    }
                 }
                 Some(Err(e)) => {
                     tracing::debug!(error = %e, "connection read failed");
