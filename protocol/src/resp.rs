@@ -143,7 +143,10 @@ impl RespDecoder {
                 return Ok(None);
             }
             let parsed = if buf[0] == b'*' {
-                self.parse_multibulk(buf)
+                match self.whole_multibulk(buf) {
+                    Some(whole) => Ok(whole),
+                    None => self.parse_multibulk(buf),
+                }
             } else {
                 self.parse_inline(buf)
             };
@@ -185,6 +188,43 @@ impl RespDecoder {
             }) => (end + 2).saturating_sub(buffered),
             _ => 0,
         }
+    }
+
+    /// The usual case in one pass: a multibulk that has all arrived, with nothing unusual in
+    /// its headers and within every limit, parsed without recording progress. `None` for
+    /// anything else (a command still arriving, one the decoder has started on, an error),
+    /// which [`RespDecoder::parse_multibulk`] then decides; what this looked at is at most
+    /// the buffer once, so the work stays linear.
+    fn whole_multibulk(&mut self, buf: &[u8]) -> Option<Parse> {
+        if self.partial.is_some() {
+            return None;
+        }
+        let (count, mut pos) = usual_int(buf, 1)?;
+        if count == 0 || count > MAX_ARGS as u64 {
+            return None;
+        }
+        let mut args = Ranges::new();
+        for _ in 0..count {
+            if *buf.get(pos)? != b'$' {
+                return None;
+            }
+            let (len, start) = usual_int(buf, pos + 1)?;
+            if len > self.max_bulk as u64 {
+                return None;
+            }
+            // Within `max_bulk`, a `usize`.
+            let end = start + len as usize;
+            if buf.get(end..end + 2)? != b"\r\n" {
+                return None;
+            }
+            args.push((start, end));
+            pos = end + 2;
+        }
+        if pos > self.max_command {
+            return None;
+        }
+        self.scanned += pos as u64;
+        Some(Parse::Command { len: pos, args })
     }
 
     /// Continues the multibulk at the front of `buf` from where the last call left it.
@@ -331,21 +371,10 @@ fn read_int_line(
     err: ProtocolError,
     scanned: &mut u64,
 ) -> Result<Option<(i64, usize)>, ProtocolError> {
-    // The usual header, a few digits and CRLF, read in one pass without a search for the
-    // newline (18 digits cannot overflow; a leading zero, a sign or anything else takes the
-    // general path below, which decides as Redis does).
-    let rest = buf.get(from..).unwrap_or_default();
-    let digits = rest
-        .iter()
-        .take(18)
-        .take_while(|b| b.is_ascii_digit())
-        .count();
-    if digits > 0 && (rest[0] != b'0' || digits == 1) && rest[digits..].starts_with(b"\r\n") {
-        let n = rest[..digits]
-            .iter()
-            .fold(0i64, |n, &d| n * 10 + i64::from(d - b'0'));
-        *scanned += digits as u64 + 2;
-        return Ok(Some((n, from + digits + 2)));
+    if let Some((n, next)) = usual_int(buf, from) {
+        *scanned += (next - from) as u64;
+        // At most 18 digits: it fits.
+        return Ok(Some((n as i64, next)));
     }
     let window = &buf[from.min(buf.len())..buf.len().min(from.saturating_add(MAX_INT_LINE))];
     let Some(nl) = window.iter().position(|&b| b == b'\n') else {
@@ -362,6 +391,27 @@ fn read_int_line(
     // generic parse is spent per header.
     let n = string2ll(line).ok_or(err)?;
     Ok(Some((n, from + nl + 1)))
+}
+
+/// The usual count or length line at `from`, read in one pass with no search for its
+/// newline: 1 to 18 digits (which cannot overflow), no leading zero, then CRLF. The number
+/// and the position after the line; `None` for anything else, which [`read_int_line`]'s
+/// general path decides as Redis does (a sign, a leading zero, a line not all here).
+#[inline]
+fn usual_int(buf: &[u8], from: usize) -> Option<(u64, usize)> {
+    let rest = buf.get(from..)?;
+    let mut n = 0u64;
+    let mut i = 0;
+    while i < 18 {
+        let d = rest.get(i)?.wrapping_sub(b'0');
+        if d > 9 {
+            break;
+        }
+        n = n * 10 + u64::from(d);
+        i += 1;
+    }
+    let usual = i > 0 && (rest[0] != b'0' || i == 1) && rest.get(i..i + 2)? == b"\r\n";
+    usual.then_some((n, from + i + 2))
 }
 
 /// Splits an inline line into argument ranges like Redis' `sdssplitargs`: bare words, and
@@ -907,6 +957,53 @@ mod tests {
             got,
             vec![args(&[b"GET", b"a"]), args(&[b"SET", b"k", b"a\r\nb"])]
         );
+    }
+
+    /// A command all in the buffer takes the one-pass path (`whole_multibulk`), one fed byte
+    /// by byte the incremental one: both give the same commands and the same errors.
+    #[test]
+    fn whole_and_trickled_commands_decode_alike() {
+        let decode = |wire: &[u8], piece: usize| {
+            let mut d = RespDecoder::new(16, 64);
+            let mut buf = BytesMut::new();
+            let mut got = Vec::new();
+            for chunk in wire.chunks(piece) {
+                buf.extend_from_slice(chunk);
+                loop {
+                    match d.decode(&mut buf) {
+                        Ok(Some(cmd)) => got.push(Ok(cmd)),
+                        Ok(None) => break,
+                        Err(e) => {
+                            got.push(Err(e));
+                            return got;
+                        }
+                    }
+                }
+            }
+            got
+        };
+        let wires: [&[u8]; 12] = [
+            b"*2\r\n$3\r\nGET\r\n$1\r\na\r\n*1\r\n$4\r\nPING\r\n",
+            b"*3\r\n$3\r\nSET\r\n$0\r\n\r\n$16\r\n0123456789abcdef\r\n",
+            b"*1\r\n$17\r\n0123456789abcdefg\r\n",
+            b"*2\r\n$03\r\nGET\r\n$1\r\na\r\n",
+            b"*02\r\n$3\r\nGET\r\n",
+            b"*2\r\n$+3\r\nGET\r\n$1\r\na\r\n",
+            b"*0\r\n",
+            b"*1\r\n$2\r\nabcd\r\n",
+            b"*1\r\n+ab\r\n",
+            b"*5\r\n$16\r\n0123456789abcdef\r\n$16\r\n0123456789abcdef\r\n$16\r\n0123456789abcdef\r\n$1\r\na\r\n$1\r\nb\r\n",
+            b"*1\r\n$1\r\nx\r\nPING\r\n*1\r\n$1\r\ny\r\n",
+            b"*1\r\n$1\r\nx\n\n",
+        ];
+        for wire in wires {
+            assert_eq!(
+                decode(wire, wire.len()),
+                decode(wire, 1),
+                "{:?}",
+                String::from_utf8_lossy(wire)
+            );
+        }
     }
 
     #[test]
