@@ -35,10 +35,11 @@ fn mix64(mut z: u64) -> u64 {
 /// there is at least one, else the whole key (Redis Cluster's rule, so applications written
 /// for it group keys the same way here).
 pub fn hash_tag(key: &[u8]) -> &[u8] {
-    let Some(open) = key.iter().position(|&b| b == b'{') else {
+    // Every request's key is searched: memchr's vectorised search rather than byte by byte.
+    let Some(open) = memchr::memchr(b'{', key) else {
         return key;
     };
-    match key[open + 1..].iter().position(|&b| b == b'}') {
+    match memchr::memchr(b'}', &key[open + 1..]) {
         Some(len) if len > 0 => &key[open + 1..open + 1 + len],
         _ => key,
     }
