@@ -532,8 +532,9 @@ async fn run<P: Protocol, S: ClientStream>(
     let idle = tokio::time::sleep(config.idle_timeout);
     tokio::pin!(idle);
     // Made once and kept across turns: remade, its waiter would join the token's locked
-    // list and leave it again on every turn (a poll of it still takes that lock).
-    let cancelled = shutdown.cancelled();
+    // list and leave it again on every turn. And polled again only once it woke the task
+    // (`OnWake`): each poll of it takes that lock, twice a request at pipeline depth 1.
+    let cancelled = OnWake::new(shutdown.cancelled());
     tokio::pin!(cancelled);
     let mut turns = 0u32;
     loop {
@@ -687,6 +688,68 @@ async fn run<P: Protocol, S: ClientStream>(
 /// How many turns a session takes between looks at the shutdown token (a lock) besides
 /// polling it in its select.
 const SHUTDOWN_CHECK_EVERY: u32 = 64;
+
+/// A future polled again only after it woke its task: for a future that is costly to poll
+/// and, once polled, wakes the task by itself when it is ready (the shutdown token's, whose
+/// every poll takes a lock), in a loop whose task other things wake far more often. The
+/// inner future gets a waker of its own, which records that it fired before it wakes the
+/// task; the task's waker is registered on every poll (an atomic exchange), so a task that
+/// moved to another waker is still woken.
+struct OnWake<F> {
+    inner: Pin<Box<F>>,
+    fired: Arc<Fired>,
+    waker: std::task::Waker,
+    polled: bool,
+}
+
+/// What [`OnWake`]'s waker does: notes that the inner future fired, and wakes the task.
+struct Fired {
+    set: std::sync::atomic::AtomicBool,
+    task: futures_util::task::AtomicWaker,
+}
+
+impl futures_util::task::ArcWake for Fired {
+    fn wake_by_ref(this: &Arc<Self>) {
+        this.set.store(true, std::sync::atomic::Ordering::Release);
+        this.task.wake();
+    }
+}
+
+impl<F: Future> OnWake<F> {
+    fn new(inner: F) -> OnWake<F> {
+        let fired = Arc::new(Fired {
+            set: std::sync::atomic::AtomicBool::new(false),
+            task: futures_util::task::AtomicWaker::new(),
+        });
+        OnWake {
+            inner: Box::pin(inner),
+            waker: futures_util::task::waker(fired.clone()),
+            fired,
+            polled: false,
+        }
+    }
+}
+
+impl<F: Future> Future for OnWake<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.get_mut();
+        this.fired.task.register(cx.waker());
+        // Taken before the poll: a wake that comes during or after it is seen next time.
+        let fired = this
+            .fired
+            .set
+            .swap(false, std::sync::atomic::Ordering::AcqRel);
+        if this.polled && !fired {
+            return Poll::Pending;
+        }
+        this.polled = true;
+        this.inner
+            .as_mut()
+            .poll(&mut Context::from_waker(&this.waker))
+    }
+}
 
 /// After answering and shutting down the sending side, reads and drops what the client still
 /// sends (at most 64 MiB, for at most a second). Closing with unread input makes the kernel
@@ -1123,6 +1186,40 @@ mod tests {
         assert!(buf.capacity() >= 1024, "kept while the session is busy");
         drop(client);
         assert_eq!(server.read_lazily(&mut buf, 1024).await.unwrap(), 0);
+    }
+
+    /// The shutdown future in a session's select is polled again only after it woke the
+    /// task, and is then ready: other wakes of the task do not poll it.
+    #[test]
+    fn a_future_on_wake_is_polled_after_it_woke_the_task() {
+        struct Count(std::sync::atomic::AtomicUsize);
+        impl futures_util::task::ArcWake for Count {
+            fn wake_by_ref(this: &Arc<Self>) {
+                this.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        let count = Arc::new(Count(Default::default()));
+        let waker = futures_util::task::waker(count.clone());
+        let mut cx = Context::from_waker(&waker);
+        let token = CancellationToken::new();
+        let polls = std::sync::atomic::AtomicUsize::new(0);
+        let mut cancelled = std::pin::pin!(token.cancelled());
+        let inner = std::future::poll_fn(|cx| {
+            polls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            cancelled.as_mut().poll(cx)
+        });
+        let mut on_wake = std::pin::pin!(OnWake::new(inner));
+        assert!(on_wake.as_mut().poll(&mut cx).is_pending());
+        assert!(on_wake.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(polls.load(std::sync::atomic::Ordering::SeqCst), 1);
+        token.cancel();
+        assert_eq!(
+            count.0.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "the task was woken"
+        );
+        assert!(on_wake.as_mut().poll(&mut cx).is_ready());
+        assert_eq!(polls.load(std::sync::atomic::Ordering::SeqCst), 2);
     }
 
     /// What an idle connection costs before its first byte is mostly its task: the session
