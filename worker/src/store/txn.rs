@@ -64,15 +64,18 @@ pub struct Txn<'a> {
     locked: Vec<(usize, MutexGuard<'a, Shard>)>,
     /// Keys written, in order, with their new state (`None`: deleted).
     staged: Vec<(Bytes, Option<Staged>)>,
+    /// The keys the program named, with their hashes, and where the next lookup is expected
+    /// ([`Txn::hash`]): a keyed SipHash is a tenth of a read, and a program used to hash
+    /// each key up to four times (to lock, to read, and twice to commit).
+    named: Vec<(&'a [u8], u64)>,
+    next: std::cell::Cell<usize>,
 }
 
 impl Store {
     /// Locks the shards of `keys` (in index order) for a program.
-    pub fn txn<'k>(&self, keys: impl IntoIterator<Item = &'k [u8]>) -> Txn<'_> {
-        let mut shards: Vec<usize> = keys
-            .into_iter()
-            .map(|k| shard_index(self.hash(k)))
-            .collect();
+    pub fn txn<'a>(&'a self, keys: impl IntoIterator<Item = &'a [u8]>) -> Txn<'a> {
+        let named: Vec<(&[u8], u64)> = keys.into_iter().map(|k| (k, self.hash(k))).collect();
+        let mut shards: Vec<usize> = named.iter().map(|&(_, h)| shard_index(h)).collect();
         shards.sort_unstable();
         shards.dedup();
         let locked = shards
@@ -84,11 +87,34 @@ impl Store {
             now: now_ms(),
             locked,
             staged: Vec::new(),
+            named,
+            next: std::cell::Cell::new(0),
         }
     }
 }
 
 impl<'a> Txn<'a> {
+    /// `key`'s hash: the one [`Store::txn`] computed, when the program looks its keys up in
+    /// the order it named them (the next one, or the one it just looked up again: the usual
+    /// case), else computed again. Keys are compared, never trusted by position.
+    fn hash(&self, key: &[u8]) -> u64 {
+        let next = self.next.get();
+        for i in [next, next.wrapping_sub(1)] {
+            if let Some(&(named, hash)) = self.named.get(i) {
+                if named == key {
+                    self.next.set(i + 1);
+                    return hash;
+                }
+            }
+        }
+        self.store.hash(key)
+    }
+
+    /// Looks keys up from the first named again (a commit goes through its writes in order).
+    fn rewind(&self) {
+        self.next.set(0);
+    }
+
     fn shard(&self, hash: u64) -> Option<&Shard> {
         let n = shard_index(hash);
         let i = self.locked.binary_search_by_key(&n, |(i, _)| *i).ok()?;
@@ -111,12 +137,12 @@ impl<'a> Txn<'a> {
     /// Whether the program holds the lock `key` needs (it names every key it touches
     /// before it starts, so this is false only for a key it did not name).
     pub fn holds(&self, key: &[u8]) -> bool {
-        self.shard(self.store.hash(key)).is_some()
+        self.shard(self.hash(key)).is_some()
     }
 
     /// The entry under `key` as stored: live, expired or a tombstone.
     fn entry(&self, key: &[u8]) -> Option<&Entry> {
-        let hash = self.store.hash(key);
+        let hash = self.hash(key);
         self.shard(hash)?.find(hash, key)
     }
 
@@ -174,8 +200,8 @@ impl<'a> Txn<'a> {
         if let Some(staged) = self.staged(key) {
             return staged.is_some();
         }
-        let (store, now) = (self.store, self.now);
-        let hash = store.hash(key);
+        let now = self.now;
+        let hash = self.hash(key);
         let n = shard_index(hash);
         let Ok(i) = self.locked.binary_search_by_key(&n, |(i, _)| *i) else {
             return false;
@@ -241,7 +267,7 @@ impl<'a> Txn<'a> {
             }));
         }
         let (store, now) = (self.store, self.now);
-        let hash = store.hash(key);
+        let hash = self.hash(key);
         let n = shard_index(hash);
         let Ok(i) = self.locked.binary_search_by_key(&n, |(i, _)| *i) else {
             return Ok(None);
@@ -424,6 +450,7 @@ impl<'a> Txn<'a> {
             return Ok((0, version));
         }
         // A flush's version bounds every key, like a write each one holds.
+        self.rewind();
         let held = self
             .staged
             .iter()
@@ -453,6 +480,7 @@ impl<'a> Txn<'a> {
         // edit; in a block of several changes, whole (a failed edit is sent again whole,
         // which must not leave half of a block applied).
         let single = count == 1;
+        self.rewind();
         for (key, state) in staged {
             let fresh = match &state {
                 Some(s) => match &s.form {
@@ -534,7 +562,7 @@ impl<'a> Txn<'a> {
                 };
                 change.encode(out);
             }
-            let hash = store.hash(&key);
+            let hash = self.hash(&key);
             let n = shard_index(hash);
             let Ok(i) = self.locked.binary_search_by_key(&n, |(i, _)| *i) else {
                 continue; // not named by the program: never staged (see `holds`)
@@ -699,6 +727,51 @@ mod tests {
         let changes = twincache_protocol::program::decode_changes(changes.freeze()).unwrap();
         assert_eq!(changes.len(), 2);
         assert_eq!(changes[1].kind, Kind::Hash as u8);
+    }
+
+    /// Lookups reuse the hashes of the keys named, in order or not, and a key read out of
+    /// order, twice, or not named at all is found (or refused) as by its own hash.
+    #[test]
+    fn keys_are_found_in_any_order_whatever_was_named() {
+        let s = Store::default();
+        let keys: Vec<Bytes> = (0..40).map(|i| Bytes::from(format!("k{i}"))).collect();
+        for (i, k) in keys.iter().enumerate() {
+            s.set(k, format!("v{i}").as_bytes(), 10, SetOptions::default())
+                .unwrap();
+        }
+        let mut t = s.txn(keys.iter().map(|k| &k[..]));
+        let value = |t: &mut Txn, i: usize| t.read(&keys[i]).unwrap().map(|(_, v)| v);
+        for i in [0, 1, 1, 2, 39, 3, 0, 38, 4, 4, 5] {
+            assert_eq!(
+                value(&mut t, i),
+                Some(Bytes::from(format!("v{i}"))),
+                "key {i}"
+            );
+        }
+        // Every key in turn once more, and one the program did not name.
+        for i in 0..40 {
+            assert_eq!(
+                value(&mut t, i),
+                Some(Bytes::from(format!("v{i}"))),
+                "key {i}"
+            );
+        }
+        assert!(!t.holds(b"unnamed") || t.read(b"unnamed").unwrap().is_none());
+        // Writes in the order named and out of it all land.
+        t.put(&keys[5], Kind::String, 0, Bytes::from_static(b"five"));
+        t.put(&keys[2], Kind::String, 0, Bytes::from_static(b"two"));
+        t.delete(&keys[30]);
+        assert_eq!(t.commit(20, false, &mut BytesMut::new()), Ok((3, 20)));
+        assert_eq!(
+            s.get(&keys[5]).unwrap().unwrap(),
+            Bytes::from_static(b"five")
+        );
+        assert_eq!(
+            s.get(&keys[2]).unwrap().unwrap(),
+            Bytes::from_static(b"two")
+        );
+        assert_eq!(s.get(&keys[30]).unwrap(), None);
+        assert_eq!(s.get(&keys[6]).unwrap().unwrap(), Bytes::from_static(b"v6"));
     }
 
     #[test]
