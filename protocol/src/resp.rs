@@ -204,6 +204,12 @@ impl RespDecoder {
             return None;
         }
         let mut args = Ranges::new();
+        // Room for every argument at once (an MGET's hundred keys grew it five times), but
+        // no more than the bytes here could hold, whatever the count claims.
+        let room = usize::try_from(count).map_or(0, |n| n.min((buf.len() - pos) / MIN_ARG_LEN));
+        if room > args.inline_size() {
+            args.reserve_exact(room);
+        }
         for _ in 0..count {
             if *buf.get(pos)? != b'$' {
                 return None;
@@ -695,6 +701,34 @@ pub fn decode_replies(buf: &Bytes) -> Result<Vec<Reply>, ReplyError> {
     let mut out = Vec::new();
     while pos < buf.len() {
         out.push(decode_at(buf, &mut pos, 0)?);
+    }
+    Ok(out)
+}
+
+/// [`decode_replies`] for replies that are passed on as they are: a bulk string comes back
+/// as its encoded bytes ([`Reply::Raw`], a slice of `buf`), which read the same in RESP2
+/// and RESP3, so it is copied out whole instead of decoded and encoded again (MGET's
+/// values). Anything else (a nil, whose form depends on the version, an error) is decoded.
+/// `expected`: how many replies the caller expects (room is made for them, within what
+/// `buf` could hold).
+pub fn decode_replies_raw_bulk(buf: &Bytes, expected: usize) -> Result<Vec<Reply>, ReplyError> {
+    let mut pos = 0;
+    let mut out = Vec::with_capacity(expected.min(buf.len() / 3));
+    while pos < buf.len() {
+        let bulk = (buf[pos] == b'$')
+            .then(|| usual_int(buf, pos + 1))
+            .flatten()
+            .and_then(|(len, start)| {
+                let end = start.checked_add(usize::try_from(len).ok()?)?;
+                (buf.get(end..end.checked_add(2)?)? == b"\r\n").then_some(end + 2)
+            });
+        match bulk {
+            Some(end) => {
+                out.push(Reply::Raw(buf.slice(pos..end)));
+                pos = end;
+            }
+            None => out.push(decode_at(buf, &mut pos, 0)?),
+        }
     }
     Ok(out)
 }
@@ -1261,6 +1295,35 @@ mod tests {
             (0.0001, "0.0001"),
         ] {
             assert_eq!(format_double(d), want, "{d}");
+        }
+    }
+
+    /// Bulk strings pass through as their bytes, everything else decodes as before, and the
+    /// two encode to the same bytes for either version.
+    #[test]
+    fn replies_with_raw_bulk_strings_encode_as_decoded_ones() {
+        let wire = Bytes::from_static(
+            b"$3\r\nabc\r\n$-1\r\n$0\r\n\r\n-WRONGTYPE no\r\n:5\r\n$4\r\na\r\nb\r\n*1\r\n$1\r\nx\r\n",
+        );
+        let raw = decode_replies_raw_bulk(&wire, 7).unwrap();
+        let decoded = decode_replies(&wire).unwrap();
+        assert_eq!(raw.len(), 7);
+        assert!(matches!(&raw[0], Reply::Raw(b) if b == "$3\r\nabc\r\n"));
+        assert_eq!(raw[1], Reply::Nil);
+        assert!(matches!(&raw[3], Reply::Error(e) if e.starts_with("WRONGTYPE")));
+        for version in [Version::Resp2, Version::Resp3] {
+            let (mut a, mut b) = (BytesMut::new(), BytesMut::new());
+            Reply::Array(raw.clone()).encode_as(version, &mut a);
+            Reply::Array(decoded.clone()).encode_as(version, &mut b);
+            assert_eq!(a, b, "{version:?}");
+        }
+        for bad in [&b"$5\r\nabc\r\n"[..], b"$3\r\nabcde", b"$3\r\nab"] {
+            let bad = Bytes::copy_from_slice(bad);
+            assert_eq!(
+                decode_replies_raw_bulk(&bad, 1),
+                decode_replies(&bad),
+                "{bad:?}"
+            );
         }
     }
 

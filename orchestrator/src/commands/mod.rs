@@ -35,7 +35,9 @@ use futures_util::future::{join_all, ready};
 use futures_util::FutureExt;
 use twincache_protocol::frame::{Op, Request, Response};
 use twincache_protocol::program::{encode_program, Action, Answer};
-use twincache_protocol::resp::{decode_replies, string2ll, Reply, Version};
+use twincache_protocol::resp::{
+    decode_replies, decode_replies_raw_bulk, string2ll, Reply, Version,
+};
 use twincache_protocol::slots::SlotMap;
 use twincache_protocol::Status;
 
@@ -475,8 +477,26 @@ fn raw(answered: Result<Answer, Response>) -> Reply {
 
 /// The replies of a program, decoded (for the callers that combine them).
 pub(crate) fn replies(answered: Result<Answer, Response>) -> Result<Vec<Reply>, Reply> {
+    decoded(answered, decode_replies)
+}
+
+/// [`replies`], `expected` of them, with bulk strings kept as their bytes, to be passed on
+/// as they are (MGET's values: see `decode_replies_raw_bulk`).
+pub(crate) fn raw_replies(
+    answered: Result<Answer, Response>,
+    expected: usize,
+) -> Result<Vec<Reply>, Reply> {
+    decoded(answered, |replies| {
+        decode_replies_raw_bulk(replies, expected)
+    })
+}
+
+fn decoded(
+    answered: Result<Answer, Response>,
+    decode: impl FnOnce(&Bytes) -> Result<Vec<Reply>, twincache_protocol::resp::ReplyError>,
+) -> Result<Vec<Reply>, Reply> {
     let answer = answered.map_err(|r| error_reply(&r))?;
-    decode_replies(&answer.replies).map_err(|e| Reply::err(format!("ERR {e}")))
+    decode(&answer.replies).map_err(|e| Reply::err(format!("ERR {e}")))
 }
 
 /// Runs one action on `key` on its pair: writes on the primary (copied to the partner),

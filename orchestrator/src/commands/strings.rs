@@ -18,8 +18,8 @@ use twincache_protocol::version::wall_ms;
 use twincache_protocol::Status;
 
 use super::{
-    dispatch_n, error_reply, int, replies, syntax_error, value_reply, wrong_args, Adapter, Cmd,
-    Family, Group, KeySpec, Spec, ONE_KEY,
+    dispatch_n, error_reply, int, raw_replies, replies, syntax_error, value_reply, wrong_args,
+    Adapter, Cmd, Family, Group, KeySpec, Spec, ONE_KEY,
 };
 use crate::auth::Access;
 use crate::session::{Ctx, Step};
@@ -426,7 +426,7 @@ fn read_values(
                 too_large.extend(part);
                 continue;
             }
-            match replies(answer) {
+            match raw_replies(answer, part.len()) {
                 Ok(values) if values.len() == part.len() => {
                     for (i, v) in part.into_iter().zip(values) {
                         out[i] = match v {
