@@ -689,17 +689,20 @@ async fn run<P: Protocol, S: ClientStream>(
 /// polling it in its select.
 const SHUTDOWN_CHECK_EVERY: u32 = 64;
 
-/// A future polled again only after it woke its task: for a future that is costly to poll
-/// and, once polled, wakes the task by itself when it is ready (the shutdown token's, whose
-/// every poll takes a lock), in a loop whose task other things wake far more often. The
-/// inner future gets a waker of its own, which records that it fired before it wakes the
-/// task; the task's waker is registered on every poll (an atomic exchange), so a task that
-/// moved to another waker is still woken.
-struct OnWake<F> {
-    inner: Pin<Box<F>>,
-    fired: Arc<Fired>,
-    waker: std::task::Waker,
-    polled: bool,
+pin_project_lite::pin_project! {
+    /// A future polled again only after it woke its task: for a future that is costly to poll
+    /// and, once polled, wakes the task by itself when it is ready (the shutdown token's, whose
+    /// every poll takes a lock), in a loop whose task other things wake far more often. The
+    /// inner future gets a waker of its own, which records that it fired before it wakes the
+    /// task; the task's waker is registered on every poll (an atomic exchange), so a task that
+    /// moved to another waker is still woken.
+    struct OnWake<F> {
+        // In place, not boxed: a session holds it for its life.
+        #[pin]
+        inner: F,
+        fired: Arc<Fired>,
+        polled: bool,
+    }
 }
 
 /// What [`OnWake`]'s waker does: notes that the inner future fired, and wakes the task.
@@ -722,8 +725,7 @@ impl<F: Future> OnWake<F> {
             task: futures_util::task::AtomicWaker::new(),
         });
         OnWake {
-            inner: Box::pin(inner),
-            waker: futures_util::task::waker(fired.clone()),
+            inner,
             fired,
             polled: false,
         }
@@ -734,20 +736,20 @@ impl<F: Future> Future for OnWake<F> {
     type Output = F::Output;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        let this = self.get_mut();
+        let this = self.project();
         this.fired.task.register(cx.waker());
         // Taken before the poll: a wake that comes during or after it is seen next time.
         let fired = this
             .fired
             .set
             .swap(false, std::sync::atomic::Ordering::AcqRel);
-        if this.polled && !fired {
+        if *this.polled && !fired {
             return Poll::Pending;
         }
-        this.polled = true;
-        this.inner
-            .as_mut()
-            .poll(&mut Context::from_waker(&this.waker))
+        *this.polled = true;
+        // A waker borrowing the `Fired`: a clone is taken only by a future that keeps it.
+        let waker = futures_util::task::waker_ref(this.fired);
+        this.inner.poll(&mut Context::from_waker(&waker))
     }
 }
 
