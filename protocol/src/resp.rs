@@ -211,16 +211,8 @@ impl RespDecoder {
             args.reserve_exact(room);
         }
         for _ in 0..count {
-            if *buf.get(pos)? != b'$' {
-                return None;
-            }
-            let (len, start) = usual_int(buf, pos + 1)?;
-            if len > self.max_bulk as u64 {
-                return None;
-            }
-            // Within `max_bulk`, a `usize`.
-            let end = start + len as usize;
-            if buf.get(end..end + 2)? != b"\r\n" {
+            let (start, end) = usual_bulk(buf, pos)?;
+            if end - start > self.max_bulk {
                 return None;
             }
             args.push((start, end));
@@ -418,6 +410,19 @@ fn usual_int(buf: &[u8], from: usize) -> Option<(u64, usize)> {
     }
     let usual = i > 0 && (rest[0] != b'0' || i == 1) && rest.get(i..i + 2)? == b"\r\n";
     usual.then_some((n, from + i + 2))
+}
+
+/// A bulk string at `pos` whose length line is usual ([`usual_int`]), all here and ended by
+/// CRLF: the range of its body. `None` for anything else, which the general paths decide.
+/// Shared by the command decoder's one-pass path and the reply decoders.
+#[inline]
+fn usual_bulk(buf: &[u8], pos: usize) -> Option<(usize, usize)> {
+    if *buf.get(pos)? != b'$' {
+        return None;
+    }
+    let (len, start) = usual_int(buf, pos + 1)?;
+    let end = start.checked_add(usize::try_from(len).ok()?)?;
+    (buf.get(end..end.checked_add(2)?)? == b"\r\n").then_some((start, end))
 }
 
 /// Splits an inline line into argument ranges like Redis' `sdssplitargs`: bare words, and
@@ -715,17 +720,10 @@ pub fn decode_replies_raw_bulk(buf: &Bytes, expected: usize) -> Result<Vec<Reply
     let mut pos = 0;
     let mut out = Vec::with_capacity(expected.min(buf.len() / 3));
     while pos < buf.len() {
-        let bulk = (buf[pos] == b'$')
-            .then(|| usual_int(buf, pos + 1))
-            .flatten()
-            .and_then(|(len, start)| {
-                let end = start.checked_add(usize::try_from(len).ok()?)?;
-                (buf.get(end..end.checked_add(2)?)? == b"\r\n").then_some(end + 2)
-            });
-        match bulk {
-            Some(end) => {
-                out.push(Reply::Raw(buf.slice(pos..end)));
-                pos = end;
+        match usual_bulk(buf, pos) {
+            Some((_, end)) => {
+                out.push(Reply::Raw(buf.slice(pos..end + 2)));
+                pos = end + 2;
             }
             None => out.push(decode_at(buf, &mut pos, 0)?),
         }
@@ -736,6 +734,11 @@ pub fn decode_replies_raw_bulk(buf: &Bytes, expected: usize) -> Result<Vec<Reply
 fn decode_at(buf: &Bytes, pos: &mut usize, depth: usize) -> Result<Reply, ReplyError> {
     if depth > MAX_REPLY_DEPTH {
         return Err(ReplyError::Malformed("nested too deep"));
+    }
+    // The usual bulk string without a search for its line's end (anything else below).
+    if let Some((start, end)) = usual_bulk(buf, *pos) {
+        *pos = end + 2;
+        return Ok(Reply::Bulk(buf.slice(start..end)));
     }
     let tag = *buf.get(*pos).ok_or(ReplyError::Incomplete)?;
     let line = line_at(buf, *pos + 1)?;
