@@ -429,17 +429,13 @@ pub fn encode_gets<'k>(rest: impl Iterator<Item = &'k Bytes> + Clone) -> Bytes {
     let len = 1 + rest.clone().map(|k| 1 + 4 + k.len() + 1).sum::<usize>();
     let mut out = BytesMut::with_capacity(len);
     Action::Get.encode(&mut out);
-    let key_code = Action::Key(Bytes::new()).code();
-    let mut get = BytesMut::new();
-    Action::Get.encode(&mut get);
+    // `Action::Key(k.clone()).encode` then `Action::Get.encode` (a code alone) for each key,
+    // with the codes looked up once and no reference count taken and dropped per key.
+    let (key, get) = (Action::Key(Bytes::new()).code(), Action::Get.code());
     for k in rest {
-        // `Action::Key(k.clone()).encode` then `Action::Get.encode`, in three appends and
-        // without a reference count taken and dropped per key.
-        let mut head = [key_code, 0, 0, 0, 0];
-        head[1..].copy_from_slice(&(k.len() as u32).to_be_bytes());
-        out.put_slice(&head);
-        out.put_slice(k);
-        out.put_slice(&get);
+        out.put_u8(key);
+        put_bytes(&mut out, k);
+        out.put_u8(get);
     }
     out.freeze()
 }
