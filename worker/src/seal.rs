@@ -68,6 +68,17 @@ const LZ4_MAX_EXPANSION: usize = 255;
 /// per-entry overhead. Dictionary compression is the way to shrink small values.
 pub const MIN_COMPRESS_LEN: usize = 128;
 
+/// Values this long are tried on their first [`PROBE_LEN`] bytes before the whole is
+/// compressed: an attempt on a value lz4 cannot shrink (media, already compressed data,
+/// random bytes) costs a zeroed buffer of the value's size, a pass over it and a copy of it
+/// as literals, most of a worker's work on a 64 KiB SET, before it is stored raw anyway.
+const PROBE_FROM: usize = 16 * 1024;
+const PROBE_LEN: usize = 4096;
+/// The most a probe's compressed form may take for the whole value to be tried: 15/16 of it.
+/// A value whose start lz4 shrinks by less is stored raw, a saving that small not being
+/// worth a decompression on every read.
+const PROBE_MAX_OUT: usize = PROBE_LEN - PROBE_LEN / 16;
+
 /// Why stored bytes could not be opened.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SealError {
@@ -370,7 +381,10 @@ pub fn open_dictionary(sealed: &[u8], cipher: &Cipher) -> Result<Dictionary, Sea
 /// The raw or lz4 form of `value` (against `dict` if given), compressed straight into `out`.
 fn seal_plain(value: &[u8], dict: Option<&Dictionary>, out: &mut Vec<u8>) {
     let start = out.len();
-    if value.len() >= MIN_COMPRESS_LEN && u32::try_from(value.len()).is_ok() {
+    if value.len() >= MIN_COMPRESS_LEN
+        && u32::try_from(value.len()).is_ok()
+        && (value.len() < PROBE_FROM || shrinks(&value[..PROBE_LEN], dict))
+    {
         match dict {
             Some(d) => {
                 out.push(LZ4_DICT);
@@ -398,6 +412,20 @@ fn seal_plain(value: &[u8], dict: Option<&Dictionary>, out: &mut Vec<u8>) {
     }
     out.push(RAW);
     out.extend_from_slice(value);
+}
+
+/// Whether lz4 shrinks `probe` to at most [`PROBE_MAX_OUT`] bytes (against `dict`, as the
+/// whole value would be). Its compressed bytes are wiped after: with a cipher they are the
+/// value's plaintext, in effect.
+fn shrinks(probe: &[u8], dict: Option<&Dictionary>) -> bool {
+    let mut scratch = [0u8; 16 + 4 + PROBE_LEN * 110 / 100];
+    debug_assert!(scratch.len() >= lz4_flex::block::get_maximum_output_size(probe.len()));
+    let compressed = match dict {
+        Some(d) => lz4_flex::block::compress_into_with_dict(probe, &mut scratch, d.bytes()),
+        None => lz4_flex::block::compress_into(probe, &mut scratch),
+    };
+    scratch.zeroize();
+    compressed.is_ok_and(|n| n <= PROBE_MAX_OUT)
 }
 
 /// The stored form of `value` on its own.
@@ -589,18 +617,60 @@ mod tests {
         assert_eq!(open(b"k", &stored, None).unwrap(), Bytes::from(value));
     }
 
-    #[test]
-    fn incompressible_values_stay_raw() {
+    /// `len` bytes lz4 cannot shrink (xorshift).
+    fn noise(len: usize) -> Vec<u8> {
         let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-        let value: Vec<u8> = (0..4096)
+        (0..len)
             .map(|_| {
                 x ^= x << 13;
                 x ^= x >> 7;
                 x ^= x << 17;
                 x as u8
             })
-            .collect();
-        assert_eq!(seal(b"k", &value, None)[0], RAW);
+            .collect()
+    }
+
+    #[test]
+    fn incompressible_values_stay_raw() {
+        assert_eq!(seal(b"k", &noise(4096), None)[0], RAW);
+    }
+
+    #[test]
+    fn large_values_are_judged_by_their_start() {
+        let text = br#"{"name":"alice","tags":["a","b"],"score":12}"#.repeat(2000);
+        let (noisy, plain) = (noise(PROBE_FROM * 4), &text[..PROBE_FROM * 2]);
+        let cases: [(&str, Vec<u8>, u8); 4] = [
+            ("noise", noisy.clone(), RAW),
+            ("text", text.clone(), LZ4),
+            ("text, then noise", [plain, &noisy[..]].concat(), LZ4),
+            // The probe's blind spot, paid in memory: stored raw, and read back whole.
+            (
+                "noise, then text",
+                [&noisy[..PROBE_LEN], &text[..]].concat(),
+                RAW,
+            ),
+        ];
+        let dict = test_dictionary();
+        for (what, value, layout) in cases {
+            let stored = seal(b"k", &value, None);
+            assert_eq!(stored[0], layout, "{what}");
+            assert_eq!(
+                open(b"k", &stored, None).unwrap(),
+                Bytes::from(value.clone()),
+                "{what}"
+            );
+            let mut out = Vec::new();
+            seal_into(b"k", &value, None, Some(&dict), &mut out);
+            assert_eq!(out[0], if layout == LZ4 { LZ4_DICT } else { RAW }, "{what}");
+            let opened = open_with(b"k", &Bytes::from(out), None, Some(&dict)).unwrap();
+            assert_eq!(opened, Bytes::from(value.clone()), "{what}");
+            let sealed = seal(b"k", &value, Some(&key_a()));
+            assert_eq!(
+                open(b"k", &sealed, Some(&key_a())).unwrap(),
+                Bytes::from(value),
+                "{what}"
+            );
+        }
     }
 
     #[test]
