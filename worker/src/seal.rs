@@ -68,15 +68,17 @@ const LZ4_MAX_EXPANSION: usize = 255;
 /// per-entry overhead. Dictionary compression is the way to shrink small values.
 pub const MIN_COMPRESS_LEN: usize = 128;
 
-/// Values this long are tried on their first [`PROBE_LEN`] bytes before the whole is
-/// compressed: an attempt on a value lz4 cannot shrink (media, already compressed data,
-/// random bytes) costs a zeroed buffer of the value's size, a pass over it and a copy of it
-/// as literals, most of a worker's work on a 64 KiB SET, before it is stored raw anyway.
+/// Values this long are tried on two samples of [`PROBE_LEN`] bytes, at the start and in
+/// the middle, before the whole is compressed: an attempt on a value lz4 cannot shrink
+/// (media, already compressed data, random bytes) costs a zeroed buffer of the value's size,
+/// a pass over it and a copy of it as literals, most of a worker's work on a 64 KiB SET,
+/// before it is stored raw anyway. The samples are tried without the dictionary, which can
+/// save at most its own size (8 KiB by default) of a value this long.
 const PROBE_FROM: usize = 16 * 1024;
 const PROBE_LEN: usize = 4096;
-/// The most a probe's compressed form may take for the whole value to be tried: 15/16 of it.
-/// A value whose start lz4 shrinks by less is stored raw, a saving that small not being
-/// worth a decompression on every read.
+/// The most a sample's compressed form may take for the whole value to be tried: 15/16 of
+/// it. A value neither of whose samples lz4 shrinks more is stored raw, a saving that small
+/// not being worth a decompression on every read.
 const PROBE_MAX_OUT: usize = PROBE_LEN - PROBE_LEN / 16;
 
 /// Why stored bytes could not be opened.
@@ -383,7 +385,7 @@ fn seal_plain(value: &[u8], dict: Option<&Dictionary>, out: &mut Vec<u8>) {
     let start = out.len();
     if value.len() >= MIN_COMPRESS_LEN
         && u32::try_from(value.len()).is_ok()
-        && (value.len() < PROBE_FROM || shrinks(&value[..PROBE_LEN], dict))
+        && (value.len() < PROBE_FROM || worth_compressing(value))
     {
         match dict {
             Some(d) => {
@@ -414,16 +416,21 @@ fn seal_plain(value: &[u8], dict: Option<&Dictionary>, out: &mut Vec<u8>) {
     out.extend_from_slice(value);
 }
 
-/// Whether lz4 shrinks `probe` to at most [`PROBE_MAX_OUT`] bytes (against `dict`, as the
-/// whole value would be). Its compressed bytes are wiped after: with a cipher they are the
-/// value's plaintext, in effect.
-fn shrinks(probe: &[u8], dict: Option<&Dictionary>) -> bool {
+/// Whether lz4 shrinks the start or the middle of `value` (at least [`PROBE_FROM`] bytes
+/// long) to at most [`PROBE_MAX_OUT`] bytes a sample.
+fn worth_compressing(value: &[u8]) -> bool {
+    let middle = value.len() / 2;
+    [&value[..PROBE_LEN], &value[middle..middle + PROBE_LEN]]
+        .into_iter()
+        .any(shrinks)
+}
+
+/// Whether lz4 shrinks `sample` to at most [`PROBE_MAX_OUT`] bytes. Its compressed bytes are
+/// wiped after: with a cipher they are the value's plaintext, in effect.
+fn shrinks(sample: &[u8]) -> bool {
     let mut scratch = [0u8; 16 + 4 + PROBE_LEN * 110 / 100];
-    debug_assert!(scratch.len() >= lz4_flex::block::get_maximum_output_size(probe.len()));
-    let compressed = match dict {
-        Some(d) => lz4_flex::block::compress_into_with_dict(probe, &mut scratch, d.bytes()),
-        None => lz4_flex::block::compress_into(probe, &mut scratch),
-    };
+    debug_assert!(scratch.len() >= lz4_flex::block::get_maximum_output_size(sample.len()));
+    let compressed = lz4_flex::block::compress_into(sample, &mut scratch);
     scratch.zeroize();
     compressed.is_ok_and(|n| n <= PROBE_MAX_OUT)
 }
@@ -636,17 +643,26 @@ mod tests {
     }
 
     #[test]
-    fn large_values_are_judged_by_their_start() {
-        let text = br#"{"name":"alice","tags":["a","b"],"score":12}"#.repeat(2000);
-        let (noisy, plain) = (noise(PROBE_FROM * 4), &text[..PROBE_FROM * 2]);
-        let cases: [(&str, Vec<u8>, u8); 4] = [
+    fn large_values_are_judged_by_their_start_and_middle() {
+        let text = br#"{"name":"alice","tags":["a","b"],"score":12}"#.repeat(4000);
+        let noisy = noise(PROBE_FROM * 4);
+        let cases: [(&str, Vec<u8>, u8); 5] = [
             ("noise", noisy.clone(), RAW),
             ("text", text.clone(), LZ4),
-            ("text, then noise", [plain, &noisy[..]].concat(), LZ4),
-            // The probe's blind spot, paid in memory: stored raw, and read back whole.
+            (
+                "text, then noise",
+                [&text[..PROBE_FROM], &noisy].concat(),
+                LZ4,
+            ),
             (
                 "noise, then text",
-                [&noisy[..PROBE_LEN], &text[..]].concat(),
+                [&noisy, &text[..PROBE_FROM * 5]].concat(),
+                LZ4,
+            ),
+            // The samples' blind spot, paid in memory: stored raw, and read back whole.
+            (
+                "text between the samples",
+                [&noisy[..PROBE_LEN], &text[..PROBE_FROM * 2], &noisy].concat(),
                 RAW,
             ),
         ];
@@ -671,6 +687,15 @@ mod tests {
                 "{what}"
             );
         }
+    }
+
+    #[test]
+    fn a_large_value_the_dictionary_alone_would_shrink_is_stored_raw() {
+        let noisy = noise(PROBE_FROM * 4);
+        let dict = Dictionary::new(noisy[..8192].to_vec());
+        let mut out = Vec::new();
+        seal_into(b"k", &noisy, None, Some(&dict), &mut out);
+        assert_eq!(out[0], RAW);
     }
 
     #[test]
