@@ -848,6 +848,11 @@ fn line_at(buf: &[u8], from: usize) -> Result<usize, ReplyError> {
     }
 }
 
+/// What a [`Reply::Bulk`] of `bytes` encodes to (in either version), from a borrowed slice.
+pub fn put_bulk_string(out: &mut BytesMut, bytes: &[u8]) {
+    put_bulk(out, b'$', bytes);
+}
+
 /// What a [`Reply::Bulk`] of `len` bytes encodes to before its bytes (`$<len>\r\n`, in
 /// either version), for a writer that sends those bytes from where they lie; `\r\n` follows
 /// them.

@@ -442,6 +442,15 @@ pub fn seal(key: &[u8], value: &[u8], cipher: Option<&Cipher>) -> Bytes {
     Bytes::from(out)
 }
 
+/// The value of stored bytes in the raw layout, in place: what opening them returns, with
+/// no copy.
+pub fn raw_value(stored: &[u8]) -> Option<&[u8]> {
+    match stored.split_first() {
+        Some((&RAW, value)) => Some(value),
+        _ => None,
+    }
+}
+
 /// The value behind stored bytes kept under `key`. Raw values come back as a slice, without
 /// a copy.
 pub fn open(key: &[u8], stored: &Bytes, cipher: Option<&Cipher>) -> Result<Bytes, SealError> {

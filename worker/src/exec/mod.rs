@@ -133,32 +133,33 @@ pub fn run(
     let keys = std::iter::once(&req.key[..])
         .chain(program.iter().flat_map(Action::other_keys).map(|k| &k[..]));
     let mut txn = store.txn(keys);
-    let mut key = req.key.clone();
+    // Room for a short reply per action at once, rather than a doubling every few keys.
+    replies.reserve(program.len().saturating_mul(32).min(max_value));
+    let mut key = &req.key;
     for action in &program {
-        let aborted = match action {
-            Action::Key(k) => {
-                key = k.clone();
-                false
+        match action {
+            Action::Key(k) => key = k,
+            Action::Watch(v, live) => {
+                if txn.changed_since(key, *v, *live) {
+                    return Response::ok(Answer::encode(true, None, &[], &[]));
+                }
             }
-            Action::Watch(v, live) => txn.changed_since(&key, *v, *live),
+            // MGET's one action per key, written from the value where it lies.
+            Action::Get => strings::get_into(&mut txn, key, version, &mut replies),
             action => {
                 let mut cx = Cx {
                     txn: &mut txn,
-                    key: &key,
+                    key,
                     max_value,
                     version,
                 };
                 let reply = cx.run(action).unwrap_or_else(|err| err);
                 reply.encode_as(version, &mut replies);
-                if !writes && replies.len() > max_value {
-                    // A frame could not carry them.
-                    return Response::error(Status::TooLarge, "replies too large for one answer");
-                }
-                false
             }
-        };
-        if aborted {
-            return Response::ok(Answer::encode(true, None, &[], &[]));
+        }
+        if !writes && replies.len() > max_value {
+            // A frame could not carry them.
+            return Response::error(Status::TooLarge, "replies too large for one answer");
         }
     }
     let mut changes = BytesMut::new();

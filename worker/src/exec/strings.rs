@@ -4,17 +4,41 @@
 
 use bytes::{Bytes, BytesMut};
 use twincache_protocol::program::{Action, Kind, SetIf, Ttl};
-use twincache_protocol::resp::Reply;
+use twincache_protocol::resp::{self, Reply, Version};
 
-use super::{add_checked, expiry_abs, expiry_at, float, parse_i64, Cx, Outcome};
-use super::{NAN_OR_INF, NOT_FLOAT, NOT_INTEGER, TOO_BIG};
+use super::{add_checked, corrupt, expiry_abs, expiry_at, float, parse_i64, Cx, Outcome};
+use super::{NAN_OR_INF, NOT_FLOAT, NOT_INTEGER, TOO_BIG, WRONGTYPE};
+use crate::seal::SealError;
+use crate::store::Txn;
+
+/// GET's reply to `out`, its value written from where it lies (`Txn::read_with`): no copy
+/// of a raw value, and no allocation, per key of an MGET.
+pub(super) fn get_into(txn: &mut Txn, key: &[u8], version: Version, out: &mut BytesMut) {
+    let read = txn.read_with(key, |meta, value| match (meta.kind, value) {
+        (Kind::String, Some(value)) => {
+            resp::put_bulk_string(out, value);
+            Ok(())
+        }
+        (Kind::String, None) => Err(corrupt(SealError::Corrupt)),
+        _ => Err(Reply::err(WRONGTYPE)),
+    });
+    txn.count_lookup(!matches!(read, Ok(None)));
+    let other = match read {
+        Ok(Some(Ok(()))) => return,
+        Ok(Some(Err(reply))) => reply,
+        Ok(None) => Reply::Nil,
+        Err(e) => corrupt(e),
+    };
+    other.encode_as(version, out);
+}
 
 pub(super) fn run(cx: &mut Cx, action: &Action) -> Outcome {
     match action {
+        // (`exec::run` takes GET itself, through `get_into`.)
         Action::Get => {
-            let value = cx.string();
-            cx.txn.count_lookup(!matches!(value, Ok(None)));
-            Ok(value?.map_or(Reply::Nil, |(_, v)| Reply::Bulk(v)))
+            let mut out = BytesMut::new();
+            get_into(cx.txn, cx.key, cx.version, &mut out);
+            Ok(Reply::Raw(out.freeze()))
         }
         Action::StrLen => Ok(Reply::Int(cx.string()?.map_or(0, |(_, v)| v.len() as i64))),
         Action::GetRange(start, end) => {

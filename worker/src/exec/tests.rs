@@ -610,3 +610,64 @@ fn a_restored_hash_is_refused_when_its_records_would_not_fit_a_frame() {
     assert_eq!(capped(&store, "h", 20, cap, &[restore]), vec![too_big]);
     assert!(!store.exists(b"h"));
 }
+
+#[test]
+fn get_reads_every_stored_form_as_a_bulk_string() {
+    let text = "{\"name\":\"alice\",\"tags\":[\"a\",\"b\"]}".repeat(40);
+    let noise: String = (0..40_000u32)
+        .map(|i| char::from(b'!' + (i.wrapping_mul(2_654_435_761) >> 26) as u8))
+        .collect();
+    for cipher in [None, Some(crate::seal::Cipher::new(&[3; 32]))] {
+        let s = Store::new(cipher, 0);
+        // Raw (short), lz4 (long and alike), raw again (long noise, left uncompressed).
+        for (key, value) in [("short", "v"), ("text", &text[..]), ("noise", &noise[..])] {
+            s.set(key.as_bytes(), value.as_bytes(), 1, SetOptions::default())
+                .unwrap();
+            assert_eq!(one(&s, key, 2, Action::Get), bulk(value), "{key}");
+        }
+        one(
+            &s,
+            "h",
+            3,
+            Action::HSet {
+                pairs: vec![(b("f"), b("1"))],
+                ok: false,
+            },
+        );
+        let (replies, _) = apply(
+            &s,
+            "short",
+            4,
+            vec![
+                Action::Get,
+                Action::Set {
+                    value: b("staged"),
+                    ttl: Ttl::Clear,
+                    cond: SetIf::Always,
+                    get: false,
+                },
+                Action::Get,
+                Action::Key(b("h")),
+                Action::Get,
+                Action::Key(b("absent")),
+                Action::Get,
+            ],
+        );
+        let ok = Reply::Line("OK".into());
+        let expected = [
+            bulk("v"),
+            ok,
+            bulk("staged"),
+            err(super::WRONGTYPE),
+            Reply::Nil,
+        ];
+        assert_eq!(replies, expected);
+    }
+    // A miss reads as RESP3's null to a RESP3 client.
+    let s = Store::default();
+    let mut req = Request::new(Op::Query, b("absent"));
+    req.flags = flags::RESP3;
+    req.value = encode_program(&[Action::Get]);
+    let resp = super::run(&s, &SyncState::default(), &req, false, None);
+    assert_eq!(&Answer::parse(resp.payload).unwrap().replies[..], b"_\r\n");
+}

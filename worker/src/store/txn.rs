@@ -56,6 +56,26 @@ struct Staged {
     form: Form,
 }
 
+impl Staged {
+    fn meta(&self) -> Meta {
+        Meta {
+            kind: self.kind,
+            version: 0,
+            expires_at: self.expires_at,
+        }
+    }
+}
+
+impl Entry {
+    fn meta(&self) -> Meta {
+        Meta {
+            kind: self.kind(),
+            version: self.version(),
+            expires_at: self.expires_at(),
+        }
+    }
+}
+
 /// The locked shards of a program's keys and its staged writes.
 pub struct Txn<'a> {
     store: &'a Store,
@@ -149,17 +169,11 @@ impl<'a> Txn<'a> {
     /// What `key` holds for this program: its staged write, else its live entry.
     pub fn meta(&self, key: &[u8]) -> Option<Meta> {
         if let Some(staged) = self.staged(key) {
-            return staged.as_ref().map(|s| Meta {
-                kind: s.kind,
-                version: 0,
-                expires_at: s.expires_at,
-            });
+            return staged.as_ref().map(Staged::meta);
         }
-        self.entry(key).filter(|e| e.live(self.now)).map(|e| Meta {
-            kind: e.kind(),
-            version: e.version(),
-            expires_at: e.expires_at(),
-        })
+        self.entry(key)
+            .filter(|e| e.live(self.now))
+            .map(Entry::meta)
     }
 
     /// The version of whatever the store holds under `key` (a value, expired or not, or a
@@ -257,35 +271,13 @@ impl<'a> Txn<'a> {
     /// as an empty plan on it; read them through [`Txn::records`]).
     pub fn read_form(&mut self, key: &[u8]) -> Result<Option<(Meta, Form)>, SealError> {
         if let Some(staged) = self.staged(key) {
-            return Ok(staged.as_ref().map(|s| {
-                let meta = Meta {
-                    kind: s.kind,
-                    version: 0,
-                    expires_at: s.expires_at,
-                };
-                (meta, s.form.clone())
-            }));
+            return Ok(staged.as_ref().map(|s| (s.meta(), s.form.clone())));
         }
-        let (store, now) = (self.store, self.now);
-        let hash = self.hash(key);
-        let n = shard_index(hash);
-        let Ok(i) = self.locked.binary_search_by_key(&n, |(i, _)| *i) else {
+        let store = self.store;
+        let Some(e) = self.live_entry(key) else {
             return Ok(None);
         };
-        let Some(e) = self.locked[i].1.table.find_mut(hash, |e| e.key() == key) else {
-            return Ok(None);
-        };
-        if !e.live(now) {
-            return Ok(None);
-        }
-        if !e.accessed() {
-            e.touch(true);
-        }
-        let meta = Meta {
-            kind: e.kind(),
-            version: e.version(),
-            expires_at: e.expires_at(),
-        };
+        let meta = e.meta();
         if e.stored().first() == Some(&RECORDS) {
             let plan = records::Plan::unchanged(e.stored()).ok_or(SealError::Corrupt)?;
             let form = Form::Planned {
@@ -297,6 +289,53 @@ impl<'a> Txn<'a> {
         let stored = Bytes::copy_from_slice(e.stored());
         let value = seal::open_with(key, &stored, store.cipher(), store.dictionary())?;
         Ok(Some((meta, Form::Value(value))))
+    }
+
+    /// `f` of what `key` holds for this program and its value (`None` for a large hash's
+    /// records), marking the entry read as [`Txn::read_form`] does; a value stored raw is
+    /// lent from the entry rather than copied out of it (an MGET's values go straight into
+    /// its replies).
+    pub fn read_with<R>(
+        &mut self,
+        key: &[u8],
+        f: impl FnOnce(Meta, Option<&[u8]>) -> R,
+    ) -> Result<Option<R>, SealError> {
+        if let Some(staged) = self.staged(key) {
+            return Ok(staged.as_ref().map(|s| match &s.form {
+                Form::Value(value) => f(s.meta(), Some(value)),
+                _ => f(s.meta(), None),
+            }));
+        }
+        let store = self.store;
+        let Some(e) = self.live_entry(key) else {
+            return Ok(None);
+        };
+        let (meta, stored) = (e.meta(), e.stored());
+        if stored.first() == Some(&RECORDS) {
+            return Ok(Some(f(meta, None)));
+        }
+        if let Some(raw) = seal::raw_value(stored) {
+            return Ok(Some(f(meta, Some(raw))));
+        }
+        let stored = Bytes::copy_from_slice(stored);
+        let value = seal::open_with(key, &stored, store.cipher(), store.dictionary())?;
+        Ok(Some(f(meta, Some(&value))))
+    }
+
+    /// `key`'s live entry, marked read.
+    fn live_entry(&mut self, key: &[u8]) -> Option<&mut Entry> {
+        let now = self.now;
+        let hash = self.hash(key);
+        let n = shard_index(hash);
+        let i = self.locked.binary_search_by_key(&n, |(i, _)| *i).ok()?;
+        let e = self.locked[i].1.table.find_mut(hash, |e| e.key() == key)?;
+        if !e.live(now) {
+            return None;
+        }
+        if !e.accessed() {
+            e.touch(true);
+        }
+        Some(e)
     }
 
     /// The records form `key` holds (staged by this program, or the entry's), if it holds
