@@ -264,14 +264,16 @@ impl Action {
     }
 
     /// Other keys the action touches than the current one.
-    pub fn other_keys(&self) -> Vec<&Bytes> {
-        match self {
+    pub fn other_keys(&self) -> impl Iterator<Item = &Bytes> {
+        // No allocation: a program names its keys once per action, an MGET once per key.
+        let (one, pairs): (Option<&Bytes>, &[(Bytes, Bytes)]) = match self {
             Action::Key(k) | Action::RenameTo { dst: k, .. } | Action::CopyTo { dst: k, .. } => {
-                vec![k]
+                (Some(k), &[])
             }
-            Action::MSetNx(pairs) => pairs.iter().map(|(k, _)| k).collect(),
-            _ => Vec::new(),
-        }
+            Action::MSetNx(pairs) => (None, pairs),
+            _ => (None, &[]),
+        };
+        one.into_iter().chain(pairs.iter().map(|(k, _)| k))
     }
 
     fn code(&self) -> u8 {
@@ -448,7 +450,10 @@ pub struct Malformed(pub &'static str);
 /// Decodes a whole program. The bytes come from the network: every length is checked
 /// against what is left before anything is reserved.
 pub fn decode_program(mut buf: Bytes) -> Result<Vec<Action>, Malformed> {
-    let mut actions = Vec::new();
+    // Sized at once for a program of keys and GETs (MGET's, a key and a GET in eight bytes
+    // or more), where growing it would copy it eight times; bounded, since the bytes come
+    // from the network.
+    let mut actions = Vec::with_capacity((buf.len() / 8).clamp(1, 256));
     while buf.has_remaining() {
         actions.push(decode_action(&mut buf)?);
     }

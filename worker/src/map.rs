@@ -261,7 +261,7 @@ pub fn program_admitted(holding: &Holding, key: &[u8], program: &[Action]) -> bo
     holding.admits(key, false)
         && program
             .iter()
-            .all(|a| a.other_keys().iter().all(|k| holding.admits(k, false)))
+            .all(|a| a.other_keys().all(|k| holding.admits(k, false)))
 }
 
 /// Whether `holding` admits every key of a replicated changes block (the frame's key is

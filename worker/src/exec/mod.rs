@@ -133,8 +133,9 @@ pub fn run(
     let keys = std::iter::once(&req.key[..])
         .chain(program.iter().flat_map(Action::other_keys).map(|k| &k[..]));
     let mut txn = store.txn(keys);
-    // Room for a short reply per action at once, rather than a doubling every few keys.
-    replies.reserve(program.len().saturating_mul(32).min(max_value));
+    // Room for a short reply per action at once (a 100-byte value's takes 107 bytes, for
+    // two actions), rather than a doubling every few keys.
+    replies.reserve(program.len().saturating_mul(64).min(max_value));
     let mut key = &req.key;
     for action in &program {
         match action {
