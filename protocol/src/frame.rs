@@ -457,6 +457,18 @@ pub fn encode_frame_head<'m, M: Message>(msg: &'m M, dst: &mut BytesMut) -> &'m 
     tail
 }
 
+/// Appends the frame of a response `id` with `status` and `payload`, the same bytes
+/// [`encode_frame`] makes of that [`Response`], from a borrowed payload: a worker answers a
+/// GET straight from the value in its store.
+pub fn encode_response(id: u64, status: Status, payload: &[u8], dst: &mut BytesMut) {
+    let len = RESPONSE_HEADER_LEN + payload.len();
+    dst.reserve(4 + len);
+    dst.put_u32(len as u32);
+    dst.put_u64(id);
+    dst.put_u8(status.code());
+    dst.put_slice(payload);
+}
+
 /// Decodes frames carrying `In` messages and encodes any [`Message`]; one codec type serves
 /// both ends of a link.
 #[derive(Debug)]
@@ -546,6 +558,21 @@ mod tests {
     use super::*;
     use crate::test_support::reads;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_response_from_a_slice_is_the_response_encoded() {
+        for payload in [&b""[..], b"v", &[7u8; 300]] {
+            let resp = Response {
+                id: 0x0102_0304_0506_0708,
+                status: Status::Ok,
+                payload: Bytes::copy_from_slice(payload),
+            };
+            let (mut whole, mut parts) = (BytesMut::new(), BytesMut::new());
+            encode_frame(&resp, &mut whole);
+            encode_response(resp.id, resp.status, payload, &mut parts);
+            assert_eq!(whole, parts);
+        }
+    }
 
     fn sample_request() -> Request {
         Request {

@@ -18,6 +18,7 @@ use twincache_protocol::frame::{
     encode_frame, flags, FrameCodec, FrameError, Op, Request, Response, PREAMBLE,
 };
 use twincache_protocol::info::Info;
+use twincache_protocol::outgoing::LARGE;
 use twincache_protocol::server::{accept_loop, Slot, Slots};
 use twincache_protocol::slots::SlotRange;
 use twincache_protocol::Status;
@@ -27,7 +28,7 @@ use crate::adapter::{Adapter, INVALIDATION_TTL_MS};
 use crate::config::Config;
 use crate::exec;
 use crate::map::MapState;
-use crate::store::{Kind, SetOptions, Store, StoreError};
+use crate::store::{Kind, SetOptions, Store, StoreError, Value};
 use crate::sync::{serve_snapshot, Refill, SyncState};
 use crate::wipe;
 use twincache_protocol::program::{self, ScanRequest};
@@ -394,9 +395,13 @@ where
                         }
                         Ok(Some(req)) => {
                             let id = req.id;
-                            match dispatch(&node, req) {
-                                Handled::Now(resp) => out.encode(&resp.with_id(id)),
-                                Handled::Later(fut) => waiting.push(async move { fut.await.with_id(id) }),
+                            if req.op == Op::Get && node.adapter.is_none() {
+                                answer_get(&node, req, &mut out);
+                            } else {
+                                match dispatch(&node, req) {
+                                    Handled::Now(resp) => out.encode(&resp.with_id(id)),
+                                    Handled::Later(fut) => waiting.push(async move { fut.await.with_id(id) }),
+                                }
                             }
                             since_check = since_check.wrapping_add(1);
                             if out.len() >= OUT_HIGH_WATER {
@@ -469,6 +474,49 @@ async fn write_out<S: AsyncWrite + Unpin>(
         }
     }
     Ok(())
+}
+
+/// The refusal of a request that needs this worker in sync, from a worker restarted since
+/// the orchestrator last looked: an empty store is not the pair's.
+fn unsynced(node: &Node, req: &Request) -> Option<Response> {
+    (req.flags & flags::IN_SYNC != 0 && !node.sync.synced())
+        .then(|| Response::error(Status::Unavailable, "this worker has not resynced yet"))
+}
+
+/// A GET's answer from the store: `found` of the value where it lies (lent from the entry
+/// when stored raw, see `Store::read`), else the response for a miss, a hash (WRONGTYPE)
+/// or a value that does not open. The one place GET's answers are decided, for `serve` and
+/// for the connection loop, which writes them straight from the store ([`answer_get`]).
+fn get_with<R>(
+    store: &Store,
+    key: &[u8],
+    mut found: impl FnMut(Value<'_>) -> R,
+) -> Result<R, Response> {
+    let read = store.read(key, false, |value| match value {
+        Some((_, Kind::Hash)) => Err(Response::status(Status::WrongType)),
+        Some((value, _)) => Ok(found(value)),
+        None => Err(Response::status(Status::NotFound)),
+    });
+    read.unwrap_or_else(|e| Err(corrupt(e)))
+}
+
+/// A GET outside adapter mode, answered into `out`: a short value stored raw is written
+/// from its entry, with no copy of it made first; anything else as `dispatch` answers it.
+fn answer_get(node: &Node, req: Request, out: &mut wipe::Replies) {
+    let id = req.id;
+    let refused = node.map.refuse(&req).or_else(|| unsynced(node, &req));
+    let answer = match refused {
+        Some(refused) => Err(refused),
+        None => get_with(&node.store, &req.key, |value| match value {
+            Value::Lent(value) if value.len() < LARGE => {
+                out.encode_response(id, Status::Ok, value);
+            }
+            value => out.encode(&Response::ok(value.into_bytes()).with_id(id)),
+        }),
+    };
+    if let Err(other) = answer {
+        out.encode(&other.with_id(id));
+    }
 }
 
 /// Adapter-mode GET holding the key's order: from the cache, or (still holding it) from
@@ -603,17 +651,12 @@ fn serve(node: &Node, req: Request) -> Response {
     // Empty keys are valid here (Redis allows them); the text and binary front ends refuse
     // them, RESP passes them through.
     let alone = req.flags & flags::SOLO != 0;
-    if req.flags & flags::IN_SYNC != 0 && !node.sync.synced() {
-        // Restarted since the orchestrator last looked: an empty store is not the pair's.
-        return Response::error(Status::Unavailable, "this worker has not resynced yet");
+    if let Some(refused) = unsynced(node, &req) {
+        return refused;
     }
     match req.op {
-        Op::Get => match store.get_typed(&req.key) {
-            Ok(Some((_, Kind::Hash))) => Response::status(Status::WrongType),
-            Ok(Some((value, _))) => Response::ok(value),
-            Ok(None) => Response::status(Status::NotFound),
-            Err(e) => corrupt(e),
-        },
+        Op::Get => get_with(store, &req.key, |value| Response::ok(value.into_bytes()))
+            .unwrap_or_else(|other| other),
         Op::Apply => exec::run(store, &node.sync, &req, true, node.map.holding().as_deref()),
         Op::Query => exec::run(
             store,
@@ -904,6 +947,85 @@ mod tests {
     use super::*;
     use twincache_protocol::cluster_map::ClusterMap;
     use twincache_protocol::slots::SlotMap;
+
+    /// A GET answered into the connection's replies from the store, as the connection loop
+    /// does, writes the bytes the general path's response would: every stored form, a hash,
+    /// a miss, a worker not yet resynced, and a key of another pair's slot.
+    #[tokio::test]
+    async fn a_get_answered_in_place_is_the_response_serve_gives() {
+        let node = Node::for_tests(None);
+        let mut x: u32 = 1;
+        let noise: Vec<u8> = (0..LARGE + 100)
+            .map(|_| {
+                x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (x >> 24) as u8
+            })
+            .collect();
+        let text = b"{\"name\":\"alice\"}".repeat(100);
+        for (key, value) in [
+            (&b"short"[..], &b"v"[..]),
+            (b"noise", &noise[..LARGE - 1]),
+            (b"large noise", &noise[..]),
+            (b"text", &text[..]),
+        ] {
+            node.store
+                .set(key, value, 1, SetOptions::default())
+                .unwrap();
+        }
+        let mut hset = Request::new(Op::Apply, Bytes::from_static(b"hash"));
+        hset.version = 2;
+        hset.value = twincache_protocol::program::encode_program(&[
+            twincache_protocol::program::Action::HSet {
+                pairs: vec![(Bytes::from_static(b"f"), Bytes::from_static(b"1"))],
+                ok: false,
+            },
+        ]);
+        assert_eq!(handle(&node, hset).status, Status::Ok);
+        let written = |out: &mut wipe::Replies| {
+            let mut bytes = Vec::new();
+            futures_util::FutureExt::now_or_never(out.write_to(&mut bytes))
+                .unwrap()
+                .unwrap();
+            bytes
+        };
+        let compare = |key: &[u8], flags: u8, status: Status| {
+            let mut req = Request::new(Op::Get, Bytes::copy_from_slice(key));
+            req.id = 7;
+            req.flags = flags;
+            // Both ways a connection's replies are kept: wiped (with a key) or not.
+            for wipe in [false, true] {
+                let (mut direct, mut general) = (
+                    wipe::Replies::new(1024, wipe),
+                    wipe::Replies::new(1024, wipe),
+                );
+                answer_get(&node, req.clone(), &mut direct);
+                let resp = handle(&node, req.clone());
+                assert_eq!(resp.status, status, "{key:?}");
+                general.encode(&resp.with_id(7));
+                assert_eq!(written(&mut direct), written(&mut general), "{key:?}");
+            }
+        };
+        for key in ["short", "noise", "large noise", "text"] {
+            compare(key.as_bytes(), 0, Status::Ok);
+        }
+        compare(b"hash", 0, Status::WrongType);
+        compare(b"absent", 0, Status::NotFound);
+        compare(b"short", flags::IN_SYNC, Status::Unavailable);
+        let map = twincache_protocol::cluster_map::ClusterMap {
+            workers: ["a:1", "b:1", "c:1", "d:1"].map(String::from).to_vec(),
+            slots: SlotMap::even(2),
+            moving: None,
+            wanted: Vec::new(),
+        };
+        let mut set = Request::new(Op::Map, Bytes::new());
+        set.value = Bytes::from(format!("set 0 orch-a\n{}", map.text()));
+        assert_eq!(handle(&node, set).status, Status::Ok);
+        let theirs = (0u32..)
+            .map(|i| format!("k{i}"))
+            .find(|k| map.slots.pair_of(k.as_bytes()) == 1)
+            .unwrap();
+        compare(theirs.as_bytes(), 0, Status::Moved);
+    }
 
     /// The adapter's ops are answered before `serve`: the map check comes first for them too.
     #[test]

@@ -424,6 +424,31 @@ impl Usage {
     }
 }
 
+/// A value as [`Store::read`] hands it over.
+pub enum Value<'a> {
+    /// Stored raw: the entry's own bytes, lent under its shard's lock.
+    Lent(&'a [u8]),
+    /// Opened (decompressed, decrypted) into a buffer of its own.
+    Opened(Bytes),
+}
+
+impl Value<'_> {
+    pub fn as_slice(&self) -> &[u8] {
+        match self {
+            Value::Lent(value) => value,
+            Value::Opened(value) => value,
+        }
+    }
+
+    /// The value as `Bytes`: a lent one copied, an opened one as it is.
+    pub fn into_bytes(self) -> Bytes {
+        match self {
+            Value::Lent(value) => Bytes::copy_from_slice(value),
+            Value::Opened(value) => value,
+        }
+    }
+}
+
 /// Values collected towards the dictionary: `len` bytes of `buf` (`dict_size` long).
 #[derive(Default)]
 struct Samples {
@@ -721,10 +746,16 @@ impl Store {
             .unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A copy of the stored bytes under `key`, and the value's type, if it holds a live
-    /// entry; an expired entry is removed on the spot. Copying (a memcpy) lets decompression
-    /// run outside the lock.
-    fn live_stored(&self, key: &[u8], now: u64, hashes: bool) -> Option<(Bytes, Kind)> {
+    /// `f` of the stored bytes under `key` and the value's type, under the shard's lock, if
+    /// it holds a live entry (a hash's bytes are left out, empty, unless `hashes`); an
+    /// expired entry is removed on the spot.
+    fn live_stored<R>(
+        &self,
+        key: &[u8],
+        now: u64,
+        hashes: bool,
+        f: impl FnOnce(&[u8], Kind) -> R,
+    ) -> Option<R> {
         let hash = self.hash(key);
         let mut shard = self.shard(hash);
         match shard.table.find_mut(hash, |e| e.key() == key) {
@@ -733,10 +764,10 @@ impl Store {
                     e.touch(true);
                 }
                 let stored = match e.kind() {
-                    Kind::Hash if !hashes => Bytes::new(),
-                    _ => Bytes::copy_from_slice(e.stored()),
+                    Kind::Hash if !hashes => &[][..],
+                    _ => e.stored(),
                 };
-                Some((stored, e.kind()))
+                Some(f(stored, e.kind()))
             }
             Some(e) if e.expired(now) => {
                 let before = shard.held();
@@ -756,31 +787,48 @@ impl Store {
 
     /// The value under `key`, if any, whatever its type.
     pub fn get(&self, key: &[u8]) -> Result<Option<Bytes>, SealError> {
-        Ok(self.lookup(key, true)?.map(|(value, _)| value))
+        self.read(key, true, |found| {
+            found.map(|(value, _)| value.into_bytes())
+        })
     }
 
     /// The value under `key` and its type, if any; a hash's value is left unopened (empty):
     /// a GET of a hash answers WRONGTYPE, from the same lookup, without copying or opening
     /// what may be a large hash.
     pub fn get_typed(&self, key: &[u8]) -> Result<Option<(Bytes, Kind)>, SealError> {
-        self.lookup(key, false)
+        self.read(key, false, |found| {
+            found.map(|(value, kind)| (value.into_bytes(), kind))
+        })
     }
 
-    /// [`Store::get_typed`], opening a hash's value too if `hashes`.
-    fn lookup(&self, key: &[u8], hashes: bool) -> Result<Option<(Bytes, Kind)>, SealError> {
-        match self.live_stored(key, now_ms(), hashes) {
-            Some((_, Kind::Hash)) if !hashes => {
-                self.counters.hits.fetch_add(1, Ordering::Relaxed);
-                Ok(Some((Bytes::new(), Kind::Hash)))
-            }
-            Some((stored, kind)) => {
-                self.counters.hits.fetch_add(1, Ordering::Relaxed);
-                seal::open_with(key, &stored, self.cipher(), self.dictionary())
-                    .map(|v| Some((v, kind)))
-            }
-            None => {
-                self.counters.misses.fetch_add(1, Ordering::Relaxed);
-                Ok(None)
+    /// `f` of the value under `key` and its type (a hash's unopened and empty unless
+    /// `hashes`), or of `None`; called once. A value stored raw is lent from its entry under
+    /// the shard's lock, with no copy (a GET's answer is written straight from it); any
+    /// other is copied out and opened after the lock is released.
+    pub fn read<R>(
+        &self,
+        key: &[u8],
+        hashes: bool,
+        mut f: impl FnMut(Option<(Value<'_>, Kind)>) -> R,
+    ) -> Result<R, SealError> {
+        let found = self.live_stored(key, now_ms(), hashes, |stored, kind| match seal::raw_value(
+            stored,
+        ) {
+            Some(value) => Ok(f(Some((Value::Lent(value), kind)))),
+            None => Err((Bytes::copy_from_slice(stored), kind)),
+        });
+        let counter = match found {
+            Some(_) => &self.counters.hits,
+            None => &self.counters.misses,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        match found {
+            None => Ok(f(None)),
+            Some(Ok(done)) => Ok(done),
+            Some(Err((_, Kind::Hash))) if !hashes => Ok(f(Some((Value::Lent(&[]), Kind::Hash)))),
+            Some(Err((stored, kind))) => {
+                let value = seal::open_with(key, &stored, self.cipher(), self.dictionary())?;
+                Ok(f(Some((Value::Opened(value), kind))))
             }
         }
     }

@@ -21,9 +21,11 @@ use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio_util::codec::Decoder;
 use twincache_protocol::frame::{
-    encode_frame, encode_frame_head, FrameCodec, FrameError, Message, Request,
+    encode_frame, encode_frame_head, encode_response, FrameCodec, FrameError, Message, Request,
+    RESPONSE_HEADER_LEN,
 };
 use twincache_protocol::outgoing::Outgoing;
+use twincache_protocol::Status;
 use zeroize::{Zeroize, Zeroizing};
 
 /// Room kept free in a read buffer before each read, so the read itself never has to grow
@@ -140,6 +142,14 @@ impl Replies {
             let payload = encode_frame_head(msg, self.out.buf());
             self.out.put(payload);
         }
+    }
+
+    /// A response frame whose payload is borrowed ([`encode_response`]), copied in.
+    pub fn encode_response(&mut self, id: u64, status: Status, payload: &[u8]) {
+        if self.wipe {
+            make_room(self.out.buf(), 4 + RESPONSE_HEADER_LEN + payload.len());
+        }
+        encode_response(id, status, payload, self.out.buf());
     }
 
     /// Bytes waiting.
