@@ -803,8 +803,9 @@ impl Store {
 
     /// `f` of the value under `key` and its type (a hash's unopened and empty unless
     /// `hashes`), or of `None`; called once. A value stored raw is lent from its entry under
-    /// the shard's lock, with no copy (a GET's answer is written straight from it); any
-    /// other is copied out and opened after the lock is released.
+    /// the shard's lock, with no copy (a GET's answer is written straight from it), so `f`
+    /// must not use the store; any other is copied out and opened after the lock is
+    /// released.
     pub fn read<R>(
         &self,
         key: &[u8],
