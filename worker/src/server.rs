@@ -948,6 +948,20 @@ mod tests {
     use twincache_protocol::cluster_map::ClusterMap;
     use twincache_protocol::slots::SlotMap;
 
+    /// Gives `node` a map of two pairs, this worker in the first; the map.
+    fn two_pairs(node: &Node) -> ClusterMap {
+        let map = ClusterMap {
+            workers: ["a:1", "b:1", "c:1", "d:1"].map(String::from).to_vec(),
+            slots: SlotMap::even(2),
+            moving: None,
+            wanted: Vec::new(),
+        };
+        let mut set = Request::new(Op::Map, Bytes::new());
+        set.value = Bytes::from(format!("set 0 orch-a\n{}", map.text()));
+        assert_eq!(handle(node, set).status, Status::Ok);
+        map
+    }
+
     /// A GET answered into the connection's replies from the store, as the connection loop
     /// does, writes the bytes the general path's response would: every stored form, a hash,
     /// a miss, a worker not yet resynced, and a key of another pair's slot.
@@ -1011,15 +1025,7 @@ mod tests {
         compare(b"hash", 0, Status::WrongType);
         compare(b"absent", 0, Status::NotFound);
         compare(b"short", flags::IN_SYNC, Status::Unavailable);
-        let map = twincache_protocol::cluster_map::ClusterMap {
-            workers: ["a:1", "b:1", "c:1", "d:1"].map(String::from).to_vec(),
-            slots: SlotMap::even(2),
-            moving: None,
-            wanted: Vec::new(),
-        };
-        let mut set = Request::new(Op::Map, Bytes::new());
-        set.value = Bytes::from(format!("set 0 orch-a\n{}", map.text()));
-        assert_eq!(handle(&node, set).status, Status::Ok);
+        let map = two_pairs(&node);
         let theirs = (0u32..)
             .map(|i| format!("k{i}"))
             .find(|k| map.slots.pair_of(k.as_bytes()) == 1)
@@ -1033,15 +1039,7 @@ mod tests {
         // Connections to Redis are made on first use: none is made here.
         let adapter = Adapter::new("redis://127.0.0.1:1", "redis://127.0.0.1:1", false).unwrap();
         let node = Arc::new(Node::for_tests(Some(adapter)));
-        let map = ClusterMap {
-            workers: ["a:1", "b:1", "c:1", "d:1"].map(String::from).to_vec(),
-            slots: SlotMap::even(2),
-            moving: None,
-            wanted: Vec::new(),
-        };
-        let mut set = Request::new(Op::Map, Bytes::new());
-        set.value = Bytes::from(format!("set 0 orch-a\n{}", map.text()));
-        assert_eq!(handle(&node, set).status, Status::Ok);
+        let map = two_pairs(&node);
         let key_of = |pair| {
             (0u32..)
                 .map(|i| Bytes::from(format!("k{i}")))
