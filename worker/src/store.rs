@@ -433,13 +433,6 @@ pub enum Value<'a> {
 }
 
 impl Value<'_> {
-    pub fn as_slice(&self) -> &[u8] {
-        match self {
-            Value::Lent(value) => value,
-            Value::Opened(value) => value,
-        }
-    }
-
     /// The value as `Bytes`: a lent one copied, an opened one as it is.
     pub fn into_bytes(self) -> Bytes {
         match self {
