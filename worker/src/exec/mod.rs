@@ -134,8 +134,9 @@ pub fn run(
         .chain(program.iter().flat_map(Action::other_keys).map(|k| &k[..]));
     let mut txn = store.txn(keys);
     // Room for a short reply per action at once (a 100-byte value's takes 107 bytes, for
-    // two actions), rather than a doubling every few keys.
-    replies.reserve(program.len().saturating_mul(64).min(max_value));
+    // two actions), rather than a doubling every few keys; at most 1 MiB ahead of the
+    // replies themselves, whatever the program's length.
+    replies.reserve(program.len().saturating_mul(64).min(max_value).min(1 << 20));
     let mut key = &req.key;
     for action in &program {
         match action {
