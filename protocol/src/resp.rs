@@ -1005,25 +1005,7 @@ mod tests {
     /// by byte the incremental one: both give the same commands and the same errors.
     #[test]
     fn whole_and_trickled_commands_decode_alike() {
-        let decode = |wire: &[u8], piece: usize| {
-            let mut d = RespDecoder::new(16, 64);
-            let mut buf = BytesMut::new();
-            let mut got = Vec::new();
-            for chunk in wire.chunks(piece) {
-                buf.extend_from_slice(chunk);
-                loop {
-                    match d.decode(&mut buf) {
-                        Ok(Some(cmd)) => got.push(Ok(cmd)),
-                        Ok(None) => break,
-                        Err(e) => {
-                            got.push(Err(e));
-                            return got;
-                        }
-                    }
-                }
-            }
-            got
-        };
+        let decode = |wire: &[u8], cuts: &[usize]| feed(&mut RespDecoder::new(16, 64), wire, cuts);
         let wires: [&[u8]; 12] = [
             b"*2\r\n$3\r\nGET\r\n$1\r\na\r\n*1\r\n$4\r\nPING\r\n",
             b"*3\r\n$3\r\nSET\r\n$0\r\n\r\n$16\r\n0123456789abcdef\r\n",
@@ -1040,8 +1022,8 @@ mod tests {
         ];
         for wire in wires {
             assert_eq!(
-                decode(wire, wire.len()),
-                decode(wire, 1),
+                decode(wire, &[]),
+                decode(wire, &vec![1; wire.len()]),
                 "{:?}",
                 String::from_utf8_lossy(wire)
             );
@@ -1354,20 +1336,30 @@ mod tests {
         assert_eq!(many, vec![Reply::Int(1), Reply::Nil, Reply::NilArray]);
     }
 
-    /// Feeds `input` in pieces of the given sizes until the decoder errs or has all of it;
-    /// whatever the bytes, it must return, not panic.
-    fn feed_anything(d: &mut RespDecoder, input: &[u8], cuts: &[usize]) {
+    /// Feeds `input` in reads of the sizes in `cuts` (then the rest at once) until the
+    /// decoder errs or has all of it: the commands, and the error if one ended it. Whatever
+    /// the bytes, it must return, not panic.
+    fn feed(
+        d: &mut RespDecoder,
+        input: &[u8],
+        cuts: &[usize],
+    ) -> (Vec<Vec<Bytes>>, Option<ProtocolError>) {
         let mut buf = BytesMut::new();
+        let mut commands = Vec::new();
         for read in reads(input, cuts) {
             buf.extend_from_slice(read);
             loop {
                 match d.decode(&mut buf) {
-                    Ok(Some(cmd)) => assert!(!cmd.is_empty()),
+                    Ok(Some(cmd)) => {
+                        assert!(!cmd.is_empty());
+                        commands.push(cmd);
+                    }
                     Ok(None) => break,
-                    Err(_) => return,
+                    Err(e) => return (commands, Some(e)),
                 }
             }
         }
+        (commands, None)
     }
 
     /// A valid command stream with `edits` applied: (position, byte) overwrites, then a cut.
@@ -1400,7 +1392,7 @@ mod tests {
             max_bulk in 0usize..64,
             max_command in 0usize..256,
         ) {
-            feed_anything(&mut RespDecoder::new(max_bulk, max_command), &input, &cuts);
+            feed(&mut RespDecoder::new(max_bulk, max_command), &input, &cuts);
         }
 
         #[test]
@@ -1411,7 +1403,7 @@ mod tests {
             cuts in proptest::collection::vec(0usize..16, 0..16),
         ) {
             let wire = mutated(&cmds, &edits, truncate);
-            feed_anything(&mut RespDecoder::new(64, 512), &wire, &cuts);
+            feed(&mut RespDecoder::new(64, 512), &wire, &cuts);
         }
 
         #[test]
