@@ -135,10 +135,19 @@ impl<'a> Txn<'a> {
         self.next.set(0);
     }
 
+    /// The locked shard of `hash`, if the program holds it.
     fn shard(&self, hash: u64) -> Option<&Shard> {
+        Some(&self.locked[self.locked_index(hash)?].1)
+    }
+
+    fn shard_mut(&mut self, hash: u64) -> Option<&mut Shard> {
+        let i = self.locked_index(hash)?;
+        Some(&mut self.locked[i].1)
+    }
+
+    fn locked_index(&self, hash: u64) -> Option<usize> {
         let n = shard_index(hash);
-        let i = self.locked.binary_search_by_key(&n, |(i, _)| *i).ok()?;
-        Some(&self.locked[i].1)
+        self.locked.binary_search_by_key(&n, |(i, _)| *i).ok()
     }
 
     fn staged(&self, key: &[u8]) -> Option<&Option<Staged>> {
@@ -214,19 +223,7 @@ impl<'a> Txn<'a> {
         if let Some(staged) = self.staged(key) {
             return staged.is_some();
         }
-        let now = self.now;
-        let hash = self.hash(key);
-        let n = shard_index(hash);
-        let Ok(i) = self.locked.binary_search_by_key(&n, |(i, _)| *i) else {
-            return false;
-        };
-        match self.locked[i].1.table.find_mut(hash, |e| e.key() == key) {
-            Some(e) if e.live(now) => {
-                e.touch(true);
-                true
-            }
-            _ => false,
-        }
+        self.live_entry(key).is_some()
     }
 
     /// How `key`'s value is stored (see `seal::layout_name`), if it holds one.
@@ -326,9 +323,10 @@ impl<'a> Txn<'a> {
     fn live_entry(&mut self, key: &[u8]) -> Option<&mut Entry> {
         let now = self.now;
         let hash = self.hash(key);
-        let n = shard_index(hash);
-        let i = self.locked.binary_search_by_key(&n, |(i, _)| *i).ok()?;
-        let e = self.locked[i].1.table.find_mut(hash, |e| e.key() == key)?;
+        let e = self
+            .shard_mut(hash)?
+            .table
+            .find_mut(hash, |e| e.key() == key)?;
         if !e.live(now) {
             return None;
         }
@@ -602,11 +600,9 @@ impl<'a> Txn<'a> {
                 change.encode(out);
             }
             let hash = self.hash(&key);
-            let n = shard_index(hash);
-            let Ok(i) = self.locked.binary_search_by_key(&n, |(i, _)| *i) else {
+            let Some(shard) = self.shard_mut(hash) else {
                 continue; // not named by the program: never staged (see `holds`)
             };
-            let shard = &mut *self.locked[i].1;
             let before = shard.held();
             shard.before_growth(1);
             let Shard {
