@@ -985,6 +985,8 @@ mod tests {
             node.store
                 .set(key, value, 1, SetOptions::default())
                 .unwrap();
+            let layout = if key == b"text" { "compressed" } else { "raw" };
+            assert_eq!(node.store.txn([key]).layout(key), Some(layout));
         }
         let mut hset = Request::new(Op::Apply, Bytes::from_static(b"hash"));
         hset.version = 2;
