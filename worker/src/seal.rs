@@ -599,6 +599,20 @@ pub fn plausible(stored: &[u8], value_len: usize) -> bool {
     }
 }
 
+/// `len` bytes lz4 cannot shrink (xorshift), for the crate's tests.
+#[cfg(test)]
+pub(crate) fn noise(len: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -631,19 +645,6 @@ mod tests {
             value.len()
         );
         assert_eq!(open(b"k", &stored, None).unwrap(), Bytes::from(value));
-    }
-
-    /// `len` bytes lz4 cannot shrink (xorshift).
-    fn noise(len: usize) -> Vec<u8> {
-        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
     }
 
     #[test]

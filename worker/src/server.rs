@@ -968,13 +968,7 @@ mod tests {
     #[tokio::test]
     async fn a_get_answered_in_place_is_the_response_serve_gives() {
         let node = Node::for_tests(None);
-        let mut x: u32 = 1;
-        let noise: Vec<u8> = (0..LARGE + 100)
-            .map(|_| {
-                x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-                (x >> 24) as u8
-            })
-            .collect();
+        let noise = crate::seal::noise(LARGE + 100);
         let text = b"{\"name\":\"alice\"}".repeat(100);
         for (key, value) in [
             (&b"short"[..], &b"v"[..]),
