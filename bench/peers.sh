@@ -8,8 +8,9 @@
 # against Redis directly, against twemproxy and, when a port is given, against the
 # orchestrator listening there (start one first: README's "Benchmarks" says how). Targets
 # take turns in every round, in alternating order, so the machine's drift favours none; the
-# table shows the median of the rounds and each target's ratio to twemproxy, then the
-# median of each target's p99 latency. Stops what it
+# table shows the median of the rounds and each target's ratio to twemproxy (with the
+# orchestrator's lowest and highest ratio in a single round), then the median of each
+# target's p99 latency. Stops what it
 # started, and only that.
 #
 # Needs: apt-get install -y redis-server redis-tools nutcracker python3
@@ -18,7 +19,7 @@
 #      KEYSPACE, -r (100000; HSET writes fields of one hash, so KEYSPACE=1000 keeps it at
 #      1,000 fields).
 set -u -o pipefail
-case "${1:-}" in -h | --help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;; esac
+case "${1:-}" in -h | --help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;; esac
 ORCHESTRATOR=${1:-}
 ROUNDS=${ROUNDS:-3}
 N1=${N1:-100000}
@@ -79,6 +80,12 @@ for op in ops:
         base = median.get("twemproxy") or 1
         cells = " ".join(f"{median.get(t, 0):>14,.0f}" for t in targets)
         ratios = " ".join(f"{t}={median.get(t, 0) / base:.2f}" for t in targets if t != "twemproxy")
+        # Each round's own ratio (its targets ran minutes apart, not sessions): the spread
+        # says how far the median may be trusted on a noisy machine.
+        pairs = list(zip(runs[("orchestrator", op, pipeline)], runs[("twemproxy", op, pipeline)]))
+        spread = [o / t for o, t in pairs if t]
+        if len(spread) > 1:
+            ratios += f" (rounds {min(spread):.2f}-{max(spread):.2f})"
         print(f"{op:<8} {pipeline:>3} {cells}   {ratios}")
 print()
 print("p99 latency (ms, median of the rounds' p99s)")
