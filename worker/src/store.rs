@@ -261,7 +261,27 @@ impl Entry {
     fn footprint(&self) -> usize {
         size_class(self.0.len())
     }
+
+    /// Puts `fresh` in this entry's place and returns what is to be freed (once the shard's
+    /// lock is let go). A small `fresh` of this entry's length is copied into its allocation,
+    /// and `fresh`'s own is given back instead. The allocator hands that block out again on
+    /// the next write, from its fast path. Freeing the old entry instead would free a block on
+    /// a random page (the key's): blocks scattered that way leave the allocator searching its
+    /// pages for a free one, about a fifth of a worker's instructions for a SET that
+    /// overwrites a key. The old entry is in the cache too, as its key was just compared. A
+    /// large entry is swapped, not copied: the copy would be made under the shard's lock.
+    fn overwrite(&mut self, fresh: Entry) -> Entry {
+        if self.0.len() == fresh.0.len() && fresh.0.len() <= OVERWRITE_IN_PLACE {
+            self.0.copy_from_slice(&fresh.0);
+            fresh
+        } else {
+            std::mem::replace(self, fresh)
+        }
+    }
 }
+
+/// The largest entry [`Entry::overwrite`] copies into its predecessor's allocation.
+const OVERWRITE_IN_PLACE: usize = 1024;
 
 /// The shard of a key's hash. The table uses the hash's low bits (bucket) and top 7 (tag),
 /// so the shard takes bits from the middle.
@@ -283,7 +303,6 @@ fn size_class(n: usize) -> usize {
     words.div_ceil(step) * step * 8
 }
 
-/// Milliseconds since the Unix epoch.
 /// The key of an entry as a snapshot carries it, if the bytes hold one (the rest of the
 /// entry is checked when it is merged).
 pub fn raw_entry_key(raw: &[u8]) -> Option<&[u8]> {
@@ -293,6 +312,7 @@ pub fn raw_entry_key(raw: &[u8]) -> Option<&[u8]> {
     raw.get(HEADER..HEADER.checked_add(key_len)?)
 }
 
+/// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -1138,7 +1158,7 @@ impl Store {
                     if replace {
                         usage.remove(current);
                         usage.add(&fresh);
-                        (report, Some(std::mem::replace(current, fresh)))
+                        (report, Some(current.overwrite(fresh)))
                     } else {
                         (report, None)
                     }
@@ -1813,6 +1833,45 @@ mod tests {
         .unwrap();
         std::thread::sleep(std::time::Duration::from_millis(60));
         assert_eq!(s.get(b"k").unwrap(), None);
+    }
+
+    /// A small entry of the same length is written over in its own allocation, the fresh
+    /// one given back; any other is swapped. Either way the entry then reads as the fresh one.
+    #[test]
+    fn an_overwrite_reuses_a_small_entry_of_the_same_length() {
+        let entry = |version, value: &[u8]| Entry::new(version, 7, b"k", value, None, None);
+        let mut current = entry(1, b"aaaa");
+        let at = current.0.as_ptr();
+        let freed = current.overwrite(entry(2, b"bbbb"));
+        assert_eq!(current.0.as_ptr(), at, "written in place");
+        assert_eq!((current.version(), current.expires_at()), (2, 7));
+        assert_eq!(current.stored(), entry(2, b"bbbb").stored());
+        assert_ne!(freed.0.as_ptr(), at);
+
+        let freed = current.overwrite(entry(3, b"longer"));
+        assert_ne!(current.0.as_ptr(), at, "another length: swapped");
+        assert_eq!(freed.0.as_ptr(), at, "the old entry is the one freed");
+        assert_eq!(freed.version(), 2);
+        assert_eq!(current.version(), 3);
+
+        // Noise: stored raw, so the entry is larger than the limit.
+        let big = crate::seal::noise(OVERWRITE_IN_PLACE);
+        let mut current = entry(1, &big);
+        assert!(current.0.len() > OVERWRITE_IN_PLACE);
+        let at = current.0.as_ptr();
+        let freed = current.overwrite(entry(2, &big));
+        assert_eq!(freed.0.as_ptr(), at, "a large entry is swapped, not copied");
+        assert_eq!(current.version(), 2);
+
+        // Through the store: what is read, and what is counted, is the last write's.
+        let s = Store::default();
+        s.set(b"k", b"first", 1, SetOptions::default()).unwrap();
+        let held = s.usage();
+        s.set(b"k", b"again", 2, SetOptions::default()).unwrap();
+        assert_eq!(s.get(b"k").unwrap().as_deref(), Some(&b"again"[..]));
+        assert_eq!(s.usage(), held);
+        s.set(b"k", b"older", 1, SetOptions::default()).unwrap();
+        assert_eq!(s.get(b"k").unwrap().as_deref(), Some(&b"again"[..]));
     }
 
     /// The entries of `s` as a partner's snapshot carries them.

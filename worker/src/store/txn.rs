@@ -615,7 +615,7 @@ impl<'a> Txn<'a> {
                 Slot::Occupied(mut slot) => {
                     usage.remove(slot.get());
                     usage.add(&fresh);
-                    replaced.push(std::mem::replace(slot.get_mut(), fresh));
+                    replaced.push(slot.get_mut().overwrite(fresh));
                 }
                 Slot::Vacant(slot) => {
                     usage.add(&fresh);
