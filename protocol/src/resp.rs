@@ -906,6 +906,21 @@ mod tests {
         }
     }
 
+    /// A line reply is its text whole, with any CR or LF in it a space (as Redis does), so
+    /// that it stays one line.
+    #[test]
+    fn a_line_reply_has_no_line_break_inside() {
+        for (reply, want) in [
+            (Reply::Simple("OK".into()), "+OK\r\n"),
+            (Reply::Line(String::new()), "+\r\n"),
+            (Reply::Error("ERR a\r\nb\nc\r".into()), "-ERR a  b c \r\n"),
+        ] {
+            let mut out = BytesMut::new();
+            reply.encode_as(Version::Resp2, &mut out);
+            assert_eq!(out, want.as_bytes());
+        }
+    }
+
     /// A length line read by the fast path reads as Redis' `string2ll` reads the line.
     #[test]
     fn a_length_line_reads_as_string2ll_reads_it() {
