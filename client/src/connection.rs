@@ -16,10 +16,14 @@
 //! bounded in bytes, not in requests; the callers bound how many they have in flight (the
 //! orchestrator caps in-flight requests per client and clients).
 //!
-//! Each request carries a deadline, checked by the reader on a short tick: a request not
-//! answered in time fails with [`Error::Timeout`]. That costs one clock read per request,
-//! where a timer per request would cost a timer-wheel insert and removal. When the connection
-//! dies every pending request fails at once with [`Error::ConnectionClosed`].
+//! Each request carries a deadline, checked by the reader on a short tick (an eighth of the
+//! timeout): a request not answered in time fails with [`Error::Timeout`], at most a quarter
+//! of the timeout late. The deadline is counted in those ticks, which the reader counts as
+//! they pass, so sending a request reads no clock (a clock reading per request was 2-4% of
+//! the orchestrator's cycles), where a timer per request would cost a timer-wheel insert and
+//! removal. A tick that comes late (the reader was busy) makes a deadline later, never
+//! earlier. When the connection dies every pending request fails at once with
+//! [`Error::ConnectionClosed`].
 //!
 //! A connection may be told to be patient with a peer that is busy rather than gone
 //! ([`Connection::patient_while_answering`], the orchestrator's worker links): a request past
@@ -74,7 +78,8 @@ pub const OUTBOX_LIMIT: usize = 32 << 20;
 /// a large answer is charged to until its caller drops it.
 struct Pending {
     tx: ReplyTx,
-    deadline: Instant,
+    /// The sweep (see [`Shared::sweeps`]) from which it is late.
+    deadline: u64,
     /// Whether it may wait past its deadline while the peer answers others.
     patient: bool,
     account: Option<Arc<Account>>,
@@ -114,7 +119,7 @@ impl Outbox {
     fn enqueue(
         &mut self,
         req: &Request,
-        deadline: Instant,
+        deadline: u64,
         patient: bool,
         account: Option<&Arc<Account>>,
     ) -> (Reply, bool) {
@@ -166,6 +171,12 @@ struct Shared {
     closed: AtomicBool,
     signal: CancellationToken,
     timeout: Duration,
+    /// How often the reader sweeps for requests past their deadline.
+    tick: Duration,
+    /// Sweeps made so far: the clock deadlines are counted in.
+    sweeps: AtomicU64,
+    /// Sweeps in a timeout, rounded up.
+    sweeps_per_timeout: u64,
     /// When the connection started; `last_frame_ms` counts from it.
     started: Instant,
     /// Milliseconds from `started` to the last sweep tick that found a frame read since the
@@ -180,6 +191,13 @@ impl Shared {
     fn silent_for(&self) -> Duration {
         let last = Duration::from_millis(self.last_frame_ms.load(Ordering::Relaxed));
         self.started.elapsed().saturating_sub(last)
+    }
+
+    /// The deadline of a request sent now, never early: a timeout's worth of whole ticks
+    /// after the next sweep, and one tick more, since the sweep not yet counted may be due
+    /// already (the interval keeps its schedule while the reader is up to 5 ms late to it).
+    fn deadline(&self) -> u64 {
+        self.sweeps.load(Ordering::Acquire) + 2 + self.sweeps_per_timeout
     }
 
     fn lock(&self) -> MutexGuard<'_, Outbox> {
@@ -300,6 +318,9 @@ impl Connection {
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
     {
+        // Deadlines are checked this often: with the margin `Shared::deadline` leaves, a
+        // request fails at most a quarter of its timeout late.
+        let tick = (timeout / 8).clamp(Duration::from_millis(5), Duration::from_millis(250));
         let shared = Arc::new(Shared {
             outbox: Mutex::new(Outbox {
                 out: Outgoing::with_capacity(16 * 1024),
@@ -311,6 +332,9 @@ impl Connection {
             closed: AtomicBool::new(false),
             signal: CancellationToken::new(),
             timeout,
+            tick,
+            sweeps: AtomicU64::new(0),
+            sweeps_per_timeout: timeout.as_nanos().div_ceil(tick.as_nanos().max(1)) as u64,
             started: Instant::now(),
             last_frame_ms: AtomicU64::new(0),
             patient: AtomicBool::new(false),
@@ -360,7 +384,7 @@ impl Connection {
 
     fn enqueue_one(&self, req: &Request, patient: bool, account: Option<&Arc<Account>>) -> Reply {
         let shared = &self.handle.0;
-        let deadline = Instant::now() + shared.timeout;
+        let deadline = shared.deadline();
         let (reply, was_empty) = shared.lock().enqueue(req, deadline, patient, account);
         if was_empty {
             shared.wake_writer.notify_one();
@@ -373,7 +397,7 @@ impl Connection {
     /// multi-key call), however the runtime schedules the writer meanwhile.
     pub fn send_many<'a>(&self, reqs: impl IntoIterator<Item = &'a Request>) -> Vec<Reply> {
         let shared = &self.handle.0;
-        let deadline = Instant::now() + shared.timeout;
+        let deadline = shared.deadline();
         let patient = shared.patient.load(Ordering::Relaxed);
         let mut woke = false;
         let replies = {
@@ -504,9 +528,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
     mut frames: FramedRead<R, FrameCodec<Response>>,
     shared: Arc<Shared>,
 ) {
-    // Deadlines are checked this often: a request fails at most a quarter of its timeout late.
-    let tick = (shared.timeout / 4).clamp(Duration::from_millis(5), Duration::from_millis(250));
-    let mut sweep = tokio::time::interval(tick);
+    let mut sweep = tokio::time::interval(shared.tick);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // A close from this side ends the writer, whose exit closes the socket: the reader then
     // sees end of input. The tick checks the flag as well, in case the peer never answers.
@@ -554,6 +576,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
             continue;
         }
         unswept = 0;
+        shared.sweeps.fetch_add(1, Ordering::AcqRel);
         if shared.closed.load(Ordering::Acquire) {
             break;
         }
@@ -595,11 +618,11 @@ fn deliver(shared: &Shared, mut resp: Response) {
 /// Fails the requests past their deadline and forgets those whose caller went away;
 /// returns how many were past their deadline.
 fn expire(shared: &Shared) -> usize {
-    let now = Instant::now();
+    let now = shared.sweeps.load(Ordering::Acquire);
     // A patient request whose peer still answers fails only once it waited PATIENCE
     // timeouts (the deadline is one timeout after sending).
     let answering = shared.silent_for() < shared.timeout;
-    let grace = shared.timeout * (PATIENCE - 1);
+    let grace = shared.sweeps_per_timeout * u64::from(PATIENCE - 1);
     let late =
         |p: &Pending| p.deadline <= now && !(p.patient && answering && now < p.deadline + grace);
     let expired: Vec<(ReplyTx, bool)> = shared
@@ -786,5 +809,28 @@ mod tests {
             .await;
         assert!(matches!(answer, Err(Error::Timeout(_))));
         assert!(started.elapsed() < timeout * 2, "{:?}", started.elapsed());
+        assert!(started.elapsed() >= timeout, "never early");
+    }
+
+    /// Deadlines are counted in the reader's sweeps: a request fails once its timeout has
+    /// passed, not before, however far between two sweeps it was sent.
+    #[tokio::test]
+    async fn a_request_fails_no_earlier_than_its_timeout() {
+        let timeout = Duration::from_millis(80);
+        for pause in [0, 3, 7, 11] {
+            // A connection each: one whose requests time out with nothing coming back closes.
+            let addr = slow_peer(Duration::from_secs(30)).await;
+            let conn = Connection::connect(&addr.to_string(), 1 << 20, timeout)
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(pause)).await;
+            let started = Instant::now();
+            let answer = conn
+                .send(&Request::new(Op::Get, Bytes::from_static(b"k")))
+                .await;
+            assert!(matches!(answer, Err(Error::Timeout(_))));
+            assert!(started.elapsed() >= timeout, "{:?}", started.elapsed());
+            assert!(started.elapsed() < timeout * 3, "{:?}", started.elapsed());
+        }
     }
 }
