@@ -16,14 +16,14 @@
 //! bounded in bytes, not in requests; the callers bound how many they have in flight (the
 //! orchestrator caps in-flight requests per client and clients).
 //!
-//! Each request carries a deadline, checked by the reader on a short tick (an eighth of the
-//! timeout): a request not answered in time fails with [`Error::Timeout`], at most a quarter
-//! of the timeout late. The deadline is counted in those ticks, which the reader counts as
-//! they pass, so sending a request reads no clock (a clock reading per request was 2-4% of
-//! the orchestrator's cycles), where a timer per request would cost a timer-wheel insert and
-//! removal. A tick that comes late (the reader was busy) makes a deadline later, never
-//! earlier. When the connection dies every pending request fails at once with
-//! [`Error::ConnectionClosed`].
+//! Each request carries a deadline, checked by the reader on a short tick (a quarter of the
+//! timeout): a request not answered in time fails with [`Error::Timeout`], about a tick late
+//! at most. The deadline is counted in those ticks, which the reader counts as it sweeps, so
+//! sending a request reads no clock (a clock reading per request was 2-4% of the
+//! orchestrator's cycles), where a timer per request would cost a timer-wheel insert and
+//! removal. Each tick is timed from the sweep before it, so a sweep the busy reader makes late
+//! makes deadlines later, never earlier. When the connection dies every pending request fails
+//! at once with [`Error::ConnectionClosed`].
 //!
 //! A connection may be told to be patient with a peer that is busy rather than gone
 //! ([`Connection::patient_while_answering`], the orchestrator's worker links): a request past
@@ -193,11 +193,11 @@ impl Shared {
         self.started.elapsed().saturating_sub(last)
     }
 
-    /// The deadline of a request sent now, never early: a timeout's worth of whole ticks
-    /// after the next sweep, and one tick more, since the sweep not yet counted may be due
-    /// already (the interval keeps its schedule while the reader is up to 5 ms late to it).
+    /// The deadline of a request sent now: a timeout's worth of whole ticks after the next
+    /// sweep. The sweeps after that one each come a tick after the one before (the reader
+    /// restarts the tick as it sweeps), so they take a timeout at least, however late any is.
     fn deadline(&self) -> u64 {
-        self.sweeps.load(Ordering::Acquire) + 2 + self.sweeps_per_timeout
+        self.sweeps.load(Ordering::Acquire) + 1 + self.sweeps_per_timeout
     }
 
     fn lock(&self) -> MutexGuard<'_, Outbox> {
@@ -318,9 +318,9 @@ impl Connection {
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
     {
-        // Deadlines are checked this often: with the margin `Shared::deadline` leaves, a
-        // request fails at most a quarter of its timeout late.
-        let tick = (timeout / 8).clamp(Duration::from_millis(5), Duration::from_millis(250));
+        // Deadlines are checked this often: a request fails about a quarter of its timeout
+        // late at most.
+        let tick = (timeout / 4).clamp(Duration::from_millis(5), Duration::from_millis(250));
         let shared = Arc::new(Shared {
             outbox: Mutex::new(Outbox {
                 out: Outgoing::with_capacity(16 * 1024),
@@ -577,6 +577,9 @@ async fn read_loop<R: AsyncRead + Unpin>(
         }
         unswept = 0;
         shared.sweeps.fetch_add(1, Ordering::AcqRel);
+        // The next tick a whole tick from now, however late this one was taken: deadlines
+        // count ticks (see `Shared::deadline`).
+        sweep.reset();
         if shared.closed.load(Ordering::Acquire) {
             break;
         }
