@@ -911,7 +911,7 @@ mod tests {
     #[test]
     fn a_line_reply_has_no_line_break_inside() {
         for (reply, want) in [
-            (Reply::Simple("OK".into()), "+OK\r\n"),
+            (Reply::Simple("OK"), "+OK\r\n"),
             (Reply::Line(String::new()), "+\r\n"),
             (Reply::Error("ERR a\r\nb\nc\r".into()), "-ERR a  b c \r\n"),
         ] {
