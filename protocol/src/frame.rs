@@ -538,8 +538,11 @@ impl<In: Message> Decoder for FrameCodec<In> {
             src.reserve(4 + len - src.len());
             return Ok(None);
         }
-        src.advance(4);
-        let body = src.split_to(len).freeze();
+        // The length prefix goes with the frame and is skipped in the frozen view: moving a
+        // shared view's start is a pointer bump, where advancing the read buffer itself has
+        // its bookkeeping to keep.
+        let mut body = src.split_to(4 + len).freeze();
+        body.advance(4);
         In::decode_body(body).map(Some)
     }
 }
