@@ -661,13 +661,24 @@ pub fn format_double(d: f64) -> String {
 }
 
 fn put_line(out: &mut BytesMut, tag: u8, text: &[u8]) {
+    // A reply line cannot hold CR or LF; Redis replaces them with spaces too.
+    let clean = |b: u8| if b == b'\r' || b == b'\n' { b' ' } else { b };
+    // A short line (every SET's OK) is assembled on the stack and appended once: one capacity
+    // check, where appending tag, text and CRLF in turn cost a few hundred instructions.
+    const SHORT: usize = 61;
+    if text.len() <= SHORT {
+        let mut line = [0u8; SHORT + 3];
+        line[0] = tag;
+        for (to, &b) in line[1..].iter_mut().zip(text) {
+            *to = clean(b);
+        }
+        line[1 + text.len()..3 + text.len()].copy_from_slice(b"\r\n");
+        out.put_slice(&line[..3 + text.len()]);
+        return;
+    }
     out.reserve(text.len() + 3);
     out.put_u8(tag);
-    // A reply line cannot hold CR or LF; Redis replaces them with spaces too.
-    out.extend(
-        text.iter()
-            .map(|&b| if b == b'\r' || b == b'\n' { b' ' } else { b }),
-    );
+    out.extend(text.iter().map(|&b| clean(b)));
     out.put_slice(b"\r\n");
 }
 
@@ -914,6 +925,18 @@ mod tests {
             (Reply::Simple("OK"), "+OK\r\n"),
             (Reply::Line(String::new()), "+\r\n"),
             (Reply::Error("ERR a\r\nb\nc\r".into()), "-ERR a  b c \r\n"),
+            (
+                Reply::Line("x".repeat(61)),
+                &format!("+{}\r\n", "x".repeat(61)),
+            ),
+            (
+                Reply::Line("x".repeat(62)),
+                &format!("+{}\r\n", "x".repeat(62)),
+            ),
+            (
+                Reply::Error(format!("ERR {}\n{}", "y".repeat(60), "z".repeat(60))),
+                &format!("-ERR {} {}\r\n", "y".repeat(60), "z".repeat(60)),
+            ),
         ] {
             let mut out = BytesMut::new();
             reply.encode_as(Version::Resp2, &mut out);
