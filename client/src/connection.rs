@@ -17,13 +17,14 @@
 //! orchestrator caps in-flight requests per client and clients).
 //!
 //! Each request carries a deadline, checked by the reader on a short tick (a quarter of the
-//! timeout): a request not answered in time fails with [`Error::Timeout`], about a tick late
-//! at most. The deadline is counted in those ticks, which the reader counts as it sweeps, so
-//! sending a request reads no clock (a clock reading per request was 2-4% of the
-//! orchestrator's cycles), where a timer per request would cost a timer-wheel insert and
-//! removal. Each tick is timed from the sweep before it, so a sweep the busy reader makes late
-//! makes deadlines later, never earlier. When the connection dies every pending request fails
-//! at once with [`Error::ConnectionClosed`].
+//! timeout or less): a request not answered in time fails with [`Error::Timeout`], a tick
+//! late at most (under two ticks for a timeout below 20 ms, where the tick is its 5 ms
+//! floor), plus however late a busy reader makes its sweeps. The deadline is counted in those
+//! ticks, which the reader counts as it sweeps, so sending a request reads no clock (a clock
+//! reading per request was 2-4% of the orchestrator's cycles), where a timer per request would
+//! cost a timer-wheel insert and removal. Each tick is timed from the sweep before it, so a
+//! sweep the busy reader makes late makes deadlines later, never earlier. When the connection
+//! dies every pending request fails at once with [`Error::ConnectionClosed`].
 //!
 //! A connection may be told to be patient with a peer that is busy rather than gone
 //! ([`Connection::patient_while_answering`], the orchestrator's worker links): a request past
@@ -318,9 +319,7 @@ impl Connection {
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
     {
-        // Deadlines are checked this often: a request fails about a quarter of its timeout
-        // late at most.
-        let tick = (timeout / 4).clamp(Duration::from_millis(5), Duration::from_millis(250));
+        let tick = sweep_tick(timeout);
         let shared = Arc::new(Shared {
             outbox: Mutex::new(Outbox {
                 out: Outgoing::with_capacity(16 * 1024),
@@ -578,7 +577,9 @@ async fn read_loop<R: AsyncRead + Unpin>(
         unswept = 0;
         shared.sweeps.fetch_add(1, Ordering::AcqRel);
         // The next tick a whole tick from now, however late this one was taken: deadlines
-        // count ticks (see `Shared::deadline`).
+        // count ticks (see `Shared::deadline`). Without this, the interval keeps its own
+        // schedule when a tick is taken less than 5 ms late, and a request sent in between
+        // could fail up to that much early (too rare for a test to catch reliably).
         sweep.reset();
         if shared.closed.load(Ordering::Acquire) {
             break;
@@ -595,6 +596,17 @@ async fn read_loop<R: AsyncRead + Unpin>(
         }
     }
     shared.close();
+}
+
+/// How often the reader sweeps for requests past their deadline: a quarter of the timeout or
+/// less (at most 250 ms), a whole fraction of it so that a timeout is a whole number of ticks
+/// (a request then fails a tick late at most), and at least 5 ms.
+fn sweep_tick(timeout: Duration) -> Duration {
+    let fraction = timeout
+        .as_nanos()
+        .div_ceil(Duration::from_millis(250).as_nanos())
+        .clamp(4, u128::from(u32::MAX)) as u32;
+    (timeout / fraction).max(Duration::from_millis(5))
 }
 
 /// How many frames the reader takes in a row before it looks whether its sweep is due.
@@ -813,6 +825,24 @@ mod tests {
         assert!(matches!(answer, Err(Error::Timeout(_))));
         assert!(started.elapsed() < timeout * 2, "{:?}", started.elapsed());
         assert!(started.elapsed() >= timeout, "never early");
+    }
+
+    #[test]
+    fn a_timeout_is_a_whole_number_of_sweep_ticks() {
+        let ms = Duration::from_millis;
+        for (timeout, tick) in [
+            (ms(500), ms(125)),
+            (ms(1_100), ms(220)),
+            (ms(10_000), ms(250)),
+            (ms(80), ms(20)),
+            (ms(20), ms(5)),
+        ] {
+            assert_eq!(sweep_tick(timeout), tick, "{timeout:?}");
+            assert_eq!(timeout.as_nanos() % tick.as_nanos(), 0, "{timeout:?}");
+        }
+        // Below 20 ms the tick stays at 5 ms.
+        assert_eq!(sweep_tick(ms(6)), ms(5));
+        assert_eq!(sweep_tick(Duration::ZERO), ms(5));
     }
 
     /// Deadlines are counted in the reader's sweeps: a request fails once its timeout has
