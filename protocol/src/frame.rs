@@ -398,10 +398,7 @@ impl Message for Response {
     }
 
     fn encode_head(&self, dst: &mut BytesMut) {
-        let mut head = [0u8; RESPONSE_HEADER_LEN];
-        head[..8].copy_from_slice(&self.id.to_be_bytes());
-        head[8] = self.status.code();
-        dst.put_slice(&head);
+        dst.put_slice(&response_head(self.id, self.status));
     }
 
     fn tail(&self) -> &Bytes {
@@ -464,9 +461,16 @@ pub fn encode_response(id: u64, status: Status, payload: &[u8], dst: &mut BytesM
     let len = RESPONSE_HEADER_LEN + payload.len();
     dst.reserve(4 + len);
     dst.put_u32(len as u32);
-    dst.put_u64(id);
-    dst.put_u8(status.code());
+    dst.put_slice(&response_head(id, status));
     dst.put_slice(payload);
+}
+
+/// A response's header: its id, then its status.
+fn response_head(id: u64, status: Status) -> [u8; RESPONSE_HEADER_LEN] {
+    let mut head = [0u8; RESPONSE_HEADER_LEN];
+    head[..8].copy_from_slice(&id.to_be_bytes());
+    head[8] = status.code();
+    head
 }
 
 /// Decodes frames carrying `In` messages and encodes any [`Message`]; one codec type serves
