@@ -790,14 +790,8 @@ impl Store {
     }
 
     /// `f` of the stored bytes under `key` and the value's type, under the shard's lock, if
-    /// it holds a live entry (a hash's bytes are left out, empty, unless `hashes`); an
-    /// expired entry is removed on the spot.
-    fn live_stored<R>(
-        &self,
-        key: &[u8],
-        hashes: bool,
-        f: impl FnOnce(&[u8], Kind) -> R,
-    ) -> Option<R> {
+    /// it holds a live entry; an expired entry is removed on the spot.
+    fn live_stored<R>(&self, key: &[u8], f: impl FnOnce(&[u8], Kind) -> R) -> Option<R> {
         let now = &Now::default();
         let hash = self.hash(key);
         let mut shard = self.shard(hash);
@@ -806,11 +800,7 @@ impl Store {
                 if !e.accessed() {
                     e.touch(true);
                 }
-                let stored = match e.kind() {
-                    Kind::Hash if !hashes => &[][..],
-                    _ => e.stored(),
-                };
-                Some(f(stored, e.kind()))
+                Some(f(e.stored(), e.kind()))
             }
             Some(e) if e.expired(now) => {
                 let before = shard.held();
@@ -855,9 +845,15 @@ impl Store {
         hashes: bool,
         mut f: impl FnMut(Option<(Value<'_>, Kind)>) -> R,
     ) -> Result<R, SealError> {
-        let found = self.live_stored(key, hashes, |stored, kind| match seal::raw_value(stored) {
-            Some(value) => Ok(f(Some((Value::Lent(value), kind)))),
-            None => Err((Bytes::copy_from_slice(stored), kind)),
+        let found = self.live_stored(key, |stored, kind| {
+            if kind == Kind::Hash && !hashes {
+                // Left unopened, and uncopied, however it is stored.
+                return Ok(f(Some((Value::Lent(&[]), kind))));
+            }
+            match seal::raw_value(stored) {
+                Some(value) => Ok(f(Some((Value::Lent(value), kind)))),
+                None => Err((Bytes::copy_from_slice(stored), kind)),
+            }
         });
         let counter = match found {
             Some(_) => &self.counters.hits,
@@ -867,7 +863,6 @@ impl Store {
         match found {
             None => Ok(f(None)),
             Some(Ok(done)) => Ok(done),
-            Some(Err((_, Kind::Hash))) if !hashes => Ok(f(Some((Value::Lent(&[]), Kind::Hash)))),
             Some(Err((stored, kind))) => {
                 let value = seal::open_with(key, &stored, self.cipher(), self.dictionary())?;
                 Ok(f(Some((Value::Opened(value), kind))))

@@ -217,7 +217,10 @@ fn hashes_and_wrong_types() {
     assert_eq!(one(&s, "h", 6, Action::HLen), Reply::Int(3));
     assert_eq!(one(&s, "h", 7, Action::Get), err(super::WRONGTYPE));
     assert_eq!(one(&s, "h", 8, Action::Type), Reply::Line("hash".into()));
-    assert_eq!(s.get_typed(b"h").unwrap().unwrap().1, Kind::Hash);
+    let (value, kind) = s.get_typed(b"h").unwrap().unwrap();
+    assert_eq!(kind, Kind::Hash);
+    assert!(value.is_empty(), "a hash's value is left unopened");
+    assert_eq!(s.get(b"h").unwrap().map(|v| v.is_empty()), Some(false));
     assert_eq!(
         one(&s, "h", 9, Action::HDel(vec![b("a"), b("b"), b("c")])),
         Reply::Int(3)
