@@ -172,8 +172,6 @@ struct Shared {
     closed: AtomicBool,
     signal: CancellationToken,
     timeout: Duration,
-    /// How often the reader sweeps for requests past their deadline.
-    tick: Duration,
     /// Sweeps made so far: the clock deadlines are counted in.
     sweeps: AtomicU64,
     /// Sweeps in a timeout, rounded up.
@@ -319,7 +317,6 @@ impl Connection {
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
     {
-        let tick = sweep_tick(timeout);
         let shared = Arc::new(Shared {
             outbox: Mutex::new(Outbox {
                 out: Outgoing::with_capacity(16 * 1024),
@@ -331,9 +328,8 @@ impl Connection {
             closed: AtomicBool::new(false),
             signal: CancellationToken::new(),
             timeout,
-            tick,
             sweeps: AtomicU64::new(0),
-            sweeps_per_timeout: timeout.as_nanos().div_ceil(tick.as_nanos().max(1)) as u64,
+            sweeps_per_timeout: timeout.as_nanos().div_ceil(sweep_tick(timeout).as_nanos()) as u64,
             started: Instant::now(),
             last_frame_ms: AtomicU64::new(0),
             patient: AtomicBool::new(false),
@@ -527,8 +523,8 @@ async fn read_loop<R: AsyncRead + Unpin>(
     mut frames: FramedRead<R, FrameCodec<Response>>,
     shared: Arc<Shared>,
 ) {
-    let mut sweep = tokio::time::interval(shared.tick);
-    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Restarted at every sweep (below), so it never has ticks to catch up on.
+    let mut sweep = tokio::time::interval(sweep_tick(shared.timeout));
     // A close from this side ends the writer, whose exit closes the socket: the reader then
     // sees end of input. The tick checks the flag as well, in case the peer never answers.
     // Whether a frame came since the last tick: the tick records when the peer last
