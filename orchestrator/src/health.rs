@@ -671,7 +671,13 @@ impl Router {
                     w.refill_started();
                     tracing::info!(worker = %w.addr, partner = %partner.addr, "{}", d.why);
                 }
-                Some(Action::Adopt(_)) => w.dirty.store(false, Ordering::Release),
+                Some(Action::Adopt(how)) => {
+                    w.dirty.store(false, Ordering::Release);
+                    // Known partial from now, not from its next status: it is about to be
+                    // in sync, and no program may run on it meanwhile (`Router::primaries`).
+                    w.partial
+                        .store(how == "partial" && !adapter, Ordering::Release);
+                }
                 None => {}
             }
             if d.state == WorkerState::Resyncing && d.action.is_none() {

@@ -576,3 +576,81 @@ async fn edits_of_a_large_hash_from_two_orchestrators_all_reach_the_partner() {
     );
     drop((b, orchs));
 }
+
+/// An INCR, retried while the pair answers that it cannot take one now (a failover).
+async fn incr_retrying(client: &Client, key: &str) -> i64 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match client.incr(key).await {
+            Ok(n) => return n,
+            Err(e) if std::time::Instant::now() < deadline => {
+                assert!(
+                    matches!(
+                        e.status(),
+                        Some(twincache_client::Status::Unavailable) | None
+                    ),
+                    "{e}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("INCR {key} not taken within 20 s: {e}"),
+        }
+    }
+}
+
+/// A worker promoted to serve alone with a copy that may lack its partner's latest writes
+/// (it was stopped while its partner took INCRs alone, then the partner stopped) serves
+/// reads and plain writes, but runs no read-modify-write: an INCR computed there from the
+/// older value, and stamped newer, would win over the partner's acknowledged ones once the
+/// two merge (the counter went back from 8 to 6). It answers TRYAGAIN until the partner is
+/// back, and the counter then goes on from the last acknowledged value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partial_copy_serving_alone_runs_no_read_modify_write() {
+    let (a, b) = (worker_on(0, &[]), worker_on(0, &[]));
+    let (wa, wb) = (a.addr, b.addr);
+    let orch = Proc::orchestrator(&[wa, wb], ORCHESTRATOR);
+    let addr = orch.addr;
+    in_sync(&[addr], &[wa, wb]).await;
+    let client = Client::connect(&addr.to_string()).await.unwrap();
+    for _ in 0..5 {
+        incr_retrying(&client, "ctr").await;
+    }
+    a.signal("STOP");
+    wait_status(addr, "a down", |s| state_of(s, &wa) == "down").await;
+    for n in 6..=8 {
+        assert_eq!(incr_retrying(&client, "ctr").await, n, "taken by b alone");
+    }
+    b.signal("STOP");
+    wait_status(addr, "b down", |s| state_of(s, &wb) == "down").await;
+    a.signal("CONT");
+    wait_status(addr, "a serving alone", |s| state_of(s, &wa) == "in_sync").await;
+    // Its copy serves what does not depend on what it may lack.
+    client.set("plain", "write").await.unwrap();
+    assert_eq!(
+        client.get::<Bytes>("plain").await.unwrap().as_deref(),
+        Some(&b"write"[..])
+    );
+    let refused = client.incr("ctr").await.unwrap_err();
+    assert_eq!(
+        refused.status(),
+        Some(twincache_client::Status::Unavailable),
+        "{refused}"
+    );
+    assert!(refused.to_string().contains("may lack writes"), "{refused}");
+    b.signal("CONT");
+    in_sync(&[addr], &[wa, wb]).await;
+    assert_eq!(incr_retrying(&client, "ctr").await, 9);
+    for w in [wa, wb] {
+        let direct = Client::connect(&w.to_string()).await.unwrap();
+        assert_eq!(
+            direct.get::<Bytes>("ctr").await.unwrap().as_deref(),
+            Some(&b"9"[..]),
+            "on {w}"
+        );
+        assert_eq!(
+            direct.get::<Bytes>("plain").await.unwrap().as_deref(),
+            Some(&b"write"[..]),
+            "on {w}"
+        );
+    }
+}

@@ -139,11 +139,22 @@ pub struct ScanStep {
     pub keys: Vec<Bytes>,
 }
 
+/// Why a read-modify-write is refused while the only copy of its pair that serves is partial.
+pub(crate) const PARTIAL_ONLY: &str = "the copy of this key's pair that serves now may lack \
+     writes its partner took; read-modify-writes wait until the partner is back; retry";
+
 impl Router {
-    /// The workers a pair's programs may be applied on, in order: those in sync, worker 0
-    /// first (see the module docs).
+    /// The workers a pair's programs may be applied on, in order: those in sync with a
+    /// complete copy, the one in sync longer first (see the module docs). A partial copy (a
+    /// worker promoted to serve alone while its partner is away, see `health`) may lack the
+    /// partner's latest writes: a program run there would compute from an older value and
+    /// stamp the result newer, so the partner's acknowledged writes would lose to it when
+    /// the two merge. It serves reads and plain writes, never a program.
     pub(crate) fn primaries(&self, pair: &Pair) -> [Option<usize>; 2] {
-        let in_sync = |i: usize| pair.workers[i].state() == WorkerState::InSync;
+        let in_sync = |i: usize| {
+            let w = &pair.workers[i];
+            w.state() == WorkerState::InSync && !w.partial.load(Ordering::Acquire)
+        };
         match (in_sync(0), in_sync(1)) {
             (true, true) => {
                 let since = |i: usize| pair.workers[i].synced_at.load(Ordering::Acquire);
@@ -287,6 +298,9 @@ impl Router {
             }
             Err(match order[0] {
                 Some(_) => unavailable(&this),
+                None if workers.iter().any(|w| w.state() == WorkerState::InSync) => {
+                    Response::error(Status::Unavailable, PARTIAL_ONLY)
+                }
                 None => Response::error(
                     Status::Unavailable,
                     "no worker of this key's pair holds its data now; retry",

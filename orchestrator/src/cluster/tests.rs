@@ -296,3 +296,34 @@ async fn a_set_with_keepttl_reaches_the_workers_with_it() {
     assert!(sets[0].flags & twincache_protocol::frame::flags::KEEP_TTL != 0);
     shutdown.cancel();
 }
+
+#[tokio::test]
+async fn no_program_runs_on_a_partial_copy() {
+    let (router, shutdown) = pair_of(healthy(Sent::default()), healthy(Sent::default()));
+    let topo = router.topology.load_full();
+    let pair = &topo.pairs[0];
+    let [a, b] = &pair.workers;
+    assert_eq!(router.primaries(pair), [Some(0), Some(1)]);
+    // A promoted to serve alone while its partner was away: it may lack the partner's latest.
+    a.partial.store(true, Ordering::Release);
+    assert_eq!(
+        router.primaries(pair),
+        [Some(1), None],
+        "the complete copy only"
+    );
+    b.set_state(WorkerState::Down);
+    assert_eq!(
+        router.primaries(pair),
+        [None, None],
+        "the partial copy is never one"
+    );
+    // Reads still take it (a stale answer beats none).
+    assert_eq!(router.read_order(pair), [Some(0), None]);
+    a.partial.store(false, Ordering::Release);
+    assert_eq!(
+        router.primaries(pair),
+        [Some(0), None],
+        "merged: complete again"
+    );
+    shutdown.cancel();
+}
