@@ -8,12 +8,17 @@
 //! connections into a small allowance of their own, and moves each into the main pool only
 //! once it has authenticated ([`Slot::promote`]). Whoever can reach the port but not
 //! authenticate can then fill only that allowance, never the slots the cluster's own links
-//! need.
+//! need. A new connection that finds the allowance full closes the oldest one still in it
+//! rather than being refused: an outsider who keeps the allowance full (reopening what
+//! closes) would otherwise lock the cluster's own links out for as long as it kept at it.
+//! Now it must open a whole allowance of connections within the few milliseconds a peer
+//! takes to authenticate.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -25,10 +30,76 @@ use tokio_util::task::TaskTracker;
 pub struct Slots {
     main: Arc<Semaphore>,
     /// Connections not yet authenticated, if the server authenticates its peers.
-    pending: Option<Arc<Semaphore>>,
+    pending: Option<Arc<Allowance>>,
     max: usize,
     /// Connections closed on arrival because every slot was taken (for metrics).
     refused: Arc<AtomicU64>,
+}
+
+/// The connections admitted and not yet authenticated, oldest first, each with the token
+/// that closes it.
+#[derive(Debug)]
+struct Allowance {
+    capacity: usize,
+    waiting: Mutex<Waiting>,
+}
+
+#[derive(Debug, Default)]
+struct Waiting {
+    next: u64,
+    queue: VecDeque<(u64, CancellationToken)>,
+    /// Connections closed to make room since this was last logged, and when it was.
+    evicted: u64,
+    logged: Option<Instant>,
+}
+
+impl Allowance {
+    fn waiting(&self) -> std::sync::MutexGuard<'_, Waiting> {
+        self.waiting.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Admits a connection, closing the oldest one waiting if the allowance is full; its id
+    /// and the token that closes it.
+    fn admit(&self) -> (u64, CancellationToken) {
+        let mut w = self.waiting();
+        if w.queue.len() >= self.capacity {
+            if let Some((_, oldest)) = w.queue.pop_front() {
+                oldest.cancel();
+                w.evicted += 1;
+                let now = Instant::now();
+                // Once a second at most: a flood would otherwise write a line per connection.
+                if w.logged
+                    .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
+                {
+                    tracing::warn!(
+                        closed = w.evicted,
+                        allowance = self.capacity,
+                        "connections that have not authenticated fill their allowance; \
+                         closed the oldest to admit new ones"
+                    );
+                    w.evicted = 0;
+                    w.logged = Some(now);
+                }
+            }
+        }
+        let id = w.next;
+        w.next += 1;
+        let token = CancellationToken::new();
+        w.queue.push_back((id, token.clone()));
+        (id, token)
+    }
+
+    /// Takes connection `id` out of the allowance; false if it was closed to make room.
+    fn leave(&self, id: u64) -> bool {
+        let mut w = self.waiting();
+        match w.queue.iter().position(|(i, _)| *i == id) {
+            Some(at) => {
+                w.queue.remove(at);
+                true
+            }
+            None => false,
+        }
+    }
 }
 
 impl Slots {
@@ -48,49 +119,77 @@ impl Slots {
         self
     }
 
-    /// `max` authenticated connections, and `pending` more that have not authenticated yet.
+    /// `max` authenticated connections, and `pending` more that have not authenticated yet
+    /// (at least one).
     pub fn with_pending(max: usize, pending: usize) -> Slots {
         Slots {
-            pending: Some(Arc::new(Semaphore::new(pending))),
+            pending: Some(Arc::new(Allowance {
+                capacity: pending.max(1),
+                waiting: Mutex::default(),
+            })),
             ..Slots::new(max)
         }
     }
 
     fn admit(&self) -> Option<Slot> {
-        let (pool, promoted) = match &self.pending {
-            Some(pending) => (pending, false),
-            None => (&self.main, true),
-        };
-        let permit = pool.clone().try_acquire_owned().ok()?;
-        Some(Slot {
-            permit,
-            main: self.main.clone(),
-            promoted,
-        })
+        match &self.pending {
+            Some(allowance) => {
+                let (id, closes) = allowance.admit();
+                Some(Slot {
+                    permit: None,
+                    main: self.main.clone(),
+                    pending: Some((allowance.clone(), id, closes)),
+                })
+            }
+            None => Some(Slot {
+                permit: Some(self.main.clone().try_acquire_owned().ok()?),
+                main: self.main.clone(),
+                pending: None,
+            }),
+        }
     }
 }
 
 /// One connection's place in a server's [`Slots`]; released when dropped.
 #[derive(Debug)]
 pub struct Slot {
-    permit: OwnedSemaphorePermit,
+    /// Its place in the main pool, once it has one.
+    permit: Option<OwnedSemaphorePermit>,
     main: Arc<Semaphore>,
-    promoted: bool,
+    /// Its place in the allowance while it has not authenticated: the allowance, its id
+    /// there, and the token that closes it to make room for a newer one.
+    pending: Option<(Arc<Allowance>, u64, CancellationToken)>,
 }
 
 impl Slot {
-    /// Moves an authenticated connection into the main pool; false if that pool is full.
+    /// Moves an authenticated connection into the main pool; false if that pool is full, or
+    /// if the connection was closed meanwhile to make room in the allowance.
     pub fn promote(&mut self) -> bool {
-        if self.promoted {
+        let Some((allowance, id, _)) = &self.pending else {
             return true;
+        };
+        let Ok(permit) = self.main.clone().try_acquire_owned() else {
+            return false;
+        };
+        if !allowance.leave(*id) {
+            return false;
         }
-        match self.main.clone().try_acquire_owned() {
-            Ok(permit) => {
-                self.permit = permit;
-                self.promoted = true;
-                true
-            }
-            Err(_) => false,
+        self.permit = Some(permit);
+        self.pending = None;
+        true
+    }
+
+    /// Cancelled if the connection is closed to make room in the allowance (never once it
+    /// has been promoted).
+    fn closing(&self) -> Option<CancellationToken> {
+        self.pending.as_ref().map(|(_, _, closes)| closes.clone())
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some((allowance, id, _)) = &self.pending {
+            allowance.leave(*id);
         }
     }
 }
@@ -109,6 +208,7 @@ pub async fn accept_loop<H, F>(
     F: Future<Output = ()> + Send + 'static,
 {
     let tracker = TaskTracker::new();
+    let (mut refusals, mut last_logged) = (0u64, None::<Instant>);
     loop {
         let accepted = tokio::select! {
             res = listener.accept() => res,
@@ -125,11 +225,32 @@ pub async fn accept_loop<H, F>(
         };
         let Some(slot) = slots.admit() else {
             slots.refused.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(%peer, max_conns = slots.max, "connection limit reached; closing new connection");
+            refusals += 1;
+            let now = Instant::now();
+            // Once a second at most, with how many: a flood would write a line per connection.
+            if last_logged.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1)) {
+                tracing::warn!(%peer, refused = refusals, max_conns = slots.max, "connection limit reached; closing new connections");
+                refusals = 0;
+                last_logged = Some(now);
+            }
             continue;
         };
         let _ = stream.set_nodelay(true);
-        tracker.spawn(handle(stream, slot, shutdown.clone()));
+        match slot.closing() {
+            // Ends the connection's task (dropping its socket) if a newer one takes its place.
+            Some(closing) => {
+                let serve = handle(stream, slot, shutdown.clone());
+                tracker.spawn(async move {
+                    tokio::select! {
+                        _ = serve => {}
+                        _ = closing.cancelled() => {}
+                    }
+                });
+            }
+            None => {
+                tracker.spawn(handle(stream, slot, shutdown.clone()));
+            }
+        }
     }
     tracker.close();
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
@@ -149,14 +270,41 @@ mod tests {
         let slots = Slots::with_pending(1, 2);
         let mut a = slots.admit().unwrap();
         let mut b = slots.admit().unwrap();
-        assert!(slots.admit().is_none(), "the allowance is full");
         assert!(a.promote());
         assert!(!b.promote(), "the main pool is full");
-        drop(b);
-        assert!(slots.admit().is_some());
+        drop(a);
+        assert!(b.promote(), "a place in the main pool came free");
         let plain = Slots::new(1);
         let mut c = plain.admit().unwrap();
         assert!(c.promote());
         assert!(plain.admit().is_none());
+    }
+
+    #[test]
+    fn a_full_allowance_closes_its_oldest_connection_for_a_new_one() {
+        let slots = Slots::with_pending(4, 2);
+        let mut a = slots.admit().unwrap();
+        let mut b = slots.admit().unwrap();
+        let (a_closing, b_closing) = (a.closing().unwrap(), b.closing().unwrap());
+        let mut c = slots.admit().expect("a new connection is never refused");
+        assert!(a_closing.is_cancelled(), "the oldest makes room");
+        assert!(!b_closing.is_cancelled());
+        assert!(
+            !a.promote(),
+            "a connection closed to make room stays closed"
+        );
+        assert!(b.promote());
+        // b left the allowance: the next newcomer finds room without closing c.
+        let mut d = slots.admit().unwrap();
+        assert!(!c.closing().unwrap().is_cancelled());
+        assert!(c.promote() && d.promote());
+        assert!(
+            b.closing().is_none(),
+            "a promoted connection is never closed to make room"
+        );
+        // A connection that goes away leaves the allowance with it.
+        let e = slots.admit().unwrap();
+        drop(e);
+        assert_eq!(slots.pending.as_ref().unwrap().waiting().queue.len(), 0);
     }
 }

@@ -381,7 +381,9 @@ impl WriteAllSync for std::process::ChildStdin {
 }
 
 /// An outsider that cannot authenticate fills only the allowance for unauthenticated
-/// connections, for a short deadline each, never the slots the cluster's own links need.
+/// connections, never the slots the cluster's own links need; and one that keeps the
+/// allowance full, reopening what closes, does not keep the cluster's links out either: a
+/// newcomer closes the oldest connection waiting there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outsiders_cannot_take_the_cluster_links_slots() {
     let secret = keygen();
@@ -396,31 +398,41 @@ async fn outsiders_cannot_take_the_cluster_links_slots() {
         ]
         .iter()
         .map(|a| a.to_string())
-        .chain(["--idle-timeout".into(), "2s".into()])
         .chain(["--cluster-secret-file".to_string(), s.arg()])
         .collect()
     };
     let a = Proc::start(WORKER, &args(&secret));
     let b = Proc::start(WORKER, &args(&secret));
     let (wa, wb) = (a.addr, b.addr);
-    // The outsider takes every slot it can before the orchestrator starts, and keeps them.
-    let mut squatters = Vec::new();
-    for _ in 0..50 {
-        if let Ok(s) = TcpStream::connect(wa).await {
-            squatters.push(s);
-        }
-    }
+    // The outsider holds as many connections as it can to both workers, and opens a new one
+    // whenever one of them is closed, for the whole test.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let squat = |addr: SocketAddr| {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut held: Vec<TcpStream> = Vec::new();
+            while !stop.is_cancelled() {
+                held.retain(|s| {
+                    let mut byte = [0u8; 1];
+                    !matches!(s.try_read(&mut byte), Ok(0))
+                });
+                while held.len() < 8 {
+                    match TcpStream::connect(addr).await {
+                        Ok(s) => held.push(s),
+                        Err(_) => break,
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    let squatters = [squat(wa), squat(wb)];
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let secret_arg = secret.arg();
     let flags = [FAST, &["--cluster-secret-file", &secret_arg]].concat();
     let orch = Proc::orchestrator(&[wa, wb], &flags);
     let both = |s: &str| state_of(s, &wa) == "in_sync" && state_of(s, &wb) == "in_sync";
     wait_status(orch.addr, "both in sync despite the outsider", both).await;
-    // The outsider comes back for more; the cluster's links are not disturbed.
-    for _ in 0..50 {
-        if let Ok(s) = TcpStream::connect(wa).await {
-            squatters.push(s);
-        }
-    }
     let c = Client::connect(&orch.addr.to_string()).await.unwrap();
     for i in 0..50 {
         c.set(format!("k{i}"), "v").await.unwrap();
@@ -432,5 +444,8 @@ async fn outsiders_cannot_take_the_cluster_links_slots() {
     }
     let status = crate::faults::status(orch.addr).await;
     assert!(both(&status), "{status}");
-    drop(squatters);
+    stop.cancel();
+    for s in squatters {
+        s.await.unwrap();
+    }
 }

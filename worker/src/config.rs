@@ -155,7 +155,8 @@ pub struct Config {
     pub insecure: bool,
 
     /// Connections not authenticated yet (with --cluster-secret-file) held at once, beside
-    /// --max-connections; each has 10 s (or --idle-timeout) to authenticate.
+    /// --max-connections; each has 10 s (or --idle-timeout) to authenticate, and when they
+    /// are all taken a new connection closes the oldest.
     #[arg(
         long,
         env = "TWINCACHE_WORKER_MAX_PENDING_CONNECTIONS",
