@@ -117,8 +117,8 @@ pub struct Config {
     #[arg(long, env = "TWINCACHE_TLS_CLUSTER", requires = "tls_ca_cert_file")]
     pub tls_cluster: bool,
 
-    /// Listen on a non-loopback address without --requirepass-file or --users-file: anyone
-    /// who reaches the port can then read and change all data.
+    /// Listen (or serve --http) on a non-loopback address without --requirepass-file or
+    /// --users-file: anyone who reaches the port can then read and change all data.
     #[arg(long, env = "TWINCACHE_INSECURE")]
     pub insecure: bool,
 
@@ -273,20 +273,42 @@ impl Config {
 
     /// Refuses to serve every data on a reachable address to anyone (Redis' protected mode),
     /// unless told `--insecure`. Passwords guard it, and so do required client certificates.
+    ///
+    /// The HTTP port (`--http`) is held to the same rule with passwords alone: its key
+    /// interface reads and changes data too, and a client certificate does not reach it.
     pub fn check_exposure(&self) -> Result<(), String> {
-        let client_certs = self.tls_cert_file.is_some()
-            && self.tls_ca_cert_file.is_some()
-            && self.tls_auth_clients == "yes";
-        let guarded = self.requirepass_file.is_some() || self.users_file.is_some() || client_certs;
-        if self.listen.ip().is_loopback() || guarded || self.insecure {
-            return Ok(());
+        let passwords = self.requirepass_file.is_some() || self.users_file.is_some();
+        let guarded = passwords || self.client_certificates();
+        if !(self.listen.ip().is_loopback() || guarded || self.insecure) {
+            return Err(format!(
+                "refusing to listen on {} without --requirepass-file or --users-file: anyone \
+                 who can reach it could read and change all data. Set a password, or pass \
+                 --insecure on a network you trust",
+                self.listen
+            ));
         }
-        Err(format!(
-            "refusing to listen on {} without --requirepass-file or --users-file: anyone who \
-             can reach it could read and change all data. Set a password, or pass --insecure \
-             on a network you trust",
-            self.listen
-        ))
+        match self.http {
+            Some(http) if !(http.ip().is_loopback() || passwords || self.insecure) => Err(format!(
+                "refusing to serve HTTP on {http} without --requirepass-file or --users-file: \
+                 anyone who can reach it could read and change all data through its key \
+                 interface (/v1/keys; client certificates do not guard HTTP). Set a password, \
+                 or pass --insecure on a network you trust"
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether clients must show a certificate this orchestrator's CA signed.
+    fn client_certificates(&self) -> bool {
+        self.tls_cert_file.is_some()
+            && self.tls_ca_cert_file.is_some()
+            && self.tls_auth_clients == "yes"
+    }
+
+    /// Whether clients authenticate by certificate alone (no passwords): then HTTP, which
+    /// carries no certificate, keeps its key interface closed.
+    pub fn certificates_only(&self) -> bool {
+        self.client_certificates() && self.requirepass_file.is_none() && self.users_file.is_none()
     }
 
     /// The users and passwords clients authenticate with.
@@ -782,5 +804,39 @@ mod tests {
         assert!(workers(&["bad_host!", "1", "127.0.0.1", "7002"])
             .unwrap_err()
             .contains("host"));
+    }
+
+    /// Protected mode holds for `--http` as for `--listen`, with passwords alone counting:
+    /// a client certificate does not reach HTTP.
+    #[test]
+    fn http_on_an_open_address_needs_a_password() {
+        let exposure = |args: &[&str]| {
+            let mut all = args.to_vec();
+            all.extend(["127.0.0.1", "7001", "127.0.0.1", "7002"]);
+            config(&all).check_exposure()
+        };
+        assert!(exposure(&["--http", "127.0.0.1:8080"]).is_ok());
+        let err = exposure(&["--http", "0.0.0.0:8080"]).unwrap_err();
+        assert!(
+            err.contains("HTTP on 0.0.0.0:8080") && err.contains("--insecure"),
+            "{err}"
+        );
+        assert!(exposure(&["--http", "0.0.0.0:8080", "--insecure"]).is_ok());
+        assert!(exposure(&["--http", "0.0.0.0:8080", "--requirepass-file", "p"]).is_ok());
+        let certificates = [
+            "--tls-cert-file",
+            "c",
+            "--tls-key-file",
+            "k",
+            "--tls-ca-cert-file",
+            "ca",
+        ];
+        assert!(exposure(&[&certificates[..], &["--listen", "0.0.0.0:7000"]].concat()).is_ok());
+        assert!(
+            config(&[&certificates[..], &["127.0.0.1", "1", "127.0.0.1", "2"]].concat())
+                .certificates_only()
+        );
+        let err = exposure(&[&certificates[..], &["--http", "0.0.0.0:8080"]].concat());
+        assert!(err.is_err(), "a certificate does not guard HTTP");
     }
 }

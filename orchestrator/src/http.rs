@@ -65,6 +65,9 @@ pub struct HttpState {
     requests: AtomicUsize,
     /// The users the key interface authenticates (HTTP basic auth), as AUTH does.
     pub auth: Arc<Authenticator>,
+    /// Clients authenticate by certificate alone (see `Config::certificates_only`): the key
+    /// interface, which no certificate reaches, refuses every request.
+    pub certificates_only: bool,
 }
 
 impl HttpState {
@@ -86,6 +89,7 @@ impl HttpState {
             max_request_memory,
             requests: AtomicUsize::new(0),
             auth,
+            certificates_only: false,
         }
     }
 }
@@ -327,10 +331,18 @@ async fn status(State(s): State<Arc<HttpState>>) -> Response {
     ([(header::CACHE_CONTROL, "no-store")], axum::Json(body)).into_response()
 }
 
+/// Why the key interface is closed when clients authenticate by certificate alone.
+const CERTIFICATES_ONLY: &str = "the key interface is closed: clients of this orchestrator \
+    authenticate with a TLS certificate, which HTTP does not carry; give users passwords \
+    (--requirepass-file or --users-file) to use it";
+
 /// Checks a request's credentials (`Authorization: Basic`, the same users and passwords as
 /// AUTH) when clients must authenticate: 401 without or with wrong ones, 403 for a user that
-/// may not `access` keys.
+/// may not `access` keys, and 403 for everyone when clients authenticate by certificate alone.
 async fn authorize(s: &HttpState, headers: &HeaderMap, access: Access) -> Result<(), Rejection> {
+    if s.certificates_only {
+        return Err(reject(StatusCode::FORBIDDEN, CERTIFICATES_ONLY));
+    }
     if !s.auth.required() {
         return Ok(());
     }

@@ -236,7 +236,7 @@ impl Orchestrator {
                 metrics.clone(),
                 links_shutdown.clone(),
             ));
-            let state = http::HttpState::new(
+            let mut state = http::HttpState::new(
                 router.clone(),
                 metrics.clone(),
                 observer,
@@ -245,6 +245,7 @@ impl Orchestrator {
                 c.max_client_buffer as usize,
                 auth.clone(),
             );
+            state.certificates_only = c.certificates_only();
             let limits = twincache_ops::http::HttpLimits {
                 grace: c.shutdown_grace,
                 ..Default::default()

@@ -156,6 +156,16 @@ fn protected_mode_refuses_open_addresses_without_credentials() {
     );
     assert_eq!(code, Some(2), "{err}");
     assert!(err.contains("--requirepass-file"), "{err}");
+    // The HTTP port too: its key interface reads and writes every key.
+    let (code, err) = run(
+        ORCHESTRATOR,
+        &["--http", "0.0.0.0:0", "127.0.0.1", "1", "127.0.0.1", "2"],
+    );
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("refusing to serve HTTP on 0.0.0.0:0") && err.contains("--insecure"),
+        "{err}"
+    );
     let bad = TempFile::with("short");
     let (code, err) = run(
         WORKER,

@@ -216,7 +216,9 @@ async fn the_client_port_speaks_tls_to_redis_cli_the_redis_crate_and_the_client_
 async fn a_ca_file_requires_client_certificates() {
     let certs = Certs::new();
     let (w1, w2) = (Proc::worker(), Proc::worker());
-    let orch = orchestrator(&[w1.addr, w2.addr], &certs.flags(true));
+    let mut flags = certs.flags(true);
+    flags.extend(["--http".to_string(), "127.0.0.1:0".to_string()]);
+    let orch = orchestrator(&[w1.addr, w2.addr], &flags);
     let addr = orch.addr.to_string();
     let signed = certs.with_client_cert("app");
     wait_ready(&orch, &signed, 1)
@@ -256,6 +258,26 @@ async fn a_ca_file_requires_client_certificates() {
         orch.log_text().contains("the client port speaks TLS only"),
         "{}",
         orch.log_text()
+    );
+    // HTTP carries no certificate: its key interface stays closed to everyone, while the
+    // metrics and health routes serve.
+    let (status, body) = crate::ops::get(&crate::ops::url(&orch, "/v1/keys/k")).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(
+        body.contains("authenticate with a TLS certificate"),
+        "{body}"
+    );
+    let put = reqwest::Client::new()
+        .put(crate::ops::url(&orch, "/v1/keys/k"))
+        .body("overwritten")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status().as_u16(), 403);
+    assert_eq!(redis_cli(port, &tls, &["get", "k"]).trim(), "v");
+    assert_eq!(
+        crate::ops::get(&crate::ops::url(&orch, "/health")).await.0,
+        200
     );
 }
 
