@@ -103,10 +103,10 @@ pub struct Tuning {
 #[derive(Debug, Args)]
 pub struct Servers {
     /// Redis to copy from (or compare with).
-    #[arg(long, env = "TWINCACHE_MIGRATE_SOURCE")]
+    #[arg(long, env = "TWINCACHE_MIGRATE_SOURCE", hide_env_values = true)]
     pub source: String,
     /// Redis to copy to (or compare).
-    #[arg(long, env = "TWINCACHE_MIGRATE_DESTINATION")]
+    #[arg(long, env = "TWINCACHE_MIGRATE_DESTINATION", hide_env_values = true)]
     pub destination: String,
     /// Only keys matching this glob (SCAN MATCH).
     #[arg(long = "match", value_name = "GLOB")]
@@ -193,12 +193,12 @@ pub enum SchemaCommand {
     /// Store the registry in Redis (replacing the one there).
     Push {
         dir: PathBuf,
-        #[arg(long, env = "TWINCACHE_MIGRATE_REDIS")]
+        #[arg(long, env = "TWINCACHE_MIGRATE_REDIS", hide_env_values = true)]
         redis: String,
     },
     /// Show the registry stored in Redis.
     List {
-        #[arg(long, env = "TWINCACHE_MIGRATE_REDIS")]
+        #[arg(long, env = "TWINCACHE_MIGRATE_REDIS", hide_env_values = true)]
         redis: String,
     },
 }
@@ -206,7 +206,7 @@ pub enum SchemaCommand {
 #[derive(Debug, Args)]
 pub struct TransformArgs {
     /// Redis whose values are migrated in place.
-    #[arg(long, env = "TWINCACHE_MIGRATE_REDIS")]
+    #[arg(long, env = "TWINCACHE_MIGRATE_REDIS", hide_env_values = true)]
     pub redis: String,
     /// Schema registry directory.
     #[arg(long, value_name = "DIR", env = "TWINCACHE_MIGRATE_REGISTRY")]
@@ -245,7 +245,7 @@ pub struct RollbackArgs {
     #[arg(long, value_name = "FILE")]
     pub backup: PathBuf,
     /// Redis to restore the values into.
-    #[arg(long, env = "TWINCACHE_MIGRATE_REDIS")]
+    #[arg(long, env = "TWINCACHE_MIGRATE_REDIS", hide_env_values = true)]
     pub redis: String,
 }
 

@@ -132,6 +132,46 @@ fn help_on_both_binaries() {
     );
 }
 
+/// `--help` names the variables a Redis URL may come from, never their values: a URL
+/// carries its password, and the variables are there to keep it off command lines.
+#[test]
+fn help_names_url_variables_without_their_values() {
+    let url = "redis://:hunter2@10.0.0.1:6379/0";
+    let migrate = env!("CARGO_BIN_EXE_twincache-migrate");
+    for (bin, args, vars) in [
+        (
+            WORKER,
+            &["--help"][..],
+            &["TWINCACHE_WORKER_SOURCE", "TWINCACHE_WORKER_DESTINATION"][..],
+        ),
+        (
+            migrate,
+            &["copy", "--help"],
+            &["TWINCACHE_MIGRATE_SOURCE", "TWINCACHE_MIGRATE_DESTINATION"],
+        ),
+        (
+            migrate,
+            &["schema", "push", "--help"],
+            &["TWINCACHE_MIGRATE_REDIS"],
+        ),
+    ] {
+        let out = Command::new(bin)
+            .args(args)
+            .envs(vars.iter().map(|v| (v, url)))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{args:?}: {text}");
+        for v in vars {
+            assert!(text.contains(v), "{args:?} names {v}: {text}");
+        }
+        assert!(
+            !text.contains("hunter2"),
+            "{args:?} shows a password: {text}"
+        );
+    }
+}
+
 #[test]
 fn flags_from_the_environment() {
     let out = Command::new(WORKER)

@@ -75,6 +75,7 @@ pub struct Config {
     #[arg(
         long,
         env = "TWINCACHE_WORKER_SOURCE",
+        hide_env_values = true,
         value_name = "URL",
         requires = "destination"
     )]
@@ -85,6 +86,7 @@ pub struct Config {
     #[arg(
         long,
         env = "TWINCACHE_WORKER_DESTINATION",
+        hide_env_values = true,
         value_name = "URL",
         requires = "source"
     )]
