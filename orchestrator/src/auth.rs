@@ -323,10 +323,21 @@ impl Authenticator {
         })
     }
 
-    /// The user's role if `password` is theirs.
+    /// The user's role if `password` is theirs. A name that is no user's costs what a wrong
+    /// password does (an argon2 check against another user's hash), so the time an answer
+    /// takes does not say which names exist.
     async fn check(self: &Arc<Self>, name: &str, password: &[u8]) -> Option<Role> {
-        let user = self.users.get(name)?;
         let digest = self.digest(password);
+        let Some(user) = self.users.get(name) else {
+            let decoy = self.users.values().find_map(|u| match &u.secret {
+                Secret::Argon2(hash) => Some(hash),
+                Secret::Sha256(_) => None,
+            });
+            if let Some(hash) = decoy {
+                self.argon2_verifies(hash, password).await;
+            }
+            return None;
+        };
         match &user.secret {
             Secret::Sha256(want) => bool::from(digest.ct_eq(want)).then_some(user.role),
             Secret::Argon2(hash) => {
@@ -341,17 +352,7 @@ impl Authenticator {
                         return Some(user.role);
                     }
                 }
-                let _permit = self.checks.clone().acquire_owned().await.ok()?;
-                let (hash, password) = (hash.clone(), Zeroizing::new(password.to_vec()));
-                let ok = tokio::task::spawn_blocking(move || {
-                    PasswordHash::new(&hash).is_ok_and(|parsed| {
-                        Argon2::default()
-                            .verify_password(&password, &parsed)
-                            .is_ok()
-                    })
-                })
-                .await
-                .unwrap_or(false);
+                let ok = self.argon2_verifies(hash, password).await;
                 if ok {
                     self.verified
                         .lock()
@@ -361,6 +362,24 @@ impl Authenticator {
                 ok.then_some(user.role)
             }
         }
+    }
+
+    /// Whether `password` matches the argon2 `hash`, checked on a blocking thread, a few at
+    /// once at most.
+    async fn argon2_verifies(&self, hash: &str, password: &[u8]) -> bool {
+        let Ok(_permit) = self.checks.clone().acquire_owned().await else {
+            return false;
+        };
+        let (hash, password) = (hash.to_string(), Zeroizing::new(password.to_vec()));
+        tokio::task::spawn_blocking(move || {
+            PasswordHash::new(&hash).is_ok_and(|parsed| {
+                Argon2::default()
+                    .verify_password(&password, &parsed)
+                    .is_ok()
+            })
+        })
+        .await
+        .unwrap_or(false)
     }
 }
 
@@ -468,6 +487,29 @@ mod tests {
         assert!(err("alice root $argon2id$x").contains("role"));
         assert!(err("alice admin plaintext").contains("argon2"));
         assert!(err("# nobody\n").contains("no users"));
+    }
+
+    /// A name that is no user's takes an argon2 check too: otherwise its quicker answer
+    /// would tell which names exist.
+    #[tokio::test]
+    async fn an_unknown_name_costs_what_a_wrong_password_does() {
+        let hash = hash_password(b"s3cret").unwrap();
+        let file = users_file(&format!("alice read-only {hash}\n"));
+        let auth = Arc::new(Authenticator::from_files(None, Some(&file.0)).unwrap());
+        let time = |name: &'static str| {
+            let auth = auth.clone();
+            async move {
+                let started = std::time::Instant::now();
+                assert_eq!(auth.check(name, b"wrong").await, None);
+                started.elapsed()
+            }
+        };
+        let (mut known, mut unknown) = (Duration::MAX, Duration::MAX);
+        for _ in 0..3 {
+            known = known.min(time("alice").await);
+            unknown = unknown.min(time("mallory").await);
+        }
+        assert!(unknown * 4 >= known, "unknown {unknown:?}, known {known:?}");
     }
 
     #[tokio::test]
