@@ -104,6 +104,8 @@ impl Protocol for RespProtocol {
             _ => adapter::access(spec),
         };
         if !ctx.who.may(access) {
+            // Inside MULTI, as any refused command, it fails the transaction (Redis too).
+            self.conn.multi.refuse_queued();
             return Step::Reply(refusal(&ctx.who, &args[0]));
         }
         if ctx.router.mode().is_none() && spec.is_none_or(|s| s.adapter != Adapter::Here) {

@@ -365,6 +365,20 @@ async fn users_have_roles_and_failures_are_slowed_down() {
         c.set("k", "x").await.unwrap_err().status(),
         Some(Status::NoPerm)
     );
+    // A command refused inside MULTI fails the transaction, as in Redis: EXEC runs nothing.
+    let mut r = crate::harness::RespConn::connect(addr).await;
+    assert_eq!(
+        &r.call(&[b"auth", b"reader", b"r-pass"]).await[..],
+        b"+OK\r\n"
+    );
+    assert_eq!(&r.call(&[b"multi"]).await[..], b"+OK\r\n");
+    let refused = r.call(&[b"set", b"k", b"y"]).await;
+    assert!(refused.starts_with(b"-NOPERM"), "{refused:?}");
+    assert_eq!(&r.call(&[b"get", b"k"]).await[..], b"+QUEUED\r\n");
+    assert_eq!(
+        &r.call(&[b"exec"]).await[..],
+        &b"-EXECABORT Transaction discarded because of previous errors.\r\n"[..]
+    );
     // Three wrong passwords take at least 100 + 200 + 400 ms to be answered.
     let mut t = TextConn::connect(addr).await;
     let started = Instant::now();
