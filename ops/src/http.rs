@@ -78,6 +78,19 @@ pub async fn serve(
     limits: HttpLimits,
     shutdown: CancellationToken,
 ) {
+    serve_with_state(listener, app, limits, shutdown, || ()).await
+}
+
+/// [`serve`], with a value made by `per_connection` for each connection, which its requests
+/// find as an `axum::Extension` (the orchestrator counts a connection's failed logins in it,
+/// as a session does).
+pub async fn serve_with_state<E: Clone + Send + Sync + 'static>(
+    listener: TcpListener,
+    app: axum::Router,
+    limits: HttpLimits,
+    shutdown: CancellationToken,
+    per_connection: impl Fn() -> E + Send + 'static,
+) {
     let timeout = limits.request_timeout;
     let app = app.layer(axum::middleware::from_fn(
         move |req: Request, next: Next| answer_within(timeout, req, next),
@@ -88,7 +101,8 @@ pub async fn serve(
         shutdown,
         limits.grace,
         move |stream, slot, shutdown| {
-            let conn = serve_connection(stream, app.clone(), limits, shutdown);
+            let app = app.clone().layer(axum::Extension(per_connection()));
+            let conn = serve_connection(stream, app, limits, shutdown);
             async move {
                 let _slot = slot;
                 conn.await

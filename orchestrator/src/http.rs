@@ -22,6 +22,7 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, HeaderMap, StatusCode, Uri};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
+use axum::Extension;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::DescriptorEncoder;
 use serde_json::{json, Value};
@@ -31,7 +32,7 @@ use twincache_protocol::budget::{Account, Budget};
 use twincache_protocol::frame::{Op, Request};
 use twincache_protocol::Status;
 
-use crate::auth::{Access, Authenticator, Who};
+use crate::auth::{Access, Authenticator, Denied, Who};
 use crate::cluster::{Mode, Origin, Router, WorkerState};
 use crate::metrics::{Cmd, ErrorCode, Metrics, Proto};
 use crate::observe::Observer;
@@ -339,7 +340,12 @@ const CERTIFICATES_ONLY: &str = "the key interface is closed: clients of this or
 /// Checks a request's credentials (`Authorization: Basic`, the same users and passwords as
 /// AUTH) when clients must authenticate: 401 without or with wrong ones, 403 for a user that
 /// may not `access` keys, and 403 for everyone when clients authenticate by certificate alone.
-async fn authorize(s: &HttpState, headers: &HeaderMap, access: Access) -> Result<(), Rejection> {
+async fn authorize(
+    s: &HttpState,
+    login: &Login,
+    headers: &HeaderMap,
+    access: Access,
+) -> Result<(), Rejection> {
     if s.certificates_only {
         return Err(reject(StatusCode::FORBIDDEN, CERTIFICATES_ONLY));
     }
@@ -365,12 +371,13 @@ async fn authorize(s: &HttpState, headers: &HeaderMap, access: Access) -> Result
         .ok_or_else(unauthorized)?;
     let credentials = zeroize::Zeroizing::new(credentials);
     let (user, password) = credentials.split_once(':').ok_or_else(unauthorized)?;
-    let who = Who::default();
+    let who = &login.0;
     let user = Some(user).filter(|u| !u.is_empty());
-    s.auth
-        .authenticate(&who, user, password.as_bytes())
-        .await
-        .map_err(|_| unauthorized())?;
+    match s.auth.authenticate(who, user, password.as_bytes()).await {
+        Ok(()) => {}
+        Err(Denied::TooManyFailures) => return Err(Rejection::closing(unauthorized())),
+        Err(_) => return Err(unauthorized()),
+    }
     if !who.may(access) {
         return Err(reject(
             StatusCode::FORBIDDEN,
@@ -380,30 +387,48 @@ async fn authorize(s: &HttpState, headers: &HeaderMap, access: Access) -> Result
     Ok(())
 }
 
-/// A 4xx or 5xx answer with a one-line message (and, for a 401, the challenge).
+/// The key interface's logins on one HTTP connection: failed ones are answered later and
+/// later, and the tenth closes the connection, as on a client session (`auth::Who`).
+#[derive(Clone, Default)]
+pub struct Login(Arc<Who>);
+
+/// A 4xx or 5xx answer with a one-line message (and, for a 401, the challenge); `close`
+/// ends the connection after it.
 #[derive(Debug)]
-struct Rejection(StatusCode, String);
+struct Rejection(StatusCode, String, bool);
 
 impl Rejection {
     fn with_challenge(msg: &str) -> Rejection {
-        Rejection(StatusCode::UNAUTHORIZED, msg.to_string())
+        Rejection(StatusCode::UNAUTHORIZED, msg.to_string(), false)
+    }
+
+    fn closing(self) -> Rejection {
+        Rejection(self.0, self.1, true)
     }
 }
 
 impl IntoResponse for Rejection {
     fn into_response(self) -> Response {
-        let Rejection(status, mut msg) = self;
+        let Rejection(status, mut msg, close) = self;
         msg.push('\n');
-        if status == StatusCode::UNAUTHORIZED {
+        let mut resp = if status == StatusCode::UNAUTHORIZED {
             let challenge = [(header::WWW_AUTHENTICATE, r#"Basic realm="twincache""#)];
-            return (status, challenge, msg).into_response();
+            (status, challenge, msg).into_response()
+        } else {
+            (status, msg).into_response()
+        };
+        if close {
+            resp.headers_mut().insert(
+                header::CONNECTION,
+                header::HeaderValue::from_static("close"),
+            );
         }
-        (status, msg).into_response()
+        resp
     }
 }
 
 fn reject(status: StatusCode, msg: impl Into<String>) -> Rejection {
-    Rejection(status, msg.into())
+    Rejection(status, msg.into(), false)
 }
 
 async fn no_key() -> Rejection {
@@ -525,9 +550,14 @@ fn failure_of(resp: &twincache_protocol::Response) -> Rejection {
     reject(code, msg)
 }
 
-async fn get_key(State(s): State<Arc<HttpState>>, uri: Uri, headers: HeaderMap) -> Response {
+async fn get_key(
+    State(s): State<Arc<HttpState>>,
+    Extension(login): Extension<Login>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
     let started = Instant::now();
-    if let Err(r) = authorize(&s, &headers, Access::Read).await {
+    if let Err(r) = authorize(&s, &login, &headers, Access::Read).await {
         return r.into_response();
     }
     let key = match key_of(&uri) {
@@ -549,12 +579,13 @@ async fn get_key(State(s): State<Arc<HttpState>>, uri: Uri, headers: HeaderMap) 
 
 async fn put_key(
     State(s): State<Arc<HttpState>>,
+    Extension(login): Extension<Login>,
     uri: Uri,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
     let started = Instant::now();
-    if let Err(r) = authorize(&s, &headers, Access::Write).await {
+    if let Err(r) = authorize(&s, &login, &headers, Access::Write).await {
         return r.into_response();
     }
     let (key, ttl_ms) = match (key_of(&uri), ttl_of(&uri)) {
@@ -573,9 +604,14 @@ async fn put_key(
     }
 }
 
-async fn delete_key(State(s): State<Arc<HttpState>>, uri: Uri, headers: HeaderMap) -> Response {
+async fn delete_key(
+    State(s): State<Arc<HttpState>>,
+    Extension(login): Extension<Login>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Response {
     let started = Instant::now();
-    if let Err(r) = authorize(&s, &headers, Access::Write).await {
+    if let Err(r) = authorize(&s, &login, &headers, Access::Write).await {
         return r.into_response();
     }
     let key = match key_of(&uri) {

@@ -251,11 +251,12 @@ impl Orchestrator {
                 ..Default::default()
             };
             let app = http::app(Arc::new(state));
-            tokio::spawn(twincache_ops::http::serve(
+            tokio::spawn(twincache_ops::http::serve_with_state(
                 listener,
                 app,
                 limits,
                 shutdown.clone(),
+                http::Login::default,
             ));
         }
         let refused = metrics.refused.clone();

@@ -728,3 +728,67 @@ async fn adapter_mode_reads_by_tier_in_metrics_and_status() {
         .sum();
     assert_eq!(own, 1.0);
 }
+
+/// With a password, the key interface takes HTTP basic auth: 401 (with the challenge)
+/// without or with wrong credentials, the value with the right ones. Failed logins on one
+/// connection are answered later and later, as AUTH's on a session, and the tenth closes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_key_interface_takes_basic_auth_and_slows_down_guessing() {
+    let pass = crate::harness::TempFile::with("hunter2\n");
+    let cluster = HttpCluster::start(1, &["--requirepass-file", &pass.arg()]).await;
+    let key = url(&cluster.orch, "/v1/keys/k");
+    let http = client();
+    let put = http
+        .put(&key)
+        .basic_auth("default", Some("hunter2"))
+        .body("v")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status().as_u16(), 204);
+    let anonymous = http.get(&key).send().await.unwrap();
+    assert_eq!(anonymous.status().as_u16(), 401);
+    assert!(anonymous.headers().contains_key("www-authenticate"));
+    anonymous.bytes().await.unwrap();
+    let read = http
+        .get(&key)
+        .basic_auth("default", Some("hunter2"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(read.status().as_u16(), 200);
+    assert_eq!(read.text().await.unwrap(), "v");
+
+    // Ten guesses on one keep-alive connection: 100 ms, doubling to 2 s, then closed.
+    let started = Instant::now();
+    let mut closing = Vec::new();
+    for n in 1..=10 {
+        let guess = http
+            .get(&key)
+            .basic_auth("default", Some("guess"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(guess.status().as_u16(), 401, "guess {n}");
+        closing.push(
+            guess
+                .headers()
+                .get("connection")
+                .is_some_and(|v| v == "close"),
+        );
+        // Read whole, so that the next guess goes on the same connection.
+        guess.bytes().await.unwrap();
+        if n == 3 {
+            assert!(
+                started.elapsed() >= Duration::from_millis(700),
+                "{:?}",
+                started.elapsed()
+            );
+        }
+    }
+    assert_eq!(closing.iter().filter(|&&c| c).count(), 1, "{closing:?}");
+    assert!(
+        closing[9],
+        "the tenth failure closes the connection: {closing:?}"
+    );
+}
