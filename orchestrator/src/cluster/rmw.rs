@@ -297,6 +297,13 @@ impl Router {
                 }
             }
             Err(match order[0] {
+                // Every worker it went to failed it: the partner may well serve reads and
+                // writes meanwhile, so "no worker is reachable" would mislead.
+                Some(_) if this.mode().is_some() => Response::error(
+                    Status::Unavailable,
+                    "the worker running this read-modify-write failed, and its partner \
+                     could not take it over yet; retry",
+                ),
                 Some(_) => unavailable(&this),
                 None if workers.iter().any(|w| w.state() == WorkerState::InSync) => {
                     Response::error(Status::Unavailable, PARTIAL_ONLY)
