@@ -2,7 +2,10 @@
 //! (verify, and the hardening score), `promtool` (scrape configs, alert rules),
 //! `kubernetes-validate` (the Kubernetes schemas), `docker-compose config`; and the
 //! Grafana dashboard's and the alerts' queries against the metrics a running cluster
-//! really exposes. No container runs here: the Dockerfile is only checked for its shape.
+//! really exposes. No container runs here: the Dockerfile is only checked for its shape. But
+//! every node each configuration defines is started with that configuration's own flags
+//! and variables (its ports made free ones, its workers loopback ones), so a setting the
+//! binaries refuse, such as listening beyond loopback without a secret, fails here.
 //!
 //! The tools come from Debian's `systemd`, `prometheus` and `docker-compose` packages and
 //! PyPI's `kubernetes-validate` (`.ci/run` installs them when missing).
@@ -11,7 +14,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::harness::{ORCHESTRATOR, WORKER};
+use crate::harness::{keygen, Proc, ORCHESTRATOR, WORKER};
 use crate::ops::{get, url, HttpCluster, TempDir};
 
 fn deploy(path: &str) -> PathBuf {
@@ -245,5 +248,173 @@ async fn dashboard_and_alerts_query_metrics_that_exist() {
                 "`{name}` (in {q}) is not exposed; known: {known:?}"
             );
         }
+    }
+}
+
+/// A node as a deploy file defines it: its binary, arguments and variables.
+#[derive(Debug)]
+struct Node {
+    bin: String,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
+impl Node {
+    /// Starts it with the deploy file's settings, made runnable here: fixed ports become
+    /// free ones, the workers an orchestrator is given become loopback addresses, and the
+    /// secret files are `files`' (cluster.secret, password). Panics with its log unless it
+    /// starts listening.
+    fn start(&self, files: &Path) -> Proc {
+        let bin = if self.bin.contains("worker") {
+            WORKER
+        } else {
+            ORCHESTRATOR
+        };
+        let local = |v: &str| {
+            let v = v.replace("/etc/twincache", &files.to_string_lossy());
+            match v.rsplit_once(':') {
+                Some((host, port)) if port.parse::<u16>().is_ok() && host.contains('.') => {
+                    format!("{host}:0")
+                }
+                _ => v,
+            }
+        };
+        let mut args = Vec::new();
+        let mut rest = self.args.iter();
+        while let Some(a) = rest.next() {
+            match (a.as_str(), a.split_once('=')) {
+                (_, Some((flag, v))) if a.starts_with("--") => {
+                    args.push(format!("{flag}={}", local(v)))
+                }
+                ("--port", None) => {
+                    rest.next();
+                    args.extend(["--port".to_string(), "0".to_string()]);
+                }
+                // The one flag here without a value.
+                ("--insecure", None) => args.push(a.clone()),
+                (flag, None) if flag.starts_with("--") => {
+                    args.push(a.clone());
+                    args.extend(rest.next().map(|v| local(v)));
+                }
+                // The orchestrator's workers: loopback ports nothing listens on, below.
+                _ => {}
+            }
+        }
+        if bin == ORCHESTRATOR {
+            args.extend(["127.0.0.1", "1", "127.0.0.1", "2"].map(String::from));
+        }
+        let mut cmd = Command::new(bin);
+        cmd.env_clear().args(&args);
+        for (k, v) in &self.env {
+            let v = match k.as_str() {
+                "TWINCACHE_WORKERS" => String::new(),
+                "TWINCACHE_WORKER_PORT" => "0".into(),
+                _ => local(&v.replace("%d", "/etc/twincache")),
+            };
+            if !v.is_empty() {
+                cmd.env(k, v);
+            }
+        }
+        Proc::spawn(cmd, bin, &args)
+    }
+}
+
+/// The containers of the Kubernetes manifest and of the compose file, read with PyYAML.
+fn containers(file: &str) -> Vec<Node> {
+    let script = r#"
+import json, sys, yaml
+nodes = []
+for doc in yaml.safe_load_all(open(sys.argv[1])):
+    if not doc:
+        continue
+    if "services" in doc:
+        for s in doc["services"].values():
+            cmd = s.get("command") or []
+            if cmd and cmd[0].startswith("twincache-"):
+                env = s.get("environment") or {}
+                nodes.append({"bin": cmd[0], "args": cmd[1:], "env": [[k, str(v)] for k, v in env.items()]})
+    elif doc.get("kind") in ("StatefulSet", "Deployment"):
+        for c in doc["spec"]["template"]["spec"]["containers"]:
+            env = [[e["name"], e["value"]] for e in c.get("env", []) if "value" in e]
+            nodes.append({"bin": c["command"][0], "args": c.get("args", []), "env": env})
+print(json.dumps(nodes))
+"#;
+    let out = run(Command::new("python3")
+        .args(["-c", script])
+        .arg(deploy(file)));
+    let nodes: Vec<serde_json::Value> = serde_json::from_str(out.trim()).unwrap();
+    nodes
+        .iter()
+        .map(|n| Node {
+            bin: n["bin"].as_str().unwrap().to_string(),
+            args: n["args"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|a| a.as_str().unwrap().to_string())
+                .collect(),
+            env: n["env"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|kv| {
+                    (
+                        kv[0].as_str().unwrap().into(),
+                        kv[1].as_str().unwrap().into(),
+                    )
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+/// A systemd unit's node: its `Environment=` lines and its environment file's variables.
+fn unit(file: &str, env_file: &str) -> Node {
+    let mut env: Vec<(String, String)> = read(&format!("systemd/{file}"))
+        .lines()
+        .filter_map(|l| l.strip_prefix("Environment="))
+        .chain(
+            read(&format!("systemd/{env_file}"))
+                .lines()
+                .filter(|l| !l.starts_with('#') && l.contains('='))
+                .map(|l| l.trim()),
+        )
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    env.retain(|(k, _)| !k.ends_with("LOG_FORMAT"));
+    Node {
+        bin: file.to_string(),
+        args: Vec::new(),
+        env,
+    }
+}
+
+/// Every node of every deploy configuration starts with what that configuration gives it:
+/// the compose file, the Kubernetes manifest (the Secret it mounts made of a fresh cluster
+/// secret and a password), and the systemd units with their environment files (their
+/// credentials likewise). Until this test, a node listening on 0.0.0.0 without a cluster
+/// secret or a password in all three refused to start, and nothing here noticed.
+#[test]
+fn every_deploy_configuration_starts_its_nodes() {
+    let dir = TempDir::new("deploy-secrets");
+    std::fs::copy(&keygen().0, dir.0.join("cluster.secret")).unwrap();
+    std::fs::write(dir.0.join("password"), "hunter2\n").unwrap();
+    let compose = containers("docker/compose.yaml");
+    let kubernetes = containers("kubernetes/twincache.yaml");
+    // Compose: four workers and an orchestrator; Kubernetes: a pod template for each pair's
+    // StatefulSet, and the orchestrator's.
+    assert_eq!(
+        (compose.len(), kubernetes.len()),
+        (5, 3),
+        "{compose:?} {kubernetes:?}"
+    );
+    let systemd = [
+        unit("twincache-worker@.service", "worker.env"),
+        unit("twincache-orchestrator.service", "orchestrator.env"),
+    ];
+    for node in compose.iter().chain(&kubernetes).chain(&systemd) {
+        let mut started = node.start(&dir.0);
+        started.kill();
     }
 }

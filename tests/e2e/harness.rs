@@ -45,7 +45,7 @@ impl Proc {
     }
 
     /// Runs `cmd` (which starts `bin` with `args`) and waits for the listening line.
-    fn spawn(mut cmd: Command, bin: &str, args: &[String]) -> Proc {
+    pub fn spawn(mut cmd: Command, bin: &str, args: &[String]) -> Proc {
         let log = log_path(bin);
         let mut child = cmd
             .env("RUST_LOG", "info")
