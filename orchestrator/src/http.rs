@@ -550,6 +550,18 @@ fn failure_of(resp: &twincache_protocol::Response) -> Rejection {
     reject(code, msg)
 }
 
+/// The key a request's path names, once its credentials allow `access`.
+async fn key_for(
+    s: &HttpState,
+    login: &Login,
+    headers: &HeaderMap,
+    uri: &Uri,
+    access: Access,
+) -> Result<Bytes, Rejection> {
+    authorize(s, login, headers, access).await?;
+    key_of(uri)
+}
+
 async fn get_key(
     State(s): State<Arc<HttpState>>,
     Extension(login): Extension<Login>,
@@ -557,10 +569,7 @@ async fn get_key(
     headers: HeaderMap,
 ) -> Response {
     let started = Instant::now();
-    if let Err(r) = authorize(&s, &login, &headers, Access::Read).await {
-        return r.into_response();
-    }
-    let key = match key_of(&uri) {
+    let key = match key_for(&s, &login, &headers, &uri, Access::Read).await {
         Ok(k) => k,
         Err(r) => return r.into_response(),
     };
@@ -585,10 +594,8 @@ async fn put_key(
     body: Bytes,
 ) -> Response {
     let started = Instant::now();
-    if let Err(r) = authorize(&s, &login, &headers, Access::Write).await {
-        return r.into_response();
-    }
-    let (key, ttl_ms) = match (key_of(&uri), ttl_of(&uri)) {
+    let key = key_for(&s, &login, &headers, &uri, Access::Write).await;
+    let (key, ttl_ms) = match (key, ttl_of(&uri)) {
         (Ok(k), Ok(t)) => (k, t),
         (Err(r), _) | (_, Err(r)) => return r.into_response(),
     };
@@ -611,10 +618,7 @@ async fn delete_key(
     headers: HeaderMap,
 ) -> Response {
     let started = Instant::now();
-    if let Err(r) = authorize(&s, &login, &headers, Access::Write).await {
-        return r.into_response();
-    }
-    let key = match key_of(&uri) {
+    let key = match key_for(&s, &login, &headers, &uri, Access::Write).await {
         Ok(k) => k,
         Err(r) => return r.into_response(),
     };
