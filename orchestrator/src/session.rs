@@ -37,7 +37,8 @@ use tokio_util::codec::Decoder;
 use tokio_util::sync::CancellationToken;
 use twincache_protocol::budget::{Account, Budget};
 use twincache_protocol::frame::{
-    encode_frame, encode_frame_head, FrameCodec, FrameError, Op, Request, Response, PREAMBLE,
+    encode_frame, encode_frame_head, room_ahead, FrameCodec, FrameError, Op, Request, Response,
+    PREAMBLE,
 };
 pub use twincache_protocol::outgoing::Outgoing;
 use twincache_protocol::text::{self, Command, Line, LineDecoder};
@@ -63,9 +64,6 @@ const KEEP_CAPACITY: usize = 64 * 1024;
 /// What a buffer is given when it first needs memory. Neither buffer has any once the
 /// connection has been quiet for [`TRIM_AFTER`].
 const START_CAPACITY: usize = 16 * 1024;
-/// The most an input buffer grows by at once for a large argument still arriving, past what
-/// it holds (see `run`).
-const RESERVE_AHEAD: usize = 1 << 20;
 
 /// A client connection's stream, as a session reads it.
 ///
@@ -591,13 +589,12 @@ async fn run<P: Protocol, S: ClientStream>(
         }
         let may_read = reading && room(&inflight, config.pipeline_depth) && !account.busy(buf_held);
         if may_read {
-            // Room for the rest of the argument being read, in one step rather than read by
-            // read: at most 1 MiB, or what is buffered already if that is more, so what a
-            // client declares but does not send reserves address space (memory only as
-            // bytes arrive) 1 MiB at first, then no faster than a buffer's doubling would.
+            // Room for the rest of the argument being read, in few steps rather than read by
+            // read, yet no faster than the bytes arrive (`room_ahead`): what a client
+            // declares but does not send is no memory of ours.
             let wanted = proto.wanted(&buf);
             if wanted > buf.capacity() - buf.len() {
-                buf.reserve(wanted.min(buf.len().max(RESERVE_AHEAD)));
+                buf.reserve(room_ahead(buf.len(), wanted));
             }
         }
         tokio::select! {

@@ -49,6 +49,21 @@ pub const RESPONSE_HEADER_LEN: usize = 8 + 1;
 /// Default cap on a frame body, for readers that are not configured otherwise.
 pub const DEFAULT_MAX_FRAME: usize = 16 * 1024 * 1024;
 
+/// The most a read buffer grows by at once ahead of the bytes it holds, for a frame or an
+/// argument whose declared length has not all arrived (see [`room_ahead`]).
+pub const RESERVE_AHEAD: usize = 64 * 1024;
+
+/// How much room to make now in a read buffer holding `held` bytes, for `wanted` more that a
+/// peer declared: all of it, up to [`RESERVE_AHEAD`] or as much as is held, whichever is
+/// more. A declared length is only a claim: reserving it whole let a connection that sent a
+/// 32-byte header declaring 16 MB hold a megabyte or two of resident memory (the allocator
+/// touches what it hands out), none of it charged, since buffers are charged for the bytes
+/// they hold. Growing no faster than the bytes that arrive still takes a large value in a
+/// few steps, as doubling would.
+pub fn room_ahead(held: usize, wanted: usize) -> usize {
+    wanted.min(held.max(RESERVE_AHEAD))
+}
+
 /// Bits of [`Request::flags`] for a `set`.
 pub mod flags {
     /// Only set if the key does not exist (Redis `NX`).
@@ -538,8 +553,7 @@ impl<In: Message> Decoder for FrameCodec<In> {
             return Ok(Some(msg));
         }
         if src.len() < 4 + len {
-            // The length is within the limit, so reserving it is bounded.
-            src.reserve(4 + len - src.len());
+            src.reserve(room_ahead(src.len(), 4 + len - src.len()));
             return Ok(None);
         }
         // The length prefix goes with the frame and is skipped in the frozen view: moving a
@@ -565,6 +579,38 @@ mod tests {
     use super::*;
     use crate::test_support::reads;
     use proptest::prelude::*;
+
+    /// A frame declared large but not sent costs the reader no more than `RESERVE_AHEAD`;
+    /// as its bytes arrive the buffer grows with them, and the frame still decodes whole.
+    #[test]
+    fn a_declared_length_is_reserved_only_as_its_bytes_arrive() {
+        let mut req = sample_request();
+        req.value = Bytes::from(vec![9u8; 1 << 20]);
+        let mut whole = BytesMut::new();
+        encode_frame(&req, &mut whole);
+        let mut codec = FrameCodec::<Request>::new(DEFAULT_MAX_FRAME);
+        let mut src = BytesMut::from(&whole[..40]);
+        assert!(codec.decode(&mut src).unwrap().is_none());
+        assert!(src.capacity() <= 40 + 2 * RESERVE_AHEAD, "{}", src.capacity());
+        let mut fed = 40;
+        let mut reservations = 0;
+        loop {
+            let room = src.capacity() - src.len();
+            let n = room.max(1).min(whole.len() - fed);
+            src.extend_from_slice(&whole[fed..fed + n]);
+            fed += n;
+            reservations += 1;
+            if let Some(got) = codec.decode(&mut src).unwrap() {
+                assert_eq!(got.value, req.value);
+                break;
+            }
+            assert!(src.capacity() <= 2 * src.len().max(RESERVE_AHEAD) + 64);
+        }
+        assert!(reservations < 12, "a few steps, not byte by byte: {reservations}");
+        assert_eq!(room_ahead(10, 5), 5);
+        assert_eq!(room_ahead(0, 1 << 24), RESERVE_AHEAD);
+        assert_eq!(room_ahead(1 << 20, 1 << 24), 1 << 20);
+    }
 
     #[test]
     fn a_response_from_a_slice_is_the_response_encoded() {

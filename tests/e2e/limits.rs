@@ -375,6 +375,42 @@ async fn a_value_over_the_orchestrators_frame_limit_is_too_large_not_unreachable
 
 /// A connection that went quiet gives its buffers back: 500 connections that each sent a
 /// GET hold far less than their two 16 KiB buffers once a quiet second has passed.
+/// What a connection declares but does not send is not memory of ours: 300 connections that
+/// each send a 32-byte RESP header declaring a 16 MB argument (or a binary frame header
+/// declaring a 16 MB frame) and then stall. The reader reserved the declared length up to
+/// 1 MiB at once (the frame codec, all of it), which the allocator made resident: 1.1 MB a
+/// connection on the orchestrator and 2.2 MB on a worker, none of it charged to the budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn declared_lengths_not_sent_cost_no_memory() {
+    let workers: Vec<Proc> = (0..2).map(|_| worker_on(0, &[])).collect();
+    let addrs: Vec<SocketAddr> = workers.iter().map(|w| w.addr).collect();
+    let orch = Proc::orchestrator(&addrs, &[]);
+    let resp_head = b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$16000000\r\na".to_vec();
+    let mut frame_head = vec![0xB7, b'T', b'C', 1];
+    frame_head.extend_from_slice(&16_000_000u32.to_be_bytes());
+    frame_head.extend_from_slice(&[0u8; 30]);
+    for (target, pid, head) in [
+        (orch.addr, orch.pid(), &resp_head),
+        (orch.addr, orch.pid(), &frame_head),
+        (addrs[0], workers[0].pid(), &frame_head),
+    ] {
+        let before = proc_kb(pid, "VmRSS");
+        let mut conns = Vec::new();
+        for _ in 0..300 {
+            let mut s = TcpStream::connect(target).await.unwrap();
+            s.write_all(head).await.unwrap();
+            conns.push(s);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let per_conn = proc_kb(pid, "VmRSS").saturating_sub(before) / 300;
+        eprintln!("{target}: {per_conn} bytes per connection");
+        assert!(
+            per_conn < 400 * 1024,
+            "{target}: {per_conn} bytes per connection that declared 16 MB"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quiet_connections_give_their_buffers_back() {
     let cluster = Cluster::start(1).await;

@@ -21,8 +21,8 @@ use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio_util::codec::Decoder;
 use twincache_protocol::frame::{
-    encode_frame, encode_frame_head, encode_response, FrameCodec, FrameError, Message, Request,
-    RESPONSE_HEADER_LEN,
+    encode_frame, encode_frame_head, encode_response, room_ahead, FrameCodec, FrameError, Message,
+    Request, RESPONSE_HEADER_LEN,
 };
 use twincache_protocol::outgoing::Outgoing;
 use twincache_protocol::Status;
@@ -76,7 +76,7 @@ pub fn next_request(
     }
     let whole = 4 + len;
     if buf.len() < whole {
-        make_room(buf, (whole - buf.len()).max(READ_ROOM));
+        make_room(buf, room_ahead(buf.len(), whole - buf.len()).max(READ_ROOM));
         return Ok(None);
     }
     let body = Zeroizing::new(buf[4..whole].to_vec());
