@@ -498,3 +498,40 @@ async fn a_streamed_mget_rereads_only_the_chunk_too_large_for_its_share() {
     assert_eq!(got.len(), want.len());
     assert!(got[..] == want[..], "the same values, in order");
 }
+
+/// One SCAN or KEYS with a hostile MATCH pattern (100,000 `*` and an `x`) does not take the
+/// pair down: the pattern is compiled once, and a worker's scan step stops at its time
+/// budget. Before, each key cost the pattern's length, a step took seconds, both workers
+/// were taken for down in turn, and other clients' GETs failed for ten seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_match_pattern_does_not_take_the_pair_down() {
+    let cluster = Cluster::start(1).await;
+    let addr = cluster.orch.addr;
+    let mut load = RespConn::connect(addr).await;
+    let mut pipeline = bytes::BytesMut::new();
+    for i in 0..20_000 {
+        let key = format!("key:{i}");
+        crate::harness::encode(&[b"SET", key.as_bytes(), b"v"], &mut pipeline);
+    }
+    load.send_raw(&pipeline).await;
+    for _ in 0..20_000 {
+        assert_eq!(&load.reply().await[..], b"+OK\r\n");
+    }
+    let mut pattern = vec![b'*'; 100_000];
+    pattern.push(b'x');
+    let mut bystander = RespConn::connect(addr).await;
+    for cmd in [
+        &[&b"SCAN"[..], b"0", b"MATCH", &pattern, b"COUNT", b"10000"][..],
+        &[b"KEYS", &pattern],
+    ] {
+        let started = Instant::now();
+        let mut hostile = RespConn::connect(addr).await;
+        hostile.call(cmd).await;
+        assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+        assert_eq!(&bystander.call(&[b"GET", b"key:1"]).await[..], b"$1\r\nv\r\n");
+    }
+    let status = crate::faults::status(addr).await;
+    for w in &cluster.workers {
+        assert_eq!(state_of(&status, &w.addr), "in_sync", "{status}");
+    }
+}

@@ -78,8 +78,9 @@ pub(super) fn run(cx: &mut Cx, action: &Action) -> Outcome {
             }
             let fields = hash.fields(cx)?;
             let mut items = Vec::with_capacity(fields.len() * 2);
+            let pattern = pattern.as_deref().map(glob::Pattern::new);
             for (f, v) in fields {
-                if pattern.as_ref().is_none_or(|p| glob::matches(p, &f)) {
+                if pattern.as_ref().is_none_or(|p| p.matches(&f)) {
                     items.push(Reply::Bulk(f));
                     items.push(Reply::Bulk(v));
                 }

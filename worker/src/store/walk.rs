@@ -65,11 +65,15 @@ fn decode_cursor(cursor: u64) -> Option<(usize, u32, usize)> {
     Some((shard, generation, bucket))
 }
 
+/// How long one call looks at keys at most when it matches them against a pattern: a
+/// hostile pattern makes each match cost, and the walk holds a shard's lock and keeps the
+/// worker's other requests waiting meanwhile (past `--worker-timeout`, both workers of the
+/// pair were taken for down). The call returns what it found so far and where to go on.
+const STEP_TIME: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// Whether a walk returns `e`.
-fn wanted(e: &Entry, now: u64, kind: Option<Kind>, pattern: Option<&[u8]>) -> bool {
-    e.live(now)
-        && kind.is_none_or(|k| e.kind() == k)
-        && pattern.is_none_or(|p| glob::matches(p, e.key()))
+fn wanted(e: &Entry, now: u64, kind: Option<Kind>, pattern: Option<&glob::Pattern>) -> bool {
+    e.live(now) && kind.is_none_or(|k| e.kind() == k) && pattern.is_none_or(|p| p.matches(e.key()))
 }
 
 /// A flushed store's old entries, freed when dropped (in the background for FLUSHALL ASYNC).
@@ -96,6 +100,8 @@ impl Store {
     ) -> ScanStep {
         let count = count.clamp(1, MAX_COUNT) as usize;
         let now = now_ms();
+        let pattern = pattern.map(glob::Pattern::new);
+        let started = std::time::Instant::now();
         let (mut shard, mut generation, mut bucket) = match decode_cursor(cursor) {
             Some((s, g, b)) => (s, Some(g), b),
             None => (0, None, 0),
@@ -111,14 +117,21 @@ impl Store {
             let buckets = guard.table.num_buckets().min(1 << BUCKET_BITS);
             while bucket < buckets {
                 if let Some(e) = guard.table.get_bucket(bucket) {
-                    if wanted(e, now, kind, pattern) {
+                    if wanted(e, now, kind, pattern.as_ref()) {
                         bytes += e.key_len();
                         keys.push(Bytes::copy_from_slice(e.key()));
                     }
                 }
                 bucket += 1;
                 steps += 1;
-                if keys.len() >= count || steps >= 10 * count || bytes >= MAX_KEY_BYTES {
+                // The clock at every key, and only when matching makes keys cost (one key
+                // against a hostile pattern may take milliseconds).
+                let out_of_time = pattern.is_some() && started.elapsed() >= STEP_TIME;
+                if keys.len() >= count
+                    || steps >= 10 * count
+                    || bytes >= MAX_KEY_BYTES
+                    || out_of_time
+                {
                     let next = if bucket < buckets {
                         encode_cursor(shard, current, bucket)
                     } else if shard + 1 < SHARDS {
@@ -222,6 +235,32 @@ mod tests {
             None,
             "a shard out of range starts over"
         );
+    }
+
+    /// A pattern that makes every key cost (a run of 1,000 literals after a `*`, against
+    /// keys of 1,000 bytes: about half a million steps a key) ends the call at its time
+    /// budget, with what it found and a cursor to go on from; the walk still ends whole.
+    #[test]
+    fn a_costly_pattern_ends_a_call_at_its_time_budget() {
+        let s = Store::default();
+        let long = "a".repeat(1000);
+        for i in 0..200 {
+            s.set(
+                format!("{long}{i}").as_bytes(),
+                b"v",
+                1,
+                SetOptions::default(),
+            )
+            .unwrap();
+        }
+        let pattern = format!("*{long}1*");
+        let started = std::time::Instant::now();
+        let step = s.scan(0, 10_000, None, Some(pattern.as_bytes()));
+        let took = started.elapsed();
+        assert_ne!(step.next, 0, "stopped early ({took:?})");
+        assert!(took < 5 * STEP_TIME, "{took:?}");
+        let keys = walk(&s, 10_000, Some(pattern.as_bytes()));
+        assert_eq!(keys.len(), 1 + 10 + 100, "1, 10-19, 100-199");
     }
 
     #[test]
