@@ -591,7 +591,11 @@ mod tests {
         let mut codec = FrameCodec::<Request>::new(DEFAULT_MAX_FRAME);
         let mut src = BytesMut::from(&whole[..40]);
         assert!(codec.decode(&mut src).unwrap().is_none());
-        assert!(src.capacity() <= 40 + 2 * RESERVE_AHEAD, "{}", src.capacity());
+        assert!(
+            src.capacity() <= 40 + 2 * RESERVE_AHEAD,
+            "{}",
+            src.capacity()
+        );
         let mut fed = 40;
         let mut reservations = 0;
         loop {
@@ -606,7 +610,10 @@ mod tests {
             }
             assert!(src.capacity() <= 2 * src.len().max(RESERVE_AHEAD) + 64);
         }
-        assert!(reservations < 12, "a few steps, not byte by byte: {reservations}");
+        assert!(
+            reservations < 12,
+            "a few steps, not byte by byte: {reservations}"
+        );
         assert_eq!(room_ahead(10, 5), 5);
         assert_eq!(room_ahead(0, 1 << 24), RESERVE_AHEAD);
         assert_eq!(room_ahead(1 << 20, 1 << 24), 1 << 20);

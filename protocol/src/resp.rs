@@ -237,7 +237,11 @@ impl RespDecoder {
             else {
                 return Ok(Parse::Incomplete);
             };
-            if count <= 0 || count as usize > MAX_ARGS {
+            if count <= 0 {
+                // Redis skips an empty or negative multibulk without a word.
+                return Ok(Parse::Skip(pos));
+            }
+            if count as usize > MAX_ARGS {
                 return Err(syntax("invalid multibulk length"));
             }
             let count = count as usize;
@@ -1095,9 +1099,12 @@ mod tests {
     #[test]
     fn protocol_errors_use_redis_texts() {
         let err = |input: &[u8]| decode_all(input).unwrap_err().to_string();
-        assert_eq!(err(b"*-5\r\n"), "invalid multibulk length");
         assert_eq!(err(b"*abc\r\n"), "invalid multibulk length");
-        assert_eq!(err(b"*0\r\n"), "invalid multibulk length");
+        // An empty or negative multibulk is skipped, as Redis does.
+        assert_eq!(
+            decode_all(b"*-5\r\n*0\r\n*-1\r\n*1\r\n$4\r\nPING\r\n").unwrap(),
+            vec![args(&[b"PING"])]
+        );
         // Lengths follow `string2ll`, as Redis reads them: no `+`, no leading zero.
         assert_eq!(err(b"*02\r\n$3\r\nGET\r\n"), "invalid multibulk length");
         assert_eq!(err(b"*+2\r\n"), "invalid multibulk length");

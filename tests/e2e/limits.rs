@@ -527,8 +527,15 @@ async fn a_hostile_match_pattern_does_not_take_the_pair_down() {
         let started = Instant::now();
         let mut hostile = RespConn::connect(addr).await;
         hostile.call(cmd).await;
-        assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
-        assert_eq!(&bystander.call(&[b"GET", b"key:1"]).await[..], b"$1\r\nv\r\n");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(
+            &bystander.call(&[b"GET", b"key:1"]).await[..],
+            b"$1\r\nv\r\n"
+        );
     }
     let status = crate::faults::status(addr).await;
     for w in &cluster.workers {
