@@ -25,6 +25,44 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+/// Lets a repeated log line through at most once a second, with how many were held back:
+/// an outsider's flood of connections must not become a flood of log lines.
+#[derive(Debug)]
+pub struct Throttle {
+    started: Instant,
+    /// Milliseconds from `started` past which the next line may go out.
+    next: AtomicU64,
+    held: AtomicU64,
+}
+
+impl Default for Throttle {
+    fn default() -> Self {
+        Throttle {
+            started: Instant::now(),
+            next: AtomicU64::new(0),
+            held: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Throttle {
+    /// `Some(lines held back since the last one)` if this line may be logged now.
+    pub fn allow(&self) -> Option<u64> {
+        let now = self.started.elapsed().as_millis() as u64;
+        let next = self.next.load(Ordering::Relaxed);
+        if now >= next
+            && self
+                .next
+                .compare_exchange(next, now + 1000, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            return Some(self.held.swap(0, Ordering::Relaxed));
+        }
+        self.held.fetch_add(1, Ordering::Relaxed);
+        None
+    }
+}
+
 /// The connection slots of a server.
 #[derive(Debug, Clone)]
 pub struct Slots {
@@ -48,9 +86,8 @@ struct Allowance {
 struct Waiting {
     next: u64,
     queue: VecDeque<(u64, CancellationToken)>,
-    /// Connections closed to make room since this was last logged, and when it was.
-    evicted: u64,
-    logged: Option<Instant>,
+    /// Logs closing to make room.
+    closing: Throttle,
 }
 
 impl Allowance {
@@ -65,20 +102,13 @@ impl Allowance {
         if w.queue.len() >= self.capacity {
             if let Some((_, oldest)) = w.queue.pop_front() {
                 oldest.cancel();
-                w.evicted += 1;
-                let now = Instant::now();
-                // Once a second at most: a flood would otherwise write a line per connection.
-                if w.logged
-                    .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1))
-                {
+                if let Some(held) = w.closing.allow() {
                     tracing::warn!(
-                        closed = w.evicted,
+                        closed = held + 1,
                         allowance = self.capacity,
                         "connections that have not authenticated fill their allowance; \
                          closed the oldest to admit new ones"
                     );
-                    w.evicted = 0;
-                    w.logged = Some(now);
                 }
             }
         }
@@ -208,7 +238,7 @@ pub async fn accept_loop<H, F>(
     F: Future<Output = ()> + Send + 'static,
 {
     let tracker = TaskTracker::new();
-    let (mut refusals, mut last_logged) = (0u64, None::<Instant>);
+    let (refusing, failing) = (Throttle::default(), Throttle::default());
     loop {
         let accepted = tokio::select! {
             res = listener.accept() => res,
@@ -218,20 +248,17 @@ pub async fn accept_loop<H, F>(
             Ok(conn) => conn,
             Err(e) => {
                 // Usually EMFILE: back off briefly instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
+                if let Some(held) = failing.allow() {
+                    tracing::warn!(error = %e, failed = held + 1, "accept failed");
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
         let Some(slot) = slots.admit() else {
             slots.refused.fetch_add(1, Ordering::Relaxed);
-            refusals += 1;
-            let now = Instant::now();
-            // Once a second at most, with how many: a flood would write a line per connection.
-            if last_logged.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1)) {
-                tracing::warn!(%peer, refused = refusals, max_conns = slots.max, "connection limit reached; closing new connections");
-                refusals = 0;
-                last_logged = Some(now);
+            if let Some(held) = refusing.allow() {
+                tracing::warn!(%peer, refused = held + 1, max_conns = slots.max, "connection limit reached; closing new connections");
             }
             continue;
         };
@@ -278,6 +305,16 @@ mod tests {
         let mut c = plain.admit().unwrap();
         assert!(c.promote());
         assert!(plain.admit().is_none());
+    }
+
+    #[test]
+    fn a_throttle_lets_a_line_through_once_a_second_with_the_count_held() {
+        let t = Throttle::default();
+        assert_eq!(t.allow(), Some(0));
+        assert_eq!(t.allow(), None);
+        assert_eq!(t.allow(), None);
+        t.next.store(0, Ordering::Relaxed); // a second later
+        assert_eq!(t.allow(), Some(2));
     }
 
     #[test]

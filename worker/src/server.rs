@@ -19,7 +19,7 @@ use twincache_protocol::frame::{
 };
 use twincache_protocol::info::Info;
 use twincache_protocol::outgoing::LARGE;
-use twincache_protocol::server::{accept_loop, Slot, Slots};
+use twincache_protocol::server::{accept_loop, Slot, Slots, Throttle};
 use twincache_protocol::slots::SlotRange;
 use twincache_protocol::Status;
 use twincache_tls::{Accepted, NodeTls};
@@ -299,7 +299,12 @@ where
         }
         if let Some(secret) = &node.secret {
             if let Err(e) = auth::accept(&mut stream, secret).await {
-                tracing::warn!(error = %e, "refused a connection that did not authenticate");
+                // Once a second at most: an outsider's flood is not a flood of lines.
+                static REFUSED: std::sync::LazyLock<Throttle> =
+                    std::sync::LazyLock::new(Throttle::default);
+                if let Some(held) = REFUSED.allow() {
+                    tracing::warn!(error = %e, refused = held + 1, "refused a connection that did not authenticate");
+                }
                 return Ok(false);
             }
             if !slot.promote() {
