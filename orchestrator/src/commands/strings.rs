@@ -7,7 +7,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures_util::future::{join_all, ready, Either, Ready};
+use futures_util::future::{ready, Either, Ready};
 use futures_util::stream::{self, Stream, StreamExt};
 use futures_util::FutureExt;
 use twincache_protocol::frame::{flags, Op, Request};
@@ -18,8 +18,8 @@ use twincache_protocol::version::wall_ms;
 use twincache_protocol::Status;
 
 use super::{
-    dispatch_n, error_reply, int, raw_replies, replies, syntax_error, value_reply, wrong_args,
-    Adapter, Cmd, Family, Group, KeySpec, Spec, ONE_KEY,
+    dispatch_n, error_reply, int, join_every, raw_replies, replies, syntax_error, value_reply,
+    wrong_args, Adapter, Cmd, Family, Group, KeySpec, Spec, ONE_KEY,
 };
 use crate::auth::Access;
 use crate::session::{Ctx, Step};
@@ -401,12 +401,12 @@ fn read_values(
         let mut out: Vec<Element> = vec![Ok(Reply::Nil); keys.len()];
         let mut too_large: Vec<usize> = Vec::new();
         let (singles, answers) = futures_util::future::join(
-            join_all(
+            join_every(
                 singles
                     .into_iter()
                     .map(|(i, f)| async move { (i, f.await) }),
             ),
-            join_all(
+            join_every(
                 reads
                     .into_iter()
                     .map(|(part, f)| async move { (part, f.await) }),
@@ -478,7 +478,7 @@ pub(super) fn mset(pairs: Vec<(Bytes, Bytes)>, ctx: &Ctx) -> Step<Reply> {
     let n = futs.len();
     dispatch_n(
         async move {
-            for resp in join_all(futs).await {
+            for resp in join_every(futs).await {
                 if resp.status != Status::Ok {
                     return error_reply(&resp);
                 }
@@ -508,7 +508,7 @@ pub(super) fn msetnx(pairs: Vec<(Bytes, Bytes)>, ctx: &Ctx) -> Step<Reply> {
     let n = futs.len();
     dispatch_n(
         async move {
-            let answers = join_all(futs).await;
+            let answers = join_every(futs).await;
             let set: Vec<Option<u64>> = answers
                 .iter()
                 .map(|a| match a {
@@ -535,7 +535,7 @@ pub(super) fn msetnx(pairs: Vec<(Bytes, Bytes)>, ctx: &Ctx) -> Step<Reply> {
                     Some(router.apply(group[0].0.clone(), encode_program(&program), false, &origin))
                 })
                 .collect();
-            for r in join_all(undo).await {
+            for r in join_every(undo).await {
                 if let Err(e) = replies(r) {
                     failed.get_or_insert(e);
                 }

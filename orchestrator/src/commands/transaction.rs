@@ -17,12 +17,13 @@
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use futures_util::future::join_all;
 use twincache_protocol::frame::{flags, Op};
 use twincache_protocol::program::{encode_program, Action, SetIf, Ttl};
 use twincache_protocol::resp::{decode_replies, Reply};
 
-use super::{crossslot, dispatch, error_reply, replies, Adapter, Cmd, Conn, Family, Group, Spec};
+use super::{
+    crossslot, dispatch, error_reply, join_every, replies, Adapter, Cmd, Conn, Family, Group, Spec,
+};
 use crate::auth::Access::{Connection, Read};
 use crate::session::{Ctx, Step};
 
@@ -317,7 +318,7 @@ fn watch(keys: Vec<Bytes>, conn: &mut Conn, ctx: &Ctx) -> Step<Reply> {
         .collect();
     Step::Settle(Box::pin(async move {
         let mut got = Vec::with_capacity(keys.len());
-        for (k, answered) in keys.into_iter().zip(join_all(versions).await) {
+        for (k, answered) in keys.into_iter().zip(join_every(versions).await) {
             let (version, live) = match replies(answered) {
                 Ok(r) => match r.first() {
                     Some(Reply::Array(parts)) => match parts.as_slice() {
