@@ -76,14 +76,22 @@ impl Entry {
     }
 }
 
+/// Staged keys past which they are found through an index rather than by search (a search
+/// of a few is cheaper than hashing).
+const INDEX_FROM: usize = 16;
+
 /// The locked shards of a program's keys and its staged writes.
 pub struct Txn<'a> {
     store: &'a Store,
     /// The program's clock: one reading for all of it, as Redis uses one per command.
     pub now: u64,
     locked: Vec<(usize, MutexGuard<'a, Shard>)>,
-    /// Keys written, in order, with their new state (`None`: deleted).
+    /// Keys written, in order, with their new state (`None`: deleted); each key once.
     staged: Vec<(Bytes, Option<Staged>)>,
+    /// Where each key is in `staged`, once it holds more than [`INDEX_FROM`]: searching the
+    /// list cost every key of a 20,000-key MSETNX the whole list (seconds on a worker,
+    /// which then missed its health checks).
+    index: Option<std::collections::HashMap<Bytes, usize>>,
     /// The keys the program named, with their hashes, and where the next lookup is expected
     /// ([`Txn::hash`]): a keyed SipHash is a tenth of a read, and a program used to hash
     /// each key up to four times (to lock, to read, and twice to commit).
@@ -107,6 +115,7 @@ impl Store {
             now: now_ms(),
             locked,
             staged: Vec::new(),
+            index: None,
             named,
             next: std::cell::Cell::new(0),
         }
@@ -151,11 +160,15 @@ impl<'a> Txn<'a> {
     }
 
     fn staged(&self, key: &[u8]) -> Option<&Option<Staged>> {
-        self.staged
-            .iter()
-            .rev()
-            .find(|(k, _)| k.as_ref() == key)
-            .map(|(_, s)| s)
+        self.position(key).map(|i| &self.staged[i].1)
+    }
+
+    /// Where `key` is in `staged`.
+    fn position(&self, key: &[u8]) -> Option<usize> {
+        match &self.index {
+            Some(index) => index.get(key).copied(),
+            None => self.staged.iter().position(|(k, _)| k.as_ref() == key),
+        }
     }
 
     /// What sealing a large hash's records takes.
@@ -388,7 +401,7 @@ impl<'a> Txn<'a> {
     /// Turns a plan staged for `key` into the records it makes (for a program that reads
     /// what it wrote).
     fn settle(&mut self, key: &[u8]) -> Result<(), SealError> {
-        let Some(i) = self.staged.iter().rposition(|(k, _)| k.as_ref() == key) else {
+        let Some(i) = self.position(key) else {
             return Ok(());
         };
         let Some(Staged {
@@ -432,9 +445,21 @@ impl<'a> Txn<'a> {
     }
 
     fn stage(&mut self, key: &Bytes, state: Option<Staged>) {
-        match self.staged.iter_mut().find(|(k, _)| k == key) {
-            Some((_, s)) => *s = state,
-            None => self.staged.push((key.clone(), state)),
+        if let Some(i) = self.position(key) {
+            self.staged[i].1 = state;
+            return;
+        }
+        self.staged.push((key.clone(), state));
+        let at = self.staged.len() - 1;
+        match &mut self.index {
+            Some(index) => {
+                index.insert(key.clone(), at);
+            }
+            None if self.staged.len() > INDEX_FROM => {
+                let index = self.staged.iter().enumerate();
+                self.index = Some(index.map(|(i, (k, _))| (k.clone(), i)).collect());
+            }
+            None => {}
         }
     }
 
@@ -512,6 +537,7 @@ impl<'a> Txn<'a> {
         let store = self.store;
         let mut replaced = Vec::with_capacity(self.staged.len());
         let staged = std::mem::take(&mut self.staged);
+        self.index = None;
         let count = staged.len();
         // A single large hash written by one edit of its entry goes to the partner as that
         // edit; in a block of several changes, whole (a failed edit is sent again whole,
@@ -762,6 +788,37 @@ mod tests {
         let changes = twincache_protocol::program::decode_changes(changes.freeze()).unwrap();
         assert_eq!(changes.len(), 2);
         assert_eq!(changes[1].kind, Kind::Hash as u8);
+    }
+
+    /// A program writing more keys than a search suits finds them through its index: each
+    /// key once, its last write, read back, committed whole.
+    #[test]
+    fn many_staged_keys_are_found_through_the_index() {
+        let s = Store::default();
+        let keys: Vec<Bytes> = (0..100).map(|i| Bytes::from(format!("k{i}"))).collect();
+        let mut t = s.txn(keys.iter().map(|k| &k[..]));
+        for (i, k) in keys.iter().enumerate() {
+            t.put(k, Kind::String, 0, Bytes::from(format!("a{i}")));
+        }
+        assert!(t.index.is_some());
+        t.put(&keys[5], Kind::String, 0, Bytes::from_static(b"again"));
+        t.delete(&keys[7]);
+        t.put(&keys[99], Kind::String, 0, Bytes::from_static(b"last"));
+        assert_eq!(t.staged.len(), 100, "each key once");
+        assert_eq!(
+            t.read(&keys[5]).unwrap().unwrap().1,
+            Bytes::from_static(b"again")
+        );
+        assert!(t.read(&keys[7]).unwrap().is_none());
+        assert_eq!(
+            t.read(&keys[3]).unwrap().unwrap().1,
+            Bytes::from_static(b"a3")
+        );
+        let mut changes = BytesMut::new();
+        assert_eq!(t.commit(20, false, &mut changes), Ok((100, 20)));
+        assert_eq!(s.get(b"k5").unwrap().unwrap(), Bytes::from_static(b"again"));
+        assert_eq!(s.get(b"k99").unwrap().unwrap(), Bytes::from_static(b"last"));
+        assert!(s.get(b"k7").unwrap().is_none());
     }
 
     /// Lookups reuse the hashes of the keys named, in order or not, and a key read out of
