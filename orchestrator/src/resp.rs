@@ -159,6 +159,10 @@ impl Protocol for RespProtocol {
         self.decoder.wanted(buf.len())
     }
 
+    fn held(&self) -> usize {
+        self.decoder.held()
+    }
+
     fn at_eof(&mut self, _buf: &BytesMut) -> Option<Reply> {
         None
     }

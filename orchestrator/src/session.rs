@@ -191,6 +191,10 @@ pub trait Protocol {
     fn wanted(&self, _buf: &BytesMut) -> usize {
         0
     }
+    /// Memory the request being read holds besides the buffer, charged with it.
+    fn held(&self) -> usize {
+        0
+    }
     /// What to answer when the client stops sending with bytes left in `buf`.
     fn at_eof(&mut self, buf: &BytesMut) -> Option<Self::Out>;
 }
@@ -568,9 +572,9 @@ async fn run<P: Protocol, S: ClientStream>(
         if buf.is_empty() && buf.capacity() > KEEP_CAPACITY {
             buf = BytesMut::new();
         }
-        // Bytes buffered, not capacity: a buffer's doubling reserves address space that only
-        // becomes memory as input arrives.
-        account.track(&mut buf_held, buf.len());
+        // Bytes buffered (its growth stays near them, see `room_ahead`), and what the request
+        // being read holds besides.
+        account.track(&mut buf_held, buf.len() + proto.held());
         // A session already closing (say, on a command over the limit) first sends its
         // answer; its writes still watch the limit.
         if let Some(over) = account.over().filter(|_| reading) {
