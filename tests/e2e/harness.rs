@@ -556,3 +556,12 @@ pub async fn on_worker(
         Err(e) => panic!("{key}: {e}"),
     }
 }
+
+/// Timeouts for a `redis` crate connection patient enough for debug builds on a busy
+/// machine: the crate's own defaults (1 s to connect, 500 ms for an answer) failed a TLS
+/// connect in a CI run while the machine was loaded.
+pub fn patient_redis() -> redis::AsyncConnectionConfig {
+    redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(20)))
+        .set_response_timeout(Some(Duration::from_secs(20)))
+}

@@ -399,11 +399,9 @@ async fn flushall_taken_alone_is_not_undone_by_the_partners_refill() {
 
 /// A `redis` crate connection to `addr` patient enough for debug builds on a busy machine.
 async fn patient_con(addr: SocketAddr) -> redis::aio::MultiplexedConnection {
-    let config =
-        redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(20)));
     redis::Client::open(format!("redis://{addr}"))
         .unwrap()
-        .get_multiplexed_async_connection_with_config(&config)
+        .get_multiplexed_async_connection_with_config(&crate::harness::patient_redis())
         .await
         .unwrap()
 }

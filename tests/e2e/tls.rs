@@ -184,7 +184,7 @@ async fn the_client_port_speaks_tls_to_redis_cli_the_redis_crate_and_the_client_
     )
     .unwrap();
     let mut con = redis_client
-        .get_multiplexed_async_connection()
+        .get_multiplexed_async_connection_with_config(&crate::harness::patient_redis())
         .await
         .unwrap();
     let _: () = redis::cmd("SET")
