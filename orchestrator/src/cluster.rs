@@ -559,7 +559,13 @@ impl Router {
         let order = if self.mode().is_none() {
             [None, None]
         } else if origin.rmw.as_ref().is_some_and(|p| p.holds(&req.key)) {
-            self.primaries(p)
+            // Where the session's program on the key runs, so the read sees it. With no
+            // primary (only a partial copy serves, which runs no program) the program is
+            // refused, and the read goes where reads go.
+            match self.primaries(p) {
+                [None, None] => self.read_order(p),
+                order => order,
+            }
         } else {
             self.read_order(p)
         };

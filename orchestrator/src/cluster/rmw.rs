@@ -87,7 +87,7 @@ impl Pending {
                 .any(|k| k == key)
     }
 
-    fn start(self: &Arc<Self>, key: &Bytes) -> PendingGuard {
+    pub(super) fn start(self: &Arc<Self>, key: &Bytes) -> PendingGuard {
         self.keys
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -98,7 +98,7 @@ impl Pending {
 }
 
 /// Removes its key from the session's pending ones when the program is answered.
-struct PendingGuard(Arc<Pending>, Bytes);
+pub(super) struct PendingGuard(Arc<Pending>, Bytes);
 
 impl Drop for PendingGuard {
     fn drop(&mut self) {

@@ -327,3 +327,26 @@ async fn no_program_runs_on_a_partial_copy() {
     );
     shutdown.cancel();
 }
+
+/// A read of a key whose read-modify-write the session has in flight goes to the primary,
+/// behind the program; with only a partial copy serving there is none (the program is
+/// refused), and the read goes where reads go rather than failing.
+#[tokio::test]
+async fn a_read_behind_a_refused_program_is_served_by_the_partial_copy() {
+    let sent = Sent::default();
+    let (router, shutdown) = pair_of(healthy(sent.clone()), unreachable());
+    let topo = router.topology.load_full();
+    let [a, b] = &topo.pairs[0].workers;
+    a.partial.store(true, Ordering::Release);
+    b.set_state(WorkerState::Down);
+    let origin = Origin {
+        rmw: Some(Arc::new(super::rmw::Pending::default())),
+        ..Origin::default()
+    };
+    let key = Bytes::from_static(b"k");
+    let _in_flight = origin.rmw.as_ref().unwrap().start(&key);
+    let resp = router.get(key, &origin).await;
+    assert_eq!((resp.status, &resp.payload[..]), (Status::Ok, &b"v"[..]));
+    assert_eq!(ops(&sent, Op::Get).len(), 1);
+    shutdown.cancel();
+}
