@@ -222,16 +222,36 @@ impl Worker {
             move |stream, slot, shutdown| {
                 let node = node.clone();
                 async move {
-                    use std::sync::atomic::Ordering::Relaxed;
-                    node.connections.fetch_add(1, Relaxed);
+                    // Counted down however the connection ends, including when its task is
+                    // dropped (a pending connection closed to make room, see `Slots`).
+                    let _counted = Counted::new(&node.connections);
                     if let Err(e) = serve_connection(stream, slot, node.clone(), shutdown).await {
                         tracing::debug!(error = %e, "worker connection ended");
                     }
-                    node.connections.fetch_sub(1, Relaxed);
                 }
             },
         )
         .await;
+    }
+}
+
+/// Refusals of connections that never authenticated (a bad preamble, TLS or secret): logged
+/// once a second at most, with a count, so an outsider's flood is not a flood of lines.
+static REFUSED: std::sync::LazyLock<Throttle> = std::sync::LazyLock::new(Throttle::default);
+
+/// One open connection in a count, for as long as it lives.
+struct Counted<'a>(&'a std::sync::atomic::AtomicU64);
+
+impl<'a> Counted<'a> {
+    fn new(count: &'a std::sync::atomic::AtomicU64) -> Counted<'a> {
+        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Counted(count)
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -261,10 +281,13 @@ async fn serve_connection(
     match accepted {
         Accepted::Tls(session) => serve_stream(*session, slot, node, deadline, shutdown).await,
         Accepted::Plaintext(mut plain) => {
-            tracing::warn!(
-                "refused a plaintext connection: this worker speaks TLS only (--tls-cluster); \
-                 give the orchestrators and its partner --tls-cluster too"
-            );
+            if let Some(held) = REFUSED.allow() {
+                tracing::warn!(
+                    refused = held + 1,
+                    "refused a plaintext connection: this worker speaks TLS only \
+                     (--tls-cluster); give the orchestrators and its partner --tls-cluster too"
+                );
+            }
             let mut out = BytesMut::new();
             let why = "this worker speaks TLS only: connect with --tls-cluster";
             encode_frame(&Response::error(Status::NoAuth, why), &mut out);
@@ -272,7 +295,9 @@ async fn serve_connection(
             Ok(())
         }
         Accepted::Failed(e) => {
-            tracing::warn!(error = %e, "refused a connection whose TLS handshake failed");
+            if let Some(held) = REFUSED.allow() {
+                tracing::warn!(error = %e, refused = held + 1, "refused a connection whose TLS handshake failed");
+            }
             Ok(())
         }
         Accepted::TimedOut => Ok(()),
@@ -299,9 +324,6 @@ where
         }
         if let Some(secret) = &node.secret {
             if let Err(e) = auth::accept(&mut stream, secret).await {
-                // Once a second at most: an outsider's flood is not a flood of lines.
-                static REFUSED: std::sync::LazyLock<Throttle> =
-                    std::sync::LazyLock::new(Throttle::default);
                 if let Some(held) = REFUSED.allow() {
                     tracing::warn!(error = %e, refused = held + 1, "refused a connection that did not authenticate");
                 }
