@@ -350,6 +350,12 @@ pub trait Message: Sized {
     /// Body bytes [`Message::oversized`] needs to stand in for a frame over the limit.
     const OVERSIZED_HEAD: usize = 0;
 
+    /// Whether a reader makes room for a whole frame as soon as its length is read. Answers
+    /// come from a peer the reader asked (a worker, a partner, the server a client chose),
+    /// and a large one then arrives in one buffer; requests come from whoever connects, so
+    /// their room is made as their bytes arrive ([`room_ahead`]).
+    const ROOM_AT_ONCE: bool = false;
+
     /// The message standing for a frame whose `len`-byte body exceeds the limit `max`, made
     /// from the first [`Message::OVERSIZED_HEAD`] bytes of its body (the rest is skipped);
     /// `None` if such a frame is an error that ends the connection.
@@ -408,6 +414,8 @@ impl Message for Request {
 }
 
 impl Message for Response {
+    const ROOM_AT_ONCE: bool = true;
+
     fn body_len(&self) -> usize {
         RESPONSE_HEADER_LEN + self.payload.len()
     }
@@ -553,7 +561,12 @@ impl<In: Message> Decoder for FrameCodec<In> {
             return Ok(Some(msg));
         }
         if src.len() < 4 + len {
-            src.reserve(room_ahead(src.len(), 4 + len - src.len()));
+            let wanted = 4 + len - src.len();
+            src.reserve(if In::ROOM_AT_ONCE {
+                wanted
+            } else {
+                room_ahead(src.len(), wanted)
+            });
             return Ok(None);
         }
         // The length prefix goes with the frame and is skipped in the frozen view: moving a
