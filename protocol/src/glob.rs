@@ -24,8 +24,6 @@ enum Token {
     Any,
     Byte(u8),
     Class([u64; 4]),
-    /// An unterminated `[`: matches nothing, and nothing after it matters.
-    Never,
 }
 
 impl Token {
@@ -34,7 +32,7 @@ impl Token {
             Token::Any => true,
             Token::Byte(b) => *b == c,
             Token::Class(bits) => bits[usize::from(c >> 6)] >> (c & 63) & 1 == 1,
-            Token::Star | Token::Never => false,
+            Token::Star => false,
         }
     }
 }
@@ -56,16 +54,11 @@ impl Pattern {
                     i += 1;
                     Token::Any
                 }
-                b'[' => match class(pattern, i) {
-                    Some((bits, next)) => {
-                        i = next;
-                        Token::Class(bits)
-                    }
-                    None => {
-                        tokens.push(Token::Never);
-                        break;
-                    }
-                },
+                b'[' => {
+                    let (bits, next) = class(pattern, i);
+                    i = next;
+                    Token::Class(bits)
+                }
                 b'\\' if i + 1 < pattern.len() => {
                     i += 2;
                     Token::Byte(pattern[i - 1])
@@ -112,9 +105,10 @@ impl Pattern {
     }
 }
 
-/// A `[...]` class at `pattern[start]`: the bytes in it, and where the pattern goes on;
-/// `None` if it is not closed.
-fn class(pattern: &[u8], start: usize) -> Option<([u64; 4], usize)> {
+/// A `[...]` class at `pattern[start]`: the bytes in it, and where the pattern goes on. As
+/// Redis reads one: a class the pattern ends inside is closed there (`[abc` is `[abc]`), a
+/// range may end in `]` (`[a-]` is `]` to `a`), and a `\\` escapes only if a byte follows.
+fn class(pattern: &[u8], start: usize) -> ([u64; 4], usize) {
     let mut bits = [0u64; 4];
     let mut set = |lo: u8, hi: u8| {
         for c in lo..=hi {
@@ -127,28 +121,28 @@ fn class(pattern: &[u8], start: usize) -> Option<([u64; 4], usize)> {
         i += 1;
     }
     loop {
-        let ch = *pattern.get(i)?;
-        match ch {
-            b']' => break,
-            b'\\' => {
-                i += 1;
-                let c = *pattern.get(i)?;
-                set(c, c);
-            }
-            _ if pattern.get(i + 1) == Some(&b'-')
-                && pattern.get(i + 2).is_some_and(|&e| e != b']') =>
-            {
-                set(ch.min(pattern[i + 2]), ch.max(pattern[i + 2]));
-                i += 2;
-            }
-            _ => set(ch, ch),
+        let left = pattern.len().saturating_sub(i);
+        if left >= 2 && pattern[i] == b'\\' {
+            i += 1;
+            set(pattern[i], pattern[i]);
+        } else if left == 0 {
+            break;
+        } else if pattern[i] == b']' {
+            i += 1;
+            break;
+        } else if left >= 3 && pattern[i + 1] == b'-' {
+            let (a, b) = (pattern[i], pattern[i + 2]);
+            set(a.min(b), a.max(b));
+            i += 2;
+        } else {
+            set(pattern[i], pattern[i]);
         }
         i += 1;
     }
     if negate {
         bits = bits.map(|b| !b);
     }
-    Some((bits, i + 1))
+    (bits, i.min(pattern.len()))
 }
 
 #[cfg(test)]
@@ -171,8 +165,14 @@ mod tests {
         assert!(m("a\\*b", "a*b"));
         assert!(!m("a\\*b", "axb"));
         assert!(m("*:*:x", "a:b:c:x"));
-        assert!(!m("[abc", "a"));
-        assert!(!m("*[abc", ""));
+        // As redis-server 7.0 answers KEYS: a class the pattern ends inside is closed
+        // there, a range may end in `]`, and a `\\` that ends a class is itself.
+        assert!(m("[abc", "a") && m("[abc", "b") && !m("[abc", "ab"));
+        assert!(m("*[abc", "ab") && m("*[abc", "[abc") && !m("*[abc", ""));
+        assert!(m("[a-]", "]") && m("[a-]", "a") && !m("[a-]", "-") && !m("[a-]", "b"));
+        assert!(m("[a-", "a") && m("[a-", "-"));
+        assert!(m("[\\", "\\"));
+        assert!(!m("a[", "a") && !m("a[", "ab"));
         assert!(m("a*b*c", "aXbYbZc"));
         assert!(m("[\\]]", "]"));
         assert!(m("x\\", "x\\"));
@@ -182,7 +182,7 @@ mod tests {
     /// Redis' `stringmatchlen` as this module first ported it, byte by byte on the
     /// uncompiled pattern: the reference the compiled form must agree with.
     fn reference(pattern: &[u8], key: &[u8]) -> bool {
-        fn class(pattern: &[u8], start: usize, c: u8) -> Option<(bool, usize)> {
+        fn class(pattern: &[u8], start: usize, c: u8) -> (bool, usize) {
             let mut i = start + 1;
             let negate = pattern.get(i) == Some(&b'^');
             if negate {
@@ -190,25 +190,28 @@ mod tests {
             }
             let mut hit = false;
             loop {
-                let ch = *pattern.get(i)?;
-                match ch {
-                    b']' => break,
-                    b'\\' => {
-                        i += 1;
-                        hit |= *pattern.get(i)? == c;
-                    }
-                    _ if pattern.get(i + 1) == Some(&b'-')
-                        && pattern.get(i + 2).is_some_and(|&e| e != b']') =>
-                    {
-                        let (lo, hi) = (ch.min(pattern[i + 2]), ch.max(pattern[i + 2]));
-                        hit |= (lo..=hi).contains(&c);
-                        i += 2;
-                    }
-                    _ => hit |= ch == c,
+                let left = pattern.len().saturating_sub(i);
+                if left >= 2 && pattern[i] == b'\\' {
+                    i += 1;
+                    hit |= pattern[i] == c;
+                } else if left == 0 {
+                    break;
+                } else if pattern[i] == b']' {
+                    i += 1;
+                    break;
+                } else if left >= 3 && pattern[i + 1] == b'-' {
+                    let (lo, hi) = (
+                        pattern[i].min(pattern[i + 2]),
+                        pattern[i].max(pattern[i + 2]),
+                    );
+                    hit |= (lo..=hi).contains(&c);
+                    i += 2;
+                } else {
+                    hit |= pattern[i] == c;
                 }
                 i += 1;
             }
-            Some((hit != negate, i + 1))
+            (hit != negate, i.min(pattern.len()))
         }
         let (mut p, mut k) = (0, 0);
         let mut star: Option<(usize, usize)> = None;
@@ -226,7 +229,7 @@ mod tests {
                         continue;
                     }
                     b'[' => {
-                        if let Some((true, next)) = class(pattern, p, key[k]) {
+                        if let (true, next) = class(pattern, p, key[k]) {
                             p = next;
                             k += 1;
                             continue;

@@ -129,7 +129,11 @@ const OFFSETS: &[&str] = &[
     "x",
 ];
 const FIELDS: &[&str] = &["f1", "f2", "f3", ""];
-const PATTERNS: &[&str] = &["*", "f*", "f?", "[a-f]*", "\\*", "nomatch"];
+/// Patterns for KEYS, SCAN and HSCAN MATCH; the last four are Redis' own reading of edge
+/// cases (a class the pattern ends inside is closed there; a range may end in `]`).
+const PATTERNS: &[&str] = &[
+    "*", "f*", "f?", "[a-f]*", "\\*", "nomatch", "[kn", "[j-]*", "k[2", "*[",
+];
 
 /// One generated command, and whether the sequence should pause after it (a key was given
 /// a millisecond to live).
