@@ -372,6 +372,15 @@ fn transition(w: &WorkerLink, state: WorkerState, why: &str) -> WorkerState {
     before
 }
 
+/// Whether this orchestrator holds its node id, from the workers' answers to its claim in a
+/// round: every one `ok`. `None` when none answered: nothing was learned, and the claims
+/// made before stand for their time to live (several rounds). Taking that for a refusal
+/// stopped every write for a whole health interval whenever one round's checks all timed
+/// out, as they can on a loaded machine.
+fn claims_hold(answers: &[&str]) -> Option<bool> {
+    (!answers.is_empty()).then(|| answers.iter().all(|a| *a == "ok"))
+}
+
 impl Router {
     /// Checks every worker each `interval` until `shutdown`, driving the states above; every
     /// fifth round also checks that partners share their encryption key.
@@ -529,10 +538,12 @@ impl Router {
     /// error until the other orchestrator goes away.
     fn settle_claims(&self, seen: &[Option<Seen>]) {
         let answers: Vec<&str> = seen.iter().flatten().map(|s| s.claim.as_str()).collect();
+        let Some(claimed) = claims_hold(&answers) else {
+            return;
+        };
         let clash = answers.contains(&"conflict");
-        let ok = !answers.is_empty() && answers.iter().all(|a| *a == "ok");
         let clashed_before = self.clashed.swap(clash, Ordering::AcqRel);
-        self.set_claimed(ok && !clash);
+        self.set_claimed(claimed);
         if clash {
             let node = self.clock.node();
             if self.fixed_node {
@@ -938,6 +949,14 @@ mod tests {
         assert!(d[1].why.contains("same worker"), "{}", d[1].why);
         assert_eq!(d[0].action, Some(Action::Adopt("partial".into())));
         assert_eq!(d[1].action, None);
+    }
+
+    #[test]
+    fn a_round_no_worker_answered_leaves_the_claim_as_it_was() {
+        assert_eq!(claims_hold(&[]), None);
+        assert_eq!(claims_hold(&["ok", "ok"]), Some(true));
+        assert_eq!(claims_hold(&["ok", "conflict"]), Some(false));
+        assert_eq!(claims_hold(&["ok", ""]), Some(false));
     }
 
     #[test]
