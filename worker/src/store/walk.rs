@@ -116,7 +116,8 @@ impl Store {
             }
             let buckets = guard.table.num_buckets().min(1 << BUCKET_BITS);
             while bucket < buckets {
-                if let Some(e) = guard.table.get_bucket(bucket) {
+                let entry = guard.table.get_bucket(bucket);
+                if let Some(e) = entry {
                     if wanted(e, now, kind, pattern.as_ref()) {
                         bytes += e.key_len();
                         keys.push(Bytes::copy_from_slice(e.key()));
@@ -124,9 +125,10 @@ impl Store {
                 }
                 bucket += 1;
                 steps += 1;
-                // The clock at every key, and only when matching makes keys cost (one key
-                // against a hostile pattern may take milliseconds).
-                let out_of_time = pattern.is_some() && started.elapsed() >= STEP_TIME;
+                // The clock after every key matched, not every bucket: only matching makes a
+                // key cost (one against a hostile pattern may take milliseconds).
+                let out_of_time =
+                    pattern.is_some() && entry.is_some() && started.elapsed() >= STEP_TIME;
                 if keys.len() >= count
                     || steps >= 10 * count
                     || bytes >= MAX_KEY_BYTES
