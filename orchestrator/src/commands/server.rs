@@ -320,13 +320,14 @@ pub(super) fn config_get(patterns: Vec<Bytes>, ctx: &Ctx) -> Step<Reply> {
     let ctx = ctx.clone();
     dispatch(async move {
         let values = config_values(&ctx).await;
+        // Lowercased and compiled once, not for every parameter.
+        let patterns: Vec<glob::Pattern> = patterns
+            .iter()
+            .map(|p| glob::Pattern::new(&p.to_ascii_lowercase()))
+            .collect();
         let pairs = values
             .into_iter()
-            .filter(|(name, _)| {
-                patterns
-                    .iter()
-                    .any(|p| glob::matches(&p.to_ascii_lowercase(), name.as_bytes()))
-            })
+            .filter(|(name, _)| patterns.iter().any(|p| p.matches(name.as_bytes())))
             .map(|(name, value)| (bulk(name), Reply::Bulk(Bytes::from(value))))
             .collect();
         Reply::Map(pairs)
