@@ -93,6 +93,8 @@ pub struct Copier {
     pub destination: Arc<Server>,
     pub opts: CopyOptions,
     temp_names: AtomicU64,
+    /// The planner's key pattern, compiled once for every key scanned.
+    key_pattern: Option<crate::glob::Pattern>,
 }
 
 /// How one key is written.
@@ -107,17 +109,22 @@ enum Write {
 
 impl Copier {
     pub fn new(source: Arc<Server>, destination: Arc<Server>, opts: CopyOptions) -> Copier {
+        let key_pattern = opts
+            .planner
+            .as_deref()
+            .map(|p| crate::glob::Pattern::new(p.key_pattern().as_bytes()));
         Copier {
             source,
             destination,
             opts,
             temp_names: AtomicU64::new(0),
+            key_pattern,
         }
     }
 
     fn in_pattern(&self, key: &[u8]) -> Option<&Planner> {
         let p = self.opts.planner.as_deref()?;
-        crate::glob::matches(p.key_pattern().as_bytes(), key).then_some(p)
+        self.key_pattern.as_ref()?.matches(key).then_some(p)
     }
 
     async fn dry_run(&self, keys: &[Vec<u8>]) -> Result<Tally, Error> {
