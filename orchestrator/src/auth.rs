@@ -127,14 +127,18 @@ impl Who {
         self.user.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// Makes the session `user`. The failures counted so far stay: a client holding one
+    /// password could otherwise guess at another user's between its own successful logins
+    /// and never be slowed down or closed.
     fn set(&self, user: &str, role: Role) {
         *self.user.lock().unwrap_or_else(|e| e.into_inner()) = user.to_string();
         self.role.store(role as u8, Ordering::Release);
-        self.failures.store(0, Ordering::Relaxed);
     }
 
     /// Counts a failed attempt; how long to wait before answering it, and whether the
-    /// connection has failed too often to keep.
+    /// connection has failed too often to keep. Failures count over the connection's whole
+    /// life, successes in between notwithstanding (a client that really mistyped can
+    /// reconnect).
     fn failed(&self) -> (Duration, bool) {
         let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
         let delay = Duration::from_millis(100 << (n - 1).min(5)).min(Duration::from_secs(2));
@@ -523,5 +527,36 @@ mod tests {
             last = auth.authenticate(&who, None, b"nope").await;
         }
         assert_eq!(last, Err(Denied::TooManyFailures));
+    }
+
+    /// A success does not reset the count: a client holding one password cannot interleave
+    /// its own logins with guesses at another's to stay under the limit, nor to keep the
+    /// delay short.
+    #[tokio::test]
+    async fn successes_in_between_do_not_reset_the_failures() {
+        let file = users_file("pw\n");
+        let auth = Arc::new(Authenticator::from_files(Some(&file.0), None).unwrap());
+        let who = auth.new_session();
+        tokio::time::pause();
+        for n in 1..=9 {
+            assert_eq!(
+                auth.authenticate(&who, None, b"nope").await,
+                Err(Denied::WrongPass),
+                "failure {n}"
+            );
+        }
+        assert_eq!(auth.authenticate(&who, None, b"pw").await, Ok(()));
+        assert!(who.authenticated());
+        assert!(!who.exhausted());
+        // The tenth failure still waits the longest delay, and ends the connection.
+        let started = tokio::time::Instant::now();
+        assert_eq!(
+            auth.authenticate(&who, None, b"nope").await,
+            Err(Denied::TooManyFailures)
+        );
+        // (A reset count would have made it the first failure again: 100 ms.)
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_secs(2), "{waited:?}");
+        assert!(who.exhausted());
     }
 }

@@ -388,7 +388,8 @@ async fn authorize(
 }
 
 /// The key interface's logins on one HTTP connection: failed ones are answered later and
-/// later, and the tenth closes the connection, as on a client session (`auth::Who`).
+/// later, and the tenth closes the connection (successful ones in between do not reset the
+/// count), as on a client session (`auth::Who`).
 #[derive(Clone, Default)]
 pub struct Login(Arc<Who>);
 
