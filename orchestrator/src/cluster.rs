@@ -197,6 +197,14 @@ fn unwritable(router: &Router) -> Response {
     }
 }
 
+/// What a write's answers make of it ([`Router::decide`]).
+enum Decided {
+    Done(Response),
+    /// Only the worker at this index of the pair took it: acknowledged once its partner's
+    /// miss is on record ([`Router::acknowledge_one`]).
+    TakenBy(usize, Response),
+}
+
 /// A response on its way.
 pub type BoxedResponse = std::pin::Pin<Box<dyn Future<Output = Response> + Send>>;
 
@@ -558,8 +566,8 @@ impl Router {
         };
         let order = if self.mode().is_none() {
             [None, None]
-        } else if origin.rmw.as_ref().is_some_and(|p| p.holds(&req.key)) {
-            // Where the session's program on the key runs, so the read sees it. With no
+        } else if origin.rmw.as_ref().is_some_and(|p| p.holds(pair)) {
+            // Where the session's program on the pair runs, so the read sees it. With no
             // primary (only a partial copy serves, which runs no program) the program is
             // refused, and the read goes where reads go.
             match self.primaries(p) {
@@ -660,6 +668,12 @@ impl Router {
         mut req: Request,
         origin: &Origin,
     ) -> impl Future<Output = Response> + Send + 'static {
+        self.stamp_write(&mut req);
+        self.write_once(req, origin, true)
+    }
+
+    /// Gives a write for both partners its version and its expiry as an instant.
+    fn stamp_write(&self, req: &mut Request) {
         req.version = self.clock.next();
         // The orchestrator applies the default TTL, so both partners get the same expiry.
         if req.op == Op::Set && req.ttl_ms == 0 && req.flags & flags::KEEP_TTL == 0 {
@@ -670,7 +684,6 @@ impl Router {
             req.ttl_ms = twincache_protocol::version::wall_ms().saturating_add(req.ttl_ms);
             req.flags |= flags::EXPIRES_AT;
         }
-        self.write_once(req, origin, true)
     }
 
     /// A stamped write routed by the map now, once.
@@ -741,6 +754,13 @@ impl Router {
             [false, true] => Some(Skipping::new(a.clone())),
             _ => None,
         };
+        // Behind a program of this session's on the pair, only the primary's answer has seen
+        // it (its partner gets the program's changes once the primary has answered): a DEL
+        // of a key the session's RENAME just moved away is not found.
+        let behind = match &origin.rmw {
+            Some(p) if p.holds(pair) => self.primaries(&topo[pair])[0],
+            _ => None,
+        };
         let this = self.clone();
         // What a write routed again needs of its origin: the order of the session's requests
         // (no account: a write's answer is small), without two reference counts per write.
@@ -748,7 +768,6 @@ impl Router {
         async move {
             let skipping = skipping;
             let workers = &topo[pair].workers;
-            let [a, b] = workers;
             // Both answers awaited together, polled in place: for each worker, `None` if the
             // write was not sent to it, `Some(None)` if it did not take it.
             let mut waiting = replies;
@@ -773,40 +792,12 @@ impl Router {
                 }
             })
             .await;
-            let [ra, rb] = got;
-            let resp = match (ra, rb) {
-                // Routed by an older map: not acknowledged, whoever else took it (routed
-                // again below, it lands where the slot is now, with the same version).
-                (Some(Some(r)), _) | (_, Some(Some(r))) if r.status == Status::Moved => r,
-                (Some(Some(ra)), Some(Some(rb))) => {
-                    // Prefer success; of two other answers either is as informative.
-                    if rb.status == Status::Ok {
-                        rb
-                    } else {
-                        ra
-                    }
-                }
-                // One of two took it: the other missed it, which must be on record before
-                // the write is acknowledged.
+            let resp = match this.decide(workers, got, behind) {
+                Decided::Done(resp) => resp,
                 // (Boxed: the write's own future, boxed for every write, stays small.)
-                (Some(Some(r)), Some(None)) => Box::pin(this.acknowledge_one(a, b, r)).await,
-                (Some(None), Some(Some(r))) => Box::pin(this.acknowledge_one(b, a, r)).await,
-                // The only target: it counted the write as taken alone (`SOLO`).
-                (Some(Some(r)), None) | (None, Some(Some(r))) => r,
-                (Some(None), None) => {
-                    a.missed_write();
-                    unwritable(&this)
+                Decided::TakenBy(i, resp) => {
+                    Box::pin(this.acknowledge_one(&workers[i], &workers[1 - i], resp)).await
                 }
-                (None, Some(None)) => {
-                    b.missed_write();
-                    unwritable(&this)
-                }
-                (Some(None), Some(None)) => {
-                    a.missed_write();
-                    b.missed_write();
-                    unwritable(&this)
-                }
-                (None, None) => unwritable(&this),
             };
             if !reroute || resp.status != Status::Moved {
                 return resp;
@@ -814,6 +805,51 @@ impl Router {
             drop(skipping);
             this.rewrite(resp, req, affinity).await
         }
+    }
+
+    /// What a write's answers make of it: per worker, `None` if it was not sent there and
+    /// `Some(None)` if that worker did not take it (marked here as having missed it). Of two
+    /// answers, `behind`'s if given (see [`Router::write_in`]), else a success.
+    fn decide(
+        &self,
+        workers: &[Arc<WorkerLink>; 2],
+        got: [Option<Option<Response>>; 2],
+        behind: Option<usize>,
+    ) -> Decided {
+        let [a, b] = workers;
+        let [ra, rb] = got;
+        Decided::Done(match (ra, rb) {
+            // Routed by an older map: not acknowledged, whoever else took it (routed
+            // again, it lands where the slot is now, with the same version).
+            (Some(Some(r)), _) | (_, Some(Some(r))) if r.status == Status::Moved => r,
+            (Some(Some(ra)), Some(Some(rb))) => match behind {
+                Some(0) => ra,
+                Some(_) => rb,
+                // Prefer success; of two other answers either is as informative.
+                None if rb.status == Status::Ok => rb,
+                None => ra,
+            },
+            // One of two took it: the other missed it, which must be on record before
+            // the write is acknowledged.
+            (Some(Some(r)), Some(None)) => return Decided::TakenBy(0, r),
+            (Some(None), Some(Some(r))) => return Decided::TakenBy(1, r),
+            // The only target: it counted the write as taken alone (`SOLO`).
+            (Some(Some(r)), None) | (None, Some(Some(r))) => r,
+            (Some(None), None) => {
+                a.missed_write();
+                unwritable(self)
+            }
+            (None, Some(None)) => {
+                b.missed_write();
+                unwritable(self)
+            }
+            (Some(None), Some(None)) => {
+                a.missed_write();
+                b.missed_write();
+                unwritable(self)
+            }
+            (None, None) => unwritable(self),
+        })
     }
 
     /// A write refused as routed by an older map, routed again by the newer one with its

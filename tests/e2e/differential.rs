@@ -368,8 +368,85 @@ fn same(cmd: &[String], want: &Bytes, got: &Bytes) -> bool {
     false
 }
 
-/// Runs `seed`'s sequence of `n` commands on both servers and compares every reply.
-async fn run(seed: u64, n: usize, resp3: bool, redis: &RedisServer, cluster: &Cluster) {
+/// A run of plain SETs (and SETEX) on the keys, which a pipelining client's session sends
+/// to each pair in one batch (see `commands::batch`).
+fn plain_sets(rng: &mut Rng) -> Vec<Vec<String>> {
+    (0..2 + rng.below(12))
+        .map(|_| {
+            let (key, value) = (rng.pick(KEYS).to_string(), rng.pick(VALUES).to_string());
+            if rng.chance(10) {
+                vec!["setex".into(), key, "100".into(), value]
+            } else {
+                vec!["set".into(), key, value]
+            }
+        })
+        .collect()
+}
+
+/// The two connections of a run and what was sent on them, for the failure's message.
+struct Run {
+    seed: u64,
+    resp3: bool,
+    theirs: RespConn,
+    ours: RespConn,
+    history: Vec<String>,
+    /// Commands sent but not yet compared, and whether to pause after the last.
+    pending: Vec<Vec<String>>,
+    pause: bool,
+}
+
+impl Run {
+    /// Sends the pending commands to both servers in one write each, then compares the
+    /// replies one by one.
+    async fn exchange(&mut self) {
+        let mut out = bytes::BytesMut::new();
+        for cmd in &self.pending {
+            let args: Vec<&[u8]> = cmd.iter().map(|a| a.as_bytes()).collect();
+            crate::harness::encode(&args, &mut out);
+        }
+        if std::env::var("DIFF_SHOW").is_ok() {
+            eprintln!("-- {} commands in one write", self.pending.len());
+            eprintln!("CHUNK {:?}", self.pending);
+        }
+        self.theirs.send_raw(&out).await;
+        self.ours.send_raw(&out).await;
+        for cmd in std::mem::take(&mut self.pending) {
+            let want = self.theirs.reply().await;
+            let got = self.ours.reply().await;
+            self.history.push(cmd.join(" "));
+            if std::env::var("DIFF_SHOW").is_ok() {
+                eprintln!("{} => {:?}", cmd.join(" "), String::from_utf8_lossy(&want));
+            }
+            if !same(&cmd, &want, &got) {
+                let tail: Vec<&String> = self.history.iter().rev().take(25).rev().collect();
+                panic!(
+                    "seed {} (resp3 {}), command {}: {:?}\n redis: {:?}\n ours:  {:?}\n last commands:\n  {}",
+                    self.seed,
+                    self.resp3,
+                    self.history.len(),
+                    cmd.join(" "),
+                    String::from_utf8_lossy(&want),
+                    String::from_utf8_lossy(&got),
+                    tail.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("\n  ")
+                );
+            }
+        }
+        if std::mem::take(&mut self.pause) {
+            tokio::time::sleep(Duration::from_millis(15)).await;
+        }
+    }
+}
+
+/// Runs `seed`'s sequence of `n` commands on both servers and compares every reply: one
+/// command at a time, or `pipelined` in writes of up to 32 (with runs of plain SETs).
+async fn run(
+    seed: u64,
+    n: usize,
+    resp3: bool,
+    pipelined: bool,
+    redis: &RedisServer,
+    cluster: &Cluster,
+) {
     let redis_addr = format!("127.0.0.1:{}", redis.port).parse().unwrap();
     let mut theirs = RespConn::connect(redis_addr).await;
     let mut ours = RespConn::connect(cluster.orch.addr).await;
@@ -379,12 +456,25 @@ async fn run(seed: u64, n: usize, resp3: bool, redis: &RedisServer, cluster: &Cl
             c.call(&[b"hello", b"3"]).await;
         }
     }
+    let mut run = Run {
+        seed,
+        resp3,
+        theirs,
+        ours,
+        history: Vec::new(),
+        pending: Vec::new(),
+        pause: false,
+    };
     let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
-    let mut history: Vec<String> = Vec::new();
     let mut sent = 0;
     while sent < n {
         let batch = if rng.chance(8) {
             transaction(&mut rng)
+                .into_iter()
+                .map(|c| (c, false))
+                .collect()
+        } else if pipelined && rng.chance(25) {
+            plain_sets(&mut rng)
                 .into_iter()
                 .map(|c| (c, false))
                 .collect()
@@ -393,28 +483,14 @@ async fn run(seed: u64, n: usize, resp3: bool, redis: &RedisServer, cluster: &Cl
         };
         for (cmd, pause) in batch {
             sent += 1;
-            let args: Vec<&[u8]> = cmd.iter().map(|a| a.as_bytes()).collect();
-            let want = theirs.call(&args).await;
-            let got = ours.call(&args).await;
-            history.push(cmd.join(" "));
-            if std::env::var("DIFF_SHOW").is_ok() {
-                eprintln!("{} => {:?}", cmd.join(" "), String::from_utf8_lossy(&want));
-            }
-            if !same(&cmd, &want, &got) {
-                let tail: Vec<&String> = history.iter().rev().take(25).rev().collect();
-                panic!(
-                    "seed {seed} (resp3 {resp3}), command {sent}: {:?}\n redis: {:?}\n ours:  {:?}\n last commands:\n  {}",
-                    cmd.join(" "),
-                    String::from_utf8_lossy(&want),
-                    String::from_utf8_lossy(&got),
-                    tail.iter().map(|s| s.as_str()).collect::<Vec<_>>().join("\n  ")
-                );
-            }
-            if pause {
-                tokio::time::sleep(Duration::from_millis(15)).await;
+            run.pending.push(cmd);
+            run.pause = pause;
+            if !pipelined || pause || run.pending.len() >= 32 {
+                run.exchange().await;
             }
         }
     }
+    run.exchange().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -426,7 +502,7 @@ async fn generated_sequences_answer_byte_for_byte_like_redis() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(4);
     for seed in 1..=seeds {
-        run(seed, 600, false, &redis, &cluster).await;
+        run(seed, 600, false, false, &redis, &cluster).await;
     }
 }
 
@@ -439,6 +515,71 @@ async fn generated_sequences_answer_byte_for_byte_like_redis_in_resp3() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(3);
     for seed in 101..101 + seeds {
-        run(seed, 600, true, &redis, &cluster).await;
+        run(seed, 600, true, false, &redis, &cluster).await;
+    }
+}
+
+/// Pipelined, as a client that writes many commands at once: runs of plain SETs reach each
+/// pair in one batch, and everything after them must still see them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_sequences_answer_byte_for_byte_like_redis() {
+    let redis = RedisServer::start();
+    let cluster = Cluster::start(2).await;
+    let seeds: u64 = std::env::var("DIFF_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    for seed in 201..201 + seeds {
+        run(seed, 800, seed % 2 == 0, true, &redis, &cluster).await;
+    }
+}
+
+/// Pipelines whose later commands depend on earlier ones that take more than one step on
+/// the workers (FLUSHALL, KEYS, a RENAME, COPY or MSETNX across pairs, a program's copy
+/// to the partner), each sent in one write to both servers, many times over: every reply
+/// must be Redis'.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_commands_see_the_ones_before_them() {
+    let redis = RedisServer::start();
+    let cluster = Cluster::start(2).await;
+    let redis_addr = format!("127.0.0.1:{}", redis.port).parse().unwrap();
+    let mut run = Run {
+        seed: 0,
+        resp3: false,
+        theirs: RespConn::connect(redis_addr).await,
+        ours: RespConn::connect(cluster.orch.addr).await,
+        history: Vec::new(),
+        pending: Vec::new(),
+        pause: false,
+    };
+    let words = |line: &str| -> Vec<String> { line.split(' ').map(str::to_string).collect() };
+    let pipelines: &[&[&str]] = &[
+        &["set a 1", "flushall", "set b 2", "get b", "dbsize"],
+        &["set k2 v", "keys k*", "set k1 w", "keys k*"],
+        &[
+            "set k2 v",
+            "set missing x",
+            "rename k2 missing",
+            "get missing",
+            "unlink k2 k1",
+        ],
+        &[
+            "set {t}b v",
+            "set missing x",
+            "rename {t}b missing",
+            "get missing",
+            "del {t}b",
+        ],
+        &["set k1 v", "copy k1 n", "get n", "exists n"],
+        &["set k2 1", "msetnx {t}h 1 k2 2", "type {t}h", "get k2"],
+        &["incr n", "incr n", "get n", "mget n k1 k2"],
+        &["set h1 x", "expire h1 0", "keys h*", "exists h1"],
+    ];
+    for round in 0..20 {
+        for pipeline in pipelines {
+            run.pending = pipeline.iter().map(|l| words(l)).collect();
+            run.exchange().await;
+        }
+        run.seed = round;
     }
 }

@@ -67,44 +67,46 @@ const MOVE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 pub type Answered = Result<Answer, Response>;
 pub type BoxAnswer = Pin<Box<dyn Future<Output = Answered> + Send>>;
 
-/// A session's read-modify-writes not yet answered, by key: a read of one of those keys
-/// goes to the primary, behind the write, instead of to the partner it may not have
-/// reached yet. Costs a session that has none one atomic load per read.
+/// A session's read-modify-writes not yet answered, by pair: a read of any key of such a
+/// pair goes to its primary, behind the program, instead of to the partner the program's
+/// changes may not have reached yet. By pair, not by the program's key: a program may write
+/// other keys of its pair too (RENAME's and COPY's destination, MSETNX's keys, an EXEC's),
+/// and one read program (an MGET's) reads many. Costs a session that has none one atomic
+/// load per read.
 #[derive(Debug, Default)]
 pub struct Pending {
     count: AtomicUsize,
-    keys: Mutex<Vec<Bytes>>,
+    pairs: Mutex<Vec<usize>>,
 }
 
 impl Pending {
-    pub fn holds(&self, key: &[u8]) -> bool {
+    pub fn holds(&self, pair: usize) -> bool {
         self.count.load(Ordering::Acquire) > 0
             && self
-                .keys
+                .pairs
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .iter()
-                .any(|k| k == key)
+                .contains(&pair)
     }
 
-    pub(super) fn start(self: &Arc<Self>, key: &Bytes) -> PendingGuard {
-        self.keys
+    pub(super) fn start(self: &Arc<Self>, pair: usize) -> PendingGuard {
+        self.pairs
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .push(key.clone());
+            .push(pair);
         self.count.fetch_add(1, Ordering::AcqRel);
-        PendingGuard(self.clone(), key.clone())
+        PendingGuard(self.clone(), pair)
     }
 }
 
-/// Removes its key from the session's pending ones when the program is answered.
-pub(super) struct PendingGuard(Arc<Pending>, Bytes);
+/// Removes its pair from the session's pending ones when the program is answered.
+pub(super) struct PendingGuard(Arc<Pending>, usize);
 
 impl Drop for PendingGuard {
     fn drop(&mut self) {
-        let mut keys = self.0.keys.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(i) = keys.iter().position(|k| k == &self.1) {
-            keys.swap_remove(i);
+        let mut pairs = self.0.pairs.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = pairs.iter().position(|p| *p == self.1) {
+            pairs.swap_remove(i);
         }
         self.0.count.fetch_sub(1, Ordering::AcqRel);
     }
@@ -217,7 +219,7 @@ impl Router {
         // instead of coming back for a new stamp (see `version::bump`).
         req.flags = flags::IN_SYNC | flags::BUMP | if resp3 { flags::RESP3 } else { 0 };
         req.ttl_ms = self.max_replies as u64;
-        let pending = origin.rmw.as_ref().map(|p| p.start(&req.key));
+        let pending = origin.rmw.as_ref().map(|p| p.start(pair));
         let targets = self.write_targets(&topo[pair]);
         if !targets[0] && !targets[1] {
             let answer = unwritable(self);

@@ -344,7 +344,7 @@ async fn a_read_behind_a_refused_program_is_served_by_the_partial_copy() {
         ..Origin::default()
     };
     let key = Bytes::from_static(b"k");
-    let _in_flight = origin.rmw.as_ref().unwrap().start(&key);
+    let _in_flight = origin.rmw.as_ref().unwrap().start(0);
     let resp = router.get(key, &origin).await;
     assert_eq!((resp.status, &resp.payload[..]), (Status::Ok, &b"v"[..]));
     assert_eq!(ops(&sent, Op::Get).len(), 1);

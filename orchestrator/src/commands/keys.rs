@@ -228,8 +228,10 @@ pub(super) fn rename(src: Bytes, dst: Bytes, nx: bool, ctx: &Ctx) -> Step<Reply>
         let fut = super::run_action(ctx, src, &Action::RenameTo { dst, nx }, false);
         return dispatch(async move { raw(fut.await) });
     }
+    // Its steps run one after another as it is polled: nothing after it is read until it is
+    // done, so a later command of the session sees the move (Redis: the next command does).
     let ctx = ctx.clone();
-    dispatch(async move {
+    Step::Settle(Box::pin(async move {
         let moved = async {
             let Some(d) = dump(&ctx, src.clone()).await? else {
                 return Err(Reply::err("ERR no such key"));
@@ -242,7 +244,7 @@ pub(super) fn rename(src: Bytes, dst: Bytes, nx: bool, ctx: &Ctx) -> Step<Reply>
             Ok(if nx { Reply::Int(1) } else { Reply::OK })
         };
         moved.await.unwrap_or_else(|e| e)
-    })
+    }))
 }
 
 pub(super) fn copy(src: Bytes, dst: Bytes, replace: bool, ctx: &Ctx) -> Step<Reply> {
@@ -250,8 +252,9 @@ pub(super) fn copy(src: Bytes, dst: Bytes, replace: bool, ctx: &Ctx) -> Step<Rep
         let fut = super::run_action(ctx, src, &Action::CopyTo { dst, replace }, false);
         return dispatch(async move { raw(fut.await) });
     }
+    // As a cross-pair RENAME: nothing after it is read until it is done.
     let ctx = ctx.clone();
-    dispatch(async move {
+    Step::Settle(Box::pin(async move {
         let copied = async {
             let Some(d) = dump(&ctx, src).await? else {
                 return Ok(Reply::Int(0));
@@ -259,7 +262,7 @@ pub(super) fn copy(src: Bytes, dst: Bytes, replace: bool, ctx: &Ctx) -> Step<Rep
             Ok(Reply::Int(restore(&ctx, dst, &d, replace).await?))
         };
         copied.await.unwrap_or_else(|e: Reply| e)
-    })
+    }))
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ use twincache_protocol::glob;
 use twincache_protocol::program::{encode_program, Action, Kind, ScanRequest};
 use twincache_protocol::resp::Reply;
 
-use super::{dispatch, error_reply, int, replies, syntax_error, Adapter, Cmd, Family, Group, Spec};
+use super::{error_reply, in_turn, int, replies, syntax_error, Adapter, Cmd, Family, Group, Spec};
 use crate::auth::Access::{Admin, Read};
 use crate::session::{Ctx, Step};
 
@@ -194,7 +194,7 @@ fn following(pair: usize, pairs: usize, worker: usize, next: u64) -> u64 {
 
 pub(super) fn scan(scan: Scan, ctx: &Ctx) -> Step<Reply> {
     let ctx = ctx.clone();
-    dispatch(async move {
+    in_turn(async move {
         let pairs = ctx.router.pairs().len();
         let (pair, worker, at) = decode_cursor(scan.cursor);
         let answer = |cursor: u64, keys: Vec<Bytes>| {
@@ -233,7 +233,7 @@ pub(super) fn scan(scan: Scan, ctx: &Ctx) -> Step<Reply> {
 pub(super) fn keys(pattern: Bytes, ctx: &Ctx) -> Step<Reply> {
     let ctx = ctx.clone();
     let limit = ctx.config.max_connection_buffer / 2;
-    dispatch(async move {
+    in_turn(async move {
         let pattern = (pattern.as_ref() != b"*").then_some(pattern);
         let pairs = ctx.router.pairs().len();
         let (mut keys, mut bytes) = (Vec::new(), 0usize);
@@ -285,7 +285,7 @@ pub(super) fn keys(pattern: Bytes, ctx: &Ctx) -> Step<Reply> {
 /// RANDOMKEY: a random key of a random pair holding keys.
 pub(super) fn random_key(ctx: &Ctx) -> Step<Reply> {
     let ctx = ctx.clone();
-    dispatch(async move {
+    in_turn(async move {
         let pairs = ctx.router.pairs().len();
         let first = rand::random::<u32>() as usize % pairs;
         for i in 0..pairs {
@@ -321,7 +321,7 @@ pub(crate) async fn total_keys(ctx: &Ctx) -> Option<u64> {
 
 pub(super) fn dbsize(ctx: &Ctx) -> Step<Reply> {
     let ctx = ctx.clone();
-    dispatch(async move {
+    in_turn(async move {
         match total_keys(&ctx).await {
             Some(n) => Reply::Int(n as i64),
             None => Reply::err("TRYAGAIN a pair has no reachable worker"),
@@ -331,7 +331,7 @@ pub(super) fn dbsize(ctx: &Ctx) -> Step<Reply> {
 
 pub(super) fn flush(asynchronous: bool, ctx: &Ctx) -> Step<Reply> {
     let ctx = ctx.clone();
-    dispatch(async move {
+    in_turn(async move {
         match ctx.router.flush_all(asynchronous).await {
             Ok(()) => Reply::OK,
             Err(resp) => error_reply(&resp),

@@ -443,6 +443,14 @@ fn dispatch(fut: impl Future<Output = Reply> + Send + 'static) -> Step<Reply> {
     Step::Dispatch(Box::pin(fut), 1)
 }
 
+/// A command whose requests go to the workers as it is polled, step after step, rather than
+/// as it is read: nothing after it is read until it is answered, so a later command of the
+/// session neither overtakes it (a SET pipelined behind FLUSHALL was flushed) nor is seen by
+/// it (KEYS listed a key SET after it).
+fn in_turn(fut: impl Future<Output = Reply> + Send + 'static) -> Step<Reply> {
+    Step::Settle(Box::pin(fut))
+}
+
 fn dispatch_n(fut: impl Future<Output = Reply> + Send + 'static, n: usize) -> Step<Reply> {
     Step::Dispatch(Box::pin(fut), n.max(1))
 }
@@ -455,6 +463,14 @@ pub(crate) fn error_reply(resp: &Response) -> Reply {
         Status::Unavailable => Reply::err(format!("TRYAGAIN {msg}")),
         Status::WrongType => Reply::err(msg.into_owned()),
         _ => Reply::err(format!("ERR {msg}")),
+    }
+}
+
+/// A plain write's answer: OK, or why not.
+fn written(resp: Response) -> Reply {
+    match resp.status {
+        Status::Ok => Reply::OK,
+        _ => error_reply(&resp),
     }
 }
 
@@ -571,12 +587,7 @@ pub fn execute(cmd: Cmd, conn: &mut Conn, ctx: &Ctx) -> Step<Reply> {
         // twice (captured, then as the awaited value), and the box is allocated and copied
         // at that size.
         Cmd::Get(key) => dispatch(ctx.router.get(key, &ctx.origin).map(value_reply)),
-        Cmd::Write(req) => dispatch(ctx.router.write(req, &ctx.origin).map(
-            |resp| match resp.status {
-                Status::Ok => Reply::OK,
-                _ => error_reply(&resp),
-            },
-        )),
+        Cmd::Write(req) => dispatch(ctx.router.write(req, &ctx.origin).map(written)),
         Cmd::Del(keys) => count(
             keys.into_iter()
                 .map(|k| {

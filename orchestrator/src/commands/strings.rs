@@ -362,14 +362,15 @@ fn read_values(
 ) -> Either<impl Future<Output = Values> + Send + 'static, Ready<Values>> {
     let router = &ctx.router;
     let topo = router.pairs();
-    let pending = ctx.origin.rmw.as_ref();
     let mut single = Vec::new();
     let mut by_pair: Vec<Vec<usize>> = vec![Vec::new(); topo.len()];
     // Adapter mode's GET falls back to the source and destination; a program does not.
     let one_by_one = keys.len() == 1 || router.is_adapter();
     for (i, key) in keys.iter().enumerate() {
         let route = topo.route(key);
-        if one_by_one || route.from.is_some() || pending.is_some_and(|p| p.holds(key)) {
+        // (A pair with a program of this session's in flight is read on its primary, by a
+        // program as by a GET: see `cluster::Pending`.)
+        if one_by_one || route.from.is_some() {
             single.push(i);
         } else {
             by_pair[route.pair].push(i);
@@ -506,44 +507,47 @@ pub(super) fn msetnx(pairs: Vec<(Bytes, Bytes)>, ctx: &Ctx) -> Step<Reply> {
         .collect();
     let (router, origin) = (ctx.router.clone(), ctx.origin.clone());
     let n = futs.len();
-    dispatch_n(
-        async move {
-            let answers = join_every(futs).await;
-            let set: Vec<Option<u64>> = answers
-                .iter()
-                .map(|a| match a {
-                    Ok(a) if a.replies.starts_with(b":1") => Some(a.version),
-                    _ => None,
-                })
-                .collect();
-            if set.iter().all(Option::is_some) {
-                return Reply::Int(1);
+    let answer = async move {
+        let answers = join_every(futs).await;
+        let set: Vec<Option<u64>> = answers
+            .iter()
+            .map(|a| match a {
+                Ok(a) if a.replies.starts_with(b":1") => Some(a.version),
+                _ => None,
+            })
+            .collect();
+        if set.iter().all(Option::is_some) {
+            return Reply::Int(1);
+        }
+        let mut failed = answers
+            .iter()
+            .find_map(|a| a.as_ref().err().map(error_reply));
+        // Undo what the pairs that accepted wrote, where it is still theirs.
+        let undo: Vec<_> = groups
+            .iter()
+            .zip(&set)
+            .filter_map(|(group, version)| {
+                let version = (*version)?;
+                let program: Vec<Action> = group
+                    .iter()
+                    .flat_map(|(k, _)| [Action::Key(k.clone()), Action::DelIfVersion(version)])
+                    .collect();
+                Some(router.apply(group[0].0.clone(), encode_program(&program), false, &origin))
+            })
+            .collect();
+        for r in join_every(undo).await {
+            if let Err(e) = replies(r) {
+                failed.get_or_insert(e);
             }
-            let mut failed = answers
-                .iter()
-                .find_map(|a| a.as_ref().err().map(error_reply));
-            // Undo what the pairs that accepted wrote, where it is still theirs.
-            let undo: Vec<_> = groups
-                .iter()
-                .zip(&set)
-                .filter_map(|(group, version)| {
-                    let version = (*version)?;
-                    let program: Vec<Action> = group
-                        .iter()
-                        .flat_map(|(k, _)| [Action::Key(k.clone()), Action::DelIfVersion(version)])
-                        .collect();
-                    Some(router.apply(group[0].0.clone(), encode_program(&program), false, &origin))
-                })
-                .collect();
-            for r in join_every(undo).await {
-                if let Err(e) = replies(r) {
-                    failed.get_or_insert(e);
-                }
-            }
-            failed.unwrap_or(Reply::Int(0))
-        },
-        n,
-    )
+        }
+        failed.unwrap_or(Reply::Int(0))
+    };
+    if n > 1 {
+        // An undo goes out as the answer is polled: nothing after it is read until it is
+        // done, so the session's next command sees all of the keys set or none.
+        return Step::Settle(Box::pin(answer));
+    }
+    dispatch_n(answer, n)
 }
 
 /// Key-value pairs grouped by the pair of workers holding each key (a key named twice keeps
