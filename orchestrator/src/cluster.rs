@@ -28,6 +28,7 @@ use crate::hlc::Hlc;
 use crate::metrics::RouterStats;
 
 mod adapter;
+mod batch;
 mod link;
 mod membership;
 mod reports;
@@ -37,6 +38,7 @@ mod shared;
 mod tests;
 mod topology;
 
+pub use batch::Written;
 use link::Skipping;
 pub use link::{WorkerLink, WorkerState};
 
@@ -810,6 +812,7 @@ impl Router {
     /// What a write's answers make of it: per worker, `None` if it was not sent there and
     /// `Some(None)` if that worker did not take it (marked here as having missed it). Of two
     /// answers, `behind`'s if given (see [`Router::write_in`]), else a success.
+    #[inline]
     fn decide(
         &self,
         workers: &[Arc<WorkerLink>; 2],

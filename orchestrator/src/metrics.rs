@@ -442,6 +442,9 @@ pub struct RouterStats {
     pub whole_copies: AtomicU64,
     /// Requests a worker refused as routed by an older cluster map, routed again.
     pub reroutes: AtomicU64,
+    /// Plain SETs sent in batches (a client's pipelined SETs to one pair, one frame per
+    /// worker; see `cluster::batch`).
+    pub batched_writes: AtomicU64,
 }
 
 impl RouterStats {
@@ -489,6 +492,11 @@ impl RouterStats {
             "twincache_reroutes",
             "Requests a worker refused as routed by an older cluster map, routed again.",
             self.reroutes.load(Relaxed),
+        )?;
+        s.counter(
+            "twincache_batched_writes",
+            "Plain SETs sent to a pair's workers in batches, one frame per worker for a client's pipelined run.",
+            self.batched_writes.load(Relaxed),
         )
     }
 }

@@ -12,6 +12,7 @@ use bytes::{Bytes, BytesMut};
 use twincache_protocol::resp::{put_bulk_head, Reply, RespDecoder, Version};
 
 use crate::auth::Who;
+use crate::commands::batch::Batches;
 use crate::commands::{self, adapter, Adapter, Conn};
 use crate::metrics::{Closed, Cmd, ErrorCode, Proto};
 use crate::session::{Ctx, Outgoing, Protocol, Step};
@@ -49,6 +50,8 @@ pub struct RespProtocol {
     writing: Version,
     /// The last command read, for the metrics.
     cmd: Cmd,
+    /// Plain SETs read and not yet sent (see [`commands::batch`]).
+    batches: Batches,
 }
 
 impl RespProtocol {
@@ -63,6 +66,7 @@ impl RespProtocol {
             },
             writing: Version::Resp2,
             cmd: Cmd::Other,
+            batches: Batches::default(),
         }
     }
 }
@@ -113,6 +117,7 @@ impl Protocol for RespProtocol {
             return Step::Reply(Reply::err("TRYAGAIN the cluster is starting; retry"));
         }
         if passes {
+            self.batches.flush(ctx);
             return adapter::passthrough(spec, args, ctx);
         }
         let Some(spec) = spec.filter(|s| s.native()) else {
@@ -133,10 +138,24 @@ impl Protocol for RespProtocol {
                 ctx,
             ));
         }
-        match commands::parse(spec, &args) {
-            Ok(cmd) => commands::execute(cmd, &mut self.conn, ctx),
-            Err(reply) => Step::Reply(reply),
-        }
+        let cmd = match commands::parse(spec, &args) {
+            Ok(commands::Cmd::Write(req)) if self.batches.may_gather(buf) => {
+                match self.batches.gather(req, buf, ctx) {
+                    Ok(gathered) => return gathered,
+                    Err(req) => commands::Cmd::Write(req),
+                }
+            }
+            Ok(cmd) => cmd,
+            Err(reply) => return Step::Reply(reply),
+        };
+        // Whatever it sends reaches the workers after the SETs before it.
+        self.batches.flush(ctx);
+        commands::execute(cmd, &mut self.conn, ctx)
+    }
+
+    #[inline]
+    fn flush(&mut self, ctx: &Ctx) {
+        self.batches.flush(ctx);
     }
 
     fn encode(&mut self, reply: Reply, out: &mut Outgoing) {

@@ -197,6 +197,9 @@ pub trait Protocol {
     }
     /// What to answer when the client stops sending with bytes left in `buf`.
     fn at_eof(&mut self, buf: &BytesMut) -> Option<Self::Out>;
+    /// Sends what [`Protocol::next`] gathered rather than sent (RESP's plain SETs): the
+    /// session calls it when it stops reading, before it waits for any reply.
+    fn flush(&mut self, _ctx: &Ctx) {}
 }
 
 /// Serves one client connection on a TLS port: the handshake (within the preamble deadline,
@@ -566,6 +569,10 @@ async fn run<P: Protocol, S: ClientStream>(
                     hung_up = true;
                 }
             }
+        }
+        if inflight.items.len() != before {
+            // (Whatever it gathered has a reply queued.)
+            proto.flush(ctx);
         }
         ctx.metrics
             .commands_processed(inflight.items.len().saturating_sub(before) as u64);
@@ -1114,6 +1121,7 @@ impl Protocol for BinaryProtocol {
             | Op::Replicate
             | Op::Slots
             | Op::Map
+            | Op::Batch
             | Op::Scan
             | Op::Flush
             | Op::Unknown(_) => {

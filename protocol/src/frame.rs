@@ -177,6 +177,11 @@ pub enum Op {
     /// `lease <instance> <ttl_ms>` (the right to change the map; answer `granted` or
     /// `held <instance> <ms left>`), `release <instance>`.
     Map,
+    /// Orchestrator to worker: plain `set`s, run in order as if each had come in a frame of
+    /// its own (a client's pipelined SETs to one pair, one frame per worker instead of one
+    /// per SET). The value is their frames ([`encode_batch`]); the answer is `Ok` with their
+    /// responses' frames in the same order ([`frames`]), each with its index as its id.
+    Batch,
     Unknown(u8),
 }
 
@@ -207,6 +212,7 @@ impl Op {
             Op::Flush => 22,
             Op::Slots => 23,
             Op::Map => 24,
+            Op::Batch => 25,
             Op::Unknown(c) => c,
         }
     }
@@ -237,6 +243,7 @@ impl Op {
             22 => Op::Flush,
             23 => Op::Slots,
             24 => Op::Map,
+            25 => Op::Batch,
             c => Op::Unknown(c),
         }
     }
@@ -488,6 +495,39 @@ pub fn encode_response(id: u64, status: Status, payload: &[u8], dst: &mut BytesM
     dst.put_slice(payload);
 }
 
+/// The value of a [`Op::Batch`] request: each of `reqs` as a frame, its index as its id.
+pub fn encode_batch(reqs: &[Request]) -> Bytes {
+    let len = reqs.iter().map(|r| 4 + r.body_len()).sum();
+    let mut dst = BytesMut::with_capacity(len);
+    for (i, req) in reqs.iter().enumerate() {
+        dst.put_u32(req.body_len() as u32);
+        let start = dst.len();
+        req.encode_body(&mut dst);
+        dst[start..start + 8].copy_from_slice(&(i as u64).to_be_bytes());
+    }
+    dst.freeze()
+}
+
+/// The messages framed one after another in `body` (a batch's requests, or their responses);
+/// a frame that runs past the end, or a body that does not parse, is an error.
+pub fn frames<M: Message>(mut body: Bytes) -> impl Iterator<Item = Result<M, FrameError>> {
+    std::iter::from_fn(move || {
+        if body.is_empty() {
+            return None;
+        }
+        if body.len() < 4 {
+            body.clear();
+            return Some(Err(FrameError::Malformed("frame shorter than its length")));
+        }
+        let len = body.get_u32() as usize;
+        if len > body.len() {
+            body.clear();
+            return Some(Err(FrameError::Malformed("frame runs past the batch")));
+        }
+        Some(M::decode_body(body.split_to(len)))
+    })
+}
+
 /// A response's header: its id, then its status.
 fn response_head(id: u64, status: Status) -> [u8; RESPONSE_HEADER_LEN] {
     let mut head = [0u8; RESPONSE_HEADER_LEN];
@@ -592,6 +632,41 @@ mod tests {
     use super::*;
     use crate::test_support::reads;
     use proptest::prelude::*;
+
+    /// A batch carries its requests whole and numbered; a cut one is an error, not a
+    /// shorter batch.
+    #[test]
+    fn a_batch_carries_its_requests_in_order() {
+        let reqs: Vec<Request> = (0..3u8)
+            .map(|i| {
+                let mut r = sample_request();
+                r.id = 77;
+                r.key = Bytes::from(vec![b'k', i]);
+                r.value = Bytes::from(vec![i; usize::from(i) * 10]);
+                r
+            })
+            .collect();
+        let body = encode_batch(&reqs);
+        let back: Vec<Request> = frames(body.clone()).collect::<Result<_, _>>().unwrap();
+        for (i, (got, sent)) in back.iter().zip(&reqs).enumerate() {
+            assert_eq!(got.id, i as u64);
+            assert_eq!(
+                (&got.key, &got.value, got.version),
+                (&sent.key, &sent.value, sent.version)
+            );
+        }
+        assert_eq!(back.len(), 3);
+        for cut in [1, 5, body.len() - 1] {
+            let got: Vec<Result<Request, _>> = frames(body.slice(..cut)).collect();
+            assert!(got.last().unwrap().is_err(), "cut at {cut}");
+        }
+        let mut answers = BytesMut::new();
+        encode_response(0, Status::Ok, b"", &mut answers);
+        encode_response(1, Status::TooLarge, b"too big", &mut answers);
+        let back: Vec<Response> = frames(answers.freeze()).collect::<Result<_, _>>().unwrap();
+        assert_eq!(back[1].status, Status::TooLarge);
+        assert_eq!(&back[1].payload[..], b"too big");
+    }
 
     /// A frame declared large but not sent costs the reader no more than `RESERVE_AHEAD`;
     /// as its bytes arrive the buffer grows with them, and the frame still decodes whole.

@@ -13,7 +13,7 @@ use twincache_client::Bytes;
 
 use twincache_client::Client;
 
-use crate::harness::{poll_until, Proc, TextConn, WORKER};
+use crate::harness::{encode, poll_until, Proc, RespConn, TextConn, WORKER};
 
 /// Orchestrator flags that make failures show quickly in a test.
 pub const FAST: &[&str] = &[
@@ -177,11 +177,9 @@ pub async fn pair(worker_flags: &[&str]) -> Pair {
     Pair { a, b, orch }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_restart_resync_then_lose_the_partner() {
-    let mut p = pair(&[]).await;
+/// Under load: `a` killed (-9), restarted at its address after a while, and back in sync.
+async fn kill_and_restart_a(p: &mut Pair) {
     let (addr, wa) = (p.orch.addr, p.a.addr);
-    let load = Load::start(addr, 4).await;
     tokio::time::sleep(Duration::from_millis(700)).await;
     p.a.kill();
     tokio::time::sleep(Duration::from_millis(700)).await;
@@ -191,6 +189,14 @@ async fn kill_9_restart_resync_then_lose_the_partner() {
     })
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_restart_resync_then_lose_the_partner() {
+    let mut p = pair(&[]).await;
+    let addr = p.orch.addr;
+    let load = Load::start(addr, 4).await;
+    kill_and_restart_a(&mut p).await;
     let (ops, errors, models) = load.stop().await;
     assert!(ops > 200, "the load ran ({ops} ops)");
     assert!(errors.is_empty(), "client-visible errors: {errors:#?}");
@@ -433,4 +439,68 @@ async fn workers_refill_from_each_other_at_their_peer_addresses() {
     );
     assert!(!log.contains(&ga.addr.to_string()), "{log}");
     verify(orch.addr, &models).await;
+}
+
+/// Pipelined RESP SETs (a client's run of SETs reaches each worker in one batch, see
+/// `commands::batch`) keep every acknowledged value through a worker's kill -9, its restart
+/// and refill, then the loss of its partner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_sets_survive_kill_9_restart_then_the_partner() {
+    let mut p = pair(&[]).await;
+    let addr = p.orch.addr;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for t in 0..3 {
+        let stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut conn = RespConn::connect(addr).await;
+            let mut model: HashMap<String, String> = HashMap::new();
+            let (mut sent, mut errors) = (0u64, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                let writes: Vec<(String, String)> = (sent..sent + 32)
+                    .map(|n| (format!("p{t}:k{}", n % 500), format!("v{n}")))
+                    .collect();
+                let mut out = bytes::BytesMut::new();
+                for (k, v) in &writes {
+                    encode(&[b"SET", k.as_bytes(), v.as_bytes()], &mut out);
+                }
+                conn.send_raw(&out).await;
+                for (k, v) in writes {
+                    let reply = conn.reply().await;
+                    if &reply[..] == b"+OK\r\n" {
+                        model.insert(k, v);
+                    } else {
+                        // Not acknowledged, so maybe stored, maybe not: not checked.
+                        errors.push(format!("{k}: {}", String::from_utf8_lossy(&reply)));
+                        model.remove(&k);
+                    }
+                }
+                sent += 32;
+            }
+            (model, errors, sent)
+        }));
+    }
+    kill_and_restart_a(&mut p).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut models = Vec::new();
+    for task in tasks {
+        let (model, errors, sent) = task.await.unwrap();
+        assert!(sent > 1000, "the load ran ({sent} SETs)");
+        assert!(errors.is_empty(), "client-visible errors: {errors:#?}");
+        models.push(model);
+    }
+    p.b.kill();
+    let mut conn = RespConn::connect(addr).await;
+    let mut checked = 0;
+    for (key, want) in models.iter().flatten() {
+        let got = conn.call(&[b"GET", key.as_bytes()]).await;
+        let expected = format!("${}\r\n{want}\r\n", want.len());
+        assert_eq!(
+            String::from_utf8_lossy(&got),
+            expected,
+            "key {key}: acknowledged {want:?}"
+        );
+        checked += 1;
+    }
+    assert!(checked > 1000, "only {checked} keys checked");
 }

@@ -15,7 +15,8 @@ use tokio_util::sync::CancellationToken;
 use twincache_protocol::auth::{self, ClusterSecret};
 use twincache_protocol::budget::{Account, Budget};
 use twincache_protocol::frame::{
-    encode_frame, flags, FrameCodec, FrameError, Op, Request, Response, PREAMBLE,
+    encode_frame, encode_response, flags, frames, FrameCodec, FrameError, Op, Request, Response,
+    PREAMBLE,
 };
 use twincache_protocol::info::Info;
 use twincache_protocol::outgoing::LARGE;
@@ -831,6 +832,7 @@ fn serve(node: &Node, req: Request) -> Response {
         }
         Op::Slots => slots(node, &String::from_utf8_lossy(&req.value)),
         Op::Map => node.map.op(&req.value),
+        Op::Batch => batch(node, req.value),
         // Served by the connection loop, which streams it.
         Op::Snapshot => Response::status(Status::ServerError),
         Op::Passthrough | Op::Invalidate => {
@@ -842,6 +844,28 @@ fn serve(node: &Node, req: Request) -> Response {
             Response::status(Status::InvalidCommand)
         }
     }
+}
+
+/// A batch of plain SETs (`Op::Batch`): each admitted and run as if it had come in a frame
+/// of its own, their answers in order. Adapter mode refuses it: its writes go to Redis first.
+fn batch(node: &Node, body: Bytes) -> Response {
+    if node.adapter.is_some() {
+        return Response::error(
+            Status::InvalidCommand,
+            "batches are not taken in adapter mode",
+        );
+    }
+    let mut out = BytesMut::new();
+    for (i, sub) in frames::<Request>(body).enumerate() {
+        let resp = match sub {
+            Ok(req) if req.op == Op::Set && req.flags & flags::GET == 0 => handle(node, req),
+            Ok(_) => Response::error(Status::InvalidCommand, "a batch holds only plain sets"),
+            // Those before it ran; the orchestrator sends them all again one by one.
+            Err(e) => return Response::error(Status::ParseError, e.to_string()),
+        };
+        encode_response(i as u64, resp.status, &resp.payload, &mut out);
+    }
+    Response::ok(out.freeze())
 }
 
 /// The `slots` op: a slot move's steps on this worker (see `sync`).
@@ -1057,6 +1081,56 @@ mod tests {
     }
 
     /// The adapter's ops are answered before `serve`: the map check comes first for them too.
+    /// A batch's SETs each run as a lone SET would (a key of another pair is refused as
+    /// moved, the others stored), answered in order; anything but a plain SET in it is
+    /// refused on its own, and a batch that does not parse is refused whole.
+    #[test]
+    fn a_batch_runs_each_set_as_if_it_came_alone() {
+        let node = Node::for_tests(None);
+        let map = two_pairs(&node);
+        let key_of = |pair| {
+            (0u32..)
+                .map(|i| Bytes::from(format!("k{i}")))
+                .find(|k| map.slots.pair_of(k) == pair)
+                .unwrap()
+        };
+        let set = |key: &Bytes, value: &'static [u8]| {
+            let mut req = Request::new(Op::Set, key.clone());
+            req.value = Bytes::from_static(value);
+            req.version = 7;
+            req
+        };
+        let (here, there) = (key_of(0), key_of(1));
+        let mut get = set(&here, b"");
+        get.op = Op::Get;
+        let body = twincache_protocol::frame::encode_batch(&[
+            set(&here, b"one"),
+            set(&there, b"two"),
+            get,
+            set(&here, b"three"),
+        ]);
+        let mut req = Request::new(Op::Batch, Bytes::new());
+        req.value = body.clone();
+        let resp = handle(&node, req);
+        assert_eq!(resp.status, Status::Ok);
+        let answers: Vec<Response> = frames(resp.payload).collect::<Result<_, _>>().unwrap();
+        let got: Vec<(u64, Status)> = answers.iter().map(|r| (r.id, r.status)).collect();
+        assert_eq!(
+            got,
+            [
+                (0, Status::Ok),
+                (1, Status::Moved),
+                (2, Status::InvalidCommand),
+                (3, Status::Ok)
+            ]
+        );
+        let stored = get_with(&node.store, &here, |v| v.into_bytes()).unwrap();
+        assert_eq!(&stored[..], b"three");
+        let mut cut = Request::new(Op::Batch, Bytes::new());
+        cut.value = body.slice(..body.len() - 1);
+        assert_eq!(handle(&node, cut).status, Status::ParseError);
+    }
+
     #[test]
     fn adapter_ops_of_another_pairs_slot_are_moved() {
         // Connections to Redis are made on first use: none is made here.

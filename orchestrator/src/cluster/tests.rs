@@ -8,14 +8,14 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 use twincache_protocol::cluster_map::ClusterMap;
-use twincache_protocol::frame::{Op, Request, Response};
+use twincache_protocol::frame::{encode_response, frames, Op, Request, Response};
 use twincache_protocol::slots::SlotMap;
 use twincache_protocol::Status;
 
 use super::link::Fake;
 use super::{
     MembershipConfig, Mode, Origin, Pair, Router, RouterConfig, Topology, WorkerLink, WorkerState,
-    READ_RUN,
+    Written, READ_RUN,
 };
 
 /// A router for `workers` (nothing need answer there): its links keep trying to connect
@@ -348,5 +348,138 @@ async fn a_read_behind_a_refused_program_is_served_by_the_partial_copy() {
     let resp = router.get(key, &origin).await;
     assert_eq!((resp.status, &resp.payload[..]), (Status::Ok, &b"v"[..]));
     assert_eq!(ops(&sent, Op::Get).len(), 1);
+    shutdown.cancel();
+}
+
+/// A worker that takes batches (counted in `batches`), answering each write in one as
+/// `inner` answers it alone; `None` from `inner` for any of them leaves the batch unanswered.
+fn batching(batches: Arc<AtomicUsize>, inner: Fake) -> Fake {
+    Arc::new(move |req: &Request| {
+        if req.op != Op::Batch {
+            return inner(req);
+        }
+        batches.fetch_add(1, Ordering::SeqCst);
+        let mut out = bytes::BytesMut::new();
+        for (i, sub) in frames::<Request>(req.value.clone()).enumerate() {
+            let resp = inner(&sub.expect("a batch parses"))?;
+            encode_response(i as u64, resp.status, &resp.payload, &mut out);
+        }
+        Some(Response::ok(out.freeze()))
+    })
+}
+
+fn sets(keys: &[&'static str]) -> Vec<Request> {
+    keys.iter().map(|k| set(k)).collect()
+}
+
+fn answers(written: Written) -> Vec<Status> {
+    match written {
+        Written::AllOk => vec![Status::Ok; 0],
+        Written::Each(each) => each.into_iter().map(|r| r.status).collect(),
+    }
+}
+
+#[tokio::test]
+async fn a_batch_of_sets_reaches_each_worker_in_one_frame_in_order() {
+    let (sent_a, sent_b) = (Sent::default(), Sent::default());
+    let (batches_a, batches_b) = (Arc::default(), Arc::default());
+    let (router, shutdown) = pair_of(
+        batching(Arc::clone(&batches_a), healthy(Arc::clone(&sent_a))),
+        batching(Arc::clone(&batches_b), healthy(Arc::clone(&sent_b))),
+    );
+    let written = router
+        .write_batch(0, sets(&["a", "b", "c"]), &Origin::INTERNAL)
+        .await;
+    assert!(matches!(written, Written::AllOk));
+    assert_eq!(router.stats.batched_writes.load(Ordering::Relaxed), 3);
+    assert_eq!(batches_a.load(Ordering::SeqCst), 1);
+    assert_eq!(batches_b.load(Ordering::SeqCst), 1);
+    let (a, b) = (ops(&sent_a, Op::Set), ops(&sent_b, Op::Set));
+    let keys: Vec<&[u8]> = a.iter().map(|r| &r.key[..]).collect();
+    assert_eq!(keys, [b"a", b"b", b"c"]);
+    assert!(
+        a.windows(2).all(|w| w[0].version < w[1].version),
+        "stamped in order"
+    );
+    let versions = |r: &[Request]| r.iter().map(|r| r.version).collect::<Vec<_>>();
+    assert_eq!(versions(&a), versions(&b), "the same versions on both");
+    shutdown.cancel();
+}
+
+#[tokio::test]
+async fn a_worker_that_refuses_batches_gets_the_writes_one_by_one_at_their_versions() {
+    let (sent_a, sent_b) = (Sent::default(), Sent::default());
+    let before_batches: Fake = {
+        let sent = Arc::clone(&sent_b);
+        Arc::new(move |req: &Request| {
+            if req.op == Op::Batch {
+                return Some(Response::status(Status::InvalidCommand));
+            }
+            sent.lock().unwrap().push(req.clone());
+            Some(Response::ok(Bytes::new()))
+        })
+    };
+    let batches_a = Arc::new(AtomicUsize::new(0));
+    let (router, shutdown) = pair_of(
+        batching(Arc::clone(&batches_a), healthy(Arc::clone(&sent_a))),
+        before_batches,
+    );
+    let written = router
+        .write_batch(0, sets(&["a", "b"]), &Origin::INTERNAL)
+        .await;
+    assert_eq!(answers(written), [Status::Ok, Status::Ok]);
+    let (a, b) = (ops(&sent_a, Op::Set), ops(&sent_b, Op::Set));
+    assert_eq!(b.len(), 2, "sent again, one by one");
+    assert_eq!(a.len(), 4, "the batch's, then each again");
+    assert_eq!((a[2].version, a[3].version), (b[0].version, b[1].version));
+    assert_eq!((a[0].version, a[1].version), (b[0].version, b[1].version));
+    assert!(router.pairs()[0].workers[1]
+        .refuses_batches
+        .load(Ordering::Relaxed));
+    // From now on that pair's writes go one by one.
+    let written = router
+        .write_batch(0, sets(&["c", "d"]), &Origin::INTERNAL)
+        .await;
+    assert_eq!(answers(written), [Status::Ok, Status::Ok]);
+    assert_eq!(batches_a.load(Ordering::SeqCst), 1);
+    assert_eq!(ops(&sent_b, Op::Set).len(), 4);
+    shutdown.cancel();
+}
+
+#[tokio::test]
+async fn a_batch_one_worker_missed_is_acknowledged_once_each_miss_is_on_record() {
+    let sent = Sent::default();
+    let (router, shutdown) = pair_of(
+        batching(Arc::default(), healthy(Arc::clone(&sent))),
+        unreachable(),
+    );
+    let written = router
+        .write_batch(0, sets(&["a", "b", "c"]), &Origin::INTERNAL)
+        .await;
+    assert_eq!(answers(written), [Status::Ok; 3]);
+    assert_eq!(
+        ops(&sent, Op::PartnerMissed).len(),
+        3,
+        "the holder counts them"
+    );
+    assert_eq!(router.pairs()[0].workers[1].state(), WorkerState::Stale);
+    shutdown.cancel();
+}
+
+#[tokio::test]
+async fn a_write_of_a_batch_refused_as_moved_is_routed_again_with_its_version() {
+    let (sent_a, sent_b) = (Sent::default(), Sent::default());
+    let (router, shutdown) = pair_of(
+        batching(Arc::default(), healthy(Arc::clone(&sent_a))),
+        batching(Arc::default(), moved_then_ok(1, 1, Arc::clone(&sent_b))),
+    );
+    let written = router
+        .write_batch(0, sets(&["a", "b"]), &Origin::INTERNAL)
+        .await;
+    assert_eq!(answers(written), [Status::Ok, Status::Ok]);
+    assert_eq!(router.stats.reroutes.load(Ordering::Relaxed), 1);
+    let b = ops(&sent_b, Op::Set);
+    assert_eq!(b.len(), 3, "the batch's two, then the refused one again");
+    assert_eq!((&b[2].key[..], b[2].version), (&b"a"[..], b[0].version));
     shutdown.cancel();
 }

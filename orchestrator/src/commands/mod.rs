@@ -19,6 +19,7 @@
 //! module); GET, plain SET, DEL, EXISTS, MGET and MSET keep their direct, faster paths.
 
 pub mod adapter;
+pub mod batch;
 pub mod connection;
 pub mod hashes;
 pub mod keys;
