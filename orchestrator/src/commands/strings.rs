@@ -275,7 +275,12 @@ pub(super) fn mget(keys: Vec<Bytes>, ctx: &Ctx) -> Step<Reply> {
             });
             return Step::Stream(Box::pin(stream::once(answer).flatten()));
         }
-        let windows: Vec<Vec<Bytes>> = keys.chunks(MGET_WINDOW).map(<[_]>::to_vec).collect();
+        // Each window taken from the keys as it comes, not all copied into windows at once.
+        let mut rest = keys.into_iter();
+        let windows = std::iter::from_fn(move || {
+            let window: Vec<Bytes> = rest.by_ref().take(MGET_WINDOW).collect();
+            (!window.is_empty()).then_some(window)
+        });
         let ctx = ctx.clone();
         let values = stream::iter(windows)
             .then(move |window| read_window(window, &ctx))
@@ -468,25 +473,22 @@ fn element(resp: twincache_protocol::Response) -> Element {
 }
 
 pub(super) fn mset(pairs: Vec<(Bytes, Bytes)>, ctx: &Ctx) -> Step<Reply> {
-    let futs: Vec<_> = pairs
-        .into_iter()
-        .map(|(k, v)| {
+    super::per_key(
+        pairs,
+        ctx,
+        (),
+        |(), ()| (),
+        |()| Reply::OK,
+        |(k, v), ctx| {
             let mut req = Request::new(Op::Set, k);
             req.value = v;
-            ctx.router.write(req, &ctx.origin)
-        })
-        .collect();
-    let n = futs.len();
-    dispatch_n(
-        async move {
-            for resp in join_every(futs).await {
-                if resp.status != Status::Ok {
-                    return error_reply(&resp);
-                }
-            }
-            Reply::OK
+            ctx.router
+                .write(req, &ctx.origin)
+                .map(|resp| match resp.status {
+                    Status::Ok => Ok(()),
+                    _ => Err(error_reply(&resp)),
+                })
         },
-        n,
     )
 }
 
