@@ -58,7 +58,7 @@ pub enum Mode {
 /// Where requests come from: which connection slot to each worker keeps their order (a
 /// client session's affinity), which account their large answers are charged to until
 /// they are written (see `twincache_protocol::budget`), and the session's
-/// read-modify-writes not yet answered (its later reads of those keys go to where they run).
+/// read-modify-writes not yet answered (its later reads on those pairs go to where they run).
 #[derive(Debug, Clone, Default)]
 pub struct Origin {
     pub affinity: usize,
@@ -547,9 +547,9 @@ impl Router {
         self.read_in(self.topology.load_full(), pair, req, origin, false)
     }
 
-    /// A read on pair `pair` of `topo`. A key the session has a read-modify-write in flight
-    /// on is read where that runs (its primary), behind it, so the session reads its own
-    /// write.
+    /// A read on pair `pair` of `topo`. On a pair where the session has a read-modify-write
+    /// in flight, it is read where that runs (the primary), behind it, so the session reads
+    /// its own write.
     ///
     /// With `reroute`, a read a worker refuses as routed by an older map is read again by the
     /// newer one ([`Router::reread`]); without, the refusal is the answer (a program's

@@ -95,6 +95,8 @@ pub(crate) struct Seen {
     pub claim: String,
     /// The epoch of the cluster map it holds (0: none yet).
     pub map_epoch: u64,
+    /// It takes `batch` frames (see `cluster::batch`).
+    pub batches: bool,
 }
 
 pub(crate) fn parse(text: &str) -> Seen {
@@ -113,6 +115,7 @@ pub(crate) fn parse(text: &str) -> Seen {
             "adapter" => seen.adapter = v == "1",
             "claim" => seen.claim = v.to_string(),
             "map_epoch" => seen.map_epoch = v.parse().unwrap_or(0),
+            "batches" => seen.batches = v == "1",
             _ => {}
         }
     }
@@ -637,6 +640,7 @@ impl Router {
             if let Some(s) = s {
                 let partial = !adapter && s.synced && !s.covers.complete;
                 w.partial.store(partial, Ordering::Release);
+                w.takes_batches.store(s.batches, Ordering::Relaxed);
                 // Once every refill it started has ended (and on first sight: drops an
                 // earlier run of this orchestrator retried are forgotten), it drops what
                 // its pair does not hold. Slots move only in replicated mode.

@@ -442,14 +442,18 @@ pub struct RouterStats {
     pub whole_copies: AtomicU64,
     /// Requests a worker refused as routed by an older cluster map, routed again.
     pub reroutes: AtomicU64,
-    /// Plain SETs sent in batches (a client's pipelined SETs to one pair, one frame per
-    /// worker; see `cluster::batch`).
+    /// Plain SETs stored on both workers through batches (a client's pipelined SETs to one
+    /// pair, one frame per worker; see `cluster::batch`).
     pub batched_writes: AtomicU64,
 }
 
 impl RouterStats {
     pub fn count(counter: &AtomicU64) {
         counter.fetch_add(1, Relaxed);
+    }
+
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Relaxed);
     }
 
     pub fn write(&self, s: &mut Scrape) -> std::fmt::Result {
@@ -495,7 +499,7 @@ impl RouterStats {
         )?;
         s.counter(
             "twincache_batched_writes",
-            "Plain SETs sent to a pair's workers in batches, one frame per worker for a client's pipelined run.",
+            "Plain SETs stored on both workers of a pair through batches: a client's pipelined run in one frame per worker.",
             self.batched_writes.load(Relaxed),
         )
     }

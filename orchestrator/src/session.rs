@@ -160,8 +160,9 @@ pub enum Step<O> {
     NeedMore,
     /// A request answered without the workers (ping, a parse error).
     Reply(O),
-    /// A request for the workers, already queued to them, and how many worker requests it
-    /// made (its weight in the in-flight window).
+    /// A request for the workers, already queued to them (or gathered, to be queued by
+    /// [`Protocol::flush`] before the session waits), and how many worker requests it made
+    /// (its weight in the in-flight window).
     Dispatch(BoxReply<O>, usize),
     /// A reply in parts, each written as it comes (a large MGET). It queues its worker
     /// requests as it goes, so nothing after it is read until it is done (that keeps the

@@ -495,6 +495,10 @@ pub fn encode_response(id: u64, status: Status, payload: &[u8], dst: &mut BytesM
     dst.put_slice(payload);
 }
 
+/// Most bytes of a [`Op::Batch`] request's value: what the orchestrator gathers into one
+/// batch, and what a worker runs in one go.
+pub const BATCH_BYTES: usize = 16 * 1024;
+
 /// The value of a [`Op::Batch`] request: each of `reqs` as a frame, its index as its id.
 pub fn encode_batch(reqs: &[Request]) -> Bytes {
     let len = reqs.iter().map(|r| 4 + r.body_len()).sum();

@@ -792,3 +792,43 @@ async fn the_key_interface_takes_basic_auth_and_slows_down_guessing() {
         "the tenth failure closes the connection: {closing:?}"
     );
 }
+
+/// A client's pipelined SETs reach the workers in batches once the workers said they take
+/// them, and every value reads back (`twincache_batched_writes_total` counts them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelined_sets_travel_in_batches() {
+    let cluster = HttpCluster::start(1, &[]).await;
+    let metrics = url(&cluster.orch, "/metrics");
+    let mut conn = crate::harness::RespConn::connect(cluster.orch.addr).await;
+    let started = Instant::now();
+    for round in 0u32.. {
+        let mut out = bytes::BytesMut::new();
+        for i in 0..32 {
+            let (k, v) = (format!("b{i}"), format!("v{round}:{i}"));
+            crate::harness::encode(&[b"SET", k.as_bytes(), v.as_bytes()], &mut out);
+        }
+        conn.send_raw(&out).await;
+        for _ in 0..32 {
+            assert_eq!(&conn.reply().await[..], b"+OK\r\n");
+        }
+        for i in 0..32 {
+            let want = format!("v{round}:{i}");
+            let got = conn.call(&[b"GET", format!("b{i}").as_bytes()]).await;
+            assert_eq!(got, format!("${}\r\n{want}\r\n", want.len()).as_bytes());
+        }
+        let (_, body) = get(&metrics).await;
+        let batched = body
+            .lines()
+            .find_map(|l| l.strip_prefix("twincache_batched_writes_total "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        if batched >= 32 {
+            return;
+        }
+        assert!(
+            started.elapsed() < WAIT,
+            "no batched SETs after {round} rounds"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

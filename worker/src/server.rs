@@ -16,7 +16,7 @@ use twincache_protocol::auth::{self, ClusterSecret};
 use twincache_protocol::budget::{Account, Budget};
 use twincache_protocol::frame::{
     encode_frame, encode_response, flags, frames, FrameCodec, FrameError, Op, Request, Response,
-    PREAMBLE,
+    BATCH_BYTES, PREAMBLE,
 };
 use twincache_protocol::info::Info;
 use twincache_protocol::outgoing::LARGE;
@@ -791,6 +791,10 @@ fn serve(node: &Node, req: Request) -> Response {
             node.sync.status_text(&mut info);
             info.add("map_epoch", node.map.epoch());
             info.add("adapter", u8::from(node.adapter.is_some()));
+            // It takes `batch` frames: an orchestrator sends none to a worker that does not
+            // say so (one from before them would refuse it after the session's later
+            // requests had gone out).
+            info.add("batches", u8::from(node.adapter.is_none()));
             // An orchestrator's node-id claim rides on its health checks.
             if !req.value.is_empty() {
                 info.add(
@@ -855,12 +859,16 @@ fn batch(node: &Node, body: Bytes) -> Response {
             "batches are not taken in adapter mode",
         );
     }
+    if body.len() > BATCH_BYTES {
+        // More than an orchestrator sends: refused before any of it runs.
+        return Response::error(Status::TooLarge, "a batch holds at most 16 KiB of sets");
+    }
     let mut out = BytesMut::new();
     for (i, sub) in frames::<Request>(body).enumerate() {
         let resp = match sub {
             Ok(req) if req.op == Op::Set && req.flags & flags::GET == 0 => handle(node, req),
             Ok(_) => Response::error(Status::InvalidCommand, "a batch holds only plain sets"),
-            // Those before it ran; the orchestrator sends them all again one by one.
+            // Those before it ran: the orchestrator takes it that this worker missed them all.
             Err(e) => return Response::error(Status::ParseError, e.to_string()),
         };
         encode_response(i as u64, resp.status, &resp.payload, &mut out);
@@ -1129,6 +1137,15 @@ mod tests {
         let mut cut = Request::new(Op::Batch, Bytes::new());
         cut.value = body.slice(..body.len() - 1);
         assert_eq!(handle(&node, cut).status, Status::ParseError);
+        // More than an orchestrator gathers: refused before any of it runs.
+        let many: Vec<Request> = (0..BATCH_BYTES / 30)
+            .map(|i| set(&Bytes::from(format!("many{i}")), b"x"))
+            .collect();
+        let mut big = Request::new(Op::Batch, Bytes::new());
+        big.value = twincache_protocol::frame::encode_batch(&many);
+        assert!(big.value.len() > BATCH_BYTES);
+        assert_eq!(handle(&node, big).status, Status::TooLarge);
+        assert!(node.store.version(b"many0").is_none());
     }
 
     #[test]

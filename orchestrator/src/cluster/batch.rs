@@ -4,12 +4,13 @@
 //! session gathers them while it reads its input (`commands::batch`).
 //!
 //! A batch goes only where every SET of it would have gone both ways anyway: a pair whose
-//! two workers both take writes. Each worker runs the SETs in order, as if each had come in a
-//! frame of its own, and answers each; each SET is then decided from its two answers as a
-//! lone write is ([`Router::decide`]), missed writes recorded and refused ones routed again
-//! alike. Anything else (a worker that does not know batches, an answer that does not parse,
-//! a pair one of whose workers is left out) sends the SETs one by one, at the versions they
-//! already have: a worker given a SET again at its version stores the same thing.
+//! two workers both take writes and both said, in their last status, that they take
+//! batches. Each worker runs the SETs in order, as if each had come in a frame of its own,
+//! and answers each; each SET is then decided from its two answers as a lone write is
+//! ([`Router::decide`]), missed writes recorded and refused ones routed again alike. A
+//! worker whose answer is not a batch's missed every SET in it, as one that did not answer.
+//! Anything else (a pair one of whose workers is left out, or has not said it takes
+//! batches) sends the SETs one by one.
 
 use std::future::Future;
 use std::sync::atomic::Ordering;
@@ -24,6 +25,7 @@ use twincache_protocol::Status;
 
 use super::{Decided, Origin, Router, WorkerLink};
 use crate::commands::join_every;
+use crate::metrics::RouterStats;
 
 /// The answers to a batch of writes.
 pub enum Written {
@@ -50,7 +52,7 @@ impl Router {
             && topo[pair]
                 .workers
                 .iter()
-                .all(|w| !w.refuses_batches.load(Ordering::Relaxed))
+                .all(|w| w.takes_batches.load(Ordering::Relaxed))
             && reqs.iter().all(|r| topo.route(&r.key).pair == pair);
         if !batched {
             return Either::Left(self.one_by_one(reqs, origin));
@@ -59,9 +61,6 @@ impl Router {
             self.stamp_write(req);
             req.flags &= !flags::SOLO;
         }
-        self.stats
-            .batched_writes
-            .fetch_add(reqs.len() as u64, Ordering::Relaxed);
         let mut batch = Request::new(Op::Batch, Bytes::new());
         batch.value = encode_batch(&reqs);
         let [a, b] = &topo[pair].workers;
@@ -77,26 +76,17 @@ impl Router {
                 .iter()
                 .all(|r| r.as_ref().is_some_and(|r| all_ok(r, n)))
             {
+                RouterStats::add(&this.stats.batched_writes, n as u64);
                 return Written::AllOk;
             }
             // Per worker, each write's answer; `None` for a worker that did not take the
-            // batch at all.
-            let mut answers = [None, None];
-            for (i, answer) in [ra, rb].into_iter().enumerate() {
-                let Some(answer) = answer else { continue };
-                match this.answers(&workers[i], answer, n) {
-                    Some(each) => answers[i] = Some(each.into_iter()),
-                    // Not a batch's answer: every write sent again, one by one.
-                    None => {
-                        let origin = Origin {
-                            affinity,
-                            ..Origin::default()
-                        };
-                        return this.one_by_one_stamped(reqs, &origin).await;
-                    }
-                }
-            }
-            let [mut a, mut b] = answers;
+            // batch at all, or whose answer is not a batch's: it missed every write in it
+            // (sending them again now would put them behind the session's later requests).
+            let mut each = [ra, rb]
+                .into_iter()
+                .zip(workers.iter())
+                .map(|(answer, link)| this.answers(link, answer?, n).map(Vec::into_iter));
+            let (mut a, mut b) = (each.next().flatten(), each.next().flatten());
             let decided = reqs.into_iter().map(|req| {
                 // `Some(None)` for a worker that did not take it, as for a lone write.
                 let got = [
@@ -134,35 +124,29 @@ impl Router {
         async move { Written::Each(join_every(writes).await) }
     }
 
-    /// [`Router::one_by_one`] for writes stamped already: sent at their versions.
-    async fn one_by_one_stamped(self: &Arc<Self>, reqs: Vec<Request>, origin: &Origin) -> Written {
-        let writes: Vec<_> = reqs
-            .into_iter()
-            .map(|r| self.write_once(r, origin, true))
-            .collect();
-        Written::Each(join_every(writes).await)
-    }
-
     /// A worker's answers to the `n` writes of a batch, settled as a lone write's answer
-    /// is (`None` for one it did not take); `None` if the answer is not a batch's (a
-    /// worker from before batches refuses the op: from now on it gets none).
+    /// is (`None` for one it did not take); `None` if the answer is not a batch's. A worker
+    /// says in its status that it takes batches, so that is a fault (or a worker replaced
+    /// by an older one at its address): it gets none until its next status says so again.
     fn answers(
         &self,
         link: &WorkerLink,
         resp: Response,
         n: usize,
     ) -> Option<Vec<Option<Response>>> {
-        if resp.status != Status::Ok {
-            if resp.status == Status::InvalidCommand {
-                link.refuses_batches.store(true, Ordering::Relaxed);
-            }
-            tracing::debug!(worker = %link.addr, status = ?resp.status, "a batch of writes was refused; sent one by one");
-            return None;
+        let answers: Option<Vec<Option<Response>>> = (resp.status == Status::Ok)
+            .then(|| {
+                frames::<Response>(resp.payload.clone())
+                    .map(|r| r.ok().map(|r| self.settle(link, Ok(r))))
+                    .collect::<Option<Vec<_>>>()
+            })
+            .flatten()
+            .filter(|answers| answers.len() == n);
+        if answers.is_none() {
+            link.takes_batches.store(false, Ordering::Relaxed);
+            tracing::warn!(worker = %link.addr, status = ?resp.status, "a worker did not take a batch of writes: each counts as missed there");
         }
-        let answers: Vec<Option<Response>> = frames::<Response>(resp.payload)
-            .map(|r| r.ok().map(|r| self.settle(link, Ok(r))))
-            .collect::<Option<_>>()?;
-        (answers.len() == n).then_some(answers)
+        answers
     }
 }
 
@@ -179,10 +163,13 @@ fn all_ok(resp: &Response, n: usize) -> bool {
             return false;
         };
         let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
-        if len < RESPONSE_HEADER_LEN || rest.len() < 4 + len || rest[12] != Status::Ok.code() {
+        let Some(end) = len.checked_add(4).filter(|&end| end <= rest.len()) else {
+            return false;
+        };
+        if len < RESPONSE_HEADER_LEN || rest[12] != Status::Ok.code() {
             return false;
         }
-        rest = &rest[4 + len..];
+        rest = &rest[end..];
         count += 1;
     }
     count == n

@@ -63,9 +63,10 @@ pub struct WorkerLink {
     /// (see `Router::sweep_later`): a refill that ended since may have brought back slots its
     /// pair does not hold.
     pub(crate) swept: Mutex<Option<(u64, u64)>>,
-    /// The worker refused a batch of writes (`Op::Batch`: a worker from before it): its
-    /// writes go one frame each until it reconnects (say, upgraded).
-    pub(crate) refuses_batches: AtomicBool,
+    /// The worker said, in its last status, that it takes batches of writes (`Op::Batch`);
+    /// until then, and after it reconnects until it says so again, its writes go one frame
+    /// each (a worker from before batches would refuse one).
+    pub(crate) takes_batches: AtomicBool,
     /// Cancelled when the worker leaves the cluster (replaced, or its pair removed): its
     /// connections close once the requests in flight are answered.
     stop: CancellationToken,
@@ -206,7 +207,7 @@ impl WorkerLink {
             synced_at: AtomicU64::new(0),
             partial: AtomicBool::new(false),
             swept: Mutex::new(None),
-            refuses_batches: AtomicBool::new(false),
+            takes_batches: AtomicBool::new(false),
             stop,
             #[cfg(test)]
             fake: None,
@@ -253,7 +254,7 @@ impl WorkerLink {
                     // A worker that answers slowly but steadily has a queue, not a fault.
                     conn.patient_while_answering();
                     *self.lock_slot(slot) = Some(conn.clone());
-                    self.refuses_batches.store(false, Ordering::Relaxed);
+                    self.takes_batches.store(false, Ordering::Relaxed);
                     // Whether the worker is up is the health monitor's to say and log.
                     tracing::debug!(worker = %self.addr, slot, "connected");
                     // A ping now and then keeps an idle slot within the worker's

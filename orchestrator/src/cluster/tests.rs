@@ -368,13 +368,20 @@ fn batching(batches: Arc<AtomicUsize>, inner: Fake) -> Fake {
     })
 }
 
+/// Both workers of the router's pair said they take batches.
+fn takes_batches(router: &Router) {
+    for w in &router.pairs()[0].workers {
+        w.takes_batches.store(true, Ordering::Relaxed);
+    }
+}
+
 fn sets(keys: &[&'static str]) -> Vec<Request> {
     keys.iter().map(|k| set(k)).collect()
 }
 
 fn answers(written: Written) -> Vec<Status> {
     match written {
-        Written::AllOk => vec![Status::Ok; 0],
+        Written::AllOk => Vec::new(),
         Written::Each(each) => each.into_iter().map(|r| r.status).collect(),
     }
 }
@@ -387,6 +394,7 @@ async fn a_batch_of_sets_reaches_each_worker_in_one_frame_in_order() {
         batching(Arc::clone(&batches_a), healthy(Arc::clone(&sent_a))),
         batching(Arc::clone(&batches_b), healthy(Arc::clone(&sent_b))),
     );
+    takes_batches(&router);
     let written = router
         .write_batch(0, sets(&["a", "b", "c"]), &Origin::INTERNAL)
         .await;
@@ -407,42 +415,58 @@ async fn a_batch_of_sets_reaches_each_worker_in_one_frame_in_order() {
 }
 
 #[tokio::test]
-async fn a_worker_that_refuses_batches_gets_the_writes_one_by_one_at_their_versions() {
+async fn a_worker_that_has_not_said_it_takes_batches_gets_the_writes_one_by_one() {
     let (sent_a, sent_b) = (Sent::default(), Sent::default());
-    let before_batches: Fake = {
-        let sent = Arc::clone(&sent_b);
-        Arc::new(move |req: &Request| {
-            if req.op == Op::Batch {
-                return Some(Response::status(Status::InvalidCommand));
-            }
-            sent.lock().unwrap().push(req.clone());
-            Some(Response::ok(Bytes::new()))
-        })
-    };
     let batches_a = Arc::new(AtomicUsize::new(0));
     let (router, shutdown) = pair_of(
         batching(Arc::clone(&batches_a), healthy(Arc::clone(&sent_a))),
-        before_batches,
+        healthy(Arc::clone(&sent_b)),
     );
+    router.pairs()[0].workers[0]
+        .takes_batches
+        .store(true, Ordering::Relaxed);
     let written = router
         .write_batch(0, sets(&["a", "b"]), &Origin::INTERNAL)
         .await;
     assert_eq!(answers(written), [Status::Ok, Status::Ok]);
-    let (a, b) = (ops(&sent_a, Op::Set), ops(&sent_b, Op::Set));
-    assert_eq!(b.len(), 2, "sent again, one by one");
-    assert_eq!(a.len(), 4, "the batch's, then each again");
-    assert_eq!((a[2].version, a[3].version), (b[0].version, b[1].version));
-    assert_eq!((a[0].version, a[1].version), (b[0].version, b[1].version));
-    assert!(router.pairs()[0].workers[1]
-        .refuses_batches
-        .load(Ordering::Relaxed));
-    // From now on that pair's writes go one by one.
+    assert_eq!(batches_a.load(Ordering::SeqCst), 0);
+    assert_eq!(ops(&sent_a, Op::Set).len(), 2);
+    assert_eq!(ops(&sent_b, Op::Set).len(), 2);
+    assert!(ops(&sent_b, Op::Batch).is_empty());
+    shutdown.cancel();
+}
+
+#[tokio::test]
+async fn a_worker_whose_answer_is_not_a_batchs_missed_every_write_in_it() {
+    let (sent_a, sent_b) = (Sent::default(), Sent::default());
+    let refuses: Fake = {
+        let sent = Arc::clone(&sent_b);
+        Arc::new(move |req: &Request| {
+            sent.lock().unwrap().push(req.clone());
+            Some(match req.op {
+                Op::Batch => Response::status(Status::InvalidCommand),
+                _ => Response::ok(Bytes::new()),
+            })
+        })
+    };
+    let (router, shutdown) = pair_of(
+        batching(Arc::default(), healthy(Arc::clone(&sent_a))),
+        refuses,
+    );
+    takes_batches(&router);
     let written = router
-        .write_batch(0, sets(&["c", "d"]), &Origin::INTERNAL)
+        .write_batch(0, sets(&["a", "b"]), &Origin::INTERNAL)
         .await;
     assert_eq!(answers(written), [Status::Ok, Status::Ok]);
-    assert_eq!(batches_a.load(Ordering::SeqCst), 1);
-    assert_eq!(ops(&sent_b, Op::Set).len(), 4);
+    assert_eq!(
+        ops(&sent_a, Op::PartnerMissed).len(),
+        2,
+        "each miss on record before it is acknowledged"
+    );
+    assert!(ops(&sent_b, Op::Set).is_empty(), "nothing sent again");
+    let b = router.pairs()[0].workers[1].clone();
+    assert_eq!(b.state(), WorkerState::Stale);
+    assert!(!b.takes_batches.load(Ordering::Relaxed));
     shutdown.cancel();
 }
 
@@ -453,6 +477,7 @@ async fn a_batch_one_worker_missed_is_acknowledged_once_each_miss_is_on_record()
         batching(Arc::default(), healthy(Arc::clone(&sent))),
         unreachable(),
     );
+    takes_batches(&router);
     let written = router
         .write_batch(0, sets(&["a", "b", "c"]), &Origin::INTERNAL)
         .await;
@@ -473,6 +498,7 @@ async fn a_write_of_a_batch_refused_as_moved_is_routed_again_with_its_version() 
         batching(Arc::default(), healthy(Arc::clone(&sent_a))),
         batching(Arc::default(), moved_then_ok(1, 1, Arc::clone(&sent_b))),
     );
+    takes_batches(&router);
     let written = router
         .write_batch(0, sets(&["a", "b"]), &Origin::INTERNAL)
         .await;

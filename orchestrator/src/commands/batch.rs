@@ -14,8 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use bytes::BytesMut;
-use twincache_protocol::frame::{Op, Request, Response, REQUEST_HEADER_LEN};
-use twincache_protocol::outgoing::LARGE;
+use twincache_protocol::frame::{Op, Request, Response, BATCH_BYTES, REQUEST_HEADER_LEN};
 use twincache_protocol::resp::Reply;
 use twincache_protocol::Status;
 
@@ -26,9 +25,10 @@ use crate::session::{Ctx, Step};
 /// Most SETs in one batch.
 const MOST_WRITES: usize = 64;
 
-/// Most bytes of SETs in one batch: the batch is copied into each worker link's outbox (a
-/// value this large on its own travels alone, held rather than copied).
-const MOST_BYTES: usize = LARGE;
+/// Most bytes of SETs in one batch, what a worker takes: the batch is copied into each
+/// worker link's outbox (a value this large on its own travels alone, held rather than
+/// copied, see `outgoing::LARGE`).
+const MOST_BYTES: usize = BATCH_BYTES;
 
 /// The SETs gathered so far, one group per pair.
 #[derive(Default)]

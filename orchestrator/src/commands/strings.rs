@@ -353,9 +353,9 @@ fn gets_of(
 
 /// Reads the values of `keys`, sent before this returns (in the session's order): one read
 /// program per pair for each [`MGET_CHUNK`] of its keys, whose replies may take
-/// `cap(number of chunks)` bytes. A key being moved between pairs, or with a
-/// read-modify-write of the session in flight, and every key in adapter mode, takes the way
-/// of a GET, which handles those. The keys come back, and nothing is sent, if more than
+/// `cap(number of chunks)` bytes. A key being moved between pairs, and every key in adapter
+/// mode, takes the way of a GET, which handles those (a pair with a read-modify-write of
+/// the session in flight is read on its primary either way). The keys come back, and nothing is sent, if more than
 /// [`MGET_CHUNK`] keys need a GET. The keys of a chunk whose values pass its cap are read
 /// again one at a time once the other chunks have answered (all the keys come back instead
 /// if more than [`MGET_CHUNK`] are to be read again: no more than that many values are held
