@@ -493,45 +493,35 @@ async fn run(
     run.exchange().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn generated_sequences_answer_byte_for_byte_like_redis() {
+/// Runs `n` seeds from `first` (`DIFF_SEEDS` overrides `n`) against a redis-server and a
+/// cluster of two pairs; `resp3(seed)` says which speak RESP3.
+async fn seeds(first: u64, n: u64, commands: usize, resp3: fn(u64) -> bool, pipelined: bool) {
     let redis = RedisServer::start();
     let cluster = Cluster::start(2).await;
-    let seeds: u64 = std::env::var("DIFF_SEEDS")
+    let n: u64 = std::env::var("DIFF_SEEDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(4);
-    for seed in 1..=seeds {
-        run(seed, 600, false, false, &redis, &cluster).await;
+        .unwrap_or(n);
+    for seed in first..first + n {
+        run(seed, commands, resp3(seed), pipelined, &redis, &cluster).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generated_sequences_answer_byte_for_byte_like_redis() {
+    seeds(1, 4, 600, |_| false, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn generated_sequences_answer_byte_for_byte_like_redis_in_resp3() {
-    let redis = RedisServer::start();
-    let cluster = Cluster::start(2).await;
-    let seeds: u64 = std::env::var("DIFF_SEEDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3);
-    for seed in 101..101 + seeds {
-        run(seed, 600, true, false, &redis, &cluster).await;
-    }
+    seeds(101, 3, 600, |_| true, false).await;
 }
 
 /// Pipelined, as a client that writes many commands at once: runs of plain SETs reach each
 /// pair in one batch, and everything after them must still see them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_sequences_answer_byte_for_byte_like_redis() {
-    let redis = RedisServer::start();
-    let cluster = Cluster::start(2).await;
-    let seeds: u64 = std::env::var("DIFF_SEEDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3);
-    for seed in 201..201 + seeds {
-        run(seed, 800, seed % 2 == 0, true, &redis, &cluster).await;
-    }
+    seeds(201, 4, 800, |seed| seed % 2 == 0, true).await;
 }
 
 /// Pipelines whose later commands depend on earlier ones that take more than one step on

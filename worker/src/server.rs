@@ -1088,7 +1088,14 @@ mod tests {
         compare(theirs.as_bytes(), 0, Status::Moved);
     }
 
-    /// The adapter's ops are answered before `serve`: the map check comes first for them too.
+    /// A key of pair `pair` under `map`.
+    fn key_on(map: &ClusterMap, pair: usize) -> Bytes {
+        (0u32..)
+            .map(|i| Bytes::from(format!("k{i}")))
+            .find(|k| map.slots.pair_of(k) == pair)
+            .unwrap()
+    }
+
     /// A batch's SETs each run as a lone SET would (a key of another pair is refused as
     /// moved, the others stored), answered in order; anything but a plain SET in it is
     /// refused on its own, and a batch that does not parse is refused whole.
@@ -1096,19 +1103,13 @@ mod tests {
     fn a_batch_runs_each_set_as_if_it_came_alone() {
         let node = Node::for_tests(None);
         let map = two_pairs(&node);
-        let key_of = |pair| {
-            (0u32..)
-                .map(|i| Bytes::from(format!("k{i}")))
-                .find(|k| map.slots.pair_of(k) == pair)
-                .unwrap()
-        };
         let set = |key: &Bytes, value: &'static [u8]| {
             let mut req = Request::new(Op::Set, key.clone());
             req.value = Bytes::from_static(value);
             req.version = 7;
             req
         };
-        let (here, there) = (key_of(0), key_of(1));
+        let (here, there) = (key_on(&map, 0), key_on(&map, 1));
         let mut get = set(&here, b"");
         get.op = Op::Get;
         let body = twincache_protocol::frame::encode_batch(&[
@@ -1148,18 +1149,14 @@ mod tests {
         assert!(node.store.version(b"many0").is_none());
     }
 
+    /// The adapter's ops are answered before `serve`: the map check comes first for them too.
     #[test]
     fn adapter_ops_of_another_pairs_slot_are_moved() {
         // Connections to Redis are made on first use: none is made here.
         let adapter = Adapter::new("redis://127.0.0.1:1", "redis://127.0.0.1:1", false).unwrap();
         let node = Arc::new(Node::for_tests(Some(adapter)));
         let map = two_pairs(&node);
-        let key_of = |pair| {
-            (0u32..)
-                .map(|i| Bytes::from(format!("k{i}")))
-                .find(|k| map.slots.pair_of(k) == pair)
-                .unwrap()
-        };
+        let key_of = |pair| key_on(&map, pair);
         let answer = |op, key: &Bytes, flags| {
             let mut req = Request::new(op, key.clone());
             req.flags = flags;
