@@ -16,6 +16,7 @@
 
 use std::collections::VecDeque;
 use std::future::Future;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -85,7 +86,8 @@ struct Allowance {
 #[derive(Debug, Default)]
 struct Waiting {
     next: u64,
-    queue: VecDeque<(u64, CancellationToken)>,
+    /// Each connection's id, the address it came from, and the token that closes it.
+    queue: VecDeque<(u64, IpAddr, CancellationToken)>,
     /// Logs closing to make room.
     closing: Throttle,
 }
@@ -95,12 +97,15 @@ impl Allowance {
         self.waiting.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Admits a connection, closing the oldest one waiting if the allowance is full; its id
-    /// and the token that closes it.
-    fn admit(&self) -> (u64, CancellationToken) {
+    /// Admits a connection from `from`, closing one waiting if the allowance is full: the
+    /// oldest of those from the address that holds the most. An outsider who keeps the
+    /// allowance full from one address then makes room out of its own connections, not out of
+    /// a peer's that is still authenticating from another (on one address, as on loopback,
+    /// the oldest goes, as before). Its id and the token that closes it.
+    fn admit(&self, from: IpAddr) -> (u64, CancellationToken) {
         let mut w = self.waiting();
         if w.queue.len() >= self.capacity {
-            if let Some((_, oldest)) = w.queue.pop_front() {
+            if let Some((_, _, oldest)) = most_held_oldest(&mut w.queue) {
                 oldest.cancel();
                 if let Some(held) = w.closing.allow() {
                     tracing::warn!(
@@ -115,14 +120,14 @@ impl Allowance {
         let id = w.next;
         w.next += 1;
         let token = CancellationToken::new();
-        w.queue.push_back((id, token.clone()));
+        w.queue.push_back((id, from, token.clone()));
         (id, token)
     }
 
     /// Takes connection `id` out of the allowance; false if it was closed to make room.
     fn leave(&self, id: u64) -> bool {
         let mut w = self.waiting();
-        match w.queue.iter().position(|(i, _)| *i == id) {
+        match w.queue.iter().position(|(i, _, _)| *i == id) {
             Some(at) => {
                 w.queue.remove(at);
                 true
@@ -130,6 +135,23 @@ impl Allowance {
             None => false,
         }
     }
+}
+
+/// Takes out the oldest entry of the address with the most entries in `queue` (oldest
+/// first).
+fn most_held_oldest(
+    queue: &mut VecDeque<(u64, IpAddr, CancellationToken)>,
+) -> Option<(u64, IpAddr, CancellationToken)> {
+    let mut held: std::collections::HashMap<IpAddr, usize> =
+        std::collections::HashMap::with_capacity(queue.len());
+    for (_, ip, _) in queue.iter() {
+        *held.entry(*ip).or_default() += 1;
+    }
+    let most = held.values().copied().max()?;
+    let at = queue
+        .iter()
+        .position(|(_, ip, _)| held.get(ip) == Some(&most))?;
+    queue.remove(at)
 }
 
 impl Slots {
@@ -161,10 +183,10 @@ impl Slots {
         }
     }
 
-    fn admit(&self) -> Option<Slot> {
+    fn admit(&self, from: IpAddr) -> Option<Slot> {
         match &self.pending {
             Some(allowance) => {
-                let (id, closes) = allowance.admit();
+                let (id, closes) = allowance.admit(from);
                 Some(Slot {
                     permit: None,
                     main: self.main.clone(),
@@ -255,7 +277,7 @@ pub async fn accept_loop<H, F>(
                 continue;
             }
         };
-        let Some(slot) = slots.admit() else {
+        let Some(slot) = slots.admit(peer.ip()) else {
             slots.refused.fetch_add(1, Ordering::Relaxed);
             if let Some(held) = refusing.allow() {
                 tracing::warn!(%peer, refused = held + 1, max_conns = slots.max, "connection limit reached; closing new connections");
@@ -292,19 +314,21 @@ pub async fn accept_loop<H, F>(
 mod tests {
     use super::*;
 
+    const HERE: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
     #[test]
     fn pending_connections_have_their_own_allowance() {
         let slots = Slots::with_pending(1, 2);
-        let mut a = slots.admit().unwrap();
-        let mut b = slots.admit().unwrap();
+        let mut a = slots.admit(HERE).unwrap();
+        let mut b = slots.admit(HERE).unwrap();
         assert!(a.promote());
         assert!(!b.promote(), "the main pool is full");
         drop(a);
         assert!(b.promote(), "a place in the main pool came free");
         let plain = Slots::new(1);
-        let mut c = plain.admit().unwrap();
+        let mut c = plain.admit(HERE).unwrap();
         assert!(c.promote());
-        assert!(plain.admit().is_none());
+        assert!(plain.admit(HERE).is_none());
     }
 
     #[test]
@@ -320,10 +344,12 @@ mod tests {
     #[test]
     fn a_full_allowance_closes_its_oldest_connection_for_a_new_one() {
         let slots = Slots::with_pending(4, 2);
-        let mut a = slots.admit().unwrap();
-        let mut b = slots.admit().unwrap();
+        let mut a = slots.admit(HERE).unwrap();
+        let mut b = slots.admit(HERE).unwrap();
         let (a_closing, b_closing) = (a.closing().unwrap(), b.closing().unwrap());
-        let mut c = slots.admit().expect("a new connection is never refused");
+        let mut c = slots
+            .admit(HERE)
+            .expect("a new connection is never refused");
         assert!(a_closing.is_cancelled(), "the oldest makes room");
         assert!(!b_closing.is_cancelled());
         assert!(
@@ -332,7 +358,7 @@ mod tests {
         );
         assert!(b.promote());
         // b left the allowance: the next newcomer finds room without closing c.
-        let mut d = slots.admit().unwrap();
+        let mut d = slots.admit(HERE).unwrap();
         assert!(!c.closing().unwrap().is_cancelled());
         assert!(c.promote() && d.promote());
         assert!(
@@ -340,8 +366,31 @@ mod tests {
             "a promoted connection is never closed to make room"
         );
         // A connection that goes away leaves the allowance with it.
-        let e = slots.admit().unwrap();
+        let e = slots.admit(HERE).unwrap();
         drop(e);
         assert_eq!(slots.pending.as_ref().unwrap().waiting().queue.len(), 0);
+    }
+
+    /// A full allowance makes room out of the address that holds the most of it: a peer
+    /// authenticating from elsewhere keeps its place while one address floods.
+    #[test]
+    fn a_flood_from_one_address_makes_room_out_of_its_own_connections() {
+        let slots = Slots::with_pending(8, 4);
+        let (peer, flood): (IpAddr, IpAddr) = ([10, 0, 0, 1].into(), [10, 0, 0, 2].into());
+        let flooding: Vec<Slot> = (0..3).map(|_| slots.admit(flood).unwrap()).collect();
+        let mut link = slots.admit(peer).unwrap();
+        let mut newer = Vec::new();
+        for _ in 0..20 {
+            newer.push(slots.admit(flood).unwrap());
+        }
+        assert!(!link.closing().unwrap().is_cancelled());
+        assert!(link.promote(), "the peer authenticates in its place");
+        assert!(flooding.iter().all(|s| s.closing().unwrap().is_cancelled()));
+        // With one address each, the oldest goes.
+        let slots = Slots::with_pending(8, 2);
+        let (a, b) = (slots.admit(peer).unwrap(), slots.admit(flood).unwrap());
+        let _c = slots.admit([10, 0, 0, 3].into()).unwrap();
+        assert!(a.closing().unwrap().is_cancelled());
+        assert!(!b.closing().unwrap().is_cancelled());
     }
 }
