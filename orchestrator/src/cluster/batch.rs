@@ -23,7 +23,7 @@ use twincache_protocol::frame::{
 };
 use twincache_protocol::Status;
 
-use super::{Decided, Origin, Router, WorkerLink};
+use super::{Decided, Origin, Router, Topology, WorkerLink};
 use crate::commands::join_every;
 use crate::metrics::RouterStats;
 
@@ -36,24 +36,26 @@ pub enum Written {
 }
 
 impl Router {
-    /// Sends `reqs` (plain SETs, gathered for pair `pair`) now, in order, in one frame per
-    /// worker where it can, else one by one ([`Router::write`]).
+    /// Sends `reqs` (plain SETs, routed to pair `pair` by map `routed`) now, in order, in one
+    /// frame per worker where it can, else one by one ([`Router::write`]).
     pub fn write_batch(
         self: &Arc<Self>,
+        routed: &Arc<Topology>,
         pair: usize,
         mut reqs: Vec<Request>,
         origin: &Origin,
     ) -> impl Future<Output = Written> + Send + 'static {
         let topo = self.topology.load_full();
+        // Routed by the map in force, so each key is still the pair's (not hashed again).
         let batched = reqs.len() > 1
             && !self.is_adapter()
+            && Arc::ptr_eq(routed, &topo)
             && pair < topo.len()
             && self.write_targets(&topo[pair]) == [true, true]
             && topo[pair]
                 .workers
                 .iter()
-                .all(|w| w.takes_batches.load(Ordering::Relaxed))
-            && reqs.iter().all(|r| topo.route(&r.key).pair == pair);
+                .all(|w| w.takes_batches.load(Ordering::Relaxed));
         if !batched {
             return Either::Left(self.one_by_one(reqs, origin));
         }

@@ -396,7 +396,12 @@ async fn a_batch_of_sets_reaches_each_worker_in_one_frame_in_order() {
     );
     takes_batches(&router);
     let written = router
-        .write_batch(0, sets(&["a", "b", "c"]), &Origin::INTERNAL)
+        .write_batch(
+            &router.pairs(),
+            0,
+            sets(&["a", "b", "c"]),
+            &Origin::INTERNAL,
+        )
         .await;
     assert!(matches!(written, Written::AllOk));
     assert_eq!(router.stats.batched_writes.load(Ordering::Relaxed), 3);
@@ -426,7 +431,7 @@ async fn a_worker_that_has_not_said_it_takes_batches_gets_the_writes_one_by_one(
         .takes_batches
         .store(true, Ordering::Relaxed);
     let written = router
-        .write_batch(0, sets(&["a", "b"]), &Origin::INTERNAL)
+        .write_batch(&router.pairs(), 0, sets(&["a", "b"]), &Origin::INTERNAL)
         .await;
     assert_eq!(answers(written), [Status::Ok, Status::Ok]);
     assert_eq!(batches_a.load(Ordering::SeqCst), 0);
@@ -455,7 +460,7 @@ async fn a_worker_whose_answer_is_not_a_batchs_missed_every_write_in_it() {
     );
     takes_batches(&router);
     let written = router
-        .write_batch(0, sets(&["a", "b"]), &Origin::INTERNAL)
+        .write_batch(&router.pairs(), 0, sets(&["a", "b"]), &Origin::INTERNAL)
         .await;
     assert_eq!(answers(written), [Status::Ok, Status::Ok]);
     assert_eq!(
@@ -479,7 +484,12 @@ async fn a_batch_one_worker_missed_is_acknowledged_once_each_miss_is_on_record()
     );
     takes_batches(&router);
     let written = router
-        .write_batch(0, sets(&["a", "b", "c"]), &Origin::INTERNAL)
+        .write_batch(
+            &router.pairs(),
+            0,
+            sets(&["a", "b", "c"]),
+            &Origin::INTERNAL,
+        )
         .await;
     assert_eq!(answers(written), [Status::Ok; 3]);
     assert_eq!(
@@ -500,12 +510,39 @@ async fn a_write_of_a_batch_refused_as_moved_is_routed_again_with_its_version() 
     );
     takes_batches(&router);
     let written = router
-        .write_batch(0, sets(&["a", "b"]), &Origin::INTERNAL)
+        .write_batch(&router.pairs(), 0, sets(&["a", "b"]), &Origin::INTERNAL)
         .await;
     assert_eq!(answers(written), [Status::Ok, Status::Ok]);
     assert_eq!(router.stats.reroutes.load(Ordering::Relaxed), 1);
     let b = ops(&sent_b, Op::Set);
     assert_eq!(b.len(), 3, "the batch's two, then the refused one again");
     assert_eq!((&b[2].key[..], b[2].version), (&b"a"[..], b[0].version));
+    shutdown.cancel();
+}
+
+#[tokio::test]
+async fn a_batch_routed_by_a_map_since_replaced_goes_one_by_one() {
+    let (sent_a, batches_a) = (Sent::default(), Arc::new(AtomicUsize::new(0)));
+    let (router, shutdown) = pair_of(
+        batching(Arc::clone(&batches_a), healthy(Arc::clone(&sent_a))),
+        batching(Arc::default(), healthy(Arc::default())),
+    );
+    takes_batches(&router);
+    let now = router.pairs();
+    let older = Arc::new(Topology {
+        pairs: now.pairs.clone(),
+        slots: now.slots.clone(),
+        moving: None,
+    });
+    let written = router
+        .write_batch(&older, 0, sets(&["a", "b"]), &Origin::INTERNAL)
+        .await;
+    assert_eq!(answers(written), [Status::Ok, Status::Ok]);
+    assert_eq!(
+        batches_a.load(Ordering::SeqCst),
+        0,
+        "each routed again alone"
+    );
+    assert_eq!(ops(&sent_a, Op::Set).len(), 2);
     shutdown.cancel();
 }

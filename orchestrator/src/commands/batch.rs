@@ -19,7 +19,7 @@ use twincache_protocol::resp::Reply;
 use twincache_protocol::Status;
 
 use super::written;
-use crate::cluster::Written;
+use crate::cluster::{Topology, Written};
 use crate::session::{Ctx, Step};
 
 /// Most SETs in one batch.
@@ -37,6 +37,8 @@ pub struct Batches {
 }
 
 struct Group {
+    /// The map its SETs were routed by, to `pair`.
+    topo: Arc<Topology>,
     pair: usize,
     reqs: Vec<Request>,
     bytes: usize,
@@ -75,12 +77,15 @@ impl Batches {
         if req.op != Op::Set || size >= MOST_BYTES || ctx.router.is_adapter() {
             return Err(req);
         }
-        let pair = ctx.router.pair_of(&req.key);
+        let topo = ctx.router.pairs();
+        let pair = topo.pair_of(&req.key);
         let at = match self.groups.iter().position(|g| g.pair == pair) {
             None if buf.is_empty() => return Err(req),
+            // Routed by the same map as the rest (a change in between sends them first).
             Some(at)
                 if self.groups[at].reqs.len() < MOST_WRITES
-                    && self.groups[at].bytes + size <= MOST_BYTES =>
+                    && self.groups[at].bytes + size <= MOST_BYTES
+                    && Arc::ptr_eq(&self.groups[at].topo, &topo) =>
             {
                 at
             }
@@ -89,6 +94,7 @@ impl Batches {
                     send(self.groups.swap_remove(full), ctx);
                 }
                 self.groups.push(Group {
+                    topo,
                     pair,
                     reqs: Vec::new(),
                     bytes: 0,
@@ -123,7 +129,9 @@ impl Batches {
 }
 
 fn send(group: Group, ctx: &Ctx) {
-    let written = ctx.router.write_batch(group.pair, group.reqs, &ctx.origin);
+    let written = ctx
+        .router
+        .write_batch(&group.topo, group.pair, group.reqs, &ctx.origin);
     *group.shared.lock() = State::Sent(Box::pin(written));
 }
 
