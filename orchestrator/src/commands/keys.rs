@@ -231,7 +231,7 @@ pub(super) fn rename(src: Bytes, dst: Bytes, nx: bool, ctx: &Ctx) -> Step<Reply>
     // Its steps run one after another as it is polled: nothing after it is read until it is
     // done, so a later command of the session sees the move (Redis: the next command does).
     let ctx = ctx.clone();
-    Step::Settle(Box::pin(async move {
+    super::in_turn(async move {
         let moved = async {
             let Some(d) = dump(&ctx, src.clone()).await? else {
                 return Err(Reply::err("ERR no such key"));
@@ -244,7 +244,7 @@ pub(super) fn rename(src: Bytes, dst: Bytes, nx: bool, ctx: &Ctx) -> Step<Reply>
             Ok(if nx { Reply::Int(1) } else { Reply::OK })
         };
         moved.await.unwrap_or_else(|e| e)
-    }))
+    })
 }
 
 pub(super) fn copy(src: Bytes, dst: Bytes, replace: bool, ctx: &Ctx) -> Step<Reply> {
@@ -254,7 +254,7 @@ pub(super) fn copy(src: Bytes, dst: Bytes, replace: bool, ctx: &Ctx) -> Step<Rep
     }
     // As a cross-pair RENAME: nothing after it is read until it is done.
     let ctx = ctx.clone();
-    Step::Settle(Box::pin(async move {
+    super::in_turn(async move {
         let copied = async {
             let Some(d) = dump(&ctx, src).await? else {
                 return Ok(Reply::Int(0));
@@ -262,7 +262,7 @@ pub(super) fn copy(src: Bytes, dst: Bytes, replace: bool, ctx: &Ctx) -> Step<Rep
             Ok(Reply::Int(restore(&ctx, dst, &d, replace).await?))
         };
         copied.await.unwrap_or_else(|e: Reply| e)
-    }))
+    })
 }
 
 #[cfg(test)]

@@ -448,7 +448,7 @@ fn dispatch(fut: impl Future<Output = Reply> + Send + 'static) -> Step<Reply> {
 /// as it is read: nothing after it is read until it is answered, so a later command of the
 /// session neither overtakes it (a SET pipelined behind FLUSHALL was flushed) nor is seen by
 /// it (KEYS listed a key SET after it).
-fn in_turn(fut: impl Future<Output = Reply> + Send + 'static) -> Step<Reply> {
+pub(super) fn in_turn(fut: impl Future<Output = Reply> + Send + 'static) -> Step<Reply> {
     Step::Settle(Box::pin(fut))
 }
 

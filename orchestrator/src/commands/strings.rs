@@ -547,7 +547,7 @@ pub(super) fn msetnx(pairs: Vec<(Bytes, Bytes)>, ctx: &Ctx) -> Step<Reply> {
     if n > 1 {
         // An undo goes out as the answer is polled: nothing after it is read until it is
         // done, so the session's next command sees all of the keys set or none.
-        return Step::Settle(Box::pin(answer));
+        return super::in_turn(answer);
     }
     dispatch_n(answer, n)
 }
