@@ -375,6 +375,13 @@ fn takes_batches(router: &Router) {
     }
 }
 
+/// `keys` SET as one batch for the router's one pair, routed by the map in force.
+async fn batch_of(router: &Arc<Router>, keys: &[&'static str]) -> Written {
+    router
+        .write_batch(&router.pairs(), 0, sets(keys), &Origin::INTERNAL)
+        .await
+}
+
 fn sets(keys: &[&'static str]) -> Vec<Request> {
     keys.iter().map(|k| set(k)).collect()
 }
@@ -395,14 +402,7 @@ async fn a_batch_of_sets_reaches_each_worker_in_one_frame_in_order() {
         batching(Arc::clone(&batches_b), healthy(Arc::clone(&sent_b))),
     );
     takes_batches(&router);
-    let written = router
-        .write_batch(
-            &router.pairs(),
-            0,
-            sets(&["a", "b", "c"]),
-            &Origin::INTERNAL,
-        )
-        .await;
+    let written = batch_of(&router, &["a", "b", "c"]).await;
     assert!(matches!(written, Written::AllOk));
     assert_eq!(router.stats.batched_writes.load(Ordering::Relaxed), 3);
     assert_eq!(batches_a.load(Ordering::SeqCst), 1);
@@ -430,9 +430,7 @@ async fn a_worker_that_has_not_said_it_takes_batches_gets_the_writes_one_by_one(
     router.pairs()[0].workers[0]
         .takes_batches
         .store(true, Ordering::Relaxed);
-    let written = router
-        .write_batch(&router.pairs(), 0, sets(&["a", "b"]), &Origin::INTERNAL)
-        .await;
+    let written = batch_of(&router, &["a", "b"]).await;
     assert_eq!(answers(written), [Status::Ok, Status::Ok]);
     assert_eq!(batches_a.load(Ordering::SeqCst), 0);
     assert_eq!(ops(&sent_a, Op::Set).len(), 2);
@@ -459,9 +457,7 @@ async fn a_worker_whose_answer_is_not_a_batchs_missed_every_write_in_it() {
         refuses,
     );
     takes_batches(&router);
-    let written = router
-        .write_batch(&router.pairs(), 0, sets(&["a", "b"]), &Origin::INTERNAL)
-        .await;
+    let written = batch_of(&router, &["a", "b"]).await;
     assert_eq!(answers(written), [Status::Ok, Status::Ok]);
     assert_eq!(
         ops(&sent_a, Op::PartnerMissed).len(),
@@ -483,14 +479,7 @@ async fn a_batch_one_worker_missed_is_acknowledged_once_each_miss_is_on_record()
         unreachable(),
     );
     takes_batches(&router);
-    let written = router
-        .write_batch(
-            &router.pairs(),
-            0,
-            sets(&["a", "b", "c"]),
-            &Origin::INTERNAL,
-        )
-        .await;
+    let written = batch_of(&router, &["a", "b", "c"]).await;
     assert_eq!(answers(written), [Status::Ok; 3]);
     assert_eq!(
         ops(&sent, Op::PartnerMissed).len(),
@@ -509,9 +498,7 @@ async fn a_write_of_a_batch_refused_as_moved_is_routed_again_with_its_version() 
         batching(Arc::default(), moved_then_ok(1, 1, Arc::clone(&sent_b))),
     );
     takes_batches(&router);
-    let written = router
-        .write_batch(&router.pairs(), 0, sets(&["a", "b"]), &Origin::INTERNAL)
-        .await;
+    let written = batch_of(&router, &["a", "b"]).await;
     assert_eq!(answers(written), [Status::Ok, Status::Ok]);
     assert_eq!(router.stats.reroutes.load(Ordering::Relaxed), 1);
     let b = ops(&sent_b, Op::Set);
