@@ -9,7 +9,7 @@
 //! asked in.
 
 use bytes::{Bytes, BytesMut};
-use twincache_protocol::resp::{put_bulk_head, Reply, RespDecoder, Version};
+use twincache_protocol::resp::{put_bulk_head, Reply, RespDecoder, Version, ARG_HANDLE};
 
 use crate::auth::Who;
 use crate::commands::batch::Batches;
@@ -52,6 +52,8 @@ pub struct RespProtocol {
     cmd: Cmd,
     /// Plain SETs read and not yet sent (see [`commands::batch`]).
     batches: Batches,
+    /// How many arguments the last command read has.
+    args: usize,
 }
 
 impl RespProtocol {
@@ -67,6 +69,7 @@ impl RespProtocol {
             writing: Version::Resp2,
             cmd: Cmd::Other,
             batches: Batches::default(),
+            args: 0,
         }
     }
 }
@@ -100,6 +103,7 @@ impl Protocol for RespProtocol {
                 return Step::Close(Some(e.reply()));
             }
         };
+        self.args = args.len();
         self.cmd = Cmd::from_name(&args[0]);
         let spec = commands::lookup(&args[0]);
         let passes = ctx.router.is_adapter() && adapter::passes_through(spec, &args);
@@ -182,6 +186,10 @@ impl Protocol for RespProtocol {
         self.decoder.held()
     }
 
+    fn kept(&self) -> usize {
+        self.args * ARG_HANDLE
+    }
+
     fn at_eof(&mut self, _buf: &BytesMut) -> Option<Reply> {
         None
     }
@@ -204,7 +212,7 @@ pub(crate) fn refusal(who: &Who, name: &[u8]) -> Reply {
 /// whole command, within the session's limits.
 pub fn decode_one(value: &Bytes, max_bulk: usize) -> Result<Vec<Bytes>, Reply> {
     let mut buf = BytesMut::from(&value[..]);
-    let mut decoder = RespDecoder::new(max_bulk, value.len().max(1));
+    let mut decoder = RespDecoder::for_bytes(max_bulk, value.len());
     match decoder.decode(&mut buf) {
         Ok(Some(args)) if buf.is_empty() => Ok(args),
         Ok(Some(_)) => Err(Reply::err("ERR the command op carries exactly one command")),

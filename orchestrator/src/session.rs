@@ -35,7 +35,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::codec::Decoder;
 use tokio_util::sync::CancellationToken;
-use twincache_protocol::budget::{Account, Budget};
+use twincache_protocol::budget::{Account, Budget, Charge, HOLD_MIN};
 use twincache_protocol::frame::{
     encode_frame, encode_frame_head, room_ahead, FrameCodec, FrameError, Op, Request, Response,
     PREAMBLE,
@@ -194,6 +194,11 @@ pub trait Protocol {
     }
     /// Memory the request being read holds besides the buffer, charged with it.
     fn held(&self) -> usize {
+        0
+    }
+    /// Memory the request [`Protocol::next`] last returned keeps while it runs besides its
+    /// bytes (RESP: its arguments' handles).
+    fn kept(&self) -> usize {
         0
     }
     /// What to answer when the client stops sending with bytes left in `buf`.
@@ -430,26 +435,62 @@ impl Recorder<'_> {
     }
 }
 
+/// A request in the session's queue.
+struct Item<O> {
+    reply: InFlight<O>,
+    /// Its weight in the window of requests in flight.
+    weight: usize,
+    /// Whether nothing after it may be read until it is done.
+    barrier: bool,
+    /// What the metrics count it as.
+    tag: Tag,
+    /// A large request's bytes, charged to the connection until its reply is written.
+    charge: Option<Charge>,
+}
+
 /// The session's queue of replies in request order, with the weight of what is in flight.
 struct Queue<O> {
-    /// Each reply, its weight, whether nothing after it may be read until it is done,
-    /// and what the metrics count it as.
-    items: VecDeque<(InFlight<O>, usize, bool, Tag)>,
+    items: VecDeque<Item<O>>,
     weight: usize,
     /// Queued replies that nothing may be read past (streams, AUTH).
     barriers: usize,
+    /// Queued requests holding a [`Charge`].
+    charged: usize,
 }
 
 impl<O> Queue<O> {
-    fn push(&mut self, item: InFlight<O>, weight: usize, tag: Tag) {
-        let barrier = matches!(item, InFlight::Streaming(_));
-        self.push_item(item, weight, barrier, tag);
+    fn new() -> Queue<O> {
+        Queue {
+            items: VecDeque::new(),
+            weight: 0,
+            barriers: 0,
+            charged: 0,
+        }
     }
 
-    fn push_item(&mut self, item: InFlight<O>, weight: usize, barrier: bool, tag: Tag) {
+    fn push(&mut self, item: InFlight<O>, weight: usize, tag: Tag) {
+        let barrier = matches!(item, InFlight::Streaming(_));
+        self.push_item(item, weight, barrier, tag, None);
+    }
+
+    fn push_item(
+        &mut self,
+        reply: InFlight<O>,
+        weight: usize,
+        barrier: bool,
+        tag: Tag,
+        charge: Option<Charge>,
+    ) {
         self.barriers += usize::from(barrier);
+        self.charged += usize::from(charge.is_some());
         self.weight += weight;
-        self.items.push_back((item, weight, barrier, tag));
+        self.items.push_back(Item {
+            reply,
+            weight,
+            barrier,
+            tag,
+            charge,
+        });
     }
 
     fn is_empty(&self) -> bool {
@@ -457,10 +498,11 @@ impl<O> Queue<O> {
     }
 
     fn pop(&mut self, done: &mut Recorder) {
-        if let Some((_, weight, barrier, tag)) = self.items.pop_front() {
-            self.weight -= weight;
-            self.barriers -= usize::from(barrier);
-            done.done(tag);
+        if let Some(item) = self.items.pop_front() {
+            self.weight -= item.weight;
+            self.barriers -= usize::from(item.barrier);
+            self.charged -= usize::from(item.charge.is_some());
+            done.done(item.tag);
         }
     }
 
@@ -470,10 +512,10 @@ impl<O> Queue<O> {
     /// own.
     fn poll_head(&mut self, cx: &mut Context<'_>, done: &mut Recorder) -> Poll<O> {
         loop {
-            let Some((head, _, _, _)) = self.items.front_mut() else {
+            let Some(head) = self.items.front_mut() else {
                 return Poll::Pending;
             };
-            match head {
+            match &mut head.reply {
                 InFlight::Ready(out) => {
                     let out = out.take().expect("a ready reply is taken once");
                     self.pop(done);
@@ -508,15 +550,11 @@ async fn run<P: Protocol, S: ClientStream>(
     mut stream: S,
     mut buf: BytesMut,
     ctx: &Ctx,
-    account: &Account,
+    account: &Arc<Account>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let config = &ctx.config;
-    let mut inflight: Queue<P::Out> = Queue {
-        items: VecDeque::new(),
-        weight: 0,
-        barriers: 0,
-    };
+    let mut inflight: Queue<P::Out> = Queue::new();
     // Replies are encoded here; like `buf`, it has memory only while the session is busy.
     let mut out = Outgoing::default();
     let (mut buf_held, mut out_held) = (0, 0);
@@ -551,17 +589,37 @@ async fn run<P: Protocol, S: ClientStream>(
         }
         let before = inflight.items.len();
         while reading && room(&inflight, config.pipeline_depth) && !account.busy(buf_held) {
+            let buffered = buf.len();
             let step = proto.next(&mut buf, ctx);
             let tag = Tag {
                 cmd: proto.command(),
                 since: read_at,
             };
+            // A large request keeps its bytes (and RESP its arguments' handles) until it is
+            // answered: charged, so one client's pipeline of them has its limit too.
+            let mut charge = || {
+                let kept = buffered.saturating_sub(buf.len()) + proto.kept();
+                (kept >= HOLD_MIN).then(|| {
+                    // Out of the buffer's charge first, so the bytes are not counted twice.
+                    account.track(&mut buf_held, buf.len() + proto.held());
+                    account.charged(kept)
+                })
+            };
             match step {
                 Step::NeedMore => break,
                 Step::Reply(resp) => inflight.push(InFlight::Ready(Some(resp)), 0, tag),
-                Step::Dispatch(fut, weight) => inflight.push(InFlight::Waiting(fut), weight, tag),
-                Step::Stream(parts) => inflight.push(InFlight::Streaming(parts), 1, tag),
-                Step::Settle(fut) => inflight.push_item(InFlight::Waiting(fut), 1, true, tag),
+                Step::Dispatch(fut, weight) => {
+                    let charge = charge();
+                    inflight.push_item(InFlight::Waiting(fut), weight, false, tag, charge);
+                }
+                Step::Stream(parts) => {
+                    let charge = charge();
+                    inflight.push_item(InFlight::Streaming(parts), 1, true, tag, charge);
+                }
+                Step::Settle(fut) => {
+                    let charge = charge();
+                    inflight.push_item(InFlight::Waiting(fut), 1, true, tag, charge);
+                }
                 Step::Close(last) => {
                     if let Some(resp) = last {
                         inflight.push(InFlight::Ready(Some(resp)), 0, tag);
@@ -599,7 +657,11 @@ async fn run<P: Protocol, S: ClientStream>(
             }
             return Ok(());
         }
-        let may_read = reading && room(&inflight, config.pipeline_depth) && !account.busy(buf_held);
+        let may_read = reading
+            && room(&inflight, config.pipeline_depth)
+            && !account.busy(buf_held)
+            && !(inflight.charged > 0
+                && account.held() + proto.wanted(&buf) + proto.held() > account.limit());
         if may_read {
             // Room for the rest of the argument being read, in few steps rather than read by
             // read, yet no faster than the bytes arrive (`room_ahead`): what a client

@@ -195,11 +195,20 @@ impl Account {
         if payload.len() < HOLD_MIN {
             return payload;
         }
-        self.charge(payload.len());
+        let charge = self.charged(payload.len());
         Bytes::from_owner(Held {
             payload,
-            account: self.clone(),
+            _charge: charge,
         })
+    }
+
+    /// `n` bytes charged to this account until the returned [`Charge`] is dropped.
+    pub fn charged(self: &Arc<Self>, n: usize) -> Charge {
+        self.charge(n);
+        Charge {
+            account: self.clone(),
+            n,
+        }
     }
 }
 
@@ -211,21 +220,28 @@ impl Drop for Account {
     }
 }
 
+/// Bytes charged to an account while this lives (what a request in flight holds, say).
+#[derive(Debug)]
+pub struct Charge {
+    account: Arc<Account>,
+    n: usize,
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.account.release(self.n);
+    }
+}
+
 /// A payload charged to an account while it lives.
 struct Held {
     payload: Bytes,
-    account: Arc<Account>,
+    _charge: Charge,
 }
 
 impl AsRef<[u8]> for Held {
     fn as_ref(&self) -> &[u8] {
         &self.payload
-    }
-}
-
-impl Drop for Held {
-    fn drop(&mut self) {
-        self.account.release(self.payload.len());
     }
 }
 

@@ -18,10 +18,13 @@
 //! ## Limits
 //! - each bulk string: `max_bulk` bytes (`invalid bulk length`, as Redis says);
 //! - a whole multibulk command: `max_command` bytes, headers included, in the spirit of Redis'
-//!   `client-query-buffer-limit`. The declared lengths are summed as their headers arrive, so a
-//!   command that announces more than the limit is refused before its bytes are sent, not
-//!   after they are buffered; an argument count that could not fit even with empty arguments
-//!   (6 bytes each) is refused at once;
+//!   `client-query-buffer-limit`, and [`ARG_HANDLE`] bytes more for each argument, the handle
+//!   that keeps it once decoded (so what a decoded command holds while it runs is within the
+//!   limit too: a million one-byte keys take 7 MB on the wire and 30 MB of handles). The
+//!   declared lengths are summed as their headers arrive, so a command that announces more
+//!   than the limit is refused before its bytes are sent, not after they are buffered; an
+//!   argument count that could not fit even with empty arguments (6 bytes each and the
+//!   handle) is refused at once;
 //! - at most [`MAX_ARGS`] arguments, and an inline line of at most [`MAX_INLINE`] bytes.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
@@ -33,6 +36,9 @@ pub const MAX_INLINE: usize = 64 * 1024;
 pub const MAX_ARGS: usize = 1024 * 1024;
 /// The fewest bytes an argument of a multibulk can take: `$0\r\n\r\n`.
 const MIN_ARG_LEN: usize = 6;
+/// What each argument of a decoded command holds besides its bytes: its [`Bytes`] handle.
+/// Counted toward the command's limit.
+pub const ARG_HANDLE: usize = std::mem::size_of::<Bytes>();
 /// The most bytes of a count or length line read before giving up on it: 20 digits and a sign
 /// are all an `i64` needs, and the line end.
 const MAX_INT_LINE: usize = 32;
@@ -177,6 +183,12 @@ impl RespDecoder {
         }
     }
 
+    /// A decoder for one command carried whole in `len` bytes (a frame's value): any command
+    /// of that many bytes is within its limit, its arguments' handles counted.
+    pub fn for_bytes(max_bulk: usize, len: usize) -> RespDecoder {
+        RespDecoder::new(max_bulk, len.max(1) + (len / MIN_ARG_LEN + 1) * ARG_HANDLE)
+    }
+
     /// Memory the command being read holds besides the buffer: the ranges of its arguments
     /// read so far. A command of many empty arguments holds more here than in the buffer
     /// (16 bytes a range against 6 for `$0\r\n\r\n`), so a reader that charges only its
@@ -228,7 +240,7 @@ impl RespDecoder {
             args.push((start, end));
             pos = end + 2;
         }
-        if pos > self.max_command {
+        if pos.saturating_add(args.len() * ARG_HANDLE) > self.max_command {
             return None;
         }
         self.scanned += pos as u64;
@@ -255,7 +267,8 @@ impl RespDecoder {
                 return Err(syntax("invalid multibulk length"));
             }
             let count = count as usize;
-            if pos.saturating_add(count.saturating_mul(MIN_ARG_LEN)) > self.max_command {
+            if pos.saturating_add(count.saturating_mul(MIN_ARG_LEN + ARG_HANDLE)) > self.max_command
+            {
                 return Err(ProtocolError::TooLarge {
                     limit: self.max_command,
                 });
@@ -302,12 +315,12 @@ impl RespDecoder {
                     }
                     let len = len as usize;
                     // This argument in full, and the least the ones after it can take.
-                    let later = (p.count - p.args.len() - 1) * MIN_ARG_LEN;
+                    let later = (p.count - p.args.len() - 1) * (MIN_ARG_LEN + ARG_HANDLE);
                     let declared = p
                         .declared
                         .saturating_add(start - p.pos)
                         .saturating_add(len)
-                        .saturating_add(2);
+                        .saturating_add(2 + ARG_HANDLE);
                     if declared.saturating_add(later) > self.max_command {
                         return Err(ProtocolError::TooLarge {
                             limit: self.max_command,
@@ -1199,19 +1212,21 @@ mod tests {
 
     #[test]
     fn a_command_larger_than_its_limit_is_refused_before_its_bytes_arrive() {
-        // Headers only: the second bulk's declared length takes the total past 100 bytes.
-        let mut d = RespDecoder::new(1024, 100);
+        // Headers only: the second bulk's declared length takes the total past 100 bytes
+        // and the two arguments' handles.
+        let limit = 100 + 2 * ARG_HANDLE;
+        let mut d = RespDecoder::new(1024, limit);
         let mut buf = BytesMut::from(&b"*2\r\n$50\r\n"[..]);
         assert_eq!(d.decode(&mut buf), Ok(None));
         buf.extend_from_slice(&[b'x'; 50]);
         buf.extend_from_slice(b"\r\n$40\r\n");
         let err = d.decode(&mut buf).unwrap_err();
-        assert_eq!(err, ProtocolError::TooLarge { limit: 100 });
+        assert_eq!(err, ProtocolError::TooLarge { limit });
         assert_eq!(
             err.reply(),
-            Reply::err(
-                "ERR Protocol error: command larger than the query buffer limit (100 bytes)"
-            )
+            Reply::err(format!(
+                "ERR Protocol error: command larger than the query buffer limit ({limit} bytes)"
+            ))
         );
         // A count that cannot fit even with empty arguments is refused at once.
         let mut buf = BytesMut::from(&b"*20\r\n"[..]);
@@ -1233,14 +1248,45 @@ mod tests {
             }
         }
         assert!(refused, "refused within the first 64 MiB");
-        // Exactly at the limit passes: 4 + 7 + 7 bytes.
+        // Exactly at the limit passes: 4 + 7 + 7 bytes, and a handle per argument.
         let wire = b"*2\r\n$1\r\na\r\n$1\r\nb\r\n";
         assert_eq!(wire.len(), 18);
-        let mut d = RespDecoder::new(1024, 18);
+        let limit = 18 + 2 * ARG_HANDLE;
+        let mut d = RespDecoder::new(1024, limit);
         let (got, _) = trickle(&mut d, wire, 1);
         assert_eq!(got, vec![args(&[b"a", b"b"])]);
         let mut buf = BytesMut::from(&wire[..]);
-        assert!(RespDecoder::new(1024, 17).decode(&mut buf).is_err());
+        assert_eq!(
+            RespDecoder::new(1024, limit)
+                .decode(&mut buf)
+                .unwrap()
+                .map(|c| c.len()),
+            Some(2),
+            "whole at once too"
+        );
+        let mut buf = BytesMut::from(&wire[..]);
+        assert!(RespDecoder::new(1024, limit - 1).decode(&mut buf).is_err());
+        let mut d = RespDecoder::new(1024, limit - 1);
+        let mut buf = BytesMut::new();
+        let refused = wire.iter().any(|&b| {
+            buf.extend_from_slice(&[b]);
+            d.decode(&mut buf).is_err()
+        });
+        assert!(refused, "trickled too");
+    }
+
+    #[test]
+    fn a_decoder_for_a_frames_bytes_takes_any_command_they_hold() {
+        for args in [
+            vec![Bytes::new(); 1000],
+            vec![Bytes::from_static(b"GET"); 1],
+        ] {
+            let mut wire = BytesMut::new();
+            encode_command(&args, &mut wire);
+            let len = wire.len();
+            let got = RespDecoder::for_bytes(1024, len).decode(&mut wire);
+            assert_eq!(got, Ok(Some(args)), "{len} bytes");
+        }
     }
 
     #[test]

@@ -616,3 +616,40 @@ async fn a_command_on_many_keys_holds_a_window_of_requests() {
     eprintln!("peak grew by {} MB", grew >> 20);
     assert!(grew < 150 << 20, "peak grew by {} MB", grew >> 20);
 }
+
+/// A pipeline of large values is charged to its connection until each is answered: one
+/// client could otherwise have its whole window of them in flight (256 requests, each up to
+/// the frame limit) past its limit, while a frozen worker kept them waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_of_large_values_is_held_within_the_connections_limit() {
+    let flags = [
+        "--max-client-buffer",
+        "2MiB",
+        "--max-frame",
+        "512KiB",
+        "--max-line",
+        "512KiB",
+    ];
+    let cluster = Cluster::start_with(1, &flags).await;
+    let pid = cluster.orch.pid();
+    let peak_before = proc_kb(pid, "VmHWM");
+    cluster.workers[1].signal("STOP");
+    let value = vec![b'v'; 256 << 10];
+    let mut pipeline = bytes::BytesMut::new();
+    const SETS: usize = 256;
+    for i in 0..SETS {
+        crate::harness::encode(
+            &[b"SET", format!("big{i}").as_bytes(), &value],
+            &mut pipeline,
+        );
+    }
+    let mut c = RespConn::connect(cluster.orch.addr).await;
+    c.send_raw(&pipeline).await;
+    for i in 0..SETS {
+        assert_eq!(&c.reply().await[..], b"+OK\r\n", "SET {i}");
+    }
+    cluster.workers[1].signal("CONT");
+    let grew = proc_kb(pid, "VmHWM").saturating_sub(peak_before);
+    eprintln!("peak grew by {} MB", grew / MB);
+    assert!(grew < 24 * MB, "peak grew by {} MB", grew / MB);
+}

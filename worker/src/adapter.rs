@@ -262,7 +262,7 @@ impl Adapter {
 
     /// Runs a RESP-encoded command on the destination; the reply RESP-encoded, errors included.
     pub async fn passthrough(&self, command: &[u8]) -> Result<Bytes, String> {
-        let args = twincache_protocol::resp::RespDecoder::new(command.len(), command.len())
+        let args = twincache_protocol::resp::RespDecoder::for_bytes(command.len(), command.len())
             .decode(&mut BytesMut::from(command))
             .ok()
             .flatten()
