@@ -588,7 +588,8 @@ async fn run<P: Protocol, S: ClientStream>(
             reading = false;
         }
         let before = inflight.items.len();
-        while reading && room(&inflight, config.pipeline_depth) && !account.busy(buf_held) {
+        while reading && room(&inflight, config.pipeline_depth, account) && !account.busy(buf_held)
+        {
             let buffered = buf.len();
             let step = proto.next(&mut buf, ctx);
             let tag = Tag {
@@ -602,7 +603,7 @@ async fn run<P: Protocol, S: ClientStream>(
                 (kept >= HOLD_MIN).then(|| {
                     // Out of the buffer's charge first, so the bytes are not counted twice.
                     account.track(&mut buf_held, buf.len() + proto.held());
-                    account.charged(kept)
+                    account.charged_request(kept)
                 })
             };
             match step {
@@ -658,7 +659,7 @@ async fn run<P: Protocol, S: ClientStream>(
             return Ok(());
         }
         let may_read = reading
-            && room(&inflight, config.pipeline_depth)
+            && room(&inflight, config.pipeline_depth, account)
             && !account.busy(buf_held)
             && !(inflight.charged > 0
                 && account.held() + proto.wanted(&buf) + proto.held() > account.limit());
@@ -857,8 +858,12 @@ fn count_error<P: Protocol>(ctx: &Ctx, out: &P::Out) {
 /// Whether the in-flight window has room for another request. One request is always let
 /// in when nothing is in flight, however many keys it names, and nothing is read past a
 /// streaming reply until it is done.
-fn room<O>(inflight: &Queue<O>, depth: usize) -> bool {
-    inflight.barriers == 0 && (inflight.weight < depth || inflight.is_empty())
+fn room<O>(inflight: &Queue<O>, depth: usize, account: &Account) -> bool {
+    inflight.barriers == 0
+        && (inflight.weight < depth || inflight.is_empty())
+        // Large requests wait their turn while the process has too many in flight: a session
+        // holding some waits for them (see `budget::REQUESTS_IN_FLIGHT`).
+        && (inflight.charged == 0 || !account.budget().requests_busy())
 }
 
 /// The error that closes a connection over its memory limit.
