@@ -36,13 +36,14 @@
 //!
 //! Bounds: the outbox holds at most [`OUTBOX_LIMIT`] bytes (a request that does not fit
 //! fails at once with [`Error::Overloaded`], so a peer that stopped reading cannot make it
-//! grow), and a connection on which requests time out while nothing at all comes back for a
+//! grow; an owner that would rather wait counts the connections holding more than
+//! [`BACKED_UP`] through [`Connection::report_backlog`] and holds its requests meanwhile), and a connection on which requests time out while nothing at all comes back for a
 //! whole timeout is closed (the peer froze, or the link is half-open), which fails what is
 //! pending and lets the owner reconnect.
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -75,6 +76,11 @@ const OVER_LIMIT: &[u8] = b"the client's buffer limit is reached";
 /// Most bytes waiting in a connection's outbox; one request always fits in an empty one.
 pub const OUTBOX_LIMIT: usize = 32 << 20;
 
+/// Bytes waiting in an outbox past which the connection counts as backed up (see
+/// [`Connection::report_backlog`]): half the limit, the other half room for what is on its
+/// way meanwhile.
+pub const BACKED_UP: usize = OUTBOX_LIMIT / 2;
+
 /// A request waiting for its answer: where the answer goes, when it is due, and the account
 /// a large answer is charged to until its caller drops it.
 struct Pending {
@@ -98,6 +104,9 @@ struct Outbox {
     /// Why it died, if TLS said (see [`Shared::close_because`]): later requests fail with it
     /// too, since a refused client certificate is often told before the first request.
     tls_failure: Option<String>,
+    /// Whether it holds more than [`BACKED_UP`] bytes, counted in `backlog` if there is one.
+    backed_up: bool,
+    backlog: Option<Arc<AtomicUsize>>,
 }
 
 impl Outbox {
@@ -154,7 +163,24 @@ impl Outbox {
         // The id sits right after the 4-byte length prefix.
         buf[start + 4..start + 12].copy_from_slice(&id.to_be_bytes());
         self.out.put(value);
+        if self.out.len() > BACKED_UP {
+            self.set_backed_up(true);
+        }
         (Reply(reply_rx), was_empty)
+    }
+
+    /// Records whether the outbox is backed up, counting the change in the backlog.
+    fn set_backed_up(&mut self, now: bool) {
+        if self.backed_up != now {
+            self.backed_up = now;
+            if let Some(backlog) = &self.backlog {
+                if now {
+                    backlog.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    backlog.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+        }
     }
 }
 
@@ -223,6 +249,7 @@ impl Shared {
             o.closed = true;
             o.tls_failure = tls.clone();
             o.out.clear();
+            o.set_backed_up(false);
             o.pending.drain().into_iter().map(|p| p.tx).collect()
         };
         for tx in drained {
@@ -323,6 +350,8 @@ impl Connection {
                 pending: PendingMap::default(),
                 closed: false,
                 tls_failure: None,
+                backed_up: false,
+                backlog: None,
             }),
             wake_writer: Notify::new(),
             closed: AtomicBool::new(false),
@@ -349,6 +378,17 @@ impl Connection {
     /// means a queue, not a failure.
     pub fn patient_while_answering(&self) {
         self.handle.0.patient.store(true, Ordering::Relaxed);
+    }
+
+    /// Counts this connection in `backlog` while its outbox holds more than [`BACKED_UP`]
+    /// bytes: an owner that holds its requests while the count is not zero gets pushed back
+    /// by a slow peer instead of [`Error::Overloaded`].
+    pub fn report_backlog(&self, backlog: Arc<AtomicUsize>) {
+        let mut outbox = self.handle.0.lock();
+        if outbox.backed_up {
+            backlog.fetch_add(1, Ordering::Relaxed);
+        }
+        outbox.backlog = Some(backlog);
     }
 
     /// How long since the peer last answered anything on this connection (or since it
@@ -492,7 +532,11 @@ async fn write_loop<W: AsyncWrite + Unpin>(mut wr: W, shared: Arc<Shared>) {
         // queue meanwhile leaves with it in one write.
         tokio::task::yield_now().await;
         // Take everything queued so far; callers keep filling the (now empty) outbox.
-        std::mem::swap(&mut shared.lock().out, &mut out);
+        {
+            let mut outbox = shared.lock();
+            std::mem::swap(&mut outbox.out, &mut out);
+            outbox.set_backed_up(false);
+        }
         if out.is_empty() {
             continue;
         }
@@ -798,6 +842,41 @@ mod tests {
         };
         let (answer, ()) = tokio::join!(get, pings);
         answer
+    }
+
+    #[tokio::test]
+    async fn a_connection_whose_peer_stops_reading_is_backed_up_until_it_closes() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Accepts, and reads nothing.
+        let _peer = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            drop(stream);
+        });
+        let conn = Connection::connect(&addr.to_string(), 1 << 20, Duration::from_secs(10))
+            .await
+            .unwrap();
+        let backlog = Arc::new(AtomicUsize::new(0));
+        conn.report_backlog(backlog.clone());
+        let mut req = Request::new(Op::Set, Bytes::from_static(b"k"));
+        req.value = Bytes::from(vec![0u8; 1 << 20]);
+        let mut sent = Vec::new();
+        while backlog.load(Ordering::Relaxed) == 0 {
+            assert!(sent.len() < 200, "never backed up");
+            sent.push(conn.send(&req));
+            // The writer takes what is queued, until the socket's buffers are full.
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert_eq!(backlog.load(Ordering::Relaxed), 1);
+        drop(sent);
+        drop(conn);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(
+            backlog.load(Ordering::Relaxed),
+            0,
+            "counted out when closed"
+        );
     }
 
     #[tokio::test]

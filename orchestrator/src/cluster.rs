@@ -230,6 +230,10 @@ pub struct RouterConfig {
     /// on every change (read at start by `Orchestrator::bind`).
     pub state_file: Option<std::path::PathBuf>,
     pub membership: MembershipConfig,
+    /// How many worker connections are backed up now, their outbox past
+    /// `twincache_client::connection::BACKED_UP`: shared by every link, read by sessions
+    /// ([`Router::backed_up`]).
+    pub backlog: Arc<AtomicUsize>,
 }
 
 /// Routes requests to pairs: the pair is chosen by the stable key hash; writes go to both
@@ -614,6 +618,14 @@ impl Router {
             })
             .await
         })
+    }
+
+    /// Whether a worker connection is backed up: sessions then send nothing more until
+    /// what they have in flight is answered, rather than overflow it (a request that does
+    /// not fit fails over, and a write that fails over marks a healthy worker stale).
+    #[inline]
+    pub fn backed_up(&self) -> bool {
+        self.config.backlog.load(Ordering::Relaxed) > 0
     }
 
     pub fn get(

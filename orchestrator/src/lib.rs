@@ -151,6 +151,7 @@ impl Orchestrator {
             }),
             tls: self.tls.as_ref().and_then(NodeTls::connector),
             state_file: c.state_path(),
+            backlog: Default::default(),
             membership: MembershipConfig {
                 rate: c.move_rate_limit,
                 batch: usize::from(c.move_batch_slots),

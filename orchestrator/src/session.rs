@@ -588,8 +588,7 @@ async fn run<P: Protocol, S: ClientStream>(
             reading = false;
         }
         let before = inflight.items.len();
-        while reading && room(&inflight, config.pipeline_depth, account) && !account.busy(buf_held)
-        {
+        while reading && room(&inflight, config.pipeline_depth, ctx) && !account.busy(buf_held) {
             let buffered = buf.len();
             let step = proto.next(&mut buf, ctx);
             let tag = Tag {
@@ -603,7 +602,7 @@ async fn run<P: Protocol, S: ClientStream>(
                 (kept >= HOLD_MIN).then(|| {
                     // Out of the buffer's charge first, so the bytes are not counted twice.
                     account.track(&mut buf_held, buf.len() + proto.held());
-                    account.charged_request(kept)
+                    account.charged(kept)
                 })
             };
             match step {
@@ -659,7 +658,7 @@ async fn run<P: Protocol, S: ClientStream>(
             return Ok(());
         }
         let may_read = reading
-            && room(&inflight, config.pipeline_depth, account)
+            && room(&inflight, config.pipeline_depth, ctx)
             && !account.busy(buf_held)
             && !(inflight.charged > 0
                 && account.held() + proto.wanted(&buf) + proto.held() > account.limit());
@@ -858,12 +857,13 @@ fn count_error<P: Protocol>(ctx: &Ctx, out: &P::Out) {
 /// Whether the in-flight window has room for another request. One request is always let
 /// in when nothing is in flight, however many keys it names, and nothing is read past a
 /// streaming reply until it is done.
-fn room<O>(inflight: &Queue<O>, depth: usize, account: &Account) -> bool {
+fn room<O>(inflight: &Queue<O>, depth: usize, ctx: &Ctx) -> bool {
     inflight.barriers == 0
-        && (inflight.weight < depth || inflight.is_empty())
-        // Large requests wait their turn while the process has too many in flight: a session
-        // holding some waits for them (see `budget::REQUESTS_IN_FLIGHT`).
-        && (inflight.charged == 0 || !account.budget().requests_busy())
+        && (inflight.weight < depth
+            // While a worker connection is backed up, a session waits for what it has in
+            // flight before it sends more (see `Router::backed_up`).
+            && !ctx.router.backed_up()
+            || inflight.is_empty())
 }
 
 /// The error that closes a connection over its memory limit.

@@ -25,20 +25,10 @@ pub const FLOOR: usize = 1 << 20;
 /// of in-flight requests bounds them, and wrapping costs an allocation.
 pub const HOLD_MIN: usize = 16 * 1024;
 
-/// Bytes of large requests ([`Account::charged_request`]) in flight in the whole process
-/// past which a connection that has one in flight takes no more until it is answered
-/// ([`Budget::requests_busy`]): half of what one worker link may queue
-/// (`twincache_client::connection::OUTBOX_LIMIT`), so a burst of large writes from many
-/// clients waits its turn in their sessions instead of overflowing the links (which fails
-/// the writes and marks healthy workers as having missed them).
-pub const REQUESTS_IN_FLIGHT: usize = 16 << 20;
-
 /// The process's memory for connections.
 #[derive(Debug)]
 pub struct Budget {
     used: AtomicUsize,
-    /// Of which large requests in flight (see [`REQUESTS_IN_FLIGHT`]).
-    requests: AtomicUsize,
     limit: usize,
     /// Whether the "over budget" warning was logged since the budget last had room.
     warned: AtomicBool,
@@ -48,7 +38,6 @@ impl Budget {
     pub fn new(limit: usize) -> Arc<Budget> {
         Arc::new(Budget {
             used: AtomicUsize::new(0),
-            requests: AtomicUsize::new(0),
             limit,
             warned: AtomicBool::new(false),
         })
@@ -64,11 +53,6 @@ impl Budget {
 
     fn over(&self) -> bool {
         self.used() > self.limit
-    }
-
-    /// Whether large requests in flight pass [`REQUESTS_IN_FLIGHT`].
-    pub fn requests_busy(&self) -> bool {
-        self.requests.load(Ordering::Relaxed) > REQUESTS_IN_FLIGHT
     }
 }
 
@@ -224,22 +208,7 @@ impl Account {
         Charge {
             account: self.clone(),
             n,
-            request: false,
         }
-    }
-
-    /// [`Account::charged`] for a large request on its way to the workers, also counted
-    /// among the process's ([`Budget::requests_busy`]).
-    pub fn charged_request(self: &Arc<Self>, n: usize) -> Charge {
-        self.budget.requests.fetch_add(n, Ordering::Relaxed);
-        let mut charge = self.charged(n);
-        charge.request = true;
-        charge
-    }
-
-    /// The process's budget this account draws on.
-    pub fn budget(&self) -> &Budget {
-        &self.budget
     }
 }
 
@@ -256,19 +225,11 @@ impl Drop for Account {
 pub struct Charge {
     account: Arc<Account>,
     n: usize,
-    /// Whether it is also counted among the process's requests in flight.
-    request: bool,
 }
 
 impl Drop for Charge {
     fn drop(&mut self) {
         self.account.release(self.n);
-        if self.request {
-            self.account
-                .budget
-                .requests
-                .fetch_sub(self.n, Ordering::Relaxed);
-        }
     }
 }
 
@@ -341,22 +302,16 @@ mod tests {
     }
 
     #[test]
-    fn charges_last_as_long_as_what_holds_them() {
+    fn a_charge_lasts_as_long_as_what_holds_it() {
         let budget = Budget::new(1 << 30);
-        let a = Account::new(&budget, 1 << 30);
-        let plain = a.charged(1000);
-        let requests: Vec<Charge> = (0..4)
-            .map(|_| a.charged_request(REQUESTS_IN_FLIGHT / 4))
-            .collect();
-        assert_eq!(a.held(), 1000 + REQUESTS_IN_FLIGHT);
-        assert!(!budget.requests_busy(), "at the bound, not past it");
-        let one_more = a.charged_request(1);
-        assert!(budget.requests_busy());
-        drop(one_more);
-        drop(requests);
-        assert!(!budget.requests_busy());
-        assert_eq!(a.held(), 1000);
-        drop(plain);
+        let a = Account::new(&budget, 1 << 20);
+        let request = a.charged(600 << 10);
+        let reply = a.hold(Bytes::from(vec![0u8; 600 << 10]));
+        assert_eq!(a.held(), 1200 << 10);
+        assert!(a.over().is_some(), "a request and a reply count alike");
+        drop(request);
+        assert_eq!(a.held(), 600 << 10);
+        drop(reply);
         assert_eq!(budget.used(), 0);
     }
 

@@ -3,7 +3,7 @@
 //! set it, and the marks a write leaves on a worker it skips. Routing decides where a request
 //! goes (`cluster`); this module only carries it there.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -67,6 +67,8 @@ pub struct WorkerLink {
     /// until then, and after it reconnects until it says so again, its writes go one frame
     /// each (a worker from before batches would refuse one).
     pub(crate) takes_batches: AtomicBool,
+    /// The router's count of backed-up worker connections, which this link's take part in.
+    backlog: Arc<AtomicUsize>,
     /// Cancelled when the worker leaves the cluster (replaced, or its pair removed): its
     /// connections close once the requests in flight are answered.
     stop: CancellationToken,
@@ -154,13 +156,15 @@ impl WorkerLink {
     ) -> Arc<WorkerLink> {
         // The data slots, and one more for health checks (see `send_control`).
         let connections = config.connections_per_worker + 1;
-        let link = Arc::new(WorkerLink::new(
+        let mut link = WorkerLink::new(
             addr,
             connections,
             config.secret.clone(),
             config.tls.clone(),
             shutdown.child_token(),
-        ));
+        );
+        link.backlog = config.backlog.clone();
+        let link = Arc::new(link);
         for slot in 0..connections {
             // These tasks end at shutdown, or when the worker leaves the cluster.
             tokio::spawn(link.clone().maintain(
@@ -208,6 +212,7 @@ impl WorkerLink {
             partial: AtomicBool::new(false),
             swept: Mutex::new(None),
             takes_batches: AtomicBool::new(false),
+            backlog: Arc::default(),
             stop,
             #[cfg(test)]
             fake: None,
@@ -253,6 +258,7 @@ impl WorkerLink {
                     backoff = RECONNECT_MIN;
                     // A worker that answers slowly but steadily has a queue, not a fault.
                     conn.patient_while_answering();
+                    conn.report_backlog(self.backlog.clone());
                     *self.lock_slot(slot) = Some(conn.clone());
                     self.takes_batches.store(false, Ordering::Relaxed);
                     // Whether the worker is up is the health monitor's to say and log.

@@ -34,6 +34,7 @@ pub(super) fn start(
         secret: None,
         tls: None,
         state_file,
+        backlog: Default::default(),
         membership: MembershipConfig {
             rate: 0,
             batch: 256,
