@@ -90,6 +90,8 @@ struct Pending {
     /// Whether it may wait past its deadline while the peer answers others.
     patient: bool,
     account: Option<Arc<Account>>,
+    /// Whether its answer may be dropped when the account is over its limit: a read's.
+    droppable: bool,
 }
 
 type PendingMap = pending::Pending<Pending>;
@@ -149,6 +151,7 @@ impl Outbox {
             deadline,
             patient,
             account: account.cloned(),
+            droppable: req.op.reads_only(),
         };
         let id = match self.pending.insert(waiting) {
             Ok(id) => id,
@@ -658,9 +661,9 @@ fn deliver(shared: &Shared, mut resp: Response) {
         return;
     };
     if let Some(account) = &p.account {
-        if account.held() > account.limit() {
+        if account.held() > account.limit() && p.droppable {
             // Its caller holds more than it may: it is being cut off, so the payload is
-            // dropped now rather than held.
+            // dropped now rather than held (a write's is still held: see `Op::reads_only`).
             resp.status = Status::TooLarge;
             resp.payload = Bytes::from_static(OVER_LIMIT);
         } else {
@@ -842,6 +845,27 @@ mod tests {
         };
         let (answer, ()) = tokio::join!(get, pings);
         answer
+    }
+
+    #[tokio::test]
+    async fn an_account_over_its_limit_loses_read_answers_but_never_a_writes() {
+        let addr = slow_peer(Duration::ZERO).await;
+        let conn = Connection::connect(&addr.to_string(), 1 << 20, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let budget = twincache_protocol::budget::Budget::new(1 << 30);
+        let account = Account::new(&budget, 1024);
+        account.charge(2048);
+        let read = Request::new(Op::Get, Bytes::from_static(b"k"));
+        let answer = conn.send_charged(&read, Some(&account)).await.unwrap();
+        assert_eq!(answer.status, Status::TooLarge);
+        let write = Request::new(Op::Set, Bytes::from_static(b"k"));
+        let answer = conn.send_charged(&write, Some(&account)).await.unwrap();
+        assert_eq!(
+            answer.status,
+            Status::Ok,
+            "a write's answer says what the peer did"
+        );
     }
 
     #[tokio::test]

@@ -186,6 +186,13 @@ pub enum Op {
 }
 
 impl Op {
+    /// Whether the op only reads: its answer may be dropped for a caller over its memory
+    /// limit. A write's answer never is (a read-modify-write's carries the change its
+    /// partner must get).
+    pub fn reads_only(self) -> bool {
+        matches!(self, Op::Get | Op::Exists | Op::Query | Op::Scan)
+    }
+
     pub fn code(self) -> u8 {
         match self {
             Op::Get => 1,
