@@ -625,7 +625,12 @@ impl Router {
     /// not fit fails over, and a write that fails over marks a healthy worker stale).
     #[inline]
     pub fn backed_up(&self) -> bool {
-        self.config.backlog.load(Ordering::Relaxed) > 0
+        self.backlog() > 0
+    }
+
+    /// How many worker connections are backed up now.
+    pub fn backlog(&self) -> usize {
+        self.config.backlog.load(Ordering::Relaxed)
     }
 
     pub fn get(

@@ -214,6 +214,11 @@ impl Collector for Exposition {
                 router.mode().is_some() && unready_pairs(router).is_empty(),
             )),
         )?;
+        s.gauge(
+            "twincache_worker_connections_backed_up",
+            "Worker connections whose outbox holds more than half its limit now: while not 0, clients with requests in flight wait for them before sending more.",
+            router.backlog() as f64,
+        )?;
         st.metrics.write(&mut s)?;
         router.stats.write(&mut s)?;
         let mut states = Vec::new();

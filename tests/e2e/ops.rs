@@ -285,6 +285,10 @@ async fn prometheus_scrapes_the_counts_of_a_known_load_and_promtool_accepts_both
             2.0,
         ),
         (r#"twincache_ready{job="orchestrator"}"#, 1.0),
+        (
+            r#"twincache_worker_connections_backed_up{job="orchestrator"}"#,
+            0.0,
+        ),
         (r#"count(up{job="workers"} == 1)"#, 2.0),
     ];
     wait_for("Prometheus to have scraped the load", || async {
