@@ -694,3 +694,49 @@ async fn a_burst_of_writes_from_many_clients_fails_none() {
     let log = cluster.orch.log_text();
     assert!(!log.contains("missed a write"), "{log}");
 }
+
+/// A transaction's queued commands are charged to its connection until EXEC: past half its
+/// limit a command is refused and EXEC aborts, and the connection still reads EXEC. (They
+/// were held with nothing charged, so one client could queue without bound.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_queue_is_held_within_the_connections_limit() {
+    let flags = [
+        "--max-client-buffer",
+        "2MiB",
+        "--max-frame",
+        "512KiB",
+        "--max-line",
+        "512KiB",
+    ];
+    let cluster = Cluster::start_with(1, &flags).await;
+    let mut c = RespConn::connect(cluster.orch.addr).await;
+    assert_eq!(&c.call(&[b"MULTI"]).await[..], b"+OK\r\n");
+    let value = vec![b'v'; 256 << 10];
+    let mut replies = Vec::new();
+    for i in 0..8 {
+        let key = format!("{{t}}k{i}");
+        replies.push(c.call(&[b"SET", key.as_bytes(), &value]).await);
+    }
+    assert_eq!(&replies[0][..], b"+QUEUED\r\n");
+    let refused = replies
+        .iter()
+        .filter(|r| r.starts_with(b"-ERR the transaction holds"));
+    assert!(refused.count() > 0, "{replies:?}");
+    let exec = c.call(&[b"EXEC"]).await;
+    assert!(
+        exec.starts_with(b"-EXECABORT"),
+        "{:?}",
+        String::from_utf8_lossy(&exec)
+    );
+    assert_eq!(&c.call(&[b"GET", b"{t}k0"]).await[..], b"$-1\r\n");
+    // Within the limit, the same transaction runs.
+    assert_eq!(&c.call(&[b"MULTI"]).await[..], b"+OK\r\n");
+    for i in 0..2 {
+        let key = format!("{{t}}k{i}");
+        assert_eq!(
+            &c.call(&[b"SET", key.as_bytes(), &value]).await[..],
+            b"+QUEUED\r\n"
+        );
+    }
+    assert_eq!(&c.call(&[b"EXEC"]).await[..], b"*2\r\n+OK\r\n+OK\r\n");
+}

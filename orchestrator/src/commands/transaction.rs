@@ -17,9 +17,10 @@
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use twincache_protocol::budget::Charge;
 use twincache_protocol::frame::{flags, Op};
 use twincache_protocol::program::{encode_program, Action, SetIf, Ttl};
-use twincache_protocol::resp::{decode_replies, Reply};
+use twincache_protocol::resp::{decode_replies, Reply, ARG_HANDLE};
 
 use super::{
     crossslot, dispatch, error_reply, join_every, replies, Adapter, Cmd, Conn, Family, Group, Spec,
@@ -93,6 +94,8 @@ pub struct Multi {
     /// The pair every key of the transaction is on.
     pair: Option<usize>,
     queued: Vec<Queued>,
+    /// What the queued commands hold, charged to the connection until EXEC or DISCARD.
+    charges: Vec<Charge>,
     /// Keys WATCHed, with their versions then and whether they were live (filled once
     /// WATCH's answer arrives).
     watched: Arc<Mutex<Vec<(Bytes, u64, bool)>>>,
@@ -165,6 +168,20 @@ pub fn queue(
             Err(e) => return refused(&mut conn.multi, e),
         },
     };
+    if let Some(account) = &ctx.origin.account {
+        // Its arguments, their handles, and the queued form's own (roughly).
+        let size = args.iter().map(|a| a.len() + ARG_HANDLE).sum::<usize>() + 64;
+        // A queue the connection could not read EXEC past is refused instead.
+        if account.held() + size > account.limit() / 2 {
+            return refused(
+                &mut conn.multi,
+                Reply::err(
+                    "ERR the transaction holds more than half the connection's buffer limit (--max-client-buffer)",
+                ),
+            );
+        }
+        conn.multi.charges.push(account.charged(size));
+    }
     conn.multi.queued.push(queued);
     Reply::Simple("QUEUED")
 }
