@@ -37,9 +37,10 @@
 //! Bounds: the outbox holds at most [`OUTBOX_LIMIT`] bytes (a request that does not fit
 //! fails at once with [`Error::Overloaded`], so a peer that stopped reading cannot make it
 //! grow; an owner that would rather wait counts the connections holding more than
-//! [`BACKED_UP`] through [`Connection::report_backlog`] and holds its requests meanwhile), and a connection on which requests time out while nothing at all comes back for a
-//! whole timeout is closed (the peer froze, or the link is half-open), which fails what is
-//! pending and lets the owner reconnect.
+//! [`BACKED_UP`] through [`Connection::report_backlog`] and holds its requests meanwhile),
+//! and a connection on which requests time out while nothing at all comes back for a whole
+//! timeout is closed (the peer froze, or the link is half-open), which fails what is pending
+//! and lets the owner reconnect.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -166,7 +167,8 @@ impl Outbox {
         // The id sits right after the 4-byte length prefix.
         buf[start + 4..start + 12].copy_from_slice(&id.to_be_bytes());
         self.out.put(value);
-        if self.out.len() > BACKED_UP {
+        // (One request alone, however large, is not a backlog: it always fits.)
+        if !was_empty && self.out.len() > BACKED_UP {
             self.set_backed_up(true);
         }
         (Reply(reply_rx), was_empty)
@@ -388,10 +390,11 @@ impl Connection {
     /// by a slow peer instead of [`Error::Overloaded`].
     pub fn report_backlog(&self, backlog: Arc<AtomicUsize>) {
         let mut outbox = self.handle.0.lock();
-        if outbox.backed_up {
-            backlog.fetch_add(1, Ordering::Relaxed);
-        }
+        // Counted out of the count it was in, if any, and into this one.
+        let was = outbox.backed_up;
+        outbox.set_backed_up(false);
         outbox.backlog = Some(backlog);
+        outbox.set_backed_up(was);
     }
 
     /// How long since the peer last answered anything on this connection (or since it
@@ -893,6 +896,17 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         assert_eq!(backlog.load(Ordering::Relaxed), 1);
+        conn.report_backlog(backlog.clone());
+        assert_eq!(backlog.load(Ordering::Relaxed), 1, "counted once");
+        let other = Arc::new(AtomicUsize::new(0));
+        conn.report_backlog(other.clone());
+        assert_eq!(
+            backlog.load(Ordering::Relaxed),
+            0,
+            "counted out of the old count"
+        );
+        assert_eq!(other.load(Ordering::Relaxed), 1);
+        conn.report_backlog(backlog.clone());
         drop(sent);
         drop(conn);
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -444,8 +444,8 @@ struct Item<O> {
     barrier: bool,
     /// What the metrics count it as.
     tag: Tag,
-    /// A large request's bytes, charged to the connection until its reply is written.
-    charge: Option<Charge>,
+    /// A large request's bytes, charged to the connection until its reply is taken.
+    _charge: Option<Charge>,
 }
 
 /// The session's queue of replies in request order, with the weight of what is in flight.
@@ -454,8 +454,6 @@ struct Queue<O> {
     weight: usize,
     /// Queued replies that nothing may be read past (streams, AUTH).
     barriers: usize,
-    /// Queued requests holding a [`Charge`].
-    charged: usize,
 }
 
 impl<O> Queue<O> {
@@ -464,13 +462,11 @@ impl<O> Queue<O> {
             items: VecDeque::new(),
             weight: 0,
             barriers: 0,
-            charged: 0,
         }
     }
 
     fn push(&mut self, item: InFlight<O>, weight: usize, tag: Tag) {
-        let barrier = matches!(item, InFlight::Streaming(_));
-        self.push_item(item, weight, barrier, tag, None);
+        self.push_item(item, weight, false, tag, None);
     }
 
     fn push_item(
@@ -482,14 +478,13 @@ impl<O> Queue<O> {
         charge: Option<Charge>,
     ) {
         self.barriers += usize::from(barrier);
-        self.charged += usize::from(charge.is_some());
         self.weight += weight;
         self.items.push_back(Item {
             reply,
             weight,
             barrier,
             tag,
-            charge,
+            _charge: charge,
         });
     }
 
@@ -501,7 +496,6 @@ impl<O> Queue<O> {
         if let Some(item) = self.items.pop_front() {
             self.weight -= item.weight;
             self.barriers -= usize::from(item.barrier);
-            self.charged -= usize::from(item.charge.is_some());
             done.done(item.tag);
         }
     }
@@ -605,29 +599,27 @@ async fn run<P: Protocol, S: ClientStream>(
                     account.charged(kept)
                 })
             };
-            match step {
+            // What waits for the workers, its weight, and whether it is a barrier.
+            let (reply, weight, barrier) = match step {
                 Step::NeedMore => break,
-                Step::Reply(resp) => inflight.push(InFlight::Ready(Some(resp)), 0, tag),
-                Step::Dispatch(fut, weight) => {
-                    let charge = charge();
-                    inflight.push_item(InFlight::Waiting(fut), weight, false, tag, charge);
+                Step::Reply(resp) => {
+                    inflight.push(InFlight::Ready(Some(resp)), 0, tag);
+                    continue;
                 }
-                Step::Stream(parts) => {
-                    let charge = charge();
-                    inflight.push_item(InFlight::Streaming(parts), 1, true, tag, charge);
-                }
-                Step::Settle(fut) => {
-                    let charge = charge();
-                    inflight.push_item(InFlight::Waiting(fut), 1, true, tag, charge);
-                }
+                Step::Dispatch(fut, weight) => (InFlight::Waiting(fut), weight, false),
+                Step::Stream(parts) => (InFlight::Streaming(parts), 1, true),
+                Step::Settle(fut) => (InFlight::Waiting(fut), 1, true),
                 Step::Close(last) => {
                     if let Some(resp) = last {
                         inflight.push(InFlight::Ready(Some(resp)), 0, tag);
                     }
                     reading = false;
                     hung_up = true;
+                    continue;
                 }
-            }
+            };
+            let charge = charge();
+            inflight.push_item(reply, weight, barrier, tag, charge);
         }
         if inflight.items.len() != before {
             // (Whatever it gathered has a reply queued.)
@@ -660,8 +652,11 @@ async fn run<P: Protocol, S: ClientStream>(
         let may_read = reading
             && room(&inflight, config.pipeline_depth, ctx)
             && !account.busy(buf_held)
-            && !(inflight.charged > 0
-                && account.held() + proto.wanted(&buf) + proto.held() > account.limit());
+            // With anything in flight (which will be answered and release its share), the
+            // rest of a command is read only within the limit; once decoded, its argument
+            // handles take twice the ranges counted now (`proto.held()`).
+            && (inflight.is_empty()
+                || account.held() + proto.wanted(&buf) + proto.held() <= account.limit());
         if may_read {
             // Room for the rest of the argument being read, in few steps rather than read by
             // read, yet no faster than the bytes arrive (`room_ahead`): what a client
@@ -858,12 +853,12 @@ fn count_error<P: Protocol>(ctx: &Ctx, out: &P::Out) {
 /// in when nothing is in flight, however many keys it names, and nothing is read past a
 /// streaming reply until it is done.
 fn room<O>(inflight: &Queue<O>, depth: usize, ctx: &Ctx) -> bool {
-    inflight.barriers == 0
-        && (inflight.weight < depth
+    inflight.is_empty()
+        || inflight.barriers == 0
+            && inflight.weight < depth
             // While a worker connection is backed up, a session waits for what it has in
             // flight before it sends more (see `Router::backed_up`).
             && !ctx.router.backed_up()
-            || inflight.is_empty())
 }
 
 /// The error that closes a connection over its memory limit.
