@@ -617,11 +617,9 @@ async fn a_command_on_many_keys_holds_a_window_of_requests() {
     assert!(grew < 150 << 20, "peak grew by {} MB", grew >> 20);
 }
 
-/// A pipeline of large values is charged to its connection until each is answered: one
-/// client could otherwise have its whole window of them in flight (256 requests, each up to
-/// the frame limit) past its limit, while a frozen worker kept them waiting.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_pipeline_of_large_values_is_held_within_the_connections_limit() {
+/// One pair behind an orchestrator whose client connections may hold 2 MiB each (frames and
+/// lines of up to 512 KiB): small enough for a test's few large values to reach it.
+async fn small_buffers() -> Cluster {
     let flags = [
         "--max-client-buffer",
         "2MiB",
@@ -630,7 +628,15 @@ async fn a_pipeline_of_large_values_is_held_within_the_connections_limit() {
         "--max-line",
         "512KiB",
     ];
-    let cluster = Cluster::start_with(1, &flags).await;
+    Cluster::start_with(1, &flags).await
+}
+
+/// A pipeline of large values is charged to its connection until each is answered: one
+/// client could otherwise have its whole window of them in flight (256 requests, each up to
+/// the frame limit) past its limit, while a frozen worker kept them waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_of_large_values_is_held_within_the_connections_limit() {
+    let cluster = small_buffers().await;
     let pid = cluster.orch.pid();
     let peak_before = proc_kb(pid, "VmHWM");
     cluster.workers[1].signal("STOP");
@@ -700,15 +706,7 @@ async fn a_burst_of_writes_from_many_clients_fails_none() {
 /// were held with nothing charged, so one client could queue without bound.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transaction_queue_is_held_within_the_connections_limit() {
-    let flags = [
-        "--max-client-buffer",
-        "2MiB",
-        "--max-frame",
-        "512KiB",
-        "--max-line",
-        "512KiB",
-    ];
-    let cluster = Cluster::start_with(1, &flags).await;
+    let cluster = small_buffers().await;
     let mut c = RespConn::connect(cluster.orch.addr).await;
     assert_eq!(&c.call(&[b"MULTI"]).await[..], b"+OK\r\n");
     let value = vec![b'v'; 256 << 10];
