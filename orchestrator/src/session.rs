@@ -655,7 +655,8 @@ async fn run<P: Protocol, S: ClientStream>(
             // With anything in flight (which will be answered and release its share), the
             // rest of a command is read only within the limit; once decoded, its argument
             // handles take twice the ranges counted now (`proto.held()`).
-            && (inflight.is_empty()
+            && (buf.is_empty()
+                || inflight.is_empty()
                 || account.held() + proto.wanted(&buf) + proto.held() <= account.limit());
         if may_read {
             // Room for the rest of the argument being read, in few steps rather than read by
