@@ -227,6 +227,14 @@ pub struct Charge {
     n: usize,
 }
 
+impl Charge {
+    /// Charges `n` bytes more, released with the rest.
+    pub fn add(&mut self, n: usize) {
+        self.account.charge(n);
+        self.n += n;
+    }
+}
+
 impl Drop for Charge {
     fn drop(&mut self) {
         self.account.release(self.n);
@@ -312,6 +320,10 @@ mod tests {
         drop(request);
         assert_eq!(a.held(), 600 << 10);
         drop(reply);
+        let mut grown = a.charged(10);
+        grown.add(20);
+        assert_eq!(a.held(), 30);
+        drop(grown);
         assert_eq!(budget.used(), 0);
     }
 

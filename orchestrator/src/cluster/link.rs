@@ -156,15 +156,14 @@ impl WorkerLink {
     ) -> Arc<WorkerLink> {
         // The data slots, and one more for health checks (see `send_control`).
         let connections = config.connections_per_worker + 1;
-        let mut link = WorkerLink::new(
+        let link = Arc::new(WorkerLink::new(
             addr,
             connections,
             config.secret.clone(),
             config.tls.clone(),
+            config.backlog.clone(),
             shutdown.child_token(),
-        );
-        link.backlog = config.backlog.clone();
-        let link = Arc::new(link);
+        ));
         for slot in 0..connections {
             // These tasks end at shutdown, or when the worker leaves the cluster.
             tokio::spawn(link.clone().maintain(
@@ -180,7 +179,14 @@ impl WorkerLink {
     /// A link whose worker is `fake` (tests): no connection is made.
     #[cfg(test)]
     pub(super) fn fake(addr: &str, fake: Fake) -> Arc<WorkerLink> {
-        let link = WorkerLink::new(addr.to_string(), 2, None, None, CancellationToken::new());
+        let link = WorkerLink::new(
+            addr.to_string(),
+            2,
+            None,
+            None,
+            Arc::default(),
+            CancellationToken::new(),
+        );
         link.set_state(WorkerState::InSync);
         Arc::new(WorkerLink {
             fake: Some(fake),
@@ -194,6 +200,7 @@ impl WorkerLink {
         connections: usize,
         secret: Option<ClusterSecret>,
         tls: Option<Connector>,
+        backlog: Arc<AtomicUsize>,
         stop: CancellationToken,
     ) -> WorkerLink {
         WorkerLink {
@@ -212,7 +219,7 @@ impl WorkerLink {
             partial: AtomicBool::new(false),
             swept: Mutex::new(None),
             takes_batches: AtomicBool::new(false),
-            backlog: Arc::default(),
+            backlog,
             stop,
             #[cfg(test)]
             fake: None,

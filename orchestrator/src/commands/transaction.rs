@@ -95,7 +95,7 @@ pub struct Multi {
     pair: Option<usize>,
     queued: Vec<Queued>,
     /// What the queued commands hold, charged to the connection until EXEC or DISCARD.
-    charges: Vec<Charge>,
+    charge: Option<Charge>,
     /// Keys WATCHed, with their versions then and whether they were live (filled once
     /// WATCH's answer arrives).
     watched: Arc<Mutex<Vec<(Bytes, u64, bool)>>>,
@@ -180,7 +180,10 @@ pub fn queue(
                 ),
             );
         }
-        conn.multi.charges.push(account.charged(size));
+        match &mut conn.multi.charge {
+            Some(charge) => charge.add(size),
+            None => conn.multi.charge = Some(account.charged(size)),
+        }
     }
     conn.multi.queued.push(queued);
     Reply::Simple("QUEUED")
