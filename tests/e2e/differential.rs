@@ -396,6 +396,20 @@ struct Run {
 }
 
 impl Run {
+    /// A run of seed 0 in RESP2 on fresh connections to `redis` and `cluster`.
+    async fn start(redis: &RedisServer, cluster: &Cluster) -> Run {
+        let redis_addr = format!("127.0.0.1:{}", redis.port).parse().unwrap();
+        Run {
+            seed: 0,
+            resp3: false,
+            theirs: RespConn::connect(redis_addr).await,
+            ours: RespConn::connect(cluster.orch.addr).await,
+            history: Vec::new(),
+            pending: Vec::new(),
+            pause: false,
+        }
+    }
+
     /// Sends the pending commands to both servers in one write each, then compares the
     /// replies one by one.
     async fn exchange(&mut self) {
@@ -532,16 +546,7 @@ async fn pipelined_sequences_answer_byte_for_byte_like_redis() {
 async fn pipelined_commands_see_the_ones_before_them() {
     let redis = RedisServer::start();
     let cluster = Cluster::start(2).await;
-    let redis_addr = format!("127.0.0.1:{}", redis.port).parse().unwrap();
-    let mut run = Run {
-        seed: 0,
-        resp3: false,
-        theirs: RespConn::connect(redis_addr).await,
-        ours: RespConn::connect(cluster.orch.addr).await,
-        history: Vec::new(),
-        pending: Vec::new(),
-        pause: false,
-    };
+    let mut run = Run::start(&redis, &cluster).await;
     let words = |line: &str| -> Vec<String> { line.split(' ').map(str::to_string).collect() };
     let pipelines: &[&[&str]] = &[
         &["set a 1", "flushall", "set b 2", "get b", "dbsize"],
@@ -572,4 +577,78 @@ async fn pipelined_commands_see_the_ones_before_them() {
         }
         run.seed = round;
     }
+}
+
+/// Strings APPEND and SETRANGE grow past the size a worker keeps in segments (32 KiB, in
+/// segments of 8 KiB): every read and write at and around the segments' boundaries, a gap
+/// of zeros past the end, in one pipeline and one by one, answers as Redis does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_strings_built_by_append_and_setrange_answer_like_redis() {
+    let redis = RedisServer::start();
+    let cluster = Cluster::start(1).await;
+    let mut run = Run::start(&redis, &cluster).await;
+    let s = |x: &str| x.to_string();
+    let mut rng = Rng(7);
+    let chunk = |rng: &mut Rng, n: usize| -> String {
+        (0..n)
+            .map(|_| (b'a' + rng.below(26) as u8) as char)
+            .collect()
+    };
+    let mut commands = Vec::new();
+    for i in 0..60 {
+        let n = [1, 100, 1000, 3000, 8192, 9000][i % 6];
+        commands.push(vec![s("append"), s("log"), chunk(&mut rng, n)]);
+        commands.push(vec![s("strlen"), s("log")]);
+    }
+    let at = |n: usize| n.to_string();
+    for (offset, n) in [
+        (0, 5),
+        (8190, 4),
+        (8192, 1),
+        (16383, 2),
+        (40_000, 9000),
+        (200_000, 3),
+    ] {
+        commands.push(vec![
+            s("setrange"),
+            s("log"),
+            at(offset),
+            chunk(&mut rng, n),
+        ]);
+    }
+    for (start, end) in [
+        ("0", "-1"),
+        ("8191", "8192"),
+        ("8192", "16384"),
+        ("-9000", "-1"),
+        ("100000", "100"),
+        ("199990", "300000"),
+        ("-1", "-1"),
+        ("5", "4"),
+    ] {
+        commands.push(vec![s("getrange"), s("log"), s(start), s(end)]);
+    }
+    commands.push(vec![s("setrange"), s("gap"), s("70000"), s("end")]);
+    commands.push(vec![s("append"), s("gap"), chunk(&mut rng, 10)]);
+    commands.push(vec![s("getrange"), s("gap"), s("69990"), s("70100")]);
+    commands.push(vec![s("get"), s("gap")]);
+    commands.push(vec![s("get"), s("log")]);
+    commands.push(vec![s("getdel"), s("log")]);
+    commands.push(vec![s("exists"), s("log")]);
+    for c in [&mut run.theirs, &mut run.ours] {
+        c.call(&[b"flushall"]).await;
+    }
+    // One by one, then again in one pipeline.
+    for cmd in &commands {
+        run.pending.push(cmd.clone());
+        run.exchange().await;
+    }
+    let encoding = run.ours.call(&[b"object", b"encoding", b"gap"]).await;
+    assert_eq!(&encoding[..], b"$8\r\nsegments\r\n");
+    for c in [&mut run.theirs, &mut run.ours] {
+        c.call(&[b"flushall"]).await;
+    }
+    run.seed = 1;
+    run.pending = commands;
+    run.exchange().await;
 }

@@ -490,6 +490,18 @@ impl RespConn {
         self.stream.write_all(bytes).await.expect("write");
     }
 
+    /// Sends `pipeline` (`n` encoded commands) on a connection of its own, in one write,
+    /// and returns the replies' bytes: a client that pipelines all it has at once.
+    pub async fn pipelined(addr: SocketAddr, pipeline: &[u8], n: usize) -> Vec<bytes::Bytes> {
+        let mut conn = RespConn::connect(addr).await;
+        conn.send_raw(pipeline).await;
+        let mut replies = Vec::with_capacity(n);
+        for _ in 0..n {
+            replies.push(conn.reply().await);
+        }
+        replies
+    }
+
     /// The next reply's bytes.
     pub async fn reply(&mut self) -> bytes::Bytes {
         loop {

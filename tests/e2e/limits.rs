@@ -677,13 +677,7 @@ async fn a_burst_of_writes_from_many_clients_fails_none() {
                     let key = format!("burst{size}.{c}.{i}");
                     crate::harness::encode(&[b"SET", key.as_bytes(), &value], &mut pipeline);
                 }
-                let mut conn = RespConn::connect(addr).await;
-                conn.send_raw(&pipeline).await;
-                let mut replies = Vec::new();
-                for _ in 0..sets {
-                    replies.push(conn.reply().await);
-                }
-                replies
+                RespConn::pipelined(addr, &pipeline, sets).await
             })
         });
         for replies in futures_util::future::join_all(clients).await {

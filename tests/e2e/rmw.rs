@@ -652,3 +652,53 @@ async fn a_partial_copy_serving_alone_runs_no_read_modify_write() {
         );
     }
 }
+
+/// A burst of pipelined APPENDs from many clients onto a few strings growing to most of a
+/// megabyte: every one acknowledged, no worker marked as having missed a write, and both
+/// workers end with the same strings, of the length the APPENDs add up to. (Each APPEND
+/// sealed its whole string again on both workers and sent all of it to the partner: a
+/// burst of this shape answered thousands of errors and took the pair down.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_appends_to_long_strings_fails_none() {
+    let cluster = Cluster::start(1).await;
+    const CLIENTS: usize = 16;
+    const APPENDS: usize = 150;
+    const KEYS: usize = 4;
+    let tail = [b'a'; 1000];
+    let clients = (0..CLIENTS).map(|c| {
+        let addr = cluster.orch.addr;
+        tokio::spawn(async move {
+            let mut pipeline = BytesMut::new();
+            for i in 0..APPENDS {
+                let key = format!("log{}", (c + i) % KEYS);
+                let mut piece = tail;
+                piece[0] = b'A' + c as u8;
+                encode(&[b"APPEND", key.as_bytes(), &piece], &mut pipeline);
+            }
+            RespConn::pipelined(addr, &pipeline, APPENDS).await
+        })
+    });
+    for replies in futures_util::future::join_all(clients).await {
+        for reply in replies.unwrap() {
+            assert!(
+                reply.starts_with(b":"),
+                "{}",
+                String::from_utf8_lossy(&reply)
+            );
+        }
+    }
+    let log = cluster.orch.log_text();
+    assert!(!log.contains("missed a write"), "{log}");
+    let want = CLIENTS * APPENDS * tail.len() / KEYS;
+    for k in 0..KEYS {
+        let key = format!("log{k}");
+        let mut copies = Vec::new();
+        for w in &cluster.workers {
+            let client = Client::connect(&w.addr.to_string()).await.unwrap();
+            let value = client.get::<Bytes>(key.as_str()).await.unwrap().unwrap();
+            assert_eq!(value.len(), want, "{key} on {}", w.addr);
+            copies.push(value);
+        }
+        assert!(copies[0] == copies[1], "{key} differs between the workers");
+    }
+}

@@ -11,6 +11,8 @@
 //! 0x03 lz4 dict  : u32 LE dictionary id, u32 LE original length, lz4 block compressed
 //!                  against that dictionary
 //! 0x04 records   : a large hash, each field sealed on its own (see [`records`])
+//! 0x05 segments  : a long string APPEND or SETRANGE wrote, in segments sealed on their own
+//!                  (see [`segments`])
 //! ```
 //!
 //! Cache values are small and alike (JSON records, serialized objects), so compressed one by
@@ -48,6 +50,7 @@ use crate::secret::SecretBuf;
 use crate::wipe::secret_bytes;
 
 pub mod records;
+pub mod segments;
 
 const RAW: u8 = 0x00;
 const LZ4: u8 = 0x01;
@@ -255,10 +258,12 @@ impl Cipher {
 }
 
 /// How stored bytes are laid out, in a word (OBJECT ENCODING): `raw`, `compressed` (lz4,
-/// with or without a dictionary) or `encrypted`.
+/// with or without a dictionary), `encrypted`, or a form of records sealed one by one
+/// (`records` for a large hash, `segments` for a long string).
 pub fn layout_name(stored: &[u8]) -> &'static str {
     match stored.first() {
         Some(&records::RECORDS) => "records",
+        Some(&segments::SEGMENTS) => "segments",
         Some(&LZ4) | Some(&LZ4_DICT) => "compressed",
         Some(&ENCRYPTED) => "encrypted",
         _ => "raw",
@@ -346,6 +351,7 @@ pub fn room_for(len: usize, encrypted: bool) -> usize {
 pub fn is_encrypted(stored: &[u8]) -> bool {
     match stored.first() {
         Some(&records::RECORDS) => records::all_encrypted(stored),
+        Some(&segments::SEGMENTS) => segments::all_encrypted(stored),
         first => first == Some(&ENCRYPTED),
     }
 }
@@ -479,6 +485,7 @@ pub fn open_capped(
 ) -> Result<Bytes, SealError> {
     match stored.first() {
         Some(&records::RECORDS) => records::open_all(key, stored, cipher, max_len),
+        Some(&segments::SEGMENTS) => segments::open(key, stored, cipher, max_len),
         Some(&ENCRYPTED) => {
             let cipher = cipher.ok_or(SealError::NoKey)?;
             if stored.len() < 1 + NONCE_LEN + TAG_LEN {
@@ -537,6 +544,15 @@ fn open_plain(
     }
 }
 
+/// `v` as shared bytes; with `secret`, wiped when the last reference goes.
+fn owned_secret(v: Vec<u8>, secret: bool) -> Bytes {
+    if secret {
+        secret_bytes(v)
+    } else {
+        Bytes::from(v)
+    }
+}
+
 /// The little-endian `u32` at `at`, as a length.
 fn le_u32(bytes: &[u8], at: usize) -> Option<u32> {
     let b = bytes.get(at..at.checked_add(4)?)?;
@@ -565,8 +581,7 @@ fn decompress(
         lz4_flex::block::decompress_into_with_dict(block, &mut out, dict)
     };
     match written {
-        Ok(n) if n == len && secret => Ok(secret_bytes(std::mem::take(&mut out))),
-        Ok(n) if n == len => Ok(Bytes::from(std::mem::take(&mut *out))),
+        Ok(n) if n == len => Ok(owned_secret(std::mem::take(&mut *out), secret)),
         _ => Err(SealError::Corrupt),
     }
 }
@@ -581,6 +596,7 @@ pub fn plausible(stored: &[u8], value_len: usize) -> bool {
         None => false,
         Some(&TOMBSTONE) => stored.len() == 1 && value_len == 0,
         Some(&records::RECORDS) => records::plausible(stored, value_len),
+        Some(&segments::SEGMENTS) => segments::plausible(stored, value_len),
         Some(&RAW) => stored.len() - 1 == value_len,
         Some(&LZ4) => {
             declared(1) == Some(value_len)

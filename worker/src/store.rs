@@ -46,7 +46,7 @@ pub use twincache_protocol::program::Kind;
 mod txn;
 mod walk;
 
-pub use txn::{Form, Meta, NotTaken, Txn};
+pub use txn::{Edit, Form, Meta, NotTaken, Txn};
 pub use walk::ScanStep;
 
 const HEADER: usize = 8 + 8 + 4 + 4;
@@ -59,6 +59,16 @@ pub const MAX_KEY_LEN: usize = (1 << KIND_SHIFT) - 1;
 const SHARDS: usize = 64;
 /// Most entries [`Store::reserve`] makes room for at once (about 40 MB of table).
 const MAX_RESERVE: usize = 1 << 22;
+
+/// Whether `stored` is a form a value of type `kind` takes: records hold a hash, segments
+/// a string (a partner's bytes claiming otherwise would open as garbage of the other type).
+pub(crate) fn form_fits(stored: &[u8], kind: Kind) -> bool {
+    match stored.first() {
+        Some(&seal::records::RECORDS) => kind == Kind::Hash,
+        Some(&seal::segments::SEGMENTS) => kind == Kind::String,
+        _ => true,
+    }
+}
 
 /// One stored key: header, key and stored bytes in one allocation (see the module docs).
 struct Entry(Box<[u8]>);
@@ -120,6 +130,29 @@ impl Entry {
             Ok::<(), ()>(())
         });
         built.unwrap_or_else(|()| unreachable!("copying cannot fail"))
+    }
+
+    /// This entry made the write of `version` by `edit`, which changes its stored bytes
+    /// (from the offset it is given) where they lie: the allocation grows in place while its
+    /// size class has room, and only then moves. The header follows (accessed bit clear, as
+    /// for any write); the type stays. Unchanged if `edit` fails.
+    fn edit_in_place<E>(
+        &mut self,
+        version: u64,
+        expires_at: u64,
+        value_len: usize,
+        edit: impl FnOnce(&mut Vec<u8>, usize) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let at = HEADER + self.key_len();
+        let mut buf = std::mem::take(&mut self.0).into_vec();
+        let done = edit(&mut buf, at);
+        if done.is_ok() {
+            buf[0..8].copy_from_slice(&version.to_le_bytes());
+            buf[8..16].copy_from_slice(&expires_at.to_le_bytes());
+            buf[20..24].copy_from_slice(&(value_len as u32).to_le_bytes());
+        }
+        self.0 = buf.into_boxed_slice();
+        done
     }
 
     /// The entry whose stored bytes `fill` appends after its header and key (straight into
@@ -244,11 +277,11 @@ impl Entry {
             Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
         };
         let key_field = field(16)?;
-        Kind::from_u8((key_field >> KIND_SHIFT) as u8)?;
+        let kind = Kind::from_u8((key_field >> KIND_SHIFT) as u8)?;
         let key_len = key_field & MAX_KEY_LEN;
         let value_len = field(20)? & !ACCESSED;
         let stored = raw.get(HEADER.checked_add(key_len)?..)?;
-        if !seal::plausible(stored, value_len) {
+        if !seal::plausible(stored, value_len) || !form_fits(stored, kind) {
             return None;
         }
         let mut e = Entry(raw.into());
@@ -1057,8 +1090,9 @@ impl Store {
         if self.refuses(&incoming) {
             return Some(Merged::Unsealed);
         }
-        // Tombstones and a large hash's records hold nothing compressed against a dictionary.
-        if incoming.is_tombstone() || incoming.stored().first() == Some(&seal::records::RECORDS) {
+        // Tombstones and records (a large hash's, a long string's) hold nothing compressed
+        // against a dictionary.
+        if incoming.is_tombstone() || seal::records::is_records(incoming.stored()) {
             return self.merge_above(raw, floor);
         }
         let stored = Bytes::copy_from_slice(incoming.stored());

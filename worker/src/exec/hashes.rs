@@ -14,7 +14,7 @@ use super::{
 };
 use crate::seal::records;
 use crate::seal::SealError;
-use crate::store::Form;
+use crate::store::{Edit, Form};
 
 /// Most elements one HRANDFIELD answers: a negative count may repeat fields without end,
 /// and the answer must fit a frame.
@@ -156,7 +156,7 @@ impl Hash {
     fn len(&self, cx: &mut Cx) -> Result<usize, Reply> {
         Ok(match &self.held {
             Held::Packed(fields) => fields.len(),
-            Held::Records => records::count(stored(cx)?).unwrap_or(0),
+            Held::Records => records::count(cx.records()?).unwrap_or(0),
         })
     }
 
@@ -165,7 +165,7 @@ impl Hash {
             Held::Packed(fields) => Ok(codec::get(fields, field).cloned()),
             Held::Records => {
                 let (key, sealer) = (cx.key, cx.txn.sealer());
-                records::get(key, stored(cx)?, field, sealer).map_err(corrupt)
+                records::get(key, cx.records()?, field, sealer).map_err(corrupt)
             }
         }
     }
@@ -188,7 +188,7 @@ impl Hash {
             Held::Records => {
                 let (key, cipher) = (cx.key, cx.txn.sealer().cipher);
                 let packed =
-                    records::open_all(key, stored(cx)?, cipher, MAX_VALUE).map_err(corrupt)?;
+                    records::open_all(key, cx.records()?, cipher, MAX_VALUE).map_err(corrupt)?;
                 codec::decode(&packed).ok_or_else(|| corrupt(SealError::Corrupt))
             }
         }
@@ -205,7 +205,7 @@ impl Hash {
             Held::Records => {
                 let plan = plan(cx, pairs, &[])?;
                 let added = plan.added;
-                put_planned(cx, self.expires_at, plan)?;
+                cx.put_planned(Kind::Hash, self.expires_at, Edit::Fields(plan))?;
                 Ok(added)
             }
         }
@@ -226,7 +226,7 @@ impl Hash {
                 let plan = plan(cx, &[], gone)?;
                 let (removed, count) = (plan.removed, plan.count);
                 if removed > 0 && count > 0 {
-                    put_planned(cx, self.expires_at, plan)?;
+                    cx.put_planned(Kind::Hash, self.expires_at, Edit::Fields(plan))?;
                 }
                 (removed, count)
             }
@@ -238,29 +238,10 @@ impl Hash {
     }
 }
 
-/// The current key's records form, borrowed.
-fn stored<'c>(cx: &'c mut Cx) -> Result<&'c [u8], Reply> {
-    cx.txn
-        .records(cx.key)
-        .map_err(corrupt)?
-        .ok_or_else(|| corrupt(SealError::Corrupt))
-}
-
 /// How the current key's records change with `sets` set and `removes` removed.
 fn plan(cx: &mut Cx, sets: &[(Bytes, Bytes)], removes: &[Bytes]) -> Result<records::Plan, Reply> {
     let (key, sealer) = (cx.key, cx.txn.sealer());
-    records::plan(key, stored(cx)?, sets, removes, sealer).map_err(corrupt)
-}
-
-/// Stages the current key's records as `plan` changes them.
-fn put_planned(cx: &mut Cx, expires_at: u64, plan: records::Plan) -> Result<(), Reply> {
-    // The partner may be sent the new form whole: a frame must carry it.
-    if plan.stored_len.max(plan.value_len) > cx.max_value {
-        return Err(Reply::err(TOO_BIG));
-    }
-    cx.txn
-        .put_planned(cx.key, expires_at, plan)
-        .map_err(corrupt)
+    records::plan(key, cx.records()?, sets, removes, sealer).map_err(corrupt)
 }
 
 /// The current key's hash, if it holds one; WRONGTYPE if it holds a string.

@@ -52,7 +52,8 @@ use twincache_protocol::program::{decode_program, Action, Answer, Kind};
 use twincache_protocol::resp::{Reply, Version};
 use twincache_protocol::Status;
 
-use crate::store::{Form, Meta, NotTaken, Store, Txn};
+use crate::seal::{segments, SealError};
+use crate::store::{Edit, Form, Meta, NotTaken, Store, Txn};
 use crate::sync::SyncState;
 
 /// Redis' `proto-max-bulk-len`: no string or hash grows past it.
@@ -215,6 +216,22 @@ pub fn replicate(
     }
 }
 
+/// A string as a program holds it.
+pub(crate) enum Str {
+    Whole(Bytes),
+    /// A long string in segments (`seal::segments`), of this length, left unopened.
+    Segments(usize),
+}
+
+impl Str {
+    pub fn len(&self) -> usize {
+        match self {
+            Str::Whole(value) => value.len(),
+            Str::Segments(len) => *len,
+        }
+    }
+}
+
 /// One action's context: the program's hold on its keys, the current key, the limits.
 pub(crate) struct Cx<'t, 'a> {
     pub txn: &'t mut Txn<'a>,
@@ -299,15 +316,67 @@ impl Cx<'_, '_> {
         self.txn.put_form(&key, kind, expires_at, form);
     }
 
-    /// The current key's string, if it holds one; WRONGTYPE if it holds another type.
+    /// The current key's string, if it holds one, opened whole; WRONGTYPE if it holds
+    /// another type.
     pub fn string(&mut self) -> Result<Option<(Meta, Bytes)>, Reply> {
+        Ok(match self.string_form()? {
+            None => None,
+            Some((meta, Str::Whole(value))) => Some((meta, value)),
+            Some((_, Str::Segments(_))) => self.read()?,
+        })
+    }
+
+    /// The current key's string as it is held (a long one's segments left unopened), if
+    /// it holds one; WRONGTYPE if it holds another type.
+    pub fn string_form(&mut self) -> Result<Option<(Meta, Str)>, Reply> {
         // One lookup, which leaves a large hash's records unopened.
         match self.read_form()? {
             None => Ok(None),
             Some((meta, _)) if meta.kind != Kind::String => Err(Reply::err(WRONGTYPE)),
-            Some((meta, Form::Value(value))) => Ok(Some((meta, value))),
-            Some(_) => Err(corrupt(crate::seal::SealError::Corrupt)),
+            Some((meta, Form::Value(value))) => Ok(Some((meta, Str::Whole(value)))),
+            Some((meta, _)) => {
+                let len = segments::len(self.records()?);
+                let len = len.ok_or_else(|| corrupt(SealError::Corrupt))?;
+                Ok(Some((meta, Str::Segments(len))))
+            }
         }
+    }
+
+    /// Stages `value` as the current key's string: in segments from their threshold (it was
+    /// written by APPEND or SETRANGE, which may write it again), else whole.
+    pub fn put_string(&mut self, expires_at: u64, value: Bytes) -> Result<(), Reply> {
+        if !segments::wanted(value.len()) {
+            return self.put(Kind::String, expires_at, value);
+        }
+        let mut stored = Vec::new();
+        segments::build(self.key, &value, self.txn.sealer().cipher, &mut stored);
+        // The partner is sent the form whole: a frame must carry it.
+        if value.len().max(stored.len()) > self.max_value {
+            return Err(Reply::err(TOO_BIG));
+        }
+        let stored = Bytes::from(stored);
+        let form = Form::Records { stored };
+        self.put_form(Kind::String, expires_at, form);
+        Ok(())
+    }
+
+    /// The current key's records form (a large hash's, a long string's), borrowed.
+    pub fn records(&mut self) -> Result<&[u8], Reply> {
+        self.txn
+            .records(self.key)
+            .map_err(corrupt)?
+            .ok_or_else(|| corrupt(SealError::Corrupt))
+    }
+
+    /// Stages the current key's records as `plan` changes them.
+    pub fn put_planned(&mut self, kind: Kind, expires_at: u64, plan: Edit) -> Result<(), Reply> {
+        // The partner may be sent the new form whole: a frame must carry it.
+        if plan.stored_len().max(plan.value_len()) > self.max_value {
+            return Err(Reply::err(TOO_BIG));
+        }
+        self.txn
+            .put_planned(self.key, kind, expires_at, plan)
+            .map_err(corrupt)
     }
 
     /// Stages a new value for the current key, checked against the size limit.

@@ -6,10 +6,10 @@ use bytes::{Bytes, BytesMut};
 use twincache_protocol::program::{Action, Kind, SetIf, Ttl};
 use twincache_protocol::resp::{self, Reply, Version};
 
-use super::{add_checked, corrupt, expiry_abs, expiry_at, float, parse_i64, Cx, Outcome};
+use super::{add_checked, corrupt, expiry_abs, expiry_at, float, parse_i64, Cx, Outcome, Str};
 use super::{NAN_OR_INF, NOT_FLOAT, NOT_INTEGER, TOO_BIG, WRONGTYPE};
-use crate::seal::SealError;
-use crate::store::Txn;
+use crate::seal::{segments, SealError};
+use crate::store::{Edit, Txn};
 
 /// GET's reply to `out`, its value written from where it lies (`Txn::read_with`): no copy
 /// of a raw value, and no allocation, per key of an MGET.
@@ -40,11 +40,18 @@ pub(super) fn run(cx: &mut Cx, action: &Action) -> Outcome {
             get_into(cx.txn, cx.key, cx.version, &mut out);
             Ok(Reply::Raw(out.freeze()))
         }
-        Action::StrLen => Ok(Reply::Int(cx.string()?.map_or(0, |(_, v)| v.len() as i64))),
-        Action::GetRange(start, end) => {
-            let value = cx.string()?.map(|(_, v)| v).unwrap_or_default();
-            Ok(Reply::Bulk(range(&value, *start, *end)))
-        }
+        Action::StrLen => Ok(Reply::Int(
+            cx.string_form()?.map_or(0, |(_, s)| s.len() as i64),
+        )),
+        Action::GetRange(start, end) => Ok(Reply::Bulk(match cx.string_form()? {
+            None => Bytes::new(),
+            Some((_, Str::Whole(value))) => range(&value, *start, *end),
+            Some((_, Str::Segments(len))) => {
+                let (key, cipher) = (cx.key, cx.txn.sealer().cipher);
+                let span = bounds(len, *start, *end);
+                segments::read(key, cx.records()?, span, cipher).map_err(corrupt)?
+            }
+        })),
         Action::Set {
             value,
             ttl,
@@ -84,16 +91,21 @@ pub(super) fn run(cx: &mut Cx, action: &Action) -> Outcome {
             Ok(old.map_or(Reply::Nil, |(_, v)| Reply::Bulk(v)))
         }
         Action::Append(tail) => {
-            let (expires_at, mut value) = match cx.string()? {
-                Some((meta, v)) => (meta.expires_at, BytesMut::from(&v[..])),
-                None => (0, BytesMut::new()),
-            };
-            if value.len().saturating_add(tail.len()) > cx.max_value {
+            let current = cx.string_form()?;
+            let len = current.as_ref().map_or(0, |(_, s)| s.len());
+            if len.saturating_add(tail.len()) > cx.max_value {
                 return Err(Reply::err(TOO_BIG));
             }
+            let (expires_at, mut value) = match current {
+                Some((meta, Str::Segments(_))) => {
+                    return write_segments(cx, meta.expires_at, len, tail);
+                }
+                Some((meta, Str::Whole(v))) => (meta.expires_at, BytesMut::from(&v[..])),
+                None => (0, BytesMut::new()),
+            };
             value.extend_from_slice(tail);
             let len = value.len() as i64;
-            cx.put(Kind::String, expires_at, value.freeze())?;
+            cx.put_string(expires_at, value.freeze())?;
             Ok(Reply::Int(len))
         }
         Action::SetRange(offset, piece) => setrange(cx, *offset, piece),
@@ -127,9 +139,14 @@ pub(super) fn run(cx: &mut Cx, action: &Action) -> Outcome {
 
 /// GETRANGE's slice, with Redis' index arithmetic (negative from the end, clamped).
 pub(super) fn range(value: &Bytes, start: i64, end: i64) -> Bytes {
-    let len = value.len() as i64;
+    value.slice(bounds(value.len(), start, end))
+}
+
+/// GETRANGE's span of a `len`-byte string (see [`range`]).
+fn bounds(len: usize, start: i64, end: i64) -> std::ops::Range<usize> {
+    let len = len as i64;
     if start < 0 && end < 0 && start > end {
-        return Bytes::new();
+        return 0..0;
     }
     let start = if start < 0 {
         len.wrapping_add(start).max(0)
@@ -143,9 +160,9 @@ pub(super) fn range(value: &Bytes, start: i64, end: i64) -> Bytes {
     };
     let end = end.min(len - 1);
     if start > end || len == 0 {
-        return Bytes::new();
+        return 0..0;
     }
-    value.slice(start as usize..=end as usize)
+    start as usize..end as usize + 1
 }
 
 fn set(cx: &mut Cx, value: &Bytes, ttl: Ttl, cond: SetIf, get: bool) -> Outcome {
@@ -198,29 +215,42 @@ fn getex(cx: &mut Cx, ttl: Ttl, error: u8) -> Outcome {
 }
 
 fn setrange(cx: &mut Cx, offset: u64, piece: &Bytes) -> Outcome {
-    let current = cx.string()?;
+    let current = cx.string_form()?;
     if piece.is_empty() {
         // Setting nothing creates nothing, and answers the length as it is.
-        return Ok(Reply::Int(current.map_or(0, |(_, v)| v.len() as i64)));
+        return Ok(Reply::Int(current.map_or(0, |(_, s)| s.len() as i64)));
     }
     let end = usize::try_from(offset)
         .ok()
         .and_then(|o| o.checked_add(piece.len()))
         .filter(|&end| end <= cx.max_value)
         .ok_or_else(|| Reply::err(TOO_BIG))?;
+    let offset = offset as usize; // end fits, so offset does
     let (expires_at, old) = match current {
-        Some((meta, v)) => (meta.expires_at, v),
+        Some((meta, Str::Segments(_))) => {
+            return write_segments(cx, meta.expires_at, offset, piece);
+        }
+        Some((meta, Str::Whole(v))) => (meta.expires_at, v),
         None => (0, Bytes::new()),
     };
     let mut value = BytesMut::from(&old[..]);
     if value.len() < end {
         value.resize(end, 0);
     }
-    let offset = offset as usize; // end fits, so offset does
     value[offset..end].copy_from_slice(piece);
     let len = value.len() as i64;
-    cx.put(Kind::String, expires_at, value.freeze())?;
+    cx.put_string(expires_at, value.freeze())?;
     Ok(Reply::Int(len))
+}
+
+/// Writes `piece` at `at` into the current key's long string, sealing only the segments it
+/// touches (`seal::segments`); answers the new length. The caller checked that length.
+fn write_segments(cx: &mut Cx, expires_at: u64, at: usize, piece: &[u8]) -> Outcome {
+    let (key, cipher) = (cx.key, cx.txn.sealer().cipher);
+    let plan = segments::plan_write(key, cx.records()?, at, piece, cipher).map_err(corrupt)?;
+    let len = plan.len;
+    cx.put_planned(Kind::String, expires_at, Edit::Segments(plan))?;
+    Ok(Reply::Int(len as i64))
 }
 
 #[cfg(test)]

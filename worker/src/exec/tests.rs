@@ -684,3 +684,144 @@ fn get_reads_every_stored_form_as_a_bulk_string() {
     let resp = super::run(&s, &SyncState::default(), &req, false, None);
     assert_eq!(&Answer::parse(resp.payload).unwrap().replies[..], b"_\r\n");
 }
+
+/// APPEND and SETRANGE leave a long string in segments: each write after the first that
+/// makes them goes to the partner as an edit of a few segments, not the string, and every
+/// reader (GET, MGET, GETRANGE, STRLEN, GETDEL, RENAME, a snapshot) sees the string whole.
+#[test]
+fn a_long_string_is_appended_to_in_segments_and_copied_as_edits() {
+    use crate::seal::segments::{SEGMENT, SEGMENTED_FROM};
+    for cipher in [None, Some(crate::seal::Cipher::new(&[5; 32]))] {
+        let primary = Store::new(cipher.clone(), 0);
+        let partner = Store::new(cipher.clone(), 0);
+        let mut model: Vec<u8> = Vec::new();
+        let mut version = 10;
+        let mut edits = 0;
+        let chunk = |i: usize| Bytes::from(vec![b'a' + (i % 26) as u8; 1000]);
+        // Past the threshold, then a few segments more.
+        for i in 0..(SEGMENTED_FROM + 3 * SEGMENT) / 1000 {
+            let tail = chunk(i);
+            model.extend_from_slice(&tail);
+            let answer = answer(&primary, "log", version, &[Action::Append(tail)]);
+            let changes = decode_changes(answer.changes).unwrap();
+            let reply = decode_replies(&answer.replies).unwrap().remove(0);
+            assert_eq!(reply, Reply::Int(model.len() as i64));
+            if changes[0].is_patch() {
+                edits += 1;
+                assert!(
+                    changes[0].value.len() < 3 * SEGMENT,
+                    "an edit, not the string"
+                );
+            }
+            assert_eq!(partner.replicate(&changes, version).unwrap(), 1);
+            version += 1;
+        }
+        assert!(edits > 3, "{edits} edits");
+        for store in [&primary, &partner] {
+            assert_eq!(store.get(b"log").unwrap().unwrap(), &model[..]);
+            assert_eq!(one(store, "log", 1, Action::Encoding), bulk("segments"));
+            assert_eq!(
+                one(store, "log", 1, Action::StrLen),
+                Reply::Int(model.len() as i64)
+            );
+            let want = Bytes::copy_from_slice(&model[SEGMENT - 5..2 * SEGMENT + 7]);
+            let (from, to) = (SEGMENT as i64 - 5, 2 * SEGMENT as i64 + 6);
+            assert_eq!(
+                one(store, "log", 1, Action::GetRange(from, to)),
+                Reply::Bulk(want)
+            );
+            assert_eq!(
+                one(store, "log", 1, Action::GetRange(-3, -1)),
+                Reply::Bulk(Bytes::copy_from_slice(&model[model.len() - 3..]))
+            );
+            assert_eq!(
+                one(store, "log", 1, Action::Get),
+                Reply::Bulk(Bytes::from(model.clone()))
+            );
+        }
+        assert_eq!(primary.version(b"log"), partner.version(b"log"));
+
+        // SETRANGE inside, and past the end (zeros fill the gap), edited in place.
+        let (reply, stored) = apply_and_copy(
+            &primary,
+            &partner,
+            "log",
+            version,
+            Action::SetRange(3, b("XYZ")),
+        );
+        assert_eq!((reply, stored), (Reply::Int(model.len() as i64), true));
+        model[3..6].copy_from_slice(b"XYZ");
+        let far = model.len() + SEGMENT + 10;
+        let (reply, _) = apply_and_copy(
+            &primary,
+            &partner,
+            "log",
+            version + 1,
+            Action::SetRange(far as u64, b("end")),
+        );
+        model.resize(far, 0);
+        model.extend_from_slice(b"end");
+        assert_eq!(reply, Reply::Int(model.len() as i64));
+        // A new expiry keeps the segments where they are, and sends an empty edit.
+        let expire = Action::Expire(Ttl::In(3_600_000), ExpireIf::Always);
+        let (reply, stored) = apply_and_copy(&primary, &partner, "log", version + 2, expire);
+        assert_eq!((reply, stored), (Reply::Int(1), true));
+        assert!(matches!(
+            one(&partner, "log", 1, Action::ReadTtl(TtlForm::Seconds)),
+            Reply::Int(3599..=3600)
+        ));
+        assert_eq!(partner.get(b"log").unwrap().unwrap(), &model[..]);
+        version += 1;
+        // A program reads its own segmented writes.
+        let (replies, _) = apply(
+            &primary,
+            "log",
+            version + 2,
+            vec![
+                Action::Append(b("!")),
+                Action::StrLen,
+                Action::GetRange(-4, -1),
+            ],
+        );
+        assert_eq!(
+            replies,
+            vec![
+                Reply::Int(model.len() as i64 + 1),
+                Reply::Int(model.len() as i64 + 1),
+                bulk("end!")
+            ]
+        );
+        model.push(b'!');
+        assert_eq!(
+            partner.get(b"log").unwrap().unwrap(),
+            &model[..model.len() - 1]
+        );
+
+        // A snapshot's entry merges as it is; RENAME and GETDEL see the whole string.
+        let fresh = Store::new(cipher.clone(), 0);
+        for n in 0..Store::SHARDS {
+            primary.snapshot_shard(n, |raw| {
+                fresh.merge(raw).unwrap();
+            });
+        }
+        assert_eq!(fresh.get(b"log").unwrap().unwrap(), &model[..]);
+        let rename = Action::RenameTo {
+            dst: b("moved"),
+            nx: false,
+        };
+        apply(&fresh, "log", version + 3, vec![rename]);
+        assert_eq!(
+            one(&fresh, "moved", version + 4, Action::GetDel),
+            Reply::Bulk(Bytes::from(model.clone()))
+        );
+
+        // A string written whole by SET stays whole.
+        primary
+            .set(b"plain", &model, version + 5, SetOptions::default())
+            .unwrap();
+        assert_ne!(
+            one(&primary, "plain", 1, Action::Encoding),
+            bulk("segments")
+        );
+    }
+}

@@ -104,6 +104,13 @@ pub fn max_stored_len(fields: usize, len: usize, encrypted: bool) -> usize {
     HEADER + len.saturating_sub(4) + fields.saturating_mul(per_record)
 }
 
+/// Whether `stored` holds records sealed one by one, a large hash's ([`RECORDS`]) or a long
+/// string's (`segments::SEGMENTS`): stored bytes that travel and are edited as they are,
+/// never against a dictionary.
+pub fn is_records(stored: &[u8]) -> bool {
+    matches!(stored.first(), Some(&(RECORDS | super::segments::SEGMENTS)))
+}
+
 /// The parsed header of a records form (index and body not yet checked).
 struct Records<'a> {
     count: usize,
@@ -379,12 +386,10 @@ pub fn open_all(
     if out.len() != r.value_len {
         return Err(SealError::Corrupt);
     }
-    let out = std::mem::take(&mut *out);
-    Ok(if cipher.is_some() {
-        crate::wipe::secret_bytes(out)
-    } else {
-        Bytes::from(out)
-    })
+    Ok(super::owned_secret(
+        std::mem::take(&mut *out),
+        cipher.is_some(),
+    ))
 }
 
 /// How a records form changes when some fields are set and others removed: the records

@@ -17,7 +17,8 @@ use hashbrown::hash_table::Entry as Slot;
 use twincache_protocol::program::{Change, Kind, DELETED, PATCH, STORED};
 
 use super::{now_ms, seal, shard_index, Entry, SealError, Shard, Store};
-use crate::seal::records::{self, RECORDS};
+use crate::seal::records::{self, is_records, RECORDS};
+use crate::seal::segments::{self, SEGMENTS};
 
 /// What a key holds, without its value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,8 +30,8 @@ pub struct Meta {
     pub expires_at: u64,
 }
 
-/// A value as a program holds it: opened, or (a large hash) in its records form, whose
-/// fields are read and written one by one (`seal::records`).
+/// A value as a program holds it: opened, or (a large hash, a long string) in its records
+/// form, whose fields or segments are read and written one by one (`seal::records`).
 #[derive(Debug, Clone)]
 pub enum Form {
     Value(Bytes),
@@ -39,13 +40,98 @@ pub enum Form {
         stored: Bytes,
     },
     /// The stored entry's records as `plan` changes them (an empty plan: as they are):
-    /// built straight into the new entry at commit, and sent to the partner as the plan's
-    /// edit.
+    /// built straight into the new entry (or the entry edited where it lies) at commit, and
+    /// sent to the partner as the plan's edit.
     Planned {
-        plan: Arc<records::Plan>,
+        plan: Arc<Edit>,
         /// The entry's version.
         version: u64,
     },
+}
+
+/// How a records form changes: a large hash's fields (`seal::records`), or a long string's
+/// segments (`seal::segments`).
+#[derive(Debug)]
+pub enum Edit {
+    Fields(records::Plan),
+    Segments(segments::Plan),
+}
+
+impl Edit {
+    /// The edit that changes nothing in `stored`.
+    fn unchanged(stored: &[u8]) -> Option<Edit> {
+        match stored.first() {
+            Some(&RECORDS) => records::Plan::unchanged(stored).map(Edit::Fields),
+            Some(&SEGMENTS) => segments::Plan::unchanged(stored).map(Edit::Segments),
+            _ => None,
+        }
+    }
+
+    /// Appends the new form to `out`, from `base`: the form planned on.
+    fn apply(&self, base: &[u8], out: &mut Vec<u8>) -> Result<(), SealError> {
+        match self {
+            Edit::Fields(p) => p.apply(base, out),
+            Edit::Segments(p) => p.apply(base, out),
+        }
+    }
+
+    /// What the partner is sent (see `replay`).
+    fn edit(&self) -> Vec<u8> {
+        match self {
+            Edit::Fields(p) => p.edit(),
+            Edit::Segments(p) => p.edit(),
+        }
+    }
+
+    /// The plan `edit` is for `base`, in `base`'s form (see `records::replay`).
+    fn replay(base: &[u8], edit: &[u8], encrypted: bool) -> Option<Edit> {
+        match base.first() {
+            Some(&RECORDS) => records::replay(base, edit, encrypted).map(Edit::Fields),
+            Some(&SEGMENTS) => segments::replay(base, edit, encrypted).map(Edit::Segments),
+            _ => None,
+        }
+    }
+
+    /// The stored length of the form planned on.
+    fn base_len(&self) -> usize {
+        match self {
+            Edit::Fields(p) => p.base_len,
+            Edit::Segments(p) => p.base_len,
+        }
+    }
+
+    /// The length of what the new form holds: the packed hash, the string.
+    pub fn value_len(&self) -> usize {
+        match self {
+            Edit::Fields(p) => p.value_len,
+            Edit::Segments(p) => p.len,
+        }
+    }
+
+    /// The stored length of the new form.
+    pub fn stored_len(&self) -> usize {
+        match self {
+            Edit::Fields(p) => p.stored_len,
+            Edit::Segments(p) => p.stored_len,
+        }
+    }
+
+    /// The segments' edit, if it changes only the end of its form: applied to the entry
+    /// where it lies (see `segments::Plan::apply_in_place`).
+    fn at_end(&self) -> Option<&segments::Plan> {
+        match self {
+            Edit::Segments(p) if p.at_end() => Some(p),
+            _ => None,
+        }
+    }
+}
+
+/// The length of the value a records form holds (see [`Edit::value_len`]).
+pub(super) fn records_value_len(stored: &[u8]) -> Option<usize> {
+    match stored.first() {
+        Some(&SEGMENTS) => segments::len(stored),
+        _ => records::value_len(stored),
+    }
 }
 
 /// A value a program has written and not yet committed.
@@ -245,6 +331,7 @@ impl<'a> Txn<'a> {
             return staged.as_ref().map(|s| match &s.form {
                 Form::Value(_) => "raw",
                 Form::Records { stored, .. } => seal::layout_name(stored),
+                Form::Planned { .. } if s.kind == Kind::String => "segments",
                 Form::Planned { .. } => "records",
             });
         }
@@ -270,15 +357,21 @@ impl<'a> Txn<'a> {
             _ => {
                 let cipher = self.store.cipher();
                 let stored = self.records(key)?.ok_or(SealError::Corrupt)?;
-                records::open_all(key, stored, cipher, usize::MAX)?
+                seal::open_capped(
+                    key,
+                    &Bytes::copy_from_slice(stored),
+                    cipher,
+                    None,
+                    usize::MAX,
+                )?
             }
         };
         Ok(Some((meta, value)))
     }
 
     /// What `key` holds for this program (its staged write, else its live entry, marked
-    /// read), in the form it is held: a large hash's records are not copied (an entry's come
-    /// as an empty plan on it; read them through [`Txn::records`]).
+    /// read), in the form it is held: records (a large hash's, a long string's) are not
+    /// copied (an entry's come as an empty plan on it; read them through [`Txn::records`]).
     pub fn read_form(&mut self, key: &[u8]) -> Result<Option<(Meta, Form)>, SealError> {
         if let Some(staged) = self.staged(key) {
             return Ok(staged.as_ref().map(|s| (s.meta(), s.form.clone())));
@@ -288,8 +381,8 @@ impl<'a> Txn<'a> {
             return Ok(None);
         };
         let meta = e.meta();
-        if e.stored().first() == Some(&RECORDS) {
-            let plan = records::Plan::unchanged(e.stored()).ok_or(SealError::Corrupt)?;
+        if is_records(e.stored()) {
+            let plan = Edit::unchanged(e.stored()).ok_or(SealError::Corrupt)?;
             let form = Form::Planned {
                 plan: Arc::new(plan),
                 version: meta.version,
@@ -302,7 +395,7 @@ impl<'a> Txn<'a> {
     }
 
     /// `f` of what `key` holds for this program and its value (`None` for a large hash's
-    /// records), marking the entry read as [`Txn::read_form`] does; a value stored raw is
+    /// records; a long string's segments are opened), marking the entry read as [`Txn::read_form`] does; a value stored raw is
     /// lent from the entry rather than copied out of it (an MGET's values go straight into
     /// its replies).
     pub fn read_with<R>(
@@ -367,15 +460,16 @@ impl<'a> Txn<'a> {
             .entry(key)
             .filter(|e| e.live(now))
             .map(Entry::stored)
-            .filter(|s| s.first() == Some(&RECORDS)))
+            .filter(|s| is_records(s)))
     }
 
     /// Stages `key`'s records (what [`Txn::records`] gave) as `plan` changes them.
     pub fn put_planned(
         &mut self,
         key: &Bytes,
+        kind: Kind,
         expires_at: u64,
-        plan: records::Plan,
+        plan: Edit,
     ) -> Result<(), SealError> {
         let form = match self.staged(key) {
             Some(Some(Staged {
@@ -394,7 +488,7 @@ impl<'a> Txn<'a> {
                 plan: Arc::new(plan),
             },
         };
-        self.put_form(key, Kind::Hash, expires_at, form);
+        self.put_form(key, kind, expires_at, form);
         Ok(())
     }
 
@@ -472,7 +566,7 @@ impl<'a> Txn<'a> {
         let stored = Bytes::copy_from_slice(e.stored());
         let (kind, value) = if e.is_tombstone() {
             (DELETED, Bytes::new())
-        } else if stored.first() == Some(&RECORDS) {
+        } else if is_records(&stored) {
             (e.kind() as u8 | STORED, stored)
         } else {
             let value =
@@ -531,6 +625,35 @@ impl<'a> Txn<'a> {
         Ok((self.write(version, Some(changes)), version))
     }
 
+    /// Applies `plan` to `key`'s entry where it lies, as the write of `version`; whether it
+    /// did (the entry is there: it was planned on under this lock).
+    fn edit_in_place(
+        &mut self,
+        key: &[u8],
+        version: u64,
+        expires_at: u64,
+        plan: &segments::Plan,
+    ) -> bool {
+        let store = self.store;
+        let hash = self.hash(key);
+        let Some(shard) = self.shard_mut(hash) else {
+            return false;
+        };
+        let before = shard.held();
+        let Shard { table, usage, .. } = &mut *shard;
+        let Some(e) = table.find_mut(hash, |e| e.key() == key) else {
+            return false;
+        };
+        usage.remove(e);
+        let done = e.edit_in_place(version, expires_at, plan.len, |buf, at| {
+            plan.apply_in_place(buf, at)
+        });
+        usage.add(e);
+        shard.recount_structure();
+        store.track(before, shard.held());
+        done.is_ok()
+    }
+
     /// Installs what is staged at `version`, with the accounting, the CLOCK ring and
     /// eviction of every write (see `Store::install`).
     fn write(mut self, version: u64, mut changes: Option<&mut BytesMut>) -> usize {
@@ -539,12 +662,28 @@ impl<'a> Txn<'a> {
         let staged = std::mem::take(&mut self.staged);
         self.index = None;
         let count = staged.len();
-        // A single large hash written by one edit of its entry goes to the partner as that
-        // edit; in a block of several changes, whole (a failed edit is sent again whole,
+        // A single large hash or long string written by one edit of its entry goes to the
+        // partner as that edit; in a block of several changes, whole (a failed edit is sent again whole,
         // which must not leave half of a block applied).
         let single = count == 1;
         self.rewind();
         for (key, state) in staged {
+            // A long string's edit of its end changes its entry where it lies.
+            if let Some(Staged {
+                expires_at,
+                form: Form::Planned { plan, .. },
+                ..
+            }) = &state
+            {
+                if let Some(plan) = plan.at_end() {
+                    if self.edit_in_place(&key, version, *expires_at, plan) {
+                        if let (Some(out), Some(e)) = (changes.as_deref_mut(), self.entry(&key)) {
+                            change_of(&key, state, single, e.stored()).encode(out);
+                        }
+                        continue;
+                    }
+                }
+            }
             let fresh = match &state {
                 Some(s) => match &s.form {
                     Form::Value(value) => {
@@ -552,7 +691,7 @@ impl<'a> Txn<'a> {
                         Entry::typed(version, s.expires_at, &key, s.kind, value, store, dict)
                     }
                     Form::Records { stored, .. } => {
-                        let value_len = records::value_len(stored).unwrap_or(0);
+                        let value_len = records_value_len(stored).unwrap_or(0);
                         Entry::from_stored(version, s.expires_at, &key, s.kind, value_len, stored)
                     }
                     Form::Planned { plan, .. } => {
@@ -562,7 +701,7 @@ impl<'a> Txn<'a> {
                                 s.expires_at,
                                 &key,
                                 s.kind,
-                                plan.value_len,
+                                plan.value_len(),
                                 |out| plan.apply(base.stored(), out),
                             )
                         });
@@ -570,7 +709,7 @@ impl<'a> Txn<'a> {
                             Some(Ok(entry)) => entry,
                             _ => {
                                 // Cannot happen: the entry was planned on under this lock.
-                                tracing::error!("a large hash's edit does not fit its entry");
+                                tracing::error!("a records form's edit does not fit its entry");
                                 continue;
                             }
                         }
@@ -583,47 +722,7 @@ impl<'a> Txn<'a> {
                 ),
             };
             if let Some(out) = changes.as_deref_mut() {
-                let change = match state {
-                    // A large hash travels as its edit, or in its records form: the partner
-                    // seals nothing.
-                    Some(Staged {
-                        kind,
-                        expires_at,
-                        form: Form::Planned { plan, version },
-                    }) if single => Change {
-                        key: key.clone(),
-                        kind: kind as u8 | STORED | PATCH,
-                        expires_at,
-                        value: encode_patch(version, plan.base_len, &plan.edit()),
-                    },
-                    Some(s) if fresh.stored().first() == Some(&RECORDS) => Change {
-                        key: key.clone(),
-                        kind: s.kind as u8 | STORED,
-                        expires_at: s.expires_at,
-                        value: match s.form {
-                            Form::Records { stored, .. } => stored,
-                            _ => Bytes::copy_from_slice(fresh.stored()),
-                        },
-                    },
-                    Some(s) => Change {
-                        key: key.clone(),
-                        kind: s.kind as u8,
-                        expires_at: s.expires_at,
-                        value: match s.form {
-                            Form::Value(value) => value,
-                            Form::Records { .. } | Form::Planned { .. } => {
-                                unreachable!("records are stored as records")
-                            }
-                        },
-                    },
-                    None => Change {
-                        key: key.clone(),
-                        kind: DELETED,
-                        expires_at: 0,
-                        value: Bytes::new(),
-                    },
-                };
-                change.encode(out);
+                change_of(&key, state, single, fresh.stored()).encode(out);
             }
             let hash = self.hash(&key);
             let Some(shard) = self.shard_mut(hash) else {
@@ -665,6 +764,51 @@ impl<'a> Txn<'a> {
             store.evict_anywhere(None);
         }
         count
+    }
+}
+
+/// The partner's copy of a staged write (`state`) whose entry now stores `stored`: records
+/// travel as their edit (a `single` change) or as they are, so the partner seals nothing;
+/// anything else as its value.
+fn change_of(key: &Bytes, state: Option<Staged>, single: bool, stored: &[u8]) -> Change {
+    let key = key.clone();
+    match state {
+        Some(Staged {
+            kind,
+            expires_at,
+            form: Form::Planned { plan, version },
+        }) if single => Change {
+            key,
+            kind: kind as u8 | STORED | PATCH,
+            expires_at,
+            value: encode_patch(version, plan.base_len(), &plan.edit()),
+        },
+        Some(s) if is_records(stored) => Change {
+            key,
+            kind: s.kind as u8 | STORED,
+            expires_at: s.expires_at,
+            value: match s.form {
+                Form::Records { stored, .. } => stored,
+                _ => Bytes::copy_from_slice(stored),
+            },
+        },
+        Some(s) => Change {
+            key,
+            kind: s.kind as u8,
+            expires_at: s.expires_at,
+            value: match s.form {
+                Form::Value(value) => value,
+                Form::Records { .. } | Form::Planned { .. } => {
+                    unreachable!("records are stored as records")
+                }
+            },
+        },
+        None => Change {
+            key,
+            kind: DELETED,
+            expires_at: 0,
+            value: Bytes::new(),
+        },
     }
 }
 
@@ -714,10 +858,13 @@ impl Store {
         if version < self.floor() {
             return Ok(0); // older than the last flush
         }
-        // A large hash comes in its records form: checked as a partner's entry would be.
+        // Records come as they are: checked as a partner's entry would be.
         for c in changes.iter().filter(|c| c.is_stored() && !c.is_patch()) {
-            let shaped =
-                records::value_len(&c.value).is_some_and(|len| seal::plausible(&c.value, len));
+            let shaped = records_value_len(&c.value).is_some_and(|len| {
+                seal::plausible(&c.value, len)
+                    && c.value_kind()
+                        .is_some_and(|k| super::form_fits(&c.value, k))
+            });
             if !shaped {
                 return Err(SealError::Corrupt.into());
             }
@@ -735,7 +882,11 @@ impl Store {
                     .entry(&c.key)
                     .filter(|e| e.version() == base && e.stored().len() == len)
                     .ok_or(NotTaken::Behind)?;
-                let plan = records::replay(entry.stored(), edit, self.cipher.is_some())
+                let kind = c.value_kind().ok_or(SealError::Corrupt)?;
+                if !super::form_fits(entry.stored(), kind) {
+                    return Err(SealError::Corrupt.into());
+                }
+                let plan = Edit::replay(entry.stored(), edit, self.cipher.is_some())
                     .ok_or(SealError::Corrupt)?;
                 Form::Planned {
                     plan: Arc::new(plan),
