@@ -885,7 +885,11 @@ impl Store {
             }
             match seal::raw_value(stored) {
                 Some(value) => Ok(f(Some((Value::Lent(value), kind)))),
-                None => Err((Bytes::copy_from_slice(stored), kind)),
+                // (A long string is copied without the room at its end.)
+                None => Err((
+                    Bytes::copy_from_slice(seal::segments::without_room(stored)),
+                    kind,
+                )),
             }
         });
         let counter = match found {

@@ -343,21 +343,30 @@ impl Cx<'_, '_> {
     }
 
     /// Stages `value` as the current key's string: in segments from their threshold (it was
-    /// written by APPEND or SETRANGE, which may write it again), else whole.
+    /// written by APPEND or SETRANGE, which may write it again), else whole (also when the
+    /// segments would not fit the frame that copies them to the partner, and the whole
+    /// string would: just under the size limit).
     pub fn put_string(&mut self, expires_at: u64, value: Bytes) -> Result<(), Reply> {
-        if !segments::wanted(value.len()) {
-            return self.put(Kind::String, expires_at, value);
+        if segments::wanted(value.len()) {
+            let mut stored = Vec::new();
+            segments::build(self.key, &value, self.txn.sealer().cipher, &mut stored);
+            if stored.len() <= self.max_value {
+                let stored = Bytes::from(stored);
+                self.put_form(Kind::String, expires_at, Form::Records { stored });
+                return Ok(());
+            }
         }
-        let mut stored = Vec::new();
-        segments::build(self.key, &value, self.txn.sealer().cipher, &mut stored);
-        // The partner is sent the form whole: a frame must carry it.
-        if value.len().max(stored.len()) > self.max_value {
-            return Err(Reply::err(TOO_BIG));
+        self.put(Kind::String, expires_at, value)
+    }
+
+    /// `value` as a program's plaintext: with a key, wiped when its last reference goes
+    /// (see `seal`).
+    pub fn plaintext(&self, value: Vec<u8>) -> Bytes {
+        if self.txn.sealer().cipher.is_some() {
+            crate::wipe::secret_bytes(value)
+        } else {
+            Bytes::from(value)
         }
-        let stored = Bytes::from(stored);
-        let form = Form::Records { stored };
-        self.put_form(Kind::String, expires_at, form);
-        Ok(())
     }
 
     /// The current key's records form (a large hash's, a long string's), borrowed.

@@ -9,7 +9,7 @@ use twincache_protocol::resp::{self, Reply, Version};
 use super::{add_checked, corrupt, expiry_abs, expiry_at, float, parse_i64, Cx, Outcome, Str};
 use super::{NAN_OR_INF, NOT_FLOAT, NOT_INTEGER, TOO_BIG, WRONGTYPE};
 use crate::seal::{segments, SealError};
-use crate::store::{Edit, Txn};
+use crate::store::{Edit, Form, Txn};
 
 /// GET's reply to `out`, its value written from where it lies (`Txn::read_with`): no copy
 /// of a raw value, and no allocation, per key of an MGET.
@@ -96,16 +96,20 @@ pub(super) fn run(cx: &mut Cx, action: &Action) -> Outcome {
             if len.saturating_add(tail.len()) > cx.max_value {
                 return Err(Reply::err(TOO_BIG));
             }
-            let (expires_at, mut value) = match current {
+            let (expires_at, old) = match current {
                 Some((meta, Str::Segments(_))) => {
                     return write_segments(cx, meta.expires_at, len, tail);
                 }
-                Some((meta, Str::Whole(v))) => (meta.expires_at, BytesMut::from(&v[..])),
-                None => (0, BytesMut::new()),
+                Some((meta, Str::Whole(v))) => (meta.expires_at, v),
+                None => (0, Bytes::new()),
             };
+            // Made at its length, so no plaintext is left behind by a growing buffer.
+            let mut value = Vec::with_capacity(old.len() + tail.len());
+            value.extend_from_slice(&old);
             value.extend_from_slice(tail);
             let len = value.len() as i64;
-            cx.put_string(expires_at, value.freeze())?;
+            let value = cx.plaintext(value);
+            cx.put_string(expires_at, value)?;
             Ok(Reply::Int(len))
         }
         Action::SetRange(offset, piece) => setrange(cx, *offset, piece),
@@ -192,24 +196,36 @@ fn set(cx: &mut Cx, value: &Bytes, ttl: Ttl, cond: SetIf, get: bool) -> Outcome 
 }
 
 fn getex(cx: &mut Cx, ttl: Ttl, error: u8) -> Outcome {
-    let Some((meta, value)) = cx.string()? else {
+    // One lookup; a new expiry keeps the value in the form it is held (a long string's
+    // segments are opened for the reply only).
+    let Some((meta, form)) = cx.read_form()? else {
         return Ok(Reply::Nil);
+    };
+    if meta.kind != Kind::String {
+        return Err(Reply::err(WRONGTYPE));
+    }
+    let value = match &form {
+        Form::Value(value) => value.clone(),
+        _ => cx.read()?.ok_or_else(|| corrupt(SealError::Corrupt))?.1,
     };
     match error {
         0 => {}
         1 => return Err(Reply::err(NOT_INTEGER)),
         _ => return Err(Reply::err("ERR invalid expire time in 'getex' command")),
     }
-    match ttl {
-        Ttl::Keep => {}
-        Ttl::Clear if meta.expires_at == 0 => {}
-        Ttl::Clear => cx.put(Kind::String, 0, value.clone())?,
-        Ttl::In(ms) => {
-            let at = expiry_at(cx.now(), ms);
-            cx.put(Kind::String, at, value.clone())?;
+    let at = match ttl {
+        Ttl::Keep => None,
+        Ttl::Clear if meta.expires_at == 0 => None,
+        Ttl::Clear => Some(0),
+        Ttl::In(ms) => Some(expiry_at(cx.now(), ms)),
+        Ttl::At(ms) if u64::try_from(ms).unwrap_or(0) <= cx.now() => {
+            cx.delete();
+            None
         }
-        Ttl::At(ms) if u64::try_from(ms).unwrap_or(0) <= cx.now() => cx.delete(),
-        Ttl::At(ms) => cx.put(Kind::String, expiry_abs(ms), value.clone())?,
+        Ttl::At(ms) => Some(expiry_abs(ms)),
+    };
+    if let Some(at) = at {
+        cx.put_form(Kind::String, at, form);
     }
     Ok(Reply::Bulk(value))
 }
@@ -233,13 +249,13 @@ fn setrange(cx: &mut Cx, offset: u64, piece: &Bytes) -> Outcome {
         Some((meta, Str::Whole(v))) => (meta.expires_at, v),
         None => (0, Bytes::new()),
     };
-    let mut value = BytesMut::from(&old[..]);
-    if value.len() < end {
-        value.resize(end, 0);
-    }
+    // Made at its length, so no plaintext is left behind by a growing buffer.
+    let mut value = vec![0; old.len().max(end)];
+    value[..old.len()].copy_from_slice(&old);
     value[offset..end].copy_from_slice(piece);
     let len = value.len() as i64;
-    cx.put_string(expires_at, value.freeze())?;
+    let value = cx.plaintext(value);
+    cx.put_string(expires_at, value)?;
     Ok(Reply::Int(len))
 }
 

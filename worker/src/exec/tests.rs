@@ -772,6 +772,42 @@ fn a_long_string_is_appended_to_in_segments_and_copied_as_edits() {
         ));
         assert_eq!(partner.get(b"log").unwrap().unwrap(), &model[..]);
         version += 1;
+        // GET (MULTI's, MGET's) of what a program staged in segments; GETEX keeps them.
+        let tail = b("+");
+        let (replies, _) = apply(
+            &primary,
+            "log",
+            version + 2,
+            vec![Action::Append(tail), Action::Get],
+        );
+        model.push(b'+');
+        assert_eq!(
+            replies,
+            vec![
+                Reply::Int(model.len() as i64),
+                Reply::Bulk(Bytes::from(model.clone()))
+            ]
+        );
+        let getex = Action::GetEx(Ttl::In(7_200_000), 0);
+        let (replies, _) = apply(&primary, "log", version + 3, vec![getex, Action::Get]);
+        assert_eq!(replies, vec![Reply::Bulk(Bytes::from(model.clone())); 2]);
+        assert_eq!(one(&primary, "log", 1, Action::Encoding), bulk("segments"));
+        let fresh_key = Action::Append(Bytes::from(vec![b'n'; SEGMENTED_FROM]));
+        let (replies, _) = apply(
+            &primary,
+            "new",
+            version + 4,
+            vec![fresh_key, Action::Get, Action::StrLen],
+        );
+        assert_eq!(
+            replies[1],
+            Reply::Bulk(Bytes::from(vec![b'n'; SEGMENTED_FROM]))
+        );
+        assert_eq!(replies[2], Reply::Int(SEGMENTED_FROM as i64));
+        version += 3;
+        partner
+            .set(b"log", &model, version, SetOptions::default())
+            .unwrap();
         // A program reads its own segmented writes.
         let (replies, _) = apply(
             &primary,
@@ -788,7 +824,7 @@ fn a_long_string_is_appended_to_in_segments_and_copied_as_edits() {
             vec![
                 Reply::Int(model.len() as i64 + 1),
                 Reply::Int(model.len() as i64 + 1),
-                bulk("end!")
+                bulk("nd+!")
             ]
         );
         model.push(b'!');

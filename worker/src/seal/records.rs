@@ -518,7 +518,14 @@ impl Plan {
 
     /// What turns the form planned on into the new one (see [`replay`]).
     pub fn edit(&self) -> Vec<u8> {
-        encode_edit(self.value_len, &self.dropped, &self.fresh)
+        let mut out = Vec::new();
+        self.edit_into(&mut out);
+        out
+    }
+
+    /// [`Plan::edit`], appended to `out`.
+    pub fn edit_into(&self, out: &mut Vec<u8>) {
+        encode_edit(self.value_len, &self.dropped, &self.fresh, out);
     }
 }
 
@@ -557,9 +564,9 @@ fn splice(r: &Records, dropped: &[usize], fresh: &[Fresh], value_len: usize, out
 
 /// An edit as it travels (little-endian):
 /// `value_len:u32 drops:u32 (index:u32)* inserts:u32 (tag:u32 len:u32 record)*`.
-fn encode_edit(value_len: usize, dropped: &[usize], fresh: &[Fresh]) -> Vec<u8> {
+fn encode_edit(value_len: usize, dropped: &[usize], fresh: &[Fresh], out: &mut Vec<u8>) {
     let records: usize = fresh.iter().map(|f| 8 + f.stored.len()).sum();
-    let mut out = Vec::with_capacity(12 + 4 * dropped.len() + records);
+    out.reserve(12 + 4 * dropped.len() + records);
     out.extend_from_slice(&(value_len as u32).to_le_bytes());
     out.extend_from_slice(&(dropped.len() as u32).to_le_bytes());
     for d in dropped {
@@ -571,7 +578,6 @@ fn encode_edit(value_len: usize, dropped: &[usize], fresh: &[Fresh]) -> Vec<u8> 
         out.extend_from_slice(&(f.stored.len() as u32).to_le_bytes());
         out.extend_from_slice(&f.stored);
     }
-    out
 }
 
 /// Takes a little-endian `u32` off the front of `rest`.
@@ -590,6 +596,11 @@ pub fn replay(base: &[u8], edit: &[u8], encrypted: bool) -> Option<Plan> {
     let r = Records::parse(base).filter(Records::well_formed)?;
     let mut rest = edit;
     let value_len = take_u32(&mut rest)?;
+    // A length sizes the buffer a whole read allocates, and an entry's length field has
+    // room for 2 GiB only: no hash comes near 1 GiB (values stop at 512 MiB).
+    if value_len >= 1 << 30 {
+        return None;
+    }
     let drops = take_u32(&mut rest)?;
     if drops > r.count {
         return None;

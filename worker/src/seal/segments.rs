@@ -3,11 +3,13 @@
 //! and APPEND's new bytes go at the end of the entry, where it grows in place.
 //!
 //! ```text
-//! 0x05 segments : len:u32 | last:u32 | records                              (little-endian)
+//! 0x05 segments : len:u32 | last:u32 | records | room                       (little-endian)
 //! records       : for each segment i in order, sealed_len:u32 then its stored form (raw,
 //!                 lz4 or encrypted; never against a dictionary) of the string's bytes
 //!                 [i * SEGMENT, min((i + 1) * SEGMENT, len))
 //! last          : where the last record starts, counted from the first
+//! room          : zeros, at most as many as the records take (none but in an entry that
+//!                 APPENDs grew)
 //! ```
 //!
 //! Sealed whole, a string costs every APPEND a decompression, a compression and an
@@ -15,14 +17,17 @@
 //! sent all of it: a burst of 1 KB APPENDs from many clients onto strings growing to a
 //! megabyte took a pair down (both workers missed copies and were marked stale). In
 //! segments, an APPEND opens and seals the last segment (and any it adds), the entry keeps
-//! its first bytes where they are and grows at its end (`Plan::apply_in_place`: the
-//! allocator's size classes leave room, so most appends copy nothing), and the partner is
-//! sent that edit ([`Plan::edit`]) and does the same.
+//! its first bytes where they are and writes the new ones into the room at its end
+//! ([`Plan::apply_in_place`]; out of room, it grows by a quarter more than it needs, so an
+//! entry moves once per quarter of growth and APPEND copies a constant amount per byte
+//! appended, however long the string), and the partner is sent that edit ([`Plan::edit`])
+//! and does the same.
 //!
 //! Only APPEND and SETRANGE make this form, for strings of [`SEGMENTED_FROM`] bytes or
 //! more; SET stores a value whole, which compresses best and is read without assembling.
 //! Every reader of a whole value opens both (`seal::open_capped`). A segment costs 5 bytes
-//! over its sealed form (its length, its layout byte), 45 encrypted (nonce and tag).
+//! over its value (its length, its layout byte), 46 encrypted (also the nonce, the tag and
+//! the layout byte inside).
 //! Finding segment i walks the records before it (a GETRANGE far into a string, a SETRANGE
 //! before its end); an APPEND starts from `last` and walks nothing.
 //!
@@ -41,6 +46,9 @@ pub const SEGMENTS: u8 = 0x05;
 pub const SEGMENT: usize = 8 * 1024;
 /// Length from which APPEND and SETRANGE leave a string in segments.
 pub const SEGMENTED_FROM: usize = 4 * SEGMENT;
+/// The longest string a form may hold (Redis' `proto-max-bulk-len`): lengths from a
+/// partner size buffers, and an entry's length field has room for 2 GiB only.
+const MAX_LEN: usize = 512 << 20;
 
 const HEADER: usize = 1 + 4 + 4;
 /// A record's length prefix.
@@ -56,23 +64,34 @@ fn le_u32(b: &[u8], at: usize) -> Option<usize> {
     Some(u32::from_le_bytes([s[0], s[1], s[2], s[3]]) as usize)
 }
 
-/// A segments form's header and records (not yet walked).
+/// A segments form's header and records (not yet walked), without its room.
 struct Segments<'a> {
     len: usize,
     last: usize,
     body: &'a [u8],
+    room: &'a [u8],
 }
 
 impl<'a> Segments<'a> {
+    /// The form, its records' end found from the last one's length.
     fn parse(stored: &'a [u8]) -> Option<Segments<'a>> {
         if stored.first() != Some(&SEGMENTS) {
             return None;
         }
+        let after = stored.get(HEADER..)?;
+        let last = le_u32(stored, 5)?;
+        let end = (last + PREFIX).checked_add(le_u32(after, last)?)?;
         Some(Segments {
             len: le_u32(stored, 1)?,
-            last: le_u32(stored, 5)?,
-            body: stored.get(HEADER..)?,
+            last,
+            body: after.get(..end)?,
+            room: &after[end..],
         })
+    }
+
+    /// The form's length without its room: what a plan is made on, and checks.
+    fn form_len(&self) -> usize {
+        HEADER + self.body.len()
     }
 
     fn count(&self) -> usize {
@@ -126,7 +145,11 @@ impl<'a> Segments<'a> {
             }
             at = next;
         }
-        at == self.body.len() && self.len > 0
+        at == self.body.len()
+            && self.len > 0
+            && self.len <= MAX_LEN
+            && self.room.len() <= self.body.len()
+            && self.room.iter().all(|&b| b == 0)
     }
 }
 
@@ -158,6 +181,11 @@ pub fn all_encrypted(stored: &[u8]) -> bool {
 /// The length of the string a segments form holds.
 pub fn len(stored: &[u8]) -> Option<usize> {
     Segments::parse(stored).map(|s| s.len)
+}
+
+/// `stored` without the room at its end: what travels.
+pub fn without_room(stored: &[u8]) -> &[u8] {
+    Segments::parse(stored).map_or(stored, |s| &stored[..s.form_len()])
 }
 
 /// Seals `chunk` as a record, its length prefix first, onto `out`.
@@ -268,7 +296,8 @@ fn read_from(
 /// the new form, [`Plan::apply_in_place`] edits an entry where it lies, [`Plan::edit`] is
 /// what the partner is sent instead of it.
 pub struct Plan {
-    /// The stored length of the form planned on (a check on what it is applied to).
+    /// The stored length of the form planned on, without its room (a check on what it is
+    /// applied to).
     pub base_len: usize,
     keep: usize,
     /// Records, each with its length prefix.
@@ -278,7 +307,7 @@ pub struct Plan {
     pub len: usize,
     /// Where the new form's last record starts.
     last: usize,
-    /// The stored length of the new form.
+    /// The stored length of the new form (made anew: it has no room).
     pub stored_len: usize,
 }
 
@@ -329,19 +358,19 @@ impl Plan {
         let s = Segments::parse(stored)?;
         let end = s.body.len();
         Some(Plan {
-            base_len: stored.len(),
+            base_len: s.form_len(),
             keep: end,
             fresh: Vec::new(),
             rest: end,
             len: s.len,
             last: s.last,
-            stored_len: stored.len(),
+            stored_len: s.form_len(),
         })
     }
 
     fn base<'b>(&self, base: &'b [u8]) -> Result<Segments<'b>, SealError> {
         Segments::parse(base)
-            .filter(|s| base.len() == self.base_len && self.rest <= s.body.len())
+            .filter(|s| s.form_len() == self.base_len && self.rest <= s.body.len())
             .ok_or(SealError::Corrupt)
     }
 
@@ -363,17 +392,31 @@ impl Plan {
     }
 
     /// Makes the form that `buf[at..]` holds (the form planned on) the new one, where it
-    /// lies: its records up to `keep` stay, the rest is replaced. Only for a plan
-    /// [`Plan::at_end`]; growing `buf` exactly lets the allocator extend its block in place
-    /// while its size class has room.
+    /// lies: its records up to `keep` stay, the fresh ones go after them, into its room.
+    /// Only for a plan [`Plan::at_end`]. Out of room, `buf` grows by what the fresh records
+    /// need and a quarter of the form more, all of it zeros until written: growing by a
+    /// quarter each time, the form is moved (copied) a bounded number of times per byte
+    /// appended (five bytes copied per byte, all told), where growing by what it needs moved
+    /// it on almost every APPEND once the allocator's size class had no room.
     pub fn apply_in_place(&self, buf: &mut Vec<u8>, at: usize) -> Result<(), SealError> {
-        self.base(buf.get(at..).ok_or(SealError::Corrupt)?)?;
+        let old_end = self
+            .base(buf.get(at..).ok_or(SealError::Corrupt)?)?
+            .form_len();
         if !self.at_end() {
             return Err(SealError::Corrupt);
         }
-        buf.truncate(at + HEADER + self.keep);
-        buf.reserve_exact(self.fresh.len());
-        buf.extend_from_slice(&self.fresh);
+        let from = at + HEADER + self.keep;
+        let new_end = from + self.fresh.len();
+        if new_end > buf.len() {
+            let grown = new_end + (new_end - at) / 4;
+            buf.reserve_exact(grown - buf.len());
+            buf.resize(grown, 0);
+        }
+        buf[from..new_end].copy_from_slice(&self.fresh);
+        // What the old records held past the new ones is room now.
+        if let Some(left) = buf.get_mut(new_end..at + old_end) {
+            left.fill(0);
+        }
         buf[at..at + HEADER].copy_from_slice(&header(self.len, self.last));
         Ok(())
     }
@@ -381,18 +424,25 @@ impl Plan {
     /// What turns the form planned on into the new one (see [`replay`]):
     /// `keep:u32 rest:u32 len:u32`, then the fresh records.
     pub fn edit(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(12 + self.fresh.len());
+        let mut out = Vec::new();
+        self.edit_into(&mut out);
+        out
+    }
+
+    /// [`Plan::edit`], appended to `out`.
+    pub fn edit_into(&self, out: &mut Vec<u8>) {
+        out.reserve(12 + self.fresh.len());
         for n in [self.keep, self.rest, self.len] {
             out.extend_from_slice(&(n as u32).to_le_bytes());
         }
         out.extend_from_slice(&self.fresh);
-        out
     }
 }
 
-/// How the string changes with `piece` (not empty) written at `at`, zeros filling any gap
-/// after its end (SETRANGE; APPEND writes at its length): the segments it touches sealed
-/// again, the others left as they are. A segment `piece` covers whole is not opened.
+/// How the string changes with `piece` written at `at`, zeros filling any gap after its end
+/// (SETRANGE; APPEND writes at its length): the segments it touches sealed again, the
+/// others left as they are. A segment `piece` covers whole is not opened. (An empty `piece`
+/// seals again the segment `at` is in, if any: APPEND of nothing is still a write.)
 pub fn plan_write(
     key: &[u8],
     stored: &[u8],
@@ -428,7 +478,7 @@ pub fn plan_write(
     }
     Ok(Plan::new(
         &s,
-        stored.len(),
+        s.form_len(),
         (keep, cursor),
         fresh,
         fresh_last,
@@ -447,7 +497,7 @@ pub fn replay(base: &[u8], edit: &[u8], encrypted: bool) -> Option<Plan> {
     let (keep, rest, len) = (le_u32(edit, 0)?, le_u32(edit, 4)?, le_u32(edit, 8)?);
     let fresh = &edit[12..];
     let end = s.body.len();
-    if keep > rest || rest > end || len < s.len {
+    if keep > rest || rest > end || len < s.len || len > MAX_LEN {
         return None;
     }
     // An APPEND edits from the last record on: nothing to walk.
@@ -500,7 +550,7 @@ pub fn replay(base: &[u8], edit: &[u8], encrypted: bool) -> Option<Plan> {
     }
     Some(Plan::new(
         &s,
-        base.len(),
+        s.form_len(),
         (keep, rest),
         fresh.to_vec(),
         fresh_last,
@@ -542,23 +592,29 @@ mod tests {
                 let mut next = Vec::new();
                 p.apply(&stored, &mut next).unwrap();
                 prop_assert_eq!(next.len(), p.stored_len);
+                prop_assert!(plausible(&next, p.len));
+                // A partner's copy has the same records, and room of its own (or none).
+                let bare = without_room(&stored);
+                let mut replayed = Vec::new();
+                replay(bare, &p.edit(), encrypted).unwrap().apply(bare, &mut replayed).unwrap();
+                prop_assert_eq!(&replayed, &next);
                 if p.at_end() {
+                    // Edited where it lies, room and all, and carried on so (the next
+                    // plans are made on a form with room).
                     let mut in_place = b"entry header".to_vec();
                     in_place.extend_from_slice(&stored);
                     p.apply_in_place(&mut in_place, 12).unwrap();
-                    prop_assert_eq!(&in_place[12..], &next[..]);
+                    prop_assert_eq!(without_room(&in_place[12..]), &next[..]);
+                    prop_assert!(plausible(&in_place[12..], p.len));
+                    next = in_place[12..].to_vec();
                 }
-                let mut replayed = Vec::new();
-                replay(&stored, &p.edit(), encrypted).unwrap().apply(&stored, &mut replayed).unwrap();
-                prop_assert_eq!(&replayed, &next);
-                prop_assert!(plausible(&next, p.len));
                 stored = next;
                 prop_assert_eq!(len(&stored), Some(model.len()));
             }
             let unchanged = Plan::unchanged(&stored).unwrap();
             let mut same = Vec::new();
             replay(&stored, &unchanged.edit(), encrypted).unwrap().apply(&stored, &mut same).unwrap();
-            prop_assert_eq!(&same, &stored);
+            prop_assert_eq!(&same[..], without_room(&stored));
             let whole = open(b"k", &stored, cipher, usize::MAX).unwrap();
             prop_assert_eq!(&whole[..], &model[..]);
             let mid = model.len() / 3;
@@ -614,5 +670,34 @@ mod tests {
         let mut moved = good.clone();
         moved[5..9].copy_from_slice(&0u32.to_le_bytes());
         assert!(!plausible(&moved, value.len()));
+        // Room is zeros, no more than the records take.
+        let mut roomy = good.clone();
+        roomy.extend_from_slice(&[0; 100]);
+        assert!(plausible(&roomy, value.len()));
+        assert_eq!(open(b"k", &roomy, None, usize::MAX).unwrap(), value);
+        assert_eq!(without_room(&roomy), &good[..]);
+        roomy[good.len() + 50] = 1;
+        assert!(!plausible(&roomy, value.len()));
+        let mut huge = good.clone();
+        huge.resize(3 * good.len(), 0);
+        assert!(!plausible(&huge, value.len()));
+    }
+
+    /// APPENDs into an entry's room move it a few times, not once per APPEND.
+    #[test]
+    fn appends_in_place_move_the_entry_rarely() {
+        let mut entry = b"head".to_vec();
+        build(b"k", &vec![1u8; SEGMENTED_FROM], None, &mut entry);
+        let mut moves = 0;
+        for _ in 0..2000 {
+            let stored = entry[4..].to_vec();
+            let at = len(&stored).unwrap();
+            let p = plan_write(b"k", &stored, at, &[2u8; 1000], None).unwrap();
+            let before = entry.as_ptr();
+            p.apply_in_place(&mut entry, 4).unwrap();
+            moves += usize::from(entry.as_ptr() != before);
+        }
+        assert_eq!(len(&entry[4..]), Some(SEGMENTED_FROM + 2_000_000));
+        assert!(moves < 40, "{moves} moves");
     }
 }

@@ -75,12 +75,17 @@ impl Edit {
         }
     }
 
-    /// What the partner is sent (see `replay`).
-    fn edit(&self) -> Vec<u8> {
+    /// What the partner is sent: a `PATCH` change's value (see [`decode_patch`]), the edit
+    /// written straight after its head.
+    fn patch(&self, version: u64) -> Bytes {
+        let mut out = Vec::new();
+        out.extend_from_slice(&version.to_le_bytes());
+        out.extend_from_slice(&(self.base_len() as u32).to_le_bytes());
         match self {
-            Edit::Fields(p) => p.edit(),
-            Edit::Segments(p) => p.edit(),
+            Edit::Fields(p) => p.edit_into(&mut out),
+            Edit::Segments(p) => p.edit_into(&mut out),
         }
+        Bytes::from(out)
     }
 
     /// The plan `edit` is for `base`, in `base`'s form (see `records::replay`).
@@ -403,11 +408,19 @@ impl<'a> Txn<'a> {
         key: &[u8],
         f: impl FnOnce(Meta, Option<&[u8]>) -> R,
     ) -> Result<Option<R>, SealError> {
-        if let Some(staged) = self.staged(key) {
-            return Ok(staged.as_ref().map(|s| match &s.form {
-                Form::Value(value) => f(s.meta(), Some(value)),
-                _ => f(s.meta(), None),
-            }));
+        let staged_segments = match self.staged(key) {
+            Some(None) => return Ok(None),
+            Some(Some(s)) => match &s.form {
+                Form::Value(value) => return Ok(Some(f(s.meta(), Some(value)))),
+                _ if s.kind == Kind::String => true,
+                _ => return Ok(Some(f(s.meta(), None))),
+            },
+            None => false,
+        };
+        if staged_segments {
+            // A long string this program wrote, in segments: opened whole.
+            let (meta, value) = self.read(key)?.ok_or(SealError::Corrupt)?;
+            return Ok(Some(f(meta, Some(&value))));
         }
         let store = self.store;
         let Some(e) = self.live_entry(key) else {
@@ -420,7 +433,7 @@ impl<'a> Txn<'a> {
         if let Some(raw) = seal::raw_value(stored) {
             return Ok(Some(f(meta, Some(raw))));
         }
-        let stored = Bytes::copy_from_slice(stored);
+        let stored = Bytes::copy_from_slice(segments::without_room(stored));
         let value = seal::open_with(key, &stored, store.cipher(), store.dictionary())?;
         Ok(Some(f(meta, Some(&value))))
     }
@@ -563,7 +576,7 @@ impl<'a> Txn<'a> {
         let Some(e) = self.entry(key) else {
             return Ok(0);
         };
-        let stored = Bytes::copy_from_slice(e.stored());
+        let stored = Bytes::copy_from_slice(segments::without_room(e.stored()));
         let (kind, value) = if e.is_tombstone() {
             (DELETED, Bytes::new())
         } else if is_records(&stored) {
@@ -781,7 +794,7 @@ fn change_of(key: &Bytes, state: Option<Staged>, single: bool, stored: &[u8]) ->
             key,
             kind: kind as u8 | STORED | PATCH,
             expires_at,
-            value: encode_patch(version, plan.base_len(), &plan.edit()),
+            value: plan.patch(version),
         },
         Some(s) if is_records(stored) => Change {
             key,
@@ -789,7 +802,7 @@ fn change_of(key: &Bytes, state: Option<Staged>, single: bool, stored: &[u8]) ->
             expires_at: s.expires_at,
             value: match s.form {
                 Form::Records { stored, .. } => stored,
-                _ => Bytes::copy_from_slice(stored),
+                _ => Bytes::copy_from_slice(segments::without_room(stored)),
             },
         },
         Some(s) => Change {
@@ -825,16 +838,9 @@ pub enum NotTaken {
     Behind,
 }
 
-/// A patch change's value: the base entry's version (u64) and stored length (u32), then the
+/// A patch change's value (see [`Edit::patch`]): the base entry's version (u64) and stored
+/// length (u32; a long string's without its room, which is each worker's own), then the
 /// edit (little-endian).
-fn encode_patch(version: u64, len: usize, edit: &[u8]) -> Bytes {
-    let mut out = Vec::with_capacity(12 + edit.len());
-    out.extend_from_slice(&version.to_le_bytes());
-    out.extend_from_slice(&(len as u32).to_le_bytes());
-    out.extend_from_slice(edit);
-    Bytes::from(out)
-}
-
 fn decode_patch(value: &[u8]) -> Option<(u64, usize, &[u8])> {
     let version = u64::from_le_bytes(value.get(..8)?.try_into().ok()?);
     let len = u32::from_le_bytes(value.get(8..12)?.try_into().ok()?) as usize;
@@ -880,7 +886,9 @@ impl Store {
                 let (base, len, edit) = decode_patch(&c.value).ok_or(SealError::Corrupt)?;
                 let entry = txn
                     .entry(&c.key)
-                    .filter(|e| e.version() == base && e.stored().len() == len)
+                    .filter(|e| {
+                        e.version() == base && segments::without_room(e.stored()).len() == len
+                    })
                     .ok_or(NotTaken::Behind)?;
                 let kind = c.value_kind().ok_or(SealError::Corrupt)?;
                 if !super::form_fits(entry.stored(), kind) {
