@@ -120,6 +120,13 @@ fn main() {
         seal_into(b"k", v, c, d, &mut out);
         write(&dir, "seal_open", name, &out);
     }
+    // A long string in segments (two of them, lz4), plain and sealed.
+    let long = value.repeat(50);
+    for (name, ctl, c) in [("segments", 0u8, None), ("segments_sealed", 1, Some(&cipher))] {
+        let mut out = vec![ctl];
+        twincache_worker::seal::segments::build(b"k", &long[..9000], c, &mut out);
+        write(&dir, "seal_open", name, &out);
+    }
     // store entries: a snapshot of a small store, as u16-length records.
     for (name, ctl, c) in [
         ("plain", 0u8, None),
