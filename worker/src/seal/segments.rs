@@ -20,7 +20,7 @@
 //! its first bytes where they are and writes the new ones into the room at its end
 //! ([`Plan::apply_in_place`]; out of room, it grows by a quarter more than it needs, so an
 //! entry moves once per quarter of growth and APPEND copies a constant amount per byte
-//! appended, however long the string), and the partner is sent that edit ([`Plan::edit`])
+//! appended, however long the string), and the partner is sent that edit ([`Plan::edit_into`])
 //! and does the same.
 //!
 //! Only APPEND and SETRANGE make this form, for strings of [`SEGMENTED_FROM`] bytes or
@@ -293,7 +293,7 @@ fn read_from(
 
 /// How a segments form changes: its first `keep` record bytes kept, then `fresh` records,
 /// then its records from `rest` on; made without copying the form. [`Plan::apply`] writes
-/// the new form, [`Plan::apply_in_place`] edits an entry where it lies, [`Plan::edit`] is
+/// the new form, [`Plan::apply_in_place`] edits an entry where it lies, [`Plan::edit_into`] is
 /// what the partner is sent instead of it.
 pub struct Plan {
     /// The stored length of the form planned on, without its room (a check on what it is
@@ -421,15 +421,8 @@ impl Plan {
         Ok(())
     }
 
-    /// What turns the form planned on into the new one (see [`replay`]):
+    /// Appends what turns the form planned on into the new one (see [`replay`]) to `out`:
     /// `keep:u32 rest:u32 len:u32`, then the fresh records.
-    pub fn edit(&self) -> Vec<u8> {
-        let mut out = Vec::new();
-        self.edit_into(&mut out);
-        out
-    }
-
-    /// [`Plan::edit`], appended to `out`.
     pub fn edit_into(&self, out: &mut Vec<u8>) {
         out.reserve(12 + self.fresh.len());
         for n in [self.keep, self.rest, self.len] {
@@ -486,7 +479,7 @@ pub fn plan_write(
     ))
 }
 
-/// The plan `edit` (made by [`Plan::edit`] on the same bytes) is for `base`, or `None` if it
+/// The plan `edit` (made by [`Plan::edit_into`] on the same bytes) is for `base`, or `None` if it
 /// does not fit `base` or has not the shape of one. It comes from the network, so every
 /// offset and length is checked: the kept records must end and start at record boundaries
 /// of `base`, and each fresh record must have the shape of its segment's stored form
@@ -563,6 +556,12 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    fn edit(p: &Plan) -> Vec<u8> {
+        let mut out = Vec::new();
+        p.edit_into(&mut out);
+        out
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
 
@@ -596,7 +595,7 @@ mod tests {
                 // A partner's copy has the same records, and room of its own (or none).
                 let bare = without_room(&stored);
                 let mut replayed = Vec::new();
-                replay(bare, &p.edit(), encrypted).unwrap().apply(bare, &mut replayed).unwrap();
+                replay(bare, &edit(&p), encrypted).unwrap().apply(bare, &mut replayed).unwrap();
                 prop_assert_eq!(&replayed, &next);
                 if p.at_end() {
                     // Edited where it lies, room and all, and carried on so (the next
@@ -613,7 +612,7 @@ mod tests {
             }
             let unchanged = Plan::unchanged(&stored).unwrap();
             let mut same = Vec::new();
-            replay(&stored, &unchanged.edit(), encrypted).unwrap().apply(&stored, &mut same).unwrap();
+            replay(&stored, &edit(&unchanged), encrypted).unwrap().apply(&stored, &mut same).unwrap();
             prop_assert_eq!(&same[..], without_room(&stored));
             let whole = open(b"k", &stored, cipher, usize::MAX).unwrap();
             prop_assert_eq!(&whole[..], &model[..]);
