@@ -362,13 +362,11 @@ impl<'a> Txn<'a> {
             _ => {
                 let cipher = self.store.cipher();
                 let stored = self.records(key)?.ok_or(SealError::Corrupt)?;
-                seal::open_capped(
-                    key,
-                    &Bytes::copy_from_slice(stored),
-                    cipher,
-                    None,
-                    usize::MAX,
-                )?
+                // Opened where they lie, not copied first.
+                match stored.first() {
+                    Some(&SEGMENTS) => segments::open(key, stored, cipher, usize::MAX)?,
+                    _ => records::open_all(key, stored, cipher, usize::MAX)?,
+                }
             }
         };
         Ok(Some((meta, value)))
@@ -400,9 +398,9 @@ impl<'a> Txn<'a> {
     }
 
     /// `f` of what `key` holds for this program and its value (`None` for a large hash's
-    /// records; a long string's segments are opened), marking the entry read as [`Txn::read_form`] does; a value stored raw is
-    /// lent from the entry rather than copied out of it (an MGET's values go straight into
-    /// its replies).
+    /// records; a long string's segments are opened), marking the entry read as
+    /// [`Txn::read_form`] does; a value stored raw is lent from the entry rather than copied
+    /// out of it (an MGET's values go straight into its replies).
     pub fn read_with<R>(
         &mut self,
         key: &[u8],
@@ -676,8 +674,8 @@ impl<'a> Txn<'a> {
         self.index = None;
         let count = staged.len();
         // A single large hash or long string written by one edit of its entry goes to the
-        // partner as that edit; in a block of several changes, whole (a failed edit is sent again whole,
-        // which must not leave half of a block applied).
+        // partner as that edit; in a block of several changes, whole (a failed edit is sent
+        // again whole, which must not leave half of a block applied).
         let single = count == 1;
         self.rewind();
         for (key, state) in staged {
