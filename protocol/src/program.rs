@@ -164,12 +164,17 @@ pub enum Action {
         count: Option<i64>,
         with_values: bool,
     },
-    /// HSCAN: every matching field in one answer (cursor 0), as Redis does for small hashes.
-    /// Its options were bad if `error` is not 0 (1: COUNT not an integer, 2: a syntax
-    /// error): Redis reports that only for a key holding a hash, so the worker does too.
+    /// HSCAN: a small hash's every matching field in one answer (cursor 0), as Redis does
+    /// for small hashes; a large hash's from `cursor` on (a worker's cursor: 0 is the
+    /// start), about `count` of them, and the cursor to go on from. Its options were bad if
+    /// `error` is not 0 (1: COUNT not an integer, 2: a syntax error): Redis reports that
+    /// only for a key holding a hash, so the worker does too. (Action 30, from before
+    /// cursors, still decodes: cursor 0, and `u32::MAX` for no count, a whole walk.)
     HScan {
         pattern: Option<Bytes>,
         error: u8,
+        cursor: u64,
+        count: u32,
     },
     // Writes.
     Set {
@@ -302,7 +307,7 @@ impl Action {
             HExists(_) => 27,
             HStrLen(_) => 28,
             HRandField { .. } => 29,
-            HScan { .. } => 30,
+            HScan { .. } => 32,
             Set { .. } => 40,
             SetNx(_) => 41,
             MSetNx(_) => 61,
@@ -350,9 +355,16 @@ impl Action {
                 out.put_u8(u8::from(count.is_some()) | (u8::from(*with_values) << 1));
                 out.put_i64(count.unwrap_or(0));
             }
-            HScan { pattern, error } => {
+            HScan {
+                pattern,
+                error,
+                cursor,
+                count,
+            } => {
                 out.put_u8(u8::from(pattern.is_some()));
                 out.put_u8(*error);
+                out.put_u64(*cursor);
+                out.put_u64(u64::from(*count));
                 put_bytes(out, pattern.as_deref().unwrap_or_default());
             }
             Set {
@@ -502,13 +514,19 @@ fn decode_action(buf: &mut Bytes) -> Result<Action, Malformed> {
                 with_values: bits & 2 != 0,
             }
         }
-        30 => {
+        30 | 32 => {
             let some = get_u8(buf)? != 0;
             let error = get_u8(buf)?;
+            let (cursor, count) = match code {
+                30 => (0, u32::MAX),
+                _ => (get_u64(buf)?, get_u64(buf)?.min(u64::from(u32::MAX)) as u32),
+            };
             let pattern = get_bytes(buf)?;
             HScan {
                 pattern: some.then_some(pattern),
                 error,
+                cursor,
+                count,
             }
         }
         40 => {
@@ -898,10 +916,14 @@ mod tests {
             HScan {
                 pattern: Some(b("a*")),
                 error: 0,
+                cursor: 1 << 32,
+                count: 10,
             },
             HScan {
                 pattern: None,
                 error: 2,
+                cursor: 0,
+                count: u32::MAX,
             },
             Set {
                 value: b("v"),

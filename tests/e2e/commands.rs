@@ -409,3 +409,55 @@ async fn text_protocol_counters_and_expiry() {
     assert_eq!(c.request("expire||n||0").await, "0||1");
     assert_eq!(c.request("get||n").await, "2||key not found");
 }
+
+/// HSCAN walks a large hash in steps of about COUNT fields, as real clients iterate it (the
+/// redis crate's `hscan`, redis-py's `hscan_iter`): every field once, none of the steps
+/// anywhere near the whole hash. (It answered the whole hash at once.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hscan_iterates_a_large_hash_in_steps() {
+    let cluster = Cluster::start(1).await;
+    let client = redis::Client::open(format!("redis://{}/", cluster.orch.addr)).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    for chunk in 0..10 {
+        let mut hset = redis::cmd("HSET");
+        hset.arg("big");
+        for i in chunk * 1000..(chunk + 1) * 1000 {
+            hset.arg(format!("field:{i}")).arg(format!("value {i}"));
+        }
+        let _: i64 = hset.query_async(&mut con).await.unwrap();
+    }
+    let (cursor, items): (String, Vec<String>) = redis::cmd("HSCAN")
+        .arg("big")
+        .arg(0)
+        .arg("COUNT")
+        .arg(100)
+        .query_async(&mut con)
+        .await
+        .unwrap();
+    assert_ne!(cursor, "0");
+    assert!((200..400).contains(&items.len()), "{} items", items.len());
+    let mut iter = con.hscan::<_, (String, String)>("big").await.unwrap();
+    let mut fields = HashMap::new();
+    while let Some(pair) = iter.next_item().await {
+        let (f, v) = pair.unwrap();
+        assert!(fields.insert(f, v).is_none(), "a field twice");
+    }
+    drop(iter);
+    assert_eq!(fields.len(), 10_000);
+    assert_eq!(fields["field:1234"], "value 1234");
+    let script = r#"
+import sys, redis
+r = redis.Redis(port=int(sys.argv[1]), decode_responses=True)
+fields = dict(r.hscan_iter("big", match="field:1*", count=500))
+assert len(fields) == 1111, len(fields)
+"#;
+    let out = Command::new("python3")
+        .args(["-c", script, &cluster.orch.addr.port().to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

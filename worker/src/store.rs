@@ -48,6 +48,7 @@ mod walk;
 
 pub use txn::{Edit, Form, Meta, NotTaken, Txn};
 pub use walk::ScanStep;
+pub(crate) use walk::STEP_TIME;
 
 const HEADER: usize = 8 + 8 + 4 + 4;
 /// The accessed bit, kept in the top bit of the value length (values are far below 2 GiB).

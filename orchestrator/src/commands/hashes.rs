@@ -84,16 +84,26 @@ fn hrandfield(args: &[Bytes]) -> Result<Cmd, Reply> {
     ))
 }
 
-/// `HSCAN key cursor [MATCH pattern] [COUNT count]`: every field in one answer. A bad
-/// cursor is refused at once; bad options only for a key holding a hash, as Redis does.
+/// `HSCAN key cursor [MATCH pattern] [COUNT count]`: a small hash's every field in one
+/// answer, a large one's about COUNT at a time (the cursor is the worker's). A bad cursor is
+/// refused at once; bad options only for a key holding a hash, as Redis does.
 fn hscan(args: &[Bytes]) -> Result<Cmd, Reply> {
-    super::keyspace::cursor(&args[2])?;
-    let (pattern, error) = match super::keyspace::scan_options(&args[3..], false) {
-        Ok(scan) => (scan.pattern, 0),
-        Err(e) if e == super::not_integer() => (None, 1),
-        Err(_) => (None, 2),
+    let cursor = super::keyspace::cursor(&args[2])?;
+    let (pattern, count, error) = match super::keyspace::scan_options(&args[3..], false) {
+        // (u32::MAX stands for "no count": an older orchestrator's whole walk.)
+        Ok(scan) => (scan.pattern, scan.count.min(u32::MAX - 1), 0),
+        Err(e) if e == super::not_integer() => (None, 0, 1),
+        Err(_) => (None, 0, 2),
     };
-    Ok(run(args, Action::HScan { pattern, error }))
+    Ok(run(
+        args,
+        Action::HScan {
+            pattern,
+            error,
+            cursor,
+            count,
+        },
+    ))
 }
 
 #[cfg(test)]
@@ -144,17 +154,21 @@ mod tests {
                 Bytes::from_static(b"h"),
                 Action::HScan {
                     pattern: None,
-                    error: 2
+                    error: 2,
+                    cursor: 0,
+                    count: 0,
                 }
             ))
         );
         assert_eq!(
-            parse(&["hscan", "h", "0", "match", "a*", "count", "5"]),
+            parse(&["hscan", "h", "77", "match", "a*", "count", "5"]),
             Ok(Cmd::Run(
                 Bytes::from_static(b"h"),
                 Action::HScan {
                     pattern: Some(Bytes::from_static(b"a*")),
-                    error: 0
+                    error: 0,
+                    cursor: 77,
+                    count: 5,
                 }
             ))
         );

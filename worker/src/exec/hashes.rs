@@ -64,31 +64,58 @@ pub(super) fn run(cx: &mut Cx, action: &Action) -> Outcome {
             Ok(Reply::Int(value.map_or(0, |v| v.len() as i64)))
         }
         Action::HRandField { count, with_values } => random_fields(cx, *count, *with_values),
-        Action::HScan { pattern, error } => {
+        Action::HScan {
+            pattern,
+            error,
+            cursor,
+            count,
+        } => {
             let Some(hash) = read(cx)? else {
-                return Ok(Reply::Array(vec![
-                    Reply::Bulk(Bytes::from_static(b"0")),
-                    Reply::Array(Vec::new()),
-                ]));
+                return Ok(scanned(0, Vec::new()));
             };
             match error {
                 0 => {}
                 1 => return Err(Reply::err(super::NOT_INTEGER)),
                 _ => return Err(Reply::err("ERR syntax error")),
             }
-            let fields = hash.fields(cx)?;
-            let mut items = Vec::with_capacity(fields.len() * 2);
             let pattern = pattern.as_deref().map(glob::Pattern::new);
-            for (f, v) in fields {
+            let mut items = Vec::new();
+            let mut found = |f: Bytes, v: Bytes| {
                 if pattern.as_ref().is_none_or(|p| p.matches(&f)) {
                     items.push(Reply::Bulk(f));
                     items.push(Reply::Bulk(v));
                 }
-            }
-            Ok(Reply::Array(vec![
-                Reply::Bulk(Bytes::from_static(b"0")),
-                Reply::Array(items),
-            ]))
+            };
+            let next = match hash.held {
+                // All at once, whatever the cursor, as Redis answers a small hash.
+                Held::Packed(fields) => {
+                    fields.into_iter().for_each(|(f, v)| found(f, v));
+                    0
+                }
+                // About COUNT at a time, from the tag the cursor names (its tag plus one),
+                // and never longer than a step's time against a pattern (a hostile one
+                // makes each match cost, and the program holds the shard's lock).
+                Held::Records => match cursor.checked_sub(1).map(u32::try_from) {
+                    Some(Err(_)) => 0, // past every tag
+                    from => {
+                        let from = from.map_or(0, |t| t.unwrap_or(u32::MAX));
+                        let (key, sealer) = (cx.key, cx.txn.sealer());
+                        let started = std::time::Instant::now();
+                        // (An older orchestrator's HSCAN, with no count, is one whole walk
+                        // as it was: it could not go on from a cursor.)
+                        let timed = pattern.is_some() && *count != u32::MAX;
+                        let visit = |f, v| {
+                            found(f, v);
+                            timed && started.elapsed() >= crate::store::STEP_TIME
+                        };
+                        let count = (*count).max(1) as usize;
+                        records::scan(key, cx.records()?, sealer, from, count, visit)
+                            .map_err(corrupt)?
+                            .map_or(0, |tag| u64::from(tag) + 1)
+                    }
+                },
+            };
+            Ok(scanned(next, items))
         }
         Action::HSet { pairs, ok } => {
             let added = read_or_empty(cx)?.set(cx, pairs)? as i64;
@@ -361,4 +388,12 @@ fn random_fields(cx: &mut Cx, count: Option<i64>, with_values: bool) -> Outcome 
             })
             .collect()
     }))
+}
+
+/// HSCAN's answer: the cursor to go on from (0: done) and the fields and values found.
+fn scanned(next: u64, items: Vec<Reply>) -> Reply {
+    Reply::Array(vec![
+        Reply::Bulk(Bytes::from(next.to_string())),
+        Reply::Array(items),
+    ])
 }

@@ -861,3 +861,112 @@ fn a_long_string_is_appended_to_in_segments_and_copied_as_edits() {
         );
     }
 }
+
+/// HSCAN pages through a large hash COUNT records at a time from a cursor: every field
+/// present throughout the walk comes back once, whatever is set and removed meanwhile; a
+/// small hash answers whole, whatever the cursor.
+#[test]
+fn hscan_walks_a_large_hash_in_steps() {
+    let s = Store::default();
+    let pairs: Vec<(Bytes, Bytes)> = (0..1000)
+        .map(|i| (b(&format!("f{i}")), b(&format!("v{i}"))))
+        .collect();
+    one(&s, "h", 10, Action::HSet { pairs, ok: false });
+    let scan = |cursor: u64, count: u32, pattern: Option<&str>| {
+        let action = Action::HScan {
+            pattern: pattern.map(b),
+            error: 0,
+            cursor,
+            count,
+        };
+        match one(&s, "h", 1, action) {
+            Reply::Array(mut parts) => {
+                let Reply::Array(items) = parts.pop().unwrap() else {
+                    panic!("items")
+                };
+                let Reply::Bulk(next) = parts.pop().unwrap() else {
+                    panic!("cursor")
+                };
+                let next: u64 = std::str::from_utf8(&next).unwrap().parse().unwrap();
+                let fields: Vec<Bytes> = items
+                    .chunks(2)
+                    .map(|p| match &p[0] {
+                        Reply::Bulk(f) => f.clone(),
+                        other => panic!("{other:?}"),
+                    })
+                    .collect();
+                (next, fields)
+            }
+            other => panic!("{other:?}"),
+        }
+    };
+    let mut seen = std::collections::HashMap::new();
+    let (mut cursor, mut steps, mut version) = (0, 0, 20);
+    loop {
+        let (next, fields) = scan(cursor, 37, None);
+        assert!(fields.len() < 60, "{} fields in one step", fields.len());
+        for f in fields {
+            *seen.entry(f).or_insert(0) += 1;
+        }
+        // Meanwhile: fields added, and fields f900.. removed.
+        let pairs = vec![(b(&format!("new{steps}")), b("x"))];
+        one(&s, "h", version, Action::HSet { pairs, ok: false });
+        one(
+            &s,
+            "h",
+            version + 1,
+            Action::HDel(vec![b(&format!("f{}", 900 + steps))]),
+        );
+        version += 2;
+        steps += 1;
+        cursor = next;
+        if cursor == 0 {
+            break;
+        }
+    }
+    assert!(steps > 20, "{steps} steps");
+    for i in 0..900 {
+        assert_eq!(seen.get(&b(&format!("f{i}"))), Some(&1), "f{i}");
+    }
+    assert!(seen.values().all(|&n| n == 1));
+    // A pattern that makes every field cost (a run of 1,000 literals after a `*`, against
+    // fields of 1,000 bytes) ends a step at its time budget, with a cursor to go on from.
+    let long = "a".repeat(1000);
+    let pairs = (0..300)
+        .map(|i| (b(&format!("{long}{i}")), b("v")))
+        .collect();
+    one(&s, "costly", 10, Action::HSet { pairs, ok: false });
+    let costly = Action::HScan {
+        pattern: Some(b(&format!("*{long}1*"))),
+        error: 0,
+        cursor: 0,
+        count: 100_000,
+    };
+    let started = std::time::Instant::now();
+    let Reply::Array(parts) = one(&s, "costly", 1, costly) else {
+        panic!("HSCAN answers an array")
+    };
+    let took = started.elapsed();
+    assert_ne!(parts[0], bulk("0"), "stopped early ({took:?})");
+    assert!(took < 5 * crate::store::STEP_TIME, "{took:?}");
+    // MATCH, and a cursor past every tag.
+    let (_, some) = scan(0, u32::MAX, Some("f1?"));
+    assert_eq!(some.len(), 10);
+    assert_eq!(scan((1 << 32) + 5, 10, None), (0, Vec::new()));
+    // A small hash: all of it, cursor 0, whatever cursor it was given.
+    let pairs = vec![(b("a"), b("1")), (b("b"), b("2"))];
+    one(&s, "small", 10, Action::HSet { pairs, ok: false });
+    let action = Action::HScan {
+        pattern: None,
+        error: 0,
+        cursor: 12345,
+        count: 1,
+    };
+    assert_eq!(
+        one(&s, "small", 1, action),
+        Reply::Array(vec![
+            bulk("0"),
+            Reply::Array(vec![bulk("a"), bulk("1"), bulk("b"), bulk("2")])
+        ])
+    );
+}

@@ -392,6 +392,35 @@ pub fn open_all(
     ))
 }
 
+/// One step of HSCAN over a records form: the records from the first tagged `from` or
+/// later, each opened and given to `visit` (which says whether the step has spent its time),
+/// until `count` were visited or the time is spent, but never stopping between two records
+/// of one tag; the tag to go on from, or `None` at the end. Tags order the records and no
+/// field's tag changes, so steps that go on from the tag where the last stopped see every
+/// field present throughout the walk once, whatever is set or removed meanwhile.
+pub fn scan(
+    key: &[u8],
+    stored: &[u8],
+    s: Sealer,
+    from: u32,
+    count: usize,
+    mut visit: impl FnMut(Bytes, Bytes) -> bool,
+) -> Result<Option<u32>, SealError> {
+    let r = Records::parse(stored).ok_or(SealError::Corrupt)?;
+    let mut i = r.first_from(from);
+    let mut seen = 0;
+    while i < r.count {
+        let (field, value, _) = r.open(i, key, s)?;
+        let spent = visit(field, value);
+        seen += 1;
+        i += 1;
+        if (seen >= count || spent) && (i == r.count || r.tag(i) != r.tag(i - 1)) {
+            break;
+        }
+    }
+    Ok((i < r.count).then(|| r.tag(i)))
+}
+
 /// How a records form changes when some fields are set and others removed: the records
 /// dropped and the fresh ones, sealed. Made without copying the form; [`Plan::apply`]
 /// writes the new form (straight into the new entry), [`Plan::edit`] what the partner is

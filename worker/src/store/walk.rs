@@ -69,7 +69,7 @@ fn decode_cursor(cursor: u64) -> Option<(usize, u32, usize)> {
 /// hostile pattern makes each match cost, and the walk holds a shard's lock and keeps the
 /// worker's other requests waiting meanwhile (past `--worker-timeout`, both workers of the
 /// pair were taken for down). The call returns what it found so far and where to go on.
-const STEP_TIME: std::time::Duration = std::time::Duration::from_millis(20);
+pub(crate) const STEP_TIME: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// Whether a walk returns `e`.
 fn wanted(e: &Entry, now: u64, kind: Option<Kind>, pattern: Option<&glob::Pattern>) -> bool {
