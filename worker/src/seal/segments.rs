@@ -413,9 +413,15 @@ impl Plan {
             buf.resize(grown, 0);
         }
         buf[from..new_end].copy_from_slice(&self.fresh);
-        // What the old records held past the new ones is room now.
+        // What the old records held past the new ones is room now, up to as much as the
+        // records take (a SETRANGE can shrink them: zeros compress), which is all a form may
+        // keep (`Segments::well_formed`).
         if let Some(left) = buf.get_mut(new_end..at + old_end) {
             left.fill(0);
+        }
+        let records = new_end - at - HEADER;
+        if buf.len() - new_end > records {
+            buf.truncate(new_end + records);
         }
         buf[at..at + HEADER].copy_from_slice(&header(self.len, self.last));
         Ok(())
@@ -680,6 +686,23 @@ mod tests {
         let mut huge = good.clone();
         huge.resize(3 * good.len(), 0);
         assert!(!plausible(&huge, value.len()));
+    }
+
+    /// A SETRANGE that shrinks the records (zeros over a string that compressed less) and
+    /// is edited in place leaves no more room than the records take: the form stays
+    /// plausible. (Found by the proptest above on a CI run.)
+    #[test]
+    fn an_edit_in_place_that_shrinks_the_records_keeps_the_room_bounded() {
+        let start: Vec<u8> = (0..16_558).map(|i| (i % 251) as u8).collect();
+        let mut entry = b"head".to_vec();
+        build(b"k", &start, None, &mut entry);
+        let p = plan_write(b"k", &entry[4..], 885, &[0; 15_657], None).unwrap();
+        assert!(p.at_end());
+        p.apply_in_place(&mut entry, 4).unwrap();
+        assert!(plausible(&entry[4..], start.len()));
+        let mut want = start.clone();
+        want[885..885 + 15_657].fill(0);
+        assert_eq!(open(b"k", &entry[4..], None, usize::MAX).unwrap(), want);
     }
 
     /// APPENDs into an entry's room move it a few times, not once per APPEND.
