@@ -948,7 +948,7 @@ fn hscan_walks_a_large_hash_in_steps() {
     };
     let took = started.elapsed();
     assert_ne!(parts[0], bulk("0"), "stopped early ({took:?})");
-    assert!(took < 5 * crate::store::STEP_TIME, "{took:?}");
+    assert!(took < 10 * crate::store::STEP_TIME, "{took:?}");
     // MATCH, and a cursor past every tag.
     let (_, some) = scan(0, u32::MAX, Some("f1?"));
     assert_eq!(some.len(), 10);

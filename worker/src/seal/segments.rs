@@ -9,7 +9,7 @@
 //!                 [i * SEGMENT, min((i + 1) * SEGMENT, len))
 //! last          : where the last record starts, counted from the first
 //! room          : zeros, at most as many as the records take (none but in an entry that
-//!                 APPENDs grew)
+//!                 APPEND or SETRANGE edited where it lies)
 //! ```
 //!
 //! Sealed whole, a string costs every APPEND a decompression, a compression and an
