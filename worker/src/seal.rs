@@ -484,8 +484,9 @@ pub fn open_capped(
     max_len: usize,
 ) -> Result<Bytes, SealError> {
     match stored.first() {
-        Some(&records::RECORDS) => records::open_all(key, stored, cipher, max_len),
-        Some(&segments::SEGMENTS) => segments::open(key, stored, cipher, max_len),
+        Some(&(records::RECORDS | segments::SEGMENTS)) => {
+            open_records(key, stored, cipher, max_len)
+        }
         Some(&ENCRYPTED) => {
             let cipher = cipher.ok_or(SealError::NoKey)?;
             if stored.len() < 1 + NONCE_LEN + TAG_LEN {
@@ -517,6 +518,20 @@ pub fn open_capped(
     }
 }
 
+/// Opens a form of records sealed one by one, where it lies: a large hash's (to its packed
+/// form) or a long string's (to the string).
+pub(crate) fn open_records(
+    key: &[u8],
+    stored: &[u8],
+    cipher: Option<&Cipher>,
+    max_len: usize,
+) -> Result<Bytes, SealError> {
+    match stored.first() {
+        Some(&segments::SEGMENTS) => segments::open(key, stored, cipher, max_len),
+        _ => records::open_all(key, stored, cipher, max_len),
+    }
+}
+
 /// Opens a raw or lz4 form; with `secret`, a decompressed value is wiped when dropped.
 fn open_plain(
     stored: &Bytes,
@@ -545,7 +560,7 @@ fn open_plain(
 }
 
 /// `v` as shared bytes; with `secret`, wiped when the last reference goes.
-fn owned_secret(v: Vec<u8>, secret: bool) -> Bytes {
+pub(crate) fn owned_secret(v: Vec<u8>, secret: bool) -> Bytes {
     if secret {
         secret_bytes(v)
     } else {

@@ -362,11 +362,7 @@ impl Cx<'_, '_> {
     /// `value` as a program's plaintext: with a key, wiped when its last reference goes
     /// (see `seal`).
     pub fn plaintext(&self, value: Vec<u8>) -> Bytes {
-        if self.txn.sealer().cipher.is_some() {
-            crate::wipe::secret_bytes(value)
-        } else {
-            Bytes::from(value)
-        }
+        crate::seal::owned_secret(value, self.txn.sealer().cipher.is_some())
     }
 
     /// The current key's records form (a large hash's, a long string's), borrowed.

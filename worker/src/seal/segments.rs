@@ -236,11 +236,6 @@ fn open_record(
     Ok(opened)
 }
 
-/// A value as plaintext: wiped when dropped if there is a key.
-fn plaintext(v: Vec<u8>, cipher: Option<&Cipher>) -> Bytes {
-    super::owned_secret(v, cipher.is_some())
-}
-
 /// The string a segments form holds, assembled, refused past `max_len` before anything is
 /// allocated for it.
 pub fn open(
@@ -288,7 +283,10 @@ fn read_from(
         out.extend_from_slice(&v[from..to]);
         at = next;
     }
-    Ok(plaintext(std::mem::take(&mut *out), cipher))
+    Ok(super::owned_secret(
+        std::mem::take(&mut *out),
+        cipher.is_some(),
+    ))
 }
 
 /// How a segments form changes: its first `keep` record bytes kept, then `fresh` records,

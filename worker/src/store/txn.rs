@@ -363,10 +363,7 @@ impl<'a> Txn<'a> {
                 let cipher = self.store.cipher();
                 let stored = self.records(key)?.ok_or(SealError::Corrupt)?;
                 // Opened where they lie, not copied first.
-                match stored.first() {
-                    Some(&SEGMENTS) => segments::open(key, stored, cipher, usize::MAX)?,
-                    _ => records::open_all(key, stored, cipher, usize::MAX)?,
-                }
+                seal::open_records(key, stored, cipher, usize::MAX)?
             }
         };
         Ok(Some((meta, value)))
