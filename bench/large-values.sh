@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
-# Large values, GET and SET: the orchestrator in front of one pair against Redis directly.
+# Large values, GET and SET: the orchestrator in front of one pair against Redis directly
+# and twemproxy in front of that Redis.
 #
 #   bench/large-values.sh
 #
-# Starts a redis-server, and one pair of workers with an orchestrator in front of them
-# (target/release, built first with `cargo build --release`), all on free loopback ports.
+# Starts a redis-server, twemproxy in front of it, and one pair of workers with an
+# orchestrator in front of them (target/release, built first with `cargo build --release`),
+# all on free loopback ports.
 # Then, for each value size in SIZES, runs redis-benchmark's SET and GET (one key, C clients,
 # pipeline 1) against each target, in alternating order over ROUNDS rounds so the machine's
-# drift favours none, and prints the median ops/s and MB/s with the orchestrator's ratio to
-# Redis. Stops what it started, and only that.
+# drift favours none, and prints the median ops/s and MB/s with each proxy's ratio to Redis
+# and the orchestrator's to twemproxy. Stops what it started, and only that.
 #
-# Needs: apt-get install -y redis-server redis-tools python3
+# Needs: apt-get install -y redis-server redis-tools nutcracker python3
 # Env: SIZES (65536 1048576) bytes per value; N (2000) requests per test at 64 KiB, scaled
 #      down for larger values (at least 200); C (10) clients; ROUNDS (3); BIN
 #      (target/release), where the worker and orchestrator binaries are; BEFORE, another
@@ -30,13 +32,14 @@ WORKER_FLAGS=${WORKER_FLAGS:-}
 
 # shellcheck source=bench/servers.sh
 . bench/servers.sh
-need redis-server redis-benchmark python3 "$BIN/worker" "$BIN/orchestrator"
+need redis-server redis-benchmark nutcracker python3 "$BIN/worker" "$BIN/orchestrator"
 start_redis
+start_twemproxy
 # shellcheck disable=SC2086 # a list of flags
 start_pair "$BIN" $ORCH_FLAGS
 
-declare -A PORT=([redis]=$REDIS_PORT [orchestrator]=$ORCH_PORT)
-TARGETS=(redis orchestrator)
+declare -A PORT=([redis]=$REDIS_PORT [twemproxy]=$PROXY_PORT [orchestrator]=$ORCH_PORT)
+TARGETS=(redis twemproxy orchestrator)
 if [ -n "${BEFORE:-}" ]; then
   # shellcheck disable=SC2086 # a list of flags
   start_pair "$BEFORE" $ORCH_FLAGS
@@ -63,8 +66,8 @@ runs = collections.defaultdict(list)
 for line in open(sys.argv[1]):
     target, op, size, ops = line.rstrip("\n").split("\t")
     runs[(target, op, int(size))].append(float(ops))
-targets = [t for t in ("redis", "orchestrator", "before") if any(k[0] == t for k in runs)]
-print(f"{'op':<4} {'value':>8} " + " ".join(f"{t + ' ops/s':>18} {'MB/s':>6}" for t in targets) + "   ratio to redis")
+targets = [t for t in ("redis", "twemproxy", "orchestrator", "before") if any(k[0] == t for k in runs)]
+print(f"{'op':<4} {'value':>8} " + " ".join(f"{t + ' ops/s':>18} {'MB/s':>6}" for t in targets) + "   ratio to redis; orchestrator to twemproxy")
 for op in ("SET", "GET"):
     for size in sorted({k[2] for k in runs}):
         m = {t: statistics.median(runs[(t, op, size)]) for t in targets if runs[(t, op, size)]}
@@ -73,5 +76,7 @@ for op in ("SET", "GET"):
         label = f"{size // 1024} KiB" if size < 1 << 20 else f"{size >> 20} MiB"
         cells = " ".join(f"{m.get(t, 0):>18,.0f} {m.get(t, 0) * size / 1e6:>6,.0f}" for t in targets)
         ratios = " ".join(f"{t}={m.get(t, 0) / m['redis']:.2f}" for t in targets if t != "redis")
+        if m.get("twemproxy"):
+            ratios += f"; {m.get('orchestrator', 0) / m['twemproxy']:.2f}"
         print(f"{op:<4} {label:>8} {cells}   {ratios}")
 PY

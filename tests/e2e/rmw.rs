@@ -6,6 +6,8 @@
 //!   written and deleted;
 //! - FLUSHALL taken by one worker while its partner is cut off: the partner's refill does
 //!   not bring a flushed key back;
+//! - APPENDs to long strings, encrypted, while each worker is killed and restarted: every
+//!   acknowledged piece in its string once, in order, and both workers equal;
 //! - one hot key, pipelined INCRs and HSETs from many connections through two orchestrators
 //!   (one with two links per worker, so programs arrive out of version order): every one
 //!   applied, none refused, and a pipelined SET after an INCR of its key still wins.
@@ -701,4 +703,189 @@ async fn a_burst_of_appends_to_long_strings_fails_none() {
         }
         assert!(copies[0] == copies[1], "{key} differs between the workers");
     }
+}
+
+/// Sends `cmds` in one write and reads as many replies, without panicking on a closed
+/// connection (`None`: any of them may or may not have been applied).
+async fn pipeline(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    cmds: &[Vec<Vec<u8>>],
+) -> Option<Vec<Bytes>> {
+    let mut out = BytesMut::new();
+    for cmd in cmds {
+        let args: Vec<&[u8]> = cmd.iter().map(Vec::as_slice).collect();
+        encode(&args, &mut out);
+    }
+    stream.write_all(&out).await.ok()?;
+    let mut replies = Vec::with_capacity(cmds.len());
+    while replies.len() < cmds.len() {
+        let frozen = Bytes::copy_from_slice(buf);
+        if let Ok((_, used)) = twincache_protocol::resp::decode_reply(&frozen) {
+            replies.push(buf.split_to(used).freeze());
+        } else if stream.read_buf(buf).await.ok()? == 0 {
+            return None;
+        }
+    }
+    Some(replies)
+}
+
+/// The `i`th piece client `c` appends: `<c:i>` and 100 to 600 letters that compress
+/// poorly and hold no `<`.
+fn piece(c: usize, i: usize) -> Vec<u8> {
+    let mut x = (c as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (i as u64 + 1);
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut piece = format!("<{c}:{i}>").into_bytes();
+    let len = 100 + (next() % 500) as usize;
+    piece.extend((0..len).map(|_| b'a' + (next() % 26) as u8));
+    piece
+}
+
+/// The pieces in `value`, in order, as (client, index).
+fn pieces_in(value: &[u8]) -> Vec<(usize, usize)> {
+    let text = std::str::from_utf8(value).expect("letters, digits and marks only");
+    text.split('<')
+        .skip(1)
+        .map(|p| {
+            let mark = &p[..p.find('>').expect("a closed mark")];
+            let (c, i) = mark.split_once(':').expect("c:i");
+            (c.parse().unwrap(), i.parse().unwrap())
+        })
+        .collect()
+}
+
+/// APPENDs growing long strings (kept in segments, each APPEND copied to the partner as an
+/// edit), encrypted, while each worker of the pair is killed and restarted in turn: every
+/// acknowledged APPEND is in its string exactly once and in its client's order, and both
+/// workers end with the same strings.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appends_to_long_strings_survive_kill_and_restart_of_each_worker() {
+    const CLIENTS: usize = 6;
+    const KEYS: usize = 3;
+    const PIPELINE: usize = 8;
+    let key = crate::harness::keygen();
+    let file = key.arg();
+    let flags = ["--encryption-key-file", file.as_str()];
+    let mut a = worker_on(0, &flags);
+    let mut b = worker_on(0, &flags);
+    let (wa, wb) = (a.addr, b.addr);
+    let o = Proc::orchestrator(&[wa, wb], ORCHESTRATOR);
+    in_sync(&[o.addr], &[wa, wb]).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(std::sync::Mutex::new(HashSet::new()));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            let (stop, acked, addr) = (stop.clone(), acked.clone(), o.addr);
+            tokio::spawn(async move {
+                let mut odd = Vec::new();
+                let mut stream = TcpStream::connect(addr).await.unwrap();
+                let mut buf = BytesMut::new();
+                let mut i = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let batch: Vec<(usize, Vec<Vec<u8>>)> = (i..i + PIPELINE)
+                        .map(|i| {
+                            let key = format!("log{}", (c + i) % KEYS).into_bytes();
+                            (i, vec![b"APPEND".to_vec(), key, piece(c, i)])
+                        })
+                        .collect();
+                    i += PIPELINE;
+                    let cmds: Vec<_> = batch.iter().map(|(_, cmd)| cmd.clone()).collect();
+                    let Some(replies) = pipeline(&mut stream, &mut buf, &cmds).await else {
+                        stream = TcpStream::connect(addr).await.unwrap();
+                        buf.clear();
+                        continue;
+                    };
+                    for ((i, _), reply) in batch.iter().zip(replies) {
+                        if reply.starts_with(b":") {
+                            acked.lock().unwrap().insert((c, *i));
+                        } else if !reply.starts_with(b"-TRYAGAIN") {
+                            odd.push(String::from_utf8_lossy(&reply).into_owned());
+                        }
+                    }
+                }
+                odd
+            })
+        })
+        .collect();
+    let count = || acked.lock().unwrap().len();
+
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let mut counts = vec![count()];
+    for victim in [0, 1] {
+        if victim == 0 {
+            a.kill();
+        } else {
+            b.kill();
+        }
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        counts.push(count());
+        if victim == 0 {
+            a = worker_on(wa.port(), &flags);
+        } else {
+            b = worker_on(wb.port(), &flags);
+        }
+        in_sync(&[o.addr], &[wa, wb]).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        counts.push(count());
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut odd = Vec::new();
+    for c in clients {
+        odd.extend(c.await.unwrap());
+    }
+    assert!(
+        odd.is_empty(),
+        "answers other than a length or TRYAGAIN: {odd:?}"
+    );
+    assert!(
+        counts.windows(2).all(|w| w[1] > w[0]),
+        "APPENDs acknowledged in every phase: {counts:?}"
+    );
+
+    in_sync(&[o.addr], &[wa, wb]).await;
+    let acked = acked.lock().unwrap().clone();
+    for k in 0..KEYS {
+        let key = format!("log{k}");
+        let mut copies = Vec::new();
+        for w in [wa, wb] {
+            let client = Client::connect(&w.to_string()).await.unwrap();
+            copies.push(client.get::<Bytes>(key.as_str()).await.unwrap().unwrap());
+        }
+        assert!(copies[0] == copies[1], "{key} differs between the workers");
+        assert!(
+            copies[0].len() > 64 * 1024,
+            "{key}: {} bytes",
+            copies[0].len()
+        );
+        let found = pieces_in(&copies[0]);
+        let mut seen = HashSet::new();
+        let mut last = [None; CLIENTS];
+        for &(c, i) in &found {
+            assert!(seen.insert((c, i)), "{key}: piece {c}:{i} twice");
+            assert!(
+                last[c] < Some(i),
+                "{key}: piece {c}:{i} after {:?}",
+                last[c]
+            );
+            last[c] = Some(i);
+        }
+        for &(c, i) in acked.iter().filter(|(c, i)| (c + i) % KEYS == k) {
+            assert!(
+                seen.contains(&(c, i)),
+                "{key}: acknowledged piece {c}:{i} lost"
+            );
+        }
+    }
+    let mut con = RespConn::connect(o.addr).await;
+    assert_eq!(
+        &con.call(&[b"OBJECT", b"ENCODING", b"log0"]).await[..],
+        b"$8\r\nsegments\r\n"
+    );
+    drop((a, b, o));
 }
