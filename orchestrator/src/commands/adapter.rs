@@ -54,7 +54,7 @@ const fn refused(name: &'static str) -> Spec {
     other(name, Write, NO_KEYS, Adapter::Refused)
 }
 
-pub const SPECS: &[Spec] = &[
+pub static SPECS: &[Spec] = &[
     // Lists.
     write("lpush"),
     write("rpush"),

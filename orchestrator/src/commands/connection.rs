@@ -10,7 +10,7 @@ use crate::session::{Ctx, Step};
 
 const HERE: Family = Family::new(Group::Connection, Adapter::Here).fast();
 
-pub const SPECS: &[Spec] = &[
+pub static SPECS: &[Spec] = &[
     HERE.cmd(
         "ping",
         -1,

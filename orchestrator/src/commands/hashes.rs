@@ -12,7 +12,7 @@ const HASH: Family = Family::new(Group::Hash, Adapter::Destination)
     .keys(ONE_KEY)
     .since("2.0.0");
 
-pub const SPECS: &[Spec] = &[
+pub static SPECS: &[Spec] = &[
     HASH.fast().cmd("hset", -4, Write, "Creates or modifies the value of a field in a hash.", |a| hset(a, "hset", false)),
     HASH.fast().cmd("hmset", -4, Write, "Sets the values of multiple fields.", |a| hset(a, "hmset", true)),
     HASH.fast().cmd("hsetnx", 4, Write, "Sets the value of a field in a hash only when the field doesn't exist.", |a| Ok(run(a, Action::HSetNx(a[2].clone(), a[3].clone())))),

@@ -25,7 +25,7 @@ const GENERIC: Family = Family::new(Group::Generic, Adapter::Destination).keys(O
 const ALL_KEYS: KeySpec = keys(1, -1, 1);
 const TWO_KEYS: KeySpec = keys(1, 2, 1);
 
-pub const SPECS: &[Spec] = &[
+pub static SPECS: &[Spec] = &[
     GENERIC.keys(ALL_KEYS).cmd("del", -2, Write, "Deletes one or more keys.", |a| Ok(Cmd::Del(a[1..].to_vec()))),
     GENERIC.keys(ALL_KEYS).fast().since("4.0.0").cmd("unlink", -2, Write, "Asynchronously deletes one or more keys.", |a| Ok(Cmd::Del(a[1..].to_vec()))),
     GENERIC.keys(ALL_KEYS).fast().cmd("exists", -2, Read, "Determines whether one or more keys exist.", |a| Ok(Cmd::Exists(a[1..].to_vec()))),

@@ -30,7 +30,7 @@ const KEYS_STEP: u32 = 10_000;
 const SPACE: Family = Family::new(Group::Generic, Adapter::Destination);
 const SERVER: Family = Family::new(Group::Server, Adapter::Destination);
 
-pub const SPECS: &[Spec] = &[
+pub static SPECS: &[Spec] = &[
     SPACE.since("2.8.0").cmd(
         "scan",
         -2,

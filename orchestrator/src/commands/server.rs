@@ -17,7 +17,7 @@ pub const REDIS_VERSION: &str = "7.0.0";
 
 const SERVER: Family = Family::new(Group::Server, Adapter::Here);
 
-pub const SPECS: &[Spec] = &[
+pub static SPECS: &[Spec] = &[
     SERVER.cmd("info", -1, Read, "Returns information and statistics about the server.", |a| {
         Ok(Cmd::Info(a[1..].iter().map(|s| String::from_utf8_lossy(s).to_ascii_lowercase()).collect()))
     }),

@@ -32,7 +32,7 @@ const TX: Family = Family::new(Group::Transactions, Adapter::Refused)
     .fast()
     .since("1.2.0");
 
-pub const SPECS: &[Spec] = &[
+pub static SPECS: &[Spec] = &[
     TX.cmd("multi", 1, Connection, "Starts a transaction.", |_| {
         Ok(Cmd::Multi)
     }),
