@@ -441,11 +441,11 @@ async fn workers_refill_from_each_other_at_their_peer_addresses() {
     verify(orch.addr, &models).await;
 }
 
-/// Pipelined RESP SETs (a client's run of SETs reaches each worker in one batch, see
-/// `commands::batch`) keep every acknowledged value through a worker's kill -9, its restart
-/// and refill, then the loss of its partner.
+/// Pipelined RESP SETs and MSETs (a client's run of SETs, and an MSET's keys, reach each
+/// worker in batches, see `commands::batch`) keep every acknowledged value through a
+/// worker's kill -9, its restart and refill, then the loss of its partner.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pipelined_sets_survive_kill_9_restart_then_the_partner() {
+async fn pipelined_sets_and_msets_survive_kill_9_restart_then_the_partner() {
     let mut p = pair(&[]).await;
     let addr = p.orch.addr;
     let stop = Arc::new(AtomicBool::new(false));
@@ -461,6 +461,30 @@ async fn pipelined_sets_survive_kill_9_restart_then_the_partner() {
                     .map(|n| (format!("p{t}:k{}", n % 500), format!("v{n}")))
                     .collect();
                 let mut out = bytes::BytesMut::new();
+                if t == 2 {
+                    // One MSET of them, its first key given again last (the last value wins).
+                    let mut writes = writes;
+                    writes.push((writes[0].0.clone(), format!("{}+", writes[0].1)));
+                    let mut args: Vec<&[u8]> = vec![b"MSET"];
+                    for (k, v) in &writes {
+                        args.extend([k.as_bytes(), v.as_bytes()]);
+                    }
+                    encode(&args, &mut out);
+                    conn.send_raw(&out).await;
+                    let reply = conn.reply().await;
+                    for (k, v) in writes {
+                        if &reply[..] == b"+OK\r\n" {
+                            model.insert(k, v);
+                        } else {
+                            model.remove(&k);
+                        }
+                    }
+                    if &reply[..] != b"+OK\r\n" {
+                        errors.push(format!("MSET: {}", String::from_utf8_lossy(&reply)));
+                    }
+                    sent += 32;
+                    continue;
+                }
                 for (k, v) in &writes {
                     encode(&[b"SET", k.as_bytes(), v.as_bytes()], &mut out);
                 }

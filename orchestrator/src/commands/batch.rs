@@ -73,7 +73,7 @@ impl Batches {
         buf: &BytesMut,
         ctx: &Ctx,
     ) -> Result<Step<Reply>, Request> {
-        let size = 4 + REQUEST_HEADER_LEN + req.key.len() + req.value.len();
+        let size = size(&req);
         if req.op != Op::Set || size >= MOST_BYTES || ctx.router.is_adapter() {
             return Err(req);
         }
@@ -126,6 +126,32 @@ impl Batches {
             send(group, ctx);
         }
     }
+}
+
+/// What a SET takes of a batch.
+fn size(req: &Request) -> usize {
+    4 + REQUEST_HEADER_LEN + req.key.len() + req.value.len()
+}
+
+/// Plain SETs to one pair (an MSET's), in order, cut into runs that fit a batch each: at
+/// most [`MOST_WRITES`] SETs and [`MOST_BYTES`]; a SET too large for one goes alone.
+pub fn runs(reqs: Vec<Request>) -> Vec<Vec<Request>> {
+    let mut runs: Vec<Vec<Request>> = Vec::new();
+    let mut bytes = 0;
+    for req in reqs {
+        let size = size(&req);
+        match runs.last_mut() {
+            Some(run) if run.len() < MOST_WRITES && bytes + size <= MOST_BYTES => {
+                bytes += size;
+                run.push(req);
+            }
+            _ => {
+                bytes = size;
+                runs.push(vec![req]);
+            }
+        }
+    }
+    runs
 }
 
 fn send(group: Group, ctx: &Ctx) {

@@ -22,6 +22,7 @@ use super::{
     wrong_args, Adapter, Cmd, Family, Group, KeySpec, Spec, ONE_KEY,
 };
 use crate::auth::Access;
+use crate::cluster::Written;
 use crate::session::{Ctx, Step};
 
 use Access::{Read, Write};
@@ -31,7 +32,7 @@ const STRING: Family = Family::new(Group::String, Adapter::Destination).keys(ONE
 const MANY: KeySpec = super::keys(1, -1, 1);
 const PAIRS: KeySpec = super::keys(1, -1, 2);
 
-pub const SPECS: &[Spec] = &[
+pub static SPECS: &[Spec] = &[
     STRING.fast().adapter(Cache).cmd("get", 2, Read, "Returns the string value of a key.", |a| Ok(Cmd::Get(a[1].clone()))),
     STRING.adapter(Cache).cmd("set", -3, Write, "Sets the string value of a key, ignoring its type. The key is created if it doesn't exist.", set),
     STRING.fast().cmd("setnx", 3, Write, "Set the string value of a key only when the key doesn't exist.", |a| Ok(run(a, Action::SetNx(a[2].clone())))),
@@ -477,21 +478,42 @@ fn element(resp: twincache_protocol::Response) -> Element {
     }
 }
 
+/// MSET: each pair's keys go to both its workers in batches (`batch::runs`), as a pipeline
+/// of SETs does, rather than as a request per key and worker. A key given twice keeps its
+/// last value: its SETs go to one pair in order, stamped in order.
 pub(super) fn mset(pairs: Vec<(Bytes, Bytes)>, ctx: &Ctx) -> Step<Reply> {
+    let topo = ctx.router.pairs();
+    let mut by_pair: Vec<Vec<Request>> = vec![Vec::new(); topo.len()];
+    for (k, v) in pairs {
+        let mut req = Request::new(Op::Set, k);
+        req.value = v;
+        by_pair[topo.pair_of(&req.key)].push(req);
+    }
+    let runs: Vec<(usize, Vec<Request>)> = by_pair
+        .into_iter()
+        .enumerate()
+        .flat_map(|(pair, reqs)| {
+            super::batch::runs(reqs)
+                .into_iter()
+                .map(move |run| (pair, run))
+        })
+        .collect();
     super::per_key(
-        pairs,
+        runs,
+        |(_, run)| run.len(),
         ctx,
         (),
         |(), ()| (),
         |()| Reply::OK,
-        |(k, v), ctx| {
-            let mut req = Request::new(Op::Set, k);
-            req.value = v;
+        move |(pair, run), ctx| {
             ctx.router
-                .write(req, &ctx.origin)
-                .map(|resp| match resp.status {
-                    Status::Ok => Ok(()),
-                    _ => Err(error_reply(&resp)),
+                .write_batch(&topo, pair, run, &ctx.origin)
+                .map(|written| match written {
+                    Written::AllOk => Ok(()),
+                    Written::Each(answers) => answers
+                        .iter()
+                        .find(|r| r.status != Status::Ok)
+                        .map_or(Ok(()), |r| Err(error_reply(r))),
                 })
         },
     )
