@@ -569,6 +569,7 @@ async fn pipelined_commands_see_the_ones_before_them() {
         &["set k2 1", "msetnx {t}h 1 k2 2", "type {t}h", "get k2"],
         &["incr n", "incr n", "get n", "mget n k1 k2"],
         &["set h1 x", "expire h1 0", "keys h*", "exists h1"],
+        &["set k1 a", "mset k1 b k2 c k1 d", "set k2 e", "mget k1 k2"],
     ];
     for round in 0..20 {
         for pipeline in pipelines {
@@ -577,6 +578,19 @@ async fn pipelined_commands_see_the_ones_before_them() {
         }
         run.seed = round;
     }
+    // An MSET of 2,500 keys goes in windows of 1,024, in batches per pair; each key given
+    // again in a later window keeps its last value, and what follows it sees all of it.
+    let mut mset = vec!["mset".to_string()];
+    for i in 0..2_500 {
+        mset.extend([format!("m{}", i % 2_000), format!("v{i}")]);
+    }
+    run.pending = vec![
+        words("set m5 before"),
+        mset,
+        words("set m7 after"),
+        words("mget m0 m5 m7 m499 m500 m1999 m2000"),
+    ];
+    run.exchange().await;
 }
 
 /// Strings APPEND and SETRANGE grow past the size a worker keeps in segments (32 KiB, in

@@ -485,15 +485,36 @@ async fn a_streamed_mget_rereads_only_the_chunk_too_large_for_its_share() {
         c.set(key.as_str(), value.clone()).await.unwrap();
         keys.push((key, value));
     }
+    let mut conn = RespConn::connect(cluster.orch.addr).await;
+    mget_answers(&mut conn, &keys).await;
+
+    // 40 keys on one pair: programs of 32 and 8 keys, a 4 MiB share each. The first holds
+    // 5 MiB, so it is read again as programs of 16 keys (2 MiB each), and the keys of the
+    // one holding the large value one at a time.
+    let mut keys = Vec::new();
+    for n in 100..140 {
+        let key = cluster.key_on_pair(0, n);
+        let value = if n == 103 {
+            vec![b'L'; 5 * MB as usize]
+        } else {
+            key.as_bytes().to_vec()
+        };
+        c.set(key.as_str(), value.clone()).await.unwrap();
+        keys.push((key, value));
+    }
+    mget_answers(&mut conn, &keys).await;
+}
+
+/// An MGET of `keys` on `conn` answers their values, in order.
+async fn mget_answers(conn: &mut RespConn, keys: &[(String, Vec<u8>)]) {
     let mut want = format!("*{}\r\n", keys.len()).into_bytes();
     let mut args: Vec<&[u8]> = vec![b"MGET"];
-    for (k, v) in &keys {
+    for (k, v) in keys {
         args.push(k.as_bytes());
         want.extend_from_slice(format!("${}\r\n", v.len()).as_bytes());
         want.extend_from_slice(v);
         want.extend_from_slice(b"\r\n");
     }
-    let mut conn = RespConn::connect(cluster.orch.addr).await;
     let got = conn.call(&args).await;
     assert_eq!(got.len(), want.len());
     assert!(got[..] == want[..], "the same values, in order");

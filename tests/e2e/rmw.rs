@@ -89,6 +89,29 @@ async fn incr_client(
     odd
 }
 
+/// Stops the clients and checks that each was answered nothing but what it expects or
+/// TRYAGAIN (each returns the other answers it got).
+async fn stop_clients(stop: &AtomicBool, clients: Vec<tokio::task::JoinHandle<Vec<String>>>) {
+    stop.store(true, Ordering::Relaxed);
+    let mut odd = Vec::new();
+    for c in clients {
+        odd.extend(c.await.unwrap());
+    }
+    assert!(
+        odd.is_empty(),
+        "answers other than expected or TRYAGAIN: {odd:?}"
+    );
+}
+
+/// Two workers started with `flags` and an orchestrator with `orchestrator`'s in front of
+/// them, once it sees both in sync.
+async fn pair_of(flags: &[&str], orchestrator: &[&str]) -> (Proc, Proc, Proc) {
+    let (a, b) = (worker_on(0, flags), worker_on(0, flags));
+    let o = Proc::orchestrator(&[a.addr, b.addr], orchestrator);
+    in_sync(&[o.addr], &[a.addr, b.addr]).await;
+    (a, b, o)
+}
+
 async fn in_sync(orchs: &[SocketAddr], workers: &[SocketAddr]) {
     for o in orchs {
         wait_status(*o, "both workers in sync", |s| {
@@ -135,15 +158,7 @@ async fn incr_through_two_orchestrators_survives_kill_and_restart_of_each_worker
     b = worker_on(wb.port(), &[]);
     in_sync(&orchs, &[wa, wb]).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.store(true, Ordering::Relaxed);
-    let mut odd = Vec::new();
-    for c in clients {
-        odd.extend(c.await.unwrap());
-    }
-    assert!(
-        odd.is_empty(),
-        "answers other than a count or TRYAGAIN: {odd:?}"
-    );
+    stop_clients(&stop, clients).await;
     counts.push(total(&acked));
     assert!(
         counts[0] > 100 && counts.windows(2).all(|w| w[1] > w[0] + 50),
@@ -433,11 +448,8 @@ async fn a_large_encrypted_hash_survives_the_loss_of_either_worker() {
     let key = crate::harness::keygen();
     let file = key.arg();
     let flags = ["--encryption-key-file", file.as_str()];
-    let mut a = worker_on(0, &flags);
-    let mut b = worker_on(0, &flags);
+    let (mut a, mut b, o) = pair_of(&flags, FAST).await;
     let (wa, wb) = (a.addr, b.addr);
-    let o = Proc::orchestrator(&[wa, wb], FAST);
-    in_sync(&[o.addr], &[wa, wb]).await;
     let mut con = patient_con(o.addr).await;
 
     let mut model: BTreeMap<String, String> = (0..300)
@@ -771,11 +783,8 @@ async fn appends_to_long_strings_survive_kill_and_restart_of_each_worker() {
     let key = crate::harness::keygen();
     let file = key.arg();
     let flags = ["--encryption-key-file", file.as_str()];
-    let mut a = worker_on(0, &flags);
-    let mut b = worker_on(0, &flags);
+    let (mut a, mut b, o) = pair_of(&flags, ORCHESTRATOR).await;
     let (wa, wb) = (a.addr, b.addr);
-    let o = Proc::orchestrator(&[wa, wb], ORCHESTRATOR);
-    in_sync(&[o.addr], &[wa, wb]).await;
 
     let stop = Arc::new(AtomicBool::new(false));
     let acked = Arc::new(std::sync::Mutex::new(HashSet::new()));
@@ -815,7 +824,12 @@ async fn appends_to_long_strings_survive_kill_and_restart_of_each_worker() {
         .collect();
     let count = || acked.lock().unwrap().len();
 
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // The strings long (about 70 KB each, in segments) before the first kill, however slow
+    // the machine.
+    let started = std::time::Instant::now();
+    while count() < 600 && started.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let mut counts = vec![count()];
     for victim in [0, 1] {
         if victim == 0 {
@@ -834,15 +848,7 @@ async fn appends_to_long_strings_survive_kill_and_restart_of_each_worker() {
         tokio::time::sleep(Duration::from_millis(500)).await;
         counts.push(count());
     }
-    stop.store(true, Ordering::Relaxed);
-    let mut odd = Vec::new();
-    for c in clients {
-        odd.extend(c.await.unwrap());
-    }
-    assert!(
-        odd.is_empty(),
-        "answers other than a length or TRYAGAIN: {odd:?}"
-    );
+    stop_clients(&stop, clients).await;
     assert!(
         counts.windows(2).all(|w| w[1] > w[0]),
         "APPENDs acknowledged in every phase: {counts:?}"

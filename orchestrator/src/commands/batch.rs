@@ -138,16 +138,19 @@ fn size(req: &Request) -> usize {
 pub fn runs(reqs: Vec<Request>) -> Vec<Vec<Request>> {
     let mut runs: Vec<Vec<Request>> = Vec::new();
     let mut bytes = 0;
-    for req in reqs {
-        let size = size(&req);
+    let mut reqs = reqs.into_iter();
+    while let Some(req) = reqs.next() {
+        let n = size(&req);
         match runs.last_mut() {
-            Some(run) if run.len() < MOST_WRITES && bytes + size <= MOST_BYTES => {
-                bytes += size;
+            Some(run) if run.len() < MOST_WRITES && bytes + n <= MOST_BYTES => {
+                bytes += n;
                 run.push(req);
             }
             _ => {
-                bytes = size;
-                runs.push(vec![req]);
+                bytes = n;
+                let mut run = Vec::with_capacity((reqs.len() + 1).min(MOST_WRITES));
+                run.push(req);
+                runs.push(run);
             }
         }
     }
@@ -197,5 +200,39 @@ impl Future for Answer {
                 Reply::err("ERR internal error: a batched write was not sent")
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn set(key: usize, len: usize) -> Request {
+        let mut req = Request::new(Op::Set, Bytes::from(format!("k{key}")));
+        req.value = Bytes::from(vec![b'v'; len]);
+        req
+    }
+
+    fn lens(cut: &[Vec<Request>]) -> Vec<usize> {
+        cut.iter().map(Vec::len).collect()
+    }
+
+    #[test]
+    fn runs_fit_a_batch_each_and_keep_the_order() {
+        let cut = runs((0..100).map(|i| set(i, 10)).collect());
+        assert_eq!(lens(&cut), [MOST_WRITES, 100 - MOST_WRITES]);
+        let keys: Vec<Bytes> = cut.iter().flatten().map(|r| r.key.clone()).collect();
+        let want: Vec<Bytes> = (0..100).map(|i| Bytes::from(format!("k{i}"))).collect();
+        assert_eq!(keys, want);
+        // 5 KiB each: three to a batch.
+        assert_eq!(
+            lens(&runs((0..4).map(|i| set(i, 5 << 10)).collect())),
+            [3, 1]
+        );
+        // One too large for a batch goes alone, and the next starts a run.
+        let cut = runs(vec![set(0, 10), set(1, MOST_BYTES), set(2, 10)]);
+        assert_eq!(lens(&cut), [1, 1, 1]);
+        assert!(runs(Vec::new()).is_empty());
     }
 }

@@ -11,15 +11,15 @@ use futures_util::future::{ready, Either, Ready};
 use futures_util::stream::{self, Stream, StreamExt};
 use futures_util::FutureExt;
 use twincache_protocol::frame::{flags, Op, Request};
-use twincache_protocol::program::{encode_program, Action, SetIf, Ttl};
+use twincache_protocol::program::{encode_program, Action, Answer, SetIf, Ttl};
 use twincache_protocol::resp::Reply;
 use twincache_protocol::slots::SlotMap;
 use twincache_protocol::version::wall_ms;
 use twincache_protocol::Status;
 
 use super::{
-    dispatch_n, error_reply, int, join_every, raw_replies, replies, syntax_error, value_reply,
-    wrong_args, Adapter, Cmd, Family, Group, KeySpec, Spec, ONE_KEY,
+    batch, dispatch_n, error_reply, int, join_every, raw_replies, replies, syntax_error,
+    value_reply, wrong_args, Adapter, Cmd, Family, Group, KeySpec, Spec, KEYS_AT_ONCE, ONE_KEY,
 };
 use crate::auth::Access;
 use crate::cluster::Written;
@@ -243,8 +243,9 @@ fn getex(args: &[Bytes]) -> Result<Cmd, Reply> {
 const MGET_CHUNK: usize = 16;
 /// Keys of one pair an MGET reads with one program: one frame each way instead of one per
 /// key. A 100-key MGET over 4 pairs takes one program a pair (with 16 it took two, and
-/// `bench/mget.sh` ran at 1.02 of twemproxy against 1.14 now, in the same rounds).
-const PROGRAM_KEYS: usize = 64;
+/// `bench/mget.sh` ran at 1.02 of twemproxy against 1.14 with 64). Not more: a worker locks
+/// the shards of every key a program names while it runs (about 25 of its 64 for 32 keys).
+const PROGRAM_KEYS: usize = 32;
 /// Keys a streamed MGET (one of more than [`MGET_CHUNK`] keys) reads at a time.
 const MGET_WINDOW: usize = 256;
 /// The most the values of one window of a streamed MGET may take, shared evenly by its
@@ -359,13 +360,15 @@ fn gets_of(
 
 /// Reads the values of `keys`, sent before this returns (in the session's order): one read
 /// program per pair for each [`PROGRAM_KEYS`] of its keys, whose replies may take
-/// `cap(number of chunks)` bytes. A key being moved between pairs, and every key in adapter
-/// mode, takes the way of a GET, which handles those (a pair with a read-modify-write of
-/// the session in flight is read on its primary either way). The keys come back, and nothing is sent, if more than
-/// [`MGET_CHUNK`] keys need a GET. The keys of a chunk whose values pass its cap are read
-/// again one at a time once the other chunks have answered (all the keys come back instead
-/// if more than [`MGET_CHUNK`] are to be read again: no more than that many values are held
-/// at once either way).
+/// `cap(number of programs)` bytes (and no more than a frame). A key being moved between
+/// pairs, and every key in adapter mode, takes the way of a GET, which handles those (a pair
+/// with a read-modify-write of the session in flight is read on its primary either way). The
+/// keys come back, and nothing is sent, if more than [`MGET_CHUNK`] keys need a GET. A
+/// program whose values pass its cap is read again as programs of [`MGET_CHUNK`] keys, and
+/// the keys of one of those that passes its share are read one at a time, all once the
+/// first programs have answered (all the keys come back instead if more than [`MGET_CHUNK`]
+/// are to be read one at a time: no more than that many values are held at once either
+/// way).
 fn read_values(
     keys: Vec<Bytes>,
     cap: impl FnOnce(usize) -> usize,
@@ -394,20 +397,24 @@ fn read_values(
         .into_iter()
         .map(|i| (i, router.get(keys[i].clone(), &ctx.origin)))
         .collect();
-    let chunks = by_pair
+    let programs = by_pair
         .iter()
         .map(|p| p.len().div_ceil(PROGRAM_KEYS))
         .sum::<usize>();
     // Never 0: that would mean no bound at all to the worker.
-    let cap = cap(chunks.max(1)).max(1);
-    let mut reads = Vec::with_capacity(chunks);
-    for (pair, indexes) in by_pair.iter().enumerate() {
-        for part in indexes.chunks(PROGRAM_KEYS) {
-            let req = crate::cluster::gets(part.iter().map(|&i| &keys[i]), cap);
-            let read = router.query_req(topo.clone(), pair, req, &ctx.origin);
-            reads.push((part.to_vec(), read));
-        }
-    }
+    let cap = cap(programs.max(1)).clamp(1, router.max_replies.max(1));
+    let read = |pair: usize, part: &[usize], cap: usize| {
+        let req = crate::cluster::gets(part.iter().map(|&i| &keys[i]), cap);
+        let read = router.query_req(topo.clone(), pair, req, &ctx.origin);
+        let part = part.to_vec();
+        async move { (pair, part, read.await) }
+    };
+    let reads: Vec<_> = by_pair
+        .iter()
+        .enumerate()
+        .flat_map(|(pair, indexes)| indexes.chunks(PROGRAM_KEYS).map(move |part| (pair, part)))
+        .map(|(pair, part)| read(pair, part, cap))
+        .collect();
     let (router, origin) = (router.clone(), ctx.origin.clone());
     Either::Left(async move {
         let mut out: Vec<Element> = vec![Ok(Reply::Nil); keys.len()];
@@ -418,40 +425,43 @@ fn read_values(
                     .into_iter()
                     .map(|(i, f)| async move { (i, f.await) }),
             ),
-            join_every(
-                reads
-                    .into_iter()
-                    .map(|(part, f)| async move { (part, f.await) }),
-            ),
+            join_every(reads),
         )
         .await;
         for (i, resp) in singles {
             out[i] = element(resp);
         }
-        for (part, answer) in answers {
-            // Too large for its share, or refused as routed by an older map: read again
-            // one key at a time (a GET routes itself again).
-            if answer
-                .as_ref()
-                .is_err_and(|r| matches!(r.status, Status::TooLarge | Status::Moved))
-            {
-                too_large.extend(part);
-                continue;
+        let mut split: Vec<(usize, Vec<usize>)> = Vec::new();
+        for (pair, part, answer) in answers {
+            match refused(&answer) {
+                // Too large for its share: again in smaller programs, each with its part
+                // of the share, so one large value costs only its own few keys' GETs.
+                Some(Status::TooLarge) if part.len() > MGET_CHUNK => split.push((pair, part)),
+                // Or refused as routed by an older map: read one key at a time (a GET
+                // routes itself again).
+                Some(_) => too_large.extend(part),
+                None => fill(&mut out, &part, answer),
             }
-            match raw_replies(answer, part.len()) {
-                Ok(values) if values.len() == part.len() => {
-                    for (i, v) in part.into_iter().zip(values) {
-                        out[i] = match v {
-                            Reply::Error(e) if e.starts_with("WRONGTYPE") => Ok(Reply::Nil),
-                            Reply::Error(e) => Err(Reply::Error(e)),
-                            v => Ok(v),
-                        };
-                    }
+        }
+        if !split.is_empty() {
+            let again: Vec<_> = split
+                .iter()
+                .flat_map(|(pair, part)| {
+                    let share = (cap / part.len().div_ceil(MGET_CHUNK)).max(1);
+                    part.chunks(MGET_CHUNK).map(move |sub| (*pair, sub, share))
+                })
+                .map(|(pair, sub, share)| {
+                    let req = crate::cluster::gets(sub.iter().map(|&i| &keys[i]), share);
+                    let read = router.query_req(topo.clone(), pair, req, &origin);
+                    let sub = sub.to_vec();
+                    async move { (sub, read.await) }
+                })
+                .collect();
+            for (sub, answer) in join_every(again).await {
+                match refused(&answer) {
+                    Some(_) => too_large.extend(sub),
+                    None => fill(&mut out, &sub, answer),
                 }
-                Ok(_) => part
-                    .into_iter()
-                    .for_each(|i| out[i] = Err(Reply::err("ERR malformed answer"))),
-                Err(e) => part.into_iter().for_each(|i| out[i] = Err(e.clone())),
             }
         }
         if too_large.len() > MGET_CHUNK {
@@ -469,6 +479,34 @@ fn read_values(
     })
 }
 
+/// Why a read program's answer is to be read again some other way: too large for its share,
+/// or refused as routed by an older map.
+fn refused(answer: &Result<Answer, twincache_protocol::Response>) -> Option<Status> {
+    match answer {
+        Err(r) if matches!(r.status, Status::TooLarge | Status::Moved) => Some(r.status),
+        _ => None,
+    }
+}
+
+/// Puts a read program's answer for the keys at `part` into their places in `out`.
+fn fill(out: &mut [Element], part: &[usize], answer: Result<Answer, twincache_protocol::Response>) {
+    match raw_replies(answer, part.len()) {
+        Ok(values) if values.len() == part.len() => {
+            for (&i, v) in part.iter().zip(values) {
+                out[i] = match v {
+                    Reply::Error(e) if e.starts_with("WRONGTYPE") => Ok(Reply::Nil),
+                    Reply::Error(e) => Err(Reply::Error(e)),
+                    v => Ok(v),
+                };
+            }
+        }
+        Ok(_) => part
+            .iter()
+            .for_each(|&i| out[i] = Err(Reply::err("ERR malformed answer"))),
+        Err(e) => part.iter().for_each(|&i| out[i] = Err(e.clone())),
+    }
+}
+
 /// A GET's answer as an MGET element: another type reads as nil.
 fn element(resp: twincache_protocol::Response) -> Element {
     match resp.status {
@@ -479,44 +517,55 @@ fn element(resp: twincache_protocol::Response) -> Element {
 }
 
 /// MSET: each pair's keys go to both its workers in batches (`batch::runs`), as a pipeline
-/// of SETs does, rather than as a request per key and worker. A key given twice keeps its
-/// last value: its SETs go to one pair in order, stamped in order.
+/// of SETs does, rather than as a request per key and worker. [`KEYS_AT_ONCE`] keys at a
+/// time, in the order given, each window routed by the map in force when it is sent (a key
+/// given twice keeps its last value: its SETs are stamped in order).
 pub(super) fn mset(pairs: Vec<(Bytes, Bytes)>, ctx: &Ctx) -> Step<Reply> {
-    let topo = ctx.router.pairs();
-    let mut by_pair: Vec<Vec<Request>> = vec![Vec::new(); topo.len()];
-    for (k, v) in pairs {
-        let mut req = Request::new(Op::Set, k);
-        req.value = v;
-        by_pair[topo.pair_of(&req.key)].push(req);
-    }
-    let runs: Vec<(usize, Vec<Request>)> = by_pair
-        .into_iter()
-        .enumerate()
-        .flat_map(|(pair, reqs)| {
-            super::batch::runs(reqs)
-                .into_iter()
-                .map(move |run| (pair, run))
-        })
-        .collect();
+    let mut rest = pairs.into_iter();
+    let windows: Vec<Vec<(Bytes, Bytes)>> = std::iter::from_fn(|| {
+        let window: Vec<_> = rest.by_ref().take(KEYS_AT_ONCE).collect();
+        (!window.is_empty()).then_some(window)
+    })
+    .collect();
     super::per_key(
-        runs,
-        |(_, run)| run.len(),
+        windows,
+        Vec::len,
         ctx,
         (),
         |(), ()| (),
         |()| Reply::OK,
-        move |(pair, run), ctx| {
-            ctx.router
-                .write_batch(&topo, pair, run, &ctx.origin)
-                .map(|written| match written {
-                    Written::AllOk => Ok(()),
-                    Written::Each(answers) => answers
-                        .iter()
-                        .find(|r| r.status != Status::Ok)
-                        .map_or(Ok(()), |r| Err(error_reply(r))),
-                })
-        },
+        mset_window,
     )
+}
+
+/// One window of an MSET: grouped by pair in order, each pair's run of SETs sent now.
+fn mset_window(
+    kvs: Vec<(Bytes, Bytes)>,
+    ctx: &Ctx,
+) -> impl Future<Output = Result<(), Reply>> + Send + 'static {
+    let topo = ctx.router.pairs();
+    let mut by_pair: Vec<Vec<Request>> = vec![Vec::new(); topo.len()];
+    for (k, v) in kvs {
+        let mut req = Request::new(Op::Set, k);
+        req.value = v;
+        by_pair[topo.pair_of(&req.key)].push(req);
+    }
+    let writes: Vec<_> = by_pair
+        .into_iter()
+        .enumerate()
+        .flat_map(|(pair, reqs)| batch::runs(reqs).into_iter().map(move |run| (pair, run)))
+        .map(|(pair, run)| ctx.router.write_batch(&topo, pair, run, &ctx.origin))
+        .collect();
+    join_every(writes).map(|written| {
+        for answers in written {
+            if let Written::Each(answers) = answers {
+                if let Some(failed) = answers.iter().find(|r| r.status != Status::Ok) {
+                    return Err(error_reply(failed));
+                }
+            }
+        }
+        Ok(())
+    })
 }
 
 /// MSETNX: all or nothing. On each pair, one action sets that pair's keys only if none of
