@@ -280,6 +280,7 @@ where
                     let proto = BinaryProtocol {
                         codec: FrameCodec::new(config.max_frame),
                         cmd: Cmd::Other,
+                        kept: 0,
                     };
                     Box::pin(run(proto, stream, buf, &ctx, &account, shutdown)).await
                 }
@@ -1091,6 +1092,9 @@ impl Protocol for TextProtocol {
 struct BinaryProtocol {
     codec: FrameCodec<Request>,
     cmd: Cmd,
+    /// What the last request keeps besides its frame while it runs: a `command` op's copy
+    /// of its value and its arguments' handles.
+    kept: usize,
 }
 
 impl Protocol for BinaryProtocol {
@@ -1105,8 +1109,13 @@ impl Protocol for BinaryProtocol {
         ErrorCode::of(out.status)
     }
 
+    fn kept(&self) -> usize {
+        self.kept
+    }
+
     fn next(&mut self, buf: &mut BytesMut, ctx: &Ctx) -> Step<Response> {
         self.cmd = Cmd::Other;
+        self.kept = 0;
         let mut req = match self.codec.decode(buf) {
             Ok(None) => return Step::NeedMore,
             Ok(Some(req)) => req,
@@ -1163,7 +1172,7 @@ impl Protocol for BinaryProtocol {
                 Either::Right(ctx.router.write(req, &ctx.origin))
             }
             Op::Ping => return Step::Reply(Response::ok(Bytes::from_static(b"PONG")).with_id(id)),
-            Op::Command => return binary_command(&req, ctx),
+            Op::Command => return binary_command(&req, ctx, &mut self.kept),
             Op::Stats => {
                 let router = ctx.router.clone();
                 return dispatch(
@@ -1207,10 +1216,23 @@ impl Protocol for BinaryProtocol {
 
 /// The `command` op: any Redis command, RESP-encoded in the value, run from the command
 /// table as the session's user; the answer is `Ok` with the RESP reply, errors included.
-fn binary_command(req: &Request, ctx: &Ctx) -> Step<Response> {
+/// `kept`: what the decoded command holds while it runs (a copy of the value and a handle
+/// per argument, up to several times the frame for many small arguments), charged to the
+/// connection as a RESP command's is.
+fn binary_command(req: &Request, ctx: &Ctx, kept: &mut usize) -> Step<Response> {
     let id = req.id;
     let resp3 = req.flags & twincache_protocol::frame::flags::RESP3 != 0;
-    let args = match crate::resp::decode_one(&req.value, ctx.config.max_frame) {
+    let decoded = crate::resp::decode_one(&req.value, ctx.config.max_frame).and_then(|args| {
+        let holds = req.value.len() + args.len() * twincache_protocol::resp::ARG_HANDLE;
+        if holds > ctx.config.max_connection_buffer / 2 {
+            return Err(twincache_protocol::resp::Reply::err(
+                "ERR the command holds more than half the connection's buffer limit (--max-client-buffer)",
+            ));
+        }
+        *kept = holds;
+        Ok(args)
+    });
+    let args = match decoded {
         Ok(args) => args,
         Err(reply) => {
             let mut out = BytesMut::new();

@@ -301,7 +301,12 @@ async fn redis_benchmark_finds_the_config_it_asks_for() {
 }
 
 /// Sends one `command` frame with `args` RESP-encoded; the payload of the answer.
-async fn command_op(stream: &mut TcpStream, id: u64, args: &[&str], resp3: bool) -> Bytes {
+pub(crate) async fn command_op(
+    stream: &mut TcpStream,
+    id: u64,
+    args: &[&str],
+    resp3: bool,
+) -> Bytes {
     let args: Vec<Bytes> = args
         .iter()
         .map(|a| Bytes::copy_from_slice(a.as_bytes()))

@@ -652,6 +652,39 @@ async fn small_buffers() -> Cluster {
     Cluster::start_with(1, &flags).await
 }
 
+/// The binary protocol's `command` op decodes its RESP command into a copy and a handle per
+/// argument, which hold several times the frame for many small arguments (85,000 empty
+/// ones: 510 KB of frame, 3.2 MB decoded). That is held within the connection's limit as a
+/// RESP command is: a command holding more than half of it is refused, and the connection
+/// goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_op_of_many_arguments_is_held_within_the_connections_limit() {
+    use crate::commands::command_op;
+    let cluster = small_buffers().await;
+    let mut stream = TcpStream::connect(cluster.orch.addr).await.unwrap();
+    stream
+        .write_all(&twincache_protocol::frame::PREAMBLE)
+        .await
+        .unwrap();
+    let mut args = vec![""; 85_000];
+    args[0] = "DEL";
+    let refused = command_op(&mut stream, 1, &args, false).await;
+    assert!(
+        refused.starts_with(b"-ERR the command holds more than half"),
+        "{}",
+        String::from_utf8_lossy(&refused)
+    );
+    args.truncate(1_000);
+    assert_eq!(
+        &command_op(&mut stream, 2, &args, false).await[..],
+        b":0\r\n"
+    );
+    assert_eq!(
+        &command_op(&mut stream, 3, &["PING"], false).await[..],
+        b"+PONG\r\n"
+    );
+}
+
 /// A pipeline of large values is charged to its connection until each is answered: one
 /// client could otherwise have its whole window of them in flight (256 requests, each up to
 /// the frame limit) past its limit, while a frozen worker kept them waiting.
