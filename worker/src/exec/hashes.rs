@@ -93,8 +93,9 @@ pub(super) fn run(cx: &mut Cx, action: &Action) -> Outcome {
                     0
                 }
                 // About COUNT at a time, from the tag the cursor names (its tag plus one),
-                // and never longer than a step's time against a pattern (a hostile one
-                // makes each match cost, and the program holds the shard's lock).
+                // and never longer than a step's time (a hostile pattern makes each match
+                // cost, a huge COUNT opens the whole hash, and the program holds the
+                // shard's lock).
                 Held::Records => match cursor.checked_sub(1).map(u32::try_from) {
                     Some(Err(_)) => 0, // past every tag
                     from => {
@@ -103,7 +104,7 @@ pub(super) fn run(cx: &mut Cx, action: &Action) -> Outcome {
                         let started = std::time::Instant::now();
                         // (An older orchestrator's HSCAN, with no count, is one whole walk
                         // as it was: it could not go on from a cursor.)
-                        let timed = pattern.is_some() && *count != u32::MAX;
+                        let timed = *count != u32::MAX;
                         let visit = |f, v| {
                             found(f, v);
                             timed && started.elapsed() >= crate::store::STEP_TIME
