@@ -209,10 +209,12 @@ pub(crate) fn refusal(who: &Who, name: &[u8]) -> Reply {
 }
 
 /// The arguments of a RESP-encoded command (the binary protocol's `command` op): exactly one
-/// whole command, within the session's limits.
-pub fn decode_one(value: &Bytes, max_bulk: usize) -> Result<Vec<Bytes>, Reply> {
+/// whole command, within the session's limits: bulks of `max_bulk`, and `max_command` for
+/// the whole with its arguments' handles, as a RESP session counts it (the decoded copy
+/// and its handles hold several times the frame for many small arguments).
+pub fn decode_one(value: &Bytes, max_bulk: usize, max_command: usize) -> Result<Vec<Bytes>, Reply> {
     let mut buf = BytesMut::from(&value[..]);
-    let mut decoder = RespDecoder::for_bytes(max_bulk, value.len());
+    let mut decoder = RespDecoder::new(max_bulk, max_command);
     match decoder.decode(&mut buf) {
         Ok(Some(args)) if buf.is_empty() => Ok(args),
         Ok(Some(_)) => Err(Reply::err("ERR the command op carries exactly one command")),
@@ -248,10 +250,20 @@ mod tests {
     #[test]
     fn the_command_op_takes_one_whole_command() {
         let one = Bytes::from_static(b"*2\r\n$3\r\nGET\r\n$1\r\na\r\n");
-        assert_eq!(decode_one(&one, 1024).unwrap().len(), 2);
+        assert_eq!(decode_one(&one, 1024, 1024).unwrap().len(), 2);
         let two = Bytes::from([&one[..], &one[..]].concat());
-        assert!(decode_one(&two, 1024).is_err());
-        assert!(decode_one(&one.slice(..10), 1024).is_err());
-        assert!(decode_one(&Bytes::from_static(b"*-1\r\n"), 1024).is_err());
+        assert!(decode_one(&two, 1024, 1024).is_err());
+        assert!(decode_one(&one.slice(..10), 1024, 1024).is_err());
+        assert!(decode_one(&Bytes::from_static(b"*-1\r\n"), 1024, 1024).is_err());
+        // Its 18 bytes and two handles: one byte less is refused, as a RESP session would.
+        let whole = one.len() + 2 * ARG_HANDLE;
+        assert!(decode_one(&one, 1024, whole).is_ok());
+        assert_eq!(
+            decode_one(&one, 1024, whole - 1),
+            Err(Reply::err(format!(
+                "ERR Protocol error: command larger than the query buffer limit ({} bytes)",
+                whole - 1
+            )))
+        );
     }
 }

@@ -1217,23 +1217,17 @@ impl Protocol for BinaryProtocol {
 /// The `command` op: any Redis command, RESP-encoded in the value, run from the command
 /// table as the session's user; the answer is `Ok` with the RESP reply, errors included.
 /// `kept`: what the decoded command holds while it runs (a copy of the value and a handle
-/// per argument, up to several times the frame for many small arguments), charged to the
-/// connection as a RESP command's is.
+/// per argument), charged to the connection as a RESP command's is; with the frame itself,
+/// within its limit (half of it each).
 fn binary_command(req: &Request, ctx: &Ctx, kept: &mut usize) -> Step<Response> {
     let id = req.id;
     let resp3 = req.flags & twincache_protocol::frame::flags::RESP3 != 0;
-    let decoded = crate::resp::decode_one(&req.value, ctx.config.max_frame).and_then(|args| {
-        let holds = req.value.len() + args.len() * twincache_protocol::resp::ARG_HANDLE;
-        if holds > ctx.config.max_connection_buffer / 2 {
-            return Err(twincache_protocol::resp::Reply::err(
-                "ERR the command holds more than half the connection's buffer limit (--max-client-buffer)",
-            ));
+    let budget = ctx.config.max_connection_buffer / 2;
+    let args = match crate::resp::decode_one(&req.value, ctx.config.max_frame, budget) {
+        Ok(args) => {
+            *kept = req.value.len() + args.len() * twincache_protocol::resp::ARG_HANDLE;
+            args
         }
-        *kept = holds;
-        Ok(args)
-    });
-    let args = match decoded {
-        Ok(args) => args,
         Err(reply) => {
             let mut out = BytesMut::new();
             reply.encode(&mut out);
