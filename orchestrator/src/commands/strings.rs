@@ -403,9 +403,11 @@ fn read_values(
         .sum::<usize>();
     // Never 0: that would mean no bound at all to the worker.
     let cap = cap(programs.max(1)).clamp(1, router.max_replies.max(1));
-    let read = |pair: usize, part: &[usize], cap: usize| {
+    let (router, origin) = (router.clone(), ctx.origin.clone());
+    // The keys at `part`, read on `pair` with one program whose replies may take `cap`.
+    let read = move |keys: &[Bytes], pair: usize, part: &[usize], cap: usize| {
         let req = crate::cluster::gets(part.iter().map(|&i| &keys[i]), cap);
-        let read = router.query_req(topo.clone(), pair, req, &ctx.origin);
+        let read = router.query_req(topo.clone(), pair, req, &origin);
         let part = part.to_vec();
         async move { (pair, part, read.await) }
     };
@@ -413,9 +415,9 @@ fn read_values(
         .iter()
         .enumerate()
         .flat_map(|(pair, indexes)| indexes.chunks(PROGRAM_KEYS).map(move |part| (pair, part)))
-        .map(|(pair, part)| read(pair, part, cap))
+        .map(|(pair, part)| read(&keys, pair, part, cap))
         .collect();
-    let (router, origin) = (router.clone(), ctx.origin.clone());
+    let (router, origin) = (ctx.router.clone(), ctx.origin.clone());
     Either::Left(async move {
         let mut out: Vec<Element> = vec![Ok(Reply::Nil); keys.len()];
         let mut too_large: Vec<usize> = Vec::new();
@@ -450,14 +452,9 @@ fn read_values(
                     let share = (cap / part.len().div_ceil(MGET_CHUNK)).max(1);
                     part.chunks(MGET_CHUNK).map(move |sub| (*pair, sub, share))
                 })
-                .map(|(pair, sub, share)| {
-                    let req = crate::cluster::gets(sub.iter().map(|&i| &keys[i]), share);
-                    let read = router.query_req(topo.clone(), pair, req, &origin);
-                    let sub = sub.to_vec();
-                    async move { (sub, read.await) }
-                })
+                .map(|(pair, sub, share)| read(&keys, pair, sub, share))
                 .collect();
-            for (sub, answer) in join_every(again).await {
+            for (_, sub, answer) in join_every(again).await {
                 match refused(&answer) {
                     Some(_) => too_large.extend(sub),
                     None => fill(&mut out, &sub, answer),
