@@ -2,6 +2,7 @@
 # MGET of 100 keys spread over 4 pairs, against twemproxy over 4 Redis servers, in one run.
 #
 #   bench/mget.sh BINDIR [BINDIR2]
+#   CMD=EXISTS bench/mget.sh BINDIR      (another command of 100 keys: EXISTS, DEL, ...)
 #
 # Starts 4 redis-servers with twemproxy (nutcracker) in front of them, and 4 pairs of
 # workers with an orchestrator from BINDIR (default flags; a second orchestrator cluster from
@@ -10,11 +11,12 @@
 # turn, alternating the order every round; prints the medians: requests/s, p50 and p99.
 #
 # Needs: apt-get install -y redis-server redis-tools nutcracker python3
-# Env: ROUNDS (3), N (requests per run, 20000).
+# Env: ROUNDS (3), N (requests per run, 20000), CMD (MGET).
 set -u -o pipefail
 case "${1:-}" in -h | --help | "") sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;; esac
 ROUNDS=${ROUNDS:-3}
 N=${N:-20000}
+CMD=${CMD:-MGET}
 # shellcheck source=bench/servers.sh
 . "$(dirname "$0")/servers.sh"
 need redis-server redis-benchmark nutcracker python3 "$1/worker" "$1/orchestrator"
@@ -74,18 +76,18 @@ for round in $(seq "$ROUNDS"); do
   mapfile -t order < <(in_turn "$round" "${TARGETS[@]}")
   for t in "${order[@]}"; do
     echo "round $round/$ROUNDS: $t" >&2
-    timeout 300 redis-benchmark -p "${PORT[$t]}" -c 50 -n "$N" -r 10000 --csv MGET "${KEYS[@]}" 2>/dev/null |
+    timeout 300 redis-benchmark -p "${PORT[$t]}" -c 50 -n "$N" -r 10000 --csv "$CMD" "${KEYS[@]}" 2>/dev/null |
       awk -F'"' -v t="$t" 'NR > 1 && $2 != "" {print t "\t" $4 "\t" $10 "\t" $14}' >>"$WORK/results.tsv"
   done
 done
-python3 - "$WORK/results.tsv" <<'PY'
+python3 - "$WORK/results.tsv" "$CMD" <<'PY'
 import collections, statistics, sys
 runs = collections.defaultdict(list)
 for line in open(sys.argv[1]):
     t, rps, p50, p99 = line.rstrip("\n").split("\t")
     runs[t].append((float(rps), float(p50), float(p99)))
 base = statistics.median(r[0] for r in runs["twemproxy"])
-print(f"{'target':<14} {'MGET/s':>10} {'p50 ms':>8} {'p99 ms':>8}   ratio to twemproxy")
+print(f"{'target':<14} {sys.argv[2] + '/s':>10} {'p50 ms':>8} {'p99 ms':>8}   ratio to twemproxy")
 for t, rs in runs.items():
     rps = statistics.median(r[0] for r in rs)
     p50 = statistics.median(r[1] for r in rs)

@@ -44,7 +44,7 @@ pub use link::{WorkerLink, WorkerState};
 
 pub(crate) use membership::read_state;
 pub use membership::{Membership, MembershipConfig};
-pub use rmw::{gets, BoxAnswer, Pending, ScanStep};
+pub use rmw::{each_of, BoxAnswer, Pending, ScanStep};
 pub use topology::{Route, Topology};
 
 /// What the workers are: a replicated cache, or a migration tier in front of two Redis

@@ -434,24 +434,25 @@ pub fn encode_program(actions: &[Action]) -> Bytes {
     out.freeze()
 }
 
-/// The program `Get`, then `Key(k)` and `Get` for each `k` of `rest`: what
-/// [`encode_program`] makes of those actions, written straight into one buffer sized for
-/// them (a key action is its code, a length and the key), where building the list of
-/// actions first and growing the buffer cost more than the writing; an MGET sends one per
-/// pair per 16 keys.
-pub fn encode_gets<'k>(rest: impl Iterator<Item = &'k Bytes> + Clone) -> Bytes {
+/// The program `each`, then `Key(k)` and `each` for each `k` of `rest`, where `each` is an
+/// action of one key with no arguments (`Get`, `Exists`, `Touch`): what [`encode_program`]
+/// makes of those actions, written straight into one buffer sized for them (a key action
+/// is its code, a length and the key), where building the list of actions first and
+/// growing the buffer cost more than the writing; an MGET sends one per pair per 32 keys.
+pub fn encode_each<'k>(each: &Action, rest: impl Iterator<Item = &'k Bytes> + Clone) -> Bytes {
+    debug_assert!(matches!(each, Action::Get | Action::Exists | Action::Touch));
     let len = 1 + rest.clone().map(|k| 1 + 4 + k.len() + 1).sum::<usize>();
-    // `Action::Key(k.clone()).encode` then `Action::Get.encode` (a code alone) for each key,
-    // with the codes looked up once and no reference count taken and dropped per key; into
-    // a `Vec` with its room made, whose puts are plain extends (a `BytesMut`'s check for
-    // room and call a copy each: 170 instructions a key through them).
-    let (key, get) = (Action::Key(Bytes::new()).code(), Action::Get.code());
+    // `Action::Key(k.clone()).encode` then `each.encode` (a code alone) for each key, with
+    // the codes looked up once and no reference count taken and dropped per key; into a
+    // `Vec` with its room made, whose puts are plain extends (a `BytesMut`'s check for room
+    // and call a copy each: 170 instructions a key through them).
+    let (key, each) = (Action::Key(Bytes::new()).code(), each.code());
     let mut out = Vec::with_capacity(len);
-    out.push(get);
+    out.push(each);
     for k in rest {
         out.push(key);
         put_bytes(&mut out, k);
-        out.push(get);
+        out.push(each);
     }
     Bytes::from(out)
 }
@@ -854,24 +855,26 @@ mod tests {
     use proptest::prelude::*;
 
     #[test]
-    fn encode_gets_writes_what_encode_program_writes() {
-        for keys in [
-            vec![],
-            vec![&b"a"[..]],
-            vec![&b"k1"[..], b"", b"key:000000012345"],
-        ] {
-            let mut program = vec![Action::Get];
-            for k in &keys {
-                program.push(Action::Key(Bytes::copy_from_slice(k)));
-                program.push(Action::Get);
+    fn encode_each_writes_what_encode_program_writes() {
+        for each in [Action::Get, Action::Exists, Action::Touch] {
+            for keys in [
+                vec![],
+                vec![&b"a"[..]],
+                vec![&b"k1"[..], b"", b"key:000000012345"],
+            ] {
+                let mut program = vec![each.clone()];
+                for k in &keys {
+                    program.push(Action::Key(Bytes::copy_from_slice(k)));
+                    program.push(each.clone());
+                }
+                let keys: Vec<Bytes> = keys.into_iter().map(Bytes::copy_from_slice).collect();
+                let direct = encode_each(&each, keys.iter());
+                assert_eq!(direct, encode_program(&program));
+                assert_eq!(
+                    direct.len(),
+                    1 + keys.iter().map(|k| k.len() + 6).sum::<usize>()
+                );
             }
-            let keys: Vec<Bytes> = keys.into_iter().map(Bytes::copy_from_slice).collect();
-            let direct = encode_gets(keys.iter());
-            assert_eq!(direct, encode_program(&program));
-            assert_eq!(
-                direct.len(),
-                1 + keys.iter().map(|k| k.len() + 6).sum::<usize>()
-            );
         }
     }
 

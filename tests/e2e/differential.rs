@@ -218,11 +218,15 @@ fn command(rng: &mut Rng) -> (Vec<String>, bool) {
             k(rng),
         ],
         27 => vec![s("persist"), k(rng)],
-        28 => vec![
-            s(rng.pick(&["del", "unlink", "exists", "touch"])),
-            k(rng),
-            k(rng),
-        ],
+        28 => {
+            // Up to six keys, so that a pair often holds several (EXISTS and TOUCH read
+            // those with one program), sometimes one given twice (counted twice).
+            let mut c = vec![s(rng.pick(&["del", "unlink", "exists", "touch"])), k(rng)];
+            for _ in 0..rng.below(6) {
+                c.push(k(rng));
+            }
+            c
+        }
         29 => vec![s("type"), k(rng)],
         30 => vec![s(rng.pick(&["rename", "renamenx"])), k(rng), k(rng)],
         31 => {
@@ -570,6 +574,13 @@ async fn pipelined_commands_see_the_ones_before_them() {
         &["incr n", "incr n", "get n", "mget n k1 k2"],
         &["set h1 x", "expire h1 0", "keys h*", "exists h1"],
         &["set k1 a", "mset k1 b k2 c k1 d", "set k2 e", "mget k1 k2"],
+        &[
+            "set k1 a",
+            "hset h1 f v",
+            "exists k1 h1 k1 k2 n h1",
+            "del k1",
+            "touch k1 h1 h1 n",
+        ],
     ];
     for round in 0..20 {
         for pipeline in pipelines {
@@ -584,11 +595,22 @@ async fn pipelined_commands_see_the_ones_before_them() {
     for i in 0..2_500 {
         mset.extend([format!("m{}", i % 2_000), format!("v{i}")]);
     }
+    // EXISTS and TOUCH of many keys: by program per pair, in windows, each key given twice
+    // counted twice, after the writes before them in the pipeline.
+    let many = |name: &str| -> Vec<String> {
+        let mut c = vec![name.to_string()];
+        c.extend((0..2_600).map(|i| format!("m{}", (i * 7) % 2_100)));
+        c
+    };
     run.pending = vec![
         words("set m5 before"),
         mset,
         words("set m7 after"),
         words("mget m0 m5 m7 m499 m500 m1999 m2000"),
+        words("del m3 m4"),
+        many("exists"),
+        words("set m3 back"),
+        many("touch"),
     ];
     run.exchange().await;
 }

@@ -128,6 +128,14 @@ async fn check(orch: SocketAddr, models: &[Model], pairs: &[[SocketAddr; 2]], ma
             .map(|v| String::from_utf8_lossy(&v).into_owned());
         assert_eq!(&got, want, "{key} through the orchestrator");
     }
+    // And all at once: EXISTS reads each pair's keys by program, routed by the map now.
+    let mut exists = twincache_client::cmd("EXISTS");
+    for key in model.keys() {
+        exists.arg(key.as_str());
+    }
+    let found: i64 = exists.query(&c).await.unwrap();
+    let written = model.values().filter(|v| v.is_some()).count();
+    assert_eq!(found as usize, written, "EXISTS of every key written");
     for (n, pair) in pairs.iter().enumerate() {
         let a = Client::connect(&pair[0].to_string()).await.unwrap();
         let b = Client::connect(&pair[1].to_string()).await.unwrap();

@@ -43,7 +43,7 @@ use bytes::{Bytes, BytesMut};
 use futures_util::future::{join_all, Either};
 use twincache_protocol::frame::{flags, Op, Request, Response};
 use twincache_protocol::program::{
-    decode_changes, decode_scan_answer, encode_gets, encode_program, Action, Answer, Change,
+    decode_changes, decode_scan_answer, encode_each, encode_program, Action, Answer, Change,
     ScanRequest, DELETED,
 };
 use twincache_protocol::Status;
@@ -112,13 +112,17 @@ impl Drop for PendingGuard {
     }
 }
 
-/// A read program of a GET of each of `keys` (MGET's, for keys on one pair): one frame each
-/// way instead of one per key. The worker answers `TooLarge` rather than replies longer than
-/// `cap` bytes.
-pub fn gets<'k>(mut keys: impl Iterator<Item = &'k Bytes> + Clone, cap: usize) -> Request {
+/// A read program of `each` (a GET, EXISTS or TOUCH) of each of `keys` (MGET's, for keys on
+/// one pair): one frame each way instead of one per key. The worker answers `TooLarge`
+/// rather than replies longer than `cap` bytes.
+pub fn each_of<'k>(
+    each: &Action,
+    mut keys: impl Iterator<Item = &'k Bytes> + Clone,
+    cap: usize,
+) -> Request {
     let first = keys.next().cloned().unwrap_or_default();
     let mut req = Request::new(Op::Query, first);
-    req.value = encode_gets(keys);
+    req.value = encode_each(each, keys);
     req.ttl_ms = cap as u64;
     req
 }

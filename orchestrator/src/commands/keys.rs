@@ -9,14 +9,20 @@
 //! destination has the one read; a crash in between leaves both; a reader may see both for
 //! a moment.
 
+use std::future::Future;
+
 use bytes::Bytes;
+use futures_util::future::{join, Either};
+use futures_util::FutureExt;
+use twincache_protocol::frame::{Op, Request};
 use twincache_protocol::program::{encode_program, Action, ExpireIf, Kind, Ttl, TtlForm};
 use twincache_protocol::resp::Reply;
 use twincache_protocol::version::wall_ms;
 
+use super::strings::{refused, PROGRAM_KEYS};
 use super::{
-    dispatch, int, keys, raw, replies, syntax_error, Adapter, Cmd, Family, Group, KeySpec, Spec,
-    ONE_KEY,
+    dispatch, found, int, join_every, keys, per_key, raw, replies, run_action, syntax_error,
+    windows, Adapter, Cmd, Family, Group, KeySpec, Spec, ONE_KEY,
 };
 use crate::auth::Access::{Read, Write};
 use crate::session::{Ctx, Step};
@@ -220,6 +226,123 @@ async fn restore(ctx: &Ctx, dst: Bytes, d: &Dumped, replace: bool) -> Result<i64
         Some(Reply::Int(n)) => Ok(*n),
         Some(Reply::Error(e)) => Err(Reply::Error(e.clone())),
         _ => Err(Reply::err("ERR malformed answer")),
+    }
+}
+
+/// EXISTS and TOUCH: the keys found. A pair's keys go as read programs of up to
+/// [`PROGRAM_KEYS`] keys (`each` for every one), as an MGET's do, instead of a request per
+/// key: a 100-key EXISTS over four pairs takes four frames each way, not 100. A key alone
+/// on its pair, a key whose slot is being moved, every key in adapter mode (where a read
+/// falls back to Redis, which a program does not), and the keys of a program refused as
+/// routed by an older map go one at a time. [`KEYS_AT_ONCE`](super::KEYS_AT_ONCE) keys at
+/// a time, each window routed by the map in force when it is sent.
+pub(super) fn count_each(keys: Vec<Bytes>, each: Action, ctx: &Ctx) -> Step<Reply> {
+    per_key(
+        windows(keys),
+        Vec::len,
+        ctx,
+        0,
+        |a, b| a + b,
+        Reply::Int,
+        move |keys, ctx| count_window(keys, &each, ctx),
+    )
+}
+
+/// One window of [`count_each`].
+fn count_window(
+    keys: Vec<Bytes>,
+    each: &Action,
+    ctx: &Ctx,
+) -> impl Future<Output = Result<i64, Reply>> + Send + 'static {
+    let router = &ctx.router;
+    let topo = router.pairs();
+    let mut by_pair: Vec<Vec<Bytes>> = vec![Vec::new(); topo.len()];
+    let mut singles = Vec::new();
+    for key in keys {
+        let route = topo.route(&key);
+        match router.is_adapter() || route.from.is_some() {
+            true => singles.push(key),
+            false => by_pair[route.pair].push(key),
+        }
+    }
+    let mut programs = Vec::new();
+    for (pair, keys) in by_pair.into_iter().enumerate() {
+        if keys.len() == 1 {
+            singles.extend(keys);
+            continue;
+        }
+        let mut keys = keys;
+        while !keys.is_empty() {
+            // Moved out, not cloned: a key is a slice of the client's buffer, and its
+            // reference count is shared by every key of the command.
+            let rest = keys.split_off(keys.len().min(PROGRAM_KEYS));
+            let part = std::mem::replace(&mut keys, rest);
+            let req = crate::cluster::each_of(each, part.iter(), router.max_replies);
+            let read = router.query_req(topo.clone(), pair, req, &ctx.origin);
+            programs.push(read.map(move |answer| (part, answer)));
+        }
+    }
+    let singles: Vec<_> = singles
+        .into_iter()
+        .map(|k| count_one(k, each, ctx))
+        .collect();
+    let (each, ctx) = (each.clone(), ctx.clone());
+    async move {
+        let (singles, answers) = join(join_every(singles), join_every(programs)).await;
+        let (mut total, mut failed) = (0, None);
+        let mut again = Vec::new();
+        for (part, answer) in answers {
+            if refused(&answer).is_some() {
+                again.extend(part);
+                continue;
+            }
+            match replies(answer) {
+                Ok(replies) => {
+                    for reply in replies {
+                        match reply {
+                            Reply::Int(n) => total += n,
+                            e @ Reply::Error(_) => {
+                                failed.get_or_insert(e);
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                Err(e) => {
+                    failed.get_or_insert(e);
+                }
+            }
+        }
+        let again = join_every(again.into_iter().map(|k| count_one(k, &each, &ctx))).await;
+        for answer in singles.into_iter().chain(again) {
+            match answer {
+                Ok(n) => total += n,
+                Err(e) => {
+                    failed.get_or_insert(e);
+                }
+            }
+        }
+        failed.map_or(Ok(total), Err)
+    }
+}
+
+/// EXISTS or TOUCH of one key: 1 if found.
+fn count_one(
+    key: Bytes,
+    each: &Action,
+    ctx: &Ctx,
+) -> impl Future<Output = Result<i64, Reply>> + Send + 'static {
+    match each {
+        Action::Exists => {
+            let read = ctx.router.read(Request::new(Op::Exists, key), &ctx.origin);
+            Either::Left(read.map(found))
+        }
+        _ => Either::Right(run_action(ctx, key, each, false).map(|answer| {
+            match replies(answer)?.first() {
+                Some(Reply::Int(n)) => Ok(*n),
+                _ => Ok(0),
+            }
+        })),
     }
 }
 

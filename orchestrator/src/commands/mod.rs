@@ -615,14 +615,24 @@ where
     })
 }
 
-/// Sums the integer replies of one request per key (DEL, EXISTS, TOUCH), answering the
-/// first error if any.
+/// Sums the integer replies of one request per key (DEL), answering the first error if any.
 fn count<F, Fut>(keys: Vec<Bytes>, ctx: &Ctx, each: F) -> Step<Reply>
 where
     F: Fn(Bytes, &Ctx) -> Fut + Send + 'static,
     Fut: Future<Output = Result<i64, Reply>> + Send + 'static,
 {
     per_key(keys, |_| 1, ctx, 0, |a, b| a + b, Reply::Int, each)
+}
+
+/// `items` in windows of [`KEYS_AT_ONCE`], in order: a command on many keys routes each
+/// window by the map in force when that window is sent (see [`per_key`]).
+fn windows<T>(items: Vec<T>) -> Vec<Vec<T>> {
+    let mut rest = items.into_iter();
+    std::iter::from_fn(|| {
+        let window: Vec<_> = rest.by_ref().take(KEYS_AT_ONCE).collect();
+        (!window.is_empty()).then_some(window)
+    })
+    .collect()
 }
 
 /// Runs a parsed command.
@@ -653,19 +663,8 @@ pub fn execute(cmd: Cmd, conn: &mut Conn, ctx: &Ctx) -> Step<Reply> {
             let fut = ctx.router.write(Request::new(Op::Del, k), &ctx.origin);
             async move { found(fut.await) }
         }),
-        Cmd::Exists(keys) => count(keys, ctx, |k, ctx| {
-            let fut = ctx.router.read(Request::new(Op::Exists, k), &ctx.origin);
-            async move { found(fut.await) }
-        }),
-        Cmd::Touch(keys) => count(keys, ctx, |k, ctx| {
-            let fut = run_action(ctx, k, &Action::Touch, false);
-            async move {
-                match replies(fut.await)?.first() {
-                    Some(Reply::Int(n)) => Ok(*n),
-                    _ => Ok(0),
-                }
-            }
-        }),
+        Cmd::Exists(keys) => keys::count_each(keys, Action::Exists, ctx),
+        Cmd::Touch(keys) => keys::count_each(keys, Action::Touch, ctx),
         Cmd::MGet(keys) => strings::mget(keys, ctx),
         Cmd::MSet(pairs) => strings::mset(pairs, ctx),
         Cmd::MSetNx(pairs) => strings::msetnx(pairs, ctx),

@@ -19,7 +19,7 @@ use twincache_protocol::Status;
 
 use super::{
     batch, dispatch_n, error_reply, int, join_every, raw_replies, replies, syntax_error,
-    value_reply, wrong_args, Adapter, Cmd, Family, Group, KeySpec, Spec, KEYS_AT_ONCE, ONE_KEY,
+    value_reply, wrong_args, Adapter, Cmd, Family, Group, KeySpec, Spec, ONE_KEY,
 };
 use crate::auth::Access;
 use crate::cluster::Written;
@@ -245,7 +245,7 @@ const MGET_CHUNK: usize = 16;
 /// key. A 100-key MGET over 4 pairs takes one program a pair (with 16 it took two, and
 /// `bench/mget.sh` ran at 1.02 of twemproxy against 1.14 with 64). Not more: a worker locks
 /// the shards of every key a program names while it runs (about 25 of its 64 for 32 keys).
-const PROGRAM_KEYS: usize = 32;
+pub(super) const PROGRAM_KEYS: usize = 32;
 /// Keys a streamed MGET (one of more than [`MGET_CHUNK`] keys) reads at a time.
 const MGET_WINDOW: usize = 256;
 /// The most the values of one window of a streamed MGET may take, shared evenly by its
@@ -406,7 +406,7 @@ fn read_values(
     let (router, origin) = (router.clone(), ctx.origin.clone());
     // The keys at `part`, read on `pair` with one program whose replies may take `cap`.
     let read = move |keys: &[Bytes], pair: usize, part: &[usize], cap: usize| {
-        let req = crate::cluster::gets(part.iter().map(|&i| &keys[i]), cap);
+        let req = crate::cluster::each_of(&Action::Get, part.iter().map(|&i| &keys[i]), cap);
         let read = router.query_req(topo.clone(), pair, req, &origin);
         let part = part.to_vec();
         async move { (pair, part, read.await) }
@@ -478,7 +478,7 @@ fn read_values(
 
 /// Why a read program's answer is to be read again some other way: too large for its share,
 /// or refused as routed by an older map.
-fn refused(answer: &Result<Answer, twincache_protocol::Response>) -> Option<Status> {
+pub(super) fn refused(answer: &Result<Answer, twincache_protocol::Response>) -> Option<Status> {
     match answer {
         Err(r) if matches!(r.status, Status::TooLarge | Status::Moved) => Some(r.status),
         _ => None,
@@ -514,18 +514,13 @@ fn element(resp: twincache_protocol::Response) -> Element {
 }
 
 /// MSET: each pair's keys go to both its workers in batches (`batch::runs`), as a pipeline
-/// of SETs does, rather than as a request per key and worker. [`KEYS_AT_ONCE`] keys at a
-/// time, in the order given, each window routed by the map in force when it is sent (a key
-/// given twice keeps its last value: its SETs are stamped in order).
+/// of SETs does, rather than as a request per key and worker.
+/// [`KEYS_AT_ONCE`](super::KEYS_AT_ONCE) keys at a time, in the order given, each window
+/// routed by the map in force when it is sent (a key given twice keeps its last value: its
+/// SETs are stamped in order).
 pub(super) fn mset(pairs: Vec<(Bytes, Bytes)>, ctx: &Ctx) -> Step<Reply> {
-    let mut rest = pairs.into_iter();
-    let windows: Vec<Vec<(Bytes, Bytes)>> = std::iter::from_fn(|| {
-        let window: Vec<_> = rest.by_ref().take(KEYS_AT_ONCE).collect();
-        (!window.is_empty()).then_some(window)
-    })
-    .collect();
     super::per_key(
-        windows,
+        super::windows(pairs),
         Vec::len,
         ctx,
         (),
