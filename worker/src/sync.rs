@@ -261,6 +261,26 @@ impl SyncState {
         self.solo.fetch_add(1, Ordering::AcqRel);
     }
 
+    /// This worker's coverage of its partner, as an apply's answer carries it: the
+    /// partner's boot id and count of writes taken alone as of the last refill from it.
+    pub fn covers(&self) -> (u64, u64) {
+        let c = self.coverage();
+        (c.partner_boot, c.partner_solo)
+    }
+
+    /// Whether a partner whose coverage of this worker is `covers` lacks writes this worker
+    /// took alone (the test the orchestrators' health checks make from `status`, made at
+    /// once): a program it ran as primary was computed without them, so its copy must not
+    /// land here over them. Only a worker that holds the pair's data can say so.
+    pub fn partner_lacks_mine(&self, (boot, solo): (u64, u64)) -> bool {
+        let covers = Coverage {
+            partner_boot: boot,
+            partner_solo: solo,
+            complete: true,
+        };
+        self.synced() && covers.lacks_solo(self.boot_id, self.solo.load(Ordering::Acquire))
+    }
+
     /// The orchestrator's `adopt`: the data this worker holds is the pair's. `how` is
     /// `partial` (promoted to serve alone: it may lack older data of its partner's), or the
     /// partner's `<boot hex>:<solo>` (a new pair: it lacks nothing the partner took before).

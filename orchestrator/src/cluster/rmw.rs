@@ -39,7 +39,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::future::{join_all, Either};
 use twincache_protocol::frame::{flags, Op, Request, Response};
 use twincache_protocol::program::{
@@ -221,7 +221,9 @@ impl Router {
         req.value = program;
         // A program behind a newer write of its key takes the next version on the primary
         // instead of coming back for a new stamp (see `version::bump`).
-        req.flags = flags::IN_SYNC | flags::BUMP | if resp3 { flags::RESP3 } else { 0 };
+        // The primary's coverage of its partner comes back for the copy to carry.
+        req.flags =
+            flags::IN_SYNC | flags::BUMP | flags::COVERAGE | if resp3 { flags::RESP3 } else { 0 };
         req.ttl_ms = self.max_replies as u64;
         let pending = origin.rmw.as_ref().map(|p| p.start(pair));
         let targets = self.write_targets(&topo[pair]);
@@ -375,10 +377,25 @@ impl Router {
             // It stopped taking writes since the program was sent.
             return self.acknowledge_rmw(holder, partner, answer).await;
         }
-        let copy = self.replicate(answer.changes.clone(), answer.version);
+        let mut copy = self.replicate(answer.changes.clone(), answer.version);
+        if let Some((boot, solo)) = answer.covers {
+            let mut covers = BytesMut::with_capacity(16);
+            covers.put_u64(boot);
+            covers.put_u64(solo);
+            copy.key = covers.freeze();
+        }
         let reply = partner.send_strict(&copy);
         match self.finish(partner, reply).await {
             Some(r) if r.status == Status::Ok => Ok(answer),
+            // The partner took writes alone that the primary lacks (another orchestrator
+            // left it out, and this one's health check has not seen that yet): the program
+            // ran on an old value, so it is not acknowledged, and the primary is left out
+            // here too until it refills. The client's retry runs on the partner.
+            Some(r) if r.status == Status::Unavailable => {
+                holder.missed_write();
+                RouterStats::count(&self.stats.stale_primaries);
+                Err(r)
+            }
             // An edit of a large hash, and the partner does not hold the version it edits (a
             // copy before it still on its way, or missed): the key goes whole, as the
             // primary holds it now.

@@ -45,7 +45,7 @@ mod hashes;
 mod keys;
 mod strings;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use twincache_protocol::cluster_map::Holding;
 use twincache_protocol::frame::{flags, Request, Response};
 use twincache_protocol::program::{decode_program, Action, Answer, Kind};
@@ -172,7 +172,10 @@ pub fn run(
                 sync.took_alone();
             }
             let bumped = (written != req.version).then_some(written);
-            Response::ok(Answer::encode(false, bumped, &changes, &replies))
+            let covers = (req.flags & flags::COVERAGE != 0).then(|| sync.covers());
+            Response::ok(Answer::encode_covering(
+                false, bumped, covers, &changes, &replies,
+            ))
         }
         Err(newer) => Response {
             id: 0,
@@ -182,10 +185,19 @@ pub fn run(
     }
 }
 
+/// Why a copy is refused: its primary ran the program without writes this worker took alone
+/// (it missed them, and one orchestrator has not seen that yet).
+pub const PRIMARY_LACKS_WRITES: &str = "the primary that ran this program lacks writes its \
+     partner took alone; it refills before it runs programs again; retry";
+
 /// Stores a primary's changes on its partner (`replicate`), each at `req.version` unless the
 /// key holds a newer version (the request's `ttl_ms` is the sender's worker timeout: see
 /// the module docs). Answers how many were taken. With `holding`, refused whole with `Moved`
-/// if any key is in a slot this worker's pair does not hold.
+/// if any key is in a slot this worker's pair does not hold. Refused whole with
+/// `Unavailable` if the key carries the primary's coverage of this worker (its boot id and
+/// count of writes taken alone, two `u64`s) and that lacks writes this worker took alone: two
+/// orchestrators disagreed for a moment on whether the primary is in sync, and the copy
+/// would overwrite an acknowledged write with a value computed without it.
 pub fn replicate(
     store: &Store,
     sync: &SyncState,
@@ -193,6 +205,15 @@ pub fn replicate(
     holding: Option<&Holding>,
 ) -> Response {
     sync.partner_applied(req.ttl_ms);
+    // The primary's coverage of this worker, if the orchestrator passed it on (in the key,
+    // which a copy has no other use for).
+    if req.key.len() == 16 {
+        let mut covers = &req.key[..];
+        let (boot, solo) = (covers.get_u64(), covers.get_u64());
+        if sync.partner_lacks_mine((boot, solo)) {
+            return Response::error(Status::Unavailable, PRIMARY_LACKS_WRITES);
+        }
+    }
     let changes = match twincache_protocol::program::decode_changes(req.value.clone()) {
         Ok(c) => c,
         Err(e) => return Response::error(Status::ParseError, e.0),
