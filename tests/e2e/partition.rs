@@ -954,12 +954,14 @@ async fn a_flapping_link_between_orchestrator_and_worker() {
     report.assert_no_stale_reads();
     s.verify(&report.model).await;
     // A cut too short for any write to time out may leave w1 nothing to catch up on (down,
-    // then in sync again: its data is established); the longest one cannot.
+    // then in sync again: its data is established); the longest one cannot. Its refill may
+    // end while a later cut hides it from `o1` (which then finds it covering its partner's
+    // writes: "its data is established"), so a refill started is what is asked for; the
+    // data is checked above.
     let log = s.orchs[0].log_text();
     assert!(
         log.lines()
-            .any(|l| l.contains(&format!("worker={} ", s.w(0)))
-                && l.contains(r#"from="resyncing" to="in_sync""#)),
+            .any(|l| l.contains(&format!("worker={} ", s.w(0))) && l.contains(r#"to="resyncing""#)),
         "w1 never refilled:\n{log}"
     );
 }

@@ -931,7 +931,14 @@ async fn a_primary_that_missed_an_increment_does_not_overwrite_it_through_anothe
     // The second checks health once a minute: within the test it never sees `b`'s count.
     let second = Proc::orchestrator(
         &[a.addr, b.addr],
-        &["--worker-timeout", "300ms", "--health-interval", "60s"],
+        &[
+            "--worker-timeout",
+            "300ms",
+            "--health-interval",
+            "60s",
+            "--http",
+            "127.0.0.1:0",
+        ],
     );
     let (wa, wb) = (a.addr, b.addr);
     wait_status(first.addr, "both in sync", |s| {
@@ -953,10 +960,21 @@ async fn a_primary_that_missed_an_increment_does_not_overwrite_it_through_anothe
         three, 3,
         "the second orchestrator's INCR counts the first's"
     );
-    let direct = Client::connect(&b.addr.to_string()).await.unwrap();
-    assert_eq!(
-        direct.get::<Bytes>("n").await.unwrap().as_deref(),
-        Some(&b"3"[..]),
-        "on b"
-    );
+    // Once `a` is reachable again it refills from `b`: what the refused program left on it
+    // is replaced by the newer value the program took when it ran again on `b`.
+    gate.restore();
+    wait_status(first.addr, "a back in sync", |s| {
+        s.contains(&format!("@{wa}=in_sync"))
+    })
+    .await;
+    for w in [a.addr, b.addr] {
+        let direct = Client::connect(&w.to_string()).await.unwrap();
+        assert_eq!(
+            direct.get::<Bytes>("n").await.unwrap().as_deref(),
+            Some(&b"3"[..]),
+            "on {w}"
+        );
+    }
+    let stale = counter(&second, "twincache_rmw_stale_primaries_total").await;
+    assert!(stale >= 1, "counted: {stale}");
 }

@@ -109,6 +109,10 @@ pub struct SyncState {
     synced: AtomicBool,
     /// Writes taken alone since start (see the module docs).
     solo: AtomicU64,
+    /// Held to write a write taken alone and count it, and shared to check a copy's
+    /// coverage and store it (see [`SyncState::partner_lacks_mine`]): no copy's check falls
+    /// between a write taken alone and its count.
+    alone: std::sync::RwLock<()>,
     coverage: Mutex<Coverage>,
     run: Mutex<Run>,
     claims: Mutex<HashMap<u8, Claim>>,
@@ -202,6 +206,7 @@ impl Default for SyncState {
             boot_id: rand::random(),
             synced: AtomicBool::new(false),
             solo: AtomicU64::new(0),
+            alone: Default::default(),
             coverage: Mutex::default(),
             run: Mutex::default(),
             claims: Mutex::default(),
@@ -259,6 +264,16 @@ impl SyncState {
     /// is applied, so that a snapshot reporting the count holds the write.
     pub fn took_alone(&self) {
         self.solo.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Held while a write taken alone is made and counted ([`SyncState::took_alone`]).
+    pub fn taking_alone(&self) -> std::sync::RwLockWriteGuard<'_, ()> {
+        self.alone.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Held while a copy's coverage is checked and the copy stored.
+    pub fn storing_copy(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.alone.read().unwrap_or_else(|e| e.into_inner())
     }
 
     /// This worker's coverage of its partner, as an apply's answer carries it: the

@@ -41,6 +41,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::future::{join_all, Either};
+use twincache_protocol::coverage::PRIMARY_LACKS_WRITES;
 use twincache_protocol::frame::{flags, Op, Request, Response};
 use twincache_protocol::program::{
     decode_changes, decode_scan_answer, encode_each, encode_program, Action, Answer, Change,
@@ -112,6 +113,12 @@ impl Drop for PendingGuard {
     }
 }
 
+/// Whether a partner refused a program's copy because the primary lacks writes it took
+/// alone (see the worker's `exec::replicate`).
+fn refused_copy(r: &Response) -> bool {
+    r.status == Status::Unavailable && r.payload == PRIMARY_LACKS_WRITES.as_bytes()
+}
+
 /// A read program of `each` (a GET, EXISTS or TOUCH) of each of `keys` (MGET's, for keys on
 /// one pair): one frame each way instead of one per key. The worker answers `TooLarge`
 /// rather than replies longer than `cap` bytes.
@@ -159,7 +166,9 @@ impl Router {
     pub(crate) fn primaries(&self, pair: &Pair) -> [Option<usize>; 2] {
         let in_sync = |i: usize| {
             let w = &pair.workers[i];
-            w.state() == WorkerState::InSync && !w.partial.load(Ordering::Acquire)
+            w.state() == WorkerState::InSync
+                && !w.partial.load(Ordering::Acquire)
+                && !w.lacking.load(Ordering::Acquire)
         };
         match (in_sync(0), in_sync(1)) {
             (true, true) => {
@@ -299,7 +308,18 @@ impl Router {
                             // The session's next writes must be newer than what it read.
                             this.clock.observe(answer.version);
                         }
-                        return this.copy_to_partner(&topo[pair], i, &req, answer).await;
+                        match this.copy_to_partner(&topo[pair], i, &req, answer).await {
+                            // The partner took writes this primary lacks: the program runs
+                            // again there, at a fresh stamp, above what it left here (which
+                            // the primary's refill then replaces).
+                            Err(r) if refused_copy(&r) => {
+                                current = failover(&mut req, &mut next);
+                                if current.is_none() {
+                                    return Err(r);
+                                }
+                            }
+                            copied => return copied,
+                        }
                     }
                     Some(r) => return Err(r),
                 }
@@ -390,8 +410,8 @@ impl Router {
             // The partner took writes alone that the primary lacks (another orchestrator
             // left it out, and this one's health check has not seen that yet): the program
             // ran on an old value, so it is not acknowledged, and the primary is left out
-            // here too until it refills. The client's retry runs on the partner.
-            Some(r) if r.status == Status::Unavailable => {
+            // here too until it refills.
+            Some(r) if refused_copy(&r) => {
                 holder.missed_write();
                 RouterStats::count(&self.stats.stale_primaries);
                 Err(r)

@@ -47,6 +47,7 @@ mod strings;
 
 use bytes::{Buf, Bytes, BytesMut};
 use twincache_protocol::cluster_map::Holding;
+use twincache_protocol::coverage::PRIMARY_LACKS_WRITES;
 use twincache_protocol::frame::{flags, Request, Response};
 use twincache_protocol::program::{decode_program, Action, Answer, Kind};
 use twincache_protocol::resp::{Reply, Version};
@@ -131,6 +132,11 @@ pub fn run(
         0 => MAX_VALUE,
         n => usize::try_from(n).unwrap_or(MAX_VALUE).min(MAX_VALUE),
     };
+    // Read before the program runs: a refill finishing meanwhile must not make it look
+    // computed with more of the partner's writes than it was.
+    let covers = (req.flags & flags::COVERAGE != 0).then(|| sync.covers());
+    // A write taken alone is made and counted before any copy's check can fall between.
+    let _taking = (writes && req.flags & flags::SOLO != 0).then(|| sync.taking_alone());
     let keys = std::iter::once(&req.key[..])
         .chain(program.iter().flat_map(Action::other_keys).map(|k| &k[..]));
     let mut txn = store.txn(keys);
@@ -172,7 +178,6 @@ pub fn run(
                 sync.took_alone();
             }
             let bumped = (written != req.version).then_some(written);
-            let covers = (req.flags & flags::COVERAGE != 0).then(|| sync.covers());
             Response::ok(Answer::encode_covering(
                 false, bumped, covers, &changes, &replies,
             ))
@@ -184,11 +189,6 @@ pub fn run(
         },
     }
 }
-
-/// Why a copy is refused: its primary ran the program without writes this worker took alone
-/// (it missed them, and one orchestrator has not seen that yet).
-pub const PRIMARY_LACKS_WRITES: &str = "the primary that ran this program lacks writes its \
-     partner took alone; it refills before it runs programs again; retry";
 
 /// Stores a primary's changes on its partner (`replicate`), each at `req.version` unless the
 /// key holds a newer version (the request's `ttl_ms` is the sender's worker timeout: see
@@ -204,9 +204,10 @@ pub fn replicate(
     req: &Request,
     holding: Option<&Holding>,
 ) -> Response {
-    sync.partner_applied(req.ttl_ms);
+    let _storing = sync.storing_copy();
     // The primary's coverage of this worker, if the orchestrator passed it on (in the key,
-    // which a copy has no other use for).
+    // which a copy has no other use for). Checked before the copy counts as one received: a
+    // refused copy never lands, so it holds back no program here.
     if req.key.len() == 16 {
         let mut covers = &req.key[..];
         let (boot, solo) = (covers.get_u64(), covers.get_u64());
@@ -214,6 +215,7 @@ pub fn replicate(
             return Response::error(Status::Unavailable, PRIMARY_LACKS_WRITES);
         }
     }
+    sync.partner_applied(req.ttl_ms);
     let changes = match twincache_protocol::program::decode_changes(req.value.clone()) {
         Ok(c) => c,
         Err(e) => return Response::error(Status::ParseError, e.0),
