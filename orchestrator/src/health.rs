@@ -636,13 +636,10 @@ impl Router {
                 twin: twins[i],
             }
         });
-        for (i, (w, s)) in pair.workers.iter().zip(seen).enumerate() {
+        for (w, s) in pair.workers.iter().zip(seen) {
             if let Some(s) = s {
                 let partial = !adapter && s.synced && !s.covers.complete;
                 w.partial.store(partial, Ordering::Release);
-                let lacking =
-                    seen[1 - i].is_some_and(|p| !adapter && s.covers.lacks_solo(p.boot_id, p.solo));
-                w.lacking.store(lacking, Ordering::Release);
                 w.takes_batches.store(s.batches, Ordering::Relaxed);
                 // Once every refill it started has ended (and on first sight: drops an
                 // earlier run of this orchestrator retried are forgotten), it drops what

@@ -440,9 +440,6 @@ pub struct RouterStats {
     /// Edits of a large hash its partner could not take (it lacked the edited version),
     /// sent again whole.
     pub whole_copies: AtomicU64,
-    /// Read-modify-writes whose copy the partner refused: the primary lacked writes the
-    /// partner took alone (another orchestrator had left it out). Not acknowledged.
-    pub stale_primaries: AtomicU64,
     /// Requests a worker refused as routed by an older cluster map, routed again.
     pub reroutes: AtomicU64,
     /// Plain SETs stored on both workers through batches (a client's pipelined SETs to one
@@ -494,12 +491,6 @@ impl RouterStats {
             "twincache_rmw_whole_copies",
             "Edits of a large hash its partner lacked the base of, sent again whole.",
             self.whole_copies.load(Relaxed),
-        )?;
-        s.counter(
-            "twincache_rmw_stale_primaries",
-            "Read-modify-writes not acknowledged: the partner refused the copy, as the primary \
-             lacked writes the partner took alone.",
-            self.stale_primaries.load(Relaxed),
         )?;
         s.counter(
             "twincache_reroutes",

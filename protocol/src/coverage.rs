@@ -6,12 +6,6 @@
 //! (its *coverage*). The orchestrator compares the two to tell whether a worker lacks
 //! acknowledged writes, even after the orchestrator itself restarted.
 
-/// Why a worker refuses a read-modify-write's copy: the primary that ran the program lacks
-/// writes this worker took alone (it missed them, and the orchestrator that sent the program
-/// has not seen that yet). The orchestrator runs the program again on this worker.
-pub const PRIMARY_LACKS_WRITES: &str = "the primary that ran this program lacks writes its \
-     partner took alone; it refills before it runs programs again; retry";
-
 /// How much of its partner's writes a worker holds.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Coverage {

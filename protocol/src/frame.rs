@@ -96,12 +96,6 @@ pub mod flags {
     /// On a `flush`: free the memory in the background and answer at once (Redis' `ASYNC`);
     /// the flushed entries are gone for readers either way.
     pub const ASYNC: u8 = 2;
-    /// On an `apply`: answer with this worker's coverage of its partner
-    /// (`program::Answer::covers`), which the copy to the partner carries: a partner that
-    /// took writes alone that the primary lacks refuses the copy (see the worker's
-    /// `exec::replicate`). Not set by orchestrators from before it, and ignored by workers
-    /// from before it.
-    pub const COVERAGE: u8 = 4;
     /// On an `apply`: a program behind a newer write of its key may take the next counter
     /// after it (`version::bump`) rather than be refused. Left off when the program fails
     /// over from a primary that did not answer: the partner must then write above anything

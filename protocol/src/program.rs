@@ -34,10 +34,6 @@ pub const ABORTED: u8 = 1;
 /// The answer flag for changes written at a version of the worker's choosing (a `u64`
 /// follows the flags).
 pub const BUMPED: u8 = 2;
-/// The answer flag for the worker's coverage of its partner (two `u64`s, its boot id and
-/// count of writes taken alone, follow the version if any): given when the `apply` asked
-/// (`flags::COVERAGE`), for the copy to the partner to carry.
-pub const COVERS: u8 = 4;
 /// What [`Change::kind`] is for a delete.
 pub const DELETED: u8 = 255;
 /// Flag on a change's kind: the value is the worker's stored form (a large hash's records,
@@ -759,9 +755,6 @@ pub struct Answer {
     /// The version the changes were written at, when the worker chose it (0: the
     /// request's, which whoever sent the program fills in).
     pub version: u64,
-    /// The worker's coverage of its partner when it ran the program (the partner's boot id
-    /// and count of writes taken alone as of its last refill from it), if it said.
-    pub covers: Option<(u64, u64)>,
 }
 
 impl Answer {
@@ -773,45 +766,22 @@ impl Answer {
         } else {
             0
         };
-        let covers = if flags & COVERS != 0 {
-            Some((get_u64(&mut payload)?, get_u64(&mut payload)?))
-        } else {
-            None
-        };
         let changes = get_bytes(&mut payload)?;
         Ok(Answer {
             aborted: flags & ABORTED != 0,
             changes,
             replies: payload,
             version,
-            covers,
         })
     }
 
     /// Builds an answer payload; `bumped` is the version the worker chose, if it did.
     pub fn encode(aborted: bool, bumped: Option<u64>, changes: &[u8], replies: &[u8]) -> Bytes {
-        Answer::encode_covering(aborted, bumped, None, changes, replies)
-    }
-
-    /// [`Answer::encode`], with the worker's coverage of its partner if given.
-    pub fn encode_covering(
-        aborted: bool,
-        bumped: Option<u64>,
-        covers: Option<(u64, u64)>,
-        changes: &[u8],
-        replies: &[u8],
-    ) -> Bytes {
-        let mut out = BytesMut::with_capacity(29 + changes.len() + replies.len());
-        let flags = if aborted { ABORTED } else { 0 }
-            | if bumped.is_some() { BUMPED } else { 0 }
-            | if covers.is_some() { COVERS } else { 0 };
+        let mut out = BytesMut::with_capacity(13 + changes.len() + replies.len());
+        let flags = if aborted { ABORTED } else { 0 } | if bumped.is_some() { BUMPED } else { 0 };
         out.put_u8(flags);
         if let Some(v) = bumped {
             out.put_u64(v);
-        }
-        if let Some((boot, solo)) = covers {
-            out.put_u64(boot);
-            out.put_u64(solo);
         }
         put_bytes(&mut out, changes);
         out.put_slice(replies);
@@ -1036,26 +1006,8 @@ mod tests {
         let payload = Answer::encode(false, Some(77), &changes, b":2\r\n");
         let answer = Answer::parse(payload).unwrap();
         assert_eq!(answer.version, 77);
-        assert_eq!(answer.covers, None);
-        assert_eq!(
-            decode_changes(answer.changes).unwrap(),
-            vec![change.clone()]
-        );
+        assert_eq!(decode_changes(answer.changes).unwrap(), vec![change]);
         assert_eq!(&answer.replies[..], b":2\r\n");
-        for bumped in [None, Some(78)] {
-            let payload =
-                Answer::encode_covering(false, bumped, Some((0xab, 9)), &changes, b":3\r\n");
-            let answer = Answer::parse(payload).unwrap();
-            assert_eq!(
-                (answer.version, answer.covers),
-                (bumped.unwrap_or(0), Some((0xab, 9)))
-            );
-            assert_eq!(
-                decode_changes(answer.changes).unwrap(),
-                vec![change.clone()]
-            );
-            assert_eq!(&answer.replies[..], b":3\r\n");
-        }
         let scan = ScanRequest {
             cursor: 42,
             count: 10,

@@ -709,12 +709,10 @@ fn serve(node: &Node, req: Request) -> Response {
             Err(e) => Response::error(Status::ParseError, e.0),
         },
         Op::Flush => {
-            let taking = alone.then(|| node.sync.taking_alone());
             let gone = store.flush(req.version);
             if alone {
                 node.sync.took_alone();
             }
-            drop(taking);
             let removed = gone.len();
             if req.flags & flags::ASYNC != 0 {
                 // Freeing millions of entries takes a while; readers no longer see them.
@@ -734,13 +732,11 @@ fn serve(node: &Node, req: Request) -> Response {
                 keep_ttl: req.flags & flags::KEEP_TTL != 0,
                 get: req.flags & flags::GET != 0,
             };
-            let taking = alone.then(|| node.sync.taking_alone());
             match store.set(&req.key, &req.value, req.version, opts) {
                 Ok(outcome) => {
                     if alone {
                         node.sync.took_alone();
                     }
-                    drop(taking);
                     let payload = if opts.get {
                         presence_prefixed(outcome.old, store.cipher().is_some())
                     } else {
@@ -766,12 +762,10 @@ fn serve(node: &Node, req: Request) -> Response {
             }
         }
         Op::Del => {
-            let taking = alone.then(|| node.sync.taking_alone());
             let found_it = store.del(&req.key, req.version);
             if alone {
                 node.sync.took_alone();
             }
-            drop(taking);
             found(found_it)
         }
         Op::PartnerMissed => {

@@ -109,10 +109,6 @@ pub struct SyncState {
     synced: AtomicBool,
     /// Writes taken alone since start (see the module docs).
     solo: AtomicU64,
-    /// Held to write a write taken alone and count it, and shared to check a copy's
-    /// coverage and store it (see [`SyncState::partner_lacks_mine`]): no copy's check falls
-    /// between a write taken alone and its count.
-    alone: std::sync::RwLock<()>,
     coverage: Mutex<Coverage>,
     run: Mutex<Run>,
     claims: Mutex<HashMap<u8, Claim>>,
@@ -206,7 +202,6 @@ impl Default for SyncState {
             boot_id: rand::random(),
             synced: AtomicBool::new(false),
             solo: AtomicU64::new(0),
-            alone: Default::default(),
             coverage: Mutex::default(),
             run: Mutex::default(),
             claims: Mutex::default(),
@@ -264,36 +259,6 @@ impl SyncState {
     /// is applied, so that a snapshot reporting the count holds the write.
     pub fn took_alone(&self) {
         self.solo.fetch_add(1, Ordering::AcqRel);
-    }
-
-    /// Held while a write taken alone is made and counted ([`SyncState::took_alone`]).
-    pub fn taking_alone(&self) -> std::sync::RwLockWriteGuard<'_, ()> {
-        self.alone.write().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Held while a copy's coverage is checked and the copy stored.
-    pub fn storing_copy(&self) -> std::sync::RwLockReadGuard<'_, ()> {
-        self.alone.read().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// This worker's coverage of its partner, as an apply's answer carries it: the
-    /// partner's boot id and count of writes taken alone as of the last refill from it.
-    pub fn covers(&self) -> (u64, u64) {
-        let c = self.coverage();
-        (c.partner_boot, c.partner_solo)
-    }
-
-    /// Whether a partner whose coverage of this worker is `covers` lacks writes this worker
-    /// took alone (the test the orchestrators' health checks make from `status`, made at
-    /// once): a program it ran as primary was computed without them, so its copy must not
-    /// land here over them. Only a worker that holds the pair's data can say so.
-    pub fn partner_lacks_mine(&self, (boot, solo): (u64, u64)) -> bool {
-        let covers = Coverage {
-            partner_boot: boot,
-            partner_solo: solo,
-            complete: true,
-        };
-        self.synced() && covers.lacks_solo(self.boot_id, self.solo.load(Ordering::Acquire))
     }
 
     /// The orchestrator's `adopt`: the data this worker holds is the pair's. `how` is

@@ -59,11 +59,6 @@ pub struct WorkerLink {
     /// refill completed, and has not yet merged its partner's data, so a key it lacks reads
     /// as absent. Kept by the health monitor; see [`read_rank`].
     pub(crate) partial: AtomicBool,
-    /// The worker's last status showed it lacking writes its partner took alone (it is
-    /// about to refill, or merges them while it serves): it runs no program
-    /// ([`Router::primaries`](super::Router::primaries)), as its partner would refuse the
-    /// copies of programs computed without them. Kept by the health monitor.
-    pub(crate) lacking: AtomicBool,
     /// The worker's boot id and count of refills started when its last sweep was asked for
     /// (see `Router::sweep_later`): a refill that ended since may have brought back slots its
     /// pair does not hold.
@@ -222,7 +217,6 @@ impl WorkerLink {
             skipped: AtomicU64::new(0),
             synced_at: AtomicU64::new(0),
             partial: AtomicBool::new(false),
-            lacking: AtomicBool::new(false),
             swept: Mutex::new(None),
             takes_batches: AtomicBool::new(false),
             backlog,

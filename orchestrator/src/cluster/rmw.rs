@@ -39,9 +39,8 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use futures_util::future::{join_all, Either};
-use twincache_protocol::coverage::PRIMARY_LACKS_WRITES;
 use twincache_protocol::frame::{flags, Op, Request, Response};
 use twincache_protocol::program::{
     decode_changes, decode_scan_answer, encode_each, encode_program, Action, Answer, Change,
@@ -113,12 +112,6 @@ impl Drop for PendingGuard {
     }
 }
 
-/// Whether a partner refused a program's copy because the primary lacks writes it took
-/// alone (see the worker's `exec::replicate`).
-fn refused_copy(r: &Response) -> bool {
-    r.status == Status::Unavailable && r.payload == PRIMARY_LACKS_WRITES.as_bytes()
-}
-
 /// A read program of `each` (a GET, EXISTS or TOUCH) of each of `keys` (MGET's, for keys on
 /// one pair): one frame each way instead of one per key. The worker answers `TooLarge`
 /// rather than replies longer than `cap` bytes.
@@ -166,9 +159,7 @@ impl Router {
     pub(crate) fn primaries(&self, pair: &Pair) -> [Option<usize>; 2] {
         let in_sync = |i: usize| {
             let w = &pair.workers[i];
-            w.state() == WorkerState::InSync
-                && !w.partial.load(Ordering::Acquire)
-                && !w.lacking.load(Ordering::Acquire)
+            w.state() == WorkerState::InSync && !w.partial.load(Ordering::Acquire)
         };
         match (in_sync(0), in_sync(1)) {
             (true, true) => {
@@ -230,9 +221,7 @@ impl Router {
         req.value = program;
         // A program behind a newer write of its key takes the next version on the primary
         // instead of coming back for a new stamp (see `version::bump`).
-        // The primary's coverage of its partner comes back for the copy to carry.
-        req.flags =
-            flags::IN_SYNC | flags::BUMP | flags::COVERAGE | if resp3 { flags::RESP3 } else { 0 };
+        req.flags = flags::IN_SYNC | flags::BUMP | if resp3 { flags::RESP3 } else { 0 };
         req.ttl_ms = self.max_replies as u64;
         let pending = origin.rmw.as_ref().map(|p| p.start(pair));
         let targets = self.write_targets(&topo[pair]);
@@ -308,18 +297,7 @@ impl Router {
                             // The session's next writes must be newer than what it read.
                             this.clock.observe(answer.version);
                         }
-                        match this.copy_to_partner(&topo[pair], i, &req, answer).await {
-                            // The partner took writes this primary lacks: the program runs
-                            // again there, at a fresh stamp, above what it left here (which
-                            // the primary's refill then replaces).
-                            Err(r) if refused_copy(&r) => {
-                                current = failover(&mut req, &mut next);
-                                if current.is_none() {
-                                    return Err(r);
-                                }
-                            }
-                            copied => return copied,
-                        }
+                        return this.copy_to_partner(&topo[pair], i, &req, answer).await;
                     }
                     Some(r) => return Err(r),
                 }
@@ -397,25 +375,10 @@ impl Router {
             // It stopped taking writes since the program was sent.
             return self.acknowledge_rmw(holder, partner, answer).await;
         }
-        let mut copy = self.replicate(answer.changes.clone(), answer.version);
-        if let Some((boot, solo)) = answer.covers {
-            let mut covers = BytesMut::with_capacity(16);
-            covers.put_u64(boot);
-            covers.put_u64(solo);
-            copy.key = covers.freeze();
-        }
+        let copy = self.replicate(answer.changes.clone(), answer.version);
         let reply = partner.send_strict(&copy);
         match self.finish(partner, reply).await {
             Some(r) if r.status == Status::Ok => Ok(answer),
-            // The partner took writes alone that the primary lacks (another orchestrator
-            // left it out, and this one's health check has not seen that yet): the program
-            // ran on an old value, so it is not acknowledged, and the primary is left out
-            // here too until it refills.
-            Some(r) if refused_copy(&r) => {
-                holder.missed_write();
-                RouterStats::count(&self.stats.stale_primaries);
-                Err(r)
-            }
             // An edit of a large hash, and the partner does not hold the version it edits (a
             // copy before it still on its way, or missed): the key goes whole, as the
             // primary holds it now.

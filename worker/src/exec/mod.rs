@@ -45,9 +45,8 @@ mod hashes;
 mod keys;
 mod strings;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use twincache_protocol::cluster_map::Holding;
-use twincache_protocol::coverage::PRIMARY_LACKS_WRITES;
 use twincache_protocol::frame::{flags, Request, Response};
 use twincache_protocol::program::{decode_program, Action, Answer, Kind};
 use twincache_protocol::resp::{Reply, Version};
@@ -132,11 +131,6 @@ pub fn run(
         0 => MAX_VALUE,
         n => usize::try_from(n).unwrap_or(MAX_VALUE).min(MAX_VALUE),
     };
-    // Read before the program runs: a refill finishing meanwhile must not make it look
-    // computed with more of the partner's writes than it was.
-    let covers = (req.flags & flags::COVERAGE != 0).then(|| sync.covers());
-    // A write taken alone is made and counted before any copy's check can fall between.
-    let _taking = (writes && req.flags & flags::SOLO != 0).then(|| sync.taking_alone());
     let keys = std::iter::once(&req.key[..])
         .chain(program.iter().flat_map(Action::other_keys).map(|k| &k[..]));
     let mut txn = store.txn(keys);
@@ -178,9 +172,7 @@ pub fn run(
                 sync.took_alone();
             }
             let bumped = (written != req.version).then_some(written);
-            Response::ok(Answer::encode_covering(
-                false, bumped, covers, &changes, &replies,
-            ))
+            Response::ok(Answer::encode(false, bumped, &changes, &replies))
         }
         Err(newer) => Response {
             id: 0,
@@ -193,28 +185,13 @@ pub fn run(
 /// Stores a primary's changes on its partner (`replicate`), each at `req.version` unless the
 /// key holds a newer version (the request's `ttl_ms` is the sender's worker timeout: see
 /// the module docs). Answers how many were taken. With `holding`, refused whole with `Moved`
-/// if any key is in a slot this worker's pair does not hold. Refused whole with
-/// `Unavailable` if the key carries the primary's coverage of this worker (its boot id and
-/// count of writes taken alone, two `u64`s) and that lacks writes this worker took alone: two
-/// orchestrators disagreed for a moment on whether the primary is in sync, and the copy
-/// would overwrite an acknowledged write with a value computed without it.
+/// if any key is in a slot this worker's pair does not hold.
 pub fn replicate(
     store: &Store,
     sync: &SyncState,
     req: &Request,
     holding: Option<&Holding>,
 ) -> Response {
-    let _storing = sync.storing_copy();
-    // The primary's coverage of this worker, if the orchestrator passed it on (in the key,
-    // which a copy has no other use for). Checked before the copy counts as one received: a
-    // refused copy never lands, so it holds back no program here.
-    if req.key.len() == 16 {
-        let mut covers = &req.key[..];
-        let (boot, solo) = (covers.get_u64(), covers.get_u64());
-        if sync.partner_lacks_mine((boot, solo)) {
-            return Response::error(Status::Unavailable, PRIMARY_LACKS_WRITES);
-        }
-    }
     sync.partner_applied(req.ttl_ms);
     let changes = match twincache_protocol::program::decode_changes(req.value.clone()) {
         Ok(c) => c,

@@ -282,54 +282,6 @@ fn guards_abort_the_whole_program_and_programs_see_their_own_writes() {
     assert_eq!(s.version(b"c"), Some(11));
 }
 
-/// A primary's copy carries its coverage of the partner: a partner in sync that took writes
-/// alone past it refuses the copy, as one whose count it covers (or one not in sync, or a
-/// copy without coverage, from an orchestrator before it) takes it.
-#[test]
-fn a_partner_refuses_the_copy_of_a_primary_that_lacks_its_writes_taken_alone() {
-    let primary = Store::default();
-    let primary_sync = SyncState::default();
-    let mut req = Request::new(Op::Apply, b("n"));
-    req.value = encode_program(&[Action::IncrBy(1)]);
-    req.version = 20;
-    req.flags = flags::COVERAGE;
-    let answer =
-        Answer::parse(super::run(&primary, &primary_sync, &req, true, None).payload).unwrap();
-    assert_eq!(answer.covers, Some(primary_sync.covers()));
-    let partner = SyncState::default();
-    partner
-        .adopt(&format!("{:x}:0", primary_sync.boot_id))
-        .unwrap();
-    let copy = |covers: Option<(u64, u64)>| {
-        let mut rep = Request::new(Op::Replicate, Bytes::new());
-        rep.value = answer.changes.clone();
-        rep.version = 20;
-        if let Some((boot, solo)) = covers {
-            rep.key = Bytes::from([boot.to_be_bytes(), solo.to_be_bytes()].concat());
-        }
-        super::replicate(&Store::default(), &partner, &rep, None)
-    };
-    let covered = (partner.boot_id, 0);
-    assert_eq!(copy(Some(covered)).status, Status::Ok);
-    partner.took_alone();
-    assert_eq!(copy(Some(covered)).status, Status::Unavailable);
-    assert_eq!(
-        copy(Some((partner.boot_id, 1))).status,
-        Status::Ok,
-        "covered"
-    );
-    assert_eq!(
-        copy(Some((0, 0))).status,
-        Status::Unavailable,
-        "never refilled from it"
-    );
-    assert_eq!(
-        copy(None).status,
-        Status::Ok,
-        "from an orchestrator before coverage"
-    );
-}
-
 #[test]
 fn replicas_take_changes_newest_version_first() {
     let primary = Store::default();
