@@ -97,6 +97,8 @@ pub(crate) struct Seen {
     pub map_epoch: u64,
     /// It takes `batch` frames (see `cluster::batch`).
     pub batches: bool,
+    /// It gives and checks the bases of a program's changes (`flags::BASES`).
+    pub bases: bool,
 }
 
 pub(crate) fn parse(text: &str) -> Seen {
@@ -116,6 +118,7 @@ pub(crate) fn parse(text: &str) -> Seen {
             "claim" => seen.claim = v.to_string(),
             "map_epoch" => seen.map_epoch = v.parse().unwrap_or(0),
             "batches" => seen.batches = v == "1",
+            "bases" => seen.bases = v == "1",
             _ => {}
         }
     }
@@ -641,6 +644,7 @@ impl Router {
                 let partial = !adapter && s.synced && !s.covers.complete;
                 w.partial.store(partial, Ordering::Release);
                 w.takes_batches.store(s.batches, Ordering::Relaxed);
+                w.takes_bases.store(s.bases, Ordering::Relaxed);
                 // Once every refill it started has ended (and on first sight: drops an
                 // earlier run of this orchestrator retried are forgotten), it drops what
                 // its pair does not hold. Slots move only in replicated mode.

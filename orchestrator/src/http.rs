@@ -546,7 +546,7 @@ fn failure_of(resp: &twincache_protocol::Response) -> Rejection {
     let code = match resp.status {
         Status::NotFound => StatusCode::NOT_FOUND,
         Status::ParseError | Status::InvalidCommand => StatusCode::BAD_REQUEST,
-        Status::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        Status::Unavailable | Status::Diverged => StatusCode::SERVICE_UNAVAILABLE,
         Status::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
         Status::NotApplied | Status::WrongType => StatusCode::CONFLICT,
         Status::NoAuth => StatusCode::UNAUTHORIZED,

@@ -154,7 +154,7 @@ impl ErrorCode {
             Status::InvalidCommand => Some(ErrorCode::InvalidCommand),
             // Moved never reaches a client (the orchestrator routes again); counted as a
             // retryable failure if it did.
-            Status::Unavailable | Status::Moved => Some(ErrorCode::Unavailable),
+            Status::Unavailable | Status::Moved | Status::Diverged => Some(ErrorCode::Unavailable),
             Status::TooLarge => Some(ErrorCode::TooLarge),
             Status::ServerError => Some(ErrorCode::ServerError),
             Status::NoAuth => Some(ErrorCode::NoAuth),
@@ -440,6 +440,9 @@ pub struct RouterStats {
     /// Edits of a large hash its partner could not take (it lacked the edited version),
     /// sent again whole.
     pub whole_copies: AtomicU64,
+    /// Read-modify-writes whose partner refused the copy: the primary had missed a write
+    /// the partner took alone (see `cluster::rmw`).
+    pub diverged: AtomicU64,
     /// Requests a worker refused as routed by an older cluster map, routed again.
     pub reroutes: AtomicU64,
     /// Plain SETs stored on both workers through batches (a client's pipelined SETs to one
@@ -491,6 +494,11 @@ impl RouterStats {
             "twincache_rmw_whole_copies",
             "Edits of a large hash its partner lacked the base of, sent again whole.",
             self.whole_copies.load(Relaxed),
+        )?;
+        s.counter(
+            "twincache_rmw_diverged",
+            "Read-modify-writes not kept: the primary lacked a write its partner took alone.",
+            self.diverged.load(Relaxed),
         )?;
         s.counter(
             "twincache_reroutes",

@@ -34,6 +34,9 @@ pub const ABORTED: u8 = 1;
 /// The answer flag for changes written at a version of the worker's choosing (a `u64`
 /// follows the flags).
 pub const BUMPED: u8 = 2;
+/// The answer flag for changes given with their bases (`frame::flags::BASES`): a block of
+/// `count:u32 (base:u64)*` follows the version, one base a change, in the changes' order.
+pub const BASED: u8 = 4;
 /// What [`Change::kind`] is for a delete.
 pub const DELETED: u8 = 255;
 /// Flag on a change's kind: the value is the worker's stored form (a large hash's records,
@@ -755,6 +758,8 @@ pub struct Answer {
     /// The version the changes were written at, when the worker chose it (0: the
     /// request's, which whoever sent the program fills in).
     pub version: u64,
+    /// The changes' bases as a block ([`BASED`]), when asked for; empty otherwise.
+    pub bases: Bytes,
 }
 
 impl Answer {
@@ -766,27 +771,73 @@ impl Answer {
         } else {
             0
         };
+        let bases = if flags & BASED != 0 {
+            let count = payload
+                .get(..4)
+                .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
+                .ok_or(Malformed("cut short"))?;
+            let len = count
+                .checked_mul(8)
+                .and_then(|n| n.checked_add(4))
+                .filter(|&n| n <= payload.len())
+                .ok_or(Malformed("cut short"))?;
+            payload.split_to(len)
+        } else {
+            Bytes::new()
+        };
         let changes = get_bytes(&mut payload)?;
         Ok(Answer {
             aborted: flags & ABORTED != 0,
             changes,
             replies: payload,
             version,
+            bases,
         })
     }
 
-    /// Builds an answer payload; `bumped` is the version the worker chose, if it did.
-    pub fn encode(aborted: bool, bumped: Option<u64>, changes: &[u8], replies: &[u8]) -> Bytes {
-        let mut out = BytesMut::with_capacity(13 + changes.len() + replies.len());
-        let flags = if aborted { ABORTED } else { 0 } | if bumped.is_some() { BUMPED } else { 0 };
+    /// Builds an answer payload; `bumped` is the version the worker chose, if it did;
+    /// `bases`, the changes' bases when they were asked for.
+    pub fn encode(
+        aborted: bool,
+        bumped: Option<u64>,
+        bases: Option<&[u64]>,
+        changes: &[u8],
+        replies: &[u8],
+    ) -> Bytes {
+        let based = bases.map_or(0, |b| 4 + 8 * b.len());
+        let mut out = BytesMut::with_capacity(13 + based + changes.len() + replies.len());
+        let flags = if aborted { ABORTED } else { 0 }
+            | if bumped.is_some() { BUMPED } else { 0 }
+            | if bases.is_some() { BASED } else { 0 };
         out.put_u8(flags);
         if let Some(v) = bumped {
             out.put_u64(v);
+        }
+        if let Some(bases) = bases {
+            put_bases(&mut out, bases);
         }
         put_bytes(&mut out, changes);
         out.put_slice(replies);
         out.freeze()
     }
+}
+
+/// Appends a block of bases: `count:u32 (base:u64)*`.
+pub fn put_bases(out: &mut BytesMut, bases: &[u64]) {
+    out.put_u32(bases.len() as u32);
+    for &b in bases {
+        out.put_u64(b);
+    }
+}
+
+/// Splits a `replicate` value sent with `flags::BASES` into its bases and its changes block.
+pub fn split_bases(mut value: Bytes) -> Result<(Vec<u64>, Bytes), Malformed> {
+    let count = value.try_get_u32().map_err(|_| Malformed("cut short"))? as usize;
+    if count.saturating_mul(8) > value.len() {
+        return Err(Malformed("cut short"));
+    }
+    let bases = (0..count).map(|_| value.get_u64()).collect();
+    Ok((bases, value))
 }
 
 /// One step of a key-space walk on a worker (the value of a `scan` frame).
@@ -994,7 +1045,7 @@ mod tests {
         };
         let mut changes = BytesMut::new();
         change.encode(&mut changes);
-        let payload = Answer::encode(false, None, &changes, b":1\r\n");
+        let payload = Answer::encode(false, None, None, &changes, b":1\r\n");
         let answer = Answer::parse(payload).unwrap();
         assert!(!answer.aborted);
         assert_eq!(answer.version, 0);
@@ -1003,11 +1054,24 @@ mod tests {
             vec![change.clone()]
         );
         assert_eq!(&answer.replies[..], b":1\r\n");
-        let payload = Answer::encode(false, Some(77), &changes, b":2\r\n");
+        let payload = Answer::encode(false, Some(77), None, &changes, b":2\r\n");
         let answer = Answer::parse(payload).unwrap();
         assert_eq!(answer.version, 77);
-        assert_eq!(decode_changes(answer.changes).unwrap(), vec![change]);
+        assert_eq!(
+            decode_changes(answer.changes.clone()).unwrap(),
+            vec![change]
+        );
         assert_eq!(&answer.replies[..], b":2\r\n");
+        assert!(answer.bases.is_empty());
+        // With bases: the block goes to the partner ahead of the changes, as it came.
+        let payload = Answer::encode(false, Some(77), Some(&[3, 9]), &changes, b":2\r\n");
+        let based = Answer::parse(payload).unwrap();
+        assert_eq!((based.version, &based.replies[..]), (77, &b":2\r\n"[..]));
+        assert_eq!(based.changes, answer.changes);
+        let copy = [&based.bases[..], &based.changes[..]].concat();
+        let (bases, rest) = split_bases(Bytes::from(copy)).unwrap();
+        assert_eq!((bases, rest), (vec![3, 9], answer.changes));
+        assert!(split_bases(Bytes::from_static(&[0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 1])).is_err());
         let scan = ScanRequest {
             cursor: 42,
             count: 10,
@@ -1024,6 +1088,7 @@ mod tests {
             let _ = decode_program(input.clone());
             let _ = decode_changes(input.clone());
             let _ = Answer::parse(input.clone());
+            let _ = split_bases(input.clone());
             let _ = ScanRequest::decode(input.clone());
             let _ = decode_scan_answer(input);
         }

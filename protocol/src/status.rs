@@ -32,6 +32,11 @@ pub enum Status {
     /// holds (the request was routed by an older one). The payload is the worker's map epoch;
     /// the orchestrator reads the newer map and routes again.
     Moved = 11,
+    /// Worker to orchestrator, on a `replicate` with bases: the primary computed from a
+    /// value that lacks a write this worker took alone (its partner missed it). Nothing was
+    /// taken, and the keys' values here were written again above the copy's version, so the
+    /// primary's change loses wherever the two meet; the primary must refill.
+    Diverged = 12,
 }
 
 impl Status {
@@ -55,6 +60,7 @@ impl Status {
             9 => Status::NoPerm,
             10 => Status::WrongType,
             11 => Status::Moved,
+            12 => Status::Diverged,
             _ => Status::ServerError,
         }
     }
@@ -73,6 +79,10 @@ impl Status {
             Status::NoAuth => "authentication required",
             Status::NoPerm => "not permitted for this user",
             Status::Moved => "the key's slot has moved; the cluster map has changed",
+            Status::Diverged => {
+                "the worker that ran this read-modify-write lacks a write its partner took \
+                 alone; nothing was kept; retry"
+            }
             Status::WrongType => {
                 "WRONGTYPE Operation against a key holding the wrong kind of value"
             }
@@ -86,7 +96,7 @@ mod tests {
 
     #[test]
     fn codes_round_trip_and_unknown_is_error() {
-        for code in 0..=10u8 {
+        for code in 0..=12u8 {
             assert_eq!(Status::from_code(code).code(), code);
         }
         assert_eq!(Status::from_code(200), Status::ServerError);

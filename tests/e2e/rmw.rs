@@ -911,13 +911,12 @@ async fn appends_to_long_strings_survive_kill_and_restart_of_each_worker() {
 }
 
 /// Two orchestrators, and a partition between one of them and the pair's primary only: the
-/// first fails its INCR over to the partner (which counts it as taken alone) and answers
+/// first fails its INCR over to the partner (which marks it as taken alone) and answers
 /// it; the second, whose health check has not come round, still takes the primary to be in
-/// sync and sends its INCR there, computed from a value without the first, and its copy
-/// replaces the acknowledged value on the partner: both INCRs answer 2. The known window of
-/// architecture.md ("Read-modify-write on a pair", the paragraph after point 7); ignored
-/// until it is closed (run it with `--ignored`: it fails at the third INCR).
-#[ignore = "known lost-update window between two orchestrators; see architecture.md"]
+/// sync and sends its INCR there, computed from a value without the first. Before the
+/// partner checked the copy's base, that copy replaced the acknowledged value on the
+/// partner and both INCRs answered 2. Now the partner refuses it, the second orchestrator
+/// answers `TRYAGAIN` and leaves the primary, and the retried INCR answers 3.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_that_missed_an_increment_does_not_overwrite_it_through_another_orchestrator() {
     let a = worker_on(0, &[]);

@@ -731,6 +731,7 @@ fn serve(node: &Node, req: Request) -> Response {
                 xx: req.flags & flags::XX != 0,
                 keep_ttl: req.flags & flags::KEEP_TTL != 0,
                 get: req.flags & flags::GET != 0,
+                alone,
             };
             match store.set(&req.key, &req.value, req.version, opts) {
                 Ok(outcome) => {
@@ -762,7 +763,7 @@ fn serve(node: &Node, req: Request) -> Response {
             }
         }
         Op::Del => {
-            let found_it = store.del(&req.key, req.version);
+            let found_it = store.del_alone(&req.key, req.version, alone);
             if alone {
                 node.sync.took_alone();
             }
@@ -795,6 +796,9 @@ fn serve(node: &Node, req: Request) -> Response {
             // say so (one from before them would refuse it after the session's later
             // requests had gone out).
             info.add("batches", u8::from(node.adapter.is_none()));
+            // It gives and checks the bases of a read-modify-write's changes
+            // (`flags::BASES`): an orchestrator asks for them only when both partners do.
+            info.add("bases", 1);
             // An orchestrator's node-id claim rides on its health checks.
             if !req.value.is_empty() {
                 info.add(

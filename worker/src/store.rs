@@ -46,13 +46,19 @@ pub use twincache_protocol::program::Kind;
 mod txn;
 mod walk;
 
-pub use txn::{Edit, Form, Meta, NotTaken, Txn};
+pub use txn::{Edit, Form, Meta, NotTaken, PartnerCopy, Txn};
 pub use walk::ScanStep;
 pub(crate) use walk::STEP_TIME;
 
 const HEADER: usize = 8 + 8 + 4 + 4;
 /// The accessed bit, kept in the top bit of the value length (values are far below 2 GiB).
 const ACCESSED: usize = 1 << 31;
+/// The written-alone bit, next to it: this entry is a write its partner missed (see
+/// [`Store::replicate`]). Only this worker's business: it never leaves in a snapshot.
+const ALONE: usize = 1 << 30;
+/// Both flag bits of the value length field (values stay below 1 GiB: frames and Redis'
+/// 512 MB strings bound them).
+const LEN_FLAGS: usize = ACCESSED | ALONE;
 /// Where the type sits in the key length field, and the longest key it leaves room for.
 const KIND_SHIFT: u32 = 30;
 pub const MAX_KEY_LEN: usize = (1 << KIND_SHIFT) - 1;
@@ -188,6 +194,10 @@ impl Entry {
         self.u64_at(8)
     }
 
+    fn set_version(&mut self, version: u64) {
+        self.0[0..8].copy_from_slice(&version.to_le_bytes());
+    }
+
     fn set_expires_at(&mut self, at: u64) {
         self.0[8..16].copy_from_slice(&at.to_le_bytes());
     }
@@ -217,7 +227,7 @@ impl Entry {
 
     /// Length of the value as the client gave it (before sealing).
     fn value_len(&self) -> usize {
-        self.u32_at(20) & !ACCESSED
+        self.u32_at(20) & !LEN_FLAGS
     }
 
     fn accessed(&self) -> bool {
@@ -226,8 +236,34 @@ impl Entry {
 
     /// Marks the entry as read since the eviction hand last passed it.
     fn touch(&mut self, on: bool) {
-        let bits = (self.value_len() | if on { ACCESSED } else { 0 }) as u32;
+        let bits = (self.u32_at(20) & !ACCESSED | if on { ACCESSED } else { 0 }) as u32;
         self.0[20..24].copy_from_slice(&bits.to_le_bytes());
+    }
+
+    /// Whether this entry is a write its partner missed (taken with `flags::SOLO`), and not
+    /// replaced since by one both took.
+    fn alone(&self) -> bool {
+        self.u32_at(20) & ALONE != 0
+    }
+
+    /// Marks (or unmarks) this entry as a write its partner missed.
+    fn set_alone(&mut self, on: bool) {
+        let bits = (self.u32_at(20) & !ALONE | if on { ALONE } else { 0 }) as u32;
+        self.0[20..24].copy_from_slice(&bits.to_le_bytes());
+    }
+
+    /// The entry's bytes as a snapshot sends them: without the written-alone bit (the
+    /// receiver took them from this worker, and a receiver from before the bit would take
+    /// it for length).
+    fn as_sent(&self) -> std::borrow::Cow<'_, [u8]> {
+        if self.alone() {
+            let mut raw = self.0.to_vec();
+            let bits = (self.u32_at(20) & !ALONE) as u32;
+            raw[20..24].copy_from_slice(&bits.to_le_bytes());
+            std::borrow::Cow::Owned(raw)
+        } else {
+            std::borrow::Cow::Borrowed(&self.0)
+        }
     }
 
     fn key(&self) -> &[u8] {
@@ -271,7 +307,7 @@ impl Entry {
     /// holding a value of the length the header gives (a tombstone: one marker byte, length
     /// 0). Every later use of the entry (slicing the key, opening the value, the byte counts
     /// in [`Usage`]) relies on these, so a partner's bytes cannot make it panic or misaccount.
-    /// The accessed bit is the sender's business and is cleared.
+    /// The accessed and written-alone bits are the sender's business and are cleared.
     fn from_raw(raw: &[u8]) -> Option<Entry> {
         let field = |at: usize| {
             let b = raw.get(at..at + 4)?;
@@ -280,13 +316,14 @@ impl Entry {
         let key_field = field(16)?;
         let kind = Kind::from_u8((key_field >> KIND_SHIFT) as u8)?;
         let key_len = key_field & MAX_KEY_LEN;
-        let value_len = field(20)? & !ACCESSED;
+        let value_len = field(20)? & !LEN_FLAGS;
         let stored = raw.get(HEADER.checked_add(key_len)?..)?;
         if !seal::plausible(stored, value_len) || !form_fits(stored, kind) {
             return None;
         }
         let mut e = Entry(raw.into());
         e.touch(false);
+        e.set_alone(false);
         Some(e)
     }
 
@@ -437,6 +474,8 @@ pub struct SetOptions {
     pub keep_ttl: bool,
     /// Return the previous value.
     pub get: bool,
+    /// The partner will not get this write (`flags::SOLO`): the entry is marked so.
+    pub alone: bool,
 }
 
 /// What a `set` did.
@@ -954,7 +993,8 @@ impl Store {
         }
         // Build (and compress) the entry before taking the shard lock.
         let dict = self.dictionary_for(value);
-        let fresh = Entry::new(version, expires_at, key, value, self.cipher(), dict);
+        let mut fresh = Entry::new(version, expires_at, key, value, self.cipher(), dict);
+        fresh.set_alone(opts.alone);
         if self.max_bytes > 0 && fresh.footprint() > self.max_bytes {
             return Err(StoreError::TooLarge {
                 needs: fresh.footprint(),
@@ -989,14 +1029,30 @@ impl Store {
     /// Deletes `key` unless it holds a version newer than `version`, leaving a tombstone for
     /// `--tombstone-ttl`. Returns whether a live value was removed.
     pub fn del(&self, key: &[u8], version: u64) -> bool {
-        self.del_for(key, version, self.tombstone_ttl_ms)
+        self.del_alone(key, version, false)
+    }
+
+    /// [`Store::del`] of a delete the partner will not get (`flags::SOLO`) when `alone`: its
+    /// tombstone is marked so.
+    pub fn del_alone(&self, key: &[u8], version: u64, alone: bool) -> bool {
+        let now = now_ms();
+        let mut tomb = Entry::tombstone(version, now.saturating_add(self.tombstone_ttl_ms), key);
+        tomb.set_alone(alone);
+        self.del_entry(tomb, now)
     }
 
     /// [`Store::del`] with a tombstone kept `ttl_ms` (adapter-mode invalidations need only
     /// outlast the cache fills in flight).
     pub fn del_for(&self, key: &[u8], version: u64, ttl_ms: u64) -> bool {
         let now = now_ms();
-        let tomb = Entry::tombstone(version, now.saturating_add(ttl_ms), key);
+        self.del_entry(
+            Entry::tombstone(version, now.saturating_add(ttl_ms), key),
+            now,
+        )
+    }
+
+    fn del_entry(&self, tomb: Entry, now: u64) -> bool {
+        let version = tomb.version();
         self.install(tomb, |current, _| match current {
             Some(c) if c.version() > version => (false, false),
             Some(c) => (true, c.live(now)),
@@ -1159,7 +1215,7 @@ impl Store {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         for e in shard.table.iter().filter(|e| !e.expired(now)) {
-            each(&e.0);
+            each(&e.as_sent());
         }
     }
 
@@ -1172,7 +1228,7 @@ impl Store {
             .unwrap_or_else(|e| e.into_inner());
         for e in shard.table.iter().filter(|e| !e.expired(now)) {
             if slots.holds_key(e.key()) {
-                each(&e.0);
+                each(&e.as_sent());
             }
         }
     }
@@ -1684,6 +1740,19 @@ mod tests {
         let e = Entry::from_raw(&touched).unwrap();
         assert!(!e.accessed());
         assert_eq!(e.value_len(), 5);
+        // So is its written-alone bit, which a snapshot does not send either.
+        let alone = with_u32(&raw, 20, 5 | ALONE as u32);
+        let mut e = Entry::from_raw(&alone).unwrap();
+        assert!(!e.alone());
+        assert_eq!(e.value_len(), 5);
+        e.set_alone(true);
+        e.touch(true);
+        assert!(e.alone() && e.accessed());
+        assert_eq!(e.value_len(), 5);
+        assert_eq!(
+            &e.as_sent()[..],
+            &with_u32(&raw, 20, 5 | ACCESSED as u32)[..]
+        );
         let bad: Vec<(&str, Vec<u8>)> = vec![
             ("no header", raw[..HEADER - 1].to_vec()),
             ("nothing stored", raw[..HEADER + 3].to_vec()),
@@ -1702,7 +1771,7 @@ mod tests {
             ),
             (
                 "sealed value length past any expansion",
-                with_u32(&sealed, 20, 1 << 30),
+                with_u32(&sealed, 20, 1 << 29),
             ),
             ("tombstone with a length", with_u32(&tomb, 20, 1)),
             ("tombstone with more bytes", [&tomb[..], b"x"].concat()),

@@ -261,6 +261,11 @@ impl SyncState {
         self.solo.fetch_add(1, Ordering::AcqRel);
     }
 
+    /// Writes taken alone since start.
+    pub fn taken_alone(&self) -> u64 {
+        self.solo.load(Ordering::Acquire)
+    }
+
     /// The orchestrator's `adopt`: the data this worker holds is the pair's. `how` is
     /// `partial` (promoted to serve alone: it may lack older data of its partner's), or the
     /// partner's `<boot hex>:<solo>` (a new pair: it lacks nothing the partner took before).

@@ -67,6 +67,9 @@ pub struct WorkerLink {
     /// until then, and after it reconnects until it says so again, its writes go one frame
     /// each (a worker from before batches would refuse one).
     pub(crate) takes_batches: AtomicBool,
+    /// The worker said, in its last status, that it gives and checks the bases of a
+    /// program's changes (`flags::BASES`); as for batches, forgotten when it reconnects.
+    pub(crate) takes_bases: AtomicBool,
     /// The router's count of backed-up worker connections, which this link's take part in.
     backlog: Arc<AtomicUsize>,
     /// Cancelled when the worker leaves the cluster (replaced, or its pair removed): its
@@ -219,6 +222,7 @@ impl WorkerLink {
             partial: AtomicBool::new(false),
             swept: Mutex::new(None),
             takes_batches: AtomicBool::new(false),
+            takes_bases: AtomicBool::new(false),
             backlog,
             stop,
             #[cfg(test)]
@@ -268,6 +272,7 @@ impl WorkerLink {
                     conn.report_backlog(self.backlog.clone());
                     *self.lock_slot(slot) = Some(conn.clone());
                     self.takes_batches.store(false, Ordering::Relaxed);
+                    self.takes_bases.store(false, Ordering::Relaxed);
                     // Whether the worker is up is the health monitor's to say and log.
                     tracing::debug!(worker = %self.addr, slot, "connected");
                     // A ping now and then keeps an idle slot within the worker's

@@ -43,8 +43,8 @@ use bytes::{Bytes, BytesMut};
 use futures_util::future::{join_all, Either};
 use twincache_protocol::frame::{flags, Op, Request, Response};
 use twincache_protocol::program::{
-    decode_changes, decode_scan_answer, encode_each, encode_program, Action, Answer, Change,
-    ScanRequest, DELETED,
+    decode_changes, decode_scan_answer, encode_each, encode_program, put_bases, Action, Answer,
+    Change, ScanRequest, DELETED,
 };
 use twincache_protocol::Status;
 
@@ -222,6 +222,14 @@ impl Router {
         // A program behind a newer write of its key takes the next version on the primary
         // instead of coming back for a new stamp (see `version::bump`).
         req.flags = flags::IN_SYNC | flags::BUMP | if resp3 { flags::RESP3 } else { 0 };
+        // The partner checks what the primary computed from (see `copy_to_partner`).
+        if topo[pair]
+            .workers
+            .iter()
+            .all(|w| w.takes_bases.load(std::sync::atomic::Ordering::Relaxed))
+        {
+            req.flags |= flags::BASES;
+        }
         req.ttl_ms = self.max_replies as u64;
         let pending = origin.rmw.as_ref().map(|p| p.start(pair));
         let targets = self.write_targets(&topo[pair]);
@@ -344,12 +352,21 @@ impl Router {
     /// The copy of `changes` (an apply's answer) to store at `version` on a partner. The
     /// partner applies no program of its own before copies sent until then landed; the copy
     /// is given up after one timeout even if the partner is merely busy (it then refills),
-    /// so a new primary need wait only that long.
-    fn replicate(&self, changes: Bytes, version: u64) -> Request {
+    /// so a new primary need wait only that long. With `bases` (a block, see
+    /// `program::put_bases`) the partner checks them (`flags::BASES`).
+    fn replicate(&self, changes: Bytes, version: u64, bases: &Bytes) -> Request {
         let mut copy = Request::new(Op::Replicate, Bytes::new());
         copy.version = version;
         copy.ttl_ms = self.worker_timeout.as_millis() as u64;
-        copy.value = changes;
+        if bases.is_empty() {
+            copy.value = changes;
+        } else {
+            copy.flags = flags::BASES;
+            let mut value = BytesMut::with_capacity(bases.len() + changes.len());
+            value.extend_from_slice(bases);
+            value.extend_from_slice(&changes);
+            copy.value = value.freeze();
+        }
         copy
     }
 
@@ -375,22 +392,23 @@ impl Router {
             // It stopped taking writes since the program was sent.
             return self.acknowledge_rmw(holder, partner, answer).await;
         }
-        let copy = self.replicate(answer.changes.clone(), answer.version);
+        let copy = self.replicate(answer.changes.clone(), answer.version, &answer.bases);
         let reply = partner.send_strict(&copy);
         match self.finish(partner, reply).await {
             Some(r) if r.status == Status::Ok => Ok(answer),
+            Some(r) if r.status == Status::Diverged => Err(self.diverged(holder)),
             // An edit of a large hash, and the partner does not hold the version it edits (a
             // copy before it still on its way, or missed): the key goes whole, as the
             // primary holds it now.
             Some(r) if r.status == Status::NotApplied => {
                 RouterStats::count(&self.stats.whole_copies);
-                if self
+                match self
                     .copy_whole(holder, partner, &answer.changes, answer.version)
                     .await
                 {
-                    Ok(answer)
-                } else {
-                    self.acknowledge_rmw(holder, partner, answer).await
+                    Some(Status::Ok) => Ok(answer),
+                    Some(Status::Diverged) => Err(self.diverged(holder)),
+                    _ => self.acknowledge_rmw(holder, partner, answer).await,
                 }
             }
             Some(r) if r.status == Status::Moved => {
@@ -416,7 +434,8 @@ impl Router {
         let Some(key) = first_key(answer.changes.clone()) else {
             return self.acknowledge_rmw(holder, partner, answer).await;
         };
-        let copy = self.replicate(answer.changes.clone(), answer.version);
+        // To another pair: what its workers took alone is not about this primary.
+        let copy = self.replicate(answer.changes.clone(), answer.version, &Bytes::new());
         for _ in 0..super::shared::REROUTES {
             RouterStats::count(&self.stats.reroutes);
             self.reroute(&refused).await;
@@ -466,28 +485,34 @@ impl Router {
     }
 
     /// Copies the current state of the key of `changes` (one edit, written at `version`)
-    /// from `holder` to `partner`, at its version there; whether the partner took it. A key
-    /// the holder no longer has at all (evicted or flushed since) is deleted on the partner
-    /// at the edit's version, so the partner does not go on serving what the edit replaced.
+    /// from `holder` to `partner`, at its version there; the partner's answer (`None`: none
+    /// came). A key the holder no longer has at all (evicted or flushed since) is deleted on
+    /// the partner at the edit's version, so the partner does not go on serving what the
+    /// edit replaced. The holder's version is the copy's base, for the partner's check.
     async fn copy_whole(
         &self,
         holder: &super::WorkerLink,
         partner: &super::WorkerLink,
         changes: &Bytes,
         version: u64,
-    ) -> bool {
-        let Some(key) = first_key(changes.clone()) else {
-            return false;
-        };
+    ) -> Option<Status> {
+        let key = first_key(changes.clone())?;
         let mut export = Request::new(Op::Query, key.clone());
         export.value = encode_program(&[Action::Export]);
         let exported = match self.finish(holder, holder.send_strict(&export)).await {
             Some(r) if r.status == Status::Ok => Answer::parse(r.payload).ok(),
             _ => None,
-        };
-        let Some(exported) = exported else {
-            return false;
-        };
+        }?;
+        let mut bases = BytesMut::new();
+        if holder
+            .takes_bases
+            .load(std::sync::atomic::Ordering::Relaxed)
+            && partner
+                .takes_bases
+                .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            put_bases(&mut bases, &[exported.version]);
+        }
         let (changes, version) = if exported.changes.is_empty() {
             let mut gone = BytesMut::new();
             Change {
@@ -501,9 +526,19 @@ impl Router {
         } else {
             (exported.changes, exported.version)
         };
-        let copy = self.replicate(changes, version);
+        let copy = self.replicate(changes, version, &bases.freeze());
         let reply = partner.send_strict(&copy);
-        matches!(self.finish(partner, reply).await, Some(r) if r.status == Status::Ok)
+        self.finish(partner, reply).await.map(|r| r.status)
+    }
+
+    /// The partner refused a copy: the primary computed without a write the partner took
+    /// alone, and the partner wrote its keys again above the copy. The primary is stale
+    /// here from now on (it refills), and the client is told to retry: the program is not
+    /// kept, since the partner's values win wherever the two meet.
+    fn diverged(&self, holder: &super::WorkerLink) -> Response {
+        RouterStats::count(&self.stats.diverged);
+        holder.missed_write();
+        Response::error(Status::Unavailable, Status::Diverged.default_message())
     }
 
     async fn acknowledge_rmw(

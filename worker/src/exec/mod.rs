@@ -53,7 +53,7 @@ use twincache_protocol::resp::{Reply, Version};
 use twincache_protocol::Status;
 
 use crate::seal::{segments, SealError};
-use crate::store::{Edit, Form, Meta, NotTaken, Store, Txn};
+use crate::store::{Edit, Form, Meta, NotTaken, PartnerCopy, Store, Txn};
 use crate::sync::SyncState;
 
 /// Redis' `proto-max-bulk-len`: no string or hash grows past it.
@@ -109,6 +109,7 @@ pub fn run(
             Ok(version) => Response::ok(Answer::encode(
                 false,
                 (version != 0).then_some(version),
+                None,
                 &changes,
                 &[],
             )),
@@ -122,7 +123,7 @@ pub fn run(
             None => Reply::Nil,
         }
         .encode_as(version, &mut replies);
-        return Response::ok(Answer::encode(false, None, &[], &replies));
+        return Response::ok(Answer::encode(false, None, None, &[], &replies));
     }
     // The largest value a write may leave, or the most a query's replies may take: what
     // the orchestrator can carry (from its frame limit, in `ttl_ms`), and never past Redis'
@@ -144,7 +145,7 @@ pub fn run(
             Action::Key(k) => key = k,
             Action::Watch(v, live) => {
                 if txn.changed_since(key, *v, *live) {
-                    return Response::ok(Answer::encode(true, None, &[], &[]));
+                    return Response::ok(Answer::encode(true, None, None, &[], &[]));
                 }
             }
             // MGET's one action per key, written from the value where it lies.
@@ -166,13 +167,21 @@ pub fn run(
         }
     }
     let mut changes = BytesMut::new();
-    match txn.commit(req.version, req.flags & flags::BUMP != 0, &mut changes) {
+    let mut bases = Vec::new();
+    let based = req.flags & flags::BASES != 0;
+    let alone = req.flags & flags::SOLO != 0;
+    let copy = PartnerCopy {
+        changes: &mut changes,
+        bases: based.then_some(&mut bases),
+    };
+    match txn.commit(req.version, req.flags & flags::BUMP != 0, copy, alone) {
         Ok((n, written)) => {
-            if n > 0 && req.flags & flags::SOLO != 0 {
+            if n > 0 && alone {
                 sync.took_alone();
             }
             let bumped = (written != req.version).then_some(written);
-            Response::ok(Answer::encode(false, bumped, &changes, &replies))
+            let bases = based.then_some(&bases[..]);
+            Response::ok(Answer::encode(false, bumped, bases, &changes, &replies))
         }
         Err(newer) => Response {
             id: 0,
@@ -193,23 +202,40 @@ pub fn replicate(
     holding: Option<&Holding>,
 ) -> Response {
     sync.partner_applied(req.ttl_ms);
-    let changes = match twincache_protocol::program::decode_changes(req.value.clone()) {
+    let (bases, changes) = if req.flags & flags::BASES != 0 {
+        match twincache_protocol::program::split_bases(req.value.clone()) {
+            Ok((bases, changes)) => (Some(bases), changes),
+            Err(e) => return Response::error(Status::ParseError, e.0),
+        }
+    } else {
+        (None, req.value.clone())
+    };
+    let changes = match twincache_protocol::program::decode_changes(changes) {
         Ok(c) => c,
         Err(e) => return Response::error(Status::ParseError, e.0),
     };
+    if bases.as_ref().is_some_and(|b| b.len() != changes.len()) {
+        return Response::error(Status::ParseError, "one base a change");
+    }
     if let Some(h) = holding {
         if !crate::map::changes_admitted(h, &changes) {
             return crate::map::moved(h.epoch());
         }
     }
-    match store.replicate(&changes, req.version) {
+    match store.replicate(&changes, req.version, bases.as_deref()) {
         Ok(taken) => Response::ok(Bytes::from(taken.to_string())),
+        Err(NotTaken::Diverged) => {
+            // Written again here above the copy: the partner lacks those too.
+            sync.took_alone();
+            Response::error(Status::Diverged, NotTaken::Diverged.to_string())
+        }
         Err(e) => Response {
             id: 0,
             status: match e {
                 NotTaken::TooLarge(_) => Status::TooLarge,
                 NotTaken::Malformed(_) => Status::ParseError,
                 NotTaken::Behind => Status::NotApplied,
+                NotTaken::Diverged => Status::Diverged,
             },
             payload: Bytes::from(e.to_string()),
         },

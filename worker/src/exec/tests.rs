@@ -368,7 +368,7 @@ fn apply_and_copy(
     let stored = changes
         .iter()
         .any(twincache_protocol::program::Change::is_stored);
-    partner.replicate(&changes, version).unwrap();
+    partner.replicate(&changes, version, None).unwrap();
     (decode_replies(&answer.replies).unwrap().remove(0), stored)
 }
 
@@ -538,7 +538,7 @@ fn an_edit_the_partner_cannot_take_is_refused_and_the_key_sent_whole() {
 
     // The second edit arrives first: the partner lacks the version it edits.
     assert!(matches!(
-        partner.replicate(&second, 30),
+        partner.replicate(&second, 30, None),
         Err(crate::store::NotTaken::Behind)
     ));
     assert_eq!(partner.version(b"h"), Some(10));
@@ -551,9 +551,9 @@ fn an_edit_the_partner_cannot_take_is_refused_and_the_key_sent_whole() {
     assert_eq!(answer.version, 30);
     let whole = decode_changes(answer.changes).unwrap();
     assert!(whole[0].is_stored() && !whole[0].is_patch());
-    assert_eq!(partner.replicate(&whole, answer.version).unwrap(), 1);
+    assert_eq!(partner.replicate(&whole, answer.version, None).unwrap(), 1);
     // The first edit, late, is older than what the partner holds now.
-    assert_eq!(partner.replicate(&first, 20).unwrap(), 0);
+    assert_eq!(partner.replicate(&first, 20, None).unwrap(), 0);
     assert_eq!(all_fields(&partner, "h"), all_fields(&primary, "h"));
     assert_eq!(partner.version(b"h"), primary.version(b"h"));
 
@@ -569,7 +569,7 @@ fn an_edit_the_partner_cannot_take_is_refused_and_the_key_sent_whole() {
     let answer = Answer::parse(resp.payload).unwrap();
     let gone = decode_changes(answer.changes).unwrap();
     assert_eq!((answer.version, gone[0].value_kind()), (40, None));
-    partner.replicate(&gone, answer.version).unwrap();
+    partner.replicate(&gone, answer.version, None).unwrap();
     assert!(!partner.exists(b"h"));
 }
 
@@ -713,7 +713,7 @@ fn a_long_string_is_appended_to_in_segments_and_copied_as_edits() {
                     "an edit, not the string"
                 );
             }
-            assert_eq!(partner.replicate(&changes, version).unwrap(), 1);
+            assert_eq!(partner.replicate(&changes, version, None).unwrap(), 1);
             version += 1;
         }
         assert!(edits > 3, "{edits} edits");
@@ -1004,4 +1004,93 @@ fn hscan_walks_a_large_hash_in_steps() {
             Reply::Array(vec![bulk("a"), bulk("1"), bulk("b"), bulk("2")])
         ])
     );
+}
+
+/// Runs `actions` on `key` at `version` as an apply with `flags` (and `BASES`); the answer.
+fn flagged(store: &Store, key: &str, version: u64, flags: u8, actions: &[Action]) -> Answer {
+    let mut req = Request::new(Op::Apply, b(key));
+    req.version = version;
+    req.flags = flags | flags::BASES;
+    req.value = encode_program(actions);
+    let resp = super::run(store, &SyncState::default(), &req, true, None);
+    assert_eq!(resp.status, Status::Ok, "{:?}", resp.payload);
+    Answer::parse(resp.payload).unwrap()
+}
+
+/// The copy of `answer` to `partner`, with its bases, as the orchestrator sends it.
+fn copy_based(partner: &Store, sync: &SyncState, answer: &Answer, version: u64) -> Status {
+    let mut req = Request::new(Op::Replicate, Bytes::new());
+    req.version = version;
+    req.flags = flags::BASES;
+    req.value = [&answer.bases[..], &answer.changes[..]].concat().into();
+    super::replicate(partner, sync, &req, None).status
+}
+
+#[test]
+fn a_copy_computed_without_a_write_the_partner_took_alone_is_refused_and_loses() {
+    let (primary, partner) = (Store::default(), Store::default());
+    let sync = SyncState::default();
+    let incr = [Action::IncrBy(1)];
+    // Both hold n = 1, as copies of one program do.
+    let first = flagged(&primary, "n", 10, 0, &incr);
+    assert_eq!(copy_based(&partner, &sync, &first, 10), Status::Ok);
+    // An INCR failed over to the partner, the primary missing it (another orchestrator's
+    // view), and one the primary computed without it.
+    let alone = flagged(&partner, "n", 20, flags::SOLO, &incr);
+    assert_eq!(decode_replies(&alone.replies).unwrap(), vec![Reply::Int(2)]);
+    let behind = flagged(
+        &primary,
+        "n",
+        30,
+        0,
+        &[Action::IncrBy(1), Action::Key(b("m"))],
+    );
+    assert_eq!(decode_replies(&behind.replies).unwrap()[0], Reply::Int(2));
+    assert_eq!(copy_based(&partner, &sync, &behind, 30), Status::Diverged);
+    assert_eq!(sync.taken_alone(), 1, "the primary lacks these too");
+    // Nothing taken; the partner's value is written again above the refused copy.
+    assert_eq!(partner.get(b"n").unwrap().unwrap(), b("2"));
+    assert!(partner.version(b"n").unwrap() > 30);
+    // The primary refills: the partner's entry wins over its unacknowledged one.
+    for n in 0..Store::SHARDS {
+        partner.snapshot_shard(n, |raw| {
+            primary.merge(raw);
+        });
+    }
+    assert_eq!(primary.get(b"n").unwrap().unwrap(), b("2"));
+    // Computed from what it took, the next copy is taken, and clears the mark.
+    let next = flagged(&primary, "n", 40, 0, &incr);
+    assert_eq!(decode_replies(&next.replies).unwrap(), vec![Reply::Int(3)]);
+    assert_eq!(copy_based(&partner, &sync, &next, 40), Status::Ok);
+    assert_eq!(partner.get(b"n").unwrap().unwrap(), b("3"));
+    // Copies without bases (an older orchestrator) are taken as before.
+    let plain = flagged(&partner, "n", 50, flags::SOLO, &incr);
+    let behind = answer(&primary, "n", 60, &incr);
+    let changes = decode_changes(behind.changes).unwrap();
+    assert_eq!(partner.replicate(&changes, 60, None).unwrap(), 1);
+    drop(plain);
+}
+
+#[test]
+fn a_write_both_took_clears_the_mark_and_bases_must_match_in_number() {
+    let (primary, partner) = (Store::default(), Store::default());
+    let sync = SyncState::default();
+    let incr = [Action::IncrBy(1)];
+    flagged(&partner, "n", 20, flags::SOLO, &incr);
+    // A plain SET both partners took replaces the marked entry.
+    for s in [&primary, &partner] {
+        s.set(b"n", b"7", 25, SetOptions::default()).unwrap();
+    }
+    let next = flagged(&primary, "n", 30, 0, &incr);
+    assert_eq!(copy_based(&partner, &sync, &next, 30), Status::Ok);
+    assert_eq!(partner.get(b"n").unwrap().unwrap(), b("8"));
+    let mut req = Request::new(Op::Replicate, Bytes::new());
+    req.flags = flags::BASES;
+    req.version = 40;
+    let mut value = bytes::BytesMut::new();
+    twincache_protocol::program::put_bases(&mut value, &[1, 2]);
+    value.extend_from_slice(&next.changes);
+    req.value = value.freeze();
+    let resp = super::replicate(&partner, &sync, &req, None);
+    assert_eq!(resp.status, Status::ParseError);
 }

@@ -591,6 +591,23 @@ impl<'a> Txn<'a> {
         Ok(e.version())
     }
 
+    /// Writes `key`'s entry again as it is at `version` (if older), marked as taken alone;
+    /// false if the key has no entry.
+    fn restamp(&mut self, key: &[u8], version: u64) -> bool {
+        let hash = self.hash(key);
+        let Some(e) = self
+            .shard_mut(hash)
+            .and_then(|shard| shard.table.find_mut(hash, |e| e.key() == key))
+        else {
+            return false;
+        };
+        if e.version() < version {
+            e.set_version(version);
+            e.set_alone(true);
+        }
+        true
+    }
+
     /// Whether the program has written anything.
     pub fn changed(&self) -> bool {
         !self.staged.is_empty()
@@ -604,11 +621,16 @@ impl<'a> Txn<'a> {
     /// before the next stamp) nothing is written and that newer version is returned, for the
     /// caller to move its clock past and retry. Either way every write to a key carries a
     /// newer version than the last, and partners converge.
+    ///
+    /// `copy.bases`, when given, gets each change's base: the version its key held before
+    /// (0: none), for the partner's check (`Store::replicate`). `alone` marks the entries
+    /// written as writes the partner will not get (`flags::SOLO`).
     pub fn commit(
         self,
         version: u64,
         bump: bool,
-        changes: &mut BytesMut,
+        copy: PartnerCopy<'_>,
+        alone: bool,
     ) -> Result<(usize, u64), u64> {
         if self.staged.is_empty() {
             return Ok((0, version));
@@ -630,7 +652,7 @@ impl<'a> Txn<'a> {
         } else {
             return Err(held.max(version));
         };
-        Ok((self.write(version, Some(changes)), version))
+        Ok((self.write(version, Some(copy), alone), version))
     }
 
     /// Applies `plan` to `key`'s entry where it lies, as the write of `version`; whether it
@@ -641,6 +663,7 @@ impl<'a> Txn<'a> {
         version: u64,
         expires_at: u64,
         plan: &segments::Plan,
+        alone: bool,
     ) -> bool {
         let store = self.store;
         let hash = self.hash(key);
@@ -656,6 +679,9 @@ impl<'a> Txn<'a> {
         let done = e.edit_in_place(version, expires_at, plan.len, |buf, at| {
             plan.apply_in_place(buf, at)
         });
+        if done.is_ok() {
+            e.set_alone(alone);
+        }
         usage.add(e);
         shard.recount_structure();
         store.track(before, shard.held());
@@ -664,7 +690,7 @@ impl<'a> Txn<'a> {
 
     /// Installs what is staged at `version`, with the accounting, the CLOCK ring and
     /// eviction of every write (see `Store::install`).
-    fn write(mut self, version: u64, mut changes: Option<&mut BytesMut>) -> usize {
+    fn write(mut self, version: u64, mut copy: Option<PartnerCopy<'_>>, alone: bool) -> usize {
         let store = self.store;
         let mut replaced = Vec::with_capacity(self.staged.len());
         let staged = std::mem::take(&mut self.staged);
@@ -674,8 +700,14 @@ impl<'a> Txn<'a> {
         // partner as that edit; in a block of several changes, whole (a failed edit is sent
         // again whole, which must not leave half of a block applied).
         let single = count == 1;
+        let wants_bases = copy.as_ref().is_some_and(|c| c.bases.is_some());
         self.rewind();
         for (key, state) in staged {
+            let base = if wants_bases {
+                self.entry(&key).map_or(0, Entry::version)
+            } else {
+                0
+            };
             // A long string's edit of its end changes its entry where it lies.
             if let Some(Staged {
                 expires_at,
@@ -684,15 +716,15 @@ impl<'a> Txn<'a> {
             }) = &state
             {
                 if let Some(plan) = plan.at_end() {
-                    if self.edit_in_place(&key, version, *expires_at, plan) {
-                        if let (Some(out), Some(e)) = (changes.as_deref_mut(), self.entry(&key)) {
-                            change_of(&key, state, single, e.stored()).encode(out);
+                    if self.edit_in_place(&key, version, *expires_at, plan, alone) {
+                        if let (Some(out), Some(e)) = (copy.as_mut(), self.entry(&key)) {
+                            out.add(change_of(&key, state, single, e.stored()), base);
                         }
                         continue;
                     }
                 }
             }
-            let fresh = match &state {
+            let mut fresh = match &state {
                 Some(s) => match &s.form {
                     Form::Value(value) => {
                         let dict = store.dictionary_for(value);
@@ -729,8 +761,9 @@ impl<'a> Txn<'a> {
                     &key,
                 ),
             };
-            if let Some(out) = changes.as_deref_mut() {
-                change_of(&key, state, single, fresh.stored()).encode(out);
+            fresh.set_alone(alone);
+            if let Some(out) = copy.as_mut() {
+                out.add(change_of(&key, state, single, fresh.stored()), base);
             }
             let hash = self.hash(&key);
             let Some(shard) = self.shard_mut(hash) else {
@@ -772,6 +805,21 @@ impl<'a> Txn<'a> {
             store.evict_anywhere(None);
         }
         count
+    }
+}
+
+/// What a commit gives for the partner: its changes, encoded, and their bases if asked.
+pub struct PartnerCopy<'c> {
+    pub changes: &'c mut BytesMut,
+    pub bases: Option<&'c mut Vec<u64>>,
+}
+
+impl PartnerCopy<'_> {
+    fn add(&mut self, change: Change, base: u64) {
+        change.encode(self.changes);
+        if let Some(bases) = self.bases.as_deref_mut() {
+            bases.push(base);
+        }
     }
 }
 
@@ -831,6 +879,10 @@ pub enum NotTaken {
     /// the sender sends the key whole.
     #[error("this worker does not hold the version the change edits")]
     Behind,
+    /// The primary computed a change from a state without a write of its key this worker
+    /// took alone (the entry is marked, and the change's base is not its version).
+    #[error("the primary lacks a write this worker took alone")]
+    Diverged,
 }
 
 /// A patch change's value (see [`Edit::patch`]): the base entry's version (u64) and stored
@@ -846,7 +898,21 @@ impl Store {
     /// Stores a primary's changes (the partner's side of a read-modify-write), all at
     /// `version`, atomically: a key holding a newer version keeps it (a later write got here
     /// first), the rest are replaced. Returns how many were taken.
-    pub fn replicate(&self, changes: &[Change], version: u64) -> Result<usize, NotTaken> {
+    ///
+    /// With `bases` (one a change: the version the primary's key held when it ran the
+    /// program), a change of a key whose entry here is a write taken alone, at a version
+    /// other than its base, was computed without that write: the primary missed it, and
+    /// taking the change would lose it (an INCR through another orchestrator, while this
+    /// one's INCR failed over here). Then nothing is taken, and every key of the copy is
+    /// written again here, as it is, just above `version` and marked as taken alone
+    /// (a key not here, as a delete): wherever the primary's unacknowledged change meets
+    /// these, at the primary's refill, it loses.
+    pub fn replicate(
+        &self,
+        changes: &[Change],
+        version: u64,
+        bases: Option<&[u64]>,
+    ) -> Result<usize, NotTaken> {
         if let Some(big) = changes
             .iter()
             .find(|c| self.max_bytes > 0 && c.key.len() + c.value.len() > self.max_bytes)
@@ -871,6 +937,24 @@ impl Store {
             }
         }
         let mut txn = self.txn(changes.iter().map(|c| &c.key[..]));
+        if let Some(bases) = bases {
+            let diverged = changes.iter().zip(bases).any(|(c, &base)| {
+                txn.entry(&c.key)
+                    .is_some_and(|e| e.alone() && e.version() != base)
+            });
+            if diverged {
+                txn.rewind();
+                let above = version.saturating_add(1);
+                for c in changes {
+                    if !txn.restamp(&c.key, above) {
+                        txn.delete(&c.key);
+                    }
+                }
+                txn.write(above, None, true);
+                return Err(NotTaken::Diverged);
+            }
+            txn.rewind();
+        }
         for c in changes {
             let held = txn.version(&c.key);
             if held > version || (c.is_patch() && held == version) {
@@ -913,7 +997,7 @@ impl Store {
                 None => txn.delete(&c.key),
             }
         }
-        Ok(txn.write(version, None))
+        Ok(txn.write(version, None, false))
     }
 }
 
@@ -921,6 +1005,13 @@ impl Store {
 mod tests {
     use super::*;
     use crate::store::SetOptions;
+
+    fn copy(changes: &mut BytesMut) -> PartnerCopy<'_> {
+        PartnerCopy {
+            changes,
+            bases: None,
+        }
+    }
 
     #[test]
     fn a_program_sees_its_own_writes_and_commits_them_at_one_version() {
@@ -935,7 +1026,7 @@ mod tests {
         assert_eq!(t.read(&a).unwrap().unwrap().1, Bytes::from_static(b"2"));
         assert_eq!(t.meta(&b).unwrap().kind, Kind::Hash);
         let mut changes = BytesMut::new();
-        assert_eq!(t.commit(20, false, &mut changes), Ok((2, 20)));
+        assert_eq!(t.commit(20, false, copy(&mut changes), false), Ok((2, 20)));
         assert_eq!(s.get(b"a").unwrap().unwrap(), Bytes::from_static(b"2"));
         assert_eq!(s.version(b"b"), Some(20));
         assert_eq!(s.get_typed(b"b").unwrap().unwrap().1, Kind::Hash);
@@ -969,7 +1060,10 @@ mod tests {
             Bytes::from_static(b"a3")
         );
         let mut changes = BytesMut::new();
-        assert_eq!(t.commit(20, false, &mut changes), Ok((100, 20)));
+        assert_eq!(
+            t.commit(20, false, copy(&mut changes), false),
+            Ok((100, 20))
+        );
         assert_eq!(s.get(b"k5").unwrap().unwrap(), Bytes::from_static(b"again"));
         assert_eq!(s.get(b"k99").unwrap().unwrap(), Bytes::from_static(b"last"));
         assert!(s.get(b"k7").unwrap().is_none());
@@ -1014,7 +1108,10 @@ mod tests {
         t.put(&keys[5], Kind::String, 0, Bytes::from_static(b"five"));
         t.put(&keys[2], Kind::String, 0, Bytes::from_static(b"two"));
         t.delete(&keys[30]);
-        assert_eq!(t.commit(20, false, &mut BytesMut::new()), Ok((3, 20)));
+        assert_eq!(
+            t.commit(20, false, copy(&mut BytesMut::new()), false),
+            Ok((3, 20))
+        );
         assert_eq!(
             s.get(&keys[5]).unwrap().unwrap(),
             Bytes::from_static(b"five")
@@ -1034,11 +1131,17 @@ mod tests {
         let a = Bytes::from_static(b"a");
         let mut t = s.txn([&a[..]]);
         t.put(&a, Kind::String, 0, Bytes::from_static(b"2"));
-        assert_eq!(t.commit(50, false, &mut BytesMut::new()), Err(50));
+        assert_eq!(
+            t.commit(50, false, copy(&mut BytesMut::new()), false),
+            Err(50)
+        );
         assert_eq!(s.get(b"a").unwrap().unwrap(), Bytes::from_static(b"1"));
         let mut t = s.txn([&a[..]]);
         t.delete(&a);
-        assert_eq!(t.commit(51, false, &mut BytesMut::new()), Ok((1, 51)));
+        assert_eq!(
+            t.commit(51, false, copy(&mut BytesMut::new()), false),
+            Ok((1, 51))
+        );
         assert_eq!(s.get(b"a").unwrap(), None);
         assert_eq!(s.usage().tombstones, 1);
     }
@@ -1055,7 +1158,9 @@ mod tests {
         for _ in 1..STAMP_STEP {
             let mut t = s.txn([&a[..]]);
             t.put(&a, Kind::String, 0, Bytes::from_static(b"2"));
-            let (n, v) = t.commit(behind, true, &mut BytesMut::new()).unwrap();
+            let (n, v) = t
+                .commit(behind, true, copy(&mut BytesMut::new()), false)
+                .unwrap();
             assert_eq!(n, 1);
             assert_eq!(v, ((held >> COUNTER_SHIFT) + 1) << COUNTER_SHIFT | 7);
             assert_eq!(s.version(b"a"), Some(v));
@@ -1064,13 +1169,18 @@ mod tests {
         // No counter left before the next stamp: refused, for the orchestrator to restamp.
         let mut t = s.txn([&a[..]]);
         t.put(&a, Kind::String, 0, Bytes::from_static(b"3"));
-        assert_eq!(t.commit(behind, true, &mut BytesMut::new()), Err(held));
+        assert_eq!(
+            t.commit(behind, true, copy(&mut BytesMut::new()), false),
+            Err(held)
+        );
         // A flush bounds keys it never saw.
         s.flush(at_ms(EPOCH_MS + 200) | 1);
         let b = Bytes::from_static(b"b");
         let mut t = s.txn([&b[..]]);
         t.put(&b, Kind::String, 0, Bytes::from_static(b"x"));
-        let (_, v) = t.commit(behind, true, &mut BytesMut::new()).unwrap();
+        let (_, v) = t
+            .commit(behind, true, copy(&mut BytesMut::new()), false)
+            .unwrap();
         assert!(v >= s.floor(), "{v:x} at or above the flush");
     }
 }
