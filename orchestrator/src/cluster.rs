@@ -120,6 +120,15 @@ impl Pair {
     }
 }
 
+/// A write one worker of a pair took and its partner missed, as [`Router::record_miss`]
+/// names it to the one that took it.
+pub(crate) struct Missed {
+    pub key: Bytes,
+    pub version: u64,
+    /// A program's changes block (all its keys), or empty.
+    pub changes: Bytes,
+}
+
 /// Why a write that reached one worker of two is not acknowledged.
 const MISS_UNRECORDED: &str =
     "the write reached one worker, and its partner's miss could not be recorded; retry";
@@ -645,9 +654,25 @@ impl Router {
     /// becomes stale) and on `holder` (its count of writes taken alone), so that any
     /// orchestrator, even one started later, knows. Returns whether `holder` recorded it;
     /// a write whose miss is not recorded anywhere durable must not be acknowledged.
-    async fn record_miss(&self, holder: &WorkerLink, missed: &WorkerLink) -> bool {
+    ///
+    /// `written` names the write (its key and version, and for a program its changes) so
+    /// that `holder` marks its entries as taken alone: a copy another orchestrator's
+    /// program computes without them is then refused (see `cluster::rmw`).
+    async fn record_miss(
+        &self,
+        holder: &WorkerLink,
+        missed: &WorkerLink,
+        written: Option<Missed>,
+    ) -> bool {
         missed.missed_write();
-        self.ask(holder, Op::PartnerMissed, "").await.is_some()
+        let mut req = Request::new(Op::PartnerMissed, Bytes::new());
+        if let Some(w) = written {
+            (req.key, req.version, req.value) = (w.key, w.version, w.changes);
+        }
+        let reply = holder.send(&req, &Origin::INTERNAL);
+        self.finish(holder, reply)
+            .await
+            .is_some_and(|r| r.status == Status::Ok)
     }
 
     /// Sends a write (`set`, `del`) to both workers of the key's pair at once, stamped with a
@@ -815,7 +840,8 @@ impl Router {
                 Decided::Done(resp) => resp,
                 // (Boxed: the write's own future, boxed for every write, stays small.)
                 Decided::TakenBy(i, resp) => {
-                    Box::pin(this.acknowledge_one(&workers[i], &workers[1 - i], resp)).await
+                    let ack = this.acknowledge_one(&workers[i], &workers[1 - i], resp, &req);
+                    Box::pin(ack).await
                 }
             };
             if !reroute || resp.status != Status::Moved {
@@ -901,8 +927,14 @@ impl Router {
         holder: &WorkerLink,
         missed: &WorkerLink,
         resp: Response,
+        req: &Request,
     ) -> Response {
-        if self.record_miss(holder, missed).await {
+        let written = Missed {
+            key: req.key.clone(),
+            version: req.version,
+            changes: Bytes::new(),
+        };
+        if self.record_miss(holder, missed, Some(written)).await {
             RouterStats::count(&self.stats.partial_writes);
             resp
         } else {

@@ -919,6 +919,31 @@ async fn appends_to_long_strings_survive_kill_and_restart_of_each_worker() {
 /// answers `TRYAGAIN` and leaves the primary, and the retried INCR answers 3.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_that_missed_an_increment_does_not_overwrite_it_through_another_orchestrator() {
+    the_second_orchestrator_counts_a_write_the_primary_missed(
+        redis::cmd("INCR").arg("n").clone(),
+        3,
+    )
+    .await;
+}
+
+/// As above, with a plain SET the primary timed out on: the partner took it, and marked it
+/// as taken alone when the first orchestrator recorded the miss (before answering).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_that_missed_a_set_does_not_overwrite_it_through_another_orchestrator() {
+    the_second_orchestrator_counts_a_write_the_primary_missed(
+        redis::cmd("SET").arg("n").arg("10").clone(),
+        11,
+    )
+    .await;
+}
+
+/// `n` is 1 on both workers; the first orchestrator loses its way to the primary `a` and
+/// sends `missed`; then the second sends an INCR, which must answer `expect` (it counts the
+/// missed write), and both workers end with it.
+async fn the_second_orchestrator_counts_a_write_the_primary_missed(
+    missed: redis::Cmd,
+    expect: i64,
+) {
     let a = worker_on(0, &[]);
     let b = worker_on(0, &[]);
     let gate = Gate::start(a.addr).await;
@@ -946,24 +971,24 @@ async fn a_primary_that_missed_an_increment_does_not_overwrite_it_through_anothe
     let one: i64 = redis_until_served(first.addr, &incr).await;
     assert_eq!(one, 1);
     gate.cut();
-    let two: i64 = redis_until_served(first.addr, &incr).await;
-    assert_eq!(two, 2, "failed over to b");
-    let three: i64 = redis_until_served(second.addr, &incr).await;
+    let _: redis::Value = redis_until_served(first.addr, &missed).await;
+    let counted: i64 = redis_until_served(second.addr, &incr).await;
     assert_eq!(
-        three, 3,
-        "the second orchestrator's INCR counts the first's"
+        counted, expect,
+        "the second orchestrator's INCR counts the first's write"
     );
-    // Once `a` is reachable again it refills from `b`, and both hold every increment.
+    // Once `a` is reachable again it refills from `b`, and both hold every write.
     gate.restore();
     wait_status(first.addr, "a back in sync", |s| {
         s.contains(&format!("@{wa}=in_sync"))
     })
     .await;
+    let expect = expect.to_string();
     for w in [a.addr, b.addr] {
         let direct = Client::connect(&w.to_string()).await.unwrap();
         assert_eq!(
             direct.get::<Bytes>("n").await.unwrap().as_deref(),
-            Some(&b"3"[..]),
+            Some(expect.as_bytes()),
             "on {w}"
         );
     }

@@ -770,6 +770,21 @@ fn serve(node: &Node, req: Request) -> Response {
             found(found_it)
         }
         Op::PartnerMissed => {
+            // What the partner missed, when the orchestrator names it (the write's key at
+            // its version, or a program's changes): marked, so that a copy computed
+            // without it is refused (`Store::replicate`).
+            if req.version != 0 {
+                match twincache_protocol::program::decode_changes(req.value.clone()) {
+                    Ok(changes) if !changes.is_empty() => {
+                        for c in &changes {
+                            store.mark_alone(&c.key, req.version);
+                        }
+                    }
+                    _ => {
+                        store.mark_alone(&req.key, req.version);
+                    }
+                }
+            }
             node.sync.took_alone();
             Response::ok(Bytes::new())
         }

@@ -1032,6 +1032,21 @@ impl Store {
         self.del_alone(key, version, false)
     }
 
+    /// Marks `key`'s entry as a write its partner missed, if it is still the write of
+    /// `version` (the orchestrator learned of the miss after the write: see
+    /// `Op::PartnerMissed`); whether it was.
+    pub fn mark_alone(&self, key: &[u8], version: u64) -> bool {
+        let hash = self.hash(key);
+        let mut shard = self.shard(hash);
+        match shard.table.find_mut(hash, |e| e.key() == key) {
+            Some(e) if e.version() == version => {
+                e.set_alone(true);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// [`Store::del`] of a delete the partner will not get (`flags::SOLO`) when `alone`: its
     /// tombstone is marked so.
     pub fn del_alone(&self, key: &[u8], version: u64, alone: bool) -> bool {

@@ -64,7 +64,7 @@ impl Router {
                 if let Some(resp) = this.finish(&workers[i], sent).await {
                     if resp.status == Status::Ok
                         && !this.invalidate_on(&workers[1 - i], &req.key).await
-                        && !this.record_miss(&workers[i], &workers[1 - i]).await
+                        && !this.record_miss(&workers[i], &workers[1 - i], None).await
                     {
                         return Response::error(Status::Unavailable, MISS_UNRECORDED);
                     }

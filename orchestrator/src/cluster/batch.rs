@@ -102,7 +102,7 @@ impl Router {
                     let resp = match this.decide(workers, got, None) {
                         Decided::Done(resp) => resp,
                         Decided::TakenBy(i, resp) => {
-                            this.acknowledge_one(&workers[i], &workers[1 - i], resp)
+                            this.acknowledge_one(&workers[i], &workers[1 - i], resp, &req)
                                 .await
                         }
                     };

@@ -1093,7 +1093,7 @@ impl Router {
         // Recorded once every copy is in: a refill that started before may have missed some.
         for w in skipped {
             for holder in &took {
-                if !self.record_miss(holder, w).await {
+                if !self.record_miss(holder, w, None).await {
                     return Err(format!(
                         "{} lacks slots {}, and {} could not record it",
                         w.addr, m.slots, holder.addr

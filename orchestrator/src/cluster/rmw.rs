@@ -475,7 +475,7 @@ impl Router {
                 ));
             };
             for (i, w) in targets.iter().enumerate() {
-                if !took(i) && !self.record_miss(first, w).await {
+                if !took(i) && !self.record_miss(first, w, None).await {
                     return Err(Response::error(Status::Unavailable, MISS_UNRECORDED));
                 }
             }
@@ -547,7 +547,12 @@ impl Router {
         missed: &super::WorkerLink,
         answer: Answer,
     ) -> Answered {
-        if self.record_miss(holder, missed).await {
+        let written = super::Missed {
+            key: Bytes::new(),
+            version: answer.version,
+            changes: answer.changes.clone(),
+        };
+        if self.record_miss(holder, missed, Some(written)).await {
             RouterStats::count(&self.stats.partial_writes);
             Ok(answer)
         } else {
@@ -765,12 +770,18 @@ impl Router {
                 | ([true, false], [true, false])
                 | ([false, true], [false, true]) => {}
                 ([true, false], _) => {
-                    if !self.record_miss(&pair.workers[0], &pair.workers[1]).await {
+                    if !self
+                        .record_miss(&pair.workers[0], &pair.workers[1], None)
+                        .await
+                    {
                         result = Err(Response::error(Status::Unavailable, MISS_UNRECORDED));
                     }
                 }
                 ([false, true], _) => {
-                    if !self.record_miss(&pair.workers[1], &pair.workers[0]).await {
+                    if !self
+                        .record_miss(&pair.workers[1], &pair.workers[0], None)
+                        .await
+                    {
                         result = Err(Response::error(Status::Unavailable, MISS_UNRECORDED));
                     }
                 }

@@ -1094,3 +1094,22 @@ fn a_write_both_took_clears_the_mark_and_bases_must_match_in_number() {
     let resp = super::replicate(&partner, &sync, &req, None);
     assert_eq!(resp.status, Status::ParseError);
 }
+
+#[test]
+fn a_write_marked_after_the_fact_is_protected_as_one_taken_alone() {
+    let (primary, partner) = (Store::default(), Store::default());
+    let sync = SyncState::default();
+    for s in [&primary, &partner] {
+        s.set(b"n", b"1", 10, SetOptions::default()).unwrap();
+    }
+    // The partner took a SET the primary timed out on; the miss is recorded afterwards.
+    partner.set(b"n", b"5", 20, SetOptions::default()).unwrap();
+    assert!(
+        !partner.mark_alone(b"n", 19),
+        "only the write that was missed"
+    );
+    assert!(partner.mark_alone(b"n", 20));
+    let behind = flagged(&primary, "n", 30, 0, &[Action::IncrBy(1)]);
+    assert_eq!(copy_based(&partner, &sync, &behind, 30), Status::Diverged);
+    assert_eq!(partner.get(b"n").unwrap().unwrap(), b("5"));
+}
