@@ -956,7 +956,14 @@ async fn the_second_orchestrator_counts_a_write_the_primary_missed(
     // The second checks health once a minute: within the test it never sees `b`'s count.
     let second = Proc::orchestrator(
         &[a.addr, b.addr],
-        &["--worker-timeout", "300ms", "--health-interval", "60s"],
+        &[
+            "--worker-timeout",
+            "300ms",
+            "--health-interval",
+            "60s",
+            "--http",
+            "127.0.0.1:0",
+        ],
     );
     let (wa, wb) = (a.addr, b.addr);
     wait_status(first.addr, "both in sync", |s| {
@@ -977,6 +984,7 @@ async fn the_second_orchestrator_counts_a_write_the_primary_missed(
         counted, expect,
         "the second orchestrator's INCR counts the first's write"
     );
+    assert!(counter(&second, "twincache_rmw_diverged_total").await >= 1);
     // Once `a` is reachable again it refills from `b`, and both hold every write.
     gate.restore();
     wait_status(first.addr, "a back in sync", |s| {

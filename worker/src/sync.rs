@@ -15,7 +15,8 @@
 //! - **Writes taken alone** (`solo`): a write this worker applied knowing that its partner
 //!   would not get it (the orchestrator sent it with `flags::SOLO` because the partner was
 //!   down or stale, or told it afterwards with `partner_missed` because the partner failed
-//!   to take it). Counted per boot.
+//!   to take it). Counted per boot, and each such entry is marked in the store, so that a
+//!   copy of a program its partner computed without it is refused (`Store::replicate`).
 //! - **Coverage** (`covers`): the partner's boot id and `solo` count as of this worker's last
 //!   refill from it. The worker lacks none of the partner's writes if the partner's count is
 //!   not past it (for a partner that restarted since, if it has taken no write alone).

@@ -17,9 +17,11 @@
 //! The choice holds as long as the orchestrators agree on which workers are in sync. Right
 //! after a worker misses a write without failing (a timeout), an orchestrator that saw
 //! the miss stops using it at once and another does so at its next health check (a worker's
-//! count of writes taken alone tells it), so for up to one `--health-interval` two
-//! orchestrators may apply on different workers, and a concurrent read-modify-write of the
-//! same key may be lost. A crash has no such window: the dead worker applies nothing.
+//! count of writes taken alone tells it). Meanwhile the other may still send programs to a
+//! primary that lacks the write: the partner, which marked that write as taken alone,
+//! refuses the copy (the change's base is not the marked version), writes the keys again
+//! above it, and the program is answered `-TRYAGAIN` and retried on the partner
+//! ([`Status::Diverged`]; architecture.md, "Read-modify-write on a pair", point 8).
 //!
 //! ## The partner's copy
 //! The primary answers with the changes; they go to the partner as a `replicate` at the
