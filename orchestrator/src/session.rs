@@ -1195,6 +1195,7 @@ impl Protocol for BinaryProtocol {
             | Op::Slots
             | Op::Map
             | Op::Batch
+            | Op::Revoke
             | Op::Scan
             | Op::Flush
             | Op::Unknown(_) => {

@@ -187,6 +187,11 @@ pub enum Op {
     /// per SET). The value is their frames ([`encode_batch`]); the answer is `Ok` with their
     /// responses' frames in the same order ([`frames`]), each with its index as its id.
     Batch,
+    /// Orchestrator to worker, after its partner refused a program's copy
+    /// (`Status::Diverged`): each key of the changes block in the value is removed, with no
+    /// tombstone, if it still holds the program's write (the request's version), so that
+    /// the partner's value comes back at the refill and the refused change is not kept.
+    Revoke,
     Unknown(u8),
 }
 
@@ -225,6 +230,7 @@ impl Op {
             Op::Slots => 23,
             Op::Map => 24,
             Op::Batch => 25,
+            Op::Revoke => 26,
             Op::Unknown(c) => c,
         }
     }
@@ -256,6 +262,7 @@ impl Op {
             23 => Op::Slots,
             24 => Op::Map,
             25 => Op::Batch,
+            26 => Op::Revoke,
             c => Op::Unknown(c),
         }
     }

@@ -34,8 +34,8 @@ pub enum Status {
     Moved = 11,
     /// Worker to orchestrator, on a `replicate` with bases: the primary computed from a
     /// value that lacks a write this worker took alone (its partner missed it). Nothing was
-    /// taken, and the keys' values here were written again above the copy's version, so the
-    /// primary's change loses wherever the two meet; the primary must refill.
+    /// taken; the orchestrator revokes the change on the primary (`Op::Revoke`), which must
+    /// refill.
     Diverged = 12,
 }
 

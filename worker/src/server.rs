@@ -769,6 +769,16 @@ fn serve(node: &Node, req: Request) -> Response {
             }
             found(found_it)
         }
+        Op::Revoke => match twincache_protocol::program::decode_changes(req.value.clone()) {
+            Ok(changes) => {
+                let gone = changes
+                    .iter()
+                    .filter(|c| store.revoke(&c.key, req.version))
+                    .count();
+                Response::ok(Bytes::from(gone.to_string()))
+            }
+            Err(e) => Response::error(Status::ParseError, e.0),
+        },
         Op::PartnerMissed => {
             // What the partner missed, when the orchestrator names it (the write's key at
             // its version, or a program's changes): marked, so that a copy computed
@@ -1038,6 +1048,37 @@ mod tests {
         set.value = Bytes::from(format!("set 0 orch-a\n{}", map.text()));
         assert_eq!(handle(node, set).status, Status::Ok);
         map
+    }
+
+    /// `partner_missed` naming a write marks it; `revoke` removes a key only at the version
+    /// named, leaving no tombstone; a revoke that does not parse is refused.
+    #[test]
+    fn partner_missed_marks_and_revoke_removes_the_write_named() {
+        use twincache_protocol::program::{Change, Kind};
+        let node = Node::for_tests(None);
+        node.store.set(b"k", b"v", 5, Default::default()).unwrap();
+        let mut missed = Request::new(Op::PartnerMissed, Bytes::from_static(b"k"));
+        missed.version = 5;
+        assert_eq!(handle(&node, missed).status, Status::Ok);
+        assert_eq!(node.sync.taken_alone(), 1);
+        assert!(!node.store.mark_alone(b"k", 4));
+        let mut block = BytesMut::new();
+        Change {
+            key: Bytes::from_static(b"k"),
+            kind: Kind::String as u8,
+            expires_at: 0,
+            value: Bytes::from_static(b"v"),
+        }
+        .encode(&mut block);
+        let mut revoke = Request::new(Op::Revoke, Bytes::new());
+        revoke.value = block.freeze();
+        revoke.version = 4;
+        assert_eq!(&handle(&node, revoke.clone()).payload[..], b"0");
+        revoke.version = 5;
+        assert_eq!(&handle(&node, revoke.clone()).payload[..], b"1");
+        assert_eq!(node.store.version(b"k"), None, "no tombstone");
+        revoke.value = Bytes::from_static(b"\x00\x00");
+        assert_eq!(handle(&node, revoke).status, Status::ParseError);
     }
 
     /// A GET answered into the connection's replies from the store, as the connection loop

@@ -194,10 +194,6 @@ impl Entry {
         self.u64_at(8)
     }
 
-    fn set_version(&mut self, version: u64) {
-        self.0[0..8].copy_from_slice(&version.to_le_bytes());
-    }
-
     fn set_expires_at(&mut self, at: u64) {
         self.0[8..16].copy_from_slice(&at.to_le_bytes());
     }
@@ -250,20 +246,6 @@ impl Entry {
     fn set_alone(&mut self, on: bool) {
         let bits = (self.u32_at(20) & !ALONE | if on { ALONE } else { 0 }) as u32;
         self.0[20..24].copy_from_slice(&bits.to_le_bytes());
-    }
-
-    /// The entry's bytes as a snapshot sends them: without the written-alone bit (the
-    /// receiver took them from this worker, and a receiver from before the bit would take
-    /// it for length).
-    fn as_sent(&self) -> std::borrow::Cow<'_, [u8]> {
-        if self.alone() {
-            let mut raw = self.0.to_vec();
-            let bits = (self.u32_at(20) & !ALONE) as u32;
-            raw[20..24].copy_from_slice(&bits.to_le_bytes());
-            std::borrow::Cow::Owned(raw)
-        } else {
-            std::borrow::Cow::Borrowed(&self.0)
-        }
     }
 
     fn key(&self) -> &[u8] {
@@ -348,6 +330,16 @@ impl Entry {
         } else {
             std::mem::replace(self, fresh)
         }
+    }
+}
+
+/// Clears the written-alone bit of an entry's bytes as a snapshot sends them (copied from
+/// [`Store::snapshot_shard`]): the receiver takes them from this worker, and a receiver from
+/// before the bit would take it for length.
+pub fn unmark_sent(raw: &mut [u8]) {
+    if let Some(field) = raw.get_mut(20..24) {
+        let bits = u32::from_le_bytes([field[0], field[1], field[2], field[3]]) & !(ALONE as u32);
+        field.copy_from_slice(&bits.to_le_bytes());
     }
 }
 
@@ -1032,6 +1024,20 @@ impl Store {
         self.del_alone(key, version, false)
     }
 
+    /// Removes `key`'s entry, leaving no tombstone, if it is the write of `version`: a
+    /// program's change its partner refused (`Op::Revoke`). The partner's value for the key
+    /// comes back at this worker's refill. Whether it was removed.
+    pub fn revoke(&self, key: &[u8], version: u64) -> bool {
+        let hash = self.hash(key);
+        let mut shard = self.shard(hash);
+        let before = shard.held();
+        let gone = shard.remove_if(hash, key, |e| e.version() == version);
+        shard.recount_structure();
+        self.track(before, shard.held());
+        drop(shard);
+        gone.is_some()
+    }
+
     /// Marks `key`'s entry as a write its partner missed, if it is still the write of
     /// `version` (the orchestrator learned of the miss after the write: see
     /// `Op::PartnerMissed`); whether it was.
@@ -1230,7 +1236,7 @@ impl Store {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         for e in shard.table.iter().filter(|e| !e.expired(now)) {
-            each(&e.as_sent());
+            each(&e.0);
         }
     }
 
@@ -1243,7 +1249,7 @@ impl Store {
             .unwrap_or_else(|e| e.into_inner());
         for e in shard.table.iter().filter(|e| !e.expired(now)) {
             if slots.holds_key(e.key()) {
-                each(&e.as_sent());
+                each(&e.0);
             }
         }
     }
@@ -1765,8 +1771,12 @@ mod tests {
         assert!(e.alone() && e.accessed());
         assert_eq!(e.value_len(), 5);
         assert_eq!(
-            &e.as_sent()[..],
-            &with_u32(&raw, 20, 5 | ACCESSED as u32)[..]
+            {
+                let mut sent = e.0.to_vec();
+                unmark_sent(&mut sent);
+                sent
+            },
+            with_u32(&raw, 20, 5 | ACCESSED as u32)
         );
         let bad: Vec<(&str, Vec<u8>)> = vec![
             ("no header", raw[..HEADER - 1].to_vec()),

@@ -591,6 +591,8 @@ pub fn snapshot_head(store: &Store, sync: &SyncState, records: &mut BytesMut) {
 /// Appends an entry record (an entry as `Store::snapshot_shard` gives it).
 pub fn entry_record(records: &mut BytesMut, entry: &[u8]) {
     put_record(records, ENTRY, entry);
+    let at = records.len() - entry.len();
+    crate::store::unmark_sent(&mut records[at..]);
 }
 
 /// Serves a snapshot on `stream`: the meta record, the dictionary, every entry, then the end.
@@ -1006,6 +1008,22 @@ mod tests {
     /// A slot move's import: only the range's entries, however old (the new pair never held
     /// them), and a write made on the new pair during the move wins; the sender's filtered
     /// walk and its drop cover the same entries.
+    /// An entry written alone travels without its mark: a receiver from before the mark
+    /// would read it as length and refuse the entry.
+    #[test]
+    fn a_snapshot_sends_entries_without_the_written_alone_mark() {
+        let s = Store::default();
+        let alone = SetOptions {
+            alone: true,
+            ..SetOptions::default()
+        };
+        s.set(b"k", b"12345", 10, alone).unwrap();
+        let records = snapshot(&s);
+        let entry = &records[records.len() - (24 + 1 + 5 + 1)..];
+        let len = u32::from_le_bytes([entry[20], entry[21], entry[22], entry[23]]);
+        assert_eq!(len, 5);
+    }
+
     #[test]
     fn an_import_takes_only_its_slots_however_old_and_keeps_newer_writes() {
         use twincache_protocol::slots::slot_of;

@@ -19,8 +19,8 @@
 //! the miss stops using it at once and another does so at its next health check (a worker's
 //! count of writes taken alone tells it). Meanwhile the other may still send programs to a
 //! primary that lacks the write: the partner, which marked that write as taken alone,
-//! refuses the copy (the change's base is not the marked version), writes the keys again
-//! above it, and the program is answered `-TRYAGAIN` and retried on the partner
+//! refuses the copy (the change's base is not the marked version), the change is revoked
+//! on the primary, and the program is answered `-TRYAGAIN` and retried on the partner
 //! ([`Status::Diverged`]; architecture.md, "Read-modify-write on a pair", point 8).
 //!
 //! ## The partner's copy
@@ -394,11 +394,21 @@ impl Router {
             // It stopped taking writes since the program was sent.
             return self.acknowledge_rmw(holder, partner, answer).await;
         }
-        let copy = self.replicate(answer.changes.clone(), answer.version, &answer.bases);
+        // Bases only to a partner that still says it takes them (it may have been replaced
+        // since the program was sent).
+        let bases = if partner
+            .takes_bases
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            answer.bases.clone()
+        } else {
+            Bytes::new()
+        };
+        let copy = self.replicate(answer.changes.clone(), answer.version, &bases);
         let reply = partner.send_strict(&copy);
         match self.finish(partner, reply).await {
             Some(r) if r.status == Status::Ok => Ok(answer),
-            Some(r) if r.status == Status::Diverged => Err(self.diverged(holder)),
+            Some(r) if r.status == Status::Diverged => Err(self.diverged(holder, &answer).await),
             // An edit of a large hash, and the partner does not hold the version it edits (a
             // copy before it still on its way, or missed): the key goes whole, as the
             // primary holds it now.
@@ -409,7 +419,7 @@ impl Router {
                     .await
                 {
                     Some(Status::Ok) => Ok(answer),
-                    Some(Status::Diverged) => Err(self.diverged(holder)),
+                    Some(Status::Diverged) => Err(self.diverged(holder, &answer).await),
                     _ => self.acknowledge_rmw(holder, partner, answer).await,
                 }
             }
@@ -534,11 +544,21 @@ impl Router {
     }
 
     /// The partner refused a copy: the primary computed without a write the partner took
-    /// alone, and the partner wrote its keys again above the copy. The primary is stale
-    /// here from now on (it refills), and the client is told to retry: the program is not
-    /// kept, since the partner's values win wherever the two meet.
-    fn diverged(&self, holder: &super::WorkerLink) -> Response {
+    /// alone. The primary removes the program's change where it still holds it
+    /// (`Op::Revoke`: at its refill the partner's values come back, rather than the change
+    /// winning as the newer), is stale here from now on, and the client is told to retry.
+    async fn diverged(&self, holder: &super::WorkerLink, answer: &Answer) -> Response {
         RouterStats::count(&self.stats.diverged);
+        let mut revoke = Request::new(Op::Revoke, Bytes::new());
+        revoke.version = answer.version;
+        revoke.value = answer.changes.clone();
+        let revoked = self.finish(holder, holder.send_strict(&revoke)).await;
+        if !matches!(&revoked, Some(r) if r.status == Status::Ok) {
+            tracing::warn!(
+                worker = %holder.addr,
+                "could not revoke a refused read-modify-write; it refills"
+            );
+        }
         holder.missed_write();
         Response::error(Status::Unavailable, Status::Diverged.default_message())
     }

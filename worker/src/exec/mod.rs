@@ -224,11 +224,6 @@ pub fn replicate(
     }
     match store.replicate(&changes, req.version, bases.as_deref()) {
         Ok(taken) => Response::ok(Bytes::from(taken.to_string())),
-        Err(NotTaken::Diverged) => {
-            // Written again here above the copy: the partner lacks those too.
-            sync.took_alone();
-            Response::error(Status::Diverged, NotTaken::Diverged.to_string())
-        }
         Err(e) => Response {
             id: 0,
             status: match e {

@@ -1026,37 +1026,42 @@ fn copy_based(partner: &Store, sync: &SyncState, answer: &Answer, version: u64) 
     super::replicate(partner, sync, &req, None).status
 }
 
-#[test]
-fn a_copy_computed_without_a_write_the_partner_took_alone_is_refused_and_loses() {
+/// A primary and its partner both holding n = 1 at version 10, as a program's copy leaves
+/// them, with the partner's sync state.
+fn both_hold_one() -> (Store, Store, SyncState) {
     let (primary, partner) = (Store::default(), Store::default());
     let sync = SyncState::default();
-    let incr = [Action::IncrBy(1)];
-    // Both hold n = 1, as copies of one program do.
-    let first = flagged(&primary, "n", 10, 0, &incr);
+    let first = flagged(&primary, "n", 10, 0, &[Action::IncrBy(1)]);
     assert_eq!(copy_based(&partner, &sync, &first, 10), Status::Ok);
+    (primary, partner, sync)
+}
+
+#[test]
+fn a_copy_computed_without_a_write_the_partner_took_alone_is_refused_and_loses() {
+    let (primary, partner, sync) = both_hold_one();
+    let incr = [Action::IncrBy(1)];
     // An INCR failed over to the partner, the primary missing it (another orchestrator's
     // view), and one the primary computed without it.
     let alone = flagged(&partner, "n", 20, flags::SOLO, &incr);
     assert_eq!(decode_replies(&alone.replies).unwrap(), vec![Reply::Int(2)]);
-    let behind = flagged(
-        &primary,
-        "n",
-        30,
-        0,
-        &[Action::IncrBy(1), Action::Key(b("m"))],
+    let behind = flagged(&primary, "n", 30, 0, &incr);
+    assert_eq!(
+        decode_replies(&behind.replies).unwrap(),
+        vec![Reply::Int(2)]
     );
-    assert_eq!(decode_replies(&behind.replies).unwrap()[0], Reply::Int(2));
     assert_eq!(copy_based(&partner, &sync, &behind, 30), Status::Diverged);
-    assert_eq!(sync.taken_alone(), 1, "the primary lacks these too");
-    // Nothing taken; the partner's value is written again above the refused copy.
+    // Nothing taken, nothing changed on the partner.
     assert_eq!(partner.get(b"n").unwrap().unwrap(), b("2"));
-    assert!(partner.version(b"n").unwrap() > 30);
-    // The primary refills: the partner's entry wins over its unacknowledged one.
-    for n in 0..Store::SHARDS {
-        partner.snapshot_shard(n, |raw| {
-            primary.merge(raw);
-        });
-    }
+    assert_eq!(partner.version(b"n"), Some(20));
+    // The orchestrator revokes the change on the primary, which then refills: the
+    // partner's value comes back (newer than nothing), not the refused one (newer than it).
+    assert_eq!(revoke(&primary, &behind, 30), 1);
+    assert_eq!(
+        revoke(&primary, &behind, 30),
+        0,
+        "only the write of that version"
+    );
+    refill(&primary, &partner);
     assert_eq!(primary.get(b"n").unwrap().unwrap(), b("2"));
     // Computed from what it took, the next copy is taken, and clears the mark.
     let next = flagged(&primary, "n", 40, 0, &incr);
@@ -1064,11 +1069,64 @@ fn a_copy_computed_without_a_write_the_partner_took_alone_is_refused_and_loses()
     assert_eq!(copy_based(&partner, &sync, &next, 40), Status::Ok);
     assert_eq!(partner.get(b"n").unwrap().unwrap(), b("3"));
     // Copies without bases (an older orchestrator) are taken as before.
-    let plain = flagged(&partner, "n", 50, flags::SOLO, &incr);
+    flagged(&partner, "n", 50, flags::SOLO, &incr);
     let behind = answer(&primary, "n", 60, &incr);
     let changes = decode_changes(behind.changes).unwrap();
     assert_eq!(partner.replicate(&changes, 60, None).unwrap(), 1);
-    drop(plain);
+}
+
+/// The primary refills from its partner (a full refill's merge).
+fn refill(primary: &Store, partner: &Store) {
+    for n in 0..Store::SHARDS {
+        partner.snapshot_shard(n, |raw| {
+            primary.merge(raw);
+        });
+    }
+}
+
+/// `Op::Revoke` of `answer`'s changes at `version` on `store`; how many it removed.
+fn revoke(store: &Store, answer: &Answer, version: u64) -> usize {
+    let changes = decode_changes(answer.changes.clone()).unwrap();
+    changes
+        .iter()
+        .filter(|c| store.revoke(&c.key, version))
+        .count()
+}
+
+/// A plain SET both workers take, at a version between the partner's write taken alone and
+/// the refused program's: the refused copy leaves the partner as it was, so the SET still
+/// lands there when it arrives late, and the refill brings it back to the primary
+/// (a partner raising its own value above the copy would have buried it).
+#[test]
+fn a_refused_copy_leaves_later_writes_on_their_way_to_the_partner_their_place() {
+    let (primary, partner, sync) = both_hold_one();
+    let incr = [Action::IncrBy(1)];
+    flagged(&partner, "n", 20, flags::SOLO, &incr);
+    primary.set(b"n", b"10", 25, SetOptions::default()).unwrap();
+    let behind = flagged(&primary, "n", 30, 0, &incr);
+    assert_eq!(copy_based(&partner, &sync, &behind, 30), Status::Diverged);
+    assert_eq!(revoke(&primary, &behind, 30), 1);
+    assert!(
+        partner
+            .set(b"n", b"10", 25, SetOptions::default())
+            .unwrap()
+            .applied
+    );
+    refill(&primary, &partner);
+    assert_eq!(primary.get(b"n").unwrap().unwrap(), b("10"));
+}
+
+/// A FLUSHALL the primary missed leaves nothing to mark; a base older than the flush tells.
+#[test]
+fn a_copy_computed_from_before_a_flush_the_primary_missed_is_refused() {
+    let (primary, partner, sync) = both_hold_one();
+    let incr = [Action::IncrBy(1)];
+    partner.flush(20);
+    let behind = flagged(&primary, "n", 30, 0, &incr);
+    assert_eq!(copy_based(&partner, &sync, &behind, 30), Status::Diverged);
+    // A key the primary created after the flush (nothing before it) is taken.
+    let fresh = flagged(&primary, "new", 40, 0, &incr);
+    assert_eq!(copy_based(&partner, &sync, &fresh, 40), Status::Ok);
 }
 
 #[test]

@@ -591,23 +591,6 @@ impl<'a> Txn<'a> {
         Ok(e.version())
     }
 
-    /// Writes `key`'s entry again as it is at `version` (if older), marked as taken alone;
-    /// false if the key has no entry.
-    fn restamp(&mut self, key: &[u8], version: u64) -> bool {
-        let hash = self.hash(key);
-        let Some(e) = self
-            .shard_mut(hash)
-            .and_then(|shard| shard.table.find_mut(hash, |e| e.key() == key))
-        else {
-            return false;
-        };
-        if e.version() < version {
-            e.set_version(version);
-            e.set_alone(true);
-        }
-        true
-    }
-
     /// Whether the program has written anything.
     pub fn changed(&self) -> bool {
         !self.staged.is_empty()
@@ -900,13 +883,13 @@ impl Store {
     /// first), the rest are replaced. Returns how many were taken.
     ///
     /// With `bases` (one a change: the version the primary's key held when it ran the
-    /// program), a change of a key whose entry here is a write taken alone, at a version
-    /// other than its base, was computed without that write: the primary missed it, and
-    /// taking the change would lose it (an INCR through another orchestrator, while this
-    /// one's INCR failed over here). Then nothing is taken, and every key of the copy is
-    /// written again here, as it is, just above `version` and marked as taken alone
-    /// (a key not here, as a delete): wherever the primary's unacknowledged change meets
-    /// these, at the primary's refill, it loses.
+    /// program), a change was computed without a write this worker took alone when its
+    /// key's entry here is marked so at a version other than its base (the primary missed
+    /// that write), or when its base is older than a flush here (one the primary missed:
+    /// a primary that took it holds nothing older). Taking it would lose the write (an
+    /// INCR through another orchestrator, while this one's INCR failed over here), so
+    /// nothing is taken ([`NotTaken::Diverged`]) and nothing here changes: the orchestrator
+    /// removes the change from the primary (`Op::Revoke`), which then refills.
     pub fn replicate(
         &self,
         changes: &[Change],
@@ -938,19 +921,14 @@ impl Store {
         }
         let mut txn = self.txn(changes.iter().map(|c| &c.key[..]));
         if let Some(bases) = bases {
+            let floor = self.floor();
             let diverged = changes.iter().zip(bases).any(|(c, &base)| {
-                txn.entry(&c.key)
-                    .is_some_and(|e| e.alone() && e.version() != base)
+                (base != 0 && base < floor)
+                    || txn
+                        .entry(&c.key)
+                        .is_some_and(|e| e.alone() && e.version() != base)
             });
             if diverged {
-                txn.rewind();
-                let above = version.saturating_add(1);
-                for c in changes {
-                    if !txn.restamp(&c.key, above) {
-                        txn.delete(&c.key);
-                    }
-                }
-                txn.write(above, None, true);
                 return Err(NotTaken::Diverged);
             }
             txn.rewind();
