@@ -190,7 +190,9 @@ pub enum Op {
     /// Orchestrator to worker, after its partner refused a program's copy
     /// (`Status::Diverged`): each key of the changes block in the value is removed, with no
     /// tombstone, if it still holds the program's write (the request's version), so that
-    /// the partner's value comes back at the refill and the refused change is not kept.
+    /// the partner's value comes back at the refill and the refused change is not kept. The
+    /// worker no longer holds the pair's data (it refuses `IN_SYNC` requests) until a refill
+    /// started after the revoke completes.
     Revoke,
     Unknown(u8),
 }

@@ -59,6 +59,7 @@ async fn a_worker_with_a_secret_serves_nothing_to_the_unauthenticated() {
         Op::Adopt,
         Op::Invalidate,
         Op::PartnerMissed,
+        Op::Revoke,
     ] {
         assert_eq!(
             unauthenticated(w.addr, op).await,

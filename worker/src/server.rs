@@ -771,6 +771,7 @@ fn serve(node: &Node, req: Request) -> Response {
         }
         Op::Revoke => match twincache_protocol::program::decode_changes(req.value.clone()) {
             Ok(changes) => {
+                node.sync.revoked();
                 let gone = changes
                     .iter()
                     .filter(|c| store.revoke(&c.key, req.version))
@@ -1077,6 +1078,10 @@ mod tests {
         revoke.version = 5;
         assert_eq!(&handle(&node, revoke.clone()).payload[..], b"1");
         assert_eq!(node.store.version(b"k"), None, "no tombstone");
+        assert!(
+            !node.sync.synced(),
+            "it lacks the partner's value until it refills"
+        );
         revoke.value = Bytes::from_static(b"\x00\x00");
         assert_eq!(handle(&node, revoke).status, Status::ParseError);
     }

@@ -125,6 +125,9 @@ pub struct SyncState {
     /// each `replicate` moves it to now plus the sender's worker timeout. This worker applies
     /// no program before then (see `exec`).
     partner_applies_until: AtomicU64,
+    /// Changes revoked here since start (`Op::Revoke`): a refill running across one may have
+    /// merged a key before the revoke removed it, so it does not count as complete.
+    revokes: AtomicU64,
     /// The last slot import; one runs at a time.
     import: Mutex<ImportRun>,
 }
@@ -209,6 +212,7 @@ impl Default for SyncState {
             traffic: Traffic::default(),
             synced_at: AtomicU64::new(0),
             partner_applies_until: AtomicU64::new(0),
+            revokes: AtomicU64::new(0),
             import: Mutex::default(),
         }
     }
@@ -260,6 +264,15 @@ impl SyncState {
     /// is applied, so that a snapshot reporting the count holds the write.
     pub fn took_alone(&self) {
         self.solo.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// A change its partner refused was revoked here (`Op::Revoke`): this worker lacks the
+    /// partner's value of those keys until it refills, so it no longer holds the pair's data
+    /// (requests flagged `IN_SYNC` are refused and go to the partner), and a refill running
+    /// now does not count.
+    pub fn revoked(&self) {
+        self.revokes.fetch_add(1, Ordering::AcqRel);
+        self.synced.store(false, Ordering::Release);
     }
 
     /// Writes taken alone since start.
@@ -392,6 +405,7 @@ impl SyncState {
         t.started.fetch_add(1, Ordering::Relaxed);
         t.entries_done.store(0, Ordering::Relaxed);
         t.entries_expected.store(0, Ordering::Relaxed);
+        let revokes = self.revokes.load(Ordering::Acquire);
         let state = self.clone();
         tokio::spawn(async move {
             let started = Instant::now();
@@ -407,6 +421,13 @@ impl SyncState {
                 0,
             )
             .await;
+            let result = result.and_then(|pulled| {
+                if state.revokes.load(Ordering::Acquire) == revokes {
+                    Ok(pulled)
+                } else {
+                    Err("a change was revoked during the refill".to_string())
+                }
+            });
             let mut run = state.run();
             run.seconds = started.elapsed().as_secs_f64();
             match result {

@@ -511,6 +511,9 @@ impl Router {
         let key = first_key(changes.clone())?;
         let mut export = Request::new(Op::Query, key.clone());
         export.value = encode_program(&[Action::Export]);
+        // Not from a holder that lost the pair's data since (a revoke: the key may be
+        // missing there for that reason, and its absence must not be copied as a delete).
+        export.flags = flags::IN_SYNC;
         let exported = match self.finish(holder, holder.send_strict(&export)).await {
             Some(r) if r.status == Status::Ok => Answer::parse(r.payload).ok(),
             _ => None,
@@ -549,6 +552,8 @@ impl Router {
     /// winning as the newer), is stale here from now on, and the client is told to retry.
     async fn diverged(&self, holder: &super::WorkerLink, answer: &Answer) -> Response {
         RouterStats::count(&self.stats.diverged);
+        // Stale here before anything else: no program of this orchestrator goes there now.
+        holder.missed_write();
         let mut revoke = Request::new(Op::Revoke, Bytes::new());
         revoke.version = answer.version;
         revoke.value = answer.changes.clone();
@@ -559,7 +564,6 @@ impl Router {
                 "could not revoke a refused read-modify-write; it refills"
             );
         }
-        holder.missed_write();
         Response::error(Status::Unavailable, Status::Diverged.default_message())
     }
 

@@ -230,7 +230,13 @@ pub fn replicate(
                 NotTaken::TooLarge(_) => Status::TooLarge,
                 NotTaken::Malformed(_) => Status::ParseError,
                 NotTaken::Behind => Status::NotApplied,
-                NotTaken::Diverged => Status::Diverged,
+                NotTaken::Diverged => {
+                    // Its keys are marked here now: the primary lacks them until it refills,
+                    // which every orchestrator reads from this count (and a refill whose
+                    // snapshot came before is done again).
+                    sync.took_alone();
+                    Status::Diverged
+                }
             },
             payload: Bytes::from(e.to_string()),
         },

@@ -1171,3 +1171,38 @@ fn a_write_marked_after_the_fact_is_protected_as_one_taken_alone() {
     assert_eq!(copy_based(&partner, &sync, &behind, 30), Status::Diverged);
     assert_eq!(partner.get(b"n").unwrap().unwrap(), b("5"));
 }
+
+/// A refused RENAME: the revoke removes its source from the primary too, and the partner
+/// marks every key of the copy, so a later INCR of the source there (from an orchestrator
+/// that still takes the primary to be in sync), computed from nothing, is refused as well.
+#[test]
+fn every_key_of_a_refused_copy_is_marked_on_the_partner() {
+    let (primary, partner) = (Store::default(), Store::default());
+    let sync = SyncState::default();
+    for s in [&primary, &partner] {
+        s.set(b"m", b"5", 10, SetOptions::default()).unwrap();
+        s.set(b"n", b"1", 10, SetOptions::default()).unwrap();
+    }
+    flagged(&partner, "n", 20, flags::SOLO, &[Action::IncrBy(1)]);
+    let rename = [Action::RenameTo {
+        dst: b("n"),
+        nx: false,
+    }];
+    let renamed = flagged(&primary, "m", 30, 0, &rename);
+    assert_eq!(copy_based(&partner, &sync, &renamed, 30), Status::Diverged);
+    assert_eq!(sync.taken_alone(), 1, "the primary lacks them: it refills");
+    assert_eq!(revoke(&primary, &renamed, 30), 2);
+    let incr = flagged(&primary, "m", 40, 0, &[Action::IncrBy(1)]);
+    assert_eq!(copy_based(&partner, &sync, &incr, 40), Status::Diverged);
+    assert_eq!(partner.get(b"m").unwrap().unwrap(), b("5"));
+    // A key the partner lacks gets a marked tombstone below any write.
+    let both = flagged(&primary, "y", 60, 0, &[Action::IncrBy(1)]);
+    let mut with_n = both.clone();
+    with_n.changes = [&both.changes[..], &renamed.changes[..]].concat().into();
+    let mut bases = bytes::BytesMut::new();
+    twincache_protocol::program::put_bases(&mut bases, &[0, 0, 0]);
+    with_n.bases = bases.freeze();
+    assert_eq!(copy_based(&partner, &sync, &with_n, 60), Status::Diverged);
+    assert_eq!(partner.version(b"y"), Some(1), "a marked tombstone");
+    assert!(partner.get(b"y").unwrap().is_none());
+}

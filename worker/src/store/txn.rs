@@ -591,6 +591,21 @@ impl<'a> Txn<'a> {
         Ok(e.version())
     }
 
+    /// Marks `key`'s entry as taken alone, as it is; false if the key has no entry.
+    fn mark_alone(&mut self, key: &[u8]) -> bool {
+        let hash = self.hash(key);
+        match self
+            .shard_mut(hash)
+            .and_then(|shard| shard.table.find_mut(hash, |e| e.key() == key))
+        {
+            Some(e) => {
+                e.set_alone(true);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Whether the program has written anything.
     pub fn changed(&self) -> bool {
         !self.staged.is_empty()
@@ -888,8 +903,12 @@ impl Store {
     /// that write), or when its base is older than a flush here (one the primary missed:
     /// a primary that took it holds nothing older). Taking it would lose the write (an
     /// INCR through another orchestrator, while this one's INCR failed over here), so
-    /// nothing is taken ([`NotTaken::Diverged`]) and nothing here changes: the orchestrator
-    /// removes the change from the primary (`Op::Revoke`), which then refills.
+    /// nothing is taken ([`NotTaken::Diverged`]); the orchestrator removes the change from
+    /// the primary (`Op::Revoke`), which then refills. Every key of the copy is marked here,
+    /// its value and version unchanged (a key not here gets a marked tombstone at version
+    /// 1, below any write): the primary's later programs on the keys the refused one wrote
+    /// (a RENAME's source, removed there by the revoke) are refused too, while a write
+    /// still on its way here lands as it would have.
     pub fn replicate(
         &self,
         changes: &[Change],
@@ -929,6 +948,13 @@ impl Store {
                         .is_some_and(|e| e.alone() && e.version() != base)
             });
             if diverged {
+                txn.rewind();
+                for c in changes {
+                    if !txn.mark_alone(&c.key) {
+                        txn.delete(&c.key);
+                    }
+                }
+                txn.write(1, None, true);
                 return Err(NotTaken::Diverged);
             }
             txn.rewind();
