@@ -1153,13 +1153,21 @@ fn a_write_both_took_clears_the_mark_and_bases_must_match_in_number() {
     assert_eq!(resp.status, Status::ParseError);
 }
 
+/// A primary and its partner both holding `pairs` at version 10 (plain SETs both took).
+fn both_hold(pairs: &[(&str, &str)]) -> (Store, Store, SyncState) {
+    let (primary, partner) = (Store::default(), Store::default());
+    for s in [&primary, &partner] {
+        for (k, v) in pairs {
+            s.set(k.as_bytes(), v.as_bytes(), 10, SetOptions::default())
+                .unwrap();
+        }
+    }
+    (primary, partner, SyncState::default())
+}
+
 #[test]
 fn a_write_marked_after_the_fact_is_protected_as_one_taken_alone() {
-    let (primary, partner) = (Store::default(), Store::default());
-    let sync = SyncState::default();
-    for s in [&primary, &partner] {
-        s.set(b"n", b"1", 10, SetOptions::default()).unwrap();
-    }
+    let (primary, partner, sync) = both_hold(&[("n", "1")]);
     // The partner took a SET the primary timed out on; the miss is recorded afterwards.
     partner.set(b"n", b"5", 20, SetOptions::default()).unwrap();
     assert!(
@@ -1177,12 +1185,7 @@ fn a_write_marked_after_the_fact_is_protected_as_one_taken_alone() {
 /// that still takes the primary to be in sync), computed from nothing, is refused as well.
 #[test]
 fn every_key_of_a_refused_copy_is_marked_on_the_partner() {
-    let (primary, partner) = (Store::default(), Store::default());
-    let sync = SyncState::default();
-    for s in [&primary, &partner] {
-        s.set(b"m", b"5", 10, SetOptions::default()).unwrap();
-        s.set(b"n", b"1", 10, SetOptions::default()).unwrap();
-    }
+    let (primary, partner, sync) = both_hold(&[("m", "5"), ("n", "1")]);
     flagged(&partner, "n", 20, flags::SOLO, &[Action::IncrBy(1)]);
     let rename = [Action::RenameTo {
         dst: b("n"),
