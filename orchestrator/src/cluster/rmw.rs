@@ -557,7 +557,10 @@ impl Router {
         let mut revoke = Request::new(Op::Revoke, Bytes::new());
         revoke.version = answer.version;
         revoke.value = answer.changes.clone();
-        let revoked = self.finish(holder, holder.send_strict(&revoke)).await;
+        // Patient, as a control request is: a slow primary should still get it.
+        let revoked = self
+            .finish(holder, holder.send(&revoke, &Origin::INTERNAL))
+            .await;
         if !matches!(&revoked, Some(r) if r.status == Status::Ok) {
             tracing::warn!(
                 worker = %holder.addr,
