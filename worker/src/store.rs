@@ -873,8 +873,9 @@ impl Store {
                 shard.recount_structure();
                 self.track(before, shard.held());
                 drop(shard);
-                if gone.is_some() {
+                if let Some(gone) = gone {
                     self.counters.expired.fetch_add(1, Ordering::Relaxed);
+                    self.keep_marks(std::slice::from_ref(&gone), now.ms());
                 }
                 None
             }
@@ -1361,11 +1362,30 @@ impl Store {
     /// shard per call keeps each call's cost a fixed fraction of the store.
     pub fn sweep_shard(&self, n: usize) -> usize {
         let now = now_ms();
-        let n = self.remove_where(n, |e| e.expired(now));
-        if n > 0 {
-            self.counters.expired.fetch_add(n as u64, Ordering::Relaxed);
+        let gone = self.take_where(n, |e| e.expired(now));
+        if !gone.is_empty() {
+            self.counters
+                .expired
+                .fetch_add(gone.len() as u64, Ordering::Relaxed);
+            self.keep_marks(&gone, now);
         }
-        n
+        gone.len()
+    }
+
+    /// Expired entries just removed that were written alone leave a marked tombstone at
+    /// their version (kept `--tombstone-ttl`), unless the key was written again meanwhile:
+    /// their mark still refuses a partner's copy computed from the value they replaced
+    /// (`Store::replicate`), and the expiry reaches the partner at its refill.
+    fn keep_marks(&self, gone: &[Entry], now: u64) {
+        for e in gone.iter().filter(|e| e.alone() && !e.is_tombstone()) {
+            let mut tomb = Entry::tombstone(
+                e.version(),
+                now.saturating_add(self.tombstone_ttl_ms),
+                e.key(),
+            );
+            tomb.set_alone(true);
+            self.install(tomb, |current, _| (current.is_none(), ()));
+        }
     }
 
     /// Sweeps one shard every `interval` until `shutdown`; a full pass takes 64 intervals.

@@ -1209,3 +1209,32 @@ fn every_key_of_a_refused_copy_is_marked_on_the_partner() {
     assert_eq!(partner.version(b"y"), Some(1), "a marked tombstone");
     assert!(partner.get(b"y").unwrap().is_none());
 }
+
+/// A write taken alone that expires (a SET EX through the orchestrator that failed over)
+/// leaves a marked tombstone, whether a read or the sweep removes it: a copy the primary
+/// computed from the value it replaced is still refused.
+#[test]
+fn a_write_taken_alone_that_expires_keeps_its_mark() {
+    let (primary, partner, sync) = both_hold(&[("n", "1"), ("m", "1")]);
+    let expired = SetOptions {
+        expires_at: 1,
+        alone: true,
+        ..SetOptions::default()
+    };
+    for key in [&b"n"[..], b"m"] {
+        partner.set(key, b"7", 20, expired).unwrap();
+    }
+    assert_eq!(partner.get(b"n").unwrap(), None, "read: removed");
+    for shard in 0..Store::SHARDS {
+        partner.sweep_shard(shard);
+    }
+    for key in ["n", "m"] {
+        assert_eq!(
+            partner.version(key.as_bytes()),
+            Some(20),
+            "{key}: a tombstone"
+        );
+        let behind = flagged(&primary, key, 30, 0, &[Action::IncrBy(1)]);
+        assert_eq!(copy_based(&partner, &sync, &behind, 30), Status::Diverged);
+    }
+}
