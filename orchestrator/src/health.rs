@@ -644,7 +644,7 @@ impl Router {
                 let partial = !adapter && s.synced && !s.covers.complete;
                 w.partial.store(partial, Ordering::Release);
                 w.takes_batches.store(s.batches, Ordering::Relaxed);
-                w.takes_bases.store(s.bases, Ordering::Relaxed);
+                w.set_takes_bases(s.bases);
                 // Once every refill it started has ended (and on first sight: drops an
                 // earlier run of this orchestrator retried are forgotten), it drops what
                 // its pair does not hold. Slots move only in replicated mode.

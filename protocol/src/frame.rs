@@ -107,7 +107,8 @@ pub mod flags {
     /// a request was routed by an older map and is refused with `Moved`.
     pub const MOVING_SOURCE: u8 = 8;
     /// On an `apply`: the answer gives, for each change, the version its key held before
-    /// the program (its *base*). On a `replicate`: the value starts with those bases, and
+    /// the program (its *base*). On a `replicate`: the key holds those bases (a copy has no
+    /// key of its own: the changes name theirs), and
     /// the partner refuses the copy (`Status::Diverged`) if it holds a write of one of its
     /// keys taken alone that the base is not (the primary computed without it).
     pub const BASES: u8 = 4;

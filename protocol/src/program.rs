@@ -772,16 +772,7 @@ impl Answer {
             0
         };
         let bases = if flags & BASED != 0 {
-            let count = payload
-                .get(..4)
-                .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
-                .ok_or(Malformed("cut short"))?;
-            let len = count
-                .checked_mul(8)
-                .and_then(|n| n.checked_add(4))
-                .filter(|&n| n <= payload.len())
-                .ok_or(Malformed("cut short"))?;
-            payload.split_to(len)
+            payload.split_to(bases_block_len(&payload)?)
         } else {
             Bytes::new()
         };
@@ -830,14 +821,23 @@ pub fn put_bases(out: &mut BytesMut, bases: &[u64]) {
     }
 }
 
-/// Splits a `replicate` value sent with `flags::BASES` into its bases and its changes block.
-pub fn split_bases(mut value: Bytes) -> Result<(Vec<u64>, Bytes), Malformed> {
-    let count = value.try_get_u32().map_err(|_| Malformed("cut short"))? as usize;
-    if count.saturating_mul(8) > value.len() {
-        return Err(Malformed("cut short"));
+/// The length of the block of bases `buf` starts with (`count:u32 (base:u64)*`).
+fn bases_block_len(buf: &[u8]) -> Result<usize, Malformed> {
+    buf.get(..4)
+        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize)
+        .and_then(|count| count.checked_mul(8)?.checked_add(4))
+        .filter(|&len| len <= buf.len())
+        .ok_or(Malformed("bases cut short"))
+}
+
+/// The bases of a block (the key of a `replicate` sent with `flags::BASES`), which must be
+/// the whole of it.
+pub fn decode_bases(block: &[u8]) -> Result<Vec<u64>, Malformed> {
+    if bases_block_len(block)? != block.len() {
+        return Err(Malformed("bytes after the bases"));
     }
-    let bases = (0..count).map(|_| value.get_u64()).collect();
-    Ok((bases, value))
+    let mut rest = &block[4..];
+    Ok(std::iter::from_fn(|| rest.has_remaining().then(|| rest.get_u64())).collect())
 }
 
 /// One step of a key-space walk on a worker (the value of a `scan` frame).
@@ -1063,15 +1063,15 @@ mod tests {
         );
         assert_eq!(&answer.replies[..], b":2\r\n");
         assert!(answer.bases.is_empty());
-        // With bases: the block goes to the partner ahead of the changes, as it came.
+        // With bases: the block goes to the partner as it came.
         let payload = Answer::encode(false, Some(77), Some(&[3, 9]), &changes, b":2\r\n");
         let based = Answer::parse(payload).unwrap();
         assert_eq!((based.version, &based.replies[..]), (77, &b":2\r\n"[..]));
         assert_eq!(based.changes, answer.changes);
-        let copy = [&based.bases[..], &based.changes[..]].concat();
-        let (bases, rest) = split_bases(Bytes::from(copy)).unwrap();
-        assert_eq!((bases, rest), (vec![3, 9], answer.changes));
-        assert!(split_bases(Bytes::from_static(&[0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 1])).is_err());
+        assert_eq!(decode_bases(&based.bases).unwrap(), vec![3, 9]);
+        assert!(decode_bases(&[0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 1]).is_err());
+        assert!(decode_bases(&[&based.bases[..], &[0]].concat()).is_err());
+        assert_eq!(decode_bases(&[0, 0, 0, 0]).unwrap(), Vec::<u64>::new());
         let scan = ScanRequest {
             cursor: 42,
             count: 10,
@@ -1088,7 +1088,7 @@ mod tests {
             let _ = decode_program(input.clone());
             let _ = decode_changes(input.clone());
             let _ = Answer::parse(input.clone());
-            let _ = split_bases(input.clone());
+            let _ = decode_bases(&input);
             let _ = ScanRequest::decode(input.clone());
             let _ = decode_scan_answer(input);
         }

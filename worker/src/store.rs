@@ -232,8 +232,7 @@ impl Entry {
 
     /// Marks the entry as read since the eviction hand last passed it.
     fn touch(&mut self, on: bool) {
-        let bits = (self.u32_at(20) & !ACCESSED | if on { ACCESSED } else { 0 }) as u32;
-        self.0[20..24].copy_from_slice(&bits.to_le_bytes());
+        set_len_flag(&mut self.0, ACCESSED, on);
     }
 
     /// Whether this entry is a write its partner missed (taken with `flags::SOLO`), and not
@@ -244,8 +243,7 @@ impl Entry {
 
     /// Marks (or unmarks) this entry as a write its partner missed.
     fn set_alone(&mut self, on: bool) {
-        let bits = (self.u32_at(20) & !ALONE | if on { ALONE } else { 0 }) as u32;
-        self.0[20..24].copy_from_slice(&bits.to_le_bytes());
+        set_len_flag(&mut self.0, ALONE, on);
     }
 
     fn key(&self) -> &[u8] {
@@ -337,8 +335,15 @@ impl Entry {
 /// [`Store::snapshot_shard`]): the receiver takes them from this worker, and a receiver from
 /// before the bit would take it for length.
 pub fn unmark_sent(raw: &mut [u8]) {
+    set_len_flag(raw, ALONE, false);
+}
+
+/// Sets or clears `flag` (one of [`LEN_FLAGS`]) in the value length field of an entry's
+/// bytes (untouched if they are too short to hold one).
+fn set_len_flag(raw: &mut [u8], flag: usize, on: bool) {
     if let Some(field) = raw.get_mut(20..24) {
-        let bits = u32::from_le_bytes([field[0], field[1], field[2], field[3]]) & !(ALONE as u32);
+        let bits = u32::from_le_bytes([field[0], field[1], field[2], field[3]]) as usize;
+        let bits = (bits & !flag | if on { flag } else { 0 }) as u32;
         field.copy_from_slice(&bits.to_le_bytes());
     }
 }
@@ -868,10 +873,7 @@ impl Store {
                 Some(f(e.stored(), e.kind()))
             }
             Some(e) if e.expired(now) => {
-                let before = shard.held();
-                let gone = shard.remove_if(hash, key, |e| e.expired(now));
-                shard.recount_structure();
-                self.track(before, shard.held());
+                let gone = self.remove_locked(&mut shard, hash, key, |e| e.expired(now));
                 drop(shard);
                 if let Some(gone) = gone {
                     self.counters.expired.fetch_add(1, Ordering::Relaxed);
@@ -1022,7 +1024,7 @@ impl Store {
     /// Deletes `key` unless it holds a version newer than `version`, leaving a tombstone for
     /// `--tombstone-ttl`. Returns whether a live value was removed.
     pub fn del(&self, key: &[u8], version: u64) -> bool {
-        self.del_alone(key, version, false)
+        self.del_with(key, version, self.tombstone_ttl_ms, false)
     }
 
     /// Removes `key`'s entry, leaving no tombstone, if it is the write of `version`: a
@@ -1031,12 +1033,25 @@ impl Store {
     pub fn revoke(&self, key: &[u8], version: u64) -> bool {
         let hash = self.hash(key);
         let mut shard = self.shard(hash);
-        let before = shard.held();
-        let gone = shard.remove_if(hash, key, |e| e.version() == version);
-        shard.recount_structure();
-        self.track(before, shard.held());
+        let gone = self.remove_locked(&mut shard, hash, key, |e| e.version() == version);
         drop(shard);
         gone.is_some()
+    }
+
+    /// Removes `key`'s entry from its locked `shard` if `pred` holds for it, with the
+    /// accounting; returns it, for the caller to free once the lock is let go.
+    fn remove_locked(
+        &self,
+        shard: &mut Shard,
+        hash: u64,
+        key: &[u8],
+        pred: impl FnOnce(&Entry) -> bool,
+    ) -> Option<Entry> {
+        let before = shard.held();
+        let gone = shard.remove_if(hash, key, pred);
+        shard.recount_structure();
+        self.track(before, shard.held());
+        gone
     }
 
     /// Marks `key`'s entry as a write its partner missed, if it is still the write of
@@ -1057,24 +1072,19 @@ impl Store {
     /// [`Store::del`] of a delete the partner will not get (`flags::SOLO`) when `alone`: its
     /// tombstone is marked so.
     pub fn del_alone(&self, key: &[u8], version: u64, alone: bool) -> bool {
-        let now = now_ms();
-        let mut tomb = Entry::tombstone(version, now.saturating_add(self.tombstone_ttl_ms), key);
-        tomb.set_alone(alone);
-        self.del_entry(tomb, now)
+        self.del_with(key, version, self.tombstone_ttl_ms, alone)
     }
 
     /// [`Store::del`] with a tombstone kept `ttl_ms` (adapter-mode invalidations need only
     /// outlast the cache fills in flight).
     pub fn del_for(&self, key: &[u8], version: u64, ttl_ms: u64) -> bool {
-        let now = now_ms();
-        self.del_entry(
-            Entry::tombstone(version, now.saturating_add(ttl_ms), key),
-            now,
-        )
+        self.del_with(key, version, ttl_ms, false)
     }
 
-    fn del_entry(&self, tomb: Entry, now: u64) -> bool {
-        let version = tomb.version();
+    fn del_with(&self, key: &[u8], version: u64, ttl_ms: u64, alone: bool) -> bool {
+        let now = now_ms();
+        let mut tomb = Entry::tombstone(version, now.saturating_add(ttl_ms), key);
+        tomb.set_alone(alone);
         self.install(tomb, |current, _| match current {
             Some(c) if c.version() > version => (false, false),
             Some(c) => (true, c.live(now)),

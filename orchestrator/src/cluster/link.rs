@@ -69,7 +69,7 @@ pub struct WorkerLink {
     pub(crate) takes_batches: AtomicBool,
     /// The worker said, in its last status, that it gives and checks the bases of a
     /// program's changes (`flags::BASES`); as for batches, forgotten when it reconnects.
-    pub(crate) takes_bases: AtomicBool,
+    takes_bases: AtomicBool,
     /// The router's count of backed-up worker connections, which this link's take part in.
     backlog: Arc<AtomicUsize>,
     /// Cancelled when the worker leaves the cluster (replaced, or its pair removed): its
@@ -378,6 +378,17 @@ impl WorkerLink {
             })
             .min()
             .unwrap_or(Duration::MAX)
+    }
+
+    /// Whether the worker gives and checks the bases of a program's changes, as its last
+    /// status said since this link (re)connected.
+    pub(crate) fn takes_bases(&self) -> bool {
+        self.takes_bases.load(Ordering::Relaxed)
+    }
+
+    /// Records what the worker's status says of bases.
+    pub(crate) fn set_takes_bases(&self, takes: bool) {
+        self.takes_bases.store(takes, Ordering::Relaxed);
     }
 
     pub fn state(&self) -> WorkerState {

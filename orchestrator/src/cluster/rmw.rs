@@ -225,11 +225,7 @@ impl Router {
         // instead of coming back for a new stamp (see `version::bump`).
         req.flags = flags::IN_SYNC | flags::BUMP | if resp3 { flags::RESP3 } else { 0 };
         // The partner checks what the primary computed from (see `copy_to_partner`).
-        if topo[pair]
-            .workers
-            .iter()
-            .all(|w| w.takes_bases.load(std::sync::atomic::Ordering::Relaxed))
-        {
+        if topo[pair].workers.iter().all(|w| w.takes_bases()) {
             req.flags |= flags::BASES;
         }
         req.ttl_ms = self.max_replies as u64;
@@ -354,20 +350,16 @@ impl Router {
     /// The copy of `changes` (an apply's answer) to store at `version` on a partner. The
     /// partner applies no program of its own before copies sent until then landed; the copy
     /// is given up after one timeout even if the partner is merely busy (it then refills),
-    /// so a new primary need wait only that long. With `bases` (a block, see
-    /// `program::put_bases`) the partner checks them (`flags::BASES`).
-    fn replicate(&self, changes: Bytes, version: u64, bases: &Bytes) -> Request {
-        let mut copy = Request::new(Op::Replicate, Bytes::new());
+    /// so a new primary need wait only that long. Non-empty `bases` (a block, see
+    /// `program::put_bases`) go in the key, which a copy has no other use for, and the
+    /// partner checks them (`flags::BASES`).
+    fn replicate(&self, changes: Bytes, version: u64, bases: Bytes) -> Request {
+        let mut copy = Request::new(Op::Replicate, bases);
         copy.version = version;
         copy.ttl_ms = self.worker_timeout.as_millis() as u64;
-        if bases.is_empty() {
-            copy.value = changes;
-        } else {
+        copy.value = changes;
+        if !copy.key.is_empty() {
             copy.flags = flags::BASES;
-            let mut value = BytesMut::with_capacity(bases.len() + changes.len());
-            value.extend_from_slice(bases);
-            value.extend_from_slice(&changes);
-            copy.value = value.freeze();
         }
         copy
     }
@@ -396,15 +388,12 @@ impl Router {
         }
         // Bases only to a partner that still says it takes them (it may have been replaced
         // since the program was sent).
-        let bases = if partner
-            .takes_bases
-            .load(std::sync::atomic::Ordering::Relaxed)
-        {
+        let bases = if partner.takes_bases() {
             answer.bases.clone()
         } else {
             Bytes::new()
         };
-        let copy = self.replicate(answer.changes.clone(), answer.version, &bases);
+        let copy = self.replicate(answer.changes.clone(), answer.version, bases);
         let reply = partner.send_strict(&copy);
         match self.finish(partner, reply).await {
             Some(r) if r.status == Status::Ok => Ok(answer),
@@ -447,7 +436,7 @@ impl Router {
             return self.acknowledge_rmw(holder, partner, answer).await;
         };
         // To another pair: what its workers took alone is not about this primary.
-        let copy = self.replicate(answer.changes.clone(), answer.version, &Bytes::new());
+        let copy = self.replicate(answer.changes.clone(), answer.version, Bytes::new());
         for _ in 0..super::shared::REROUTES {
             RouterStats::count(&self.stats.reroutes);
             self.reroute(&refused).await;
@@ -519,13 +508,7 @@ impl Router {
             _ => None,
         }?;
         let mut bases = BytesMut::new();
-        if holder
-            .takes_bases
-            .load(std::sync::atomic::Ordering::Relaxed)
-            && partner
-                .takes_bases
-                .load(std::sync::atomic::Ordering::Relaxed)
-        {
+        if partner.takes_bases() {
             put_bases(&mut bases, &[exported.version]);
         }
         let (changes, version) = if exported.changes.is_empty() {
@@ -541,7 +524,7 @@ impl Router {
         } else {
             (exported.changes, exported.version)
         };
-        let copy = self.replicate(changes, version, &bases.freeze());
+        let copy = self.replicate(changes, version, bases.freeze());
         let reply = partner.send_strict(&copy);
         self.finish(partner, reply).await.map(|r| r.status)
     }

@@ -202,20 +202,23 @@ pub fn replicate(
     holding: Option<&Holding>,
 ) -> Response {
     sync.partner_applied(req.ttl_ms);
-    let (bases, changes) = if req.flags & flags::BASES != 0 {
-        match twincache_protocol::program::split_bases(req.value.clone()) {
-            Ok((bases, changes)) => (Some(bases), changes),
-            Err(e) => return Response::error(Status::ParseError, e.0),
-        }
-    } else {
-        (None, req.value.clone())
+    // With `flags::BASES` the key holds the bases (the changes are the value, as always).
+    let bases = match (req.flags & flags::BASES != 0)
+        .then(|| twincache_protocol::program::decode_bases(&req.key))
+        .transpose()
+    {
+        Ok(bases) => bases,
+        Err(e) => return Response::error(Status::ParseError, e.0),
     };
-    let changes = match twincache_protocol::program::decode_changes(changes) {
+    let changes = match twincache_protocol::program::decode_changes(req.value.clone()) {
         Ok(c) => c,
         Err(e) => return Response::error(Status::ParseError, e.0),
     };
     if bases.as_ref().is_some_and(|b| b.len() != changes.len()) {
-        return Response::error(Status::ParseError, "one base a change");
+        return Response::error(
+            Status::ParseError,
+            "the bases of a replicate do not match its changes in number",
+        );
     }
     if let Some(h) = holding {
         if !crate::map::changes_admitted(h, &changes) {

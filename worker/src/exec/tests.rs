@@ -1019,10 +1019,10 @@ fn flagged(store: &Store, key: &str, version: u64, flags: u8, actions: &[Action]
 
 /// The copy of `answer` to `partner`, with its bases, as the orchestrator sends it.
 fn copy_based(partner: &Store, sync: &SyncState, answer: &Answer, version: u64) -> Status {
-    let mut req = Request::new(Op::Replicate, Bytes::new());
+    let mut req = Request::new(Op::Replicate, answer.bases.clone());
     req.version = version;
     req.flags = flags::BASES;
-    req.value = [&answer.bases[..], &answer.changes[..]].concat().into();
+    req.value = answer.changes.clone();
     super::replicate(partner, sync, &req, None).status
 }
 
@@ -1142,15 +1142,24 @@ fn a_write_both_took_clears_the_mark_and_bases_must_match_in_number() {
     let next = flagged(&primary, "n", 30, 0, &incr);
     assert_eq!(copy_based(&partner, &sync, &next, 30), Status::Ok);
     assert_eq!(partner.get(b"n").unwrap().unwrap(), b("8"));
-    let mut req = Request::new(Op::Replicate, Bytes::new());
+    let mut bases = bytes::BytesMut::new();
+    twincache_protocol::program::put_bases(&mut bases, &[1, 2]);
+    let mut req = Request::new(Op::Replicate, bases.freeze());
     req.flags = flags::BASES;
     req.version = 40;
-    let mut value = bytes::BytesMut::new();
-    twincache_protocol::program::put_bases(&mut value, &[1, 2]);
-    value.extend_from_slice(&next.changes);
-    req.value = value.freeze();
+    req.value = next.changes.clone();
     let resp = super::replicate(&partner, &sync, &req, None);
     assert_eq!(resp.status, Status::ParseError);
+    assert_eq!(
+        &resp.payload[..],
+        b"the bases of a replicate do not match its changes in number"
+    );
+    req.key = Bytes::from_static(&[0, 0, 0, 1, 0]);
+    let resp = super::replicate(&partner, &sync, &req, None);
+    assert_eq!(
+        (resp.status, &resp.payload[..]),
+        (Status::ParseError, &b"bases cut short"[..])
+    );
 }
 
 /// A primary and its partner both holding `pairs` at version 10 (plain SETs both took).

@@ -653,8 +653,8 @@ impl<'a> Txn<'a> {
         Ok((self.write(version, Some(copy), alone), version))
     }
 
-    /// Applies `plan` to `key`'s entry where it lies, as the write of `version`; whether it
-    /// did (the entry is there: it was planned on under this lock).
+    /// Applies `plan` to `key`'s entry where it lies, as the write of `version`; the version
+    /// the entry had, if it did (the entry is there: it was planned on under this lock).
     fn edit_in_place(
         &mut self,
         key: &[u8],
@@ -662,17 +662,14 @@ impl<'a> Txn<'a> {
         expires_at: u64,
         plan: &segments::Plan,
         alone: bool,
-    ) -> bool {
+    ) -> Option<u64> {
         let store = self.store;
         let hash = self.hash(key);
-        let Some(shard) = self.shard_mut(hash) else {
-            return false;
-        };
+        let shard = self.shard_mut(hash)?;
         let before = shard.held();
         let Shard { table, usage, .. } = &mut *shard;
-        let Some(e) = table.find_mut(hash, |e| e.key() == key) else {
-            return false;
-        };
+        let e = table.find_mut(hash, |e| e.key() == key)?;
+        let base = e.version();
         usage.remove(e);
         let done = e.edit_in_place(version, expires_at, plan.len, |buf, at| {
             plan.apply_in_place(buf, at)
@@ -683,7 +680,7 @@ impl<'a> Txn<'a> {
         usage.add(e);
         shard.recount_structure();
         store.track(before, shard.held());
-        done.is_ok()
+        done.ok().map(|()| base)
     }
 
     /// Installs what is staged at `version`, with the accounting, the CLOCK ring and
@@ -698,14 +695,8 @@ impl<'a> Txn<'a> {
         // partner as that edit; in a block of several changes, whole (a failed edit is sent
         // again whole, which must not leave half of a block applied).
         let single = count == 1;
-        let wants_bases = copy.as_ref().is_some_and(|c| c.bases.is_some());
         self.rewind();
         for (key, state) in staged {
-            let base = if wants_bases {
-                self.entry(&key).map_or(0, Entry::version)
-            } else {
-                0
-            };
             // A long string's edit of its end changes its entry where it lies.
             if let Some(Staged {
                 expires_at,
@@ -714,7 +705,8 @@ impl<'a> Txn<'a> {
             }) = &state
             {
                 if let Some(plan) = plan.at_end() {
-                    if self.edit_in_place(&key, version, *expires_at, plan, alone) {
+                    if let Some(base) = self.edit_in_place(&key, version, *expires_at, plan, alone)
+                    {
                         if let (Some(out), Some(e)) = (copy.as_mut(), self.entry(&key)) {
                             out.add(change_of(&key, state, single, e.stored()), base);
                         }
@@ -760,9 +752,9 @@ impl<'a> Txn<'a> {
                 ),
             };
             fresh.set_alone(alone);
-            if let Some(out) = copy.as_mut() {
-                out.add(change_of(&key, state, single, fresh.stored()), base);
-            }
+            let change = copy
+                .is_some()
+                .then(|| change_of(&key, state, single, fresh.stored()));
             let hash = self.hash(&key);
             let Some(shard) = self.shard_mut(hash) else {
                 continue; // not named by the program: never staged (see `holds`)
@@ -775,17 +767,24 @@ impl<'a> Txn<'a> {
                 clock,
                 ..
             } = shard;
-            match table.entry(hash, |e| e.key() == &key[..], |e| store.hash(e.key())) {
+            // The base (what the key held before) comes from the lookup that replaces it.
+            let base = match table.entry(hash, |e| e.key() == &key[..], |e| store.hash(e.key())) {
                 Slot::Occupied(mut slot) => {
+                    let base = slot.get().version();
                     usage.remove(slot.get());
                     usage.add(&fresh);
                     replaced.push(slot.get_mut().overwrite(fresh));
+                    base
                 }
                 Slot::Vacant(slot) => {
                     usage.add(&fresh);
                     slot.insert(fresh);
                     clock.push_back(hash);
+                    0
                 }
+            };
+            if let (Some(out), Some(change)) = (copy.as_mut(), change) {
+                out.add(change, base);
             }
             shard.recount_structure();
             store.track(before, shard.held());
